@@ -1,0 +1,14 @@
+//! The first byte of every key names its keyspace: the log's own, and the ones it leaves to the
+//! projection, which lives in the same store so that one atomic batch commits both.
+
+/// Record heads and continuation chunks, by seq.
+pub const RECORD: u8 = 0x00;
+/// The log's metadata: format version, anchor.
+pub const META: u8 = 0x01;
+/// The first keyspace byte the log leaves to its users (the projection); bytes below are the log's.
+pub const USER_FIRST: u8 = 0x10;
+
+/// Meta key of the store's on-disk format version.
+pub const META_FORMAT: &[u8] = &[META, b'f'];
+/// Meta key of the anchor: the seq and hash the kept log starts after (all zero when never compacted).
+pub const META_ANCHOR: &[u8] = &[META, b'a'];

@@ -1,0 +1,41 @@
+//! herald-log: the durable, append-only, hash-chained log that every herald fact lives in.
+//!
+//! - [`Record`]: one entry — a gapless `seq`, `at_ms`, an opaque body (herald's versioned
+//!   bincode events), a blake3 checksum and a blake3 chain hash over the record before.
+//! - [`Log`]: the handle. One writer thread takes commands from a bounded crossbeam channel, runs
+//!   each through a [`Machine`] (which appends records and stages projection writes in a [`Tx`]),
+//!   writes the whole batch in one atomic store batch, flushes once, then answers every caller.
+//!   A command is acknowledged only after that flush ([`Durability::Sync`] also fsyncs).
+//! - [`Store`]: the seam to the disk. [`SledStore`] is the only code that names sled;
+//!   [`MemStore`] serves unit tests and scratch rebuilds, [`FailingStore`] the failure tests.
+//! - Reading: [`Log::read`] a range from any seq, [`Log::tail`] to follow new records, [`verify`]
+//!   over the whole chain with typed [`Corrupt`] errors that name the seq.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use herald_log::{AppendOnly, Log, LogConfig, MemStore, verify};
+//!
+//! let store = Arc::new(MemStore::new());
+//! let log = Log::open(store.clone(), AppendOnly, LogConfig::default()).unwrap();
+//! let seqs = log.submit(vec![(1_700_000_000_000, b"hello".to_vec())]).unwrap().unwrap();
+//! assert_eq!(seqs, vec![1]);
+//! assert_eq!(log.read(1, 10).unwrap()[0].body, b"hello");
+//! log.close();
+//! assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 1);
+//! ```
+
+pub mod keyspace;
+mod log;
+pub mod record;
+mod sled_store;
+pub mod store;
+mod tx;
+
+pub use crate::log::{
+    check_format, read_head, read_records, verify, AppendOnly, Head, Log, LogConfig, LogError, Machine,
+    Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
+};
+pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
+pub use crate::sled_store::{SledStore, SEGMENT_BYTES};
+pub use crate::store::{scan_vec, Batch, Durability, FailingStore, MemStore, Store, StoreError};
+pub use crate::tx::Tx;

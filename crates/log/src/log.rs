@@ -1,0 +1,529 @@
+//! The log handle: group commit through one writer thread, reads, tails and verification.
+
+use std::ops::ControlFlow;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::keyspace;
+use crate::record::{head_key, record_keys_end, Assembler, Corrupt, CorruptKind, Hash, Record};
+use crate::store::{Batch, Durability, Store, StoreError};
+use crate::tx::Tx;
+
+/// The on-disk format of the store as a whole (keyspace layout and record format).
+pub const STORE_FORMAT: u8 = 1;
+
+/// Limits and durability of a log. Every queue is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Commands committed together in one batch, at most.
+    pub batch_commands_max: usize,
+    /// Commands waiting for the writer, at most; `submit` blocks beyond it, `try_submit` refuses.
+    pub queue_commands_max: usize,
+    pub durability: Durability,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { batch_commands_max: 1024, queue_commands_max: 65_536, durability: Durability::Sync }
+    }
+}
+
+/// Errors of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogError {
+    Store(StoreError),
+    Corrupt(Corrupt),
+    /// The data was written by a newer herald whose format this binary does not know.
+    NewerFormat {
+        found: u8,
+        known: u8,
+    },
+    /// The writer queue is full (only from `try_submit`).
+    Busy,
+    /// The log was closed before the command was committed.
+    Closed,
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogError::Store(e) => write!(f, "{e}"),
+            LogError::Corrupt(c) => write!(f, "corrupt log: {c}"),
+            LogError::NewerFormat { found, known } => write!(
+                f,
+                "the data directory has store format {found}, newer than the {known} this herald knows; \
+                 refusing to open it (upgrade herald, nothing was changed)"
+            ),
+            LogError::Busy => write!(f, "the log's writer queue is full"),
+            LogError::Closed => write!(f, "the log is closed"),
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
+impl From<StoreError> for LogError {
+    fn from(e: StoreError) -> Self {
+        LogError::Store(e)
+    }
+}
+
+impl From<Corrupt> for LogError {
+    fn from(e: Corrupt) -> Self {
+        LogError::Corrupt(e)
+    }
+}
+
+/// What runs inside the writer thread: turns a command into records and projection writes.
+///
+/// `execute` is called for one command at a time, in queue order, with a [`Tx`] that sees the
+/// effects of the commands before it in the same batch. Returning `Err` rejects the command: all
+/// it staged is undone and its caller gets the rejection; nothing of it reaches the store.
+pub trait Machine: Send + 'static {
+    type Command: Send + 'static;
+    type Reply: Send + 'static;
+    type Rejection: Send + 'static;
+
+    fn execute(&mut self, command: Self::Command, tx: &mut Tx<'_>) -> Result<Self::Reply, Self::Rejection>;
+
+    /// Called after a batch is durable, with its records in order.
+    fn committed(&mut self, _records: &[Record]) {}
+
+    /// Called when a batch failed to commit: forget anything remembered from it.
+    fn aborted(&mut self) {}
+}
+
+/// A machine that only appends record bodies: the log without a projection.
+pub struct AppendOnly;
+
+impl Machine for AppendOnly {
+    /// `(at_ms, body)` pairs appended in order.
+    type Command = Vec<(u64, Vec<u8>)>;
+    /// The seqs they got.
+    type Reply = Vec<u64>;
+    type Rejection = std::convert::Infallible;
+
+    fn execute(&mut self, command: Self::Command, tx: &mut Tx<'_>) -> Result<Vec<u64>, Self::Rejection> {
+        Ok(command.into_iter().map(|(at_ms, body)| tx.append(at_ms, body).seq).collect())
+    }
+}
+
+/// The answer a caller gets: the machine's reply or rejection, or a log error.
+pub type Outcome<M> = Result<Result<<M as Machine>::Reply, <M as Machine>::Rejection>, LogError>;
+type Callback<M> = Box<dyn FnOnce(Outcome<M>) + Send>;
+
+enum Msg<M: Machine> {
+    Command(M::Command, Callback<M>),
+    Stop,
+}
+
+/// Figures of the writer, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriterStats {
+    pub batches: u64,
+    pub commands: u64,
+    pub records: u64,
+    pub failed_batches: u64,
+    /// Sum of flush durations, microseconds.
+    pub flush_us_total: u64,
+    pub last_batch_commands: u64,
+}
+
+struct Shared {
+    /// The last durable seq (0 before any record).
+    committed: Mutex<u64>,
+    wake: Condvar,
+    stats: Mutex<WriterStats>,
+}
+
+/// The durable append-only log. Cloning gives another handle to the same log.
+pub struct Log<M: Machine> {
+    inner: Arc<Inner<M>>,
+}
+
+impl<M: Machine> Clone for Log<M> {
+    fn clone(&self) -> Self {
+        Log { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<M: Machine> {
+    send: Sender<Msg<M>>,
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<M: Machine> Drop for Inner<M> {
+    fn drop(&mut self) {
+        let _ = self.send.send(Msg::Stop);
+        if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Where the log stands after open: the next seq and the hash to chain it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub next_seq: u64,
+    pub last_hash: Hash,
+    /// The anchor: the kept log starts after this seq and hash.
+    pub anchor_seq: u64,
+    pub anchor_hash: Hash,
+}
+
+/// Reads the anchor and the last record, checking the last record in full.
+pub fn read_head(store: &dyn Store) -> Result<Head, LogError> {
+    let (anchor_seq, anchor_hash) = read_anchor(store)?;
+    let last = store.last(&head_key(0), &record_keys_end())?;
+    let Some((key, _)) = last else {
+        return Ok(Head { next_seq: anchor_seq + 1, last_hash: anchor_hash, anchor_seq, anchor_hash });
+    };
+    if key.len() < 9 {
+        return Err(Corrupt { seq: anchor_seq + 1, kind: CorruptKind::StrayKey }.into());
+    }
+    let seq = u64::from_be_bytes(key[1..9].try_into().expect("9 bytes"));
+    let mut recs = read_records(store, seq, 1)?;
+    match recs.pop() {
+        Some(r) => Ok(Head { next_seq: r.seq + 1, last_hash: r.hash, anchor_seq, anchor_hash }),
+        None => Err(Corrupt { seq, kind: CorruptKind::Truncated }.into()),
+    }
+}
+
+fn read_anchor(store: &dyn Store) -> Result<(u64, Hash), LogError> {
+    match store.get(keyspace::META_ANCHOR)? {
+        None => Ok((0, [0; 32])),
+        Some(v) if v.len() == 40 => {
+            let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+            let hash: Hash = v[8..].try_into().expect("32 bytes");
+            Ok((seq, hash))
+        }
+        Some(_) => Err(Corrupt { seq: 0, kind: CorruptKind::Truncated }.into()),
+    }
+}
+
+/// Checks the store's format byte, writing it into a new store. A newer format is refused
+/// without writing anything.
+pub fn check_format(store: &dyn Store) -> Result<(), LogError> {
+    match store.get(keyspace::META_FORMAT)? {
+        Some(v) if v.len() == 1 && v[0] == STORE_FORMAT => Ok(()),
+        Some(v) if v.len() == 1 && v[0] > STORE_FORMAT => {
+            Err(LogError::NewerFormat { found: v[0], known: STORE_FORMAT })
+        }
+        Some(v) => Err(LogError::NewerFormat { found: v.first().copied().unwrap_or(0), known: STORE_FORMAT }),
+        None => {
+            let mut b = Batch::default();
+            b.put(keyspace::META_FORMAT.to_vec(), vec![STORE_FORMAT]);
+            store.apply(&b)?;
+            store.flush(Durability::Sync)?;
+            Ok(())
+        }
+    }
+}
+
+/// Reads up to `limit` records from `from_seq` on, each checked (checksum, chain within the range).
+pub fn read_records(store: &dyn Store, from_seq: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    let mut asm = Assembler::new(None);
+    let mut bad = None;
+    store.scan(&head_key(from_seq), &record_keys_end(), &mut |k, v| match asm.push(k, v) {
+        Err(c) => {
+            bad = Some(c);
+            ControlFlow::Break(())
+        }
+        Ok(Some(r)) => {
+            out.push(r);
+            if out.len() >= limit {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+        Ok(None) => ControlFlow::Continue(()),
+    })?;
+    if let Some(c) = bad {
+        return Err(c.into());
+    }
+    if out.len() < limit {
+        asm.finish()?;
+    }
+    Ok(out)
+}
+
+/// The result of a clean [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub last_hash: Hash,
+}
+
+/// Checks every record: format, checksum, no gap, and the hash chain from the anchor on.
+/// `progress` is called now and then with the seq reached.
+pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, LogError> {
+    let (anchor_seq, anchor_hash) = read_anchor(store)?;
+    let mut asm = Assembler::new(Some(anchor_seq + 1)).with_prev_hash(anchor_hash);
+    let mut report =
+        VerifyReport { records: 0, first_seq: anchor_seq + 1, last_seq: anchor_seq, last_hash: anchor_hash };
+    let mut bad = None;
+    store.scan(&head_key(0), &record_keys_end(), &mut |k, v| match asm.push(k, v) {
+        Err(c) => {
+            bad = Some(c);
+            ControlFlow::Break(())
+        }
+        Ok(Some(r)) => {
+            report.records += 1;
+            report.last_seq = r.seq;
+            report.last_hash = r.hash;
+            if r.seq % 65_536 == 0 {
+                progress(r.seq);
+            }
+            ControlFlow::Continue(())
+        }
+        Ok(None) => ControlFlow::Continue(()),
+    })?;
+    if let Some(c) = bad {
+        return Err(c.into());
+    }
+    asm.finish()?;
+    progress(report.last_seq);
+    Ok(report)
+}
+
+impl<M: Machine> Log<M> {
+    /// Opens the log on `store`: checks the format and the last record, then starts the writer.
+    pub fn open(store: Arc<dyn Store>, machine: M, config: LogConfig) -> Result<Log<M>, LogError> {
+        check_format(store.as_ref())?;
+        let head = read_head(store.as_ref())?;
+        let shared = Arc::new(Shared {
+            committed: Mutex::new(head.next_seq - 1),
+            wake: Condvar::new(),
+            stats: Mutex::new(WriterStats::default()),
+        });
+        let (send, recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
+        let writer = Writer {
+            store: store.clone(),
+            machine,
+            config,
+            shared: shared.clone(),
+            next_seq: head.next_seq,
+            last_hash: head.last_hash,
+        };
+        let handle = std::thread::Builder::new()
+            .name("herald-log-writer".into())
+            .spawn(move || writer.run(recv))
+            .map_err(|e| LogError::Store(StoreError::Io(format!("spawning the writer: {e}"))))?;
+        Ok(Log { inner: Arc::new(Inner { send, store, shared, writer: Mutex::new(Some(handle)) }) })
+    }
+
+    /// Queues a command; `done` is called from the writer thread once it is durable (or failed).
+    /// Blocks while the queue is full.
+    pub fn submit_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
+        if let Err(e) = self.inner.send.send(Msg::Command(command, Box::new(done))) {
+            if let Msg::Command(_, cb) = e.into_inner() {
+                cb(Err(LogError::Closed));
+            }
+        }
+    }
+
+    /// Like [`Log::submit_with`] but refuses with [`LogError::Busy`] when the queue is full.
+    pub fn try_submit_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
+        match self.inner.send.try_send(Msg::Command(command, Box::new(done))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Msg::Command(_, cb))) => cb(Err(LogError::Busy)),
+            Err(TrySendError::Disconnected(Msg::Command(_, cb))) => cb(Err(LogError::Closed)),
+            Err(_) => {}
+        }
+    }
+
+    /// Submits a command and waits until it is durable.
+    pub fn submit(&self, command: M::Command) -> Outcome<M> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.submit_with(command, move |out| {
+            let _ = tx.send(out);
+        });
+        rx.recv().unwrap_or(Err(LogError::Closed))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The last durable seq.
+    pub fn committed_seq(&self) -> u64 {
+        *self.inner.shared.committed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        *self.inner.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Up to `limit` durable records from `from_seq` on.
+    pub fn read(&self, from_seq: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+        let committed = self.committed_seq();
+        if from_seq > committed {
+            return Ok(Vec::new());
+        }
+        let limit = limit.min((committed - from_seq + 1).try_into().unwrap_or(usize::MAX));
+        read_records(self.inner.store.as_ref(), from_seq, limit)
+    }
+
+    /// A reader that follows the log from `from_seq` on, waking when new records are durable.
+    pub fn tail(&self, from_seq: u64) -> Tail<M> {
+        Tail { log: self.clone(), cursor: from_seq }
+    }
+
+    /// Stops the writer after the commands already queued ahead of the stop; later ones fail with
+    /// [`LogError::Closed`]. Other handles see a closed log.
+    pub fn close(&self) {
+        let _ = self.inner.send.send(Msg::Stop);
+        if let Some(h) = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Follows the log: each call returns the durable records after the cursor, waiting for some.
+/// The wake-up is only a hint; what is returned always comes from a range read of the store.
+pub struct Tail<M: Machine> {
+    log: Log<M>,
+    cursor: u64,
+}
+
+impl<M: Machine> Tail<M> {
+    /// Waits up to `timeout` for records at or after the cursor; returns up to `limit` of them.
+    pub fn next(&mut self, limit: usize, timeout: Duration) -> Result<Vec<Record>, LogError> {
+        let deadline = Instant::now() + timeout;
+        let shared = &self.log.inner.shared;
+        let mut committed = shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+        while *committed < self.cursor {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            committed =
+                shared.wake.wait_timeout(committed, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        drop(committed);
+        let recs = self.log.read(self.cursor, limit)?;
+        if let Some(r) = recs.last() {
+            self.cursor = r.seq + 1;
+        }
+        Ok(recs)
+    }
+
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+struct Writer<M: Machine> {
+    store: Arc<dyn Store>,
+    machine: M,
+    config: LogConfig,
+    shared: Arc<Shared>,
+    next_seq: u64,
+    last_hash: Hash,
+}
+
+impl<M: Machine> Writer<M> {
+    fn run(mut self, recv: Receiver<Msg<M>>) {
+        let batch_max = self.config.batch_commands_max.max(1);
+        let mut batch: Vec<(M::Command, Callback<M>)> = Vec::with_capacity(batch_max);
+        let mut stop = false;
+        while !stop {
+            match recv.recv() {
+                Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
+                Ok(Msg::Stop) | Err(_) => break,
+            }
+            while batch.len() < batch_max {
+                match recv.try_recv() {
+                    Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
+                    Ok(Msg::Stop) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<(M::Command, Callback<M>)>) {
+        let store = self.store.clone();
+        let mut tx = Tx::new(store.as_ref(), self.next_seq, self.last_hash);
+        let mut answers: Vec<(Callback<M>, Result<M::Reply, M::Rejection>)> = Vec::with_capacity(batch.len());
+        let commands = batch.len() as u64;
+        for (command, cb) in batch.drain(..) {
+            tx.savepoint();
+            let res = self.machine.execute(command, &mut tx);
+            if res.is_ok() {
+                tx.release();
+            } else {
+                tx.rollback();
+            }
+            answers.push((cb, res));
+        }
+        if let Some(e) = tx.error().cloned() {
+            return self.fail(answers, e);
+        }
+        if tx.is_empty() {
+            for (cb, res) in answers {
+                cb(Ok(res));
+            }
+            return;
+        }
+        let (next_seq, last_hash) = tx.chain_state();
+        let (writes, records) = tx.into_parts();
+        if let Err(e) = self.store.apply(&writes) {
+            return self.fail(answers, e);
+        }
+        // Applied: the records exist in the store from here on, durable or not, so the chain
+        // moves on even if the flush fails (their callers are told it failed: not acknowledged).
+        self.next_seq = next_seq;
+        self.last_hash = last_hash;
+        let started = Instant::now();
+        if let Err(e) = self.store.flush(self.config.durability) {
+            return self.fail(answers, e);
+        }
+        let flush_us = started.elapsed().as_micros() as u64;
+        {
+            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.batches += 1;
+            stats.commands += commands;
+            stats.records += records.len() as u64;
+            stats.flush_us_total += flush_us;
+            stats.last_batch_commands = commands;
+        }
+        self.machine.committed(&records);
+        {
+            let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+            *committed = next_seq - 1;
+            self.shared.wake.notify_all();
+        }
+        for (cb, res) in answers {
+            cb(Ok(res));
+        }
+    }
+
+    fn fail(&mut self, answers: Vec<(Callback<M>, Result<M::Reply, M::Rejection>)>, e: StoreError) {
+        self.machine.aborted();
+        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).failed_batches += 1;
+        // A rejected command wrote nothing either way: its caller still learns why it was rejected.
+        for (cb, res) in answers {
+            match res {
+                Err(rejection) => cb(Ok(Err(rejection))),
+                Ok(_) => cb(Err(LogError::Store(e.clone()))),
+            }
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The record format: how one log entry is laid out in the store, checksummed and chained.
+//!
+//! A record is stored as a head value under `[KS_RECORD][seq: u64 BE]` and, when its body is
+//! larger than fits beside the header, continuation values under `[KS_RECORD][seq][index: u16 BE]`
+//! (index from 1). No stored value exceeds [`CHUNK_BYTES`], so sled never moves one to a blob file.
+//!
+//! Head value: `[format = 1][at_ms: u64 BE][body_bytes: u32 BE][checksum: 32][prev_hash: 32][hash: 32][first body part]`
+//! - `checksum = blake3(format ‖ seq ‖ at_ms ‖ body_bytes ‖ body)` covers the record itself;
+//! - `hash = blake3(prev_hash ‖ seq ‖ checksum)` chains it to the record before (the first
+//!   record's `prev_hash` is the log's anchor: all zeroes for a log that was never compacted).
+
+use crate::keyspace;
+
+/// The record format this binary writes and reads.
+pub const RECORD_FORMAT_V1: u8 = 1;
+/// The largest value stored under one key.
+pub const CHUNK_BYTES: usize = 8 * 1024;
+/// The largest body a record may carry (herald's events are at most 256 KiB plus framing).
+pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+const HEAD_HEADER_BYTES: usize = 1 + 8 + 4 + 32 * 3;
+const HEAD_BODY_BYTES: usize = CHUNK_BYTES - HEAD_HEADER_BYTES;
+
+pub type Hash = [u8; 32];
+
+/// One record of the log, as read back and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub body: Vec<u8>,
+    pub checksum: Hash,
+    pub prev_hash: Hash,
+    pub hash: Hash,
+}
+
+/// What is wrong with a stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorruptKind {
+    /// The format byte is one this binary does not know (written by a newer herald?).
+    UnknownFormat(u8),
+    /// The head or a continuation value is shorter than its header says, or a chunk is missing.
+    Truncated,
+    /// The stored checksum does not match the record's bytes.
+    ChecksumMismatch,
+    /// The record's `prev_hash` is not the previous record's hash, or its own hash is wrong.
+    ChainBroken,
+    /// A record is missing: the seq found is not the one expected.
+    Gap { found: u64 },
+    /// A key in the record keyspace that is not a head or a continuation of the record before.
+    StrayKey,
+}
+
+/// A damaged record, named by its seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corrupt {
+    pub seq: u64,
+    pub kind: CorruptKind,
+}
+
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            CorruptKind::UnknownFormat(v) => {
+                write!(f, "record {}: unknown record format {v} (newer herald?)", self.seq)
+            }
+            CorruptKind::Truncated => write!(f, "record {}: truncated", self.seq),
+            CorruptKind::ChecksumMismatch => write!(f, "record {}: checksum mismatch", self.seq),
+            CorruptKind::ChainBroken => write!(f, "record {}: hash chain broken", self.seq),
+            CorruptKind::Gap { found } => {
+                write!(f, "record {}: missing (next record found is {found})", self.seq)
+            }
+            CorruptKind::StrayKey => write!(f, "record {}: unexpected key in the log", self.seq),
+        }
+    }
+}
+
+impl std::error::Error for Corrupt {}
+
+pub fn head_key(seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(keyspace::RECORD);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn chunk_key(seq: u64, index: u16) -> Vec<u8> {
+    let mut k = head_key(seq);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The key just past every key of the record keyspace.
+pub fn record_keys_end() -> Vec<u8> {
+    vec![keyspace::RECORD + 1]
+}
+
+pub fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(&[RECORD_FORMAT_V1]);
+    h.update(&seq.to_be_bytes());
+    h.update(&at_ms.to_be_bytes());
+    h.update(&(body.len() as u32).to_be_bytes());
+    h.update(body);
+    *h.finalize().as_bytes()
+}
+
+pub fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(prev_hash);
+    h.update(&seq.to_be_bytes());
+    h.update(checksum);
+    *h.finalize().as_bytes()
+}
+
+impl Record {
+    /// Seals a new record after `prev_hash`.
+    pub fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
+        let checksum = checksum(seq, at_ms, &body);
+        let hash = chain_hash(&prev_hash, seq, &checksum);
+        Record { seq, at_ms, body, checksum, prev_hash, hash }
+    }
+
+    /// The key-value pairs that store this record.
+    pub fn to_kv(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let first = self.body.len().min(HEAD_BODY_BYTES);
+        let mut head = Vec::with_capacity(HEAD_HEADER_BYTES + first);
+        head.push(RECORD_FORMAT_V1);
+        head.extend_from_slice(&self.at_ms.to_be_bytes());
+        head.extend_from_slice(&(self.body.len() as u32).to_be_bytes());
+        head.extend_from_slice(&self.checksum);
+        head.extend_from_slice(&self.prev_hash);
+        head.extend_from_slice(&self.hash);
+        head.extend_from_slice(&self.body[..first]);
+        let mut out = vec![(head_key(self.seq), head)];
+        for (i, part) in self.body[first..].chunks(CHUNK_BYTES).enumerate() {
+            out.push((chunk_key(self.seq, (i + 1) as u16), part.to_vec()));
+        }
+        out
+    }
+
+    /// Checks the record's own checksum and that its hash follows from `prev_hash`.
+    pub fn check(&self) -> Result<(), Corrupt> {
+        if checksum(self.seq, self.at_ms, &self.body) != self.checksum {
+            return Err(Corrupt { seq: self.seq, kind: CorruptKind::ChecksumMismatch });
+        }
+        if chain_hash(&self.prev_hash, self.seq, &self.checksum) != self.hash {
+            return Err(Corrupt { seq: self.seq, kind: CorruptKind::ChainBroken });
+        }
+        Ok(())
+    }
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn hash_at(b: &[u8], at: usize) -> Hash {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&b[at..at + 32]);
+    h
+}
+
+/// Assembles records from the pairs of a key-ordered scan of the record keyspace, checking
+/// each record's checksum and that seqs follow each other without a gap.
+pub struct Assembler {
+    expect_seq: Option<u64>,
+    expect_prev: Option<Hash>,
+    partial: Option<(Record, usize, u16)>,
+}
+
+impl Assembler {
+    /// `expect_seq`: the seq the first record must have, if known.
+    pub fn new(expect_seq: Option<u64>) -> Assembler {
+        Assembler { expect_seq, expect_prev: None, partial: None }
+    }
+
+    /// Also checks that the first record's `prev_hash` is `prev` (the anchor or the hash of
+    /// the record before the scan); later records are always checked against their predecessor.
+    pub fn with_prev_hash(mut self, prev: Hash) -> Assembler {
+        self.expect_prev = Some(prev);
+        self
+    }
+
+    /// Feeds one pair; returns a record when its last part has arrived.
+    pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Record>, Corrupt> {
+        let stray = |seq| Corrupt { seq, kind: CorruptKind::StrayKey };
+        if key.len() == 11 && key[0] == keyspace::RECORD {
+            let seq = be_u64(&key[1..9]);
+            let index = u16::from_be_bytes([key[9], key[10]]);
+            let Some((rec, got, next_index)) = self.partial.as_mut() else {
+                return Err(stray(seq));
+            };
+            if rec.seq != seq {
+                return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
+            }
+            if index != *next_index || *got + value.len() > rec.body.len() {
+                return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+            }
+            rec.body[*got..*got + value.len()].copy_from_slice(value);
+            *got += value.len();
+            *next_index += 1;
+            return self.finish_if_complete();
+        }
+        if key.len() != 9 || key[0] != keyspace::RECORD {
+            return Err(stray(self.expect_seq.unwrap_or(0)));
+        }
+        let seq = be_u64(&key[1..9]);
+        if let Some((rec, _, _)) = &self.partial {
+            return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
+        }
+        if let Some(expect) = self.expect_seq {
+            if seq != expect {
+                return Err(Corrupt { seq: expect, kind: CorruptKind::Gap { found: seq } });
+            }
+        }
+        if value.is_empty() {
+            return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+        }
+        if value[0] != RECORD_FORMAT_V1 {
+            return Err(Corrupt { seq, kind: CorruptKind::UnknownFormat(value[0]) });
+        }
+        if value.len() < HEAD_HEADER_BYTES {
+            return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+        }
+        let at_ms = be_u64(&value[1..9]);
+        let body_bytes = u32::from_be_bytes([value[9], value[10], value[11], value[12]]) as usize;
+        if body_bytes > BODY_BYTES_MAX {
+            return Err(Corrupt { seq, kind: CorruptKind::ChecksumMismatch });
+        }
+        let first = &value[HEAD_HEADER_BYTES..];
+        if first.len() != body_bytes.min(HEAD_BODY_BYTES) {
+            return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+        }
+        let mut body = vec![0u8; body_bytes];
+        body[..first.len()].copy_from_slice(first);
+        let rec = Record {
+            seq,
+            at_ms,
+            body,
+            checksum: hash_at(value, 13),
+            prev_hash: hash_at(value, 45),
+            hash: hash_at(value, 77),
+        };
+        self.partial = Some((rec, first.len(), 1));
+        self.finish_if_complete()
+    }
+
+    fn finish_if_complete(&mut self) -> Result<Option<Record>, Corrupt> {
+        let complete = matches!(&self.partial, Some((rec, got, _)) if *got == rec.body.len());
+        if !complete {
+            return Ok(None);
+        }
+        let (rec, _, _) = self.partial.take().expect("checked above");
+        rec.check()?;
+        if self.expect_prev.is_some_and(|prev| prev != rec.prev_hash) {
+            return Err(Corrupt { seq: rec.seq, kind: CorruptKind::ChainBroken });
+        }
+        self.expect_seq = Some(rec.seq + 1);
+        self.expect_prev = Some(rec.hash);
+        Ok(Some(rec))
+    }
+
+    /// Call when the scan ended: a record still waiting for parts is truncated.
+    pub fn finish(&mut self) -> Result<(), Corrupt> {
+        match self.partial.take() {
+            Some((rec, _, _)) => Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated }),
+            None => Ok(()),
+        }
+    }
+
+    /// True while a record has been started but not completed.
+    pub fn in_record(&self) -> bool {
+        self.partial.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assemble(pairs: &[(Vec<u8>, Vec<u8>)], first: u64) -> Result<Vec<Record>, Corrupt> {
+        let mut a = Assembler::new(Some(first)).with_prev_hash([0; 32]);
+        let mut out = Vec::new();
+        for (k, v) in pairs {
+            if let Some(r) = a.push(k, v)? {
+                out.push(r);
+            }
+        }
+        a.finish()?;
+        Ok(out)
+    }
+
+    fn chain(bodies: &[usize]) -> (Vec<Record>, Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut prev = [0u8; 32];
+        let mut recs = Vec::new();
+        let mut kv = Vec::new();
+        for (i, &n) in bodies.iter().enumerate() {
+            let body: Vec<u8> = (0..n).map(|j| (j * 7 + i) as u8).collect();
+            let r = Record::seal(i as u64 + 1, 1000 + i as u64, body, prev);
+            prev = r.hash;
+            kv.extend(r.to_kv());
+            recs.push(r);
+        }
+        (recs, kv)
+    }
+
+    #[test]
+    fn small_and_chunked_records_round_trip() {
+        let sizes = [0, 1, HEAD_BODY_BYTES, HEAD_BODY_BYTES + 1, 3 * CHUNK_BYTES + 5, 300 * 1024];
+        let (recs, kv) = chain(&sizes);
+        assert!(kv.iter().all(|(_, v)| v.len() <= CHUNK_BYTES));
+        assert_eq!(assemble(&kv, 1).unwrap(), recs);
+    }
+
+    #[test]
+    fn flipped_byte_anywhere_is_reported_with_its_seq() {
+        let (_, kv) = chain(&[10, 20_000, 30]);
+        for i in 0..kv.len() {
+            for pos in [0usize, 5, 20, 50, 90, kv[i].1.len() - 1] {
+                if pos >= kv[i].1.len() {
+                    continue;
+                }
+                let mut bad = kv.clone();
+                bad[i].1[pos] ^= 0x40;
+                let err = assemble(&bad, 1).unwrap_err();
+                let seq = u64::from_be_bytes(kv[i].0[1..9].try_into().unwrap());
+                assert_eq!(err.seq, seq, "pair {i} byte {pos}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_and_missing_chunks_are_truncated() {
+        let (_, kv) = chain(&[10, 20_000]);
+        let mut short = kv.clone();
+        short.last_mut().unwrap().1.pop();
+        assert_eq!(assemble(&short, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Truncated });
+        let cut = &kv[..kv.len() - 1];
+        assert_eq!(assemble(cut, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Truncated });
+        let mut head_short = kv.clone();
+        head_short[0].1.truncate(40);
+        assert_eq!(assemble(&head_short, 1).unwrap_err().seq, 1);
+    }
+
+    #[test]
+    fn gap_and_unknown_format_are_named() {
+        let (_, kv) = chain(&[1, 2, 3]);
+        let gap: Vec<_> = kv.iter().filter(|(k, _)| k != &head_key(2)).cloned().collect();
+        assert_eq!(assemble(&gap, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Gap { found: 3 } });
+        let mut newer = kv.clone();
+        newer[1].1[0] = 2;
+        assert_eq!(assemble(&newer, 1).unwrap_err().kind, CorruptKind::UnknownFormat(2));
+    }
+
+    #[test]
+    fn a_resealed_record_breaks_the_chain_at_its_seq() {
+        let (recs, mut kv) = chain(&[1, 2, 3]);
+        // A forger rewrites record 2 with a valid checksum and hash of its own, but it cannot
+        // know record 1's hash chain without rewriting everything after it too.
+        let forged = Record::seal(2, recs[1].at_ms, b"forged".to_vec(), [7; 32]);
+        kv[1] = forged.to_kv().remove(0);
+        assert_eq!(assemble(&kv, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::ChainBroken });
+        let (_, mut swapped) = chain(&[4, 4, 4]);
+        let v1 = swapped[1].1.clone();
+        swapped[1].1 = swapped[2].1.clone();
+        swapped[2].1 = v1;
+        assert_eq!(assemble(&swapped, 1).unwrap_err().seq, 2);
+    }
+}

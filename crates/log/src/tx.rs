@@ -1,0 +1,233 @@
+//! A batch being built by the writer thread: staged records and staged writes over the store.
+//!
+//! Reads see the store plus everything staged before them in the same batch, so one command's
+//! validation sees the effects of the commands queued ahead of it. Each command runs inside a
+//! savepoint: if it is rejected, everything it staged is undone and nothing of it is written.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use crate::record::{Hash, Record};
+use crate::store::{Batch, Store, StoreError};
+
+/// The staging area one batch of commands writes into. Created by the log's writer thread.
+pub struct Tx<'a> {
+    store: &'a dyn Store,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    records: Vec<Record>,
+    next_seq: u64,
+    last_hash: Hash,
+    save: Option<(usize, u64, Hash)>,
+    error: Option<StoreError>,
+}
+
+impl<'a> Tx<'a> {
+    pub(crate) fn new(store: &'a dyn Store, next_seq: u64, last_hash: Hash) -> Tx<'a> {
+        Tx {
+            store,
+            overlay: BTreeMap::new(),
+            undo: Vec::new(),
+            records: Vec::new(),
+            next_seq,
+            last_hash,
+            save: None,
+            error: None,
+        }
+    }
+
+    /// Stages a record with the next seq, chained to the one before; returns it.
+    pub fn append(&mut self, at_ms: u64, body: Vec<u8>) -> &Record {
+        let rec = Record::seal(self.next_seq, at_ms, body, self.last_hash);
+        self.next_seq += 1;
+        self.last_hash = rec.hash;
+        self.records.push(rec);
+        self.records.last().expect("just pushed")
+    }
+
+    /// The seq the next appended record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Reads a key as the batch so far would leave it. A store error fails the whole batch
+    /// (see [`Tx::error`]) and reads as absent meanwhile.
+    pub fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(v) = self.overlay.get(key) {
+            return v.clone();
+        }
+        match self.store.get(key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    /// Up to `limit` pairs with `from <= key < to`, as the batch so far would leave them.
+    pub fn scan(&mut self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if from >= to || limit == 0 {
+            return Vec::new();
+        }
+        let staged: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =
+            self.overlay.range(from.to_vec()..to.to_vec()).collect();
+        // Each staged key can hide at most one stored pair, so this many stored pairs suffice.
+        let want = limit.saturating_add(staged.len());
+        let mut stored: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let res = self.store.scan(from, to, &mut |k, v| {
+            stored.push((k.to_vec(), v.to_vec()));
+            if stored.len() >= want {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        if let Err(e) = res {
+            self.error.get_or_insert(e);
+        }
+        let mut out = Vec::with_capacity(limit.min(want));
+        let mut s = stored.into_iter().peekable();
+        let mut o = staged.into_iter().peekable();
+        while out.len() < limit {
+            let take_staged = match (s.peek(), o.peek()) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((sk, _)), Some((ok, _))) => *ok <= sk,
+            };
+            if take_staged {
+                let (k, v) = o.next().expect("peeked");
+                if s.peek().is_some_and(|(sk, _)| sk == k) {
+                    s.next();
+                }
+                if let Some(v) = v {
+                    out.push((k.clone(), v.clone()));
+                }
+            } else {
+                out.push(s.next().expect("peeked"));
+            }
+        }
+        out
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.stage(key, Some(value));
+    }
+
+    pub fn delete(&mut self, key: &[u8]) {
+        self.stage(key.to_vec(), None);
+    }
+
+    fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let prev = self.overlay.insert(key.clone(), value);
+        if self.save.is_some() {
+            self.undo.push((key, prev));
+        }
+    }
+
+    /// The first store error met while reading, if any: the batch cannot commit.
+    pub fn error(&self) -> Option<&StoreError> {
+        self.error.as_ref()
+    }
+
+    /// Records staged so far in this batch.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    pub(crate) fn savepoint(&mut self) {
+        self.undo.clear();
+        self.save = Some((self.records.len(), self.next_seq, self.last_hash));
+    }
+
+    pub(crate) fn release(&mut self) {
+        self.undo.clear();
+        self.save = None;
+    }
+
+    pub(crate) fn rollback(&mut self) {
+        let Some((records, next_seq, last_hash)) = self.save.take() else {
+            return;
+        };
+        while let Some((key, prev)) = self.undo.pop() {
+            match prev {
+                Some(v) => self.overlay.insert(key, v),
+                None => self.overlay.remove(&key),
+            };
+        }
+        self.records.truncate(records);
+        self.next_seq = next_seq;
+        self.last_hash = last_hash;
+    }
+
+    pub(crate) fn chain_state(&self) -> (u64, Hash) {
+        (self.next_seq, self.last_hash)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.overlay.is_empty()
+    }
+
+    /// The store writes: every record's pairs, then the staged projection writes.
+    pub(crate) fn into_parts(self) -> (Batch, Vec<Record>) {
+        let mut batch = Batch::default();
+        for r in &self.records {
+            for (k, v) in r.to_kv() {
+                batch.put(k, v);
+            }
+        }
+        for (k, v) in self.overlay {
+            batch.writes.push((k, v));
+        }
+        (batch, self.records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    #[test]
+    fn scan_merges_staged_writes_and_deletes_over_the_store() {
+        let store = MemStore::new();
+        let mut b = Batch::default();
+        for i in [1u8, 3, 5, 7] {
+            b.put(vec![0x20, i], vec![i]);
+        }
+        store.apply(&b).unwrap();
+        let mut tx = Tx::new(&store, 1, [0; 32]);
+        tx.put(vec![0x20, 2], vec![2]);
+        tx.delete(&[0x20, 3]);
+        tx.put(vec![0x20, 5], vec![55]);
+        let keys: Vec<_> = tx.scan(&[0x20], &[0x21], 10).into_iter().map(|(k, v)| (k[1], v[0])).collect();
+        assert_eq!(keys, vec![(1, 1), (2, 2), (5, 55), (7, 7)]);
+        let first_two: Vec<_> = tx.scan(&[0x20], &[0x21], 2).into_iter().map(|(k, _)| k[1]).collect();
+        assert_eq!(first_two, vec![1, 2]);
+        assert_eq!(tx.get(&[0x20, 3]), None);
+        assert_eq!(tx.get(&[0x20, 7]), Some(vec![7]));
+    }
+
+    #[test]
+    fn rollback_undoes_only_the_current_command() {
+        let store = MemStore::new();
+        let mut tx = Tx::new(&store, 1, [0; 32]);
+        tx.savepoint();
+        tx.put(vec![0x20, 1], vec![1]);
+        tx.append(10, b"a".to_vec());
+        tx.release();
+        tx.savepoint();
+        tx.put(vec![0x20, 1], vec![9]);
+        tx.put(vec![0x20, 2], vec![2]);
+        tx.append(11, b"b".to_vec());
+        tx.rollback();
+        assert_eq!(tx.get(&[0x20, 1]), Some(vec![1]));
+        assert_eq!(tx.get(&[0x20, 2]), None);
+        assert_eq!(tx.records().len(), 1);
+        assert_eq!(tx.next_seq(), 2);
+        let rec = tx.append(12, b"c".to_vec()).clone();
+        assert_eq!(rec.seq, 2);
+        assert_eq!(rec.prev_hash, tx.records()[0].hash);
+    }
+}
