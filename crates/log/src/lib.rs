@@ -37,5 +37,5 @@ pub use crate::log::{
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{SledStore, SEGMENT_BYTES};
-pub use crate::store::{scan_vec, Batch, Durability, FailingStore, MemStore, Store, StoreError};
+pub use crate::store::{scan_vec, Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError};
 pub use crate::tx::Tx;

@@ -114,6 +114,7 @@ impl Machine for AppendOnly {
 /// The answer a caller gets: the machine's reply or rejection, or a log error.
 pub type Outcome<M> = Result<Result<<M as Machine>::Reply, <M as Machine>::Rejection>, LogError>;
 type Callback<M> = Box<dyn FnOnce(Outcome<M>) + Send>;
+type Answer<M> = (Callback<M>, Result<<M as Machine>::Reply, <M as Machine>::Rejection>);
 
 enum Msg<M: Machine> {
     Command(M::Command, Callback<M>),
@@ -461,7 +462,7 @@ impl<M: Machine> Writer<M> {
     fn commit(&mut self, batch: &mut Vec<(M::Command, Callback<M>)>) {
         let store = self.store.clone();
         let mut tx = Tx::new(store.as_ref(), self.next_seq, self.last_hash);
-        let mut answers: Vec<(Callback<M>, Result<M::Reply, M::Rejection>)> = Vec::with_capacity(batch.len());
+        let mut answers: Vec<Answer<M>> = Vec::with_capacity(batch.len());
         let commands = batch.len() as u64;
         for (command, cb) in batch.drain(..) {
             tx.savepoint();
@@ -515,7 +516,7 @@ impl<M: Machine> Writer<M> {
         }
     }
 
-    fn fail(&mut self, answers: Vec<(Callback<M>, Result<M::Reply, M::Rejection>)>, e: StoreError) {
+    fn fail(&mut self, answers: Vec<Answer<M>>, e: StoreError) {
         self.machine.aborted();
         self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).failed_batches += 1;
         // A rejected command wrote nothing either way: its caller still learns why it was rejected.

@@ -292,7 +292,7 @@ mod tests {
         Ok(out)
     }
 
-    fn chain(bodies: &[usize]) -> (Vec<Record>, Vec<(Vec<u8>, Vec<u8>)>) {
+    fn chain(bodies: &[usize]) -> (Vec<Record>, Vec<crate::store::Pair>) {
         let mut prev = [0u8; 32];
         let mut recs = Vec::new();
         let mut kv = Vec::new();

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use crate::store::{Batch, Durability, Store, StoreError, Visit};
+use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
 
 /// sled's segment size here: blob threshold is a quarter of it (512 KiB), 64 times a value chunk.
 pub const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
@@ -87,7 +87,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
         if from >= to {
             return Ok(None);
         }

@@ -62,6 +62,9 @@ pub enum Durability {
     Sync,
 }
 
+/// A key and its value.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
 /// A visitor over pairs in key order; return `ControlFlow::Break(())` to stop early.
 pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>;
 
@@ -71,7 +74,7 @@ pub trait Store: Send + Sync + 'static {
     /// Visits pairs with `from <= key < to` in ascending order until the visitor breaks.
     fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError>;
     /// The last pair with `from <= key < to`, if any.
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError>;
     /// Applies every write of the batch, all or nothing.
     fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Makes every applied batch durable to the given level.
@@ -83,12 +86,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Collects up to `limit` pairs of a range: a convenience over [`Store::scan`].
-pub fn scan_vec(
-    store: &dyn Store,
-    from: &[u8],
-    to: &[u8],
-    limit: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+pub fn scan_vec(store: &dyn Store, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
     let mut out = Vec::new();
     if limit == 0 {
         return Ok(out);
@@ -139,7 +137,7 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
         if from >= to {
             return Ok(None);
         }
@@ -215,7 +213,7 @@ impl<S: Store> Store for FailingStore<S> {
         self.inner.scan(from, to, visit)
     }
 
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
         self.inner.last(from, to)
     }
 

@@ -10,11 +10,15 @@ use std::ops::ControlFlow;
 use crate::record::{Hash, Record};
 use crate::store::{Batch, Store, StoreError};
 
+/// What the overlay held for a key: nothing (`None`), a put or a delete.
+type Staged = Option<Option<Vec<u8>>>;
+
 /// The staging area one batch of commands writes into. Created by the log's writer thread.
 pub struct Tx<'a> {
     store: &'a dyn Store,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    /// Each key staged since the savepoint with what the overlay held for it before.
+    undo: Vec<(Vec<u8>, Staged)>,
     records: Vec<Record>,
     next_seq: u64,
     last_hash: Hash,

@@ -1,0 +1,273 @@
+//! The log through its public API: group commit, reads, tails, verification, store failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_log::{
+    keyspace, record, verify, AppendOnly, Batch, Corrupt, CorruptKind, Durability, FailingStore, Log,
+    LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx,
+};
+
+fn config() -> LogConfig {
+    LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Sync }
+}
+
+fn body(i: u64) -> Vec<u8> {
+    format!("event-{i}").into_bytes()
+}
+
+#[test]
+fn concurrent_appenders_get_gapless_seqs_and_share_flushes() {
+    let store = Arc::new(MemStore::new());
+    let log = Log::open(store.clone(), AppendOnly, config()).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                (0..200u64)
+                    .map(|i| log.submit(vec![(i, body(t * 1000 + i))]).unwrap().unwrap()[0])
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=1600).collect::<Vec<_>>());
+    let stats = log.stats();
+    assert_eq!(stats.commands, 1600);
+    assert!(stats.batches <= 1600);
+    assert_eq!(log.committed_seq(), 1600);
+    let recs = log.read(1595, 100).unwrap();
+    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1595, 1596, 1597, 1598, 1599, 1600]);
+    log.close();
+    let report = verify(store.as_ref(), &mut |_| {}).unwrap();
+    assert_eq!((report.records, report.first_seq, report.last_seq), (1600, 1, 1600));
+}
+
+#[test]
+fn reopening_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_hash;
+    {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+        let log = Log::open(store, AppendOnly, config()).unwrap();
+        log.submit(vec![(1, body(1)), (2, body(2))]).unwrap().unwrap();
+        first_hash = log.read(2, 1).unwrap()[0].hash;
+        log.close();
+    }
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+    let log = Log::open(store.clone(), AppendOnly, config()).unwrap();
+    assert_eq!(log.submit(vec![(3, body(3))]).unwrap().unwrap(), vec![3]);
+    assert_eq!(log.read(3, 1).unwrap()[0].prev_hash, first_hash);
+    log.close();
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 3);
+}
+
+#[test]
+fn tail_wakes_on_new_records_and_reads_from_its_cursor() {
+    let log = Log::open(Arc::new(MemStore::new()), AppendOnly, config()).unwrap();
+    log.submit(vec![(1, body(1))]).unwrap().unwrap();
+    let mut tail = log.tail(1);
+    assert_eq!(tail.next(10, Duration::from_millis(10)).unwrap().len(), 1);
+    assert!(tail.next(10, Duration::from_millis(20)).unwrap().is_empty());
+    let writer = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            log.submit(vec![(2, body(2)), (3, body(3))]).unwrap().unwrap();
+        })
+    };
+    let got = tail.next(10, Duration::from_secs(10)).unwrap();
+    writer.join().unwrap();
+    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(tail.cursor(), 4);
+}
+
+/// A machine with a rule, to show that a rejected command writes nothing and later commands in
+/// the same batch see earlier ones.
+struct Counter;
+
+impl Machine for Counter {
+    /// Add this much to the counter; rejected when it would go above 10.
+    type Command = u64;
+    type Reply = u64;
+    type Rejection = String;
+
+    fn execute(&mut self, add: u64, tx: &mut Tx<'_>) -> Result<u64, String> {
+        let key = vec![keyspace::USER_FIRST, b'c'];
+        let now = tx.get(&key).map(|v| u64::from_be_bytes(v.try_into().unwrap())).unwrap_or(0);
+        tx.append(0, add.to_be_bytes().to_vec());
+        tx.put(key, (now + add).to_be_bytes().to_vec());
+        if now + add > 10 {
+            return Err(format!("{now} + {add} is over 10"));
+        }
+        Ok(now + add)
+    }
+}
+
+#[test]
+fn rejected_commands_write_nothing_and_batches_see_their_own_writes() {
+    let store = Arc::new(MemStore::new());
+    let log = Log::open(store.clone(), Counter, LogConfig { batch_commands_max: 8, ..config() }).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for add in [4u64, 4, 4, 2] {
+        let tx = tx.clone();
+        log.submit_with(add, move |out| tx.send((add, out)).unwrap());
+    }
+    drop(tx);
+    let mut outs: Vec<_> = rx.iter().collect();
+    outs.sort_by_key(|(add, out)| (*add, format!("{out:?}")));
+    let oks: Vec<u64> = outs.iter().filter_map(|(_, o)| o.clone().unwrap().ok()).collect();
+    assert_eq!(oks.iter().max(), Some(&10));
+    assert_eq!(outs.iter().filter(|(_, o)| o.clone().unwrap().is_err()).count(), 1);
+    log.close();
+    assert_eq!(store.get(&[keyspace::USER_FIRST, b'c']).unwrap(), Some(10u64.to_be_bytes().to_vec()));
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().records, 3);
+}
+
+#[test]
+fn a_failing_store_fails_the_whole_batch_cleanly_and_the_log_recovers() {
+    let mem = MemStore::new();
+    let failing = FailingStore::new(mem.clone(), u64::MAX);
+    let store: Arc<dyn Store> = Arc::new(failing.clone());
+    let log = Log::open(store, AppendOnly, config()).unwrap();
+    log.submit(vec![(1, body(1))]).unwrap().unwrap();
+    // The disk is full: the apply of the next batch fails.
+    failing.fail_after(0);
+    let err = log.submit(vec![(2, body(2)), (3, body(3))]).unwrap_err();
+    assert!(matches!(err, LogError::Store(StoreError::Injected { .. })), "{err:?}");
+    assert_eq!(log.committed_seq(), 1);
+    assert_eq!(mem.with_map(|m| m.keys().filter(|k| k[0] == keyspace::RECORD).count()), 1);
+    // Space returns: the next append continues the chain without a gap.
+    failing.heal();
+    assert_eq!(log.submit(vec![(4, body(4))]).unwrap().unwrap(), vec![2]);
+    log.close();
+    assert_eq!(verify(&mem, &mut |_| {}).unwrap().last_seq, 2);
+}
+
+#[test]
+fn a_failed_flush_is_not_acknowledged() {
+    let mem = MemStore::new();
+    let failing = FailingStore::new(mem.clone(), u64::MAX);
+    let log = Log::open(Arc::new(failing.clone()), AppendOnly, config()).unwrap();
+    failing.fail_after(1); // the apply succeeds, the flush fails
+    assert!(matches!(log.submit(vec![(1, body(1))]), Err(LogError::Store(_))));
+    assert_eq!(log.committed_seq(), 0);
+    failing.heal();
+    assert_eq!(log.submit(vec![(2, body(2))]).unwrap().unwrap(), vec![2]);
+    assert_eq!(log.committed_seq(), 2);
+    log.close();
+    assert_eq!(verify(&mem, &mut |_| {}).unwrap().records, 2);
+}
+
+fn damaged(seqs: u64, f: impl FnOnce(&MemStore)) -> LogError {
+    let store = MemStore::new();
+    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
+    for i in 1..=seqs {
+        let size = if i == 3 { 30_000 } else { 100 };
+        log.submit(vec![(i, vec![i as u8; size])]).unwrap().unwrap();
+    }
+    log.close();
+    f(&store);
+    verify(&store, &mut |_| {}).unwrap_err()
+}
+
+#[test]
+fn verify_names_the_seq_of_a_flipped_byte_a_truncated_tail_a_removed_or_swapped_record() {
+    let flipped = damaged(5, |s| s.with_map(|m| m.get_mut(&record::head_key(4)).unwrap()[60] ^= 1));
+    assert_eq!(flipped, LogError::Corrupt(Corrupt { seq: 4, kind: CorruptKind::ChainBroken }));
+    let body_flip =
+        damaged(5, |s| s.with_map(|m| *m.get_mut(&record::head_key(2)).unwrap().last_mut().unwrap() ^= 1));
+    assert_eq!(body_flip, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::ChecksumMismatch }));
+    // The tail record is large (chunked); its last chunk was torn off.
+    let truncated = damaged(3, |s| {
+        s.with_map(|m| {
+            let last = m.keys().rfind(|k| k[0] == keyspace::RECORD).unwrap().clone();
+            m.remove(&last);
+        })
+    });
+    assert_eq!(truncated, LogError::Corrupt(Corrupt { seq: 3, kind: CorruptKind::Truncated }));
+    let removed = damaged(5, |s| s.with_map(|m| m.remove(&record::head_key(2)).map(|_| ())).unwrap_or(()));
+    assert_eq!(removed, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::Gap { found: 3 } }));
+    let swapped = damaged(5, |s| {
+        s.with_map(|m| {
+            let a = m.remove(&record::head_key(4)).unwrap();
+            let b = m.insert(record::head_key(5), a).unwrap();
+            m.insert(record::head_key(4), b);
+        })
+    });
+    assert_eq!(swapped, LogError::Corrupt(Corrupt { seq: 4, kind: CorruptKind::ChecksumMismatch }));
+}
+
+#[test]
+fn opening_a_log_with_a_torn_tail_reports_it() {
+    let store = MemStore::new();
+    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
+    log.submit(vec![(1, vec![1; 20_000])]).unwrap().unwrap();
+    log.close();
+    store.with_map(|m| {
+        let last = m.keys().rfind(|k| k[0] == keyspace::RECORD).unwrap().clone();
+        m.remove(&last);
+    });
+    let err = Log::open(Arc::new(store), AppendOnly, config()).err().unwrap();
+    assert_eq!(err, LogError::Corrupt(Corrupt { seq: 1, kind: CorruptKind::Truncated }));
+}
+
+#[test]
+fn a_newer_store_format_is_refused_and_left_untouched() {
+    let store = MemStore::new();
+    let mut b = Batch::default();
+    b.put(keyspace::META_FORMAT.to_vec(), vec![herald_log::STORE_FORMAT + 1]);
+    store.apply(&b).unwrap();
+    let before = store.with_map(|m| m.clone());
+    let err = Log::open(Arc::new(store.clone()), AppendOnly, config()).err().unwrap();
+    assert_eq!(
+        err,
+        LogError::NewerFormat { found: herald_log::STORE_FORMAT + 1, known: herald_log::STORE_FORMAT }
+    );
+    assert!(err.to_string().contains("refusing"));
+    assert_eq!(store.with_map(|m| m.clone()), before);
+}
+
+#[test]
+fn try_submit_refuses_when_the_queue_is_full() {
+    // A machine that blocks until told, so the queue fills behind it.
+    struct Gate(crossbeam_channel::Receiver<()>, crossbeam_channel::Sender<()>);
+    impl Machine for Gate {
+        type Command = ();
+        type Reply = ();
+        type Rejection = ();
+        fn execute(&mut self, _: (), tx: &mut Tx<'_>) -> Result<(), ()> {
+            let _ = self.1.send(());
+            let _ = self.0.recv_timeout(Duration::from_secs(10));
+            tx.append(0, vec![]);
+            Ok(())
+        }
+    }
+    let (open, gate) = crossbeam_channel::unbounded();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let log = Log::open(
+        Arc::new(MemStore::new()),
+        Gate(gate, started_tx),
+        LogConfig { batch_commands_max: 1, queue_commands_max: 1, durability: Durability::Flush },
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..4 {
+        if i == 1 {
+            // The writer has taken the first command and is holding it.
+            started.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        let tx = tx.clone();
+        log.try_submit_with((), move |o| tx.send(o.map(|_| ())).unwrap());
+    }
+    // The writer holds one, the queue one; the others were refused at once.
+    let busy: Vec<_> = (0..2).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+    assert_eq!(busy, vec![Err(LogError::Busy), Err(LogError::Busy)]);
+    for _ in 0..2 {
+        open.send(()).unwrap();
+    }
+    for _ in 0..2 {
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
+    }
+}
