@@ -24,6 +24,7 @@
 //! assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 1);
 //! ```
 
+pub mod baseline;
 pub mod keyspace;
 mod log;
 pub mod record;

@@ -474,7 +474,7 @@ impl<M: Machine> Writer<M> {
             }
             answers.push((cb, res));
         }
-        if let Some(e) = tx.error().cloned() {
+        if let Some(e) = tx.error() {
             return self.fail(answers, e);
         }
         if tx.is_empty() {

@@ -4,6 +4,7 @@
 //! validation sees the effects of the commands queued ahead of it. Each command runs inside a
 //! savepoint: if it is rejected, everything it staged is undone and nothing of it is written.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
@@ -23,7 +24,7 @@ pub struct Tx<'a> {
     next_seq: u64,
     last_hash: Hash,
     save: Option<(usize, u64, Hash)>,
-    error: Option<StoreError>,
+    error: RefCell<Option<StoreError>>,
 }
 
 impl<'a> Tx<'a> {
@@ -36,7 +37,7 @@ impl<'a> Tx<'a> {
             next_seq,
             last_hash,
             save: None,
-            error: None,
+            error: RefCell::new(None),
         }
     }
 
@@ -56,21 +57,21 @@ impl<'a> Tx<'a> {
 
     /// Reads a key as the batch so far would leave it. A store error fails the whole batch
     /// (see [`Tx::error`]) and reads as absent meanwhile.
-    pub fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         if let Some(v) = self.overlay.get(key) {
             return v.clone();
         }
         match self.store.get(key) {
             Ok(v) => v,
             Err(e) => {
-                self.error.get_or_insert(e);
+                self.error.borrow_mut().get_or_insert(e);
                 None
             }
         }
     }
 
     /// Up to `limit` pairs with `from <= key < to`, as the batch so far would leave them.
-    pub fn scan(&mut self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         if from >= to || limit == 0 {
             return Vec::new();
         }
@@ -88,7 +89,7 @@ impl<'a> Tx<'a> {
             }
         });
         if let Err(e) = res {
-            self.error.get_or_insert(e);
+            self.error.borrow_mut().get_or_insert(e);
         }
         let mut out = Vec::with_capacity(limit.min(want));
         let mut s = stored.into_iter().peekable();
@@ -131,8 +132,8 @@ impl<'a> Tx<'a> {
     }
 
     /// The first store error met while reading, if any: the batch cannot commit.
-    pub fn error(&self) -> Option<&StoreError> {
-        self.error.as_ref()
+    pub fn error(&self) -> Option<StoreError> {
+        self.error.borrow().clone()
     }
 
     /// Records staged so far in this batch.
