@@ -8,8 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald_log::baseline::raw_sled_batches;
+use herald_log::baseline::{raw_sled_batches, raw_sled_scan};
 use herald_log::{AppendOnly, Durability, Log, LogConfig, SledStore, Store};
+use herald_projector::{
+    rebuild, AttemptOutcome, DeliveryId, EndpointId, Event, EventId, OrgId, Projector, Trigger,
+};
+use uuid::Uuid;
 
 const EVENT_BYTES: usize = 256;
 const RUN_FOR: Duration = Duration::from_secs(3);
@@ -60,11 +64,99 @@ fn raw(batch_len: usize, durability: Durability) -> f64 {
     (batches * batch_len) as f64 / took.as_secs_f64()
 }
 
+/// Writes a log of `cycles` × (publish, delivery created, delivered attempt) after one endpoint,
+/// through the projector, and returns its directory and record count.
+fn write_history(cycles: u64) -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 64 << 20).unwrap());
+    let config =
+        LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Flush };
+    let log = Log::open(store, Projector, config).unwrap();
+    let org = OrgId(Uuid::from_u128(1));
+    let endpoint = EndpointId(Uuid::from_u128(2));
+    log.submit(vec![(
+        0,
+        Event::EndpointCreated {
+            id: endpoint,
+            org_id: org,
+            url: "https://receiver.example/hook".into(),
+            name: "bench".into(),
+            enabled_events: vec!["*".into()],
+            secret: "whsec_YmVuY2htYXJrc2VjcmV0".into(),
+        },
+    )])
+    .unwrap()
+    .unwrap();
+    let per_command = 300u64;
+    let mut i = 0u64;
+    while i < cycles {
+        let mut events = Vec::with_capacity(per_command as usize * 3);
+        for n in i..(i + per_command).min(cycles) {
+            let at_ms = 1_700_000_000_000 + n;
+            let event_id = EventId(Uuid::from_u128(1 << 64 | n as u128));
+            let delivery_id = DeliveryId(Uuid::from_u128(2 << 64 | n as u128));
+            events.push((
+                at_ms,
+                Event::EventPublished {
+                    id: event_id,
+                    org_id: org,
+                    event_type: "call.queued".into(),
+                    payload: vec![b'x'; EVENT_BYTES],
+                    call_id: None,
+                    idempotency_key: None,
+                },
+            ));
+            events.push((
+                at_ms,
+                Event::DeliveryCreated {
+                    id: delivery_id,
+                    event_id,
+                    org_id: org,
+                    endpoint_id: Some(endpoint),
+                    url: "https://receiver.example/hook".into(),
+                    next_attempt_at_ms: at_ms,
+                },
+            ));
+            events.push((
+                at_ms + 3,
+                Event::AttemptRecorded {
+                    delivery_id,
+                    attempt: 1,
+                    trigger: Trigger::Auto,
+                    started_at_ms: at_ms + 1,
+                    finished_at_ms: at_ms + 3,
+                    outcome: AttemptOutcome::Delivered { status: 200 },
+                    response_excerpt: b"ok".to_vec(),
+                    retry_at_ms: None,
+                },
+            ));
+        }
+        log.submit(events).unwrap().unwrap();
+        i += per_command;
+    }
+    let records = log.committed_seq();
+    log.close();
+    (dir, records)
+}
+
+fn rebuild_rate(cycles: u64) -> (f64, f64, u64) {
+    let (dir, records) = write_history(cycles);
+    let (pairs, raw_took) = raw_sled_scan(dir.path()).unwrap();
+    let store = SledStore::open(dir.path(), 64 << 20).unwrap();
+    let started = Instant::now();
+    let tables = rebuild(&store, &mut |_| {}).unwrap();
+    let took = started.elapsed().as_secs_f64();
+    std::hint::black_box(tables.len());
+    let raw_records_per_s = pairs as f64 / raw_took.as_secs_f64();
+    (records as f64 / took, raw_records_per_s, records)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
     let mut rows = Vec::new();
-    for durability in [Durability::Sync, Durability::Flush] {
+    let only_rebuild = args.iter().any(|a| a == "--rebuild-only");
+    for durability in [Durability::Sync, Durability::Flush].into_iter().filter(|_| !only_rebuild) {
         for appenders in [1usize, 16, 64] {
             let (rate, batch) = appends(appenders, durability);
             let batch_len = batch.round().max(1.0) as usize;
@@ -79,6 +171,17 @@ fn main() {
             });
         }
     }
+    let cycles: u64 =
+        std::env::var("HERALD_BENCH_REBUILD_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let (rate, raw_rate, records) = rebuild_rate(cycles);
+    rows.push(Row {
+        name: format!("projection rebuild, {records} records"),
+        value: rate,
+        unit: "records/s",
+        limit_name: "raw sled scan of the same records".into(),
+        limit: raw_rate,
+        target_ratio: None,
+    });
     print_rows(&rows);
     if let Some(path) = json_out {
         std::fs::write(&path, to_json(&rows)).unwrap();

@@ -24,12 +24,19 @@ use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
 /// sled's segment size here: blob threshold is a quarter of it (512 KiB), 64 times a value chunk.
 pub const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
 const TREE_NAME: &[u8] = b"herald";
+/// How long `open` waits for sled's directory lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A [`Store`] on a sled database in a directory.
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
     dir: PathBuf,
+}
+
+/// sled reports a held lock as an `Other` error whose message says so (0.34.7, `config.rs`).
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -41,15 +48,32 @@ impl SledStore {
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .segment_size(SEGMENT_BYTES)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             // herald flushes itself, once per batch; sled's background flusher would only add writes.
-            .flush_every_ms(None)
-            .open()
-            .map_err(io)?;
+            .flush_every_ms(None);
+        // sled releases its file lock when its last epoch-deferred reference goes, which can be a
+        // moment after the previous `Db` in this process was dropped: retry the lock briefly.
+        // Another process holding the directory still fails, after LOCK_WAIT.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if is_lock_error(&e) && started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(sled::Error::Io(e)) if is_lock_error(&e) => {
+                    return Err(StoreError::Io(format!(
+                        "{} is in use by another herald process (sled's lock is held): {e}",
+                        dir.display()
+                    )));
+                }
+                Err(e) => return Err(io(e)),
+            }
+        };
         let tree = db.open_tree(TREE_NAME).map_err(io)?;
         Ok(SledStore { db, tree, dir: dir.to_path_buf() })
     }

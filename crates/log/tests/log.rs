@@ -271,3 +271,14 @@ fn try_submit_refuses_when_the_queue_is_full() {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
     }
 }
+
+#[test]
+fn a_directory_in_use_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let err = SledStore::open(dir.path(), 1 << 20).err().unwrap();
+    assert!(err.to_string().contains("in use by another herald process"), "{err}");
+    drop(held);
+    // Once released (sled lets go of its lock a moment after the drop), it opens again.
+    SledStore::open(dir.path(), 1 << 20).unwrap();
+}

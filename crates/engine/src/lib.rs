@@ -1,0 +1,39 @@
+//! herald-engine: commands in, events out, and the attempts that deliver them.
+//!
+//! For now it holds the two self-contained pieces a delivery attempt is made of:
+//!
+//! - [`signing`]: Standard Webhooks signatures. [`signing::Secret`] is an endpoint's
+//!   `whsec_<base64>` key; [`signing::sign`] writes the `webhook-signature` header value with every
+//!   valid secret (current first), [`signing::verify`] checks one.
+//! - [`sender`]: the [`sender::Sender`] trait (one attempt in, one [`sender::AttemptOutcome`] out),
+//!   the real [`sender::HttpSender`] (keep-alive pool, no redirects, whole-attempt timeout, a 4 KiB
+//!   body excerpt, a guard against private targets on the resolved address), and
+//!   [`sender::check_url`] for validating endpoint URLs.
+//!
+//! ```no_run
+//! use herald_engine::sender::{AttemptRequest, HttpSender, Sender, SenderConfig};
+//! use herald_engine::signing::{sign, Secret};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")?;
+//! let body = br#"{"type":"invoice.paid"}"#;
+//! let (id, timestamp_s) = ("evt_018f3c", 1_700_000_000);
+//! let request = AttemptRequest {
+//!     url: "https://example.com/webhooks".to_owned(),
+//!     headers: vec![
+//!         ("content-type".to_owned(), "application/json".to_owned()),
+//!         ("webhook-id".to_owned(), id.to_owned()),
+//!         ("webhook-timestamp".to_owned(), timestamp_s.to_string()),
+//!         ("webhook-signature".to_owned(), sign(&[&secret], id, timestamp_s, body)),
+//!     ],
+//!     body: body.to_vec().into(),
+//! };
+//! let sender = HttpSender::new(SenderConfig::default())?;
+//! let outcome = sender.send(request).await;
+//! println!("delivered: {}", outcome.is_success());
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod sender;
+pub mod signing;

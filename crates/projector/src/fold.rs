@@ -1,0 +1,647 @@
+//! The fold: [`apply`] is the only way the projection changes.
+
+use crate::codec;
+use crate::event::{AttemptOutcome, Event, Trigger};
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::keys;
+use crate::model::{
+    transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint, EndpointStatus,
+    EventRecord, IdempotencyHit, PreviousSecret, PREVIOUS_SECRETS_MAX, RESPONSE_EXCERPT_BYTES_MAX,
+};
+use crate::policy::{human_duration, Policy};
+use crate::query::{self, Corrupt};
+use crate::tables::{Batch, Tables};
+use uuid::Uuid;
+
+/// How many pending deliveries one page of a cascade (an endpoint going inactive or being
+/// deleted) reads at a time.
+pub const CASCADE_PAGE_LEN: usize = 256;
+
+/// The reason an endpoint's deliveries carry when it is deleted.
+pub const ENDPOINT_DELETED_REASON: &str = "endpoint deleted";
+
+/// Why an event cannot be applied. The engine validates commands before appending their events,
+/// so this means a bug or a corrupt log. A rejected event leaves the tables as they were.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyError {
+    /// Seqs are gapless: each event must carry the applied seq plus one.
+    SeqNotNext {
+        expected: u64,
+        got: u64,
+    },
+    /// An object with this id exists already.
+    AlreadyExists {
+        kind: &'static str,
+        id: Uuid,
+    },
+    UnknownEndpoint(EndpointId),
+    UnknownEvent(EventId),
+    UnknownDelivery(DeliveryId),
+    UnknownApiKey(ApiKeyId),
+    /// The endpoint is deleted: it takes no new delivery and no change.
+    EndpointDeleted(EndpointId),
+    /// An object refers to an object of another organisation.
+    OrgMismatch {
+        kind: &'static str,
+        id: Uuid,
+        expected: OrgId,
+        got: OrgId,
+    },
+    /// The delivery state machine forbids this change ([`transition_allowed`]).
+    TransitionNotAllowed {
+        delivery_id: DeliveryId,
+        from: Option<DeliveryStatus>,
+        to: DeliveryStatus,
+        cause: Cause,
+    },
+    /// Attempts are numbered 1, 2, 3... over a delivery's life.
+    AttemptOutOfOrder {
+        delivery_id: DeliveryId,
+        expected: u32,
+        got: u32,
+    },
+    /// The attempt contradicts itself (a 2xx failure, a retry after a success, ...).
+    InvalidAttempt {
+        delivery_id: DeliveryId,
+        reason: &'static str,
+    },
+    InvalidPolicy {
+        reason: &'static str,
+    },
+    /// Another key has this hash already.
+    ApiKeyHashTaken {
+        id: ApiKeyId,
+    },
+    ApiKeyAlreadyRevoked(ApiKeyId),
+    /// The idempotency key answered another event less than 24 h ago.
+    IdempotencyKeyReused {
+        org_id: OrgId,
+        key: String,
+        event_id: EventId,
+    },
+    /// A stored value does not decode.
+    Corrupt(Corrupt),
+}
+
+impl From<Corrupt> for ApplyError {
+    fn from(corrupt: Corrupt) -> Self {
+        ApplyError::Corrupt(corrupt)
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::SeqNotNext { expected, got } => {
+                write!(f, "seq {got} applied where {expected} was expected")
+            }
+            ApplyError::AlreadyExists { kind, id } => write!(f, "{kind} {id} exists already"),
+            ApplyError::UnknownEndpoint(id) => write!(f, "unknown endpoint {id}"),
+            ApplyError::UnknownEvent(id) => write!(f, "unknown event {id}"),
+            ApplyError::UnknownDelivery(id) => write!(f, "unknown delivery {id}"),
+            ApplyError::UnknownApiKey(id) => write!(f, "unknown api key {id}"),
+            ApplyError::EndpointDeleted(id) => write!(f, "endpoint {id} is deleted"),
+            ApplyError::OrgMismatch { kind, id, expected, got } => {
+                write!(f, "{kind} {id} belongs to organisation {expected}, not {got}")
+            }
+            ApplyError::TransitionNotAllowed { delivery_id, from, to, cause } => match from {
+                Some(from) => write!(
+                    f,
+                    "delivery {delivery_id}: {} -> {} by {cause:?} is not allowed",
+                    from.name(),
+                    to.name()
+                ),
+                None => {
+                    write!(f, "delivery {delivery_id}: created {} by {cause:?} is not allowed", to.name())
+                }
+            },
+            ApplyError::AttemptOutOfOrder { delivery_id, expected, got } => {
+                write!(f, "delivery {delivery_id}: attempt {got} recorded where {expected} was expected")
+            }
+            ApplyError::InvalidAttempt { delivery_id, reason } => {
+                write!(f, "delivery {delivery_id}: invalid attempt: {reason}")
+            }
+            ApplyError::InvalidPolicy { reason } => write!(f, "invalid policy: {reason}"),
+            ApplyError::ApiKeyHashTaken { id } => {
+                write!(f, "api key {id}: another key has this hash")
+            }
+            ApplyError::ApiKeyAlreadyRevoked(id) => write!(f, "api key {id} is revoked already"),
+            ApplyError::IdempotencyKeyReused { org_id, key, event_id } => write!(
+                f,
+                "organisation {org_id}: idempotency key {key:?} answered event {event_id} less than 24h ago"
+            ),
+            ApplyError::Corrupt(corrupt) => corrupt.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+/// Applies the event the log holds at `seq`, stamped `at_ms` (unix ms), to the projection.
+///
+/// Deterministic and pure: it reads and writes only `tables`, so the same events give
+/// byte-identical tables. `seq` must be the applied seq plus one (the first event is seq 1).
+/// On an error nothing is written.
+pub fn apply(tables: &mut impl Tables, seq: u64, at_ms: u64, event: &Event) -> Result<(), ApplyError> {
+    let mut batch = Batch::new(tables);
+    let applied_seq = query::applied_seq(&batch)?;
+    let expected = applied_seq.saturating_add(1);
+    if seq != expected || applied_seq == u64::MAX {
+        return Err(ApplyError::SeqNotNext { expected, got: seq });
+    }
+    Fold { t: &mut batch, seq, at_ms }.event(event)?;
+    batch.put(keys::META_APPLIED_SEQ.to_vec(), seq.to_be_bytes().to_vec());
+    batch.commit();
+    Ok(())
+}
+
+/// One event being applied to staged tables.
+struct Fold<'b, T: Tables> {
+    t: &'b mut T,
+    seq: u64,
+    at_ms: u64,
+}
+
+impl<T: Tables> Fold<'_, T> {
+    fn event(&mut self, event: &Event) -> Result<(), ApplyError> {
+        match event {
+            Event::PolicySet(policy) => {
+                if let Some(reason) = policy.problem() {
+                    return Err(ApplyError::InvalidPolicy { reason });
+                }
+                self.t.put(keys::META_POLICY.to_vec(), codec::to_bytes(policy));
+                Ok(())
+            }
+            Event::ApiKeyCreated { id, org_id, scopes, name, key_hash } => {
+                if query::get_api_key(self.t, *id)?.is_some() {
+                    return Err(ApplyError::AlreadyExists { kind: "api key", id: id.0 });
+                }
+                if let Some(taken) = query::get_api_key_by_hash(self.t, key_hash)? {
+                    return Err(ApplyError::ApiKeyHashTaken { id: taken.id });
+                }
+                let key = ApiKey {
+                    id: *id,
+                    org_id: *org_id,
+                    scopes: scopes.clone(),
+                    name: name.clone(),
+                    key_hash: *key_hash,
+                    created_at_ms: self.at_ms,
+                    revoked_at_ms: None,
+                };
+                self.t.put(keys::api_key(*id), codec::to_bytes(&key));
+                self.t.put(keys::api_key_by_hash(key_hash), id.as_bytes().to_vec());
+                Ok(())
+            }
+            Event::ApiKeyRevoked { id } => {
+                let mut key = query::get_api_key(self.t, *id)?.ok_or(ApplyError::UnknownApiKey(*id))?;
+                if key.revoked_at_ms.is_some() {
+                    return Err(ApplyError::ApiKeyAlreadyRevoked(*id));
+                }
+                key.revoked_at_ms = Some(self.at_ms);
+                self.t.put(keys::api_key(*id), codec::to_bytes(&key));
+                self.t.delete(&keys::api_key_by_hash(&key.key_hash));
+                Ok(())
+            }
+            Event::OrgSecretSet { org_id, secret } => {
+                self.t.put(keys::org_secret(*org_id), codec::to_bytes(secret));
+                Ok(())
+            }
+            Event::EndpointCreated { id, org_id, url, name, enabled_events, secret } => {
+                if query::get_endpoint(self.t, *id)?.is_some() {
+                    return Err(ApplyError::AlreadyExists { kind: "endpoint", id: id.0 });
+                }
+                let endpoint = Endpoint {
+                    id: *id,
+                    org_id: *org_id,
+                    name: name.clone(),
+                    url: url.clone(),
+                    enabled_events: enabled_events.clone(),
+                    status: EndpointStatus::Active,
+                    inactive_reason: None,
+                    secret: secret.clone(),
+                    previous_secrets: Vec::new(),
+                    deleted_at_ms: None,
+                    failure_run_at_ms: Vec::new(),
+                    created_at_ms: self.at_ms,
+                    updated_at_ms: self.at_ms,
+                };
+                self.t.put(keys::endpoint_by_org(*org_id, *id), Vec::new());
+                self.put_endpoint(&endpoint);
+                Ok(())
+            }
+            Event::EndpointUpdated { id, url, name, enabled_events } => {
+                let mut endpoint = self.live_endpoint(*id)?;
+                if let Some(url) = url {
+                    endpoint.url = url.clone();
+                }
+                if let Some(name) = name {
+                    endpoint.name = name.clone();
+                }
+                if let Some(enabled_events) = enabled_events {
+                    endpoint.enabled_events = enabled_events.clone();
+                }
+                endpoint.updated_at_ms = self.at_ms;
+                self.put_endpoint(&endpoint);
+                Ok(())
+            }
+            Event::EndpointDeleted { id } => {
+                let mut endpoint = self.live_endpoint(*id)?;
+                endpoint.deleted_at_ms = Some(self.at_ms);
+                endpoint.updated_at_ms = self.at_ms;
+                self.t.delete(&keys::endpoint_by_org(endpoint.org_id, *id));
+                self.put_endpoint(&endpoint);
+                self.deactivate_pending(*id, ENDPOINT_DELETED_REASON, Cause::EndpointDeleted)
+            }
+            Event::EndpointSecretRotated { id, secret, previous_expires_at_ms } => {
+                let mut endpoint = self.live_endpoint(*id)?;
+                let at_ms = self.at_ms;
+                endpoint.previous_secrets.retain(|p| p.expires_at_ms > at_ms);
+                let previous = std::mem::replace(&mut endpoint.secret, secret.clone());
+                endpoint
+                    .previous_secrets
+                    .insert(0, PreviousSecret { secret: previous, expires_at_ms: *previous_expires_at_ms });
+                endpoint.previous_secrets.truncate(PREVIOUS_SECRETS_MAX);
+                endpoint.updated_at_ms = at_ms;
+                self.put_endpoint(&endpoint);
+                Ok(())
+            }
+            Event::EndpointEnabled { id } => {
+                let mut endpoint = self.live_endpoint(*id)?;
+                endpoint.status = EndpointStatus::Active;
+                endpoint.inactive_reason = None;
+                endpoint.failure_run_at_ms.clear();
+                endpoint.updated_at_ms = self.at_ms;
+                self.put_endpoint(&endpoint);
+                Ok(())
+            }
+            Event::EventPublished { id, org_id, event_type, payload: _, call_id, idempotency_key } => {
+                self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)
+            }
+            Event::DeliveryCreated { id, event_id, org_id, endpoint_id, url, next_attempt_at_ms } => {
+                self.delivery_created(*id, *event_id, *org_id, *endpoint_id, url, *next_attempt_at_ms)
+            }
+            Event::AttemptRecorded {
+                delivery_id,
+                attempt,
+                trigger,
+                started_at_ms,
+                finished_at_ms,
+                outcome,
+                response_excerpt,
+                retry_at_ms,
+            } => self.attempt_recorded(
+                *delivery_id,
+                AttemptRecord {
+                    attempt: *attempt,
+                    trigger: *trigger,
+                    started_at_ms: *started_at_ms,
+                    finished_at_ms: *finished_at_ms,
+                    response_status: match outcome {
+                        AttemptOutcome::Delivered { status } => Some(*status),
+                        AttemptOutcome::Failed { status, .. } => *status,
+                    },
+                    error: match outcome {
+                        AttemptOutcome::Delivered { .. } => None,
+                        AttemptOutcome::Failed { error, .. } => Some(error.clone()),
+                    },
+                    response_excerpt: response_excerpt.clone(),
+                },
+                *retry_at_ms,
+            ),
+            Event::RetriggerRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Retrigger),
+            Event::RedeliverRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Redeliver),
+        }
+    }
+
+    fn event_published(
+        &mut self,
+        id: EventId,
+        org_id: OrgId,
+        event_type: &str,
+        call_id: Option<Uuid>,
+        idempotency_key: &Option<String>,
+    ) -> Result<(), ApplyError> {
+        if query::get_event(self.t, id)?.is_some() {
+            return Err(ApplyError::AlreadyExists { kind: "event", id: id.0 });
+        }
+        if let Some(key) = idempotency_key {
+            if let Some(hit) = query::idempotency_lookup(self.t, org_id, key, self.at_ms)? {
+                return Err(ApplyError::IdempotencyKeyReused {
+                    org_id,
+                    key: key.clone(),
+                    event_id: hit.event_id,
+                });
+            }
+            let hit = IdempotencyHit { event_id: id, at_ms: self.at_ms };
+            self.t.put(keys::idempotency(org_id, key), codec::to_bytes(&hit));
+        }
+        let record = EventRecord {
+            id,
+            org_id,
+            event_type: event_type.to_string(),
+            call_id,
+            idempotency_key: idempotency_key.clone(),
+            created_at_ms: self.at_ms,
+            seq: self.seq,
+            delivery_ids: Vec::new(),
+        };
+        self.t.put(keys::event(id), codec::to_bytes(&record));
+        Ok(())
+    }
+
+    fn delivery_created(
+        &mut self,
+        id: DeliveryId,
+        event_id: EventId,
+        org_id: OrgId,
+        endpoint_id: Option<EndpointId>,
+        url: &str,
+        next_attempt_at_ms: u64,
+    ) -> Result<(), ApplyError> {
+        if query::get_delivery(self.t, id)?.is_some() {
+            return Err(ApplyError::AlreadyExists { kind: "delivery", id: id.0 });
+        }
+        let mut event = query::get_event(self.t, event_id)?.ok_or(ApplyError::UnknownEvent(event_id))?;
+        same_org("event", event_id.0, event.org_id, org_id)?;
+        let mut inactive_reason = None;
+        if let Some(endpoint_id) = endpoint_id {
+            let endpoint = self.live_endpoint(endpoint_id)?;
+            same_org("endpoint", endpoint_id.0, endpoint.org_id, org_id)?;
+            if endpoint.status == EndpointStatus::Inactive {
+                inactive_reason = Some(endpoint.inactive_reason.unwrap_or_default());
+            }
+        }
+        let status = match inactive_reason {
+            Some(_) => DeliveryStatus::Inactive,
+            None => DeliveryStatus::Pending,
+        };
+        check_transition(id, None, status, Cause::Created)?;
+        let delivery = Delivery {
+            id,
+            event_id,
+            org_id,
+            endpoint_id,
+            call_id: event.call_id,
+            event_type: event.event_type.clone(),
+            url: url.to_string(),
+            status,
+            attempt_count: 0,
+            manual_retry_count: 0,
+            attempts_since_reset: 0,
+            next_attempt_at_ms: (status == DeliveryStatus::Pending).then_some(next_attempt_at_ms),
+            next_trigger: Trigger::Auto,
+            last_error: None,
+            last_response_status: None,
+            last_attempt_at_ms: None,
+            delivered_at_ms: None,
+            inactive_reason,
+            created_at_ms: self.at_ms,
+            updated_at_ms: self.at_ms,
+        };
+        self.put_delivery(None, &delivery);
+        event.delivery_ids.push(id);
+        self.t.put(keys::event(event_id), codec::to_bytes(&event));
+        Ok(())
+    }
+
+    fn attempt_recorded(
+        &mut self,
+        delivery_id: DeliveryId,
+        record: AttemptRecord,
+        retry_at_ms: Option<u64>,
+    ) -> Result<(), ApplyError> {
+        let old = self.delivery(delivery_id)?;
+        let expected = old.attempt_count.saturating_add(1);
+        if record.attempt != expected {
+            return Err(ApplyError::AttemptOutOfOrder { delivery_id, expected, got: record.attempt });
+        }
+        let invalid = |reason| ApplyError::InvalidAttempt { delivery_id, reason };
+        let succeeded = record.error.is_none();
+        let status_2xx = matches!(record.response_status, Some(200..=299));
+        if record.finished_at_ms < record.started_at_ms {
+            return Err(invalid("finished before it started"));
+        }
+        if record.response_excerpt.len() > RESPONSE_EXCERPT_BYTES_MAX {
+            return Err(invalid("response excerpt over RESPONSE_EXCERPT_BYTES_MAX"));
+        }
+        if succeeded && !status_2xx {
+            return Err(invalid("a success without a 2xx status"));
+        }
+        if !succeeded && status_2xx {
+            return Err(invalid("a failure with a 2xx status"));
+        }
+        if succeeded && retry_at_ms.is_some() {
+            return Err(invalid("a retry after a success"));
+        }
+
+        // The endpoint's health first: this failure may be the one that makes it inactive.
+        let mut endpoint = match old.endpoint_id {
+            Some(id) => Some(query::get_endpoint(self.t, id)?.ok_or(ApplyError::UnknownEndpoint(id))?),
+            None => None,
+        };
+        let mut became_inactive = false;
+        if let Some(endpoint) = endpoint.as_mut().filter(|e| !e.is_deleted()) {
+            if succeeded {
+                endpoint.failure_run_at_ms.clear();
+                endpoint.status = EndpointStatus::Active;
+                endpoint.inactive_reason = None;
+            } else {
+                let policy = query::policy(self.t)?;
+                became_inactive = record_failure(endpoint, &policy, self.at_ms);
+            }
+        }
+        // Why the delivery cannot go on automatically, if it cannot.
+        let endpoint_stop_reason = endpoint.as_ref().and_then(|e| {
+            if e.is_deleted() {
+                Some(ENDPOINT_DELETED_REASON.to_string())
+            } else if e.status == EndpointStatus::Inactive {
+                Some(e.inactive_reason.clone().unwrap_or_default())
+            } else {
+                None
+            }
+        });
+
+        let mut new = old.clone();
+        let (status, cause) = if succeeded {
+            (DeliveryStatus::Delivered, Cause::AttemptSucceeded)
+        } else if old.status == DeliveryStatus::Inactive {
+            (DeliveryStatus::Inactive, Cause::AttemptFailed)
+        } else if let Some(reason) = endpoint_stop_reason {
+            new.inactive_reason = Some(reason);
+            (DeliveryStatus::Inactive, Cause::AttemptFailed)
+        } else if retry_at_ms.is_some() {
+            (DeliveryStatus::Pending, Cause::AttemptFailed)
+        } else {
+            (DeliveryStatus::Exhausted, Cause::AttemptFailed)
+        };
+        check_transition(delivery_id, Some(old.status), status, cause)?;
+        new.status = status;
+        new.attempt_count = record.attempt;
+        new.attempts_since_reset = old.attempts_since_reset.saturating_add(1);
+        new.next_attempt_at_ms = match status {
+            DeliveryStatus::Pending => retry_at_ms,
+            _ => None,
+        };
+        new.next_trigger = Trigger::Auto;
+        new.last_error = record.error.clone();
+        new.last_response_status = record.response_status;
+        new.last_attempt_at_ms = Some(record.started_at_ms);
+        if succeeded {
+            new.delivered_at_ms = Some(record.finished_at_ms);
+            new.inactive_reason = None;
+        }
+        new.updated_at_ms = self.at_ms;
+        self.t.put(keys::attempt(delivery_id, record.attempt), codec::to_bytes(&record));
+        self.put_delivery(Some(&old), &new);
+        if let Some(endpoint) = endpoint {
+            let reason = endpoint.inactive_reason.clone().unwrap_or_default();
+            let id = endpoint.id;
+            self.put_endpoint(&endpoint);
+            if became_inactive {
+                self.deactivate_pending(id, &reason, Cause::EndpointInactive)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A retrigger or a redeliver: restart the schedule and attempt now.
+    fn manual(&mut self, delivery_id: DeliveryId, cause: Cause) -> Result<(), ApplyError> {
+        let old = self.delivery(delivery_id)?;
+        check_transition(delivery_id, Some(old.status), DeliveryStatus::Pending, cause)?;
+        let mut new = old.clone();
+        new.status = DeliveryStatus::Pending;
+        new.manual_retry_count = old.manual_retry_count.saturating_add(1);
+        new.attempts_since_reset = 0;
+        new.next_attempt_at_ms = Some(self.at_ms);
+        new.next_trigger = Trigger::Manual;
+        new.inactive_reason = None;
+        new.updated_at_ms = self.at_ms;
+        self.put_delivery(Some(&old), &new);
+        Ok(())
+    }
+
+    /// Every pending delivery of the endpoint turns inactive with `reason`. Pages through the
+    /// (endpoint, pending) index; each page moves the cursor forward, so the loop ends after at
+    /// most (pending deliveries / CASCADE_PAGE_LEN + 1) pages.
+    fn deactivate_pending(
+        &mut self,
+        endpoint_id: EndpointId,
+        reason: &str,
+        cause: Cause,
+    ) -> Result<(), ApplyError> {
+        let prefix = keys::key(
+            keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
+            &[endpoint_id.as_bytes(), &[keys::status_byte(DeliveryStatus::Pending)]],
+        );
+        let end = keys::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+        let mut from = prefix;
+        loop {
+            let page = self.t.scan(&from, &end, CASCADE_PAGE_LEN);
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            from = keys::successor(last);
+            for (key, _) in &page {
+                let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.clone() })?;
+                let old = self.delivery(id)?;
+                check_transition(id, Some(old.status), DeliveryStatus::Inactive, cause)?;
+                let mut new = old.clone();
+                new.status = DeliveryStatus::Inactive;
+                new.next_attempt_at_ms = None;
+                new.inactive_reason = Some(reason.to_string());
+                new.updated_at_ms = self.at_ms;
+                self.put_delivery(Some(&old), &new);
+            }
+        }
+    }
+
+    fn delivery(&self, id: DeliveryId) -> Result<Delivery, ApplyError> {
+        query::get_delivery(self.t, id)?.ok_or(ApplyError::UnknownDelivery(id))
+    }
+
+    /// The endpoint, which must exist and not be deleted.
+    fn live_endpoint(&self, id: EndpointId) -> Result<Endpoint, ApplyError> {
+        let endpoint = query::get_endpoint(self.t, id)?.ok_or(ApplyError::UnknownEndpoint(id))?;
+        if endpoint.is_deleted() {
+            return Err(ApplyError::EndpointDeleted(id));
+        }
+        Ok(endpoint)
+    }
+
+    fn put_endpoint(&mut self, endpoint: &Endpoint) {
+        self.t.put(keys::endpoint(endpoint.id), codec::to_bytes(endpoint));
+    }
+
+    /// Writes the delivery and moves its index entries from `old`'s to its own.
+    fn put_delivery(&mut self, old: Option<&Delivery>, new: &Delivery) {
+        debug_assert_eq!(
+            new.status == DeliveryStatus::Pending,
+            new.next_attempt_at_ms.is_some(),
+            "a delivery has a next attempt exactly when pending"
+        );
+        let new_keys = new.index_keys();
+        if let Some(old) = old {
+            for key in old.index_keys() {
+                if !new_keys.contains(&key) {
+                    self.t.delete(&key);
+                }
+            }
+        }
+        for key in new_keys {
+            self.t.put(key, Vec::new());
+        }
+        self.t.put(keys::delivery(new.id), codec::to_bytes(new));
+    }
+}
+
+/// Adds a failure at `at_ms` to the endpoint's run; returns whether this made it inactive.
+fn record_failure(endpoint: &mut Endpoint, policy: &Policy, at_ms: u64) -> bool {
+    let failures_max = usize::try_from(policy.failures_max).unwrap_or(usize::MAX);
+    let run = &mut endpoint.failure_run_at_ms;
+    run.push(at_ms);
+    if run.len() > failures_max {
+        run.drain(..run.len() - failures_max);
+    }
+    if endpoint.status == EndpointStatus::Inactive || run.len() < failures_max {
+        return false;
+    }
+    let newest_ms = run.iter().copied().max().unwrap_or(at_ms);
+    let oldest_ms = run.iter().copied().min().unwrap_or(at_ms);
+    if newest_ms - oldest_ms > policy.failure_window_ms {
+        return false;
+    }
+    endpoint.status = EndpointStatus::Inactive;
+    endpoint.inactive_reason = Some(format!(
+        "{} consecutive failures within {}",
+        policy.failures_max,
+        human_duration(policy.failure_window_ms)
+    ));
+    true
+}
+
+fn check_transition(
+    delivery_id: DeliveryId,
+    from: Option<DeliveryStatus>,
+    to: DeliveryStatus,
+    cause: Cause,
+) -> Result<(), ApplyError> {
+    if transition_allowed(from, to, cause) {
+        Ok(())
+    } else {
+        Err(ApplyError::TransitionNotAllowed { delivery_id, from, to, cause })
+    }
+}
+
+fn same_org(kind: &'static str, id: Uuid, expected: OrgId, got: OrgId) -> Result<(), ApplyError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(ApplyError::OrgMismatch { kind, id, expected, got })
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod props;

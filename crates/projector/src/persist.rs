@@ -1,0 +1,214 @@
+//! The bridge to the log: the projection kept in the log's store, written in the same atomic
+//! batch as the records it derives from, and rebuilt from the log for audit.
+//!
+//! [`Projector`] is a [`herald_log::Machine`]: each command is a list of events; each is appended
+//! as a record and folded into the tables through the batch's [`Tx`], so the log and the projection
+//! commit together or not at all. Restart reads the stored projection; it does not replay the log.
+
+use std::ops::ControlFlow;
+
+use herald_log::{keyspace, read_records, LogError, Machine, Pair, Record, Store, Tx};
+
+use crate::event::{decode, encode, DecodeError, Event};
+use crate::fold::{apply, ApplyError};
+use crate::keys::{KS_FIRST, KS_LAST};
+use crate::query::applied_seq;
+use crate::query::Corrupt as TableCorrupt;
+use crate::tables::{MemTables, ReadTables, Tables};
+
+/// [`Tables`] over a log batch: reads see the store plus the batch so far.
+pub struct TxTables<'t, 'a>(pub &'t mut Tx<'a>);
+
+impl ReadTables for TxTables<'_, '_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key)
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.0.scan(from, to, limit)
+    }
+}
+
+impl Tables for TxTables<'_, '_> {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.0.put(key, value)
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.0.delete(key)
+    }
+}
+
+/// Read-only tables over a store, for queries outside the writer thread. A store error reads
+/// as absent: the caller that needs to tell them apart reads the store itself.
+pub struct StoreTables<'a>(pub &'a dyn Store);
+
+impl ReadTables for StoreTables<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key).ok().flatten()
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        herald_log::scan_vec(self.0, from, to, limit).unwrap_or_default()
+    }
+}
+
+/// The log machine that appends events and folds them into the stored projection.
+#[derive(Debug, Default)]
+pub struct Projector;
+
+impl Machine for Projector {
+    /// Events with the time to stamp on each, committed together.
+    type Command = Vec<(u64, Event)>;
+    /// The seqs they got.
+    type Reply = Vec<u64>;
+    type Rejection = ApplyError;
+
+    fn execute(&mut self, events: Self::Command, tx: &mut Tx<'_>) -> Result<Vec<u64>, ApplyError> {
+        let mut seqs = Vec::with_capacity(events.len());
+        for (at_ms, event) in events {
+            let seq = tx.append(at_ms, encode(&event)).seq;
+            apply(&mut TxTables(tx), seq, at_ms, &event)?;
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    }
+}
+
+/// Why a rebuild stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RebuildError {
+    Log(LogError),
+    Decode {
+        seq: u64,
+        error: DecodeError,
+    },
+    Apply {
+        seq: u64,
+        error: ApplyError,
+    },
+    /// The projection being caught up holds a value that does not decode.
+    Projection(TableCorrupt),
+}
+
+impl std::fmt::Display for RebuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RebuildError::Log(e) => write!(f, "{e}"),
+            RebuildError::Decode { seq, error } => write!(f, "record {seq}: undecodable event: {error:?}"),
+            RebuildError::Apply { seq, error } => write!(f, "record {seq}: event not applicable: {error:?}"),
+            RebuildError::Projection(c) => write!(f, "projection: {c}"),
+        }
+    }
+}
+
+impl std::error::Error for RebuildError {}
+
+const REBUILD_READ_RECORDS: usize = 4096;
+const _: () = assert!(KS_FIRST >= keyspace::USER_FIRST, "the projector's keyspaces overlap the log's");
+
+/// Folds the log's records after `tables`' applied seq into `tables`, in pages of records.
+/// `progress` is called after each page with the seq reached.
+pub fn catch_up(
+    store: &dyn Store,
+    tables: &mut impl Tables,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, RebuildError> {
+    let mut next = applied_seq(tables).map_err(RebuildError::Projection)? + 1;
+    loop {
+        let records = read_records(store, next, REBUILD_READ_RECORDS).map_err(RebuildError::Log)?;
+        let Some(last) = records.last().map(|r| r.seq) else { return Ok(next - 1) };
+        for rec in &records {
+            fold_record(tables, rec)?;
+        }
+        next = last + 1;
+        progress(last);
+    }
+}
+
+fn fold_record(tables: &mut impl Tables, rec: &Record) -> Result<(), RebuildError> {
+    let event = decode(&rec.body).map_err(|error| RebuildError::Decode { seq: rec.seq, error })?;
+    apply(tables, rec.seq, rec.at_ms, &event).map_err(|error| RebuildError::Apply { seq: rec.seq, error })
+}
+
+/// Rebuilds the whole projection from the log into scratch tables in memory.
+pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTables, RebuildError> {
+    let mut tables = MemTables::new();
+    catch_up(store, &mut tables, progress)?;
+    Ok(tables)
+}
+
+/// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.
+pub fn stored_projection(store: &dyn Store) -> Result<Vec<Pair>, LogError> {
+    let mut out = Vec::new();
+    let end = [KS_LAST + 1];
+    store.scan(&[KS_FIRST], &end, &mut |k, v| {
+        out.push((k.to_vec(), v.to_vec()));
+        ControlFlow::Continue(())
+    })?;
+    Ok(out)
+}
+
+/// The projection's applied seq and the log's last seq: equal unless something is wrong, since
+/// both are written in one atomic batch.
+pub fn projection_lag(store: &dyn Store) -> Result<(u64, u64), RebuildError> {
+    let applied = applied_seq(&StoreTables(store)).map_err(RebuildError::Projection)?;
+    let head = herald_log::read_head(store).map_err(RebuildError::Log)?;
+    Ok((applied, head.next_seq - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use herald_log::{Durability, Log, LogConfig, MemStore};
+
+    use super::*;
+    use crate::testkit::{delivery, endpoint, publish};
+
+    fn config() -> LogConfig {
+        LogConfig { batch_commands_max: 16, queue_commands_max: 64, durability: Durability::Flush }
+    }
+
+    #[test]
+    fn a_rejected_command_writes_neither_records_nor_projection() {
+        let store = MemStore::new();
+        let log = Log::open(Arc::new(store.clone()), Projector, config()).unwrap();
+        log.submit(vec![(1, endpoint(1)), (1, publish(1))]).unwrap().unwrap();
+        let before = store.with_map(|m| m.clone());
+        // The delivery refers to an event that does not exist: the whole command is refused,
+        // including the valid endpoint creation before it.
+        let out = log.submit(vec![(2, endpoint(2)), (2, delivery(1, 99, Some(1), 2))]).unwrap();
+        assert!(matches!(out, Err(ApplyError::UnknownEvent(_))), "{out:?}");
+        assert_eq!(store.with_map(|m| m.clone()), before);
+        assert_eq!(log.submit(vec![(3, delivery(1, 1, Some(1), 3))]).unwrap().unwrap(), vec![3]);
+        log.close();
+        assert_eq!(projection_lag(&store).unwrap(), (3, 3));
+        assert_eq!(stored_projection(&store).unwrap(), rebuild(&store, &mut |_| {}).unwrap().dump());
+    }
+
+    #[test]
+    fn catch_up_folds_only_the_records_after_the_applied_seq() {
+        let store = MemStore::new();
+        let log = Log::open(Arc::new(store.clone()), Projector, config()).unwrap();
+        log.submit(vec![(1, endpoint(1)), (1, publish(1))]).unwrap().unwrap();
+        log.submit(vec![(2, delivery(1, 1, Some(1), 2))]).unwrap().unwrap();
+        log.close();
+        let mut partial = MemTables::new();
+        apply(&mut partial, 1, 1, &endpoint(1)).unwrap();
+        let mut pages = Vec::new();
+        assert_eq!(catch_up(&store, &mut partial, &mut |seq| pages.push(seq)).unwrap(), 3);
+        assert_eq!(pages, vec![3]);
+        assert_eq!(partial.dump(), stored_projection(&store).unwrap());
+    }
+
+    #[test]
+    fn an_undecodable_record_stops_a_rebuild_at_its_seq() {
+        let store = MemStore::new();
+        let log = Log::open(Arc::new(store.clone()), herald_log::AppendOnly, config()).unwrap();
+        log.submit(vec![(1, encode(&endpoint(1))), (1, vec![9, 9, 9])]).unwrap().unwrap();
+        log.close();
+        let err = rebuild(&store, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, RebuildError::Decode { seq: 2, .. }), "{err:?}");
+    }
+}

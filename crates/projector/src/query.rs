@@ -1,0 +1,290 @@
+//! Reads over the projection for the engine. Every list is a page: its cost grows with the page,
+//! not with the store.
+
+use crate::codec;
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::keys;
+use crate::model::{
+    ApiKey, AttemptRecord, Delivery, DeliveryStatus, Endpoint, EventRecord, IdempotencyHit,
+    IDEMPOTENCY_WINDOW_MS,
+};
+use crate::policy::Policy;
+use crate::tables::ReadTables;
+use serde::de::DeserializeOwned;
+
+/// The largest page any list returns, whatever limit it is asked for.
+pub const PAGE_LEN_MAX: usize = 1_000;
+
+/// A stored value (or key) that does not decode: the projection is damaged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Corrupt {
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "corrupt projection value at key {:02x?}", self.key)
+    }
+}
+
+impl std::error::Error for Corrupt {}
+
+/// A page of a list, and where the next one starts (`None`: this was the last).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T, C> {
+    pub items: Vec<T>,
+    pub next: Option<C>,
+}
+
+fn read<V: DeserializeOwned>(t: &impl ReadTables, key: &[u8]) -> Result<Option<V>, Corrupt> {
+    match t.get(key) {
+        None => Ok(None),
+        Some(bytes) => codec::from_bytes(&bytes).map(Some).ok_or_else(|| Corrupt { key: key.to_vec() }),
+    }
+}
+
+/// The seq of the last event applied; 0 when none has been.
+pub fn applied_seq(t: &impl ReadTables) -> Result<u64, Corrupt> {
+    match t.get(keys::META_APPLIED_SEQ) {
+        None => Ok(0),
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| Corrupt { key: keys::META_APPLIED_SEQ.to_vec() }),
+    }
+}
+
+/// The policy in force: the last `PolicySet`'s, or [`Policy::default`] before any.
+pub fn policy(t: &impl ReadTables) -> Result<Policy, Corrupt> {
+    Ok(read(t, keys::META_POLICY)?.unwrap_or_default())
+}
+
+pub fn get_delivery(t: &impl ReadTables, id: DeliveryId) -> Result<Option<Delivery>, Corrupt> {
+    read(t, &keys::delivery(id))
+}
+
+/// The endpoint, deleted or not (see [`Endpoint::is_deleted`]).
+pub fn get_endpoint(t: &impl ReadTables, id: EndpointId) -> Result<Option<Endpoint>, Corrupt> {
+    read(t, &keys::endpoint(id))
+}
+
+pub fn get_event(t: &impl ReadTables, id: EventId) -> Result<Option<EventRecord>, Corrupt> {
+    read(t, &keys::event(id))
+}
+
+pub fn get_api_key(t: &impl ReadTables, id: ApiKeyId) -> Result<Option<ApiKey>, Corrupt> {
+    read(t, &keys::api_key(id))
+}
+
+/// The unrevoked key with this hash (a revoked key's hash finds nothing).
+pub fn get_api_key_by_hash(t: &impl ReadTables, hash: &[u8; 32]) -> Result<Option<ApiKey>, Corrupt> {
+    let key = keys::api_key_by_hash(hash);
+    let Some(id) = t.get(&key) else {
+        return Ok(None);
+    };
+    let id = <[u8; 16]>::try_from(id.as_slice()).map_err(|_| Corrupt { key })?;
+    get_api_key(t, ApiKeyId::from_bytes(id))
+}
+
+/// The organisation's default secret, which signs its inline deliveries.
+pub fn org_secret(t: &impl ReadTables, org_id: OrgId) -> Result<Option<String>, Corrupt> {
+    read(t, &keys::org_secret(org_id))
+}
+
+/// What `idempotency_key` answered first in the organisation, if that was less than
+/// [`IDEMPOTENCY_WINDOW_MS`] before `now_ms`.
+pub fn idempotency_lookup(
+    t: &impl ReadTables,
+    org_id: OrgId,
+    idempotency_key: &str,
+    now_ms: u64,
+) -> Result<Option<IdempotencyHit>, Corrupt> {
+    let hit: Option<IdempotencyHit> = read(t, &keys::idempotency(org_id, idempotency_key))?;
+    Ok(hit.filter(|hit| now_ms.saturating_sub(hit.at_ms) < IDEMPOTENCY_WINDOW_MS))
+}
+
+/// Keys of `[from, to)` in pages, decoding each with `item`: `limit` items (at most
+/// [`PAGE_LEN_MAX`]) and the key to resume after when there may be more.
+fn page<T>(
+    t: &impl ReadTables,
+    from: &[u8],
+    to: &[u8],
+    limit: usize,
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
+) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
+    let limit = limit.min(PAGE_LEN_MAX);
+    let mut pairs = t.scan(from, to, limit.saturating_add(1));
+    let more = pairs.len() > limit;
+    pairs.truncate(limit);
+    let last = pairs.last().map(|(k, _)| k.clone()).filter(|_| more);
+    let items = pairs.iter().map(|(k, v)| item(k, v)).collect::<Result<Vec<T>, Corrupt>>()?;
+    Ok((items, last))
+}
+
+fn decode_value<V: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<V, Corrupt> {
+    codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.to_vec() })
+}
+
+fn end_of(prefix: &[u8]) -> Vec<u8> {
+    keys::prefix_end(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1])
+}
+
+/// Every API key (revoked ones too), by id.
+pub fn list_api_keys(
+    t: &impl ReadTables,
+    after: Option<ApiKeyId>,
+    limit: usize,
+) -> Result<Page<ApiKey, ApiKeyId>, Corrupt> {
+    let prefix = [keys::KS_API_KEY];
+    let from = match after {
+        Some(id) => keys::successor(&keys::api_key(id)),
+        None => prefix.to_vec(),
+    };
+    let (items, last) = page(t, &from, &end_of(&prefix), limit, decode_value::<ApiKey>)?;
+    Ok(Page { next: last.and(items.last().map(|k| k.id)), items })
+}
+
+/// The organisation's endpoints that are not deleted, by id (so by creation time: ids are v7).
+pub fn list_endpoints(
+    t: &impl ReadTables,
+    org_id: OrgId,
+    after: Option<EndpointId>,
+    limit: usize,
+) -> Result<Page<Endpoint, EndpointId>, Corrupt> {
+    let prefix = keys::key(keys::KS_ENDPOINT_BY_ORG, &[org_id.as_bytes()]);
+    let from = match after {
+        Some(id) => keys::successor(&keys::endpoint_by_org(org_id, id)),
+        None => prefix.clone(),
+    };
+    let (items, last) = page(t, &from, &end_of(&prefix), limit, |key, _| {
+        let id = keys::trailing_id(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
+        get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| Corrupt { key: key.to_vec() })
+    })?;
+    Ok(Page { next: last.and(items.last().map(|e| e.id)), items })
+}
+
+/// Which delivery index a list walks. Each walks in creation order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryIndex {
+    Org(OrgId),
+    /// The failures lists walk `OrgStatus(org, Inactive)` and `OrgStatus(org, Exhausted)`.
+    OrgStatus(OrgId, DeliveryStatus),
+    Endpoint(EndpointId),
+    EndpointStatus(EndpointId, DeliveryStatus),
+    OrgEventType(OrgId, String),
+}
+
+impl DeliveryIndex {
+    fn prefix(&self) -> Vec<u8> {
+        match self {
+            DeliveryIndex::Org(org) => keys::key(keys::KS_DELIVERY_BY_ORG, &[org.as_bytes()]),
+            DeliveryIndex::OrgStatus(org, status) => {
+                keys::key(keys::KS_DELIVERY_BY_ORG_STATUS, &[org.as_bytes(), &[keys::status_byte(*status)]])
+            }
+            DeliveryIndex::Endpoint(endpoint) => {
+                keys::key(keys::KS_DELIVERY_BY_ENDPOINT, &[endpoint.as_bytes()])
+            }
+            DeliveryIndex::EndpointStatus(endpoint, status) => keys::key(
+                keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
+                &[endpoint.as_bytes(), &[keys::status_byte(*status)]],
+            ),
+            DeliveryIndex::OrgEventType(org, event_type) => keys::org_type_prefix(*org, event_type),
+        }
+    }
+}
+
+/// A delivery list: an index and a creation-time range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryQuery {
+    pub index: DeliveryIndex,
+    /// Inclusive.
+    pub created_from_ms: Option<u64>,
+    /// Exclusive.
+    pub created_before_ms: Option<u64>,
+}
+
+impl DeliveryQuery {
+    /// The whole index.
+    pub fn all(index: DeliveryIndex) -> Self {
+        DeliveryQuery { index, created_from_ms: None, created_before_ms: None }
+    }
+}
+
+/// Where a delivery list resumes: after this delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeliveryCursor {
+    pub created_at_ms: u64,
+    pub id: DeliveryId,
+}
+
+/// A page of deliveries in creation order (then id order), after `after`.
+pub fn list_deliveries(
+    t: &impl ReadTables,
+    query: &DeliveryQuery,
+    after: Option<DeliveryCursor>,
+    limit: usize,
+) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
+    let prefix = query.index.prefix();
+    let mut from = prefix.clone();
+    if let Some(from_ms) = query.created_from_ms {
+        from.extend_from_slice(&from_ms.to_be_bytes());
+    }
+    if let Some(after) = after {
+        from = from.max(keys::successor(&keys::timed(&prefix, after.created_at_ms, after.id)));
+    }
+    let to = match query.created_before_ms {
+        Some(before_ms) => [&prefix[..], &before_ms.to_be_bytes()].concat(),
+        None => end_of(&prefix),
+    };
+    let (items, last) = page(t, &from, &to, limit, |key, _| {
+        let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
+        get_delivery(t, id)?.ok_or_else(|| Corrupt { key: key.to_vec() })
+    })?;
+    Ok(Page {
+        next: last.and(items.last().map(|d| DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id })),
+        items,
+    })
+}
+
+/// An entry of the due queue: a pending delivery and when its next attempt is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Due {
+    pub next_attempt_at_ms: u64,
+    pub delivery_id: DeliveryId,
+}
+
+/// Up to `limit` (at most [`PAGE_LEN_MAX`]) pending deliveries due at or before `until_ms`,
+/// soonest first, after `after` (pass the last one of the previous page to go on).
+pub fn due_deliveries(
+    t: &impl ReadTables,
+    after: Option<Due>,
+    until_ms: u64,
+    limit: usize,
+) -> Result<Vec<Due>, Corrupt> {
+    let from = match after {
+        Some(due) => keys::successor(&keys::due(due.next_attempt_at_ms, due.delivery_id)),
+        None => vec![keys::KS_DUE],
+    };
+    let to = match until_ms.checked_add(1) {
+        Some(end_ms) => keys::key(keys::KS_DUE, &[&end_ms.to_be_bytes()]),
+        None => vec![keys::KS_DUE + 1],
+    };
+    let (items, _) = page(t, &from, &to, limit, |key, _| {
+        let (at_ms, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
+        Ok(Due { next_attempt_at_ms: at_ms, delivery_id: id })
+    })?;
+    Ok(items)
+}
+
+/// Up to `limit` (at most [`PAGE_LEN_MAX`]) attempts of the delivery, oldest first, numbered
+/// after `after_attempt` (0 for the first page).
+pub fn attempts(
+    t: &impl ReadTables,
+    delivery_id: DeliveryId,
+    after_attempt: u32,
+    limit: usize,
+) -> Result<Vec<AttemptRecord>, Corrupt> {
+    let prefix = keys::key(keys::KS_ATTEMPT, &[delivery_id.as_bytes()]);
+    let from = keys::successor(&keys::attempt(delivery_id, after_attempt));
+    let (items, _) = page(t, &from, &end_of(&prefix), limit, decode_value::<AttemptRecord>)?;
+    Ok(items)
+}
