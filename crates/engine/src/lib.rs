@@ -35,5 +35,9 @@
 //! # }
 //! ```
 
+pub mod clock;
+pub mod commands;
+pub mod due;
+pub mod schedule;
 pub mod sender;
 pub mod signing;

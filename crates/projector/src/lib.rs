@@ -111,7 +111,8 @@ pub use model::{
     RESPONSE_EXCERPT_BYTES_MAX,
 };
 pub use persist::{
-    catch_up, projection_lag, rebuild, stored_projection, Projector, RebuildError, StoreTables, TxTables,
+    catch_up, projection_lag, rebuild, stored_projection, Projector, RebuildError, StoreTables, TxRead,
+    TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{

@@ -39,6 +39,19 @@ impl Tables for TxTables<'_, '_> {
     }
 }
 
+/// Read-only [`ReadTables`] over a log batch, for checks before writing.
+pub struct TxRead<'t, 'a>(pub &'t Tx<'a>);
+
+impl ReadTables for TxRead<'_, '_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key)
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.0.scan(from, to, limit)
+    }
+}
+
 /// Read-only tables over a store, for queries outside the writer thread. A store error reads
 /// as absent: the caller that needs to tell them apart reads the store itself.
 pub struct StoreTables<'a>(pub &'a dyn Store);

@@ -1,0 +1,560 @@
+//! Commands in, events out: every change a user asks for, validated against the projection inside
+//! the log's writer thread (so two concurrent commands cannot both pass a check that only one of
+//! them may), then turned into events that commit atomically with their projection changes.
+//!
+//! A rejected command is a typed [`CommandError`] and writes nothing: the log's savepoint undoes
+//! whatever the command staged.
+
+use std::collections::{HashMap, VecDeque};
+
+use herald_log::{Machine, Tx};
+use herald_projector::{
+    apply, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup, list_endpoints,
+    org_secret, ApiKeyId, ApplyError, DeliveryId, DeliveryStatus, Endpoint, EndpointId, Event, EventId,
+    OrgId, Scope, TxRead, TxTables,
+};
+use uuid::Uuid;
+
+use crate::sender::check_url;
+use crate::signing::Secret;
+
+/// Who asks: an organisation's key, or an admin key (every organisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor {
+    /// `None`: admin.
+    pub org_id: Option<OrgId>,
+    pub key_id: Option<ApiKeyId>,
+}
+
+impl Actor {
+    pub fn admin() -> Actor {
+        Actor { org_id: None, key_id: None }
+    }
+
+    /// Whether this actor may see an object of `org_id`; another organisation's object is
+    /// answered exactly like a missing one.
+    fn sees(&self, org_id: OrgId) -> bool {
+        self.org_id.is_none_or(|own| own == org_id)
+    }
+}
+
+/// The limits commands are checked against, from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLimits {
+    pub allow_private_targets: bool,
+    pub event_bytes_max: usize,
+    pub rotation_overlap_ms: u64,
+    /// Retrigger requests per endpoint per window (seed 002's RETRIGGER_RATE_LIMITED).
+    pub retrigger_max_per_window: usize,
+    pub retrigger_window_ms: u64,
+}
+
+impl Default for CommandLimits {
+    fn default() -> Self {
+        CommandLimits {
+            allow_private_targets: false,
+            event_bytes_max: 256 * 1024,
+            rotation_overlap_ms: 24 * 3_600_000,
+            retrigger_max_per_window: 10,
+            retrigger_window_ms: 60_000,
+        }
+    }
+}
+
+pub const NAME_BYTES_MAX: usize = 256;
+pub const EVENT_TYPE_BYTES_MAX: usize = 128;
+pub const ENABLED_EVENTS_MAX: usize = 256;
+pub const BATCH_RETRIGGER_MAX: usize = 25;
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// Endpoints read per page while fanning out an event.
+const FAN_OUT_PAGE_LEN: usize = 256;
+/// Endpoints a single event may fan out to, at most (a bound on one command's size).
+pub const FAN_OUT_ENDPOINTS_MAX: usize = 10_000;
+/// Endpoints whose retrigger windows are remembered, at most.
+const RATE_WINDOWS_MAX: usize = 100_000;
+
+/// A command, with the ids it creates chosen by the caller (so a simulation can replay them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    CreateEndpoint {
+        id: EndpointId,
+        org_id: OrgId,
+        url: String,
+        name: String,
+        enabled_events: Vec<String>,
+        secret: Option<String>,
+    },
+    UpdateEndpoint {
+        id: EndpointId,
+        url: Option<String>,
+        name: Option<String>,
+        enabled_events: Option<Vec<String>>,
+    },
+    DeleteEndpoint {
+        id: EndpointId,
+    },
+    RotateSecret {
+        id: EndpointId,
+        secret: Option<String>,
+    },
+    EnableEndpoint {
+        id: EndpointId,
+    },
+    CreateApiKey {
+        id: ApiKeyId,
+        org_id: Option<OrgId>,
+        scopes: Vec<Scope>,
+        name: String,
+        key_hash: [u8; 32],
+    },
+    RevokeApiKey {
+        id: ApiKeyId,
+    },
+    Publish {
+        id: EventId,
+        org_id: OrgId,
+        event_type: String,
+        payload: Vec<u8>,
+        call_id: Option<Uuid>,
+        webhook_url: Option<String>,
+        idempotency_key: Option<String>,
+    },
+    /// Seed 000: a delivery in `inactive` or `exhausted` state back to `pending`.
+    Retrigger {
+        delivery_id: DeliveryId,
+    },
+    /// Seed 003: any delivery that is not pending back to `pending`.
+    Redeliver {
+        delivery_id: DeliveryId,
+    },
+    /// Seed 002: up to 25 deliveries of one endpoint, with a result per item.
+    BatchRetrigger {
+        endpoint_id: EndpointId,
+        delivery_ids: Vec<DeliveryId>,
+    },
+}
+
+/// What a command answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Endpoint {
+        id: EndpointId,
+        secret: String,
+    },
+    Done,
+    Published {
+        id: EventId,
+        created_at_ms: u64,
+        delivery_ids: Vec<DeliveryId>,
+        replayed: bool,
+    },
+    /// The retrigger request id of a single retrigger.
+    Retriggered {
+        request_id: Uuid,
+    },
+    Batch(Vec<BatchItem>),
+}
+
+/// One item of a batch retrigger: its request id, or why it was not retriggered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    pub delivery_id: DeliveryId,
+    pub result: Result<Uuid, String>,
+}
+
+/// Why a command was rejected; the server maps each to the seeds' codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    /// Missing, or another organisation's (answered the same way).
+    NotFound { what: &'static str, id: String },
+    /// The object's state does not allow it (a pending delivery redelivered, a deleted endpoint).
+    Conflict { reason: String },
+    /// A field is invalid: its name and what is wrong.
+    Validation { field: &'static str, message: String },
+    /// Too many retrigger requests for this endpoint within the window.
+    RateLimited { retry_after_ms: u64 },
+    /// The projection refused the events: a bug or a damaged store, never the caller's fault.
+    Internal { message: String },
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandError::NotFound { what, id } => write!(f, "{what} {id} not found"),
+            CommandError::Conflict { reason } => write!(f, "{reason}"),
+            CommandError::Validation { field, message } => write!(f, "{field}: {message}"),
+            CommandError::RateLimited { retry_after_ms } => {
+                write!(f, "too many retrigger requests for this endpoint; retry in {retry_after_ms} ms")
+            }
+            CommandError::Internal { message } => write!(f, "internal error: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl From<ApplyError> for CommandError {
+    fn from(e: ApplyError) -> Self {
+        CommandError::Internal { message: e.to_string() }
+    }
+}
+
+impl From<herald_projector::Corrupt> for CommandError {
+    fn from(e: herald_projector::Corrupt) -> Self {
+        CommandError::Internal { message: e.to_string() }
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> CommandError {
+    CommandError::Validation { field, message: message.into() }
+}
+
+/// `[A-Za-z0-9._-]{1,128}`.
+pub fn valid_event_type(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= EVENT_TYPE_BYTES_MAX
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+fn check_enabled_events(events: &[String]) -> Result<(), CommandError> {
+    if events.is_empty() {
+        return Err(invalid("enabled_events", "must hold at least one event type or \"*\""));
+    }
+    if events.len() > ENABLED_EVENTS_MAX {
+        return Err(invalid("enabled_events", format!("at most {ENABLED_EVENTS_MAX} entries")));
+    }
+    match events.iter().find(|e| e.as_str() != "*" && !valid_event_type(e)) {
+        Some(bad) => Err(invalid(
+            "enabled_events",
+            format!("{bad:?} is not \"*\" nor an event type [A-Za-z0-9._-]{{1,128}}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), CommandError> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(invalid("name", format!("at most {NAME_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
+/// The command machine run by the log's writer thread.
+pub struct Commands {
+    limits: CommandLimits,
+    /// Per endpoint, the times of recent batch retrigger requests (bounded).
+    retrigger_windows: HashMap<EndpointId, VecDeque<u64>>,
+}
+
+/// A command as submitted: who, when, what.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub actor: Actor,
+    pub at_ms: u64,
+    pub command: Command,
+}
+
+impl Commands {
+    pub fn new(limits: CommandLimits) -> Commands {
+        Commands { limits, retrigger_windows: HashMap::new() }
+    }
+
+    fn check_url(&self, url: &str) -> Result<(), CommandError> {
+        check_url(url, self.limits.allow_private_targets).map_err(|e| invalid("url", e.to_string()))
+    }
+
+    /// Counts a batch retrigger request for the endpoint, or refuses it when over the window's limit.
+    fn rate_check(&mut self, endpoint: EndpointId, at_ms: u64) -> Result<(), CommandError> {
+        let window_ms = self.limits.retrigger_window_ms;
+        if self.retrigger_windows.len() >= RATE_WINDOWS_MAX && !self.retrigger_windows.contains_key(&endpoint)
+        {
+            self.retrigger_windows
+                .retain(|_, times| times.back().is_some_and(|t| at_ms.saturating_sub(*t) < window_ms));
+        }
+        let times = self.retrigger_windows.entry(endpoint).or_default();
+        while times.front().is_some_and(|t| at_ms.saturating_sub(*t) >= window_ms) {
+            times.pop_front();
+        }
+        if times.len() >= self.limits.retrigger_max_per_window {
+            let oldest = times.front().copied().unwrap_or(at_ms);
+            return Err(CommandError::RateLimited {
+                retry_after_ms: (oldest + window_ms).saturating_sub(at_ms),
+            });
+        }
+        times.push_back(at_ms);
+        Ok(())
+    }
+
+    fn endpoint(tx: &Tx<'_>, actor: Actor, id: EndpointId) -> Result<Endpoint, CommandError> {
+        match get_endpoint(&TxRead(tx), id)? {
+            Some(e) if actor.sees(e.org_id) && !e.is_deleted() => Ok(e),
+            _ => Err(CommandError::NotFound { what: "endpoint", id: id.to_string() }),
+        }
+    }
+
+    fn run(&mut self, s: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
+        let Submitted { actor, at_ms, command } = s;
+        let mut events: Vec<Event> = Vec::new();
+        let reply = match command {
+            Command::CreateEndpoint { id, org_id, url, name, enabled_events, secret } => {
+                if !actor.sees(org_id) {
+                    return Err(invalid(
+                        "org_id",
+                        "only an admin key may create endpoints for another organisation",
+                    ));
+                }
+                self.check_url(&url)?;
+                check_name(&name)?;
+                check_enabled_events(&enabled_events)?;
+                let secret = match secret {
+                    Some(s) => Secret::parse(&s).map_err(|e| invalid("secret", e.to_string()))?.to_whsec(),
+                    None => new_secret()?,
+                };
+                events.push(Event::EndpointCreated {
+                    id,
+                    org_id,
+                    url,
+                    name,
+                    enabled_events,
+                    secret: secret.clone(),
+                });
+                Reply::Endpoint { id, secret }
+            }
+            Command::UpdateEndpoint { id, url, name, enabled_events } => {
+                Self::endpoint(tx, actor, id)?;
+                if let Some(url) = &url {
+                    self.check_url(url)?;
+                }
+                if let Some(name) = &name {
+                    check_name(name)?;
+                }
+                if let Some(e) = &enabled_events {
+                    check_enabled_events(e)?;
+                }
+                events.push(Event::EndpointUpdated { id, url, name, enabled_events });
+                Reply::Done
+            }
+            Command::DeleteEndpoint { id } => {
+                Self::endpoint(tx, actor, id)?;
+                events.push(Event::EndpointDeleted { id });
+                Reply::Done
+            }
+            Command::RotateSecret { id, secret } => {
+                Self::endpoint(tx, actor, id)?;
+                let secret = match secret {
+                    Some(s) => Secret::parse(&s).map_err(|e| invalid("secret", e.to_string()))?.to_whsec(),
+                    None => new_secret()?,
+                };
+                let previous_expires_at_ms = at_ms.saturating_add(self.limits.rotation_overlap_ms);
+                events.push(Event::EndpointSecretRotated {
+                    id,
+                    secret: secret.clone(),
+                    previous_expires_at_ms,
+                });
+                Reply::Endpoint { id, secret }
+            }
+            Command::EnableEndpoint { id } => {
+                Self::endpoint(tx, actor, id)?;
+                events.push(Event::EndpointEnabled { id });
+                Reply::Done
+            }
+            Command::CreateApiKey { id, org_id, scopes, name, key_hash } => {
+                if actor.org_id.is_some() {
+                    return Err(CommandError::NotFound { what: "route", id: "api_keys".into() });
+                }
+                if scopes.is_empty() {
+                    return Err(invalid("scopes", "at least one scope"));
+                }
+                check_name(&name)?;
+                events.push(Event::ApiKeyCreated { id, org_id, scopes, name, key_hash });
+                Reply::Done
+            }
+            Command::RevokeApiKey { id } => {
+                match get_api_key(&TxRead(tx), id)? {
+                    Some(k) if k.revoked_at_ms.is_none() => {}
+                    _ => return Err(CommandError::NotFound { what: "api key", id: id.to_string() }),
+                }
+                events.push(Event::ApiKeyRevoked { id });
+                Reply::Done
+            }
+            Command::Publish { id, org_id, event_type, payload, call_id, webhook_url, idempotency_key } => {
+                if !actor.sees(org_id) {
+                    return Err(invalid("org_id", "a key may publish only for its own organisation"));
+                }
+                if let Some(key) = &idempotency_key {
+                    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+                        return Err(invalid(
+                            "Idempotency-Key",
+                            format!("1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
+                        ));
+                    }
+                    if let Some(hit) = idempotency_lookup(&TxRead(tx), org_id, key, at_ms)? {
+                        let first =
+                            get_event(&TxRead(tx), hit.event_id)?.ok_or_else(|| CommandError::Internal {
+                                message: format!("idempotency hit {} has no event", hit.event_id),
+                            })?;
+                        return Ok(Reply::Published {
+                            id: first.id,
+                            created_at_ms: first.created_at_ms,
+                            delivery_ids: first.delivery_ids,
+                            replayed: true,
+                        });
+                    }
+                }
+                if !valid_event_type(&event_type) {
+                    return Err(invalid("event_type", "must match [A-Za-z0-9._-]{1,128}"));
+                }
+                if payload.len() > self.limits.event_bytes_max {
+                    return Err(invalid("payload", format!("over {} bytes", self.limits.event_bytes_max)));
+                }
+                if let Some(url) = &webhook_url {
+                    self.check_url(url)?;
+                }
+                events.push(Event::EventPublished {
+                    id,
+                    org_id,
+                    event_type: event_type.clone(),
+                    payload,
+                    call_id,
+                    idempotency_key,
+                });
+                let mut delivery_ids = Vec::new();
+                let mut after = None;
+                loop {
+                    let page = list_endpoints(&TxRead(tx), org_id, after, FAN_OUT_PAGE_LEN)?;
+                    for endpoint in page.items.iter().filter(|e| e.subscribes_to(&event_type)) {
+                        if delivery_ids.len() >= FAN_OUT_ENDPOINTS_MAX {
+                            return Err(CommandError::Conflict {
+                                reason: format!(
+                                    "the organisation has over {FAN_OUT_ENDPOINTS_MAX} subscribed endpoints"
+                                ),
+                            });
+                        }
+                        let delivery = DeliveryId(Uuid::now_v7());
+                        delivery_ids.push(delivery);
+                        events.push(Event::DeliveryCreated {
+                            id: delivery,
+                            event_id: id,
+                            org_id,
+                            endpoint_id: Some(endpoint.id),
+                            url: endpoint.url.clone(),
+                            next_attempt_at_ms: at_ms,
+                        });
+                    }
+                    match page.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                if let Some(url) = webhook_url {
+                    if org_secret(&TxRead(tx), org_id)?.is_none() {
+                        events.push(Event::OrgSecretSet { org_id, secret: new_secret()? });
+                    }
+                    let delivery = DeliveryId(Uuid::now_v7());
+                    delivery_ids.push(delivery);
+                    events.push(Event::DeliveryCreated {
+                        id: delivery,
+                        event_id: id,
+                        org_id,
+                        endpoint_id: None,
+                        url,
+                        next_attempt_at_ms: at_ms,
+                    });
+                }
+                Reply::Published { id, created_at_ms: at_ms, delivery_ids, replayed: false }
+            }
+            Command::Retrigger { delivery_id } => {
+                let d = get_delivery(&TxRead(tx), delivery_id)?
+                    .filter(|d| actor.sees(d.org_id))
+                    .filter(|d| matches!(d.status, DeliveryStatus::Inactive | DeliveryStatus::Exhausted));
+                if d.is_none() {
+                    return Err(CommandError::NotFound {
+                        what: "failed webhook",
+                        id: delivery_id.to_string(),
+                    });
+                }
+                let request_id = Uuid::now_v7();
+                events.push(Event::RetriggerRequested { delivery_id, by_key: actor.key_id, request_id });
+                Reply::Retriggered { request_id }
+            }
+            Command::Redeliver { delivery_id } => {
+                let d = get_delivery(&TxRead(tx), delivery_id)?.filter(|d| actor.sees(d.org_id));
+                match d {
+                    None => {
+                        return Err(CommandError::NotFound { what: "delivery", id: delivery_id.to_string() })
+                    }
+                    Some(d) if d.status == DeliveryStatus::Pending => {
+                        return Err(CommandError::Conflict {
+                            reason: format!("delivery {delivery_id} is already pending"),
+                        })
+                    }
+                    Some(_) => {}
+                }
+                events.push(Event::RedeliverRequested { delivery_id, by_key: actor.key_id });
+                Reply::Done
+            }
+            Command::BatchRetrigger { endpoint_id, delivery_ids } => {
+                if delivery_ids.is_empty() || delivery_ids.len() > BATCH_RETRIGGER_MAX {
+                    return Err(invalid(
+                        "webhookNotificationIds",
+                        format!("1 to {BATCH_RETRIGGER_MAX} ids, got {}", delivery_ids.len()),
+                    ));
+                }
+                let mut seen = std::collections::HashSet::new();
+                if let Some(dup) = delivery_ids.iter().find(|id| !seen.insert(**id)) {
+                    return Err(invalid("webhookNotificationIds", format!("{dup} is listed twice")));
+                }
+                // Admin only, but the endpoint must exist (deleted ones keep their history).
+                match get_endpoint(&TxRead(tx), endpoint_id)? {
+                    Some(e) if actor.sees(e.org_id) => {}
+                    _ => return Err(CommandError::NotFound { what: "webhook", id: endpoint_id.to_string() }),
+                }
+                self.rate_check(endpoint_id, at_ms)?;
+                let mut items = Vec::with_capacity(delivery_ids.len());
+                for delivery_id in delivery_ids {
+                    let d = get_delivery(&TxRead(tx), delivery_id)?;
+                    let result = match d {
+                        Some(d) if d.endpoint_id == Some(endpoint_id) => match d.status {
+                            DeliveryStatus::Pending => Err("notification is already pending".to_string()),
+                            DeliveryStatus::Delivered => {
+                                events.push(Event::RedeliverRequested { delivery_id, by_key: actor.key_id });
+                                Ok(Uuid::now_v7())
+                            }
+                            DeliveryStatus::Inactive | DeliveryStatus::Exhausted => {
+                                let request_id = Uuid::now_v7();
+                                events.push(Event::RetriggerRequested {
+                                    delivery_id,
+                                    by_key: actor.key_id,
+                                    request_id,
+                                });
+                                Ok(request_id)
+                            }
+                        },
+                        _ => Err(format!("notification {delivery_id} not found for webhook {endpoint_id}")),
+                    };
+                    items.push(BatchItem { delivery_id, result });
+                }
+                Reply::Batch(items)
+            }
+        };
+        for event in events {
+            let seq = tx.append(at_ms, encode(&event)).seq;
+            apply(&mut TxTables(tx), seq, at_ms, &event)?;
+        }
+        Ok(reply)
+    }
+}
+
+fn new_secret() -> Result<String, CommandError> {
+    Secret::generate().map(|s| s.to_whsec()).map_err(|e| CommandError::Internal { message: e.to_string() })
+}
+
+impl Machine for Commands {
+    type Command = Submitted;
+    type Reply = Reply;
+    type Rejection = CommandError;
+
+    fn execute(&mut self, command: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
+        self.run(command, tx)
+    }
+}

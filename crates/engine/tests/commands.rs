@@ -1,0 +1,278 @@
+//! The command machine through the log: validation, organisation isolation, fan-out,
+//! idempotency, retrigger/redeliver rules and the batch retrigger of seed 002.
+
+use std::sync::Arc;
+
+use herald_engine::commands::{
+    Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted,
+};
+use herald_log::{Durability, Log, LogConfig, LogError, MemStore};
+use herald_projector::{get_delivery, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, StoreTables};
+use uuid::Uuid;
+
+struct World {
+    store: MemStore,
+    log: Log<Commands>,
+    now_ms: u64,
+}
+
+fn org(n: u128) -> OrgId {
+    OrgId(Uuid::from_u128(n))
+}
+
+fn member(n: u128) -> Actor {
+    Actor { org_id: Some(org(n)), key_id: None }
+}
+
+impl World {
+    fn new(limits: CommandLimits) -> World {
+        let store = MemStore::new();
+        let config =
+            LogConfig { batch_commands_max: 16, queue_commands_max: 64, durability: Durability::Flush };
+        let log = Log::open(Arc::new(store.clone()), Commands::new(limits), config).unwrap();
+        World { store, log, now_ms: 1_700_000_000_000 }
+    }
+
+    fn run(&mut self, actor: Actor, command: Command) -> Result<Reply, CommandError> {
+        self.now_ms += 1;
+        let out: Result<Result<Reply, CommandError>, LogError> =
+            self.log.submit(Submitted { actor, at_ms: self.now_ms, command });
+        out.unwrap()
+    }
+
+    fn endpoint(&mut self, actor: Actor, org_n: u128, events: &[&str]) -> EndpointId {
+        let id = EndpointId(Uuid::now_v7());
+        let reply = self.run(
+            actor,
+            Command::CreateEndpoint {
+                id,
+                org_id: org(org_n),
+                url: "https://receiver.example/hook".into(),
+                name: "crm".into(),
+                enabled_events: events.iter().map(|s| s.to_string()).collect(),
+                secret: None,
+            },
+        );
+        match reply {
+            Ok(Reply::Endpoint { secret, .. }) => assert!(secret.starts_with("whsec_")),
+            other => panic!("create endpoint: {other:?}"),
+        }
+        id
+    }
+
+    fn publish(
+        &mut self,
+        actor: Actor,
+        org_n: u128,
+        event_type: &str,
+        key: Option<&str>,
+    ) -> Result<Reply, CommandError> {
+        self.run(
+            actor,
+            Command::Publish {
+                id: EventId(Uuid::now_v7()),
+                org_id: org(org_n),
+                event_type: event_type.into(),
+                payload: br#"{"call":1}"#.to_vec(),
+                call_id: None,
+                webhook_url: None,
+                idempotency_key: key.map(String::from),
+            },
+        )
+    }
+
+    fn snapshot(&self) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+        self.store.with_map(|m| m.clone())
+    }
+
+    fn status(&self, id: DeliveryId) -> DeliveryStatus {
+        get_delivery(&StoreTables(&self.store), id).unwrap().unwrap().status
+    }
+}
+
+fn deliveries(reply: Result<Reply, CommandError>) -> Vec<DeliveryId> {
+    match reply {
+        Ok(Reply::Published { delivery_ids, .. }) => delivery_ids,
+        other => panic!("publish: {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_endpoints_are_refused_naming_the_field_and_write_nothing() {
+    let mut w = World::new(CommandLimits::default());
+    let before = w.snapshot();
+    let mut create = |url: &str, events: Vec<String>, secret: Option<String>| {
+        w.run(
+            member(1),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org(1),
+                url: url.into(),
+                name: "x".into(),
+                enabled_events: events,
+                secret,
+            },
+        )
+    };
+    let field = |r: Result<Reply, CommandError>| match r {
+        Err(CommandError::Validation { field, .. }) => field,
+        other => panic!("expected a validation error, got {other:?}"),
+    };
+    assert_eq!(field(create("ftp://x.example/", vec!["*".into()], None)), "url");
+    assert_eq!(field(create("http://127.0.0.1:9/", vec!["*".into()], None)), "url");
+    assert_eq!(field(create("http://169.254.169.254/", vec!["*".into()], None)), "url");
+    assert_eq!(field(create("https://ok.example/", vec![], None)), "enabled_events");
+    assert_eq!(field(create("https://ok.example/", vec!["bad type!".into()], None)), "enabled_events");
+    assert_eq!(field(create("https://ok.example/", vec!["*".into()], Some("nope".into()))), "secret");
+    assert_eq!(w.snapshot(), before);
+}
+
+#[test]
+fn another_organisations_endpoint_answers_like_a_missing_one() {
+    let mut w = World::new(CommandLimits::default());
+    let theirs = w.endpoint(member(2), 2, &["*"]);
+    let missing = EndpointId(Uuid::now_v7());
+    for id in [theirs, missing] {
+        let err = w.run(member(1), Command::DeleteEndpoint { id }).unwrap_err();
+        assert!(matches!(err, CommandError::NotFound { what: "endpoint", .. }), "{err:?}");
+    }
+    let err = w
+        .run(
+            member(1),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org(2),
+                url: "https://x.example/".into(),
+                name: String::new(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, CommandError::Validation { field: "org_id", .. }));
+    // The admin sees every organisation.
+    w.run(Actor::admin(), Command::EnableEndpoint { id: theirs }).unwrap();
+}
+
+#[test]
+fn publish_fans_out_to_subscribed_endpoints_of_the_organisation_only() {
+    let mut w = World::new(CommandLimits::default());
+    w.endpoint(member(1), 1, &["*"]);
+    w.endpoint(member(1), 1, &["call.ended", "call.queued"]);
+    w.endpoint(member(1), 1, &["call.ringing"]);
+    w.endpoint(member(2), 2, &["*"]);
+    let ids = deliveries(w.publish(member(1), 1, "call.queued", None));
+    assert_eq!(ids.len(), 2);
+    for id in &ids {
+        assert_eq!(w.status(*id), DeliveryStatus::Pending);
+    }
+    assert_eq!(deliveries(w.publish(member(1), 1, "call.ringing", None)).len(), 2);
+    assert!(deliveries(w.publish(member(3), 3, "call.queued", None)).is_empty());
+    let err = w.publish(member(1), 1, "no spaces", None).unwrap_err();
+    assert!(matches!(err, CommandError::Validation { field: "event_type", .. }));
+    let err = w.publish(member(1), 2, "call.queued", None).unwrap_err();
+    assert!(matches!(err, CommandError::Validation { field: "org_id", .. }));
+}
+
+#[test]
+fn the_same_idempotency_key_returns_the_first_answer_and_writes_nothing() {
+    let mut w = World::new(CommandLimits::default());
+    w.endpoint(member(1), 1, &["*"]);
+    let first = w.publish(member(1), 1, "call.queued", Some("k-1")).unwrap();
+    let before = w.snapshot();
+    let again = w.publish(member(1), 1, "call.queued", Some("k-1")).unwrap();
+    assert_eq!(w.snapshot(), before);
+    match (first, again) {
+        (
+            Reply::Published { id: a, delivery_ids: da, replayed: false, .. },
+            Reply::Published { id: b, delivery_ids: db, replayed: true, .. },
+        ) => {
+            assert_eq!((a, da), (b, db));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same key in another organisation is another event.
+    w.endpoint(member(2), 2, &["*"]);
+    assert!(matches!(
+        w.publish(member(2), 2, "call.queued", Some("k-1")),
+        Ok(Reply::Published { replayed: false, .. })
+    ));
+}
+
+#[test]
+fn retrigger_needs_a_failed_delivery_and_redeliver_refuses_a_pending_one() {
+    let mut w = World::new(CommandLimits::default());
+    w.endpoint(member(1), 1, &["*"]);
+    let d = deliveries(w.publish(member(1), 1, "call.queued", None))[0];
+    let before = w.snapshot();
+    let err = w.run(member(1), Command::Retrigger { delivery_id: d }).unwrap_err();
+    assert!(matches!(err, CommandError::NotFound { what: "failed webhook", .. }), "{err:?}");
+    let err = w.run(member(1), Command::Redeliver { delivery_id: d }).unwrap_err();
+    assert!(matches!(err, CommandError::Conflict { .. }), "{err:?}");
+    let err = w.run(member(2), Command::Redeliver { delivery_id: d }).unwrap_err();
+    assert!(matches!(err, CommandError::NotFound { .. }), "{err:?}");
+    assert_eq!(w.snapshot(), before);
+}
+
+#[test]
+fn batch_retrigger_validates_the_list_and_answers_per_item() {
+    let mut w = World::new(CommandLimits::default());
+    let mine = w.endpoint(member(1), 1, &["*"]);
+    let other = w.endpoint(member(1), 1, &["*"]);
+    let ids = deliveries(w.publish(member(1), 1, "call.queued", None));
+    let of =
+        |w: &World, id: DeliveryId| get_delivery(&StoreTables(&w.store), id).unwrap().unwrap().endpoint_id;
+    let (on_mine, on_other) = if of(&w, ids[0]) == Some(mine) { (ids[0], ids[1]) } else { (ids[1], ids[0]) };
+    assert_eq!(w.status(on_mine), DeliveryStatus::Pending);
+    assert_eq!(of(&w, on_other), Some(other));
+    let batch = |ids: Vec<DeliveryId>| Command::BatchRetrigger { endpoint_id: mine, delivery_ids: ids };
+    let field = |r: Result<Reply, CommandError>| match r {
+        Err(CommandError::Validation { field, message }) => format!("{field}: {message}"),
+        other => panic!("{other:?}"),
+    };
+    assert!(field(w.run(Actor::admin(), batch(vec![]))).starts_with("webhookNotificationIds"));
+    let many: Vec<DeliveryId> = (0..26).map(|_| DeliveryId(Uuid::now_v7())).collect();
+    assert!(field(w.run(Actor::admin(), batch(many))).contains("got 26"));
+    assert!(field(w.run(Actor::admin(), batch(vec![on_mine, on_mine]))).contains("twice"));
+    let unknown_endpoint =
+        Command::BatchRetrigger { endpoint_id: EndpointId(Uuid::now_v7()), delivery_ids: vec![on_mine] };
+    assert!(matches!(
+        w.run(Actor::admin(), unknown_endpoint),
+        Err(CommandError::NotFound { what: "webhook", .. })
+    ));
+    let unknown = DeliveryId(Uuid::now_v7());
+    let Reply::Batch(items) = w.run(Actor::admin(), batch(vec![on_mine, on_other, unknown])).unwrap() else {
+        panic!("not a batch reply")
+    };
+    let errors: Vec<_> = items.iter().map(|BatchItem { result, .. }| result.clone().unwrap_err()).collect();
+    assert!(errors[0].contains("already pending"), "{errors:?}");
+    assert!(errors[1].contains("not found for webhook"), "{errors:?}");
+    assert!(errors[2].contains("not found for webhook"), "{errors:?}");
+}
+
+#[test]
+fn batch_retrigger_is_rate_limited_per_endpoint_in_a_sliding_window() {
+    let limits =
+        CommandLimits { retrigger_max_per_window: 3, retrigger_window_ms: 1_000, ..CommandLimits::default() };
+    let mut w = World::new(limits);
+    let a = w.endpoint(member(1), 1, &["*"]);
+    let b = w.endpoint(member(1), 1, &["*"]);
+    let d = deliveries(w.publish(member(1), 1, "call.queued", None))[0];
+    let batch = |endpoint_id| Command::BatchRetrigger { endpoint_id, delivery_ids: vec![d] };
+    for _ in 0..3 {
+        assert!(matches!(w.run(Actor::admin(), batch(a)), Ok(Reply::Batch(_))));
+    }
+    // Invalid requests do not count, and do not reach the limiter.
+    let invalid = Command::BatchRetrigger { endpoint_id: a, delivery_ids: vec![] };
+    assert!(matches!(w.run(Actor::admin(), invalid), Err(CommandError::Validation { .. })));
+    match w.run(Actor::admin(), batch(a)) {
+        Err(CommandError::RateLimited { retry_after_ms }) => {
+            assert!(retry_after_ms > 0 && retry_after_ms <= 1_000)
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another endpoint has its own window, and the window slides.
+    assert!(matches!(w.run(Actor::admin(), batch(b)), Ok(Reply::Batch(_))));
+    w.now_ms += 1_000;
+    assert!(matches!(w.run(Actor::admin(), batch(a)), Ok(Reply::Batch(_))));
+}
