@@ -10,11 +10,12 @@ use std::collections::{HashMap, VecDeque};
 use herald_log::{Machine, Tx};
 use herald_projector::{
     apply, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup, list_endpoints,
-    org_secret, ApiKeyId, ApplyError, DeliveryId, DeliveryStatus, Endpoint, EndpointId, Event, EventId,
-    OrgId, Scope, TxRead, TxTables,
+    org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, DeliveryId, DeliveryStatus, Endpoint,
+    EndpointId, Event, EventId, OrgId, Scope, TxRead, TxTables, RESPONSE_EXCERPT_BYTES_MAX,
 };
 use uuid::Uuid;
 
+use crate::schedule::{retry_at_ms, JITTER_PERMILLE_DEFAULT};
 use crate::sender::check_url;
 use crate::signing::Secret;
 
@@ -132,6 +133,15 @@ pub enum Command {
         endpoint_id: EndpointId,
         delivery_ids: Vec<DeliveryId>,
     },
+    /// The dispatcher's report of one attempt; the engine decides `retry_at` from the policy in
+    /// the log and the delivery's place in its schedule, with deterministic jitter.
+    RecordAttempt {
+        delivery_id: DeliveryId,
+        started_at_ms: u64,
+        finished_at_ms: u64,
+        outcome: AttemptOutcome,
+        response_excerpt: Vec<u8>,
+    },
 }
 
 /// What a command answers.
@@ -147,6 +157,10 @@ pub enum Reply {
         created_at_ms: u64,
         delivery_ids: Vec<DeliveryId>,
         replayed: bool,
+    },
+    /// An attempt was recorded; `retry_at_ms` is when the next automatic one is due, if any.
+    Attempted {
+        retry_at_ms: Option<u64>,
     },
     /// The retrigger request id of a single retrigger.
     Retriggered {
@@ -535,6 +549,43 @@ impl Commands {
                     items.push(BatchItem { delivery_id, result });
                 }
                 Reply::Batch(items)
+            }
+            Command::RecordAttempt {
+                delivery_id,
+                started_at_ms,
+                finished_at_ms,
+                outcome,
+                mut response_excerpt,
+            } => {
+                let t = TxRead(tx);
+                let d = get_delivery(&t, delivery_id)?.ok_or_else(|| CommandError::NotFound {
+                    what: "delivery",
+                    id: delivery_id.to_string(),
+                })?;
+                let attempt = d.attempt_count + 1;
+                let retry_at_ms = match outcome {
+                    AttemptOutcome::Delivered { .. } => None,
+                    AttemptOutcome::Failed { .. } => retry_at_ms(
+                        &policy(&t)?.retry_schedule_ms,
+                        d.attempts_since_reset + 1,
+                        finished_at_ms,
+                        *delivery_id.0.as_bytes(),
+                        attempt,
+                        JITTER_PERMILLE_DEFAULT,
+                    ),
+                };
+                response_excerpt.truncate(RESPONSE_EXCERPT_BYTES_MAX);
+                events.push(Event::AttemptRecorded {
+                    delivery_id,
+                    attempt,
+                    trigger: d.next_trigger,
+                    started_at_ms,
+                    finished_at_ms: finished_at_ms.max(started_at_ms),
+                    outcome,
+                    response_excerpt,
+                    retry_at_ms,
+                });
+                Reply::Attempted { retry_at_ms }
             }
         };
         for event in events {

@@ -7,7 +7,9 @@ use herald_engine::commands::{
     Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted,
 };
 use herald_log::{Durability, Log, LogConfig, LogError, MemStore};
-use herald_projector::{get_delivery, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, StoreTables};
+use herald_projector::{
+    get_delivery, AttemptOutcome, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, StoreTables,
+};
 use uuid::Uuid;
 
 struct World {
@@ -275,4 +277,106 @@ fn batch_retrigger_is_rate_limited_per_endpoint_in_a_sliding_window() {
     assert!(matches!(w.run(Actor::admin(), batch(b)), Ok(Reply::Batch(_))));
     w.now_ms += 1_000;
     assert!(matches!(w.run(Actor::admin(), batch(a)), Ok(Reply::Batch(_))));
+}
+
+fn fail(w: &mut World, d: DeliveryId) -> Option<u64> {
+    let at = w.now_ms;
+    let outcome = AttemptOutcome::Failed { status: Some(503), error: "HTTP 503".into() };
+    match w.run(
+        Actor::admin(),
+        Command::RecordAttempt {
+            delivery_id: d,
+            started_at_ms: at,
+            finished_at_ms: at + 5,
+            outcome,
+            response_excerpt: vec![b'x'; 10_000],
+        },
+    ) {
+        Ok(Reply::Attempted { retry_at_ms }) => retry_at_ms,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Seeds 000 and 001's story at the command level: five failures make the endpoint inactive,
+/// its pending deliveries and new events park as inactive, a retrigger brings one back, and a
+/// success delivers it and makes the endpoint active again.
+#[test]
+fn failures_park_deliveries_as_inactive_and_a_retrigger_brings_them_back() {
+    let mut w = World::new(CommandLimits::default());
+    let endpoint = w.endpoint(member(1), 1, &["*"]);
+    let first = deliveries(w.publish(member(1), 1, "call.ended", None))[0];
+    let second = deliveries(w.publish(member(1), 1, "call.ended", None))[0];
+    // The schedule's first step is 5 s, plus at most 10 % jitter, after the attempt finished.
+    let finished = w.now_ms + 1 + 5;
+    let retry = fail(&mut w, first).unwrap();
+    assert!((finished + 5_000..=finished + 5_500).contains(&retry), "{retry} vs {finished}");
+    for _ in 0..3 {
+        assert!(fail(&mut w, first).is_some());
+    }
+    assert_eq!(w.status(first), DeliveryStatus::Pending);
+    fail(&mut w, first);
+    assert_eq!(w.status(first), DeliveryStatus::Inactive);
+    assert_eq!(
+        w.status(second),
+        DeliveryStatus::Inactive,
+        "a pending delivery of an inactive endpoint parks"
+    );
+    let third = deliveries(w.publish(member(1), 1, "call.ended", None))[0];
+    assert_eq!(
+        w.status(third),
+        DeliveryStatus::Inactive,
+        "an event for an inactive endpoint is stored inactive"
+    );
+    let d = get_delivery(&StoreTables(&w.store), first).unwrap().unwrap();
+    assert_eq!(d.attempt_count, 5);
+    assert_eq!(d.last_error.as_deref(), Some("HTTP 503"));
+
+    assert!(matches!(
+        w.run(member(1), Command::Retrigger { delivery_id: first }),
+        Ok(Reply::Retriggered { .. })
+    ));
+    assert_eq!(w.status(first), DeliveryStatus::Pending);
+    let at = w.now_ms;
+    let delivered = AttemptOutcome::Delivered { status: 204 };
+    let reply = w.run(
+        Actor::admin(),
+        Command::RecordAttempt {
+            delivery_id: first,
+            started_at_ms: at,
+            finished_at_ms: at + 3,
+            outcome: delivered,
+            response_excerpt: vec![],
+        },
+    );
+    assert_eq!(reply, Ok(Reply::Attempted { retry_at_ms: None }));
+    assert_eq!(w.status(first), DeliveryStatus::Delivered);
+    let e = herald_projector::get_endpoint(&StoreTables(&w.store), endpoint).unwrap().unwrap();
+    assert_eq!(e.status, herald_projector::EndpointStatus::Active);
+    assert_eq!(
+        w.status(second),
+        DeliveryStatus::Inactive,
+        "already-inactive deliveries stay so until retriggered"
+    );
+    let d = get_delivery(&StoreTables(&w.store), first).unwrap().unwrap();
+    assert_eq!((d.attempt_count, d.manual_retry_count), (6, 1));
+    let attempts = herald_projector::attempts(&StoreTables(&w.store), first, 0, 10).unwrap();
+    assert_eq!(attempts.len(), 6);
+    assert_eq!(attempts[0].response_excerpt.len(), 4096, "the excerpt is cut to 4 KiB");
+    assert_eq!(attempts[5].trigger, herald_projector::Trigger::Manual);
+}
+
+#[test]
+fn a_schedule_used_up_exhausts_the_delivery() {
+    let mut w = World::new(CommandLimits::default());
+    w.endpoint(member(1), 1, &["*"]);
+    // Failures spread over more than the window never make the endpoint inactive.
+    let d = deliveries(w.publish(member(1), 1, "call.ended", None))[0];
+    let mut retries = Vec::new();
+    for _ in 0..8 {
+        w.now_ms += 25 * 3_600_000;
+        retries.push(fail(&mut w, d));
+    }
+    assert!(retries[..7].iter().all(Option::is_some), "{retries:?}");
+    assert_eq!(retries[7], None);
+    assert_eq!(w.status(d), DeliveryStatus::Exhausted);
 }
