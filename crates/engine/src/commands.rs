@@ -432,28 +432,21 @@ impl Commands {
                     call_id,
                     idempotency_key,
                 });
-                let mut delivery_ids = Vec::new();
+                // Where the event goes: each subscribed endpoint (at its current url), then the
+                // inline url if any.
+                let mut targets: Vec<(Option<EndpointId>, String)> = Vec::new();
                 let mut after = None;
                 loop {
                     let page = list_endpoints(&TxRead(tx), org_id, after, FAN_OUT_PAGE_LEN)?;
-                    for endpoint in page.items.iter().filter(|e| e.subscribes_to(&event_type)) {
-                        if delivery_ids.len() >= FAN_OUT_ENDPOINTS_MAX {
+                    for endpoint in page.items.into_iter().filter(|e| e.subscribes_to(&event_type)) {
+                        if targets.len() >= FAN_OUT_ENDPOINTS_MAX {
                             return Err(CommandError::Conflict {
                                 reason: format!(
                                     "the organisation has over {FAN_OUT_ENDPOINTS_MAX} subscribed endpoints"
                                 ),
                             });
                         }
-                        let delivery = DeliveryId(Uuid::now_v7());
-                        delivery_ids.push(delivery);
-                        events.push(Event::DeliveryCreated {
-                            id: delivery,
-                            event_id: id,
-                            org_id,
-                            endpoint_id: Some(endpoint.id),
-                            url: endpoint.url.clone(),
-                            next_attempt_at_ms: at_ms,
-                        });
+                        targets.push((Some(endpoint.id), endpoint.url));
                     }
                     match page.next {
                         Some(next) => after = Some(next),
@@ -464,13 +457,17 @@ impl Commands {
                     if org_secret(&TxRead(tx), org_id)?.is_none() {
                         events.push(Event::OrgSecretSet { org_id, secret: new_secret()? });
                     }
+                    targets.push((None, url));
+                }
+                let mut delivery_ids = Vec::with_capacity(targets.len());
+                for (endpoint_id, url) in targets {
                     let delivery = DeliveryId(Uuid::now_v7());
                     delivery_ids.push(delivery);
                     events.push(Event::DeliveryCreated {
                         id: delivery,
                         event_id: id,
                         org_id,
-                        endpoint_id: None,
+                        endpoint_id,
                         url,
                         next_attempt_at_ms: at_ms,
                     });
