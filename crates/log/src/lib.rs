@@ -39,4 +39,4 @@ pub use crate::log::{
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{SledStore, SEGMENT_BYTES};
 pub use crate::store::{scan_vec, Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError};
-pub use crate::tx::Tx;
+pub use crate::tx::{merge_staged, Tx};

@@ -9,7 +9,40 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use crate::record::{Hash, Record};
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, Pair, Store, StoreError};
+
+/// Merges pairs read from a store with staged writes over the same range (both ascending):
+/// a staged put replaces or adds its key, a staged delete (`None`) hides it. Returns at most
+/// `limit` pairs. Shared by [`Tx::scan`] and the projector's own staging overlay.
+pub fn merge_staged<'s>(
+    stored: Vec<Pair>,
+    staged: impl IntoIterator<Item = (&'s Vec<u8>, &'s Option<Vec<u8>>)>,
+    limit: usize,
+) -> Vec<Pair> {
+    let mut out = Vec::with_capacity(limit.min(stored.len()));
+    let mut s = stored.into_iter().peekable();
+    let mut o = staged.into_iter().peekable();
+    while out.len() < limit {
+        let take_staged = match (s.peek(), o.peek()) {
+            (None, None) => break,
+            (Some(_), None) => false,
+            (None, Some(_)) => true,
+            (Some((sk, _)), Some((ok, _))) => *ok <= sk,
+        };
+        if take_staged {
+            let (k, v) = o.next().expect("peeked");
+            if s.peek().is_some_and(|(sk, _)| sk == k) {
+                s.next();
+            }
+            if let Some(v) = v {
+                out.push((k.clone(), v.clone()));
+            }
+        } else if let Some(pair) = s.next() {
+            out.push(pair);
+        }
+    }
+    out
+}
 
 /// What the overlay held for a key: nothing (`None`), a put or a delete.
 type Staged = Option<Option<Vec<u8>>>;
@@ -91,29 +124,7 @@ impl<'a> Tx<'a> {
         if let Err(e) = res {
             self.error.borrow_mut().get_or_insert(e);
         }
-        let mut out = Vec::with_capacity(limit.min(want));
-        let mut s = stored.into_iter().peekable();
-        let mut o = staged.into_iter().peekable();
-        while out.len() < limit {
-            let take_staged = match (s.peek(), o.peek()) {
-                (None, None) => break,
-                (Some(_), None) => false,
-                (None, Some(_)) => true,
-                (Some((sk, _)), Some((ok, _))) => *ok <= sk,
-            };
-            if take_staged {
-                let (k, v) = o.next().expect("peeked");
-                if s.peek().is_some_and(|(sk, _)| sk == k) {
-                    s.next();
-                }
-                if let Some(v) = v {
-                    out.push((k.clone(), v.clone()));
-                }
-            } else {
-                out.push(s.next().expect("peeked"));
-            }
-        }
-        out
+        merge_staged(stored, staged, limit)
     }
 
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {

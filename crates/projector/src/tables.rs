@@ -154,32 +154,7 @@ impl<T: Tables + ?Sized> ReadTables for Batch<'_, T> {
         // Each staged key hides at most one base pair, so this many base pairs are enough to
         // fill the page when the range holds that many.
         let base = self.base.scan(from, to, limit.saturating_add(staged.len()));
-        let mut merged = Vec::with_capacity(limit.min(base.len() + staged.len()));
-        let mut base = base.into_iter().peekable();
-        let mut staged = staged.into_iter().peekable();
-        while merged.len() < limit {
-            let take_staged = match (base.peek(), staged.peek()) {
-                (None, None) => break,
-                (Some(_), None) => false,
-                (None, Some(_)) => true,
-                (Some((base_key, _)), Some((staged_key, _))) => {
-                    if base_key == *staged_key {
-                        base.next();
-                        true
-                    } else {
-                        *staged_key < base_key
-                    }
-                }
-            };
-            if take_staged {
-                if let Some((key, Some(value))) = staged.next() {
-                    merged.push((key.clone(), value.clone()));
-                }
-            } else if let Some(pair) = base.next() {
-                merged.push(pair);
-            }
-        }
-        merged
+        herald_log::merge_staged(base, staged, limit)
     }
 }
 
