@@ -10,8 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use herald_log::{Machine, Tx};
 use herald_projector::{
     apply, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup, list_endpoints,
-    org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, DeliveryId, DeliveryStatus, Endpoint,
-    EndpointId, Event, EventId, OrgId, Scope, TxRead, TxTables, RESPONSE_EXCERPT_BYTES_MAX,
+    org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, DeliveryId, DeliveryStatus, Due, Endpoint,
+    EndpointId, Event, EventId, OrgId, Policy, Scope, TxRead, TxTables, RESPONSE_EXCERPT_BYTES_MAX,
 };
 use uuid::Uuid;
 
@@ -134,14 +134,20 @@ pub enum Command {
         delivery_ids: Vec<DeliveryId>,
     },
     /// The dispatcher's report of one attempt; the engine decides `retry_at` from the policy in
-    /// the log and the delivery's place in its schedule, with deterministic jitter.
+    /// the log and the delivery's place in its schedule, with deterministic jitter. A receiver's
+    /// `Retry-After` (already clamped by the sender) can only push the retry later, never add one
+    /// beyond the schedule.
     RecordAttempt {
         delivery_id: DeliveryId,
         started_at_ms: u64,
         finished_at_ms: u64,
         outcome: AttemptOutcome,
         response_excerpt: Vec<u8>,
+        retry_after_ms: Option<u64>,
     },
+    /// The configuration's policy (retry schedule, failure window, rotation overlap), written to
+    /// the log when it differs from the one in force. Admin only.
+    SetPolicy(Policy),
 }
 
 /// What a command answers.
@@ -253,11 +259,19 @@ fn check_name(name: &str) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// Told, after each durable batch, which deliveries became due and when (the dispatcher's feed).
+pub type DueHook = Box<dyn FnMut(Vec<Due>) + Send>;
+
 /// The command machine run by the log's writer thread.
 pub struct Commands {
     limits: CommandLimits,
     /// Per endpoint, the times of recent batch retrigger requests (bounded).
     retrigger_windows: HashMap<EndpointId, VecDeque<u64>>,
+    /// Deliveries made due by the commands of the batch being written, told to `due_hook` once
+    /// the batch is durable. An attempt's own retry is not here: the dispatcher learns it from
+    /// the reply.
+    staged_due: Vec<Due>,
+    due_hook: Option<DueHook>,
 }
 
 /// A command as submitted: who, when, what.
@@ -270,7 +284,13 @@ pub struct Submitted {
 
 impl Commands {
     pub fn new(limits: CommandLimits) -> Commands {
-        Commands { limits, retrigger_windows: HashMap::new() }
+        Commands { limits, retrigger_windows: HashMap::new(), staged_due: Vec::new(), due_hook: None }
+    }
+
+    /// The same machine, telling `hook` after each durable batch which deliveries became due.
+    pub fn with_due_hook(mut self, hook: DueHook) -> Commands {
+        self.due_hook = Some(hook);
+        self
     }
 
     fn check_url(&self, url: &str) -> Result<(), CommandError> {
@@ -460,8 +480,8 @@ impl Commands {
                     targets.push((None, url));
                 }
                 let mut delivery_ids = Vec::with_capacity(targets.len());
-                for (endpoint_id, url) in targets {
-                    let delivery = DeliveryId(Uuid::now_v7());
+                for (n, (endpoint_id, url)) in targets.into_iter().enumerate() {
+                    let delivery = DeliveryId(derived_id(at_ms, &[id.as_bytes(), &(n as u64).to_be_bytes()]));
                     delivery_ids.push(delivery);
                     events.push(Event::DeliveryCreated {
                         id: delivery,
@@ -484,7 +504,7 @@ impl Commands {
                         id: delivery_id.to_string(),
                     });
                 }
-                let request_id = Uuid::now_v7();
+                let request_id = request_id(at_ms, delivery_id, d.map_or(0, |d| d.manual_retry_count));
                 events.push(Event::RetriggerRequested { delivery_id, by_key: actor.key_id, request_id });
                 Reply::Retriggered { request_id }
             }
@@ -529,10 +549,10 @@ impl Commands {
                             DeliveryStatus::Pending => Err("notification is already pending".to_string()),
                             DeliveryStatus::Delivered => {
                                 events.push(Event::RedeliverRequested { delivery_id, by_key: actor.key_id });
-                                Ok(Uuid::now_v7())
+                                Ok(request_id(at_ms, delivery_id, d.manual_retry_count))
                             }
                             DeliveryStatus::Inactive | DeliveryStatus::Exhausted => {
-                                let request_id = Uuid::now_v7();
+                                let request_id = request_id(at_ms, delivery_id, d.manual_retry_count);
                                 events.push(Event::RetriggerRequested {
                                     delivery_id,
                                     by_key: actor.key_id,
@@ -553,6 +573,7 @@ impl Commands {
                 finished_at_ms,
                 outcome,
                 mut response_excerpt,
+                retry_after_ms,
             } => {
                 let t = TxRead(tx);
                 let d = get_delivery(&t, delivery_id)?.ok_or_else(|| CommandError::NotFound {
@@ -569,7 +590,11 @@ impl Commands {
                         *delivery_id.0.as_bytes(),
                         attempt,
                         JITTER_PERMILLE_DEFAULT,
-                    ),
+                    )
+                    .map(|at| match retry_after_ms {
+                        Some(after) => at.max(finished_at_ms.saturating_add(after)),
+                        None => at,
+                    }),
                 };
                 response_excerpt.truncate(RESPONSE_EXCERPT_BYTES_MAX);
                 events.push(Event::AttemptRecorded {
@@ -584,13 +609,53 @@ impl Commands {
                 });
                 Reply::Attempted { retry_at_ms }
             }
+            Command::SetPolicy(p) => {
+                if actor.org_id.is_some() {
+                    return Err(CommandError::NotFound { what: "route", id: "policy".into() });
+                }
+                if let Some(problem) = p.problem() {
+                    return Err(invalid("policy", problem));
+                }
+                events.push(Event::PolicySet(p));
+                Reply::Done
+            }
         };
+        let mut due = Vec::new();
         for event in events {
             let seq = tx.append(at_ms, encode(&event)).seq;
             apply(&mut TxTables(tx), seq, at_ms, &event)?;
+            match event {
+                Event::DeliveryCreated { id, next_attempt_at_ms, .. } => {
+                    due.push(Due { next_attempt_at_ms, delivery_id: id })
+                }
+                Event::RetriggerRequested { delivery_id, .. }
+                | Event::RedeliverRequested { delivery_id, .. } => {
+                    due.push(Due { next_attempt_at_ms: at_ms, delivery_id })
+                }
+                _ => {}
+            }
+        }
+        if self.due_hook.is_some() {
+            self.staged_due.extend(due);
         }
         Ok(reply)
     }
+}
+
+/// A UUID v7 stamped with `at_ms` whose random bits are drawn from `parts`: ids that a replay of
+/// the same commands gives again (a simulation replays a seed exactly), and that still sort by time.
+pub fn derived_id(at_ms: u64, parts: &[&[u8]]) -> Uuid {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let random: [u8; 10] = hasher.finalize().as_bytes()[..10].try_into().unwrap_or([0; 10]);
+    uuid::Builder::from_unix_timestamp_millis(at_ms, &random).into_uuid()
+}
+
+fn request_id(at_ms: u64, delivery_id: DeliveryId, manual_retry_count: u32) -> Uuid {
+    derived_id(at_ms, &[b"retrigger", delivery_id.as_bytes(), &manual_retry_count.to_be_bytes()])
 }
 
 fn new_secret() -> Result<String, CommandError> {
@@ -604,5 +669,17 @@ impl Machine for Commands {
 
     fn execute(&mut self, command: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
         self.run(command, tx)
+    }
+
+    fn committed(&mut self, _records: &[herald_log::Record]) {
+        if let Some(hook) = self.due_hook.as_mut() {
+            if !self.staged_due.is_empty() {
+                hook(std::mem::take(&mut self.staged_due));
+            }
+        }
+    }
+
+    fn aborted(&mut self) {
+        self.staged_due.clear();
     }
 }

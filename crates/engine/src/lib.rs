@@ -37,7 +37,15 @@
 
 pub mod clock;
 pub mod commands;
+pub mod config;
+pub mod dispatch;
 pub mod due;
+mod engine;
 pub mod schedule;
 pub mod sender;
 pub mod signing;
+
+pub use crate::commands::{Actor, BatchItem, Command, CommandError, CommandLimits, Reply};
+pub use crate::config::{DeliveryConfig, EngineConfig};
+pub use crate::dispatch::{DispatchStats, StopReport};
+pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent};

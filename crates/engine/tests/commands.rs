@@ -290,6 +290,7 @@ fn fail(w: &mut World, d: DeliveryId) -> Option<u64> {
             finished_at_ms: at + 5,
             outcome,
             response_excerpt: vec![b'x'; 10_000],
+            retry_after_ms: None,
         },
     ) {
         Ok(Reply::Attempted { retry_at_ms }) => retry_at_ms,
@@ -346,6 +347,7 @@ fn failures_park_deliveries_as_inactive_and_a_retrigger_brings_them_back() {
             finished_at_ms: at + 3,
             outcome: delivered,
             response_excerpt: vec![],
+            retry_after_ms: None,
         },
     );
     assert_eq!(reply, Ok(Reply::Attempted { retry_at_ms: None }));
@@ -379,4 +381,79 @@ fn a_schedule_used_up_exhausts_the_delivery() {
     assert!(retries[..7].iter().all(Option::is_some), "{retries:?}");
     assert_eq!(retries[7], None);
     assert_eq!(w.status(d), DeliveryStatus::Exhausted);
+}
+
+#[test]
+fn retry_after_pushes_the_retry_later_but_never_beyond_the_schedule() {
+    let mut w = World::new(CommandLimits::default());
+    w.endpoint(member(1), 1, &["*"]);
+    let d = deliveries(w.publish(member(1), 1, "call.ended", None))[0];
+    let attempt = |w: &mut World, retry_after_ms: Option<u64>| {
+        w.now_ms += 1;
+        let at = w.now_ms;
+        let outcome = AttemptOutcome::Failed { status: Some(429), error: "HTTP 429".into() };
+        let command = Command::RecordAttempt {
+            delivery_id: d,
+            started_at_ms: at,
+            finished_at_ms: at,
+            outcome,
+            response_excerpt: vec![],
+            retry_after_ms,
+        };
+        match w.run(Actor::admin(), command) {
+            Ok(Reply::Attempted { retry_at_ms }) => (w.now_ms, retry_at_ms),
+            other => panic!("{other:?}"),
+        }
+    };
+    // First retry: 5 s ± 10 % by the schedule; a Retry-After of an hour wins.
+    let (at, retry) = attempt(&mut w, Some(3_600_000));
+    assert_eq!(retry, Some(at - 1 + 3_600_000));
+    // Second retry: 5 min by the schedule; a Retry-After of 1 s is shorter and is ignored.
+    let (at, retry) = attempt(&mut w, Some(1_000));
+    let retry = retry.unwrap();
+    assert!(retry >= at - 1 + 270_000 && retry <= at - 1 + 330_000, "{retry} vs {at}");
+}
+
+#[test]
+fn set_policy_is_admin_only_and_checked() {
+    let mut w = World::new(CommandLimits::default());
+    let policy = herald_projector::Policy { retry_schedule_ms: vec![10, 20], ..Default::default() };
+    assert!(matches!(
+        w.run(member(1), Command::SetPolicy(policy.clone())),
+        Err(CommandError::NotFound { .. })
+    ));
+    let bad = herald_projector::Policy { failures_max: 0, ..Default::default() };
+    assert!(matches!(
+        w.run(Actor::admin(), Command::SetPolicy(bad)),
+        Err(CommandError::Validation { field: "policy", .. })
+    ));
+    assert_eq!(w.run(Actor::admin(), Command::SetPolicy(policy.clone())), Ok(Reply::Done));
+    assert_eq!(herald_projector::policy(&StoreTables(&w.store)).unwrap(), policy);
+}
+
+#[test]
+fn delivery_ids_are_derived_from_the_event_so_a_replay_gives_the_same_ids() {
+    let run = || {
+        let mut w = World::new(CommandLimits::default());
+        w.endpoint(member(1), 1, &["*"]);
+        w.endpoint(member(1), 1, &["*"]);
+        let reply = w.run(
+            member(1),
+            Command::Publish {
+                id: EventId(Uuid::from_u128(42)),
+                org_id: org(1),
+                event_type: "call.ended".into(),
+                payload: b"{}".to_vec(),
+                call_id: None,
+                webhook_url: None,
+                idempotency_key: None,
+            },
+        );
+        deliveries(reply)
+    };
+    let (first, second) = (run(), run());
+    assert_eq!(first.len(), 2);
+    assert_ne!(first[0], first[1]);
+    assert_eq!(first, second);
+    assert_eq!(first[0].0.get_version_num(), 7);
 }

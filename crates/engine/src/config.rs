@@ -1,0 +1,110 @@
+//! What an [`Engine`](crate::Engine) is opened with. Every limit is a named number here; the server
+//! fills this from its TOML file, the environment and the command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use herald_log::{Durability, LogConfig};
+use herald_projector::Policy;
+
+use crate::commands::CommandLimits;
+
+/// The engine's whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Where the store lives (`[store] data_dir`).
+    pub data_dir: PathBuf,
+    /// `[store] durability`.
+    pub durability: Durability,
+    /// sled's page cache, bytes.
+    pub cache_bytes: u64,
+    /// Group commit and the writer queue.
+    pub log: LogConfig,
+    /// Retry schedule, failure window, rotation overlap: written to the log as a policy event
+    /// whenever it differs from the one in force.
+    pub policy: Policy,
+    /// What commands are checked against. `Engine::open` overrides its `rotation_overlap_ms` with
+    /// the policy's and its `allow_private_targets` with the delivery section's.
+    pub limits: CommandLimits,
+    pub delivery: DeliveryConfig,
+}
+
+/// `[delivery]`: how the dispatcher makes attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// The whole attempt (`[delivery] timeout`).
+    pub timeout: Duration,
+    /// Attempts in flight to one endpoint, at most.
+    pub max_in_flight_per_endpoint: usize,
+    /// Attempts in flight in total, at most.
+    pub max_in_flight_total: usize,
+    /// Due deliveries kept in memory, at most (the rest stay in the stored due index).
+    pub due_queue_capacity: usize,
+    /// Whether loopback, private and link-local targets are allowed.
+    pub allow_private_targets: bool,
+    /// PEM file of extra root certificates for private receivers.
+    pub extra_ca_file: Option<PathBuf>,
+    /// The longest receiver `Retry-After` honoured.
+    pub retry_after_max: Duration,
+    /// How long a stop waits for attempts in flight before recording them as interrupted.
+    pub shutdown_timeout: Duration,
+    /// Worker threads of the dispatcher's runtime.
+    pub worker_threads: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            timeout: Duration::from_secs(15),
+            max_in_flight_per_endpoint: 16,
+            max_in_flight_total: 1024,
+            due_queue_capacity: 100_000,
+            allow_private_targets: false,
+            extra_ca_file: None,
+            retry_after_max: Duration::from_secs(3600),
+            shutdown_timeout: Duration::from_secs(10),
+            worker_threads: 2,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    /// API.md's embedded defaults: data in `./herald-data`, `sync` durability.
+    fn default() -> Self {
+        EngineConfig {
+            data_dir: PathBuf::from("./herald-data"),
+            durability: Durability::Sync,
+            cache_bytes: 64 * 1024 * 1024,
+            log: LogConfig::default(),
+            policy: Policy::default(),
+            limits: CommandLimits::default(),
+            delivery: DeliveryConfig::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Why this configuration cannot be used, naming the setting, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(p) = self.policy.problem() {
+            return Some(format!("policy: {p}"));
+        }
+        let d = &self.delivery;
+        if d.timeout.is_zero() {
+            return Some("delivery.timeout must be above 0".into());
+        }
+        if d.max_in_flight_per_endpoint == 0 {
+            return Some("delivery.max_in_flight_per_endpoint must be at least 1".into());
+        }
+        if d.max_in_flight_total == 0 {
+            return Some("delivery.max_in_flight_total must be at least 1".into());
+        }
+        if d.due_queue_capacity == 0 {
+            return Some("delivery.due_queue_capacity must be at least 1".into());
+        }
+        if d.worker_threads == 0 {
+            return Some("delivery.worker_threads must be at least 1".into());
+        }
+        None
+    }
+}

@@ -1,0 +1,639 @@
+//! The dispatcher: makes the attempts that the log says are due, and records what became of them.
+//!
+//! One loop task owns the in-memory state: the bounded [`DueQueue`], the attempts in flight (in
+//! total and per endpoint), and deliveries parked behind a busy endpoint. It is fed from two
+//! places, both through the [`Inbox`]:
+//!
+//! - the command machine's due hook, after each durable batch (new deliveries, retriggers,
+//!   redeliveries): a hint with the delivery and its due time;
+//! - each finished attempt, once its `RecordAttempt` is durable: the retry time the engine chose.
+//!
+//! The stored due index is the truth; the queue is a cache of it. On start the queue is filled
+//! from the index, and whenever it had to drop entries (full queue, full inbox, a busy endpoint's
+//! overflow) it is refilled from the index. Before each attempt the delivery is read again from
+//! the store: only a `pending` delivery whose time has come is attempted, so a stale hint costs a
+//! read, never a wrong attempt. An attempt in flight when the process dies stays `pending` in the
+//! index and is made again after restart, with the same `webhook-id` (at least once).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_log::{Log, LogError, Store};
+use herald_projector::{
+    decode, due_deliveries, get_delivery, get_endpoint, get_event, list_deliveries, org_secret, Delivery,
+    DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, Event, StoreTables,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::clock::Clock;
+use crate::commands::{Actor, Command, CommandError, Commands, Reply, Submitted};
+use crate::config::DeliveryConfig;
+use crate::due::DueQueue;
+use crate::sender::{AttemptOutcome, AttemptRequest, Sender};
+use crate::signing::{sign, Secret};
+
+/// Hints waiting for the loop, at most; beyond it they are dropped and the queue is refilled
+/// from the stored index.
+const INBOX_HINTS_MAX: usize = 65_536;
+/// Due index entries read per page while refilling.
+const REFILL_PAGE_LEN: usize = 1_000;
+/// The loop looks at the clock at least this often, so a wall clock that jumps is noticed.
+const TICK_MAX_MS: u64 = 1_000;
+/// After a failure to record an attempt (the store refused), the delivery is tried again this much
+/// later (it is still pending in the store).
+const RECORD_RETRY_MS: u64 = 1_000;
+/// The error recorded for an attempt cut short by a stop.
+pub const INTERRUPTED_ERROR: &str = "interrupted: herald stopped before the receiver answered";
+
+type Id = [u8; 16];
+
+/// What the writer thread hands to the loop. Callbacks only push here: the loop does the work.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    hints: Vec<Due>,
+    /// Hints were dropped: the loop must refill from the whole index.
+    overflowed: bool,
+    finished: Vec<Finished>,
+}
+
+struct Finished {
+    id: Id,
+    /// `Ok(Some(t))`: pending again at `t`; `Ok(None)`: no automatic retry; `Err`: not recorded.
+    result: Result<Option<u64>, String>,
+}
+
+impl Inbox {
+    /// Called by the command machine after each durable batch.
+    pub(crate) fn hints(&self, due: Vec<Due>) {
+        let mut st = lock(&self.state);
+        if st.hints.len() + due.len() > INBOX_HINTS_MAX {
+            st.overflowed = true;
+        } else {
+            st.hints.extend(due);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn finished(&self, f: Finished) {
+        lock(&self.state).finished.push(f);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> InboxState {
+        std::mem::take(&mut *lock(&self.state))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Figures of the dispatcher, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Deliveries in the in-memory due queue.
+    pub queued: u64,
+    /// The due time of the earliest queued delivery (its lag is now minus this).
+    pub oldest_due_ms: Option<u64>,
+    pub in_flight: u64,
+    /// Deliveries waiting for a busy endpoint.
+    pub parked: u64,
+    pub attempts_started: u64,
+    pub attempts_delivered: u64,
+    pub attempts_failed: u64,
+    /// Attempts whose outcome could not be recorded (they are made again).
+    pub attempts_unrecorded: u64,
+    /// Refills of the queue from the stored due index.
+    pub refills: u64,
+    /// Loop iterations, so a waiter can tell that the loop has looked since it asked.
+    pub generation: u64,
+}
+
+/// The part of the dispatcher shared with the engine handle.
+pub(crate) struct Shared {
+    pub(crate) inbox: Arc<Inbox>,
+    stopping: AtomicBool,
+    stats: Mutex<DispatchStats>,
+    started: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    unrecorded: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(inbox: Arc<Inbox>) -> Shared {
+        Shared {
+            inbox,
+            stopping: AtomicBool::new(false),
+            stats: Mutex::new(DispatchStats::default()),
+            started: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            unrecorded: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> DispatchStats {
+        let mut s = *lock(&self.stats);
+        s.attempts_started = self.started.load(Ordering::Relaxed);
+        s.attempts_delivered = self.delivered.load(Ordering::Relaxed);
+        s.attempts_failed = self.failed.load(Ordering::Relaxed);
+        s.attempts_unrecorded = self.unrecorded.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Asks the loop to look at the clock and its inbox now.
+    pub(crate) fn wake(&self) {
+        self.inbox.wake.notify_one();
+    }
+
+    pub(crate) fn inbox_is_empty(&self) -> bool {
+        let st = lock(&self.inbox.state);
+        st.hints.is_empty() && st.finished.is_empty() && !st.overflowed
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.inbox.wake.notify_one();
+    }
+}
+
+/// How a stop went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StopReport {
+    /// Attempts that finished (and were recorded) during the stop.
+    pub finished: u64,
+    /// Attempts cut short by the timeout and recorded as interrupted.
+    pub interrupted: u64,
+}
+
+/// Everything an attempt task needs; cheap to clone.
+#[derive(Clone)]
+struct Ctx {
+    log: Log<Commands>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    sender: Arc<dyn Sender>,
+    shared: Arc<Shared>,
+}
+
+struct InFlight {
+    endpoint: Option<EndpointId>,
+    abort: tokio::task::AbortHandle,
+    delivery: Delivery,
+    started_at_ms: u64,
+}
+
+/// The loop's own state.
+pub(crate) struct Dispatcher {
+    ctx: Ctx,
+    cfg: DeliveryConfig,
+    queue: DueQueue,
+    in_flight: HashMap<Id, InFlight>,
+    per_endpoint: HashMap<EndpointId, usize>,
+    parked: HashMap<EndpointId, VecDeque<Due>>,
+    parked_len: usize,
+    /// Endpoints whose parked list overflowed: refilled from their pending index once it drains.
+    overflowed: HashSet<EndpointId>,
+    /// Endpoints to refill from their pending index on the next turn.
+    endpoint_refills: Vec<EndpointId>,
+    /// Popped while an attempt of theirs was in flight: looked at again when it finishes.
+    recheck: HashSet<Id>,
+    full_refill: bool,
+    tasks: JoinSet<()>,
+    refills: u64,
+    generation: u64,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        log: Log<Commands>,
+        clock: Arc<dyn Clock>,
+        sender: Arc<dyn Sender>,
+        shared: Arc<Shared>,
+        cfg: DeliveryConfig,
+    ) -> Dispatcher {
+        let store = log.store().clone();
+        Dispatcher {
+            ctx: Ctx { log, store, clock, sender, shared },
+            queue: DueQueue::new(cfg.due_queue_capacity),
+            cfg,
+            in_flight: HashMap::new(),
+            per_endpoint: HashMap::new(),
+            parked: HashMap::new(),
+            parked_len: 0,
+            overflowed: HashSet::new(),
+            endpoint_refills: Vec::new(),
+            recheck: HashSet::new(),
+            full_refill: true,
+            tasks: JoinSet::new(),
+            refills: 0,
+            generation: 0,
+        }
+    }
+
+    fn parked_max(&self) -> usize {
+        (self.cfg.max_in_flight_per_endpoint * 4).max(64)
+    }
+
+    /// The loop: runs until a stop is asked, then drains what is in flight (bounded by the
+    /// shutdown timeout) and records the rest as interrupted.
+    pub(crate) async fn run(mut self) -> StopReport {
+        let shared = self.ctx.shared.clone();
+        loop {
+            let notified = shared.inbox.wake.notified();
+            if shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let next_due = self.turn();
+            self.publish_stats();
+            let now = self.ctx.clock.now_ms();
+            let sleep_ms = next_due.map_or(TICK_MAX_MS, |t| t.saturating_sub(now)).clamp(1, TICK_MAX_MS);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+        }
+        self.drain().await
+    }
+
+    /// One turn: take in what the inbox holds, refill if needed, start what is due and allowed.
+    /// Returns when the next queued delivery is due.
+    fn turn(&mut self) -> Option<u64> {
+        self.generation += 1;
+        let inbox = self.ctx.shared.inbox.take();
+        for f in inbox.finished {
+            self.finish(f);
+        }
+        if inbox.overflowed {
+            self.full_refill = true;
+        }
+        for due in inbox.hints {
+            if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
+                // The queue keeps the earliest; it remembers that it must refill.
+            }
+        }
+        let now = self.ctx.clock.now_ms();
+        if self.full_refill {
+            self.full_refill = false;
+            self.refill(None);
+        } else if self.queue.needs_refill() && self.queue.len() <= self.queue.capacity() / 2 {
+            let from = self.queue.refill_from_ms();
+            self.queue.clear_refill();
+            self.refill(from);
+        }
+        for endpoint in std::mem::take(&mut self.endpoint_refills) {
+            self.refill_endpoint(endpoint);
+        }
+        while self.in_flight.len() < self.cfg.max_in_flight_total {
+            let room = self.cfg.max_in_flight_total - self.in_flight.len();
+            let ids = self.queue.pop_due(now, room.min(256));
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                self.consider(id, now);
+            }
+        }
+        self.queue.next_due_ms()
+    }
+
+    /// Loads due index entries into the queue, from `from_ms` on (all of them when `None`), until
+    /// the queue is full.
+    fn refill(&mut self, from_ms: Option<u64>) {
+        self.refills += 1;
+        let t = StoreTables(self.ctx.store.as_ref());
+        let mut after = from_ms
+            .and_then(|ms| ms.checked_sub(1))
+            .map(|ms| Due { next_attempt_at_ms: ms, delivery_id: DeliveryId::from_bytes([0xFF; 16]) });
+        loop {
+            let page = match due_deliveries(&t, after, u64::MAX, REFILL_PAGE_LEN) {
+                Ok(page) => page,
+                Err(_) => {
+                    // A damaged index entry: leave the rest for the next refill rather than spin.
+                    return;
+                }
+            };
+            let Some(last) = page.last().copied() else { return };
+            for due in page {
+                if self.in_flight.contains_key(due.delivery_id.as_bytes()) {
+                    continue;
+                }
+                if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
+                    return;
+                }
+            }
+            after = Some(last);
+        }
+    }
+
+    /// Loads an endpoint's pending deliveries into the queue after its parked list overflowed.
+    fn refill_endpoint(&mut self, endpoint: EndpointId) {
+        let t = StoreTables(self.ctx.store.as_ref());
+        let query = DeliveryQuery::all(DeliveryIndex::EndpointStatus(endpoint, DeliveryStatus::Pending));
+        let mut cursor = None;
+        let mut loaded = 0;
+        loop {
+            let Ok(page) = list_deliveries(&t, &query, cursor, REFILL_PAGE_LEN) else { return };
+            for d in page.items {
+                if self.in_flight.contains_key(d.id.as_bytes()) {
+                    continue;
+                }
+                if let Some(at) = d.next_attempt_at_ms {
+                    if self.queue.insert(*d.id.as_bytes(), at).dropped() {
+                        return;
+                    }
+                    loaded += 1;
+                }
+            }
+            match page.next {
+                Some(next) if loaded < self.parked_max() * 4 => cursor = Some(next),
+                Some(_) => {
+                    // More than a few rounds' worth: come back when these have drained.
+                    self.overflowed.insert(endpoint);
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// A queued delivery whose time has come: attempt it, park it, or let it go.
+    fn consider(&mut self, id: Id, now: u64) {
+        if self.in_flight.contains_key(&id) {
+            self.recheck.insert(id);
+            return;
+        }
+        let t = StoreTables(self.ctx.store.as_ref());
+        let delivery = match get_delivery(&t, DeliveryId::from_bytes(id)) {
+            Ok(Some(d)) => d,
+            // Gone or unreadable: nothing to attempt (the due index is the truth on refill).
+            _ => return,
+        };
+        if delivery.status != DeliveryStatus::Pending {
+            return;
+        }
+        match delivery.next_attempt_at_ms {
+            None => return,
+            Some(at) if at > now => {
+                self.queue.insert(id, at);
+                return;
+            }
+            Some(_) => {}
+        }
+        if let Some(endpoint) = delivery.endpoint_id {
+            if self.per_endpoint.get(&endpoint).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {
+                let parked_max = self.parked_max();
+                let list = self.parked.entry(endpoint).or_default();
+                if list.len() < parked_max {
+                    list.push_back(Due {
+                        next_attempt_at_ms: delivery.next_attempt_at_ms.unwrap_or(now),
+                        delivery_id: delivery.id,
+                    });
+                    self.parked_len += 1;
+                } else {
+                    self.overflowed.insert(endpoint);
+                }
+                return;
+            }
+            *self.per_endpoint.entry(endpoint).or_default() += 1;
+        }
+        self.start(delivery, now);
+    }
+
+    fn start(&mut self, delivery: Delivery, now: u64) {
+        self.ctx.shared.started.fetch_add(1, Ordering::Relaxed);
+        let ctx = self.ctx.clone();
+        let d = delivery.clone();
+        let abort = self.tasks.spawn(async move { attempt(ctx, d).await });
+        self.in_flight.insert(
+            *delivery.id.as_bytes(),
+            InFlight { endpoint: delivery.endpoint_id, abort, delivery, started_at_ms: now },
+        );
+    }
+
+    /// An attempt's record is durable (or failed to be).
+    fn finish(&mut self, f: Finished) {
+        let Some(flight) = self.in_flight.remove(&f.id) else { return };
+        match f.result {
+            Ok(Some(retry_at)) => {
+                self.queue.insert(f.id, retry_at);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                self.ctx.shared.unrecorded.fetch_add(1, Ordering::Relaxed);
+                self.queue.insert(f.id, self.ctx.clock.now_ms().saturating_add(RECORD_RETRY_MS));
+            }
+        }
+        if self.recheck.remove(&f.id) {
+            let t = StoreTables(self.ctx.store.as_ref());
+            if let Ok(Some(d)) = get_delivery(&t, DeliveryId::from_bytes(f.id)) {
+                if let (DeliveryStatus::Pending, Some(at)) = (d.status, d.next_attempt_at_ms) {
+                    self.queue.insert(f.id, at);
+                }
+            }
+        }
+        if let Some(endpoint) = flight.endpoint {
+            if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_endpoint.remove(&endpoint);
+                }
+            }
+            // The endpoint has room again: its next parked delivery goes back to the queue.
+            if let Some(list) = self.parked.get_mut(&endpoint) {
+                if let Some(due) = list.pop_front() {
+                    self.parked_len -= 1;
+                    self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms);
+                }
+                if list.is_empty() {
+                    self.parked.remove(&endpoint);
+                    if self.overflowed.remove(&endpoint) {
+                        self.endpoint_refills.push(endpoint);
+                    }
+                }
+            } else if self.overflowed.remove(&endpoint) {
+                self.endpoint_refills.push(endpoint);
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let mut s = lock(&self.ctx.shared.stats);
+        s.queued = self.queue.len() as u64;
+        s.oldest_due_ms = self.queue.oldest_due_ms();
+        s.in_flight = self.in_flight.len() as u64;
+        s.parked = self.parked_len as u64;
+        s.refills = self.refills;
+        s.generation = self.generation;
+    }
+
+    /// The stop: no new attempts; wait for those in flight up to the shutdown timeout; record the
+    /// rest as interrupted.
+    async fn drain(mut self) -> StopReport {
+        let mut report = StopReport::default();
+        let deadline = tokio::time::Instant::now() + self.cfg.shutdown_timeout;
+        let shared = self.ctx.shared.clone();
+        while !self.in_flight.is_empty() {
+            let notified = shared.inbox.wake.notified();
+            let inbox = self.ctx.shared.inbox.take();
+            for f in inbox.finished {
+                if self.in_flight.contains_key(&f.id) {
+                    report.finished += 1;
+                }
+                self.finish(f);
+            }
+            if self.in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // Whatever finished in the meantime is recorded already; the rest is cut short.
+        for f in self.ctx.shared.inbox.take().finished {
+            if self.in_flight.contains_key(&f.id) {
+                report.finished += 1;
+            }
+            self.finish(f);
+        }
+        let now = self.ctx.clock.now_ms();
+        for (_, flight) in self.in_flight.drain() {
+            flight.abort.abort();
+            report.interrupted += 1;
+            let command = Command::RecordAttempt {
+                delivery_id: flight.delivery.id,
+                started_at_ms: flight.started_at_ms,
+                finished_at_ms: now.max(flight.started_at_ms),
+                outcome: herald_projector::AttemptOutcome::Failed {
+                    status: None,
+                    error: INTERRUPTED_ERROR.into(),
+                },
+                response_excerpt: Vec::new(),
+                retry_after_ms: None,
+            };
+            // If this cannot be recorded the delivery stays pending and is attempted after restart.
+            let _ = self.ctx.log.submit(Submitted { actor: Actor::admin(), at_ms: now, command });
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        report
+    }
+}
+
+/// One attempt: build the signed request, send it, record the outcome, tell the loop.
+async fn attempt(ctx: Ctx, delivery: Delivery) {
+    let started_at_ms = ctx.clock.now_ms();
+    let outcome = match request(&ctx, &delivery, started_at_ms) {
+        Ok(req) => ctx.sender.send(req).await,
+        Err(error) => AttemptOutcome::Failed { kind: crate::sender::FailureKind::InvalidHeader, error },
+    };
+    let finished_at_ms = ctx.clock.now_ms().max(started_at_ms);
+    let (outcome, excerpt, retry_after_ms) = match outcome {
+        AttemptOutcome::Response { status, excerpt, retry_after_ms } if (200..300).contains(&status) => {
+            ctx.shared.delivered.fetch_add(1, Ordering::Relaxed);
+            (herald_projector::AttemptOutcome::Delivered { status }, excerpt, retry_after_ms)
+        }
+        AttemptOutcome::Response { status, excerpt, retry_after_ms } => {
+            ctx.shared.failed.fetch_add(1, Ordering::Relaxed);
+            let error = format!("HTTP {status}");
+            (
+                herald_projector::AttemptOutcome::Failed { status: Some(status), error },
+                excerpt,
+                retry_after_ms,
+            )
+        }
+        AttemptOutcome::Failed { error, .. } => {
+            ctx.shared.failed.fetch_add(1, Ordering::Relaxed);
+            (herald_projector::AttemptOutcome::Failed { status: None, error }, Vec::new(), None)
+        }
+    };
+    let id = *delivery.id.as_bytes();
+    let command = Command::RecordAttempt {
+        delivery_id: delivery.id,
+        started_at_ms,
+        finished_at_ms,
+        outcome,
+        response_excerpt: excerpt,
+        retry_after_ms,
+    };
+    let inbox = ctx.shared.inbox.clone();
+    ctx.log.submit_with(Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command }, move |out| {
+        let result = match out {
+            Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
+            Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
+            Ok(Err(e)) => Err(command_error(e)),
+            Err(e) => Err(log_error(e)),
+        };
+        inbox.finished(Finished { id, result });
+    });
+}
+
+fn command_error(e: CommandError) -> String {
+    e.to_string()
+}
+
+fn log_error(e: LogError) -> String {
+    e.to_string()
+}
+
+/// The signed request of one attempt: the payload as published, to the endpoint's current url,
+/// signed with every secret valid now. The sender adds `user-agent`.
+fn request(ctx: &Ctx, delivery: &Delivery, now_ms: u64) -> Result<AttemptRequest, String> {
+    let t = StoreTables(ctx.store.as_ref());
+    let (url, secrets) = match delivery.endpoint_id {
+        Some(id) => {
+            let endpoint = get_endpoint(&t, id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("endpoint {id} is missing"))?;
+            let secrets = endpoint
+                .secrets_valid_at(now_ms)
+                .into_iter()
+                .map(Secret::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("endpoint secret: {e}"))?;
+            (endpoint.url, secrets)
+        }
+        None => {
+            let secret = org_secret(&t, delivery.org_id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("organisation {} has no default secret", delivery.org_id))?;
+            (delivery.url.clone(), vec![Secret::parse(&secret).map_err(|e| format!("org secret: {e}"))?])
+        }
+    };
+    let event = get_event(&t, delivery.event_id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
+    let record = herald_log::read_records(ctx.store.as_ref(), event.seq, 1).map_err(|e| e.to_string())?;
+    let payload = match record.first().map(|r| decode(&r.body)) {
+        Some(Ok(Event::EventPublished { payload, .. })) => payload,
+        _ => return Err(format!("the payload of event {} is not at seq {}", delivery.event_id, event.seq)),
+    };
+    let msg_id = delivery.event_id.to_string();
+    let timestamp_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+    let secret_refs: Vec<&Secret> = secrets.iter().collect();
+    let signature = sign(&secret_refs, &msg_id, timestamp_s, &payload);
+    let headers = vec![
+        ("content-type".to_owned(), "application/json".to_owned()),
+        ("webhook-id".to_owned(), msg_id),
+        ("webhook-timestamp".to_owned(), timestamp_s.to_string()),
+        ("webhook-signature".to_owned(), signature),
+        ("herald-delivery-id".to_owned(), delivery.id.to_string()),
+        ("herald-event-type".to_owned(), delivery.event_type.clone()),
+        ("herald-attempt".to_owned(), (delivery.attempt_count + 1).to_string()),
+    ];
+    Ok(AttemptRequest { url, headers, body: Bytes::from(payload) })
+}

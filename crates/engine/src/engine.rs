@@ -1,0 +1,383 @@
+//! [`Engine`]: the handle an embedding service (and herald's own server) holds. It opens the store,
+//! writes the configured policy to the log when it changed, starts the command machine and the
+//! dispatcher, and answers commands and queries.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_log::{Log, LogError, SledStore, Store, WriterStats};
+use herald_projector::{
+    attempts, decode, get_delivery, get_endpoint, get_event, list_deliveries, list_endpoints, projection_lag,
+    AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryQuery, Endpoint, EndpointId, Event, EventId,
+    EventRecord, OrgId, Page, Policy, StoreTables,
+};
+use uuid::Uuid;
+
+use crate::clock::{Clock, SystemClock};
+use crate::commands::{Actor, Command, CommandError, Commands, Reply, Submitted};
+use crate::config::EngineConfig;
+use crate::dispatch::{DispatchStats, Dispatcher, Inbox, Shared, StopReport};
+use crate::sender::{HttpSender, Sender, SenderConfig};
+
+/// Why the engine could not open, or a command could not be committed.
+#[derive(Debug)]
+pub enum EngineError {
+    /// The command was refused; nothing was written.
+    Command(CommandError),
+    /// The log could not commit (the store failed, or the engine is stopping); nothing was written.
+    Log(LogError),
+    /// The engine could not start: a bad configuration, a store that cannot be opened.
+    Open(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Command(e) => e.fmt(f),
+            EngineError::Log(e) => e.fmt(f),
+            EngineError::Open(e) => write!(f, "cannot open herald: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+impl From<CommandError> for EngineError {
+    fn from(e: CommandError) -> Self {
+        EngineError::Command(e)
+    }
+}
+
+impl From<LogError> for EngineError {
+    fn from(e: LogError) -> Self {
+        EngineError::Log(e)
+    }
+}
+
+impl From<herald_projector::Corrupt> for EngineError {
+    fn from(e: herald_projector::Corrupt) -> Self {
+        EngineError::Log(LogError::Store(herald_log::StoreError::Io(e.to_string())))
+    }
+}
+
+/// What the engine is built from; [`Engine::open`] uses sled, the system clock and HTTP. Tests and
+/// simulations pass their own.
+pub struct Parts {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub sender: Arc<dyn Sender>,
+}
+
+/// A published event with its payload, as `GET /v1/events/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedEvent {
+    pub record: EventRecord,
+    pub payload: Vec<u8>,
+}
+
+/// The engine. Cloning gives another handle to the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Log<Commands>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+    runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
+    stopped: crossbeam_channel::Receiver<StopReport>,
+    shutdown_timeout: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.stop();
+        if let Some(rt) = self.runtime.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the data directory of `config` and starts delivering.
+    pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        if let Some(problem) = config.problem() {
+            return Err(EngineError::Open(problem));
+        }
+        let store = SledStore::open(&config.data_dir, config.cache_bytes)
+            .map_err(|e| EngineError::Open(format!("{}: {e}", config.data_dir.display())))?;
+        let extra_ca_pem = match &config.delivery.extra_ca_file {
+            Some(path) => Some(read_file(path)?),
+            None => None,
+        };
+        let sender = HttpSender::new(SenderConfig {
+            timeout: config.delivery.timeout,
+            allow_private_targets: config.delivery.allow_private_targets,
+            extra_ca_pem,
+            retry_after_max_ms: u64::try_from(config.delivery.retry_after_max.as_millis())
+                .unwrap_or(u64::MAX),
+            pool_idle_per_host_max: config.delivery.max_in_flight_per_endpoint.max(1),
+            ..SenderConfig::default()
+        })
+        .map_err(|e| EngineError::Open(e.to_string()))?;
+        Engine::open_with(
+            config,
+            Parts { store: Arc::new(store), clock: Arc::new(SystemClock), sender: Arc::new(sender) },
+        )
+    }
+
+    /// Opens the engine on the given store, clock and sender.
+    pub fn open_with(mut config: EngineConfig, parts: Parts) -> Result<Engine, EngineError> {
+        if let Some(problem) = config.problem() {
+            return Err(EngineError::Open(problem));
+        }
+        config.limits.rotation_overlap_ms = config.policy.rotation_overlap_ms;
+        config.limits.allow_private_targets = config.delivery.allow_private_targets;
+        let Parts { store, clock, sender } = parts;
+        herald_log::check_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
+        // The projection is written in the same atomic batch as the records it folds, so it stands
+        // at the log's last seq; anything else is damage, and herald does not guess.
+        match projection_lag(store.as_ref()) {
+            Ok((applied, last)) if applied != last => {
+                return Err(EngineError::Open(format!(
+                    "the projection stands at seq {applied} but the log ends at seq {last}; \
+                     run `herald verify` on this data directory"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(EngineError::Open(e.to_string())),
+        }
+        let inbox = Arc::new(Inbox::default());
+        let hook_inbox = inbox.clone();
+        let machine =
+            Commands::new(config.limits.clone()).with_due_hook(Box::new(move |due| hook_inbox.hints(due)));
+        let log =
+            Log::open(store.clone(), machine, config.log).map_err(|e| EngineError::Open(e.to_string()))?;
+        let shared = Arc::new(Shared::new(inbox));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.delivery.worker_threads)
+            .thread_name("herald-dispatch")
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::Open(format!("starting the dispatcher's runtime: {e}")))?;
+        let (stopped_tx, stopped) = crossbeam_channel::bounded(1);
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                log: log.clone(),
+                store,
+                clock: clock.clone(),
+                shared: shared.clone(),
+                runtime: std::sync::Mutex::new(None),
+                stopped,
+                shutdown_timeout: config.delivery.shutdown_timeout,
+            }),
+        };
+        // The policy in force is the configuration's; a change is itself a logged fact.
+        let in_force = herald_projector::policy(&StoreTables(engine.inner.store.as_ref()))?;
+        if in_force != config.policy {
+            engine.execute_blocking(Actor::admin(), Command::SetPolicy(config.policy.clone()))?;
+        }
+        let dispatcher = Dispatcher::new(log, clock, sender, shared, config.delivery.clone());
+        runtime.spawn(async move {
+            let report = dispatcher.run().await;
+            let _ = stopped_tx.send(report);
+        });
+        *engine.inner.runtime.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime);
+        Ok(engine)
+    }
+
+    /// The time commands are stamped with.
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Runs a command and calls `done` (from the log's writer thread) once it is durable or
+    /// refused. The call blocks only while the writer's queue is full.
+    pub fn submit_with(
+        &self,
+        actor: Actor,
+        command: Command,
+        done: impl FnOnce(Result<Reply, EngineError>) + Send + 'static,
+    ) {
+        let at_ms = self.inner.clock.now_ms();
+        self.inner.log.submit_with(Submitted { actor, at_ms, command }, move |out| {
+            done(match out {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(e)) => Err(EngineError::Command(e)),
+                Err(e) => Err(EngineError::Log(e)),
+            })
+        });
+    }
+
+    /// Runs a command; resolves once its events are durable (or it was refused).
+    pub async fn execute(&self, actor: Actor, command: Command) -> Result<Reply, EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit_with(actor, command, move |out| {
+            let _ = tx.send(out);
+        });
+        rx.await.unwrap_or(Err(EngineError::Log(LogError::Closed)))
+    }
+
+    /// Runs a command and blocks until its events are durable (or it was refused).
+    pub fn execute_blocking(&self, actor: Actor, command: Command) -> Result<Reply, EngineError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.submit_with(actor, command, move |out| {
+            let _ = tx.send(out);
+        });
+        rx.recv().unwrap_or(Err(EngineError::Log(LogError::Closed)))
+    }
+
+    /// Publishes `payload` (JSON bytes) as an event of `event_type` for the organisation: the
+    /// simplest command, for embedders.
+    pub fn publish(&self, org_id: OrgId, event_type: &str, payload: &[u8]) -> Result<Reply, EngineError> {
+        self.execute_blocking(
+            Actor { org_id: Some(org_id), key_id: None },
+            Command::Publish {
+                id: EventId(Uuid::now_v7()),
+                org_id,
+                event_type: event_type.to_owned(),
+                payload: payload.to_vec(),
+                call_id: None,
+                webhook_url: None,
+                idempotency_key: None,
+            },
+        )
+    }
+
+    /// Read access to the projection, for queries this handle does not wrap.
+    pub fn tables(&self) -> StoreTables<'_> {
+        StoreTables(self.inner.store.as_ref())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, EngineError> {
+        Ok(get_delivery(&self.tables(), id)?)
+    }
+
+    pub fn endpoint(&self, id: EndpointId) -> Result<Option<Endpoint>, EngineError> {
+        Ok(get_endpoint(&self.tables(), id)?)
+    }
+
+    pub fn endpoints(
+        &self,
+        org_id: OrgId,
+        after: Option<EndpointId>,
+        limit: usize,
+    ) -> Result<Page<Endpoint, EndpointId>, EngineError> {
+        Ok(list_endpoints(&self.tables(), org_id, after, limit)?)
+    }
+
+    /// An event with the payload read back from its log record.
+    pub fn event(&self, id: EventId) -> Result<Option<PublishedEvent>, EngineError> {
+        let Some(record) = get_event(&self.tables(), id)? else { return Ok(None) };
+        let records = herald_log::read_records(self.inner.store.as_ref(), record.seq, 1)?;
+        match records.first().map(|r| decode(&r.body)) {
+            Some(Ok(Event::EventPublished { payload, .. })) => Ok(Some(PublishedEvent { record, payload })),
+            _ => Err(EngineError::Log(LogError::Store(herald_log::StoreError::Io(format!(
+                "event {id}: its payload is not at seq {}",
+                record.seq
+            ))))),
+        }
+    }
+
+    pub fn deliveries(
+        &self,
+        query: &DeliveryQuery,
+        after: Option<DeliveryCursor>,
+        limit: usize,
+    ) -> Result<Page<Delivery, DeliveryCursor>, EngineError> {
+        Ok(list_deliveries(&self.tables(), query, after, limit)?)
+    }
+
+    /// Up to `limit` attempts of a delivery, oldest first, after attempt number `after`.
+    pub fn attempts(
+        &self,
+        id: DeliveryId,
+        after: u32,
+        limit: usize,
+    ) -> Result<Vec<AttemptRecord>, EngineError> {
+        Ok(attempts(&self.tables(), id, after, limit)?)
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Result<Policy, EngineError> {
+        Ok(herald_projector::policy(&self.tables())?)
+    }
+
+    /// The log's durable records from `from_seq` on (the audit log).
+    pub fn records(&self, from_seq: u64, limit: usize) -> Result<Vec<herald_log::Record>, EngineError> {
+        Ok(self.inner.log.read(from_seq, limit)?)
+    }
+
+    pub fn committed_seq(&self) -> u64 {
+        self.inner.log.committed_seq()
+    }
+
+    pub fn writer_stats(&self) -> WriterStats {
+        self.inner.log.stats()
+    }
+
+    pub fn dispatch_stats(&self) -> DispatchStats {
+        self.inner.shared.stats()
+    }
+
+    /// Tells the dispatcher to look at the clock now (after a [`ManualClock`](crate::clock::ManualClock) moved).
+    pub fn wake(&self) {
+        self.inner.shared.wake();
+    }
+
+    /// Waits until the dispatcher has nothing in flight and nothing due at the clock's current
+    /// time, or `timeout` passes. Returns whether it settled. For tests and simulations.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let asked = self.inner.shared.stats().generation;
+            self.wake();
+            // Two full turns after the ask: the inbox taken, what was due started or parked.
+            loop {
+                let s = self.inner.shared.stats();
+                if s.generation >= asked + 2 {
+                    let now = self.now_ms();
+                    let due_now = s.oldest_due_ms.is_some_and(|t| t <= now);
+                    if s.in_flight == 0 && s.parked == 0 && !due_now && self.inner.shared.inbox_is_empty() {
+                        return true;
+                    }
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                self.wake();
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// The graceful stop: the dispatcher takes no new attempt, waits up to the shutdown timeout
+    /// for those in flight and records the rest as interrupted; then the log is closed (every
+    /// batch is durable when acknowledged, so nothing is left to flush). Blocking; from async
+    /// code call it through `spawn_blocking`.
+    pub fn shutdown(&self) -> StopReport {
+        self.inner.shared.stop();
+        let report = self
+            .inner
+            .stopped
+            .recv_timeout(self.inner.shutdown_timeout + Duration::from_secs(5))
+            .unwrap_or_default();
+        self.inner.log.close();
+        report
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
+    std::fs::read(path).map_err(|e| EngineError::Open(format!("reading {}: {e}", path.display())))
+}

@@ -1,0 +1,358 @@
+//! The engine as a whole: commands through the log, the dispatcher making signed attempts through
+//! a scripted sender, on a manual clock. Each test is bounded: `settle` gives up after its timeout.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_engine::clock::ManualClock;
+use herald_engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
+use herald_engine::signing::{verify, Secret};
+use herald_engine::{Actor, Command, DeliveryConfig, Engine, EngineConfig, EngineError, Parts, Reply};
+use herald_log::{MemStore, Store};
+use herald_projector::{
+    DeliveryId, DeliveryStatus, EndpointId, EndpointStatus, EventId, OrgId, Policy, Trigger,
+};
+use uuid::Uuid;
+
+const SETTLE: Duration = Duration::from_secs(10);
+const T0: u64 = 1_800_000_000_000;
+
+/// What the scripted receiver does with one request.
+#[derive(Clone, Debug)]
+enum Script {
+    Status(u16),
+    Fail,
+    /// Waits this long (real time) before answering 200.
+    Hold(Duration),
+}
+
+/// A sender that records every request and answers by script (200 when the script is empty).
+#[derive(Default)]
+struct Scripted {
+    requests: Mutex<Vec<AttemptRequest>>,
+    script: Mutex<VecDeque<Script>>,
+    active: AtomicUsize,
+    active_max: AtomicUsize,
+}
+
+impl Scripted {
+    fn push(&self, s: Script, times: usize) {
+        let mut q = self.script.lock().unwrap();
+        for _ in 0..times {
+            q.push_back(s.clone());
+        }
+    }
+
+    fn requests(&self) -> Vec<AttemptRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Sender for Scripted {
+    fn send(&self, req: AttemptRequest) -> SendFuture<'_> {
+        Box::pin(async move {
+            self.requests.lock().unwrap().push(req);
+            let step = self.script.lock().unwrap().pop_front().unwrap_or(Script::Status(200));
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.active_max.fetch_max(now, Ordering::SeqCst);
+            let out = match step {
+                Script::Status(status) => {
+                    AttemptOutcome::Response { status, excerpt: b"ok".to_vec(), retry_after_ms: None }
+                }
+                Script::Fail => {
+                    AttemptOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
+                }
+                Script::Hold(d) => {
+                    tokio::time::sleep(d).await;
+                    AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+                }
+            };
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            out
+        })
+    }
+}
+
+struct World {
+    store: Arc<MemStore>,
+    clock: ManualClock,
+    sender: Arc<Scripted>,
+    engine: Engine,
+    config: EngineConfig,
+}
+
+fn config(schedule_ms: Vec<u64>) -> EngineConfig {
+    EngineConfig {
+        policy: Policy { retry_schedule_ms: schedule_ms, ..Policy::default() },
+        delivery: DeliveryConfig {
+            max_in_flight_per_endpoint: 4,
+            shutdown_timeout: Duration::from_millis(300),
+            ..DeliveryConfig::default()
+        },
+        ..EngineConfig::default()
+    }
+}
+
+impl World {
+    fn new(config: EngineConfig) -> World {
+        let store = Arc::new(MemStore::new());
+        let clock = ManualClock::new(T0);
+        let sender = Arc::new(Scripted::default());
+        let engine = open(&store, &clock, &sender, &config);
+        World { store, clock, sender, engine, config }
+    }
+
+    /// Drops the engine without a stop (a crash), then opens a new one on the same store.
+    fn restart(&mut self) {
+        let engine = open(&self.store, &self.clock, &self.sender, &self.config);
+        self.engine = engine;
+    }
+
+    fn endpoint(&self, org: OrgId) -> (EndpointId, Secret) {
+        let id = EndpointId(Uuid::now_v7());
+        let reply = self.engine.execute_blocking(
+            Actor::admin(),
+            Command::CreateEndpoint {
+                id,
+                org_id: org,
+                url: "https://receiver.example/hook".into(),
+                name: "crm".into(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        );
+        match reply {
+            Ok(Reply::Endpoint { secret, .. }) => (id, Secret::parse(&secret).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn publish(&self, org: OrgId, payload: &[u8]) -> (EventId, Vec<DeliveryId>) {
+        match self.engine.publish(org, "call.ended", payload) {
+            Ok(Reply::Published { id, delivery_ids, .. }) => (id, delivery_ids),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn settle(&self) {
+        assert!(
+            self.engine.settle(SETTLE),
+            "the dispatcher did not settle: {:?}",
+            self.engine.dispatch_stats()
+        );
+    }
+
+    fn advance(&self, ms: u64) {
+        self.clock.advance_ms(ms);
+        self.settle();
+    }
+
+    fn status(&self, id: DeliveryId) -> DeliveryStatus {
+        self.engine.delivery(id).unwrap().unwrap().status
+    }
+}
+
+fn open(store: &Arc<MemStore>, clock: &ManualClock, sender: &Arc<Scripted>, config: &EngineConfig) -> Engine {
+    let parts = Parts {
+        store: store.clone() as Arc<dyn Store>,
+        clock: Arc::new(clock.clone()),
+        sender: sender.clone(),
+    };
+    Engine::open_with(config.clone(), parts).unwrap()
+}
+
+fn header<'a>(req: &'a AttemptRequest, name: &str) -> &'a str {
+    req.headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+fn org() -> OrgId {
+    OrgId(Uuid::from_u128(7))
+}
+
+#[test]
+fn a_published_event_is_delivered_signed_with_the_payload_as_published() {
+    let w = World::new(config(vec![1_000]));
+    let (endpoint, secret) = w.endpoint(org());
+    let payload = br#"{"call_id": 1, "spaces":  "kept"}"#;
+    let (event, deliveries) = w.publish(org(), payload);
+    w.settle();
+    assert_eq!(w.status(deliveries[0]), DeliveryStatus::Delivered);
+    let reqs = w.sender.requests();
+    assert_eq!(reqs.len(), 1);
+    let req = &reqs[0];
+    assert_eq!(req.url, "https://receiver.example/hook");
+    assert_eq!(&req.body[..], payload);
+    assert_eq!(header(req, "webhook-id"), event.to_string());
+    assert_eq!(header(req, "herald-delivery-id"), deliveries[0].to_string());
+    assert_eq!(header(req, "herald-event-type"), "call.ended");
+    assert_eq!(header(req, "herald-attempt"), "1");
+    assert_eq!(header(req, "content-type"), "application/json");
+    let ts: i64 = header(req, "webhook-timestamp").parse().unwrap();
+    assert_eq!(ts, (T0 / 1000) as i64);
+    assert!(verify(&secret, &event.to_string(), ts, payload, header(req, "webhook-signature")));
+    let attempts = w.engine.attempts(deliveries[0], 0, 10).unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].response_status, Some(200));
+    assert_eq!(w.engine.endpoint(endpoint).unwrap().unwrap().status, EndpointStatus::Active);
+}
+
+#[test]
+fn failures_follow_the_schedule_then_exhaust() {
+    let w = World::new(config(vec![1_000, 10_000]));
+    w.endpoint(org());
+    w.sender.push(Script::Status(503), 3);
+    let (_, deliveries) = w.publish(org(), b"{}");
+    let d = deliveries[0];
+    w.settle();
+    assert_eq!(w.sender.requests().len(), 1);
+    let first = w.engine.delivery(d).unwrap().unwrap();
+    assert_eq!(first.status, DeliveryStatus::Pending);
+    assert_eq!(first.last_error.as_deref(), Some("HTTP 503"));
+    let retry = first.next_attempt_at_ms.unwrap();
+    assert!((T0 + 900..=T0 + 1_100).contains(&retry), "{retry}");
+    // Not yet due: nothing happens.
+    w.advance(retry - T0 - 1);
+    assert_eq!(w.sender.requests().len(), 1);
+    w.advance(1);
+    assert_eq!(w.sender.requests().len(), 2);
+    assert_eq!(header(&w.sender.requests()[1], "herald-attempt"), "2");
+    w.advance(11_000);
+    assert_eq!(w.sender.requests().len(), 3);
+    assert_eq!(w.status(d), DeliveryStatus::Exhausted);
+    // Nothing more, however long we wait.
+    w.advance(3_600_000);
+    assert_eq!(w.sender.requests().len(), 3);
+}
+
+#[test]
+fn an_inactive_endpoint_gets_no_automatic_attempt_until_a_retrigger() {
+    let w = World::new(config(vec![1_000; 10]));
+    let (endpoint, _) = w.endpoint(org());
+    w.sender.push(Script::Fail, 5);
+    let (_, deliveries) = w.publish(org(), b"{}");
+    let d = deliveries[0];
+    for _ in 0..5 {
+        w.advance(1_100);
+    }
+    assert_eq!(w.sender.requests().len(), 5);
+    assert_eq!(w.status(d), DeliveryStatus::Inactive);
+    assert_eq!(w.engine.endpoint(endpoint).unwrap().unwrap().status, EndpointStatus::Inactive);
+    // A new event for the inactive endpoint is stored inactive and never attempted.
+    let (_, later) = w.publish(org(), b"{}");
+    w.advance(3_600_000);
+    assert_eq!(w.sender.requests().len(), 5);
+    assert_eq!(w.status(later[0]), DeliveryStatus::Inactive);
+    // A retrigger brings one back; its success makes the endpoint active again.
+    let reply = w.engine.execute_blocking(Actor::admin(), Command::Retrigger { delivery_id: d });
+    assert!(matches!(reply, Ok(Reply::Retriggered { .. })), "{reply:?}");
+    w.settle();
+    assert_eq!(w.sender.requests().len(), 6);
+    assert_eq!(w.status(d), DeliveryStatus::Delivered);
+    let attempts = w.engine.attempts(d, 0, 10).unwrap();
+    assert_eq!(attempts.last().unwrap().trigger, Trigger::Manual);
+    assert_eq!(w.engine.endpoint(endpoint).unwrap().unwrap().status, EndpointStatus::Active);
+    assert_eq!(w.status(later[0]), DeliveryStatus::Inactive);
+}
+
+#[test]
+fn in_flight_attempts_are_bounded_per_endpoint() {
+    let w = World::new(config(vec![1_000]));
+    w.endpoint(org());
+    w.sender.push(Script::Hold(Duration::from_millis(20)), 40);
+    let all: Vec<DeliveryId> = (0..40).flat_map(|_| w.publish(org(), b"{}").1).collect();
+    w.settle();
+    assert!(all.iter().all(|d| w.status(*d) == DeliveryStatus::Delivered));
+    let max = w.sender.active_max.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&max), "{max} attempts in flight to one endpoint");
+}
+
+#[test]
+fn an_attempt_in_flight_at_a_crash_is_made_again_after_restart_with_the_same_webhook_id() {
+    let mut w = World::new(config(vec![1_000]));
+    w.endpoint(org());
+    w.sender.push(Script::Hold(Duration::from_secs(30)), 1);
+    let (event, deliveries) = w.publish(org(), b"{}");
+    // Wait until the attempt is in flight, then crash.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while w.sender.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    w.restart();
+    w.settle();
+    let reqs = w.sender.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(header(&reqs[0], "webhook-id"), event.to_string());
+    assert_eq!(header(&reqs[1], "webhook-id"), event.to_string());
+    assert_eq!(w.status(deliveries[0]), DeliveryStatus::Delivered);
+}
+
+#[test]
+fn a_graceful_stop_records_attempts_cut_short_as_interrupted() {
+    let w = World::new(config(vec![1_000]));
+    w.endpoint(org());
+    w.sender.push(Script::Hold(Duration::from_secs(30)), 1);
+    let (_, deliveries) = w.publish(org(), b"{}");
+    let deadline = std::time::Instant::now() + SETTLE;
+    while w.sender.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let report = w.engine.shutdown();
+    assert_eq!(report.interrupted, 1);
+    let d = w.engine.delivery(deliveries[0]).unwrap().unwrap();
+    assert_eq!(d.status, DeliveryStatus::Pending);
+    assert_eq!(d.last_error.as_deref(), Some(herald_engine::dispatch::INTERRUPTED_ERROR));
+    // After the stop, commands are refused cleanly.
+    let refused =
+        w.engine.execute_blocking(Actor::admin(), Command::EnableEndpoint { id: EndpointId(Uuid::nil()) });
+    assert!(matches!(refused, Err(EngineError::Log(_))), "{refused:?}");
+}
+
+#[test]
+fn after_a_rotation_both_secrets_sign_until_the_old_one_expires() {
+    let w = World::new(config(vec![1_000]));
+    let (endpoint, old) = w.endpoint(org());
+    let rotated =
+        w.engine.execute_blocking(Actor::admin(), Command::RotateSecret { id: endpoint, secret: None });
+    let new = match rotated {
+        Ok(Reply::Endpoint { secret, .. }) => Secret::parse(&secret).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let (event, _) = w.publish(org(), b"{}");
+    w.settle();
+    let req = &w.sender.requests()[0];
+    let ts: i64 = header(req, "webhook-timestamp").parse().unwrap();
+    let sig = header(req, "webhook-signature");
+    assert_eq!(sig.split(' ').count(), 2, "{sig}");
+    assert!(verify(&new, &event.to_string(), ts, b"{}", sig));
+    assert!(verify(&old, &event.to_string(), ts, b"{}", sig));
+    // A day later the old secret no longer signs.
+    w.clock.advance_ms(24 * 3_600_000 + 1);
+    let (event, _) = w.publish(org(), b"{}");
+    w.settle();
+    let req = &w.sender.requests()[1];
+    let ts: i64 = header(req, "webhook-timestamp").parse().unwrap();
+    let sig = header(req, "webhook-signature");
+    assert!(verify(&new, &event.to_string(), ts, b"{}", sig));
+    assert!(!verify(&old, &event.to_string(), ts, b"{}", sig));
+}
+
+#[test]
+fn a_changed_policy_is_logged_once_at_open() {
+    let mut w = World::new(config(vec![1_000]));
+    assert_eq!(w.engine.policy().unwrap().retry_schedule_ms, vec![1_000]);
+    let seq = w.engine.committed_seq();
+    w.restart();
+    assert_eq!(w.engine.committed_seq(), seq, "an unchanged policy wrote a record");
+    w.config.policy.retry_schedule_ms = vec![2_000, 3_000];
+    w.restart();
+    assert_eq!(w.engine.committed_seq(), seq + 1);
+    assert_eq!(w.engine.policy().unwrap().retry_schedule_ms, vec![2_000, 3_000]);
+}
