@@ -64,6 +64,22 @@ impl ReadTables for StoreTables<'_> {
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         herald_log::scan_vec(self.0, from, to, limit).unwrap_or_default()
     }
+
+    /// One `last` per pair: each is a seek from the end of the shrinking range.
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut to = to.to_vec();
+        while out.len() < limit {
+            match self.0.last(from, &to) {
+                Ok(Some((k, v))) => {
+                    to = k.clone();
+                    out.push((k, v));
+                }
+                _ => break,
+            }
+        }
+        out
+    }
 }
 
 /// The log machine that appends events and folds them into the stored projection.

@@ -120,6 +120,23 @@ fn page<T>(
     Ok((items, last))
 }
 
+/// Like [`page`], walking down from `to` (exclusive) to `from`.
+fn page_rev<T>(
+    t: &impl ReadTables,
+    from: &[u8],
+    to: &[u8],
+    limit: usize,
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
+) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
+    let limit = limit.min(PAGE_LEN_MAX);
+    let mut pairs = t.scan_rev(from, to, limit.saturating_add(1));
+    let more = pairs.len() > limit;
+    pairs.truncate(limit);
+    let last = pairs.last().map(|(k, _)| k.clone()).filter(|_| more);
+    let items = pairs.iter().map(|(k, v)| item(k, v)).collect::<Result<Vec<T>, Corrupt>>()?;
+    Ok((items, last))
+}
+
 fn decode_value<V: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<V, Corrupt> {
     codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.to_vec() })
 }
@@ -156,6 +173,26 @@ pub fn list_endpoints(
         None => prefix.clone(),
     };
     let (items, last) = page(t, &from, &end_of(&prefix), limit, |key, _| {
+        let id = keys::trailing_id(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
+        get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| Corrupt { key: key.to_vec() })
+    })?;
+    Ok(Page { next: last.and(items.last().map(|e| e.id)), items })
+}
+
+/// The organisation's endpoints that are not deleted, newest first, before `before` (the last
+/// one of the previous page).
+pub fn list_endpoints_rev(
+    t: &impl ReadTables,
+    org_id: OrgId,
+    before: Option<EndpointId>,
+    limit: usize,
+) -> Result<Page<Endpoint, EndpointId>, Corrupt> {
+    let prefix = keys::key(keys::KS_ENDPOINT_BY_ORG, &[org_id.as_bytes()]);
+    let to = match before {
+        Some(id) => keys::endpoint_by_org(org_id, id),
+        None => end_of(&prefix),
+    };
+    let (items, last) = page_rev(t, &prefix, &to, limit, |key, _| {
         let id = keys::trailing_id(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
         get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| Corrupt { key: key.to_vec() })
     })?;
@@ -287,4 +324,33 @@ pub fn attempts(
     let from = keys::successor(&keys::attempt(delivery_id, after_attempt));
     let (items, _) = page(t, &from, &end_of(&prefix), limit, decode_value::<AttemptRecord>)?;
     Ok(items)
+}
+
+/// A page of deliveries newest first (creation time, then id, descending), before `before`.
+pub fn list_deliveries_rev(
+    t: &impl ReadTables,
+    query: &DeliveryQuery,
+    before: Option<DeliveryCursor>,
+    limit: usize,
+) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
+    let prefix = query.index.prefix();
+    let mut from = prefix.clone();
+    if let Some(from_ms) = query.created_from_ms {
+        from.extend_from_slice(&from_ms.to_be_bytes());
+    }
+    let mut to = match query.created_before_ms {
+        Some(before_ms) => [&prefix[..], &before_ms.to_be_bytes()].concat(),
+        None => end_of(&prefix),
+    };
+    if let Some(before) = before {
+        to = to.min(keys::timed(&prefix, before.created_at_ms, before.id));
+    }
+    let (items, last) = page_rev(t, &from, &to, limit, |key, _| {
+        let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
+        get_delivery(t, id)?.ok_or_else(|| Corrupt { key: key.to_vec() })
+    })?;
+    Ok(Page {
+        next: last.and(items.last().map(|d| DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id })),
+        items,
+    })
 }

@@ -18,6 +18,14 @@ pub trait ReadTables {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
     /// Up to `limit` pairs with from <= key < to, ascending.
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)>;
+    /// Up to `limit` pairs with from <= key < to, descending (newest-first lists). The default
+    /// reads the whole range forward; the stored and in-memory tables walk backwards instead.
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut all = self.scan(from, to, usize::MAX);
+        all.reverse();
+        all.truncate(limit);
+        all
+    }
 }
 
 impl<T: ReadTables + ?Sized> ReadTables for &mut T {
@@ -26,6 +34,9 @@ impl<T: ReadTables + ?Sized> ReadTables for &mut T {
     }
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         (**self).scan(from, to, limit)
+    }
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        (**self).scan_rev(from, to, limit)
     }
 }
 
@@ -84,6 +95,18 @@ impl ReadTables for MemTables {
         }
         self.map
             .range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.map
+            .range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
+            .rev()
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()

@@ -519,6 +519,9 @@ fn attempts_keep_what_the_api_shows() {
     assert!(attempts(&t, dl(2), 0, 10).unwrap().is_empty());
 }
 
+type ListRev<'a> =
+    dyn Fn(&DeliveryQuery, Option<DeliveryCursor>, usize) -> Page<Delivery, DeliveryCursor> + 'a;
+
 #[test]
 fn delivery_lists_page_through_each_index() {
     let mut events = vec![(0, endpoint(1)), (0, endpoint(2)), (0, publish(1))];
@@ -564,9 +567,35 @@ fn delivery_lists_page_through_each_index() {
             "d2 d3 d4",
         ),
     ];
+    // Newest first, over the tables in memory and over a store (which walks back with `last`).
+    let store = herald_log::MemStore::new();
+    store.with_map(|m| m.extend(t.dump()));
+    let stored = crate::StoreTables(&store);
+    let ids_rev = |tables: &ListRev, query: DeliveryQuery, limit| {
+        let mut out = Vec::new();
+        let mut before = None;
+        for _ in 0..20 {
+            let page = tables(&query, before, limit);
+            out.extend(page.items.iter().map(|d| label(d.id.0)));
+            match page.next {
+                Some(next) => before = Some(next),
+                None => return out.join(" "),
+            }
+        }
+        panic!("no last page");
+    };
+    let mem = |q: &DeliveryQuery, c, l| list_deliveries_rev(&t, q, c, l).unwrap();
+    let on_store = |q: &DeliveryQuery, c, l| list_deliveries_rev(&stored, q, c, l).unwrap();
     for (query, expected) in cases {
+        let reversed: Vec<&str> = expected.split_whitespace().rev().collect();
         for limit in [1, 2, 100] {
             assert_eq!(ids(query.clone(), limit), expected, "{query:?} by {limit}");
+            assert_eq!(ids_rev(&mem, query.clone(), limit), reversed.join(" "), "rev {query:?} by {limit}");
+            assert_eq!(
+                ids_rev(&on_store, query.clone(), limit),
+                reversed.join(" "),
+                "stored {query:?} by {limit}"
+            );
         }
     }
     let after = DeliveryCursor { created_at_ms: 30, id: dl(3) };

@@ -1,0 +1,1353 @@
+//! The configuration of `herald serve`: embedded defaults, a TOML file (`--config`), the
+//! environment (`HERALD_<SECTION>_<KEY>`) and the command line (`--data-dir`, `--listen`), in that
+//! order of precedence, each later source overriding the earlier ones key by key.
+//!
+//! Every value is checked where it is read, and an error names where it came from (the file, the
+//! environment variable or the flag), the key (`section.key`) and what is wrong with it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use herald_engine::commands::CommandLimits;
+use herald_engine::config::{DeliveryConfig, EngineConfig};
+use herald_log::Durability;
+use herald_projector::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
+
+/// The largest `[server] max_event_bytes` and `max_body_bytes`: half of a log record's largest
+/// body, which leaves room for the framing and fan-out written beside the payload.
+pub const BODY_BYTES_LIMIT: usize = herald_log::record::BODY_BYTES_MAX / 2;
+
+/// The environment variable prefix of every setting: `HERALD_<SECTION>_<KEY>`.
+pub const ENV_PREFIX: &str = "HERALD_";
+
+/// The configuration file `herald serve` runs with when given none: every key at its default,
+/// with comments. Parsing it gives [`Config::default`].
+pub const DEFAULT_TOML: &str = r#"# herald's configuration. Durations are written "250ms", "5s", "5m", "24h" or "30d".
+# Every key can also be set in the environment as HERALD_<SECTION>_<KEY>
+# (HERALD_SERVER_LISTEN, HERALD_ENDPOINT_HEALTH_FAILURES, ...); the environment overrides this
+# file, and --data-dir and --listen override both.
+
+[server]
+listen = "127.0.0.1:8080"
+max_event_bytes = 262144        # largest event payload; over it: 413
+max_body_bytes = 65536          # largest request body on every other route; over it: 413
+key_requests_per_s = 10000      # per API key token bucket; over it: 429 with Retry-After
+key_burst = 20000
+shutdown_timeout = "10s"        # SIGTERM/SIGINT: how long attempts in flight may take to finish
+
+[store]
+data_dir = "./herald-data"
+durability = "sync"             # "sync": acknowledged after sled's flush and an fsync of its files (survives power loss);
+                                # "flush": after sled's flush only (survives a process crash, not a power cut)
+
+[delivery]
+timeout = "15s"                 # whole attempt
+retry_schedule = ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
+max_in_flight_per_endpoint = 16
+max_in_flight_total = 1024
+allow_private_targets = false   # loopback, private and link-local addresses refused unless true
+# extra_ca_file = "/etc/herald/ca.pem"   # PEM file of extra root certificates for private receivers
+
+[endpoint_health]
+failures = 5                    # failures in a row within the window make an endpoint inactive
+window = "24h"
+
+[retrigger]
+max_per_window = 10             # retrigger requests per endpoint per window (seed 002's RETRIGGER_RATE_LIMITED)
+window = "1m"
+
+[secrets]
+rotation_overlap = "24h"        # how long a rotated-out secret keeps signing
+"#;
+
+/// Every section and its keys, in the order API.md lists them.
+const SECTIONS: &[(&str, &[&str])] = &[
+    (
+        "server",
+        &[
+            "listen",
+            "max_event_bytes",
+            "max_body_bytes",
+            "key_requests_per_s",
+            "key_burst",
+            "shutdown_timeout",
+        ],
+    ),
+    ("store", &["data_dir", "durability"]),
+    (
+        "delivery",
+        &[
+            "timeout",
+            "retry_schedule",
+            "max_in_flight_per_endpoint",
+            "max_in_flight_total",
+            "allow_private_targets",
+            "extra_ca_file",
+        ],
+    ),
+    ("endpoint_health", &["failures", "window"]),
+    ("retrigger", &["max_per_window", "window"]),
+    ("secrets", &["rotation_overlap"]),
+];
+
+/// The whole configuration of `herald serve`, one field per TOML section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// `[server]`: the HTTP listener and its limits.
+    pub server: ServerSection,
+    /// `[store]`: where and how durably the log is kept.
+    pub store: StoreSection,
+    /// `[delivery]`: how attempts are made.
+    pub delivery: DeliverySection,
+    /// `[endpoint_health]`: when failing endpoints are made inactive.
+    pub endpoint_health: EndpointHealthSection,
+    /// `[retrigger]`: the rate limit of manual retriggers.
+    pub retrigger: RetriggerSection,
+    /// `[secrets]`: signing secret rotation.
+    pub secrets: SecretsSection,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSection {
+    /// The address to listen on (`127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The largest event payload accepted, bytes (256 KiB); larger: 413.
+    pub max_event_bytes: usize,
+    /// The largest request body on every route other than publishing an event, bytes (64 KiB).
+    pub max_body_bytes: usize,
+    /// Requests per second of each API key's token bucket (10000); over it: 429.
+    pub key_requests_per_s: u32,
+    /// The size of each API key's token bucket (20000).
+    pub key_burst: u32,
+    /// How long a graceful stop waits for attempts in flight (10 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_event_bytes: 256 * 1024,
+            max_body_bytes: 64 * 1024,
+            key_requests_per_s: 10_000,
+            key_burst: 20_000,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSection {
+    /// The data directory (`./herald-data`).
+    pub data_dir: PathBuf,
+    /// When a write is acknowledged: `sync` (the default) or `flush`.
+    pub durability: Durability,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection { data_dir: PathBuf::from("./herald-data"), durability: Durability::Sync }
+    }
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverySection {
+    /// The whole attempt, at most (15 s).
+    pub timeout: Duration,
+    /// Delays of the automatic retries after the first attempt (5s, 5m, 30m, 2h, 5h, 10h, 10h).
+    pub retry_schedule: Vec<Duration>,
+    /// Attempts in flight to one endpoint, at most (16).
+    pub max_in_flight_per_endpoint: usize,
+    /// Attempts in flight in total, at most (1024).
+    pub max_in_flight_total: usize,
+    /// Whether loopback, private and link-local targets are allowed (false).
+    pub allow_private_targets: bool,
+    /// A PEM file of extra root certificates for private receivers (none).
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        let policy = Policy::default();
+        DeliverySection {
+            timeout: Duration::from_secs(15),
+            retry_schedule: policy.retry_schedule_ms.iter().map(|&ms| Duration::from_millis(ms)).collect(),
+            max_in_flight_per_endpoint: 16,
+            max_in_flight_total: 1024,
+            allow_private_targets: false,
+            extra_ca_file: None,
+        }
+    }
+}
+
+/// `[endpoint_health]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointHealthSection {
+    /// Failures in a row that make an endpoint inactive (5)...
+    pub failures: u32,
+    /// ...when they fall within this window (24 h).
+    pub window: Duration,
+}
+
+impl Default for EndpointHealthSection {
+    fn default() -> Self {
+        EndpointHealthSection { failures: 5, window: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// `[retrigger]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetriggerSection {
+    /// Retrigger requests per endpoint per window, at most (10).
+    pub max_per_window: usize,
+    /// The window (1 min).
+    pub window: Duration,
+}
+
+impl Default for RetriggerSection {
+    fn default() -> Self {
+        RetriggerSection { max_per_window: 10, window: Duration::from_secs(60) }
+    }
+}
+
+/// `[secrets]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretsSection {
+    /// How long a rotated-out secret keeps signing (24 h).
+    pub rotation_overlap: Duration,
+}
+
+impl Default for SecretsSection {
+    fn default() -> Self {
+        SecretsSection { rotation_overlap: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// The command-line flags that override the file and the environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration file at this path.
+    File(PathBuf),
+    /// This environment variable.
+    Env(String),
+    /// This command-line flag (`--listen`).
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "config file {}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "command-line flag {flag}"),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
+    /// The configuration file is not valid TOML.
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line and column.
+        message: String,
+    },
+    /// The configuration file has a section herald does not know.
+    UnknownSection {
+        /// The file.
+        path: PathBuf,
+        /// The section's name.
+        section: String,
+    },
+    /// The configuration file has a key herald does not know in a known section.
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        section: String,
+        /// The key.
+        key: String,
+    },
+    /// A value is of the wrong type or out of range.
+    Invalid {
+        /// Where the value came from; `None` for a [`Config`] built in code and checked with
+        /// [`Config::validate`].
+        origin: Option<Origin>,
+        /// `section.key`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    /// The setting the error is about, as `section.key` (or the section alone), if it is about one.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
+            ConfigError::UnknownSection { section, .. } => Some(section.clone()),
+            ConfigError::UnknownKey { section, key, .. } => Some(format!("{section}.{key}")),
+            ConfigError::Invalid { key, .. } => Some(key.clone()),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => {
+                write!(f, "cannot read config file {}: {error}", path.display())
+            }
+            ConfigError::Syntax { path, message } => {
+                write!(f, "config file {} is not valid TOML: {message}", path.display())
+            }
+            ConfigError::UnknownSection { path, section } => {
+                let known: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
+                write!(
+                    f,
+                    "config file {}: unknown section [{section}] (known sections: {})",
+                    path.display(),
+                    known.join(", ")
+                )
+            }
+            ConfigError::UnknownKey { path, section, key } => {
+                let known = section_keys(section).unwrap_or(&[]);
+                write!(
+                    f,
+                    "config file {}: unknown key {section}.{key} (known keys of [{section}]: {})",
+                    path.display(),
+                    known.join(", ")
+                )
+            }
+            ConfigError::Invalid { origin: Some(Origin::File(path)), key, problem } => {
+                write!(f, "config file {}: {key}: {problem}", path.display())
+            }
+            ConfigError::Invalid { origin: Some(origin), key, problem } => {
+                write!(f, "{origin} ({key}): {problem}")
+            }
+            ConfigError::Invalid { origin: None, key, problem } => write!(f, "{key}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Which source last set each key (`section.key`), so a value out of range is blamed on it.
+type Origins = HashMap<String, Origin>;
+
+impl Config {
+    /// Loads the configuration: the defaults, overridden by `file` (TOML) if given, overridden by
+    /// the `HERALD_<SECTION>_<KEY>` variables of `env`, overridden by the command-line `overrides`.
+    ///
+    /// Variables of `env` not named `HERALD_...` are ignored, and so are `HERALD_...` variables
+    /// that name no key (`HERALD_ADMIN_KEY` is read elsewhere). Pass [`herald_env`] for the
+    /// process's environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let mut origins = Origins::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
+            config.apply_toml(&text, path, &mut origins)?;
+            config.check(&origins)?;
+        }
+        config.apply_env(env, &mut origins)?;
+        config.check(&origins)?;
+        config.apply_overrides(overrides, &mut origins);
+        config.check(&origins)?;
+        Ok(config)
+    }
+
+    /// Parses a configuration file's text over the defaults; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let mut origins = Origins::new();
+        config.apply_toml(text, path, &mut origins)?;
+        config.check(&origins)?;
+        Ok(config)
+    }
+
+    /// Checks every value's range, for a configuration built in code ([`Config::load`] already
+    /// does).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check(&Origins::new())
+    }
+
+    /// The engine's configuration: every setting of this one mapped onto [`EngineConfig`], the
+    /// engine's own settings (cache, group commit, queues, worker threads) at their defaults.
+    pub fn engine_config(&self) -> EngineConfig {
+        let defaults = EngineConfig::default();
+        let rotation_overlap_ms = millis(self.secrets.rotation_overlap);
+        let allow_private_targets = self.delivery.allow_private_targets;
+        EngineConfig {
+            data_dir: self.store.data_dir.clone(),
+            durability: self.store.durability,
+            policy: Policy {
+                retry_schedule_ms: self.delivery.retry_schedule.iter().map(|&d| millis(d)).collect(),
+                failures_max: self.endpoint_health.failures,
+                failure_window_ms: millis(self.endpoint_health.window),
+                rotation_overlap_ms,
+            },
+            limits: CommandLimits {
+                allow_private_targets,
+                event_bytes_max: self.server.max_event_bytes,
+                rotation_overlap_ms,
+                retrigger_max_per_window: self.retrigger.max_per_window,
+                retrigger_window_ms: millis(self.retrigger.window),
+            },
+            delivery: DeliveryConfig {
+                timeout: self.delivery.timeout,
+                max_in_flight_per_endpoint: self.delivery.max_in_flight_per_endpoint,
+                max_in_flight_total: self.delivery.max_in_flight_total,
+                allow_private_targets,
+                extra_ca_file: self.delivery.extra_ca_file.clone(),
+                shutdown_timeout: self.server.shutdown_timeout,
+                ..defaults.delivery
+            },
+            ..defaults
+        }
+    }
+
+    fn apply_toml(&mut self, text: &str, path: &Path, origins: &mut Origins) -> Result<(), ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let origin = Origin::File(path.to_path_buf());
+        for (section, value) in &table {
+            let Some(keys) = section_keys(section) else {
+                return Err(ConfigError::UnknownSection {
+                    path: path.to_path_buf(),
+                    section: section.clone(),
+                });
+            };
+            let toml::Value::Table(entries) = value else {
+                return Err(ConfigError::Invalid {
+                    origin: Some(origin),
+                    key: section.clone(),
+                    problem: format!("expected a section [{section}], found {}", describe(value)),
+                });
+            };
+            for (key, value) in entries {
+                if !keys.contains(&key.as_str()) {
+                    return Err(ConfigError::UnknownKey {
+                        path: path.to_path_buf(),
+                        section: section.clone(),
+                        key: key.clone(),
+                    });
+                }
+                let name = format!("{section}.{key}");
+                if let Err(problem) = self.set(section, key, Input::Toml(value)) {
+                    return Err(ConfigError::Invalid { origin: Some(origin), key: name, problem });
+                }
+                origins.insert(name, origin.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+        origins: &mut Origins,
+    ) -> Result<(), ConfigError> {
+        // Sorted, so that of several bad variables the same one is reported every time.
+        let mut vars: Vec<(String, String)> =
+            env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
+        vars.sort();
+        for (var, value) in vars {
+            let Some((section, key)) = env_key(&var) else { continue };
+            let name = format!("{section}.{key}");
+            let origin = Origin::Env(var);
+            if let Err(problem) = self.set(section, key, Input::Env(&value)) {
+                return Err(ConfigError::Invalid { origin: Some(origin), key: name, problem });
+            }
+            origins.insert(name, origin);
+        }
+        Ok(())
+    }
+
+    fn apply_overrides(&mut self, overrides: &Overrides, origins: &mut Origins) {
+        if let Some(data_dir) = &overrides.data_dir {
+            self.store.data_dir = data_dir.clone();
+            origins.insert("store.data_dir".into(), Origin::Flag("--data-dir"));
+        }
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+            origins.insert("server.listen".into(), Origin::Flag("--listen"));
+        }
+    }
+
+    /// Sets one key from a file's or the environment's value; the error says what is wrong.
+    fn set(&mut self, section: &str, key: &str, input: Input<'_>) -> Result<(), String> {
+        match (section, key) {
+            ("server", "listen") => self.server.listen = input.socket_addr()?,
+            ("server", "max_event_bytes") => self.server.max_event_bytes = input.count()?,
+            ("server", "max_body_bytes") => self.server.max_body_bytes = input.count()?,
+            ("server", "key_requests_per_s") => self.server.key_requests_per_s = input.count()?,
+            ("server", "key_burst") => self.server.key_burst = input.count()?,
+            ("server", "shutdown_timeout") => self.server.shutdown_timeout = input.duration()?,
+            ("store", "data_dir") => self.store.data_dir = input.path()?,
+            ("store", "durability") => self.store.durability = input.durability()?,
+            ("delivery", "timeout") => self.delivery.timeout = input.duration()?,
+            ("delivery", "retry_schedule") => self.delivery.retry_schedule = input.durations()?,
+            ("delivery", "max_in_flight_per_endpoint") => {
+                self.delivery.max_in_flight_per_endpoint = input.count()?
+            }
+            ("delivery", "max_in_flight_total") => self.delivery.max_in_flight_total = input.count()?,
+            ("delivery", "allow_private_targets") => self.delivery.allow_private_targets = input.boolean()?,
+            ("delivery", "extra_ca_file") => self.delivery.extra_ca_file = input.optional_path()?,
+            ("endpoint_health", "failures") => self.endpoint_health.failures = input.count()?,
+            ("endpoint_health", "window") => self.endpoint_health.window = input.duration()?,
+            ("retrigger", "max_per_window") => self.retrigger.max_per_window = input.count()?,
+            ("retrigger", "window") => self.retrigger.window = input.duration()?,
+            ("secrets", "rotation_overlap") => self.secrets.rotation_overlap = input.duration()?,
+            _ => return Err(format!("unknown key {section}.{key}")),
+        }
+        Ok(())
+    }
+
+    /// The first value out of range, blamed on the source that set it.
+    fn check(&self, origins: &Origins) -> Result<(), ConfigError> {
+        match self.problem() {
+            None => Ok(()),
+            Some((key, problem)) => {
+                Err(ConfigError::Invalid { origin: origins.get(key).cloned(), key: key.to_string(), problem })
+            }
+        }
+    }
+
+    /// The first value out of range: its key and what is wrong.
+    fn problem(&self) -> Option<(&'static str, String)> {
+        fn at_least_one(key: &'static str, value: u64) -> Option<(&'static str, String)> {
+            (value == 0).then(|| (key, "must be at least 1".to_string()))
+        }
+        fn bytes(key: &'static str, value: usize) -> Option<(&'static str, String)> {
+            if value == 0 {
+                Some((key, "must be at least 1".to_string()))
+            } else if value > BODY_BYTES_LIMIT {
+                Some((key, format!("must be at most {BODY_BYTES_LIMIT} bytes, got {value}")))
+            } else {
+                None
+            }
+        }
+        fn above_zero(key: &'static str, value: Duration) -> Option<(&'static str, String)> {
+            value.is_zero().then(|| (key, "must be longer than 0s".to_string()))
+        }
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let s = &self.server;
+        let d = &self.delivery;
+        None.or_else(|| bytes("server.max_event_bytes", s.max_event_bytes))
+            .or_else(|| bytes("server.max_body_bytes", s.max_body_bytes))
+            .or_else(|| at_least_one("server.key_requests_per_s", s.key_requests_per_s.into()))
+            .or_else(|| at_least_one("server.key_burst", s.key_burst.into()))
+            .or_else(|| {
+                self.store
+                    .data_dir
+                    .as_os_str()
+                    .is_empty()
+                    .then(|| ("store.data_dir", "must not be empty".to_string()))
+            })
+            .or_else(|| above_zero("delivery.timeout", d.timeout))
+            .or_else(|| {
+                (d.retry_schedule.len() > RETRY_SCHEDULE_LEN_MAX).then(|| {
+                    let n = d.retry_schedule.len();
+                    (
+                        "delivery.retry_schedule",
+                        format!("has {n} entries, at most {RETRY_SCHEDULE_LEN_MAX} allowed"),
+                    )
+                })
+            })
+            .or_else(|| {
+                at_least_one("delivery.max_in_flight_per_endpoint", count(d.max_in_flight_per_endpoint))
+            })
+            .or_else(|| at_least_one("delivery.max_in_flight_total", count(d.max_in_flight_total)))
+            .or_else(|| {
+                d.extra_ca_file
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty())
+                    .then(|| ("delivery.extra_ca_file", "must not be empty".to_string()))
+            })
+            .or_else(|| at_least_one("endpoint_health.failures", self.endpoint_health.failures.into()))
+            .or_else(|| {
+                let failures = self.endpoint_health.failures;
+                (failures > FAILURES_MAX_LIMIT).then(|| {
+                    (
+                        "endpoint_health.failures",
+                        format!("must be at most {FAILURES_MAX_LIMIT}, got {failures}"),
+                    )
+                })
+            })
+            .or_else(|| above_zero("endpoint_health.window", self.endpoint_health.window))
+            .or_else(|| at_least_one("retrigger.max_per_window", count(self.retrigger.max_per_window)))
+            .or_else(|| above_zero("retrigger.window", self.retrigger.window))
+    }
+}
+
+/// The process's `HERALD_...` environment variables, for [`Config::load`]. Unlike
+/// `std::env::vars` it does not panic on variables that are not Unicode: those not named
+/// `HERALD_...` are skipped, and a `HERALD_...` value that is not Unicode is passed on with its
+/// invalid bytes replaced (so a number or duration is then refused, naming the variable).
+pub fn herald_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.into_string().ok()?;
+            name.starts_with(ENV_PREFIX).then(|| (name, value.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// The keys of a known section.
+fn section_keys(section: &str) -> Option<&'static [&'static str]> {
+    SECTIONS.iter().find(|(name, _)| *name == section).map(|(_, keys)| *keys)
+}
+
+/// The section and key an environment variable sets, if it names one. Section names contain
+/// underscores (`endpoint_health`), so the name is matched against every known key.
+fn env_key(var: &str) -> Option<(&'static str, &'static str)> {
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    SECTIONS.iter().find_map(|(section, keys)| {
+        let after = rest.strip_prefix(section.to_ascii_uppercase().as_str())?.strip_prefix('_')?;
+        let key = keys.iter().find(|key| key.to_ascii_uppercase() == after)?;
+        Some((*section, *key))
+    })
+}
+
+/// The environment variable of a key: `HERALD_ENDPOINT_HEALTH_FAILURES`.
+pub fn env_var_name(section: &str, key: &str) -> String {
+    format!("{ENV_PREFIX}{}_{}", section.to_ascii_uppercase(), key.to_ascii_uppercase())
+}
+
+/// Whole milliseconds, saturating (parsed durations always fit).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Parses a duration: a whole number followed by a unit, `ms`, `s`, `m`, `h` or `d`
+/// (`"250ms"`, `"5s"`, `"5m"`, `"24h"`, `"30d"`, `"0s"`). The error names the input.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let fail = |why: &str| Err(format!("invalid duration {text:?}: {why}"));
+    if text.is_empty() {
+        return fail("empty (write e.g. \"5s\")");
+    }
+    if text.starts_with('-') {
+        return fail("durations cannot be negative");
+    }
+    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(digits_end);
+    if digits.is_empty() {
+        return fail("expected a whole number followed by a unit (ms, s, m, h or d)");
+    }
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "" => return fail("missing unit (ms, s, m, h or d)"),
+        _ if unit.starts_with('.') => {
+            return fail("only whole numbers are allowed (write \"1500ms\", not \"1.5s\")")
+        }
+        _ => return fail(&format!("unknown unit {unit:?} (expected ms, s, m, h or d)")),
+    };
+    match digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit_ms)) {
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => fail("too large"),
+    }
+}
+
+/// A value to set a key from: a file's TOML value or an environment variable's text.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Toml(&'a toml::Value),
+    Env(&'a str),
+}
+
+impl<'a> Input<'a> {
+    /// A string (TOML) or the variable's text.
+    fn text(self, what: &str) -> Result<&'a str, String> {
+        match self {
+            Input::Toml(toml::Value::String(s)) => Ok(s),
+            Input::Toml(other) => Err(format!("expected {what}, found {}", describe(other))),
+            Input::Env(s) => Ok(s),
+        }
+    }
+
+    /// A whole number that fits `T`.
+    fn count<T: TryFrom<u64>>(self) -> Result<T, String> {
+        let n: u64 = match self {
+            Input::Toml(toml::Value::Integer(i)) => {
+                u64::try_from(*i).map_err(|_| format!("must not be negative, got {i}"))?
+            }
+            Input::Toml(other) => return Err(format!("expected a whole number, found {}", describe(other))),
+            Input::Env(s) => {
+                let t = s.trim();
+                if t.starts_with('-') {
+                    return Err(format!("must not be negative, got {s:?}"));
+                }
+                if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!("expected a whole number, got {s:?}"));
+                }
+                t.parse().map_err(|_| format!("too large: {s:?}"))?
+            }
+        };
+        T::try_from(n).map_err(|_| format!("too large: {n}"))
+    }
+
+    fn boolean(self) -> Result<bool, String> {
+        match self {
+            Input::Toml(toml::Value::Boolean(b)) => Ok(*b),
+            Input::Toml(other) => Err(format!("expected true or false, found {}", describe(other))),
+            Input::Env(s) => match s.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(format!("expected true or false, got {s:?}")),
+            },
+        }
+    }
+
+    fn socket_addr(self) -> Result<SocketAddr, String> {
+        let text = self.text("an address such as \"127.0.0.1:8080\"")?;
+        text.trim().parse().map_err(|_| {
+            format!("invalid address {text:?}: expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\"")
+        })
+    }
+
+    fn duration(self) -> Result<Duration, String> {
+        let text = self.text("a duration such as \"5s\"")?;
+        match self {
+            Input::Env(_) => parse_duration(text.trim()),
+            Input::Toml(_) => parse_duration(text),
+        }
+    }
+
+    /// A TOML array of durations; in the environment, a comma-separated list (`5s,5m,30m`) or a
+    /// TOML array literal (`["5s", "5m"]`, `[]` for none).
+    fn durations(self) -> Result<Vec<Duration>, String> {
+        match self {
+            Input::Toml(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    toml::Value::String(s) => parse_duration(s).map_err(|e| format!("entry {}: {e}", i + 1)),
+                    other => Err(format!(
+                        "entry {}: expected a duration such as \"5s\", found {}",
+                        i + 1,
+                        describe(other)
+                    )),
+                })
+                .collect(),
+            Input::Toml(other) => Err(format!(
+                "expected an array of durations such as [\"5s\", \"5m\"], found {}",
+                describe(other)
+            )),
+            Input::Env(s) => {
+                let t = s.trim();
+                if t.starts_with('[') {
+                    let value: toml::Value = t
+                        .parse()
+                        .map_err(|e: toml::de::Error| format!("invalid array {s:?}: {}", e.message()))?;
+                    return Input::Toml(&value).durations();
+                }
+                if t.is_empty() {
+                    return Err(
+                        "empty: expected a comma-separated list such as \"5s,5m\", or [] for none".into()
+                    );
+                }
+                t.split(',')
+                    .enumerate()
+                    .map(|(i, item)| parse_duration(item.trim()).map_err(|e| format!("entry {}: {e}", i + 1)))
+                    .collect()
+            }
+        }
+    }
+
+    fn durability(self) -> Result<Durability, String> {
+        let text = self.text("\"sync\" or \"flush\"")?;
+        match text.trim() {
+            "sync" => Ok(Durability::Sync),
+            "flush" => Ok(Durability::Flush),
+            _ => Err(format!("expected \"sync\" or \"flush\", got {text:?}")),
+        }
+    }
+
+    fn path(self) -> Result<PathBuf, String> {
+        let text = self.text("a path")?;
+        if text.is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(PathBuf::from(text))
+    }
+
+    /// A path, or none for an empty value (so an environment variable can unset the file's).
+    fn optional_path(self) -> Result<Option<PathBuf>, String> {
+        let text = self.text("a path")?;
+        Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
+}
+
+/// A TOML value's type, with the value where it is short, for error messages.
+fn describe(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(i) => format!("the integer {i}"),
+        toml::Value::Float(x) => format!("the number {x}"),
+        toml::Value::Boolean(b) => format!("the boolean {b}"),
+        toml::Value::Datetime(d) => format!("the date-time {d}"),
+        toml::Value::Array(_) => "an array".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("herald.toml"))
+    }
+
+    fn file_error(text: &str) -> String {
+        match parse(text) {
+            Ok(config) => panic!("{text:?} was accepted: {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn env_error(pairs: &[(&str, &str)]) -> String {
+        match Config::load(None, env(pairs), &Overrides::default()) {
+            Ok(config) => panic!("{pairs:?} was accepted: {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn write_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        io::Write::write_all(&mut file, text.as_bytes()).expect("write");
+        file
+    }
+
+    #[test]
+    fn defaults_are_api_md() {
+        let c = Config::default();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(c.server.max_event_bytes, 262_144);
+        assert_eq!(c.server.max_body_bytes, 65_536);
+        assert_eq!(c.server.key_requests_per_s, 10_000);
+        assert_eq!(c.server.key_burst, 20_000);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.store.data_dir, PathBuf::from("./herald-data"));
+        assert_eq!(c.store.durability, Durability::Sync);
+        assert_eq!(c.delivery.timeout, Duration::from_secs(15));
+        let schedule: Vec<u64> = c.delivery.retry_schedule.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(schedule, [5, 300, 1800, 7200, 18_000, 36_000, 36_000]);
+        assert_eq!(c.delivery.max_in_flight_per_endpoint, 16);
+        assert_eq!(c.delivery.max_in_flight_total, 1024);
+        assert!(!c.delivery.allow_private_targets);
+        assert_eq!(c.delivery.extra_ca_file, None);
+        assert_eq!(c.endpoint_health.failures, 5);
+        assert_eq!(c.endpoint_health.window, Duration::from_secs(86_400));
+        assert_eq!(c.retrigger.max_per_window, 10);
+        assert_eq!(c.retrigger.window, Duration::from_secs(60));
+        assert_eq!(c.secrets.rotation_overlap, Duration::from_secs(86_400));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn default_toml_parses_to_the_defaults() {
+        assert_eq!(parse(DEFAULT_TOML).expect("DEFAULT_TOML"), Config::default());
+        // And it sets every key but the optional extra_ca_file.
+        let table: toml::Table = DEFAULT_TOML.parse().expect("toml");
+        for (section, keys) in SECTIONS {
+            for key in keys.iter().filter(|k| **k != "extra_ca_file") {
+                assert!(table[*section].get(*key).is_some(), "DEFAULT_TOML lacks {section}.{key}");
+            }
+        }
+    }
+
+    #[test]
+    fn load_with_nothing_gives_the_defaults() {
+        let config = Config::load(None, env(&[("PATH", "/bin"), ("HOME", "/root")]), &Overrides::default());
+        assert_eq!(config.expect("load"), Config::default());
+        assert_eq!(parse("").expect("empty file"), Config::default());
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("250ms", 250),
+            ("5s", 5_000),
+            ("5m", 300_000),
+            ("24h", 86_400_000),
+            ("30d", 2_592_000_000),
+            ("0s", 0),
+            ("0ms", 0),
+            ("007s", 7_000),
+        ];
+        for (text, ms) in ok {
+            assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
+        }
+        let bad = [
+            ("", "empty"),
+            ("-5s", "negative"),
+            ("5", "missing unit"),
+            ("5x", "unknown unit"),
+            ("5 s", "unknown unit"),
+            ("s", "whole number"),
+            ("+5s", "whole number"),
+            ("1.5s", "whole numbers"),
+            ("5sec", "unknown unit"),
+            ("99999999999999999999s", "too large"),
+            ("213503982334601d", "too large"),
+            ("1h30m", "unknown unit"),
+        ];
+        for (text, why) in bad {
+            let err = parse_duration(text).expect_err(text);
+            assert!(err.contains(&format!("{text:?}")), "{err} should name {text:?}");
+            assert!(err.contains(why), "{err} should say {why}");
+        }
+        // The largest that fits in u64 milliseconds.
+        assert_eq!(parse_duration("18446744073709551615ms"), Ok(Duration::from_millis(u64::MAX)));
+    }
+
+    #[test]
+    fn file_overrides_some_keys() {
+        let file = write_file(
+            r#"
+            [server]
+            listen = "0.0.0.0:9000"
+            max_body_bytes = 1_000
+
+            [store]
+            durability = "flush"
+
+            [delivery]
+            retry_schedule = ["1s", "250ms"]
+            allow_private_targets = true
+            extra_ca_file = "/etc/ca.pem"
+
+            [endpoint_health]
+            failures = 3
+            window = "30d"
+            "#,
+        );
+        let config = Config::load(Some(file.path()), env(&[]), &Overrides::default()).expect("load");
+        let mut expected = Config::default();
+        expected.server.listen = "0.0.0.0:9000".parse().expect("addr");
+        expected.server.max_body_bytes = 1_000;
+        expected.store.durability = Durability::Flush;
+        expected.delivery.retry_schedule = vec![Duration::from_secs(1), Duration::from_millis(250)];
+        expected.delivery.allow_private_targets = true;
+        expected.delivery.extra_ca_file = Some(PathBuf::from("/etc/ca.pem"));
+        expected.endpoint_health.failures = 3;
+        expected.endpoint_health.window = Duration::from_secs(30 * 86_400);
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn dotted_keys_work_like_sections() {
+        let config = parse("server.listen = \"[::1]:80\"\nsecrets.rotation_overlap = \"0s\"").expect("parse");
+        assert_eq!(config.server.listen, "[::1]:80".parse().expect("addr"));
+        assert_eq!(config.secrets.rotation_overlap, Duration::ZERO);
+    }
+
+    #[test]
+    fn precedence_defaults_file_env_command_line() {
+        let file = write_file(
+            "[server]\nlisten = \"10.0.0.1:1\"\nkey_burst = 5\n[store]\ndata_dir = \"/file\"\n\
+             [retrigger]\nwindow = \"2m\"\n",
+        );
+        let vars = env(&[
+            ("HERALD_SERVER_LISTEN", "10.0.0.2:2"),
+            ("HERALD_STORE_DATA_DIR", "/env"),
+            ("HERALD_RETRIGGER_MAX_PER_WINDOW", "7"),
+            ("HERALD_ADMIN_KEY", "not-a-setting"),
+            ("HERALD_NO_SUCH_THING", "ignored"),
+            ("OTHER_SERVER_LISTEN", "nonsense"),
+        ]);
+        // File < environment.
+        let config = Config::load(Some(file.path()), vars.clone(), &Overrides::default()).expect("load");
+        assert_eq!(config.server.listen, "10.0.0.2:2".parse().expect("addr"));
+        assert_eq!(config.store.data_dir, PathBuf::from("/env"));
+        assert_eq!(config.server.key_burst, 5, "the file's, the environment does not set it");
+        assert_eq!(config.retrigger.window, Duration::from_secs(120));
+        assert_eq!(config.retrigger.max_per_window, 7);
+        assert_eq!(config.server.key_requests_per_s, 10_000, "the default");
+
+        // Environment < command line.
+        let overrides = Overrides {
+            data_dir: Some(PathBuf::from("/flag")),
+            listen: Some("10.0.0.3:3".parse().expect("addr")),
+        };
+        let config = Config::load(Some(file.path()), vars, &overrides).expect("load");
+        assert_eq!(config.server.listen, "10.0.0.3:3".parse().expect("addr"));
+        assert_eq!(config.store.data_dir, PathBuf::from("/flag"));
+        assert_eq!(config.server.key_burst, 5);
+    }
+
+    #[test]
+    fn every_key_has_an_environment_variable() {
+        let samples = [
+            ("HERALD_SERVER_LISTEN", "0.0.0.0:1"),
+            ("HERALD_SERVER_MAX_EVENT_BYTES", "1"),
+            ("HERALD_SERVER_MAX_BODY_BYTES", "2"),
+            ("HERALD_SERVER_KEY_REQUESTS_PER_S", "3"),
+            ("HERALD_SERVER_KEY_BURST", "4"),
+            ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "5s"),
+            ("HERALD_STORE_DATA_DIR", "/d"),
+            ("HERALD_STORE_DURABILITY", "flush"),
+            ("HERALD_DELIVERY_TIMEOUT", "6s"),
+            ("HERALD_DELIVERY_RETRY_SCHEDULE", "1s, 2m,3h"),
+            ("HERALD_DELIVERY_MAX_IN_FLIGHT_PER_ENDPOINT", "7"),
+            ("HERALD_DELIVERY_MAX_IN_FLIGHT_TOTAL", "8"),
+            ("HERALD_DELIVERY_ALLOW_PRIVATE_TARGETS", "true"),
+            ("HERALD_DELIVERY_EXTRA_CA_FILE", "/ca.pem"),
+            ("HERALD_ENDPOINT_HEALTH_FAILURES", "9"),
+            ("HERALD_ENDPOINT_HEALTH_WINDOW", "10m"),
+            ("HERALD_RETRIGGER_MAX_PER_WINDOW", "11"),
+            ("HERALD_RETRIGGER_WINDOW", "12s"),
+            ("HERALD_SECRETS_ROTATION_OVERLAP", "13d"),
+        ];
+        let names: Vec<String> = SECTIONS
+            .iter()
+            .flat_map(|(section, keys)| keys.iter().map(move |key| env_var_name(section, key)))
+            .collect();
+        assert_eq!(names, samples.iter().map(|(name, _)| name.to_string()).collect::<Vec<_>>());
+
+        let c = Config::load(None, env(&samples), &Overrides::default()).expect("load");
+        let expected = Config {
+            server: ServerSection {
+                listen: "0.0.0.0:1".parse().expect("addr"),
+                max_event_bytes: 1,
+                max_body_bytes: 2,
+                key_requests_per_s: 3,
+                key_burst: 4,
+                shutdown_timeout: Duration::from_secs(5),
+            },
+            store: StoreSection { data_dir: "/d".into(), durability: Durability::Flush },
+            delivery: DeliverySection {
+                timeout: Duration::from_secs(6),
+                retry_schedule: vec![
+                    Duration::from_secs(1),
+                    Duration::from_secs(120),
+                    Duration::from_secs(3 * 3600),
+                ],
+                max_in_flight_per_endpoint: 7,
+                max_in_flight_total: 8,
+                allow_private_targets: true,
+                extra_ca_file: Some("/ca.pem".into()),
+            },
+            endpoint_health: EndpointHealthSection { failures: 9, window: Duration::from_secs(600) },
+            retrigger: RetriggerSection { max_per_window: 11, window: Duration::from_secs(12) },
+            secrets: SecretsSection { rotation_overlap: Duration::from_secs(13 * 86_400) },
+        };
+        assert_eq!(c, expected);
+    }
+
+    #[test]
+    fn env_retry_schedule_forms() {
+        let load = |value: &str| {
+            Config::load(None, env(&[("HERALD_DELIVERY_RETRY_SCHEDULE", value)]), &Overrides::default())
+                .map(|c| c.delivery.retry_schedule)
+        };
+        let secs = |s: &[u64]| s.iter().map(|&n| Duration::from_secs(n)).collect::<Vec<_>>();
+        assert_eq!(load("5s,1m").expect("list"), secs(&[5, 60]));
+        assert_eq!(load(" [\"5s\", \"1m\"] ").expect("toml array"), secs(&[5, 60]));
+        assert_eq!(load("[]").expect("empty array"), secs(&[]));
+        assert_eq!(load("7s").expect("one"), secs(&[7]));
+        for bad in ["", "5s,,1m", "5s,", "[5]", "[\"5s\"", "5s;1m"] {
+            let err = load(bad).expect_err(bad).to_string();
+            assert!(err.contains("HERALD_DELIVERY_RETRY_SCHEDULE"), "{err}");
+        }
+        let too_many = vec!["1s"; RETRY_SCHEDULE_LEN_MAX + 1].join(",");
+        let err = load(&too_many).expect_err("65 entries").to_string();
+        assert!(err.contains("HERALD_DELIVERY_RETRY_SCHEDULE") && err.contains("at most 64"), "{err}");
+        assert_eq!(load(&vec!["1s"; RETRY_SCHEDULE_LEN_MAX].join(",")).expect("64").len(), 64);
+    }
+
+    #[test]
+    fn env_extra_ca_file_empty_unsets_it() {
+        let file = write_file("[delivery]\nextra_ca_file = \"/file.pem\"\n");
+        let config = Config::load(
+            Some(file.path()),
+            env(&[("HERALD_DELIVERY_EXTRA_CA_FILE", "")]),
+            &Overrides::default(),
+        );
+        assert_eq!(config.expect("load").delivery.extra_ca_file, None);
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let cases = [
+            ("HERALD_SERVER_LISTEN", "localhost:80", "invalid address"),
+            ("HERALD_SERVER_LISTEN", "127.0.0.1", "invalid address"),
+            ("HERALD_SERVER_MAX_EVENT_BYTES", "lots", "whole number"),
+            ("HERALD_SERVER_MAX_EVENT_BYTES", "0", "at least 1"),
+            ("HERALD_SERVER_MAX_EVENT_BYTES", "1048576", "at most"),
+            ("HERALD_SERVER_KEY_BURST", "-1", "negative"),
+            ("HERALD_SERVER_KEY_BURST", "4294967296", "too large"),
+            ("HERALD_SERVER_KEY_REQUESTS_PER_S", "", "whole number"),
+            ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "10", "missing unit"),
+            ("HERALD_STORE_DATA_DIR", "", "must not be empty"),
+            ("HERALD_STORE_DURABILITY", "fast", "\"sync\" or \"flush\""),
+            ("HERALD_DELIVERY_TIMEOUT", "0s", "longer than 0s"),
+            ("HERALD_DELIVERY_RETRY_SCHEDULE", "5s,5y", "entry 2"),
+            ("HERALD_DELIVERY_MAX_IN_FLIGHT_PER_ENDPOINT", "0", "at least 1"),
+            ("HERALD_DELIVERY_MAX_IN_FLIGHT_TOTAL", "0", "at least 1"),
+            ("HERALD_DELIVERY_ALLOW_PRIVATE_TARGETS", "yes", "true or false"),
+            ("HERALD_ENDPOINT_HEALTH_FAILURES", "0", "at least 1"),
+            ("HERALD_ENDPOINT_HEALTH_FAILURES", "1001", "at most 1000"),
+            ("HERALD_ENDPOINT_HEALTH_WINDOW", "-1h", "negative"),
+            ("HERALD_RETRIGGER_MAX_PER_WINDOW", "0", "at least 1"),
+            ("HERALD_RETRIGGER_WINDOW", "0ms", "longer than 0s"),
+            ("HERALD_SECRETS_ROTATION_OVERLAP", "1.5h", "whole numbers"),
+        ];
+        for (var, value, why) in cases {
+            let err = env_error(&[(var, value)]);
+            assert!(err.contains(&format!("environment variable {var} (")), "{err} should name {var}");
+            assert!(err.contains(why), "{var}={value:?}: {err} should say {why}");
+        }
+    }
+
+    #[test]
+    fn a_bad_env_value_is_an_error_even_over_a_good_file() {
+        let file = write_file("[endpoint_health]\nfailures = 3\n");
+        let err = Config::load(
+            Some(file.path()),
+            env(&[("HERALD_ENDPOINT_HEALTH_FAILURES", "0")]),
+            &Overrides::default(),
+        )
+        .expect_err("failures 0");
+        assert!(matches!(
+            &err,
+            ConfigError::Invalid { origin: Some(Origin::Env(var)), key, .. }
+                if var == "HERALD_ENDPOINT_HEALTH_FAILURES" && key == "endpoint_health.failures"
+        ));
+    }
+
+    #[test]
+    fn bad_file_values_name_the_key() {
+        let cases = [
+            ("[server]\nlisten = 8080", "server.listen", "expected an address"),
+            ("[server]\nlisten = \"nowhere\"", "server.listen", "invalid address"),
+            ("[server]\nmax_event_bytes = \"big\"", "server.max_event_bytes", "whole number"),
+            ("[server]\nmax_event_bytes = -5", "server.max_event_bytes", "negative"),
+            ("[server]\nmax_body_bytes = 0", "server.max_body_bytes", "at least 1"),
+            ("[server]\nkey_requests_per_s = 0", "server.key_requests_per_s", "at least 1"),
+            ("[server]\nkey_burst = 1.5", "server.key_burst", "whole number"),
+            ("[server]\nshutdown_timeout = 10", "server.shutdown_timeout", "expected a duration"),
+            ("[store]\ndata_dir = \"\"", "store.data_dir", "must not be empty"),
+            ("[store]\ndurability = \"none\"", "store.durability", "\"sync\" or \"flush\""),
+            ("[store]\ndurability = true", "store.durability", "\"sync\" or \"flush\""),
+            ("[delivery]\ntimeout = \"15\"", "delivery.timeout", "missing unit"),
+            ("[delivery]\nretry_schedule = \"5s\"", "delivery.retry_schedule", "expected an array"),
+            ("[delivery]\nretry_schedule = [\"5s\", 5]", "delivery.retry_schedule", "entry 2"),
+            (
+                "[delivery]\nmax_in_flight_per_endpoint = 0",
+                "delivery.max_in_flight_per_endpoint",
+                "at least 1",
+            ),
+            ("[delivery]\nmax_in_flight_total = 0", "delivery.max_in_flight_total", "at least 1"),
+            (
+                "[delivery]\nallow_private_targets = \"yes\"",
+                "delivery.allow_private_targets",
+                "true or false",
+            ),
+            ("[delivery]\nextra_ca_file = 1", "delivery.extra_ca_file", "expected a path"),
+            ("[endpoint_health]\nfailures = 0", "endpoint_health.failures", "at least 1"),
+            ("[endpoint_health]\nwindow = \"1w\"", "endpoint_health.window", "unknown unit"),
+            ("[retrigger]\nmax_per_window = 0", "retrigger.max_per_window", "at least 1"),
+            ("[retrigger]\nwindow = \"-1m\"", "retrigger.window", "negative"),
+            ("[secrets]\nrotation_overlap = \"\"", "secrets.rotation_overlap", "empty"),
+            ("server = 5", "server", "expected a section [server]"),
+        ];
+        for (text, key, why) in cases {
+            let err = file_error(text);
+            assert!(err.starts_with(&format!("config file herald.toml: {key}: ")), "{text:?}: {err}");
+            assert!(err.contains(why), "{text:?}: {err} should say {why}");
+        }
+        let too_many = format!("[delivery]\nretry_schedule = [{}]", vec!["\"1s\""; 65].join(", "));
+        let err = file_error(&too_many);
+        assert!(err.contains("delivery.retry_schedule: has 65 entries, at most 64"), "{err}");
+    }
+
+    #[test]
+    fn unknown_sections_and_keys_are_errors() {
+        let err = file_error("[sever]\nlisten = \"127.0.0.1:1\"");
+        assert!(err.contains("unknown section [sever]") && err.contains("known sections: server,"), "{err}");
+        let err = file_error("[server]\nlisten_addr = \"127.0.0.1:1\"");
+        assert!(
+            err.contains("unknown key server.listen_addr") && err.contains("listen, max_event_bytes"),
+            "{err}"
+        );
+        let err = file_error("[server.tls]\ncert = \"x\"");
+        assert!(err.contains("unknown key server.tls"), "{err}");
+        let err = file_error("listen = \"127.0.0.1:1\"");
+        assert!(err.contains("unknown section [listen]"), "{err}");
+        let err = parse("[endpoint_health]\nfailure = 1").expect_err("typo");
+        assert_eq!(err.key().as_deref(), Some("endpoint_health.failure"));
+    }
+
+    #[test]
+    fn unreadable_and_malformed_files() {
+        let missing = Path::new("/nonexistent/herald.toml");
+        let err = Config::load(Some(missing), env(&[]), &Overrides::default()).expect_err("missing");
+        assert!(err.to_string().starts_with("cannot read config file /nonexistent/herald.toml: "), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+
+        let file = write_file("[server\nlisten = 1");
+        let err = Config::load(Some(file.path()), env(&[]), &Overrides::default()).expect_err("syntax");
+        let text = err.to_string();
+        assert!(
+            text.contains(&file.path().display().to_string()) && text.contains("not valid TOML"),
+            "{text}"
+        );
+        assert!(text.contains("line 1"), "{text}");
+
+        let err = file_error("[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"");
+        assert!(err.contains("not valid TOML"), "duplicate key: {err}");
+    }
+
+    #[test]
+    fn env_names_match_whole_section_names() {
+        assert_eq!(env_key("HERALD_ENDPOINT_HEALTH_FAILURES"), Some(("endpoint_health", "failures")));
+        assert_eq!(env_key("HERALD_ENDPOINT_HEALTH_WINDOW"), Some(("endpoint_health", "window")));
+        assert_eq!(env_key("HERALD_RETRIGGER_WINDOW"), Some(("retrigger", "window")));
+        assert_eq!(env_key("HERALD_SERVER_KEY_REQUESTS_PER_S"), Some(("server", "key_requests_per_s")));
+        assert_eq!(env_key("HERALD_ENDPOINT_FAILURES"), None);
+        assert_eq!(env_key("HERALD_ADMIN_KEY"), None);
+        assert_eq!(env_key("HERALD_SERVER_LISTEN_"), None);
+        assert_eq!(env_key("HERALD_server_listen"), None);
+        assert_eq!(env_key("HERALD_SERVER"), None);
+        assert_eq!(env_key("XHERALD_SERVER_LISTEN"), None);
+    }
+
+    #[test]
+    fn command_line_errors_name_the_flag() {
+        let overrides = Overrides { data_dir: Some(PathBuf::new()), listen: None };
+        let err = Config::load(None, env(&[]), &overrides).expect_err("empty data dir");
+        assert_eq!(err.to_string(), "command-line flag --data-dir (store.data_dir): must not be empty");
+    }
+
+    #[test]
+    fn validate_checks_a_config_built_in_code() {
+        let mut config = Config::default();
+        config.delivery.max_in_flight_total = 0;
+        let err = config.validate().expect_err("0 in flight");
+        assert_eq!(err.to_string(), "delivery.max_in_flight_total: must be at least 1");
+    }
+
+    #[test]
+    fn engine_config_maps_every_setting() {
+        let file = write_file(
+            r#"
+            [server]
+            max_event_bytes = 1000
+            shutdown_timeout = "3s"
+            [store]
+            data_dir = "/var/lib/herald"
+            durability = "flush"
+            [delivery]
+            timeout = "2s"
+            retry_schedule = ["250ms", "1m"]
+            max_in_flight_per_endpoint = 4
+            max_in_flight_total = 40
+            allow_private_targets = true
+            extra_ca_file = "/ca.pem"
+            [endpoint_health]
+            failures = 7
+            window = "1h"
+            [retrigger]
+            max_per_window = 3
+            window = "30s"
+            [secrets]
+            rotation_overlap = "2d"
+            "#,
+        );
+        let config = Config::load(Some(file.path()), env(&[]), &Overrides::default()).expect("load");
+        let engine = config.engine_config();
+        let defaults = EngineConfig::default();
+        assert_eq!(engine.data_dir, PathBuf::from("/var/lib/herald"));
+        assert_eq!(engine.durability, Durability::Flush);
+        assert_eq!(
+            engine.policy,
+            Policy {
+                retry_schedule_ms: vec![250, 60_000],
+                failures_max: 7,
+                failure_window_ms: 3_600_000,
+                rotation_overlap_ms: 2 * 86_400_000,
+            }
+        );
+        assert_eq!(
+            engine.limits,
+            CommandLimits {
+                allow_private_targets: true,
+                event_bytes_max: 1000,
+                rotation_overlap_ms: 2 * 86_400_000,
+                retrigger_max_per_window: 3,
+                retrigger_window_ms: 30_000,
+            }
+        );
+        assert_eq!(
+            engine.delivery,
+            DeliveryConfig {
+                timeout: Duration::from_secs(2),
+                max_in_flight_per_endpoint: 4,
+                max_in_flight_total: 40,
+                allow_private_targets: true,
+                extra_ca_file: Some(PathBuf::from("/ca.pem")),
+                shutdown_timeout: Duration::from_secs(3),
+                ..defaults.delivery.clone()
+            }
+        );
+        assert_eq!(engine.cache_bytes, defaults.cache_bytes);
+        assert_eq!(engine.log, defaults.log);
+        assert_eq!(engine.problem(), None);
+    }
+
+    #[test]
+    fn default_config_maps_to_the_default_engine_config() {
+        assert_eq!(Config::default().engine_config(), EngineConfig::default());
+    }
+}

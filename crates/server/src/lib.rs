@@ -1,0 +1,265 @@
+//! herald-server: the HTTP API of `../shared/API.md` over the engine, and the configuration of
+//! `herald serve`.
+//!
+//! - [`router`]: every route, each handler authenticating with [`auth::authenticate`] and
+//!   answering errors in its route family's shape ([`error`]).
+//! - [`openapi_document`]: the OpenAPI 3 document, generated from the handlers' annotations and
+//!   the JSON types in [`json`], so it cannot drift from them.
+//! - [`serve`]: opens the engine, bootstraps the admin key, listens, and stops gracefully.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod json;
+pub mod metrics;
+pub mod routes;
+pub mod state;
+pub mod util;
+
+use std::future::{Future, IntoFuture};
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use herald_engine::{Actor, Command, Engine};
+use herald_projector::{list_api_keys, ApiKeyId, Scope};
+use utoipa::OpenApi;
+
+use crate::config::Config;
+use crate::state::{AppState, ServerLimits};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "herald", description = "A webhook delivery engine: publish events, deliver them signed, retry, park and retrigger failures."),
+    paths(
+        routes::endpoints::create, routes::endpoints::list, routes::endpoints::get, routes::endpoints::patch,
+        routes::endpoints::delete, routes::endpoints::rotate, routes::endpoints::enable,
+        routes::events::publish, routes::events::get,
+        routes::deliveries::list, routes::deliveries::get, routes::deliveries::attempts, routes::deliveries::redeliver,
+        routes::api_keys::create, routes::api_keys::list, routes::api_keys::revoke,
+        routes::seeds::retrigger, routes::seeds::get_failure, routes::seeds::list_failures,
+        routes::seeds::batch_retrigger,
+        routes::ops::audit_log, routes::ops::healthz, routes::ops::readyz, routes::ops::metrics, routes::ops::openapi,
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("sk_...").build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI 3 document of every route.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// Every route: `(method, path)` as the router and the document name them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/endpoints"),
+    ("get", "/v1/endpoints"),
+    ("get", "/v1/endpoints/{id}"),
+    ("patch", "/v1/endpoints/{id}"),
+    ("delete", "/v1/endpoints/{id}"),
+    ("post", "/v1/endpoints/{id}/secret/rotate"),
+    ("post", "/v1/endpoints/{id}/enable"),
+    ("post", "/v1/events"),
+    ("get", "/v1/events/{id}"),
+    ("get", "/v1/webhook_deliveries"),
+    ("get", "/v1/webhook_deliveries/{id}"),
+    ("get", "/v1/webhook_deliveries/{id}/attempts"),
+    ("post", "/v1/webhook_deliveries/{id}/redeliver"),
+    ("post", "/v1/api_keys"),
+    ("get", "/v1/api_keys"),
+    ("delete", "/v1/api_keys/{id}"),
+    ("get", "/v1/audit/log"),
+    ("post", "/api/webhooks/v1/failures/{id}/retrigger"),
+    ("get", "/api/v4/tasks/webhook_failures/{webhook_failure_id}"),
+    ("get", "/api/v4/tasks/webhook_failures"),
+    ("post", "/api/notifications/v1/admin/webhooks/{webhookId}/notifications/retrigger"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// The router over a shared state.
+pub fn router(state: Arc<AppState>) -> Router {
+    use routes::*;
+    let body = DefaultBodyLimit::max(state.limits.body_bytes);
+    let event_body = DefaultBodyLimit::max(state.limits.event_body_bytes);
+    Router::new()
+        .route("/v1/endpoints", post(endpoints::create).get(endpoints::list))
+        .route("/v1/endpoints/{id}", get(endpoints::get).patch(endpoints::patch).delete(endpoints::delete))
+        .route("/v1/endpoints/{id}/secret/rotate", post(endpoints::rotate))
+        .route("/v1/endpoints/{id}/enable", post(endpoints::enable))
+        .route("/v1/events", post(events::publish).layer(event_body))
+        .route("/v1/events/{id}", get(events::get))
+        .route("/v1/webhook_deliveries", get(deliveries::list))
+        .route("/v1/webhook_deliveries/{id}", get(deliveries::get))
+        .route("/v1/webhook_deliveries/{id}/attempts", get(deliveries::attempts))
+        .route("/v1/webhook_deliveries/{id}/redeliver", post(deliveries::redeliver))
+        .route("/v1/api_keys", post(api_keys::create).get(api_keys::list))
+        .route("/v1/api_keys/{id}", axum::routing::delete(api_keys::revoke))
+        .route("/v1/audit/log", get(ops::audit_log))
+        .route("/api/webhooks/v1/failures/{id}/retrigger", post(seeds::retrigger))
+        .route("/api/v4/tasks/webhook_failures/{webhook_failure_id}", get(seeds::get_failure))
+        .route("/api/v4/tasks/webhook_failures", get(seeds::list_failures))
+        .route(
+            "/api/notifications/v1/admin/webhooks/{webhookId}/notifications/retrigger",
+            post(seeds::batch_retrigger),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .layer(body)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
+                .into_response_owned()
+        }))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = req.method().as_str().to_owned();
+    let response = next.run(req).await;
+    state.metrics.request(&route, &method, response.status().as_u16());
+    response
+}
+
+impl error::ApiError {
+    fn into_response_owned(self) -> Response {
+        axum::response::IntoResponse::into_response(self)
+    }
+}
+
+/// The admin key file in the data directory.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+/// On a store without any key: creates the admin key (`HERALD_ADMIN_KEY`'s value, or a generated
+/// one), writes it to `<data dir>/admin.key` (0600) and returns it so the caller prints it once.
+pub fn bootstrap_admin(
+    engine: &Engine,
+    data_dir: &Path,
+    given: Option<String>,
+) -> Result<Option<String>, String> {
+    let existing = list_api_keys(&engine.tables(), None, 1).map_err(|e| e.to_string())?;
+    if !existing.items.is_empty() {
+        return Ok(None);
+    }
+    let key = match given {
+        Some(k) if k.starts_with(auth::KEY_PREFIX) && k.len() >= 20 => k,
+        Some(_) => {
+            return Err(format!(
+                "HERALD_ADMIN_KEY must start with {} and be at least 20 characters",
+                auth::KEY_PREFIX
+            ))
+        }
+        None => auth::generate_key()?,
+    };
+    let command = Command::CreateApiKey {
+        id: ApiKeyId(uuid::Uuid::now_v7()),
+        org_id: None,
+        scopes: vec![Scope::Admin],
+        name: "admin (bootstrap)".into(),
+        key_hash: auth::key_hash(&key),
+    };
+    engine.execute_blocking(Actor::admin(), command).map_err(|e| format!("creating the admin key: {e}"))?;
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    writeln!(file, "{key}").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(Some(key))
+}
+
+/// Runs the server until `stop` resolves, then stops gracefully: no new requests, the engine's
+/// stop (attempts in flight finished or recorded as interrupted), the log closed.
+pub async fn serve(
+    config: Config,
+    admin_key: Option<String>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let engine_config = config.engine_config();
+    let data_dir = engine_config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+    let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if let Some(key) = bootstrap_admin(&engine, &data_dir, admin_key)? {
+        println!(
+            "herald: admin API key (shown once, also in {}): {key}",
+            data_dir.join(ADMIN_KEY_FILE).display()
+        );
+    }
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        limits: ServerLimits {
+            event_body_bytes: config.server.max_event_bytes,
+            body_bytes: config.server.max_body_bytes,
+        },
+        buckets: auth::Buckets::new(
+            u64::from(config.server.key_requests_per_s),
+            u64::from(config.server.key_burst),
+        ),
+        metrics: metrics::Metrics::default(),
+        ready: std::sync::atomic::AtomicBool::new(true),
+    });
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", config.server.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("herald: listening on http://{local} (data in {})", data_dir.display());
+    let ready = state.clone();
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        stop.await;
+        ready.ready.store(false, Ordering::SeqCst);
+        let _ = stopping_tx.send(());
+    };
+    let mut server =
+        tokio::spawn(axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).into_future());
+    // Requests in progress get the shutdown timeout to finish; then the engine stops.
+    let result = tokio::select! {
+        r = &mut server => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+        _ = stopping => match tokio::time::timeout(config.server.shutdown_timeout, &mut server).await {
+            Ok(r) => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+            Err(_) => {
+                server.abort();
+                Ok(())
+            }
+        },
+    };
+    let report = tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?;
+    println!(
+        "herald: stopped ({} attempts finished during the stop, {} recorded as interrupted)",
+        report.finished, report.interrupted
+    );
+    result
+}

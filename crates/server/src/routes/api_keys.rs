@@ -1,0 +1,122 @@
+//! `/v1/api_keys` (admin): create (the key is shown once), list, revoke.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herald_engine::Command;
+use herald_projector::{get_api_key, list_api_keys, ApiKeyId, OrgId, Scope};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::auth::{authenticate, generate_key, key_hash};
+use crate::error::{ApiError, Family, NamedError};
+use crate::json::{ApiKeyCreate, ApiKeyList, ApiKeyOut};
+use crate::state::AppState;
+use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit};
+
+const F: Family = Family::Named;
+
+#[utoipa::path(post, path = "/v1/api_keys", tag = "api_keys", request_body = ApiKeyCreate,
+    responses((status = 201, body = ApiKeyOut, description = "the key is shown this once"),
+        (status = 400, body = NamedError), (status = 401, body = NamedError), (status = 403, body = NamedError),
+        (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::Admin)?;
+    let input: ApiKeyCreate = json_body(F, body)?;
+    let org_id = match input.org_id.as_deref() {
+        None => None,
+        Some(text) => {
+            Some(OrgId(parse_id(text).ok_or_else(|| ApiError::validation(F, "org_id", "must be a UUID"))?))
+        }
+    };
+    let mut scopes = Vec::new();
+    for name in &input.scopes {
+        let scope = Scope::from_name(name).ok_or_else(|| {
+            let known: Vec<&str> = Scope::ALL.iter().map(|s| s.name()).collect();
+            ApiError::validation(F, "scopes", format!("{name:?} is not one of {}", known.join(", ")))
+        })?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    if org_id.is_none() && !scopes.contains(&Scope::Admin) {
+        return Err(ApiError::validation(F, "org_id", "required unless the key has the admin scope"));
+    }
+    let key = generate_key().map_err(|e| ApiError::internal(F, e))?;
+    let id = ApiKeyId(Uuid::now_v7());
+    let command = Command::CreateApiKey {
+        id,
+        org_id,
+        scopes,
+        name: input.name.unwrap_or_default(),
+        key_hash: key_hash(&key),
+    };
+    state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))?;
+    let stored = get_api_key(&state.engine.tables(), id)
+        .map_err(|e| ApiError::internal(F, e.to_string()))?
+        .ok_or_else(|| ApiError::internal(F, "the new key vanished"))?;
+    Ok((StatusCode::CREATED, Json(ApiKeyOut::new(&stored, Some(key)))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/api_keys", tag = "api_keys",
+    params(("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = ApiKeyList), (status = 400, body = NamedError), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authenticate(&state, &headers, F, Scope::Admin)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
+    let limit = parse_limit(F, q.limit.as_deref(), 50, 250)?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(ApiKeyId::from_bytes(
+            decode_cursor(c, 16)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .ok_or_else(|| ApiError::validation(F, "cursor", "not a cursor this server gave"))?,
+        )),
+    };
+    let page = list_api_keys(&state.engine.tables(), after, limit)
+        .map_err(|e| ApiError::internal(F, e.to_string()))?;
+    let data = page.items.iter().map(|k| ApiKeyOut::new(k, None)).collect();
+    Ok(Json(ApiKeyList { data, next_cursor: page.next.map(|id| encode_cursor(id.as_bytes())) })
+        .into_response())
+}
+
+#[utoipa::path(delete, path = "/v1/api_keys/{id}", tag = "api_keys", params(("id" = String, Path)),
+    responses((status = 204, description = "revoked, effective at once"), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::Admin)?;
+    let uuid = parse_id(&id).ok_or_else(|| ApiError::not_found(F, format!("api key {id} not found")))?;
+    state
+        .engine
+        .execute(who.actor(), Command::RevokeApiKey { id: ApiKeyId(uuid) })
+        .await
+        .map_err(|e| ApiError::from_engine(F, e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,259 @@
+//! `/v1/webhook_deliveries`: list with filters and cursors, get, attempts, redeliver (seed 003).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herald_engine::Command;
+use herald_projector::{
+    list_deliveries_rev, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
+    EndpointId, Scope,
+};
+use serde::Deserialize;
+
+use crate::auth::{authenticate, Principal};
+use crate::error::{ApiError, Family, NamedError};
+use crate::json::{AttemptList, AttemptOut, DeliveryList, DeliveryOut};
+use crate::routes::org_of;
+use crate::state::AppState;
+use crate::util::{decode_cursor, encode_cursor, parse_id, parse_limit, parse_ts};
+
+const F: Family = Family::Named;
+pub const PAGE_DEFAULT: usize = 50;
+pub const PAGE_MAX: usize = 250;
+/// Index entries a filtered page reads at most, per item asked, before it answers with what it
+/// has and a cursor: a page's cost stays bounded whatever the store holds.
+const SCAN_PER_ITEM_MAX: usize = 20;
+
+pub fn parse_status(family: Family, text: &str) -> Result<DeliveryStatus, ApiError> {
+    match text {
+        "pending" => Ok(DeliveryStatus::Pending),
+        "delivered" => Ok(DeliveryStatus::Delivered),
+        "exhausted" => Ok(DeliveryStatus::Exhausted),
+        "inactive" => Ok(DeliveryStatus::Inactive),
+        _ => Err(ApiError::validation(
+            family,
+            "status",
+            format!("{text:?} is not one of pending, delivered, exhausted, inactive"),
+        )),
+    }
+}
+
+pub fn cursor_text(c: &DeliveryCursor) -> String {
+    let mut bytes = c.created_at_ms.to_be_bytes().to_vec();
+    bytes.extend_from_slice(c.id.as_bytes());
+    encode_cursor(&bytes)
+}
+
+pub fn parse_cursor(family: Family, text: Option<&str>) -> Result<Option<DeliveryCursor>, ApiError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(t) => {
+            let bytes = decode_cursor(t, 24)
+                .ok_or_else(|| ApiError::validation(family, "cursor", "not a cursor this server gave"))?;
+            let mut at = [0u8; 8];
+            at.copy_from_slice(&bytes[..8]);
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&bytes[8..]);
+            Ok(Some(DeliveryCursor { created_at_ms: u64::from_be_bytes(at), id: DeliveryId::from_bytes(id) }))
+        }
+    }
+}
+
+/// Walks `query` newest first from `cursor`, keeping what `keep` accepts, until `limit` are kept
+/// or the scan budget is spent. Returns the kept deliveries and the cursor to go on from.
+pub fn filtered_page(
+    state: &AppState,
+    family: Family,
+    query: &DeliveryQuery,
+    mut cursor: Option<DeliveryCursor>,
+    limit: usize,
+    keep: impl Fn(&Delivery) -> bool,
+) -> Result<(Vec<Delivery>, Option<DeliveryCursor>), ApiError> {
+    let mut kept = Vec::new();
+    let mut budget = limit.saturating_mul(SCAN_PER_ITEM_MAX);
+    loop {
+        let page = list_deliveries_rev(&state.engine.tables(), query, cursor, limit)
+            .map_err(|e| ApiError::internal(family, e.to_string()))?;
+        budget = budget.saturating_sub(page.items.len());
+        for (i, d) in page.items.iter().enumerate() {
+            if keep(d) {
+                kept.push(d.clone());
+                if kept.len() == limit {
+                    let more = i + 1 < page.items.len() || page.next.is_some();
+                    let next = DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id };
+                    return Ok((kept, more.then_some(next)));
+                }
+            }
+        }
+        match page.next {
+            None => return Ok((kept, None)),
+            Some(next) if budget == 0 => return Ok((kept, Some(next))),
+            Some(next) => cursor = Some(next),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    endpoint_id: Option<String>,
+    event_type: Option<String>,
+    created_after: Option<String>,
+    created_before: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    org_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/webhook_deliveries", tag = "deliveries",
+    params(("status" = Option<String>, Query, description = "pending, delivered, exhausted or inactive"),
+        ("endpoint_id" = Option<String>, Query), ("event_type" = Option<String>, Query),
+        ("created_after" = Option<String>, Query, description = "RFC 3339"),
+        ("created_before" = Option<String>, Query, description = "RFC 3339"),
+        ("limit" = Option<u32>, Query, description = "1 to 250, default 50"), ("cursor" = Option<String>, Query),
+        ("org_id" = Option<String>, Query, description = "admin keys only")),
+    responses((status = 200, body = DeliveryList), (status = 400, body = NamedError), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
+    let org_id = org_of(F, &who, q.org_id.as_deref())?;
+    let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
+    let status = q.status.as_deref().map(|s| parse_status(F, s)).transpose()?;
+    let event_type = q.event_type.clone();
+    if let Some(t) = &event_type {
+        if !herald_engine::commands::valid_event_type(t) {
+            return Err(ApiError::validation(F, "event_type", "must match [A-Za-z0-9._-]{1,128}"));
+        }
+    }
+    let time = |field: &'static str, v: &Option<String>| -> Result<Option<u64>, ApiError> {
+        v.as_deref()
+            .map(|t| {
+                parse_ts(t).ok_or_else(|| ApiError::validation(F, field, "must be an RFC 3339 timestamp"))
+            })
+            .transpose()
+    };
+    let created_from_ms = time("created_after", &q.created_after)?.map(|ms| ms.saturating_add(1));
+    let created_before_ms = time("created_before", &q.created_before)?;
+    let cursor = parse_cursor(F, q.cursor.as_deref())?;
+    let endpoint = match q.endpoint_id.as_deref() {
+        None => None,
+        Some(text) => Some(EndpointId(
+            parse_id(text).ok_or_else(|| ApiError::validation(F, "endpoint_id", "must be a UUID"))?,
+        )),
+    };
+    // The index that answers most of the filter; the rest is checked per delivery.
+    let index = match (endpoint, status, &event_type) {
+        (Some(e), Some(s), _) => DeliveryIndex::EndpointStatus(e, s),
+        (Some(e), None, _) => DeliveryIndex::Endpoint(e),
+        (None, Some(s), _) => DeliveryIndex::OrgStatus(org_id, s),
+        (None, None, Some(t)) => DeliveryIndex::OrgEventType(org_id, t.clone()),
+        (None, None, None) => DeliveryIndex::Org(org_id),
+    };
+    let query = DeliveryQuery { index, created_from_ms, created_before_ms };
+    let (items, next) = filtered_page(&state, F, &query, cursor, limit, |d| {
+        d.org_id == org_id
+            && status.is_none_or(|s| d.status == s)
+            && event_type.as_ref().is_none_or(|t| &d.event_type == t)
+    })?;
+    let data = items.iter().map(DeliveryOut::from).collect();
+    Ok(Json(DeliveryList { data, next_cursor: next.as_ref().map(cursor_text) }).into_response())
+}
+
+/// The delivery `id` as this caller may see it.
+pub fn visible(
+    state: &AppState,
+    family: Family,
+    who: &Principal,
+    id: &str,
+) -> Result<Option<Delivery>, ApiError> {
+    let Some(uuid) = parse_id(id) else { return Ok(None) };
+    let d = state.engine.delivery(DeliveryId(uuid)).map_err(|e| ApiError::from_engine(family, e))?;
+    Ok(d.filter(|d| who.sees(d.org_id)))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(F, format!("delivery {id} not found"))
+}
+
+#[utoipa::path(get, path = "/v1/webhook_deliveries/{id}", tag = "deliveries", params(("id" = String, Path)),
+    responses((status = 200, body = DeliveryOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
+        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
+    let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(DeliveryOut::from(&d)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/webhook_deliveries/{id}/attempts", tag = "deliveries", params(("id" = String, Path)),
+    responses((status = 200, body = AttemptList), (status = 401, body = NamedError), (status = 403, body = NamedError),
+        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn attempts(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
+    let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
+    let mut data = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = state.engine.attempts(d.id, after, 250).map_err(|e| ApiError::from_engine(F, e))?;
+        let Some(last) = page.last() else { break };
+        after = last.attempt;
+        data.extend(page.iter().map(AttemptOut::from));
+    }
+    Ok(Json(AttemptList { data }).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/webhook_deliveries/{id}/redeliver", tag = "deliveries", params(("id" = String, Path)),
+    responses((status = 200, body = DeliveryOut, description = "re-queued: pending, manual_retry_count + 1"),
+        (status = 401, body = NamedError), (status = 403, body = NamedError), (status = 404, body = NamedError),
+        (status = 409, body = NamedError, description = "already pending"), (status = 429, body = NamedError),
+        (status = 503, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn redeliver(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::DeliveriesWrite)?;
+    let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
+    state
+        .engine
+        .execute(who.actor(), Command::Redeliver { delivery_id: d.id })
+        .await
+        .map_err(|e| ApiError::from_engine(F, e))?;
+    // The answer is the delivery as the redeliver left it; the dispatcher may already be at it.
+    let after = state
+        .engine
+        .delivery(d.id)
+        .map_err(|e| ApiError::from_engine(F, e))?
+        .ok_or_else(|| not_found(&id))?;
+    let answer = if after.status == DeliveryStatus::Pending && after.attempt_count == d.attempt_count {
+        after
+    } else {
+        Delivery {
+            status: DeliveryStatus::Pending,
+            manual_retry_count: d.manual_retry_count + 1,
+            next_attempt_at_ms: after.last_attempt_at_ms,
+            inactive_reason: None,
+            ..d
+        }
+    };
+    Ok(Json(DeliveryOut::from(&answer)).into_response())
+}

@@ -1,0 +1,222 @@
+//! `/v1/endpoints`: create, list, get, patch, delete, rotate the secret, enable.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herald_engine::{Command, Reply};
+use herald_projector::{EndpointId, Scope};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::auth::{authenticate, Principal};
+use crate::error::{ApiError, Family, NamedError};
+use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
+use crate::routes::org_of;
+use crate::state::AppState;
+use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit};
+
+const F: Family = Family::Named;
+pub const PAGE_DEFAULT: usize = 50;
+pub const PAGE_MAX: usize = 250;
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(F, format!("endpoint {id} not found"))
+}
+
+/// The live endpoint `id` as this caller may see it.
+fn visible(state: &AppState, who: &Principal, id: &str) -> Result<herald_projector::Endpoint, ApiError> {
+    let uuid = parse_id(id).ok_or_else(|| not_found(id))?;
+    match state.engine.endpoint(EndpointId(uuid)).map_err(|e| ApiError::from_engine(F, e))? {
+        Some(e) if who.sees(e.org_id) && !e.is_deleted() => Ok(e),
+        _ => Err(not_found(id)),
+    }
+}
+
+async fn run(state: &AppState, who: &Principal, command: Command) -> Result<Reply, ApiError> {
+    state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))
+}
+
+fn answer(
+    state: &AppState,
+    status: StatusCode,
+    id: EndpointId,
+    secret: Option<String>,
+) -> Result<Response, ApiError> {
+    let e = state
+        .engine
+        .endpoint(id)
+        .map_err(|e| ApiError::from_engine(F, e))?
+        .ok_or_else(|| ApiError::internal(F, format!("endpoint {id} vanished after its command")))?;
+    Ok((status, Json(EndpointOut::new(&e, secret))).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/endpoints", tag = "endpoints", request_body = EndpointCreate,
+    responses((status = 201, body = EndpointOut), (status = 400, body = NamedError), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 413, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
+    let input: EndpointCreate = json_body(F, body)?;
+    let org_id = org_of(F, &who, input.org_id.as_deref())?;
+    let id = EndpointId(Uuid::now_v7());
+    let command = Command::CreateEndpoint {
+        id,
+        org_id,
+        url: input.url,
+        name: input.name.unwrap_or_default(),
+        enabled_events: input.enabled_events.unwrap_or_else(|| vec!["*".to_owned()]),
+        secret: input.secret,
+    };
+    match run(&state, &who, command).await? {
+        Reply::Endpoint { id, secret } => answer(&state, StatusCode::CREATED, id, Some(secret)),
+        other => Err(ApiError::internal(F, format!("unexpected reply {other:?}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+    org_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints",
+    params(("limit" = Option<u32>, Query, description = "1 to 250, default 50"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("org_id" = Option<String>, Query, description = "admin keys only")),
+    responses((status = 200, body = EndpointList), (status = 400, body = NamedError), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsRead)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
+    let org_id = org_of(F, &who, q.org_id.as_deref())?;
+    let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            decode_cursor(c, 16)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(EndpointId::from_bytes)
+                .ok_or_else(|| ApiError::validation(F, "cursor", "not a cursor this server gave"))?,
+        ),
+    };
+    let page = herald_projector::list_endpoints_rev(&state.engine.tables(), org_id, before, limit)
+        .map_err(|e| ApiError::internal(F, e.to_string()))?;
+    let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));
+    let data = page.items.iter().map(|e| EndpointOut::new(e, None)).collect();
+    Ok(Json(EndpointList { data, next_cursor }).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
+    responses((status = 200, body = EndpointOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
+        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsRead)?;
+    let e = visible(&state, &who, &id)?;
+    Ok(Json(EndpointOut::new(&e, None)).into_response())
+}
+
+#[utoipa::path(patch, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
+    request_body = EndpointPatch,
+    responses((status = 200, body = EndpointOut), (status = 400, body = NamedError), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 404, body = NamedError), (status = 413, body = NamedError),
+        (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
+    let e = visible(&state, &who, &id)?;
+    let input: EndpointPatch = json_body(F, body)?;
+    let command = Command::UpdateEndpoint {
+        id: e.id,
+        url: input.url,
+        name: input.name,
+        enabled_events: input.enabled_events,
+    };
+    run(&state, &who, command).await?;
+    answer(&state, StatusCode::OK, e.id, None)
+}
+
+#[utoipa::path(delete, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted; its deliveries and history are kept"),
+        (status = 401, body = NamedError), (status = 403, body = NamedError), (status = 404, body = NamedError),
+        (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
+    let e = visible(&state, &who, &id)?;
+    run(&state, &who, Command::DeleteEndpoint { id: e.id }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateIn {
+    /// The new `whsec_` secret; generated when absent.
+    pub secret: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/endpoints/{id}/secret/rotate", tag = "endpoints", params(("id" = String, Path)),
+    request_body(content = Option<RotateIn>, description = "optional"),
+    responses((status = 200, body = EndpointOut), (status = 400, body = NamedError), (status = 401, body = NamedError),
+        (status = 403, body = NamedError), (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn rotate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
+    let e = visible(&state, &who, &id)?;
+    let secret = match &body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => None,
+        _ => json_body::<RotateIn>(F, body)?.secret,
+    };
+    match run(&state, &who, Command::RotateSecret { id: e.id, secret }).await? {
+        Reply::Endpoint { id, secret } => answer(&state, StatusCode::OK, id, Some(secret)),
+        other => Err(ApiError::internal(F, format!("unexpected reply {other:?}"))),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/endpoints/{id}/enable", tag = "endpoints", params(("id" = String, Path)),
+    responses((status = 200, body = EndpointOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
+        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn enable(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
+    let e = visible(&state, &who, &id)?;
+    run(&state, &who, Command::EnableEndpoint { id: e.id }).await?;
+    answer(&state, StatusCode::OK, e.id, None)
+}

@@ -1,0 +1,151 @@
+//! Health, readiness, metrics, the OpenAPI document, and the audit log.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herald_projector::{decode, Scope};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::auth::authenticate;
+use crate::error::{ApiError, Family, NamedError};
+use crate::json::Health;
+use crate::state::AppState;
+use crate::util::parse_limit;
+
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Response {
+    Json(Health { status: "ok".into() }).into_response()
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let caught_up = herald_projector::applied_seq(&state.engine.tables())
+        .is_ok_and(|applied| applied == state.engine.committed_seq());
+    if state.ready.load(Ordering::SeqCst) && caught_up {
+        Json(Health { status: "ready".into() }).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not ready".into() })).into_response()
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, content_type = "text/plain", body = String, description = "Prometheus text")))]
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(&state.engine);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, content_type = "application/json", body = Object, description = "this document")))]
+pub async fn openapi() -> Response {
+    Json(crate::openapi_document()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// Records per page of the audit log, at most.
+pub const AUDIT_PAGE_MAX: usize = 10_000;
+
+#[utoipa::path(get, path = "/v1/audit/log", tag = "audit",
+    params(("after" = Option<u64>, Query, description = "records with a greater seq"),
+        ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000")),
+    responses((status = 200, content_type = "application/x-ndjson", body = String,
+        description = "one record a line: {seq, at, hash, prev_hash, event: {type, ...}}"),
+        (status = 400, body = NamedError), (status = 401, body = NamedError), (status = 403, body = NamedError),
+        (status = 429, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn audit_log(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    const F: Family = Family::Named;
+    authenticate(&state, &headers, F, Scope::Admin)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
+    let after = match q.after.as_deref() {
+        None => 0,
+        Some(t) => t
+            .parse::<u64>()
+            .map_err(|_| ApiError::validation(F, "after", "must be a seq (an unsigned integer)"))?,
+    };
+    let limit = parse_limit(F, q.limit.as_deref(), 1000, AUDIT_PAGE_MAX)?;
+    let records =
+        state.engine.records(after.saturating_add(1), limit).map_err(|e| ApiError::from_engine(F, e))?;
+    let mut body = String::new();
+    for r in records {
+        let event = match decode(&r.body) {
+            Ok(e) => audit_event(&e),
+            Err(e) => serde_json::json!({"type": "Undecodable", "error": e.to_string()}),
+        };
+        let line = serde_json::json!({
+            "seq": r.seq,
+            "at": crate::util::ts(r.at_ms),
+            "hash": hex(&r.hash),
+            "prev_hash": hex(&r.prev_hash),
+            "event": event,
+        });
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An event as audit JSON: `{"type": "<Variant>", ...fields}`. Secrets are redacted, key hashes
+/// shown as hex, payloads as the JSON they are, response excerpts as text.
+pub fn audit_event(event: &herald_projector::Event) -> Value {
+    let raw = serde_json::to_value(event).unwrap_or(Value::Null);
+    let (kind, inner) = match raw {
+        Value::Object(map) if map.len() == 1 => match map.into_iter().next() {
+            Some((k, v)) => (k, v),
+            None => (String::new(), Value::Null),
+        },
+        Value::String(s) => (s, Value::Null),
+        other => ("Unknown".to_owned(), other),
+    };
+    let mut fields = match inner {
+        Value::Object(map) => map,
+        Value::Null => Map::new(),
+        other => {
+            let mut m = Map::new();
+            m.insert("value".into(), other);
+            m
+        }
+    };
+    for (k, v) in fields.iter_mut() {
+        match k.as_str() {
+            "secret" => *v = Value::String("[redacted]".into()),
+            "key_hash" => *v = Value::String(bytes_of(v).map(|b| hex(&b)).unwrap_or_default()),
+            "payload" => {
+                *v = bytes_of(v).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
+            }
+            "response_excerpt" => {
+                *v = Value::String(
+                    bytes_of(v).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default(),
+                )
+            }
+            _ => {}
+        }
+    }
+    let mut out = Map::new();
+    out.insert("type".into(), Value::String(kind));
+    out.extend(fields);
+    Value::Object(out)
+}
+
+fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+    v.as_array()?.iter().map(|n| n.as_u64().and_then(|n| u8::try_from(n).ok())).collect()
+}

@@ -1,0 +1,209 @@
+//! The four seed routes: retrigger an inactive webhook (seed 000), get and list webhook failures
+//! (seed 001), the admin batch retrigger (seed 002). Seed 003's redeliver is a native route.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herald_engine::{Command, CommandError, EngineError, Reply};
+use herald_projector::{
+    get_endpoint, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
+    EndpointId, Scope,
+};
+use serde::Deserialize;
+
+use crate::auth::authenticate;
+use crate::error::{ApiError, Family, NamedError, PlainError};
+use crate::json::{
+    is_failure, BatchItemOut, BatchRetriggerIn, BatchRetriggerOut, FailureList, FailureOut, RetriggerOut,
+    WebhookFailure,
+};
+use crate::routes::deliveries::{cursor_text, filtered_page, parse_cursor, parse_status, visible};
+use crate::routes::org_of;
+use crate::state::AppState;
+use crate::util::{json_body, parse_id, parse_limit};
+
+const P: Family = Family::Plain;
+const N: Family = Family::Named;
+
+fn no_failure(id: &str) -> ApiError {
+    ApiError::not_found(P, format!("No failed webhook found with ID {id}"))
+}
+
+#[utoipa::path(post, path = "/api/webhooks/v1/failures/{id}/retrigger", tag = "seeds", params(("id" = String, Path)),
+    responses((status = 200, body = RetriggerOut), (status = 401, body = PlainError), (status = 403, body = PlainError),
+        (status = 404, body = PlainError), (status = 429, body = PlainError)),
+    security(("bearer" = [])))]
+pub async fn retrigger(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, P, Scope::DeliveriesWrite)?;
+    let d = visible(&state, P, &who, &id)?.filter(|d| is_failure(d.status)).ok_or_else(|| no_failure(&id))?;
+    match state.engine.execute(who.actor(), Command::Retrigger { delivery_id: d.id }).await {
+        Ok(_) => Ok(Json(RetriggerOut { status: "success".into(), failure_id: id }).into_response()),
+        Err(EngineError::Command(CommandError::NotFound { .. })) => Err(no_failure(&id)),
+        Err(e) => Err(ApiError::from_engine(P, e)),
+    }
+}
+
+fn failure(state: &AppState, d: &Delivery) -> WebhookFailure {
+    let name =
+        d.endpoint_id.and_then(|e| get_endpoint(&state.engine.tables(), e).ok().flatten()).map(|e| e.name);
+    WebhookFailure::new(d, name)
+}
+
+#[utoipa::path(get, path = "/api/v4/tasks/webhook_failures/{webhook_failure_id}", tag = "seeds",
+    params(("webhook_failure_id" = String, Path)),
+    responses((status = 200, body = FailureOut), (status = 401, body = PlainError), (status = 403, body = PlainError),
+        (status = 404, body = PlainError), (status = 429, body = PlainError)),
+    security(("bearer" = [])))]
+pub async fn get_failure(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, P, Scope::TasksWebhooksRead)?;
+    let d = visible(&state, P, &who, &id)?
+        .filter(|d| is_failure(d.status))
+        .ok_or_else(|| ApiError::not_found(P, format!("No webhook failure found with ID {id}")))?;
+    Ok(Json(FailureOut { webhook_failure: failure(&state, &d) }).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FailureQuery {
+    status: Option<String>,
+    webhook_id: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    org_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v4/tasks/webhook_failures", tag = "seeds",
+    params(("status" = Option<String>, Query, description = "inactive or exhausted"),
+        ("webhook_id" = Option<String>, Query, description = "an endpoint id"),
+        ("limit" = Option<u32>, Query, description = "1 to 250, default 50"), ("cursor" = Option<String>, Query),
+        ("org_id" = Option<String>, Query, description = "admin keys only")),
+    responses((status = 200, body = FailureList), (status = 400, body = PlainError), (status = 401, body = PlainError),
+        (status = 403, body = PlainError), (status = 429, body = PlainError)),
+    security(("bearer" = [])))]
+pub async fn list_failures(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<FailureQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, P, Scope::TasksWebhooksRead)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(P, e.body_text()))?;
+    let org_id = org_of(P, &who, q.org_id.as_deref())?;
+    let limit = parse_limit(P, q.limit.as_deref(), 50, 250)?;
+    let statuses = match q.status.as_deref() {
+        None => vec![DeliveryStatus::Inactive, DeliveryStatus::Exhausted],
+        Some(s) => match parse_status(P, s)? {
+            s if is_failure(s) => vec![s],
+            _ => return Err(ApiError::validation(P, "status", "must be inactive or exhausted")),
+        },
+    };
+    let webhook = match q.webhook_id.as_deref() {
+        None => None,
+        Some(t) => Some(EndpointId(
+            parse_id(t).ok_or_else(|| ApiError::validation(P, "webhook_id", "must be a UUID"))?,
+        )),
+    };
+    let cursor = parse_cursor(P, q.cursor.as_deref())?;
+    // Each status has its own index, all in the same (created, id) order: merge them.
+    let mut merged: Vec<Delivery> = Vec::new();
+    let mut more = false;
+    for status in statuses {
+        let index = match webhook {
+            Some(e) => DeliveryIndex::EndpointStatus(e, status),
+            None => DeliveryIndex::OrgStatus(org_id, status),
+        };
+        let query = DeliveryQuery::all(index);
+        let (items, next) = filtered_page(&state, P, &query, cursor, limit, |d| d.org_id == org_id)?;
+        more |= next.is_some();
+        merged.extend(items);
+    }
+    merged.sort_by_key(|d| std::cmp::Reverse((d.created_at_ms, d.id)));
+    if merged.len() > limit {
+        merged.truncate(limit);
+        more = true;
+    }
+    let next_cursor = match (more, merged.last()) {
+        (true, Some(d)) => Some(cursor_text(&DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id })),
+        _ => None,
+    };
+    let webhook_failures = merged.iter().map(|d| failure(&state, d)).collect();
+    Ok(Json(FailureList { webhook_failures, next_cursor }).into_response())
+}
+
+#[utoipa::path(post, path = "/api/notifications/v1/admin/webhooks/{webhookId}/notifications/retrigger", tag = "seeds",
+    params(("webhookId" = String, Path, description = "an endpoint id")), request_body = BatchRetriggerIn,
+    responses((status = 200, body = BatchRetriggerOut), (status = 400, body = NamedError),
+        (status = 401, body = NamedError), (status = 403, body = NamedError), (status = 404, body = NamedError),
+        (status = 429, body = NamedError), (status = 500, body = NamedError)),
+    security(("bearer" = [])))]
+pub async fn batch_retrigger(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(webhook_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&state, &headers, N, Scope::Admin)?;
+    let endpoint_id = parse_id(&webhook_id)
+        .map(EndpointId)
+        .ok_or_else(|| ApiError::not_found(N, format!("webhook {webhook_id} not found")))?;
+    let input: BatchRetriggerIn = json_body(N, body)?;
+    let ids = &input.webhook_notification_ids;
+    if ids.is_empty() || ids.len() > herald_engine::commands::BATCH_RETRIGGER_MAX {
+        return Err(ApiError::validation(
+            N,
+            "webhookNotificationIds",
+            format!("1 to 25 ids, got {}", ids.len()),
+        ));
+    }
+    let mut delivery_ids = Vec::with_capacity(ids.len());
+    for text in ids {
+        let id = parse_id(text).ok_or_else(|| {
+            ApiError::validation(N, "webhookNotificationIds", format!("{text:?} is not a UUID"))
+        })?;
+        delivery_ids.push(DeliveryId(id));
+    }
+    let command = Command::BatchRetrigger { endpoint_id, delivery_ids };
+    let items = match state.engine.execute(who.actor(), command).await {
+        Ok(Reply::Batch(items)) => items,
+        Ok(other) => return Err(ApiError::internal(N, format!("unexpected reply {other:?}"))),
+        Err(EngineError::Command(CommandError::NotFound { .. })) => {
+            return Err(ApiError::not_found(N, format!("webhook {webhook_id} not found")))
+        }
+        Err(e) => return Err(ApiError::from_engine(N, e)),
+    };
+    let mut out = BatchRetriggerOut {
+        total_requested: items.len() as u32,
+        total_success: 0,
+        total_failed: 0,
+        successful_notifications: Vec::new(),
+        failed_notifications: Vec::new(),
+    };
+    for (item, text) in items.into_iter().zip(ids) {
+        match item.result {
+            Ok(request_id) => out.successful_notifications.push(BatchItemOut {
+                webhook_notification_id: text.clone(),
+                retriggered_notification_request_id: Some(request_id.hyphenated().to_string()),
+                error: None,
+            }),
+            Err(why) => out.failed_notifications.push(BatchItemOut {
+                webhook_notification_id: text.clone(),
+                retriggered_notification_request_id: None,
+                error: Some(why),
+            }),
+        }
+    }
+    out.total_success = out.successful_notifications.len() as u32;
+    out.total_failed = out.failed_notifications.len() as u32;
+    Ok(Json(out).into_response())
+}

@@ -1,0 +1,32 @@
+//! What every handler shares.
+
+use std::sync::atomic::AtomicBool;
+
+use herald_engine::Engine;
+
+use crate::auth::Buckets;
+use crate::metrics::Metrics;
+
+/// The limits the server checks itself (the engine checks the rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `POST /v1/events` bodies, at most.
+    pub event_body_bytes: usize,
+    /// Every other body, at most.
+    pub body_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits { event_body_bytes: 256 * 1024, body_bytes: 64 * 1024 }
+    }
+}
+
+pub struct AppState {
+    pub engine: Engine,
+    pub limits: ServerLimits,
+    pub buckets: Buckets,
+    pub metrics: Metrics,
+    /// False once a stop began: `/readyz` answers 503.
+    pub ready: AtomicBool,
+}

@@ -1,0 +1,119 @@
+//! Small shared pieces: ids in paths, timestamps, cursors, JSON bodies with named errors.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::{ApiError, Family};
+
+/// A path id: the hyphenated or the 32-hex simple form; anything else is `None` (answered 404).
+pub fn parse_id(text: &str) -> Option<Uuid> {
+    let ok_len = text.len() == 36 || text.len() == 32;
+    if !ok_len {
+        return None;
+    }
+    Uuid::try_parse(text).ok()
+}
+
+/// Unix milliseconds as RFC 3339 UTC with a `Z` (milliseconds shown when not zero).
+pub fn ts(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
+pub fn ts_opt(ms: Option<u64>) -> Option<String> {
+    ms.map(ts)
+}
+
+/// An RFC 3339 timestamp as unix milliseconds.
+pub fn parse_ts(text: &str) -> Option<u64> {
+    let t = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// An opaque cursor: base64url of the bytes.
+pub fn encode_cursor(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn decode_cursor(text: &str, len: usize) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok().filter(|b| b.len() == len)
+}
+
+/// A request body read within its limit and parsed, or the error that names what is wrong.
+pub fn json_body<T: DeserializeOwned>(
+    family: Family,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                family,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PayloadTooLarge",
+                "the request body is over the limit",
+            )
+        } else {
+            ApiError::bad_request(family, format!("the request body could not be read: {r}"))
+        }
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(family, format!("malformed JSON: {inner}"))
+        } else if path == "." {
+            ApiError::validation(family, "body", inner)
+        } else {
+            ApiError::validation(family, &path, inner)
+        }
+    })
+}
+
+/// A `limit` query parameter: 1 to `max`, `default` when absent.
+pub fn parse_limit(
+    family: Family,
+    value: Option<&str>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::validation(family, "limit", format!("must be an integer from 1 to {max}"))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_both_forms_and_nothing_else() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(parse_id(&id.hyphenated().to_string()), Some(id));
+        assert_eq!(parse_id(&id.simple().to_string()), Some(id));
+        assert_eq!(parse_id(&id.urn().to_string()), None);
+        assert_eq!(parse_id("{01234567-89ab-cdef-0123-456789abcdef}"), None);
+        assert_eq!(parse_id("aabbccddeeff"), None);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_and_round_trip() {
+        assert_eq!(ts(1_773_570_734_000), "2026-03-15T10:32:14Z");
+        assert_eq!(ts(1_773_570_734_123), "2026-03-15T10:32:14.123Z");
+        assert_eq!(parse_ts("2026-03-15T10:32:14.123Z"), Some(1_773_570_734_123));
+        assert_eq!(parse_ts("yesterday"), None);
+    }
+}
