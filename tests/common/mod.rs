@@ -1,0 +1,436 @@
+//! The end-to-end harness: the real `herald` binary on a free port of 127.0.0.1 with a scratch
+//! data directory and a short retry schedule, receivers on 127.0.0.1, and a small blocking HTTP
+//! client. Everything started here is stopped by PID when its handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The admin key every test server starts with.
+pub const ADMIN_KEY: &str = "sk_e2e_admin_key_0123456789abcdef";
+/// No wait in these tests is longer than this.
+pub const WAIT_MAX: Duration = Duration::from_secs(20);
+
+/// A running `herald serve`.
+pub struct Server {
+    pub port: u16,
+    pub data_dir: PathBuf,
+    _scratch: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("no free port");
+    l.local_addr().expect("no local addr").port()
+}
+
+impl Server {
+    /// A server with the test defaults: retries after 300 ms and 600 ms, 5 failures make an
+    /// endpoint inactive, private targets allowed (the receivers are on loopback).
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Same, with more `HERALD_*` settings (they override the defaults here).
+    pub fn start_with(extra_env: &[(&str, &str)]) -> Server {
+        let scratch = tempfile::tempdir().expect("no temp dir");
+        let mut env: Vec<(String, String)> = [
+            ("HERALD_ADMIN_KEY", ADMIN_KEY),
+            ("HERALD_DELIVERY_RETRY_SCHEDULE", "300ms,600ms"),
+            ("HERALD_DELIVERY_ALLOW_PRIVATE_TARGETS", "true"),
+            ("HERALD_DELIVERY_TIMEOUT", "2s"),
+            ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "2s"),
+            ("HERALD_STORE_DURABILITY", "flush"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra_env {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut server = Server {
+            port: 0,
+            data_dir: scratch.path().to_owned(),
+            _scratch: Some(scratch),
+            child: None,
+            env,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        self.port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("cannot start herald"));
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            if let Ok((200, _)) = self.try_call("GET", "/healthz", None, None) {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("herald exited during start: {status}");
+            }
+            assert!(Instant::now() < deadline, "herald did not answer /healthz in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the graceful stop; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        // SAFETY: kill(2) with a pid we own; no memory is touched.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            match c.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Starts herald again on the same data directory (on a new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<(u16, String), String> {
+        call_raw(&self.url(path), method, key, body, &[])
+    }
+
+    /// A request; panics only on transport errors. Returns the status and the parsed JSON body
+    /// (`Value::Null` for an empty or non-JSON body).
+    pub fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        self.call_with(method, path, key, body.map(|b| b.to_string()).as_deref(), &[])
+    }
+
+    pub fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let (status, text) = call_raw(&self.url(path), method, key, body, headers)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A key of a new organisation with the given scopes; returns (org id, key).
+    pub fn org_key(&self, scopes: &[&str]) -> (String, String) {
+        let org = uuid::Uuid::now_v7().to_string();
+        let key = self.key_for(&org, scopes);
+        (org, key)
+    }
+
+    pub fn key_for(&self, org: &str, scopes: &[&str]) -> String {
+        let (status, body) = self.call(
+            "POST",
+            "/v1/api_keys",
+            Some(ADMIN_KEY),
+            Some(serde_json::json!({"org_id": org, "scopes": scopes, "name": "e2e"})),
+        );
+        assert_eq!(status, 201, "{body}");
+        body["key"].as_str().expect("no key").to_owned()
+    }
+
+    /// An endpoint of the key's organisation at `url`; returns its JSON (with `secret`).
+    pub fn endpoint(&self, key: &str, url: &str, events: &[&str]) -> Value {
+        let (status, body) = self.call(
+            "POST",
+            "/v1/endpoints",
+            Some(key),
+            Some(serde_json::json!({"url": url, "name": "e2e receiver", "enabled_events": events})),
+        );
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    pub fn publish(&self, key: &str, event_type: &str, payload: Value) -> Value {
+        let (status, body) = self.call(
+            "POST",
+            "/v1/events",
+            Some(key),
+            Some(serde_json::json!({"event_type": event_type, "payload": payload})),
+        );
+        assert_eq!(status, 202, "{body}");
+        body
+    }
+
+    /// Polls `GET /v1/webhook_deliveries/{id}` until its status is `status`.
+    pub fn wait_status(&self, key: &str, delivery: &str, status: &str) -> Value {
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let (code, body) =
+                self.call("GET", &format!("/v1/webhook_deliveries/{delivery}"), Some(key), None);
+            assert_eq!(code, 200, "{body}");
+            if body["status"] == status {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "delivery {delivery} never became {status}: {body}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (no client crate: the harness tests the server,
+/// and a hand-rolled request also lets a test send what a client library would refuse).
+pub fn call_raw(
+    url: &str,
+    method: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let rest = url.strip_prefix("http://").ok_or("only http")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = TcpStream::connect(host).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(WAIT_MAX)).map_err(|e| e.to_string())?;
+    let body = body.unwrap_or("");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("authorization: Bearer {k}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" || method == "PATCH" {
+        req.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    stream.write_all(body.as_bytes()).map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).map_err(|e| e.to_string())?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(format!("bad status {status_line:?}"))?;
+    let mut len = None;
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(|e| e.to_string())?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            let k = k.trim().to_ascii_lowercase();
+            if k == "content-length" {
+                len = v.trim().parse::<usize>().ok();
+            }
+            if k == "transfer-encoding" && v.trim().eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).map_err(|e| e.to_string())?;
+            let n = usize::from_str_radix(size.trim(), 16).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk).map_err(|e| e.to_string())?;
+            out.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = len {
+        out.resize(n, 0);
+        reader.read_exact(&mut out).map_err(|e| e.to_string())?;
+    } else {
+        reader.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    }
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// A request a receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// A receiver on 127.0.0.1 that answers every request with its current status (200 unless
+/// set) and records what it got. Stopped when dropped.
+pub struct Receiver {
+    pub port: u16,
+    status: Arc<AtomicU16>,
+    got: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("no port for a receiver");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let status = Arc::new(AtomicU16::new(200));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, g, st) = (status.clone(), got.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (s, g, st) = (s.clone(), g.clone(), st.clone());
+                        std::thread::spawn(move || serve_conn(stream, s, g, st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Receiver { port, status, got, stop }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The status every later request gets.
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until at least `n` requests arrived.
+    pub fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "receiver got {} of {n} requests", got.len());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve_conn(
+    stream: TcpStream,
+    status: Arc<AtomicU16>,
+    got: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let Ok(clone) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(clone);
+    let mut stream = stream;
+    while !stop.load(Ordering::SeqCst) {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return,
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).is_err() {
+                return;
+            }
+            let Some((k, v)) = h.trim_end().split_once(':') else { break };
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        let len = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let code = status.load(Ordering::SeqCst);
+        got.lock().unwrap_or_else(|e| e.into_inner()).push(Received { path, headers, body });
+        let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok");
+        if stream.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
