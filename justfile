@@ -1,8 +1,16 @@
 # herald's everyday commands. `just --list` shows them.
 
+# Run herald with its embedded defaults (data in ./herald-data, API on 127.0.0.1:8080).
+run:
+    cargo run --release -- serve
+
 # Every test: unit, property, crash and end-to-end (the README's test command).
 test:
     cargo test --workspace
+
+# schemathesis against a live server and its /openapi.json (needs python3).
+schema:
+    .ci/schemathesis.sh
 
 # Formatting and lints, as CI runs them.
 lint:

@@ -1,0 +1,32 @@
+//! The OpenAPI document is generated from the handlers; this checks it names every route the
+//! router serves, and nothing else.
+
+use std::collections::BTreeSet;
+
+#[test]
+fn every_route_is_in_the_openapi_document() {
+    let doc = serde_json::to_value(herald_server::openapi_document()).unwrap();
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.clone(), path.clone()));
+        }
+    }
+    let served: BTreeSet<(String, String)> =
+        herald_server::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(served, documented);
+}
+
+#[test]
+fn every_documented_operation_declares_its_error_answers() {
+    let doc = serde_json::to_value(herald_server::openapi_document()).unwrap();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            assert!(!responses.is_empty(), "{method} {path}");
+            if op.get("security").is_some() {
+                assert!(responses.contains_key("401"), "{method} {path} lacks its 401");
+            }
+        }
+    }
+}
