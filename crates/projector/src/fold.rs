@@ -591,6 +591,23 @@ impl<T: Tables> Fold<'_, T> {
             self.t.put(key, Vec::new());
         }
         self.t.put(keys::delivery(new.id), codec::to_bytes(new));
+        if old.map(|o| o.status) != Some(new.status) {
+            if let Some(old) = old {
+                self.add_count(old.status, -1);
+            }
+            self.add_count(new.status, 1);
+        }
+    }
+
+    fn add_count(&mut self, status: DeliveryStatus, delta: i64) {
+        let key = keys::count(status);
+        let now = self
+            .t
+            .get(&key)
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let next = now.saturating_add_signed(delta);
+        self.t.put(key, next.to_be_bytes().to_vec());
     }
 }
 

@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | `0x10` | `META_APPLIED_SEQ` | applied seq, u64 BE |
 //! | `0x10` | `META_POLICY` | [`Policy`](crate::Policy) |
+//! | `0x10` | `META_COUNT` ++ status | deliveries in that status, u64 BE |
 //! | `0x20` | api key id | [`ApiKey`](crate::ApiKey) |
 //! | `0x21` | key hash (32) | api key id (16) |
 //! | `0x22` | org id | the organisation's default secret (String) |
@@ -48,6 +49,12 @@ pub const KS_LAST: u8 = 0x7F;
 
 pub const META_APPLIED_SEQ: &[u8] = &[KS_META, b's'];
 pub const META_POLICY: &[u8] = &[KS_META, b'p'];
+/// Followed by a status byte: how many deliveries are in that status (for metrics).
+pub const META_COUNT: &[u8] = &[KS_META, b'c'];
+
+pub(crate) fn count(status: DeliveryStatus) -> Vec<u8> {
+    [META_COUNT, &[status_byte(status)]].concat()
+}
 
 /// A key of `keyspace` made of `parts`, one after another.
 pub(crate) fn key(keyspace: u8, parts: &[&[u8]]) -> Vec<u8> {

@@ -282,6 +282,22 @@ pub fn list_deliveries(
     })
 }
 
+/// How many deliveries are in each status (pending, delivered, exhausted, inactive).
+pub fn delivery_counts(t: &impl ReadTables) -> Result<Vec<(DeliveryStatus, u64)>, Corrupt> {
+    [DeliveryStatus::Pending, DeliveryStatus::Delivered, DeliveryStatus::Exhausted, DeliveryStatus::Inactive]
+        .into_iter()
+        .map(|status| {
+            let key = keys::count(status);
+            match t.get(&key) {
+                None => Ok((status, 0)),
+                Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                    .map(|b| (status, u64::from_be_bytes(b)))
+                    .map_err(|_| Corrupt { key }),
+            }
+        })
+        .collect()
+}
+
 /// An entry of the due queue: a pending delivery and when its next attempt is due.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Due {

@@ -259,6 +259,12 @@ pub fn assert_consistent(t: &MemTables) {
     let api_keys: Vec<ApiKey> = all(t, keys::KS_API_KEY);
     let events: Vec<EventRecord> = all(t, keys::KS_EVENT);
 
+    // The per-status counters agree with the deliveries themselves.
+    for (status, n) in crate::query::delivery_counts(t).unwrap() {
+        let actual = deliveries.iter().filter(|d| d.status == status).count() as u64;
+        assert_eq!(n, actual, "the {} counter", status.name());
+    }
+
     let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
     for d in &deliveries {
         expected.extend(d.index_keys().into_iter().map(|k| (k, Vec::new())));

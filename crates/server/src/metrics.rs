@@ -103,6 +103,13 @@ impl Metrics {
         let _ = writeln!(out, "herald_attempts_total{{outcome=\"delivered\"}} {}", d.attempts_delivered);
         let _ = writeln!(out, "herald_attempts_total{{outcome=\"failed\"}} {}", d.attempts_failed);
         let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
+        let _ =
+            writeln!(out, "# HELP herald_deliveries Deliveries by status.\n# TYPE herald_deliveries gauge");
+        if let Ok(counts) = herald_projector::delivery_counts(&engine.tables()) {
+            for (status, n) in counts {
+                let _ = writeln!(out, "herald_deliveries{{status=\"{}\"}} {n}", status.name());
+            }
+        }
         let _ = writeln!(out, "# HELP herald_http_requests_total HTTP requests by route and status.\n# TYPE herald_http_requests_total counter");
         let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         for ((route, method, status), n) in map.iter() {
