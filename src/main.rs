@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use herald_server::config::{herald_env, Config, Overrides};
+
+mod offline;
 
 #[derive(Parser)]
 #[command(name = "herald", version, about = "A webhook delivery engine in one binary.")]
@@ -33,6 +35,96 @@ enum Cmd {
         #[arg(long)]
         print_default_config: bool,
     },
+    /// Check a stopped server's data: every record's checksum and the hash chain, and the stored
+    /// projection against a rebuild from the log. Exit 0 only if all agree.
+    Verify(DataDir),
+    /// Write the log as NDJSON to stdout (one record a line, with its raw body for `import`).
+    Export(DataDir),
+    /// Build an empty data directory from an `export` read on stdin, then verify it.
+    Import(DataDir),
+    /// The whole story of a delivery, an event or an endpoint, in log order.
+    Replay {
+        #[command(flatten)]
+        dir: DataDir,
+        /// A delivery id.
+        #[arg(long, group = "subject")]
+        delivery: Option<String>,
+        /// An event id (the story of each of its deliveries).
+        #[arg(long, group = "subject")]
+        event: Option<String>,
+        /// An endpoint id (its changes and the story of each of its deliveries).
+        #[arg(long, group = "subject")]
+        endpoint: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// A readable timeline.
+    Text,
+    /// One JSON object a line, for tools.
+    Ndjson,
+}
+
+/// Where the data is: `--data-dir`, or the configuration's `[store] data_dir`.
+#[derive(clap::Args)]
+struct DataDir {
+    /// A TOML configuration file (its `[store] data_dir` is used).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    fn resolve(&self) -> Result<PathBuf, String> {
+        let overrides = Overrides { data_dir: self.data_dir.clone(), listen: None };
+        Config::load(self.config.as_deref(), herald_env(), &overrides)
+            .map(|c| c.store.data_dir)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn offline(
+    dir: &DataDir,
+    run: impl FnOnce(&std::path::Path) -> Result<Option<String>, offline::Failure>,
+) -> ExitCode {
+    let path = match dir.resolve() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&path) {
+        Ok(message) => {
+            if let Some(m) = message {
+                eprintln!("herald: {m}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("herald: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn parse_subject(
+    delivery: Option<String>,
+    event: Option<String>,
+    endpoint: Option<String>,
+) -> Result<offline::Subject, String> {
+    let id = |text: &str| herald_server::util::parse_id(text).ok_or_else(|| format!("{text:?} is not an id"));
+    match (delivery, event, endpoint) {
+        (Some(d), None, None) => Ok(offline::Subject::Delivery(herald::projector::DeliveryId(id(&d)?))),
+        (None, Some(e), None) => Ok(offline::Subject::Event(herald::projector::EventId(id(&e)?))),
+        (None, None, Some(e)) => Ok(offline::Subject::Endpoint(herald::projector::EndpointId(id(&e)?))),
+        _ => Err("give exactly one of --delivery, --event, --endpoint".into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -52,6 +144,35 @@ fn main() -> ExitCode {
                 }
             };
             serve(config)
+        }
+        Cmd::Verify(dir) => offline(&dir, |p| {
+            let report = offline::verify_dir(p)?;
+            println!("{report}");
+            Ok(None)
+        }),
+        Cmd::Export(dir) => offline(&dir, |p| {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            offline::export_dir(p, &mut out).map(Some)
+        }),
+        Cmd::Import(dir) => offline(&dir, |p| {
+            let stdin = std::io::stdin();
+            let mut input = stdin.lock();
+            offline::import_dir(p, &mut input).map(Some)
+        }),
+        Cmd::Replay { dir, delivery, event, endpoint, format } => {
+            let subject = match parse_subject(delivery, event, endpoint) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            offline(&dir, |p| {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                offline::replay_dir(p, subject, format == Format::Ndjson, &mut out).map(|_| None)
+            })
         }
     }
 }
