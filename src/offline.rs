@@ -69,8 +69,12 @@ pub fn verify_dir(dir: &Path) -> Result<String, Failure> {
     let store = open_existing(dir)?;
     let last = last_seq(store.as_ref())?;
     let bar = progress(last, "checking the chain");
-    let report = verify(store.as_ref(), &mut |seq| bar.set_position(seq))
-        .map_err(|e| Failure::new(1, format!("the log is damaged: {e}")))?;
+    let report = verify(store.as_ref(), &mut |seq| bar.set_position(seq)).map_err(|e| match e {
+        herald_log::LogError::Corrupt(c) => {
+            Failure::new(1, format!("the log is damaged; first bad seq {}: {c}", c.seq))
+        }
+        other => Failure::new(1, format!("the log could not be read: {other}")),
+    })?;
     bar.finish_and_clear();
     let bar = progress(last, "rebuilding the projection");
     let rebuilt = rebuild(store.as_ref(), &mut |seq| bar.set_position(seq))
