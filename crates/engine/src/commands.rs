@@ -259,8 +259,10 @@ fn check_name(name: &str) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// Told, after each durable batch, which deliveries became due and when (the dispatcher's feed).
-pub type DueHook = Box<dyn FnMut(Vec<Due>) + Send>;
+/// Told, after each durable batch, which deliveries became due and when (the dispatcher's feed);
+/// `None` after a failed batch: what it wrote may or may not be in the store (a failed flush
+/// leaves an applied batch), so the listener should reload from the stored due index.
+pub type DueHook = Box<dyn FnMut(Option<Vec<Due>>) + Send>;
 
 /// The command machine run by the log's writer thread.
 pub struct Commands {
@@ -674,12 +676,17 @@ impl Machine for Commands {
     fn committed(&mut self, _records: &[herald_log::Record]) {
         if let Some(hook) = self.due_hook.as_mut() {
             if !self.staged_due.is_empty() {
-                hook(std::mem::take(&mut self.staged_due));
+                hook(Some(std::mem::take(&mut self.staged_due)));
             }
         }
     }
 
     fn aborted(&mut self) {
-        self.staged_due.clear();
+        if !self.staged_due.is_empty() {
+            self.staged_due.clear();
+            if let Some(hook) = self.due_hook.as_mut() {
+                hook(None);
+            }
+        }
     }
 }

@@ -73,9 +73,15 @@ struct Finished {
 }
 
 impl Inbox {
-    /// Called by the command machine after each durable batch.
-    pub(crate) fn hints(&self, due: Vec<Due>) {
+    /// Called by the command machine after each durable batch (`None`: after a failed one).
+    pub(crate) fn hints(&self, due: Option<Vec<Due>>) {
         let mut st = lock(&self.state);
+        let Some(due) = due else {
+            st.overflowed = true;
+            drop(st);
+            self.wake.notify_one();
+            return;
+        };
         if st.hints.len() + due.len() > INBOX_HINTS_MAX {
             st.overflowed = true;
         } else {

@@ -356,3 +356,58 @@ fn a_changed_policy_is_logged_once_at_open() {
     assert_eq!(w.engine.committed_seq(), seq + 1);
     assert_eq!(w.engine.policy().unwrap().retry_schedule_ms, vec![2_000, 3_000]);
 }
+
+#[test]
+fn a_failing_store_refuses_cleanly_and_the_engine_recovers_when_it_heals() {
+    use herald_log::FailingStore;
+    let store = FailingStore::new(MemStore::new(), u64::MAX);
+    let clock = ManualClock::new(T0);
+    let sender = Arc::new(Scripted::default());
+    let parts =
+        Parts { store: Arc::new(store.clone()), clock: Arc::new(clock.clone()), sender: sender.clone() };
+    let engine = Engine::open_with(config(vec![1_000]), parts).unwrap();
+    let org = org();
+    engine
+        .execute_blocking(
+            Actor::admin(),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org,
+                url: "https://receiver.example/hook".into(),
+                name: "crm".into(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        )
+        .unwrap();
+    let seq = engine.committed_seq();
+    let pairs_before = store.inner().with_map(|m| m.clone());
+
+    // The disk refuses the batch: a clean error, nothing written.
+    store.fail_after(0);
+    let refused = engine.publish(org, "call.ended", b"{}");
+    assert!(matches!(refused, Err(EngineError::Log(_))), "{refused:?}");
+    assert_eq!(engine.committed_seq(), seq);
+    assert_eq!(store.inner().with_map(|m| m.clone()), pairs_before, "the store is exactly as it was");
+    let lag = herald_projector::projection_lag(&store).unwrap();
+    assert_eq!(lag, (seq, seq), "neither records nor projection changed");
+
+    // The batch is applied but its flush fails: not acknowledged, yet its records exist, so the
+    // dispatcher reloads the due index rather than strand the delivery.
+    store.fail_after(1);
+    let unacknowledged = engine.publish(org, "call.ended", b"{}");
+    assert!(matches!(unacknowledged, Err(EngineError::Log(_))), "{unacknowledged:?}");
+
+    // Space returns: commands succeed again and every delivery in the store is delivered.
+    store.heal();
+    let (_, later) = match engine.publish(org, "call.ended", b"{}") {
+        Ok(Reply::Published { id, delivery_ids, .. }) => (id, delivery_ids),
+        other => panic!("{other:?}"),
+    };
+    assert!(engine.settle(SETTLE));
+    assert_eq!(engine.delivery(later[0]).unwrap().unwrap().status, DeliveryStatus::Delivered);
+    assert_eq!(sender.requests().len(), 2, "the applied-but-unflushed publish is delivered too");
+    let (applied, last) = herald_projector::projection_lag(&store).unwrap();
+    assert_eq!(applied, last);
+    assert_eq!(herald_log::verify(&store, &mut |_| {}).unwrap().last_seq, last);
+}
