@@ -122,6 +122,10 @@ pub struct DispatchStats {
     pub attempts_unrecorded: u64,
     /// Refills of the queue from the stored due index.
     pub refills: u64,
+    /// Entries were dropped from the queue and wait in the stored index for a refill.
+    pub refill_pending: bool,
+    /// The earliest due time among them (the queue is complete before it).
+    pub refill_from_ms: Option<u64>,
     /// Loop iterations, so a waiter can tell that the loop has looked since it asked.
     pub generation: u64,
 }
@@ -295,7 +299,7 @@ impl Dispatcher {
         if self.full_refill {
             self.full_refill = false;
             self.refill(None);
-        } else if self.queue.needs_refill() && self.queue.len() <= self.queue.capacity() / 2 {
+        } else if self.refill_due(now) {
             let from = self.queue.refill_from_ms();
             self.queue.clear_refill();
             self.refill(from);
@@ -314,6 +318,24 @@ impl Dispatcher {
             }
         }
         self.queue.next_due_ms()
+    }
+
+    /// Whether entries dropped from the queue must be loaded back now: when the queue has room
+    /// again, or when a dropped entry may be due before anything the queue holds (the queue is
+    /// complete only before `refill_from_ms`). A refill leaves `refill_from_ms` at or after the
+    /// earliest queued entry, so a full queue of due work does not rescan the index every turn.
+    fn refill_due(&self, now: u64) -> bool {
+        if !self.queue.needs_refill() {
+            return false;
+        }
+        if self.queue.len() <= self.queue.capacity() / 2 {
+            return true;
+        }
+        let next_due = self.queue.next_due_ms().unwrap_or(u64::MAX);
+        let from = self.queue.refill_from_ms().unwrap_or(0);
+        // A dropped entry may come before everything queued (so attempts keep their due order),
+        // or may be due now while nothing queued is.
+        from < next_due || (from <= now && next_due > now)
     }
 
     /// Loads due index entries into the queue, from `from_ms` on (all of them when `None`), until
@@ -338,6 +360,9 @@ impl Dispatcher {
                     continue;
                 }
                 if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
+                    // The entries after this one in the index were not read: the queue is
+                    // complete only before this entry's time (not before the evicted one's).
+                    self.queue.note_incomplete_from(due.next_attempt_at_ms);
                     return;
                 }
             }
@@ -359,6 +384,10 @@ impl Dispatcher {
                 }
                 if let Some(at) = d.next_attempt_at_ms {
                     if self.queue.insert(*d.id.as_bytes(), at).dropped() {
+                        // The rest of this endpoint's pending list was not read, and it is in
+                        // creation order, not due order: only a reload of the whole due index
+                        // is sure to find them.
+                        self.queue.note_incomplete_from(0);
                         return;
                     }
                     loaded += 1;
@@ -483,6 +512,8 @@ impl Dispatcher {
         s.in_flight = self.in_flight.len() as u64;
         s.parked = self.parked_len as u64;
         s.refills = self.refills;
+        s.refill_pending = self.queue.needs_refill() || self.full_refill;
+        s.refill_from_ms = self.queue.refill_from_ms();
         s.generation = self.generation;
     }
 

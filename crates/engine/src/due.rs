@@ -164,6 +164,12 @@ impl DueQueue {
         self.refill_from_ms = None;
     }
 
+    /// Records that deliveries due from `due_at_ms` on may be missing from the queue (a reload
+    /// that stopped part way), raising the refill flag.
+    pub fn note_incomplete_from(&mut self, due_at_ms: u64) {
+        self.note_dropped(due_at_ms);
+    }
+
     fn note_dropped(&mut self, due_at_ms: u64) {
         self.refill_from_ms = Some(match self.refill_from_ms {
             Some(earliest_ms) => earliest_ms.min(due_at_ms),

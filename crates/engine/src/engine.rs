@@ -344,7 +344,8 @@ impl Engine {
                 let s = self.inner.shared.stats();
                 if s.generation >= asked + 2 {
                     let now = self.now_ms();
-                    let due_now = s.oldest_due_ms.is_some_and(|t| t <= now);
+                    let due_now = s.oldest_due_ms.is_some_and(|t| t <= now)
+                        || (s.refill_pending && s.refill_from_ms.is_none_or(|t| t <= now));
                     if s.in_flight == 0 && s.parked == 0 && !due_now && self.inner.shared.inbox_is_empty() {
                         return true;
                     }
