@@ -88,6 +88,21 @@ pub fn authenticate(
     Ok(Principal { key_id: stored.id, org_id: stored.org_id, scopes: stored.scopes })
 }
 
+/// Checks for an admin key of no organisation: the routes over every organisation (API keys, the
+/// audit log) refuse an organisation's key even when it holds the `admin` scope, as a missing
+/// scope, so it never sees nor changes another organisation's keys or records.
+pub fn authenticate_admin(
+    state: &AppState,
+    headers: &HeaderMap,
+    family: Family,
+) -> Result<Principal, ApiError> {
+    let who = authenticate(state, headers, family, Scope::Admin)?;
+    if who.org_id.is_some() {
+        return Err(ApiError::forbidden(family, "this route needs an admin key of no organisation"));
+    }
+    Ok(who)
+}
+
 /// Per-key token buckets: `rate` tokens a second, up to `burst`.
 pub struct Buckets {
     rate: f64,

@@ -2,6 +2,8 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, MatchedPath, Path};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
@@ -10,6 +12,27 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Family};
+
+/// The `{id}` of a route's path as text. A segment that does not decode to UTF-8 (`%ff`) is kept
+/// as sent, still percent-encoded, so [`parse_id`] refuses it and the route answers its family's
+/// 404 like any other unknown id, not axum's plain-text 400.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if let Ok(Path(id)) = Path::<String>::from_request_parts(parts, state).await {
+            return Ok(PathId(id));
+        }
+        let position = parts
+            .extensions
+            .get::<MatchedPath>()
+            .and_then(|m| m.as_str().split('/').position(|s| s.starts_with('{')));
+        let raw = position.and_then(|i| parts.uri.path().split('/').nth(i)).unwrap_or_default();
+        Ok(PathId(raw.to_owned()))
+    }
+}
 
 /// A path id: the hyphenated or the 32-hex simple form; anything else is `None` (answered 404).
 pub fn parse_id(text: &str) -> Option<Uuid> {

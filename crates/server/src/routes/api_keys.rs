@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,11 +13,11 @@ use herald_projector::{get_api_key, list_api_keys, ApiKeyId, OrgId, Scope};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::auth::{authenticate, generate_key, key_hash};
+use crate::auth::{authenticate_admin, generate_key, key_hash};
 use crate::error::{ApiError, Family, NamedError};
 use crate::json::{ApiKeyCreate, ApiKeyList, ApiKeyOut};
 use crate::state::AppState;
-use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit};
+use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit, PathId};
 
 const F: Family = Family::Named;
 
@@ -31,7 +31,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::Admin)?;
+    let who = authenticate_admin(&state, &headers, F)?;
     let input: ApiKeyCreate = json_body(F, body)?;
     let org_id = match input.org_id.as_deref() {
         None => None,
@@ -84,7 +84,7 @@ pub async fn list(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authenticate(&state, &headers, F, Scope::Admin)?;
+    authenticate_admin(&state, &headers, F)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let limit = parse_limit(F, q.limit.as_deref(), 50, 250)?;
     let after = match q.cursor.as_deref() {
@@ -109,9 +109,9 @@ pub async fn list(
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::Admin)?;
+    let who = authenticate_admin(&state, &headers, F)?;
     let uuid = parse_id(&id).ok_or_else(|| ApiError::not_found(F, format!("api key {id} not found")))?;
     state
         .engine

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,7 +18,7 @@ use crate::error::{ApiError, Family, NamedError};
 use crate::json::{AttemptList, AttemptOut, DeliveryList, DeliveryOut};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{decode_cursor, encode_cursor, parse_id, parse_limit, parse_ts};
+use crate::util::{decode_cursor, encode_cursor, parse_id, parse_limit, parse_ts, PathId};
 
 const F: Family = Family::Named;
 pub const PAGE_DEFAULT: usize = 50;
@@ -191,7 +191,7 @@ fn not_found(id: &str) -> ApiError {
 pub async fn get(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
@@ -205,7 +205,7 @@ pub async fn get(
 pub async fn attempts(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
@@ -229,7 +229,7 @@ pub async fn attempts(
 pub async fn redeliver(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::DeliveriesWrite)?;
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,7 +18,7 @@ use crate::error::{ApiError, Family, NamedError};
 use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit};
+use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit, PathId};
 
 const F: Family = Family::Named;
 pub const PAGE_DEFAULT: usize = 50;
@@ -128,7 +128,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::EndpointsRead)?;
     let e = visible(&state, &who, &id)?;
@@ -144,7 +144,7 @@ pub async fn get(
 pub async fn patch(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
@@ -168,7 +168,7 @@ pub async fn patch(
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let e = visible(&state, &who, &id)?;
@@ -191,7 +191,7 @@ pub struct RotateIn {
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
@@ -213,7 +213,7 @@ pub async fn rotate(
 pub async fn enable(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let e = visible(&state, &who, &id)?;

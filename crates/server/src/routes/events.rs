@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,7 +17,7 @@ use crate::error::{ApiError, Family, NamedError};
 use crate::json::{EventOut, PublishIn, PublishOut};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{json_body, parse_id, ts};
+use crate::util::{json_body, parse_id, ts, PathId};
 
 const F: Family = Family::Named;
 
@@ -88,7 +88,7 @@ pub async fn publish(
 pub async fn get(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let not_found = || ApiError::not_found(F, format!("event {id} not found"));

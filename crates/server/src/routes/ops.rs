@@ -7,11 +7,11 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_projector::{decode, Scope};
+use herald_projector::decode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::auth::authenticate;
+use crate::auth::authenticate_admin;
 use crate::error::{ApiError, Family, NamedError};
 use crate::json::Health;
 use crate::state::AppState;
@@ -25,8 +25,12 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let caught_up = herald_projector::applied_seq(&state.engine.tables())
-        .is_ok_and(|applied| applied == state.engine.committed_seq());
+    // The projection is written in the same transaction as its records, before they are flushed
+    // and counted durable: while writes go on it is ahead of `committed_seq`, never behind once
+    // caught up. Read the durable seq first so a commit in between cannot look like a lag.
+    let committed = state.engine.committed_seq();
+    let caught_up =
+        herald_projector::applied_seq(&state.engine.tables()).is_ok_and(|applied| applied >= committed);
     if state.ready.load(Ordering::SeqCst) && caught_up {
         Json(Health { status: "ready".into() }).into_response()
     } else {
@@ -70,7 +74,7 @@ pub async fn audit_log(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     const F: Family = Family::Named;
-    authenticate(&state, &headers, F, Scope::Admin)?;
+    authenticate_admin(&state, &headers, F)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let after = match q.after.as_deref() {
         None => 0,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,7 +25,7 @@ use crate::json::{
 use crate::routes::deliveries::{cursor_text, filtered_page, parse_cursor, parse_status, visible};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{json_body, parse_id, parse_limit};
+use crate::util::{json_body, parse_id, parse_limit, PathId};
 
 const P: Family = Family::Plain;
 const N: Family = Family::Named;
@@ -41,12 +41,15 @@ fn no_failure(id: &str) -> ApiError {
 pub async fn retrigger(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, P, Scope::DeliveriesWrite)?;
     let d = visible(&state, P, &who, &id)?.filter(|d| is_failure(d.status)).ok_or_else(|| no_failure(&id))?;
     match state.engine.execute(who.actor(), Command::Retrigger { delivery_id: d.id }).await {
-        Ok(_) => Ok(Json(RetriggerOut { status: "success".into(), failure_id: id }).into_response()),
+        // The lowercase hyphenated form, whichever form the path used.
+        Ok(_) => {
+            Ok(Json(RetriggerOut { status: "success".into(), failure_id: d.id.to_string() }).into_response())
+        }
         Err(EngineError::Command(CommandError::NotFound { .. })) => Err(no_failure(&id)),
         Err(e) => Err(ApiError::from_engine(P, e)),
     }
@@ -66,7 +69,7 @@ fn failure(state: &AppState, d: &Delivery) -> WebhookFailure {
 pub async fn get_failure(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, P, Scope::TasksWebhooksRead)?;
     let d = visible(&state, P, &who, &id)?
@@ -150,7 +153,7 @@ pub async fn list_failures(
 pub async fn batch_retrigger(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(webhook_id): Path<String>,
+    PathId(webhook_id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, N, Scope::Admin)?;
@@ -189,15 +192,16 @@ pub async fn batch_retrigger(
         successful_notifications: Vec::new(),
         failed_notifications: Vec::new(),
     };
-    for (item, text) in items.into_iter().zip(ids) {
+    // Each id in the lowercase hyphenated form, whichever form the request used.
+    for item in items {
         match item.result {
             Ok(request_id) => out.successful_notifications.push(BatchItemOut {
-                webhook_notification_id: text.clone(),
+                webhook_notification_id: item.delivery_id.to_string(),
                 retriggered_notification_request_id: Some(request_id.hyphenated().to_string()),
                 error: None,
             }),
             Err(why) => out.failed_notifications.push(BatchItemOut {
-                webhook_notification_id: text.clone(),
+                webhook_notification_id: item.delivery_id.to_string(),
                 retriggered_notification_request_id: None,
                 error: Some(why),
             }),
