@@ -94,8 +94,9 @@ pub fn json_body<T: DeserializeOwned>(
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
             ApiError::bad_request(family, format!("malformed JSON: {inner}"))
-        } else if path == "." {
-            ApiError::validation(family, "body", inner)
+        } else if path == "." || path.starts_with('[') {
+            // The body itself is not an object (an array, a string, a number).
+            ApiError::validation(family, "body", format!("must be a JSON object ({inner})"))
         } else {
             ApiError::validation(family, &path, inner)
         }
@@ -130,6 +131,24 @@ mod tests {
         assert_eq!(parse_id(&id.urn().to_string()), None);
         assert_eq!(parse_id("{01234567-89ab-cdef-0123-456789abcdef}"), None);
         assert_eq!(parse_id("aabbccddeeff"), None);
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_named_as_the_body() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct In {
+            url: String,
+        }
+        for body in [&b"[1,2]"[..], b"\"x\"", b"7"] {
+            let err = json_body::<In>(Family::Named, Ok(Bytes::from_static(body))).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert!(err.message.starts_with("body: must be a JSON object"), "{}", err.message);
+        }
+        let err = json_body::<In>(Family::Named, Ok(Bytes::from_static(b"{\"url\": 5}"))).unwrap_err();
+        assert!(err.message.starts_with("url: "), "{}", err.message);
+        let err = json_body::<In>(Family::Named, Ok(Bytes::from_static(b"{\"url\""))).unwrap_err();
+        assert!(err.message.starts_with("malformed JSON"), "{}", err.message);
     }
 
     #[test]

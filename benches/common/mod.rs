@@ -1,0 +1,227 @@
+//! What the benchmarks share: the figure row, its table and JSON, and a history generator that
+//! writes a realistic log through the projector (publish, delivery, attempts) without HTTP.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use herald_log::{Durability, Log, LogConfig, SledStore, Store};
+use herald_projector::{AttemptOutcome, DeliveryId, EndpointId, Event, EventId, OrgId, Projector, Trigger};
+use uuid::Uuid;
+
+/// One figure beside its limit measured in the same run.
+pub struct Row {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+    /// What the figure is compared with; empty when it is an absolute target only.
+    pub limit_name: String,
+    /// 0 when there is no measured limit.
+    pub limit: f64,
+    /// The target, as text (`≥ 80 % of the limit`, `≤ 300 MB`).
+    pub target: String,
+    /// Whether the target is met, when there is one.
+    pub met: Option<bool>,
+}
+
+impl Row {
+    pub fn ratio(&self) -> Option<f64> {
+        (self.limit > 0.0).then(|| self.value / self.limit)
+    }
+}
+
+fn fmt_value(v: f64) -> String {
+    let whole = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 {
+        out.insert(0, '-');
+    }
+    if v.abs() < 100.0 && v.fract() != 0.0 {
+        return format!("{v:.2}");
+    }
+    out
+}
+
+pub fn print_rows(rows: &[Row]) {
+    println!("| figure | value | limit (same run) | ratio | target |");
+    println!("| --- | ---: | --- | ---: | --- |");
+    for r in rows {
+        let limit =
+            if r.limit > 0.0 { format!("{}: {}", r.limit_name, fmt_value(r.limit)) } else { String::new() };
+        let ratio = r.ratio().map(|x| format!("{:.0} %", 100.0 * x)).unwrap_or_default();
+        let target = match r.met {
+            Some(true) => format!("{} — met", r.target),
+            Some(false) => format!("{} — missed", r.target),
+            None => r.target.clone(),
+        };
+        println!("| {} | {} {} | {} | {} | {} |", r.name, fmt_value(r.value), r.unit, limit, ratio, target);
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub fn to_json(rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"figure\":{},\"value\":{:.3},\"unit\":{},\"limit_name\":{},\"limit\":{:.3},\"ratio\":{},\"target\":{},\"met\":{}}}",
+                json_str(&r.name),
+                r.value,
+                json_str(r.unit),
+                json_str(&r.limit_name),
+                r.limit,
+                r.ratio().map_or("null".to_owned(), |x| format!("{x:.4}")),
+                json_str(&r.target),
+                r.met.map_or("null".to_owned(), |m| m.to_string()),
+            )
+        })
+        .collect();
+    format!("[{}]\n", items.join(","))
+}
+
+/// Prints the rows and writes them as JSON when `--json FILE` was given.
+pub fn report(rows: &[Row]) {
+    print_rows(rows);
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)) {
+        std::fs::write(path, to_json(rows)).expect("cannot write the JSON figures");
+    }
+}
+
+pub const ORG: OrgId = OrgId(Uuid::from_u128(1));
+pub const ENDPOINT: EndpointId = EndpointId(Uuid::from_u128(2));
+pub const URL: &str = "https://receiver.example/hook";
+
+/// How one delivery of the history ends.
+#[derive(Clone, Copy)]
+pub enum Fate {
+    /// `failures` failed attempts, then a 2xx.
+    Delivered { failures: u32 },
+    /// Not attempted yet, due at this time (pending).
+    Pending { due_at_ms: u64 },
+}
+
+/// Writes a log through the projector: one endpoint, then per delivery an event of
+/// `payload_bytes`, its delivery and its attempts. Returns the log's last seq.
+pub fn write_history(
+    store: Arc<dyn Store>,
+    start_ms: u64,
+    count: u64,
+    first_n: u64,
+    payload_bytes: usize,
+    fate: Fate,
+) -> u64 {
+    let config =
+        LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Flush };
+    let log = Log::open(store, Projector, config).unwrap();
+    if log.committed_seq() == 0 {
+        log.submit(vec![(
+            start_ms,
+            Event::EndpointCreated {
+                id: ENDPOINT,
+                org_id: ORG,
+                url: URL.into(),
+                name: "bench".into(),
+                enabled_events: vec!["*".into()],
+                secret: "whsec_YmVuY2htYXJrc2VjcmV0YmVuY2htYXJr".into(),
+            },
+        )])
+        .unwrap()
+        .unwrap();
+    }
+    let per_command = 300u64;
+    let mut i = first_n;
+    let end = first_n + count;
+    while i < end {
+        let mut events = Vec::with_capacity(per_command as usize * 4);
+        for n in i..(i + per_command).min(end) {
+            let at_ms = start_ms + n;
+            let event_id = EventId(Uuid::from_u128(1 << 64 | n as u128));
+            let delivery_id = DeliveryId(Uuid::from_u128(2 << 64 | n as u128));
+            events.push((
+                at_ms,
+                Event::EventPublished {
+                    id: event_id,
+                    org_id: ORG,
+                    event_type: "call.queued".into(),
+                    payload: vec![b'x'; payload_bytes],
+                    call_id: None,
+                    idempotency_key: None,
+                },
+            ));
+            let (failures, due_at_ms) = match fate {
+                Fate::Delivered { failures } => (Some(failures), at_ms),
+                Fate::Pending { due_at_ms } => (None, due_at_ms),
+            };
+            events.push((
+                at_ms,
+                Event::DeliveryCreated {
+                    id: delivery_id,
+                    event_id,
+                    org_id: ORG,
+                    endpoint_id: Some(ENDPOINT),
+                    url: URL.into(),
+                    next_attempt_at_ms: due_at_ms,
+                },
+            ));
+            let Some(failures) = failures else { continue };
+            for a in 1..=failures {
+                events.push((
+                    at_ms,
+                    Event::AttemptRecorded {
+                        delivery_id,
+                        attempt: a,
+                        trigger: Trigger::Auto,
+                        started_at_ms: at_ms,
+                        finished_at_ms: at_ms,
+                        outcome: AttemptOutcome::Failed { status: Some(503), error: "HTTP 503".into() },
+                        response_excerpt: b"busy".to_vec(),
+                        retry_at_ms: Some(at_ms + u64::from(a)),
+                    },
+                ));
+            }
+            events.push((
+                at_ms,
+                Event::AttemptRecorded {
+                    delivery_id,
+                    attempt: failures + 1,
+                    trigger: Trigger::Auto,
+                    started_at_ms: at_ms,
+                    finished_at_ms: at_ms,
+                    outcome: AttemptOutcome::Delivered { status: 200 },
+                    response_excerpt: b"ok".to_vec(),
+                    retry_at_ms: None,
+                },
+            ));
+        }
+        log.submit(events).unwrap().unwrap();
+        i += per_command;
+    }
+    let last = log.committed_seq();
+    log.close();
+    last
+}
+
+/// A sled store in `dir`, as herald opens it.
+pub fn sled(dir: &std::path::Path) -> Arc<dyn Store> {
+    Arc::new(SledStore::open(dir, 64 << 20).unwrap())
+}

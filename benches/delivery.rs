@@ -1,0 +1,851 @@
+//! Delivery figures (issue 3), each beside a limit measured in the same run against the same
+//! in-process receiver (a hyper 1 keep-alive server on 127.0.0.1 answering 204):
+//! - deliveries/s from publish to 2xx (and to `delivered` in the projection), `sync` and `flush`,
+//!   beside the raw request rate of the same client (`HttpSender`, same pool settings) at the same
+//!   concurrency (64 requests in flight);
+//! - publish-to-receipt latency p50/p99 at a paced 1,000 events/s, beside the raw latency of one
+//!   `HttpSender` request at the same pace;
+//! - retrigger-to-receipt latency p99 of exhausted deliveries, paced, beside the same raw latency.
+//!
+//! Run: `cargo bench --bench delivery`. Prints a table; `--json FILE` also writes JSON.
+//! `HERALD_BENCH_DELIVERY_EVENTS` sets the burst size (default 20,000).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald_engine::sender::{AttemptRequest, HttpSender, Sender, SenderConfig};
+use herald_engine::{Actor, Command, Engine, EngineConfig, Reply};
+use herald_log::baseline::raw_sled_batches;
+use herald_log::{Durability, LogConfig};
+use herald_projector::{
+    DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId, EventId, OrgId, Policy,
+};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use uuid::Uuid;
+
+/// Attempts in flight: herald's per-endpoint limit in the figures, and the raw client's tasks.
+const CONCURRENCY: usize = 64;
+const PAYLOAD_BYTES: usize = 256;
+const RAW_FOR: Duration = Duration::from_secs(3);
+const PACED_PER_S: u64 = 1_000;
+const PACED_FOR: Duration = Duration::from_secs(5);
+const WARMUP_EVENTS: u64 = 300;
+/// Deliveries made to fail into `exhausted` and then retriggered, paced.
+const RETRIGGERED: u64 = 300;
+const RETRIGGER_PER_S: u64 = 200;
+/// Worker threads of the raw client's runtime: the dispatcher's default.
+const CLIENT_WORKERS: usize = 2;
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// The receiver
+
+/// What the receiver saw, shared with the bench.
+struct Seen {
+    base: Instant,
+    requests: AtomicU64,
+    /// Answer 500 instead of 204.
+    fail: AtomicBool,
+    /// `webhook-id` and receipt time (ns since `base`) of every request.
+    receipts: Mutex<Vec<(String, u64)>>,
+}
+
+impl Seen {
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Forgets what was seen so far.
+    fn reset(&self) {
+        self.receipts.lock().unwrap().clear();
+        self.requests.store(0, Ordering::SeqCst);
+    }
+
+    fn take(&self) -> Vec<(String, u64)> {
+        std::mem::take(&mut *self.receipts.lock().unwrap())
+    }
+
+    /// Waits until `n` requests arrived; false on timeout.
+    fn wait_for(&self, n: u64) -> bool {
+        let deadline = Instant::now() + WAIT_MAX;
+        while self.requests.load(Ordering::SeqCst) < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        true
+    }
+}
+
+struct Receiver {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+async fn receive(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let at = seen.now_ns();
+    let id = req.headers().get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let _ = req.into_body().collect().await;
+    let status = if seen.fail.load(Ordering::Relaxed) {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::NO_CONTENT
+    };
+    seen.receipts.lock().unwrap().push((id, at));
+    seen.requests.fetch_add(1, Ordering::SeqCst);
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    Ok(response)
+}
+
+fn start_receiver(base: Instant) -> Receiver {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-receiver")
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = Arc::new(Seen {
+        base,
+        requests: AtomicU64::new(0),
+        fail: AtomicBool::new(false),
+        receipts: Mutex::new(Vec::with_capacity(1 << 16)),
+    });
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept_seen = seen.clone();
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let seen = accept_seen.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| receive(seen.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Receiver { addr, seen, _runtime: runtime }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The limits: the same client, alone
+
+fn payload() -> Vec<u8> {
+    let mut p = br#"{"call_id":"0190d7a0-0000-7000-8000-000000000000","data":""#.to_vec();
+    p.resize(PAYLOAD_BYTES - 2, b'x');
+    p.extend_from_slice(b"\"}");
+    p
+}
+
+/// The same sender `Engine::open` builds for `config` (private targets allowed, same pool).
+fn sender_like_engine(config: &EngineConfig) -> HttpSender {
+    HttpSender::new(SenderConfig {
+        timeout: config.delivery.timeout,
+        allow_private_targets: true,
+        retry_after_max_ms: config.delivery.retry_after_max.as_millis() as u64,
+        pool_idle_per_host_max: config.delivery.max_in_flight_per_endpoint.max(1),
+        ..SenderConfig::default()
+    })
+    .unwrap()
+}
+
+/// A request shaped like herald's attempts (same headers, same body size).
+fn raw_request(url: &str, n: u64) -> AttemptRequest {
+    let id = Uuid::from_u128(n as u128).hyphenated().to_string();
+    let headers = vec![
+        ("content-type".to_owned(), "application/json".to_owned()),
+        ("webhook-id".to_owned(), id.clone()),
+        ("webhook-timestamp".to_owned(), "1700000000".to_owned()),
+        ("webhook-signature".to_owned(), "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=".to_owned()),
+        ("herald-delivery-id".to_owned(), id),
+        ("herald-event-type".to_owned(), "call.queued".to_owned()),
+        ("herald-attempt".to_owned(), "1".to_owned()),
+    ];
+    AttemptRequest { url: url.to_owned(), headers, body: Bytes::from(payload()) }
+}
+
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CLIENT_WORKERS)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Requests/s of `concurrency` tasks each sending back to back through one shared sender.
+fn raw_rate(receiver: &Receiver, config: &EngineConfig, concurrency: usize) -> (f64, String) {
+    let rt = client_runtime();
+    let cpu_before = std::cell::Cell::new(None);
+    let sender = Arc::new(sender_like_engine(config));
+    let url = format!("http://{}/hook", receiver.addr);
+    let rate = rt.block_on(async {
+        let run = |for_: Duration| {
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|t| {
+                    let (sender, url) = (sender.clone(), url.clone());
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while started.elapsed() < for_ {
+                            let outcome = sender.send(raw_request(&url, (t as u64) << 32 | n)).await;
+                            assert!(outcome.is_success(), "raw request failed: {outcome:?}");
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            async move {
+                let mut total = 0;
+                for t in tasks {
+                    total += t.await.unwrap();
+                }
+                total as f64 / started.elapsed().as_secs_f64()
+            }
+        };
+        run(Duration::from_millis(300)).await; // connections made, pool warm
+        cpu_before.set(Some(cpu_now()));
+        run(RAW_FOR).await
+    });
+    let cpu = cpu_now().since(
+        &cpu_before.take().unwrap_or_default(),
+        (rate * RAW_FOR.as_secs_f64()) as u64,
+        "request",
+    );
+    receiver.seen.reset();
+    (rate, cpu)
+}
+
+/// The mean time (ms) of one raw sled commit of one record (apply_batch + flush, + fsync for
+/// Sync), on a fresh database configured like the log's: the floor of a publish's durability.
+fn raw_commit_ms(durability: Durability) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 300;
+    let took = raw_sled_batches(&dir.path().join("raw"), n, 1, PAYLOAD_BYTES, durability).unwrap();
+    took.as_secs_f64() * 1e3 / n as f64
+}
+
+/// Latency (ns) of single requests through the same sender, paced at `per_s`.
+fn raw_latencies(receiver: &Receiver, config: &EngineConfig, per_s: u64, n: u64) -> Vec<u64> {
+    let rt = client_runtime();
+    let sender = sender_like_engine(config);
+    let url = format!("http://{}/hook", receiver.addr);
+    let seen = receiver.seen.clone();
+    let out = rt.block_on(async {
+        let interval = Duration::from_nanos(1_000_000_000 / per_s);
+        let mut latencies = Vec::with_capacity(n as usize);
+        let started = tokio::time::Instant::now();
+        for i in 0..(n + WARMUP_EVENTS) {
+            tokio::time::sleep_until(started + interval * i as u32).await;
+            let before = seen.now_ns();
+            let outcome = sender.send(raw_request(&url, i)).await;
+            assert!(outcome.is_success());
+            if i >= WARMUP_EVENTS {
+                // The receipt time, as for herald: the receiver's clock when the request arrived.
+                let at = seen.receipts.lock().unwrap().last().map_or(before, |r| r.1);
+                latencies.push(at.saturating_sub(before));
+            }
+        }
+        latencies
+    });
+    receiver.seen.reset();
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// herald
+
+struct Herald {
+    engine: Engine,
+    org: OrgId,
+    _dir: tempfile::TempDir,
+}
+
+fn engine_config(dir: &std::path::Path, durability: Durability, policy: Policy) -> EngineConfig {
+    let mut config = EngineConfig {
+        data_dir: dir.to_path_buf(),
+        durability,
+        // `Engine::open` takes the writer's durability from `log`, not from `durability`.
+        log: LogConfig { durability, ..LogConfig::default() },
+        policy,
+        ..EngineConfig::default()
+    };
+    config.delivery.allow_private_targets = true;
+    config.delivery.max_in_flight_per_endpoint = CONCURRENCY;
+    config.delivery.max_in_flight_total = config.delivery.max_in_flight_total.max(CONCURRENCY);
+    config.delivery.shutdown_timeout = Duration::from_secs(2);
+    config
+}
+
+fn open_herald(receiver: &Receiver, durability: Durability, policy: Policy) -> Herald {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(engine_config(dir.path(), durability, policy)).unwrap();
+    let org = OrgId(Uuid::now_v7());
+    let created = engine
+        .execute_blocking(
+            actor(org),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org,
+                url: format!("http://{}/hook", receiver.addr),
+                name: "bench receiver".into(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        )
+        .unwrap();
+    assert!(matches!(created, Reply::Endpoint { .. }));
+    Herald { engine, org, _dir: dir }
+}
+
+fn actor(org: OrgId) -> Actor {
+    Actor { org_id: Some(org), key_id: None }
+}
+
+/// Event ids carry the phase in the high half and the index in the low half, so the receiver's
+/// `webhook-id` maps back to the publish.
+fn event_id(phase: u64, i: u64) -> EventId {
+    EventId(Uuid::from_u128((phase as u128) << 64 | i as u128))
+}
+
+fn index_of(webhook_id: &str, phase: u64) -> Option<u64> {
+    let n = Uuid::parse_str(webhook_id).ok()?.as_u128();
+    ((n >> 64) as u64 == phase).then_some(n as u64)
+}
+
+fn publish_command(org: OrgId, id: EventId, payload: &[u8]) -> Command {
+    Command::Publish {
+        id,
+        org_id: org,
+        event_type: "call.queued".into(),
+        payload: payload.to_vec(),
+        call_id: None,
+        webhook_url: None,
+        idempotency_key: None,
+    }
+}
+
+fn count_status(h: &Herald, status: DeliveryStatus, stop_at: usize) -> usize {
+    let query = DeliveryQuery::all(DeliveryIndex::OrgStatus(h.org, status));
+    let (mut cursor, mut n) = (None, 0);
+    loop {
+        let page = h.engine.deliveries(&query, cursor, 1000).unwrap();
+        n += page.items.len();
+        match page.next {
+            Some(next) if n < stop_at => cursor = Some(next),
+            _ => return n,
+        }
+    }
+}
+
+fn deliveries_with(h: &Herald, status: DeliveryStatus) -> Vec<(DeliveryId, EventId)> {
+    let query = DeliveryQuery::all(DeliveryIndex::OrgStatus(h.org, status));
+    let (mut cursor, mut out) = (None, Vec::new());
+    loop {
+        let page = h.engine.deliveries(&query, cursor, 1000).unwrap();
+        out.extend(page.items.iter().map(|d| (d.id, d.event_id)));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return out,
+        }
+    }
+}
+
+struct Burst {
+    /// Publish start to the receiver's last first-receipt, s.
+    to_receipt_s: f64,
+    /// Publish start to no delivery `pending` in the projection, s.
+    to_delivered_s: f64,
+    /// Publish start to every publish acknowledged (durable), s.
+    to_acked_s: f64,
+    duplicates: usize,
+    batch_avg: f64,
+    batches: u64,
+    /// Time the writer spent in flush (+ fsync), s.
+    flush_s: f64,
+    refills: u64,
+    cpu: String,
+}
+
+/// Publishes `n` events from `threads` threads as fast as `submit_with` takes them and times
+/// their delivery.
+fn burst(receiver: &Receiver, durability: Durability, n: u64, threads: u64) -> Burst {
+    let h = open_herald(receiver, durability, Policy::default());
+    let seen = receiver.seen.clone();
+    // A few deliveries first, so the pool holds its connections as it would in steady state.
+    for i in 0..WARMUP_EVENTS {
+        h.engine.execute_blocking(actor(h.org), publish_command(h.org, event_id(9, i), &payload())).unwrap();
+    }
+    assert!(seen.wait_for(WARMUP_EVENTS), "warm-up deliveries did not arrive");
+    while count_status(&h, DeliveryStatus::Pending, 1) > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    seen.reset();
+    let batches_before = h.engine.writer_stats();
+    let cpu_before = cpu_now();
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let acked_at = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let body = payload();
+    let started_ns = seen.now_ns();
+    let publishers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (engine, org, body) = (h.engine.clone(), h.org, body.clone());
+            let (acked, acked_at, failed, seen) =
+                (acked.clone(), acked_at.clone(), failed.clone(), seen.clone());
+            std::thread::Builder::new()
+                .name("bench-publish".into())
+                .spawn(move || {
+                    for i in (t..n).step_by(threads as usize) {
+                        let (acked, acked_at, failed, seen) =
+                            (acked.clone(), acked_at.clone(), failed.clone(), seen.clone());
+                        engine.submit_with(
+                            actor(org),
+                            publish_command(org, event_id(1, i), &body),
+                            move |r| {
+                                if r.is_err() {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if acked.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                                    acked_at.store(seen.now_ns(), Ordering::SeqCst);
+                                }
+                            },
+                        );
+                    }
+                })
+                .unwrap()
+        })
+        .collect();
+    for p in publishers {
+        p.join().unwrap();
+    }
+    assert!(seen.wait_for(n), "the receiver got {} of {n}", seen.requests.load(Ordering::SeqCst));
+    loop {
+        if count_status(&h, DeliveryStatus::Pending, 1) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let delivered_ns = seen.now_ns();
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "publishes failed");
+    let receipts = seen.take();
+    let mut first: HashMap<u64, u64> = HashMap::with_capacity(n as usize);
+    for (id, at) in &receipts {
+        if let Some(i) = index_of(id, 1) {
+            first.entry(i).and_modify(|t| *t = (*t).min(*at)).or_insert(*at);
+        }
+    }
+    assert_eq!(first.len() as u64, n, "every event reached the receiver");
+    let last_ns = first.values().copied().max().unwrap();
+    let delivered = count_status(&h, DeliveryStatus::Delivered, usize::MAX);
+    assert_eq!(delivered as u64, n + WARMUP_EVENTS, "every delivery is delivered in the projection");
+    let stats = h.engine.writer_stats();
+    let batches = stats.batches - batches_before.batches;
+    let batch_avg = (stats.commands - batches_before.commands) as f64 / batches.max(1) as f64;
+    let flush_s = (stats.flush_us_total - batches_before.flush_us_total) as f64 / 1e6;
+    let refills = h.engine.dispatch_stats().refills;
+    let cpu = cpu_now().since(&cpu_before, n, "delivery");
+    h.engine.shutdown();
+    seen.reset();
+    let s = |ns: u64| ns.saturating_sub(started_ns) as f64 / 1e9;
+    Burst {
+        to_receipt_s: s(last_ns),
+        to_delivered_s: s(delivered_ns),
+        to_acked_s: s(acked_at.load(Ordering::SeqCst)),
+        duplicates: receipts.len() - first.len(),
+        batch_avg,
+        batches,
+        flush_s,
+        refills,
+        cpu,
+    }
+}
+
+/// Publish-to-receipt latencies (ns) at a paced `per_s`, one publishing thread.
+fn paced(receiver: &Receiver, durability: Durability, per_s: u64, n: u64) -> (Vec<u64>, String) {
+    let h = open_herald(receiver, durability, Policy::default());
+    let seen = receiver.seen.clone();
+    let body = payload();
+    let interval = Duration::from_nanos(1_000_000_000 / per_s);
+    let mut before = vec![0u64; (n + WARMUP_EVENTS) as usize];
+    let cpu_before = cpu_now();
+    let writer_before = h.engine.writer_stats();
+    let started = Instant::now();
+    for i in 0..(n + WARMUP_EVENTS) {
+        let due = started + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        before[i as usize] = seen.now_ns();
+        h.engine.submit_with(actor(h.org), publish_command(h.org, event_id(2, i), &body), |r| {
+            r.unwrap();
+        });
+    }
+    assert!(seen.wait_for(n + WARMUP_EVENTS), "paced deliveries did not all arrive");
+    let w = h.engine.writer_stats();
+    let batches = (w.batches - writer_before.batches).max(1);
+    let cpu = format!(
+        "writer: {batches} batches of {:.1} commands, {:.2} ms in flush per batch; {}",
+        (w.commands - writer_before.commands) as f64 / batches as f64,
+        (w.flush_us_total - writer_before.flush_us_total) as f64 / 1e3 / batches as f64,
+        cpu_now().since(&cpu_before, n + WARMUP_EVENTS, "delivery")
+    );
+    h.engine.shutdown();
+    let latencies = first_receipt_latencies(&seen.take(), 2, &before, WARMUP_EVENTS);
+    seen.reset();
+    (latencies, cpu)
+}
+
+/// For each index at or above `skip`: its first receipt minus `before[index]`.
+fn first_receipt_latencies(receipts: &[(String, u64)], phase: u64, before: &[u64], skip: u64) -> Vec<u64> {
+    let mut first: HashMap<u64, u64> = HashMap::new();
+    for (id, at) in receipts {
+        if let Some(i) = index_of(id, phase) {
+            first.entry(i).and_modify(|t| *t = (*t).min(*at)).or_insert(*at);
+        }
+    }
+    first
+        .into_iter()
+        .filter(|(i, _)| *i >= skip)
+        .map(|(i, at)| at.saturating_sub(before[i as usize]))
+        .collect()
+}
+
+/// Retrigger-to-receipt latencies (ns): `n` deliveries fail into `exhausted` (a 1-entry retry
+/// schedule, a receiver answering 500), then are retriggered one at a time at `per_s`.
+fn retriggered(receiver: &Receiver, durability: Durability, n: u64, per_s: u64) -> Vec<u64> {
+    let policy = Policy { retry_schedule_ms: vec![1], failures_max: 1_000, ..Policy::default() };
+    assert!(2 * n < 1_000, "the endpoint must not become inactive");
+    let h = open_herald(receiver, durability, policy);
+    let seen = receiver.seen.clone();
+    seen.fail.store(true, Ordering::SeqCst);
+    let body = payload();
+    for i in 0..n {
+        h.engine.submit_with(actor(h.org), publish_command(h.org, event_id(3, i), &body), |r| {
+            r.unwrap();
+        });
+    }
+    let deadline = Instant::now() + WAIT_MAX;
+    while count_status(&h, DeliveryStatus::Exhausted, usize::MAX) < n as usize {
+        assert!(Instant::now() < deadline, "deliveries did not become exhausted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    seen.fail.store(false, Ordering::SeqCst);
+    seen.reset();
+    let mut exhausted = deliveries_with(&h, DeliveryStatus::Exhausted);
+    exhausted.sort_by_key(|(_, e)| *e.as_bytes());
+    let mut before = vec![0u64; n as usize];
+    let interval = Duration::from_nanos(1_000_000_000 / per_s);
+    let started = Instant::now();
+    for (k, (delivery_id, event)) in exhausted.iter().enumerate() {
+        let due = started + interval * k as u32;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let i = index_of(&event.to_string(), 3).unwrap();
+        before[i as usize] = seen.now_ns();
+        h.engine.submit_with(actor(h.org), Command::Retrigger { delivery_id: *delivery_id }, |r| {
+            r.unwrap();
+        });
+    }
+    assert!(seen.wait_for(n), "retriggered deliveries did not all arrive");
+    h.engine.shutdown();
+    let latencies = first_receipt_latencies(&seen.take(), 3, &before, 0);
+    seen.reset();
+    latencies
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing counters: CPU seconds per thread group (from /proc), to tell what a figure is bound by
+
+#[derive(Clone, Default)]
+struct Cpu {
+    /// CPU seconds by thread name (trailing digits dropped), this process.
+    threads: HashMap<String, f64>,
+    /// Busy CPU seconds of the whole machine (every process), from /proc/stat.
+    machine_busy: f64,
+    at: Option<Instant>,
+}
+
+fn cpu_now() -> Cpu {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut threads = HashMap::new();
+    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the name: state, ppid, ... utime and stime are the 12th and 13th.
+        let ticks: u64 = fields.get(11..13).into_iter().flatten().filter_map(|f| f.parse::<u64>().ok()).sum();
+        *threads.entry(name.to_owned()).or_insert(0.0) += ticks as f64 / tick;
+    }
+    let machine_busy = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+            let busy: u64 =
+                v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
+            Some(busy as f64 / tick)
+        })
+        .unwrap_or(0.0);
+    Cpu { threads, machine_busy, at: Some(Instant::now()) }
+}
+
+impl Cpu {
+    /// What was spent since `before`, as a one-line note; `per` names the unit of work.
+    fn since(&self, before: &Cpu, work: u64, per: &str) -> String {
+        let wall = match (self.at, before.at) {
+            (Some(a), Some(b)) => a.duration_since(b).as_secs_f64(),
+            _ => 0.0,
+        };
+        let mut groups: Vec<(String, f64)> = self
+            .threads
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.threads.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v >= 0.05)
+            .collect();
+        groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let ours: f64 = groups.iter().map(|g| g.1).sum();
+        let machine = self.machine_busy - before.machine_busy;
+        let list: Vec<String> = groups
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2} s ({:.0} µs/{per})", v * 1e6 / work.max(1) as f64))
+            .collect();
+        format!(
+            "CPU over {wall:.1} s wall: this process {ours:.2} s, the whole machine {machine:.2} s of {:.1} \
+             available (others: {:.2} s); by thread: {}",
+            wall * available_cores(),
+            (machine - ours).max(0.0),
+            list.join(", ")
+        )
+    }
+}
+
+fn available_cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table
+
+struct Row {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    limit_name: String,
+    limit: f64,
+    /// For rates; latencies are lower-is-better and print their ratio as a multiple.
+    higher_is_better: bool,
+    target: String,
+    met: Option<bool>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1e6
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    // `--only burst|paced|retrigger`: one part (with the limits it is printed beside), for profiling.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let events: u64 =
+        std::env::var("HERALD_BENCH_DELIVERY_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let base = Instant::now();
+    let receiver = start_receiver(base);
+    let probe_dir = tempfile::tempdir().unwrap();
+    let config = engine_config(probe_dir.path(), Durability::Sync, Policy::default());
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    let (raw, raw_cpu) = raw_rate(&receiver, &config, CONCURRENCY);
+    notes.push(format!("raw HttpSender limit: {raw_cpu}"));
+    for durability in [Durability::Sync, Durability::Flush].into_iter().filter(|_| runs("burst")) {
+        let b = burst(&receiver, durability, events, 4);
+        let to_2xx = events as f64 / b.to_receipt_s;
+        let to_delivered = events as f64 / b.to_delivered_s;
+        let limit_name = format!("raw HttpSender, {CONCURRENCY} in flight");
+        let met = to_2xx >= 15_000.0 && to_2xx >= 0.5 * raw;
+        rows.push(Row {
+            name: format!("deliveries/s publish → 2xx, {events} events, {durability:?}"),
+            value: to_2xx,
+            unit: "/s",
+            limit_name: limit_name.clone(),
+            limit: raw,
+            higher_is_better: true,
+            target: "≥ 15,000/s and ≥ 50 %".into(),
+            met: Some(met),
+        });
+        rows.push(Row {
+            name: format!("deliveries/s publish → `delivered` recorded, {durability:?}"),
+            value: to_delivered,
+            unit: "/s",
+            limit_name,
+            limit: raw,
+            higher_is_better: true,
+            target: String::new(),
+            met: None,
+        });
+        notes.push(format!(
+            "{durability:?}: {events} publishes acknowledged after {:.2} s ({:.0}/s); last receipt after \
+             {:.2} s; none pending after {:.2} s; {} duplicate receipts; writer: {} batches of {:.1} \
+             commands (publishes and attempt records), {:.2} s in flush; {} due-queue refills",
+            b.to_acked_s,
+            events as f64 / b.to_acked_s,
+            b.to_receipt_s,
+            b.to_delivered_s,
+            b.duplicates,
+            b.batches,
+            b.batch_avg,
+            b.flush_s,
+            b.refills
+        ));
+        notes.push(format!("{durability:?} burst: {}", b.cpu));
+    }
+
+    let paced_n = PACED_PER_S * PACED_FOR.as_secs();
+    let mut commit_floor = Vec::new();
+    let mut raw_lat = raw_latencies(&receiver, &config, PACED_PER_S, paced_n);
+    raw_lat.sort_unstable();
+    for durability in [Durability::Sync, Durability::Flush].into_iter().filter(|_| runs("paced")) {
+        let (mut lat, cpu) = paced(&receiver, durability, PACED_PER_S, paced_n);
+        lat.sort_unstable();
+        notes.push(format!("{durability:?} paced: {cpu}"));
+        let commit_ms = raw_commit_ms(durability);
+        commit_floor.push((durability, commit_ms));
+        for (p, name, target_ms) in [(0.5, "p50", 2.0), (0.99, "p99", 10.0)] {
+            let value = percentile(&lat, p);
+            rows.push(Row {
+                name: format!("publish → receipt {name}, paced {PACED_PER_S}/s, {durability:?}"),
+                value,
+                unit: "ms",
+                limit_name: format!(
+                    "raw sled commit of 1 ({durability:?}, mean {commit_ms:.2} ms) + raw HttpSender request {name}"
+                ),
+                limit: commit_ms + percentile(&raw_lat, p),
+                higher_is_better: false,
+                target: format!("≤ {target_ms} ms"),
+                met: Some(value <= target_ms),
+            });
+        }
+    }
+
+    let mut lat = if runs("retrigger") {
+        retriggered(&receiver, Durability::Sync, RETRIGGERED, RETRIGGER_PER_S)
+    } else {
+        Vec::new()
+    };
+    lat.sort_unstable();
+    let retrigger_commit_ms = match commit_floor.iter().find(|(d, _)| *d == Durability::Sync) {
+        Some((_, ms)) => *ms,
+        None if runs("retrigger") => raw_commit_ms(Durability::Sync),
+        None => 0.0,
+    };
+    for (p, name, target_ms) in
+        [(0.5, "p50", None), (0.99, "p99", Some(10.0))].into_iter().filter(|_| runs("retrigger"))
+    {
+        let value = percentile(&lat, p);
+        rows.push(Row {
+            name: format!(
+                "retrigger → receipt {name}, {RETRIGGERED} exhausted, paced {RETRIGGER_PER_S}/s, Sync"
+            ),
+            value,
+            unit: "ms",
+            limit_name: format!("raw sled commit of 1 (Sync, mean {retrigger_commit_ms:.2} ms) + raw HttpSender request {name}"),
+            limit: retrigger_commit_ms + percentile(&raw_lat, p),
+            higher_is_better: false,
+            target: target_ms.map(|t| format!("≤ {t} ms")).unwrap_or_default(),
+            met: target_ms.map(|t| value <= t),
+        });
+    }
+
+    print_rows(&rows);
+    for n in &notes {
+        println!("- {n}");
+    }
+    if let Some(path) = json_out {
+        std::fs::write(&path, to_json(&rows)).unwrap();
+    }
+}
+
+fn ratio_text(r: &Row) -> String {
+    if r.higher_is_better {
+        format!("{:.0} %", 100.0 * r.value / r.limit)
+    } else {
+        format!("{:.1}×", r.value / r.limit)
+    }
+}
+
+fn value_text(v: f64, unit: &str) -> String {
+    if unit == "ms" {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.0}{unit}")
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    println!("| figure | value | limit (same run) | ratio | target |");
+    println!("| --- | ---: | --- | ---: | --- |");
+    for r in rows {
+        let target = match r.met {
+            Some(true) => format!("{} — met", r.target),
+            Some(false) => format!("{} — missed", r.target),
+            None => r.target.clone(),
+        };
+        println!(
+            "| {} | {} | {}: {} | {} | {} |",
+            r.name,
+            value_text(r.value, r.unit),
+            r.limit_name,
+            value_text(r.limit, r.unit),
+            ratio_text(r),
+            target
+        );
+    }
+}
+
+fn to_json(rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"figure\":{:?},\"value\":{:.3},\"unit\":{:?},\"limit_name\":{:?},\"limit\":{:.3},\"ratio\":{:.4},\"target\":{:?},\"met\":{}}}",
+                r.name,
+                r.value,
+                r.unit,
+                r.limit_name,
+                r.limit,
+                r.value / r.limit,
+                r.target,
+                r.met.map_or("null".to_string(), |m| m.to_string())
+            )
+        })
+        .collect();
+    format!("[{}]\n", items.join(","))
+}

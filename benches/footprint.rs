@@ -1,0 +1,231 @@
+//! herald's footprint, measured on the real binary (`herald serve`, release):
+//! - disk bytes per delivered event (1 KiB payload, one endpoint, three attempts), beside the
+//!   payload itself;
+//! - resident memory idle (an empty data directory) and with 1,000,000 delivered and 100,000
+//!   pending deliveries;
+//! - restart to ready (`/readyz` answering 200) with 10,000,000 records in the log, beside the
+//!   start of the same binary on an empty directory.
+//!
+//! The histories are written through the projector (what herald's own writes produce) in a
+//! temporary directory, removed at the end. `HERALD_BENCH_FOOTPRINT_SCALE=0.1` shrinks them for a
+//! quick look. Run: `cargo bench --bench footprint` (`--json FILE` also writes JSON).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{report, sled, write_history, Fate, Row};
+
+const START_MS: u64 = 1_800_000_000_000;
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn scale() -> f64 {
+    std::env::var("HERALD_BENCH_FOOTPRINT_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0)
+}
+
+fn scaled(n: u64) -> u64 {
+    ((n as f64 * scale()) as u64).max(1)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn get(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A running `herald serve` on `dir`, stopped (SIGKILL) on drop.
+struct Herald {
+    child: Child,
+}
+
+impl Herald {
+    /// Starts herald and returns it with the time until `/readyz` answered 200.
+    fn start(dir: &Path) -> (Herald, Duration) {
+        let port = free_port();
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("HERALD_ADMIN_KEY", "sk_bench_admin_key_0123456789")
+            .env("HERALD_STORE_DURABILITY", "flush")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start herald");
+        let herald = Herald { child };
+        let deadline = started + Duration::from_secs(120);
+        while get(port, "/readyz") != Some(200) {
+            assert!(Instant::now() < deadline, "herald was not ready in 120 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (herald, started.elapsed())
+    }
+
+    /// Resident memory now, MiB.
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+}
+
+impl Herald {
+    /// SIGTERM, and wait for the graceful stop.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            total += if meta.is_dir() { dir_bytes(&e.path()) } else { meta.len() };
+        }
+    }
+    total
+}
+
+fn main() {
+    let mut rows = Vec::new();
+
+    // Disk per delivered event: 1 KiB payload, 2 failed attempts and a delivered one.
+    let disk_dir = tempfile::tempdir().unwrap();
+    let n = scaled(50_000);
+    {
+        let store = sled(disk_dir.path());
+        let before = store.size_on_disk().unwrap();
+        write_history(store.clone(), START_MS, n, 0, 1024, Fate::Delivered { failures: 2 });
+        store.flush(herald_log::Durability::Sync).unwrap();
+        let per_event = (store.size_on_disk().unwrap().saturating_sub(before)) as f64 / n as f64;
+        rows.push(Row {
+            name: format!("disk bytes per delivered event (1 KiB payload, 3 attempts, {n} events)"),
+            value: per_event,
+            unit: "bytes",
+            limit_name: "the payload".into(),
+            limit: 1024.0,
+            target: String::new(),
+            met: None,
+        });
+    }
+    let on_disk = dir_bytes(disk_dir.path()) as f64 / n as f64;
+    rows.push(Row {
+        name: "the same, as files on disk (sled's segments, preallocated)".into(),
+        value: on_disk,
+        unit: "bytes",
+        limit_name: "the payload".into(),
+        limit: 1024.0,
+        target: String::new(),
+        met: None,
+    });
+    drop(disk_dir);
+
+    // Idle: an empty data directory.
+    let empty = tempfile::tempdir().unwrap();
+    let (idle, empty_start) = Herald::start(empty.path());
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_mib = idle.rss_mib();
+    idle.stop();
+    rows.push(Row {
+        name: "resident memory, idle".into(),
+        value: idle_mib,
+        unit: "MiB",
+        limit_name: String::new(),
+        limit: 0.0,
+        target: "≤ 50 MB".into(),
+        met: Some(idle_mib * MIB <= 50e6),
+    });
+
+    // 1,000,000 delivered and 100,000 pending (due tomorrow, so nothing is attempted).
+    let big = tempfile::tempdir().unwrap();
+    let (delivered, pending) = (scaled(1_000_000), scaled(100_000));
+    let written = Instant::now();
+    let store = sled(big.path());
+    write_history(store.clone(), START_MS, delivered, 0, 256, Fate::Delivered { failures: 0 });
+    let tomorrow = herald_engine::clock::Clock::now_ms(&herald_engine::clock::SystemClock) + 86_400_000;
+    let records = write_history(
+        store.clone(),
+        START_MS,
+        pending,
+        delivered,
+        256,
+        Fate::Pending { due_at_ms: tomorrow },
+    );
+    drop(store);
+    eprintln!("wrote {records} records in {:.0} s", written.elapsed().as_secs_f64());
+    let (loaded, _) = Herald::start(big.path());
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded_mib = loaded.rss_mib();
+    loaded.stop();
+    rows.push(Row {
+        name: format!("resident memory, {delivered} delivered + {pending} pending deliveries"),
+        value: loaded_mib,
+        unit: "MiB",
+        limit_name: "idle".into(),
+        limit: idle_mib,
+        target: "≤ 300 MB".into(),
+        met: Some(loaded_mib * MIB <= 300e6),
+    });
+
+    // Restart to ready with 10,000,000 records: grow the same log.
+    let target_records = scaled(10_000_000);
+    let store = sled(big.path());
+    let more = target_records.saturating_sub(records) / 3;
+    let records = if more > 0 {
+        write_history(
+            store.clone(),
+            START_MS,
+            more,
+            delivered + pending,
+            256,
+            Fate::Delivered { failures: 0 },
+        )
+    } else {
+        records
+    };
+    drop(store);
+    eprintln!("log now {records} records ({:.0} s writing)", written.elapsed().as_secs_f64());
+    // The first open after writing pays for sled's recovery of its own segments; measure the
+    // restart that follows a clean stop, as an operator's restart is.
+    Herald::start(big.path()).0.stop();
+    let (ready, restart) = Herald::start(big.path());
+    ready.stop();
+    rows.push(Row {
+        name: format!("restart to ready, {records} records in the log"),
+        value: restart.as_secs_f64() * 1000.0,
+        unit: "ms",
+        limit_name: "the same binary on an empty directory".into(),
+        limit: empty_start.as_secs_f64() * 1000.0,
+        target: "≤ 2 s".into(),
+        met: Some(restart <= Duration::from_secs(2)),
+    });
+    drop(big);
+    report(&rows);
+}

@@ -1,0 +1,491 @@
+//! HTTP publish figures (issue 4), each beside a limit measured in the same run with the same
+//! client: `POST /v1/events` through herald's real router (`herald_server::router` over an
+//! `AppState` built as `herald_server::serve` builds it, served by axum on 127.0.0.1), one event
+//! per request, 64 keep-alive connections each sending back to back; publishes/s and latency
+//! p50/p99. The limit is a trivial hyper server on loopback answering 202 with a small JSON body,
+//! driven by the same client over 64 connections.
+//!
+//! Measured with 0 endpoints (the publish alone) and with 1 endpoint (publish, fan-out and the
+//! deliveries to an in-process receiver happening at the same time).
+//!
+//! Run: `cargo bench --bench http`. Prints a table; `--json FILE` also writes JSON.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_engine::Engine;
+use herald_log::Durability;
+use herald_server::config::Config;
+use herald_server::state::{AppState, ServerLimits};
+use herald_server::{auth, bootstrap_admin, metrics, router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+const CONNECTIONS: usize = 64;
+const WARMUP: Duration = Duration::from_millis(500);
+const MEASURE: Duration = Duration::from_secs(3);
+/// Worker threads of the server's runtime: `herald serve`'s default on this 2-core machine.
+const SERVER_WORKERS: usize = 2;
+const CLIENT_WORKERS: usize = 2;
+const PAYLOAD_DATA_BYTES: usize = 200;
+
+fn runtime(workers: usize, name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trivial hyper servers: the baseline (202 + JSON) and the endpoint's receiver (204)
+
+const BASELINE_BODY: &str = r#"{"id":"0190d7a0-0000-7000-8000-000000000000","event_type":"call.queued","created_at":"2026-11-23T12:00:00.000Z","delivery_ids":[]}"#;
+
+/// Serves `status` with `body` to every request on 127.0.0.1, keep-alive, on `rt`.
+fn trivial_server(rt: &tokio::runtime::Runtime, status: StatusCode, body: &'static str) -> SocketAddr {
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *response.status_mut() = status;
+                    if !body.is_empty() {
+                        response
+                            .headers_mut()
+                            .insert(hyper::header::CONTENT_TYPE, "application/json".parse().unwrap());
+                    }
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client: hyper over N keep-alive connections
+
+async fn connect(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn request(addr: SocketAddr, path: &str, key: Option<&str>, body: Bytes) -> Request<Full<Bytes>> {
+    let mut b = Request::post(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(key) = key {
+        b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    b.body(Full::new(body)).unwrap()
+}
+
+/// One request on a fresh connection: status and body.
+async fn call(addr: SocketAddr, path: &str, key: Option<&str>, body: String) -> (StatusCode, Bytes) {
+    let mut sender = connect(addr).await;
+    let response = sender.send_request(request(addr, path, key, Bytes::from(body))).await.unwrap();
+    let status = response.status();
+    (status, response.into_body().collect().await.unwrap().to_bytes())
+}
+
+struct Load {
+    per_s: f64,
+    /// Latencies in ns of requests started within the measured window, sorted.
+    latencies: Vec<u64>,
+    /// Answers other than 202 within the window.
+    unexpected: u64,
+    /// Requests made, the warm-up's included.
+    all: u64,
+}
+
+impl Load {
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let s = &self.latencies;
+        let i = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1;
+        s[i] as f64 / 1e6
+    }
+}
+
+/// `CONNECTIONS` connections each posting `body` to `path` back to back: a warm-up, then
+/// `MEASURE` counted.
+fn load(
+    client: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    path: &str,
+    key: Option<&str>,
+    body: Bytes,
+) -> Load {
+    client.block_on(async {
+        let mut senders = Vec::with_capacity(CONNECTIONS);
+        for _ in 0..CONNECTIONS {
+            senders.push(connect(addr).await);
+        }
+        let measure_from = Instant::now() + WARMUP;
+        let until = measure_from + MEASURE;
+        let tasks: Vec<_> = senders
+            .into_iter()
+            .map(|mut sender| {
+                let (path, key, body) = (path.to_owned(), key.map(str::to_owned), body.clone());
+                tokio::spawn(async move {
+                    let (mut latencies, mut unexpected, mut all) = (Vec::with_capacity(1 << 14), 0u64, 0u64);
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= until {
+                            break;
+                        }
+                        sender.ready().await.unwrap();
+                        let response = sender
+                            .send_request(request(addr, &path, key.as_deref(), body.clone()))
+                            .await
+                            .unwrap();
+                        let status = response.status();
+                        let _ = response.into_body().collect().await.unwrap();
+                        all += 1;
+                        if t0 >= measure_from {
+                            latencies.push(t0.elapsed().as_nanos() as u64);
+                            if status != StatusCode::ACCEPTED {
+                                unexpected += 1;
+                            }
+                        }
+                    }
+                    (latencies, unexpected, all)
+                })
+            })
+            .collect();
+        let (mut latencies, mut unexpected, mut all) = (Vec::new(), 0, 0);
+        for t in tasks {
+            let (l, u, a) = t.await.unwrap();
+            latencies.extend(l);
+            unexpected += u;
+            all += a;
+        }
+        latencies.sort_unstable();
+        Load { per_s: latencies.len() as f64 / MEASURE.as_secs_f64(), latencies, unexpected, all }
+    })
+}
+
+fn publish_body() -> Bytes {
+    let data = "x".repeat(PAYLOAD_DATA_BYTES);
+    Bytes::from(format!(
+        r#"{{"event_type":"call.queued","payload":{{"call_id":"0190d7a0-0000-7000-8000-000000000000","data":"{data}"}}}}"#
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// herald's server, in process
+
+struct Herald {
+    addr: SocketAddr,
+    engine: Engine,
+    org_key: String,
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+/// Opens an engine in a temp dir and serves `router` over an `AppState` built as `serve` builds
+/// it; creates an org key with `events.write` (and `endpoints` endpoints to `receiver`) through
+/// the router with the bootstrapped admin key.
+fn start_herald(
+    client: &tokio::runtime::Runtime,
+    endpoints: usize,
+    durability: Durability,
+    receiver: SocketAddr,
+) -> Herald {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.store.data_dir = dir.path().to_path_buf();
+    config.store.durability = durability;
+    config.delivery.allow_private_targets = true;
+    config.server.shutdown_timeout = Duration::from_secs(2);
+    // One key drives the whole load: its bucket must not be what is measured (the default,
+    // 10,000/s with a burst of 20,000, would cap this run below the target).
+    config.server.key_requests_per_s = 10_000_000;
+    config.server.key_burst = 10_000_000;
+    let mut engine_config = config.engine_config();
+    // `engine_config()` sets `durability` but the writer takes it from `log`.
+    engine_config.log.durability = engine_config.durability;
+    let engine = Engine::open(engine_config).unwrap();
+    let admin = bootstrap_admin(&engine, dir.path(), None).unwrap().expect("a fresh store bootstraps");
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        limits: ServerLimits {
+            event_body_bytes: config.server.max_event_bytes,
+            body_bytes: config.server.max_body_bytes,
+        },
+        buckets: auth::Buckets::new(
+            u64::from(config.server.key_requests_per_s),
+            u64::from(config.server.key_burst),
+        ),
+        metrics: metrics::Metrics::default(),
+        ready: std::sync::atomic::AtomicBool::new(true),
+    });
+    let rt = runtime(SERVER_WORKERS, "herald-http");
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, router(state)).await });
+
+    let org = uuid::Uuid::now_v7().to_string();
+    let org_key = client.block_on(async {
+        let body = format!(r#"{{"org_id":"{org}","scopes":["events.write"],"name":"bench"}}"#);
+        let (status, answer) = call(addr, "/v1/api_keys", Some(&admin), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&answer));
+        let json: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        let key = json["key"].as_str().unwrap().to_owned();
+        for n in 0..endpoints {
+            let body = format!(
+                r#"{{"org_id":"{org}","url":"http://{receiver}/hook/{n}","name":"bench {n}","enabled_events":["*"]}}"#
+            );
+            let (status, answer) = call(addr, "/v1/endpoints", Some(&admin), body).await;
+            assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&answer));
+        }
+        key
+    });
+    Herald { addr, engine, org_key, runtime: rt, _dir: dir }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing counters: CPU seconds per thread group (from /proc), to tell what a figure is bound by
+
+#[derive(Clone, Default)]
+struct Cpu {
+    /// CPU seconds by thread name (trailing digits dropped), this process.
+    threads: HashMap<String, f64>,
+    /// Busy CPU seconds of the whole machine (every process), from /proc/stat.
+    machine_busy: f64,
+    at: Option<Instant>,
+}
+
+fn cpu_now() -> Cpu {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut threads = HashMap::new();
+    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the name: state, ppid, ... utime and stime are the 12th and 13th.
+        let ticks: u64 = fields.get(11..13).into_iter().flatten().filter_map(|f| f.parse::<u64>().ok()).sum();
+        *threads.entry(name.to_owned()).or_insert(0.0) += ticks as f64 / tick;
+    }
+    let machine_busy = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+            let busy: u64 =
+                v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
+            Some(busy as f64 / tick)
+        })
+        .unwrap_or(0.0);
+    Cpu { threads, machine_busy, at: Some(Instant::now()) }
+}
+
+impl Cpu {
+    /// What was spent since `before`, as a one-line note; `per` names the unit of work.
+    fn since(&self, before: &Cpu, work: u64, per: &str) -> String {
+        let wall = match (self.at, before.at) {
+            (Some(a), Some(b)) => a.duration_since(b).as_secs_f64(),
+            _ => 0.0,
+        };
+        let mut groups: Vec<(String, f64)> = self
+            .threads
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.threads.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v >= 0.05)
+            .collect();
+        groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let ours: f64 = groups.iter().map(|g| g.1).sum();
+        let machine = self.machine_busy - before.machine_busy;
+        let list: Vec<String> = groups
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2} s ({:.0} µs/{per})", v * 1e6 / work.max(1) as f64))
+            .collect();
+        format!(
+            "CPU over {wall:.1} s wall: this process {ours:.2} s, the whole machine {machine:.2} s of {:.1} \
+             available (others: {:.2} s); by thread: {}",
+            wall * available_cores(),
+            (machine - ours).max(0.0),
+            list.join(", ")
+        )
+    }
+}
+
+fn available_cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table
+
+struct Row {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    limit_name: String,
+    limit: f64,
+    higher_is_better: bool,
+    target: String,
+    met: Option<bool>,
+}
+
+fn rows_for(name: &str, herald: &Load, raw: &Load, rows: &mut Vec<Row>) {
+    let limit_name = format!("raw hyper 202, {CONNECTIONS} connections");
+    rows.push(Row {
+        name: format!("publishes/s, {CONNECTIONS} connections, {name}"),
+        value: herald.per_s,
+        unit: "/s",
+        limit_name: limit_name.clone(),
+        limit: raw.per_s,
+        higher_is_better: true,
+        target: "≥ 20,000/s".into(),
+        met: Some(herald.per_s >= 20_000.0),
+    });
+    for (p, pname, target) in [(0.5, "p50", None), (0.99, "p99", Some(20.0))] {
+        let value = herald.percentile_ms(p);
+        rows.push(Row {
+            name: format!("publish latency {pname}, {name}"),
+            value,
+            unit: "ms",
+            limit_name: format!("{limit_name}, {pname}"),
+            limit: raw.percentile_ms(p),
+            higher_is_better: false,
+            target: target.map(|t| format!("≤ {t} ms")).unwrap_or_default(),
+            met: target.map(|t| value <= t),
+        });
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let client = runtime(CLIENT_WORKERS, "bench-client");
+    let side = runtime(1, "bench-receiver");
+    let receiver = trivial_server(&side, StatusCode::NO_CONTENT, "");
+    let body = publish_body();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    let raw = {
+        let rt = runtime(SERVER_WORKERS, "bench-baseline");
+        let addr = trivial_server(&rt, StatusCode::ACCEPTED, BASELINE_BODY);
+        let cpu_before = cpu_now();
+        let raw = load(&client, addr, "/v1/events", None, body.clone());
+        notes.push(format!("raw hyper limit: {}", cpu_now().since(&cpu_before, raw.all, "request")));
+        rt.shutdown_timeout(Duration::from_secs(1));
+        raw
+    };
+    assert_eq!(raw.unexpected, 0);
+
+    // The default durability with 0 and 1 endpoint, and `flush` to show what the fsync costs.
+    for (endpoints, durability) in [(0usize, Durability::Sync), (1, Durability::Sync), (0, Durability::Flush)]
+    {
+        let h = start_herald(&client, endpoints, durability, receiver);
+        let before = h.engine.dispatch_stats();
+        let writer_before = h.engine.writer_stats();
+        let cpu_before = cpu_now();
+        let l = load(&client, h.addr, "/v1/events", Some(&h.org_key), body.clone());
+        let cpu = cpu_now().since(&cpu_before, l.all, "publish");
+        let after = h.engine.dispatch_stats();
+        let writer = h.engine.writer_stats();
+        assert_eq!(l.unexpected, 0, "every publish answered 202");
+        let name = format!("{endpoints} endpoint{}, {durability:?}", if endpoints == 1 { "" } else { "s" });
+        let batches = (writer.batches - writer_before.batches).max(1);
+        notes.push(format!(
+            "{name}: writer: {batches} batches of {:.1} commands, {:.2} ms in flush per batch; {} deliveries \
+             made during the run (warm-up included); {cpu}",
+            (writer.commands - writer_before.commands) as f64 / batches as f64,
+            (writer.flush_us_total - writer_before.flush_us_total) as f64 / 1e3 / batches as f64,
+            after.attempts_delivered - before.attempts_delivered,
+        ));
+        rows_for(&name, &l, &raw, &mut rows);
+        h.engine.shutdown();
+        h.runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    print_rows(&rows);
+    for n in &notes {
+        println!("- {n}");
+    }
+    if let Some(path) = json_out {
+        std::fs::write(&path, to_json(&rows)).unwrap();
+    }
+}
+
+fn ratio_text(r: &Row) -> String {
+    if r.higher_is_better {
+        format!("{:.0} %", 100.0 * r.value / r.limit)
+    } else {
+        format!("{:.1}×", r.value / r.limit)
+    }
+}
+
+fn value_text(v: f64, unit: &str) -> String {
+    if unit == "ms" {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.0}{unit}")
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    println!("| figure | value | limit (same run) | ratio | target |");
+    println!("| --- | ---: | --- | ---: | --- |");
+    for r in rows {
+        let target = match r.met {
+            Some(true) => format!("{} — met", r.target),
+            Some(false) => format!("{} — missed", r.target),
+            None => r.target.clone(),
+        };
+        println!(
+            "| {} | {} | {}: {} | {} | {} |",
+            r.name,
+            value_text(r.value, r.unit),
+            r.limit_name,
+            value_text(r.limit, r.unit),
+            ratio_text(r),
+            target
+        );
+    }
+}
+
+fn to_json(rows: &[Row]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"figure\":{:?},\"value\":{:.3},\"unit\":{:?},\"limit_name\":{:?},\"limit\":{:.3},\"ratio\":{:.4},\"target\":{:?},\"met\":{}}}",
+                r.name,
+                r.value,
+                r.unit,
+                r.limit_name,
+                r.limit,
+                r.value / r.limit,
+                r.target,
+                r.met.map_or("null".to_string(), |m| m.to_string())
+            )
+        })
+        .collect();
+    format!("[{}]\n", items.join(","))
+}
