@@ -439,6 +439,7 @@ impl<T: Tables> Fold<'_, T> {
             Some(id) => Some(query::get_endpoint(self.t, id)?.ok_or(ApplyError::UnknownEndpoint(id))?),
             None => None,
         };
+        let endpoint_before = endpoint.clone();
         let mut became_inactive = false;
         if let Some(endpoint) = endpoint.as_mut().filter(|e| !e.is_deleted()) {
             if succeeded {
@@ -496,7 +497,10 @@ impl<T: Tables> Fold<'_, T> {
         if let Some(endpoint) = endpoint {
             let reason = endpoint.inactive_reason.clone().unwrap_or_default();
             let id = endpoint.id;
-            self.put_endpoint(&endpoint);
+            // Most attempts (a success on a healthy endpoint) leave it as it was: no write then.
+            if endpoint_before.as_ref() != Some(&endpoint) {
+                self.put_endpoint(&endpoint);
+            }
             if became_inactive {
                 self.deactivate_pending(id, &reason, Cause::EndpointInactive)?;
             }
