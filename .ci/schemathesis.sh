@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ST_VERSION="4.32.5"
-VENV="target/ci-venv"
+TARGET="${CARGO_TARGET_DIR:-target}"
+VENV="$TARGET/ci-venv"
 if [ ! -x "$VENV/bin/st" ] || ! "$VENV/bin/st" --version | grep -q "$ST_VERSION"; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "schemathesis==$ST_VERSION"
@@ -18,14 +19,19 @@ DATA="$(mktemp -d)"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 ADMIN="sk_ci_admin_$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 HERALD_ADMIN_KEY="$ADMIN" HERALD_DELIVERY_ALLOW_PRIVATE_TARGETS=true \
-  target/debug/herald serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" >"$DATA/herald.log" 2>&1 &
+  "$TARGET/debug/herald" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" >"$DATA/herald.log" 2>&1 &
 PID=$!
 cleanup() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT
 
 BASE="http://127.0.0.1:$PORT"
-for _ in $(seq 1 100); do
+for attempt in $(seq 1 300); do
   curl -fsS "$BASE/healthz" >/dev/null 2>&1 && break
+  if ! kill -0 "$PID" 2>/dev/null || [ "$attempt" = 300 ]; then
+    echo "herald did not start:" >&2
+    cat "$DATA/herald.log" >&2
+    exit 1
+  fi
   sleep 0.1
 done
 
