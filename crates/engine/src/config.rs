@@ -18,7 +18,7 @@ pub struct EngineConfig {
     pub durability: Durability,
     /// sled's page cache, bytes.
     pub cache_bytes: u64,
-    /// Group commit and the writer queue.
+    /// Group commit and the writer queue (its `durability` is replaced by the field above).
     pub log: LogConfig,
     /// Retry schedule, failure window, rotation overlap: written to the log as a policy event
     /// whenever it differs from the one in force.

@@ -61,6 +61,9 @@ pub(crate) struct Inbox {
 #[derive(Default)]
 struct InboxState {
     hints: Vec<Due>,
+    /// Attempts whose receiver has answered (their outcome is being recorded): their endpoint's
+    /// slot is free for the next attempt.
+    released: Vec<Id>,
     /// Hints were dropped: the loop must refill from the whole index.
     overflowed: bool,
     finished: Vec<Finished>,
@@ -88,6 +91,11 @@ impl Inbox {
             st.hints.extend(due);
         }
         drop(st);
+        self.wake.notify_one();
+    }
+
+    fn released(&self, id: Id) {
+        lock(&self.state).released.push(id);
         self.wake.notify_one();
     }
 
@@ -170,7 +178,7 @@ impl Shared {
 
     pub(crate) fn inbox_is_empty(&self) -> bool {
         let st = lock(&self.inbox.state);
-        st.hints.is_empty() && st.finished.is_empty() && !st.overflowed
+        st.hints.is_empty() && st.finished.is_empty() && st.released.is_empty() && !st.overflowed
     }
 
     pub(crate) fn stop(&self) {
@@ -199,6 +207,7 @@ struct Ctx {
 }
 
 struct InFlight {
+    /// The endpoint whose slot this attempt holds, until its receiver answers.
     endpoint: Option<EndpointId>,
     abort: tokio::task::AbortHandle,
     delivery: Delivery,
@@ -284,6 +293,9 @@ impl Dispatcher {
     fn turn(&mut self) -> Option<u64> {
         self.generation += 1;
         let inbox = self.ctx.shared.inbox.take();
+        for id in inbox.released {
+            self.release(id);
+        }
         for f in inbox.finished {
             self.finish(f);
         }
@@ -481,27 +493,37 @@ impl Dispatcher {
             }
         }
         if let Some(endpoint) = flight.endpoint {
-            if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.per_endpoint.remove(&endpoint);
+            self.free_endpoint_slot(endpoint);
+        }
+    }
+
+    /// The receiver answered: the attempt's endpoint slot is free while its outcome is recorded.
+    fn release(&mut self, id: Id) {
+        let Some(endpoint) = self.in_flight.get_mut(&id).and_then(|f| f.endpoint.take()) else { return };
+        self.free_endpoint_slot(endpoint);
+    }
+
+    fn free_endpoint_slot(&mut self, endpoint: EndpointId) {
+        if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_endpoint.remove(&endpoint);
+            }
+        }
+        // The endpoint has room again: its next parked delivery goes back to the queue.
+        if let Some(list) = self.parked.get_mut(&endpoint) {
+            if let Some(due) = list.pop_front() {
+                self.parked_len -= 1;
+                self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms);
+            }
+            if list.is_empty() {
+                self.parked.remove(&endpoint);
+                if self.overflowed.remove(&endpoint) {
+                    self.endpoint_refills.push(endpoint);
                 }
             }
-            // The endpoint has room again: its next parked delivery goes back to the queue.
-            if let Some(list) = self.parked.get_mut(&endpoint) {
-                if let Some(due) = list.pop_front() {
-                    self.parked_len -= 1;
-                    self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms);
-                }
-                if list.is_empty() {
-                    self.parked.remove(&endpoint);
-                    if self.overflowed.remove(&endpoint) {
-                        self.endpoint_refills.push(endpoint);
-                    }
-                }
-            } else if self.overflowed.remove(&endpoint) {
-                self.endpoint_refills.push(endpoint);
-            }
+        } else if self.overflowed.remove(&endpoint) {
+            self.endpoint_refills.push(endpoint);
         }
     }
 
@@ -579,6 +601,8 @@ async fn attempt(ctx: Ctx, delivery: Delivery) {
         Err(error) => AttemptOutcome::Failed { kind: crate::sender::FailureKind::InvalidHeader, error },
     };
     let finished_at_ms = ctx.clock.now_ms().max(started_at_ms);
+    let id = *delivery.id.as_bytes();
+    ctx.shared.inbox.released(id);
     let (outcome, excerpt, retry_after_ms) = match outcome {
         AttemptOutcome::Response { status, excerpt, retry_after_ms } if (200..300).contains(&status) => {
             ctx.shared.delivered.fetch_add(1, Ordering::Relaxed);
@@ -598,7 +622,6 @@ async fn attempt(ctx: Ctx, delivery: Delivery) {
             (herald_projector::AttemptOutcome::Failed { status: None, error }, Vec::new(), None)
         }
     };
-    let id = *delivery.id.as_bytes();
     let command = Command::RecordAttempt {
         delivery_id: delivery.id,
         started_at_ms,

@@ -135,6 +135,8 @@ impl Engine {
             return Err(EngineError::Open(problem));
         }
         config.limits.rotation_overlap_ms = config.policy.rotation_overlap_ms;
+        // `[store] durability` is the log's.
+        config.log.durability = config.durability;
         config.limits.allow_private_targets = config.delivery.allow_private_targets;
         let Parts { store, clock, sender } = parts;
         herald_log::check_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
