@@ -1,0 +1,83 @@
+//! A store that refuses writes (a full disk): the requests of that batch get a clean 503 in
+//! their route's shape, nothing is written, and herald serves again once the store heals.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
+use herald_engine::clock::SystemClock;
+use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+use herald_engine::{Engine, EngineConfig, Parts};
+use herald_log::{FailingStore, MemStore};
+use herald_server::state::{AppState, ServerLimits};
+use tower::ServiceExt;
+
+const ADMIN: &str = "sk_faults_admin_key_0123456789abcdef";
+
+struct Accepting;
+
+impl Sender for Accepting {
+    fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
+        Box::pin(async {
+            AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+        })
+    }
+}
+
+async fn call(router: &axum::Router, method: &str, uri: &str, body: &str) -> (u16, serde_json::Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {ADMIN}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_writes_nothing_and_recovers() {
+    let store = FailingStore::new(MemStore::new(), u64::MAX);
+    let parts =
+        Parts { store: Arc::new(store.clone()), clock: Arc::new(SystemClock), sender: Arc::new(Accepting) };
+    let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    herald_server::bootstrap_admin(&engine, dir.path(), Some(ADMIN.to_owned())).unwrap();
+    let router = herald_server::router(Arc::new(AppState {
+        engine: engine.clone(),
+        limits: ServerLimits::default(),
+        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
+        metrics: Default::default(),
+        ready: AtomicBool::new(true),
+    }));
+    let org = "0190f1f4-0000-7000-8000-0000000000f5";
+    let publish = format!(r#"{{"event_type":"call.ended","payload":{{"n":1}},"org_id":"{org}"}}"#);
+    let (status, body) = call(&router, "POST", "/v1/events", &publish).await;
+    assert_eq!(status, 202, "{body}");
+    let seq = engine.committed_seq();
+    let pairs = store.inner().with_map(|m| m.clone());
+
+    store.fail_after(0);
+    let (status, body) = call(&router, "POST", "/v1/events", &publish).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["name"], "ServiceUnavailable", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nothing was written"), "{body}");
+    let endpoint = format!(r#"{{"url":"https://example.com/h","org_id":"{org}"}}"#);
+    let (status, _) = call(&router, "POST", "/v1/endpoints", &endpoint).await;
+    assert_eq!(status, 503);
+    assert_eq!(engine.committed_seq(), seq);
+    assert_eq!(store.inner().with_map(|m| m.clone()), pairs, "nothing partial is visible");
+    // Reads still answer while writes fail.
+    let (status, _) = call(&router, "GET", &format!("/v1/webhook_deliveries?org_id={org}"), "").await;
+    assert_eq!(status, 200);
+
+    store.heal();
+    let (status, body) = call(&router, "POST", "/v1/events", &publish).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(engine.committed_seq() > seq);
+    engine.shutdown();
+}
