@@ -90,7 +90,12 @@ fn main() {
                 l if l > 0.0 => format!("{}: {}", r["limit_name"].as_str().unwrap_or(""), fmt(l)),
                 _ => String::new(),
             };
-            let ratio = r["ratio"].as_f64().map(|x| format!("{:.0} %", x * 100.0)).unwrap_or_default();
+            // Rates read as a share of their limit; times as a multiple of theirs.
+            let ratio = match (r["ratio"].as_f64(), r["unit"].as_str()) {
+                (Some(x), Some("ms")) => format!("{x:.1}×"),
+                (Some(x), _) => format!("{:.0} %", x * 100.0),
+                _ => String::new(),
+            };
             let target = match (r["target"].as_str().unwrap_or(""), r["met"].as_bool()) {
                 ("", _) => String::new(),
                 (t, Some(true)) => format!("{t} — met"),
