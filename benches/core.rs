@@ -10,13 +10,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Row;
 use herald_log::baseline::{raw_sled_batches, raw_sled_scan};
 use herald_log::{AppendOnly, Durability, Log, LogConfig, SledStore, Store};
-use herald_projector::{
-    rebuild, AttemptOutcome, DeliveryId, EndpointId, Event, EventId, OrgId, Projector, Trigger,
-};
-use common::Row;
-use uuid::Uuid;
+use herald_projector::rebuild;
 
 const EVENT_BYTES: usize = 256;
 const RUN_FOR: Duration = Duration::from_secs(3);
@@ -62,74 +59,14 @@ fn raw(batch_len: usize, durability: Durability) -> f64 {
 /// through the projector, and returns its directory and record count.
 fn write_history(cycles: u64) -> (tempfile::TempDir, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 64 << 20).unwrap());
-    let config =
-        LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Flush };
-    let log = Log::open(store, Projector, config).unwrap();
-    let org = OrgId(Uuid::from_u128(1));
-    let endpoint = EndpointId(Uuid::from_u128(2));
-    log.submit(vec![(
+    let records = common::write_history(
+        common::sled(dir.path()),
+        1_700_000_000_000,
+        cycles,
         0,
-        Event::EndpointCreated {
-            id: endpoint,
-            org_id: org,
-            url: "https://receiver.example/hook".into(),
-            name: "bench".into(),
-            enabled_events: vec!["*".into()],
-            secret: "whsec_YmVuY2htYXJrc2VjcmV0".into(),
-        },
-    )])
-    .unwrap()
-    .unwrap();
-    let per_command = 300u64;
-    let mut i = 0u64;
-    while i < cycles {
-        let mut events = Vec::with_capacity(per_command as usize * 3);
-        for n in i..(i + per_command).min(cycles) {
-            let at_ms = 1_700_000_000_000 + n;
-            let event_id = EventId(Uuid::from_u128(1 << 64 | n as u128));
-            let delivery_id = DeliveryId(Uuid::from_u128(2 << 64 | n as u128));
-            events.push((
-                at_ms,
-                Event::EventPublished {
-                    id: event_id,
-                    org_id: org,
-                    event_type: "call.queued".into(),
-                    payload: vec![b'x'; EVENT_BYTES],
-                    call_id: None,
-                    idempotency_key: None,
-                },
-            ));
-            events.push((
-                at_ms,
-                Event::DeliveryCreated {
-                    id: delivery_id,
-                    event_id,
-                    org_id: org,
-                    endpoint_id: Some(endpoint),
-                    url: "https://receiver.example/hook".into(),
-                    next_attempt_at_ms: at_ms,
-                },
-            ));
-            events.push((
-                at_ms + 3,
-                Event::AttemptRecorded {
-                    delivery_id,
-                    attempt: 1,
-                    trigger: Trigger::Auto,
-                    started_at_ms: at_ms + 1,
-                    finished_at_ms: at_ms + 3,
-                    outcome: AttemptOutcome::Delivered { status: 200 },
-                    response_excerpt: b"ok".to_vec(),
-                    retry_at_ms: None,
-                },
-            ));
-        }
-        log.submit(events).unwrap().unwrap();
-        i += per_command;
-    }
-    let records = log.committed_seq();
-    log.close();
+        EVENT_BYTES,
+        common::Fate::Delivered { failures: 0 },
+    );
     (dir, records)
 }
 

@@ -16,6 +16,8 @@
 //! `--only burst|paced|retrigger` runs one part. `HERALD_BENCH_DELIVERY_EVENTS` sets the burst
 //! size (default 20,000).
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{cpu_now, Row};
 use herald_engine::sender::{AttemptRequest, HttpSender, Sender, SenderConfig};
 use herald_engine::{Actor, Command, Engine, EngineConfig, Reply};
 use herald_log::baseline::raw_sled_batches;
@@ -579,93 +582,6 @@ fn retriggered(receiver: &Receiver, durability: Durability, n: u64, per_s: u64) 
     latencies
 }
 
-// ---------------------------------------------------------------------------------------------
-// Timing counters: CPU seconds per thread group (from /proc), to tell what a figure is bound by
-
-#[derive(Clone, Default)]
-struct Cpu {
-    /// CPU seconds by thread name (trailing digits dropped), this process.
-    threads: HashMap<String, f64>,
-    /// Busy CPU seconds of the whole machine (every process), from /proc/stat.
-    machine_busy: f64,
-    at: Option<Instant>,
-}
-
-fn cpu_now() -> Cpu {
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut threads = HashMap::new();
-    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // After the name: state, ppid, ... utime and stime are the 12th and 13th.
-        let ticks: u64 = fields.get(11..13).into_iter().flatten().filter_map(|f| f.parse::<u64>().ok()).sum();
-        *threads.entry(name.to_owned()).or_insert(0.0) += ticks as f64 / tick;
-    }
-    let machine_busy = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().next()?.to_owned();
-            let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-            // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
-            let busy: u64 =
-                v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
-            Some(busy as f64 / tick)
-        })
-        .unwrap_or(0.0);
-    Cpu { threads, machine_busy, at: Some(Instant::now()) }
-}
-
-impl Cpu {
-    /// What was spent since `before`, as a one-line note; `per` names the unit of work.
-    fn since(&self, before: &Cpu, work: u64, per: &str) -> String {
-        let wall = match (self.at, before.at) {
-            (Some(a), Some(b)) => a.duration_since(b).as_secs_f64(),
-            _ => 0.0,
-        };
-        let mut groups: Vec<(String, f64)> = self
-            .threads
-            .iter()
-            .map(|(k, v)| (k.clone(), v - before.threads.get(k).copied().unwrap_or(0.0)))
-            .filter(|(_, v)| *v >= 0.05)
-            .collect();
-        groups.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let ours: f64 = groups.iter().map(|g| g.1).sum();
-        let machine = self.machine_busy - before.machine_busy;
-        let list: Vec<String> = groups
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.2} s ({:.0} µs/{per})", v * 1e6 / work.max(1) as f64))
-            .collect();
-        format!(
-            "CPU over {wall:.1} s wall: this process {ours:.2} s, the whole machine {machine:.2} s of {:.1} \
-             available (others: {:.2} s); by thread: {}",
-            wall * available_cores(),
-            (machine - ours).max(0.0),
-            list.join(", ")
-        )
-    }
-}
-
-fn available_cores() -> f64 {
-    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The table
-
-struct Row {
-    name: String,
-    value: f64,
-    unit: &'static str,
-    limit_name: String,
-    limit: f64,
-    /// For rates; latencies are lower-is-better and print their ratio as a multiple.
-    higher_is_better: bool,
-    target: String,
-    met: Option<bool>,
-}
-
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -676,7 +592,6 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
     // `--only burst|paced|retrigger`: one part (with the limits it is printed beside), for profiling.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
@@ -703,7 +618,6 @@ fn main() {
             unit: "/s",
             limit_name: limit_name.clone(),
             limit: raw,
-            higher_is_better: true,
             target: "≥ 15,000/s and ≥ 50 %".into(),
             met: Some(met),
         });
@@ -713,7 +627,6 @@ fn main() {
             unit: "/s",
             limit_name,
             limit: raw,
-            higher_is_better: true,
             target: String::new(),
             met: None,
         });
@@ -754,7 +667,6 @@ fn main() {
                     "raw sled commit of 1 ({durability:?}, mean {commit_ms:.2} ms) + raw HttpSender request {name}"
                 ),
                 limit: commit_ms + percentile(&raw_lat, p),
-                higher_is_better: false,
                 target: format!("≤ {target_ms} ms"),
                 met: Some(value <= target_ms),
             });
@@ -784,74 +696,13 @@ fn main() {
             unit: "ms",
             limit_name: format!("raw sled commit of 1 (Sync, mean {retrigger_commit_ms:.2} ms) + raw HttpSender request {name}"),
             limit: retrigger_commit_ms + percentile(&raw_lat, p),
-            higher_is_better: false,
             target: target_ms.map(|t| format!("≤ {t} ms")).unwrap_or_default(),
             met: target_ms.map(|t| value <= t),
         });
     }
 
-    print_rows(&rows);
+    common::report(&rows);
     for n in &notes {
         println!("- {n}");
     }
-    if let Some(path) = json_out {
-        std::fs::write(&path, to_json(&rows)).unwrap();
-    }
-}
-
-fn ratio_text(r: &Row) -> String {
-    if r.higher_is_better {
-        format!("{:.0} %", 100.0 * r.value / r.limit)
-    } else {
-        format!("{:.1}×", r.value / r.limit)
-    }
-}
-
-fn value_text(v: f64, unit: &str) -> String {
-    if unit == "ms" {
-        format!("{v:.2} ms")
-    } else {
-        format!("{v:.0}{unit}")
-    }
-}
-
-fn print_rows(rows: &[Row]) {
-    println!("| figure | value | limit (same run) | ratio | target |");
-    println!("| --- | ---: | --- | ---: | --- |");
-    for r in rows {
-        let target = match r.met {
-            Some(true) => format!("{} — met", r.target),
-            Some(false) => format!("{} — missed", r.target),
-            None => r.target.clone(),
-        };
-        println!(
-            "| {} | {} | {}: {} | {} | {} |",
-            r.name,
-            value_text(r.value, r.unit),
-            r.limit_name,
-            value_text(r.limit, r.unit),
-            ratio_text(r),
-            target
-        );
-    }
-}
-
-fn to_json(rows: &[Row]) -> String {
-    let items: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{{\"figure\":{:?},\"value\":{:.3},\"unit\":{:?},\"limit_name\":{:?},\"limit\":{:.3},\"ratio\":{:.4},\"target\":{:?},\"met\":{}}}",
-                r.name,
-                r.value,
-                r.unit,
-                r.limit_name,
-                r.limit,
-                r.value / r.limit,
-                r.target,
-                r.met.map_or("null".to_string(), |m| m.to_string())
-            )
-        })
-        .collect();
-    format!("[{}]\n", items.join(","))
 }

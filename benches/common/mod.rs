@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use herald_log::{Durability, Log, LogConfig, SledStore, Store};
 use herald_projector::{AttemptOutcome, DeliveryId, EndpointId, Event, EventId, OrgId, Projector, Trigger};
@@ -54,7 +56,12 @@ pub fn print_rows(rows: &[Row]) {
     for r in rows {
         let limit =
             if r.limit > 0.0 { format!("{}: {}", r.limit_name, fmt_value(r.limit)) } else { String::new() };
-        let ratio = r.ratio().map(|x| format!("{:.0} %", 100.0 * x)).unwrap_or_default();
+        // Rates read as a share of their limit; times as a multiple of theirs.
+        let ratio = match r.ratio() {
+            Some(x) if r.unit == "ms" => format!("{x:.1}×"),
+            Some(x) => format!("{:.0} %", 100.0 * x),
+            None => String::new(),
+        };
         let target = match r.met {
             Some(true) => format!("{} — met", r.target),
             Some(false) => format!("{} — missed", r.target),
@@ -225,3 +232,78 @@ pub fn write_history(
 pub fn sled(dir: &std::path::Path) -> Arc<dyn Store> {
     Arc::new(SledStore::open(dir, 64 << 20).unwrap())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Timing counters: CPU seconds per thread group (from /proc), to tell what a figure is bound by
+
+#[derive(Clone, Default)]
+pub struct Cpu {
+    /// CPU seconds by thread name (trailing digits dropped), this process.
+    threads: HashMap<String, f64>,
+    /// Busy CPU seconds of the whole machine (every process), from /proc/stat.
+    machine_busy: f64,
+    at: Option<Instant>,
+}
+
+pub fn cpu_now() -> Cpu {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut threads = HashMap::new();
+    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the name: state, ppid, ... utime and stime are the 12th and 13th.
+        let ticks: u64 = fields.get(11..13).into_iter().flatten().filter_map(|f| f.parse::<u64>().ok()).sum();
+        *threads.entry(name.to_owned()).or_insert(0.0) += ticks as f64 / tick;
+    }
+    let machine_busy = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+            let busy: u64 =
+                v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
+            Some(busy as f64 / tick)
+        })
+        .unwrap_or(0.0);
+    Cpu { threads, machine_busy, at: Some(Instant::now()) }
+}
+
+impl Cpu {
+    /// What was spent since `before`, as a one-line note; `per` names the unit of work.
+    pub fn since(&self, before: &Cpu, work: u64, per: &str) -> String {
+        let wall = match (self.at, before.at) {
+            (Some(a), Some(b)) => a.duration_since(b).as_secs_f64(),
+            _ => 0.0,
+        };
+        let mut groups: Vec<(String, f64)> = self
+            .threads
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.threads.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v >= 0.05)
+            .collect();
+        groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let ours: f64 = groups.iter().map(|g| g.1).sum();
+        let machine = self.machine_busy - before.machine_busy;
+        let list: Vec<String> = groups
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2} s ({:.0} µs/{per})", v * 1e6 / work.max(1) as f64))
+            .collect();
+        format!(
+            "CPU over {wall:.1} s wall: this process {ours:.2} s, the whole machine {machine:.2} s of {:.1} \
+             available (others: {:.2} s); by thread: {}",
+            wall * available_cores(),
+            (machine - ours).max(0.0),
+            list.join(", ")
+        )
+    }
+}
+
+pub fn available_cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table
