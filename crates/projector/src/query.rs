@@ -109,15 +109,10 @@ fn page<T>(
     from: &[u8],
     to: &[u8],
     limit: usize,
-    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
+    item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
 ) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
     let limit = limit.min(PAGE_LEN_MAX);
-    let mut pairs = t.scan(from, to, limit.saturating_add(1));
-    let more = pairs.len() > limit;
-    pairs.truncate(limit);
-    let last = pairs.last().map(|(k, _)| k.clone()).filter(|_| more);
-    let items = pairs.iter().map(|(k, v)| item(k, v)).collect::<Result<Vec<T>, Corrupt>>()?;
-    Ok((items, last))
+    page_of(t.scan(from, to, limit.saturating_add(1)), limit, item)
 }
 
 /// Like [`page`], walking down from `to` (exclusive) to `from`.
@@ -126,10 +121,18 @@ fn page_rev<T>(
     from: &[u8],
     to: &[u8],
     limit: usize,
-    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
+    item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
 ) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
     let limit = limit.min(PAGE_LEN_MAX);
-    let mut pairs = t.scan_rev(from, to, limit.saturating_add(1));
+    page_of(t.scan_rev(from, to, limit.saturating_add(1)), limit, item)
+}
+
+/// The first `limit` of `pairs` (read one beyond it), decoded, and the key to go on after.
+fn page_of<T>(
+    mut pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    limit: usize,
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
+) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
     let more = pairs.len() > limit;
     pairs.truncate(limit);
     let last = pairs.last().map(|(k, _)| k.clone()).filter(|_| more);
