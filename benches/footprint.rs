@@ -102,17 +102,6 @@ impl Drop for Herald {
     }
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let Ok(meta) = e.metadata() else { continue };
-            total += if meta.is_dir() { dir_bytes(&e.path()) } else { meta.len() };
-        }
-    }
-    total
-}
-
 fn main() {
     let mut rows = Vec::new();
 
@@ -135,16 +124,6 @@ fn main() {
             met: None,
         });
     }
-    let on_disk = dir_bytes(disk_dir.path()) as f64 / n as f64;
-    rows.push(Row {
-        name: "the same, as files on disk (sled's segments, preallocated)".into(),
-        value: on_disk,
-        unit: "bytes",
-        limit_name: "the payload".into(),
-        limit: 1024.0,
-        target: String::new(),
-        met: None,
-    });
     drop(disk_dir);
 
     // Idle: an empty data directory.
