@@ -584,15 +584,17 @@ impl<T: Tables> Fold<'_, T> {
             "a delivery has a next attempt exactly when pending"
         );
         let new_keys = new.index_keys();
-        if let Some(old) = old {
-            for key in old.index_keys() {
-                if !new_keys.contains(&key) {
-                    self.t.delete(&key);
-                }
+        let old_keys = old.map(Delivery::index_keys).unwrap_or_default();
+        for key in &old_keys {
+            if !new_keys.contains(key) {
+                self.t.delete(key);
             }
         }
+        // Keys the delivery already had stay as they are: no write for them.
         for key in new_keys {
-            self.t.put(key, Vec::new());
+            if !old_keys.contains(&key) {
+                self.t.put(key, Vec::new());
+            }
         }
         self.t.put(keys::delivery(new.id), codec::to_bytes(new));
         if old.map(|o| o.status) != Some(new.status) {
