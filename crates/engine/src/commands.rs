@@ -262,7 +262,7 @@ fn check_name(name: &str) -> Result<(), CommandError> {
 /// Told, after each durable batch, which deliveries became due and when (the dispatcher's feed);
 /// `None` after a failed batch: what it wrote may or may not be in the store (a failed flush
 /// leaves an applied batch), so the listener should reload from the stored due index.
-pub type DueHook = Box<dyn FnMut(Option<Vec<Due>>) + Send>;
+pub type DueHook = std::sync::Arc<dyn Fn(Option<Vec<Due>>) + Send + Sync>;
 
 /// The command machine run by the log's writer thread.
 pub struct Commands {
@@ -673,18 +673,21 @@ impl Machine for Commands {
         self.run(command, tx)
     }
 
-    fn committed(&mut self, _records: &[herald_log::Record]) {
-        if let Some(hook) = self.due_hook.as_mut() {
-            if !self.staged_due.is_empty() {
-                hook(Some(std::mem::take(&mut self.staged_due)));
-            }
+    fn applied(&mut self, _records: &[herald_log::Record]) -> herald_log::AfterFlush {
+        let hook = self.due_hook.clone()?;
+        if self.staged_due.is_empty() {
+            return None;
         }
+        let due = std::mem::take(&mut self.staged_due);
+        // Durable: the dispatcher learns what became due. A failed flush leaves the batch applied
+        // but unacknowledged: the dispatcher reloads from the stored index instead.
+        Some(Box::new(move |flushed| hook(flushed.then_some(due))))
     }
 
     fn aborted(&mut self) {
         if !self.staged_due.is_empty() {
             self.staged_due.clear();
-            if let Some(hook) = self.due_hook.as_mut() {
+            if let Some(hook) = self.due_hook.as_ref() {
                 hook(None);
             }
         }

@@ -155,7 +155,7 @@ impl Engine {
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
         let machine =
-            Commands::new(config.limits.clone()).with_due_hook(Box::new(move |due| hook_inbox.hints(due)));
+            Commands::new(config.limits.clone()).with_due_hook(Arc::new(move |due| hook_inbox.hints(due)));
         let log =
             Log::open(store.clone(), machine, config.log).map_err(|e| EngineError::Open(e.to_string()))?;
         let shared = Arc::new(Shared::new(inbox));

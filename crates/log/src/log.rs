@@ -89,12 +89,21 @@ pub trait Machine: Send + 'static {
 
     fn execute(&mut self, command: Self::Command, tx: &mut Tx<'_>) -> Result<Self::Reply, Self::Rejection>;
 
-    /// Called after a batch is durable, with its records in order.
-    fn committed(&mut self, _records: &[Record]) {}
+    /// Called once a batch is applied to the store, before its flush, with its records in order.
+    /// What it returns runs after that flush, on the flushing thread, told whether the flush
+    /// succeeded (when it did not, the batch's callers were told so, although its writes stay
+    /// applied and become durable with a later flush).
+    fn applied(&mut self, _records: &[Record]) -> AfterFlush {
+        None
+    }
 
-    /// Called when a batch failed to commit: forget anything remembered from it.
+    /// Called when a batch could not be applied (nothing of it was written): forget anything
+    /// remembered from it.
     fn aborted(&mut self) {}
 }
+
+/// What a machine asks to run once a batch's flush is done: `true` when it succeeded.
+pub type AfterFlush = Option<Box<dyn FnOnce(bool) + Send>>;
 
 /// A machine that only appends record bodies: the log without a projection.
 pub struct AppendOnly;
@@ -435,8 +444,105 @@ struct Writer<M: Machine> {
     last_hash: Hash,
 }
 
+/// A batch applied to the store and waiting for its flush.
+struct Flushing<M: Machine> {
+    answers: Vec<Answer<M>>,
+    records: u64,
+    commands: u64,
+    next_seq: u64,
+    after: AfterFlush,
+}
+
+/// The flushing half of the writer: batch k is flushed here while the writer applies batch k+1,
+/// so a command arriving during a flush waits for the next flush, not for two.
+struct Flusher {
+    store: Arc<dyn Store>,
+    durability: crate::store::Durability,
+    shared: Arc<Shared>,
+}
+
+impl Flusher {
+    fn run<M: Machine>(self, recv: Receiver<Flushing<M>>) {
+        for item in recv {
+            self.flush(item);
+        }
+    }
+
+    fn flush<M: Machine>(&self, item: Flushing<M>) {
+        let Flushing { answers, records, commands, next_seq, after } = item;
+        let started = Instant::now();
+        if let Err(e) = self.store.flush(self.durability) {
+            self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).failed_batches += 1;
+            if let Some(after) = after {
+                after(false);
+            }
+            answer_failed::<M>(answers, e);
+            return;
+        }
+        let flush_us = started.elapsed().as_micros() as u64;
+        {
+            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.batches += 1;
+            stats.commands += commands;
+            stats.records += records;
+            stats.flush_us_total += flush_us;
+            stats.last_batch_commands = commands;
+        }
+        if let Some(after) = after {
+            after(true);
+        }
+        {
+            // A later batch's flush covers the batches before it: the durable seq only grows.
+            let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+            *committed = (*committed).max(next_seq - 1);
+            self.shared.wake.notify_all();
+        }
+        for (cb, res) in answers {
+            cb(Ok(res));
+        }
+    }
+}
+
+/// Answers a batch that failed: a rejected command still learns why it was rejected.
+fn answer_failed<M: Machine>(answers: Vec<Answer<M>>, e: StoreError) {
+    for (cb, res) in answers {
+        match res {
+            Err(rejection) => cb(Ok(Err(rejection))),
+            Ok(_) => cb(Err(LogError::Store(e.clone()))),
+        }
+    }
+}
+
 impl<M: Machine> Writer<M> {
     fn run(mut self, recv: Receiver<Msg<M>>) {
+        // One batch may wait while another flushes: bounded, like every queue.
+        let (to_flusher, flushes) = crossbeam_channel::bounded::<Flushing<M>>(1);
+        let flusher = Flusher {
+            store: self.store.clone(),
+            durability: self.config.durability,
+            shared: self.shared.clone(),
+        };
+        let flushing =
+            std::thread::Builder::new().name("herald-log-flush".into()).spawn(move || flusher.run(flushes));
+        let flushing = match flushing {
+            Ok(handle) => handle,
+            Err(e) => {
+                // No flusher: refuse every command rather than acknowledge undurable ones.
+                let error = StoreError::Io(format!("spawning the flusher: {e}"));
+                for msg in recv.iter() {
+                    if let Msg::Command(_, cb) = msg {
+                        cb(Err(LogError::Store(error.clone())));
+                    }
+                }
+                return;
+            }
+        };
+        self.batches(&recv, &to_flusher);
+        drop(to_flusher);
+        let _ = flushing.join();
+    }
+
+    fn batches(&mut self, recv: &Receiver<Msg<M>>, to_flusher: &Sender<Flushing<M>>) {
         let batch_max = self.config.batch_commands_max.max(1);
         let mut batch: Vec<(M::Command, Callback<M>)> = Vec::with_capacity(batch_max);
         let mut stop = false;
@@ -455,11 +561,11 @@ impl<M: Machine> Writer<M> {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut batch);
+            self.commit(&mut batch, to_flusher);
         }
     }
 
-    fn commit(&mut self, batch: &mut Vec<(M::Command, Callback<M>)>) {
+    fn commit(&mut self, batch: &mut Vec<(M::Command, Callback<M>)>, to_flusher: &Sender<Flushing<M>>) {
         let store = self.store.clone();
         let mut tx = Tx::new(store.as_ref(), self.next_seq, self.last_hash);
         let mut answers: Vec<Answer<M>> = Vec::with_capacity(batch.len());
@@ -492,39 +598,18 @@ impl<M: Machine> Writer<M> {
         // moves on even if the flush fails (their callers are told it failed: not acknowledged).
         self.next_seq = next_seq;
         self.last_hash = last_hash;
-        let started = Instant::now();
-        if let Err(e) = self.store.flush(self.config.durability) {
-            return self.fail(answers, e);
-        }
-        let flush_us = started.elapsed().as_micros() as u64;
-        {
-            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.batches += 1;
-            stats.commands += commands;
-            stats.records += records.len() as u64;
-            stats.flush_us_total += flush_us;
-            stats.last_batch_commands = commands;
-        }
-        self.machine.committed(&records);
-        {
-            let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
-            *committed = next_seq - 1;
-            self.shared.wake.notify_all();
-        }
-        for (cb, res) in answers {
-            cb(Ok(res));
+        let after = self.machine.applied(&records);
+        let item = Flushing { answers, records: records.len() as u64, commands, next_seq, after };
+        if let Err(unsent) = to_flusher.send(item) {
+            // The flusher is gone (it cannot be while the writer runs): answer, never acknowledge.
+            let item = unsent.into_inner();
+            answer_failed::<M>(item.answers, StoreError::Io("the flusher stopped".into()));
         }
     }
 
     fn fail(&mut self, answers: Vec<Answer<M>>, e: StoreError) {
         self.machine.aborted();
         self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).failed_batches += 1;
-        // A rejected command wrote nothing either way: its caller still learns why it was rejected.
-        for (cb, res) in answers {
-            match res {
-                Err(rejection) => cb(Ok(Err(rejection))),
-                Ok(_) => cb(Err(LogError::Store(e.clone()))),
-            }
-        }
+        answer_failed::<M>(answers, e);
     }
 }

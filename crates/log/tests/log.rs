@@ -282,3 +282,73 @@ fn a_directory_in_use_is_refused_with_a_clear_message() {
     // Once released (sled lets go of its lock a moment after the drop), it opens again.
     SledStore::open(dir.path(), 1 << 20).unwrap();
 }
+
+/// A store whose flush takes a while, and which counts the batches applied during a flush.
+struct SlowFlush {
+    inner: MemStore,
+    in_flush: std::sync::atomic::AtomicBool,
+    applied_during_flush: std::sync::atomic::AtomicU64,
+}
+
+impl herald_log::Store for SlowFlush {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), herald_log::StoreError> {
+        self.inner.scan(from, to, visit)
+    }
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
+        self.inner.last(from, to)
+    }
+    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
+        if self.in_flush.load(std::sync::atomic::Ordering::SeqCst) {
+            self.applied_during_flush.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.apply(batch)
+    }
+    fn flush(&self, d: Durability) -> Result<(), herald_log::StoreError> {
+        self.in_flush.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(3));
+        self.in_flush.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush(d)
+    }
+}
+
+/// The writer applies the next batch while the last one flushes; still, a command is answered
+/// only once a flush that covers its batch is done, and the durable seq only grows.
+#[test]
+fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flushed() {
+    let store = Arc::new(SlowFlush {
+        inner: MemStore::new(),
+        in_flush: Default::default(),
+        applied_during_flush: Default::default(),
+    });
+    let log = Log::open(store.clone(), AppendOnly, config()).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut last_committed = 0;
+                for i in 0..25 {
+                    let seqs = log.submit(vec![(t, body(t * 100 + i))]).unwrap().unwrap();
+                    let committed = log.committed_seq();
+                    assert!(seqs[0] <= committed, "seq {} acknowledged before it was durable", seqs[0]);
+                    assert!(committed >= last_committed, "the durable seq went back");
+                    last_committed = committed;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let overlapped = store.applied_during_flush.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(overlapped > 0, "no batch was applied during a flush");
+    log.close();
+    assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
+}
