@@ -140,6 +140,9 @@ pub struct WriterStats {
     /// Sum of flush durations, microseconds.
     pub flush_us_total: u64,
     pub last_batch_commands: u64,
+    /// Whether the last batch that had something to write failed (a full disk, a broken store):
+    /// until one succeeds, writes are being refused.
+    pub last_batch_failed: bool,
 }
 
 struct Shared {
@@ -472,7 +475,11 @@ impl Flusher {
         let Flushing { answers, records, commands, next_seq, after } = item;
         let started = Instant::now();
         if let Err(e) = self.store.flush(self.durability) {
-            self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).failed_batches += 1;
+            {
+                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                stats.failed_batches += 1;
+                stats.last_batch_failed = true;
+            }
             if let Some(after) = after {
                 after(false);
             }
@@ -487,6 +494,7 @@ impl Flusher {
             stats.records += records;
             stats.flush_us_total += flush_us;
             stats.last_batch_commands = commands;
+            stats.last_batch_failed = false;
         }
         if let Some(after) = after {
             after(true);
@@ -609,7 +617,11 @@ impl<M: Machine> Writer<M> {
 
     fn fail(&mut self, answers: Vec<Answer<M>>, e: StoreError) {
         self.machine.aborted();
-        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).failed_batches += 1;
+        {
+            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.failed_batches += 1;
+            stats.last_batch_failed = true;
+        }
         answer_failed::<M>(answers, e);
     }
 }

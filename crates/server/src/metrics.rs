@@ -94,6 +94,12 @@ impl Metrics {
             w.last_batch_commands.to_string(),
         );
         metric(
+            "herald_store_refusing_writes",
+            "gauge",
+            "1 while the last batch failed to commit (a full disk): writes answer 503.",
+            u8::from(w.last_batch_failed).to_string(),
+        );
+        metric(
             "herald_flush_seconds_total",
             "counter",
             "Time spent flushing batches (divide by batches for the mean flush latency).",

@@ -31,11 +31,16 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let committed = state.engine.committed_seq();
     let caught_up =
         herald_projector::applied_seq(&state.engine.tables()).is_ok_and(|applied| applied >= committed);
-    if state.ready.load(Ordering::SeqCst) && caught_up {
-        Json(Health { status: "ready".into() }).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not ready".into() })).into_response()
-    }
+    // A store that refuses writes (a full disk) leaves herald serving reads and answering 503 to
+    // writes; not ready, so a supervisor can restart it once there is space again.
+    let writable = !state.engine.writer_stats().last_batch_failed;
+    let status = match (state.ready.load(Ordering::SeqCst), caught_up, writable) {
+        (true, true, true) => return Json(Health { status: "ready".into() }).into_response(),
+        (false, _, _) => "stopping",
+        (_, false, _) => "projection behind the log",
+        (_, _, false) => "the store refuses writes",
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: status.into() })).into_response()
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops",
