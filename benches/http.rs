@@ -21,8 +21,8 @@ use common::{cpu_now, Row};
 use herald_engine::Engine;
 use herald_log::Durability;
 use herald_server::config::Config;
-use herald_server::state::{AppState, ServerLimits};
-use herald_server::{auth, bootstrap_admin, metrics, router};
+use herald_server::state::AppState;
+use herald_server::{bootstrap_admin, router};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
@@ -224,24 +224,9 @@ fn start_herald(
     // 10,000/s with a burst of 20,000, would cap this run below the target).
     config.server.key_requests_per_s = 10_000_000;
     config.server.key_burst = 10_000_000;
-    let mut engine_config = config.engine_config();
-    // `engine_config()` sets `durability` but the writer takes it from `log`.
-    engine_config.log.durability = engine_config.durability;
-    let engine = Engine::open(engine_config).unwrap();
+    let engine = Engine::open(config.engine_config()).unwrap();
     let admin = bootstrap_admin(&engine, dir.path(), None).unwrap().expect("a fresh store bootstraps");
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
-        limits: ServerLimits {
-            event_body_bytes: config.server.max_event_bytes,
-            body_bytes: config.server.max_body_bytes,
-        },
-        buckets: auth::Buckets::new(
-            u64::from(config.server.key_requests_per_s),
-            u64::from(config.server.key_burst),
-        ),
-        metrics: metrics::Metrics::default(),
-        ready: std::sync::atomic::AtomicBool::new(true),
-    });
+    let state = Arc::new(AppState::new(engine.clone(), &config));
     let rt = runtime(SERVER_WORKERS, "herald-http");
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -32,7 +32,7 @@ use herald_projector::{list_api_keys, ApiKeyId, Scope};
 use utoipa::OpenApi;
 
 use crate::config::Config;
-use crate::state::{AppState, ServerLimits};
+use crate::state::AppState;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -218,19 +218,7 @@ pub async fn serve(
             data_dir.join(ADMIN_KEY_FILE).display()
         );
     }
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
-        limits: ServerLimits {
-            event_body_bytes: config.server.max_event_bytes,
-            body_bytes: config.server.max_body_bytes,
-        },
-        buckets: auth::Buckets::new(
-            u64::from(config.server.key_requests_per_s),
-            u64::from(config.server.key_burst),
-        ),
-        metrics: metrics::Metrics::default(),
-        ready: std::sync::atomic::AtomicBool::new(true),
-    });
+    let state = Arc::new(AppState::new(engine.clone(), &config));
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", config.server.listen))?;

@@ -22,6 +22,7 @@ impl Default for ServerLimits {
     }
 }
 
+/// What the handlers share: the engine, the limits, the per-key buckets, the metrics.
 pub struct AppState {
     pub engine: Engine,
     pub limits: ServerLimits,
@@ -29,4 +30,23 @@ pub struct AppState {
     pub metrics: Metrics,
     /// False once a stop began: `/readyz` answers 503.
     pub ready: AtomicBool,
+}
+
+impl AppState {
+    /// The state `herald serve` runs with: limits and key buckets from the configuration.
+    pub fn new(engine: Engine, config: &crate::config::Config) -> AppState {
+        AppState {
+            engine,
+            limits: ServerLimits {
+                event_body_bytes: config.server.max_event_bytes,
+                body_bytes: config.server.max_body_bytes,
+            },
+            buckets: Buckets::new(
+                u64::from(config.server.key_requests_per_s),
+                u64::from(config.server.key_burst),
+            ),
+            metrics: Metrics::default(),
+            ready: AtomicBool::new(true),
+        }
+    }
 }
