@@ -165,8 +165,23 @@ fn send_json(server: &Server, method: &str, path: &str, key: &str, body: &Value)
     send(server, method, path, Some(key), Some(body.to_string().as_bytes()), &[])
 }
 
-/// The audit log's length and last seq, read with the admin key.
+/// The audit log's length and last seq, read with the admin key once it is settled: a GET can
+/// show a state a moment before its record is flushed (and so in the audit log), so read until two
+/// reads a little apart agree.
 fn audit(server: &Server) -> (usize, u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut last = audit_once(server);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let now = audit_once(server);
+        if now == last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn audit_once(server: &Server) -> (usize, u64) {
     let r = send(server, "GET", "/v1/audit/log?after=0&limit=10000", Some(ADMIN_KEY), None, &[]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/x-ndjson")));
