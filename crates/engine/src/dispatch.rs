@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_log::{Log, LogError, Store};
+use herald_log::{Log, Store};
 use herald_projector::{
     decode, due_deliveries, get_delivery, get_endpoint, get_event, list_deliveries, org_secret, Delivery,
     DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, Event, StoreTables,
@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::clock::Clock;
-use crate::commands::{Actor, Command, CommandError, Commands, Reply, Submitted};
+use crate::commands::{Actor, Command, Commands, Reply, Submitted};
 use crate::config::DeliveryConfig;
 use crate::due::DueQueue;
 use crate::sender::{AttemptOutcome, AttemptRequest, Sender};
@@ -635,19 +635,11 @@ async fn attempt(ctx: Ctx, delivery: Delivery) {
         let result = match out {
             Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
             Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
-            Ok(Err(e)) => Err(command_error(e)),
-            Err(e) => Err(log_error(e)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
         inbox.finished(Finished { id, result });
     });
-}
-
-fn command_error(e: CommandError) -> String {
-    e.to_string()
-}
-
-fn log_error(e: LogError) -> String {
-    e.to_string()
 }
 
 /// The signed request of one attempt: the payload as published, to the endpoint's current url,

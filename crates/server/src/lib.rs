@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use herald_engine::{Actor, Command, Engine};
@@ -134,7 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
-                .into_response_owned()
+                .into_response()
         }))
         .with_state(state)
 }
@@ -145,12 +145,6 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     let response = next.run(req).await;
     state.metrics.request(&route, &method, response.status().as_u16());
     response
-}
-
-impl error::ApiError {
-    fn into_response_owned(self) -> Response {
-        axum::response::IntoResponse::into_response(self)
-    }
 }
 
 /// The admin key file in the data directory.

@@ -67,8 +67,18 @@ pub fn encode_cursor(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub fn decode_cursor(text: &str, len: usize) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok().filter(|b| b.len() == len)
+/// A `cursor` query parameter: absent or empty is the first page; otherwise it must be an
+/// [`encode_cursor`] of exactly `N` bytes, or the request is refused naming `cursor`.
+pub fn parse_cursor<const N: usize>(family: Family, text: Option<&str>) -> Result<Option<[u8; N]>, ApiError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(t) => base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t)
+            .ok()
+            .and_then(|b| <[u8; N]>::try_from(b).ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::validation(family, "cursor", "not a cursor this server gave")),
+    }
 }
 
 /// A request body read within its limit and parsed, or the error that names what is wrong.
@@ -149,6 +159,18 @@ mod tests {
         assert!(err.message.starts_with("url: "), "{}", err.message);
         let err = json_body::<In>(Family::Named, Ok(Bytes::from_static(b"{\"url\""))).unwrap_err();
         assert!(err.message.starts_with("malformed JSON"), "{}", err.message);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_anything_else_naming_the_cursor() {
+        let bytes = [7u8; 16];
+        assert_eq!(parse_cursor::<16>(Family::Named, Some(&encode_cursor(&bytes))).unwrap(), Some(bytes));
+        assert_eq!(parse_cursor::<16>(Family::Named, None).unwrap(), None);
+        assert_eq!(parse_cursor::<16>(Family::Named, Some("")).unwrap(), None);
+        for bad in [encode_cursor(&[7u8; 24]), "!!".to_owned()] {
+            let err = parse_cursor::<16>(Family::Plain, Some(&bad)).unwrap_err();
+            assert!(err.message.starts_with("cursor: "), "{}", err.message);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::auth::{authenticate_admin, generate_key, key_hash};
 use crate::error::{ApiError, Family, NamedError};
 use crate::json::{ApiKeyCreate, ApiKeyList, ApiKeyOut};
 use crate::state::AppState;
-use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit, PathId};
+use crate::util::{encode_cursor, json_body, parse_cursor, parse_id, parse_limit, PathId};
 
 const F: Family = Family::Named;
 
@@ -87,14 +87,7 @@ pub async fn list(
     authenticate_admin(&state, &headers, F)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let limit = parse_limit(F, q.limit.as_deref(), 50, 250)?;
-    let after = match q.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(ApiKeyId::from_bytes(
-            decode_cursor(c, 16)
-                .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                .ok_or_else(|| ApiError::validation(F, "cursor", "not a cursor this server gave"))?,
-        )),
-    };
+    let after = parse_cursor::<16>(F, q.cursor.as_deref())?.map(ApiKeyId::from_bytes);
     let page = list_api_keys(&state.engine.tables(), after, limit)
         .map_err(|e| ApiError::internal(F, e.to_string()))?;
     let data = page.items.iter().map(|k| ApiKeyOut::new(k, None)).collect();

@@ -18,7 +18,7 @@ use crate::error::{ApiError, Family, NamedError};
 use crate::json::{AttemptList, AttemptOut, DeliveryList, DeliveryOut};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{decode_cursor, encode_cursor, parse_id, parse_limit, parse_ts, PathId};
+use crate::util::{self, encode_cursor, parse_id, parse_limit, parse_ts, PathId};
 
 const F: Family = Family::Named;
 pub const PAGE_DEFAULT: usize = 50;
@@ -48,18 +48,12 @@ pub fn cursor_text(c: &DeliveryCursor) -> String {
 }
 
 pub fn parse_cursor(family: Family, text: Option<&str>) -> Result<Option<DeliveryCursor>, ApiError> {
-    match text {
-        None | Some("") => Ok(None),
-        Some(t) => {
-            let bytes = decode_cursor(t, 24)
-                .ok_or_else(|| ApiError::validation(family, "cursor", "not a cursor this server gave"))?;
-            let mut at = [0u8; 8];
-            at.copy_from_slice(&bytes[..8]);
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&bytes[8..]);
-            Ok(Some(DeliveryCursor { created_at_ms: u64::from_be_bytes(at), id: DeliveryId::from_bytes(id) }))
-        }
-    }
+    let Some(bytes) = util::parse_cursor::<24>(family, text)? else { return Ok(None) };
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&bytes[..8]);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&bytes[8..]);
+    Ok(Some(DeliveryCursor { created_at_ms: u64::from_be_bytes(at), id: DeliveryId::from_bytes(id) }))
 }
 
 /// Walks `query` newest first from `cursor`, keeping what `keep` accepts, until `limit` are kept

@@ -18,7 +18,7 @@ use crate::error::{ApiError, Family, NamedError};
 use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{decode_cursor, encode_cursor, json_body, parse_id, parse_limit, PathId};
+use crate::util::{encode_cursor, json_body, parse_cursor, parse_id, parse_limit, PathId};
 
 const F: Family = Family::Named;
 pub const PAGE_DEFAULT: usize = 50;
@@ -105,15 +105,7 @@ pub async fn list(
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let org_id = org_of(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
-    let before = match q.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            decode_cursor(c, 16)
-                .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                .map(EndpointId::from_bytes)
-                .ok_or_else(|| ApiError::validation(F, "cursor", "not a cursor this server gave"))?,
-        ),
-    };
+    let before = parse_cursor::<16>(F, q.cursor.as_deref())?.map(EndpointId::from_bytes);
     let page = herald_projector::list_endpoints_rev(&state.engine.tables(), org_id, before, limit)
         .map_err(|e| ApiError::internal(F, e.to_string()))?;
     let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));
