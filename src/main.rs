@@ -42,6 +42,16 @@ enum Cmd {
     Export(DataDir),
     /// Build an empty data directory from an `export` read on stdin, then verify it.
     Import(DataDir),
+    /// Drop the history of deliveries delivered longer ago than the retention (on a stopped
+    /// server's data; a running server with `[store] retain` compacts by itself). Pending,
+    /// exhausted and inactive deliveries are kept; the kept log still verifies.
+    Compact {
+        #[command(flatten)]
+        dir: DataDir,
+        /// How long to keep, such as "30d" (default: the configuration's `[store] retain`).
+        #[arg(long)]
+        retain: Option<String>,
+    },
     /// The whole story of a delivery, an event or an endpoint, in log order.
     Replay {
         #[command(flatten)]
@@ -80,11 +90,13 @@ struct DataDir {
 }
 
 impl DataDir {
-    fn resolve(&self) -> Result<PathBuf, String> {
+    fn load(&self) -> Result<Config, String> {
         let overrides = Overrides { data_dir: self.data_dir.clone(), listen: None };
-        Config::load(self.config.as_deref(), herald_env(), &overrides)
-            .map(|c| c.store.data_dir)
-            .map_err(|e| e.to_string())
+        Config::load(self.config.as_deref(), herald_env(), &overrides).map_err(|e| e.to_string())
+    }
+
+    fn resolve(&self) -> Result<PathBuf, String> {
+        self.load().map(|c| c.store.data_dir)
     }
 }
 
@@ -160,6 +172,34 @@ fn main() -> ExitCode {
             let mut input = stdin.lock();
             offline::import_dir(p, &mut input).map(Some)
         }),
+        Cmd::Compact { dir, retain } => {
+            let retain = match (retain, dir.load()) {
+                (Some(text), _) => {
+                    herald_server::config::parse_duration(&text).map_err(|e| format!("--retain: {e}"))
+                }
+                (None, Ok(config)) => config
+                    .store
+                    .retain
+                    .ok_or_else(|| "give --retain or set [store] retain in the configuration".to_string()),
+                (None, Err(e)) => Err(e),
+            };
+            let retain = match retain {
+                Ok(r) if r >= std::time::Duration::from_secs(1) => r,
+                Ok(_) => {
+                    eprintln!("herald: --retain must be at least 1s");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            offline(&dir, |p| {
+                let report = offline::compact_dir(p, retain)?;
+                println!("{report}");
+                Ok(None)
+            })
+        }
         Cmd::Replay { dir, delivery, event, endpoint, format } => {
             let subject = match parse_subject(delivery, event, endpoint) {
                 Ok(s) => s,

@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use herald_log::{check_format, read_records, verify, Log, LogConfig, Machine, Record, SledStore, Store, Tx};
+use herald_projector::compact::{apply_plan, load_checkpoint, plan, restore_checkpoint, Plan};
 use herald_projector::{
-    apply, decode, get_delivery, rebuild, stored_projection, AttemptOutcome, DeliveryId, DeliveryStatus,
-    EndpointId, Event, EventId, MemTables, Trigger, TxTables,
+    apply, decode, encode, get_delivery, get_endpoint, get_event, rebuild, stored_projection, AttemptOutcome,
+    CompactReport, Delivery, DeliveryId, DeliveryStatus, EndpointId, Event, EventId, MemTables, Tables,
+    Trigger, TxTables,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
@@ -88,8 +90,15 @@ pub fn verify_dir(dir: &Path) -> Result<String, Failure> {
             format!("the stored projection differs from a rebuild of the log: {diff}"),
         ));
     }
+    let anchor = match report.first_seq {
+        1 => String::new(),
+        first => format!(
+            "; records through seq {} were compacted: the kept log chains to their last hash and starts from a checkpoint",
+            first - 1
+        ),
+    };
     Ok(format!(
-        "ok: {} records (seq {}..={}), chain intact (last hash {}), projection equal to a rebuild ({} pairs)",
+        "ok: {} records (seq {}..={}), chain intact (last hash {}), projection equal to a rebuild ({} pairs){anchor}",
         report.records,
         report.first_seq,
         report.last_seq,
@@ -129,6 +138,14 @@ fn from_hex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn from_b64(text: Option<&str>) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(text?).ok()
+}
+
 fn ts(ms: u64) -> String {
     herald_server::util::ts(ms)
 }
@@ -155,7 +172,23 @@ pub fn export_dir(dir: &Path, out: &mut dyn Write) -> Result<String, Failure> {
     let store = open_existing(dir)?;
     let last = last_seq(store.as_ref())?;
     let bar = progress(last, "exporting");
-    let mut next = 1;
+    let write = |out: &mut dyn Write, line: Value| {
+        writeln!(out, "{line}").map_err(|e| Failure::new(1, format!("writing: {e}")))
+    };
+    // A compacted log starts from its anchor and checkpoint: they come first.
+    let head = herald_log::read_head(store.as_ref()).map_err(|e| Failure::new(1, e.to_string()))?;
+    if head.anchor_seq > 0 {
+        let (tables, payloads) =
+            load_checkpoint(store.as_ref(), head.anchor_seq).map_err(|e| Failure::new(1, e.to_string()))?;
+        write(out, json!({"anchor": {"seq": head.anchor_seq, "hash": hex(&head.anchor_hash)}}))?;
+        for (key, value) in tables.iter() {
+            write(out, json!({"checkpoint": {"key": hex(key), "value": b64(value)}}))?;
+        }
+        for (id, payload) in &payloads {
+            write(out, json!({"checkpoint_payload": {"event_id": hex(id), "payload": b64(payload)}}))?;
+        }
+    }
+    let mut next = head.anchor_seq + 1;
     let mut count = 0u64;
     loop {
         let records = read_records(store.as_ref(), next, PAGE).map_err(|e| Failure::new(1, e.to_string()))?;
@@ -204,35 +237,41 @@ pub fn import_dir(dir: &Path, input: &mut dyn BufRead) -> Result<String, Failure
             format!("{} already holds a log; import needs an empty one", dir.display()),
         ));
     }
-    let log = Log::open(store.clone(), Importer, LogConfig::default())
-        .map_err(|e| Failure::new(1, e.to_string()))?;
     let bar = progress(0, "importing");
+    // A compacted export opens with its anchor and checkpoint, written before the first record.
+    let mut anchor: Option<(u64, [u8; 32])> = None;
+    let mut checkpoint = MemTables::new();
+    let mut payloads: Vec<(EventId, Vec<u8>)> = Vec::new();
+    let mut log: Option<Log<Importer>> = None;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut expected: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut line_no = 0u64;
     let mut count = 0u64;
-    let flush =
-        |batch: &mut Vec<(u64, Vec<u8>)>, expected: &mut Vec<(u64, Vec<u8>)>| -> Result<(), Failure> {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let got = match log.submit(std::mem::take(batch)) {
-                Ok(Ok(got)) => got,
-                Ok(Err(e)) => return Err(Failure::new(1, e)),
-                Err(e) => return Err(Failure::new(1, e.to_string())),
-            };
-            for ((seq, hash), (want_seq, want_hash)) in got.iter().zip(expected.drain(..)) {
-                if *seq != want_seq || hash[..] != want_hash[..] {
-                    return Err(Failure::new(
-                        1,
-                        format!(
+    let flush = |log: Option<&Log<Importer>>,
+                 batch: &mut Vec<(u64, Vec<u8>)>,
+                 expected: &mut Vec<(u64, Vec<u8>)>|
+     -> Result<(), Failure> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let Some(log) = log else { return Ok(()) };
+        let got = match log.submit(std::mem::take(batch)) {
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => return Err(Failure::new(1, e)),
+            Err(e) => return Err(Failure::new(1, e.to_string())),
+        };
+        for ((seq, hash), (want_seq, want_hash)) in got.iter().zip(expected.drain(..)) {
+            if *seq != want_seq || hash[..] != want_hash[..] {
+                return Err(Failure::new(
+                    1,
+                    format!(
                         "record {want_seq} does not chain as exported (got seq {seq}); the file was altered"
                     ),
-                    ));
-                }
+                ));
             }
-            Ok(())
-        };
+        }
+        Ok(())
+    };
     let mut line = String::new();
     loop {
         line.clear();
@@ -246,6 +285,39 @@ pub fn import_dir(dir: &Path, input: &mut dyn BufRead) -> Result<String, Failure
         }
         let bad = |what: &str| Failure::new(1, format!("line {line_no}: {what}"));
         let v: Value = serde_json::from_str(&line).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        if log.is_none() {
+            if let Some(a) = v.get("anchor") {
+                if anchor.is_some() {
+                    return Err(bad("a second anchor"));
+                }
+                let seq =
+                    a["seq"].as_u64().filter(|s| *s > 0).ok_or_else(|| bad("an anchor without its seq"))?;
+                let hash = a["hash"].as_str().and_then(from_hex).and_then(|h| <[u8; 32]>::try_from(h).ok());
+                anchor = Some((seq, hash.ok_or_else(|| bad("an anchor without its hash"))?));
+                continue;
+            }
+            if let Some(c) = v.get("checkpoint") {
+                let key = c["key"]
+                    .as_str()
+                    .and_then(from_hex)
+                    .ok_or_else(|| bad("a checkpoint pair without its key"))?;
+                let value = from_b64(c["value"].as_str())
+                    .ok_or_else(|| bad("a checkpoint pair without its value"))?;
+                checkpoint.put(key, value);
+                continue;
+            }
+            if let Some(c) = v.get("checkpoint_payload") {
+                let id = c["event_id"].as_str().and_then(from_hex).and_then(|h| <[u8; 16]>::try_from(h).ok());
+                let id = id.ok_or_else(|| bad("a checkpoint payload without its event id"))?;
+                let payload = from_b64(c["payload"].as_str())
+                    .ok_or_else(|| bad("a checkpoint payload without its bytes"))?;
+                payloads.push((EventId(uuid::Uuid::from_bytes(id)), payload));
+                continue;
+            }
+            log = Some(start_import(&store, anchor, &checkpoint, &payloads)?);
+        } else if v.get("anchor").is_some() || v.get("checkpoint").is_some() {
+            return Err(bad("the anchor and checkpoint must come before the first record"));
+        }
         let seq = v["seq"].as_u64().ok_or_else(|| bad("no seq"))?;
         let at_ms = v["at_ms"].as_u64().ok_or_else(|| bad("no at_ms"))?;
         let body = v["body"]
@@ -258,17 +330,99 @@ pub fn import_dir(dir: &Path, input: &mut dyn BufRead) -> Result<String, Failure
         expected.push((seq, hash));
         count += 1;
         if batch.len() >= 512 {
-            flush(&mut batch, &mut expected)?;
+            flush(log.as_ref(), &mut batch, &mut expected)?;
             bar.set_position(count);
         }
     }
-    flush(&mut batch, &mut expected)?;
+    flush(log.as_ref(), &mut batch, &mut expected)?;
     bar.finish_and_clear();
+    let log = match log {
+        Some(log) => log,
+        None => start_import(&store, anchor, &checkpoint, &payloads)?,
+    };
     log.close();
     drop(log);
     drop(store);
     let verified = verify_dir(dir)?;
     Ok(format!("imported {count} records; verify: {verified}"))
+}
+
+/// Writes the anchor and checkpoint (if the export had them) and opens the log to import into.
+fn start_import(
+    store: &Arc<SledStore>,
+    anchor: Option<(u64, [u8; 32])>,
+    checkpoint: &MemTables,
+    payloads: &[(EventId, Vec<u8>)],
+) -> Result<Log<Importer>, Failure> {
+    match anchor {
+        Some((seq, hash)) => {
+            restore_checkpoint(store.as_ref(), seq, checkpoint, payloads)
+                .map_err(|e| Failure::new(1, format!("the checkpoint cannot be restored: {e}")))?;
+            herald_log::restore_anchor(store.as_ref(), seq, hash)
+                .map_err(|e| Failure::new(1, e.to_string()))?;
+        }
+        None if !checkpoint.is_empty() || !payloads.is_empty() => {
+            return Err(Failure::new(1, "a checkpoint without an anchor line"));
+        }
+        None => {}
+    }
+    Log::open(store.clone(), Importer, LogConfig::default()).map_err(|e| Failure::new(1, e.to_string()))
+}
+
+/// Applies compaction plans in the writer, the way the engine does, without starting delivery.
+struct Compactor;
+
+impl Machine for Compactor {
+    type Command = (u64, Box<Plan>);
+    type Reply = CompactReport;
+    type Rejection = String;
+
+    fn execute(&mut self, (at_ms, plan): Self::Command, tx: &mut Tx<'_>) -> Result<CompactReport, String> {
+        let (event, report) = apply_plan(tx, *plan).map_err(|e| e.to_string())?;
+        let seq = tx.append(at_ms, encode(&event)).seq;
+        apply(&mut TxTables(tx), seq, at_ms, &event).map_err(|e| format!("seq {seq}: {e}"))?;
+        Ok(report)
+    }
+}
+
+/// `herald compact`: drops the history of deliveries delivered more than `retain` ago.
+pub fn compact_dir(dir: &Path, retain: std::time::Duration) -> Result<String, Failure> {
+    let store = open_existing(dir)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let cutoff_ms = now_ms.saturating_sub(u64::try_from(retain.as_millis()).unwrap_or(u64::MAX));
+    let log = Log::open(store.clone(), Compactor, LogConfig::default())
+        .map_err(|e| Failure::new(1, e.to_string()))?;
+    let bar = progress(last_seq(store.as_ref())?, "compacting");
+    let mut total = CompactReport::default();
+    loop {
+        let plan = plan(store.as_ref(), cutoff_ms, herald_engine::COMPACT_PASS_RECORDS)
+            .map_err(|e| Failure::new(1, e.to_string()))?;
+        let Some(plan) = plan else { break };
+        let report = match log.submit((now_ms, Box::new(plan))) {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => return Err(Failure::new(1, e)),
+            Err(e) => return Err(Failure::new(1, e.to_string())),
+        };
+        total.records_dropped += report.records_dropped;
+        total.deliveries_dropped += report.deliveries_dropped;
+        total.events_dropped += report.events_dropped;
+        total.through_seq = report.through_seq;
+        bar.set_position(report.through_seq);
+    }
+    bar.finish_and_clear();
+    log.close();
+    Ok(match total.records_dropped {
+        0 => format!("nothing to compact: no record is older than {}", ts(cutoff_ms)),
+        n => format!(
+            "dropped {n} records (through seq {}), {} delivered deliveries and {} events older than {}",
+            total.through_seq,
+            total.deliveries_dropped,
+            total.events_dropped,
+            ts(cutoff_ms)
+        ),
+    })
 }
 
 /// What `replay` follows.
@@ -285,14 +439,20 @@ pub fn replay_dir(dir: &Path, subject: Subject, ndjson: bool, out: &mut dyn Writ
     let store = open_existing(dir)?;
     let last = last_seq(store.as_ref())?;
     let bar = progress(last, "replaying");
-    let mut tables = MemTables::new();
+    // A compacted log starts from its checkpoint: the story begins with the state kept there.
+    let head = herald_log::read_head(store.as_ref()).map_err(|e| Failure::new(1, e.to_string()))?;
+    let (mut tables, _) =
+        load_checkpoint(store.as_ref(), head.anchor_seq).map_err(|e| Failure::new(1, e.to_string()))?;
     // The deliveries followed, with the status each had after the last record.
     let mut followed: BTreeMap<DeliveryId, Option<DeliveryStatus>> = BTreeMap::new();
     if let Subject::Delivery(id) = subject {
         followed.insert(id, None);
     }
     let mut found = false;
-    let mut next = 1;
+    if head.anchor_seq > 0 {
+        found = write_checkpoint(out, ndjson, &tables, head.anchor_seq, subject, &mut followed)?;
+    }
+    let mut next = head.anchor_seq + 1;
     loop {
         let records = read_records(store.as_ref(), next, PAGE).map_err(|e| Failure::new(1, e.to_string()))?;
         let Some(tail) = records.last().map(|r| r.seq) else { break };
@@ -354,6 +514,88 @@ pub fn replay_dir(dir: &Path, subject: Subject, ndjson: bool, out: &mut dyn Writ
         return Err(Failure::new(1, format!("nothing in the log for {subject:?}")));
     }
     out.flush().map_err(|e| Failure::new(1, format!("writing: {e}")))
+}
+
+/// The part of the story a compaction kept as state: the subject's deliveries as they stood at
+/// the anchor, each with its attempts. Returns whether the subject is there.
+fn write_checkpoint(
+    out: &mut dyn Write,
+    ndjson: bool,
+    tables: &MemTables,
+    anchor_seq: u64,
+    subject: Subject,
+    followed: &mut BTreeMap<DeliveryId, Option<DeliveryStatus>>,
+) -> Result<bool, Failure> {
+    let corrupt = |e: herald_projector::Corrupt| Failure::new(1, format!("checkpoint: {e}"));
+    let deliveries: Vec<Delivery> = match subject {
+        Subject::Delivery(id) => get_delivery(tables, id).map_err(corrupt)?.into_iter().collect(),
+        Subject::Event(id) => match get_event(tables, id).map_err(corrupt)? {
+            Some(event) => {
+                let mut out = Vec::new();
+                for d in event.delivery_ids {
+                    out.extend(get_delivery(tables, d).map_err(corrupt)?);
+                }
+                out
+            }
+            None => Vec::new(),
+        },
+        Subject::Endpoint(id) => {
+            let all = tables.iter().filter(|(k, _)| k.first() == Some(&herald_projector::keys::KS_DELIVERY));
+            let mut out = Vec::new();
+            for (key, _) in all {
+                let id_bytes = <[u8; 16]>::try_from(&key[1..])
+                    .map_err(|_| Failure::new(1, "checkpoint: a bad delivery key"))?;
+                if let Some(d) =
+                    get_delivery(tables, DeliveryId(uuid::Uuid::from_bytes(id_bytes))).map_err(corrupt)?
+                {
+                    if d.endpoint_id == Some(id) {
+                        out.push(d);
+                    }
+                }
+            }
+            out
+        }
+    };
+    let endpoint_kept = match subject {
+        Subject::Endpoint(id) => get_endpoint(tables, id).map_err(corrupt)?.is_some(),
+        _ => false,
+    };
+    if endpoint_kept && !ndjson {
+        writeln!(
+            out,
+            "(records through seq {anchor_seq} were compacted; endpoint state kept at the checkpoint)"
+        )
+        .map_err(io)?;
+    }
+    for d in &deliveries {
+        let attempts = herald_projector::attempts(tables, d.id, 0, 1000).map_err(corrupt)?;
+        if ndjson {
+            let line = json!({"seq": anchor_seq, "type": "Checkpoint", "delivery_id": d.id.to_string(),
+                "event_id": d.event_id.to_string(), "status": d.status.name(), "attempt_count": d.attempt_count,
+                "attempts": attempts.iter().map(|a| json!({"attempt": a.attempt, "started_at": ts(a.started_at_ms),
+                    "status": a.response_status, "error": a.error})).collect::<Vec<_>>()});
+            writeln!(out, "{line}").map_err(io)?;
+        } else {
+            writeln!(
+                out,
+                "(records through seq {anchor_seq} were compacted) delivery {} of event {}: {} after {} attempts, as kept at the checkpoint",
+                d.id, d.event_id, d.status.name(), d.attempt_count
+            )
+            .map_err(io)?;
+            for a in &attempts {
+                let result = match (&a.error, a.response_status) {
+                    (None, Some(s)) => format!("delivered, HTTP {s}"),
+                    (Some(e), Some(s)) => format!("failed, HTTP {s} ({e})"),
+                    (Some(e), None) => format!("failed: {e}"),
+                    (None, None) => "no answer".into(),
+                };
+                writeln!(out, "    attempt {} started {}: {result}", a.attempt, ts(a.started_at_ms))
+                    .map_err(io)?;
+            }
+        }
+        followed.insert(d.id, Some(d.status));
+    }
+    Ok(endpoint_kept || !deliveries.is_empty())
 }
 
 fn io(e: std::io::Error) -> Failure {

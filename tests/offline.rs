@@ -37,6 +37,18 @@ impl Sender for Scripted {
     }
 }
 
+/// The endpoint every story delivers to, subscribed to everything.
+fn crm_endpoint(id: EndpointId, org_id: OrgId) -> Cmd {
+    Cmd::CreateEndpoint {
+        id,
+        org_id,
+        url: "https://crm.example.com/hooks".into(),
+        name: "CRM".into(),
+        enabled_events: vec!["*".into()],
+        secret: None,
+    }
+}
+
 struct Story {
     delivery: DeliveryId,
     event: EventId,
@@ -74,17 +86,7 @@ fn write_story(dir: &Path) -> Story {
             key_hash: [7; 32],
         },
     );
-    run(
-        Actor::admin(),
-        Cmd::CreateEndpoint {
-            id: endpoint,
-            org_id: org,
-            url: "https://crm.example.com/hooks".into(),
-            name: "CRM".into(),
-            enabled_events: vec!["*".into()],
-            secret: None,
-        },
-    );
+    run(Actor::admin(), crm_endpoint(endpoint, org));
     let delivery = match run(
         Actor::admin(),
         Cmd::Publish {
@@ -311,4 +313,125 @@ fn verify_names_the_first_bad_seq_of_a_damaged_log() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Retention on a real data directory: the background compaction drops a delivered story older
+/// than the retention and keeps an exhausted one (its payload and attempts too); the commands
+/// still work on what is kept; `verify`, `replay`, `export` → `import` and `herald compact`
+/// work on the compacted log.
+#[test]
+fn retention_drops_old_delivered_history_keeps_the_rest_and_the_log_still_verifies() {
+    const DAY_MS: u64 = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    // d1: 200. d2: 503, 503 (exhausted), then 200 after a retrigger. d3: 200.
+    let answers = [Some(200), Some(503), Some(503), Some(200), Some(200)];
+    let sender = Arc::new(Scripted(Mutex::new(VecDeque::from(answers))));
+    let config = EngineConfig {
+        data_dir: dir.path().to_owned(),
+        durability: Durability::Flush,
+        policy: Policy { retry_schedule_ms: vec![60_000], failures_max: 10, ..Policy::default() },
+        delivery: DeliveryConfig { shutdown_timeout: Duration::from_secs(1), ..DeliveryConfig::default() },
+        retain: Some(Duration::from_millis(DAY_MS)),
+        compact_every: Duration::from_millis(100),
+        ..EngineConfig::default()
+    };
+    let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+    let parts = Parts { store: Arc::new(store), clock: Arc::new(clock.clone()), sender };
+    let engine = Engine::open_with(config, parts).unwrap();
+    let org = OrgId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_000000000001));
+    let endpoint = EndpointId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000e1));
+    let run = |command| engine.execute_blocking(Actor::admin(), command).unwrap();
+    run(crm_endpoint(endpoint, org));
+    let publish = |n: u128| {
+        let id = EventId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000f0 + n));
+        let payload = format!(r#"{{"call":{n}}}"#).into_bytes();
+        let command = Cmd::Publish {
+            id,
+            org_id: org,
+            event_type: "call.ended".into(),
+            payload,
+            call_id: None,
+            webhook_url: None,
+            idempotency_key: None,
+        };
+        match run(command) {
+            Reply::Published { delivery_ids, .. } => (id, delivery_ids[0]),
+            other => panic!("{other:?}"),
+        }
+    };
+    let status = |d| engine.delivery(d).unwrap().map(|d| d.status);
+    let (e1, d1) = publish(1);
+    assert!(engine.settle(Duration::from_secs(10)));
+    let (e2, d2) = publish(2);
+    assert!(engine.settle(Duration::from_secs(10)));
+    clock.set_ms(engine.delivery(d2).unwrap().unwrap().next_attempt_at_ms.unwrap());
+    assert!(engine.settle(Duration::from_secs(10)));
+    assert_eq!((status(d1), status(d2)), (Some(DeliveryStatus::Delivered), Some(DeliveryStatus::Exhausted)));
+
+    // Two days on, the retention thread (every 100 ms here) compacts.
+    clock.set_ms(T0 + 2 * DAY_MS);
+    let (e3, d3) = publish(3);
+    assert!(engine.settle(Duration::from_secs(10)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.retention_stats().deliveries_dropped == 0 {
+        assert!(std::time::Instant::now() < deadline, "no compaction: {:?}", engine.retention_stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = engine.retention_stats();
+    assert_eq!((stats.deliveries_dropped, stats.events_dropped, stats.failures), (1, 1, 0), "{stats:?}");
+    assert_eq!(status(d1), None, "delivered more than a day ago: dropped");
+    assert!(engine.event(e1).unwrap().is_none());
+    assert_eq!(status(d2), Some(DeliveryStatus::Exhausted), "never dropped");
+    assert_eq!(engine.event(e2).unwrap().unwrap().payload, br#"{"call":2}"#.to_vec());
+    assert_eq!(engine.attempts(d2, 0, 10).unwrap().len(), 2);
+    assert_eq!(status(d3), Some(DeliveryStatus::Delivered), "delivered within the retention");
+    // The kept delivery is served and retriggered as before (its payload comes from the checkpoint).
+    run(Cmd::Retrigger { delivery_id: d2 });
+    assert!(engine.settle(Duration::from_secs(10)));
+    assert_eq!(status(d2), Some(DeliveryStatus::Delivered));
+    engine.shutdown();
+    drop(engine);
+
+    let path = dir.path().to_str().unwrap();
+    let verified = herald(&["verify", "--data-dir", path], None);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    assert!(text(&verified).contains("were compacted"), "{}", text(&verified));
+    // The story of the kept delivery opens with the state the compaction kept, attempts included.
+    let out = herald(&["replay", "--data-dir", path, "--delivery", &d2.to_string()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let story: Vec<String> = text(&out).lines().map(str::to_owned).collect();
+    assert!(matches(&story[0], &format!("(records through seq * were compacted) delivery {d2} of event {e2}: exhausted after 2 attempts, as kept at the checkpoint")), "{story:?}");
+    assert!(
+        matches(&story[1], "    attempt 1 started 2026-03-15T10:00:00Z: failed, HTTP 503 (HTTP 503)"),
+        "{story:?}"
+    );
+    assert!(
+        story.iter().any(|l| matches(l, &format!("*delivery {d2}: retrigger requested by the admin*"))),
+        "{story:?}"
+    );
+    assert!(story.iter().any(|l| matches(l, &format!("*delivery {d2}: pending -> delivered"))), "{story:?}");
+    let gone = herald(&["replay", "--data-dir", path, "--delivery", &d1.to_string()], None);
+    assert!(!gone.status.success());
+    let _ = e3;
+
+    // export → import → verify: the anchor and checkpoint travel with the records.
+    let export = herald(&["export", "--data-dir", path], None);
+    assert!(export.status.success());
+    assert!(text(&export).lines().next().unwrap().starts_with("{\"anchor\""));
+    let copy = tempfile::tempdir().unwrap();
+    let target = copy.path().join("data");
+    let import = herald(&["import", "--data-dir", target.to_str().unwrap()], Some(&export.stdout));
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let again = herald(&["verify", "--data-dir", target.to_str().unwrap()], None);
+    assert_eq!(text(&again), text(&verified));
+
+    // `herald compact` on the stopped data: with a retention of 1 s, every delivered story goes.
+    let compacted = herald(&["compact", "--data-dir", path, "--retain", "1s"], None);
+    assert!(compacted.status.success(), "{}", String::from_utf8_lossy(&compacted.stderr));
+    assert!(text(&compacted).contains("2 delivered deliveries and 2 events"), "{}", text(&compacted));
+    let verified = herald(&["verify", "--data-dir", path], None);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    let none = herald(&["compact", "--data-dir", path], None);
+    assert_eq!(none.status.code(), Some(2), "no retention given nor configured");
 }

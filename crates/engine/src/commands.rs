@@ -8,10 +8,12 @@
 use std::collections::{HashMap, VecDeque};
 
 use herald_log::{Machine, Tx};
+use herald_projector::compact::{apply_plan, Plan};
 use herald_projector::{
     apply, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup, list_endpoints,
-    org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, DeliveryId, DeliveryStatus, Due, Endpoint,
-    EndpointId, Event, EventId, OrgId, Policy, Scope, TxRead, TxTables, RESPONSE_EXCERPT_BYTES_MAX,
+    org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, CompactError, CompactReport, DeliveryId,
+    DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, TxRead, TxTables,
+    RESPONSE_EXCERPT_BYTES_MAX,
 };
 use uuid::Uuid;
 
@@ -148,6 +150,10 @@ pub enum Command {
     /// The configuration's policy (retry schedule, failure window, rotation overlap), written to
     /// the log when it differs from the one in force. Admin only.
     SetPolicy(Policy),
+    /// Retention: applies a compaction planned by
+    /// [`compact::plan`](herald_projector::compact::plan). Admin only; see
+    /// [`Engine::compact`](crate::Engine::compact).
+    Compact(Box<Plan>),
 }
 
 /// What a command answers.
@@ -173,6 +179,7 @@ pub enum Reply {
         request_id: Uuid,
     },
     Batch(Vec<BatchItem>),
+    Compacted(CompactReport),
 }
 
 /// One item of a batch retrigger: its request id, or why it was not retriggered.
@@ -610,6 +617,17 @@ impl Commands {
                     retry_at_ms,
                 });
                 Reply::Attempted { retry_at_ms }
+            }
+            Command::Compact(plan) => {
+                if actor.org_id.is_some() {
+                    return Err(CommandError::NotFound { what: "route", id: "compact".into() });
+                }
+                let (event, report) = apply_plan(tx, *plan).map_err(|e| match e {
+                    e @ CompactError::Stale { .. } => CommandError::Conflict { reason: e.to_string() },
+                    e => CommandError::Internal { message: e.to_string() },
+                })?;
+                events.push(event);
+                Reply::Compacted(report)
             }
             Command::SetPolicy(p) => {
                 if actor.org_id.is_some() {

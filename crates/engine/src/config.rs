@@ -27,6 +27,12 @@ pub struct EngineConfig {
     /// the policy's and its `allow_private_targets` with the delivery section's.
     pub limits: CommandLimits,
     pub delivery: DeliveryConfig,
+    /// `[store] retain`: history of deliveries delivered longer ago than this is dropped by a
+    /// compaction that runs every quarter of it (not more often than every second) and at least
+    /// every `compact_every`. `None`: kept forever.
+    pub retain: Option<Duration>,
+    /// The longest wait between two compactions (1 h).
+    pub compact_every: Duration,
 }
 
 /// `[delivery]`: how the dispatcher makes attempts.
@@ -79,6 +85,8 @@ impl Default for EngineConfig {
             policy: Policy::default(),
             limits: CommandLimits::default(),
             delivery: DeliveryConfig::default(),
+            retain: None,
+            compact_every: Duration::from_secs(3600),
         }
     }
 }
@@ -104,6 +112,12 @@ impl EngineConfig {
         }
         if d.worker_threads == 0 {
             return Some("delivery.worker_threads must be at least 1".into());
+        }
+        if self.compact_every.is_zero() {
+            return Some("compact_every must be above 0".into());
+        }
+        if self.retain.is_some_and(|r| r < Duration::from_secs(1)) {
+            return Some("store.retain must be at least 1s".into());
         }
         None
     }

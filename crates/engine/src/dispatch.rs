@@ -23,8 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald_log::{Log, Store};
 use herald_projector::{
-    decode, due_deliveries, get_delivery, get_endpoint, get_event, list_deliveries, org_secret, Delivery,
-    DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, Event, StoreTables,
+    due_deliveries, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, org_secret,
+    Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, StoreTables,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -669,11 +669,7 @@ fn request(ctx: &Ctx, delivery: &Delivery, now_ms: u64) -> Result<AttemptRequest
     let event = get_event(&t, delivery.event_id)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
-    let record = herald_log::read_records(ctx.store.as_ref(), event.seq, 1).map_err(|e| e.to_string())?;
-    let payload = match record.first().map(|r| decode(&r.body)) {
-        Some(Ok(Event::EventPublished { payload, .. })) => payload,
-        _ => return Err(format!("the payload of event {} is not at seq {}", delivery.event_id, event.seq)),
-    };
+    let payload = event_payload(ctx.store.as_ref(), &event).map_err(|e| e.to_string())?;
     let msg_id = delivery.event_id.to_string();
     let timestamp_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
     let secret_refs: Vec<&Secret> = secrets.iter().collect();

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_log::{Log, LogError, SledStore, Store, WriterStats};
+use herald_projector::compact;
 use herald_projector::{
-    attempts, decode, get_delivery, get_endpoint, get_event, list_deliveries, list_endpoints, projection_lag,
-    AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryQuery, Endpoint, EndpointId, Event, EventId,
-    EventRecord, OrgId, Page, Policy, StoreTables,
+    attempts, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, list_endpoints,
+    projection_lag, AttemptRecord, CompactError, CompactReport, Delivery, DeliveryCursor, DeliveryId,
+    DeliveryQuery, Endpoint, EndpointId, EventId, EventRecord, OrgId, Page, Policy, StoreTables,
 };
 use uuid::Uuid;
 
@@ -69,6 +70,22 @@ pub struct Parts {
     pub sender: Arc<dyn Sender>,
 }
 
+/// Records one compaction pass drops, at most: it bounds the memory a pass needs (the state
+/// those records leave) and the size of its batch.
+pub const COMPACT_PASS_RECORDS: usize = 100_000;
+
+/// What retention has done since the engine opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionStats {
+    pub runs: u64,
+    pub failures: u64,
+    pub records_dropped: u64,
+    pub deliveries_dropped: u64,
+    pub events_dropped: u64,
+    /// Why the last run failed, if it did.
+    pub last_error: Option<String>,
+}
+
 /// A published event with its payload, as `GET /v1/events/{id}` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishedEvent {
@@ -84,6 +101,10 @@ pub struct Engine {
 
 struct Inner {
     log: Log<Commands>,
+    /// One compaction at a time, and what retention has done so far.
+    retention: std::sync::Mutex<RetentionStats>,
+    /// Dropped to stop the retention thread.
+    retention_stop: std::sync::Mutex<Option<crossbeam_channel::Sender<()>>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
@@ -169,6 +190,8 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 log: log.clone(),
+                retention: std::sync::Mutex::new(RetentionStats::default()),
+                retention_stop: std::sync::Mutex::new(None),
                 store,
                 clock: clock.clone(),
                 shared: shared.clone(),
@@ -188,7 +211,83 @@ impl Engine {
             let _ = stopped_tx.send(report);
         });
         *engine.inner.runtime.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime);
+        if let Some(retain) = config.retain {
+            engine.start_retention(retain, config.compact_every)?;
+        }
         Ok(engine)
+    }
+
+    /// Compacts every quarter of `retain` (but not more often than every second), and at least
+    /// every `every_max`, until the engine stops. The thread holds only a weak handle, so it never keeps a dropped
+    /// engine alive.
+    fn start_retention(&self, retain: Duration, every_max: Duration) -> Result<(), EngineError> {
+        let every = (retain / 4).max(Duration::from_secs(1)).min(every_max);
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        *self.inner.retention_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop_tx);
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("herald-retention".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+                    let Some(inner) = weak.upgrade() else { return };
+                    // The outcome is kept in the retention stats, for metrics.
+                    let _ = Engine { inner }.compact(retain);
+                }
+            })
+            .map_err(|e| EngineError::Open(format!("starting the retention thread: {e}")))?;
+        Ok(())
+    }
+
+    /// Drops the history of deliveries delivered more than `retain` ago: the log's records
+    /// older than that go, and so do those deliveries and their events once every delivery of
+    /// the event is delivered; pending, exhausted and inactive deliveries always stay. The kept
+    /// log chains to an anchor (and starts from a checkpoint), so `herald verify` still proves
+    /// it. Runs in passes of at most [`COMPACT_PASS_RECORDS`] records, each planned off the
+    /// writer and committed as one batch. Blocking.
+    pub fn compact(&self, retain: Duration) -> Result<CompactReport, EngineError> {
+        let mut stats = self.inner.retention.lock().unwrap_or_else(|e| e.into_inner());
+        let retain_ms = u64::try_from(retain.as_millis()).unwrap_or(u64::MAX);
+        let cutoff_ms = self.now_ms().saturating_sub(retain_ms);
+        let result = self.compact_passes(cutoff_ms);
+        stats.runs += 1;
+        match &result {
+            Ok(report) => {
+                stats.records_dropped += report.records_dropped;
+                stats.deliveries_dropped += report.deliveries_dropped;
+                stats.events_dropped += report.events_dropped;
+                stats.last_error = None;
+            }
+            Err(e) => {
+                stats.failures += 1;
+                stats.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn compact_passes(&self, cutoff_ms: u64) -> Result<CompactReport, EngineError> {
+        let mut total = CompactReport::default();
+        let store = self.inner.store.clone();
+        loop {
+            let plan =
+                compact::plan(store.as_ref(), cutoff_ms, COMPACT_PASS_RECORDS).map_err(|e| match e {
+                    CompactError::Log(e) => EngineError::Log(e),
+                    e => EngineError::Log(LogError::Store(herald_log::StoreError::Io(e.to_string()))),
+                })?;
+            let Some(plan) = plan else { return Ok(total) };
+            let reply = self.execute_blocking(Actor::admin(), Command::Compact(Box::new(plan)))?;
+            if let Reply::Compacted(report) = reply {
+                total.records_dropped += report.records_dropped;
+                total.deliveries_dropped += report.deliveries_dropped;
+                total.events_dropped += report.events_dropped;
+                total.through_seq = report.through_seq;
+            }
+        }
+    }
+
+    /// What retention has done since the engine opened.
+    pub fn retention_stats(&self) -> RetentionStats {
+        self.inner.retention.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The time commands are stamped with.
@@ -278,13 +377,10 @@ impl Engine {
     /// An event with the payload read back from its log record.
     pub fn event(&self, id: EventId) -> Result<Option<PublishedEvent>, EngineError> {
         let Some(record) = get_event(&self.tables(), id)? else { return Ok(None) };
-        let records = herald_log::read_records(self.inner.store.as_ref(), record.seq, 1)?;
-        match records.first().map(|r| decode(&r.body)) {
-            Some(Ok(Event::EventPublished { payload, .. })) => Ok(Some(PublishedEvent { record, payload })),
-            _ => Err(EngineError::Log(LogError::Store(herald_log::StoreError::Io(format!(
-                "event {id}: its payload is not at seq {}",
-                record.seq
-            ))))),
+        match event_payload(self.inner.store.as_ref(), &record) {
+            Ok(payload) => Ok(Some(PublishedEvent { record, payload })),
+            Err(CompactError::Log(e)) => Err(EngineError::Log(e)),
+            Err(e) => Err(EngineError::Log(LogError::Store(herald_log::StoreError::Io(e.to_string())))),
         }
     }
 
@@ -370,6 +466,7 @@ impl Engine {
     /// batch is durable when acknowledged, so nothing is left to flush). Blocking; from async
     /// code call it through `spawn_blocking`.
     pub fn shutdown(&self) -> StopReport {
+        self.inner.retention_stop.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.inner.shared.stop();
         let report = self
             .inner

@@ -48,4 +48,4 @@ pub mod signing;
 pub use crate::commands::{Actor, BatchItem, Command, CommandError, CommandLimits, Reply};
 pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport};
-pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent};
+pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionStats, COMPACT_PASS_RECORDS};

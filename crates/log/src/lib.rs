@@ -33,8 +33,8 @@ pub mod store;
 mod tx;
 
 pub use crate::log::{
-    check_format, read_head, read_records, verify, AfterFlush, AppendOnly, Head, Log, LogConfig, LogError,
-    Machine, Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
+    check_format, read_head, read_records, restore_anchor, verify, AfterFlush, AppendOnly, Head, Log,
+    LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{SledStore, SEGMENT_BYTES};

@@ -45,6 +45,12 @@ pub enum LogError {
     Busy,
     /// The log was closed before the command was committed.
     Closed,
+    /// A cut that cannot be made: only stored records after the anchor can be dropped.
+    Cut {
+        through_seq: u64,
+        anchor_seq: u64,
+        next_seq: u64,
+    },
 }
 
 impl std::fmt::Display for LogError {
@@ -59,6 +65,11 @@ impl std::fmt::Display for LogError {
             ),
             LogError::Busy => write!(f, "the log's writer queue is full"),
             LogError::Closed => write!(f, "the log is closed"),
+            LogError::Cut { through_seq, anchor_seq, next_seq } => write!(
+                f,
+                "cannot cut the log through seq {through_seq}: only stored records after the anchor \
+                 ({anchor_seq}) and before {next_seq} can be dropped"
+            ),
         }
     }
 }
@@ -207,8 +218,13 @@ pub fn read_head(store: &dyn Store) -> Result<Head, LogError> {
     }
 }
 
-fn read_anchor(store: &dyn Store) -> Result<(u64, Hash), LogError> {
-    match store.get(keyspace::META_ANCHOR)? {
+pub(crate) fn read_anchor(store: &dyn Store) -> Result<(u64, Hash), LogError> {
+    parse_anchor(store.get(keyspace::META_ANCHOR)?)
+}
+
+/// The anchor's stored value: seq (8 bytes, BE) ++ hash (32 bytes); absent means never compacted.
+pub(crate) fn parse_anchor(value: Option<Vec<u8>>) -> Result<(u64, Hash), LogError> {
+    match value {
         None => Ok((0, [0; 32])),
         Some(v) if v.len() == 40 => {
             let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
@@ -217,6 +233,19 @@ fn read_anchor(store: &dyn Store) -> Result<(u64, Hash), LogError> {
         }
         Some(_) => Err(Corrupt { seq: 0, kind: CorruptKind::Truncated }.into()),
     }
+}
+
+/// Sets the anchor of an empty log (an import of a compacted log): its first record will be
+/// `seq + 1`, chained to `hash`. Refused once the log holds a record or an anchor.
+pub fn restore_anchor(store: &dyn Store, seq: u64, hash: Hash) -> Result<(), LogError> {
+    let head = read_head(store)?;
+    if head.next_seq != 1 || head.anchor_seq != 0 {
+        return Err(LogError::Cut { through_seq: seq, anchor_seq: head.anchor_seq, next_seq: head.next_seq });
+    }
+    let mut b = Batch::default();
+    b.put(keyspace::META_ANCHOR.to_vec(), [&seq.to_be_bytes()[..], &hash].concat());
+    store.apply(&b)?;
+    Ok(())
 }
 
 /// Checks the store's format byte, writing it into a new store. A newer format is refused

@@ -8,7 +8,9 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
-use crate::record::{Hash, Record};
+use crate::keyspace;
+use crate::log::{parse_anchor, read_records, LogError};
+use crate::record::{head_key, Corrupt, CorruptKind, Hash, Record};
 use crate::store::{Batch, Pair, Store, StoreError};
 
 /// Merges pairs read from a store with staged writes over the same range (both ascending):
@@ -140,6 +142,45 @@ impl<'a> Tx<'a> {
         if self.save.is_some() {
             self.undo.push((key, prev));
         }
+    }
+
+    /// The store under this batch (without what the batch staged).
+    pub fn store(&self) -> &'a dyn Store {
+        self.store
+    }
+
+    /// The anchor in force for this batch: the kept log starts after this seq and hash.
+    pub fn anchor(&self) -> Result<(u64, Hash), LogError> {
+        parse_anchor(self.get(keyspace::META_ANCHOR))
+    }
+
+    /// Drops the stored records after the anchor up to and including `through_seq`, and makes
+    /// that record's hash the new anchor: the kept records still chain to it, so `verify` proves
+    /// them. Staged like any write: it commits with the batch or not at all. Only records already
+    /// in the store can be cut, never ones staged in this batch. Returns the new anchor.
+    pub fn cut_through(&mut self, through_seq: u64) -> Result<(u64, Hash), LogError> {
+        let (anchor_seq, _) = self.anchor()?;
+        let first_staged = self.records.first().map_or(self.next_seq, |r| r.seq);
+        if through_seq <= anchor_seq || through_seq >= first_staged {
+            return Err(LogError::Cut { through_seq, anchor_seq, next_seq: first_staged });
+        }
+        let last = read_records(self.store, through_seq, 1)?
+            .pop()
+            .filter(|r| r.seq == through_seq)
+            .ok_or(Corrupt { seq: through_seq, kind: CorruptKind::Truncated })?;
+        let mut doomed = Vec::new();
+        self.store.scan(&head_key(anchor_seq + 1), &head_key(through_seq + 1), &mut |k, _| {
+            doomed.push(k.to_vec());
+            ControlFlow::Continue(())
+        })?;
+        for key in doomed {
+            self.stage(key, None);
+        }
+        let mut anchor = Vec::with_capacity(40);
+        anchor.extend_from_slice(&through_seq.to_be_bytes());
+        anchor.extend_from_slice(&last.hash);
+        self.put(keyspace::META_ANCHOR.to_vec(), anchor);
+        Ok((through_seq, last.hash))
     }
 
     /// The first store error met while reading, if any: the batch cannot commit.

@@ -352,3 +352,79 @@ fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flu
     log.close();
     assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
 }
+
+/// Appends bodies, or cuts the log through a seq and appends a note in the same batch.
+struct Cutter;
+
+enum CutCommand {
+    Append(Vec<u8>),
+    CutThrough(u64),
+}
+
+impl Machine for Cutter {
+    type Command = CutCommand;
+    type Reply = u64;
+    type Rejection = LogError;
+
+    fn execute(&mut self, command: CutCommand, tx: &mut Tx<'_>) -> Result<u64, LogError> {
+        match command {
+            CutCommand::Append(body) => Ok(tx.append(1, body).seq),
+            CutCommand::CutThrough(seq) => {
+                tx.cut_through(seq)?;
+                Ok(tx.append(2, b"cut".to_vec()).seq)
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cut_drops_the_prefix_and_the_kept_log_still_verifies_from_its_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+    let log = Log::open(store.clone(), Cutter, config()).unwrap();
+    for i in 1..=6u64 {
+        // Record 3 is chunked: every one of its keys must go.
+        let size = if i == 3 { 30_000 } else { 100 };
+        log.submit(CutCommand::Append(vec![i as u8; size])).unwrap().unwrap();
+    }
+    let hash_4 = log.read(4, 1).unwrap()[0].hash;
+    // Nothing is cut that is not stored after the anchor; a refused cut writes nothing.
+    for bad in [0, 7, 99] {
+        let refused = log.submit(CutCommand::CutThrough(bad)).unwrap();
+        assert!(matches!(refused, Err(LogError::Cut { .. })), "{bad}: {refused:?}");
+    }
+    assert_eq!(log.submit(CutCommand::CutThrough(4)).unwrap().unwrap(), 7);
+    assert!(matches!(
+        log.submit(CutCommand::CutThrough(4)).unwrap(),
+        Err(LogError::Cut { anchor_seq: 4, .. })
+    ));
+    log.close();
+    drop(log);
+    let report = verify(store.as_ref(), &mut |_| {}).unwrap();
+    assert_eq!((report.records, report.first_seq, report.last_seq), (3, 5, 7));
+    let head = herald_log::read_head(store.as_ref()).unwrap();
+    assert_eq!((head.anchor_seq, head.anchor_hash, head.next_seq), (4, hash_4, 8));
+    let mut left = 0;
+    store
+        .scan(&record::head_key(0), &record::head_key(5), &mut |_, _| {
+            left += 1;
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(left, 0, "record keys before the anchor are gone");
+    drop(store);
+
+    // Reopened, the chain goes on from the kept records; a removed first kept record is caught.
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+    let log = Log::open(store.clone(), Cutter, config()).unwrap();
+    assert_eq!(log.submit(CutCommand::Append(b"after".to_vec())).unwrap().unwrap(), 8);
+    log.close();
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 8);
+    let mut batch = Batch::default();
+    batch.delete(record::head_key(5));
+    store.apply(&batch).unwrap();
+    assert_eq!(
+        verify(store.as_ref(), &mut |_| {}).unwrap_err(),
+        LogError::Corrupt(Corrupt { seq: 5, kind: CorruptKind::Gap { found: 6 } })
+    );
+}

@@ -166,6 +166,16 @@ pub enum Event {
         delivery_id: DeliveryId,
         by_key: Option<ApiKeyId>,
     },
+    /// Retention: the records through `through_seq` were dropped, with the deliveries delivered
+    /// before `cutoff_ms` (and their events); the state the kept records start from is the
+    /// checkpoint stored beside the log. Changes nothing in the projection: the drop is written
+    /// with this record, in the same batch.
+    Compacted {
+        through_seq: u64,
+        cutoff_ms: u64,
+        deliveries_dropped: u64,
+        events_dropped: u64,
+    },
 }
 
 impl Event {
@@ -186,6 +196,7 @@ impl Event {
             Event::AttemptRecorded { .. } => "AttemptRecorded",
             Event::RetriggerRequested { .. } => "RetriggerRequested",
             Event::RedeliverRequested { .. } => "RedeliverRequested",
+            Event::Compacted { .. } => "Compacted",
         }
     }
 }

@@ -310,6 +310,8 @@ impl<T: Tables> Fold<'_, T> {
             ),
             Event::RetriggerRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Retrigger),
             Event::RedeliverRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Redeliver),
+            // The drop it records was written with it, outside the fold (see `compact`).
+            Event::Compacted { .. } => Ok(()),
         }
     }
 
@@ -606,15 +608,19 @@ impl<T: Tables> Fold<'_, T> {
     }
 
     fn add_count(&mut self, status: DeliveryStatus, delta: i64) {
-        let key = keys::count(status);
-        let now = self
-            .t
-            .get(&key)
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
-        let next = now.saturating_add_signed(delta);
-        self.t.put(key, next.to_be_bytes().to_vec());
+        add_count(&mut *self.t, status, delta)
     }
+}
+
+/// Moves the count of deliveries in `status` by `delta`.
+pub(crate) fn add_count(t: &mut impl Tables, status: DeliveryStatus, delta: i64) {
+    if delta == 0 {
+        return;
+    }
+    let key = keys::count(status);
+    let now = t.get(&key).and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_be_bytes);
+    let next = now.saturating_add_signed(delta);
+    t.put(key, next.to_be_bytes().to_vec());
 }
 
 /// Adds a failure at `at_ms` to the endpoint's run; returns whether this made it inactive.

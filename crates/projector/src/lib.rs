@@ -88,6 +88,7 @@
 //! ```
 
 mod codec;
+pub mod compact;
 mod event;
 mod fold;
 mod ids;
@@ -102,6 +103,7 @@ mod tables;
 mod testkit;
 
 pub use codec::DECODE_BYTES_MAX;
+pub use compact::{event_payload, CompactError, CompactReport};
 pub use event::{decode, encode, AttemptOutcome, DecodeError, Event, Scope, Trigger, EVENT_FORMAT_V1};
 pub use fold::{apply, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};

@@ -118,6 +118,8 @@ pub enum RebuildError {
     },
     /// The projection being caught up holds a value that does not decode.
     Projection(TableCorrupt),
+    /// The checkpoint the kept log starts from is missing or damaged.
+    Checkpoint(String),
 }
 
 impl std::fmt::Display for RebuildError {
@@ -127,6 +129,7 @@ impl std::fmt::Display for RebuildError {
             RebuildError::Decode { seq, error } => write!(f, "record {seq}: undecodable event: {error:?}"),
             RebuildError::Apply { seq, error } => write!(f, "record {seq}: event not applicable: {error:?}"),
             RebuildError::Projection(c) => write!(f, "projection: {c}"),
+            RebuildError::Checkpoint(e) => write!(f, "{e}"),
         }
     }
 }
@@ -155,14 +158,19 @@ pub fn catch_up(
     }
 }
 
-fn fold_record(tables: &mut impl Tables, rec: &Record) -> Result<(), RebuildError> {
+pub(crate) fn fold_record(tables: &mut impl Tables, rec: &Record) -> Result<(), RebuildError> {
     let event = decode(&rec.body).map_err(|error| RebuildError::Decode { seq: rec.seq, error })?;
     apply(tables, rec.seq, rec.at_ms, &event).map_err(|error| RebuildError::Apply { seq: rec.seq, error })
 }
 
-/// Rebuilds the whole projection from the log into scratch tables in memory.
+/// Rebuilds the whole projection into scratch tables in memory: the checkpoint the kept log
+/// starts from (none before a compaction), then every kept record.
 pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTables, RebuildError> {
-    let mut tables = MemTables::new();
+    let anchor_seq = herald_log::read_head(store).map_err(RebuildError::Log)?.anchor_seq;
+    let (mut tables, _) = crate::compact::load_checkpoint(store, anchor_seq).map_err(|e| match e {
+        crate::compact::CompactError::Log(e) => RebuildError::Log(e),
+        other => RebuildError::Checkpoint(other.to_string()),
+    })?;
     catch_up(store, &mut tables, progress)?;
     Ok(tables)
 }

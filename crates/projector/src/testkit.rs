@@ -130,7 +130,7 @@ pub fn redeliver(d: u32) -> Event {
 }
 
 /// Attempts built with started = finished = 0 happen at their step's `at_ms`.
-fn stamped(at_ms: u64, event: &Event) -> Event {
+pub fn stamped(at_ms: u64, event: &Event) -> Event {
     let mut event = event.clone();
     if let Event::AttemptRecorded { started_at_ms: started @ 0, finished_at_ms: finished @ 0, .. } =
         &mut event

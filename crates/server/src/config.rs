@@ -43,6 +43,8 @@ shutdown_timeout = "10s"        # SIGTERM/SIGINT: how long attempts in flight ma
 data_dir = "./herald-data"
 durability = "sync"             # "sync": acknowledged after sled's flush and an fsync of its files (survives power loss);
                                 # "flush": after sled's flush only (survives a process crash, not a power cut)
+retain = "forever"              # or a duration such as "30d": history of deliveries delivered longer ago is
+                                # dropped (pending, exhausted and inactive ones never are); see docs/OPERATIONS.md
 
 [delivery]
 timeout = "15s"                 # whole attempt
@@ -77,7 +79,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "shutdown_timeout",
         ],
     ),
-    ("store", &["data_dir", "durability"]),
+    ("store", &["data_dir", "durability", "retain"]),
     (
         "delivery",
         &[
@@ -148,11 +150,13 @@ pub struct StoreSection {
     pub data_dir: PathBuf,
     /// When a write is acknowledged: `sync` (the default) or `flush`.
     pub durability: Durability,
+    /// How long the history of a delivered delivery is kept (`"forever"`, the default: `None`).
+    pub retain: Option<Duration>,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        StoreSection { data_dir: PathBuf::from("./herald-data"), durability: Durability::Sync }
+        StoreSection { data_dir: PathBuf::from("./herald-data"), durability: Durability::Sync, retain: None }
     }
 }
 
@@ -419,6 +423,7 @@ impl Config {
         EngineConfig {
             data_dir: self.store.data_dir.clone(),
             durability: self.store.durability,
+            retain: self.store.retain,
             policy: Policy {
                 retry_schedule_ms: self.delivery.retry_schedule.iter().map(|&d| millis(d)).collect(),
                 failures_max: self.endpoint_health.failures,
@@ -526,6 +531,7 @@ impl Config {
             ("server", "shutdown_timeout") => self.server.shutdown_timeout = input.duration()?,
             ("store", "data_dir") => self.store.data_dir = input.path()?,
             ("store", "durability") => self.store.durability = input.durability()?,
+            ("store", "retain") => self.store.retain = input.retain()?,
             ("delivery", "timeout") => self.delivery.timeout = input.duration()?,
             ("delivery", "retry_schedule") => self.delivery.retry_schedule = input.durations()?,
             ("delivery", "max_in_flight_per_endpoint") => {
@@ -748,6 +754,19 @@ impl<'a> Input<'a> {
         text.trim().parse().map_err(|_| {
             format!("invalid address {text:?}: expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\"")
         })
+    }
+
+    /// `"forever"`, or a duration of at least 1s.
+    fn retain(self) -> Result<Option<Duration>, String> {
+        let text = self.text("\"forever\" or a duration such as \"30d\"")?;
+        match text.trim() {
+            "forever" => Ok(None),
+            other => match parse_duration(other) {
+                Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+                Ok(_) => Err(format!("{other:?} is under 1s; give \"forever\" or a duration of at least 1s")),
+                Err(e) => Err(format!("{e}; or \"forever\"")),
+            },
+        }
     }
 
     fn duration(self) -> Result<Duration, String> {
@@ -1037,6 +1056,7 @@ mod tests {
             ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "5s"),
             ("HERALD_STORE_DATA_DIR", "/d"),
             ("HERALD_STORE_DURABILITY", "flush"),
+            ("HERALD_STORE_RETAIN", "30d"),
             ("HERALD_DELIVERY_TIMEOUT", "6s"),
             ("HERALD_DELIVERY_RETRY_SCHEDULE", "1s, 2m,3h"),
             ("HERALD_DELIVERY_MAX_IN_FLIGHT_PER_ENDPOINT", "7"),
@@ -1065,7 +1085,11 @@ mod tests {
                 key_burst: 4,
                 shutdown_timeout: Duration::from_secs(5),
             },
-            store: StoreSection { data_dir: "/d".into(), durability: Durability::Flush },
+            store: StoreSection {
+                data_dir: "/d".into(),
+                durability: Durability::Flush,
+                retain: Some(Duration::from_secs(30 * 86_400)),
+            },
             delivery: DeliverySection {
                 timeout: Duration::from_secs(6),
                 retry_schedule: vec![
@@ -1180,6 +1204,8 @@ mod tests {
             ("[store]\ndata_dir = \"\"", "store.data_dir", "must not be empty"),
             ("[store]\ndurability = \"none\"", "store.durability", "\"sync\" or \"flush\""),
             ("[store]\ndurability = true", "store.durability", "\"sync\" or \"flush\""),
+            ("[store]\nretain = \"500ms\"", "store.retain", "under 1s"),
+            ("[store]\nretain = \"never\"", "store.retain", "\"forever\""),
             ("[delivery]\ntimeout = \"15\"", "delivery.timeout", "missing unit"),
             ("[delivery]\nretry_schedule = \"5s\"", "delivery.retry_schedule", "expected an array"),
             ("[delivery]\nretry_schedule = [\"5s\", 5]", "delivery.retry_schedule", "entry 2"),
