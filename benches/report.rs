@@ -13,6 +13,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("delivery", "delivery from publish to a 2xx"),
     ("http", "HTTP publish"),
     ("footprint", "memory, restart, disk"),
+    ("retention", "disk under retention"),
 ];
 
 fn machine() -> String {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use herald_log::{check_format, read_records, verify, Log, LogConfig, Machine, Record, SledStore, Store, Tx};
-use herald_projector::compact::{apply_plan, load_checkpoint, plan, restore_checkpoint, Plan};
+use herald_projector::compact::{load_checkpoint, plan, restore_checkpoint, Compactor};
 use herald_projector::{
-    apply, decode, encode, get_delivery, get_endpoint, get_event, rebuild, stored_projection, AttemptOutcome,
+    apply, decode, get_delivery, get_endpoint, get_event, rebuild, stored_projection, AttemptOutcome,
     CompactReport, Delivery, DeliveryId, DeliveryStatus, EndpointId, Event, EventId, MemTables, Tables,
     Trigger, TxTables,
 };
@@ -369,22 +369,6 @@ fn start_import(
     Log::open(store.clone(), Importer, LogConfig::default()).map_err(|e| Failure::new(1, e.to_string()))
 }
 
-/// Applies compaction plans in the writer, the way the engine does, without starting delivery.
-struct Compactor;
-
-impl Machine for Compactor {
-    type Command = (u64, Box<Plan>);
-    type Reply = CompactReport;
-    type Rejection = String;
-
-    fn execute(&mut self, (at_ms, plan): Self::Command, tx: &mut Tx<'_>) -> Result<CompactReport, String> {
-        let (event, report) = apply_plan(tx, *plan).map_err(|e| e.to_string())?;
-        let seq = tx.append(at_ms, encode(&event)).seq;
-        apply(&mut TxTables(tx), seq, at_ms, &event).map_err(|e| format!("seq {seq}: {e}"))?;
-        Ok(report)
-    }
-}
-
 /// `herald compact`: drops the history of deliveries delivered more than `retain` ago.
 pub fn compact_dir(dir: &Path, retain: std::time::Duration) -> Result<String, Failure> {
     let store = open_existing(dir)?;
@@ -402,7 +386,7 @@ pub fn compact_dir(dir: &Path, retain: std::time::Duration) -> Result<String, Fa
         let Some(plan) = plan else { break };
         let report = match log.submit((now_ms, Box::new(plan))) {
             Ok(Ok(report)) => report,
-            Ok(Err(e)) => return Err(Failure::new(1, e)),
+            Ok(Err(e)) => return Err(Failure::new(1, e.to_string())),
             Err(e) => return Err(Failure::new(1, e.to_string())),
         };
         total.records_dropped += report.records_dropped;

@@ -27,3 +27,52 @@ fn publish_is_delivered_signed_to_a_receiver() {
     let (status, _) = server.call("GET", "/v1/api_keys", Some(ADMIN_KEY), None);
     assert_eq!(status, 200);
 }
+
+/// `[store] retain` on the real server: a delivered story older than the retention disappears
+/// by itself, a failing one stays, and the data still verifies after the stop.
+#[test]
+fn retention_drops_delivered_history_on_a_running_server() {
+    let mut server =
+        Server::start_with(&[("HERALD_STORE_RETAIN", "1s"), ("HERALD_DELIVERY_RETRY_SCHEDULE", "[]")]);
+    let receiver = Receiver::start();
+    let failing = Receiver::start();
+    failing.set_status(500);
+    let (_, key) = server.org_key(&["events.write", "endpoints.write", "deliveries.read"]);
+    server.endpoint(&key, &receiver.url("/ok"), &["call.ended"]);
+    server.endpoint(&key, &failing.url("/down"), &["call.failed"]);
+    let ok = server.publish(&key, "call.ended", json!({"call": 1}));
+    let bad = server.publish(&key, "call.failed", json!({"call": 2}));
+    let ok_delivery = ok["delivery_ids"][0].as_str().unwrap().to_owned();
+    let bad_delivery = bad["delivery_ids"][0].as_str().unwrap().to_owned();
+    server.wait_status(&key, &ok_delivery, "delivered");
+    server.wait_status(&key, &bad_delivery, "exhausted");
+    // Compaction runs every second with a retention of 1 s: the delivered story goes.
+    let deadline = std::time::Instant::now() + common::WAIT_MAX;
+    loop {
+        let (status, _) =
+            server.call("GET", &format!("/v1/webhook_deliveries/{ok_delivery}"), Some(&key), None);
+        if status == 404 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(std::time::Instant::now() < deadline, "the delivered delivery was never dropped");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (status, _) =
+        server.call("GET", &format!("/v1/events/{}", ok["id"].as_str().unwrap()), Some(&key), None);
+    assert_eq!(status, 404);
+    // The exhausted one stays, with its event and payload.
+    let (status, d) = server.call("GET", &format!("/v1/webhook_deliveries/{bad_delivery}"), Some(&key), None);
+    assert_eq!((status, d["status"].as_str()), (200, Some("exhausted")));
+    let (status, e) =
+        server.call("GET", &format!("/v1/events/{}", bad["id"].as_str().unwrap()), Some(&key), None);
+    assert_eq!((status, &e["payload"]), (200, &json!({"call": 2})));
+    assert!(server.terminate());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["verify", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("were compacted"));
+}

@@ -6,6 +6,8 @@
 //! whatever the command staged.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use herald_log::{Machine, Tx};
 use herald_projector::compact::{apply_plan, Plan};
@@ -281,6 +283,11 @@ pub struct Commands {
     /// the reply.
     staged_due: Vec<Due>,
     due_hook: Option<DueHook>,
+    /// Whether the batch being written creates or revokes an API key.
+    staged_key_change: bool,
+    /// Grows once a batch that creates or revokes an API key is applied to the store, before its
+    /// flush (so before any caller of the batch is answered): see [`Commands::api_key_epoch`].
+    api_key_epoch: Arc<AtomicU64>,
 }
 
 /// A command as submitted: who, when, what.
@@ -293,7 +300,22 @@ pub struct Submitted {
 
 impl Commands {
     pub fn new(limits: CommandLimits) -> Commands {
-        Commands { limits, retrigger_windows: HashMap::new(), staged_due: Vec::new(), due_hook: None }
+        Commands {
+            limits,
+            retrigger_windows: HashMap::new(),
+            staged_due: Vec::new(),
+            due_hook: None,
+            staged_key_change: false,
+            api_key_epoch: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A counter that grows each time a batch creating or revoking an API key is applied to the
+    /// store, whoever submitted it, before the batch's callers are answered. A cache of keys
+    /// filled from the projection stays valid while it does not move: read it before reading a
+    /// key, and drop what was cached under an older value.
+    pub fn api_key_epoch(&self) -> Arc<AtomicU64> {
+        self.api_key_epoch.clone()
     }
 
     /// The same machine, telling `hook` after each durable batch which deliveries became due.
@@ -642,6 +664,9 @@ impl Commands {
         };
         let mut due = Vec::new();
         for event in events {
+            if matches!(event, Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. }) {
+                self.staged_key_change = true;
+            }
             let seq = tx.append(at_ms, encode(&event)).seq;
             apply(&mut TxTables(tx), seq, at_ms, &event)?;
             match event {
@@ -692,6 +717,13 @@ impl Machine for Commands {
     }
 
     fn applied(&mut self, _records: &[herald_log::Record]) -> herald_log::AfterFlush {
+        // The batch is visible to readers now and its callers are answered after its flush: a
+        // key cache that sees the new epoch re-reads, so a revoked key is refused from then on.
+        // (A command of the batch that was rejected after staging its key event only costs a
+        // needless re-read.)
+        if std::mem::take(&mut self.staged_key_change) {
+            self.api_key_epoch.fetch_add(1, Ordering::SeqCst);
+        }
         let hook = self.due_hook.clone()?;
         if self.staged_due.is_empty() {
             return None;
@@ -703,6 +735,8 @@ impl Machine for Commands {
     }
 
     fn aborted(&mut self) {
+        // Nothing of the batch was written: no key changed.
+        self.staged_key_change = false;
         if !self.staged_due.is_empty() {
             self.staged_due.clear();
             if let Some(hook) = self.due_hook.as_ref() {

@@ -101,6 +101,8 @@ pub struct Engine {
 
 struct Inner {
     log: Log<Commands>,
+    /// The command machine's [`Commands::api_key_epoch`].
+    api_key_epoch: Arc<std::sync::atomic::AtomicU64>,
     /// One compaction at a time, and what retention has done so far.
     retention: std::sync::Mutex<RetentionStats>,
     /// Dropped to stop the retention thread.
@@ -177,6 +179,7 @@ impl Engine {
         let hook_inbox = inbox.clone();
         let machine =
             Commands::new(config.limits.clone()).with_due_hook(Arc::new(move |due| hook_inbox.hints(due)));
+        let api_key_epoch = machine.api_key_epoch();
         let log =
             Log::open(store.clone(), machine, config.log).map_err(|e| EngineError::Open(e.to_string()))?;
         let shared = Arc::new(Shared::new(inbox));
@@ -190,6 +193,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 log: log.clone(),
+                api_key_epoch,
                 retention: std::sync::Mutex::new(RetentionStats::default()),
                 retention_stop: std::sync::Mutex::new(None),
                 store,
@@ -346,6 +350,14 @@ impl Engine {
                 idempotency_key: None,
             },
         )
+    }
+
+    /// A counter that grows each time a batch creating or revoking an API key is applied, by
+    /// whichever handle submitted it, before that batch's callers are answered. A cache of keys
+    /// read from the projection reads it before each lookup and drops what it holds when it
+    /// moved (the server's key cache does), so a revoked key is refused once its revoke returns.
+    pub fn api_key_epoch(&self) -> u64 {
+        self.inner.api_key_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Read access to the projection, for queries this handle does not wrap.

@@ -1,13 +1,13 @@
 //! API keys: `sk_<random>`, stored only as a blake3 hash; scopes; the per-key token bucket.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use base64::Engine as _;
 use herald_engine::Actor;
-use herald_projector::{get_api_key_by_hash, ApiKeyId, OrgId, Scope};
+use herald_projector::{get_api_key_by_hash, ApiKey, ApiKeyId, OrgId, Scope};
 
 use crate::error::{ApiError, Family};
 use crate::state::AppState;
@@ -18,13 +18,15 @@ pub const KEY_PREFIX: &str = "sk_";
 const KEY_RANDOM_BYTES: usize = 24;
 /// Buckets kept, at most; beyond it the full ones (idle keys) are forgotten.
 const BUCKETS_MAX: usize = 100_000;
+/// Keys the authentication cache holds, at most.
+pub const KEY_CACHE_MAX: usize = 10_000;
 
 /// Who is calling: a live key, its organisation (`None`: admin) and its scopes.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key_id: ApiKeyId,
     pub org_id: Option<OrgId>,
-    pub scopes: Vec<Scope>,
+    pub scopes: Arc<[Scope]>,
 }
 
 impl Principal {
@@ -61,17 +63,40 @@ pub fn authenticate(
     family: Family,
     scope: Scope,
 ) -> Result<Principal, ApiError> {
-    let key = headers
-        .get(header::AUTHORIZATION)
+    authenticate_header(state, headers.get(header::AUTHORIZATION), family, scope)
+}
+
+/// [`authenticate`] given the request's (first) `Authorization` header, for a handler that does
+/// not take the whole header map.
+pub fn authenticate_header(
+    state: &AppState,
+    authorization: Option<&HeaderValue>,
+    family: Family,
+    scope: Scope,
+) -> Result<Principal, ApiError> {
+    let key = authorization
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .filter(|k| k.starts_with(KEY_PREFIX))
         .ok_or_else(|| ApiError::unauthorized(family))?;
-    let stored = get_api_key_by_hash(&state.engine.tables(), &key_hash(key))
-        .map_err(|e| ApiError::internal(family, e.to_string()))?
-        .filter(|k| k.revoked_at_ms.is_none())
-        .ok_or_else(|| ApiError::unauthorized(family))?;
+    let hash = key_hash(key);
+    // The epoch is read before the projection (see `KeyCache`).
+    let epoch = state.engine.api_key_epoch();
+    let stored = match state.keys.get(epoch, &hash) {
+        Some(cached) => cached,
+        None => {
+            let read = get_api_key_by_hash(&state.engine.tables(), &hash)
+                .map_err(|e| ApiError::internal(family, e.to_string()))?
+                .ok_or_else(|| ApiError::unauthorized(family))?;
+            let cached = CachedKey::from(&read);
+            state.keys.insert(epoch, hash, cached.clone());
+            cached
+        }
+    };
+    if stored.revoked {
+        return Err(ApiError::unauthorized(family));
+    }
     if let Some(wait_s) = state.buckets.take(stored.id) {
         let mut err = ApiError::new(
             family,
@@ -86,6 +111,120 @@ pub fn authenticate(
         return Err(ApiError::forbidden(family, format!("this API key lacks the {} scope", scope.name())));
     }
     Ok(Principal { key_id: stored.id, org_id: stored.org_id, scopes: stored.scopes })
+}
+
+/// What authentication needs of a stored key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedKey {
+    pub id: ApiKeyId,
+    pub org_id: Option<OrgId>,
+    pub scopes: Arc<[Scope]>,
+    pub revoked: bool,
+}
+
+impl CachedKey {
+    /// Whether the key grants `scope`, as [`ApiKey::allows`] decides it.
+    pub fn allows(&self, scope: Scope) -> bool {
+        !self.revoked && self.scopes.iter().any(|&s| s == scope || s == Scope::Admin)
+    }
+}
+
+impl From<&ApiKey> for CachedKey {
+    fn from(k: &ApiKey) -> CachedKey {
+        CachedKey {
+            id: k.id,
+            org_id: k.org_id,
+            scopes: k.scopes.as_slice().into(),
+            revoked: k.revoked_at_ms.is_some(),
+        }
+    }
+}
+
+/// Keys by hash, as last read from the projection, so a request does not read and decode its key
+/// from the store. Only keys the projection finds by hash are cached (an unknown or revoked key is
+/// read each time, so guessing cannot fill the cache), at most `max` of them: two generations, the older dropped when the
+/// newer fills, a hit in the older moving back to the newer.
+///
+/// Invalidation: every entry belongs to the engine's [`api_key_epoch`](herald_engine::Engine::api_key_epoch),
+/// which grows once a batch creating or revoking a key is applied to the store, whatever
+/// submitted it (this server's routes or an embedder), before that batch's callers are answered.
+/// A request reads the epoch first, then the cache or the projection. When it sees a newer epoch
+/// the cache is emptied; an entry read under an older epoch than the cache's is not kept. So once
+/// a revoke returns, every request reads the epoch it moved to and the revoked row.
+pub struct KeyCache {
+    max: usize,
+    inner: Mutex<KeyCacheInner>,
+}
+
+#[derive(Default)]
+struct KeyCacheInner {
+    epoch: u64,
+    newer: HashMap<[u8; 32], CachedKey>,
+    older: HashMap<[u8; 32], CachedKey>,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        KeyCache::new(KEY_CACHE_MAX)
+    }
+}
+
+impl KeyCache {
+    /// A cache of at most `max` keys (at least 2).
+    pub fn new(max: usize) -> KeyCache {
+        KeyCache { max: max.max(2), inner: Mutex::new(KeyCacheInner::default()) }
+    }
+
+    /// The key of `hash` cached under `epoch` (the engine's, read before this call), if any.
+    pub fn get(&self, epoch: u64, hash: &[u8; 32]) -> Option<CachedKey> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if epoch != inner.epoch {
+            if epoch > inner.epoch {
+                // Keys were created or revoked since: forget everything.
+                inner.epoch = epoch;
+                inner.newer.clear();
+                inner.older.clear();
+            }
+            // An older epoch: this request started before the change; read the store.
+            return None;
+        }
+        if let Some(k) = inner.newer.get(hash) {
+            return Some(k.clone());
+        }
+        let k = inner.older.remove(hash)?;
+        self.put(&mut inner, *hash, k.clone());
+        Some(k)
+    }
+
+    /// Keeps `key`, read from the projection after `epoch` was read, unless the epoch moved since.
+    pub fn insert(&self, epoch: u64, hash: [u8; 32], key: CachedKey) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if epoch > inner.epoch {
+            inner.epoch = epoch;
+            inner.newer.clear();
+            inner.older.clear();
+        }
+        if epoch == inner.epoch {
+            self.put(&mut inner, hash, key);
+        }
+    }
+
+    fn put(&self, inner: &mut KeyCacheInner, hash: [u8; 32], key: CachedKey) {
+        if inner.newer.len() >= self.max / 2 {
+            inner.older = std::mem::take(&mut inner.newer);
+        }
+        inner.newer.insert(hash, key);
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.newer.len() + inner.older.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Checks for an admin key of no organisation: the routes over every organisation (API keys, the
@@ -149,6 +288,136 @@ mod tests {
         assert_eq!(b.take(key), Some(1));
         // Another key has its own bucket.
         assert_eq!(b.take(ApiKeyId(uuid::Uuid::from_u128(2))), None);
+    }
+
+    fn cached(n: u128, revoked: bool) -> CachedKey {
+        CachedKey {
+            id: ApiKeyId(uuid::Uuid::from_u128(n)),
+            org_id: Some(OrgId(uuid::Uuid::from_u128(1000 + n))),
+            scopes: vec![Scope::EventsWrite].into(),
+            revoked,
+        }
+    }
+
+    fn hash(n: u8) -> [u8; 32] {
+        [n; 32]
+    }
+
+    #[test]
+    fn the_key_cache_answers_what_was_read_until_the_epoch_moves() {
+        let cache = KeyCache::new(100);
+        assert_eq!(cache.get(0, &hash(1)), None);
+        cache.insert(0, hash(1), cached(1, false));
+        cache.insert(0, hash(2), cached(2, true));
+        assert_eq!(cache.get(0, &hash(1)), Some(cached(1, false)));
+        // A revoked key is cached as revoked (a revocation is final).
+        assert_eq!(cache.get(0, &hash(2)), Some(cached(2, true)));
+        assert_eq!(cache.get(0, &hash(3)), None);
+        // A key was created or revoked: everything is read again.
+        assert_eq!(cache.get(1, &hash(1)), None);
+        assert!(cache.is_empty());
+        cache.insert(1, hash(1), cached(1, true));
+        assert_eq!(cache.get(1, &hash(1)), Some(cached(1, true)));
+    }
+
+    #[test]
+    fn a_key_read_under_an_older_epoch_is_never_kept() {
+        let cache = KeyCache::new(100);
+        cache.insert(3, hash(1), cached(1, false));
+        // A request that read the epoch before the change and the key (maybe not yet revoked)
+        // before it too: its read is not kept, and it does not hide the newer entries.
+        cache.insert(2, hash(2), cached(2, false));
+        assert_eq!(cache.get(3, &hash(2)), None);
+        assert_eq!(cache.get(2, &hash(1)), None, "a request of the older epoch reads the store");
+        assert_eq!(cache.get(3, &hash(1)), Some(cached(1, false)));
+        // An entry inserted under the current epoch is dropped as soon as a request sees a newer one.
+        assert_eq!(cache.get(4, &hash(1)), None);
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn the_key_cache_is_bounded_and_keeps_the_keys_in_use() {
+        let cache = KeyCache::new(10);
+        cache.insert(0, hash(0), cached(0, false));
+        for n in 1..100u8 {
+            cache.insert(0, hash(n), cached(u128::from(n), false));
+            // Key 0 is used all along: it stays.
+            assert_eq!(cache.get(0, &hash(0)), Some(cached(0, false)), "after {n}");
+            assert!(cache.len() <= 10, "{} keys", cache.len());
+        }
+        assert_eq!(cache.get(0, &hash(1)), None, "an idle key was forgotten");
+    }
+
+    mod with_an_engine {
+        use super::super::*;
+        use axum::http::HeaderValue;
+        use herald_engine::clock::SystemClock;
+        use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+        use herald_engine::{Command, Engine, EngineConfig, Parts};
+        use herald_log::MemStore;
+
+        struct Accepting;
+
+        impl Sender for Accepting {
+            fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
+                Box::pin(async {
+                    AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+                })
+            }
+        }
+
+        fn bearer(key: &str) -> HeaderMap {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {key}")).unwrap());
+            headers
+        }
+
+        /// Revocation by an embedder (straight through the engine, not through this server's
+        /// route) is refused on the very next request, although the key was cached.
+        #[test]
+        fn a_cached_key_revoked_through_the_engine_is_refused_on_the_next_request() {
+            let parts = Parts {
+                store: Arc::new(MemStore::new()),
+                clock: Arc::new(SystemClock),
+                sender: Arc::new(Accepting),
+            };
+            let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
+            let state = AppState::new(engine.clone(), &crate::config::Config::default());
+            let org = OrgId(uuid::Uuid::now_v7());
+            let (key, id) = (generate_key().unwrap(), ApiKeyId(uuid::Uuid::now_v7()));
+            let create = Command::CreateApiKey {
+                id,
+                org_id: Some(org),
+                scopes: vec![Scope::EventsWrite],
+                name: "cached".into(),
+                key_hash: key_hash(&key),
+            };
+            engine.execute_blocking(herald_engine::Actor::admin(), create).unwrap();
+            let headers = bearer(&key);
+            for _ in 0..3 {
+                let who = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap();
+                assert_eq!((who.key_id, who.org_id), (id, Some(org)));
+            }
+            assert_eq!(state.keys.len(), 1, "the key is served from the cache");
+            let err = authenticate(&state, &headers, Family::Named, Scope::DeliveriesRead).unwrap_err();
+            assert_eq!(err.status, StatusCode::FORBIDDEN);
+            // An unknown key is refused and not cached.
+            let err =
+                authenticate(&state, &bearer("sk_unknown_0123456789"), Family::Named, Scope::EventsWrite)
+                    .unwrap_err();
+            assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+            assert_eq!(state.keys.len(), 1);
+
+            engine.execute_blocking(herald_engine::Actor::admin(), Command::RevokeApiKey { id }).unwrap();
+            let err = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap_err();
+            assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+            // And it stays refused: a revoked key's hash finds nothing in the projection, so it
+            // is not cached at all.
+            let err = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap_err();
+            assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+            assert!(state.keys.is_empty());
+            engine.shutdown();
+        }
     }
 
     #[test]

@@ -79,6 +79,21 @@ pub struct PublishIn {
     pub org_id: Option<String>,
 }
 
+/// [`PublishIn`] borrowing from the request body, so a publish parses its body once and copies
+/// only the payload's bytes. Same fields, same rules: a body it refuses is parsed again as
+/// [`PublishIn`], whose error names the field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishInRef<'a> {
+    #[serde(borrow)]
+    pub event_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub payload: &'a serde_json::value::RawValue,
+    pub call_id: Option<std::borrow::Cow<'a, str>>,
+    pub webhook_url: Option<String>,
+    pub org_id: Option<std::borrow::Cow<'a, str>>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PublishOut {
     pub id: String,

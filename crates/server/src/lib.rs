@@ -140,10 +140,17 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
-    let method = req.method().as_str().to_owned();
+    let route = req.extensions().get::<MatchedPath>().map_or(metrics::UNMATCHED, |p| p.as_str());
+    let method = req.method().as_str();
+    let (route_index, method_index) = (metrics::route_label(route), metrics::method_label(method));
+    // The labels are copied only when they are not static ones (a method outside the usual).
+    let names = match (route_index, method_index) {
+        (Some(_), Some(_)) => None,
+        _ => Some((route.to_owned(), method.to_owned())),
+    };
     let response = next.run(req).await;
-    state.metrics.request(&route, &method, response.status().as_u16());
+    let (route, method) = names.as_ref().map_or(("", ""), |(r, m)| (r.as_str(), m.as_str()));
+    state.metrics.request_labelled(route_index, method_index, route, method, response.status().as_u16());
     response
 }
 

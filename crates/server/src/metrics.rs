@@ -2,35 +2,141 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use herald_engine::Engine;
 
 /// Counters the server keeps itself; the engine's figures are read at scrape time.
-#[derive(Default)]
 pub struct Metrics {
     published: AtomicU64,
-    /// (route, method, status) → requests.
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// Requests of a known route label and method: per (route, method), a few status slots, so
+    /// counting a request takes no lock and allocates nothing.
+    known: Box<[StatusSlots]>,
+    /// (route, method, status) → requests, for the rest: a route or method outside the static
+    /// labels, or a (route, method) whose slots are all taken by other statuses.
+    others: Mutex<BTreeMap<(String, String, u16), u64>>,
 }
 
 /// Distinct (route, method, status) series kept, at most (routes are matched paths, so this
 /// only bounds a pathological spread of statuses).
 const REQUEST_SERIES_MAX: usize = 4096;
 
+/// The route label of a request no route matched.
+pub const UNMATCHED: &str = "unmatched";
+
+/// Every route label: the router's paths, each once, and [`UNMATCHED`].
+static ROUTE_LABELS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut labels: Vec<&'static str> = Vec::new();
+    for &(_, path) in crate::ROUTES {
+        if !labels.contains(&path) {
+            labels.push(path);
+        }
+    }
+    labels.push(UNMATCHED);
+    labels
+});
+
+/// The method labels counted without a lock (any other method is counted by name).
+const METHOD_LABELS: [&str; 9] =
+    ["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+
+/// Distinct statuses counted without a lock per (route, method).
+const STATUS_SLOTS: usize = 8;
+
+/// Up to [`STATUS_SLOTS`] (status, requests) pairs; a slot's status is 0 while it is free.
+#[derive(Default)]
+struct StatusSlots([(AtomicU16, AtomicU64); STATUS_SLOTS]);
+
+impl StatusSlots {
+    /// Counts one request of `status`; false when every slot holds another status.
+    fn count(&self, status: u16) -> bool {
+        for (slot_status, n) in &self.0 {
+            let mut current = slot_status.load(Ordering::Acquire);
+            if current == 0 {
+                current = match slot_status.compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => status,
+                    Err(taken) => taken,
+                };
+            }
+            if current == status {
+                n.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The index of a route label, `None` for a path that is not one.
+pub fn route_label(path: &str) -> Option<usize> {
+    ROUTE_LABELS.iter().position(|&label| label == path)
+}
+
+/// The index of a method label, `None` for a method that is not one.
+pub fn method_label(method: &str) -> Option<usize> {
+    METHOD_LABELS.iter().position(|&label| label == method)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let series = ROUTE_LABELS.len() * METHOD_LABELS.len();
+        Metrics {
+            published: AtomicU64::new(0),
+            known: (0..series).map(|_| StatusSlots::default()).collect(),
+            others: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
 impl Metrics {
     pub fn published(&self) {
         self.published.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request by its route label (the matched path, or [`UNMATCHED`]), method and status.
     pub fn request(&self, route: &str, method: &str, status: u16) {
-        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        self.request_labelled(route_label(route), method_label(method), route, method, status);
+    }
+
+    /// [`Metrics::request`] with the labels' indexes already looked up ([`route_label`],
+    /// [`method_label`]); `route` and `method` are only read when an index is `None`.
+    pub fn request_labelled(
+        &self,
+        route_index: Option<usize>,
+        method_index: Option<usize>,
+        route: &str,
+        method: &str,
+        status: u16,
+    ) {
+        if let (Some(r), Some(m)) = (route_index, method_index) {
+            // Status 0 marks a free slot; no response has it, but count it by name if one did.
+            if status != 0 && self.known[r * METHOD_LABELS.len() + m].count(status) {
+                return;
+            }
+        }
+        let mut map = self.others.lock().unwrap_or_else(|e| e.into_inner());
         let key = (route.to_owned(), method.to_owned(), status);
-        if map.len() >= REQUEST_SERIES_MAX && !map.contains_key(&key) {
+        if map.len() + self.known.len() * STATUS_SLOTS >= REQUEST_SERIES_MAX && !map.contains_key(&key) {
             return;
         }
         *map.entry(key).or_default() += 1;
+    }
+
+    /// Every (route, method, status) series with its requests, in label order.
+    fn request_series(&self) -> BTreeMap<(String, String, u16), u64> {
+        let mut all = self.others.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (i, slots) in self.known.iter().enumerate() {
+            let (route, method) =
+                (ROUTE_LABELS[i / METHOD_LABELS.len()], METHOD_LABELS[i % METHOD_LABELS.len()]);
+            for (status, n) in &slots.0 {
+                let (status, n) = (status.load(Ordering::Acquire), n.load(Ordering::Relaxed));
+                if status != 0 && n > 0 {
+                    *all.entry((route.to_owned(), method.to_owned(), status)).or_default() += n;
+                }
+            }
+        }
+        all
     }
 
     /// The exposition text.
@@ -117,8 +223,7 @@ impl Metrics {
             }
         }
         let _ = writeln!(out, "# HELP herald_http_requests_total HTTP requests by route and status.\n# TYPE herald_http_requests_total counter");
-        let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        for ((route, method, status), n) in map.iter() {
+        for ((route, method, status), n) in self.request_series().iter() {
             let _ = writeln!(
                 out,
                 "herald_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
@@ -126,5 +231,83 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(m: &Metrics) -> Vec<(String, String, u16, u64)> {
+        m.request_series().into_iter().map(|((r, me, s), n)| (r, me, s, n)).collect()
+    }
+
+    #[test]
+    fn every_route_of_the_router_has_a_static_label() {
+        for &(method, path) in crate::ROUTES {
+            assert!(route_label(path).is_some(), "{path}");
+            assert!(method_label(&method.to_uppercase()).is_some(), "{method}");
+        }
+        assert!(route_label(UNMATCHED).is_some());
+        assert_eq!(route_label("/v1/nothing"), None);
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_method_and_status_in_label_order() {
+        let m = Metrics::default();
+        for _ in 0..3 {
+            m.request("/v1/events", "POST", 202);
+        }
+        m.request("/v1/events", "POST", 401);
+        m.request("/v1/events/{id}", "GET", 404);
+        m.request(UNMATCHED, "GET", 404);
+        // Outside the static labels: counted by name.
+        m.request("/v1/events", "BREW", 405);
+        m.request("/not/a/route", "GET", 200);
+        assert_eq!(
+            series(&m),
+            vec![
+                ("/not/a/route".into(), "GET".into(), 200, 1),
+                ("/v1/events".into(), "BREW".into(), 405, 1),
+                ("/v1/events".into(), "POST".into(), 202, 3),
+                ("/v1/events".into(), "POST".into(), 401, 1),
+                ("/v1/events/{id}".into(), "GET".into(), 404, 1),
+                (UNMATCHED.into(), "GET".into(), 404, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn statuses_beyond_the_slots_are_still_counted() {
+        let m = Metrics::default();
+        let statuses: Vec<u16> = (200..200 + 2 * STATUS_SLOTS as u16).collect();
+        for &s in &statuses {
+            m.request("/v1/endpoints", "GET", s);
+            m.request("/v1/endpoints", "GET", s);
+        }
+        let got = series(&m);
+        assert_eq!(got.len(), statuses.len());
+        for (&s, (route, method, status, n)) in statuses.iter().zip(got) {
+            assert_eq!((route.as_str(), method.as_str(), status, n), ("/v1/endpoints", "GET", s, 2));
+        }
+    }
+
+    #[test]
+    fn concurrent_requests_are_all_counted() {
+        let m = std::sync::Arc::new(Metrics::default());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000u16 {
+                        m.request("/v1/events", "POST", 200 + (i + t) % 12);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(series(&m).iter().map(|s| s.3).sum::<u64>(), 4000);
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicBool;
 
 use herald_engine::Engine;
 
-use crate::auth::Buckets;
+use crate::auth::{Buckets, KeyCache};
 use crate::metrics::Metrics;
 
 /// The limits the server checks itself (the engine checks the rest).
@@ -22,11 +22,14 @@ impl Default for ServerLimits {
     }
 }
 
-/// What the handlers share: the engine, the limits, the per-key buckets, the metrics.
+/// What the handlers share: the engine, the limits, the per-key buckets, the key cache, the
+/// metrics.
 pub struct AppState {
     pub engine: Engine,
     pub limits: ServerLimits,
     pub buckets: Buckets,
+    /// API keys by hash, as last read from the projection (see [`KeyCache`]).
+    pub keys: KeyCache,
     pub metrics: Metrics,
     /// False once a stop began: `/readyz` answers 503.
     pub ready: AtomicBool,
@@ -45,6 +48,7 @@ impl AppState {
                 u64::from(config.server.key_requests_per_s),
                 u64::from(config.server.key_burst),
             ),
+            keys: KeyCache::default(),
             metrics: Metrics::default(),
             ready: AtomicBool::new(true),
         }

@@ -86,7 +86,12 @@ pub fn json_body<T: DeserializeOwned>(
     family: Family,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| {
+    parse_json(family, &body_bytes(family, body)?)
+}
+
+/// A request body read within its limit, or the error that says why it could not be.
+pub fn body_bytes(family: Family, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 family,
@@ -97,8 +102,12 @@ pub fn json_body<T: DeserializeOwned>(
         } else {
             ApiError::bad_request(family, format!("the request body could not be read: {r}"))
         }
-    })?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    })
+}
+
+/// A JSON body parsed, or the error that names what is wrong (the field's path).
+pub fn parse_json<T: DeserializeOwned>(family: Family, bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

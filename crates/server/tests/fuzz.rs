@@ -39,6 +39,7 @@ fn app() -> (axum::Router, Engine) {
         engine: engine.clone(),
         limits: ServerLimits::default(),
         buckets: herald_server::auth::Buckets::new(1_000_000, 1_000_000),
+        keys: Default::default(),
         metrics: Default::default(),
         ready: AtomicBool::new(true),
     });

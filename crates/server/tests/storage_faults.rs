@@ -51,6 +51,7 @@ async fn a_full_disk_answers_503_writes_nothing_and_recovers() {
         engine: engine.clone(),
         limits: ServerLimits::default(),
         buckets: herald_server::auth::Buckets::new(1_000, 1_000),
+        keys: Default::default(),
         metrics: Default::default(),
         ready: AtomicBool::new(true),
     }));

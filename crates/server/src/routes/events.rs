@@ -4,20 +4,22 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_engine::{Command, Reply};
-use herald_projector::{EventId, Scope};
+use herald_projector::{DeliveryId, EventId, Scope};
+use serde::Deserialize as _;
 use uuid::Uuid;
 
-use crate::auth::authenticate;
+use crate::auth::{authenticate, authenticate_header};
 use crate::error::{ApiError, Family, NamedError};
-use crate::json::{EventOut, PublishIn, PublishOut};
+use crate::json::{EventOut, PublishIn, PublishInRef, PublishOut};
 use crate::routes::org_of;
 use crate::state::AppState;
-use crate::util::{json_body, parse_id, ts, PathId};
+use crate::util::{body_bytes, parse_id, parse_json, ts, PathId};
 
 const F: Family = Family::Named;
 
@@ -29,13 +31,30 @@ const F: Family = Family::Named;
     security(("bearer" = [])))]
 pub async fn publish(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    headers: PublishHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EventsWrite)?;
-    let input: PublishIn = json_body(F, body)?;
+    let who = authenticate_header(&state, headers.authorization.as_ref(), F, Scope::EventsWrite)?;
+    let bytes = body_bytes(F, body)?;
+    // One pass over the body, borrowing from it. A body this refuses is parsed again the way every
+    // other route parses, for the error that names the field (and so that what is accepted and
+    // refused stays exactly that of `PublishIn`).
+    let fallback: PublishIn;
+    let input = match PublishInRef::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)) {
+        Ok(input) => input,
+        Err(_) => {
+            fallback = parse_json(F, &bytes)?;
+            PublishInRef {
+                event_type: fallback.event_type.as_str().into(),
+                payload: &fallback.payload,
+                call_id: fallback.call_id.as_deref().map(Into::into),
+                webhook_url: fallback.webhook_url.clone(),
+                org_id: fallback.org_id.as_deref().map(Into::into),
+            }
+        }
+    };
     let org_id = org_of(F, &who, input.org_id.as_deref())?;
-    let idempotency_key = match headers.get("idempotency-key") {
+    let idempotency_key = match &headers.idempotency_key {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -49,7 +68,7 @@ pub async fn publish(
             Some(parse_id(text).ok_or_else(|| ApiError::validation(F, "call_id", "must be a UUID"))?)
         }
     };
-    let event_type = input.event_type;
+    let event_type = input.event_type.into_owned();
     let command = Command::Publish {
         id: EventId(Uuid::now_v7()),
         org_id,
@@ -69,16 +88,55 @@ pub async fn publish(
                 true => state.engine.event(id).ok().flatten().map_or(event_type, |e| e.record.event_type),
                 false => event_type,
             };
-            let out = PublishOut {
-                id: id.to_string(),
-                event_type,
-                created_at: ts(created_at_ms),
-                delivery_ids: delivery_ids.iter().map(|d| d.to_string()).collect(),
-            };
-            Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+            let body = publish_out_json(id, &event_type, &ts(created_at_ms), &delivery_ids);
+            let json = HeaderValue::from_static("application/json");
+            Ok((StatusCode::ACCEPTED, [(header::CONTENT_TYPE, json)], body).into_response())
         }
         other => Err(ApiError::internal(F, format!("unexpected reply {other:?}"))),
     }
+}
+
+/// The two headers a publish reads, taken from the request without copying its whole header
+/// map (what the `HeaderMap` extractor does): the first value of each, as `HeaderMap::get`.
+pub struct PublishHeaders {
+    authorization: Option<HeaderValue>,
+    idempotency_key: Option<HeaderValue>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PublishHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(PublishHeaders {
+            authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+            idempotency_key: parts.headers.get("idempotency-key").cloned(),
+        })
+    }
+}
+
+/// The JSON of [`PublishOut`], byte for byte what `serde_json` writes for it, without building
+/// its strings first: ids and the timestamp need no escaping, the event type goes through
+/// `serde_json`.
+fn publish_out_json(id: EventId, event_type: &str, created_at: &str, delivery_ids: &[DeliveryId]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(96 + event_type.len() + created_at.len() + 39 * delivery_ids.len());
+    let mut uuid = Uuid::encode_buffer();
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.0.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(b"\",\"event_type\":");
+    // Writing a string to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, event_type);
+    out.extend_from_slice(b",\"created_at\":");
+    let _ = serde_json::to_writer(&mut out, created_at);
+    out.extend_from_slice(b",\"delivery_ids\":[");
+    for (n, d) in delivery_ids.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        let _ = write!(out, "\"{}\"", d.0.hyphenated().encode_lower(&mut uuid));
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "events", params(("id" = String, Path)),
@@ -111,4 +169,75 @@ pub async fn get(
         delivery_ids: r.delivery_ids.iter().map(|d| d.to_string()).collect(),
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_publish_answer_is_byte_for_byte_what_serde_json_writes_for_publish_out() {
+        let id = EventId(Uuid::from_u128(0x0190_d7a0_0000_7000_8000_0000_0000_00ab));
+        let deliveries: Vec<DeliveryId> = (0..3u128)
+            .map(|n| DeliveryId(Uuid::from_u128(0x0190_d7a0_ffff_7000_8000_0000_0000_0000 + n)))
+            .collect();
+        for (event_type, delivery_ids) in [
+            ("call.queued", &deliveries[..0]),
+            ("call.queued", &deliveries[..1]),
+            ("a-b_c.D9", &deliveries[..]),
+            ("quote\"back\\slash\u{1}é", &deliveries[..2]),
+        ] {
+            for ms in [0, 1_773_570_734_000, 1_773_570_734_123] {
+                let expected = serde_json::to_vec(&PublishOut {
+                    id: id.to_string(),
+                    event_type: event_type.to_owned(),
+                    created_at: ts(ms),
+                    delivery_ids: delivery_ids.iter().map(|d| d.to_string()).collect(),
+                })
+                .unwrap();
+                let got = publish_out_json(id, event_type, &ts(ms), delivery_ids);
+                assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(expected).unwrap());
+            }
+        }
+    }
+
+    /// The one-pass parse accepts only what `PublishIn` accepts, with the same values (what it
+    /// refuses is parsed as `PublishIn`, so refusals and their messages are `PublishIn`'s).
+    #[test]
+    fn the_borrowed_publish_body_accepts_what_publish_in_accepts_with_the_same_values() {
+        let bodies: &[&str] = &[
+            r#"{"event_type":"call.queued","payload":{"a":[1,2,{"b":null}]}}"#,
+            r#"{"payload":"x","event_type":"a\"b\u00e9\n"}"#,
+            r#"{"event_type":"t","payload":null,"call_id":null,"webhook_url":null,"org_id":null}"#,
+            r#"{"event_type":"t","payload":7,"call_id":"0190d7a0-0000-7000-8000-000000000000","webhook_url":"https://example.com/h","org_id":"o\/1"}"#,
+            r#"  {"event_type":"t","payload":{} }  trailing"#,
+            r#"{"event_type":"t","payload":{},"extra":1}"#,
+            r#"{"event_type":"t","event_type":"u","payload":{}}"#,
+            r#"{"event_type":"t"}"#,
+            r#"{"event_type":5,"payload":{}}"#,
+            r#"{"event_type":"t","payload":{"unclosed":[}"#,
+            r#"[1,2]"#,
+            r#""string""#,
+            r#"{"event_type":"t","payload":{},"call_id":5}"#,
+            "",
+        ];
+        for body in bodies {
+            let fast = PublishInRef::deserialize(&mut serde_json::Deserializer::from_slice(body.as_bytes()));
+            let slow = parse_json::<PublishIn>(F, body.as_bytes());
+            match (fast, slow) {
+                (Ok(f), Ok(s)) => {
+                    assert_eq!(f.event_type, s.event_type, "{body}");
+                    assert_eq!(f.payload.get(), s.payload.get(), "{body}");
+                    assert_eq!(f.call_id.as_deref(), s.call_id.as_deref(), "{body}");
+                    assert_eq!(f.webhook_url, s.webhook_url, "{body}");
+                    assert_eq!(f.org_id.as_deref(), s.org_id.as_deref(), "{body}");
+                }
+                (Ok(f), Err(e)) => {
+                    panic!("{body}: accepted as {f:?} but PublishIn refuses it: {}", e.message)
+                }
+                // Refused by the fast parse: the handler answers what `PublishIn` answers.
+                (Err(_), _) => {}
+            }
+        }
+    }
 }
