@@ -51,6 +51,11 @@ enum Cmd {
         /// How long to keep, such as "30d" (default: the configuration's `[store] retain`).
         #[arg(long)]
         retain: Option<String>,
+        /// Then rewrite the store into a fresh one holding only what is kept, so the disk space of
+        /// what was dropped comes back (sled gives little of it back by itself). Needs free space
+        /// for the kept data; alone (no retention given or configured) it only rewrites.
+        #[arg(long)]
+        vacuum: bool,
     },
     /// The whole story of a delivery, an event or an endpoint, in log order.
     Replay {
@@ -172,31 +177,38 @@ fn main() -> ExitCode {
             let mut input = stdin.lock();
             offline::import_dir(p, &mut input).map(Some)
         }),
-        Cmd::Compact { dir, retain } => {
+        Cmd::Compact { dir, retain, vacuum } => {
             let retain = match (retain, dir.load()) {
-                (Some(text), _) => {
-                    herald_server::config::parse_duration(&text).map_err(|e| format!("--retain: {e}"))
-                }
-                (None, Ok(config)) => config
-                    .store
-                    .retain
-                    .ok_or_else(|| "give --retain or set [store] retain in the configuration".to_string()),
+                (Some(text), _) => herald_server::config::parse_duration(&text)
+                    .map(Some)
+                    .map_err(|e| format!("--retain: {e}")),
+                (None, Ok(config)) => Ok(config.store.retain),
                 (None, Err(e)) => Err(e),
             };
             let retain = match retain {
-                Ok(r) if r >= std::time::Duration::from_secs(1) => r,
-                Ok(_) => {
+                Ok(None) if !vacuum => {
+                    eprintln!(
+                        "herald: give --retain, set [store] retain in the configuration, or give --vacuum"
+                    );
+                    return ExitCode::from(2);
+                }
+                Ok(Some(r)) if r < std::time::Duration::from_secs(1) => {
                     eprintln!("herald: --retain must be at least 1s");
                     return ExitCode::from(2);
                 }
+                Ok(r) => r,
                 Err(e) => {
                     eprintln!("herald: {e}");
                     return ExitCode::from(2);
                 }
             };
             offline(&dir, |p| {
-                let report = offline::compact_dir(p, retain)?;
-                println!("{report}");
+                if let Some(retain) = retain {
+                    println!("{}", offline::compact_dir(p, retain)?);
+                }
+                if vacuum {
+                    println!("{}", offline::vacuum_dir(p)?);
+                }
                 Ok(None)
             })
         }

@@ -409,6 +409,22 @@ pub fn compact_dir(dir: &Path, retain: std::time::Duration) -> Result<String, Fa
     })
 }
 
+/// `herald compact --vacuum`: rewrites the store so the space of dropped data comes back.
+pub fn vacuum_dir(dir: &Path) -> Result<String, Failure> {
+    drop(open_existing(dir)?);
+    let bar = progress(0, "vacuuming (pairs)");
+    let report = herald_log::vacuum(dir, CACHE_BYTES, &mut |pairs| bar.set_position(pairs))
+        .map_err(|e| Failure::new(1, e.to_string()))?;
+    bar.finish_and_clear();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Ok(format!(
+        "vacuumed: {} pairs rewritten; {:.1} MiB on disk before, {:.1} MiB after",
+        report.pairs,
+        mib(report.bytes_before),
+        mib(report.bytes_after)
+    ))
+}
+
 /// What `replay` follows.
 #[derive(Clone, Copy, Debug)]
 pub enum Subject {

@@ -37,6 +37,6 @@ pub use crate::log::{
     LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
-pub use crate::sled_store::{SledStore, SEGMENT_BYTES};
+pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};
 pub use crate::store::{scan_vec, Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError};
 pub use crate::tx::{merge_staged, Tx};

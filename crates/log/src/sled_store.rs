@@ -46,6 +46,19 @@ fn io(e: sled::Error) -> StoreError {
 impl SledStore {
     /// Opens (creating if needed) the database in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore, StoreError> {
+        let (copy, old) = vacuum_paths(dir);
+        if !dir.exists() && old.exists() {
+            return Err(StoreError::Io(format!(
+                "{} is missing but {} is there: a vacuum was interrupted while swapping directories; \
+                 rename {} to {} (the complete copy) or {} back to {} (the original), then start again",
+                dir.display(),
+                old.display(),
+                copy.display(),
+                dir.display(),
+                old.display(),
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
         let config = sled::Config::new()
@@ -145,5 +158,172 @@ impl Store for SledStore {
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.db.size_on_disk().map_err(io)
+    }
+}
+
+/// Where a vacuum of `dir` writes its copy, and where it moves the original while swapping.
+fn vacuum_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+    (dir.with_file_name(format!("{name}.vacuum")), dir.with_file_name(format!("{name}.vacuum-old")))
+}
+
+/// sled's own files in a data directory; anything else (herald's `admin.key`) moves with a vacuum.
+fn is_sled_file(name: &str) -> bool {
+    matches!(name, "conf" | "db" | "blobs") || name.starts_with("snap.")
+}
+
+/// What [`vacuum`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VacuumReport {
+    pub pairs: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// Rewrites the store in `dir` (not in use by any process) into a fresh sled database holding
+/// only its current pairs, then puts it in place of the old one. sled 0.34 reclaims little of
+/// the space of deleted data by itself, so after retention drops history this is what gives the
+/// disk back. The copy is checked (count and blake3 of every pair) before the swap; the swap is
+/// two renames, and an interruption between them is reported by [`SledStore::open`] with what
+/// to do. `progress` is told the pairs copied so far.
+pub fn vacuum(
+    dir: &Path,
+    cache_bytes: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VacuumReport, StoreError> {
+    let fail = |what: &str, e: std::io::Error| StoreError::Io(format!("vacuum: {what}: {e}"));
+    let (copy_dir, old_dir) = vacuum_paths(dir);
+    if copy_dir.exists() {
+        // Left by a vacuum interrupted before its swap: the original is intact.
+        std::fs::remove_dir_all(&copy_dir).map_err(|e| fail("removing an unfinished copy", e))?;
+    }
+    let (pairs, bytes_before) = {
+        let source = SledStore::open(dir, cache_bytes)?;
+        let bytes_before = source.size_on_disk()?;
+        let copy = SledStore::open(&copy_dir, cache_bytes)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut batch = Batch::default();
+        let mut pairs = 0u64;
+        let mut error = None;
+        source.scan(&[], &[0xff; 2], &mut |k, v| {
+            hash_pair(&mut hasher, k, v);
+            batch.put(k.to_vec(), v.to_vec());
+            pairs += 1;
+            if batch.writes.len() >= 4096 {
+                if let Err(e) = copy.apply(&std::mem::take(&mut batch)) {
+                    error = Some(e);
+                    return ControlFlow::Break(());
+                }
+                progress(pairs);
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(e) = error {
+            return Err(e);
+        }
+        copy.apply(&batch)?;
+        copy.flush(Durability::Sync)?;
+        // Read the copy back: the same pairs, byte for byte.
+        let mut check = blake3::Hasher::new();
+        let mut copied = 0u64;
+        copy.scan(&[], &[0xff; 2], &mut |k, v| {
+            hash_pair(&mut check, k, v);
+            copied += 1;
+            ControlFlow::Continue(())
+        })?;
+        if copied != pairs || check.finalize() != hasher.finalize() {
+            return Err(StoreError::Io(format!(
+                "vacuum: the copy in {} does not match the original ({copied} of {pairs} pairs); \
+                 the original is untouched",
+                copy_dir.display()
+            )));
+        }
+        (pairs, bytes_before)
+    };
+    // herald's own files (admin.key) go with the data.
+    for entry in std::fs::read_dir(dir).map_err(|e| fail("listing the directory", e))? {
+        let entry = entry.map_err(|e| fail("listing the directory", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_sled_file(&name) && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            std::fs::copy(entry.path(), copy_dir.join(&name))
+                .map_err(|e| fail(&format!("copying {name}"), e))?;
+        }
+    }
+    std::fs::rename(dir, &old_dir).map_err(|e| fail("moving the original aside", e))?;
+    std::fs::rename(&copy_dir, dir).map_err(|e| fail("moving the copy in place", e))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| fail("fsync of the parent directory", e))?;
+    }
+    std::fs::remove_dir_all(&old_dir).map_err(|e| fail("removing the original", e))?;
+    let bytes_after = SledStore::open(dir, cache_bytes)?.size_on_disk()?;
+    Ok(VacuumReport { pairs, bytes_before, bytes_after })
+}
+
+fn hash_pair(hasher: &mut blake3::Hasher, key: &[u8], value: &[u8]) {
+    hasher.update(&(key.len() as u64).to_be_bytes());
+    hasher.update(key);
+    hasher.update(&(value.len() as u64).to_be_bytes());
+    hasher.update(value);
+}
+
+#[cfg(test)]
+mod vacuum_tests {
+    use super::*;
+
+    fn dump(store: &SledStore) -> Vec<Pair> {
+        crate::store::scan_vec(store, &[], &[0xff; 2], usize::MAX).unwrap()
+    }
+
+    #[test]
+    fn vacuum_keeps_every_pair_and_herald_files_and_gives_space_back() {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("data");
+        let expected = {
+            let store = SledStore::open(&dir, 8 << 20).unwrap();
+            for round in 0..20u32 {
+                let mut b = Batch::default();
+                for i in 0..500u32 {
+                    b.put(
+                        [&[0x10], &round.to_be_bytes()[..], &i.to_be_bytes()].concat(),
+                        vec![round as u8; 1024],
+                    );
+                }
+                store.apply(&b).unwrap();
+                store.flush(Durability::Flush).unwrap();
+            }
+            // Most of it deleted, as retention does.
+            let mut b = Batch::default();
+            for round in 0..18u32 {
+                for i in 0..500u32 {
+                    b.delete([&[0x10], &round.to_be_bytes()[..], &i.to_be_bytes()].concat());
+                }
+            }
+            store.apply(&b).unwrap();
+            store.flush(Durability::Sync).unwrap();
+            dump(&store)
+        };
+        std::fs::write(dir.join("admin.key"), "sk_test\n").unwrap();
+        let report = vacuum(&dir, 8 << 20, &mut |_| {}).unwrap();
+        assert_eq!(report.pairs, 1000);
+        assert!(report.bytes_after * 2 < report.bytes_before, "{report:?}");
+        let store = SledStore::open(&dir, 8 << 20).unwrap();
+        assert_eq!(dump(&store), expected);
+        assert_eq!(std::fs::read_to_string(dir.join("admin.key")).unwrap(), "sk_test\n");
+        let (copy, old) = vacuum_paths(&dir);
+        assert!(!copy.exists() && !old.exists());
+    }
+
+    #[test]
+    fn an_interrupted_swap_is_reported_not_papered_over_with_an_empty_store() {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("data");
+        drop(SledStore::open(&dir, 8 << 20).unwrap());
+        let (_, old) = vacuum_paths(&dir);
+        std::fs::rename(&dir, &old).unwrap();
+        let err = SledStore::open(&dir, 8 << 20).err().unwrap();
+        assert!(err.to_string().contains("vacuum was interrupted"), "{err}");
+        assert!(!dir.exists(), "nothing created in its place");
     }
 }

@@ -211,6 +211,31 @@ impl Metrics {
             "Time spent flushing batches (divide by batches for the mean flush latency).",
             format!("{:.6}", w.flush_us_total as f64 / 1e6),
         );
+        let r = engine.retention_stats();
+        metric(
+            "herald_retention_runs_total",
+            "counter",
+            "Compactions run ([store] retain).",
+            r.runs.to_string(),
+        );
+        metric(
+            "herald_retention_failures_total",
+            "counter",
+            "Compactions that failed (each is written to stderr).",
+            r.failures.to_string(),
+        );
+        metric(
+            "herald_retention_records_dropped_total",
+            "counter",
+            "Log records dropped by retention.",
+            r.records_dropped.to_string(),
+        );
+        metric(
+            "herald_retention_deliveries_dropped_total",
+            "counter",
+            "Delivered deliveries dropped by retention.",
+            r.deliveries_dropped.to_string(),
+        );
         let _ = writeln!(out, "# HELP herald_attempts_total Delivery attempts by outcome.\n# TYPE herald_attempts_total counter");
         let _ = writeln!(out, "herald_attempts_total{{outcome=\"delivered\"}} {}", d.attempts_delivered);
         let _ = writeln!(out, "herald_attempts_total{{outcome=\"failed\"}} {}", d.attempts_failed);
