@@ -72,7 +72,7 @@ pub struct Parts {
 
 /// Records one compaction pass drops, at most: it bounds the memory a pass needs (the state
 /// those records leave) and the size of its batch, so the time other commands wait for it
-/// (about 50 ms here; the retention benchmark prints it).
+/// (up to about 160 ms here; the retention benchmark prints it).
 pub const COMPACT_PASS_RECORDS: usize = 20_000;
 
 /// What retention has done since the engine opened.
