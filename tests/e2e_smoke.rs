@@ -67,6 +67,15 @@ fn retention_drops_delivered_history_on_a_running_server() {
     let (status, e) =
         server.call("GET", &format!("/v1/events/{}", bad["id"].as_str().unwrap()), Some(&key), None);
     assert_eq!((status, &e["payload"]), (200, &json!({"call": 2})));
+    // What retention did is in the metrics.
+    let (status, text) = common::call_raw(&server.url("/metrics"), "GET", None, None, &[]).unwrap();
+    assert_eq!(status, 200);
+    let dropped = text
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_retention_deliveries_dropped_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(dropped.is_some_and(|n| n >= 1), "{text}");
+    assert!(text.contains("herald_retention_failures_total 0"), "{text}");
     assert!(server.terminate());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["verify", "--data-dir"])

@@ -237,8 +237,10 @@ impl Engine {
                     let Some(inner) = weak.upgrade() else { return };
                     // The outcome is kept in the retention stats, for metrics; a failure has no caller
                     // to go to, so it is also written to stderr, where a supervisor's log keeps it.
-                    if let Err(e) = (Engine { inner }).compact(retain) {
-                        eprintln!("herald: retention: compaction failed: {e}");
+                    match (Engine { inner }).compact(retain) {
+                        // Stopping: the pass was cut off, nothing was written.
+                        Ok(_) | Err(EngineError::Log(LogError::Closed)) => {}
+                        Err(e) => eprintln!("herald: retention: compaction failed: {e}"),
                     }
                 }
             })
