@@ -47,6 +47,37 @@ pub struct PlainError {
     pub error: String,
 }
 
+/// What every authenticated route of the native and admin family may answer before its own
+/// work, in OpenAPI: no valid key, a missing scope, the key over its rate.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a documentation type: never built
+pub enum AuthErrors {
+    /// No valid API key.
+    #[response(status = 401)]
+    Unauthorized(NamedError),
+    /// The key lacks the scope the route needs.
+    #[response(status = 403)]
+    Forbidden(NamedError),
+    /// The key is over its rate; `Retry-After` says when to come back.
+    #[response(status = 429)]
+    TooManyRequests(NamedError),
+}
+
+/// [`AuthErrors`] for the seed 000/001 routes, in their `{"error"}` shape.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a documentation type: never built
+pub enum PlainAuthErrors {
+    /// No valid API key.
+    #[response(status = 401)]
+    Unauthorized(PlainError),
+    /// The key lacks the scope the route needs.
+    #[response(status = 403)]
+    Forbidden(PlainError),
+    /// The key is over its rate; `Retry-After` says when to come back.
+    #[response(status = 429)]
+    TooManyRequests(PlainError),
+}
+
 impl ApiError {
     pub fn new(
         family: Family,

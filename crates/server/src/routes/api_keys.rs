@@ -14,7 +14,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::auth::{authenticate_admin, generate_key, key_hash};
-use crate::error::{ApiError, Family, NamedError};
+use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{ApiKeyCreate, ApiKeyList, ApiKeyOut};
 use crate::state::AppState;
 use crate::util::{encode_cursor, json_body, parse_cursor, parse_id, parse_limit, PathId};
@@ -23,8 +23,7 @@ const F: Family = Family::Named;
 
 #[utoipa::path(post, path = "/v1/api_keys", tag = "api_keys", request_body = ApiKeyCreate,
     responses((status = 201, body = ApiKeyOut, description = "the key is shown this once"),
-        (status = 400, body = NamedError), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 429, body = NamedError)),
+        (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -76,8 +75,7 @@ pub struct ListQuery {
 
 #[utoipa::path(get, path = "/v1/api_keys", tag = "api_keys",
     params(("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
-    responses((status = 200, body = ApiKeyList), (status = 400, body = NamedError), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = ApiKeyList), (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -96,8 +94,7 @@ pub async fn list(
 }
 
 #[utoipa::path(delete, path = "/v1/api_keys/{id}", tag = "api_keys", params(("id" = String, Path)),
-    responses((status = 204, description = "revoked, effective at once"), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 204, description = "revoked, effective at once"), (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,

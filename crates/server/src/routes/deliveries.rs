@@ -14,7 +14,7 @@ use herald_projector::{
 use serde::Deserialize;
 
 use crate::auth::{authenticate, Principal};
-use crate::error::{ApiError, Family, NamedError};
+use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{AttemptList, AttemptOut, DeliveryList, DeliveryOut};
 use crate::routes::org_of;
 use crate::state::AppState;
@@ -109,8 +109,7 @@ pub struct ListQuery {
         ("created_before" = Option<String>, Query, description = "RFC 3339"),
         ("limit" = Option<u32>, Query, description = "1 to 250, default 50"), ("cursor" = Option<String>, Query),
         ("org_id" = Option<String>, Query, description = "admin keys only")),
-    responses((status = 200, body = DeliveryList), (status = 400, body = NamedError), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = DeliveryList), (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -179,8 +178,8 @@ fn not_found(id: &str) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/v1/webhook_deliveries/{id}", tag = "deliveries", params(("id" = String, Path)),
-    responses((status = 200, body = DeliveryOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = DeliveryOut),
+        (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -193,8 +192,8 @@ pub async fn get(
 }
 
 #[utoipa::path(get, path = "/v1/webhook_deliveries/{id}/attempts", tag = "deliveries", params(("id" = String, Path)),
-    responses((status = 200, body = AttemptList), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = AttemptList),
+        (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn attempts(
     State(state): State<Arc<AppState>>,
@@ -215,10 +214,9 @@ pub async fn attempts(
 }
 
 #[utoipa::path(post, path = "/v1/webhook_deliveries/{id}/redeliver", tag = "deliveries", params(("id" = String, Path)),
-    responses((status = 200, body = DeliveryOut, description = "re-queued: pending, manual_retry_count + 1"),
-        (status = 401, body = NamedError), (status = 403, body = NamedError), (status = 404, body = NamedError),
-        (status = 409, body = NamedError, description = "already pending"), (status = 429, body = NamedError),
-        (status = 503, body = NamedError)),
+    responses((status = 200, body = DeliveryOut, description = "re-queued: pending, manual_retry_count + 1"), (status = 404, body = NamedError),
+        (status = 409, body = NamedError, description = "already pending"),
+        (status = 503, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn redeliver(
     State(state): State<Arc<AppState>>,

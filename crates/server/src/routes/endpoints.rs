@@ -14,7 +14,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::auth::{authenticate, Principal};
-use crate::error::{ApiError, Family, NamedError};
+use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
 use crate::routes::org_of;
 use crate::state::AppState;
@@ -56,8 +56,7 @@ fn answer(
 }
 
 #[utoipa::path(post, path = "/v1/endpoints", tag = "endpoints", request_body = EndpointCreate,
-    responses((status = 201, body = EndpointOut), (status = 400, body = NamedError), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 413, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 201, body = EndpointOut), (status = 400, body = NamedError), (status = 413, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -93,8 +92,7 @@ pub struct ListQuery {
     params(("limit" = Option<u32>, Query, description = "1 to 250, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("org_id" = Option<String>, Query, description = "admin keys only")),
-    responses((status = 200, body = EndpointList), (status = 400, body = NamedError), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = EndpointList), (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -114,8 +112,8 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
-    responses((status = 200, body = EndpointOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = EndpointOut),
+        (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -129,9 +127,7 @@ pub async fn get(
 
 #[utoipa::path(patch, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
     request_body = EndpointPatch,
-    responses((status = 200, body = EndpointOut), (status = 400, body = NamedError), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 404, body = NamedError), (status = 413, body = NamedError),
-        (status = 429, body = NamedError)),
+    responses((status = 200, body = EndpointOut), (status = 400, body = NamedError), (status = 404, body = NamedError), (status = 413, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn patch(
     State(state): State<Arc<AppState>>,
@@ -153,9 +149,7 @@ pub async fn patch(
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
-    responses((status = 204, description = "deleted; its deliveries and history are kept"),
-        (status = 401, body = NamedError), (status = 403, body = NamedError), (status = 404, body = NamedError),
-        (status = 429, body = NamedError)),
+    responses((status = 204, description = "deleted; its deliveries and history are kept"), (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
@@ -177,8 +171,7 @@ pub struct RotateIn {
 
 #[utoipa::path(post, path = "/v1/endpoints/{id}/secret/rotate", tag = "endpoints", params(("id" = String, Path)),
     request_body(content = Option<RotateIn>, description = "optional"),
-    responses((status = 200, body = EndpointOut), (status = 400, body = NamedError), (status = 401, body = NamedError),
-        (status = 403, body = NamedError), (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = EndpointOut), (status = 400, body = NamedError), (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
@@ -199,8 +192,8 @@ pub async fn rotate(
 }
 
 #[utoipa::path(post, path = "/v1/endpoints/{id}/enable", tag = "endpoints", params(("id" = String, Path)),
-    responses((status = 200, body = EndpointOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = EndpointOut),
+        (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn enable(
     State(state): State<Arc<AppState>>,

@@ -15,7 +15,7 @@ use serde::Deserialize as _;
 use uuid::Uuid;
 
 use crate::auth::{authenticate, authenticate_header};
-use crate::error::{ApiError, Family, NamedError};
+use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{EventOut, PublishIn, PublishInRef, PublishOut};
 use crate::routes::org_of;
 use crate::state::AppState;
@@ -26,8 +26,8 @@ const F: Family = Family::Named;
 #[utoipa::path(post, path = "/v1/events", tag = "events", request_body = PublishIn,
     params(("Idempotency-Key" = Option<String>, Header, description = "the same key within 24 h returns the first answer")),
     responses((status = 202, body = PublishOut, description = "the event and its deliveries are durable"),
-        (status = 400, body = NamedError), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 413, body = NamedError), (status = 429, body = NamedError), (status = 503, body = NamedError)),
+        (status = 400, body = NamedError),
+        (status = 413, body = NamedError), (status = 503, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn publish(
     State(state): State<Arc<AppState>>,
@@ -140,8 +140,8 @@ fn publish_out_json(id: EventId, event_type: &str, created_at: &str, delivery_id
 }
 
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "events", params(("id" = String, Path)),
-    responses((status = 200, body = EventOut), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 404, body = NamedError), (status = 429, body = NamedError)),
+    responses((status = 200, body = EventOut),
+        (status = 404, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,

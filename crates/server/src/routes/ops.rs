@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::auth::authenticate_admin;
-use crate::error::{ApiError, Family, NamedError};
+use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::Health;
 use crate::state::AppState;
 use crate::util::parse_limit;
@@ -70,8 +70,7 @@ pub const AUDIT_PAGE_MAX: usize = 10_000;
         ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000")),
     responses((status = 200, content_type = "application/x-ndjson", body = String,
         description = "one record a line: {seq, at, hash, prev_hash, event: {type, ...}}"),
-        (status = 400, body = NamedError), (status = 401, body = NamedError), (status = 403, body = NamedError),
-        (status = 429, body = NamedError)),
+        (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn audit_log(
     State(state): State<Arc<AppState>>,

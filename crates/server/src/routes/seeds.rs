@@ -17,7 +17,7 @@ use herald_projector::{
 use serde::Deserialize;
 
 use crate::auth::authenticate;
-use crate::error::{ApiError, Family, NamedError, PlainError};
+use crate::error::{ApiError, AuthErrors, Family, NamedError, PlainAuthErrors, PlainError};
 use crate::json::{
     is_failure, BatchItemOut, BatchRetriggerIn, BatchRetriggerOut, FailureList, FailureOut, RetriggerOut,
     WebhookFailure,
@@ -35,8 +35,8 @@ fn no_failure(id: &str) -> ApiError {
 }
 
 #[utoipa::path(post, path = "/api/webhooks/v1/failures/{id}/retrigger", tag = "seeds", params(("id" = String, Path)),
-    responses((status = 200, body = RetriggerOut), (status = 401, body = PlainError), (status = 403, body = PlainError),
-        (status = 404, body = PlainError), (status = 429, body = PlainError)),
+    responses((status = 200, body = RetriggerOut),
+        (status = 404, body = PlainError), PlainAuthErrors),
     security(("bearer" = [])))]
 pub async fn retrigger(
     State(state): State<Arc<AppState>>,
@@ -63,8 +63,8 @@ fn failure(state: &AppState, d: &Delivery) -> WebhookFailure {
 
 #[utoipa::path(get, path = "/api/v4/tasks/webhook_failures/{webhook_failure_id}", tag = "seeds",
     params(("webhook_failure_id" = String, Path)),
-    responses((status = 200, body = FailureOut), (status = 401, body = PlainError), (status = 403, body = PlainError),
-        (status = 404, body = PlainError), (status = 429, body = PlainError)),
+    responses((status = 200, body = FailureOut),
+        (status = 404, body = PlainError), PlainAuthErrors),
     security(("bearer" = [])))]
 pub async fn get_failure(
     State(state): State<Arc<AppState>>,
@@ -92,8 +92,7 @@ pub struct FailureQuery {
         ("webhook_id" = Option<String>, Query, description = "an endpoint id"),
         ("limit" = Option<u32>, Query, description = "1 to 250, default 50"), ("cursor" = Option<String>, Query),
         ("org_id" = Option<String>, Query, description = "admin keys only")),
-    responses((status = 200, body = FailureList), (status = 400, body = PlainError), (status = 401, body = PlainError),
-        (status = 403, body = PlainError), (status = 429, body = PlainError)),
+    responses((status = 200, body = FailureList), (status = 400, body = PlainError), PlainAuthErrors),
     security(("bearer" = [])))]
 pub async fn list_failures(
     State(state): State<Arc<AppState>>,
@@ -146,9 +145,7 @@ pub async fn list_failures(
 
 #[utoipa::path(post, path = "/api/notifications/v1/admin/webhooks/{webhookId}/notifications/retrigger", tag = "seeds",
     params(("webhookId" = String, Path, description = "an endpoint id")), request_body = BatchRetriggerIn,
-    responses((status = 200, body = BatchRetriggerOut), (status = 400, body = NamedError),
-        (status = 401, body = NamedError), (status = 403, body = NamedError), (status = 404, body = NamedError),
-        (status = 429, body = NamedError), (status = 500, body = NamedError)),
+    responses((status = 200, body = BatchRetriggerOut), (status = 400, body = NamedError), (status = 404, body = NamedError), (status = 500, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn batch_retrigger(
     State(state): State<Arc<AppState>>,
