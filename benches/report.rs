@@ -3,7 +3,11 @@
 //! machine and the date. `just bench` runs it last:
 //! `cargo bench --bench report -- <dir of JSON files> <BENCHMARKS.md> <benchmarks.json>`.
 
+mod common;
+
 use std::path::Path;
+
+use common::fmt_value;
 
 const START: &str = "<!-- figures:start -->";
 const END: &str = "<!-- figures:end -->";
@@ -49,21 +53,6 @@ fn num(v: &serde_json::Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
-fn fmt(v: f64) -> String {
-    if v.abs() < 100.0 && v.fract() != 0.0 {
-        return format!("{v:.2}");
-    }
-    let whole = format!("{:.0}", v.abs());
-    let mut out = String::new();
-    for (i, c) in whole.chars().enumerate() {
-        if i > 0 && (whole.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let [dir, md, json] = args.as_slice() else {
@@ -88,7 +77,7 @@ fn main() {
         let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
         for r in &rows {
             let limit = match num(&r["limit"]) {
-                l if l > 0.0 => format!("{}: {}", r["limit_name"].as_str().unwrap_or(""), fmt(l)),
+                l if l > 0.0 => format!("{}: {}", r["limit_name"].as_str().unwrap_or(""), fmt_value(l)),
                 _ => String::new(),
             };
             // Rates read as a share of their limit; times as a multiple of theirs.
@@ -106,7 +95,7 @@ fn main() {
             table.push(format!(
                 "| {bench} | {} | {} {} | {limit} | {ratio} | {target} |",
                 r["figure"].as_str().unwrap_or(""),
-                fmt(num(&r["value"])),
+                fmt_value(num(&r["value"])),
                 r["unit"].as_str().unwrap_or(""),
             ));
         }

@@ -583,12 +583,7 @@ fn write_checkpoint(
             )
             .map_err(io)?;
             for a in &attempts {
-                let result = match (&a.error, a.response_status) {
-                    (None, Some(s)) => format!("delivered, HTTP {s}"),
-                    (Some(e), Some(s)) => format!("failed, HTTP {s} ({e})"),
-                    (Some(e), None) => format!("failed: {e}"),
-                    (None, None) => "no answer".into(),
-                };
+                let result = attempt_result(a.response_status, a.error.as_deref());
                 writeln!(out, "    attempt {} started {}: {result}", a.attempt, ts(a.started_at_ms))
                     .map_err(io)?;
             }
@@ -596,6 +591,16 @@ fn write_checkpoint(
         followed.insert(d.id, Some(d.status));
     }
     Ok(endpoint_kept || !deliveries.is_empty())
+}
+
+/// How an attempt ended, for the timeline: its answer's status and its error, if any.
+fn attempt_result(status: Option<u16>, error: Option<&str>) -> String {
+    match (error, status) {
+        (None, Some(s)) => format!("delivered, HTTP {s}"),
+        (Some(e), Some(s)) => format!("failed, HTTP {s} ({e})"),
+        (Some(e), None) => format!("failed: {e}"),
+        (None, None) => "no answer".into(),
+    }
 }
 
 fn io(e: std::io::Error) -> Failure {
@@ -657,9 +662,8 @@ fn write_step(out: &mut dyn Write, ndjson: bool, r: &Record, event: &Event) -> R
                 Trigger::Manual => "manual",
             };
             let result = match outcome {
-                AttemptOutcome::Delivered { status } => format!("delivered, HTTP {status}"),
-                AttemptOutcome::Failed { status: Some(s), error } => format!("failed, HTTP {s} ({error})"),
-                AttemptOutcome::Failed { status: None, error } => format!("failed: {error}"),
+                AttemptOutcome::Delivered { status } => attempt_result(Some(*status), None),
+                AttemptOutcome::Failed { status, error } => attempt_result(*status, Some(error)),
             };
             let retry = match retry_at_ms {
                 Some(t) => format!("; next automatic attempt at {}", ts(*t)),

@@ -9,19 +9,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Receiver, Server, ADMIN_KEY};
+use common::{Receiver, Server, ADMIN_KEY, ORG_SCOPES};
 use herald_server::ROUTES;
 use serde_json::{json, Value};
-
-/// Every scope an organisation's key can hold, but `admin`.
-const ORG_SCOPES: &[&str] = &[
-    "events.write",
-    "endpoints.read",
-    "endpoints.write",
-    "deliveries.read",
-    "deliveries.write",
-    "tasks.webhooks.read",
-];
 
 /// The error shape of a route family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,18 +11,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{call_raw, Receiver, Server, ADMIN_KEY, WAIT_MAX};
+use common::{call_raw, Receiver, Server, ADMIN_KEY, ORG_SCOPES, WAIT_MAX};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-
-const ALL_SCOPES: &[&str] = &[
-    "events.write",
-    "endpoints.read",
-    "endpoints.write",
-    "deliveries.read",
-    "deliveries.write",
-    "tasks.webhooks.read",
-];
 
 /// The seed 003 delivery fields, plus `event_id`.
 const DELIVERY_KEYS: &[&str] = &[
@@ -224,7 +215,7 @@ fn seeds_000_001_failures_go_inactive_and_are_retriggered() {
     let server = Server::start_with(&[("HERALD_ENDPOINT_HEALTH_FAILURES", "4")]);
     let receiver = Receiver::start();
     receiver.set_status(503);
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     let endpoint = server.endpoint(&key, &receiver.url("/hook"), &["*"]);
     let ep = s(&endpoint["id"]);
 
@@ -418,7 +409,7 @@ fn seeds_000_001_failures_go_inactive_and_are_retriggered() {
 fn seed_001_a_timeout_is_a_connection_timeout_failure() {
     let server = Server::start_with(&[("HERALD_DELIVERY_TIMEOUT", "250ms")]);
     let (_hole, hole_url) = blackhole();
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     let (status, endpoint) = server.call(
         "POST",
         "/v1/endpoints",
@@ -459,7 +450,7 @@ fn seed_002_admin_batch_retrigger() {
     failing.set_status(503);
     let ok = Receiver::start();
     let (_hole, hole_url) = blackhole();
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     let a = s(&server.endpoint(&key, &failing.url("/a"), &["a.event"])["id"]);
     let b = s(&server.endpoint(&key, &ok.url("/b"), &["b.event"])["id"]);
 
@@ -583,7 +574,7 @@ fn seed_003_redeliver() {
     let server = Server::start_with(&[("HERALD_DELIVERY_TIMEOUT", "15s")]);
     let receiver = Receiver::start();
     let (_hole, hole_url) = blackhole();
-    let (org, key) = server.org_key(ALL_SCOPES);
+    let (org, key) = server.org_key(ORG_SCOPES);
     let ep = s(&server.endpoint(&key, &receiver.url("/r"), &["call.queued"])["id"]);
     server.endpoint(&key, &hole_url, &["call.ringing"]);
 
@@ -643,7 +634,7 @@ fn seed_003_redeliver() {
     assert_eq!(delivery(&server, &key, &slow)["manual_retry_count"], 0);
 
     // Unknown, malformed, another organisation's: 404. No key: 401. No scope: 403.
-    let (_, stranger) = server.org_key(ALL_SCOPES);
+    let (_, stranger) = server.org_key(ORG_SCOPES);
     for (path_id, k) in
         [(uuid::Uuid::now_v7().to_string(), &key), ("xyz".to_owned(), &key), (id.clone(), &stranger)]
     {
@@ -668,7 +659,7 @@ fn seed_003_redeliver() {
 fn idempotent_publish_delivers_once() {
     let server = Server::start();
     let receiver = Receiver::start();
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     server.endpoint(&key, &receiver.url("/i"), &["*"]);
     let body = json!({"event_type": "order.paid", "payload": {"order": 7}}).to_string();
     let publish = |idem: &str, body: &str| -> Value {
@@ -707,7 +698,7 @@ fn idempotent_publish_delivers_once() {
     receiver.wait_for(2);
     assert_eq!(walk(&server, &key, "/v1/webhook_deliveries", "data", 50).len(), 2);
     // Another organisation's same key is its own.
-    let (_, key2) = server.org_key(ALL_SCOPES);
+    let (_, key2) = server.org_key(ORG_SCOPES);
     let (status, out) =
         server.call_with("POST", "/v1/events", Some(&key2), Some(&body), &[("Idempotency-Key", "key-1")]);
     assert_eq!(status, 202, "{out}");
@@ -723,7 +714,7 @@ fn pagination_neither_loses_nor_repeats() {
     let server = Server::start();
     let ra = Receiver::start();
     let rb = Receiver::start();
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     let a = s(&server.endpoint(&key, &ra.url("/a"), &["*"])["id"]);
     let b = s(&server.endpoint(&key, &rb.url("/b"), &["*"])["id"]);
     let mut published = Vec::new();
@@ -824,7 +815,7 @@ fn pagination_neither_loses_nor_repeats() {
     assert_eq!(seen, full_ids, "a walk under concurrent publishes lost or repeated a delivery");
 
     // Endpoints: 12 of another organisation, 5 a page, newest first.
-    let (_, key2) = server.org_key(ALL_SCOPES);
+    let (_, key2) = server.org_key(ORG_SCOPES);
     let mut made: Vec<String> =
         (0..12).map(|n| s(&server.endpoint(&key2, &ra.url(&format!("/e{n}")), &["*"])["id"])).collect();
     made.reverse();
@@ -847,7 +838,7 @@ fn events_attempts_and_the_audit_chain() {
     let server = Server::start();
     let receiver = Receiver::start();
     receiver.set_status(503);
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     let endpoint = server.endpoint(&key, &receiver.url("/x"), &["*"]);
     let ep = s(&endpoint["id"]);
     let first_secret = s(&endpoint["secret"]);
@@ -877,7 +868,7 @@ fn events_attempts_and_the_audit_chain() {
     let (status, body) =
         server.call("GET", &format!("/v1/events/{}", uuid::Uuid::now_v7()), Some(&key), None);
     assert_named(status, &body, 404, "NotFound");
-    let (_, stranger) = server.org_key(ALL_SCOPES);
+    let (_, stranger) = server.org_key(ORG_SCOPES);
     let (status, body) = server.call("GET", &format!("/v1/events/{event_id}"), Some(&stranger), None);
     assert_named(status, &body, 404, "NotFound");
 
@@ -990,7 +981,7 @@ fn signature(secret: &str, msg_id: &str, timestamp: &str, body: &[u8]) -> String
 fn rotated_secrets_both_sign() {
     let server = Server::start();
     let receiver = Receiver::start();
-    let (_, key) = server.org_key(ALL_SCOPES);
+    let (_, key) = server.org_key(ORG_SCOPES);
     let endpoint = server.endpoint(&key, &receiver.url("/s"), &["*"]);
     let ep = s(&endpoint["id"]);
     let old = s(&endpoint["secret"]);

@@ -32,7 +32,8 @@ impl Row {
     }
 }
 
-fn fmt_value(v: f64) -> String {
+/// `1,234,567`, or two decimals under 100.
+pub fn fmt_value(v: f64) -> String {
     let whole = format!("{:.0}", v.abs());
     let mut out = String::new();
     for (i, c) in whole.chars().enumerate() {

@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Every scope an organisation's key can hold, but `admin`.
+pub const ORG_SCOPES: &[&str] = &[
+    "events.write",
+    "endpoints.read",
+    "endpoints.write",
+    "deliveries.read",
+    "deliveries.write",
+    "tasks.webhooks.read",
+];
+
 /// The admin key every test server starts with.
 pub const ADMIN_KEY: &str = "sk_e2e_admin_key_0123456789abcdef";
 /// No wait in these tests is longer than this.
