@@ -10,6 +10,11 @@ use herald_server::config::{herald_env, Config, Overrides};
 
 mod offline;
 
+/// sled allocates and frees a copy of a tree node for every key it writes; mimalloc makes each
+/// of those writes about twice as cheap as glibc's malloc does (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "herald", version, about = "A webhook delivery engine in one binary.")]
 struct Cli {

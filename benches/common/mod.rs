@@ -11,6 +11,10 @@ use herald_log::{Durability, Log, LogConfig, SledStore, Store};
 use herald_projector::{AttemptOutcome, DeliveryId, EndpointId, Event, EventId, OrgId, Projector, Trigger};
 use uuid::Uuid;
 
+/// The allocator `herald serve` runs with, so in-process figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// One figure beside its limit measured in the same run.
 pub struct Row {
     pub name: String,
