@@ -385,10 +385,31 @@ struct Burst {
     duplicates: usize,
     batch_avg: f64,
     batches: u64,
+    /// Store keys (records, projection rows, meta) put or deleted per delivery.
+    writes_per_delivery: f64,
+    /// Store keys per writer batch, on average.
+    writes_per_batch: f64,
     /// Time the writer spent in flush (+ fsync), s.
     flush_s: f64,
     refills: u64,
     cpu: String,
+}
+
+/// What sled alone allows the writer: raw `apply_batch` + flush of batches as large as the
+/// writer's (in keys), in the same run, divided by the keys the writer wrote per delivery.
+fn sled_ceiling(durability: Durability, b: &Burst) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let batch_len = (b.writes_per_batch.round() as usize).max(1);
+    let batches = (200_000 / batch_len).max(1);
+    let took = raw_sled_batches(&dir.path().join("raw"), batches, batch_len, 200, durability).unwrap();
+    let keys_per_s = (batches * batch_len) as f64 / took.as_secs_f64();
+    format!(
+        "{durability:?} store writes: {:.1} keys put or deleted per delivery (batches of {batch_len}); \
+         raw sled apply_batch + flush of {batch_len}-key batches in this run: {keys_per_s:.0} keys/s, \
+         so sled alone allows the single writer {:.0} deliveries/s",
+        b.writes_per_delivery,
+        keys_per_s / b.writes_per_delivery.max(1.0)
+    )
 }
 
 /// Publishes `n` events from `threads` threads as fast as `submit_with` takes them and times
@@ -468,6 +489,7 @@ fn burst(receiver: &Receiver, durability: Durability, n: u64, threads: u64) -> B
     let batches = stats.batches - batches_before.batches;
     let batch_avg = (stats.commands - batches_before.commands) as f64 / batches.max(1) as f64;
     let flush_s = (stats.flush_us_total - batches_before.flush_us_total) as f64 / 1e6;
+    let store_writes = (stats.store_writes - batches_before.store_writes) as f64;
     let refills = h.engine.dispatch_stats().refills;
     let cpu = cpu_now().since(&cpu_before, n, "delivery");
     h.engine.shutdown();
@@ -478,6 +500,8 @@ fn burst(receiver: &Receiver, durability: Durability, n: u64, threads: u64) -> B
         to_delivered_s: s(delivered_ns),
         to_acked_s: s(acked_at.load(Ordering::SeqCst)),
         duplicates: receipts.len() - first.len(),
+        writes_per_delivery: store_writes / n as f64,
+        writes_per_batch: store_writes / batches.max(1) as f64,
         batch_avg,
         batches,
         flush_s,
@@ -645,6 +669,7 @@ fn main() {
             b.refills
         ));
         notes.push(format!("{durability:?} burst: {}", b.cpu));
+        notes.push(sled_ceiling(durability, &b));
     }
 
     let paced_n = PACED_PER_S * PACED_FOR.as_secs();

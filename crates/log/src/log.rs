@@ -147,6 +147,9 @@ pub struct WriterStats {
     pub batches: u64,
     pub commands: u64,
     pub records: u64,
+    /// Keys put or deleted in the store by the batches counted in `batches` (records,
+    /// projection rows, meta): what sled's cost grows with.
+    pub store_writes: u64,
     pub failed_batches: u64,
     /// Sum of flush durations, microseconds.
     pub flush_us_total: u64,
@@ -480,6 +483,7 @@ struct Writer<M: Machine> {
 struct Flushing<M: Machine> {
     answers: Vec<Answer<M>>,
     records: u64,
+    store_writes: u64,
     commands: u64,
     next_seq: u64,
     after: AfterFlush,
@@ -501,7 +505,7 @@ impl Flusher {
     }
 
     fn flush<M: Machine>(&self, item: Flushing<M>) {
-        let Flushing { answers, records, commands, next_seq, after } = item;
+        let Flushing { answers, records, store_writes, commands, next_seq, after } = item;
         let started = Instant::now();
         if let Err(e) = self.store.flush(self.durability) {
             {
@@ -521,6 +525,7 @@ impl Flusher {
             stats.batches += 1;
             stats.commands += commands;
             stats.records += records;
+            stats.store_writes += store_writes;
             stats.flush_us_total += flush_us;
             stats.last_batch_commands = commands;
             stats.last_batch_failed = false;
@@ -636,7 +641,9 @@ impl<M: Machine> Writer<M> {
         self.next_seq = next_seq;
         self.last_hash = last_hash;
         let after = self.machine.applied(&records);
-        let item = Flushing { answers, records: records.len() as u64, commands, next_seq, after };
+        let store_writes = writes.len() as u64;
+        let item =
+            Flushing { answers, records: records.len() as u64, store_writes, commands, next_seq, after };
         if let Err(unsent) = to_flusher.send(item) {
             // The flusher is gone (it cannot be while the writer runs): answer, never acknowledge.
             let item = unsent.into_inner();
