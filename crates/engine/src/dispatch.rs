@@ -262,8 +262,17 @@ impl Dispatcher {
         }
     }
 
-    fn parked_max(&self) -> usize {
-        (self.cfg.max_in_flight_per_endpoint * 4).max(64)
+    /// Deliveries parked behind busy endpoints, at most, all endpoints together: as many as the
+    /// due queue holds, since a parked entry is a due entry taken out of the queue. A hot
+    /// endpoint's backlog then waits here instead of being dropped and read back from the store
+    /// over and over (each read is a sled get and a decode).
+    fn parked_total_max(&self) -> usize {
+        self.cfg.due_queue_capacity.max(self.cfg.max_in_flight_per_endpoint * 4).max(64)
+    }
+
+    /// Pending deliveries loaded at once for an endpoint whose backlog overflowed.
+    fn endpoint_refill_max(&self) -> usize {
+        (self.cfg.max_in_flight_per_endpoint * 16).max(256)
     }
 
     /// The loop: runs until a stop is asked, then drains what is in flight (bounded by the
@@ -406,7 +415,7 @@ impl Dispatcher {
                 }
             }
             match page.next {
-                Some(next) if loaded < self.parked_max() * 4 => cursor = Some(next),
+                Some(next) if loaded < self.endpoint_refill_max() => cursor = Some(next),
                 Some(_) => {
                     // More than a few rounds' worth: come back when these have drained.
                     self.overflowed.insert(endpoint);
@@ -442,10 +451,8 @@ impl Dispatcher {
         }
         if let Some(endpoint) = delivery.endpoint_id {
             if self.per_endpoint.get(&endpoint).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {
-                let parked_max = self.parked_max();
-                let list = self.parked.entry(endpoint).or_default();
-                if list.len() < parked_max {
-                    list.push_back(Due {
+                if self.parked_len < self.parked_total_max() {
+                    self.parked.entry(endpoint).or_default().push_back(Due {
                         next_attempt_at_ms: delivery.next_attempt_at_ms.unwrap_or(now),
                         delivery_id: delivery.id,
                     });
