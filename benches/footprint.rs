@@ -7,8 +7,8 @@
 //!   start of the same binary on an empty directory.
 //!
 //! The histories are written through the projector (what herald's own writes produce) in a
-//! temporary directory, removed at the end. `HERALD_BENCH_FOOTPRINT_SCALE=0.1` shrinks them for a
-//! quick look. Run: `cargo bench --bench footprint` (`--json FILE` also writes JSON).
+//! temporary directory, removed at the end (`HERALD_BENCH_FOOTPRINT_KEEP=1` keeps the large one,
+//! to profile a restart by hand). `HERALD_BENCH_FOOTPRINT_SCALE=0.1` shrinks them for a quick look. Run: `cargo bench --bench footprint` (`--json FILE` also writes JSON).
 
 mod common;
 
@@ -205,6 +205,12 @@ fn main() {
         target: "≤ 2 s".into(),
         met: Some(restart <= Duration::from_secs(2)),
     });
-    drop(big);
+    // `HERALD_BENCH_FOOTPRINT_KEEP=1`: keep the large data directory (printed) for profiling
+    // a restart by hand.
+    if std::env::var_os("HERALD_BENCH_FOOTPRINT_KEEP").is_some() {
+        eprintln!("kept the data directory {}", big.keep().display());
+    } else {
+        drop(big);
+    }
     report(&rows);
 }
