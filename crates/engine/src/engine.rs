@@ -176,6 +176,12 @@ impl Engine {
             Ok(_) => {}
             Err(e) => return Err(EngineError::Open(e.to_string())),
         }
+        // Index keys an earlier version wrote and this one does not keep: deleted once.
+        match herald_projector::compact::drop_legacy(store.as_ref()) {
+            Ok(0) => {}
+            Ok(n) => eprintln!("herald: deleted {n} index entries that this version no longer keeps"),
+            Err(e) => return Err(EngineError::Open(format!("removing index entries no longer kept: {e}"))),
+        }
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
         let machine =

@@ -410,7 +410,70 @@ pub fn load_checkpoint(store: &dyn Store, anchor_seq: u64) -> Result<(MemTables,
     if computed.as_slice() != hash {
         return Err(CompactError::Checkpoint(format!("its content does not match its hash (seq {seq})")));
     }
+    // A checkpoint written by an earlier version may hold index keys this one no longer keeps:
+    // checked with the rest above, left out of the state.
+    for key in legacy_keys(&tables) {
+        tables.delete(&key);
+    }
     Ok((tables, payloads))
+}
+
+fn legacy_keys(tables: &MemTables) -> Vec<Vec<u8>> {
+    tables.iter().filter(|(k, _)| keys::LEGACY_KEYSPACES.contains(&k[0])).map(|(k, _)| k.to_vec()).collect()
+}
+
+/// Deletes the pairs of [`keys::LEGACY_KEYSPACES`], which earlier versions wrote, from the live
+/// projection and from the checkpoint (whose hash is then recomputed, in the same batch as the
+/// checkpoint's deletions), then flushes. Returns how many pairs went. Run before the log opens;
+/// a crash midway leaves the rest for the next run, and a store without any costs two seeks.
+pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
+    const BATCH_KEYS: usize = 10_000;
+    let mut dropped = 0u64;
+    for keyspace in keys::LEGACY_KEYSPACES {
+        loop {
+            let mut batch = herald_log::Batch::default();
+            store
+                .scan(&[keyspace], &[keyspace + 1], &mut |key, _| {
+                    batch.delete(key.to_vec());
+                    if batch.len() < BATCH_KEYS {
+                        ControlFlow::Continue(())
+                    } else {
+                        ControlFlow::Break(())
+                    }
+                })
+                .map_err(LogError::from)?;
+            if batch.is_empty() {
+                break;
+            }
+            dropped += batch.len() as u64;
+            store.apply(&batch).map_err(LogError::from)?;
+        }
+    }
+    let anchor_seq = read_head(store)?.anchor_seq;
+    if store.get(CHECKPOINT_META).map_err(LogError::from)?.is_some() {
+        let (tables, payloads) = load_checkpoint(store, anchor_seq)?;
+        let mut stale = herald_log::Batch::default();
+        for keyspace in keys::LEGACY_KEYSPACES {
+            let from = [KS_CHECKPOINT, keyspace];
+            store
+                .scan(&from, &[KS_CHECKPOINT, keyspace + 1], &mut |key, _| {
+                    stale.delete(key.to_vec());
+                    ControlFlow::Continue(())
+                })
+                .map_err(LogError::from)?;
+        }
+        if !stale.is_empty() {
+            dropped += stale.len() as u64;
+            let hash =
+                checkpoint_hash(tables.iter(), payloads.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            stale.put(CHECKPOINT_META.to_vec(), [&anchor_seq.to_be_bytes()[..], &hash].concat());
+            store.apply(&stale).map_err(LogError::from)?;
+        }
+    }
+    if dropped > 0 {
+        store.flush(herald_log::Durability::Sync).map_err(LogError::from)?;
+    }
+    Ok(dropped)
 }
 
 /// Writes a checkpoint into an empty store (an import): the checkpoint itself and the
@@ -653,5 +716,86 @@ mod tests {
             matches!(&err, RebuildError::Checkpoint(m) if m.contains("does not match its hash")),
             "{err}"
         );
+    }
+
+    /// A store as an earlier version left it: whole-list index keys in the live projection and in
+    /// a checkpoint whose hash covers them. It reads and verifies as it is, and `drop_legacy`
+    /// deletes them (the checkpoint's in one batch with its new hash) and then finds nothing.
+    #[test]
+    fn index_keys_an_earlier_version_wrote_are_skipped_then_dropped() {
+        let store = MemStore::new();
+        let log = open(&store);
+        events(&log, 1, vec![endpoint(1)]);
+        events(&log, 10, vec![publish(1), delivery(1, 1, Some(1), 5_000)]);
+        events(&log, 20, vec![publish(2), delivery(2, 2, Some(1), 20)]);
+        events(&log, 30, vec![ok(2, 1)]);
+        let plan = plan(&store, 15, 100).unwrap().unwrap();
+        log.submit(Cmd::Compact(Box::new(plan), 200)).unwrap().unwrap();
+        events(&log, 300, vec![publish(3), delivery(3, 3, Some(1), 300)]);
+        log.close();
+        assert_exact(&store);
+
+        // What the earlier version also wrote: an org's and an endpoint's whole-list keys.
+        let legacy = |d: &Delivery| {
+            let mut out = vec![keys::timed(
+                &keys::key(keys::KS_DELIVERY_BY_ORG, &[d.org_id.as_bytes()]),
+                d.created_at_ms,
+                d.id,
+            )];
+            if let Some(e) = d.endpoint_id {
+                out.push(keys::timed(
+                    &keys::key(keys::KS_DELIVERY_BY_ENDPOINT, &[e.as_bytes()]),
+                    d.created_at_ms,
+                    d.id,
+                ));
+            }
+            out
+        };
+        let mut live = Batch::default();
+        for d in (1..=3).filter_map(|d| get_delivery(&crate::persist::StoreTables(&store), dl(d)).unwrap()) {
+            for key in legacy(&d) {
+                live.put(key, Vec::new());
+            }
+        }
+        let anchor = read_head(&store).unwrap().anchor_seq;
+        let (mut checkpoint, payloads) = load_checkpoint(&store, anchor).unwrap();
+        let kept: Vec<Delivery> = checkpoint
+            .scan(&[keys::KS_DELIVERY], &[keys::KS_DELIVERY + 1], usize::MAX)
+            .iter()
+            .map(|(_, v)| codec::from_bytes(v).unwrap())
+            .collect();
+        assert!(!kept.is_empty(), "the checkpoint keeps the pending delivery");
+        for d in &kept {
+            for key in legacy(d) {
+                checkpoint.put(key, Vec::new());
+            }
+        }
+        let old_checkpoint = checkpoint_pairs(
+            anchor,
+            &checkpoint,
+            payloads
+                .iter()
+                .map(|(id, p)| (EventId::from_bytes(id.as_slice().try_into().unwrap()), p.as_slice())),
+        );
+        let expected = live.len() + kept.iter().map(|d| legacy(d).len()).sum::<usize>();
+        for (key, value) in old_checkpoint {
+            live.put(key, value);
+        }
+        store.apply(&live).unwrap();
+
+        // As it is: the legacy pairs are not part of the projection, the checkpoint checks out.
+        assert_exact(&store);
+        assert_eq!(drop_legacy(&store).unwrap(), expected as u64);
+        let left = store.with_map(|m| {
+            m.keys()
+                .filter(|k| {
+                    keys::LEGACY_KEYSPACES.contains(&k[0])
+                        || (k[0] == KS_CHECKPOINT && keys::LEGACY_KEYSPACES.contains(&k[1]))
+                })
+                .count()
+        });
+        assert_eq!(left, 0);
+        assert_exact(&store);
+        assert_eq!(drop_legacy(&store).unwrap(), 0, "nothing left the second time");
     }
 }

@@ -14,9 +14,9 @@
 //! | `0x40` | event id | [`EventRecord`](crate::EventRecord) |
 //! | `0x41` | org id ++ idempotency key bytes | [`IdempotencyHit`](crate::IdempotencyHit) |
 //! | `0x50` | delivery id | [`Delivery`](crate::Delivery) |
-//! | `0x51` | org ++ created_at ++ delivery | empty |
+//! | `0x51` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
 //! | `0x52` | org ++ status ++ created_at ++ delivery | empty |
-//! | `0x53` | endpoint ++ created_at ++ delivery | empty (endpoint deliveries only) |
+//! | `0x53` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
 //! | `0x54` | endpoint ++ status ++ created_at ++ delivery | empty (endpoint deliveries only) |
 //! | `0x55` | org ++ type length (u32 BE) ++ type ++ created_at ++ delivery | empty |
 //! | `0x56` | next_attempt_at ++ delivery | empty (pending deliveries only: the due queue) |
@@ -34,13 +34,21 @@ pub const KS_ENDPOINT_BY_ORG: u8 = 0x31;
 pub const KS_EVENT: u8 = 0x40;
 pub const KS_IDEMPOTENCY: u8 = 0x41;
 pub const KS_DELIVERY: u8 = 0x50;
+/// Written by earlier versions (an organisation's whole delivery list); see [`LEGACY_KEYSPACES`].
 pub const KS_DELIVERY_BY_ORG: u8 = 0x51;
 pub const KS_DELIVERY_BY_ORG_STATUS: u8 = 0x52;
+/// Written by earlier versions (an endpoint's whole delivery list); see [`LEGACY_KEYSPACES`].
 pub const KS_DELIVERY_BY_ENDPOINT: u8 = 0x53;
 pub const KS_DELIVERY_BY_ENDPOINT_STATUS: u8 = 0x54;
 pub const KS_DELIVERY_BY_ORG_TYPE: u8 = 0x55;
 pub const KS_DUE: u8 = 0x56;
 pub const KS_ATTEMPT: u8 = 0x60;
+
+/// Keyspaces that earlier versions wrote and this one neither writes nor reads: an organisation's
+/// and an endpoint's whole delivery lists, which are now their status partitions merged (two
+/// index keys fewer per delivery, each a sled insert and a share of a page). Reads skip them;
+/// [`drop_legacy`](crate::compact::drop_legacy), run when the engine opens, deletes them.
+pub const LEGACY_KEYSPACES: [u8; 2] = [KS_DELIVERY_BY_ORG, KS_DELIVERY_BY_ENDPOINT];
 
 /// The first keyspace byte the projector owns; the log owns every byte below.
 pub const KS_FIRST: u8 = 0x10;
@@ -185,8 +193,8 @@ mod tests {
     fn timed_keys_sort_by_time_then_id_and_parse_back() {
         let a = DeliveryId(Uuid::from_u128(2));
         let b = DeliveryId(Uuid::from_u128(1));
-        let early = timed(&[KS_DELIVERY_BY_ORG], 255, a);
-        let late = timed(&[KS_DELIVERY_BY_ORG], 256, b);
+        let early = timed(&[KS_DELIVERY_BY_ORG_STATUS], 255, a);
+        let late = timed(&[KS_DELIVERY_BY_ORG_STATUS], 256, b);
         assert!(early < late);
         assert_eq!(parse_timed(&early), Some((255, a)));
         assert_eq!(parse_timed(&[1, 2]), None);

@@ -124,23 +124,15 @@ impl Delivery {
     pub(crate) fn index_keys(&self) -> Vec<Vec<u8>> {
         let status = keys::status_byte(self.status);
         let org = self.org_id.as_bytes();
-        let mut out = vec![
-            keys::timed(&keys::key(keys::KS_DELIVERY_BY_ORG, &[org]), self.created_at_ms, self.id),
-            keys::timed(
-                &keys::key(keys::KS_DELIVERY_BY_ORG_STATUS, &[org, &[status]]),
-                self.created_at_ms,
-                self.id,
-            ),
-        ];
+        // An organisation's and an endpoint's whole lists are their status partitions, merged.
+        let mut out = vec![keys::timed(
+            &keys::key(keys::KS_DELIVERY_BY_ORG_STATUS, &[org, &[status]]),
+            self.created_at_ms,
+            self.id,
+        )];
         if let Some(endpoint) = self.endpoint_id {
-            let endpoint = endpoint.as_bytes();
             out.push(keys::timed(
-                &keys::key(keys::KS_DELIVERY_BY_ENDPOINT, &[endpoint]),
-                self.created_at_ms,
-                self.id,
-            ));
-            out.push(keys::timed(
-                &keys::key(keys::KS_DELIVERY_BY_ENDPOINT_STATUS, &[endpoint, &[status]]),
+                &keys::key(keys::KS_DELIVERY_BY_ENDPOINT_STATUS, &[endpoint.as_bytes(), &[status]]),
                 self.created_at_ms,
                 self.id,
             ));

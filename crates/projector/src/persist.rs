@@ -176,11 +176,15 @@ pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTa
 }
 
 /// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.
+/// Pairs of [`LEGACY_KEYSPACES`](crate::keys::LEGACY_KEYSPACES) that an earlier version left
+/// are not part of it.
 pub fn stored_projection(store: &dyn Store) -> Result<Vec<Pair>, LogError> {
     let mut out = Vec::new();
     let end = [KS_LAST + 1];
     store.scan(&[KS_FIRST], &end, &mut |k, v| {
-        out.push((k.to_vec(), v.to_vec()));
+        if !crate::keys::LEGACY_KEYSPACES.contains(&k[0]) {
+            out.push((k.to_vec(), v.to_vec()));
+        }
         ControlFlow::Continue(())
     })?;
     Ok(out)

@@ -214,20 +214,27 @@ pub enum DeliveryIndex {
 }
 
 impl DeliveryIndex {
-    fn prefix(&self) -> Vec<u8> {
-        match self {
-            DeliveryIndex::Org(org) => keys::key(keys::KS_DELIVERY_BY_ORG, &[org.as_bytes()]),
-            DeliveryIndex::OrgStatus(org, status) => {
-                keys::key(keys::KS_DELIVERY_BY_ORG_STATUS, &[org.as_bytes(), &[keys::status_byte(*status)]])
-            }
-            DeliveryIndex::Endpoint(endpoint) => {
-                keys::key(keys::KS_DELIVERY_BY_ENDPOINT, &[endpoint.as_bytes()])
-            }
-            DeliveryIndex::EndpointStatus(endpoint, status) => keys::key(
+    /// The key prefixes of the index's parts, each walked in creation order. An organisation's
+    /// or an endpoint's whole list has no keys of its own: it is its four status partitions,
+    /// merged (two index keys fewer written per delivery).
+    fn prefixes(&self) -> Vec<Vec<u8>> {
+        let org_status = |org: &OrgId, status: DeliveryStatus| {
+            keys::key(keys::KS_DELIVERY_BY_ORG_STATUS, &[org.as_bytes(), &[keys::status_byte(status)]])
+        };
+        let endpoint_status = |endpoint: &EndpointId, status: DeliveryStatus| {
+            keys::key(
                 keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
-                &[endpoint.as_bytes(), &[keys::status_byte(*status)]],
-            ),
-            DeliveryIndex::OrgEventType(org, event_type) => keys::org_type_prefix(*org, event_type),
+                &[endpoint.as_bytes(), &[keys::status_byte(status)]],
+            )
+        };
+        match self {
+            DeliveryIndex::Org(org) => DeliveryStatus::ALL.iter().map(|s| org_status(org, *s)).collect(),
+            DeliveryIndex::OrgStatus(org, status) => vec![org_status(org, *status)],
+            DeliveryIndex::Endpoint(endpoint) => {
+                DeliveryStatus::ALL.iter().map(|s| endpoint_status(endpoint, *s)).collect()
+            }
+            DeliveryIndex::EndpointStatus(endpoint, status) => vec![endpoint_status(endpoint, *status)],
+            DeliveryIndex::OrgEventType(org, event_type) => vec![keys::org_type_prefix(*org, event_type)],
         }
     }
 }
@@ -263,24 +270,76 @@ pub fn list_deliveries(
     after: Option<DeliveryCursor>,
     limit: usize,
 ) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
-    let prefix = query.index.prefix();
-    let mut from = prefix.clone();
-    if let Some(from_ms) = query.created_from_ms {
-        from.extend_from_slice(&from_ms.to_be_bytes());
+    deliveries_page(t, query, after, limit, Direction::Forward)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Oldest first, after the cursor.
+    Forward,
+    /// Newest first, before the cursor.
+    Backward,
+}
+
+/// A page of the list: the first `limit` entries of every part of the index (one beyond, to know
+/// whether there is more), merged in list order, and only those read.
+fn deliveries_page(
+    t: &impl ReadTables,
+    query: &DeliveryQuery,
+    cursor: Option<DeliveryCursor>,
+    limit: usize,
+    direction: Direction,
+) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
+    let limit = limit.min(PAGE_LEN_MAX);
+    let mut entries: Vec<(u64, [u8; 16])> = Vec::new();
+    for prefix in query.index.prefixes() {
+        let mut from = prefix.clone();
+        if let Some(from_ms) = query.created_from_ms {
+            from.extend_from_slice(&from_ms.to_be_bytes());
+        }
+        let mut to = match query.created_before_ms {
+            Some(before_ms) => [&prefix[..], &before_ms.to_be_bytes()].concat(),
+            None => end_of(&prefix),
+        };
+        let at = |c: DeliveryCursor| keys::timed(&prefix, c.created_at_ms, c.id);
+        let pairs = match direction {
+            Direction::Forward => {
+                if let Some(c) = cursor {
+                    from = from.max(keys::successor(&at(c)));
+                }
+                t.scan(&from, &to, limit.saturating_add(1))
+            }
+            Direction::Backward => {
+                if let Some(c) = cursor {
+                    to = to.min(at(c));
+                }
+                t.scan_rev(&from, &to, limit.saturating_add(1))
+            }
+        };
+        for (key, _) in pairs {
+            let (at_ms, id) = keys::parse_timed(&key).ok_or_else(|| Corrupt { key: key.clone() })?;
+            entries.push((at_ms, *id.as_bytes()));
+        }
     }
-    if let Some(after) = after {
-        from = from.max(keys::successor(&keys::timed(&prefix, after.created_at_ms, after.id)));
+    // Byte order of the keys' (created_at, id) tail: the order every part is walked in.
+    entries.sort_unstable();
+    if direction == Direction::Backward {
+        entries.reverse();
     }
-    let to = match query.created_before_ms {
-        Some(before_ms) => [&prefix[..], &before_ms.to_be_bytes()].concat(),
-        None => end_of(&prefix),
-    };
-    let (items, last) = page(t, &from, &to, limit, |key, _| {
-        let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
-        get_delivery(t, id)?.ok_or_else(|| Corrupt { key: key.to_vec() })
-    })?;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let items = entries
+        .into_iter()
+        .map(|(_, id)| {
+            let id = DeliveryId::from_bytes(id);
+            get_delivery(t, id)?.ok_or_else(|| Corrupt { key: keys::delivery(id) })
+        })
+        .collect::<Result<Vec<_>, Corrupt>>()?;
     Ok(Page {
-        next: last.and(items.last().map(|d| DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id })),
+        next: items
+            .last()
+            .filter(|_| more)
+            .map(|d| DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id }),
         items,
     })
 }
@@ -352,24 +411,5 @@ pub fn list_deliveries_rev(
     before: Option<DeliveryCursor>,
     limit: usize,
 ) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
-    let prefix = query.index.prefix();
-    let mut from = prefix.clone();
-    if let Some(from_ms) = query.created_from_ms {
-        from.extend_from_slice(&from_ms.to_be_bytes());
-    }
-    let mut to = match query.created_before_ms {
-        Some(before_ms) => [&prefix[..], &before_ms.to_be_bytes()].concat(),
-        None => end_of(&prefix),
-    };
-    if let Some(before) = before {
-        to = to.min(keys::timed(&prefix, before.created_at_ms, before.id));
-    }
-    let (items, last) = page_rev(t, &from, &to, limit, |key, _| {
-        let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
-        get_delivery(t, id)?.ok_or_else(|| Corrupt { key: key.to_vec() })
-    })?;
-    Ok(Page {
-        next: last.and(items.last().map(|d| DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id })),
-        items,
-    })
+    deliveries_page(t, query, before, limit, Direction::Backward)
 }
