@@ -412,20 +412,22 @@ pub fn load_checkpoint(store: &dyn Store, anchor_seq: u64) -> Result<(MemTables,
     }
     // A checkpoint written by an earlier version may hold index keys this one no longer keeps:
     // checked with the rest above, left out of the state.
-    for key in legacy_keys(&tables) {
+    let legacy: Vec<Vec<u8>> = tables
+        .iter()
+        .filter(|(k, _)| keys::LEGACY_KEYSPACES.contains(&k[0]))
+        .map(|(k, _)| k.to_vec())
+        .collect();
+    for key in legacy {
         tables.delete(&key);
     }
     Ok((tables, payloads))
 }
 
-fn legacy_keys(tables: &MemTables) -> Vec<Vec<u8>> {
-    tables.iter().filter(|(k, _)| keys::LEGACY_KEYSPACES.contains(&k[0])).map(|(k, _)| k.to_vec()).collect()
-}
-
 /// Deletes the pairs of [`keys::LEGACY_KEYSPACES`], which earlier versions wrote, from the live
 /// projection and from the checkpoint (whose hash is then recomputed, in the same batch as the
 /// checkpoint's deletions), then flushes. Returns how many pairs went. Run before the log opens;
-/// a crash midway leaves the rest for the next run, and a store without any costs two seeks.
+/// a crash midway leaves the rest for the next run, and a store without any costs four seeks
+/// (the checkpoint is read and hashed only when it holds some).
 pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
     const BATCH_KEYS: usize = 10_000;
     let mut dropped = 0u64;
@@ -449,26 +451,23 @@ pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
             store.apply(&batch).map_err(LogError::from)?;
         }
     }
-    let anchor_seq = read_head(store)?.anchor_seq;
-    if store.get(CHECKPOINT_META).map_err(LogError::from)?.is_some() {
+    let mut stale = herald_log::Batch::default();
+    for keyspace in keys::LEGACY_KEYSPACES {
+        store
+            .scan(&[KS_CHECKPOINT, keyspace], &[KS_CHECKPOINT, keyspace + 1], &mut |key, _| {
+                stale.delete(key.to_vec());
+                ControlFlow::Continue(())
+            })
+            .map_err(LogError::from)?;
+    }
+    if !stale.is_empty() {
+        // Checked against the hash that covers the stale pairs, loaded without them.
+        let anchor_seq = read_head(store)?.anchor_seq;
         let (tables, payloads) = load_checkpoint(store, anchor_seq)?;
-        let mut stale = herald_log::Batch::default();
-        for keyspace in keys::LEGACY_KEYSPACES {
-            let from = [KS_CHECKPOINT, keyspace];
-            store
-                .scan(&from, &[KS_CHECKPOINT, keyspace + 1], &mut |key, _| {
-                    stale.delete(key.to_vec());
-                    ControlFlow::Continue(())
-                })
-                .map_err(LogError::from)?;
-        }
-        if !stale.is_empty() {
-            dropped += stale.len() as u64;
-            let hash =
-                checkpoint_hash(tables.iter(), payloads.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-            stale.put(CHECKPOINT_META.to_vec(), [&anchor_seq.to_be_bytes()[..], &hash].concat());
-            store.apply(&stale).map_err(LogError::from)?;
-        }
+        dropped += stale.len() as u64;
+        let hash = checkpoint_hash(tables.iter(), payloads.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        stale.put(CHECKPOINT_META.to_vec(), [&anchor_seq.to_be_bytes()[..], &hash].concat());
+        store.apply(&stale).map_err(LogError::from)?;
     }
     if dropped > 0 {
         store.flush(herald_log::Durability::Sync).map_err(LogError::from)?;
