@@ -383,6 +383,8 @@ struct Burst {
     /// Publish start to every publish acknowledged (durable), s.
     to_acked_s: f64,
     duplicates: usize,
+    /// Events that reached the receiver before the last publish was acknowledged.
+    during_publish: u64,
     batch_avg: f64,
     batches: u64,
     /// Store keys (records, projection rows, meta) put or deleted per delivery.
@@ -483,6 +485,8 @@ fn burst(receiver: &Receiver, durability: Durability, n: u64, threads: u64) -> B
     }
     assert_eq!(first.len() as u64, n, "every event reached the receiver");
     let last_ns = first.values().copied().max().unwrap();
+    let acked_ns = acked_at.load(Ordering::SeqCst);
+    let during_publish = first.values().filter(|at| **at <= acked_ns).count() as u64;
     let delivered = count_status(&h, DeliveryStatus::Delivered, usize::MAX);
     assert_eq!(delivered as u64, n + WARMUP_EVENTS, "every delivery is delivered in the projection");
     let stats = h.engine.writer_stats();
@@ -498,7 +502,8 @@ fn burst(receiver: &Receiver, durability: Durability, n: u64, threads: u64) -> B
     Burst {
         to_receipt_s: s(last_ns),
         to_delivered_s: s(delivered_ns),
-        to_acked_s: s(acked_at.load(Ordering::SeqCst)),
+        to_acked_s: s(acked_ns),
+        during_publish,
         duplicates: receipts.len() - first.len(),
         writes_per_delivery: store_writes / n as f64,
         writes_per_batch: store_writes / batches.max(1) as f64,
@@ -655,11 +660,13 @@ fn main() {
             met: None,
         });
         notes.push(format!(
-            "{durability:?}: {events} publishes acknowledged after {:.2} s ({:.0}/s); last receipt after \
-             {:.2} s; none pending after {:.2} s; {} duplicate receipts; writer: {} batches of {:.1} \
-             commands (publishes and attempt records), {:.2} s in flush; {} due-queue refills",
+            "{durability:?}: {events} publishes acknowledged after {:.2} s ({:.0}/s), {} of them received \
+             by then; last receipt after {:.2} s; none pending after {:.2} s; {} duplicate receipts; \
+             writer: {} batches of {:.1} commands (publishes and attempt records), {:.2} s in flush; {} \
+             due-queue refills",
             b.to_acked_s,
             events as f64 / b.to_acked_s,
+            b.during_publish,
             b.to_receipt_s,
             b.to_delivered_s,
             b.duplicates,

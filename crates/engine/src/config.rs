@@ -42,8 +42,13 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Attempts in flight to one endpoint, at most.
     pub max_in_flight_per_endpoint: usize,
-    /// Attempts in flight in total, at most.
+    /// Attempts in flight in total, at most: from the request until the receiver answers.
     pub max_in_flight_total: usize,
+    /// Attempts whose receiver has answered but whose record is not yet durable, at most, beyond
+    /// `max_in_flight_total` (they hold no connection, only memory). Records queue behind
+    /// publishes in the writer, so without this room a burst of publishes stalls delivery until
+    /// it is written. 0: an attempt holds its place until its record is durable.
+    pub max_awaiting_record: usize,
     /// Due deliveries kept in memory, at most (the rest stay in the stored due index).
     pub due_queue_capacity: usize,
     /// Whether loopback, private and link-local targets are allowed.
@@ -64,6 +69,7 @@ impl Default for DeliveryConfig {
             timeout: Duration::from_secs(15),
             max_in_flight_per_endpoint: 16,
             max_in_flight_total: 1024,
+            max_awaiting_record: 8192,
             due_queue_capacity: 100_000,
             allow_private_targets: false,
             extra_ca_file: None,

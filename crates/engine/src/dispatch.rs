@@ -209,6 +209,8 @@ struct Ctx {
 struct InFlight {
     /// The endpoint whose slot this attempt holds, until its receiver answers.
     endpoint: Option<EndpointId>,
+    /// The receiver has answered: the attempt waits for its record only.
+    answered: bool,
     abort: tokio::task::AbortHandle,
     delivery: Delivery,
     started_at_ms: u64,
@@ -220,6 +222,9 @@ pub(crate) struct Dispatcher {
     cfg: DeliveryConfig,
     queue: DueQueue,
     in_flight: HashMap<Id, InFlight>,
+    /// How many of `in_flight` have been answered (they count against `max_awaiting_record`,
+    /// not `max_in_flight_total`).
+    answered: usize,
     per_endpoint: HashMap<EndpointId, usize>,
     parked: HashMap<EndpointId, VecDeque<Due>>,
     parked_len: usize,
@@ -249,6 +254,7 @@ impl Dispatcher {
             queue: DueQueue::new(cfg.due_queue_capacity),
             cfg,
             in_flight: HashMap::new(),
+            answered: 0,
             per_endpoint: HashMap::new(),
             parked: HashMap::new(),
             parked_len: 0,
@@ -328,8 +334,14 @@ impl Dispatcher {
         for endpoint in std::mem::take(&mut self.endpoint_refills) {
             self.refill_endpoint(endpoint);
         }
-        while self.in_flight.len() < self.cfg.max_in_flight_total {
-            let room = self.cfg.max_in_flight_total - self.in_flight.len();
+        let held_max = self.cfg.max_in_flight_total.saturating_add(self.cfg.max_awaiting_record);
+        loop {
+            let sending = self.in_flight.len() - self.answered;
+            let room = (self.cfg.max_in_flight_total.saturating_sub(sending))
+                .min(held_max.saturating_sub(self.in_flight.len()));
+            if room == 0 {
+                break;
+            }
             let ids = self.queue.pop_due(now, room.min(256));
             if ids.is_empty() {
                 break;
@@ -474,13 +486,16 @@ impl Dispatcher {
         let abort = self.tasks.spawn(async move { attempt(ctx, d).await });
         self.in_flight.insert(
             *delivery.id.as_bytes(),
-            InFlight { endpoint: delivery.endpoint_id, abort, delivery, started_at_ms: now },
+            InFlight { endpoint: delivery.endpoint_id, answered: false, abort, delivery, started_at_ms: now },
         );
     }
 
     /// An attempt's record is durable (or failed to be).
     fn finish(&mut self, f: Finished) {
         let Some(flight) = self.in_flight.remove(&f.id) else { return };
+        if flight.answered {
+            self.answered -= 1;
+        }
         match f.result {
             Ok(Some(retry_at)) => {
                 self.queue.insert(f.id, retry_at);
@@ -504,10 +519,17 @@ impl Dispatcher {
         }
     }
 
-    /// The receiver answered: the attempt's endpoint slot is free while its outcome is recorded.
+    /// The receiver answered: the attempt's endpoint slot and its place in the total bound are free
+    /// while its outcome is recorded (it then counts against `max_awaiting_record`).
     fn release(&mut self, id: Id) {
-        let Some(endpoint) = self.in_flight.get_mut(&id).and_then(|f| f.endpoint.take()) else { return };
-        self.free_endpoint_slot(endpoint);
+        let Some(flight) = self.in_flight.get_mut(&id) else { return };
+        if !flight.answered {
+            flight.answered = true;
+            self.answered += 1;
+        }
+        if let Some(endpoint) = flight.endpoint.take() {
+            self.free_endpoint_slot(endpoint);
+        }
     }
 
     fn free_endpoint_slot(&mut self, endpoint: EndpointId) {
@@ -577,6 +599,7 @@ impl Dispatcher {
             self.finish(f);
         }
         let now = self.ctx.clock.now_ms();
+        self.answered = 0;
         for (_, flight) in self.in_flight.drain() {
             flight.abort.abort();
             report.interrupted += 1;

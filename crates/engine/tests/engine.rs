@@ -471,3 +471,97 @@ fn opening_a_store_with_index_keys_this_version_no_longer_keeps_deletes_them() {
     let rebuilt = herald_projector::rebuild(w.store.as_ref(), &mut |_| {}).unwrap().dump();
     assert_eq!(herald_projector::stored_projection(w.store.as_ref()).unwrap(), rebuilt);
 }
+
+/// A store whose writes wait while its gate is closed: a writer stuck behind a long queue.
+struct GatedStore {
+    inner: MemStore,
+    closed: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl GatedStore {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+}
+
+impl Store for GatedStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), herald_log::StoreError> {
+        self.inner.scan(from, to, visit)
+    }
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
+        self.inner.last(from, to)
+    }
+    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.inner.apply(batch)
+    }
+    fn flush(&self, durability: herald_log::Durability) -> Result<(), herald_log::StoreError> {
+        self.inner.flush(durability)
+    }
+}
+
+/// An answered attempt waits for its record outside the total bound: with one attempt in flight
+/// at a time and the writer held up (as behind a burst of publishes), the next deliveries are
+/// still attempted; once the writer moves, every record lands and all are delivered.
+#[test]
+fn attempts_go_on_while_their_records_wait_for_the_writer() {
+    let store = Arc::new(GatedStore {
+        inner: MemStore::new(),
+        closed: Mutex::new(false),
+        opened: Default::default(),
+    });
+    let sender = Arc::new(Scripted::default());
+    let mut cfg = config(vec![1_000]);
+    cfg.delivery.max_in_flight_total = 1;
+    let parts = Parts { store: store.clone(), clock: Arc::new(ManualClock::new(T0)), sender: sender.clone() };
+    let engine = Engine::open_with(cfg, parts).unwrap();
+    let endpoint = Command::CreateEndpoint {
+        id: EndpointId(Uuid::now_v7()),
+        org_id: org(),
+        url: "https://receiver.example/hook".into(),
+        name: "crm".into(),
+        enabled_events: vec!["*".into()],
+        secret: None,
+    };
+    engine.execute_blocking(Actor::admin(), endpoint).unwrap();
+    // The first attempt is held at the receiver while the other events are published.
+    sender.push(Script::Hold(Duration::from_millis(300)), 1);
+    let deliveries: Vec<DeliveryId> = (0..3)
+        .flat_map(|_| match engine.publish(org(), "call.ended", b"{}") {
+            Ok(Reply::Published { delivery_ids, .. }) => delivery_ids,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    store.set_closed(true);
+    let deadline = std::time::Instant::now() + SETTLE;
+    while sender.requests().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 3 attempted while the writer is held: {:?}",
+            sender.requests().len(),
+            engine.dispatch_stats()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(sender.active_max.load(Ordering::SeqCst) <= 1, "one request at a time");
+    store.set_closed(false);
+    assert!(engine.settle(SETTLE));
+    for d in deliveries {
+        assert_eq!(engine.delivery(d).unwrap().unwrap().status, DeliveryStatus::Delivered);
+    }
+    assert_eq!(sender.requests().len(), 3, "each delivery attempted once");
+}

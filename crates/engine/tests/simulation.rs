@@ -19,7 +19,7 @@
 //!    endpoints turn inactive exactly when the rule says;
 //! 4. at the end, with every receiver up and every failure retriggered, everything is delivered.
 //!
-//! `max_in_flight_total: 1` makes the order of attempts deterministic: the dispatcher takes due
+//! `max_in_flight_total: 1` (with `max_awaiting_record: 0`) makes the order of attempts deterministic: the dispatcher takes due
 //! deliveries one at a time in (due time, id) order, which the model checks as well.
 //!
 //! A failure names its seed and step. `HERALD_SIM_SEED=<seed>` runs one more seed (decimal or
@@ -488,6 +488,8 @@ fn config() -> EngineConfig {
         limits: CommandLimits { retrigger_max_per_window: 1_000_000, ..CommandLimits::default() },
         delivery: DeliveryConfig {
             max_in_flight_total: 1,
+            // One attempt at a time, record included, so the order of attempts is the seed's.
+            max_awaiting_record: 0,
             due_queue_capacity: capacity
                 .or(env_u64("HERALD_SIM_DUE_QUEUE_CAPACITY").map(|n| n as usize))
                 .unwrap_or(DeliveryConfig::default().due_queue_capacity),
