@@ -336,7 +336,7 @@ impl Dispatcher {
         }
         let held_max = self.cfg.max_in_flight_total.saturating_add(self.cfg.max_awaiting_record);
         loop {
-            let sending = self.in_flight.len() - self.answered;
+            let sending = self.in_flight.len().saturating_sub(self.answered);
             let room = (self.cfg.max_in_flight_total.saturating_sub(sending))
                 .min(held_max.saturating_sub(self.in_flight.len()));
             if room == 0 {
