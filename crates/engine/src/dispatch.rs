@@ -569,7 +569,10 @@ impl Dispatcher {
     }
 
     /// The stop: no new attempts; wait for those in flight up to the shutdown timeout; record the
-    /// rest as interrupted.
+    /// rest as interrupted, except those whose receiver answered (their outcome's record is
+    /// already on its way to the writer; recording them as interrupted as well would add an
+    /// attempt that was not made, and if that record is lost the delivery is attempted again after
+    /// the restart).
     async fn drain(mut self) -> StopReport {
         let mut report = StopReport::default();
         let deadline = tokio::time::Instant::now() + self.cfg.shutdown_timeout;
@@ -577,6 +580,9 @@ impl Dispatcher {
         while !self.in_flight.is_empty() {
             let notified = shared.inbox.wake.notified();
             let inbox = self.ctx.shared.inbox.take();
+            for id in inbox.released {
+                self.release(id);
+            }
             for f in inbox.finished {
                 if self.in_flight.contains_key(&f.id) {
                     report.finished += 1;
@@ -592,7 +598,11 @@ impl Dispatcher {
             }
         }
         // Whatever finished in the meantime is recorded already; the rest is cut short.
-        for f in self.ctx.shared.inbox.take().finished {
+        let inbox = self.ctx.shared.inbox.take();
+        for id in inbox.released {
+            self.release(id);
+        }
+        for f in inbox.finished {
             if self.in_flight.contains_key(&f.id) {
                 report.finished += 1;
             }
@@ -602,6 +612,9 @@ impl Dispatcher {
         self.answered = 0;
         for (_, flight) in self.in_flight.drain() {
             flight.abort.abort();
+            if flight.answered {
+                continue;
+            }
             report.interrupted += 1;
             let command = Command::RecordAttempt {
                 delivery_id: flight.delivery.id,
