@@ -160,7 +160,12 @@ pub fn write_history(
         .unwrap()
         .unwrap();
     }
-    let per_command = 300u64;
+    let per_command = 100u64;
+    // Two commands in flight: with [`sled_fixture`]'s store the writer folds one while the
+    // other is written.
+    let in_flight_max = 2;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut in_flight = 0;
     let mut i = first_n;
     let end = first_n + count;
     while i < end {
@@ -225,8 +230,20 @@ pub fn write_history(
                 },
             ));
         }
-        log.submit(events).unwrap().unwrap();
+        if in_flight == in_flight_max {
+            let outcome: herald_log::Outcome<Projector> = done_rx.recv().unwrap();
+            outcome.unwrap().unwrap();
+            in_flight -= 1;
+        }
+        let done_tx = done_tx.clone();
+        log.submit_with(events, move |outcome| {
+            let _ = done_tx.send(outcome);
+        });
+        in_flight += 1;
         i += per_command;
+    }
+    for _ in 0..in_flight {
+        done_rx.recv().unwrap().unwrap().unwrap();
     }
     let last = log.committed_seq();
     log.close();

@@ -5,7 +5,7 @@
 //! savepoint: if it is rejected, everything it staged is undone and nothing of it is written.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 
 use crate::keyspace;
@@ -60,6 +60,11 @@ pub struct Tx<'a> {
     last_hash: Hash,
     save: Option<(usize, u64, Hash)>,
     error: RefCell<Option<StoreError>>,
+    /// Values read from the store during this batch. Nothing else writes the store while the
+    /// batch is staged, and what the batch writes is in `overlay`, read first: so a stored value
+    /// read once stays true for the batch. A batch of deliveries reads the same endpoint row
+    /// for each of them.
+    reads: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 impl<'a> Tx<'a> {
@@ -73,6 +78,7 @@ impl<'a> Tx<'a> {
             last_hash,
             save: None,
             error: RefCell::new(None),
+            reads: RefCell::new(HashMap::new()),
         }
     }
 
@@ -96,8 +102,14 @@ impl<'a> Tx<'a> {
         if let Some(v) = self.overlay.get(key) {
             return v.clone();
         }
+        if let Some(v) = self.reads.borrow().get(key) {
+            return v.clone();
+        }
         match self.store.get(key) {
-            Ok(v) => v,
+            Ok(v) => {
+                self.reads.borrow_mut().insert(key.to_vec(), v.clone());
+                v
+            }
             Err(e) => {
                 self.error.borrow_mut().get_or_insert(e);
                 None
@@ -264,6 +276,32 @@ mod tests {
         assert_eq!(first_two, vec![1, 2]);
         assert_eq!(tx.get(&[0x20, 3]), None);
         assert_eq!(tx.get(&[0x20, 7]), Some(vec![7]));
+    }
+
+    #[test]
+    fn a_stored_value_is_read_from_the_store_once_per_batch_and_staged_writes_still_win() {
+        let store = MemStore::new();
+        let mut b = Batch::default();
+        b.put(vec![0x30, 1], vec![1]);
+        store.apply(&b).unwrap();
+        let mut tx = Tx::new(&store, 1, [0; 32]);
+        assert_eq!(tx.get(&[0x30, 1]), Some(vec![1]));
+        assert_eq!(tx.get(&[0x30, 2]), None);
+        // Only the writer writes the store, and not while a batch is staged; this write behind
+        // the batch's back shows that the second read comes from the batch, not the store.
+        let mut behind = Batch::default();
+        behind.put(vec![0x30, 1], vec![7]);
+        behind.put(vec![0x30, 2], vec![7]);
+        store.apply(&behind).unwrap();
+        assert_eq!(tx.get(&[0x30, 1]), Some(vec![1]));
+        assert_eq!(tx.get(&[0x30, 2]), None);
+        tx.put(vec![0x30, 1], vec![2]);
+        tx.delete(&[0x30, 2]);
+        assert_eq!(tx.get(&[0x30, 1]), Some(vec![2]));
+        assert_eq!(tx.get(&[0x30, 2]), None);
+        // The next batch reads the store afresh.
+        let tx = Tx::new(&store, 1, [0; 32]);
+        assert_eq!(tx.get(&[0x30, 1]), Some(vec![7]));
     }
 
     #[test]
