@@ -674,15 +674,18 @@ async fn attempt(ctx: Ctx, delivery: Delivery) {
         retry_after_ms,
     };
     let inbox = ctx.shared.inbox.clone();
-    ctx.log.submit_with(Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command }, move |out| {
-        let result = match out {
-            Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
-            Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        inbox.finished(Finished { id, result });
-    });
+    ctx.log.submit_urgent_with(
+        Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command },
+        move |out| {
+            let result = match out {
+                Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
+                Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            inbox.finished(Finished { id, result });
+        },
+    );
 }
 
 /// The signed request of one attempt: the payload as published, to the endpoint's current url,

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_log::{Log, LogError, SledStore, Store, WriterStats};
+use herald_log::{CacheStats, CachedStore, Log, LogError, SledStore, Store, WriterStats};
 use herald_projector::compact;
+use herald_projector::keys;
 use herald_projector::{
     attempts, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, list_endpoints,
     projection_lag, AttemptRecord, CompactError, CompactReport, Delivery, DeliveryCursor, DeliveryId,
@@ -70,6 +71,21 @@ pub struct Parts {
     pub sender: Arc<dyn Sender>,
 }
 
+/// The keys the read cache keeps: what the dispatcher reads for each attempt (the delivery, its
+/// endpoint or organisation secret, its event and the record that holds the payload).
+fn dispatcher_reads(key: &[u8]) -> bool {
+    matches!(
+        key.first(),
+        Some(
+            &(herald_log::keyspace::RECORD
+                | keys::KS_ORG_SECRET
+                | keys::KS_ENDPOINT
+                | keys::KS_EVENT
+                | keys::KS_DELIVERY)
+        )
+    )
+}
+
 /// Records one compaction pass drops, at most: it bounds the memory a pass needs (the state
 /// those records leave) and the size of its batch, so the time other commands wait for it
 /// (up to about 160 ms here; the retention benchmark prints it).
@@ -109,6 +125,7 @@ struct Inner {
     /// Dropped to stop the retention thread.
     retention_stop: std::sync::Mutex<Option<crossbeam_channel::Sender<()>>>,
     store: Arc<dyn Store>,
+    cache: Arc<CachedStore>,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
     runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
@@ -182,6 +199,9 @@ impl Engine {
             Ok(n) => eprintln!("herald: deleted {n} index entries that this version no longer keeps"),
             Err(e) => return Err(EngineError::Open(format!("removing index entries no longer kept: {e}"))),
         }
+        // From here on every read and write goes through the cache, so it sees every batch.
+        let cached = Arc::new(CachedStore::new(store, config.read_cache_bytes, dispatcher_reads));
+        let store: Arc<dyn Store> = cached.clone();
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
         let machine =
@@ -204,6 +224,7 @@ impl Engine {
                 retention: std::sync::Mutex::new(RetentionStats::default()),
                 retention_stop: std::sync::Mutex::new(None),
                 store,
+                cache: cached,
                 clock: clock.clone(),
                 shared: shared.clone(),
                 runtime: std::sync::Mutex::new(None),
@@ -443,6 +464,11 @@ impl Engine {
 
     pub fn writer_stats(&self) -> WriterStats {
         self.inner.log.stats()
+    }
+
+    /// Hits and misses of the read cache in front of the store.
+    pub fn read_cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
     }
 
     pub fn dispatch_stats(&self) -> DispatchStats {

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod baseline;
+mod cache;
 pub mod keyspace;
 mod log;
 pub mod record;
@@ -32,9 +33,10 @@ mod sled_store;
 pub mod store;
 mod tx;
 
+pub use crate::cache::{CacheStats, Cacheable, CachedStore, CACHE_ENTRY_OVERHEAD_BYTES};
 pub use crate::log::{
-    check_format, read_head, read_records, restore_anchor, verify, AfterFlush, AppendOnly, Head, Log,
-    LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
+    check_format, read_head, read_record, read_records, restore_anchor, verify, AfterFlush, AppendOnly, Head,
+    Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};

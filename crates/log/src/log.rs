@@ -15,10 +15,17 @@ use crate::tx::Tx;
 /// The on-disk format of the store as a whole (keyspace layout and record format).
 pub const STORE_FORMAT: u8 = 1;
 
+/// Applied batches waiting for the flusher, at most, beyond the one it is flushing. It flushes
+/// them all at once: when a flush (with its fsync) takes longer than applying a batch, the writer
+/// goes on applying and one flush serves several batches.
+const FLUSH_QUEUE_BATCHES: usize = 4;
+
 /// Limits and durability of a log. Every queue is bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
-    /// Commands committed together in one batch, at most.
+    /// Commands committed together in one batch, at most. sled holds a lock that every read
+    /// waits for while it applies a batch, and its cost per key grows with the batch past about a
+    /// thousand keys: 256 commands (about 2,000 keys of publishes) keep both short.
     pub batch_commands_max: usize,
     /// Commands waiting for the writer, at most; `submit` blocks beyond it, `try_submit` refuses.
     pub queue_commands_max: usize,
@@ -27,7 +34,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { batch_commands_max: 1024, queue_commands_max: 65_536, durability: Durability::Sync }
+        LogConfig { batch_commands_max: 256, queue_commands_max: 65_536, durability: Durability::Sync }
     }
 }
 
@@ -141,6 +148,9 @@ enum Msg<M: Machine> {
     Stop,
 }
 
+/// A command of the urgent queue (see [`Log::submit_urgent_with`]).
+type Queued<M> = (<M as Machine>::Command, Callback<M>);
+
 /// Figures of the writer, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriterStats {
@@ -179,6 +189,8 @@ impl<M: Machine> Clone for Log<M> {
 
 struct Inner<M: Machine> {
     send: Sender<Msg<M>>,
+    /// The urgent queue: each batch takes from it before the ordinary queue.
+    urgent: Sender<Queued<M>>,
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -302,6 +314,25 @@ pub fn read_records(store: &dyn Store, from_seq: u64, limit: usize) -> Result<Ve
     Ok(out)
 }
 
+/// The record at `seq`, read by key (its head, then its continuation chunks): unlike
+/// [`read_records`], a read of single keys, which a [`CachedStore`](crate::CachedStore) can
+/// answer. `None`: no record has that seq.
+pub fn read_record(store: &dyn Store, seq: u64) -> Result<Option<Record>, LogError> {
+    let Some(head) = store.get(&head_key(seq))? else { return Ok(None) };
+    let mut asm = Assembler::new(Some(seq));
+    let mut next = asm.push(&head_key(seq), &head)?;
+    let mut index: u16 = 1;
+    while next.is_none() {
+        let key = crate::record::chunk_key(seq, index);
+        let Some(part) = store.get(&key)? else {
+            return Err(Corrupt { seq, kind: CorruptKind::Truncated }.into());
+        };
+        next = asm.push(&key, &part)?;
+        index = index.checked_add(1).ok_or(Corrupt { seq, kind: CorruptKind::Truncated })?;
+    }
+    Ok(next)
+}
+
 /// The result of a clean [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -354,6 +385,7 @@ impl<M: Machine> Log<M> {
             stats: Mutex::new(WriterStats::default()),
         });
         let (send, recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
+        let (urgent, urgent_recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
         let writer = Writer {
             store: store.clone(),
             machine,
@@ -364,9 +396,9 @@ impl<M: Machine> Log<M> {
         };
         let handle = std::thread::Builder::new()
             .name("herald-log-writer".into())
-            .spawn(move || writer.run(recv))
+            .spawn(move || writer.run(urgent_recv, recv))
             .map_err(|e| LogError::Store(StoreError::Io(format!("spawning the writer: {e}"))))?;
-        Ok(Log { inner: Arc::new(Inner { send, store, shared, writer: Mutex::new(Some(handle)) }) })
+        Ok(Log { inner: Arc::new(Inner { send, urgent, store, shared, writer: Mutex::new(Some(handle)) }) })
     }
 
     /// Queues a command; `done` is called from the writer thread once it is durable (or failed).
@@ -376,6 +408,18 @@ impl<M: Machine> Log<M> {
             if let Msg::Command(_, cb) = e.into_inner() {
                 cb(Err(LogError::Closed));
             }
+        }
+    }
+
+    /// Like [`Log::submit_with`], but the command goes to the urgent queue, which every batch
+    /// empties (up to `batch_commands_max`) before it takes from the ordinary one: a command that
+    /// must not wait behind a backlog of ordinary ones (an attempt's outcome behind a burst of
+    /// publishes) is in the next batch. The urgent queue is bounded like the ordinary one; the
+    /// caller bounds what it puts there. Blocks while it is full.
+    pub fn submit_urgent_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
+        if let Err(e) = self.inner.urgent.send((command, Box::new(done))) {
+            let (_, cb) = e.into_inner();
+            cb(Err(LogError::Closed));
         }
     }
 
@@ -498,49 +542,56 @@ struct Flusher {
 }
 
 impl Flusher {
+    /// Flushes what is waiting: every batch queued by the time a flush starts is covered by it,
+    /// so when flushes are slower than applies, one flush (and one fsync) serves several batches.
     fn run<M: Machine>(self, recv: Receiver<Flushing<M>>) {
-        for item in recv {
-            self.flush(item);
+        while let Ok(first) = recv.recv() {
+            let mut items = vec![first];
+            items.extend(recv.try_iter());
+            self.flush(items);
         }
     }
 
-    fn flush<M: Machine>(&self, item: Flushing<M>) {
-        let Flushing { answers, records, store_writes, commands, next_seq, after } = item;
+    fn flush<M: Machine>(&self, items: Vec<Flushing<M>>) {
         let started = Instant::now();
         if let Err(e) = self.store.flush(self.durability) {
-            {
-                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-                stats.failed_batches += 1;
-                stats.last_batch_failed = true;
+            for Flushing { answers, after, .. } in items {
+                {
+                    let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    stats.failed_batches += 1;
+                    stats.last_batch_failed = true;
+                }
+                if let Some(after) = after {
+                    after(false);
+                }
+                answer_failed::<M>(answers, e.clone());
             }
-            if let Some(after) = after {
-                after(false);
-            }
-            answer_failed::<M>(answers, e);
             return;
         }
         let flush_us = started.elapsed().as_micros() as u64;
-        {
-            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.batches += 1;
-            stats.commands += commands;
-            stats.records += records;
-            stats.store_writes += store_writes;
-            stats.flush_us_total += flush_us;
-            stats.last_batch_commands = commands;
-            stats.last_batch_failed = false;
-        }
-        if let Some(after) = after {
-            after(true);
-        }
-        {
-            // A later batch's flush covers the batches before it: the durable seq only grows.
-            let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
-            *committed = (*committed).max(next_seq - 1);
-            self.shared.wake.notify_all();
-        }
-        for (cb, res) in answers {
-            cb(Ok(res));
+        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).flush_us_total += flush_us;
+        for Flushing { answers, records, store_writes, commands, next_seq, after } in items {
+            {
+                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                stats.batches += 1;
+                stats.commands += commands;
+                stats.records += records;
+                stats.store_writes += store_writes;
+                stats.last_batch_commands = commands;
+                stats.last_batch_failed = false;
+            }
+            if let Some(after) = after {
+                after(true);
+            }
+            {
+                // A later batch's flush covers the batches before it: the durable seq only grows.
+                let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+                *committed = (*committed).max(next_seq - 1);
+                self.shared.wake.notify_all();
+            }
+            for (cb, res) in answers {
+                cb(Ok(res));
+            }
         }
     }
 }
@@ -556,9 +607,9 @@ fn answer_failed<M: Machine>(answers: Vec<Answer<M>>, e: StoreError) {
 }
 
 impl<M: Machine> Writer<M> {
-    fn run(mut self, recv: Receiver<Msg<M>>) {
+    fn run(mut self, urgent: Receiver<Queued<M>>, recv: Receiver<Msg<M>>) {
         // One batch may wait while another flushes: bounded, like every queue.
-        let (to_flusher, flushes) = crossbeam_channel::bounded::<Flushing<M>>(1);
+        let (to_flusher, flushes) = crossbeam_channel::bounded::<Flushing<M>>(FLUSH_QUEUE_BATCHES);
         let flusher = Flusher {
             store: self.store.clone(),
             durability: self.config.durability,
@@ -572,6 +623,9 @@ impl<M: Machine> Writer<M> {
                 // No flusher: refuse every command rather than acknowledge undurable ones.
                 let error = StoreError::Io(format!("spawning the flusher: {e}"));
                 for msg in recv.iter() {
+                    for (_, cb) in urgent.try_iter() {
+                        cb(Err(LogError::Store(error.clone())));
+                    }
                     if let Msg::Command(_, cb) = msg {
                         cb(Err(LogError::Store(error.clone())));
                     }
@@ -579,29 +633,53 @@ impl<M: Machine> Writer<M> {
                 return;
             }
         };
-        self.batches(&recv, &to_flusher);
+        self.batches(&urgent, &recv, &to_flusher);
         drop(to_flusher);
         let _ = flushing.join();
     }
 
-    fn batches(&mut self, recv: &Receiver<Msg<M>>, to_flusher: &Sender<Flushing<M>>) {
+    /// Forms batches: the urgent queue first, then the ordinary one, up to `batch_commands_max`.
+    /// A stop ends the loop once the commands queued ahead of it in the ordinary queue, and
+    /// whatever the urgent queue holds by then, are committed.
+    fn batches(
+        &mut self,
+        urgent: &Receiver<Queued<M>>,
+        recv: &Receiver<Msg<M>>,
+        to_flusher: &Sender<Flushing<M>>,
+    ) {
         let batch_max = self.config.batch_commands_max.max(1);
-        let mut batch: Vec<(M::Command, Callback<M>)> = Vec::with_capacity(batch_max);
+        let mut batch: Vec<Queued<M>> = Vec::with_capacity(batch_max);
         let mut stop = false;
         while !stop {
-            match recv.recv() {
-                Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
-                Ok(Msg::Stop) | Err(_) => break,
+            crossbeam_channel::select_biased! {
+                recv(urgent) -> q => match q {
+                    Ok(q) => batch.push(q),
+                    // Both senders go together: the ordinary queue is closed as well.
+                    Err(_) => stop = true,
+                },
+                recv(recv) -> msg => match msg {
+                    Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
+                    Ok(Msg::Stop) | Err(_) => stop = true,
+                },
             }
-            while batch.len() < batch_max {
+            while !stop && batch.len() < batch_max {
+                if let Ok(q) = urgent.try_recv() {
+                    batch.push(q);
+                    continue;
+                }
                 match recv.try_recv() {
                     Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
-                    Ok(Msg::Stop) => {
-                        stop = true;
-                        break;
-                    }
+                    Ok(Msg::Stop) => stop = true,
                     Err(_) => break,
                 }
+            }
+            self.commit(&mut batch, to_flusher);
+        }
+        // What the urgent queue holds at the stop is committed too, in batches of the usual size.
+        loop {
+            batch.extend(urgent.try_iter().take(batch_max));
+            if batch.is_empty() {
+                break;
             }
             self.commit(&mut batch, to_flusher);
         }

@@ -83,7 +83,7 @@ pub fn head_key(seq: u64) -> Vec<u8> {
     k
 }
 
-fn chunk_key(seq: u64, index: u16) -> Vec<u8> {
+pub(crate) fn chunk_key(seq: u64, index: u16) -> Vec<u8> {
     let mut k = head_key(seq);
     k.extend_from_slice(&index.to_be_bytes());
     k

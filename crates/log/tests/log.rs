@@ -229,6 +229,82 @@ fn a_newer_store_format_is_refused_and_left_untouched() {
     assert_eq!(store.with_map(|m| m.clone()), before);
 }
 
+/// A machine that records the order it runs commands in; command 0 first waits for a signal,
+/// so commands queue behind it.
+struct Ordered {
+    gate: crossbeam_channel::Receiver<()>,
+    started: crossbeam_channel::Sender<()>,
+    order: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Machine for Ordered {
+    type Command = u64;
+    type Reply = ();
+    type Rejection = ();
+    fn execute(&mut self, label: u64, tx: &mut Tx<'_>) -> Result<(), ()> {
+        if label == 0 {
+            let _ = self.started.send(());
+            let _ = self.gate.recv_timeout(Duration::from_secs(10));
+        }
+        self.order.lock().unwrap().push(label);
+        tx.append(0, label.to_be_bytes().to_vec());
+        Ok(())
+    }
+}
+
+#[test]
+fn an_urgent_command_goes_ahead_of_the_ordinary_backlog_and_a_stop_commits_it() {
+    let (open, gate) = crossbeam_channel::unbounded();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = MemStore::new();
+    let log = Log::open(
+        Arc::new(store.clone()),
+        Ordered { gate, started: started_tx, order: order.clone() },
+        LogConfig { batch_commands_max: 4, queue_commands_max: 64, durability: Durability::Flush },
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let answer = |tx: &std::sync::mpsc::Sender<u64>, label: u64| {
+        let tx = tx.clone();
+        move |o: herald_log::Outcome<Ordered>| {
+            assert_eq!(o, Ok(Ok(())), "command {label}");
+            tx.send(label).unwrap();
+        }
+    };
+    log.submit_with(0, answer(&tx, 0));
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The writer holds command 0; ten ordinary commands queue behind it, then an urgent one.
+    for label in 1..=10 {
+        log.submit_with(label, answer(&tx, label));
+    }
+    log.submit_urgent_with(100, answer(&tx, 100));
+    open.send(()).unwrap();
+    let answered: Vec<u64> = (0..12).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+    let executed = order.lock().unwrap().clone();
+    assert_eq!(
+        executed,
+        vec![0, 100, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        "the urgent one is first in the next batch"
+    );
+    assert_eq!(answered, executed, "answered in the order committed");
+
+    // An urgent command queued before a stop is committed before the writer ends.
+    log.submit_with(0, answer(&tx, 0));
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    log.submit_urgent_with(200, answer(&tx, 200));
+    let closer = {
+        let log = log.clone();
+        std::thread::spawn(move || log.close())
+    };
+    open.send(()).unwrap();
+    closer.join().unwrap();
+    let mut after: Vec<u64> = (0..2).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+    after.sort_unstable();
+    assert_eq!(after, vec![0, 200]);
+    assert_eq!(herald_log::verify(&store, &mut |_| {}).unwrap().last_seq, 14);
+}
+
 #[test]
 fn try_submit_refuses_when_the_queue_is_full() {
     // A machine that blocks until told, so the queue fills behind it.
@@ -288,6 +364,18 @@ struct SlowFlush {
     inner: MemStore,
     in_flush: std::sync::atomic::AtomicBool,
     applied_during_flush: std::sync::atomic::AtomicU64,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl SlowFlush {
+    fn new() -> SlowFlush {
+        SlowFlush {
+            inner: MemStore::new(),
+            in_flush: Default::default(),
+            applied_during_flush: Default::default(),
+            flushes: Default::default(),
+        }
+    }
 }
 
 impl herald_log::Store for SlowFlush {
@@ -313,6 +401,7 @@ impl herald_log::Store for SlowFlush {
     }
     fn flush(&self, d: Durability) -> Result<(), herald_log::StoreError> {
         self.in_flush.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(3));
         self.in_flush.store(false, std::sync::atomic::Ordering::SeqCst);
         self.inner.flush(d)
@@ -323,11 +412,7 @@ impl herald_log::Store for SlowFlush {
 /// only once a flush that covers its batch is done, and the durable seq only grows.
 #[test]
 fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flushed() {
-    let store = Arc::new(SlowFlush {
-        inner: MemStore::new(),
-        in_flush: Default::default(),
-        applied_during_flush: Default::default(),
-    });
+    let store = Arc::new(SlowFlush::new());
     let log = Log::open(store.clone(), AppendOnly, config()).unwrap();
     let threads: Vec<_> = (0..8u64)
         .map(|t| {
@@ -351,6 +436,39 @@ fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flu
     assert!(overlapped > 0, "no batch was applied during a flush");
     log.close();
     assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
+}
+
+/// Batches applied while a flush runs wait together, and the next flush serves them all: with
+/// one command per batch, fewer flushes than batches, and still nothing answered before its flush.
+#[test]
+fn one_flush_serves_the_batches_applied_while_the_previous_flush_ran() {
+    let store = Arc::new(SlowFlush::new());
+    let config = LogConfig { batch_commands_max: 1, ..config() };
+    let log = Log::open(store.clone(), AppendOnly, config).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for i in 0..20 {
+                    let seqs = log.submit(vec![(t, body(t * 100 + i))]).unwrap().unwrap();
+                    assert!(
+                        seqs[0] <= log.committed_seq(),
+                        "seq {} acknowledged before it was durable",
+                        seqs[0]
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let batches = log.stats().batches;
+    let flushes = store.flushes.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(batches, 160, "one command per batch");
+    assert!(flushes < batches, "{flushes} flushes for {batches} batches");
+    log.close();
+    assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 160);
 }
 
 /// Appends bodies, or cuts the log through a seq and appends a note in the same batch.
@@ -427,4 +545,27 @@ fn a_cut_drops_the_prefix_and_the_kept_log_still_verifies_from_its_anchor() {
         verify(store.as_ref(), &mut |_| {}).unwrap_err(),
         LogError::Corrupt(Corrupt { seq: 5, kind: CorruptKind::Gap { found: 6 } })
     );
+}
+
+/// A record read by its keys is the record a range read returns, also when its body spans
+/// several chunks; a missing seq is `None`, and a missing chunk is named.
+#[test]
+fn read_record_by_key_matches_the_range_read_and_names_a_missing_chunk() {
+    let store = MemStore::new();
+    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
+    let big = vec![7u8; record::CHUNK_BYTES * 2 + 100];
+    log.submit(vec![(1, body(1)), (2, big.clone()), (3, body(3))]).unwrap().unwrap();
+    log.close();
+    for seq in 1..=3 {
+        let by_key = herald_log::read_record(&store, seq).unwrap().unwrap();
+        assert_eq!(by_key, herald_log::read_records(&store, seq, 1).unwrap()[0], "seq {seq}");
+    }
+    assert_eq!(herald_log::read_record(&store, 2).unwrap().unwrap().body, big);
+    assert_eq!(herald_log::read_record(&store, 4).unwrap(), None);
+    store.with_map(|m| {
+        let chunk = m.keys().find(|k| k.len() == 11 && k[1..9] == 2u64.to_be_bytes() && k[10] == 2).cloned();
+        m.remove(&chunk.unwrap());
+    });
+    let err = herald_log::read_record(&store, 2).unwrap_err();
+    assert_eq!(err, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::Truncated }), "{err}");
 }

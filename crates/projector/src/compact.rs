@@ -504,8 +504,9 @@ pub fn restore_checkpoint(
 /// The payload of a published event: in its log record, or in the checkpoint once that record
 /// was dropped by a compaction.
 pub fn event_payload(store: &dyn Store, event: &EventRecord) -> Result<Vec<u8>, CompactError> {
-    // The record first: the common case, and no anchor to read.
-    let record = read_records(store, event.seq, 1)?.pop().filter(|r| r.seq == event.seq);
+    // The record first: the common case, and no anchor to read. Read by key, so a cache in
+    // front of the store answers it.
+    let record = herald_log::read_record(store, event.seq)?;
     match record {
         Some(record) => published_payload(event, &record.body),
         None => stored_payload(store, event.seq, event),
