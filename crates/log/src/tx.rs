@@ -65,7 +65,17 @@ pub struct Tx<'a> {
     /// read once stays true for the batch. A batch of deliveries reads the same endpoint row
     /// for each of them.
     reads: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// Stored pairs of ranges scanned during this batch, for the same reason: range → the first
+    /// pairs of it and whether they are all of it. A batch of publishes scans the same
+    /// organisation's endpoints for each. Only scans of up to [`SCAN_CACHE_PAIRS_MAX`] are kept.
+    scans: RefCell<ScanCache>,
 }
+
+/// Range (from, to) → its first stored pairs, and whether they are all of it.
+type ScanCache = HashMap<(Vec<u8>, Vec<u8>), (Vec<Pair>, bool)>;
+
+/// The longest store scan a batch keeps (see `Tx::scans`): longer ones are read each time.
+const SCAN_CACHE_PAIRS_MAX: usize = 1024;
 
 impl<'a> Tx<'a> {
     pub(crate) fn new(store: &'a dyn Store, next_seq: u64, last_hash: Hash) -> Tx<'a> {
@@ -79,6 +89,7 @@ impl<'a> Tx<'a> {
             save: None,
             error: RefCell::new(None),
             reads: RefCell::new(HashMap::new()),
+            scans: RefCell::new(HashMap::new()),
         }
     }
 
@@ -126,6 +137,13 @@ impl<'a> Tx<'a> {
             self.overlay.range(from.to_vec()..to.to_vec()).collect();
         // Each staged key can hide at most one stored pair, so this many stored pairs suffice.
         let want = limit.saturating_add(staged.len());
+        let range = (from.to_vec(), to.to_vec());
+        let cached = self.scans.borrow().get(&range).and_then(|(pairs, complete)| {
+            (*complete || pairs.len() >= want).then(|| pairs[..want.min(pairs.len())].to_vec())
+        });
+        if let Some(stored) = cached {
+            return merge_staged(stored, staged, limit);
+        }
         let mut stored: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let res = self.store.scan(from, to, &mut |k, v| {
             stored.push((k.to_vec(), v.to_vec()));
@@ -135,8 +153,15 @@ impl<'a> Tx<'a> {
                 ControlFlow::Continue(())
             }
         });
-        if let Err(e) = res {
-            self.error.borrow_mut().get_or_insert(e);
+        match res {
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+            }
+            Ok(()) if stored.len() <= SCAN_CACHE_PAIRS_MAX => {
+                let complete = stored.len() < want;
+                self.scans.borrow_mut().insert(range, (stored.clone(), complete));
+            }
+            Ok(()) => {}
         }
         merge_staged(stored, staged, limit)
     }
@@ -302,6 +327,41 @@ mod tests {
         // The next batch reads the store afresh.
         let tx = Tx::new(&store, 1, [0; 32]);
         assert_eq!(tx.get(&[0x30, 1]), Some(vec![7]));
+    }
+
+    #[test]
+    fn a_scanned_range_is_read_from_the_store_once_per_batch_unless_more_is_wanted() {
+        let store = MemStore::new();
+        let mut b = Batch::default();
+        for i in 0..5u8 {
+            b.put(vec![0x31, i], vec![i]);
+        }
+        store.apply(&b).unwrap();
+        let mut tx = Tx::new(&store, 1, [0; 32]);
+        assert_eq!(tx.scan(&[0x31], &[0x32], 2).len(), 2);
+        assert_eq!(tx.scan(&[0x31], &[0x32], 10).len(), 5, "more than was read: read again, all of it");
+        // A write behind the batch's back (only the writer writes, and not during a batch) shows
+        // where the next scans come from.
+        let mut behind = Batch::default();
+        behind.put(vec![0x31, 9], vec![9]);
+        behind.delete(vec![0x31, 0]);
+        store.apply(&behind).unwrap();
+        let keys = |pairs: Vec<Pair>| pairs.into_iter().map(|(k, _)| k[1]).collect::<Vec<_>>();
+        assert_eq!(
+            keys(tx.scan(&[0x31], &[0x32], 100)),
+            vec![0, 1, 2, 3, 4],
+            "the whole range was read once"
+        );
+        assert_eq!(keys(tx.scan(&[0x31], &[0x32], 3)), vec![0, 1, 2]);
+        // Staged writes still win over what was read.
+        tx.put(vec![0x31, 5], vec![5]);
+        tx.delete(&[0x31, 1]);
+        assert_eq!(keys(tx.scan(&[0x31], &[0x32], 100)), vec![0, 2, 3, 4, 5]);
+        assert_eq!(keys(tx.scan(&[0x31], &[0x32], 2)), vec![0, 2]);
+        // Another range, and the next batch, read the store.
+        assert_eq!(keys(tx.scan(&[0x31, 1], &[0x32], 100)), vec![2, 3, 4, 5, 9]);
+        let tx = Tx::new(&store, 1, [0; 32]);
+        assert_eq!(keys(tx.scan(&[0x31], &[0x32], 100)), vec![1, 2, 3, 4, 9]);
     }
 
     #[test]
