@@ -15,10 +15,9 @@ use crate::tx::Tx;
 /// The on-disk format of the store as a whole (keyspace layout and record format).
 pub const STORE_FORMAT: u8 = 1;
 
-/// Applied batches waiting for the flusher, at most, beyond the one it is flushing. It flushes
-/// them all at once: when a flush (with its fsync) takes longer than applying a batch, the writer
-/// goes on applying and one flush serves several batches.
-const FLUSH_QUEUE_BATCHES: usize = 4;
+/// Commands the urgent queue holds, at most (see [`Log::submit_urgent_with`]). A bounded channel
+/// allocates its slots up front, so it is kept short.
+pub const URGENT_QUEUE_COMMANDS: usize = 4_096;
 
 /// Limits and durability of a log. Every queue is bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,7 +384,8 @@ impl<M: Machine> Log<M> {
             stats: Mutex::new(WriterStats::default()),
         });
         let (send, recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
-        let (urgent, urgent_recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
+        let (urgent, urgent_recv) =
+            crossbeam_channel::bounded(URGENT_QUEUE_COMMANDS.min(config.queue_commands_max).max(1));
         let writer = Writer {
             store: store.clone(),
             machine,
@@ -414,12 +414,13 @@ impl<M: Machine> Log<M> {
     /// Like [`Log::submit_with`], but the command goes to the urgent queue, which every batch
     /// empties (up to `batch_commands_max`) before it takes from the ordinary one: a command that
     /// must not wait behind a backlog of ordinary ones (an attempt's outcome behind a burst of
-    /// publishes) is in the next batch. The urgent queue is bounded like the ordinary one; the
-    /// caller bounds what it puts there. Blocks while it is full.
+    /// publishes) is in the next batch. The urgent queue holds [`URGENT_QUEUE_COMMANDS`]; when it
+    /// is full the command joins the ordinary queue (blocking while that one is full).
     pub fn submit_urgent_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
-        if let Err(e) = self.inner.urgent.send((command, Box::new(done))) {
-            let (_, cb) = e.into_inner();
-            cb(Err(LogError::Closed));
+        match self.inner.urgent.try_send((command, Box::new(done))) {
+            Ok(()) => {}
+            Err(TrySendError::Full((command, cb))) => self.submit_with(command, cb),
+            Err(TrySendError::Disconnected((_, cb))) => cb(Err(LogError::Closed)),
         }
     }
 
@@ -542,56 +543,49 @@ struct Flusher {
 }
 
 impl Flusher {
-    /// Flushes what is waiting: every batch queued by the time a flush starts is covered by it,
-    /// so when flushes are slower than applies, one flush (and one fsync) serves several batches.
     fn run<M: Machine>(self, recv: Receiver<Flushing<M>>) {
-        while let Ok(first) = recv.recv() {
-            let mut items = vec![first];
-            items.extend(recv.try_iter());
-            self.flush(items);
+        for item in recv {
+            self.flush(item);
         }
     }
 
-    fn flush<M: Machine>(&self, items: Vec<Flushing<M>>) {
+    fn flush<M: Machine>(&self, item: Flushing<M>) {
+        let Flushing { answers, records, store_writes, commands, next_seq, after } = item;
         let started = Instant::now();
         if let Err(e) = self.store.flush(self.durability) {
-            for Flushing { answers, after, .. } in items {
-                {
-                    let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-                    stats.failed_batches += 1;
-                    stats.last_batch_failed = true;
-                }
-                if let Some(after) = after {
-                    after(false);
-                }
-                answer_failed::<M>(answers, e.clone());
+            {
+                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                stats.failed_batches += 1;
+                stats.last_batch_failed = true;
             }
+            if let Some(after) = after {
+                after(false);
+            }
+            answer_failed::<M>(answers, e);
             return;
         }
         let flush_us = started.elapsed().as_micros() as u64;
-        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).flush_us_total += flush_us;
-        for Flushing { answers, records, store_writes, commands, next_seq, after } in items {
-            {
-                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-                stats.batches += 1;
-                stats.commands += commands;
-                stats.records += records;
-                stats.store_writes += store_writes;
-                stats.last_batch_commands = commands;
-                stats.last_batch_failed = false;
-            }
-            if let Some(after) = after {
-                after(true);
-            }
-            {
-                // A later batch's flush covers the batches before it: the durable seq only grows.
-                let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
-                *committed = (*committed).max(next_seq - 1);
-                self.shared.wake.notify_all();
-            }
-            for (cb, res) in answers {
-                cb(Ok(res));
-            }
+        {
+            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.batches += 1;
+            stats.commands += commands;
+            stats.records += records;
+            stats.store_writes += store_writes;
+            stats.flush_us_total += flush_us;
+            stats.last_batch_commands = commands;
+            stats.last_batch_failed = false;
+        }
+        if let Some(after) = after {
+            after(true);
+        }
+        {
+            // A later batch's flush covers the batches before it: the durable seq only grows.
+            let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+            *committed = (*committed).max(next_seq - 1);
+            self.shared.wake.notify_all();
+        }
+        for (cb, res) in answers {
+            cb(Ok(res));
         }
     }
 }
@@ -609,7 +603,7 @@ fn answer_failed<M: Machine>(answers: Vec<Answer<M>>, e: StoreError) {
 impl<M: Machine> Writer<M> {
     fn run(mut self, urgent: Receiver<Queued<M>>, recv: Receiver<Msg<M>>) {
         // One batch may wait while another flushes: bounded, like every queue.
-        let (to_flusher, flushes) = crossbeam_channel::bounded::<Flushing<M>>(FLUSH_QUEUE_BATCHES);
+        let (to_flusher, flushes) = crossbeam_channel::bounded::<Flushing<M>>(1);
         let flusher = Flusher {
             store: self.store.clone(),
             durability: self.config.durability,
