@@ -20,7 +20,8 @@ pub struct EngineConfig {
     pub cache_bytes: u64,
     /// herald's cache of the rows the dispatcher reads for each attempt, in front of the store,
     /// bytes (see [`herald_log::CachedStore`]): while the writer applies a batch, sled makes
-    /// every read wait, and these are served without it.
+    /// every read wait, and these are served without it. 4 MiB: in the delivery burst (20,000
+    /// events) 2 MiB served the dispatcher as well as 16 MiB did.
     pub read_cache_bytes: usize,
     /// Group commit and the writer queue (its `durability` is replaced by the field above).
     pub log: LogConfig,
@@ -91,7 +92,7 @@ impl Default for EngineConfig {
             data_dir: PathBuf::from("./herald-data"),
             durability: Durability::Sync,
             cache_bytes: 64 * 1024 * 1024,
-            read_cache_bytes: 16 * 1024 * 1024,
+            read_cache_bytes: 4 * 1024 * 1024,
             log: LogConfig::default(),
             policy: Policy::default(),
             limits: CommandLimits::default(),
