@@ -12,10 +12,10 @@ use std::sync::Arc;
 use herald_log::{Machine, Tx};
 use herald_projector::compact::{apply_plan, Plan};
 use herald_projector::{
-    apply, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup, list_endpoints,
-    org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, CompactError, CompactReport, DeliveryId,
-    DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, TxRead, TxTables,
-    RESPONSE_EXCERPT_BYTES_MAX,
+    apply_unstaged, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup,
+    list_endpoints, org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, CompactError, CompactReport,
+    DeliveryId, DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, TxRead,
+    TxTables, RESPONSE_EXCERPT_BYTES_MAX,
 };
 use uuid::Uuid;
 
@@ -668,7 +668,8 @@ impl Commands {
                 self.staged_key_change = true;
             }
             let seq = tx.append(at_ms, encode(&event)).seq;
-            apply(&mut TxTables(tx), seq, at_ms, &event)?;
+            // The log's writer rolls the batch back to this command's savepoint on an error.
+            apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
             match event {
                 Event::DeliveryCreated { id, next_attempt_at_ms, .. } => {
                     due.push(Due { next_attempt_at_ms, delivery_id: id })

@@ -155,6 +155,26 @@ pub fn apply(tables: &mut impl Tables, seq: u64, at_ms: u64, event: &Event) -> R
     Ok(())
 }
 
+/// Like [`apply`], but writes straight into `tables`, without staging the event's writes first:
+/// on an error, part of the event may have been written. Only for tables that are rolled back
+/// when a command fails: the log's batch, whose writer undoes a rejected command (its
+/// savepoint). It saves a second overlay over the batch's own for every read and write.
+pub fn apply_unstaged(
+    tables: &mut impl Tables,
+    seq: u64,
+    at_ms: u64,
+    event: &Event,
+) -> Result<(), ApplyError> {
+    let applied_seq = query::applied_seq(tables)?;
+    let expected = applied_seq.saturating_add(1);
+    if seq != expected || applied_seq == u64::MAX {
+        return Err(ApplyError::SeqNotNext { expected, got: seq });
+    }
+    Fold { t: tables, seq, at_ms }.event(event)?;
+    tables.put(keys::META_APPLIED_SEQ.to_vec(), seq.to_be_bytes().to_vec());
+    Ok(())
+}
+
 /// One event being applied to staged tables.
 struct Fold<'b, T: Tables> {
     t: &'b mut T,

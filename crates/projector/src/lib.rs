@@ -105,7 +105,7 @@ mod testkit;
 pub use codec::DECODE_BYTES_MAX;
 pub use compact::{event_payload, CompactError, CompactReport};
 pub use event::{decode, encode, AttemptOutcome, DecodeError, Event, Scope, Trigger, EVENT_FORMAT_V1};
-pub use fold::{apply, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
+pub use fold::{apply, apply_unstaged, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 pub use model::{
     transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint, EndpointStatus,

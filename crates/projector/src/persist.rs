@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 use herald_log::{keyspace, read_records, LogError, Machine, Pair, Record, Store, Tx};
 
 use crate::event::{decode, encode, DecodeError, Event};
-use crate::fold::{apply, ApplyError};
+use crate::fold::{apply, apply_unstaged, ApplyError};
 use crate::keys::{KS_FIRST, KS_LAST};
 use crate::query::applied_seq;
 use crate::query::Corrupt as TableCorrupt;
@@ -97,7 +97,8 @@ impl Machine for Projector {
         let mut seqs = Vec::with_capacity(events.len());
         for (at_ms, event) in events {
             let seq = tx.append(at_ms, encode(&event)).seq;
-            apply(&mut TxTables(tx), seq, at_ms, &event)?;
+            // The log's writer rolls the batch back to this command's savepoint on an error.
+            apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
             seqs.push(seq);
         }
         Ok(seqs)
