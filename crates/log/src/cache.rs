@@ -15,7 +15,7 @@
 //!   answered.
 //! - A value read from the store is put here only if no batch was applied between the read and
 //!   the insert (a generation counter, moved under the lock by each apply). A read that raced a
-//!   batch is returned but not kept.
+//!   batch is returned but not kept, nor is a read that found nothing.
 //! - A failed apply empties the cache: what the store holds then is unknown.
 //!
 //! Only keys that `cacheable` accepts are kept; scans and `last` go to the store. Eviction is
@@ -148,9 +148,13 @@ impl Store for CachedStore {
         };
         let value = self.inner.get(key)?;
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let mut st = self.write();
-        if st.generation == generation && !st.map.contains_key(key) {
-            st.insert(key, value.clone(), self.budget_bytes);
+        // An absent key is not kept: the writer checks each new id it is about to write, and
+        // keeping those answers would only push out what readers come back for.
+        if value.is_some() {
+            let mut st = self.write();
+            if st.generation == generation && !st.map.contains_key(key) {
+                st.insert(key, value.clone(), self.budget_bytes);
+            }
         }
         Ok(value)
     }
@@ -222,6 +226,11 @@ mod tests {
         assert_eq!(cached.get(b"c").unwrap(), Some(b"9".to_vec()));
         let stats = cached.stats();
         assert_eq!((stats.hits, stats.misses), (4, 1));
+        // A key the store does not have is not kept.
+        assert_eq!(cached.get(b"d").unwrap(), None);
+        assert_eq!(cached.get(b"d").unwrap(), None);
+        let stats = cached.stats();
+        assert_eq!((stats.misses, stats.entries), (3, 3));
         // Scans go to the store, which holds what was applied.
         assert_eq!(scan_vec(&cached, b"a", b"z", 10).unwrap().len(), 2);
     }
