@@ -616,15 +616,19 @@ impl<M: Machine> Writer<M> {
             Err(e) => {
                 // No flusher: refuse every command rather than acknowledge undurable ones.
                 let error = StoreError::Io(format!("spawning the flusher: {e}"));
-                for msg in recv.iter() {
-                    for (_, cb) in urgent.try_iter() {
-                        cb(Err(LogError::Store(error.clone())));
-                    }
-                    if let Msg::Command(_, cb) = msg {
-                        cb(Err(LogError::Store(error.clone())));
+                loop {
+                    crossbeam_channel::select! {
+                        recv(urgent) -> q => match q {
+                            Ok((_, cb)) => cb(Err(LogError::Store(error.clone()))),
+                            Err(_) => return,
+                        },
+                        recv(recv) -> msg => match msg {
+                            Ok(Msg::Command(_, cb)) => cb(Err(LogError::Store(error.clone()))),
+                            Ok(Msg::Stop) => {}
+                            Err(_) => return,
+                        },
                     }
                 }
-                return;
             }
         };
         self.batches(&urgent, &recv, &to_flusher);
