@@ -22,8 +22,14 @@ fn publish_is_delivered_signed_to_a_receiver() {
     let d = server.wait_status(&key, &delivery, "delivered");
     assert_eq!(d["endpoint_id"], endpoint["id"]);
     assert_eq!(d["attempt_count"], 1);
-    let (status, _) = server.call("GET", "/metrics", None, None);
+    // The dispatcher read that delivery's rows from the cache the writer filled.
+    let (status, text) = common::call_raw(&server.url("/metrics"), "GET", None, None, &[]).unwrap();
     assert_eq!(status, 200);
+    let hits = text
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_read_cache_hits_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(hits.is_some_and(|n| n >= 1), "{text}");
     let (status, _) = server.call("GET", "/v1/api_keys", Some(ADMIN_KEY), None);
     assert_eq!(status, 200);
 }

@@ -211,6 +211,19 @@ impl Metrics {
             "Time spent flushing batches (divide by batches for the mean flush latency).",
             format!("{:.6}", w.flush_us_total as f64 / 1e6),
         );
+        let c = engine.read_cache_stats();
+        metric(
+            "herald_read_cache_hits_total",
+            "counter",
+            "Reads answered by the cache in front of the store (rows the dispatcher reads for each attempt).",
+            c.hits.to_string(),
+        );
+        metric(
+            "herald_read_cache_misses_total",
+            "counter",
+            "Reads of cached kinds of rows that went to the store.",
+            c.misses.to_string(),
+        );
         let r = engine.retention_stats();
         metric(
             "herald_retention_runs_total",
