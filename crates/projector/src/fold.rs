@@ -144,13 +144,7 @@ impl std::error::Error for ApplyError {}
 /// On an error nothing is written.
 pub fn apply(tables: &mut impl Tables, seq: u64, at_ms: u64, event: &Event) -> Result<(), ApplyError> {
     let mut batch = Batch::new(tables);
-    let applied_seq = query::applied_seq(&batch)?;
-    let expected = applied_seq.saturating_add(1);
-    if seq != expected || applied_seq == u64::MAX {
-        return Err(ApplyError::SeqNotNext { expected, got: seq });
-    }
-    Fold { t: &mut batch, seq, at_ms }.event(event)?;
-    batch.put(keys::META_APPLIED_SEQ.to_vec(), seq.to_be_bytes().to_vec());
+    apply_unstaged(&mut batch, seq, at_ms, event)?;
     batch.commit();
     Ok(())
 }
