@@ -25,10 +25,7 @@ fn publish_is_delivered_signed_to_a_receiver() {
     // The dispatcher read that delivery's rows from the cache the writer filled.
     let (status, text) = common::call_raw(&server.url("/metrics"), "GET", None, None, &[]).unwrap();
     assert_eq!(status, 200);
-    let hits = text
-        .lines()
-        .find_map(|l| l.strip_prefix("herald_read_cache_hits_total "))
-        .and_then(|n| n.trim().parse::<u64>().ok());
+    let hits = metric(&text, "herald_read_cache_hits_total");
     assert!(hits.is_some_and(|n| n >= 1), "{text}");
     let (status, _) = server.call("GET", "/v1/api_keys", Some(ADMIN_KEY), None);
     assert_eq!(status, 200);
@@ -76,10 +73,7 @@ fn retention_drops_delivered_history_on_a_running_server() {
     // What retention did is in the metrics.
     let (status, text) = common::call_raw(&server.url("/metrics"), "GET", None, None, &[]).unwrap();
     assert_eq!(status, 200);
-    let dropped = text
-        .lines()
-        .find_map(|l| l.strip_prefix("herald_retention_deliveries_dropped_total "))
-        .and_then(|n| n.trim().parse::<u64>().ok());
+    let dropped = metric(&text, "herald_retention_deliveries_dropped_total");
     assert!(dropped.is_some_and(|n| n >= 1), "{text}");
     assert!(text.contains("herald_retention_failures_total 0"), "{text}");
     assert!(server.terminate());
@@ -90,4 +84,9 @@ fn retention_drops_delivered_history_on_a_running_server() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("were compacted"));
+}
+
+/// The value of an unlabelled series in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
