@@ -32,12 +32,15 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
-use herald_log::{read_head, read_records, LogError, Store, Tx};
+use std::ops::Bound::{Excluded, Included};
+
+use herald_log::{read_head, read_records, scan_vec, LogError, Store, Tx};
 
 use crate::codec;
 use crate::event::{decode, Event};
 use crate::fold::add_count;
 use crate::ids::EventId;
+use crate::index;
 use crate::keys::{self, KS_EVENT};
 use crate::model::{Delivery, DeliveryStatus, EventRecord, IdempotencyHit};
 use crate::persist::{fold_record, RebuildError, TxTables};
@@ -92,9 +95,11 @@ impl From<LogError> for CompactError {
 #[derive(Debug, Clone, PartialEq)]
 struct Unit {
     event: EventRecord,
-    /// Every pair it has at `through_seq`: the event row, its deliveries' rows, index entries
-    /// and attempts.
+    /// Every pair it has at `through_seq`: the event row, its deliveries' rows, plain index
+    /// keys and attempts.
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Its deliveries' entries in the chunked list indexes (logical keys, see [`index`]).
+    entries: Vec<Vec<u8>>,
     /// Its idempotency row, when it still points at this event; dropped only if unchanged.
     idempotency: Option<(Vec<u8>, Vec<u8>)>,
     /// The rows that must be unchanged at the head for the unit to be dropped: the event's
@@ -187,6 +192,9 @@ pub fn plan(store: &dyn Store, cutoff_ms: u64, records_max: usize) -> Result<Opt
         for (key, _) in &unit.pairs {
             state.delete(key);
         }
+        for entry in &unit.entries {
+            index::remove(&mut state, entry).map_err(corrupt)?;
+        }
         if let Some((key, _)) = &unit.idempotency {
             state.delete(key);
         }
@@ -208,8 +216,14 @@ fn candidate(
     row: (Vec<u8>, Vec<u8>),
 ) -> Result<Option<Unit>, CompactError> {
     // Every record folded so far is older than the cutoff, so is every change of a delivery.
-    let mut unit =
-        Unit { event, pairs: vec![row.clone()], idempotency: None, guards: vec![row], deliveries: 0 };
+    let mut unit = Unit {
+        event,
+        pairs: vec![row.clone()],
+        entries: Vec::new(),
+        idempotency: None,
+        guards: vec![row],
+        deliveries: 0,
+    };
     for id in unit.event.delivery_ids.clone() {
         let key = keys::delivery(id);
         let Some(raw) = state.get(&key) else { return Ok(None) };
@@ -218,7 +232,9 @@ fn candidate(
             return Ok(None);
         }
         for index in delivery.index_keys() {
-            if let Some(v) = state.get(&index) {
+            if index::is_chunked(&index) {
+                unit.entries.push(index);
+            } else if let Some(v) = state.get(&index) {
                 unit.pairs.push((index, v));
             }
         }
@@ -285,6 +301,9 @@ pub fn apply_plan(tx: &mut Tx<'_>, plan: Plan) -> Result<(Event, CompactReport),
             for (key, _) in &unit.pairs {
                 tx.delete(key);
             }
+            for entry in &unit.entries {
+                index::remove(&mut TxTables(tx), entry).map_err(corrupt)?;
+            }
             if let Some((key, value)) = &unit.idempotency {
                 if tx.get(key).as_ref() == Some(value) {
                     tx.delete(key);
@@ -299,6 +318,9 @@ pub fn apply_plan(tx: &mut Tx<'_>, plan: Plan) -> Result<(Event, CompactReport),
             for (key, value) in unit.pairs.into_iter().chain(unit.idempotency) {
                 checkpoint.put(key, value);
             }
+            for entry in &unit.entries {
+                index::insert(&mut checkpoint, entry).map_err(corrupt)?;
+            }
             add_count(&mut checkpoint, DeliveryStatus::Delivered, deliveries as i64);
         }
     }
@@ -312,6 +334,10 @@ pub fn apply_plan(tx: &mut Tx<'_>, plan: Plan) -> Result<(Event, CompactReport),
         events_dropped: report.events_dropped,
     };
     Ok((event, report))
+}
+
+fn corrupt(e: crate::query::Corrupt) -> CompactError {
+    CompactError::Checkpoint(e.to_string())
 }
 
 fn payload_key(id: EventId) -> Vec<u8> {
@@ -411,48 +437,53 @@ pub fn load_checkpoint(store: &dyn Store, anchor_seq: u64) -> Result<(MemTables,
         return Err(CompactError::Checkpoint(format!("its content does not match its hash (seq {seq})")));
     }
     // A checkpoint written by an earlier version may hold index keys this one no longer keeps:
-    // checked with the rest above, left out of the state.
-    let legacy: Vec<Vec<u8>> = tables
-        .iter()
-        .filter(|(k, _)| keys::LEGACY_KEYSPACES.contains(&k[0]))
-        .map(|(k, _)| k.to_vec())
-        .collect();
+    // checked with the rest above, left out of the state; entries it kept one key each are
+    // chunked from its delivery rows instead.
+    let legacy: Vec<Vec<u8>> =
+        tables.iter().filter(|(k, _)| keys::is_legacy(k[0])).map(|(k, _)| k.to_vec()).collect();
+    let unchunked = legacy.iter().any(|k| keys::LEGACY_INDEX_KEYSPACES.contains(&k[0]));
     for key in legacy {
         tables.delete(&key);
+    }
+    if unchunked {
+        index::rebuild_from_deliveries(&mut tables).map_err(corrupt)?;
     }
     Ok((tables, payloads))
 }
 
-/// Deletes the pairs of [`keys::LEGACY_KEYSPACES`], which earlier versions wrote, from the live
-/// projection and from the checkpoint (whose hash is then recomputed, in the same batch as the
-/// checkpoint's deletions), then flushes. Returns how many pairs went. Run before the log opens;
-/// a crash midway leaves the rest for the next run, and a store without any costs four seeks
-/// (the checkpoint is read and hashed only when it holds some).
+/// Brings a store an earlier version wrote to this version's keys, then flushes; returns how
+/// many stored pairs went. Run before the log opens.
+///
+/// - The pairs of [`keys::LEGACY_KEYSPACES`] are deleted.
+/// - The list index entries an earlier version stored one key each
+///   ([`keys::LEGACY_INDEX_KEYSPACES`]) are chunked from the delivery rows ([`index`]), over
+///   whatever chunks a crashed earlier run left, and only then deleted: a crash midway leaves
+///   them, and the next run starts again.
+/// - The checkpoint gets the same, with its hash recomputed, in one batch.
+///
+/// A store without any costs a few seeks (the checkpoint is read and hashed only when it holds
+/// some).
 pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
-    const BATCH_KEYS: usize = 10_000;
-    let mut dropped = 0u64;
-    for keyspace in keys::LEGACY_KEYSPACES {
-        loop {
-            let mut batch = herald_log::Batch::default();
-            store
-                .scan(&[keyspace], &[keyspace + 1], &mut |key, _| {
-                    batch.delete(key.to_vec());
-                    if batch.len() < BATCH_KEYS {
-                        ControlFlow::Continue(())
-                    } else {
-                        ControlFlow::Break(())
-                    }
-                })
-                .map_err(LogError::from)?;
-            if batch.is_empty() {
-                break;
-            }
-            dropped += batch.len() as u64;
-            store.apply(&batch).map_err(LogError::from)?;
+    let unchunked = keys::LEGACY_INDEX_KEYSPACES
+        .iter()
+        .map(|ks| scan_vec(store, &[*ks], &[*ks + 1], 1).map(|page| !page.is_empty()))
+        .collect::<Result<Vec<bool>, _>>()
+        .map_err(LogError::from)?
+        .contains(&true);
+    if unchunked {
+        for ks in
+            [keys::KS_CHUNKS_BY_ORG_STATUS, keys::KS_CHUNKS_BY_ENDPOINT_STATUS, keys::KS_CHUNKS_BY_ORG_TYPE]
+        {
+            delete_range(store, &[ks], &[ks + 1])?;
         }
+        chunk_stored_entries(store)?;
+    }
+    let mut dropped = 0u64;
+    for keyspace in keys::LEGACY_KEYSPACES.into_iter().chain(keys::LEGACY_INDEX_KEYSPACES) {
+        dropped += delete_range(store, &[keyspace], &[keyspace + 1])?;
     }
     let mut stale = herald_log::Batch::default();
-    for keyspace in keys::LEGACY_KEYSPACES {
+    for keyspace in keys::LEGACY_KEYSPACES.into_iter().chain(keys::LEGACY_INDEX_KEYSPACES) {
         store
             .scan(&[KS_CHECKPOINT, keyspace], &[KS_CHECKPOINT, keyspace + 1], &mut |key, _| {
                 stale.delete(key.to_vec());
@@ -461,18 +492,111 @@ pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
             .map_err(LogError::from)?;
     }
     if !stale.is_empty() {
-        // Checked against the hash that covers the stale pairs, loaded without them.
+        // Checked against the hash that covers the stale pairs, loaded without them (and with
+        // its entries chunked).
         let anchor_seq = read_head(store)?.anchor_seq;
         let (tables, payloads) = load_checkpoint(store, anchor_seq)?;
         dropped += stale.len() as u64;
+        for (key, value) in tables.iter().filter(|(k, _)| index::is_chunk_keyspace(k[0])) {
+            stale.put([&[KS_CHECKPOINT], key].concat(), value.to_vec());
+        }
         let hash = checkpoint_hash(tables.iter(), payloads.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
         stale.put(CHECKPOINT_META.to_vec(), [&anchor_seq.to_be_bytes()[..], &hash].concat());
         store.apply(&stale).map_err(LogError::from)?;
     }
-    if dropped > 0 {
+    if dropped > 0 || unchunked {
         store.flush(herald_log::Durability::Sync).map_err(LogError::from)?;
     }
     Ok(dropped)
+}
+
+/// Deletes every stored pair in `from..to`, in batches; returns how many.
+fn delete_range(store: &dyn Store, from: &[u8], to: &[u8]) -> Result<u64, CompactError> {
+    const BATCH_KEYS: usize = 10_000;
+    let mut deleted = 0;
+    loop {
+        let mut batch = herald_log::Batch::default();
+        store
+            .scan(from, to, &mut |key, _| {
+                batch.delete(key.to_vec());
+                if batch.len() < BATCH_KEYS {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            })
+            .map_err(LogError::from)?;
+        if batch.is_empty() {
+            return Ok(deleted);
+        }
+        deleted += batch.len() as u64;
+        store.apply(&batch).map_err(LogError::from)?;
+    }
+}
+
+/// Adds every stored delivery's list index entries to the chunks, a page of deliveries per
+/// store batch.
+fn chunk_stored_entries(store: &dyn Store) -> Result<(), CompactError> {
+    const PAGE: usize = 1024;
+    let end = [keys::KS_DELIVERY + 1];
+    let mut from = vec![keys::KS_DELIVERY];
+    loop {
+        let page = scan_vec(store, &from, &end, PAGE).map_err(LogError::from)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        from = keys::successor(last);
+        let mut staged = StagedStore { store, changes: BTreeMap::new() };
+        for (key, value) in &page {
+            let delivery: Delivery = decode_value(key, value)?;
+            for entry in delivery.index_keys().into_iter().filter(|k| index::is_chunked(k)) {
+                index::insert(&mut staged, &entry).map_err(corrupt)?;
+            }
+        }
+        let mut batch = herald_log::Batch::default();
+        for (key, value) in staged.changes {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        store.apply(&batch).map_err(LogError::from)?;
+    }
+}
+
+/// Writes staged over a store, read back before they are applied. A store error reads as
+/// absent; the batch that follows then fails with it.
+struct StagedStore<'s> {
+    store: &'s dyn Store,
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl ReadTables for StagedStore<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.changes.get(key) {
+            Some(change) => change.clone(),
+            None => self.store.get(key).ok().flatten(),
+        }
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if from >= to || limit == 0 {
+            return Vec::new();
+        }
+        let staged: Vec<_> = self.changes.range::<[u8], _>((Included(from), Excluded(to))).collect();
+        let stored = scan_vec(self.store, from, to, limit.saturating_add(staged.len())).unwrap_or_default();
+        herald_log::merge_staged(stored, staged, limit)
+    }
+}
+
+impl Tables for StagedStore<'_> {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.changes.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.changes.insert(key.to_vec(), None);
+    }
 }
 
 /// Writes a checkpoint into an empty store (an import): the checkpoint itself and the
@@ -796,6 +920,85 @@ mod tests {
         });
         assert_eq!(left, 0);
         assert_exact(&store);
+        assert_eq!(drop_legacy(&store).unwrap(), 0, "nothing left the second time");
+    }
+
+    /// A store as the version before chunked list indexes left it: one key per list index entry,
+    /// live and in the checkpoint. `drop_legacy` chunks them from the delivery rows and deletes
+    /// them, and the store is then byte for byte what this version writes.
+    #[test]
+    fn list_entries_an_earlier_version_stored_one_key_each_are_chunked_then_dropped() {
+        let store = MemStore::new();
+        let log = open(&store);
+        events(&log, 1, vec![endpoint(1)]);
+        events(&log, 10, vec![publish(1), delivery(1, 1, Some(1), 5_000)]);
+        events(&log, 20, vec![publish(2), delivery(2, 2, Some(1), 20)]);
+        events(&log, 30, vec![ok(2, 1)]);
+        let plan = plan(&store, 15, 100).unwrap().unwrap();
+        log.submit(Cmd::Compact(Box::new(plan), 200)).unwrap().unwrap();
+        events(&log, 300, vec![publish(3), delivery(3, 3, Some(1), 300)]);
+        events(&log, 310, vec![ok(3, 1)]);
+        log.close();
+        assert_exact(&store);
+        let now: Vec<(Vec<u8>, Vec<u8>)> =
+            store.with_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+
+        let chunked = |d: &Delivery| -> Vec<Vec<u8>> {
+            d.index_keys().into_iter().filter(|k| index::is_chunked(k)).collect()
+        };
+        let mut old = Batch::default();
+        for (key, _) in now.iter().filter(|(k, _)| {
+            index::is_chunk_keyspace(k[0]) || (k[0] == KS_CHECKPOINT && index::is_chunk_keyspace(k[1]))
+        }) {
+            old.delete(key.clone());
+        }
+        let mut expected = 0;
+        for d in (1..=3).filter_map(|d| get_delivery(&crate::persist::StoreTables(&store), dl(d)).unwrap()) {
+            for key in chunked(&d) {
+                old.put(key, Vec::new());
+                expected += 1;
+            }
+        }
+        let anchor = read_head(&store).unwrap().anchor_seq;
+        let (checkpoint, payloads) = load_checkpoint(&store, anchor).unwrap();
+        let mut unchunked = MemTables::from_pairs(
+            checkpoint
+                .iter()
+                .filter(|(k, _)| !index::is_chunk_keyspace(k[0]))
+                .map(|(k, v)| (k.to_vec(), v.to_vec())),
+        );
+        let kept: Vec<Delivery> = checkpoint
+            .scan(&[keys::KS_DELIVERY], &[keys::KS_DELIVERY + 1], usize::MAX)
+            .iter()
+            .map(|(_, v)| codec::from_bytes(v).unwrap())
+            .collect();
+        assert!(!kept.is_empty(), "the checkpoint keeps the pending delivery");
+        for d in &kept {
+            for key in chunked(d) {
+                unchunked.put(key, Vec::new());
+                expected += 1;
+            }
+        }
+        let ids = |payloads: &Payloads| -> Vec<(EventId, Vec<u8>)> {
+            payloads
+                .iter()
+                .map(|(id, p)| (EventId::from_bytes(id.as_slice().try_into().unwrap()), p.clone()))
+                .collect()
+        };
+        let payloads = ids(&payloads);
+        for (key, value) in
+            checkpoint_pairs(anchor, &unchunked, payloads.iter().map(|(id, p)| (*id, p.as_slice())))
+        {
+            old.put(key, value);
+        }
+        store.apply(&old).unwrap();
+        assert!(load_checkpoint(&store, anchor).is_ok(), "the old checkpoint checks out as it is");
+        assert_exact(&store);
+
+        assert_eq!(drop_legacy(&store).unwrap(), expected as u64);
+        let after: Vec<(Vec<u8>, Vec<u8>)> =
+            store.with_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        assert_eq!(after, now, "the store is what this version wrote");
         assert_eq!(drop_legacy(&store).unwrap(), 0, "nothing left the second time");
     }
 }

@@ -3,6 +3,7 @@
 use crate::codec;
 use crate::event::{AttemptOutcome, Event, Trigger};
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::index;
 use crate::keys;
 use crate::model::{
     transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint, EndpointStatus,
@@ -414,7 +415,7 @@ impl<T: Tables> Fold<'_, T> {
             created_at_ms: self.at_ms,
             updated_at_ms: self.at_ms,
         };
-        self.put_delivery(None, &delivery);
+        self.put_delivery(None, &delivery)?;
         event.delivery_ids.push(id);
         self.t.put(keys::event(event_id), codec::to_bytes(&event));
         Ok(())
@@ -509,7 +510,7 @@ impl<T: Tables> Fold<'_, T> {
         }
         new.updated_at_ms = self.at_ms;
         self.t.put(keys::attempt(delivery_id, record.attempt), codec::to_bytes(&record));
-        self.put_delivery(Some(&old), &new);
+        self.put_delivery(Some(&old), &new)?;
         if let Some(endpoint) = endpoint {
             let reason = endpoint.inactive_reason.clone().unwrap_or_default();
             let id = endpoint.id;
@@ -536,7 +537,7 @@ impl<T: Tables> Fold<'_, T> {
         new.next_trigger = Trigger::Manual;
         new.inactive_reason = None;
         new.updated_at_ms = self.at_ms;
-        self.put_delivery(Some(&old), &new);
+        self.put_delivery(Some(&old), &new)?;
         Ok(())
     }
 
@@ -554,14 +555,14 @@ impl<T: Tables> Fold<'_, T> {
             &[endpoint_id.as_bytes(), &[keys::status_byte(DeliveryStatus::Pending)]],
         );
         let end = keys::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
-        let mut from = prefix;
+        let mut from = prefix.clone();
         loop {
-            let page = self.t.scan(&from, &end, CASCADE_PAGE_LEN);
-            let Some((last, _)) = page.last() else {
+            let page = index::scan(self.t, &prefix, &from, &end, CASCADE_PAGE_LEN, index::Walk::Forward)?;
+            let Some(last) = page.last() else {
                 return Ok(());
             };
             from = keys::successor(last);
-            for (key, _) in &page {
+            for key in &page {
                 let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.clone() })?;
                 let old = self.delivery(id)?;
                 check_transition(id, Some(old.status), DeliveryStatus::Inactive, cause)?;
@@ -570,7 +571,7 @@ impl<T: Tables> Fold<'_, T> {
                 new.next_attempt_at_ms = None;
                 new.inactive_reason = Some(reason.to_string());
                 new.updated_at_ms = self.at_ms;
-                self.put_delivery(Some(&old), &new);
+                self.put_delivery(Some(&old), &new)?;
             }
         }
     }
@@ -593,7 +594,7 @@ impl<T: Tables> Fold<'_, T> {
     }
 
     /// Writes the delivery and moves its index entries from `old`'s to its own.
-    fn put_delivery(&mut self, old: Option<&Delivery>, new: &Delivery) {
+    fn put_delivery(&mut self, old: Option<&Delivery>, new: &Delivery) -> Result<(), ApplyError> {
         debug_assert_eq!(
             new.status == DeliveryStatus::Pending,
             new.next_attempt_at_ms.is_some(),
@@ -603,13 +604,21 @@ impl<T: Tables> Fold<'_, T> {
         let old_keys = old.map(Delivery::index_keys).unwrap_or_default();
         for key in &old_keys {
             if !new_keys.contains(key) {
-                self.t.delete(key);
+                if index::is_chunked(key) {
+                    index::remove(self.t, key)?;
+                } else {
+                    self.t.delete(key);
+                }
             }
         }
         // Keys the delivery already had stay as they are: no write for them.
         for key in new_keys {
             if !old_keys.contains(&key) {
-                self.t.put(key, Vec::new());
+                if index::is_chunked(&key) {
+                    index::insert(self.t, &key)?;
+                } else {
+                    self.t.put(key, Vec::new());
+                }
             }
         }
         self.t.put(keys::delivery(new.id), codec::to_bytes(new));
@@ -619,6 +628,7 @@ impl<T: Tables> Fold<'_, T> {
             }
             self.add_count(new.status, 1);
         }
+        Ok(())
     }
 
     fn add_count(&mut self, status: DeliveryStatus, delta: i64) {

@@ -15,11 +15,14 @@
 //! | `0x41` | org id ++ idempotency key bytes | [`IdempotencyHit`](crate::IdempotencyHit) |
 //! | `0x50` | delivery id | [`Delivery`](crate::Delivery) |
 //! | `0x51` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
-//! | `0x52` | org ++ status ++ created_at ++ delivery | empty |
+//! | `0x52` | (logical only, see [`crate::index`]) org ++ status ++ created_at ++ delivery | |
 //! | `0x53` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
-//! | `0x54` | endpoint ++ status ++ created_at ++ delivery | empty (endpoint deliveries only) |
-//! | `0x55` | org ++ type length (u32 BE) ++ type ++ created_at ++ delivery | empty |
+//! | `0x54` | (logical only) endpoint ++ status ++ created_at ++ delivery | (endpoint deliveries only) |
+//! | `0x55` | (logical only) org ++ type length (u32 BE) ++ type ++ created_at ++ delivery | |
 //! | `0x56` | next_attempt_at ++ delivery | empty (pending deliveries only: the due queue) |
+//! | `0x57` | org ++ status ++ window [++ boundary entry] | `0x52`'s entries, chunked ([`crate::index`]) |
+//! | `0x58` | endpoint ++ status ++ window [++ boundary entry] | `0x54`'s entries, chunked |
+//! | `0x59` | org ++ type length ++ type ++ window [++ boundary entry] | `0x55`'s entries, chunked |
 //! | `0x60` | delivery ++ attempt (u32 BE) | [`AttemptRecord`](crate::AttemptRecord) |
 
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
@@ -42,6 +45,9 @@ pub const KS_DELIVERY_BY_ENDPOINT: u8 = 0x53;
 pub const KS_DELIVERY_BY_ENDPOINT_STATUS: u8 = 0x54;
 pub const KS_DELIVERY_BY_ORG_TYPE: u8 = 0x55;
 pub const KS_DUE: u8 = 0x56;
+pub const KS_CHUNKS_BY_ORG_STATUS: u8 = 0x57;
+pub const KS_CHUNKS_BY_ENDPOINT_STATUS: u8 = 0x58;
+pub const KS_CHUNKS_BY_ORG_TYPE: u8 = 0x59;
 pub const KS_ATTEMPT: u8 = 0x60;
 
 /// Keyspaces that earlier versions wrote and this one neither writes nor reads: an organisation's
@@ -49,6 +55,28 @@ pub const KS_ATTEMPT: u8 = 0x60;
 /// index keys fewer per delivery, each a sled insert and a share of a page). Reads skip them;
 /// [`drop_legacy`](crate::compact::drop_legacy), run when the engine opens, deletes them.
 pub const LEGACY_KEYSPACES: [u8; 2] = [KS_DELIVERY_BY_ORG, KS_DELIVERY_BY_ENDPOINT];
+
+/// Keyspaces whose entries earlier versions stored one key each and this one stores chunked
+/// ([`crate::index`]): the bytes name the logical keys (`Delivery::index_keys`), never a stored
+/// key. Reads skip stored keys of them; [`drop_legacy`](crate::compact::drop_legacy) rebuilds the
+/// chunks from the delivery rows, then deletes them.
+pub const LEGACY_INDEX_KEYSPACES: [u8; 3] =
+    [KS_DELIVERY_BY_ORG_STATUS, KS_DELIVERY_BY_ENDPOINT_STATUS, KS_DELIVERY_BY_ORG_TYPE];
+
+/// Whether stored keys of `keyspace` are an earlier version's, which reads skip.
+pub fn is_legacy(keyspace: u8) -> bool {
+    LEGACY_KEYSPACES.contains(&keyspace) || LEGACY_INDEX_KEYSPACES.contains(&keyspace)
+}
+
+/// The keyspace that stores the chunks of a chunked index's logical keyspace.
+pub(crate) fn chunk_keyspace(logical: u8) -> Option<u8> {
+    match logical {
+        KS_DELIVERY_BY_ORG_STATUS => Some(KS_CHUNKS_BY_ORG_STATUS),
+        KS_DELIVERY_BY_ENDPOINT_STATUS => Some(KS_CHUNKS_BY_ENDPOINT_STATUS),
+        KS_DELIVERY_BY_ORG_TYPE => Some(KS_CHUNKS_BY_ORG_TYPE),
+        _ => None,
+    }
+}
 
 /// The first keyspace byte the projector owns; the log owns every byte below.
 pub const KS_FIRST: u8 = 0x10;

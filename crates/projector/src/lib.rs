@@ -92,6 +92,7 @@ pub mod compact;
 mod event;
 mod fold;
 mod ids;
+mod index;
 pub mod keys;
 mod model;
 mod persist;

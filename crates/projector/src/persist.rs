@@ -177,17 +177,34 @@ pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTa
 }
 
 /// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.
-/// Pairs of [`LEGACY_KEYSPACES`](crate::keys::LEGACY_KEYSPACES) that an earlier version left
-/// are not part of it.
+/// Pairs that an earlier version left ([`is_legacy`](crate::keys::is_legacy)) are not part of it,
+/// except list index entries it stored one key each: those are read as the chunks this version
+/// would store them in ([`crate::index`]), so a store not yet converted verifies as it is.
 pub fn stored_projection(store: &dyn Store) -> Result<Vec<Pair>, LogError> {
     let mut out = Vec::new();
+    let mut unchunked = MemTables::new();
     let end = [KS_LAST + 1];
     store.scan(&[KS_FIRST], &end, &mut |k, v| {
-        if !crate::keys::LEGACY_KEYSPACES.contains(&k[0]) {
+        if crate::keys::LEGACY_INDEX_KEYSPACES.contains(&k[0]) {
+            unchunked.put(k.to_vec(), Vec::new());
+        } else if !crate::keys::is_legacy(k[0]) {
             out.push((k.to_vec(), v.to_vec()));
         }
         ControlFlow::Continue(())
     })?;
+    if unchunked.is_empty() {
+        return Ok(out);
+    }
+    let mut chunks = MemTables::new();
+    for (key, _) in unchunked.iter() {
+        // A key that is not an entry is kept as it is, to show up in the comparison.
+        if crate::index::insert(&mut chunks, key).is_err() {
+            chunks.put(key.to_vec(), Vec::new());
+        }
+    }
+    out.retain(|(k, _)| !crate::index::is_chunk_keyspace(k[0]));
+    out.extend(chunks.dump());
+    out.sort();
     Ok(out)
 }
 

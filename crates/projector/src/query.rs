@@ -3,6 +3,7 @@
 
 use crate::codec;
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::index;
 use crate::keys;
 use crate::model::{
     ApiKey, AttemptRecord, Delivery, DeliveryStatus, Endpoint, EventRecord, IdempotencyHit,
@@ -302,21 +303,21 @@ fn deliveries_page(
             None => end_of(&prefix),
         };
         let at = |c: DeliveryCursor| keys::timed(&prefix, c.created_at_ms, c.id);
-        let pairs = match direction {
+        let walk = match direction {
             Direction::Forward => {
                 if let Some(c) = cursor {
                     from = from.max(keys::successor(&at(c)));
                 }
-                t.scan(&from, &to, limit.saturating_add(1))
+                index::Walk::Forward
             }
             Direction::Backward => {
                 if let Some(c) = cursor {
                     to = to.min(at(c));
                 }
-                t.scan_rev(&from, &to, limit.saturating_add(1))
+                index::Walk::Backward
             }
         };
-        for (key, _) in pairs {
+        for key in index::scan(t, &prefix, &from, &to, limit.saturating_add(1), walk)? {
             let (at_ms, id) = keys::parse_timed(&key).ok_or_else(|| Corrupt { key: key.clone() })?;
             entries.push((at_ms, *id.as_bytes()));
         }

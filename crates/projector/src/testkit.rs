@@ -266,9 +266,17 @@ pub fn assert_consistent(t: &MemTables) {
     }
 
     let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
+    let mut chunks = MemTables::new();
     for d in &deliveries {
-        expected.extend(d.index_keys().into_iter().map(|k| (k, Vec::new())));
+        for k in d.index_keys() {
+            if crate::index::is_chunked(&k) {
+                crate::index::insert(&mut chunks, &k).unwrap();
+            } else {
+                expected.insert((k, Vec::new()));
+            }
+        }
     }
+    expected.extend(chunks.dump());
     for e in endpoints.iter().filter(|e| !e.is_deleted()) {
         expected.insert((keys::endpoint_by_org(e.org_id, e.id), Vec::new()));
     }
@@ -284,6 +292,9 @@ pub fn assert_consistent(t: &MemTables) {
         keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
         keys::KS_DELIVERY_BY_ORG_TYPE,
         keys::KS_DUE,
+        keys::KS_CHUNKS_BY_ORG_STATUS,
+        keys::KS_CHUNKS_BY_ENDPOINT_STATUS,
+        keys::KS_CHUNKS_BY_ORG_TYPE,
     ];
     let actual: BTreeSet<(Vec<u8>, Vec<u8>)> = t
         .iter()

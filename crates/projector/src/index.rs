@@ -1,0 +1,532 @@
+//! The delivery lists' indexes, stored as chunks of entries rather than one key per entry.
+//!
+//! An entry is the logical key `Delivery::index_keys` gives for the three list indexes
+//! (organisation + status, endpoint + status, organisation + event type): `prefix ++
+//! created_at_ms (8) ++ delivery id (16)`. One stored key per entry cost a delivery seven sled
+//! writes over its life (three at creation, four when it leaves `pending`), nearly half of what
+//! the writer spent on it. Here the entries of one prefix that fall in the same
+//! [`WINDOW_MS`] window of `created_at_ms` share a stored value, so a batch of a few hundred
+//! deliveries writes each window it touches once.
+//!
+//! Stored, for a prefix whose chunk prefix is `cp` (the logical prefix with its keyspace byte
+//! mapped by [`keys::chunk_keyspace`]) and a window `w` (`created_at_ms / WINDOW_MS`, u64 BE):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `cp ++ w` (the window's head) | boundaries count (u32 BE) ++ the window's boundary entries ++ its entries before the first boundary |
+//! | `cp ++ w ++ b` (a chunk) | the entries from boundary entry `b` up to the next boundary |
+//!
+//! Entries are 24 bytes (`created_at_ms ++ id`), ascending. A *boundary* is an entry whose
+//! blake3 starts with a zero byte (one in 256): it starts a chunk of its own, so a window that
+//! holds many entries (a fan-out to many endpoints, a burst in one window) is cut into chunks
+//! of 256 entries on average whatever their number. The head exists exactly when the window has
+//! an entry and lists the window's boundaries, so an insert or a remove reads the head and at
+//! most one chunk by key, and never seeks.
+//!
+//! The layout is a function of the set of entries alone, not of the order they came and went
+//! in: a rebuild from the log, and a retention checkpoint folded forward, give byte-identical
+//! tables.
+
+use crate::keys;
+use crate::query::Corrupt;
+use crate::tables::{ReadTables, Tables};
+
+/// The width of a window of `created_at_ms` whose entries share a head.
+pub const WINDOW_MS: u64 = 8;
+/// Bytes of an entry: `created_at_ms` (8) ++ delivery id (16).
+pub const ENTRY_BYTES: usize = 24;
+/// Chunks read per store scan while listing.
+const SCAN_CHUNKS: usize = 32;
+
+type Entry = [u8; ENTRY_BYTES];
+
+/// Whether `key` is an entry of a chunked index (else it is a plain stored key).
+pub(crate) fn is_chunked(key: &[u8]) -> bool {
+    keys::chunk_keyspace(key[0]).is_some() && key.len() > ENTRY_BYTES
+}
+
+/// Whether stored keys of `keyspace` are chunks of a list index.
+pub(crate) fn is_chunk_keyspace(keyspace: u8) -> bool {
+    matches!(
+        keyspace,
+        keys::KS_CHUNKS_BY_ORG_STATUS | keys::KS_CHUNKS_BY_ENDPOINT_STATUS | keys::KS_CHUNKS_BY_ORG_TYPE
+    )
+}
+
+/// The chunk prefix and the entry of a logical key.
+fn split(key: &[u8]) -> Result<(Vec<u8>, Entry), Corrupt> {
+    let corrupt = || Corrupt { key: key.to_vec() };
+    let keyspace = keys::chunk_keyspace(key[0]).ok_or_else(corrupt)?;
+    let at = key.len().checked_sub(ENTRY_BYTES).filter(|at| *at > 0).ok_or_else(corrupt)?;
+    let mut prefix = Vec::with_capacity(at + 8 + ENTRY_BYTES);
+    prefix.push(keyspace);
+    prefix.extend_from_slice(&key[1..at]);
+    Ok((prefix, key[at..].try_into().map_err(|_| corrupt())?))
+}
+
+/// The chunk prefix of a logical prefix.
+fn chunk_prefix(logical_prefix: &[u8]) -> Option<Vec<u8>> {
+    let keyspace = keys::chunk_keyspace(*logical_prefix.first()?)?;
+    Some([&[keyspace], &logical_prefix[1..]].concat())
+}
+
+fn window_of(at_ms: u64) -> [u8; 8] {
+    (at_ms / WINDOW_MS).to_be_bytes()
+}
+
+fn entry_at_ms(entry: &[u8]) -> u64 {
+    u64::from_be_bytes(entry[..8].try_into().unwrap_or_default())
+}
+
+fn is_boundary(entry: &Entry) -> bool {
+    blake3::hash(entry).as_bytes()[0] == 0
+}
+
+fn head_key(prefix: &[u8], entry: &Entry) -> Vec<u8> {
+    [prefix, &window_of(entry_at_ms(entry))].concat()
+}
+
+/// A window's head, decoded: `boundaries count (u32 BE) ++ boundaries ++ entries`.
+struct Head {
+    key: Vec<u8>,
+    /// The window's boundary entries, ascending: each starts a chunk at `key ++ boundary`.
+    boundaries: Vec<Entry>,
+    /// The window's entries before its first boundary.
+    entries: Vec<Entry>,
+}
+
+fn entries_of(key: &[u8], body: &[u8]) -> Result<Vec<Entry>, Corrupt> {
+    if body.len() % ENTRY_BYTES != 0 {
+        return Err(Corrupt { key: key.to_vec() });
+    }
+    Ok(body.chunks_exact(ENTRY_BYTES).map(|e| e.try_into().expect("exact chunk")).collect())
+}
+
+fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+    for e in entries {
+        out.extend_from_slice(e);
+    }
+}
+
+impl Head {
+    fn decode(key: Vec<u8>, value: &[u8]) -> Result<Head, Corrupt> {
+        let corrupt = |key: Vec<u8>| Corrupt { key };
+        let Some((count, rest)) = value.split_first_chunk::<4>() else {
+            return Err(corrupt(key));
+        };
+        let split =
+            (u32::from_be_bytes(*count) as usize).checked_mul(ENTRY_BYTES).filter(|n| *n <= rest.len());
+        let Some(split) = split else {
+            return Err(corrupt(key));
+        };
+        let boundaries = entries_of(&key, &rest[..split])?;
+        let entries = entries_of(&key, &rest[split..])?;
+        Ok(Head { key, boundaries, entries })
+    }
+
+    /// Writes it back, or deletes it when its window is empty.
+    fn store(&self, t: &mut impl Tables) {
+        if self.entries.is_empty() && self.boundaries.is_empty() {
+            t.delete(&self.key);
+            return;
+        }
+        let mut out = Vec::with_capacity(4 + (self.boundaries.len() + self.entries.len()) * ENTRY_BYTES);
+        out.extend_from_slice(&u32::try_from(self.boundaries.len()).unwrap_or(u32::MAX).to_be_bytes());
+        encode_entries(&mut out, &self.boundaries);
+        encode_entries(&mut out, &self.entries);
+        t.put(self.key.clone(), out);
+    }
+
+    /// The boundary of the chunk that holds (or would hold) `entry`; `None`: the head does.
+    fn holder_of(&self, entry: &Entry) -> Option<Entry> {
+        match self.boundaries.binary_search(entry) {
+            Ok(at) => Some(self.boundaries[at]),
+            Err(0) => None,
+            Err(at) => Some(self.boundaries[at - 1]),
+        }
+    }
+}
+
+/// A chunk: its boundary entry, then the entries up to the next boundary.
+struct Chunk {
+    key: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+impl Chunk {
+    fn read(t: &impl ReadTables, head: &Head, boundary: &Entry) -> Result<Chunk, Corrupt> {
+        let key = [&head.key[..], boundary].concat();
+        let value = t.get(&key).ok_or_else(|| Corrupt { key: head.key.clone() })?;
+        let entries = entries_of(&key, &value)?;
+        if entries.first() != Some(boundary) {
+            return Err(Corrupt { key });
+        }
+        Ok(Chunk { key, entries })
+    }
+
+    fn store(&self, t: &mut impl Tables) {
+        let mut out = Vec::with_capacity(self.entries.len() * ENTRY_BYTES);
+        encode_entries(&mut out, &self.entries);
+        t.put(self.key.clone(), out);
+    }
+}
+
+fn read_head(t: &impl ReadTables, key: Vec<u8>) -> Result<Option<Head>, Corrupt> {
+    match t.get(&key) {
+        Some(value) => Head::decode(key, &value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Adds the entry of logical key `key` (nothing if it is there already).
+pub(crate) fn insert(t: &mut impl Tables, key: &[u8]) -> Result<(), Corrupt> {
+    let (prefix, entry) = split(key)?;
+    let head_key = head_key(&prefix, &entry);
+    let mut head = read_head(t, head_key.clone())?.unwrap_or(Head {
+        key: head_key,
+        boundaries: Vec::new(),
+        entries: Vec::new(),
+    });
+    let mut chunk = match head.holder_of(&entry) {
+        Some(boundary) => Some(Chunk::read(t, &head, &boundary)?),
+        None => None,
+    };
+    let entries = match chunk.as_mut() {
+        Some(chunk) => &mut chunk.entries,
+        None => &mut head.entries,
+    };
+    let Err(at) = entries.binary_search(&entry) else {
+        return Ok(());
+    };
+    if !is_boundary(&entry) {
+        entries.insert(at, entry);
+        match chunk {
+            Some(chunk) => chunk.store(t),
+            None => head.store(t),
+        }
+        return Ok(());
+    }
+    // A boundary starts a chunk with what its holder has after it.
+    let mut tail = vec![entry];
+    tail.extend(entries.drain(at..));
+    if let Some(chunk) = chunk {
+        chunk.store(t);
+    }
+    let at = head.boundaries.binary_search(&entry).unwrap_or_else(|at| at);
+    head.boundaries.insert(at, entry);
+    head.store(t);
+    Chunk { key: [&head.key[..], &entry].concat(), entries: tail }.store(t);
+    Ok(())
+}
+
+/// Removes the entry of logical key `key` (nothing if it is not there).
+pub(crate) fn remove(t: &mut impl Tables, key: &[u8]) -> Result<(), Corrupt> {
+    let (prefix, entry) = split(key)?;
+    let Some(mut head) = read_head(t, head_key(&prefix, &entry))? else {
+        return Ok(());
+    };
+    let Some(boundary) = head.holder_of(&entry) else {
+        let Ok(at) = head.entries.binary_search(&entry) else {
+            return Ok(());
+        };
+        head.entries.remove(at);
+        head.store(t);
+        return Ok(());
+    };
+    let mut chunk = Chunk::read(t, &head, &boundary)?;
+    let Ok(at) = chunk.entries.binary_search(&entry) else {
+        return Ok(());
+    };
+    chunk.entries.remove(at);
+    if at > 0 {
+        chunk.store(t);
+        return Ok(());
+    }
+    // The entry was its chunk's boundary: the chunk joins the one before it.
+    t.delete(&chunk.key);
+    let b = head.boundaries.binary_search(&entry).map_err(|_| Corrupt { key: chunk.key.clone() })?;
+    head.boundaries.remove(b);
+    match b.checked_sub(1).map(|before| head.boundaries[before]) {
+        Some(before) => {
+            let mut before = Chunk::read(t, &head, &before)?;
+            before.entries.append(&mut chunk.entries);
+            before.store(t);
+        }
+        None => head.entries.append(&mut chunk.entries),
+    }
+    head.store(t);
+    Ok(())
+}
+
+/// Which way a scan walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Walk {
+    Forward,
+    Backward,
+}
+
+/// Up to `limit` logical keys of the index `logical_prefix` with `from <= key < to`, ascending
+/// (`Forward`) or descending. Reads the windows the range touches, one store scan per
+/// [`SCAN_CHUNKS`] heads and chunks, and stops once it has `limit`.
+pub(crate) fn scan(
+    t: &impl ReadTables,
+    logical_prefix: &[u8],
+    from: &[u8],
+    to: &[u8],
+    limit: usize,
+    walk: Walk,
+) -> Result<Vec<Vec<u8>>, Corrupt> {
+    let Some(prefix) = chunk_prefix(logical_prefix) else {
+        return Err(Corrupt { key: logical_prefix.to_vec() });
+    };
+    let prefix_end = keys::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+    // The windows of `from` and `to` bound the stored keys to read; entries are then filtered.
+    let window_bound = |bound: &[u8], after: bool| -> Vec<u8> {
+        if bound < logical_prefix {
+            return prefix.clone();
+        }
+        if !bound.starts_with(logical_prefix) {
+            return prefix_end.clone();
+        }
+        let tail = &bound[logical_prefix.len()..];
+        let mut at = [0u8; 8];
+        let n = tail.len().min(8);
+        at[..n].copy_from_slice(&tail[..n]);
+        let window = u64::from_be_bytes(at) / WINDOW_MS;
+        match window.checked_add(u64::from(after)) {
+            Some(w) => [&prefix[..], &w.to_be_bytes()].concat(),
+            None => prefix_end.clone(),
+        }
+    };
+    let lo = window_bound(from, false);
+    let hi = window_bound(to, true);
+    let mut out = Vec::new();
+    if from >= to || lo >= hi || limit == 0 {
+        return Ok(out);
+    }
+    let (mut lo, mut hi) = (lo, hi);
+    loop {
+        let page = match walk {
+            Walk::Forward => t.scan(&lo, &hi, SCAN_CHUNKS),
+            Walk::Backward => t.scan_rev(&lo, &hi, SCAN_CHUNKS),
+        };
+        let done = page.len() < SCAN_CHUNKS;
+        for (key, value) in page {
+            match walk {
+                Walk::Forward => lo = keys::successor(&key),
+                Walk::Backward => hi = key.clone(),
+            }
+            let entries = match key.len().checked_sub(prefix.len()) {
+                Some(8) => Head::decode(key, &value)?.entries,
+                Some(n) if n == 8 + ENTRY_BYTES => entries_of(&key, &value)?,
+                _ => return Err(Corrupt { key }),
+            };
+            let mut keys: Vec<Vec<u8>> = entries
+                .iter()
+                .map(|e| [logical_prefix, e].concat())
+                .filter(|k| k.as_slice() >= from && k.as_slice() < to)
+                .collect();
+            if walk == Walk::Backward {
+                keys.reverse();
+            }
+            for k in keys {
+                out.push(k);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+        }
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Adds the index entries of every delivery row in `t` (after an earlier version's one key per
+/// entry was dropped).
+pub(crate) fn rebuild_from_deliveries(t: &mut impl Tables) -> Result<u64, Corrupt> {
+    let mut from = vec![keys::KS_DELIVERY];
+    let end = vec![keys::KS_DELIVERY + 1];
+    let mut added = 0;
+    loop {
+        let page = t.scan(&from, &end, 1024);
+        let Some((last, _)) = page.last() else {
+            return Ok(added);
+        };
+        from = keys::successor(last);
+        for (key, value) in &page {
+            let delivery: crate::model::Delivery =
+                crate::codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.clone() })?;
+            for index in delivery.index_keys().into_iter().filter(|k| is_chunked(k)) {
+                insert(t, &index)?;
+                added += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::MemTables;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// A logical key of the organisation + status index with org byte `org`.
+    fn logical(org: u8, at_ms: u64, id: u128) -> Vec<u8> {
+        let mut k = vec![keys::KS_DELIVERY_BY_ORG_STATUS];
+        k.extend_from_slice(&[org; 16]);
+        k.push(0);
+        k.extend_from_slice(&at_ms.to_be_bytes());
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    fn prefix(org: u8) -> Vec<u8> {
+        let mut k = vec![keys::KS_DELIVERY_BY_ORG_STATUS];
+        k.extend_from_slice(&[org; 16]);
+        k.push(0);
+        k
+    }
+
+    fn all(t: &MemTables, org: u8, walk: Walk) -> Vec<Vec<u8>> {
+        let p = prefix(org);
+        scan(t, &p, &p, &keys::prefix_end(&p).unwrap(), usize::MAX, walk).unwrap()
+    }
+
+    /// An id whose entry at `at_ms` is (or is not) a boundary.
+    fn id_with(at_ms: u64, boundary: bool, from: u128) -> u128 {
+        (from..)
+            .find(|id| {
+                let e: Entry = logical(1, at_ms, *id)[18..].try_into().unwrap();
+                is_boundary(&e) == boundary
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_window_without_boundaries_is_one_head() {
+        let mut t = MemTables::new();
+        let ids: Vec<u128> = (0..5)
+            .scan(0, |next, _| {
+                let id = id_with(16, false, *next);
+                *next = id + 1;
+                Some(id)
+            })
+            .collect();
+        for id in ids.iter().rev() {
+            insert(&mut t, &logical(1, 16, *id)).unwrap();
+        }
+        assert_eq!(t.len(), 1, "one head for the window");
+        let (_, value) = t.iter().next().unwrap();
+        assert_eq!(value.len(), 4 + 5 * ENTRY_BYTES);
+        assert_eq!(value[..4], [0; 4], "no boundaries, no chunks after it");
+    }
+
+    #[test]
+    fn a_boundary_starts_a_chunk_and_leaves_with_it() {
+        let mut t = MemTables::new();
+        let plain = id_with(16, false, 0);
+        let boundary = id_with(16, true, plain + 1);
+        let after = id_with(16, false, boundary + 1);
+        for id in [plain, boundary, after] {
+            insert(&mut t, &logical(1, 16, id)).unwrap();
+        }
+        let stored: Vec<(Vec<u8>, Vec<u8>)> = t.dump();
+        assert_eq!(stored.len(), 2, "head and one chunk: {stored:02x?}");
+        let boundary_entry = &logical(1, 16, boundary)[18..];
+        assert_eq!(
+            stored[0].1,
+            [&1u32.to_be_bytes()[..], boundary_entry, &logical(1, 16, plain)[18..]].concat(),
+            "the head lists the boundary and keeps what is before it"
+        );
+        assert_eq!(stored[1].0[stored[1].0.len() - ENTRY_BYTES..], *boundary_entry);
+        assert_eq!(stored[1].1.len(), 2 * ENTRY_BYTES, "the chunk: the boundary and what follows");
+        remove(&mut t, &logical(1, 16, boundary)).unwrap();
+        let stored = t.dump();
+        assert_eq!(stored.len(), 1, "the chunk joined the head");
+        assert_eq!(
+            stored[0].1,
+            [&[0u8; 4][..], &logical(1, 16, plain)[18..], &logical(1, 16, after)[18..]].concat()
+        );
+        remove(&mut t, &logical(1, 16, plain)).unwrap();
+        remove(&mut t, &logical(1, 16, after)).unwrap();
+        assert!(t.is_empty(), "an empty window stores nothing");
+    }
+
+    #[test]
+    fn a_crowded_window_is_cut_into_chunks() {
+        let mut t = MemTables::new();
+        for id in 0..5_000u128 {
+            insert(&mut t, &logical(1, 40, id)).unwrap();
+        }
+        let largest = t.iter().map(|(_, v)| v.len()).max().unwrap();
+        assert!(t.len() > 5, "{} stored keys", t.len());
+        assert!(largest < 5_000 * ENTRY_BYTES / 4, "largest value {largest} bytes");
+        assert_eq!(all(&t, 1, Walk::Forward).len(), 5_000);
+    }
+
+    #[test]
+    fn a_corrupt_value_is_named() {
+        let mut t = MemTables::new();
+        insert(&mut t, &logical(1, 16, 7)).unwrap();
+        let (key, _) = t.dump().remove(0);
+        t.put(key.clone(), vec![0, 0, 0, 0, 1, 2]);
+        assert_eq!(insert(&mut t, &logical(1, 16, 8)), Err(Corrupt { key: key.clone() }));
+        let p = prefix(1);
+        assert_eq!(scan(&t, &p, &p, &keys::prefix_end(&p).unwrap(), 10, Walk::Forward), Err(Corrupt { key }));
+    }
+
+    fn op() -> impl Strategy<Value = (bool, u8, u64, u128)> {
+        // Few orgs and times, many ids: crowded windows with boundaries in them.
+        (any::<bool>(), 0u8..2, 0u64..40, 0u128..600)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any sequence of inserts and removes leaves the set a model set holds, scans it back
+        /// in order with any bounds and limit, and stores it exactly as inserting the final set
+        /// into empty tables would (the layout does not depend on history).
+        #[test]
+        fn chunks_hold_the_set_and_their_layout_is_its_function(
+            ops in proptest::collection::vec(op(), 1..600),
+            bounds in (0u64..48, 0u64..48, 1usize..50),
+        ) {
+            let mut t = MemTables::new();
+            let mut model: BTreeSet<Vec<u8>> = BTreeSet::new();
+            for (add, org, at, id) in ops {
+                let k = logical(org, at, id);
+                if add {
+                    insert(&mut t, &k).unwrap();
+                    model.insert(k);
+                } else {
+                    remove(&mut t, &k).unwrap();
+                    model.remove(&k);
+                }
+            }
+            let mut fresh = MemTables::new();
+            for k in &model {
+                insert(&mut fresh, k).unwrap();
+            }
+            prop_assert_eq!(t.dump(), fresh.dump());
+            for org in 0..2u8 {
+                let expected: Vec<Vec<u8>> = model.iter().filter(|k| k[1] == org).cloned().collect();
+                prop_assert_eq!(all(&t, org, Walk::Forward), expected.clone());
+                let mut rev = expected.clone();
+                rev.reverse();
+                prop_assert_eq!(all(&t, org, Walk::Backward), rev);
+                let (a, b, limit) = bounds;
+                let p = prefix(org);
+                let from = [&p[..], &a.to_be_bytes()].concat();
+                let to = logical(org, b, 300);
+                let inside: Vec<Vec<u8>> =
+                    expected.iter().filter(|k| **k >= from && **k < to).cloned().collect();
+                let fwd = scan(&t, &p, &from, &to, limit, Walk::Forward).unwrap();
+                prop_assert_eq!(fwd, inside.iter().take(limit).cloned().collect::<Vec<_>>());
+                let bwd = scan(&t, &p, &from, &to, limit, Walk::Backward).unwrap();
+                prop_assert_eq!(bwd, inside.iter().rev().take(limit).cloned().collect::<Vec<_>>());
+            }
+        }
+    }
+}
