@@ -471,9 +471,12 @@ pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
         .map_err(LogError::from)?
         .contains(&true);
     if unchunked {
-        for ks in
-            [keys::KS_CHUNKS_BY_ORG_STATUS, keys::KS_CHUNKS_BY_ENDPOINT_STATUS, keys::KS_CHUNKS_BY_ORG_TYPE]
-        {
+        for ks in [
+            keys::KS_CHUNKS_BY_ORG_STATUS,
+            keys::KS_CHUNKS_BY_ENDPOINT_STATUS,
+            keys::KS_CHUNKS_BY_ORG_TYPE,
+            keys::KS_CHUNKS_DUE,
+        ] {
             delete_range(store, &[ks], &[ks + 1])?;
         }
         chunk_stored_entries(store)?;

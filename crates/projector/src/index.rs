@@ -49,7 +49,10 @@ pub(crate) fn is_chunked(key: &[u8]) -> bool {
 pub(crate) fn is_chunk_keyspace(keyspace: u8) -> bool {
     matches!(
         keyspace,
-        keys::KS_CHUNKS_BY_ORG_STATUS | keys::KS_CHUNKS_BY_ENDPOINT_STATUS | keys::KS_CHUNKS_BY_ORG_TYPE
+        keys::KS_CHUNKS_BY_ORG_STATUS
+            | keys::KS_CHUNKS_BY_ENDPOINT_STATUS
+            | keys::KS_CHUNKS_BY_ORG_TYPE
+            | keys::KS_CHUNKS_DUE
     )
 }
 

@@ -19,10 +19,11 @@
 //! | `0x53` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
 //! | `0x54` | (logical only) endpoint ++ status ++ created_at ++ delivery | (endpoint deliveries only) |
 //! | `0x55` | (logical only) org ++ type length (u32 BE) ++ type ++ created_at ++ delivery | |
-//! | `0x56` | next_attempt_at ++ delivery | empty (pending deliveries only: the due queue) |
+//! | `0x56` | (logical only) next_attempt_at ++ delivery | (pending deliveries only: the due queue) |
 //! | `0x57` | org ++ status ++ window [++ boundary entry] | `0x52`'s entries, chunked ([`crate::index`]) |
 //! | `0x58` | endpoint ++ status ++ window [++ boundary entry] | `0x54`'s entries, chunked |
 //! | `0x59` | org ++ type length ++ type ++ window [++ boundary entry] | `0x55`'s entries, chunked |
+//! | `0x5A` | window [++ boundary entry] | `0x56`'s entries, chunked |
 //! | `0x60` | delivery ++ attempt (u32 BE) | [`AttemptRecord`](crate::AttemptRecord) |
 
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
@@ -48,6 +49,7 @@ pub const KS_DUE: u8 = 0x56;
 pub const KS_CHUNKS_BY_ORG_STATUS: u8 = 0x57;
 pub const KS_CHUNKS_BY_ENDPOINT_STATUS: u8 = 0x58;
 pub const KS_CHUNKS_BY_ORG_TYPE: u8 = 0x59;
+pub const KS_CHUNKS_DUE: u8 = 0x5A;
 pub const KS_ATTEMPT: u8 = 0x60;
 
 /// Keyspaces that earlier versions wrote and this one neither writes nor reads: an organisation's
@@ -60,8 +62,8 @@ pub const LEGACY_KEYSPACES: [u8; 2] = [KS_DELIVERY_BY_ORG, KS_DELIVERY_BY_ENDPOI
 /// ([`crate::index`]): the bytes name the logical keys (`Delivery::index_keys`), never a stored
 /// key. Reads skip stored keys of them; [`drop_legacy`](crate::compact::drop_legacy) rebuilds the
 /// chunks from the delivery rows, then deletes them.
-pub const LEGACY_INDEX_KEYSPACES: [u8; 3] =
-    [KS_DELIVERY_BY_ORG_STATUS, KS_DELIVERY_BY_ENDPOINT_STATUS, KS_DELIVERY_BY_ORG_TYPE];
+pub const LEGACY_INDEX_KEYSPACES: [u8; 4] =
+    [KS_DELIVERY_BY_ORG_STATUS, KS_DELIVERY_BY_ENDPOINT_STATUS, KS_DELIVERY_BY_ORG_TYPE, KS_DUE];
 
 /// Whether stored keys of `keyspace` are an earlier version's, which reads skip.
 pub fn is_legacy(keyspace: u8) -> bool {
@@ -74,6 +76,7 @@ pub(crate) fn chunk_keyspace(logical: u8) -> Option<u8> {
         KS_DELIVERY_BY_ORG_STATUS => Some(KS_CHUNKS_BY_ORG_STATUS),
         KS_DELIVERY_BY_ENDPOINT_STATUS => Some(KS_CHUNKS_BY_ENDPOINT_STATUS),
         KS_DELIVERY_BY_ORG_TYPE => Some(KS_CHUNKS_BY_ORG_TYPE),
+        KS_DUE => Some(KS_CHUNKS_DUE),
         _ => None,
     }
 }

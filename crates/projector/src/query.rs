@@ -384,11 +384,14 @@ pub fn due_deliveries(
         Some(end_ms) => keys::key(keys::KS_DUE, &[&end_ms.to_be_bytes()]),
         None => vec![keys::KS_DUE + 1],
     };
-    let (items, _) = page(t, &from, &to, limit, |key, _| {
-        let (at_ms, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
-        Ok(Due { next_attempt_at_ms: at_ms, delivery_id: id })
-    })?;
-    Ok(items)
+    let limit = limit.min(PAGE_LEN_MAX);
+    index::scan(t, &[keys::KS_DUE], &from, &to, limit, index::Walk::Forward)?
+        .into_iter()
+        .map(|key| {
+            let (at_ms, id) = keys::parse_timed(&key).ok_or(Corrupt { key })?;
+            Ok(Due { next_attempt_at_ms: at_ms, delivery_id: id })
+        })
+        .collect()
 }
 
 /// Up to `limit` (at most [`PAGE_LEN_MAX`]) attempts of the delivery, oldest first, numbered

@@ -295,6 +295,7 @@ pub fn assert_consistent(t: &MemTables) {
         keys::KS_CHUNKS_BY_ORG_STATUS,
         keys::KS_CHUNKS_BY_ENDPOINT_STATUS,
         keys::KS_CHUNKS_BY_ORG_TYPE,
+        keys::KS_CHUNKS_DUE,
     ];
     let actual: BTreeSet<(Vec<u8>, Vec<u8>)> = t
         .iter()
