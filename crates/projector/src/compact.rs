@@ -845,11 +845,9 @@ mod tests {
         );
     }
 
-    /// A store as an earlier version left it: whole-list index keys in the live projection and in
-    /// a checkpoint whose hash covers them. It reads and verifies as it is, and `drop_legacy`
-    /// deletes them (the checkpoint's in one batch with its new hash) and then finds nothing.
-    #[test]
-    fn index_keys_an_earlier_version_wrote_are_skipped_then_dropped() {
+    /// A compacted store whose checkpoint keeps a pending delivery (1), with one delivered
+    /// delivery dropped (2) and one more after the anchor (3); the log still open.
+    fn compacted_with_one_pending() -> (MemStore, Log<Machine1>) {
         let store = MemStore::new();
         let log = open(&store);
         events(&log, 1, vec![endpoint(1)]);
@@ -859,6 +857,26 @@ mod tests {
         let plan = plan(&store, 15, 100).unwrap().unwrap();
         log.submit(Cmd::Compact(Box::new(plan), 200)).unwrap().unwrap();
         events(&log, 300, vec![publish(3), delivery(3, 3, Some(1), 300)]);
+        (store, log)
+    }
+
+    /// The delivery rows a checkpoint keeps (at least one).
+    fn kept_deliveries(checkpoint: &MemTables) -> Vec<Delivery> {
+        let kept: Vec<Delivery> = checkpoint
+            .scan(&[keys::KS_DELIVERY], &[keys::KS_DELIVERY + 1], usize::MAX)
+            .iter()
+            .map(|(_, v)| codec::from_bytes(v).unwrap())
+            .collect();
+        assert!(!kept.is_empty(), "the checkpoint keeps the pending delivery");
+        kept
+    }
+
+    /// A store as an earlier version left it: whole-list index keys in the live projection and in
+    /// a checkpoint whose hash covers them. It reads and verifies as it is, and `drop_legacy`
+    /// deletes them (the checkpoint's in one batch with its new hash) and then finds nothing.
+    #[test]
+    fn index_keys_an_earlier_version_wrote_are_skipped_then_dropped() {
+        let (store, log) = compacted_with_one_pending();
         log.close();
         assert_exact(&store);
 
@@ -886,12 +904,7 @@ mod tests {
         }
         let anchor = read_head(&store).unwrap().anchor_seq;
         let (mut checkpoint, payloads) = load_checkpoint(&store, anchor).unwrap();
-        let kept: Vec<Delivery> = checkpoint
-            .scan(&[keys::KS_DELIVERY], &[keys::KS_DELIVERY + 1], usize::MAX)
-            .iter()
-            .map(|(_, v)| codec::from_bytes(v).unwrap())
-            .collect();
-        assert!(!kept.is_empty(), "the checkpoint keeps the pending delivery");
+        let kept = kept_deliveries(&checkpoint);
         for d in &kept {
             for key in legacy(d) {
                 checkpoint.put(key, Vec::new());
@@ -931,15 +944,7 @@ mod tests {
     /// them, and the store is then byte for byte what this version writes.
     #[test]
     fn list_entries_an_earlier_version_stored_one_key_each_are_chunked_then_dropped() {
-        let store = MemStore::new();
-        let log = open(&store);
-        events(&log, 1, vec![endpoint(1)]);
-        events(&log, 10, vec![publish(1), delivery(1, 1, Some(1), 5_000)]);
-        events(&log, 20, vec![publish(2), delivery(2, 2, Some(1), 20)]);
-        events(&log, 30, vec![ok(2, 1)]);
-        let plan = plan(&store, 15, 100).unwrap().unwrap();
-        log.submit(Cmd::Compact(Box::new(plan), 200)).unwrap().unwrap();
-        events(&log, 300, vec![publish(3), delivery(3, 3, Some(1), 300)]);
+        let (store, log) = compacted_with_one_pending();
         events(&log, 310, vec![ok(3, 1)]);
         log.close();
         assert_exact(&store);
@@ -970,12 +975,7 @@ mod tests {
                 .filter(|(k, _)| !index::is_chunk_keyspace(k[0]))
                 .map(|(k, v)| (k.to_vec(), v.to_vec())),
         );
-        let kept: Vec<Delivery> = checkpoint
-            .scan(&[keys::KS_DELIVERY], &[keys::KS_DELIVERY + 1], usize::MAX)
-            .iter()
-            .map(|(_, v)| codec::from_bytes(v).unwrap())
-            .collect();
-        assert!(!kept.is_empty(), "the checkpoint keeps the pending delivery");
+        let kept = kept_deliveries(&checkpoint);
         for d in &kept {
             for key in chunked(d) {
                 unchunked.put(key, Vec::new());
