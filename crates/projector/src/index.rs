@@ -89,13 +89,29 @@ fn head_key(prefix: &[u8], entry: &Entry) -> Vec<u8> {
     [prefix, &window_of(entry_at_ms(entry))].concat()
 }
 
-/// A window's head, decoded: `boundaries count (u32 BE) ++ boundaries ++ entries`.
+/// A window's head as stored: `boundaries count (u32 BE) ++ boundaries ++ entries`, worked on
+/// in place (no decoding: a write moves a few bytes of a value it has read anyway).
 struct Head {
     key: Vec<u8>,
-    /// The window's boundary entries, ascending: each starts a chunk at `key ++ boundary`.
-    boundaries: Vec<Entry>,
-    /// The window's entries before its first boundary.
-    entries: Vec<Entry>,
+    value: Vec<u8>,
+}
+
+/// Where an entry is (`Ok`) or would go (`Err`) among sorted entries, in entries.
+fn search(entries: &[u8], entry: &Entry) -> Result<usize, usize> {
+    let (mut lo, mut hi) = (0, entries.len() / ENTRY_BYTES);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match entries[mid * ENTRY_BYTES..(mid + 1) * ENTRY_BYTES].cmp(&entry[..]) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Ok(mid),
+        }
+    }
+    Err(lo)
+}
+
+fn entry_at(entries: &[u8], i: usize) -> Entry {
+    entries[i * ENTRY_BYTES..(i + 1) * ENTRY_BYTES].try_into().expect("an entry's bytes")
 }
 
 fn entries_of(key: &[u8], body: &[u8]) -> Result<Vec<Entry>, Corrupt> {
@@ -105,79 +121,117 @@ fn entries_of(key: &[u8], body: &[u8]) -> Result<Vec<Entry>, Corrupt> {
     Ok(body.chunks_exact(ENTRY_BYTES).map(|e| e.try_into().expect("exact chunk")).collect())
 }
 
-fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
-    for e in entries {
-        out.extend_from_slice(e);
-    }
-}
-
 impl Head {
-    fn decode(key: Vec<u8>, value: &[u8]) -> Result<Head, Corrupt> {
-        let corrupt = |key: Vec<u8>| Corrupt { key };
-        let Some((count, rest)) = value.split_first_chunk::<4>() else {
-            return Err(corrupt(key));
-        };
-        let split =
-            (u32::from_be_bytes(*count) as usize).checked_mul(ENTRY_BYTES).filter(|n| *n <= rest.len());
-        let Some(split) = split else {
-            return Err(corrupt(key));
-        };
-        let boundaries = entries_of(&key, &rest[..split])?;
-        let entries = entries_of(&key, &rest[split..])?;
-        Ok(Head { key, boundaries, entries })
+    fn new(key: Vec<u8>) -> Head {
+        Head { key, value: vec![0; 4] }
     }
 
-    /// Writes it back, or deletes it when its window is empty.
-    fn store(&self, t: &mut impl Tables) {
-        if self.entries.is_empty() && self.boundaries.is_empty() {
-            t.delete(&self.key);
-            return;
+    /// Checks the stored value's shape.
+    fn checked(key: Vec<u8>, value: Vec<u8>) -> Result<Head, Corrupt> {
+        let count = value.first_chunk::<4>().map(|c| u32::from_be_bytes(*c) as usize);
+        let ok = count
+            .and_then(|n| n.checked_mul(ENTRY_BYTES))
+            .is_some_and(|b| b + 4 <= value.len() && (value.len() - 4 - b) % ENTRY_BYTES == 0);
+        if ok {
+            Ok(Head { key, value })
+        } else {
+            Err(Corrupt { key })
         }
-        let mut out = Vec::with_capacity(4 + (self.boundaries.len() + self.entries.len()) * ENTRY_BYTES);
-        out.extend_from_slice(&u32::try_from(self.boundaries.len()).unwrap_or(u32::MAX).to_be_bytes());
-        encode_entries(&mut out, &self.boundaries);
-        encode_entries(&mut out, &self.entries);
-        t.put(self.key.clone(), out);
+    }
+
+    fn read(t: &impl ReadTables, key: Vec<u8>) -> Result<Option<Head>, Corrupt> {
+        match t.get(&key) {
+            Some(value) => Head::checked(key, value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn boundaries_end(&self) -> usize {
+        4 + u32::from_be_bytes(self.value[..4].try_into().expect("checked")) as usize * ENTRY_BYTES
+    }
+
+    fn boundaries(&self) -> &[u8] {
+        &self.value[4..self.boundaries_end()]
+    }
+
+    /// The entries before the first boundary.
+    fn entries(&self) -> &[u8] {
+        &self.value[self.boundaries_end()..]
     }
 
     /// The boundary of the chunk that holds (or would hold) `entry`; `None`: the head does.
     fn holder_of(&self, entry: &Entry) -> Option<Entry> {
-        match self.boundaries.binary_search(entry) {
-            Ok(at) => Some(self.boundaries[at]),
+        let boundaries = self.boundaries();
+        match search(boundaries, entry) {
+            Ok(i) => Some(entry_at(boundaries, i)),
             Err(0) => None,
-            Err(at) => Some(self.boundaries[at - 1]),
+            Err(i) => Some(entry_at(boundaries, i - 1)),
+        }
+    }
+
+    fn add_boundary(&mut self, entry: &Entry) {
+        let at = 4 + search(self.boundaries(), entry).unwrap_or_else(|i| i) * ENTRY_BYTES;
+        self.value.splice(at..at, entry.iter().copied());
+        self.set_count(1);
+    }
+
+    fn drop_boundary(&mut self, i: usize) {
+        let at = 4 + i * ENTRY_BYTES;
+        self.value.drain(at..at + ENTRY_BYTES);
+        self.set_count(-1);
+    }
+
+    fn set_count(&mut self, delta: i64) {
+        let n = u32::from_be_bytes(self.value[..4].try_into().expect("checked"));
+        let n = u32::try_from(i64::from(n) + delta).unwrap_or(0);
+        self.value[..4].copy_from_slice(&n.to_be_bytes());
+    }
+
+    /// Writes it back, or deletes it when its window is empty.
+    fn store(self, t: &mut impl Tables) {
+        if self.value.len() == 4 {
+            t.delete(&self.key);
+        } else {
+            t.put(self.key, self.value);
         }
     }
 }
 
-/// A chunk: its boundary entry, then the entries up to the next boundary.
+/// A chunk as stored: its boundary entry, then the entries up to the next boundary.
 struct Chunk {
     key: Vec<u8>,
-    entries: Vec<Entry>,
+    value: Vec<u8>,
 }
 
 impl Chunk {
     fn read(t: &impl ReadTables, head: &Head, boundary: &Entry) -> Result<Chunk, Corrupt> {
         let key = [&head.key[..], boundary].concat();
-        let value = t.get(&key).ok_or_else(|| Corrupt { key: head.key.clone() })?;
-        let entries = entries_of(&key, &value)?;
-        if entries.first() != Some(boundary) {
+        let Some(value) = t.get(&key) else {
+            return Err(Corrupt { key: head.key.clone() });
+        };
+        if value.len() % ENTRY_BYTES != 0 || !value.starts_with(boundary) {
             return Err(Corrupt { key });
         }
-        Ok(Chunk { key, entries })
+        Ok(Chunk { key, value })
     }
 
-    fn store(&self, t: &mut impl Tables) {
-        let mut out = Vec::with_capacity(self.entries.len() * ENTRY_BYTES);
-        encode_entries(&mut out, &self.entries);
-        t.put(self.key.clone(), out);
+    fn store(self, t: &mut impl Tables) {
+        t.put(self.key, self.value);
     }
 }
 
-fn read_head(t: &impl ReadTables, key: Vec<u8>) -> Result<Option<Head>, Corrupt> {
-    match t.get(&key) {
-        Some(value) => Head::decode(key, &value).map(Some),
-        None => Ok(None),
+/// Puts `entry` at byte `at` of `value`, or there starts a chunk with it and what follows it
+/// when it is a boundary: returns that chunk's value.
+fn place(value: &mut Vec<u8>, at: usize, entry: &Entry) -> Option<Vec<u8>> {
+    if is_boundary(entry) {
+        let mut chunk = Vec::with_capacity(ENTRY_BYTES + value.len() - at);
+        chunk.extend_from_slice(entry);
+        chunk.extend_from_slice(&value[at..]);
+        value.truncate(at);
+        Some(chunk)
+    } else {
+        value.splice(at..at, entry.iter().copied());
+        None
     }
 }
 
@@ -185,77 +239,76 @@ fn read_head(t: &impl ReadTables, key: Vec<u8>) -> Result<Option<Head>, Corrupt>
 pub(crate) fn insert(t: &mut impl Tables, key: &[u8]) -> Result<(), Corrupt> {
     let (prefix, entry) = split(key)?;
     let head_key = head_key(&prefix, &entry);
-    let mut head = read_head(t, head_key.clone())?.unwrap_or(Head {
-        key: head_key,
-        boundaries: Vec::new(),
-        entries: Vec::new(),
-    });
-    let mut chunk = match head.holder_of(&entry) {
-        Some(boundary) => Some(Chunk::read(t, &head, &boundary)?),
-        None => None,
-    };
-    let entries = match chunk.as_mut() {
-        Some(chunk) => &mut chunk.entries,
-        None => &mut head.entries,
-    };
-    let Err(at) = entries.binary_search(&entry) else {
-        return Ok(());
-    };
-    if !is_boundary(&entry) {
-        entries.insert(at, entry);
-        match chunk {
-            Some(chunk) => chunk.store(t),
-            None => head.store(t),
+    let mut head = Head::read(t, head_key.clone())?.unwrap_or_else(|| Head::new(head_key));
+    let split_off = match head.holder_of(&entry) {
+        None => {
+            let body = head.boundaries_end();
+            let Err(i) = search(head.entries(), &entry) else {
+                return Ok(());
+            };
+            let split_off = place(&mut head.value, body + i * ENTRY_BYTES, &entry);
+            if split_off.is_none() {
+                head.store(t);
+                return Ok(());
+            }
+            split_off
         }
-        return Ok(());
+        Some(boundary) => {
+            let mut chunk = Chunk::read(t, &head, &boundary)?;
+            let Err(i) = search(&chunk.value, &entry) else {
+                return Ok(());
+            };
+            let split_off = place(&mut chunk.value, i * ENTRY_BYTES, &entry);
+            chunk.store(t);
+            split_off
+        }
+    };
+    // A boundary started a chunk with what its holder had after it.
+    if let Some(value) = split_off {
+        let key = [&head.key[..], &entry].concat();
+        head.add_boundary(&entry);
+        head.store(t);
+        t.put(key, value);
     }
-    // A boundary starts a chunk with what its holder has after it.
-    let mut tail = vec![entry];
-    tail.extend(entries.drain(at..));
-    if let Some(chunk) = chunk {
-        chunk.store(t);
-    }
-    let at = head.boundaries.binary_search(&entry).unwrap_or_else(|at| at);
-    head.boundaries.insert(at, entry);
-    head.store(t);
-    Chunk { key: [&head.key[..], &entry].concat(), entries: tail }.store(t);
     Ok(())
 }
 
 /// Removes the entry of logical key `key` (nothing if it is not there).
 pub(crate) fn remove(t: &mut impl Tables, key: &[u8]) -> Result<(), Corrupt> {
     let (prefix, entry) = split(key)?;
-    let Some(mut head) = read_head(t, head_key(&prefix, &entry))? else {
+    let Some(mut head) = Head::read(t, head_key(&prefix, &entry))? else {
         return Ok(());
     };
     let Some(boundary) = head.holder_of(&entry) else {
-        let Ok(at) = head.entries.binary_search(&entry) else {
+        let Ok(i) = search(head.entries(), &entry) else {
             return Ok(());
         };
-        head.entries.remove(at);
+        let at = head.boundaries_end() + i * ENTRY_BYTES;
+        head.value.drain(at..at + ENTRY_BYTES);
         head.store(t);
         return Ok(());
     };
     let mut chunk = Chunk::read(t, &head, &boundary)?;
-    let Ok(at) = chunk.entries.binary_search(&entry) else {
+    let Ok(i) = search(&chunk.value, &entry) else {
         return Ok(());
     };
-    chunk.entries.remove(at);
-    if at > 0 {
+    chunk.value.drain(i * ENTRY_BYTES..(i + 1) * ENTRY_BYTES);
+    if i > 0 {
         chunk.store(t);
         return Ok(());
     }
     // The entry was its chunk's boundary: the chunk joins the one before it.
     t.delete(&chunk.key);
-    let b = head.boundaries.binary_search(&entry).map_err(|_| Corrupt { key: chunk.key.clone() })?;
-    head.boundaries.remove(b);
-    match b.checked_sub(1).map(|before| head.boundaries[before]) {
+    let b = search(head.boundaries(), &entry).map_err(|_| Corrupt { key: chunk.key.clone() })?;
+    let before = b.checked_sub(1).map(|before| entry_at(head.boundaries(), before));
+    head.drop_boundary(b);
+    match before {
         Some(before) => {
             let mut before = Chunk::read(t, &head, &before)?;
-            before.entries.append(&mut chunk.entries);
+            before.value.extend_from_slice(&chunk.value);
             before.store(t);
         }
-        None => head.entries.append(&mut chunk.entries),
+        None => head.value.extend_from_slice(&chunk.value),
     }
     head.store(t);
     Ok(())
@@ -320,7 +373,10 @@ pub(crate) fn scan(
                 Walk::Backward => hi = key.clone(),
             }
             let entries = match key.len().checked_sub(prefix.len()) {
-                Some(8) => Head::decode(key, &value)?.entries,
+                Some(8) => {
+                    let head = Head::checked(key, value)?;
+                    entries_of(&head.key, head.entries())?
+                }
                 Some(n) if n == 8 + ENTRY_BYTES => entries_of(&key, &value)?,
                 _ => return Err(Corrupt { key }),
             };
