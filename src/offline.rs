@@ -474,6 +474,21 @@ pub fn replay_dir(dir: &Path, subject: Subject, ndjson: bool, out: &mut dyn Writ
                     take
                 }
                 (Event::EventPublished { id, .. }, Subject::Event(e)) => *id == e,
+                (Event::EventPublishedWithDeliveries { id, deliveries, .. }, s) => {
+                    let mut take = matches!(s, Subject::Event(e) if *id == e);
+                    for d in deliveries {
+                        let its = match s {
+                            Subject::Delivery(x) => d.id == x,
+                            Subject::Event(e) => *id == e,
+                            Subject::Endpoint(e) => d.endpoint_id == Some(e),
+                        };
+                        if its {
+                            followed.entry(d.id).or_insert(None);
+                            take = true;
+                        }
+                    }
+                    take
+                }
                 (
                     Event::EndpointCreated { id, .. }
                     | Event::EndpointUpdated { id, .. }
@@ -594,6 +609,13 @@ fn write_checkpoint(
 }
 
 /// How an attempt ended, for the timeline: its answer's status and its error, if any.
+fn delivery_created(id: DeliveryId, endpoint_id: Option<EndpointId>, url: &str) -> String {
+    match endpoint_id {
+        Some(e) => format!("delivery {id} created for endpoint {e} ({url})"),
+        None => format!("delivery {id} created for the inline url {url}"),
+    }
+}
+
 fn attempt_result(status: Option<u16>, error: Option<&str>) -> String {
     match (error, status) {
         (None, Some(s)) => format!("delivered, HTTP {s}"),
@@ -643,10 +665,16 @@ fn write_step(out: &mut dyn Write, ndjson: bool, r: &Record, event: &Event) -> R
         Event::EventPublished { id, org_id, event_type, payload, .. } => {
             format!("event {id} published: {event_type}, {} bytes, organisation {org_id}", payload.len())
         }
-        Event::DeliveryCreated { id, endpoint_id, url, .. } => match endpoint_id {
-            Some(e) => format!("delivery {id} created for endpoint {e} ({url})"),
-            None => format!("delivery {id} created for the inline url {url}"),
-        },
+        Event::DeliveryCreated { id, endpoint_id, url, .. } => delivery_created(*id, *endpoint_id, url),
+        Event::EventPublishedWithDeliveries { id, org_id, event_type, payload, deliveries, .. } => {
+            let mut text =
+                format!("event {id} published: {event_type}, {} bytes, organisation {org_id}", payload.len());
+            for d in deliveries {
+                text.push_str("; ");
+                text.push_str(&delivery_created(d.id, d.endpoint_id, &d.url));
+            }
+            text
+        }
         Event::AttemptRecorded {
             delivery_id,
             attempt,

@@ -941,8 +941,7 @@ fn events_attempts_and_the_audit_chain() {
         "ApiKeyCreated",
         "EndpointCreated",
         "EndpointSecretRotated",
-        "EventPublished",
-        "DeliveryCreated",
+        "EventPublishedWithDeliveries",
         "AttemptRecorded",
     ] {
         assert!(types.contains(t), "no {t} in {types:?}");

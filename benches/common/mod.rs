@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use herald_log::{Durability, Log, LogConfig, SledStore, Store};
-use herald_projector::{AttemptOutcome, DeliveryId, EndpointId, Event, EventId, OrgId, Projector, Trigger};
+use herald_projector::{
+    AttemptOutcome, DeliveryId, EndpointId, Event, EventId, NewDelivery, OrgId, Projector, Trigger,
+};
 use uuid::Uuid;
 
 /// The allocator `herald serve` runs with, so in-process figures are the binary's.
@@ -176,30 +178,26 @@ pub fn write_history(
             let at_ms = start_ms + n;
             let event_id = EventId(Uuid::from_u128(1 << 64 | n as u128));
             let delivery_id = DeliveryId(Uuid::from_u128(2 << 64 | n as u128));
+            let (failures, due_at_ms) = match fate {
+                Fate::Delivered { failures } => (Some(failures), at_ms),
+                Fate::Pending { due_at_ms } => (None, due_at_ms),
+            };
+            // A publish as the engine writes it: the event and its delivery in one record.
             events.push((
                 at_ms,
-                Event::EventPublished {
+                Event::EventPublishedWithDeliveries {
                     id: event_id,
                     org_id: ORG,
                     event_type: "call.queued".into(),
                     payload: vec![b'x'; payload_bytes],
                     call_id: None,
                     idempotency_key: None,
-                },
-            ));
-            let (failures, due_at_ms) = match fate {
-                Fate::Delivered { failures } => (Some(failures), at_ms),
-                Fate::Pending { due_at_ms } => (None, due_at_ms),
-            };
-            events.push((
-                at_ms,
-                Event::DeliveryCreated {
-                    id: delivery_id,
-                    event_id,
-                    org_id: ORG,
-                    endpoint_id: Some(ENDPOINT),
-                    url: URL.into(),
-                    next_attempt_at_ms: due_at_ms,
+                    deliveries: vec![NewDelivery {
+                        id: delivery_id,
+                        endpoint_id: Some(ENDPOINT),
+                        url: URL.into(),
+                        next_attempt_at_ms: due_at_ms,
+                    }],
                 },
             ));
             let Some(failures) = failures else { continue };

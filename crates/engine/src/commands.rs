@@ -14,8 +14,8 @@ use herald_projector::compact::{apply_plan, Plan};
 use herald_projector::{
     apply_unstaged, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup,
     list_endpoints, org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, CompactError, CompactReport,
-    DeliveryId, DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, TxRead,
-    TxTables, RESPONSE_EXCERPT_BYTES_MAX,
+    DeliveryId, DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, NewDelivery, OrgId, Policy, Scope,
+    TxRead, TxTables, NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX, RESPONSE_EXCERPT_BYTES_MAX,
 };
 use uuid::Uuid;
 
@@ -475,14 +475,6 @@ impl Commands {
                 if let Some(url) = &webhook_url {
                     self.check_url(url)?;
                 }
-                events.push(Event::EventPublished {
-                    id,
-                    org_id,
-                    event_type: event_type.clone(),
-                    payload,
-                    call_id,
-                    idempotency_key,
-                });
                 // Where the event goes: each subscribed endpoint (at its current url), then the
                 // inline url if any.
                 let mut targets: Vec<(Option<EndpointId>, String)> = Vec::new();
@@ -510,19 +502,48 @@ impl Commands {
                     }
                     targets.push((None, url));
                 }
-                let mut delivery_ids = Vec::with_capacity(targets.len());
+                // The event and its deliveries in one record, as many as fit its budget; any
+                // beyond follow in records of their own.
+                let mut deliveries = Vec::with_capacity(targets.len());
+                let mut rest = Vec::new();
+                let mut budget = PUBLISHED_DELIVERIES_BYTES_MAX;
                 for (n, (endpoint_id, url)) in targets.into_iter().enumerate() {
                     let delivery = DeliveryId(derived_id(at_ms, &[id.as_bytes(), &(n as u64).to_be_bytes()]));
-                    delivery_ids.push(delivery);
-                    events.push(Event::DeliveryCreated {
-                        id: delivery,
-                        event_id: id,
-                        org_id,
-                        endpoint_id,
-                        url,
-                        next_attempt_at_ms: at_ms,
-                    });
+                    let cost = url.len() + NEW_DELIVERY_BYTES;
+                    if rest.is_empty() && cost <= budget {
+                        budget -= cost;
+                        deliveries.push(NewDelivery {
+                            id: delivery,
+                            endpoint_id,
+                            url,
+                            next_attempt_at_ms: at_ms,
+                        });
+                    } else {
+                        rest.push(Event::DeliveryCreated {
+                            id: delivery,
+                            event_id: id,
+                            org_id,
+                            endpoint_id,
+                            url,
+                            next_attempt_at_ms: at_ms,
+                        });
+                    }
                 }
+                let mut delivery_ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id).collect();
+                delivery_ids.extend(rest.iter().filter_map(|e| match e {
+                    Event::DeliveryCreated { id, .. } => Some(*id),
+                    _ => None,
+                }));
+                events.push(Event::EventPublishedWithDeliveries {
+                    id,
+                    org_id,
+                    event_type,
+                    payload,
+                    call_id,
+                    idempotency_key,
+                    deliveries,
+                });
+                events.extend(rest);
                 Reply::Published { id, created_at_ms: at_ms, delivery_ids, replayed: false }
             }
             Command::Retrigger { delivery_id } => {
@@ -674,6 +695,11 @@ impl Commands {
                 Event::DeliveryCreated { id, next_attempt_at_ms, .. } => {
                     due.push(Due { next_attempt_at_ms, delivery_id: id })
                 }
+                Event::EventPublishedWithDeliveries { deliveries, .. } => due.extend(
+                    deliveries
+                        .iter()
+                        .map(|d| Due { next_attempt_at_ms: d.next_attempt_at_ms, delivery_id: d.id }),
+                ),
                 Event::RetriggerRequested { delivery_id, .. }
                 | Event::RedeliverRequested { delivery_id, .. } => {
                     due.push(Due { next_attempt_at_ms: at_ms, delivery_id })

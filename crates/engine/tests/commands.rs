@@ -457,3 +457,51 @@ fn delivery_ids_are_derived_from_the_event_so_a_replay_gives_the_same_ids() {
     assert_eq!(first, second);
     assert_eq!(first[0].0.get_version_num(), 7);
 }
+
+/// A publish is one record with its deliveries, up to `PUBLISHED_DELIVERIES_BYTES_MAX` of urls;
+/// the deliveries beyond it follow in records of their own, in the same batch, in fan-out order.
+#[test]
+fn a_large_fan_out_spills_its_deliveries_into_records_of_their_own() {
+    use herald_projector::{decode, Event, NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX};
+    let mut w = World::new(CommandLimits::default());
+    let url = format!("https://receiver.example/{}", "p".repeat(3_000));
+    for _ in 0..30 {
+        let reply = w.run(
+            member(1),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org(1),
+                url: url.clone(),
+                name: "crm".into(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        );
+        assert!(reply.is_ok(), "{reply:?}");
+    }
+    let first = herald_log::read_head(&w.store).unwrap().next_seq;
+    let ids = deliveries(w.publish(member(1), 1, "call.queued", None));
+    assert_eq!(ids.len(), 30);
+    let fit = PUBLISHED_DELIVERIES_BYTES_MAX / (url.len() + NEW_DELIVERY_BYTES);
+    let records = herald_log::read_records(&w.store, first, 100).unwrap();
+    let events: Vec<Event> = records.iter().map(|r| decode(&r.body).unwrap()).collect();
+    assert_eq!(events.len(), 1 + 30 - fit, "{:?}", events.iter().map(Event::kind).collect::<Vec<_>>());
+    let mut logged = Vec::new();
+    match &events[0] {
+        Event::EventPublishedWithDeliveries { deliveries, .. } => {
+            assert_eq!(deliveries.len(), fit);
+            logged.extend(deliveries.iter().map(|d| d.id));
+        }
+        other => panic!("first record: {other:?}"),
+    }
+    for event in &events[1..] {
+        match event {
+            Event::DeliveryCreated { id, .. } => logged.push(*id),
+            other => panic!("then: {other:?}"),
+        }
+    }
+    assert_eq!(logged, ids, "the reply lists the deliveries in the records' order");
+    for id in &ids {
+        assert_eq!(w.status(*id), DeliveryStatus::Pending);
+    }
+}

@@ -642,7 +642,10 @@ pub fn event_payload(store: &dyn Store, event: &EventRecord) -> Result<Vec<u8>, 
 
 fn published_payload(event: &EventRecord, body: &[u8]) -> Result<Vec<u8>, CompactError> {
     match decode(body) {
-        Ok(Event::EventPublished { id, payload, .. }) if id == event.id => Ok(payload),
+        Ok(
+            Event::EventPublished { id, payload, .. }
+            | Event::EventPublishedWithDeliveries { id, payload, .. },
+        ) if id == event.id => Ok(payload),
         _ => Err(CompactError::Checkpoint(format!(
             "the payload of event {} is not at seq {}",
             event.id, event.seq

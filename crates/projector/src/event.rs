@@ -176,7 +176,38 @@ pub enum Event {
         deliveries_dropped: u64,
         events_dropped: u64,
     },
+    /// A publish in one record: the event, then the deliveries it fans out to, folded exactly as
+    /// an `EventPublished` followed by one `DeliveryCreated` per delivery (what earlier versions
+    /// wrote, and what this one still writes for deliveries beyond
+    /// [`PUBLISHED_DELIVERIES_BYTES_MAX`]). One record and one stored key fewer per delivery.
+    EventPublishedWithDeliveries {
+        id: EventId,
+        org_id: OrgId,
+        event_type: String,
+        payload: Vec<u8>,
+        call_id: Option<Uuid>,
+        idempotency_key: Option<String>,
+        deliveries: Vec<NewDelivery>,
+    },
 }
+
+/// A delivery created with its event ([`Event::EventPublishedWithDeliveries`]): the fields of
+/// a `DeliveryCreated` that the event does not already say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDelivery {
+    pub id: DeliveryId,
+    /// `None`: an inline delivery to a `webhook_url`, signed with the organisation's secret.
+    pub endpoint_id: Option<EndpointId>,
+    pub url: String,
+    pub next_attempt_at_ms: u64,
+}
+
+/// How many bytes of urls (plus [`NEW_DELIVERY_BYTES`] each) a publish record carries at most;
+/// the deliveries beyond follow it as `DeliveryCreated` records, so a fan-out to thousands of
+/// endpoints stays far below a record's largest body.
+pub const PUBLISHED_DELIVERIES_BYTES_MAX: usize = 64 * 1024;
+/// What [`PUBLISHED_DELIVERIES_BYTES_MAX`] counts for a delivery besides its url.
+pub const NEW_DELIVERY_BYTES: usize = 64;
 
 impl Event {
     /// The variant's name, for logs and timelines.
@@ -197,6 +228,7 @@ impl Event {
             Event::RetriggerRequested { .. } => "RetriggerRequested",
             Event::RedeliverRequested { .. } => "RedeliverRequested",
             Event::Compacted { .. } => "Compacted",
+            Event::EventPublishedWithDeliveries { .. } => "EventPublishedWithDeliveries",
         }
     }
 }

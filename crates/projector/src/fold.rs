@@ -292,6 +292,21 @@ impl<T: Tables> Fold<'_, T> {
             Event::EventPublished { id, org_id, event_type, payload: _, call_id, idempotency_key } => {
                 self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)
             }
+            Event::EventPublishedWithDeliveries {
+                id,
+                org_id,
+                event_type,
+                payload: _,
+                call_id,
+                idempotency_key,
+                deliveries,
+            } => {
+                self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)?;
+                for d in deliveries {
+                    self.delivery_created(d.id, *id, *org_id, d.endpoint_id, &d.url, d.next_attempt_at_ms)?;
+                }
+                Ok(())
+            }
             Event::DeliveryCreated { id, event_id, org_id, endpoint_id, url, next_attempt_at_ms } => {
                 self.delivery_created(*id, *event_id, *org_id, *endpoint_id, url, *next_attempt_at_ms)
             }

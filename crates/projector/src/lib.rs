@@ -105,7 +105,10 @@ mod testkit;
 
 pub use codec::DECODE_BYTES_MAX;
 pub use compact::{event_payload, CompactError, CompactReport};
-pub use event::{decode, encode, AttemptOutcome, DecodeError, Event, Scope, Trigger, EVENT_FORMAT_V1};
+pub use event::{
+    decode, encode, AttemptOutcome, DecodeError, Event, NewDelivery, Scope, Trigger, EVENT_FORMAT_V1,
+    NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
+};
 pub use fold::{apply, apply_unstaged, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 pub use model::{

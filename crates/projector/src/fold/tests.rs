@@ -844,3 +844,42 @@ fn corrupt_values_are_typed_errors() {
     t.put(crate::keys::META_APPLIED_SEQ.to_vec(), vec![1, 2]);
     assert!(matches!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(_))));
 }
+
+/// A publish in one record folds exactly as the event and then each delivery in records of
+/// their own (what earlier versions wrote): the same tables, but for the applied seq.
+#[test]
+fn a_publish_with_its_deliveries_folds_as_the_event_then_each_delivery() {
+    let new = |event: Event| match event {
+        Event::DeliveryCreated { id, endpoint_id, url, next_attempt_at_ms, .. } => {
+            crate::NewDelivery { id, endpoint_id, url, next_attempt_at_ms }
+        }
+        other => panic!("not a delivery: {other:?}"),
+    };
+    let Event::EventPublished { id, org_id, event_type, payload, call_id, idempotency_key } = publish(1)
+    else {
+        panic!("publish(1) publishes");
+    };
+    let merged = Event::EventPublishedWithDeliveries {
+        id,
+        org_id,
+        event_type,
+        payload,
+        call_id,
+        idempotency_key,
+        deliveries: vec![new(delivery(1, 1, Some(1), 1_000)), new(delivery(2, 1, None, 1_000))],
+    };
+    let separate = run(&[
+        (0, endpoint(1)),
+        (10, publish(1)),
+        (10, delivery(1, 1, Some(1), 1_000)),
+        (10, delivery(2, 1, None, 1_000)),
+        (20, ok(1, 1)),
+    ]);
+    let together = run(&[(0, endpoint(1)), (10, merged), (20, ok(1, 1))]);
+    let without_seq = |t: &MemTables| -> Vec<(Vec<u8>, Vec<u8>)> {
+        t.dump().into_iter().filter(|(k, _)| k != crate::keys::META_APPLIED_SEQ).collect()
+    };
+    assert_eq!(without_seq(&together), without_seq(&separate));
+    assert_eq!(query::applied_seq(&together).unwrap(), 3);
+    assert_consistent(&together);
+}
