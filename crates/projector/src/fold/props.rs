@@ -14,6 +14,9 @@ enum Op {
     Publish {
         endpoints_mask: u8,
         inline: bool,
+        /// One `EventPublishedWithDeliveries` record instead of an `EventPublished` and one
+        /// `DeliveryCreated` per delivery.
+        merged: bool,
     },
     /// An attempt of a delivery: 0 succeeds, 1 fails with a retry, 2 fails with none.
     Attempt {
@@ -37,8 +40,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => Just(Op::CreateEndpoint),
-        3 => (any::<u8>(), any::<bool>())
-            .prop_map(|(endpoints_mask, inline)| Op::Publish { endpoints_mask, inline }),
+        3 => (any::<u8>(), any::<bool>(), any::<bool>())
+            .prop_map(|(endpoints_mask, inline, merged)| Op::Publish { endpoints_mask, inline, merged }),
         8 => (any::<u16>(), 0u8..3).prop_map(|(delivery, outcome)| Op::Attempt { delivery, outcome }),
         2 => any::<u16>().prop_map(Op::Retrigger),
         1 => any::<u16>().prop_map(Op::Redeliver),
@@ -112,7 +115,39 @@ impl Driver {
                     secret: format!("whsec_{n}"),
                 });
             }
-            Op::Publish { endpoints_mask, inline } => {
+            Op::Publish { endpoints_mask, inline, merged: true } => {
+                self.events += 1;
+                let v = self.events;
+                let targets: Vec<Option<u32>> = (1..=self.endpoints.min(8))
+                    .filter(|e| endpoints_mask & (1 << (e - 1)) != 0)
+                    .map(Some)
+                    .chain(inline.then_some(None))
+                    .collect();
+                let deliveries: Vec<crate::NewDelivery> = targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, endpoint)| crate::NewDelivery {
+                        id: dl(self.deliveries + 1 + i as u32),
+                        endpoint_id: endpoint.map(ep),
+                        url: "https://x.example".into(),
+                        next_attempt_at_ms: self.now_ms,
+                    })
+                    .collect();
+                let count = deliveries.len() as u32;
+                let published = self.offer(Event::EventPublishedWithDeliveries {
+                    id: ev(v),
+                    org_id: org(1),
+                    event_type: ["a.b", "c.d"][v as usize % 2].into(),
+                    payload: v.to_be_bytes().to_vec(),
+                    call_id: (v % 3 == 0).then(|| Uuid::from_u128(u128::from(v))),
+                    idempotency_key: (v % 4 == 0).then(|| format!("key{}", v % 8)),
+                    deliveries,
+                });
+                if published {
+                    self.deliveries += count;
+                }
+            }
+            Op::Publish { endpoints_mask, inline, merged: false } => {
                 self.events += 1;
                 let v = self.events;
                 let published = self.offer(Event::EventPublished {
