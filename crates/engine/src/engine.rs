@@ -193,12 +193,16 @@ impl Engine {
             Ok(_) => {}
             Err(e) => return Err(EngineError::Open(e.to_string())),
         }
-        // Index keys an earlier version wrote and this one does not keep: deleted once.
+        // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
+        // converted once.
         match herald_projector::compact::drop_legacy(store.as_ref()) {
             Ok(0) => {}
-            Ok(n) => eprintln!("herald: deleted {n} index entries that this version no longer keeps"),
-            Err(e) => return Err(EngineError::Open(format!("removing index entries no longer kept: {e}"))),
+            Ok(n) => eprintln!(
+                "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
+            ),
+            Err(e) => return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}"))),
         }
+        herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
         // From here on every read and write goes through the cache, so it sees every batch.
         let cached = Arc::new(CachedStore::new(store, config.read_cache_bytes, dispatcher_reads));
         let store: Arc<dyn Store> = cached.clone();

@@ -421,10 +421,12 @@ fn a_failing_store_refuses_cleanly_and_the_engine_recovers_when_it_heals() {
     assert_eq!(herald_log::verify(&store, &mut |_| {}).unwrap().last_seq, last);
 }
 
-/// A store an earlier version wrote, with an organisation's and an endpoint's whole-list index
-/// keys beside the status partitions: the engine deletes them when it opens, the whole lists
-/// (now the partitions merged) still hold every delivery once, in order, page by page, and the
-/// stored projection is what a rebuild gives.
+/// A store earlier versions wrote (format 1): an organisation's and an endpoint's whole-list
+/// index keys, and every index entry one key each instead of in chunks. The engine converts it
+/// when it opens: the old keys are gone, the format is this version's, the pending delivery is
+/// attempted again (its due entry came through), the whole lists (the partitions merged) hold
+/// every delivery once, in order, page by page, and the stored projection is what a rebuild
+/// gives.
 #[test]
 fn opening_a_store_with_index_keys_this_version_no_longer_keeps_deletes_them() {
     use herald_projector::keys::{KS_DELIVERY_BY_ENDPOINT, KS_DELIVERY_BY_ORG, LEGACY_KEYSPACES};
@@ -437,18 +439,56 @@ fn opening_a_store_with_index_keys_this_version_no_longer_keeps_deletes_them() {
     let statuses: Vec<DeliveryStatus> = published.iter().map(|d| w.status(*d)).collect();
     assert!(statuses.contains(&DeliveryStatus::Pending) && statuses.contains(&DeliveryStatus::Delivered));
 
-    // What the earlier version also wrote for each delivery.
+    // What the earlier versions wrote for each delivery: whole-list keys, and every index
+    // entry one key each (format 1), instead of the chunks.
     let mut legacy = herald_log::Batch::default();
+    w.store.with_map(|m| {
+        for key in m.keys().filter(|k| (0x57..=0x5A).contains(&k[0])) {
+            legacy.delete(key.clone());
+        }
+    });
     for id in &published {
         let d = w.engine.delivery(*id).unwrap().unwrap();
         let tail = [&d.created_at_ms.to_be_bytes()[..], d.id.as_bytes()].concat();
         legacy.put([&[KS_DELIVERY_BY_ORG][..], d.org_id.as_bytes(), &tail].concat(), Vec::new());
         legacy.put([&[KS_DELIVERY_BY_ENDPOINT][..], endpoint.as_bytes(), &tail].concat(), Vec::new());
+        let status = [
+            DeliveryStatus::Pending,
+            DeliveryStatus::Delivered,
+            DeliveryStatus::Exhausted,
+            DeliveryStatus::Inactive,
+        ]
+        .iter()
+        .position(|s| *s == d.status)
+        .unwrap() as u8;
+        legacy.put([&[0x52][..], d.org_id.as_bytes(), &[status], &tail].concat(), Vec::new());
+        legacy.put([&[0x54][..], endpoint.as_bytes(), &[status], &tail].concat(), Vec::new());
+        let event_type = d.event_type.as_bytes();
+        let len = (event_type.len() as u32).to_be_bytes();
+        legacy.put([&[0x55][..], d.org_id.as_bytes(), &len, event_type, &tail].concat(), Vec::new());
+        if let Some(at_ms) = d.next_attempt_at_ms {
+            legacy.put([&[0x56][..], &at_ms.to_be_bytes(), d.id.as_bytes()].concat(), Vec::new());
+        }
     }
+    legacy.put(herald_log::keyspace::META_FORMAT.to_vec(), vec![1]);
     w.store.apply(&legacy).unwrap();
     w.restart();
-    let left = w.store.with_map(|m| m.keys().filter(|k| LEGACY_KEYSPACES.contains(&k[0])).count());
+    let left = w.store.with_map(|m| {
+        m.keys().filter(|k| LEGACY_KEYSPACES.contains(&k[0]) || (0x52..=0x56).contains(&k[0])).count()
+    });
     assert_eq!(left, 0, "the legacy keys are gone after the open");
+    assert_eq!(
+        w.store.get(herald_log::keyspace::META_FORMAT).unwrap(),
+        Some(vec![herald_log::STORE_FORMAT]),
+        "the store is this version's once converted"
+    );
+    // The pending delivery's due entry came through the conversion: it is attempted again
+    // (its retry is due 1 s after the failure, plus jitter).
+    w.advance(60_000);
+    w.settle();
+    for id in &published {
+        assert_eq!(w.status(*id), DeliveryStatus::Delivered, "{id}");
+    }
 
     for index in [DeliveryIndex::Org(org()), DeliveryIndex::Endpoint(endpoint)] {
         let mut seen = Vec::new();

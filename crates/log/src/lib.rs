@@ -35,8 +35,9 @@ mod tx;
 
 pub use crate::cache::{CacheStats, Cacheable, CachedStore, CACHE_ENTRY_OVERHEAD_BYTES};
 pub use crate::log::{
-    check_format, read_head, read_record, read_records, restore_anchor, verify, AfterFlush, AppendOnly, Head,
-    Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats, STORE_FORMAT,
+    check_format, read_head, read_record, read_records, restore_anchor, upgrade_format, verify, AfterFlush,
+    AppendOnly, Head, Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats,
+    STORE_FORMAT, STORE_FORMAT_OLDEST,
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};

@@ -12,8 +12,13 @@ use crate::record::{head_key, record_keys_end, Assembler, Corrupt, CorruptKind, 
 use crate::store::{Batch, Durability, Store, StoreError};
 use crate::tx::Tx;
 
-/// The on-disk format of the store as a whole (keyspace layout and record format).
-pub const STORE_FORMAT: u8 = 1;
+/// The on-disk format of the store as a whole (keyspace layout, record and event formats). 2
+/// (2026-11-24): the machine may store what format 1 held differently (herald: the delivery
+/// indexes in chunks, a publish in one record), so a binary that knows only 1 refuses it.
+pub const STORE_FORMAT: u8 = 2;
+/// The oldest format this version opens. The machine converts an older store (herald:
+/// `drop_legacy`), then [`upgrade_format`] records that it is this version's.
+pub const STORE_FORMAT_OLDEST: u8 = 1;
 
 /// Commands the urgent queue holds, at most (see [`Log::submit_urgent_with`]). A bounded channel
 /// allocates its slots up front, so it is kept short.
@@ -263,10 +268,11 @@ pub fn restore_anchor(store: &dyn Store, seq: u64, hash: Hash) -> Result<(), Log
 }
 
 /// Checks the store's format byte, writing it into a new store. A newer format is refused
-/// without writing anything.
+/// without writing anything; an older one this version opens ([`STORE_FORMAT_OLDEST`]) is
+/// accepted as it is.
 pub fn check_format(store: &dyn Store) -> Result<(), LogError> {
     match store.get(keyspace::META_FORMAT)? {
-        Some(v) if v.len() == 1 && v[0] == STORE_FORMAT => Ok(()),
+        Some(v) if v.len() == 1 && (STORE_FORMAT_OLDEST..=STORE_FORMAT).contains(&v[0]) => Ok(()),
         Some(v) if v.len() == 1 && v[0] > STORE_FORMAT => {
             Err(LogError::NewerFormat { found: v[0], known: STORE_FORMAT })
         }
@@ -279,6 +285,20 @@ pub fn check_format(store: &dyn Store) -> Result<(), LogError> {
             Ok(())
         }
     }
+}
+
+/// Records that the store is in this version's format, once whatever converts an older one
+/// has written its conversion; returns whether the byte moved. A newer format is refused.
+pub fn upgrade_format(store: &dyn Store) -> Result<bool, LogError> {
+    check_format(store)?;
+    if store.get(keyspace::META_FORMAT)?.as_deref() == Some(&[STORE_FORMAT][..]) {
+        return Ok(false);
+    }
+    let mut b = Batch::default();
+    b.put(keyspace::META_FORMAT.to_vec(), vec![STORE_FORMAT]);
+    store.apply(&b)?;
+    store.flush(Durability::Sync)?;
+    Ok(true)
 }
 
 /// Reads up to `limit` records from `from_seq` on, each checked (checksum, chain within the range).

@@ -229,6 +229,21 @@ fn a_newer_store_format_is_refused_and_left_untouched() {
     assert_eq!(store.with_map(|m| m.clone()), before);
 }
 
+#[test]
+fn an_older_store_format_opens_as_it_is_until_it_is_upgraded() {
+    let store = MemStore::new();
+    let mut b = Batch::default();
+    b.put(keyspace::META_FORMAT.to_vec(), vec![herald_log::STORE_FORMAT_OLDEST]);
+    store.apply(&b).unwrap();
+    let format = |store: &MemStore| store.get(keyspace::META_FORMAT).unwrap();
+    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
+    log.close();
+    assert_eq!(format(&store), Some(vec![herald_log::STORE_FORMAT_OLDEST]), "opening writes no format");
+    assert!(herald_log::upgrade_format(&store).unwrap());
+    assert_eq!(format(&store), Some(vec![herald_log::STORE_FORMAT]));
+    assert!(!herald_log::upgrade_format(&store).unwrap(), "once");
+}
+
 /// A machine that records the order it runs commands in; command 0 first waits for a signal,
 /// so commands queue behind it.
 struct Ordered {
