@@ -115,57 +115,57 @@ impl Driver {
                     secret: format!("whsec_{n}"),
                 });
             }
-            Op::Publish { endpoints_mask, inline, merged: true } => {
+            Op::Publish { endpoints_mask, inline, merged } => {
                 self.events += 1;
                 let v = self.events;
+                let event = Event::EventPublished {
+                    id: ev(v),
+                    org_id: org(1),
+                    event_type: ["a.b", "c.d"][v as usize % 2].into(),
+                    payload: v.to_be_bytes().to_vec(),
+                    call_id: (v % 3 == 0).then(|| Uuid::from_u128(u128::from(v))),
+                    idempotency_key: (v % 4 == 0).then(|| format!("key{}", v % 8)),
+                };
                 let targets: Vec<Option<u32>> = (1..=self.endpoints.min(8))
                     .filter(|e| endpoints_mask & (1 << (e - 1)) != 0)
                     .map(Some)
                     .chain(inline.then_some(None))
                     .collect();
-                let deliveries: Vec<crate::NewDelivery> = targets
-                    .iter()
-                    .enumerate()
-                    .map(|(i, endpoint)| crate::NewDelivery {
-                        id: dl(self.deliveries + 1 + i as u32),
-                        endpoint_id: endpoint.map(ep),
-                        url: "https://x.example".into(),
-                        next_attempt_at_ms: self.now_ms,
-                    })
-                    .collect();
-                let count = deliveries.len() as u32;
-                let published = self.offer(Event::EventPublishedWithDeliveries {
-                    id: ev(v),
-                    org_id: org(1),
-                    event_type: ["a.b", "c.d"][v as usize % 2].into(),
-                    payload: v.to_be_bytes().to_vec(),
-                    call_id: (v % 3 == 0).then(|| Uuid::from_u128(u128::from(v))),
-                    idempotency_key: (v % 4 == 0).then(|| format!("key{}", v % 8)),
-                    deliveries,
-                });
-                if published {
-                    self.deliveries += count;
-                }
-            }
-            Op::Publish { endpoints_mask, inline, merged: false } => {
-                self.events += 1;
-                let v = self.events;
-                let published = self.offer(Event::EventPublished {
-                    id: ev(v),
-                    org_id: org(1),
-                    event_type: ["a.b", "c.d"][v as usize % 2].into(),
-                    payload: v.to_be_bytes().to_vec(),
-                    call_id: (v % 3 == 0).then(|| Uuid::from_u128(u128::from(v))),
-                    idempotency_key: (v % 4 == 0).then(|| format!("key{}", v % 8)),
-                });
-                if !published {
+                if merged {
+                    let Event::EventPublished { id, org_id, event_type, payload, call_id, idempotency_key } =
+                        event
+                    else {
+                        unreachable!("built above")
+                    };
+                    let deliveries: Vec<crate::NewDelivery> = targets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, endpoint)| crate::NewDelivery {
+                            id: dl(self.deliveries + 1 + i as u32),
+                            endpoint_id: endpoint.map(ep),
+                            url: "https://x.example".into(),
+                            next_attempt_at_ms: self.now_ms,
+                        })
+                        .collect();
+                    let count = deliveries.len() as u32;
+                    let merged = Event::EventPublishedWithDeliveries {
+                        id,
+                        org_id,
+                        event_type,
+                        payload,
+                        call_id,
+                        idempotency_key,
+                        deliveries,
+                    };
+                    if self.offer(merged) {
+                        self.deliveries += count;
+                    }
                     return;
                 }
-                let targets = (1..=self.endpoints.min(8))
-                    .filter(|e| endpoints_mask & (1 << (e - 1)) != 0)
-                    .map(Some)
-                    .chain(inline.then_some(None));
-                for endpoint in targets.collect::<Vec<_>>() {
+                if !self.offer(event) {
+                    return;
+                }
+                for endpoint in targets {
                     let d = self.deliveries + 1;
                     let created = self.offer(Event::DeliveryCreated {
                         id: dl(d),
