@@ -922,7 +922,9 @@ fn events_attempts_and_the_audit_chain() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    assert!(lines.len() >= 10, "{} records", lines.len());
+    // At least: two organisation keys, the endpoint, its rotation, the publish (one record with
+    // its delivery) and three attempts.
+    assert!(lines.len() >= 8, "{} records", lines.len());
     let mut types = HashSet::new();
     for (n, r) in lines.iter().enumerate() {
         for field in ["seq", "at", "hash", "prev_hash", "event"] {
