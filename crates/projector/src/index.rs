@@ -1,15 +1,15 @@
-//! The delivery lists' indexes, stored as chunks of entries rather than one key per entry.
+//! The delivery indexes, stored as chunks of entries rather than one key per entry.
 //!
-//! An entry is the logical key `Delivery::index_keys` gives for the three list indexes
-//! (organisation + status, endpoint + status, organisation + event type): `prefix ++
-//! created_at_ms (8) ++ delivery id (16)`. One stored key per entry cost a delivery seven sled
-//! writes over its life (three at creation, four when it leaves `pending`), nearly half of what
-//! the writer spent on it. Here the entries of one prefix that fall in the same
-//! [`WINDOW_MS`] window of `created_at_ms` share a stored value, so a batch of a few hundred
-//! deliveries writes each window it touches once.
+//! An entry is a logical key `Delivery::index_keys` gives: for the three list indexes
+//! (organisation + status, endpoint + status, organisation + event type) `prefix ++
+//! created_at_ms (8) ++ delivery id (16)`, for the due index `next_attempt_at_ms (8) ++
+//! delivery id (16)`. One stored key per entry cost a delivery nine sled writes over its life
+//! (four at creation, five when it leaves `pending`), over half of what the writer spent on it.
+//! Here the entries of one prefix whose time falls in the same [`WINDOW_MS`] window share a
+//! stored value, so a batch of a few hundred deliveries writes each window it touches once.
 //!
 //! Stored, for a prefix whose chunk prefix is `cp` (the logical prefix with its keyspace byte
-//! mapped by [`keys::chunk_keyspace`]) and a window `w` (`created_at_ms / WINDOW_MS`, u64 BE):
+//! mapped by [`keys::chunk_keyspace`]) and a window `w` (the entry's time / `WINDOW_MS`, u64 BE):
 //!
 //! | key | value |
 //! | --- | --- |
@@ -31,7 +31,7 @@ use crate::keys;
 use crate::query::Corrupt;
 use crate::tables::{ReadTables, Tables};
 
-/// The width of a window of `created_at_ms` whose entries share a head.
+/// The width of a window of entry times whose entries share a head.
 pub const WINDOW_MS: u64 = 8;
 /// Bytes of an entry: `created_at_ms` (8) ++ delivery id (16).
 pub const ENTRY_BYTES: usize = 24;
