@@ -98,7 +98,7 @@ struct Unit {
     /// Every pair it has at `through_seq`: the event row, its deliveries' rows, plain index
     /// keys and attempts.
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Its deliveries' entries in the chunked list indexes (logical keys, see [`index`]).
+    /// Its deliveries' entries in the chunked list indexes (logical keys, see `index.rs`).
     entries: Vec<Vec<u8>>,
     /// Its idempotency row, when it still points at this event; dropped only if unchanged.
     idempotency: Option<(Vec<u8>, Vec<u8>)>,
@@ -456,7 +456,7 @@ pub fn load_checkpoint(store: &dyn Store, anchor_seq: u64) -> Result<(MemTables,
 ///
 /// - The pairs of [`keys::LEGACY_KEYSPACES`] are deleted.
 /// - The list index entries an earlier version stored one key each
-///   ([`keys::LEGACY_INDEX_KEYSPACES`]) are chunked from the delivery rows ([`index`]), over
+///   ([`keys::LEGACY_INDEX_KEYSPACES`]) are chunked from the delivery rows (`index.rs`), over
 ///   whatever chunks a crashed earlier run left, and only then deleted: a crash midway leaves
 ///   them, and the next run starts again.
 /// - The checkpoint gets the same, with its hash recomputed, in one batch.

@@ -15,12 +15,12 @@
 //! | `0x41` | org id ++ idempotency key bytes | [`IdempotencyHit`](crate::IdempotencyHit) |
 //! | `0x50` | delivery id | [`Delivery`](crate::Delivery) |
 //! | `0x51` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
-//! | `0x52` | (logical only, see [`crate::index`]) org ++ status ++ created_at ++ delivery | |
+//! | `0x52` | (logical only, see `index.rs`) org ++ status ++ created_at ++ delivery | |
 //! | `0x53` | (no longer written: see [`LEGACY_KEYSPACES`]) | |
 //! | `0x54` | (logical only) endpoint ++ status ++ created_at ++ delivery | (endpoint deliveries only) |
 //! | `0x55` | (logical only) org ++ type length (u32 BE) ++ type ++ created_at ++ delivery | |
 //! | `0x56` | (logical only) next_attempt_at ++ delivery | (pending deliveries only: the due queue) |
-//! | `0x57` | org ++ status ++ window [++ boundary entry] | `0x52`'s entries, chunked ([`crate::index`]) |
+//! | `0x57` | org ++ status ++ window [++ boundary entry] | `0x52`'s entries, chunked (`index.rs`) |
 //! | `0x58` | endpoint ++ status ++ window [++ boundary entry] | `0x54`'s entries, chunked |
 //! | `0x59` | org ++ type length ++ type ++ window [++ boundary entry] | `0x55`'s entries, chunked |
 //! | `0x5A` | window [++ boundary entry] | `0x56`'s entries, chunked |
@@ -59,7 +59,7 @@ pub const KS_ATTEMPT: u8 = 0x60;
 pub const LEGACY_KEYSPACES: [u8; 2] = [KS_DELIVERY_BY_ORG, KS_DELIVERY_BY_ENDPOINT];
 
 /// Keyspaces whose entries earlier versions stored one key each and this one stores chunked
-/// ([`crate::index`]): the bytes name the logical keys (`Delivery::index_keys`), never a stored
+/// (`index.rs`): the bytes name the logical keys (`Delivery::index_keys`), never a stored
 /// key. Reads skip stored keys of them; [`drop_legacy`](crate::compact::drop_legacy) rebuilds the
 /// chunks from the delivery rows, then deletes them.
 pub const LEGACY_INDEX_KEYSPACES: [u8; 4] =

@@ -179,7 +179,7 @@ pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTa
 /// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.
 /// Pairs that an earlier version left ([`is_legacy`](crate::keys::is_legacy)) are not part of it,
 /// except list index entries it stored one key each: those are read as the chunks this version
-/// would store them in ([`crate::index`]), so a store not yet converted verifies as it is.
+/// would store them in (`index.rs`), so a store not yet converted verifies as it is.
 pub fn stored_projection(store: &dyn Store) -> Result<Vec<Pair>, LogError> {
     let mut out = Vec::new();
     let mut unchunked = MemTables::new();
