@@ -290,7 +290,9 @@ impl<T: Tables> Fold<'_, T> {
                 Ok(())
             }
             Event::EventPublished { id, org_id, event_type, payload: _, call_id, idempotency_key } => {
-                self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)
+                let record = self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)?;
+                self.put_event(&record);
+                Ok(())
             }
             Event::EventPublishedWithDeliveries {
                 id,
@@ -301,14 +303,29 @@ impl<T: Tables> Fold<'_, T> {
                 idempotency_key,
                 deliveries,
             } => {
-                self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)?;
+                // The event row is written once, with all its deliveries.
+                let mut record = self.event_published(*id, *org_id, event_type, *call_id, idempotency_key)?;
                 for d in deliveries {
-                    self.delivery_created(d.id, *id, *org_id, d.endpoint_id, &d.url, d.next_attempt_at_ms)?;
+                    self.absent_delivery(d.id)?;
+                    self.delivery_created(
+                        &mut record,
+                        d.id,
+                        *org_id,
+                        d.endpoint_id,
+                        &d.url,
+                        d.next_attempt_at_ms,
+                    )?;
                 }
+                self.put_event(&record);
                 Ok(())
             }
             Event::DeliveryCreated { id, event_id, org_id, endpoint_id, url, next_attempt_at_ms } => {
-                self.delivery_created(*id, *event_id, *org_id, *endpoint_id, url, *next_attempt_at_ms)
+                self.absent_delivery(*id)?;
+                let mut event =
+                    query::get_event(self.t, *event_id)?.ok_or(ApplyError::UnknownEvent(*event_id))?;
+                self.delivery_created(&mut event, *id, *org_id, *endpoint_id, url, *next_attempt_at_ms)?;
+                self.put_event(&event);
+                Ok(())
             }
             Event::AttemptRecorded {
                 delivery_id,
@@ -352,7 +369,7 @@ impl<T: Tables> Fold<'_, T> {
         event_type: &str,
         call_id: Option<Uuid>,
         idempotency_key: &Option<String>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<EventRecord, ApplyError> {
         if query::get_event(self.t, id)?.is_some() {
             return Err(ApplyError::AlreadyExists { kind: "event", id: id.0 });
         }
@@ -377,23 +394,31 @@ impl<T: Tables> Fold<'_, T> {
             seq: self.seq,
             delivery_ids: Vec::new(),
         };
-        self.t.put(keys::event(id), codec::to_bytes(&record));
-        Ok(())
+        Ok(record)
     }
 
+    fn put_event(&mut self, event: &EventRecord) {
+        self.t.put(keys::event(event.id), codec::to_bytes(event));
+    }
+
+    fn absent_delivery(&self, id: DeliveryId) -> Result<(), ApplyError> {
+        match query::get_delivery(self.t, id)? {
+            Some(_) => Err(ApplyError::AlreadyExists { kind: "delivery", id: id.0 }),
+            None => Ok(()),
+        }
+    }
+
+    /// A delivery of `event` (whose row the caller writes, with this delivery in its list).
     fn delivery_created(
         &mut self,
+        event: &mut EventRecord,
         id: DeliveryId,
-        event_id: EventId,
         org_id: OrgId,
         endpoint_id: Option<EndpointId>,
         url: &str,
         next_attempt_at_ms: u64,
     ) -> Result<(), ApplyError> {
-        if query::get_delivery(self.t, id)?.is_some() {
-            return Err(ApplyError::AlreadyExists { kind: "delivery", id: id.0 });
-        }
-        let mut event = query::get_event(self.t, event_id)?.ok_or(ApplyError::UnknownEvent(event_id))?;
+        let event_id = event.id;
         same_org("event", event_id.0, event.org_id, org_id)?;
         let mut inactive_reason = None;
         if let Some(endpoint_id) = endpoint_id {
@@ -432,7 +457,6 @@ impl<T: Tables> Fold<'_, T> {
         };
         self.put_delivery(None, &delivery)?;
         event.delivery_ids.push(id);
-        self.t.put(keys::event(event_id), codec::to_bytes(&event));
         Ok(())
     }
 
