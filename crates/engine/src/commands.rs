@@ -504,11 +504,13 @@ impl Commands {
                 }
                 // The event and its deliveries in one record, as many as fit its budget; any
                 // beyond follow in records of their own.
+                let mut delivery_ids = Vec::with_capacity(targets.len());
                 let mut deliveries = Vec::with_capacity(targets.len());
                 let mut rest = Vec::new();
                 let mut budget = PUBLISHED_DELIVERIES_BYTES_MAX;
                 for (n, (endpoint_id, url)) in targets.into_iter().enumerate() {
                     let delivery = DeliveryId(derived_id(at_ms, &[id.as_bytes(), &(n as u64).to_be_bytes()]));
+                    delivery_ids.push(delivery);
                     let cost = url.len() + NEW_DELIVERY_BYTES;
                     if rest.is_empty() && cost <= budget {
                         budget -= cost;
@@ -529,11 +531,6 @@ impl Commands {
                         });
                     }
                 }
-                let mut delivery_ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id).collect();
-                delivery_ids.extend(rest.iter().filter_map(|e| match e {
-                    Event::DeliveryCreated { id, .. } => Some(*id),
-                    _ => None,
-                }));
                 events.push(Event::EventPublishedWithDeliveries {
                     id,
                     org_id,
