@@ -537,25 +537,15 @@ fn delete_range(store: &dyn Store, from: &[u8], to: &[u8]) -> Result<u64, Compac
     }
 }
 
-/// Adds every stored delivery's list index entries to the chunks, a page of deliveries per
-/// store batch.
+/// Adds every stored delivery's index entries to the chunks, a page of deliveries per store
+/// batch.
 fn chunk_stored_entries(store: &dyn Store) -> Result<(), CompactError> {
     const PAGE: usize = 1024;
-    let end = [keys::KS_DELIVERY + 1];
-    let mut from = vec![keys::KS_DELIVERY];
-    loop {
-        let page = scan_vec(store, &from, &end, PAGE).map_err(LogError::from)?;
-        let Some((last, _)) = page.last() else {
-            return Ok(());
-        };
-        from = keys::successor(last);
+    let mut from = Some(vec![keys::KS_DELIVERY]);
+    while let Some(start) = from {
         let mut staged = StagedStore { store, changes: BTreeMap::new() };
-        for (key, value) in &page {
-            let delivery: Delivery = decode_value(key, value)?;
-            for entry in delivery.index_keys().into_iter().filter(|k| index::is_chunked(k)) {
-                index::insert(&mut staged, &entry).map_err(corrupt)?;
-            }
-        }
+        from = index::chunk_deliveries(&mut staged, &start, PAGE)
+            .map_err(|c| CompactError::Rebuild(RebuildError::Projection(c)))?;
         let mut batch = herald_log::Batch::default();
         for (key, value) in staged.changes {
             match value {
@@ -565,6 +555,7 @@ fn chunk_stored_entries(store: &dyn Store) -> Result<(), CompactError> {
         }
         store.apply(&batch).map_err(LogError::from)?;
     }
+    Ok(())
 }
 
 /// Writes staged over a store, read back before they are applied. A store error reads as

@@ -401,27 +401,32 @@ pub(crate) fn scan(
     }
 }
 
-/// Adds the index entries of every delivery row in `t` (after an earlier version's one key per
-/// entry was dropped).
-pub(crate) fn rebuild_from_deliveries(t: &mut impl Tables) -> Result<u64, Corrupt> {
-    let mut from = vec![keys::KS_DELIVERY];
-    let end = vec![keys::KS_DELIVERY + 1];
-    let mut added = 0;
-    loop {
-        let page = t.scan(&from, &end, 1024);
-        let Some((last, _)) = page.last() else {
-            return Ok(added);
-        };
-        from = keys::successor(last);
-        for (key, value) in &page {
-            let delivery: crate::model::Delivery =
-                crate::codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.clone() })?;
-            for index in delivery.index_keys().into_iter().filter(|k| is_chunked(k)) {
-                insert(t, &index)?;
-                added += 1;
-            }
+/// Adds the index entries of the delivery rows in `t` from key `from` on, up to `limit` rows
+/// (after an earlier version's one key per entry was dropped); returns where the next page
+/// starts, `None` after the last row.
+pub(crate) fn chunk_deliveries(
+    t: &mut impl Tables,
+    from: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<u8>>, Corrupt> {
+    let page = t.scan(from, &[keys::KS_DELIVERY + 1], limit);
+    for (key, value) in &page {
+        let delivery: crate::model::Delivery =
+            crate::codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.clone() })?;
+        for index in delivery.index_keys().into_iter().filter(|k| is_chunked(k)) {
+            insert(t, &index)?;
         }
     }
+    Ok(page.last().filter(|_| page.len() == limit).map(|(last, _)| keys::successor(last)))
+}
+
+/// Adds the index entries of every delivery row in `t` (see [`chunk_deliveries`]).
+pub(crate) fn rebuild_from_deliveries(t: &mut impl Tables) -> Result<(), Corrupt> {
+    let mut from = vec![keys::KS_DELIVERY];
+    while let Some(next) = chunk_deliveries(t, &from, 1024)? {
+        from = next;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
