@@ -27,6 +27,9 @@ fn publish_is_delivered_signed_to_a_receiver() {
     assert_eq!(status, 200);
     let hits = metric(&text, "herald_read_cache_hits_total");
     assert!(hits.is_some_and(|n| n >= 1), "{text}");
+    // The writer knew the new event and delivery ids were new without reading the store.
+    let known_absent = metric(&text, "herald_read_cache_known_absent_total");
+    assert!(known_absent.is_some_and(|n| n >= 2), "{text}");
     let (status, _) = server.call("GET", "/v1/api_keys", Some(ADMIN_KEY), None);
     assert_eq!(status, 200);
 }

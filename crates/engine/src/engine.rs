@@ -204,7 +204,12 @@ impl Engine {
         }
         herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
         // From here on every read and write goes through the cache, so it sees every batch.
-        let cached = Arc::new(CachedStore::new(store, config.read_cache_bytes, dispatcher_reads));
+        // Event and delivery ids are UUID v7, so each new one sorts after those stored: the
+        // writer's check that an id is new is answered by the cache, not by sled.
+        let cached = Arc::new(
+            CachedStore::new(store, config.read_cache_bytes, dispatcher_reads)
+                .with_ascending(&[keys::KS_EVENT, keys::KS_DELIVERY]),
+        );
         let store: Arc<dyn Store> = cached.clone();
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();

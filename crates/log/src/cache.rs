@@ -21,8 +21,22 @@
 //! Only keys that `cacheable` accepts are kept; scans and `last` go to the store. Eviction is
 //! first in, first out, by a byte budget that counts every insert (a key rewritten often uses
 //! the budget each time, so the bookkeeping is bounded too).
+//!
+//! Ascending keyspaces ([`CachedStore::with_ascending`]): for a keyspace whose new keys mostly
+//! sort after the keys it holds (ids that begin with their creation time, such as UUID v7),
+//! the cache keeps a *floor* and the set of every key the keyspace holds above it. A `get` of a
+//! key above the floor that the set does not hold is answered "absent" without reading the
+//! store: the writer checks every id it is about to create, and such a check would otherwise
+//! descend sled's tree to find nothing.
+//! - The floor is learned from the store (`last`) on the first `get` in that keyspace, with an
+//!   empty set, and kept only if no batch was applied meanwhile, like a read.
+//! - Each applied batch adds to the set every key above the floor that it puts, and removes
+//!   every key it deletes.
+//! - When the set holds more than [`RECENT_KEYS_MAX`] keys, the smallest leaves it and becomes
+//!   the floor: what is at or below the floor is read from the store, so the set stays exact
+//!   above it. A failed apply forgets floor and set.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
@@ -30,6 +44,11 @@ use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
 
 /// Bytes counted per cached entry on top of its key and value (map and queue bookkeeping).
 pub const CACHE_ENTRY_OVERHEAD_BYTES: usize = 64;
+
+/// Keys an ascending keyspace's set holds at most (see the module documentation): enough to
+/// cover the ids of the last second or so under load, whose creation order and commit order
+/// differ by up to a few batches.
+pub const RECENT_KEYS_MAX: usize = 16_384;
 
 /// Which keys a [`CachedStore`] keeps.
 pub type Cacheable = fn(&[u8]) -> bool;
@@ -39,9 +58,14 @@ pub struct CachedStore {
     inner: Arc<dyn Store>,
     budget_bytes: usize,
     cacheable: Cacheable,
+    /// First key bytes of the ascending keyspaces (see the module documentation).
+    ascending: Vec<u8>,
+    /// [`RECENT_KEYS_MAX`], smaller in tests.
+    recent_max: usize,
     state: RwLock<State>,
     hits: AtomicU64,
     misses: AtomicU64,
+    known_absent: AtomicU64,
 }
 
 #[derive(Default)]
@@ -54,6 +78,15 @@ struct State {
     next_stamp: u64,
     /// Moved by every apply: a read from the store is kept only if it did not move meanwhile.
     generation: u64,
+    /// Ascending keyspace byte → its floor and the keys it holds above it. A keyspace not
+    /// here has not been learned yet.
+    recent: HashMap<u8, Recent>,
+}
+
+/// What an ascending keyspace holds above a floor: exactly the keys in `keys`.
+struct Recent {
+    floor: Vec<u8>,
+    keys: BTreeSet<Vec<u8>>,
 }
 
 /// Counters of a [`CachedStore`].
@@ -65,6 +98,8 @@ pub struct CacheStats {
     pub misses: u64,
     pub entries: u64,
     pub bytes: u64,
+    /// Gets answered "absent" by an ascending keyspace's set of recent keys, without a read.
+    pub known_absent: u64,
 }
 
 impl State {
@@ -93,6 +128,22 @@ impl State {
         self.map.clear();
         self.order.clear();
         self.bytes = 0;
+        self.recent.clear();
+    }
+
+    /// Keeps the set of `key`'s keyspace, if it is learned, exact after a put or a delete.
+    fn note_write(&mut self, key: &[u8], put: bool, recent_max: usize) {
+        let Some(recent) = key.first().and_then(|ks| self.recent.get_mut(ks)) else { return };
+        if !put {
+            recent.keys.remove(key);
+        } else if key > recent.floor.as_slice()
+            && recent.keys.insert(key.to_vec())
+            && recent.keys.len() > recent_max
+        {
+            if let Some(lowest) = recent.keys.pop_first() {
+                recent.floor = lowest;
+            }
+        }
     }
 }
 
@@ -104,10 +155,21 @@ impl CachedStore {
             inner,
             budget_bytes,
             cacheable,
+            ascending: Vec::new(),
+            recent_max: RECENT_KEYS_MAX,
             state: RwLock::new(State::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            known_absent: AtomicU64::new(0),
         }
+    }
+
+    /// The same store, knowing the recent keys of each keyspace in `keyspaces` (first key
+    /// bytes) whose new keys mostly sort after the ones it holds. Independent of the byte budget.
+    /// Keyspace `0xFF`, which has no upper bound to ask the store's `last` for, is ignored.
+    pub fn with_ascending(mut self, keyspaces: &[u8]) -> CachedStore {
+        self.ascending = keyspaces.iter().copied().filter(|&ks| ks != u8::MAX).collect();
+        self
     }
 
     pub fn inner(&self) -> &Arc<dyn Store> {
@@ -121,6 +183,7 @@ impl CachedStore {
             misses: self.misses.load(Ordering::Relaxed),
             entries: st.map.len() as u64,
             bytes: st.bytes as u64,
+            known_absent: self.known_absent.load(Ordering::Relaxed),
         }
     }
 
@@ -131,10 +194,35 @@ impl CachedStore {
     fn caches(&self, key: &[u8]) -> bool {
         self.budget_bytes > 0 && (self.cacheable)(key)
     }
+
+    /// Whether the store certainly does not hold `key`: it is above its ascending keyspace's
+    /// floor and not among the keys held above it. Learns the floor the first time it is needed.
+    fn known_absent(&self, key: &[u8]) -> Result<bool, StoreError> {
+        let Some(&ks) = key.first().filter(|ks| self.ascending.contains(ks)) else { return Ok(false) };
+        let generation = {
+            let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(recent) = st.recent.get(&ks) {
+                return Ok(key > recent.floor.as_slice() && !recent.keys.contains(key));
+            }
+            st.generation
+        };
+        let last = self.inner.last(&[ks], &[ks + 1])?;
+        let floor = last.map_or_else(|| vec![ks], |(k, _)| k);
+        let absent = key > floor.as_slice();
+        let mut st = self.write();
+        if st.generation == generation {
+            st.recent.insert(ks, Recent { floor, keys: BTreeSet::new() });
+        }
+        Ok(absent)
+    }
 }
 
 impl Store for CachedStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.known_absent(key)? {
+            self.known_absent.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         if !self.caches(key) {
             return self.inner.get(key);
         }
@@ -169,15 +257,18 @@ impl Store for CachedStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         let applied = self.inner.apply(batch);
-        if self.budget_bytes == 0 {
+        if self.budget_bytes == 0 && self.ascending.is_empty() {
             return applied;
         }
         let mut st = self.write();
         st.generation += 1;
         match &applied {
             Ok(()) => {
-                for (key, value) in batch.writes.iter().filter(|(key, _)| (self.cacheable)(key)) {
-                    st.insert(key, value.clone(), self.budget_bytes);
+                for (key, value) in &batch.writes {
+                    st.note_write(key, value.is_some(), self.recent_max);
+                    if self.caches(key) {
+                        st.insert(key, value.clone(), self.budget_bytes);
+                    }
                 }
             }
             Err(_) => st.clear(),
@@ -287,12 +378,14 @@ mod tests {
         inner: MemStore,
         hook: Box<dyn Fn() + Send + Sync>,
         armed: AtomicBool,
+        /// The hook runs after a `last` instead of after a `get`.
+        on_last: bool,
     }
 
     impl Store for Racing {
         fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
             let value = self.inner.get(key);
-            if self.armed.swap(false, Ordering::SeqCst) {
+            if !self.on_last && self.armed.swap(false, Ordering::SeqCst) {
                 (self.hook)();
             }
             value
@@ -301,7 +394,11 @@ mod tests {
             self.inner.scan(from, to, visit)
         }
         fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-            self.inner.last(from, to)
+            let value = self.inner.last(from, to);
+            if self.on_last && self.armed.swap(false, Ordering::SeqCst) {
+                (self.hook)();
+            }
+            value
         }
         fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
             self.inner.apply(batch)
@@ -331,10 +428,158 @@ mod tests {
                 cached.inner().apply(&batch(&[(b"k", Some(b"new"))])).unwrap();
             }),
             armed: AtomicBool::new(true),
+            on_last: false,
         };
         let cached = Arc::new(CachedStore::new(Arc::new(racing), 1 << 20, only_k));
         let _ = cell.set(cached.clone());
         assert_eq!(cached.get(b"k").unwrap(), Some(b"old".to_vec()), "the read returns what it read");
         assert_eq!(cached.get(b"k").unwrap(), Some(b"new".to_vec()), "but did not keep it");
+    }
+
+    /// A store that counts the reads that reach it.
+    #[derive(Default)]
+    struct Counting {
+        inner: MemStore,
+        gets: AtomicU64,
+        lasts: AtomicU64,
+    }
+
+    impl Store for Counting {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.inner.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+            self.inner.scan(from, to, visit)
+        }
+        fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+            self.lasts.fetch_add(1, Ordering::SeqCst);
+            self.inner.last(from, to)
+        }
+        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+            self.inner.apply(batch)
+        }
+        fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+            self.inner.flush(durability)
+        }
+    }
+
+    fn none(_: &[u8]) -> bool {
+        false
+    }
+
+    #[test]
+    fn a_new_key_of_an_ascending_keyspace_is_absent_without_a_read() {
+        let counting = Arc::new(Counting::default());
+        counting.inner.with_map(|m| m.insert(vec![5, 10], b"held".to_vec()));
+        // No value is cached (budget 0): only the recent keys save reads.
+        let cached = CachedStore::new(counting.clone(), 0, none).with_ascending(&[5, 6]);
+        assert_eq!(cached.get(&[5, 11]).unwrap(), None);
+        assert_eq!(counting.lasts.load(Ordering::SeqCst), 1, "the floor is learned once");
+        assert_eq!(counting.gets.load(Ordering::SeqCst), 0, "above the floor: no read");
+        assert_eq!(cached.get(&[5, 10]).unwrap(), Some(b"held".to_vec()));
+        assert_eq!(cached.get(&[5, 9]).unwrap(), None, "below the floor: read");
+        assert_eq!(counting.gets.load(Ordering::SeqCst), 2);
+        // Keys a batch puts above the floor are known, in any order.
+        cached.apply(&batch(&[(&[5, 20], Some(b"new")), (&[5, 15], Some(b"mid"))])).unwrap();
+        assert_eq!(cached.get(&[5, 20]).unwrap(), Some(b"new".to_vec()));
+        assert_eq!(cached.get(&[5, 15]).unwrap(), Some(b"mid".to_vec()));
+        assert_eq!(counting.gets.load(Ordering::SeqCst), 4, "held keys are read");
+        assert_eq!(cached.get(&[5, 21]).unwrap(), None);
+        assert_eq!(cached.get(&[5, 16]).unwrap(), None);
+        assert_eq!(counting.gets.load(Ordering::SeqCst), 4, "keys between them are not");
+        // An empty ascending keyspace: every key is above it, until a batch puts one.
+        assert_eq!(cached.get(&[6, 1]).unwrap(), None);
+        cached.apply(&batch(&[(&[6, 1], Some(b"x")), (&[5, 20], None)])).unwrap();
+        assert_eq!(cached.get(&[6, 1]).unwrap(), Some(b"x".to_vec()));
+        assert_eq!(cached.get(&[5, 20]).unwrap(), None, "a delete is seen");
+        // Other keyspaces are read as before.
+        assert_eq!(cached.get(&[7, 1]).unwrap(), None);
+        assert_eq!(counting.lasts.load(Ordering::SeqCst), 2);
+        assert_eq!(cached.stats().known_absent, 5);
+        // A failed apply forgets what was learned: it is learned again.
+        let failing =
+            CachedStore::new(Arc::new(FailingStore::new(MemStore::new(), 1)), 0, none).with_ascending(&[5]);
+        failing.apply(&batch(&[(&[5, 1], Some(b"1"))])).unwrap();
+        assert_eq!(failing.get(&[5, 2]).unwrap(), None);
+        assert!(failing.apply(&batch(&[(&[5, 3], Some(b"3"))])).is_err());
+        assert!(failing.state.read().unwrap().recent.is_empty());
+    }
+
+    #[test]
+    fn past_its_bound_the_set_gives_its_smallest_keys_back_to_the_store() {
+        let counting = Arc::new(Counting::default());
+        let mut cached = CachedStore::new(counting.clone(), 0, none).with_ascending(&[5]);
+        cached.recent_max = 2;
+        assert_eq!(cached.get(&[5, 0]).unwrap(), None, "learns an empty keyspace");
+        cached.apply(&batch(&[(&[5, 3], Some(b"3")), (&[5, 1], Some(b"1")), (&[5, 2], Some(b"2"))])).unwrap();
+        {
+            let st = cached.state.read().unwrap();
+            let recent = &st.recent[&5];
+            assert_eq!(recent.floor, vec![5, 1]);
+            assert_eq!(recent.keys.iter().cloned().collect::<Vec<_>>(), vec![vec![5, 2], vec![5, 3]]);
+        }
+        let gets = counting.gets.load(Ordering::SeqCst);
+        assert_eq!(cached.get(&[5, 1]).unwrap(), Some(b"1".to_vec()), "at the floor: read");
+        assert_eq!(cached.get(&[5, 0]).unwrap(), None, "below the floor: read");
+        assert_eq!(counting.gets.load(Ordering::SeqCst), gets + 2);
+        assert_eq!(cached.get(&[5, 4]).unwrap(), None, "above it and not held: no read");
+        assert_eq!(counting.gets.load(Ordering::SeqCst), gets + 2);
+    }
+
+    #[test]
+    fn a_floor_learned_while_a_batch_was_applied_is_not_kept() {
+        let mem = MemStore::new();
+        mem.with_map(|m| m.insert(vec![5, 1], b"a".to_vec()));
+        let cell: Arc<OnceLock<Arc<CachedStore>>> = Arc::new(OnceLock::new());
+        let hook_cell = cell.clone();
+        // The store's `last` has answered [5, 1] when a batch putting [5, 9] is applied through
+        // the cache: a floor of [5, 1] kept now, with no key above it, would hide [5, 9].
+        let racing = Racing {
+            inner: mem,
+            hook: Box::new(move || {
+                let cached = hook_cell.get().unwrap();
+                cached.apply(&batch(&[(&[5, 9], Some(b"b"))])).unwrap();
+            }),
+            armed: AtomicBool::new(true),
+            on_last: true,
+        };
+        let cached = Arc::new(CachedStore::new(Arc::new(racing), 0, none).with_ascending(&[5]));
+        let _ = cell.set(cached.clone());
+        assert_eq!(cached.get(&[5, 5]).unwrap(), None, "the answer of its own moment");
+        assert_eq!(cached.get(&[5, 9]).unwrap(), Some(b"b".to_vec()));
+        assert_eq!(cached.stats().known_absent, 1, "only the first read");
+    }
+
+    proptest::proptest! {
+        /// Through any sequence of batches and reads, the cache with ascending keyspaces answers
+        /// every `get` as the store does.
+        #[test]
+        fn gets_agree_with_the_store(
+            ops in proptest::collection::vec(
+                (0u8..3, proptest::collection::vec((4u8..7, 0u8..16, proptest::bool::ANY), 1..4)),
+                1..60,
+            ),
+            budget in proptest::sample::select(vec![0usize, 200, 1 << 20]),
+            recent_max in 1usize..6,
+        ) {
+            let mem = MemStore::new();
+            let mut cached = CachedStore::new(Arc::new(mem.clone()), budget, all).with_ascending(&[4, 5]);
+            cached.recent_max = recent_max;
+            for (op, keys) in ops {
+                if op == 0 {
+                    let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = keys
+                        .iter()
+                        .map(|&(ks, k, put)| (vec![ks, k], put.then(|| vec![k; 3])))
+                        .collect();
+                    cached.apply(&Batch { writes }).unwrap();
+                } else {
+                    for (ks, k, _) in keys {
+                        let key = [ks, k];
+                        proptest::prop_assert_eq!(cached.get(&key).unwrap(), mem.get(&key).unwrap());
+                    }
+                }
+            }
+        }
     }
 }

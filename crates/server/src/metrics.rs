@@ -224,6 +224,12 @@ impl Metrics {
             "Reads of cached kinds of rows that went to the store.",
             c.misses.to_string(),
         );
+        metric(
+            "herald_read_cache_known_absent_total",
+            "counter",
+            "Reads of new event and delivery ids answered as absent from the ids kept since the store's last id, without a read.",
+            c.known_absent.to_string(),
+        );
         let r = engine.retention_stats();
         metric(
             "herald_retention_runs_total",
