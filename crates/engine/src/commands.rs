@@ -740,6 +740,10 @@ impl Machine for Commands {
         self.run(command, tx)
     }
 
+    fn finish(&mut self, tx: &mut Tx<'_>) -> Result<(), herald_log::StoreError> {
+        herald_projector::fold_staged_entries(tx)
+    }
+
     fn applied(&mut self, _records: &[herald_log::Record]) -> herald_log::AfterFlush {
         // The batch is visible to readers now and its callers are answered after its flush: a
         // key cache that sees the new epoch re-reads, so a revoked key is refused from then on.

@@ -111,6 +111,14 @@ pub trait Machine: Send + 'static {
 
     fn execute(&mut self, command: Self::Command, tx: &mut Tx<'_>) -> Result<Self::Reply, Self::Rejection>;
 
+    /// Called once after the batch's last command, before anything of it is written: a machine
+    /// that leaves work staged for the whole batch (herald: index entries, folded into their
+    /// chunks once per batch rather than once per entry) finishes it here. An error fails the
+    /// whole batch: nothing of it is written, and every caller is told.
+    fn finish(&mut self, _tx: &mut Tx<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Called once a batch is applied to the store, before its flush, with its records in order.
     /// What it returns runs after that flush, on the flushing thread, told whether the flush
     /// succeeded (when it did not, the batch's callers were told so, although its writes stay
@@ -717,6 +725,9 @@ impl<M: Machine> Writer<M> {
                 tx.rollback();
             }
             answers.push((cb, res));
+        }
+        if let Err(e) = self.machine.finish(&mut tx) {
+            return self.fail(answers, e);
         }
         if let Some(e) = tx.error() {
             return self.fail(answers, e);

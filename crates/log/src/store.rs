@@ -15,6 +15,9 @@ pub enum StoreError {
     Io(String),
     /// A [`FailingStore`] refused the operation on purpose.
     Injected { op: u64 },
+    /// A stored value is damaged: the machine could not finish a batch over it (see
+    /// [`Machine::finish`](crate::Machine::finish)). Names the value.
+    Corrupt(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -22,6 +25,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Io(msg) => write!(f, "store IO error: {msg}"),
             StoreError::Injected { op } => write!(f, "injected store failure at operation {op}"),
+            StoreError::Corrupt(what) => write!(f, "damaged stored value: {what}"),
         }
     }
 }

@@ -174,6 +174,35 @@ impl<'a> Tx<'a> {
         self.stage(key.to_vec(), None);
     }
 
+    /// The writes staged in `from..to`, ascending: a put's value, or `None` for a delete.
+    pub fn staged(&self, from: &[u8], to: &[u8]) -> Vec<(&[u8], Option<&[u8]>)> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.overlay.range(from.to_vec()..to.to_vec()).map(|(k, v)| (k.as_slice(), v.as_deref())).collect()
+    }
+
+    /// Removes the writes staged in `from..to` and returns them, ascending: for a machine that
+    /// stages work in keys it never stores and turns it into other writes (see
+    /// [`Machine::finish`](crate::Machine::finish)). Undone by a rollback like any write.
+    pub fn take_staged(&mut self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        if from >= to {
+            return Vec::new();
+        }
+        let keys: Vec<Vec<u8>> =
+            self.overlay.range(from.to_vec()..to.to_vec()).map(|(k, _)| k.clone()).collect();
+        let mut taken = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(value) = self.overlay.remove(&key) {
+                if self.save.is_some() {
+                    self.undo.push((key.clone(), Some(value.clone())));
+                }
+                taken.push((key, value));
+            }
+        }
+        taken
+    }
+
     fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         let prev = self.overlay.insert(key.clone(), value);
         if self.save.is_some() {

@@ -580,3 +580,65 @@ fn read_record_by_key_matches_the_range_read_and_names_a_missing_chunk() {
     let err = herald_log::read_record(&store, 2).unwrap_err();
     assert_eq!(err, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::Truncated }), "{err}");
 }
+
+/// A machine that stages each command's word under a scratch key it never stores, and folds
+/// them in `finish` into one stored value: every word accepted so far, sorted.
+struct Words;
+
+const SCRATCH: u8 = keyspace::USER_FIRST + 1;
+
+impl Machine for Words {
+    /// The word, and whether to reject the command after staging it.
+    type Command = (&'static str, bool);
+    type Reply = ();
+    type Rejection = String;
+
+    fn execute(&mut self, (word, reject): (&'static str, bool), tx: &mut Tx<'_>) -> Result<(), String> {
+        tx.append(0, word.as_bytes().to_vec());
+        tx.put([&[SCRATCH][..], word.as_bytes()].concat(), Vec::new());
+        if reject {
+            return Err(format!("{word} is rejected"));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, tx: &mut Tx<'_>) -> Result<(), StoreError> {
+        let staged = tx.take_staged(&[SCRATCH], &[SCRATCH + 1]);
+        assert!(tx.staged(&[SCRATCH], &[SCRATCH + 1]).is_empty(), "taken");
+        if staged.iter().any(|(k, _)| k.ends_with(b"broken")) {
+            return Err(StoreError::Corrupt("a broken word".into()));
+        }
+        let key = vec![keyspace::USER_FIRST, b'w'];
+        let stored = tx.get(&key).unwrap_or_default();
+        let mut words: Vec<&[u8]> = stored.split(|b| *b == b' ').filter(|w| !w.is_empty()).collect();
+        words.extend(staged.iter().map(|(k, _)| &k[1..]));
+        words.sort_unstable();
+        tx.put(key, words.join(&b' '));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_machine_finishes_each_batch_before_it_is_written() {
+    let store = Arc::new(MemStore::new());
+    let log = Log::open(store.clone(), Words, LogConfig { batch_commands_max: 8, ..config() }).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (word, reject) in [("pear", false), ("fig", true), ("apple", false), ("kiwi", false)] {
+        let tx = tx.clone();
+        log.submit_with((word, reject), move |out| tx.send(out).unwrap());
+    }
+    drop(tx);
+    assert_eq!(rx.iter().filter(|o| matches!(o, Ok(Ok(())))).count(), 3);
+    let scratch: Vec<Vec<u8>> = store.with_map(|m| m.keys().filter(|k| k[0] == SCRATCH).cloned().collect());
+    assert!(scratch.is_empty(), "staged scratch keys are never stored: {scratch:?}");
+    // The rejected command's staged word was undone with it.
+    assert_eq!(store.get(&[keyspace::USER_FIRST, b'w']).unwrap(), Some(b"apple kiwi pear".to_vec()));
+    // A finish that fails fails the batch: nothing of it is written, every caller is told.
+    let before = log.committed_seq();
+    let out = log.submit(("broken", false));
+    assert!(matches!(out, Err(LogError::Store(StoreError::Corrupt(_)))), "{out:?}");
+    assert_eq!(log.committed_seq(), before);
+    assert_eq!(store.get(&[keyspace::USER_FIRST, b'w']).unwrap(), Some(b"apple kiwi pear".to_vec()));
+    log.close();
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().records, 3);
+}

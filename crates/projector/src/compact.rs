@@ -193,7 +193,7 @@ pub fn plan(store: &dyn Store, cutoff_ms: u64, records_max: usize) -> Result<Opt
             state.delete(key);
         }
         for entry in &unit.entries {
-            index::remove(&mut state, entry).map_err(corrupt)?;
+            state.remove_entry(entry).map_err(corrupt)?;
         }
         if let Some((key, _)) = &unit.idempotency {
             state.delete(key);
@@ -301,8 +301,11 @@ pub fn apply_plan(tx: &mut Tx<'_>, plan: Plan) -> Result<(Event, CompactReport),
             for (key, _) in &unit.pairs {
                 tx.delete(key);
             }
+            // Removed from the chunks at once, not staged (see `TxTables`): machines that apply
+            // plans need not fold staged entries, and no earlier command of the batch staged
+            // one of these (the guards saw the deliveries unchanged).
             for entry in &unit.entries {
-                index::remove(&mut TxTables(tx), entry).map_err(corrupt)?;
+                index::remove_now(&mut TxTables(tx), entry).map_err(corrupt)?;
             }
             if let Some((key, value)) = &unit.idempotency {
                 if tx.get(key).as_ref() == Some(value) {
@@ -319,7 +322,7 @@ pub fn apply_plan(tx: &mut Tx<'_>, plan: Plan) -> Result<(Event, CompactReport),
                 checkpoint.put(key, value);
             }
             for entry in &unit.entries {
-                index::insert(&mut checkpoint, entry).map_err(corrupt)?;
+                checkpoint.add_entry(entry).map_err(corrupt)?;
             }
             add_count(&mut checkpoint, DeliveryStatus::Delivered, deliveries as i64);
         }

@@ -644,7 +644,7 @@ impl<T: Tables> Fold<'_, T> {
         for key in &old_keys {
             if !new_keys.contains(key) {
                 if index::is_chunked(key) {
-                    index::remove(self.t, key)?;
+                    self.t.remove_entry(key)?;
                 } else {
                     self.t.delete(key);
                 }
@@ -654,7 +654,7 @@ impl<T: Tables> Fold<'_, T> {
         for key in new_keys {
             if !old_keys.contains(&key) {
                 if index::is_chunked(&key) {
-                    index::insert(self.t, &key)?;
+                    self.t.add_entry(&key)?;
                 } else {
                     self.t.put(key, Vec::new());
                 }

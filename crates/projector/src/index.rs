@@ -27,6 +27,8 @@
 //! in: a rebuild from the log, and a retention checkpoint folded forward, give byte-identical
 //! tables.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::keys;
 use crate::query::Corrupt;
 use crate::tables::{ReadTables, Tables};
@@ -139,7 +141,7 @@ impl Head {
         }
     }
 
-    fn read(t: &impl ReadTables, key: Vec<u8>) -> Result<Option<Head>, Corrupt> {
+    fn read(t: &(impl ReadTables + ?Sized), key: Vec<u8>) -> Result<Option<Head>, Corrupt> {
         match t.get(&key) {
             Some(value) => Head::checked(key, value).map(Some),
             None => Ok(None),
@@ -188,35 +190,12 @@ impl Head {
     }
 
     /// Writes it back, or deletes it when its window is empty.
-    fn store(self, t: &mut impl Tables) {
+    fn store(self, t: &mut (impl Tables + ?Sized)) {
         if self.value.len() == 4 {
             t.delete(&self.key);
         } else {
             t.put(self.key, self.value);
         }
-    }
-}
-
-/// A chunk as stored: its boundary entry, then the entries up to the next boundary.
-struct Chunk {
-    key: Vec<u8>,
-    value: Vec<u8>,
-}
-
-impl Chunk {
-    fn read(t: &impl ReadTables, head: &Head, boundary: &Entry) -> Result<Chunk, Corrupt> {
-        let key = [&head.key[..], boundary].concat();
-        let Some(value) = t.get(&key) else {
-            return Err(Corrupt { key: head.key.clone() });
-        };
-        if value.len() % ENTRY_BYTES != 0 || !value.starts_with(boundary) {
-            return Err(Corrupt { key });
-        }
-        Ok(Chunk { key, value })
-    }
-
-    fn store(self, t: &mut impl Tables) {
-        t.put(self.key, self.value);
     }
 }
 
@@ -235,83 +214,190 @@ fn place(value: &mut Vec<u8>, at: usize, entry: &Entry) -> Option<Vec<u8>> {
     }
 }
 
-/// Adds the entry of logical key `key` (nothing if it is there already).
-pub(crate) fn insert(t: &mut impl Tables, key: &[u8]) -> Result<(), Corrupt> {
-    let (prefix, entry) = split(key)?;
-    let head_key = head_key(&prefix, &entry);
-    let mut head = Head::read(t, head_key.clone())?.unwrap_or_else(|| Head::new(head_key));
-    let split_off = match head.holder_of(&entry) {
-        None => {
-            let body = head.boundaries_end();
-            let Err(i) = search(head.entries(), &entry) else {
-                return Ok(());
+/// One window being changed: its head and the chunks read so far, changed in memory and
+/// written back once by [`Window::store`], however many entries came and went.
+struct Window {
+    head: Head,
+    head_changed: bool,
+    /// Boundary → the chunk's entries (`None`: the chunk was dropped), and whether it changed.
+    chunks: BTreeMap<Entry, (Option<Vec<u8>>, bool)>,
+}
+
+impl Window {
+    fn read(t: &(impl ReadTables + ?Sized), head_key: Vec<u8>) -> Result<Window, Corrupt> {
+        let head = Head::read(t, head_key.clone())?.unwrap_or_else(|| Head::new(head_key));
+        Ok(Window { head, head_changed: false, chunks: BTreeMap::new() })
+    }
+
+    fn chunk_key(&self, boundary: &Entry) -> Vec<u8> {
+        [&self.head.key[..], boundary].concat()
+    }
+
+    /// The entries of the chunk the head lists at `boundary` (read on first use), and its
+    /// changed mark, for the caller to set when it changes them.
+    fn chunk(
+        &mut self,
+        t: &(impl ReadTables + ?Sized),
+        boundary: &Entry,
+    ) -> Result<(&mut Vec<u8>, &mut bool), Corrupt> {
+        if !self.chunks.contains_key(boundary) {
+            let key = self.chunk_key(boundary);
+            let Some(value) = t.get(&key) else {
+                return Err(Corrupt { key: self.head.key.clone() });
             };
-            let split_off = place(&mut head.value, body + i * ENTRY_BYTES, &entry);
-            if split_off.is_none() {
-                head.store(t);
-                return Ok(());
+            if value.len() % ENTRY_BYTES != 0 || !value.starts_with(boundary) {
+                return Err(Corrupt { key });
             }
-            split_off
+            self.chunks.insert(*boundary, (Some(value), false));
         }
-        Some(boundary) => {
-            let mut chunk = Chunk::read(t, &head, &boundary)?;
-            let Err(i) = search(&chunk.value, &entry) else {
+        let key = self.chunk_key(boundary);
+        match self.chunks.get_mut(boundary) {
+            Some((Some(value), changed)) => Ok((value, changed)),
+            _ => Err(Corrupt { key }),
+        }
+    }
+
+    /// Adds `entry` (nothing if it is there already).
+    fn insert(&mut self, t: &(impl ReadTables + ?Sized), entry: &Entry) -> Result<(), Corrupt> {
+        let split_off = match self.head.holder_of(entry) {
+            None => {
+                let body = self.head.boundaries_end();
+                let Err(i) = search(self.head.entries(), entry) else {
+                    return Ok(());
+                };
+                self.head_changed = true;
+                place(&mut self.head.value, body + i * ENTRY_BYTES, entry)
+            }
+            Some(boundary) => {
+                let (chunk, changed) = self.chunk(t, &boundary)?;
+                let Err(i) = search(chunk, entry) else {
+                    return Ok(());
+                };
+                *changed = true;
+                place(chunk, i * ENTRY_BYTES, entry)
+            }
+        };
+        // A boundary started a chunk with what its holder had after it.
+        if let Some(value) = split_off {
+            self.head.add_boundary(entry);
+            self.head_changed = true;
+            self.chunks.insert(*entry, (Some(value), true));
+        }
+        Ok(())
+    }
+
+    /// Removes `entry` (nothing if it is not there).
+    fn remove(&mut self, t: &(impl ReadTables + ?Sized), entry: &Entry) -> Result<(), Corrupt> {
+        let Some(boundary) = self.head.holder_of(entry) else {
+            let Ok(i) = search(self.head.entries(), entry) else {
                 return Ok(());
             };
-            let split_off = place(&mut chunk.value, i * ENTRY_BYTES, &entry);
-            chunk.store(t);
-            split_off
+            let at = self.head.boundaries_end() + i * ENTRY_BYTES;
+            self.head.value.drain(at..at + ENTRY_BYTES);
+            self.head_changed = true;
+            return Ok(());
+        };
+        let (chunk, changed) = self.chunk(t, &boundary)?;
+        let Ok(i) = search(chunk, entry) else {
+            return Ok(());
+        };
+        *changed = true;
+        chunk.drain(i * ENTRY_BYTES..(i + 1) * ENTRY_BYTES);
+        if i > 0 {
+            return Ok(());
         }
-    };
-    // A boundary started a chunk with what its holder had after it.
-    if let Some(value) = split_off {
-        let key = [&head.key[..], &entry].concat();
-        head.add_boundary(&entry);
-        head.store(t);
-        t.put(key, value);
+        // The entry was its chunk's boundary: the chunk joins the one before it.
+        let key = self.chunk_key(&boundary);
+        let rest = self.chunks.insert(boundary, (None, true)).and_then(|(v, _)| v).unwrap_or_default();
+        let b = search(self.head.boundaries(), entry).map_err(|_| Corrupt { key })?;
+        let before = b.checked_sub(1).map(|before| entry_at(self.head.boundaries(), before));
+        self.head.drop_boundary(b);
+        self.head_changed = true;
+        match before {
+            Some(before) => {
+                let (chunk, changed) = self.chunk(t, &before)?;
+                *changed = true;
+                chunk.extend_from_slice(&rest);
+            }
+            None => self.head.value.extend_from_slice(&rest),
+        }
+        Ok(())
+    }
+
+    /// Writes back what changed: each changed chunk once, then the head (deleted when the window
+    /// is empty).
+    fn store(self, t: &mut (impl Tables + ?Sized)) {
+        for (boundary, (value, changed)) in self.chunks {
+            if !changed {
+                continue;
+            }
+            let key = [&self.head.key[..], &boundary].concat();
+            match value {
+                Some(value) => t.put(key, value),
+                None => t.delete(&key),
+            }
+        }
+        if self.head_changed {
+            self.head.store(t);
+        }
+    }
+}
+
+/// Adds the entry of logical key `key` to its chunk now (nothing if it is there already).
+/// Callers go through [`Tables::add_entry`], which may stage it for [`fold_entries`] instead.
+pub(crate) fn insert_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(), Corrupt> {
+    fold_entries(t, [(key, true)])
+}
+
+/// Removes the entry of logical key `key` from its chunk now (nothing if it is not there).
+pub(crate) fn remove_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(), Corrupt> {
+    fold_entries(t, [(key, false)])
+}
+
+/// Adds (`true`) or removes each entry of `ops` (logical keys) in its chunk, reading and
+/// writing each window once for a run of entries in it: pass them ascending. The result is the
+/// same as one op after the other (ops on different entries commute; the layout is a function
+/// of the set).
+pub(crate) fn fold_entries<'k>(
+    t: &mut (impl Tables + ?Sized),
+    ops: impl IntoIterator<Item = (&'k [u8], bool)>,
+) -> Result<(), Corrupt> {
+    let mut open: Option<Window> = None;
+    for (key, add) in ops {
+        let (prefix, entry) = split(key)?;
+        let head_key = head_key(&prefix, &entry);
+        let window = match open.take() {
+            Some(w) if w.head.key == head_key => w,
+            other => {
+                if let Some(w) = other {
+                    w.store(t);
+                }
+                Window::read(&*t, head_key)?
+            }
+        };
+        let window = open.insert(window);
+        if add {
+            window.insert(&*t, &entry)?;
+        } else {
+            window.remove(&*t, &entry)?;
+        }
+    }
+    if let Some(w) = open {
+        w.store(t);
     }
     Ok(())
 }
 
-/// Removes the entry of logical key `key` (nothing if it is not there).
-pub(crate) fn remove(t: &mut impl Tables, key: &[u8]) -> Result<(), Corrupt> {
-    let (prefix, entry) = split(key)?;
-    let Some(mut head) = Head::read(t, head_key(&prefix, &entry))? else {
-        return Ok(());
-    };
-    let Some(boundary) = head.holder_of(&entry) else {
-        let Ok(i) = search(head.entries(), &entry) else {
-            return Ok(());
-        };
-        let at = head.boundaries_end() + i * ENTRY_BYTES;
-        head.value.drain(at..at + ENTRY_BYTES);
-        head.store(t);
-        return Ok(());
-    };
-    let mut chunk = Chunk::read(t, &head, &boundary)?;
-    let Ok(i) = search(&chunk.value, &entry) else {
-        return Ok(());
-    };
-    chunk.value.drain(i * ENTRY_BYTES..(i + 1) * ENTRY_BYTES);
-    if i > 0 {
-        chunk.store(t);
-        return Ok(());
-    }
-    // The entry was its chunk's boundary: the chunk joins the one before it.
-    t.delete(&chunk.key);
-    let b = search(head.boundaries(), &entry).map_err(|_| Corrupt { key: chunk.key.clone() })?;
-    let before = b.checked_sub(1).map(|before| entry_at(head.boundaries(), before));
-    head.drop_boundary(b);
-    match before {
-        Some(before) => {
-            let mut before = Chunk::read(t, &head, &before)?;
-            before.value.extend_from_slice(&chunk.value);
-            before.store(t);
-        }
-        None => head.value.extend_from_slice(&chunk.value),
-    }
-    head.store(t);
-    Ok(())
+/// The logical keyspaces whose entries are kept in chunks, as key ranges.
+pub(crate) fn logical_ranges() -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> {
+    [
+        keys::KS_DELIVERY_BY_ORG_STATUS,
+        keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
+        keys::KS_DELIVERY_BY_ORG_TYPE,
+        keys::KS_DUE,
+    ]
+    .into_iter()
+    .map(|ks| (vec![ks], vec![ks + 1]))
 }
 
 /// Which way a scan walks.
@@ -322,9 +408,50 @@ pub(crate) enum Walk {
 }
 
 /// Up to `limit` logical keys of the index `logical_prefix` with `from <= key < to`, ascending
-/// (`Forward`) or descending. Reads the windows the range touches, one store scan per
-/// [`SCAN_CHUNKS`] heads and chunks, and stops once it has `limit`.
+/// (`Forward`) or descending: what the chunks hold, with the entries the tables have not folded
+/// into them yet ([`ReadTables::unfolded_entries`]) added and removed.
 pub(crate) fn scan(
+    t: &impl ReadTables,
+    logical_prefix: &[u8],
+    from: &[u8],
+    to: &[u8],
+    limit: usize,
+    walk: Walk,
+) -> Result<Vec<Vec<u8>>, Corrupt> {
+    let unfolded: Vec<(Vec<u8>, bool)> =
+        t.unfolded_entries(from, to).into_iter().filter(|(k, _)| k.starts_with(logical_prefix)).collect();
+    if unfolded.is_empty() {
+        return scan_chunks(t, logical_prefix, from, to, limit, walk);
+    }
+    // Each removal hides at most one stored entry: this many stored ones fill the page.
+    let removed = unfolded.iter().filter(|(_, add)| !add).count();
+    let stored = scan_chunks(t, logical_prefix, from, to, limit.saturating_add(removed), walk)?;
+    // The stored page ends at `last`: entries beyond it in the walk are not known to be all
+    // there is, unless the page was short.
+    let complete = stored.len() < limit.saturating_add(removed);
+    let last = stored.last().cloned();
+    let mut all: BTreeSet<Vec<u8>> = stored.into_iter().collect();
+    for (key, add) in unfolded {
+        let known = complete
+            || last.as_ref().is_some_and(|last| match walk {
+                Walk::Forward => key <= *last,
+                Walk::Backward => key >= *last,
+            });
+        if !add {
+            all.remove(&key);
+        } else if known {
+            all.insert(key);
+        }
+    }
+    Ok(match walk {
+        Walk::Forward => all.into_iter().take(limit).collect(),
+        Walk::Backward => all.into_iter().rev().take(limit).collect(),
+    })
+}
+
+/// [`scan`] over what the chunks hold. Reads the windows the range touches, one store scan per
+/// [`SCAN_CHUNKS`] heads and chunks, and stops once it has `limit`.
+fn scan_chunks(
     t: &impl ReadTables,
     logical_prefix: &[u8],
     from: &[u8],
@@ -414,7 +541,7 @@ pub(crate) fn chunk_deliveries(
         let delivery: crate::model::Delivery =
             crate::codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.clone() })?;
         for index in delivery.index_keys().into_iter().filter(|k| is_chunked(k)) {
-            insert(t, &index)?;
+            t.add_entry(&index)?;
         }
     }
     Ok(page.last().filter(|_| page.len() == limit).map(|(last, _)| keys::successor(last)))
@@ -479,7 +606,7 @@ mod tests {
             })
             .collect();
         for id in ids.iter().rev() {
-            insert(&mut t, &logical(1, 16, *id)).unwrap();
+            insert_now(&mut t, &logical(1, 16, *id)).unwrap();
         }
         assert_eq!(t.len(), 1, "one head for the window");
         let (_, value) = t.iter().next().unwrap();
@@ -494,7 +621,7 @@ mod tests {
         let boundary = id_with(16, true, plain + 1);
         let after = id_with(16, false, boundary + 1);
         for id in [plain, boundary, after] {
-            insert(&mut t, &logical(1, 16, id)).unwrap();
+            insert_now(&mut t, &logical(1, 16, id)).unwrap();
         }
         let stored: Vec<(Vec<u8>, Vec<u8>)> = t.dump();
         assert_eq!(stored.len(), 2, "head and one chunk: {stored:02x?}");
@@ -506,23 +633,71 @@ mod tests {
         );
         assert_eq!(stored[1].0[stored[1].0.len() - ENTRY_BYTES..], *boundary_entry);
         assert_eq!(stored[1].1.len(), 2 * ENTRY_BYTES, "the chunk: the boundary and what follows");
-        remove(&mut t, &logical(1, 16, boundary)).unwrap();
+        remove_now(&mut t, &logical(1, 16, boundary)).unwrap();
         let stored = t.dump();
         assert_eq!(stored.len(), 1, "the chunk joined the head");
         assert_eq!(
             stored[0].1,
             [&[0u8; 4][..], &logical(1, 16, plain)[18..], &logical(1, 16, after)[18..]].concat()
         );
-        remove(&mut t, &logical(1, 16, plain)).unwrap();
-        remove(&mut t, &logical(1, 16, after)).unwrap();
+        remove_now(&mut t, &logical(1, 16, plain)).unwrap();
+        remove_now(&mut t, &logical(1, 16, after)).unwrap();
         assert!(t.is_empty(), "an empty window stores nothing");
+    }
+
+    /// Tables that count their writes.
+    #[derive(Default)]
+    struct CountingWrites {
+        t: MemTables,
+        writes: usize,
+    }
+
+    impl ReadTables for CountingWrites {
+        fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+            self.t.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+            self.t.scan(from, to, limit)
+        }
+    }
+
+    impl Tables for CountingWrites {
+        fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+            self.writes += 1;
+            self.t.put(key, value)
+        }
+        fn delete(&mut self, key: &[u8]) {
+            self.writes += 1;
+            self.t.delete(key)
+        }
+    }
+
+    #[test]
+    fn an_op_that_changes_nothing_writes_nothing() {
+        let mut t = CountingWrites::default();
+        let plain = id_with(16, false, 0);
+        let boundary = id_with(16, true, plain + 1);
+        let after = id_with(16, false, boundary + 1);
+        for id in [plain, boundary, after] {
+            insert_now(&mut t, &logical(1, 16, id)).unwrap();
+        }
+        t.writes = 0;
+        // Already there (in the head, in the chunk), or not there at all (head, chunk, window).
+        insert_now(&mut t, &logical(1, 16, plain)).unwrap();
+        insert_now(&mut t, &logical(1, 16, after)).unwrap();
+        remove_now(&mut t, &logical(1, 16, id_with(16, false, after + 1))).unwrap();
+        remove_now(&mut t, &logical(1, 800, plain)).unwrap();
+        assert_eq!(t.writes, 0);
+        // One change in the chunk writes the chunk alone.
+        remove_now(&mut t, &logical(1, 16, after)).unwrap();
+        assert_eq!(t.writes, 1);
     }
 
     #[test]
     fn a_crowded_window_is_cut_into_chunks() {
         let mut t = MemTables::new();
         for id in 0..5_000u128 {
-            insert(&mut t, &logical(1, 40, id)).unwrap();
+            insert_now(&mut t, &logical(1, 40, id)).unwrap();
         }
         let largest = t.iter().map(|(_, v)| v.len()).max().unwrap();
         assert!(t.len() > 5, "{} stored keys", t.len());
@@ -533,10 +708,10 @@ mod tests {
     #[test]
     fn a_corrupt_value_is_named() {
         let mut t = MemTables::new();
-        insert(&mut t, &logical(1, 16, 7)).unwrap();
+        insert_now(&mut t, &logical(1, 16, 7)).unwrap();
         let (key, _) = t.dump().remove(0);
         t.put(key.clone(), vec![0, 0, 0, 0, 1, 2]);
-        assert_eq!(insert(&mut t, &logical(1, 16, 8)), Err(Corrupt { key: key.clone() }));
+        assert_eq!(insert_now(&mut t, &logical(1, 16, 8)), Err(Corrupt { key: key.clone() }));
         let p = prefix(1);
         assert_eq!(scan(&t, &p, &p, &keys::prefix_end(&p).unwrap(), 10, Walk::Forward), Err(Corrupt { key }));
     }
@@ -546,51 +721,129 @@ mod tests {
         (any::<bool>(), 0u8..2, 0u64..40, 0u128..600)
     }
 
+    /// Tables that defer entries, as the log batch's tables do: ops wait in `pending` until
+    /// [`fold_entries`] folds them.
+    #[derive(Default)]
+    struct Deferring {
+        base: MemTables,
+        pending: std::collections::BTreeMap<Vec<u8>, bool>,
+    }
+
+    impl ReadTables for Deferring {
+        fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+            self.base.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+            self.base.scan(from, to, limit)
+        }
+        fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+            self.base.scan_rev(from, to, limit)
+        }
+        fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+            if from >= to {
+                return Vec::new();
+            }
+            self.pending.range(from.to_vec()..to.to_vec()).map(|(k, add)| (k.clone(), *add)).collect()
+        }
+    }
+
+    impl Tables for Deferring {
+        fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+            self.base.put(key, value)
+        }
+        fn delete(&mut self, key: &[u8]) {
+            self.base.delete(key)
+        }
+        fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+            self.pending.insert(key.to_vec(), true);
+            Ok(())
+        }
+        fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+            self.pending.insert(key.to_vec(), false);
+            Ok(())
+        }
+    }
+
+    impl Deferring {
+        fn fold(&mut self) {
+            let pending = std::mem::take(&mut self.pending);
+            fold_entries(&mut self.base, pending.iter().map(|(k, add)| (k.as_slice(), *add))).unwrap();
+        }
+    }
+
+    /// Every scan of `t` (both walks, the whole prefix and `bounds`) gives what `model` holds.
+    fn scans_agree(
+        t: &impl ReadTables,
+        model: &BTreeSet<Vec<u8>>,
+        bounds: (u64, u64, usize),
+    ) -> Result<(), TestCaseError> {
+        for org in 0..2u8 {
+            let p = prefix(org);
+            let expected: Vec<Vec<u8>> = model.iter().filter(|k| k[1] == org).cloned().collect();
+            let end = keys::prefix_end(&p).unwrap();
+            prop_assert_eq!(scan(t, &p, &p, &end, usize::MAX, Walk::Forward).unwrap(), expected.clone());
+            let mut rev = expected.clone();
+            rev.reverse();
+            prop_assert_eq!(scan(t, &p, &p, &end, usize::MAX, Walk::Backward).unwrap(), rev);
+            let (a, b, limit) = bounds;
+            let from = [&p[..], &a.to_be_bytes()].concat();
+            let to = logical(org, b, 300);
+            let inside: Vec<Vec<u8>> = expected.iter().filter(|k| **k >= from && **k < to).cloned().collect();
+            let fwd = scan(t, &p, &from, &to, limit, Walk::Forward).unwrap();
+            prop_assert_eq!(fwd, inside.iter().take(limit).cloned().collect::<Vec<_>>());
+            let bwd = scan(t, &p, &from, &to, limit, Walk::Backward).unwrap();
+            prop_assert_eq!(bwd, inside.iter().rev().take(limit).cloned().collect::<Vec<_>>());
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// Any sequence of inserts and removes leaves the set a model set holds, scans it back
         /// in order with any bounds and limit, and stores it exactly as inserting the final set
-        /// into empty tables would (the layout does not depend on history).
+        /// into empty tables would (the layout does not depend on history). The later ops are
+        /// deferred, as in a log batch: scans see them before they are folded, and folding
+        /// them all at once stores what one at a time would.
         #[test]
         fn chunks_hold_the_set_and_their_layout_is_its_function(
             ops in proptest::collection::vec(op(), 1..600),
+            deferred in proptest::collection::vec((op(), any::<proptest::sample::Index>()), 0..300),
             bounds in (0u64..48, 0u64..48, 1usize..50),
         ) {
-            let mut t = MemTables::new();
+            let mut t = Deferring::default();
             let mut model: BTreeSet<Vec<u8>> = BTreeSet::new();
             for (add, org, at, id) in ops {
                 let k = logical(org, at, id);
                 if add {
-                    insert(&mut t, &k).unwrap();
+                    insert_now(&mut t, &k).unwrap();
                     model.insert(k);
                 } else {
-                    remove(&mut t, &k).unwrap();
+                    remove_now(&mut t, &k).unwrap();
                     model.remove(&k);
                 }
             }
+            scans_agree(&t, &model, bounds)?;
+            for ((add, org, at, id), pick) in deferred {
+                if add || model.is_empty() {
+                    let k = logical(org, at, id);
+                    t.add_entry(&k).unwrap();
+                    model.insert(k);
+                } else {
+                    // Removes hit entries the chunks hold (or that wait to be folded).
+                    let k = model.iter().nth(pick.index(model.len())).cloned().unwrap();
+                    t.remove_entry(&k).unwrap();
+                    model.remove(&k);
+                }
+            }
+            scans_agree(&t, &model, bounds)?;
+            t.fold();
             let mut fresh = MemTables::new();
             for k in &model {
-                insert(&mut fresh, k).unwrap();
+                insert_now(&mut fresh, k).unwrap();
             }
-            prop_assert_eq!(t.dump(), fresh.dump());
-            for org in 0..2u8 {
-                let expected: Vec<Vec<u8>> = model.iter().filter(|k| k[1] == org).cloned().collect();
-                prop_assert_eq!(all(&t, org, Walk::Forward), expected.clone());
-                let mut rev = expected.clone();
-                rev.reverse();
-                prop_assert_eq!(all(&t, org, Walk::Backward), rev);
-                let (a, b, limit) = bounds;
-                let p = prefix(org);
-                let from = [&p[..], &a.to_be_bytes()].concat();
-                let to = logical(org, b, 300);
-                let inside: Vec<Vec<u8>> =
-                    expected.iter().filter(|k| **k >= from && **k < to).cloned().collect();
-                let fwd = scan(&t, &p, &from, &to, limit, Walk::Forward).unwrap();
-                prop_assert_eq!(fwd, inside.iter().take(limit).cloned().collect::<Vec<_>>());
-                let bwd = scan(&t, &p, &from, &to, limit, Walk::Backward).unwrap();
-                prop_assert_eq!(bwd, inside.iter().rev().take(limit).cloned().collect::<Vec<_>>());
-            }
+            prop_assert_eq!(t.base.dump(), fresh.dump());
+            scans_agree(&t, &model, bounds)?;
         }
     }
 }

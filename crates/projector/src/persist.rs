@@ -7,16 +7,23 @@
 
 use std::ops::ControlFlow;
 
-use herald_log::{keyspace, read_records, LogError, Machine, Pair, Record, Store, Tx};
+use herald_log::{keyspace, read_records, LogError, Machine, Pair, Record, Store, StoreError, Tx};
 
 use crate::event::{decode, encode, DecodeError, Event};
 use crate::fold::{apply, apply_unstaged, ApplyError};
+use crate::index;
 use crate::keys::{KS_FIRST, KS_LAST};
 use crate::query::applied_seq;
 use crate::query::Corrupt as TableCorrupt;
 use crate::tables::{MemTables, ReadTables, Tables};
 
 /// [`Tables`] over a log batch: reads see the store plus the batch so far.
+///
+/// Index entries are staged in the batch under their logical keys (a put adds, a delete
+/// removes; keys that are never stored) and folded into their chunks once, at the end of the
+/// batch, by [`fold_staged_entries`]: a batch of a few hundred deliveries reads and writes each
+/// chunk it touches once instead of once per entry. A rejected command's entries are undone
+/// with the rest of it; lists read during the batch see them ([`ReadTables::unfolded_entries`]).
 pub struct TxTables<'t, 'a>(pub &'t mut Tx<'a>);
 
 impl ReadTables for TxTables<'_, '_> {
@@ -26,6 +33,10 @@ impl ReadTables for TxTables<'_, '_> {
 
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.0.scan(from, to, limit)
+    }
+
+    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        staged_entries(self.0, from, to)
     }
 }
 
@@ -37,6 +48,45 @@ impl Tables for TxTables<'_, '_> {
     fn delete(&mut self, key: &[u8]) {
         self.0.delete(key)
     }
+
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), TableCorrupt> {
+        if !index::is_chunked(key) {
+            return Err(TableCorrupt { key: key.to_vec() });
+        }
+        self.0.put(key.to_vec(), Vec::new());
+        Ok(())
+    }
+
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), TableCorrupt> {
+        if !index::is_chunked(key) {
+            return Err(TableCorrupt { key: key.to_vec() });
+        }
+        self.0.delete(key);
+        Ok(())
+    }
+}
+
+/// The index entries staged in `tx` in `from..to` (see [`TxTables`]).
+fn staged_entries(tx: &Tx<'_>, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+    index::logical_ranges()
+        .flat_map(|(lo, hi)| {
+            let (lo, hi) = (lo.as_slice().max(from).to_vec(), hi.as_slice().min(to).to_vec());
+            tx.staged(&lo, &hi).into_iter().map(|(k, v)| (k.to_vec(), v.is_some())).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Folds the index entries the batch staged (see [`TxTables`]) into their chunks, each chunk
+/// read and written once: a machine's [`Machine::finish`]. A damaged chunk fails the batch.
+pub fn fold_staged_entries(tx: &mut Tx<'_>) -> Result<(), StoreError> {
+    for (from, to) in index::logical_ranges() {
+        let ops = tx.take_staged(&from, &to);
+        if !ops.is_empty() {
+            index::fold_entries(&mut TxTables(tx), ops.iter().map(|(k, v)| (k.as_slice(), v.is_some())))
+                .map_err(|c| StoreError::Corrupt(c.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Read-only [`ReadTables`] over a log batch, for checks before writing.
@@ -49,6 +99,10 @@ impl ReadTables for TxRead<'_, '_> {
 
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.0.scan(from, to, limit)
+    }
+
+    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        staged_entries(self.0, from, to)
     }
 }
 
@@ -102,6 +156,10 @@ impl Machine for Projector {
             seqs.push(seq);
         }
         Ok(seqs)
+    }
+
+    fn finish(&mut self, tx: &mut Tx<'_>) -> Result<(), StoreError> {
+        fold_staged_entries(tx)
     }
 }
 
@@ -198,7 +256,7 @@ pub fn stored_projection(store: &dyn Store) -> Result<Vec<Pair>, LogError> {
     let mut chunks = MemTables::new();
     for (key, _) in unchunked.iter() {
         // A key that is not an entry is kept as it is, to show up in the comparison.
-        if crate::index::insert(&mut chunks, key).is_err() {
+        if chunks.add_entry(key).is_err() {
             chunks.put(key.to_vec(), Vec::new());
         }
     }

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use crate::query::Corrupt;
+
 /// Ordered key-value tables the projection lives in. Keys are full keys whose first byte is the
 /// keyspace (the projector owns keyspace bytes 0x10..=0x7F; 0x00..=0x0F belong to the log).
 ///
@@ -11,6 +13,18 @@ use std::ops::Bound;
 pub trait Tables: ReadTables {
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>);
     fn delete(&mut self, key: &[u8]);
+
+    /// Adds the entry of a chunked index's logical key (see `index.rs`). By default it goes
+    /// into its chunk at once; tables over a log batch stage it and fold the batch's entries
+    /// into their chunks once, when the batch ends.
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        crate::index::insert_now(self, key)
+    }
+
+    /// Removes the entry of a chunked index's logical key (see [`Tables::add_entry`]).
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        crate::index::remove_now(self, key)
+    }
 }
 
 /// The reading half of [`Tables`]: all the queries need.
@@ -26,6 +40,12 @@ pub trait ReadTables {
         all.truncate(limit);
         all
     }
+
+    /// Chunked index entries (logical keys) in `from..to` added (`true`) or removed (`false`)
+    /// but not yet folded into their chunks, ascending. Empty for tables that fold at once.
+    fn unfolded_entries(&self, _from: &[u8], _to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        Vec::new()
+    }
 }
 
 impl<T: ReadTables + ?Sized> ReadTables for &mut T {
@@ -38,6 +58,9 @@ impl<T: ReadTables + ?Sized> ReadTables for &mut T {
     fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         (**self).scan_rev(from, to, limit)
     }
+    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        (**self).unfolded_entries(from, to)
+    }
 }
 
 impl<T: Tables + ?Sized> Tables for &mut T {
@@ -46,6 +69,12 @@ impl<T: Tables + ?Sized> Tables for &mut T {
     }
     fn delete(&mut self, key: &[u8]) {
         (**self).delete(key)
+    }
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        (**self).add_entry(key)
+    }
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        (**self).remove_entry(key)
     }
 }
 
@@ -179,6 +208,10 @@ impl<T: Tables + ?Sized> ReadTables for Batch<'_, T> {
         let base = self.base.scan(from, to, limit.saturating_add(staged.len()));
         herald_log::merge_staged(base, staged, limit)
     }
+
+    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        self.base.unfolded_entries(from, to)
+    }
 }
 
 impl<T: Tables + ?Sized> Tables for Batch<'_, T> {
@@ -188,6 +221,18 @@ impl<T: Tables + ?Sized> Tables for Batch<'_, T> {
 
     fn delete(&mut self, key: &[u8]) {
         self.changes.insert(key.to_vec(), None);
+    }
+
+    // A batch puts entries into its chunks at once. Over tables that defer entries, an entry
+    // the base still holds unfolded would be folded after this, out of order: not done.
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        debug_assert!(self.base.unfolded_entries(key, &crate::keys::successor(key)).is_empty());
+        crate::index::insert_now(self, key)
+    }
+
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        debug_assert!(self.base.unfolded_entries(key, &crate::keys::successor(key)).is_empty());
+        crate::index::remove_now(self, key)
     }
 }
 

@@ -270,7 +270,7 @@ pub fn assert_consistent(t: &MemTables) {
     for d in &deliveries {
         for k in d.index_keys() {
             if crate::index::is_chunked(&k) {
-                crate::index::insert(&mut chunks, &k).unwrap();
+                crate::tables::Tables::add_entry(&mut chunks, &k).unwrap();
             } else {
                 expected.insert((k, Vec::new()));
             }
