@@ -540,9 +540,11 @@ fn paced(receiver: &Receiver, durability: Durability, per_s: u64, n: u64) -> (Ve
     let w = h.engine.writer_stats();
     let batches = (w.batches - writer_before.batches).max(1);
     let cpu = format!(
-        "writer: {batches} batches of {:.1} commands, {:.2} ms in flush per batch; {}",
+        "writer: {batches} batches of {:.1} commands, {:.2} ms in flush per batch, the longest flush \
+         {:.1} ms; {}",
         (w.commands - writer_before.commands) as f64 / batches as f64,
         (w.flush_us_total - writer_before.flush_us_total) as f64 / 1e3 / batches as f64,
+        w.flush_us_max as f64 / 1e3,
         cpu_now().since(&cpu_before, n + WARMUP_EVENTS, "delivery")
     );
     h.engine.shutdown();

@@ -30,6 +30,9 @@ fn publish_is_delivered_signed_to_a_receiver() {
     // The writer knew the new event and delivery ids were new without reading the store.
     let known_absent = metric(&text, "herald_read_cache_known_absent_total");
     assert!(known_absent.is_some_and(|n| n >= 2), "{text}");
+    let flush_max =
+        text.lines().find_map(|l| l.strip_prefix("herald_flush_seconds_max ")?.trim().parse::<f64>().ok());
+    assert!(flush_max.is_some_and(|s| s > 0.0), "{text}");
     let (status, _) = server.call("GET", "/v1/api_keys", Some(ADMIN_KEY), None);
     assert_eq!(status, 200);
 }

@@ -175,6 +175,8 @@ pub struct WriterStats {
     pub failed_batches: u64,
     /// Sum of flush durations, microseconds.
     pub flush_us_total: u64,
+    /// The longest single flush (+ fsync), microseconds: a stall of the disk shows here.
+    pub flush_us_max: u64,
     pub last_batch_commands: u64,
     /// Whether the last batch that had something to write failed (a full disk, a broken store):
     /// until one succeeds, writes are being refused.
@@ -600,6 +602,7 @@ impl Flusher {
             stats.records += records;
             stats.store_writes += store_writes;
             stats.flush_us_total += flush_us;
+            stats.flush_us_max = stats.flush_us_max.max(flush_us);
             stats.last_batch_commands = commands;
             stats.last_batch_failed = false;
         }

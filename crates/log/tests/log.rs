@@ -36,6 +36,9 @@ fn concurrent_appenders_get_gapless_seqs_and_share_flushes() {
     let stats = log.stats();
     assert_eq!(stats.commands, 1600);
     assert!(stats.batches <= 1600);
+    // The longest flush is one of the flushes summed: no more than all, no less than the mean.
+    assert!(stats.flush_us_max <= stats.flush_us_total, "{stats:?}");
+    assert!(stats.flush_us_max * stats.batches >= stats.flush_us_total, "{stats:?}");
     assert_eq!(log.committed_seq(), 1600);
     let recs = log.read(1595, 100).unwrap();
     assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1595, 1596, 1597, 1598, 1599, 1600]);

@@ -211,6 +211,12 @@ impl Metrics {
             "Time spent flushing batches (divide by batches for the mean flush latency).",
             format!("{:.6}", w.flush_us_total as f64 / 1e6),
         );
+        metric(
+            "herald_flush_seconds_max",
+            "gauge",
+            "The longest single flush since the process started: a disk stall shows here.",
+            format!("{:.6}", w.flush_us_max as f64 / 1e6),
+        );
         let c = engine.read_cache_stats();
         metric(
             "herald_read_cache_hits_total",
