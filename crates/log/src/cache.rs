@@ -30,8 +30,10 @@
 //! descend sled's tree to find nothing.
 //! - The floor is learned from the store (`last`) on the first `get` in that keyspace, with an
 //!   empty set, and kept only if no batch was applied meanwhile, like a read.
-//! - Each applied batch adds to the set every key above the floor that it puts, and removes
-//!   every key it deletes.
+//! - Each batch adds to the set every key above the floor that it puts, before the store
+//!   applies it (so a key the store holds is never answered absent), and removes every key it
+//!   deletes once the store has applied it. A floor learned while a batch is being applied is
+//!   not kept.
 //! - When the set holds more than [`RECENT_KEYS_MAX`] keys, the smallest leaves it and becomes
 //!   the floor: what is at or below the floor is read from the store, so the set stays exact
 //!   above it. A failed apply forgets floor and set.
@@ -81,6 +83,9 @@ struct State {
     /// Ascending keyspace byte → its floor and the keys it holds above it. A keyspace not
     /// here has not been learned yet.
     recent: HashMap<u8, Recent>,
+    /// A batch is being applied to the store: its puts are in the sets already, and a floor
+    /// learned now may miss them, so it is not kept.
+    applying: bool,
 }
 
 /// What an ascending keyspace holds above a floor: exactly the keys in `keys`.
@@ -210,7 +215,7 @@ impl CachedStore {
         let floor = last.map_or_else(|| vec![ks], |(k, _)| k);
         let absent = key > floor.as_slice();
         let mut st = self.write();
-        if st.generation == generation {
+        if st.generation == generation && !st.applying {
             st.recent.insert(ks, Recent { floor, keys: BTreeSet::new() });
         }
         Ok(absent)
@@ -256,12 +261,27 @@ impl Store for CachedStore {
     }
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        let tracking = !self.ascending.is_empty();
+        if tracking {
+            // The batch's new keys join the sets before the store holds them: a key the store
+            // holds is never answered absent, not even between this apply and the lines below.
+            // (Until then a reader that is told "maybe" reads the store and finds nothing.)
+            let mut st = self.write();
+            st.generation += 1;
+            st.applying = true;
+            for (key, value) in &batch.writes {
+                if value.is_some() {
+                    st.note_write(key, true, self.recent_max);
+                }
+            }
+        }
         let applied = self.inner.apply(batch);
-        if self.budget_bytes == 0 && self.ascending.is_empty() {
+        if self.budget_bytes == 0 && !tracking {
             return applied;
         }
         let mut st = self.write();
         st.generation += 1;
+        st.applying = false;
         match &applied {
             Ok(()) => {
                 for (key, value) in &batch.writes {
@@ -549,6 +569,82 @@ mod tests {
         assert_eq!(cached.get(&[5, 5]).unwrap(), None, "the answer of its own moment");
         assert_eq!(cached.get(&[5, 9]).unwrap(), Some(b"b".to_vec()));
         assert_eq!(cached.stats().known_absent, 1, "only the first read");
+    }
+
+    /// A store that runs a hook once just before and once right after it applies a batch,
+    /// while the cache waits for it: another thread's reads in those moments.
+    struct AfterApply {
+        inner: MemStore,
+        before: Box<dyn Fn() + Send + Sync>,
+        hook: Box<dyn Fn() + Send + Sync>,
+        armed: AtomicBool,
+    }
+
+    impl Store for AfterApply {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+            self.inner.scan(from, to, visit)
+        }
+        fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+            self.inner.last(from, to)
+        }
+        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+            let armed = self.armed.swap(false, Ordering::SeqCst);
+            if armed {
+                (self.before)();
+            }
+            self.inner.apply(batch)?;
+            if armed {
+                (self.hook)();
+            }
+            Ok(())
+        }
+        fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+            self.inner.flush(durability)
+        }
+    }
+
+    #[test]
+    fn a_key_the_store_holds_is_never_answered_absent_while_its_batch_is_applied() {
+        for learned_before in [true, false] {
+            let cell: Arc<OnceLock<Arc<CachedStore>>> = Arc::new(OnceLock::new());
+            let hook_cell = cell.clone();
+            let before_cell = cell.clone();
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let hook_seen = seen.clone();
+            let store = AfterApply {
+                inner: MemStore::new(),
+                // A read just before the store applies may learn a floor below [5, 9]: it must
+                // not be kept, or [5, 9] would read absent once the store holds it.
+                before: Box::new(move || {
+                    assert_eq!(before_cell.get().unwrap().get(&[5, 2]).unwrap(), None);
+                }),
+                // The store holds [5, 9] now; the cache has not been told.
+                hook: Box::new(move || {
+                    let cached = hook_cell.get().unwrap();
+                    // A read of another key may learn the floor now: it must not be kept.
+                    let other = cached.get(&[5, 3]).unwrap();
+                    let new = cached.get(&[5, 9]).unwrap();
+                    hook_seen.lock().unwrap().push((other, new));
+                }),
+                armed: AtomicBool::new(true),
+            };
+            let cached = Arc::new(CachedStore::new(Arc::new(store), 0, none).with_ascending(&[5]));
+            let _ = cell.set(cached.clone());
+            if learned_before {
+                assert_eq!(cached.get(&[5, 1]).unwrap(), None);
+            }
+            cached.apply(&batch(&[(&[5, 9], Some(b"new"))])).unwrap();
+            assert_eq!(
+                *seen.lock().unwrap(),
+                vec![(None, Some(b"new".to_vec()))],
+                "learned before: {learned_before}"
+            );
+            assert_eq!(cached.get(&[5, 9]).unwrap(), Some(b"new".to_vec()));
+            assert_eq!(cached.get(&[5, 10]).unwrap(), None);
+        }
     }
 
     proptest::proptest! {

@@ -729,6 +729,11 @@ impl<M: Machine> Writer<M> {
             }
             answers.push((cb, res));
         }
+        // A read that failed reads as absent: the batch fails with that error, and `finish`
+        // (which would take a missing value for a damaged one) does not run.
+        if let Some(e) = tx.error() {
+            return self.fail(answers, e);
+        }
         if let Err(e) = self.machine.finish(&mut tx) {
             return self.fail(answers, e);
         }
