@@ -388,6 +388,72 @@ pub(crate) fn fold_entries<'k>(
     Ok(())
 }
 
+/// Tables that keep the index entries added and removed (logical keys) aside, for
+/// [`Deferring::fold`] to fold into their chunks together: each window read and written once
+/// per fold, not once per entry. A rebuild folds a page of records at a time through one.
+pub(crate) struct Deferring<T: Tables> {
+    pub(crate) base: T,
+    pending: BTreeMap<Vec<u8>, bool>,
+}
+
+impl<T: Tables> Deferring<T> {
+    pub(crate) fn new(base: T) -> Deferring<T> {
+        Deferring { base, pending: BTreeMap::new() }
+    }
+
+    pub(crate) fn fold(&mut self) -> Result<(), Corrupt> {
+        let pending = std::mem::take(&mut self.pending);
+        fold_entries(&mut self.base, pending.iter().map(|(k, add)| (k.as_slice(), *add)))
+    }
+}
+
+impl<T: Tables> ReadTables for Deferring<T> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.base.get(key)
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.base.scan(from, to, limit)
+    }
+
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.base.scan_rev(from, to, limit)
+    }
+
+    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.pending.range(from.to_vec()..to.to_vec()).map(|(k, add)| (k.clone(), *add)).collect()
+    }
+}
+
+impl<T: Tables> Tables for Deferring<T> {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.base.put(key, value)
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.base.delete(key)
+    }
+
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        if !is_chunked(key) {
+            return Err(Corrupt { key: key.to_vec() });
+        }
+        self.pending.insert(key.to_vec(), true);
+        Ok(())
+    }
+
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+        if !is_chunked(key) {
+            return Err(Corrupt { key: key.to_vec() });
+        }
+        self.pending.insert(key.to_vec(), false);
+        Ok(())
+    }
+}
+
 /// The logical keyspaces whose entries are kept in chunks, as key ranges.
 pub(crate) fn logical_ranges() -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> {
     [
@@ -721,56 +787,6 @@ mod tests {
         (any::<bool>(), 0u8..2, 0u64..40, 0u128..600)
     }
 
-    /// Tables that defer entries, as the log batch's tables do: ops wait in `pending` until
-    /// [`fold_entries`] folds them.
-    #[derive(Default)]
-    struct Deferring {
-        base: MemTables,
-        pending: std::collections::BTreeMap<Vec<u8>, bool>,
-    }
-
-    impl ReadTables for Deferring {
-        fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-            self.base.get(key)
-        }
-        fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-            self.base.scan(from, to, limit)
-        }
-        fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-            self.base.scan_rev(from, to, limit)
-        }
-        fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
-            if from >= to {
-                return Vec::new();
-            }
-            self.pending.range(from.to_vec()..to.to_vec()).map(|(k, add)| (k.clone(), *add)).collect()
-        }
-    }
-
-    impl Tables for Deferring {
-        fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-            self.base.put(key, value)
-        }
-        fn delete(&mut self, key: &[u8]) {
-            self.base.delete(key)
-        }
-        fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
-            self.pending.insert(key.to_vec(), true);
-            Ok(())
-        }
-        fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
-            self.pending.insert(key.to_vec(), false);
-            Ok(())
-        }
-    }
-
-    impl Deferring {
-        fn fold(&mut self) {
-            let pending = std::mem::take(&mut self.pending);
-            fold_entries(&mut self.base, pending.iter().map(|(k, add)| (k.as_slice(), *add))).unwrap();
-        }
-    }
-
     /// Every scan of `t` (both walks, the whole prefix and `bounds`) gives what `model` holds.
     fn scans_agree(
         t: &impl ReadTables,
@@ -811,7 +827,7 @@ mod tests {
             deferred in proptest::collection::vec((op(), any::<proptest::sample::Index>()), 0..300),
             bounds in (0u64..48, 0u64..48, 1usize..50),
         ) {
-            let mut t = Deferring::default();
+            let mut t = Deferring::new(MemTables::new());
             let mut model: BTreeSet<Vec<u8>> = BTreeSet::new();
             for (add, org, at, id) in ops {
                 let k = logical(org, at, id);
@@ -837,7 +853,7 @@ mod tests {
                 }
             }
             scans_agree(&t, &model, bounds)?;
-            t.fold();
+            t.fold().unwrap();
             let mut fresh = MemTables::new();
             for k in &model {
                 insert_now(&mut fresh, k).unwrap();

@@ -199,19 +199,27 @@ const REBUILD_READ_RECORDS: usize = 4096;
 const _: () = assert!(KS_FIRST >= keyspace::USER_FIRST, "the projector's keyspaces overlap the log's");
 
 /// Folds the log's records after `tables`' applied seq into `tables`, in pages of records.
-/// `progress` is called after each page with the seq reached.
+/// `progress` is called after each page with the seq reached, the tables whole at that seq.
+///
+/// Each event is applied straight into `tables`, and the index entries of a page are folded
+/// into their chunks once, at its end (`index::Deferring`): on an error the tables are left
+/// part-way through a page, to be discarded (a rebuild's scratch tables are).
 pub fn catch_up(
     store: &dyn Store,
     tables: &mut impl Tables,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
     let mut next = applied_seq(tables).map_err(RebuildError::Projection)? + 1;
+    let mut scratch = index::Deferring::new(tables);
     loop {
         let records = read_records(store, next, REBUILD_READ_RECORDS).map_err(RebuildError::Log)?;
         let Some(last) = records.last().map(|r| r.seq) else { return Ok(next - 1) };
         for rec in &records {
-            fold_record(tables, rec)?;
+            let event = decode(&rec.body).map_err(|error| RebuildError::Decode { seq: rec.seq, error })?;
+            apply_unstaged(&mut scratch, rec.seq, rec.at_ms, &event)
+                .map_err(|error| RebuildError::Apply { seq: rec.seq, error })?;
         }
+        scratch.fold().map_err(RebuildError::Projection)?;
         next = last + 1;
         progress(last);
     }
