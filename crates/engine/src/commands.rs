@@ -685,7 +685,14 @@ impl Commands {
             if matches!(event, Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. }) {
                 self.staged_key_change = true;
             }
-            let seq = tx.append(at_ms, encode(&event)).seq;
+            // An attempt's outcome is stored in a group with the outcomes around it (they come
+            // together, first in each batch: the urgent queue); nothing reads it back one by
+            // one on a hot path. A publish stays alone: the dispatcher reads its payload by key.
+            let seq = if matches!(event, Event::AttemptRecorded { .. }) {
+                tx.append_grouped(at_ms, encode(&event)).seq
+            } else {
+                tx.append(at_ms, encode(&event)).seq
+            };
             // The log's writer rolls the batch back to this command's savepoint on an error.
             apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
             match event {

@@ -14,8 +14,10 @@ use crate::tx::Tx;
 
 /// The on-disk format of the store as a whole (keyspace layout, record and event formats). 2
 /// (2026-11-24): the machine may store what format 1 held differently (herald: the delivery
-/// indexes in chunks, a publish in one record), so a binary that knows only 1 refuses it.
-pub const STORE_FORMAT: u8 = 2;
+/// indexes in chunks, a publish in one record), so a binary that knows only 1 refuses it. 3
+/// (2026-11-24): records may be stored in groups (`record.rs`), which a binary that knows
+/// only 2 could not read; a store of 1 or 2 needs no conversion for it.
+pub const STORE_FORMAT: u8 = 3;
 /// The oldest format this version opens. The machine converts an older store (herald:
 /// `drop_legacy`), then [`upgrade_format`] records that it is this version's.
 pub const STORE_FORMAT_OLDEST: u8 = 1;
@@ -240,7 +242,8 @@ pub fn read_head(store: &dyn Store) -> Result<Head, LogError> {
         return Err(Corrupt { seq: anchor_seq + 1, kind: CorruptKind::StrayKey }.into());
     }
     let seq = u64::from_be_bytes(key[1..9].try_into().expect("9 bytes"));
-    let mut recs = read_records(store, seq, 1)?;
+    // The last key holds the last record, or the last group of them.
+    let mut recs = read_records(store, seq, crate::record::GROUP_RECORDS_MAX)?;
     match recs.pop() {
         Some(r) => Ok(Head { next_seq: r.seq + 1, last_hash: r.hash, anchor_seq, anchor_hash }),
         None => Err(Corrupt { seq, kind: CorruptKind::Truncated }.into()),
@@ -317,22 +320,25 @@ pub fn read_records(store: &dyn Store, from_seq: u64, limit: usize) -> Result<Ve
     if limit == 0 {
         return Ok(out);
     }
+    // `from_seq` may be inside a group stored under an earlier record's key.
+    let start = match store.last(&head_key(0), &head_key(from_seq.saturating_add(1)))? {
+        Some((key, value)) if key.len() == 9 && crate::record::is_group(&value) => key,
+        _ => head_key(from_seq),
+    };
     let mut asm = Assembler::new(None);
     let mut bad = None;
-    store.scan(&head_key(from_seq), &record_keys_end(), &mut |k, v| match asm.push(k, v) {
-        Err(c) => {
+    let mut got = Vec::new();
+    store.scan(&start, &record_keys_end(), &mut |k, v| {
+        if let Err(c) = asm.push_all(k, v, &mut got) {
             bad = Some(c);
+            return ControlFlow::Break(());
+        }
+        out.extend(got.drain(..).filter(|r| r.seq >= from_seq));
+        if out.len() >= limit {
             ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
         }
-        Ok(Some(r)) => {
-            out.push(r);
-            if out.len() >= limit {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        }
-        Ok(None) => ControlFlow::Continue(()),
     })?;
     if let Some(c) = bad {
         return Err(c.into());
@@ -340,6 +346,7 @@ pub fn read_records(store: &dyn Store, from_seq: u64, limit: usize) -> Result<Ve
     if out.len() < limit {
         asm.finish()?;
     }
+    out.truncate(limit);
     Ok(out)
 }
 
@@ -347,7 +354,19 @@ pub fn read_records(store: &dyn Store, from_seq: u64, limit: usize) -> Result<Ve
 /// [`read_records`], a read of single keys, which a [`CachedStore`](crate::CachedStore) can
 /// answer. `None`: no record has that seq.
 pub fn read_record(store: &dyn Store, seq: u64) -> Result<Option<Record>, LogError> {
-    let Some(head) = store.get(&head_key(seq))? else { return Ok(None) };
+    let head = match store.get(&head_key(seq))? {
+        Some(head) if !crate::record::is_group(&head) => head,
+        Some(group) => return Ok(in_group(&head_key(seq), &group, seq)?),
+        // Inside a group stored under an earlier record's key, or no record.
+        None => {
+            return match store.last(&head_key(0), &head_key(seq))? {
+                Some((key, value)) if key.len() == 9 && crate::record::is_group(&value) => {
+                    Ok(in_group(&key, &value, seq)?)
+                }
+                _ => Ok(None),
+            };
+        }
+    };
     let mut asm = Assembler::new(Some(seq));
     let mut next = asm.push(&head_key(seq), &head)?;
     let mut index: u16 = 1;
@@ -360,6 +379,13 @@ pub fn read_record(store: &dyn Store, seq: u64) -> Result<Option<Record>, LogErr
         index = index.checked_add(1).ok_or(Corrupt { seq, kind: CorruptKind::Truncated })?;
     }
     Ok(next)
+}
+
+/// Record `seq` of the group stored at `key`, if it holds it.
+fn in_group(key: &[u8], value: &[u8], seq: u64) -> Result<Option<Record>, Corrupt> {
+    let mut records = Vec::new();
+    Assembler::new(None).push_all(key, value, &mut records)?;
+    Ok(records.into_iter().find(|r| r.seq == seq))
 }
 
 /// The result of a clean [`verify`].
@@ -379,21 +405,21 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<Verify
     let mut report =
         VerifyReport { records: 0, first_seq: anchor_seq + 1, last_seq: anchor_seq, last_hash: anchor_hash };
     let mut bad = None;
-    store.scan(&head_key(0), &record_keys_end(), &mut |k, v| match asm.push(k, v) {
-        Err(c) => {
+    let mut got = Vec::new();
+    store.scan(&head_key(0), &record_keys_end(), &mut |k, v| {
+        if let Err(c) = asm.push_all(k, v, &mut got) {
             bad = Some(c);
-            ControlFlow::Break(())
+            return ControlFlow::Break(());
         }
-        Ok(Some(r)) => {
+        for r in got.drain(..) {
             report.records += 1;
             report.last_seq = r.seq;
             report.last_hash = r.hash;
             if r.seq % 65_536 == 0 {
                 progress(r.seq);
             }
-            ControlFlow::Continue(())
         }
-        Ok(None) => ControlFlow::Continue(()),
+        ControlFlow::Continue(())
     })?;
     if let Some(c) = bad {
         return Err(c.into());

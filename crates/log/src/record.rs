@@ -8,11 +8,28 @@
 //! - `checksum = blake3(format ‖ seq ‖ at_ms ‖ body_bytes ‖ body)` covers the record itself;
 //! - `hash = blake3(prev_hash ‖ seq ‖ checksum)` chains it to the record before (the first
 //!   record's `prev_hash` is the log's anchor: all zeroes for a log that was never compacted).
+//!
+//! A *group* stores up to [`GROUP_RECORDS_MAX`] consecutive small records under the first one's
+//! head key, in one value of at most [`CHUNK_BYTES`] (the writer groups the records a machine
+//! appends with `Tx::append_grouped`: each stored key costs sled a tree insert, and one in
+//! eight a node split). The records and their checksums and hashes are the same as stored
+//! alone; a record inside a group has no key of its own.
+//!
+//! Group value: `[format = 2][count: u16 BE][prev_hash of the first: 32]`, then per record
+//! `[at_ms: u64 BE][body_bytes: u32 BE][checksum: 32][body]`. Each `prev_hash` is the hash
+//! before it and each `hash` is computed (`chain_hash`), not stored: sled's cost grows with the
+//! bytes it writes, and a stored hash would only be checked against that same computation.
 
 use crate::keyspace;
 
 /// The record format this binary writes and reads.
 pub const RECORD_FORMAT_V1: u8 = 1;
+/// The format of a group value (see the module documentation).
+pub const RECORD_GROUP_V2: u8 = 2;
+/// Records one group holds at most.
+pub const GROUP_RECORDS_MAX: usize = 16;
+const GROUP_HEADER_BYTES: usize = 1 + 2 + 32;
+const GROUP_ENTRY_HEADER_BYTES: usize = 8 + 4 + 32;
 /// The largest value stored under one key.
 pub const CHUNK_BYTES: usize = 8 * 1024;
 /// The largest body a record may carry (herald's events are at most 256 KiB plus framing).
@@ -138,6 +155,11 @@ impl Record {
         out
     }
 
+    /// Bytes this record takes in a group value.
+    pub fn group_bytes(&self) -> usize {
+        GROUP_ENTRY_HEADER_BYTES + self.body.len()
+    }
+
     /// Checks the record's own checksum and that its hash follows from `prev_hash`.
     pub fn check(&self) -> Result<(), Corrupt> {
         if checksum(self.seq, self.at_ms, &self.body) != self.checksum {
@@ -148,6 +170,50 @@ impl Record {
         }
         Ok(())
     }
+}
+
+/// How many of `records` (consecutive and chained), from the first, one group value holds:
+/// at most [`GROUP_RECORDS_MAX`], and at most [`CHUNK_BYTES`] of value.
+pub fn group_len(records: &[Record]) -> usize {
+    let mut bytes = GROUP_HEADER_BYTES;
+    let mut n = 0;
+    for r in records.iter().take(GROUP_RECORDS_MAX) {
+        bytes += r.group_bytes();
+        if bytes > CHUNK_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The pair that stores `records` (consecutive and chained, at least one, as many as
+/// [`group_len`] allows) as one group.
+pub fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
+    let first = &records[0];
+    let bytes = GROUP_HEADER_BYTES + records.iter().map(Record::group_bytes).sum::<usize>();
+    let mut v = Vec::with_capacity(bytes);
+    v.push(RECORD_GROUP_V2);
+    v.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    v.extend_from_slice(&first.prev_hash);
+    for r in records {
+        v.extend_from_slice(&r.at_ms.to_be_bytes());
+        v.extend_from_slice(&(r.body.len() as u32).to_be_bytes());
+        v.extend_from_slice(&r.checksum);
+        v.extend_from_slice(&r.body);
+    }
+    (head_key(first.seq), v)
+}
+
+/// Whether a stored head value is a group's.
+pub fn is_group(value: &[u8]) -> bool {
+    value.first() == Some(&RECORD_GROUP_V2)
+}
+
+/// The first and last seq of the group stored under the head key of `first`.
+pub fn group_span(first: u64, value: &[u8]) -> Option<(u64, u64)> {
+    let count = u16::from_be_bytes([*value.get(1)?, *value.get(2)?]);
+    (is_group(value) && count > 0).then(|| (first, first + u64::from(count) - 1))
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -183,7 +249,61 @@ impl Assembler {
         self
     }
 
-    /// Feeds one pair; returns a record when its last part has arrived.
+    /// Feeds one pair; adds to `out` the records it completes (a group's, all of them).
+    pub fn push_all(&mut self, key: &[u8], value: &[u8], out: &mut Vec<Record>) -> Result<(), Corrupt> {
+        if key.len() == 9 && key[0] == keyspace::RECORD && is_group(value) {
+            let seq = be_u64(&key[1..9]);
+            if let Some((rec, _, _)) = &self.partial {
+                return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
+            }
+            if let Some(expect) = self.expect_seq {
+                if seq != expect {
+                    return Err(Corrupt { seq: expect, kind: CorruptKind::Gap { found: seq } });
+                }
+            }
+            return self.push_group(seq, value, out);
+        }
+        if let Some(rec) = self.push(key, value)? {
+            out.push(rec);
+        }
+        Ok(())
+    }
+
+    fn push_group(&mut self, first: u64, value: &[u8], out: &mut Vec<Record>) -> Result<(), Corrupt> {
+        let truncated = |seq| Corrupt { seq, kind: CorruptKind::Truncated };
+        let Some((_, last)) = group_span(first, value).filter(|_| value.len() >= GROUP_HEADER_BYTES) else {
+            return Err(truncated(first));
+        };
+        let mut prev_hash = hash_at(value, 3);
+        let mut at = GROUP_HEADER_BYTES;
+        for seq in first..=last {
+            let body_at = at + GROUP_ENTRY_HEADER_BYTES;
+            if value.len() < body_at {
+                return Err(truncated(seq));
+            }
+            let body_bytes =
+                u32::from_be_bytes([value[at + 8], value[at + 9], value[at + 10], value[at + 11]]) as usize;
+            let Some(body) = value.get(body_at..body_at + body_bytes) else { return Err(truncated(seq)) };
+            let checksum = hash_at(value, at + 12);
+            let rec = Record {
+                seq,
+                at_ms: be_u64(&value[at..]),
+                body: body.to_vec(),
+                checksum,
+                prev_hash,
+                hash: chain_hash(&prev_hash, seq, &checksum),
+            };
+            prev_hash = rec.hash;
+            at = body_at + body_bytes;
+            out.push(self.complete(rec)?);
+        }
+        if at != value.len() {
+            return Err(truncated(last));
+        }
+        Ok(())
+    }
+
+    /// Feeds one pair that is not a group's; returns a record when its last part has arrived.
     pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Record>, Corrupt> {
         let stray = |seq| Corrupt { seq, kind: CorruptKind::StrayKey };
         if key.len() == 11 && key[0] == keyspace::RECORD {
@@ -253,13 +373,18 @@ impl Assembler {
             return Ok(None);
         }
         let (rec, _, _) = self.partial.take().expect("checked above");
+        self.complete(rec).map(Some)
+    }
+
+    /// Checks a whole record against itself and the one before it.
+    fn complete(&mut self, rec: Record) -> Result<Record, Corrupt> {
         rec.check()?;
         if self.expect_prev.is_some_and(|prev| prev != rec.prev_hash) {
             return Err(Corrupt { seq: rec.seq, kind: CorruptKind::ChainBroken });
         }
         self.expect_seq = Some(rec.seq + 1);
         self.expect_prev = Some(rec.hash);
-        Ok(Some(rec))
+        Ok(rec)
     }
 
     /// Call when the scan ended: a record still waiting for parts is truncated.
@@ -284,12 +409,75 @@ mod tests {
         let mut a = Assembler::new(Some(first)).with_prev_hash([0; 32]);
         let mut out = Vec::new();
         for (k, v) in pairs {
-            if let Some(r) = a.push(k, v)? {
-                out.push(r);
-            }
+            a.push_all(k, v, &mut out)?;
         }
         a.finish()?;
         Ok(out)
+    }
+
+    /// The records of `chain(bodies)` stored with the ones in `grouped` (index ranges) in groups.
+    fn grouped_kv(recs: &[Record], grouped: &[std::ops::Range<usize>]) -> Vec<crate::store::Pair> {
+        let mut kv = Vec::new();
+        let mut i = 0;
+        while i < recs.len() {
+            match grouped.iter().find(|g| g.start == i) {
+                Some(g) => {
+                    assert_eq!(group_len(&recs[g.clone()]), g.len(), "the test's group fits");
+                    kv.push(group_kv(&recs[g.clone()]));
+                    i = g.end;
+                }
+                None => {
+                    kv.extend(recs[i].to_kv());
+                    i += 1;
+                }
+            }
+        }
+        kv
+    }
+
+    #[test]
+    fn grouped_records_round_trip_between_records_stored_alone() {
+        let (recs, _) = chain(&[10, 0, 200, 30, 20_000, 5, 6, 7]);
+        let kv = grouped_kv(&recs, &[0..2, 2..4, 5..8]);
+        assert_eq!(kv.iter().filter(|(_, v)| is_group(v)).count(), 3);
+        assert!(kv.iter().all(|(_, v)| v.len() <= CHUNK_BYTES));
+        assert_eq!(assemble(&kv, 1).unwrap(), recs);
+        // A group's records are exactly what they are alone: same checksums and hashes.
+        let (k, v) = &kv[0];
+        assert_eq!(group_span(1, v), Some((1, 2)));
+        assert_eq!(k, &head_key(1));
+    }
+
+    #[test]
+    fn a_group_holds_what_fits_one_value() {
+        let (recs, _) = chain(&[100; 40]);
+        assert_eq!(group_len(&recs), GROUP_RECORDS_MAX);
+        let (big, _) = chain(&[3_000, 3_000, 3_000, 3_000]);
+        assert_eq!(group_len(&big), 2, "two 3 KB bodies fit 8 KiB, three do not");
+        let (huge, _) = chain(&[9_000, 10]);
+        assert_eq!(group_len(&huge), 0);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_group_is_reported_with_a_seq_of_the_group() {
+        let (recs, _) = chain(&[10, 20, 30, 40]);
+        let kv = grouped_kv(&recs, &[1..4]);
+        let group = 1;
+        for pos in 0..kv[group].1.len() {
+            let mut bad = kv.clone();
+            bad[group].1[pos] ^= 0x40;
+            // Named by a seq of the group, or past it when its count was changed.
+            match assemble(&bad, 1) {
+                Err(err) => assert!(err.seq >= 2, "byte {pos}: {err}"),
+                Ok(_) => panic!("byte {pos} flipped unnoticed"),
+            }
+        }
+        for cut in [1, 3, 40, kv[group].1.len() - 1] {
+            let mut short = kv.clone();
+            short[group].1.truncate(cut);
+            let err = assemble(&short, 1).unwrap_err();
+            assert!((2..=4).contains(&err.seq), "cut at {cut}: {err}");
+        }
     }
 
     fn chain(bodies: &[usize]) -> (Vec<Record>, Vec<crate::store::Pair>) {
@@ -350,8 +538,8 @@ mod tests {
         let gap: Vec<_> = kv.iter().filter(|(k, _)| k != &head_key(2)).cloned().collect();
         assert_eq!(assemble(&gap, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Gap { found: 3 } });
         let mut newer = kv.clone();
-        newer[1].1[0] = 2;
-        assert_eq!(assemble(&newer, 1).unwrap_err().kind, CorruptKind::UnknownFormat(2));
+        newer[1].1[0] = 3;
+        assert_eq!(assemble(&newer, 1).unwrap_err().kind, CorruptKind::UnknownFormat(3));
     }
 
     #[test]

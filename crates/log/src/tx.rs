@@ -56,6 +56,8 @@ pub struct Tx<'a> {
     /// Each key staged since the savepoint with what the overlay held for it before.
     undo: Vec<(Vec<u8>, Staged)>,
     records: Vec<Record>,
+    /// For each record: whether it may be stored in a group (see [`Tx::append_grouped`]).
+    grouped: Vec<bool>,
     next_seq: u64,
     last_hash: Hash,
     save: Option<(usize, u64, Hash)>,
@@ -84,6 +86,7 @@ impl<'a> Tx<'a> {
             overlay: BTreeMap::new(),
             undo: Vec::new(),
             records: Vec::new(),
+            grouped: Vec::new(),
             next_seq,
             last_hash,
             save: None,
@@ -93,12 +96,27 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// Stages a record with the next seq, chained to the one before; returns it.
+    /// Stages a record with the next seq, chained to the one before; returns it. It is stored
+    /// under its own key, so [`read_record`](crate::read_record) reads it with a `get`, which a
+    /// [`CachedStore`](crate::CachedStore) can answer.
     pub fn append(&mut self, at_ms: u64, body: Vec<u8>) -> &Record {
+        self.push_record(at_ms, body, false)
+    }
+
+    /// Like [`Tx::append`], but the record may be stored in a group with the grouped records
+    /// staged right before and after it (see `record.rs`): one stored key for up to
+    /// [`GROUP_RECORDS_MAX`](crate::record::GROUP_RECORDS_MAX) of them. Reading one back then
+    /// takes a seek: for records that are written far more often than read one by one.
+    pub fn append_grouped(&mut self, at_ms: u64, body: Vec<u8>) -> &Record {
+        self.push_record(at_ms, body, true)
+    }
+
+    fn push_record(&mut self, at_ms: u64, body: Vec<u8>, grouped: bool) -> &Record {
         let rec = Record::seal(self.next_seq, at_ms, body, self.last_hash);
         self.next_seq += 1;
         self.last_hash = rec.hash;
         self.records.push(rec);
+        self.grouped.push(grouped);
         self.records.last().expect("just pushed")
     }
 
@@ -235,12 +253,35 @@ impl<'a> Tx<'a> {
             .filter(|r| r.seq == through_seq)
             .ok_or(Corrupt { seq: through_seq, kind: CorruptKind::Truncated })?;
         let mut doomed = Vec::new();
-        self.store.scan(&head_key(anchor_seq + 1), &head_key(through_seq + 1), &mut |k, _| {
+        let mut straddling = None;
+        self.store.scan(&head_key(anchor_seq + 1), &head_key(through_seq + 1), &mut |k, v| {
             doomed.push(k.to_vec());
+            if k.len() == 9 && crate::record::is_group(v) {
+                let first = u64::from_be_bytes(k[1..9].try_into().expect("9 bytes"));
+                if crate::record::group_span(first, v).is_some_and(|(_, last)| last > through_seq) {
+                    straddling = Some((k.to_vec(), v.to_vec()));
+                }
+            }
             ControlFlow::Continue(())
         })?;
         for key in doomed {
             self.stage(key, None);
+        }
+        // A group that goes on past the cut keeps its later records, stored anew from the first.
+        if let Some((key, value)) = straddling {
+            let mut records = Vec::new();
+            crate::record::Assembler::new(None).push_all(&key, &value, &mut records)?;
+            records.retain(|r| r.seq > through_seq);
+            if records.len() >= 2 {
+                let (k, v) = crate::record::group_kv(&records);
+                self.stage(k, Some(v));
+            } else {
+                for r in &records {
+                    for (k, v) in r.to_kv() {
+                        self.stage(k, Some(v));
+                    }
+                }
+            }
         }
         let mut anchor = Vec::with_capacity(40);
         anchor.extend_from_slice(&through_seq.to_be_bytes());
@@ -280,6 +321,7 @@ impl<'a> Tx<'a> {
             };
         }
         self.records.truncate(records);
+        self.grouped.truncate(records);
         self.next_seq = next_seq;
         self.last_hash = last_hash;
     }
@@ -292,12 +334,23 @@ impl<'a> Tx<'a> {
         self.records.is_empty() && self.overlay.is_empty()
     }
 
-    /// The store writes: every record's pairs, then the staged projection writes.
+    /// The store writes: every record's pairs (runs of grouped records in groups), then the
+    /// staged projection writes.
     pub(crate) fn into_parts(self) -> (Batch, Vec<Record>) {
         let mut batch = Batch::default();
-        for r in &self.records {
-            for (k, v) in r.to_kv() {
+        let mut i = 0;
+        while i < self.records.len() {
+            let run = self.grouped[i..].iter().take_while(|g| **g).count();
+            let n = crate::record::group_len(&self.records[i..i + run]);
+            if n >= 2 {
+                let (k, v) = crate::record::group_kv(&self.records[i..i + n]);
                 batch.put(k, v);
+                i += n;
+            } else {
+                for (k, v) in self.records[i].to_kv() {
+                    batch.put(k, v);
+                }
+                i += 1;
             }
         }
         for (k, v) in self.overlay {

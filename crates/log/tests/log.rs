@@ -645,3 +645,121 @@ fn a_machine_finishes_each_batch_before_it_is_written() {
     log.close();
     assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().records, 3);
 }
+
+/// Appends bodies, each alone or grouped (see `Tx::append_grouped`), or cuts the log.
+struct Grouping;
+
+enum GroupCommand {
+    /// Bodies appended in one command; `true`: grouped.
+    Append(Vec<(Vec<u8>, bool)>),
+    CutThrough(u64),
+}
+
+impl Machine for Grouping {
+    type Command = GroupCommand;
+    type Reply = Vec<u64>;
+    type Rejection = LogError;
+
+    fn execute(&mut self, command: GroupCommand, tx: &mut Tx<'_>) -> Result<Vec<u64>, LogError> {
+        match command {
+            GroupCommand::Append(bodies) => Ok(bodies
+                .into_iter()
+                .map(
+                    |(body, grouped)| {
+                        if grouped {
+                            tx.append_grouped(1, body).seq
+                        } else {
+                            tx.append(1, body).seq
+                        }
+                    },
+                )
+                .collect()),
+            GroupCommand::CutThrough(seq) => {
+                tx.cut_through(seq)?;
+                Ok(vec![tx.append(2, b"cut".to_vec()).seq])
+            }
+        }
+    }
+}
+
+/// 40 records: runs of grouped ones (longer than a group holds, and with bodies too large to
+/// share one) between records stored alone, one of them chunked.
+fn grouped_history() -> Vec<(Vec<u8>, bool)> {
+    (1..=40u64)
+        .map(|i| {
+            let grouped = !matches!(i, 1 | 20 | 21 | 33);
+            let size = match i {
+                21 => 20_000,
+                25..=27 => 3_000,
+                _ => 40 + i as usize,
+            };
+            (vec![i as u8; size], grouped)
+        })
+        .collect()
+}
+
+#[test]
+fn grouped_records_read_back_one_by_one_and_in_ranges_and_survive_a_reopen_and_cuts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+    let log = Log::open(store.clone(), Grouping, config()).unwrap();
+    let history = grouped_history();
+    assert_eq!(
+        log.submit(GroupCommand::Append(history.clone())).unwrap().unwrap(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    let mut keys = 0;
+    store
+        .scan(&record::head_key(0), &record::record_keys_end(), &mut |_, _| {
+            keys += 1;
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert!(keys < 20, "{keys} stored keys for 40 records");
+    let all = log.read(1, 100).unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
+        history.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>()
+    );
+    for seq in 1..=40u64 {
+        let one = herald_log::read_record(store.as_ref(), seq).unwrap().unwrap();
+        assert_eq!(one, all[seq as usize - 1], "read_record({seq})");
+        for limit in [1, 3, 17] {
+            let got = log.read(seq, limit).unwrap();
+            assert_eq!(
+                got,
+                all[seq as usize - 1..(seq as usize - 1 + limit).min(40)],
+                "read({seq}, {limit})"
+            );
+        }
+    }
+    assert_eq!(herald_log::read_record(store.as_ref(), 41).unwrap(), None);
+    log.close();
+    drop(log);
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 40);
+
+    // Reopened: the chain goes on from the last record, inside a group.
+    let log = Log::open(store.clone(), Grouping, config()).unwrap();
+    assert_eq!(log.submit(GroupCommand::Append(vec![(b"next".to_vec(), true)])).unwrap().unwrap(), vec![41]);
+    assert_eq!(log.read(41, 1).unwrap()[0].prev_hash, all[39].hash);
+    // Cuts inside groups and between them: the kept records still read and verify.
+    let mut next = 42;
+    for through in [3, 4, 17, 22, 29] {
+        let kept_hash = log.read(through, 1).unwrap()[0].hash;
+        assert_eq!(log.submit(GroupCommand::CutThrough(through)).unwrap().unwrap(), vec![next]);
+        next += 1;
+        let head = herald_log::read_head(store.as_ref()).unwrap();
+        assert_eq!((head.anchor_seq, head.anchor_hash), (through, kept_hash));
+        let report = verify(store.as_ref(), &mut |_| {}).unwrap();
+        assert_eq!((report.first_seq, report.last_seq), (through + 1, next - 1), "cut through {through}");
+        let kept = log.read(through + 1, 100).unwrap();
+        assert_eq!(kept.len() as u64, next - 1 - through);
+        assert_eq!(kept[0], all[through as usize], "the first kept record is as it was");
+        assert_eq!(herald_log::read_record(store.as_ref(), through).unwrap(), None, "cut records are gone");
+        assert_eq!(
+            herald_log::read_record(store.as_ref(), through + 1).unwrap().unwrap(),
+            all[through as usize]
+        );
+    }
+    log.close();
+}
