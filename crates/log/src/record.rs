@@ -15,10 +15,11 @@
 //! eight a node split). The records and their checksums and hashes are the same as stored
 //! alone; a record inside a group has no key of its own.
 //!
-//! Group value: `[format = 2][count: u16 BE][prev_hash of the first: 32]`, then per record
-//! `[at_ms: u64 BE][body_bytes: u32 BE][checksum: 32][body]`. Each `prev_hash` is the hash
-//! before it and each `hash` is computed (`chain_hash`), not stored: sled's cost grows with the
-//! bytes it writes, and a stored hash would only be checked against that same computation.
+//! Group value: `[format = 2][count: u16 BE][prev_hash of the first: 32][hash of the last: 32]`,
+//! then per record `[at_ms: u64 BE][body_bytes: u32 BE][checksum: 32][body]`. Each `prev_hash`
+//! is the hash before it and each `hash` is computed (`chain_hash`), not stored, but for the
+//! last, which every read checks: a group is checked on its own as a lone record is (a changed
+//! `prev_hash` breaks the stored last hash), for 32 bytes a group rather than 64 a record.
 
 use crate::keyspace;
 
@@ -28,7 +29,7 @@ pub const RECORD_FORMAT_V1: u8 = 1;
 pub const RECORD_GROUP_V2: u8 = 2;
 /// Records one group holds at most.
 pub const GROUP_RECORDS_MAX: usize = 16;
-const GROUP_HEADER_BYTES: usize = 1 + 2 + 32;
+const GROUP_HEADER_BYTES: usize = 1 + 2 + 32 + 32;
 const GROUP_ENTRY_HEADER_BYTES: usize = 8 + 4 + 32;
 /// The largest value stored under one key.
 pub const CHUNK_BYTES: usize = 8 * 1024;
@@ -196,6 +197,7 @@ pub fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
     v.push(RECORD_GROUP_V2);
     v.extend_from_slice(&(records.len() as u16).to_be_bytes());
     v.extend_from_slice(&first.prev_hash);
+    v.extend_from_slice(&records[records.len() - 1].hash);
     for r in records {
         v.extend_from_slice(&r.at_ms.to_be_bytes());
         v.extend_from_slice(&(r.body.len() as u32).to_be_bytes());
@@ -213,7 +215,8 @@ pub fn is_group(value: &[u8]) -> bool {
 /// The first and last seq of the group stored under the head key of `first`.
 pub fn group_span(first: u64, value: &[u8]) -> Option<(u64, u64)> {
     let count = u16::from_be_bytes([*value.get(1)?, *value.get(2)?]);
-    (is_group(value) && count > 0).then(|| (first, first + u64::from(count) - 1))
+    let last = first.checked_add(u64::from(count))?.checked_sub(1)?;
+    (is_group(value) && count > 0).then_some((first, last))
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -275,7 +278,9 @@ impl Assembler {
             return Err(truncated(first));
         };
         let mut prev_hash = hash_at(value, 3);
+        let last_hash = hash_at(value, 35);
         let mut at = GROUP_HEADER_BYTES;
+        let mut records = Vec::with_capacity((last - first + 1) as usize);
         for seq in first..=last {
             let body_at = at + GROUP_ENTRY_HEADER_BYTES;
             if value.len() < body_at {
@@ -295,10 +300,18 @@ impl Assembler {
             };
             prev_hash = rec.hash;
             at = body_at + body_bytes;
-            out.push(self.complete(rec)?);
+            records.push(rec);
         }
         if at != value.len() {
             return Err(truncated(last));
+        }
+        // The stored last hash: a changed prev_hash (or anything else the checksums do not
+        // cover) shows here, whether or not the reader knows the record before the group.
+        if prev_hash != last_hash {
+            return Err(Corrupt { seq: first, kind: CorruptKind::ChainBroken });
+        }
+        for rec in records {
+            out.push(self.complete(rec)?);
         }
         Ok(())
     }
@@ -449,6 +462,18 @@ mod tests {
     }
 
     #[test]
+    fn a_group_whose_first_prev_hash_changed_is_caught_without_the_record_before_it() {
+        let (recs, _) = chain(&[10, 20, 30, 40]);
+        let kv = grouped_kv(&recs, &[1..4]);
+        let (key, mut value) = kv[1].clone();
+        value[3] ^= 1;
+        let mut out = Vec::new();
+        let err = Assembler::new(None).push_all(&key, &value, &mut out).unwrap_err();
+        assert_eq!(err, Corrupt { seq: 2, kind: CorruptKind::ChainBroken });
+        assert!(out.is_empty(), "no record of a damaged group is given out");
+    }
+
+    #[test]
     fn a_group_holds_what_fits_one_value() {
         let (recs, _) = chain(&[100; 40]);
         assert_eq!(group_len(&recs), GROUP_RECORDS_MAX);
@@ -585,12 +610,25 @@ mod tests {
                 ),
             ) {
                 let mut a = Assembler::new(None);
+                let mut out = Vec::new();
                 for (k, v) in &pairs {
-                    if a.push(k, v).is_err() {
+                    if a.push_all(k, v, &mut out).is_err() {
                         break;
                     }
                 }
                 let _ = a.finish();
+            }
+
+            /// Nor do arbitrary group values, at any seq.
+            #[test]
+            fn arbitrary_groups_never_panic(
+                seq in any::<u64>(),
+                count in any::<u16>(),
+                rest in proptest::collection::vec(any::<u8>(), 0..400),
+            ) {
+                let value = [&[RECORD_GROUP_V2][..], &count.to_be_bytes(), &rest].concat();
+                let mut out = Vec::new();
+                let _ = Assembler::new(None).push_all(&head_key(seq), &value, &mut out);
             }
 
             /// Any change to a stored record's bytes is caught: every byte is under the checksum
