@@ -428,16 +428,17 @@ mod tests {
         Ok(out)
     }
 
-    /// The records of `chain(bodies)` stored with the ones in `grouped` (index ranges) in groups.
-    fn grouped_kv(recs: &[Record], grouped: &[std::ops::Range<usize>]) -> Vec<crate::store::Pair> {
+    /// The records of `chain(bodies)` stored with the ones in `grouped` (index ranges, start
+    /// and end) in groups.
+    fn grouped_kv(recs: &[Record], grouped: &[(usize, usize)]) -> Vec<crate::store::Pair> {
         let mut kv = Vec::new();
         let mut i = 0;
         while i < recs.len() {
-            match grouped.iter().find(|g| g.start == i) {
-                Some(g) => {
-                    assert_eq!(group_len(&recs[g.clone()]), g.len(), "the test's group fits");
-                    kv.push(group_kv(&recs[g.clone()]));
-                    i = g.end;
+            match grouped.iter().find(|(start, _)| *start == i) {
+                Some(&(start, end)) => {
+                    assert_eq!(group_len(&recs[start..end]), end - start, "the test's group fits");
+                    kv.push(group_kv(&recs[start..end]));
+                    i = end;
                 }
                 None => {
                     kv.extend(recs[i].to_kv());
@@ -451,7 +452,7 @@ mod tests {
     #[test]
     fn grouped_records_round_trip_between_records_stored_alone() {
         let (recs, _) = chain(&[10, 0, 200, 30, 20_000, 5, 6, 7]);
-        let kv = grouped_kv(&recs, &[0..2, 2..4, 5..8]);
+        let kv = grouped_kv(&recs, &[(0, 2), (2, 4), (5, 8)]);
         assert_eq!(kv.iter().filter(|(_, v)| is_group(v)).count(), 3);
         assert!(kv.iter().all(|(_, v)| v.len() <= CHUNK_BYTES));
         assert_eq!(assemble(&kv, 1).unwrap(), recs);
@@ -464,7 +465,7 @@ mod tests {
     #[test]
     fn a_group_whose_first_prev_hash_changed_is_caught_without_the_record_before_it() {
         let (recs, _) = chain(&[10, 20, 30, 40]);
-        let kv = grouped_kv(&recs, &[1..4]);
+        let kv = grouped_kv(&recs, &[(1, 4)]);
         let (key, mut value) = kv[1].clone();
         value[3] ^= 1;
         let mut out = Vec::new();
@@ -486,7 +487,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_a_group_is_reported_with_a_seq_of_the_group() {
         let (recs, _) = chain(&[10, 20, 30, 40]);
-        let kv = grouped_kv(&recs, &[1..4]);
+        let kv = grouped_kv(&recs, &[(1, 4)]);
         let group = 1;
         for pos in 0..kv[group].1.len() {
             let mut bad = kv.clone();
