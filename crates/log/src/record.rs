@@ -255,15 +255,7 @@ impl Assembler {
     /// Feeds one pair; adds to `out` the records it completes (a group's, all of them).
     pub fn push_all(&mut self, key: &[u8], value: &[u8], out: &mut Vec<Record>) -> Result<(), Corrupt> {
         if key.len() == 9 && key[0] == keyspace::RECORD && is_group(value) {
-            let seq = be_u64(&key[1..9]);
-            if let Some((rec, _, _)) = &self.partial {
-                return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
-            }
-            if let Some(expect) = self.expect_seq {
-                if seq != expect {
-                    return Err(Corrupt { seq: expect, kind: CorruptKind::Gap { found: seq } });
-                }
-            }
+            let seq = self.next_head(key)?;
             return self.push_group(seq, value, out);
         }
         if let Some(rec) = self.push(key, value)? {
@@ -339,15 +331,7 @@ impl Assembler {
         if key.len() != 9 || key[0] != keyspace::RECORD {
             return Err(stray(self.expect_seq.unwrap_or(0)));
         }
-        let seq = be_u64(&key[1..9]);
-        if let Some((rec, _, _)) = &self.partial {
-            return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
-        }
-        if let Some(expect) = self.expect_seq {
-            if seq != expect {
-                return Err(Corrupt { seq: expect, kind: CorruptKind::Gap { found: seq } });
-            }
-        }
+        let seq = self.next_head(key)?;
         if value.is_empty() {
             return Err(Corrupt { seq, kind: CorruptKind::Truncated });
         }
@@ -378,6 +362,21 @@ impl Assembler {
         };
         self.partial = Some((rec, first.len(), 1));
         self.finish_if_complete()
+    }
+
+    /// The seq of head key `key`, checked: no record is waiting for parts, and it is the seq
+    /// expected next.
+    fn next_head(&self, key: &[u8]) -> Result<u64, Corrupt> {
+        let seq = be_u64(&key[1..9]);
+        if let Some((rec, _, _)) = &self.partial {
+            return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
+        }
+        match self.expect_seq {
+            Some(expect) if seq != expect => {
+                Err(Corrupt { seq: expect, kind: CorruptKind::Gap { found: seq } })
+            }
+            _ => Ok(seq),
+        }
     }
 
     fn finish_if_complete(&mut self) -> Result<Option<Record>, Corrupt> {

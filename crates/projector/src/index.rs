@@ -661,6 +661,18 @@ mod tests {
             .unwrap()
     }
 
+    /// Inserts a plain entry, a boundary after it and a plain one after that, all in one
+    /// window of org 1; returns their ids.
+    fn plain_boundary_plain(t: &mut impl Tables) -> [u128; 3] {
+        let plain = id_with(16, false, 0);
+        let boundary = id_with(16, true, plain + 1);
+        let after = id_with(16, false, boundary + 1);
+        for id in [plain, boundary, after] {
+            insert_now(t, &logical(1, 16, id)).unwrap();
+        }
+        [plain, boundary, after]
+    }
+
     #[test]
     fn a_window_without_boundaries_is_one_head() {
         let mut t = MemTables::new();
@@ -683,12 +695,7 @@ mod tests {
     #[test]
     fn a_boundary_starts_a_chunk_and_leaves_with_it() {
         let mut t = MemTables::new();
-        let plain = id_with(16, false, 0);
-        let boundary = id_with(16, true, plain + 1);
-        let after = id_with(16, false, boundary + 1);
-        for id in [plain, boundary, after] {
-            insert_now(&mut t, &logical(1, 16, id)).unwrap();
-        }
+        let [plain, boundary, after] = plain_boundary_plain(&mut t);
         let stored: Vec<(Vec<u8>, Vec<u8>)> = t.dump();
         assert_eq!(stored.len(), 2, "head and one chunk: {stored:02x?}");
         let boundary_entry = &logical(1, 16, boundary)[18..];
@@ -741,12 +748,7 @@ mod tests {
     #[test]
     fn an_op_that_changes_nothing_writes_nothing() {
         let mut t = CountingWrites::default();
-        let plain = id_with(16, false, 0);
-        let boundary = id_with(16, true, plain + 1);
-        let after = id_with(16, false, boundary + 1);
-        for id in [plain, boundary, after] {
-            insert_now(&mut t, &logical(1, 16, id)).unwrap();
-        }
+        let [plain, _, after] = plain_boundary_plain(&mut t);
         t.writes = 0;
         // Already there (in the head, in the chunk), or not there at all (head, chunk, window).
         insert_now(&mut t, &logical(1, 16, plain)).unwrap();
