@@ -393,35 +393,60 @@ mod tests {
         assert_eq!(cached.get(b"a").unwrap(), Some(b"1".to_vec()), "what the store holds");
     }
 
-    /// A store whose next `get` runs a hook after reading: a batch applied in the middle of a read.
-    struct Racing {
-        inner: MemStore,
-        hook: Box<dyn Fn() + Send + Sync>,
-        armed: AtomicBool,
-        /// The hook runs after a `last` instead of after a `get`.
-        on_last: bool,
+    /// Where a [`Hooked`] store runs its hooks.
+    #[derive(PartialEq, Eq)]
+    enum At {
+        Get,
+        Last,
+        Apply,
     }
 
-    impl Store for Racing {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            let value = self.inner.get(key);
-            if !self.on_last && self.armed.swap(false, Ordering::SeqCst) {
-                (self.hook)();
+    /// A store that runs `before` and `after` around its first `get`, `last` or `apply` (`at`),
+    /// once: another thread's reads and writes in the middle of that operation.
+    struct Hooked {
+        inner: MemStore,
+        at: At,
+        before: Box<dyn Fn() + Send + Sync>,
+        after: Box<dyn Fn() + Send + Sync>,
+        armed: AtomicBool,
+    }
+
+    impl Hooked {
+        fn new(inner: MemStore, at: At) -> Hooked {
+            Hooked {
+                inner,
+                at,
+                before: Box::new(|| {}),
+                after: Box::new(|| {}),
+                armed: AtomicBool::new(true),
             }
-            value
+        }
+
+        fn around<T>(&self, at: At, op: impl FnOnce() -> T) -> T {
+            let armed = self.at == at && self.armed.swap(false, Ordering::SeqCst);
+            if armed {
+                (self.before)();
+            }
+            let out = op();
+            if armed {
+                (self.after)();
+            }
+            out
+        }
+    }
+
+    impl Store for Hooked {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.around(At::Get, || self.inner.get(key))
         }
         fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
             self.inner.scan(from, to, visit)
         }
         fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-            let value = self.inner.last(from, to);
-            if self.on_last && self.armed.swap(false, Ordering::SeqCst) {
-                (self.hook)();
-            }
-            value
+            self.around(At::Last, || self.inner.last(from, to))
         }
         fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-            self.inner.apply(batch)
+            self.around(At::Apply, || self.inner.apply(batch))
         }
         fn flush(&self, durability: Durability) -> Result<(), StoreError> {
             self.inner.flush(durability)
@@ -437,19 +462,15 @@ mod tests {
         mem.with_map(|m| m.insert(b"k".to_vec(), b"old".to_vec()));
         let cell: Arc<OnceLock<Arc<CachedStore>>> = Arc::new(OnceLock::new());
         let hook_cell = cell.clone();
-        let racing = Racing {
-            inner: mem,
-            // The read has the old value in hand when a batch (of another key: the cache does
-            // not learn the new value of `k` from it) is applied through the cache, and the
-            // store's `k` changes behind it.
-            hook: Box::new(move || {
-                let cached = hook_cell.get().unwrap();
-                cached.apply(&batch(&[(b"other", Some(b"x"))])).unwrap();
-                cached.inner().apply(&batch(&[(b"k", Some(b"new"))])).unwrap();
-            }),
-            armed: AtomicBool::new(true),
-            on_last: false,
-        };
+        let mut racing = Hooked::new(mem, At::Get);
+        // The read has the old value in hand when a batch (of another key: the cache does not
+        // learn the new value of `k` from it) is applied through the cache, and the store's `k`
+        // changes behind it.
+        racing.after = Box::new(move || {
+            let cached = hook_cell.get().unwrap();
+            cached.apply(&batch(&[(b"other", Some(b"x"))])).unwrap();
+            cached.inner().apply(&batch(&[(b"k", Some(b"new"))])).unwrap();
+        });
         let cached = Arc::new(CachedStore::new(Arc::new(racing), 1 << 20, only_k));
         let _ = cell.set(cached.clone());
         assert_eq!(cached.get(b"k").unwrap(), Some(b"old".to_vec()), "the read returns what it read");
@@ -555,55 +576,16 @@ mod tests {
         let hook_cell = cell.clone();
         // The store's `last` has answered [5, 1] when a batch putting [5, 9] is applied through
         // the cache: a floor of [5, 1] kept now, with no key above it, would hide [5, 9].
-        let racing = Racing {
-            inner: mem,
-            hook: Box::new(move || {
-                let cached = hook_cell.get().unwrap();
-                cached.apply(&batch(&[(&[5, 9], Some(b"b"))])).unwrap();
-            }),
-            armed: AtomicBool::new(true),
-            on_last: true,
-        };
+        let mut racing = Hooked::new(mem, At::Last);
+        racing.after = Box::new(move || {
+            let cached = hook_cell.get().unwrap();
+            cached.apply(&batch(&[(&[5, 9], Some(b"b"))])).unwrap();
+        });
         let cached = Arc::new(CachedStore::new(Arc::new(racing), 0, none).with_ascending(&[5]));
         let _ = cell.set(cached.clone());
         assert_eq!(cached.get(&[5, 5]).unwrap(), None, "the answer of its own moment");
         assert_eq!(cached.get(&[5, 9]).unwrap(), Some(b"b".to_vec()));
         assert_eq!(cached.stats().known_absent, 1, "only the first read");
-    }
-
-    /// A store that runs a hook once just before and once right after it applies a batch,
-    /// while the cache waits for it: another thread's reads in those moments.
-    struct AfterApply {
-        inner: MemStore,
-        before: Box<dyn Fn() + Send + Sync>,
-        hook: Box<dyn Fn() + Send + Sync>,
-        armed: AtomicBool,
-    }
-
-    impl Store for AfterApply {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(key)
-        }
-        fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-            self.inner.scan(from, to, visit)
-        }
-        fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-            self.inner.last(from, to)
-        }
-        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-            let armed = self.armed.swap(false, Ordering::SeqCst);
-            if armed {
-                (self.before)();
-            }
-            self.inner.apply(batch)?;
-            if armed {
-                (self.hook)();
-            }
-            Ok(())
-        }
-        fn flush(&self, durability: Durability) -> Result<(), StoreError> {
-            self.inner.flush(durability)
-        }
     }
 
     #[test]
@@ -614,23 +596,20 @@ mod tests {
             let before_cell = cell.clone();
             let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
             let hook_seen = seen.clone();
-            let store = AfterApply {
-                inner: MemStore::new(),
-                // A read just before the store applies may learn a floor below [5, 9]: it must
-                // not be kept, or [5, 9] would read absent once the store holds it.
-                before: Box::new(move || {
-                    assert_eq!(before_cell.get().unwrap().get(&[5, 2]).unwrap(), None);
-                }),
-                // The store holds [5, 9] now; the cache has not been told.
-                hook: Box::new(move || {
-                    let cached = hook_cell.get().unwrap();
-                    // A read of another key may learn the floor now: it must not be kept.
-                    let other = cached.get(&[5, 3]).unwrap();
-                    let new = cached.get(&[5, 9]).unwrap();
-                    hook_seen.lock().unwrap().push((other, new));
-                }),
-                armed: AtomicBool::new(true),
-            };
+            let mut store = Hooked::new(MemStore::new(), At::Apply);
+            // A read just before the store applies may learn a floor below [5, 9]: it must not
+            // be kept, or [5, 9] would read absent once the store holds it.
+            store.before = Box::new(move || {
+                assert_eq!(before_cell.get().unwrap().get(&[5, 2]).unwrap(), None);
+            });
+            // The store holds [5, 9] now; the cache has not been told.
+            store.after = Box::new(move || {
+                let cached = hook_cell.get().unwrap();
+                // A read of another key may learn the floor now: it must not be kept.
+                let other = cached.get(&[5, 3]).unwrap();
+                let new = cached.get(&[5, 9]).unwrap();
+                hook_seen.lock().unwrap().push((other, new));
+            });
             let cached = Arc::new(CachedStore::new(Arc::new(store), 0, none).with_ascending(&[5]));
             let _ = cell.set(cached.clone());
             if learned_before {
