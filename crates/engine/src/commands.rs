@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use herald_log::{Machine, Tx};
 use herald_projector::compact::{apply_plan, Plan};
 use herald_projector::{
@@ -271,7 +272,17 @@ fn check_name(name: &str) -> Result<(), CommandError> {
 /// Told, after each durable batch, which deliveries became due and when (the dispatcher's feed);
 /// `None` after a failed batch: what it wrote may or may not be in the store (a failed flush
 /// leaves an applied batch), so the listener should reload from the stored due index.
-pub type DueHook = std::sync::Arc<dyn Fn(Option<Vec<Due>>) + Send + Sync>;
+pub type DueHook = std::sync::Arc<dyn Fn(Option<Vec<DueHint>>) + Send + Sync>;
+
+/// A delivery that a batch made due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueHint {
+    pub due: Due,
+    /// The event's payload, when the batch published the event: an event never changes, so the
+    /// first attempt can send it without reading it back from the store. Shared by the
+    /// deliveries of one event.
+    pub payload: Option<Bytes>,
+}
 
 /// The command machine run by the log's writer thread.
 pub struct Commands {
@@ -281,7 +292,7 @@ pub struct Commands {
     /// Deliveries made due by the commands of the batch being written, told to `due_hook` once
     /// the batch is durable. An attempt's own retry is not here: the dispatcher learns it from
     /// the reply.
-    staged_due: Vec<Due>,
+    staged_due: Vec<DueHint>,
     due_hook: Option<DueHook>,
     /// Whether the batch being written creates or revokes an API key.
     staged_key_change: bool,
@@ -695,19 +706,22 @@ impl Commands {
             };
             // The log's writer rolls the batch back to this command's savepoint on an error.
             apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
+            let hint = |next_attempt_at_ms, delivery_id, payload| DueHint {
+                due: Due { next_attempt_at_ms, delivery_id },
+                payload,
+            };
             match event {
                 Event::DeliveryCreated { id, next_attempt_at_ms, .. } => {
-                    due.push(Due { next_attempt_at_ms, delivery_id: id })
+                    due.push(hint(next_attempt_at_ms, id, None))
                 }
-                Event::EventPublishedWithDeliveries { deliveries, .. } => due.extend(
-                    deliveries
-                        .iter()
-                        .map(|d| Due { next_attempt_at_ms: d.next_attempt_at_ms, delivery_id: d.id }),
-                ),
+                Event::EventPublishedWithDeliveries { deliveries, payload, .. } => {
+                    let payload = Bytes::from(payload);
+                    due.extend(
+                        deliveries.iter().map(|d| hint(d.next_attempt_at_ms, d.id, Some(payload.clone()))),
+                    )
+                }
                 Event::RetriggerRequested { delivery_id, .. }
-                | Event::RedeliverRequested { delivery_id, .. } => {
-                    due.push(Due { next_attempt_at_ms: at_ms, delivery_id })
-                }
+                | Event::RedeliverRequested { delivery_id, .. } => due.push(hint(at_ms, delivery_id, None)),
                 _ => {}
             }
         }

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::clock::Clock;
-use crate::commands::{Actor, Command, Commands, Reply, Submitted};
+use crate::commands::{Actor, Command, Commands, DueHint, Reply, Submitted};
 use crate::config::DeliveryConfig;
 use crate::due::DueQueue;
 use crate::sender::{AttemptOutcome, AttemptRequest, Sender};
@@ -39,6 +39,10 @@ use crate::signing::{sign, Secret};
 /// Hints waiting for the loop, at most; beyond it they are dropped and the queue is refilled
 /// from the stored index.
 const INBOX_HINTS_MAX: usize = 65_536;
+/// Payload bytes held for deliveries about to be attempted, at most (counted once per delivery,
+/// although the deliveries of one event share them); beyond it an attempt reads its payload
+/// from the store.
+const HANDED_PAYLOAD_BYTES_MAX: usize = 16 << 20;
 /// Due index entries read per page while refilling.
 const REFILL_PAGE_LEN: usize = 1_000;
 /// The loop looks at the clock at least this often, so a wall clock that jumps is noticed.
@@ -60,7 +64,7 @@ pub(crate) struct Inbox {
 
 #[derive(Default)]
 struct InboxState {
-    hints: Vec<Due>,
+    hints: Vec<DueHint>,
     /// Attempts whose receiver has answered (their outcome is being recorded): their endpoint's
     /// slot is free for the next attempt.
     released: Vec<Id>,
@@ -77,7 +81,7 @@ struct Finished {
 
 impl Inbox {
     /// Called by the command machine after each durable batch (`None`: after a failed one).
-    pub(crate) fn hints(&self, due: Option<Vec<Due>>) {
+    pub(crate) fn hints(&self, due: Option<Vec<DueHint>>) {
         let mut st = lock(&self.state);
         let Some(due) = due else {
             st.overflowed = true;
@@ -234,6 +238,11 @@ pub(crate) struct Dispatcher {
     endpoint_refills: Vec<EndpointId>,
     /// Popped while an attempt of theirs was in flight: looked at again when it finishes.
     recheck: HashSet<Id>,
+    /// Payloads handed over with new deliveries' hints, until their first attempt starts (an
+    /// event never changes, so these save reading it back); bounded by
+    /// [`HANDED_PAYLOAD_BYTES_MAX`].
+    payloads: HashMap<Id, Bytes>,
+    payload_bytes: usize,
     full_refill: bool,
     tasks: JoinSet<()>,
     refills: u64,
@@ -261,6 +270,8 @@ impl Dispatcher {
             overflowed: HashSet::new(),
             endpoint_refills: Vec::new(),
             recheck: HashSet::new(),
+            payloads: HashMap::new(),
+            payload_bytes: 0,
             full_refill: true,
             tasks: JoinSet::new(),
             refills: 0,
@@ -317,9 +328,12 @@ impl Dispatcher {
         if inbox.overflowed {
             self.full_refill = true;
         }
-        for due in inbox.hints {
-            if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
-                // The queue keeps the earliest; it remembers that it must refill.
+        for DueHint { due, payload } in inbox.hints {
+            let id = *due.delivery_id.as_bytes();
+            // The queue keeps the earliest; it remembers that it must refill.
+            let _ = self.queue.insert(id, due.next_attempt_at_ms);
+            if let Some(payload) = payload {
+                self.hold_payload(id, payload);
             }
         }
         let now = self.ctx.clock.now_ms();
@@ -446,13 +460,16 @@ impl Dispatcher {
         }
         let t = StoreTables(self.ctx.store.as_ref());
         let delivery = match get_delivery(&t, DeliveryId::from_bytes(id)) {
-            Ok(Some(d)) => d,
-            // Gone or unreadable: nothing to attempt (the due index is the truth on refill).
-            _ => return,
+            Ok(Some(d)) if d.status == DeliveryStatus::Pending && d.next_attempt_at_ms.is_some() => d,
+            // Gone, unreadable or not waiting for an attempt: nothing to attempt (the due index
+            // is the truth on refill).
+            _ => {
+                self.take_payload(&id);
+                return;
+            }
         };
-        if delivery.status != DeliveryStatus::Pending {
-            return;
-        }
+        // A handed-over payload stays held while the delivery waits (for its time or for room
+        // at its endpoint), until its attempt starts.
         match delivery.next_attempt_at_ms {
             None => return,
             Some(at) if at > now => {
@@ -476,14 +493,38 @@ impl Dispatcher {
             }
             *self.per_endpoint.entry(endpoint).or_default() += 1;
         }
-        self.start(delivery, now);
+        let payload = self.take_payload(&id);
+        self.start(delivery, now, payload);
     }
 
-    fn start(&mut self, delivery: Delivery, now: u64) {
+    /// Keeps a handed-over payload for `id`'s first attempt. When there is no room, the ones held
+    /// are let go (their attempts read the store instead): that also clears any held for a
+    /// delivery that is never looked at (one deleted while its entry was out of the queue).
+    fn hold_payload(&mut self, id: Id, payload: Bytes) {
+        if payload.len() > HANDED_PAYLOAD_BYTES_MAX {
+            return;
+        }
+        if self.payload_bytes + payload.len() > HANDED_PAYLOAD_BYTES_MAX {
+            self.payloads.clear();
+            self.payload_bytes = 0;
+        }
+        self.payload_bytes += payload.len();
+        if let Some(old) = self.payloads.insert(id, payload) {
+            self.payload_bytes -= old.len();
+        }
+    }
+
+    fn take_payload(&mut self, id: &Id) -> Option<Bytes> {
+        let payload = self.payloads.remove(id)?;
+        self.payload_bytes -= payload.len();
+        Some(payload)
+    }
+
+    fn start(&mut self, delivery: Delivery, now: u64, payload: Option<Bytes>) {
         self.ctx.shared.started.fetch_add(1, Ordering::Relaxed);
         let ctx = self.ctx.clone();
         let d = delivery.clone();
-        let abort = self.tasks.spawn(async move { attempt(ctx, d).await });
+        let abort = self.tasks.spawn(async move { attempt(ctx, d, payload).await });
         self.in_flight.insert(
             *delivery.id.as_bytes(),
             InFlight { endpoint: delivery.endpoint_id, answered: false, abort, delivery, started_at_ms: now },
@@ -637,9 +678,9 @@ impl Dispatcher {
 }
 
 /// One attempt: build the signed request, send it, record the outcome, tell the loop.
-async fn attempt(ctx: Ctx, delivery: Delivery) {
+async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>) {
     let started_at_ms = ctx.clock.now_ms();
-    let outcome = match request(&ctx, &delivery, started_at_ms) {
+    let outcome = match request(&ctx, &delivery, started_at_ms, payload) {
         Ok(req) => ctx.sender.send(req).await,
         Err(error) => AttemptOutcome::Failed { kind: crate::sender::FailureKind::InvalidHeader, error },
     };
@@ -688,9 +729,15 @@ async fn attempt(ctx: Ctx, delivery: Delivery) {
     );
 }
 
-/// The signed request of one attempt: the payload as published, to the endpoint's current url,
-/// signed with every secret valid now. The sender adds `user-agent`.
-fn request(ctx: &Ctx, delivery: &Delivery, now_ms: u64) -> Result<AttemptRequest, String> {
+/// The signed request of one attempt: the payload as published (`payload`, when it was handed
+/// over with the delivery, or read from the store), to the endpoint's current url, signed with
+/// every secret valid now. The sender adds `user-agent`.
+fn request(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    now_ms: u64,
+    payload: Option<Bytes>,
+) -> Result<AttemptRequest, String> {
     let t = StoreTables(ctx.store.as_ref());
     let (url, secrets) = match delivery.endpoint_id {
         Some(id) => {
@@ -712,10 +759,15 @@ fn request(ctx: &Ctx, delivery: &Delivery, now_ms: u64) -> Result<AttemptRequest
             (delivery.url.clone(), vec![Secret::parse(&secret).map_err(|e| format!("org secret: {e}"))?])
         }
     };
-    let event = get_event(&t, delivery.event_id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
-    let payload = event_payload(ctx.store.as_ref(), &event).map_err(|e| e.to_string())?;
+    let payload = match payload {
+        Some(payload) => payload,
+        None => {
+            let event = get_event(&t, delivery.event_id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
+            Bytes::from(event_payload(ctx.store.as_ref(), &event).map_err(|e| e.to_string())?)
+        }
+    };
     let msg_id = delivery.event_id.to_string();
     let timestamp_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
     let secret_refs: Vec<&Secret> = secrets.iter().collect();
@@ -729,5 +781,5 @@ fn request(ctx: &Ctx, delivery: &Delivery, now_ms: u64) -> Result<AttemptRequest
         ("herald-event-type".to_owned(), delivery.event_type.clone()),
         ("herald-attempt".to_owned(), (delivery.attempt_count + 1).to_string()),
     ];
-    Ok(AttemptRequest { url, headers, body: Bytes::from(payload) })
+    Ok(AttemptRequest { url, headers, body: payload })
 }

@@ -71,19 +71,12 @@ pub struct Parts {
     pub sender: Arc<dyn Sender>,
 }
 
-/// The keys the read cache keeps: what the dispatcher reads for each attempt (the delivery, its
-/// endpoint or organisation secret, its event and the record that holds the payload).
+/// The keys the read cache keeps: what the dispatcher reads for each attempt (the delivery, and
+/// its endpoint or organisation secret). Not the event and the record that holds its payload:
+/// a first attempt is handed the payload by the batch that published it, so only retries read
+/// them, and caching each publish would cost the writer a copy that is seldom read.
 fn dispatcher_reads(key: &[u8]) -> bool {
-    matches!(
-        key.first(),
-        Some(
-            &(herald_log::keyspace::RECORD
-                | keys::KS_ORG_SECRET
-                | keys::KS_ENDPOINT
-                | keys::KS_EVENT
-                | keys::KS_DELIVERY)
-        )
-    )
+    matches!(key.first(), Some(&(keys::KS_ORG_SECRET | keys::KS_ENDPOINT | keys::KS_DELIVERY)))
 }
 
 /// Records one compaction pass drops, at most: it bounds the memory a pass needs (the state

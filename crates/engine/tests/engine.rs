@@ -175,6 +175,31 @@ fn org() -> OrgId {
     OrgId(Uuid::from_u128(7))
 }
 
+/// The first attempt is handed the payload by the batch that published it; a retry, and an attempt
+/// after a restart, read it back from the store. Every one sends the same bytes, signed alike.
+#[test]
+fn retries_and_attempts_after_a_restart_send_the_payload_read_back_from_the_store() {
+    let mut w = World::new(config(vec![1_000, 1_000, 1_000]));
+    let (_, secret) = w.endpoint(org());
+    let payload = br#"{"call_id": 2, "note": "read back"}"#;
+    w.sender.push(Script::Fail, 2);
+    let (event, deliveries) = w.publish(org(), payload);
+    w.settle();
+    w.advance(1_100);
+    assert_eq!(w.sender.requests().len(), 2);
+    w.restart();
+    w.advance(1_100);
+    assert_eq!(w.status(deliveries[0]), DeliveryStatus::Delivered);
+    let reqs = w.sender.requests();
+    assert_eq!(reqs.len(), 3, "two failures and a success");
+    for (n, req) in reqs.iter().enumerate() {
+        assert_eq!(&req.body[..], payload, "attempt {}", n + 1);
+        assert_eq!(header(req, "herald-attempt"), (n + 1).to_string());
+        let ts: i64 = header(req, "webhook-timestamp").parse().unwrap();
+        assert!(verify(&secret, &event.to_string(), ts, payload, header(req, "webhook-signature")));
+    }
+}
+
 #[test]
 fn a_published_event_is_delivered_signed_with_the_payload_as_published() {
     let w = World::new(config(vec![1_000]));
