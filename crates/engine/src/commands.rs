@@ -484,7 +484,8 @@ impl Commands {
                     return Err(invalid("payload", format!("over {} bytes", self.limits.event_bytes_max)));
                 }
                 if let Some(url) = &webhook_url {
-                    self.check_url(url)?;
+                    check_url(url, self.limits.allow_private_targets)
+                        .map_err(|e| invalid("webhook_url", e.to_string()))?;
                 }
                 // Where the event goes: each subscribed endpoint (at its current url), then the
                 // inline url if any.
@@ -696,14 +697,11 @@ impl Commands {
             if matches!(event, Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. }) {
                 self.staged_key_change = true;
             }
-            // An attempt's outcome is stored in a group with the outcomes around it (they come
-            // together, first in each batch: the urgent queue); nothing reads it back one by
-            // one on a hot path. A publish stays alone: the dispatcher reads its payload by key.
-            let seq = if matches!(event, Event::AttemptRecorded { .. }) {
-                tx.append_grouped(at_ms, encode(&event)).seq
-            } else {
-                tx.append(at_ms, encode(&event)).seq
-            };
+            // Every record is stored in a group with the records around it (attempt outcomes
+            // come together, first in each batch: the urgent queue; publishes after them).
+            // Nothing reads one back by key on a hot path: a first attempt is handed its payload
+            // (`DueHint`), only a retry reads it.
+            let seq = tx.append_grouped(at_ms, encode(&event)).seq;
             // The log's writer rolls the batch back to this command's savepoint on an error.
             apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
             let hint = |next_attempt_at_ms, delivery_id, payload| DueHint {
