@@ -757,7 +757,7 @@ fn bad_input_is_refused_by_name_and_writes_nothing() {
         cases.push(bad("POST", e, json!({ "url": url }).to_string(), "url"));
         cases.push(bad("PATCH", &ep_path, json!({ "url": url }).to_string(), "url"));
         let publish = json!({"event_type": "a.b", "payload": {}, "webhook_url": url});
-        cases.push(bad("POST", p, publish.to_string(), "url"));
+        cases.push(bad("POST", p, publish.to_string(), "webhook_url"));
     }
     // Event types outside [A-Za-z0-9._-]{1,128}.
     let long = "a".repeat(129);
@@ -1131,4 +1131,48 @@ fn private_targets_are_refused_unless_allowed() {
     assert_eq!(s, 200);
     assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["data"][0]["url"], "https://example.com/hook");
+}
+
+/// `HERALD_ADMIN_KEY` is taken as given, whatever its form, as long as it fits a bearer header;
+/// a key that would not (a space in it) stops the first start with an error naming the variable.
+#[test]
+fn a_given_admin_key_is_taken_as_given() {
+    let server = Server::start_with(&[("HERALD_ADMIN_KEY", "test-admin")]);
+    let (status, body) = server.call("GET", "/v1/api_keys", Some("test-admin"), None);
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = server.call("GET", "/v1/api_keys", Some("test-admin-2"), None);
+    assert_eq!(status, 401);
+    drop(server);
+
+    let scratch = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(scratch.path())
+        .env("HERALD_ADMIN_KEY", "two words")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HERALD_ADMIN_KEY"), "{stderr}");
+}
+
+/// A path no route serves answers 404, and a route asked with a method it does not serve 405,
+/// each in its route family's error shape, like every other error.
+#[test]
+fn unknown_paths_and_methods_answer_in_the_error_shape() {
+    let server = Server::start();
+    let r = send(&server, "GET", "/v1/nope", Some(ADMIN_KEY), None, &[]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["name"], "NotFound", "{}", r.text());
+    assert_eq!(r.json()["status"], 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("/v1/nope"));
+    let r = send(&server, "PUT", "/v1/endpoints", Some(ADMIN_KEY), None, &[]);
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.json()["name"], "MethodNotAllowed", "{}", r.text());
+    assert_eq!(r.json()["status"], 405);
+    let allow = r.header("allow").unwrap_or_default();
+    assert!(allow.contains("GET") && allow.contains("POST"), "allow: {allow:?}");
+    let r = send(&server, "DELETE", "/api/v4/tasks/webhook_failures", Some(ADMIN_KEY), None, &[]);
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert!(r.json()["error"].is_string() && r.json().get("name").is_none(), "{}", r.text());
 }

@@ -15,7 +15,7 @@ use herald::projector::{ApiKeyId, DeliveryId, DeliveryStatus, EndpointId, EventI
 use herald::{Actor, Command as Cmd, DeliveryConfig, Engine, EngineConfig, Parts, Reply};
 use uuid::Uuid;
 
-/// 2026-03-15T10:00:00Z.
+/// 2026-03-15T10:00:00.000Z.
 const T0: u64 = 1_773_568_800_000;
 
 /// Answers from a script: `None` is a connection error, `Some(status)` an answer.
@@ -160,16 +160,16 @@ fn replay_tells_the_story_line_by_line() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = s.delivery;
     let expected = [
-        "2026-03-15T10:00:00Z  seq      1  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive".to_owned(),
-        format!("2026-03-15T10:00:00Z  seq      4  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)", s.event, "*", s.endpoint),
-        format!("2026-03-15T10:00:00Z  seq      4    delivery {d}: (new) -> pending"),
-        format!("2026-03-15T10:00:00Z  seq      5  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00Z, 0 ms: failed: Connection timeout; next automatic attempt at {}", "*"),
+        "2026-03-15T10:00:00.000Z  seq      1  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive".to_owned(),
+        format!("2026-03-15T10:00:00.000Z  seq      4  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)", s.event, "*", s.endpoint),
+        format!("2026-03-15T10:00:00.000Z  seq      4    delivery {d}: (new) -> pending"),
+        format!("2026-03-15T10:00:00.000Z  seq      5  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00.000Z, 0 ms: failed: Connection timeout; next automatic attempt at {}", "*"),
         format!("2026-03-15T10:0*Z  seq      6  delivery {d}: attempt 2 (auto) started 2026-03-15T10:0*Z, 0 ms: failed, HTTP 503 (HTTP 503); next automatic attempt at *"),
         format!("2026-03-15T10:0*Z  seq      6    delivery {d}: pending -> inactive"),
-        format!("2026-03-15T11:00:00Z  seq      7  delivery {d}: retrigger requested by API key {} (request *)", s.key),
-        format!("2026-03-15T11:00:00Z  seq      7    delivery {d}: inactive -> pending"),
-        format!("2026-03-15T11:00:00Z  seq      8  delivery {d}: attempt 3 (manual) started 2026-03-15T11:00:00Z, 0 ms: delivered, HTTP 200"),
-        format!("2026-03-15T11:00:00Z  seq      8    delivery {d}: pending -> delivered"),
+        format!("2026-03-15T11:00:00.000Z  seq      7  delivery {d}: retrigger requested by API key {} (request *)", s.key),
+        format!("2026-03-15T11:00:00.000Z  seq      7    delivery {d}: inactive -> pending"),
+        format!("2026-03-15T11:00:00.000Z  seq      8  delivery {d}: attempt 3 (manual) started 2026-03-15T11:00:00.000Z, 0 ms: delivered, HTTP 200"),
+        format!("2026-03-15T11:00:00.000Z  seq      8    delivery {d}: pending -> delivered"),
     ];
     let got: Vec<String> = text(&out).lines().map(str::to_owned).collect();
     assert_eq!(got.len(), expected.len(), "{}", text(&out));
@@ -405,7 +405,7 @@ fn retention_drops_old_delivered_history_keeps_the_rest_and_the_log_still_verifi
     let story: Vec<String> = text(&out).lines().map(str::to_owned).collect();
     assert!(matches(&story[0], &format!("(records through seq * were compacted) delivery {d2} of event {e2}: exhausted after 2 attempts, as kept at the checkpoint")), "{story:?}");
     assert!(
-        matches(&story[1], "    attempt 1 started 2026-03-15T10:00:00Z: failed, HTTP 503 (HTTP 503)"),
+        matches(&story[1], "    attempt 1 started 2026-03-15T10:00:00.000Z: failed, HTTP 503 (HTTP 503)"),
         "{story:?}"
     );
     assert!(

@@ -78,7 +78,7 @@ pub fn authenticate_header(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
-        .filter(|k| k.starts_with(KEY_PREFIX))
+        .filter(|k| !k.is_empty())
         .ok_or_else(|| ApiError::unauthorized(family))?;
     let hash = key_hash(key);
     // The epoch is read before the projection (see `KeyCache`).

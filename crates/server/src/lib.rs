@@ -130,6 +130,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(body)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
@@ -137,6 +139,29 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .into_response()
         }))
         .with_state(state)
+}
+
+/// The error shape of the route family a path belongs to (seeds 000 and 001 answer `{"error"}`).
+fn family_of(path: &str) -> error::Family {
+    if path.starts_with("/api/webhooks/") || path.starts_with("/api/v4/") {
+        error::Family::Plain
+    } else {
+        error::Family::Named
+    }
+}
+
+/// A path that no route serves: 404 in its family's error shape.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let message = format!("no route for {method} {}", uri.path());
+    error::ApiError::not_found(family_of(uri.path()), message).into_response()
+}
+
+/// A route asked with a method it does not serve: 405 in its family's error shape (axum adds
+/// `Allow`).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let message = format!("{method} is not allowed on {}", uri.path());
+    let status = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    error::ApiError::new(family_of(uri.path()), status, "MethodNotAllowed", message).into_response()
 }
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -154,6 +179,22 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     response
 }
 
+/// A given admin key shorter than this, or without the `sk_` prefix, is used with a warning.
+const GIVEN_KEY_ADVISED_LEN: usize = 20;
+/// The longest admin key accepted from `HERALD_ADMIN_KEY`.
+const GIVEN_KEY_LEN_MAX: usize = 256;
+
+/// A key from `HERALD_ADMIN_KEY` must fit a bearer header unchanged: visible ASCII, no spaces.
+fn check_given_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > GIVEN_KEY_LEN_MAX {
+        return Err(format!("HERALD_ADMIN_KEY must be 1 to {GIVEN_KEY_LEN_MAX} characters"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("HERALD_ADMIN_KEY must be visible ASCII characters without spaces".into());
+    }
+    Ok(())
+}
+
 /// The admin key file in the data directory.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 
@@ -169,12 +210,16 @@ pub fn bootstrap_admin(
         return Ok(None);
     }
     let key = match given {
-        Some(k) if k.starts_with(auth::KEY_PREFIX) && k.len() >= 20 => k,
-        Some(_) => {
-            return Err(format!(
-                "HERALD_ADMIN_KEY must start with {} and be at least 20 characters",
-                auth::KEY_PREFIX
-            ))
+        Some(k) => {
+            check_given_key(&k)?;
+            if !k.starts_with(auth::KEY_PREFIX) || k.len() < GIVEN_KEY_ADVISED_LEN {
+                eprintln!(
+                    "herald: warning: HERALD_ADMIN_KEY is used as given; a key of the form \
+                     {}<random>, at least {GIVEN_KEY_ADVISED_LEN} characters, is harder to guess",
+                    auth::KEY_PREFIX
+                );
+            }
+            k
         }
         None => auth::generate_key()?,
     };

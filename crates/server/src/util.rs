@@ -8,6 +8,8 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use time::format_description::well_known::Rfc3339;
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -44,12 +46,16 @@ pub fn parse_id(text: &str) -> Option<Uuid> {
 }
 
 /// Unix milliseconds as RFC 3339 UTC with a `Z` (milliseconds shown when not zero).
+/// Unix milliseconds as RFC 3339 in UTC, always with three fractional digits
+/// (`2026-03-15T10:32:14.000Z`): one width, so text order is time order.
 pub fn ts(ms: u64) -> String {
+    const MILLIS: &[BorrowedFormatItem<'static>] =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     let nanos = i128::from(ms) * 1_000_000;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+        .and_then(|t| t.format(MILLIS).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
 }
 
 pub fn ts_opt(ms: Option<u64>) -> Option<String> {
@@ -113,6 +119,10 @@ pub fn parse_json<T: DeserializeOwned>(family: Family, bytes: &[u8]) -> Result<T
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
             ApiError::bad_request(family, format!("malformed JSON: {inner}"))
+        } else if let Some(field) = missing_field(&inner.to_string()) {
+            // serde names a missing field in its message, at the path of the object it is missing from.
+            let field = if path == "." { field.to_owned() } else { format!("{path}.{field}") };
+            ApiError::validation(family, &field, "is required")
         } else if path == "." || path.starts_with('[') {
             // The body itself is not an object (an array, a string, a number).
             ApiError::validation(family, "body", format!("must be a JSON object ({inner})"))
@@ -120,6 +130,11 @@ pub fn parse_json<T: DeserializeOwned>(family: Family, bytes: &[u8]) -> Result<T
             ApiError::validation(family, &path, inner)
         }
     })
+}
+
+/// The field that serde's "missing field `x`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next().filter(|f| !f.is_empty())
 }
 
 /// A `limit` query parameter: 1 to `max`, `default` when absent.
@@ -182,10 +197,38 @@ mod tests {
         }
     }
 
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Outer {
+        url: String,
+        inner: Option<Inner>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        name: String,
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let err = parse_json::<Outer>(Family::Named, b"{}").unwrap_err();
+        assert_eq!(err.message, "url: is required");
+        let err = parse_json::<Outer>(Family::Named, br#"{"url": "x", "inner": {}}"#).unwrap_err();
+        assert_eq!(err.message, "inner.name: is required");
+        let err = parse_json::<Outer>(Family::Named, b"[]").unwrap_err();
+        assert!(err.message.starts_with("body: must be a JSON object"), "{}", err.message);
+    }
+
     #[test]
     fn timestamps_are_rfc3339_utc_and_round_trip() {
-        assert_eq!(ts(1_773_570_734_000), "2026-03-15T10:32:14Z");
+        assert_eq!(ts(1_773_570_734_000), "2026-03-15T10:32:14.000Z");
+        assert_eq!(ts(1_773_570_734_010), "2026-03-15T10:32:14.010Z");
         assert_eq!(ts(1_773_570_734_123), "2026-03-15T10:32:14.123Z");
+        assert_eq!(ts(0), "1970-01-01T00:00:00.000Z");
+        // One width: text order is time order.
+        assert!(ts(1_773_570_734_100) < ts(1_773_570_734_123));
+        assert_eq!(parse_ts(&ts(1_773_570_734_010)), Some(1_773_570_734_010));
         assert_eq!(parse_ts("2026-03-15T10:32:14.123Z"), Some(1_773_570_734_123));
         assert_eq!(parse_ts("yesterday"), None);
     }
