@@ -1176,3 +1176,58 @@ fn unknown_paths_and_methods_answer_in_the_error_shape() {
     assert_eq!(r.status, 405, "{}", r.text());
     assert!(r.json()["error"].is_string() && r.json().get("name").is_none(), "{}", r.text());
 }
+
+/// An admin key that names no organisation lists across all of them (API.md: an admin key is for
+/// all organisations); naming one narrows the list to it; an organisation's key still sees only
+/// its own.
+#[test]
+fn an_admin_key_lists_across_organisations() {
+    let server = Server::start();
+    let receiver = Receiver::start();
+    receiver.set_status(500);
+    let (org_a, key_a) = server.org_key(ORG_SCOPES);
+    let (_org_b, key_b) = server.org_key(ORG_SCOPES);
+    let ep_a = server.endpoint(&key_a, &receiver.url("/a"), &["*"])["id"].as_str().unwrap().to_owned();
+    let ep_b = server.endpoint(&key_b, &receiver.url("/b"), &["*"])["id"].as_str().unwrap().to_owned();
+    let d_a = server.publish(&key_a, "a.b", json!({}))["delivery_ids"][0].as_str().unwrap().to_owned();
+    let d_b = server.publish(&key_b, "a.b", json!({}))["delivery_ids"][0].as_str().unwrap().to_owned();
+    // Two failures (300 ms and 600 ms schedule) exhaust each.
+    server.wait_status(&key_a, &d_a, "exhausted");
+    server.wait_status(&key_b, &d_b, "exhausted");
+
+    let ids = |body: &Value, list: &str, field: &str| -> Vec<String> {
+        body[list].as_array().unwrap().iter().map(|x| x[field].as_str().unwrap().to_owned()).collect()
+    };
+    let (status, body) = server.call("GET", "/v1/endpoints", Some(ADMIN_KEY), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(&body, "data", "id"), vec![ep_b.clone(), ep_a.clone()], "newest first");
+    let (status, body) = server.call("GET", "/v1/webhook_deliveries", Some(ADMIN_KEY), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(&body, "data", "id"), vec![d_b.clone(), d_a.clone()]);
+    let (_, body) =
+        server.call("GET", "/v1/webhook_deliveries?status=exhausted&limit=1", Some(ADMIN_KEY), None);
+    assert_eq!(ids(&body, "data", "id"), vec![d_b.clone()]);
+    let cursor = body["next_cursor"].as_str().expect("a second page").to_owned();
+    let path = format!("/v1/webhook_deliveries?status=exhausted&limit=1&cursor={cursor}");
+    let (_, body) = server.call("GET", &path, Some(ADMIN_KEY), None);
+    assert_eq!(ids(&body, "data", "id"), vec![d_a.clone()]);
+    assert!(body["next_cursor"].is_null(), "{body}");
+    let (status, body) = server.call("GET", "/api/v4/tasks/webhook_failures", Some(ADMIN_KEY), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(&body, "webhook_failures", "id"), vec![d_b.clone(), d_a.clone()]);
+
+    // Narrowed to one organisation, and an organisation's own key.
+    let path = format!("/v1/webhook_deliveries?org_id={org_a}");
+    let (_, body) = server.call("GET", &path, Some(ADMIN_KEY), None);
+    assert_eq!(ids(&body, "data", "id"), vec![d_a.clone()]);
+    let (_, body) = server.call("GET", "/v1/webhook_deliveries", Some(&key_b), None);
+    assert_eq!(ids(&body, "data", "id"), vec![d_b.clone()]);
+    let (_, body) = server.call("GET", "/v1/endpoints", Some(&key_a), None);
+    assert_eq!(ids(&body, "data", "id"), vec![ep_a.clone()]);
+
+    // A deleted endpoint leaves the admin's list too.
+    let (status, _) = server.call("DELETE", &format!("/v1/endpoints/{ep_b}"), Some(&key_b), None);
+    assert_eq!(status, 204);
+    let (_, body) = server.call("GET", "/v1/endpoints", Some(ADMIN_KEY), None);
+    assert_eq!(ids(&body, "data", "id"), vec![ep_a]);
+}

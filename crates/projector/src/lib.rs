@@ -122,9 +122,9 @@ pub use persist::{
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
-    applied_seq, attempts, delivery_counts, due_deliveries, get_api_key, get_api_key_by_hash, get_delivery,
-    get_endpoint, get_event, idempotency_lookup, list_api_keys, list_deliveries, list_deliveries_rev,
-    list_endpoints, list_endpoints_rev, org_secret, policy, Corrupt, DeliveryCursor, DeliveryIndex,
-    DeliveryQuery, Due, Page, PAGE_LEN_MAX,
+    applied_seq, attempts, delivery_counts, delivery_orgs, due_deliveries, get_api_key, get_api_key_by_hash,
+    get_delivery, get_endpoint, get_event, idempotency_lookup, list_all_endpoints_rev, list_api_keys,
+    list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, Corrupt,
+    DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
 pub use tables::{Batch, MemTables, ReadTables, Tables};

@@ -203,6 +203,57 @@ pub fn list_endpoints_rev(
     Ok(Page { next: last.and(items.last().map(|e| e.id)), items })
 }
 
+/// Every endpoint that is not deleted, of every organisation, newest first (by id), before
+/// `before` (the last one of the previous page): an admin's list.
+pub fn list_all_endpoints_rev(
+    t: &impl ReadTables,
+    before: Option<EndpointId>,
+    limit: usize,
+) -> Result<Page<Endpoint, EndpointId>, Corrupt> {
+    let limit = limit.min(PAGE_LEN_MAX);
+    let from = [keys::KS_ENDPOINT];
+    let mut to = match before {
+        Some(id) => keys::endpoint(id),
+        None => end_of(&from),
+    };
+    let mut items = Vec::new();
+    // Deleted endpoints are skipped, so a page may take more than one read.
+    loop {
+        let pairs = t.scan_rev(&from, &to, limit.saturating_add(1));
+        let exhausted = pairs.len() <= limit;
+        for (key, value) in &pairs {
+            let endpoint: Endpoint = decode_value(key, value)?;
+            if endpoint.deleted_at_ms.is_none() {
+                items.push(endpoint);
+            }
+        }
+        match pairs.last() {
+            Some((key, _)) if !exhausted && items.len() <= limit => to = key.clone(),
+            _ => break,
+        }
+    }
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Ok(Page { next: items.last().map(|e| e.id).filter(|_| more), items })
+}
+
+/// The organisations that have deliveries, in id order: the first `max` of them, and one more if
+/// there are more (so a caller can tell). Each costs one seek in the organisation index.
+pub fn delivery_orgs(t: &impl ReadTables, max: usize) -> Result<Vec<OrgId>, Corrupt> {
+    let to = [keys::KS_CHUNKS_BY_ORG_STATUS + 1];
+    let mut from = vec![keys::KS_CHUNKS_BY_ORG_STATUS];
+    let mut orgs = Vec::new();
+    while orgs.len() <= max {
+        let Some((key, _)) = t.scan(&from, &to, 1).into_iter().next() else { break };
+        let org: [u8; 16] =
+            key.get(1..17).and_then(|b| b.try_into().ok()).ok_or_else(|| Corrupt { key: key.clone() })?;
+        orgs.push(OrgId::from_bytes(org));
+        // Past every key of this organisation: its status byte is never 0xFF.
+        from = keys::key(keys::KS_CHUNKS_BY_ORG_STATUS, &[&org, &[0xFF]]);
+    }
+    Ok(orgs)
+}
+
 /// Which delivery index a list walks. Each walks in creation order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeliveryIndex {
@@ -212,6 +263,8 @@ pub enum DeliveryIndex {
     Endpoint(EndpointId),
     EndpointStatus(EndpointId, DeliveryStatus),
     OrgEventType(OrgId, String),
+    /// Several indexes walked as one list (an admin's list over organisations).
+    Union(Vec<DeliveryIndex>),
 }
 
 impl DeliveryIndex {
@@ -236,6 +289,7 @@ impl DeliveryIndex {
             }
             DeliveryIndex::EndpointStatus(endpoint, status) => vec![endpoint_status(endpoint, *status)],
             DeliveryIndex::OrgEventType(org, event_type) => vec![keys::org_type_prefix(*org, event_type)],
+            DeliveryIndex::Union(parts) => parts.iter().flat_map(DeliveryIndex::prefixes).collect(),
         }
     }
 }
@@ -324,6 +378,9 @@ fn deliveries_page(
     }
     // Byte order of the keys' (created_at, id) tail: the order every part is walked in.
     entries.sort_unstable();
+    // The parts are read one after another, not from one snapshot: a delivery whose status
+    // changed between two reads is in both. It is listed once (its row is read below).
+    entries.dedup();
     if direction == Direction::Backward {
         entries.reverse();
     }

@@ -558,6 +558,22 @@ fn delivery_lists_page_through_each_index() {
         (DeliveryQuery::all(DeliveryIndex::EndpointStatus(ep(1), DeliveryStatus::Pending)), "d4"),
         (DeliveryQuery::all(DeliveryIndex::OrgEventType(org(1), "call.queued".into())), "d1 d2 d3 d4 d5 d6"),
         (DeliveryQuery::all(DeliveryIndex::OrgEventType(org(1), "call.queue".into())), ""),
+        // An admin's list over organisations.
+        (
+            DeliveryQuery::all(DeliveryIndex::Union(vec![
+                DeliveryIndex::Org(org(2)),
+                DeliveryIndex::OrgStatus(org(1), DeliveryStatus::Exhausted),
+            ])),
+            "d2",
+        ),
+        // A delivery met in two parts (its status changed between their reads) is listed once.
+        (
+            DeliveryQuery::all(DeliveryIndex::Union(vec![
+                DeliveryIndex::Org(org(1)),
+                DeliveryIndex::OrgStatus(org(1), DeliveryStatus::Pending),
+            ])),
+            "d1 d2 d3 d4 d5 d6",
+        ),
         (
             DeliveryQuery {
                 index: DeliveryIndex::Org(org(1)),

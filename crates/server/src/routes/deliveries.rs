@@ -9,14 +9,14 @@ use axum::Json;
 use herald_engine::Command;
 use herald_projector::{
     list_deliveries_rev, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
-    EndpointId, Scope,
+    EndpointId, OrgId, Scope,
 };
 use serde::Deserialize;
 
 use crate::auth::{authenticate, Principal};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{AttemptList, AttemptOut, DeliveryList, DeliveryOut};
-use crate::routes::org_of;
+use crate::routes::{list_scope, scope_orgs};
 use crate::state::AppState;
 use crate::util::{self, encode_cursor, parse_id, parse_limit, parse_ts, PathId};
 
@@ -108,7 +108,7 @@ pub struct ListQuery {
         ("created_after" = Option<String>, Query, description = "RFC 3339"),
         ("created_before" = Option<String>, Query, description = "RFC 3339"),
         ("limit" = Option<u32>, Query, description = "1 to 250, default 50"), ("cursor" = Option<String>, Query),
-        ("org_id" = Option<String>, Query, description = "admin keys only")),
+        ("org_id" = Option<String>, Query, description = "admin keys only: one organisation; without it, every organisation (up to 64 with deliveries)")),
     responses((status = 200, body = DeliveryList), (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn list(
@@ -118,7 +118,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
-    let org_id = org_of(F, &who, q.org_id.as_deref())?;
+    let scope = list_scope(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
     let status = q.status.as_deref().map(|s| parse_status(F, s)).transpose()?;
     let event_type = q.event_type.clone();
@@ -143,17 +143,24 @@ pub async fn list(
             parse_id(text).ok_or_else(|| ApiError::validation(F, "endpoint_id", "must be a UUID"))?,
         )),
     };
-    // The index that answers most of the filter; the rest is checked per delivery.
-    let index = match (endpoint, status, &event_type) {
-        (Some(e), Some(s), _) => DeliveryIndex::EndpointStatus(e, s),
-        (Some(e), None, _) => DeliveryIndex::Endpoint(e),
-        (None, Some(s), _) => DeliveryIndex::OrgStatus(org_id, s),
-        (None, None, Some(t)) => DeliveryIndex::OrgEventType(org_id, t.clone()),
-        (None, None, None) => DeliveryIndex::Org(org_id),
+    // The index that answers most of the filter; the rest is checked per delivery. An admin's
+    // list without an organisation walks every organisation's index as one.
+    let org_index = |org_id: OrgId| match (status, &event_type) {
+        (Some(s), _) => DeliveryIndex::OrgStatus(org_id, s),
+        (None, Some(t)) => DeliveryIndex::OrgEventType(org_id, t.clone()),
+        (None, None) => DeliveryIndex::Org(org_id),
+    };
+    let index = match (endpoint, status) {
+        (Some(e), Some(s)) => DeliveryIndex::EndpointStatus(e, s),
+        (Some(e), None) => DeliveryIndex::Endpoint(e),
+        (None, _) => match scope {
+            Some(org_id) => org_index(org_id),
+            None => DeliveryIndex::Union(scope_orgs(&state, F, None)?.into_iter().map(org_index).collect()),
+        },
     };
     let query = DeliveryQuery { index, created_from_ms, created_before_ms };
     let (items, next) = filtered_page(&state, F, &query, cursor, limit, |d| {
-        d.org_id == org_id
+        scope.is_none_or(|org_id| d.org_id == org_id)
             && status.is_none_or(|s| d.status == s)
             && event_type.as_ref().is_none_or(|t| &d.event_type == t)
     })?;

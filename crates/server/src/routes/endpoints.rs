@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::auth::{authenticate, Principal};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
-use crate::routes::org_of;
+use crate::routes::{list_scope, org_of};
 use crate::state::AppState;
 use crate::util::{encode_cursor, json_body, parse_cursor, parse_id, parse_limit, PathId};
 
@@ -91,7 +91,7 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints",
     params(("limit" = Option<u32>, Query, description = "1 to 250, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-        ("org_id" = Option<String>, Query, description = "admin keys only")),
+        ("org_id" = Option<String>, Query, description = "admin keys only: one organisation; without it, every organisation")),
     responses((status = 200, body = EndpointList), (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn list(
@@ -101,11 +101,16 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, F, Scope::EndpointsRead)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
-    let org_id = org_of(F, &who, q.org_id.as_deref())?;
+    let scope = list_scope(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
     let before = parse_cursor::<16>(F, q.cursor.as_deref())?.map(EndpointId::from_bytes);
-    let page = herald_projector::list_endpoints_rev(&state.engine.tables(), org_id, before, limit)
-        .map_err(|e| ApiError::internal(F, e.to_string()))?;
+    let t = state.engine.tables();
+    let page = match scope {
+        Some(org_id) => herald_projector::list_endpoints_rev(&t, org_id, before, limit),
+        // An admin key naming no organisation: every organisation's endpoints.
+        None => herald_projector::list_all_endpoints_rev(&t, before, limit),
+    }
+    .map_err(|e| ApiError::internal(F, e.to_string()))?;
     let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));
     let data = page.items.iter().map(|e| EndpointOut::new(e, None)).collect();
     Ok(Json(EndpointList { data, next_cursor }).into_response())

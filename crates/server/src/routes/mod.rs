@@ -11,7 +11,40 @@ use herald_projector::OrgId;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, Family};
+use crate::state::AppState;
 use crate::util::parse_id;
+
+/// Organisations an admin's list walks at most when it names none; past that it must name one.
+pub const ADMIN_LIST_ORGS_MAX: usize = 64;
+
+/// The organisation a list is scoped to: the key's own, or for an admin key the `org_id` given,
+/// or `None` (every organisation) for an admin key that gives none.
+pub fn list_scope(family: Family, who: &Principal, given: Option<&str>) -> Result<Option<OrgId>, ApiError> {
+    match (who.org_id, given) {
+        (None, None) => Ok(None),
+        _ => org_of(family, who, given).map(Some),
+    }
+}
+
+/// The organisations a list of `scope` walks: the one, or every one that has deliveries (at
+/// most [`ADMIN_LIST_ORGS_MAX`]; past that the caller must name one).
+pub fn scope_orgs(state: &AppState, family: Family, scope: Option<OrgId>) -> Result<Vec<OrgId>, ApiError> {
+    if let Some(org) = scope {
+        return Ok(vec![org]);
+    }
+    let orgs = herald_projector::delivery_orgs(&state.engine.tables(), ADMIN_LIST_ORGS_MAX)
+        .map_err(|e| ApiError::internal(family, e.to_string()))?;
+    if orgs.len() > ADMIN_LIST_ORGS_MAX {
+        return Err(ApiError::validation(
+            family,
+            "org_id",
+            format!(
+                "required with an admin key once over {ADMIN_LIST_ORGS_MAX} organisations have deliveries"
+            ),
+        ));
+    }
+    Ok(orgs)
+}
 
 /// The organisation a request acts for: the key's own, or for an admin key the `org_id` given.
 pub fn org_of(family: Family, who: &Principal, given: Option<&str>) -> Result<OrgId, ApiError> {

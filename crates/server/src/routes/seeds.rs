@@ -23,7 +23,7 @@ use crate::json::{
     WebhookFailure,
 };
 use crate::routes::deliveries::{cursor_text, filtered_page, parse_cursor, parse_status, visible};
-use crate::routes::org_of;
+use crate::routes::{list_scope, scope_orgs};
 use crate::state::AppState;
 use crate::util::{json_body, parse_id, parse_limit, PathId};
 
@@ -91,7 +91,7 @@ pub struct FailureQuery {
     params(("status" = Option<String>, Query, description = "inactive or exhausted"),
         ("webhook_id" = Option<String>, Query, description = "an endpoint id"),
         ("limit" = Option<u32>, Query, description = "1 to 250, default 50"), ("cursor" = Option<String>, Query),
-        ("org_id" = Option<String>, Query, description = "admin keys only")),
+        ("org_id" = Option<String>, Query, description = "admin keys only: one organisation; without it, every organisation (up to 64 with deliveries)")),
     responses((status = 200, body = FailureList), (status = 400, body = PlainError), PlainAuthErrors),
     security(("bearer" = [])))]
 pub async fn list_failures(
@@ -101,7 +101,7 @@ pub async fn list_failures(
 ) -> Result<Response, ApiError> {
     let who = authenticate(&state, &headers, P, Scope::TasksWebhooksRead)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(P, e.body_text()))?;
-    let org_id = org_of(P, &who, q.org_id.as_deref())?;
+    let scope = list_scope(P, &who, q.org_id.as_deref())?;
     let limit = parse_limit(P, q.limit.as_deref(), 50, 250)?;
     let statuses = match q.status.as_deref() {
         None => vec![DeliveryStatus::Inactive, DeliveryStatus::Exhausted],
@@ -120,13 +120,16 @@ pub async fn list_failures(
     // Each status has its own index, all in the same (created, id) order: merge them.
     let mut merged: Vec<Delivery> = Vec::new();
     let mut more = false;
+    // An admin key naming no organisation: every organisation's failures.
+    let orgs = if webhook.is_none() { scope_orgs(&state, P, scope)? } else { Vec::new() };
     for status in statuses {
         let index = match webhook {
             Some(e) => DeliveryIndex::EndpointStatus(e, status),
-            None => DeliveryIndex::OrgStatus(org_id, status),
+            None => DeliveryIndex::Union(orgs.iter().map(|o| DeliveryIndex::OrgStatus(*o, status)).collect()),
         };
         let query = DeliveryQuery::all(index);
-        let (items, next) = filtered_page(&state, P, &query, cursor, limit, |d| d.org_id == org_id)?;
+        let (items, next) =
+            filtered_page(&state, P, &query, cursor, limit, |d| scope.is_none_or(|o| d.org_id == o))?;
         more |= next.is_some();
         merged.extend(items);
     }
