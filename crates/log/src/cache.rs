@@ -142,6 +142,8 @@ impl State {
         if !put {
             recent.keys.remove(key);
         } else if key > recent.floor.as_slice()
+            // Known already (each put is noted before and after its apply): no copy of the key.
+            && !recent.keys.contains(key)
             && recent.keys.insert(key.to_vec())
             && recent.keys.len() > recent_max
         {
