@@ -76,6 +76,16 @@ pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 const FAN_OUT_PAGE_LEN: usize = 256;
 /// Endpoints a single event may fan out to, at most (a bound on one command's size).
 pub const FAN_OUT_ENDPOINTS_MAX: usize = 10_000;
+/// Organisations whose endpoint lists [`Commands`] keeps for publishes, at most; past it the
+/// lists are let go and read again.
+const FAN_OUT_ORGS_MAX: usize = 4_096;
+
+/// What a publish needs of an endpoint to fan out to it.
+struct FanOut {
+    id: EndpointId,
+    url: String,
+    enabled_events: Vec<String>,
+}
 /// Endpoints whose retrigger windows are remembered, at most.
 const RATE_WINDOWS_MAX: usize = 100_000;
 
@@ -296,6 +306,10 @@ pub struct Commands {
     due_hook: Option<DueHook>,
     /// Whether the batch being written creates or revokes an API key.
     staged_key_change: bool,
+    /// Per organisation, its live endpoints as a publish sees them, so a publish does not list
+    /// and decode every endpoint. Filled from the batch's view; emptied when an endpoint is
+    /// created, changed or deleted, when a command is rejected and when a batch fails.
+    fan_out: HashMap<OrgId, Arc<[FanOut]>>,
     /// Grows once a batch that creates or revokes an API key is applied to the store, before its
     /// flush (so before any caller of the batch is answered): see [`Commands::api_key_epoch`].
     api_key_epoch: Arc<AtomicU64>,
@@ -317,6 +331,7 @@ impl Commands {
             staged_due: Vec::new(),
             due_hook: None,
             staged_key_change: false,
+            fan_out: HashMap::new(),
             api_key_epoch: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -333,6 +348,33 @@ impl Commands {
     pub fn with_due_hook(mut self, hook: DueHook) -> Commands {
         self.due_hook = Some(hook);
         self
+    }
+
+    /// The organisation's live endpoints, from [`Commands::fan_out`] or read (and kept).
+    fn fan_out_of(&mut self, tx: &Tx<'_>, org_id: OrgId) -> Result<Arc<[FanOut]>, CommandError> {
+        if let Some(list) = self.fan_out.get(&org_id) {
+            return Ok(list.clone());
+        }
+        let mut list = Vec::new();
+        let mut after = None;
+        loop {
+            let page = list_endpoints(&TxRead(tx), org_id, after, FAN_OUT_PAGE_LEN)?;
+            list.extend(page.items.into_iter().map(|e| FanOut {
+                id: e.id,
+                url: e.url,
+                enabled_events: e.enabled_events,
+            }));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let list: Arc<[FanOut]> = list.into();
+        if self.fan_out.len() >= FAN_OUT_ORGS_MAX {
+            self.fan_out.clear();
+        }
+        self.fan_out.insert(org_id, list.clone());
+        Ok(list)
     }
 
     fn check_url(&self, url: &str) -> Result<(), CommandError> {
@@ -490,23 +532,16 @@ impl Commands {
                 // Where the event goes: each subscribed endpoint (at its current url), then the
                 // inline url if any.
                 let mut targets: Vec<(Option<EndpointId>, String)> = Vec::new();
-                let mut after = None;
-                loop {
-                    let page = list_endpoints(&TxRead(tx), org_id, after, FAN_OUT_PAGE_LEN)?;
-                    for endpoint in page.items.into_iter().filter(|e| e.subscribes_to(&event_type)) {
-                        if targets.len() >= FAN_OUT_ENDPOINTS_MAX {
-                            return Err(CommandError::Conflict {
-                                reason: format!(
-                                    "the organisation has over {FAN_OUT_ENDPOINTS_MAX} subscribed endpoints"
-                                ),
-                            });
-                        }
-                        targets.push((Some(endpoint.id), endpoint.url));
+                let subscribes = |e: &&FanOut| e.enabled_events.iter().any(|t| t == "*" || *t == event_type);
+                for endpoint in self.fan_out_of(tx, org_id)?.iter().filter(subscribes) {
+                    if targets.len() >= FAN_OUT_ENDPOINTS_MAX {
+                        return Err(CommandError::Conflict {
+                            reason: format!(
+                                "the organisation has over {FAN_OUT_ENDPOINTS_MAX} subscribed endpoints"
+                            ),
+                        });
                     }
-                    match page.next {
-                        Some(next) => after = Some(next),
-                        None => break,
-                    }
+                    targets.push((Some(endpoint.id), endpoint.url.clone()));
                 }
                 if let Some(url) = webhook_url {
                     if org_secret(&TxRead(tx), org_id)?.is_none() {
@@ -697,6 +732,15 @@ impl Commands {
             if matches!(event, Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. }) {
                 self.staged_key_change = true;
             }
+            if matches!(
+                event,
+                Event::EndpointCreated { .. }
+                    | Event::EndpointUpdated { .. }
+                    | Event::EndpointDeleted { .. }
+                    | Event::Compacted { .. }
+            ) {
+                self.fan_out.clear();
+            }
             // Every record is stored in a group with the records around it (attempt outcomes
             // come together, first in each batch: the urgent queue; publishes after them).
             // Nothing reads one back by key on a hot path: a first attempt is handed its payload
@@ -756,7 +800,12 @@ impl Machine for Commands {
     type Rejection = CommandError;
 
     fn execute(&mut self, command: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
-        self.run(command, tx)
+        let reply = self.run(command, tx);
+        if reply.is_err() {
+            // Rolled back: what it may have read into the endpoint lists goes too.
+            self.fan_out.clear();
+        }
+        reply
     }
 
     fn finish(&mut self, tx: &mut Tx<'_>) -> Result<(), herald_log::StoreError> {
@@ -782,8 +831,10 @@ impl Machine for Commands {
     }
 
     fn aborted(&mut self) {
-        // Nothing of the batch was written: no key changed.
+        // Nothing of the batch was written: no key changed, and the endpoint lists may hold
+        // what the batch staged.
         self.staged_key_change = false;
+        self.fan_out.clear();
         if !self.staged_due.is_empty() {
             self.staged_due.clear();
             if let Some(hook) = self.due_hook.as_ref() {

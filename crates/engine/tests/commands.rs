@@ -176,6 +176,39 @@ fn publish_fans_out_to_subscribed_endpoints_of_the_organisation_only() {
     assert!(matches!(err, CommandError::Validation { field: "org_id", .. }));
 }
 
+/// The machine keeps each organisation's endpoint list for publishes: every change of an endpoint
+/// (created, its events or url changed, deleted) shows in the next publish, and so does a change
+/// staged earlier in the same batch or rolled back with a rejected one.
+#[test]
+fn a_publish_fans_out_to_the_endpoints_as_they_are_now() {
+    let mut w = World::new(CommandLimits::default());
+    let urls = |w: &World, ids: &[DeliveryId]| -> Vec<String> {
+        ids.iter().map(|id| get_delivery(&StoreTables(&w.store), *id).unwrap().unwrap().url).collect()
+    };
+    let a = w.endpoint(member(1), 1, &["call.ended"]);
+    assert_eq!(deliveries(w.publish(member(1), 1, "call.ended", None)).len(), 1);
+    let b = w.endpoint(member(1), 1, &["*"]);
+    assert_eq!(deliveries(w.publish(member(1), 1, "call.ended", None)).len(), 2);
+    let update = |id, url: Option<&str>, events: Option<&[&str]>| Command::UpdateEndpoint {
+        id,
+        url: url.map(String::from),
+        name: None,
+        enabled_events: events.map(|e| e.iter().map(|s| s.to_string()).collect()),
+    };
+    w.run(member(1), update(a, None, Some(&["call.queued"]))).unwrap();
+    assert_eq!(deliveries(w.publish(member(1), 1, "call.ended", None)).len(), 1);
+    w.run(member(1), update(b, Some("https://moved.example/hook"), None)).unwrap();
+    let ids = deliveries(w.publish(member(1), 1, "call.ended", None));
+    assert_eq!(urls(&w, &ids), ["https://moved.example/hook"]);
+    w.run(member(1), Command::DeleteEndpoint { id: b }).unwrap();
+    assert!(deliveries(w.publish(member(1), 1, "call.ended", None)).is_empty());
+    // A rejected update changes nothing.
+    let err = w.run(member(1), update(a, Some("ftp://nope"), Some(&["*"]))).unwrap_err();
+    assert!(matches!(err, CommandError::Validation { field: "url", .. }));
+    assert!(deliveries(w.publish(member(1), 1, "call.ended", None)).is_empty());
+    assert_eq!(deliveries(w.publish(member(1), 1, "call.queued", None)).len(), 1);
+}
+
 #[test]
 fn the_same_idempotency_key_returns_the_first_answer_and_writes_nothing() {
     let mut w = World::new(CommandLimits::default());
