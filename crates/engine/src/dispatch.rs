@@ -65,6 +65,10 @@ pub(crate) struct Inbox {
 #[derive(Default)]
 struct InboxState {
     hints: Vec<DueHint>,
+    /// Payload bytes the hints hold; past [`HANDED_PAYLOAD_BYTES_MAX`] further hints come
+    /// without theirs (their attempts read it from the store), so a stalled loop does not
+    /// hold a burst's payloads.
+    hint_payload_bytes: usize,
     /// Attempts whose receiver has answered (their outcome is being recorded): their endpoint's
     /// slot is free for the next attempt.
     released: Vec<Id>,
@@ -92,7 +96,16 @@ impl Inbox {
         if st.hints.len() + due.len() > INBOX_HINTS_MAX {
             st.overflowed = true;
         } else {
-            st.hints.extend(due);
+            for mut hint in due {
+                if let Some(payload) = &hint.payload {
+                    if st.hint_payload_bytes + payload.len() > HANDED_PAYLOAD_BYTES_MAX {
+                        hint.payload = None;
+                    } else {
+                        st.hint_payload_bytes += payload.len();
+                    }
+                }
+                st.hints.push(hint);
+            }
         }
         drop(st);
         self.wake.notify_one();
@@ -782,4 +795,30 @@ fn request(
         ("herald-attempt".to_owned(), (delivery.attempt_count + 1).to_string()),
     ];
     Ok(AttemptRequest { url, headers, body: payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint(n: u128, payload: Option<Bytes>) -> DueHint {
+        DueHint {
+            due: Due { next_attempt_at_ms: 0, delivery_id: DeliveryId(uuid::Uuid::from_u128(n)) },
+            payload,
+        }
+    }
+
+    /// The inbox holds at most `HANDED_PAYLOAD_BYTES_MAX` of payloads: hints past it come without
+    /// theirs (their attempts read the store), and taking the hints frees the room.
+    #[test]
+    fn the_inbox_bounds_the_payloads_its_hints_hold() {
+        let inbox = Inbox::default();
+        let big = Bytes::from(vec![b'x'; HANDED_PAYLOAD_BYTES_MAX / 2]);
+        inbox.hints(Some((0..3).map(|n| hint(n, Some(big.clone()))).collect()));
+        inbox.hints(Some(vec![hint(3, None)]));
+        let held: Vec<bool> = inbox.take().hints.iter().map(|h| h.payload.is_some()).collect();
+        assert_eq!(held, [true, true, false, false]);
+        inbox.hints(Some(vec![hint(4, Some(big))]));
+        assert!(inbox.take().hints[0].payload.is_some(), "room again once taken");
+    }
 }
