@@ -354,18 +354,25 @@ pub fn read_records(store: &dyn Store, from_seq: u64, limit: usize) -> Result<Ve
 /// [`read_records`], a read of single keys, which a [`CachedStore`](crate::CachedStore) can
 /// answer. `None`: no record has that seq.
 pub fn read_record(store: &dyn Store, seq: u64) -> Result<Option<Record>, LogError> {
-    let head = match store.get(&head_key(seq))? {
-        Some(head) if !crate::record::is_group(&head) => head,
-        Some(group) => return Ok(in_group(&head_key(seq), &group, seq)?),
-        // Inside a group stored under an earlier record's key, or no record.
-        None => {
-            return match store.last(&head_key(0), &head_key(seq))? {
-                Some((key, value)) if key.len() == 9 && crate::record::is_group(&value) => {
-                    Ok(in_group(&key, &value, seq)?)
-                }
-                _ => Ok(None),
-            };
+    let own_key = head_key(seq);
+    let mut head = store.get(&own_key)?;
+    if head.is_none() {
+        // Inside a group stored under an earlier record's key, or no record. The seek takes in
+        // `seq`'s own key too: a cut through the group may have stored the rest of it there
+        // since the `get` (`Tx::cut_through`), and either state answers.
+        let through_own = [own_key.as_slice(), &[0]].concat();
+        match store.last(&head_key(0), &through_own)? {
+            Some((key, value)) if key == own_key => head = Some(value),
+            Some((key, value)) if key.len() == 9 && crate::record::is_group(&value) => {
+                return Ok(in_group(&key, &value, seq)?);
+            }
+            _ => return Ok(None),
         }
+    }
+    let head = match head {
+        Some(head) if !crate::record::is_group(&head) => head,
+        Some(group) => return Ok(in_group(&own_key, &group, seq)?),
+        None => return Ok(None),
     };
     let mut asm = Assembler::new(Some(seq));
     let mut next = asm.push(&head_key(seq), &head)?;

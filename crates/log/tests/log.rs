@@ -763,3 +763,72 @@ fn grouped_records_read_back_one_by_one_and_in_ranges_and_survive_a_reopen_and_c
     }
     log.close();
 }
+
+/// A store that, on the first `get` of `target`, answers as it was and then lets a cut land:
+/// a read that meets a cut between its own steps.
+struct CutBetween {
+    inner: MemStore,
+    target: Vec<u8>,
+    cut: std::sync::Mutex<Option<Batch>>,
+}
+
+impl Store for CutBetween {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.inner.get(key)?;
+        if key == self.target {
+            if let Some(cut) = self.cut.lock().unwrap().take() {
+                self.inner.apply(&cut)?;
+            }
+        }
+        Ok(value)
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: herald_log::Visit<'_>) -> Result<(), StoreError> {
+        self.inner.scan(from, to, visit)
+    }
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.inner.last(from, to)
+    }
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.apply(batch)
+    }
+    fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+        self.inner.flush(durability)
+    }
+}
+
+/// A cut through a group stores the rest of it under the first kept record's key. A read of
+/// that record which looked for its key just before the cut and for the group just after it
+/// still finds it.
+#[test]
+fn a_record_whose_group_a_cut_moves_under_it_is_found_mid_cut() {
+    let before = MemStore::new();
+    let log = Log::open(Arc::new(before.clone()), Grouping, config()).unwrap();
+    let bodies: Vec<(Vec<u8>, bool)> = (1..=5u8).map(|i| (vec![i; 40], true)).collect();
+    log.submit(GroupCommand::Append(bodies)).unwrap().unwrap();
+    log.close();
+    let all = Log::open(Arc::new(before.clone()), Grouping, config()).unwrap().read(1, 10).unwrap();
+    // The same store cut through seq 2, elsewhere; the difference is the cut's batch.
+    let after = MemStore::new();
+    let old = before.with_map(|m| m.clone());
+    after.with_map(|m| *m = old.clone());
+    let log = Log::open(Arc::new(after.clone()), Grouping, config()).unwrap();
+    log.submit(GroupCommand::CutThrough(2)).unwrap().unwrap();
+    log.close();
+    let new = after.with_map(|m| m.clone());
+    let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+        old.keys().filter(|k| !new.contains_key(*k)).map(|k| (k.clone(), None)).collect();
+    writes.extend(
+        new.iter().filter(|(k, v)| old.get(*k) != Some(v)).map(|(k, v)| (k.clone(), Some(v.clone()))),
+    );
+    assert!(new.contains_key(&record::head_key(3)), "the rest of the group is stored under seq 3");
+
+    let racing = CutBetween {
+        inner: before,
+        target: record::head_key(3),
+        cut: std::sync::Mutex::new(Some(Batch { writes })),
+    };
+    let got = herald_log::read_record(&racing, 3).unwrap();
+    assert!(racing.cut.lock().unwrap().is_none(), "the cut landed during the read");
+    assert_eq!(got.as_ref(), Some(&all[2]));
+    assert_eq!(herald_log::read_record(&racing, 4).unwrap().as_ref(), Some(&all[3]));
+}
