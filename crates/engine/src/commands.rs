@@ -76,15 +76,23 @@ pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 const FAN_OUT_PAGE_LEN: usize = 256;
 /// Endpoints a single event may fan out to, at most (a bound on one command's size).
 pub const FAN_OUT_ENDPOINTS_MAX: usize = 10_000;
-/// Organisations whose endpoint lists [`Commands`] keeps for publishes, at most; past it the
-/// lists are let go and read again.
-const FAN_OUT_ORGS_MAX: usize = 4_096;
+/// Bytes of endpoint lists [`Commands`] keeps for publishes (urls and event types, counted
+/// with [`FanOut::bytes`]), at most: past it the lists are let go and read again, and a list
+/// larger than it alone is used once and not kept.
+const FAN_OUT_KEPT_BYTES_MAX: usize = 16 << 20;
 
 /// What a publish needs of an endpoint to fan out to it.
 struct FanOut {
     id: EndpointId,
     url: String,
     enabled_events: Vec<String>,
+}
+
+impl FanOut {
+    /// What keeping it costs, about.
+    fn bytes(&self) -> usize {
+        64 + self.url.len() + self.enabled_events.iter().map(|e| e.len() + 24).sum::<usize>()
+    }
 }
 /// Endpoints whose retrigger windows are remembered, at most.
 const RATE_WINDOWS_MAX: usize = 100_000;
@@ -310,6 +318,8 @@ pub struct Commands {
     /// and decode every endpoint. Filled from the batch's view; emptied when an endpoint is
     /// created, changed or deleted, when a command is rejected and when a batch fails.
     fan_out: HashMap<OrgId, Arc<[FanOut]>>,
+    /// What `fan_out` holds, in [`FanOut::bytes`].
+    fan_out_bytes: usize,
     /// Grows once a batch that creates or revokes an API key is applied to the store, before its
     /// flush (so before any caller of the batch is answered): see [`Commands::api_key_epoch`].
     api_key_epoch: Arc<AtomicU64>,
@@ -332,6 +342,7 @@ impl Commands {
             due_hook: None,
             staged_key_change: false,
             fan_out: HashMap::new(),
+            fan_out_bytes: 0,
             api_key_epoch: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -369,12 +380,22 @@ impl Commands {
                 None => break,
             }
         }
+        let bytes = list.iter().map(FanOut::bytes).sum::<usize>();
         let list: Arc<[FanOut]> = list.into();
-        if self.fan_out.len() >= FAN_OUT_ORGS_MAX {
-            self.fan_out.clear();
+        if bytes > FAN_OUT_KEPT_BYTES_MAX {
+            return Ok(list);
         }
+        if self.fan_out_bytes + bytes > FAN_OUT_KEPT_BYTES_MAX {
+            self.forget_fan_out();
+        }
+        self.fan_out_bytes += bytes;
         self.fan_out.insert(org_id, list.clone());
         Ok(list)
+    }
+
+    fn forget_fan_out(&mut self) {
+        self.fan_out.clear();
+        self.fan_out_bytes = 0;
     }
 
     fn check_url(&self, url: &str) -> Result<(), CommandError> {
@@ -739,7 +760,7 @@ impl Commands {
                     | Event::EndpointDeleted { .. }
                     | Event::Compacted { .. }
             ) {
-                self.fan_out.clear();
+                self.forget_fan_out();
             }
             // Every record is stored in a group with the records around it (attempt outcomes
             // come together, first in each batch: the urgent queue; publishes after them).
@@ -803,7 +824,7 @@ impl Machine for Commands {
         let reply = self.run(command, tx);
         if reply.is_err() {
             // Rolled back: what it may have read into the endpoint lists goes too.
-            self.fan_out.clear();
+            self.forget_fan_out();
         }
         reply
     }
@@ -834,7 +855,7 @@ impl Machine for Commands {
         // Nothing of the batch was written: no key changed, and the endpoint lists may hold
         // what the batch staged.
         self.staged_key_change = false;
-        self.fan_out.clear();
+        self.forget_fan_out();
         if !self.staged_due.is_empty() {
             self.staged_due.clear();
             if let Some(hook) = self.due_hook.as_ref() {
