@@ -81,6 +81,11 @@ pub const FAN_OUT_ENDPOINTS_MAX: usize = 10_000;
 /// larger than it alone is used once and not kept.
 const FAN_OUT_KEPT_BYTES_MAX: usize = 16 << 20;
 
+/// The largest sub-millisecond sequence number of an id.
+const ID_SEQ_MAX: u16 = 0x0FFF;
+/// Milliseconds whose next sequence number [`Commands`] remembers.
+const ID_SEQ_MILLIS: usize = 64;
+
 /// What a publish needs of an endpoint to fan out to it.
 struct FanOut {
     id: EndpointId,
@@ -320,6 +325,9 @@ pub struct Commands {
     fan_out: HashMap<OrgId, Arc<[FanOut]>>,
     /// What `fan_out` holds, in [`FanOut::bytes`].
     fan_out_bytes: usize,
+    /// The milliseconds delivery ids were last made in, each with its next sequence number
+    /// (commands come in about time order, but from several submitters).
+    id_seqs: VecDeque<(u64, u16)>,
     /// Grows once a batch that creates or revokes an API key is applied to the store, before its
     /// flush (so before any caller of the batch is answered): see [`Commands::api_key_epoch`].
     api_key_epoch: Arc<AtomicU64>,
@@ -343,6 +351,7 @@ impl Commands {
             staged_key_change: false,
             fan_out: HashMap::new(),
             fan_out_bytes: 0,
+            id_seqs: VecDeque::new(),
             api_key_epoch: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -391,6 +400,22 @@ impl Commands {
         self.fan_out_bytes += bytes;
         self.fan_out.insert(org_id, list.clone());
         Ok(list)
+    }
+
+    /// The next sub-millisecond sequence number for an id made at `at_ms` (see
+    /// [`sequenced_id`]); past 4,095 in one millisecond it stays there, and the hash bits
+    /// order those ids.
+    fn next_id_seq(&mut self, at_ms: u64) -> u16 {
+        if let Some((_, next)) = self.id_seqs.iter_mut().find(|(ms, _)| *ms == at_ms) {
+            let seq = *next;
+            *next = next.saturating_add(1).min(ID_SEQ_MAX);
+            return seq;
+        }
+        if self.id_seqs.len() >= ID_SEQ_MILLIS {
+            self.id_seqs.pop_front();
+        }
+        self.id_seqs.push_back((at_ms, 1));
+        0
     }
 
     fn forget_fan_out(&mut self) {
@@ -577,7 +602,9 @@ impl Commands {
                 let mut rest = Vec::new();
                 let mut budget = PUBLISHED_DELIVERIES_BYTES_MAX;
                 for (n, (endpoint_id, url)) in targets.into_iter().enumerate() {
-                    let delivery = DeliveryId(derived_id(at_ms, &[id.as_bytes(), &(n as u64).to_be_bytes()]));
+                    let seq = self.next_id_seq(at_ms);
+                    let delivery =
+                        DeliveryId(sequenced_id(at_ms, seq, &[id.as_bytes(), &(n as u64).to_be_bytes()]));
                     delivery_ids.push(delivery);
                     let cost = url.len() + NEW_DELIVERY_BYTES;
                     if rest.is_empty() && cost <= budget {
@@ -798,13 +825,26 @@ impl Commands {
 /// A UUID v7 stamped with `at_ms` whose random bits are drawn from `parts`: ids that a replay of
 /// the same commands gives again (a simulation replays a seed exactly), and that still sort by time.
 pub fn derived_id(at_ms: u64, parts: &[&[u8]]) -> Uuid {
+    uuid::Builder::from_unix_timestamp_millis(at_ms, &id_bits(parts)).into_uuid()
+}
+
+/// Like [`derived_id`], with `seq` in the 12 bits after the timestamp (RFC 9562's sub-millisecond
+/// counter): ids made in the same millisecond sort in the order they were made, so the index
+/// entries of a batch's deliveries go to the end of their windows instead of all through them.
+pub fn sequenced_id(at_ms: u64, seq: u16, parts: &[&[u8]]) -> Uuid {
+    let mut bits = id_bits(parts);
+    bits[0] = (seq >> 8) as u8 & 0x0F;
+    bits[1] = seq as u8;
+    uuid::Builder::from_unix_timestamp_millis(at_ms, &bits).into_uuid()
+}
+
+fn id_bits(parts: &[&[u8]]) -> [u8; 10] {
     let mut hasher = blake3::Hasher::new();
     for part in parts {
         hasher.update(&(part.len() as u64).to_le_bytes());
         hasher.update(part);
     }
-    let random: [u8; 10] = hasher.finalize().as_bytes()[..10].try_into().unwrap_or([0; 10]);
-    uuid::Builder::from_unix_timestamp_millis(at_ms, &random).into_uuid()
+    hasher.finalize().as_bytes()[..10].try_into().unwrap_or([0; 10])
 }
 
 fn request_id(at_ms: u64, delivery_id: DeliveryId, manual_retry_count: u32) -> Uuid {

@@ -37,8 +37,14 @@ impl World {
 
     fn run(&mut self, actor: Actor, command: Command) -> Result<Reply, CommandError> {
         self.now_ms += 1;
+        self.run_at(actor, self.now_ms, command)
+    }
+
+    /// A command stamped `at_ms`, which may repeat an earlier stamp.
+    fn run_at(&mut self, actor: Actor, at_ms: u64, command: Command) -> Result<Reply, CommandError> {
+        self.now_ms = self.now_ms.max(at_ms);
         let out: Result<Result<Reply, CommandError>, LogError> =
-            self.log.submit(Submitted { actor, at_ms: self.now_ms, command });
+            self.log.submit(Submitted { actor, at_ms, command });
         out.unwrap()
     }
 
@@ -89,6 +95,19 @@ impl World {
 
     fn status(&self, id: DeliveryId) -> DeliveryStatus {
         get_delivery(&StoreTables(&self.store), id).unwrap().unwrap().status
+    }
+}
+
+/// A publish of a fresh event to organisation `org_n`.
+fn publish_command(org_n: u128) -> Command {
+    Command::Publish {
+        id: EventId(Uuid::now_v7()),
+        org_id: org(org_n),
+        event_type: "call.ended".into(),
+        payload: b"{}".to_vec(),
+        call_id: None,
+        webhook_url: None,
+        idempotency_key: None,
     }
 }
 
@@ -207,6 +226,30 @@ fn a_publish_fans_out_to_the_endpoints_as_they_are_now() {
     assert!(matches!(err, CommandError::Validation { field: "url", .. }));
     assert!(deliveries(w.publish(member(1), 1, "call.ended", None)).is_empty());
     assert_eq!(deliveries(w.publish(member(1), 1, "call.queued", None)).len(), 1);
+}
+
+/// Deliveries made in the same millisecond get ids in the order they were made (the
+/// sub-millisecond counter of UUID v7), so a list in creation order is the order of the log,
+/// and a batch's index entries go to the end of their windows.
+#[test]
+fn delivery_ids_made_in_one_millisecond_sort_in_the_order_they_were_made() {
+    let mut w = World::new(CommandLimits::default());
+    for _ in 0..3 {
+        w.endpoint(member(1), 1, &["*"]);
+    }
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        let at_ms = w.now_ms;
+        made.extend(deliveries(w.run_at(member(1), at_ms, publish_command(1))));
+    }
+    assert_eq!(made.len(), 15);
+    let mut sorted = made.clone();
+    sorted.sort();
+    assert_eq!(made, sorted, "ids sort in the order they were made");
+    assert!(made.iter().all(|d| d.0.get_version_num() == 7));
+    // A new millisecond starts over, still after every id of the earlier one.
+    let later = deliveries(w.run_at(member(1), w.now_ms + 1, publish_command(1)));
+    assert!(later.iter().all(|d| d > made.last().unwrap()));
 }
 
 #[test]

@@ -75,7 +75,10 @@ const BATCH_RETRIGGER_MAX: usize = 25;
 /// Steps of each fixed seed, and of each run of the replay test.
 const STEPS: usize = 450;
 const REPLAY_STEPS: usize = 200;
-const SEEDS: [u64; 3] = [1, 0x5eed_cafe, 0xdead_beef_f00d_0042];
+/// Each must exercise every rule `fixed_seed` lists. Delivery ids (and so the jitter drawn from
+/// them) changed when ids made in one millisecond took a sequence number, and 1 and 0x5eed_cafe
+/// then missed a stop that interrupts an attempt and an exhausted delivery: 2 and 3 cover all.
+const SEEDS: [u64; 3] = [2, 3, 0xdead_beef_f00d_0042];
 /// The delivery lists are checked against the model every this many steps (and at the end).
 const INDEX_CHECK_EVERY: usize = 25;
 
