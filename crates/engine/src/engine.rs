@@ -79,6 +79,9 @@ fn dispatcher_reads(key: &[u8]) -> bool {
     matches!(key.first(), Some(&(keys::KS_ORG_SECRET | keys::KS_ENDPOINT | keys::KS_DELIVERY)))
 }
 
+/// Reads [`Engine::consistent_read`] makes, at most, before it answers what the last one saw.
+pub const CONSISTENT_READ_TRIES: usize = 8;
+
 /// Records one compaction pass drops, at most: it bounds the memory a pass needs (the state
 /// those records leave) and the size of its batch, so the time other commands wait for it
 /// (up to about 160 ms here; the retention benchmark prints it).
@@ -398,6 +401,27 @@ impl Engine {
     /// Read access to the projection, for queries this handle does not wrap.
     pub fn tables(&self) -> StoreTables<'_> {
         StoreTables(self.inner.store.as_ref())
+    }
+
+    /// Runs `read` over the projection until it has seen one state of it: no batch applied while
+    /// it ran. A read of several parts one after another (a list merged from its status
+    /// partitions) can otherwise miss a delivery that moved, meanwhile, from a part not yet read
+    /// into one already read. After [`CONSISTENT_READ_TRIES`] tries the last answer stands.
+    pub fn consistent_read<T>(&self, read: impl Fn(&StoreTables<'_>) -> T) -> T {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let before = self.inner.cache.read_epoch();
+            let out = read(&self.tables());
+            let settled = before.is_some() && before == self.inner.cache.read_epoch();
+            if settled || tries >= CONSISTENT_READ_TRIES {
+                return out;
+            }
+            if before.is_none() {
+                // A batch was being applied: let the writer finish it.
+                std::thread::yield_now();
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -650,3 +650,34 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
     }
     assert_eq!(sender.requests().len(), 3, "each delivery attempted once");
 }
+
+/// A read of several parts that a batch overtakes is made again: a delivery that moves from a
+/// part not yet read into one already read (a redeliver: delivered → pending) is not missed.
+#[test]
+fn a_consistent_read_is_made_again_when_a_batch_lands_during_it() {
+    use herald_projector::{list_deliveries, DeliveryIndex, DeliveryQuery};
+    let w = World::new(config(vec![1_000]));
+    w.endpoint(org());
+    let (_, deliveries) = w.publish(org(), b"{}");
+    w.settle();
+    let d = deliveries[0];
+    assert_eq!(w.status(d), DeliveryStatus::Delivered);
+    // The redelivered attempt is held, so the delivery stays pending while the test reads.
+    w.sender.push(Script::Hold(Duration::from_secs(5)), 1);
+    let calls = AtomicUsize::new(0);
+    let part = |t: &herald_projector::StoreTables<'_>, status| {
+        let query = DeliveryQuery::all(DeliveryIndex::OrgStatus(org(), status));
+        list_deliveries(t, &query, None, 10).unwrap().items.into_iter().map(|d| d.id).collect::<Vec<_>>()
+    };
+    let seen = w.engine.consistent_read(|t| {
+        let pending = part(t, DeliveryStatus::Pending);
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            // A batch lands between the reads of the two parts.
+            w.engine.execute_blocking(Actor::admin(), Command::Redeliver { delivery_id: d }).unwrap();
+        }
+        let delivered = part(t, DeliveryStatus::Delivered);
+        [pending, delivered].concat()
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "read again once");
+    assert_eq!(seen, vec![d], "found once, in one state of the store");
+}

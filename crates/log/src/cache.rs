@@ -183,6 +183,14 @@ impl CachedStore {
         &self.inner
     }
 
+    /// A number that moves with every batch applied through this cache; `None` while one is
+    /// being applied. The same `Some` before and after a set of reads means they all saw one
+    /// state of the store (every write goes through the cache: the log's writer owns it).
+    pub fn read_epoch(&self) -> Option<u64> {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        (!st.applying).then_some(st.generation)
+    }
+
     pub fn stats(&self) -> CacheStats {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         CacheStats {
@@ -264,23 +272,22 @@ impl Store for CachedStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         let tracking = !self.ascending.is_empty();
-        if tracking {
-            // The batch's new keys join the sets before the store holds them: a key the store
-            // holds is never answered absent, not even between this apply and the lines below.
-            // (Until then a reader that is told "maybe" reads the store and finds nothing.)
+        {
             let mut st = self.write();
             st.generation += 1;
             st.applying = true;
-            for (key, value) in &batch.writes {
-                if value.is_some() {
-                    st.note_write(key, true, self.recent_max);
+            if tracking {
+                // The batch's new keys join the sets before the store holds them: a key the
+                // store holds is never answered absent, not even between this apply and the
+                // lines below. (Until then a reader told "maybe" reads the store, finds nothing.)
+                for (key, value) in &batch.writes {
+                    if value.is_some() {
+                        st.note_write(key, true, self.recent_max);
+                    }
                 }
             }
         }
         let applied = self.inner.apply(batch);
-        if self.budget_bytes == 0 && !tracking {
-            return applied;
-        }
         let mut st = self.write();
         st.generation += 1;
         st.applying = false;
@@ -568,6 +575,26 @@ mod tests {
         assert_eq!(counting.gets.load(Ordering::SeqCst), gets + 2);
         assert_eq!(cached.get(&[5, 4]).unwrap(), None, "above it and not held: no read");
         assert_eq!(counting.gets.load(Ordering::SeqCst), gets + 2);
+    }
+
+    #[test]
+    fn the_read_epoch_is_none_during_an_apply_and_moves_with_each() {
+        let cell: Arc<OnceLock<Arc<CachedStore>>> = Arc::new(OnceLock::new());
+        let hook_cell = cell.clone();
+        let during = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = during.clone();
+        let mut store = Hooked::new(MemStore::new(), At::Apply);
+        store.after = Box::new(move || seen.lock().unwrap().push(hook_cell.get().unwrap().read_epoch()));
+        // No value cache and no ascending keyspace: the epoch moves all the same.
+        let cached = Arc::new(CachedStore::new(Arc::new(store), 0, none));
+        let _ = cell.set(cached.clone());
+        let before = cached.read_epoch().expect("no apply running");
+        cached.apply(&batch(&[(b"k", Some(b"v"))])).unwrap();
+        assert_eq!(*during.lock().unwrap(), vec![None], "during the apply");
+        let after = cached.read_epoch().expect("no apply running");
+        assert_ne!(before, after);
+        cached.get(b"k").unwrap();
+        assert_eq!(cached.read_epoch(), Some(after), "reads do not move it");
     }
 
     #[test]

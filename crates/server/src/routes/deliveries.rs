@@ -69,7 +69,11 @@ pub fn filtered_page(
     let mut kept = Vec::new();
     let mut budget = limit.saturating_mul(SCAN_PER_ITEM_MAX);
     loop {
-        let page = list_deliveries_rev(&state.engine.tables(), query, cursor, limit)
+        // One state of the store for the whole merged page, so a delivery whose status changes
+        // meanwhile is neither missed nor listed twice.
+        let page = state
+            .engine
+            .consistent_read(|t| list_deliveries_rev(t, query, cursor, limit))
             .map_err(|e| ApiError::internal(family, e.to_string()))?;
         budget = budget.saturating_sub(page.items.len());
         for (i, d) in page.items.iter().enumerate() {
