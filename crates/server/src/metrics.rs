@@ -180,6 +180,13 @@ impl Metrics {
             "The last durable log seq.",
             engine.committed_seq().to_string(),
         );
+        // Read after the committed seq: a batch being flushed shows here first.
+        metric(
+            "herald_projection_applied_seq",
+            "gauge",
+            "The last log seq folded into the projection; ahead of the committed seq while a batch is being flushed.",
+            herald_projector::applied_seq(&engine.tables()).map_or_else(|_| "NaN".to_owned(), |s| s.to_string()),
+        );
         metric(
             "herald_commit_batches_total",
             "counter",
