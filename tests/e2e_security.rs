@@ -155,31 +155,11 @@ fn send_json(server: &Server, method: &str, path: &str, key: &str, body: &Value)
     send(server, method, path, Some(key), Some(body.to_string().as_bytes()), &[])
 }
 
-/// The audit log's length and last seq, read with the admin key once it is settled: a GET can
-/// show a state a moment before its record is flushed (and so in the audit log), so read until two
-/// reads a little apart agree.
 /// The audit log's length and last seq, once it holds every record the projection has folded (the
 /// audit log shows durable records only, and a batch is folded before its flush ends).
 fn audit(server: &Server) -> (usize, u64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let applied = applied_seq(server);
-        let now = audit_once(server);
-        if now.1 >= applied || std::time::Instant::now() > deadline {
-            return now;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-fn applied_seq(server: &Server) -> u64 {
-    let r = send(server, "GET", "/metrics", None, None, &[]);
-    let text = r.text();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("herald_projection_applied_seq "))
-        .expect("the applied seq metric");
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a seq")
+    server.wait_durable();
+    audit_once(server)
 }
 
 fn audit_once(server: &Server) -> (usize, u64) {

@@ -679,12 +679,12 @@ fn idempotent_publish_delivers_once() {
     receiver.wait_for(1);
     server.wait_status(&key, &first_delivery(&first), "delivered");
     // A replay writes nothing to the log. (The log is read up to its durable end, which may
-    // trail the projection by a group commit: wait for the attempt's record first.)
+    // trail the projection by a group commit: wait until it is durable first.)
     let audit = || get_full(&server, "/v1/audit/log?after=0&limit=10000", ADMIN_KEY).2;
-    let before = wait_for("the attempt in the audit log", || {
-        let text = audit();
-        text.contains(r#""type":"AttemptRecorded""#).then(|| text.lines().count())
-    });
+    server.wait_durable();
+    let text = audit();
+    assert!(text.contains(r#""type":"AttemptRecorded""#), "the attempt is in the audit log: {text}");
+    let before = text.lines().count();
     assert_eq!(publish("key-1", &body), first);
     assert_eq!(audit().lines().count(), before, "a replayed publish wrote to the log");
     std::thread::sleep(Duration::from_millis(500));
@@ -913,7 +913,9 @@ fn events_attempts_and_the_audit_chain() {
     );
     assert_named(status, &body, 404, "NotFound");
 
-    // The audit log: NDJSON, a hash chain, no secret.
+    // The audit log: NDJSON, a hash chain, no secret. (It shows durable records only: wait until
+    // the last attempt's record is.)
+    server.wait_durable();
     let (status, headers, text) = get_full(&server, "/v1/audit/log?after=0&limit=1000", ADMIN_KEY);
     assert_eq!(status, 200, "{text}");
     let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());

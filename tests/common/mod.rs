@@ -218,6 +218,43 @@ impl Server {
         body
     }
 
+    /// The last seq folded into the projection (`herald_projection_applied_seq`).
+    pub fn applied_seq(&self) -> u64 {
+        let (status, text) = self.get_text("/metrics");
+        assert_eq!(status, 200, "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("herald_projection_applied_seq "))
+            .expect("the applied seq metric");
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a seq")
+    }
+
+    /// Waits until the log is durable as far as the projection has folded it, so the audit log
+    /// (durable records only) holds every record behind what the API shows now.
+    pub fn wait_durable(&self) {
+        let applied = self.applied_seq();
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let (status, text) = self.get_text("/metrics");
+            assert_eq!(status, 200, "{text}");
+            let committed = text
+                .lines()
+                .find(|l| l.starts_with("herald_log_committed_seq "))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("the committed seq metric");
+            if committed >= applied {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the log never became durable through seq {applied}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn get_text(&self, path: &str) -> (u16, String) {
+        self.try_call("GET", path, None, None).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// Polls `GET /v1/webhook_deliveries/{id}` until its status is `status`.
     pub fn wait_status(&self, key: &str, delivery: &str, status: &str) -> Value {
         let deadline = Instant::now() + WAIT_MAX;
