@@ -11,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_engine::{Command, CommandError, EngineError, Reply};
 use herald_projector::{
-    get_endpoint, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
-    EndpointId, Scope,
+    get_endpoint, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId, Scope,
 };
 use serde::Deserialize;
 
@@ -117,31 +116,17 @@ pub async fn list_failures(
         )),
     };
     let cursor = parse_cursor(P, q.cursor.as_deref())?;
-    // Each status has its own index, all in the same (created, id) order: merge them.
-    let mut merged: Vec<Delivery> = Vec::new();
-    let mut more = false;
-    // An admin key naming no organisation: every organisation's failures.
+    // Each status (of each organisation, for an admin key naming none) has its own index, all in
+    // the same (created, id) order: one list walks them as one.
     let orgs = if webhook.is_none() { scope_orgs(&state, P, scope)? } else { Vec::new() };
-    for status in statuses {
-        let index = match webhook {
-            Some(e) => DeliveryIndex::EndpointStatus(e, status),
-            None => DeliveryIndex::Union(orgs.iter().map(|o| DeliveryIndex::OrgStatus(*o, status)).collect()),
-        };
-        let query = DeliveryQuery::all(index);
-        let (items, next) =
-            filtered_page(&state, P, &query, cursor, limit, |d| scope.is_none_or(|o| d.org_id == o))?;
-        more |= next.is_some();
-        merged.extend(items);
-    }
-    merged.sort_by_key(|d| std::cmp::Reverse((d.created_at_ms, d.id)));
-    if merged.len() > limit {
-        merged.truncate(limit);
-        more = true;
-    }
-    let next_cursor = match (more, merged.last()) {
-        (true, Some(d)) => Some(cursor_text(&DeliveryCursor { created_at_ms: d.created_at_ms, id: d.id })),
-        _ => None,
-    };
+    let parts = statuses.iter().flat_map(|status| match webhook {
+        Some(e) => vec![DeliveryIndex::EndpointStatus(e, *status)],
+        None => orgs.iter().map(|o| DeliveryIndex::OrgStatus(*o, *status)).collect(),
+    });
+    let query = DeliveryQuery::all(DeliveryIndex::Union(parts.collect()));
+    let (merged, next) =
+        filtered_page(&state, P, &query, cursor, limit, |d| scope.is_none_or(|o| d.org_id == o))?;
+    let next_cursor = next.as_ref().map(cursor_text);
     let webhook_failures = merged.iter().map(|d| failure(&state, d)).collect();
     Ok(Json(FailureList { webhook_failures, next_cursor }).into_response())
 }
