@@ -14,9 +14,10 @@ use herald_log::{Machine, Tx};
 use herald_projector::compact::{apply_plan, Plan};
 use herald_projector::{
     apply_unstaged, encode, get_api_key, get_delivery, get_endpoint, get_event, idempotency_lookup,
-    list_endpoints, org_secret, policy, ApiKeyId, ApplyError, AttemptOutcome, CompactError, CompactReport,
-    DeliveryId, DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, NewDelivery, OrgId, Policy, Scope,
-    TxRead, TxTables, NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX, RESPONSE_EXCERPT_BYTES_MAX,
+    list_endpoints, org_secret, policy, subscribes, ApiKeyId, ApplyError, AttemptOutcome, CompactError,
+    CompactReport, DeliveryId, DeliveryStatus, Due, Endpoint, EndpointId, Event, EventId, NewDelivery, OrgId,
+    Policy, Scope, TxRead, TxTables, NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
+    RESPONSE_EXCERPT_BYTES_MAX,
 };
 use uuid::Uuid;
 
@@ -423,8 +424,9 @@ impl Commands {
         self.fan_out_bytes = 0;
     }
 
-    fn check_url(&self, url: &str) -> Result<(), CommandError> {
-        check_url(url, self.limits.allow_private_targets).map_err(|e| invalid("url", e.to_string()))
+    /// Checks a url given in `field`.
+    fn check_url(&self, field: &'static str, url: &str) -> Result<(), CommandError> {
+        check_url(url, self.limits.allow_private_targets).map_err(|e| invalid(field, e.to_string()))
     }
 
     /// Counts a batch retrigger request for the endpoint, or refuses it when over the window's limit.
@@ -467,7 +469,7 @@ impl Commands {
                         "only an admin key may create endpoints for another organisation",
                     ));
                 }
-                self.check_url(&url)?;
+                self.check_url("url", &url)?;
                 check_name(&name)?;
                 check_enabled_events(&enabled_events)?;
                 let secret = match secret {
@@ -487,7 +489,7 @@ impl Commands {
             Command::UpdateEndpoint { id, url, name, enabled_events } => {
                 Self::endpoint(tx, actor, id)?;
                 if let Some(url) = &url {
-                    self.check_url(url)?;
+                    self.check_url("url", url)?;
                 }
                 if let Some(name) = &name {
                     check_name(name)?;
@@ -572,14 +574,13 @@ impl Commands {
                     return Err(invalid("payload", format!("over {} bytes", self.limits.event_bytes_max)));
                 }
                 if let Some(url) = &webhook_url {
-                    check_url(url, self.limits.allow_private_targets)
-                        .map_err(|e| invalid("webhook_url", e.to_string()))?;
+                    self.check_url("webhook_url", url)?;
                 }
                 // Where the event goes: each subscribed endpoint (at its current url), then the
                 // inline url if any.
                 let mut targets: Vec<(Option<EndpointId>, String)> = Vec::new();
-                let subscribes = |e: &&FanOut| e.enabled_events.iter().any(|t| t == "*" || *t == event_type);
-                for endpoint in self.fan_out_of(tx, org_id)?.iter().filter(subscribes) {
+                let fan_out = self.fan_out_of(tx, org_id)?;
+                for endpoint in fan_out.iter().filter(|e| subscribes(&e.enabled_events, &event_type)) {
                     if targets.len() >= FAN_OUT_ENDPOINTS_MAX {
                         return Err(CommandError::Conflict {
                             reason: format!(
@@ -863,7 +864,9 @@ impl Machine for Commands {
     fn execute(&mut self, command: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
         let reply = self.run(command, tx);
         if reply.is_err() {
-            // Rolled back: what it may have read into the endpoint lists goes too.
+            // Rolled back. Its endpoint changes already emptied the lists as they were staged;
+            // emptying them again keeps them right even for a command that would read lists
+            // after staging such a change (none does today).
             self.forget_fan_out();
         }
         reply

@@ -483,13 +483,9 @@ impl Dispatcher {
         };
         // A handed-over payload stays held while the delivery waits (for its time or for room
         // at its endpoint), until its attempt starts.
-        match delivery.next_attempt_at_ms {
-            None => return,
-            Some(at) if at > now => {
-                self.queue.insert(id, at);
-                return;
-            }
-            Some(_) => {}
+        if let Some(at) = delivery.next_attempt_at_ms.filter(|at| *at > now) {
+            self.queue.insert(id, at);
+            return;
         }
         if let Some(endpoint) = delivery.endpoint_id {
             if self.per_endpoint.get(&endpoint).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {

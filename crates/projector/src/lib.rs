@@ -112,8 +112,8 @@ pub use event::{
 pub use fold::{apply, apply_unstaged, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 pub use model::{
-    transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint, EndpointStatus,
-    EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
+    subscribes, transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint,
+    EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
     RESPONSE_EXCERPT_BYTES_MAX,
 };
 pub use persist::{

@@ -194,6 +194,11 @@ pub struct Endpoint {
     pub updated_at_ms: u64,
 }
 
+/// Whether a list of enabled events takes `event_type` (by name or through `*`).
+pub fn subscribes(enabled_events: &[String], event_type: &str) -> bool {
+    enabled_events.iter().any(|e| e == "*" || e == event_type)
+}
+
 impl Endpoint {
     /// The secrets that sign an attempt made at `now_ms`: the current one first, then the
     /// rotated-out ones that have not expired, newest first.
@@ -205,7 +210,7 @@ impl Endpoint {
 
     /// Whether the endpoint subscribes to `event_type` (by name or through `*`).
     pub fn subscribes_to(&self, event_type: &str) -> bool {
-        self.enabled_events.iter().any(|e| e == "*" || e == event_type)
+        subscribes(&self.enabled_events, event_type)
     }
 
     pub fn is_deleted(&self) -> bool {
