@@ -263,7 +263,8 @@ pub enum DeliveryIndex {
     Endpoint(EndpointId),
     EndpointStatus(EndpointId, DeliveryStatus),
     OrgEventType(OrgId, String),
-    /// Several indexes walked as one list (an admin's list over organisations).
+    /// Several indexes walked as one list (an admin's list over organisations, the failures
+    /// list over its statuses).
     Union(Vec<DeliveryIndex>),
 }
 
@@ -378,8 +379,9 @@ fn deliveries_page(
     }
     // Byte order of the keys' (created_at, id) tail: the order every part is walked in.
     entries.sort_unstable();
-    // The parts are read one after another, not from one snapshot: a delivery whose status
-    // changed between two reads is in both. It is listed once (its row is read below).
+    // A delivery met in two parts (parts that overlap, or a status that changed between two
+    // reads when the caller does not read through `Engine::consistent_read`) is listed once;
+    // its row is read below.
     entries.dedup();
     if direction == Direction::Backward {
         entries.reverse();
