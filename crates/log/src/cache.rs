@@ -38,7 +38,7 @@
 //!   the floor: what is at or below the floor is read from the store, so the set stays exact
 //!   above it. A failed apply forgets floor and set.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
@@ -81,8 +81,8 @@ struct State {
     /// Moved by every apply: a read from the store is kept only if it did not move meanwhile.
     generation: u64,
     /// Ascending keyspace byte → its floor and the keys it holds above it. A keyspace not
-    /// here has not been learned yet.
-    recent: HashMap<u8, Recent>,
+    /// here has not been learned yet. (A few keyspaces: a `BTreeMap` finds one without hashing.)
+    recent: BTreeMap<u8, Recent>,
     /// A batch is being applied to the store: its puts are in the sets already, and a floor
     /// learned now may miss them, so it is not kept.
     applying: bool,
@@ -142,8 +142,9 @@ impl State {
         if !put {
             recent.keys.remove(key);
         } else if key > recent.floor.as_slice()
-            // Known already (each put is noted before and after its apply): no copy of the key.
-            && !recent.keys.contains(key)
+            // A new id above every key held (most puts: the ids are ascending) needs one search,
+            // not two; one known already (a row written again) is not copied.
+            && (recent.keys.last().is_none_or(|last| key > last.as_slice()) || !recent.keys.contains(key))
             && recent.keys.insert(key.to_vec())
             && recent.keys.len() > recent_max
         {
@@ -293,8 +294,18 @@ impl Store for CachedStore {
         st.applying = false;
         match &applied {
             Ok(()) => {
+                // Puts joined the sets before the apply (no set can have been learned since: a
+                // floor learned while applying is not kept); deletes leave them now. Only a batch
+                // that deletes a key of a set needs its puts noted again, in order, since it may
+                // put that key again after deleting it.
+                let deletes = batch
+                    .writes
+                    .iter()
+                    .any(|(k, v)| v.is_none() && k.first().is_some_and(|ks| st.recent.contains_key(ks)));
                 for (key, value) in &batch.writes {
-                    st.note_write(key, value.is_some(), self.recent_max);
+                    if deletes {
+                        st.note_write(key, value.is_some(), self.recent_max);
+                    }
                     if self.caches(key) {
                         st.insert(key, value.clone(), self.budget_bytes);
                     }
