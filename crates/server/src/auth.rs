@@ -66,6 +66,13 @@ pub fn authenticate(
     authenticate_header(state, headers.get(header::AUTHORIZATION), family, scope)
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme name is case-insensitive
+/// (RFC 9110, section 11.1): `bearer` and `BEARER` are taken too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 /// [`authenticate`] given the request's (first) `Authorization` header, for a handler that does
 /// not take the whole header map.
 pub fn authenticate_header(
@@ -76,7 +83,7 @@ pub fn authenticate_header(
 ) -> Result<Principal, ApiError> {
     let key = authorization
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(bearer_token)
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .ok_or_else(|| ApiError::unauthorized(family))?;
@@ -279,6 +286,16 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_required() {
+        for value in ["Bearer sk_a", "bearer sk_a", "BEARER sk_a", "bEaReR sk_a"] {
+            assert_eq!(bearer_token(value), Some("sk_a"), "{value}");
+        }
+        for value in ["Basic sk_a", "Bearersk_a", "sk_a", "", "Bearer"] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 
     #[test]
     fn a_bucket_allows_its_burst_then_refuses_with_a_wait() {
