@@ -18,7 +18,17 @@ use common::{call_raw, ADMIN_KEY, WAIT_MAX};
 const ORG: &str = "0190f1f4-0000-7000-8000-0000000000d1";
 const LIMIT_BYTES: u64 = 6_000_000;
 
-fn spawn(dir: &std::path::Path, port: u16, limit: Option<u64>) -> Child {
+/// A running herald, stopped by its PID when dropped: also when an assertion fails.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &std::path::Path, port: u16, limit: Option<u64>) -> Running {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
@@ -40,7 +50,7 @@ fn spawn(dir: &std::path::Path, port: u16, limit: Option<u64>) -> Child {
             });
         }
     }
-    let child = cmd.spawn().expect("cannot start herald");
+    let child = Running(cmd.spawn().expect("cannot start herald"));
     let deadline = Instant::now() + WAIT_MAX;
     while !matches!(
         call_raw(&format!("http://127.0.0.1:{port}/healthz"), "GET", None, None, &[]),
@@ -66,7 +76,7 @@ fn call(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, serde_
 fn a_full_disk_refuses_writes_cleanly_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = spawn(dir.path(), port, Some(LIMIT_BYTES));
+    let child = spawn(dir.path(), port, Some(LIMIT_BYTES));
     let pad = "x".repeat(20_000);
     let mut acked = Vec::new();
     let mut refused = 0;
@@ -89,17 +99,27 @@ fn a_full_disk_refuses_writes_cleanly_and_loses_nothing_acknowledged() {
     assert!(refused >= 5, "the file-size limit was never reached ({} acknowledged)", acked.len());
     assert!(!acked.is_empty());
     // Still serving: reads answer, health is fine, readiness says why it is not ready.
-    let (status, _) = call(port, "GET", &format!("/v1/events/{}", acked[0]), None);
-    assert_eq!(status, 200);
+    // - sled refuses some seeks after an IO error; the read cache used to learn from one and
+    //   turn that into "not found" for every event (the first one is checked for it).
+    // - sled's tree in memory may then miss the rows of the last batches before the failure
+    //   (seen: the last 16 of 92 events), although they are on disk: the restart below reads
+    //   every acknowledged event back. docs/OPERATIONS.md says so.
+    for (i, id) in acked.iter().enumerate() {
+        let (status, body) = call(port, "GET", &format!("/v1/events/{id}"), None);
+        assert!(
+            status == 200 || (status == 404 && i > 0),
+            "event {i} of {} on the full disk: {status} {body}",
+            acked.len()
+        );
+    }
     assert_eq!(call(port, "GET", "/healthz", None).0, 200);
     let (status, ready) = call(port, "GET", "/readyz", None);
     assert_eq!((status, ready["status"].as_str()), (503, Some("the store refuses writes")));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     // Space again (no limit): a restart, and everything acknowledged is there.
     let port = free_port();
-    let mut child = spawn(dir.path(), port, None);
+    let child = spawn(dir.path(), port, None);
     for id in &acked {
         let (status, body) = call(port, "GET", &format!("/v1/events/{id}"), None);
         assert_eq!(status, 200, "acknowledged event {id} lost: {body}");
@@ -107,8 +127,7 @@ fn a_full_disk_refuses_writes_cleanly_and_loses_nothing_acknowledged() {
     let body = format!(r#"{{"org_id":"{ORG}","event_type":"disk.fill","payload":{{}}}}"#);
     assert_eq!(call(port, "POST", "/v1/events", Some(&body)).0, 202);
     assert_eq!(call(port, "GET", "/readyz", None).0, 200);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let verify = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["verify", "--data-dir"])
         .arg(dir.path())

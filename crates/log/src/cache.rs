@@ -29,7 +29,8 @@
 //! store: the writer checks every id it is about to create, and such a check would otherwise
 //! descend sled's tree to find nothing.
 //! - The floor is learned from the store (`last`) on the first `get` in that keyspace, with an
-//!   empty set, and kept only if no batch was applied meanwhile, like a read.
+//!   empty set, and kept only if no batch was applied meanwhile, like a read. If the store
+//!   refuses that seek, nothing is learned and the `get` reads the store.
 //! - Each batch adds to the set every key above the floor that it puts, before the store
 //!   applies it (so a key the store holds is never answered absent), and removes every key it
 //!   deletes once the store has applied it. A floor learned while a batch is being applied is
@@ -222,7 +223,10 @@ impl CachedStore {
             }
             st.generation
         };
-        let last = self.inner.last(&[ks], &[ks + 1])?;
+        // A store that refuses the seek (sled does, after an IO error, while its gets still
+        // answer) teaches no floor: the get reads the store. Failing the get instead would turn
+        // a readable row into an error, and a reader that takes errors for absent into a 404.
+        let Ok(last) = self.inner.last(&[ks], &[ks + 1]) else { return Ok(false) };
         let floor = last.map_or_else(|| vec![ks], |(k, _)| k);
         let absent = key > floor.as_slice();
         let mut st = self.write();
@@ -663,6 +667,43 @@ mod tests {
             );
             assert_eq!(cached.get(&[5, 9]).unwrap(), Some(b"new".to_vec()));
             assert_eq!(cached.get(&[5, 10]).unwrap(), None);
+        }
+    }
+
+    /// A store whose seeks fail and whose gets answer: sled after an IO error (a full disk).
+    struct SeekFails(MemStore);
+
+    impl Store for SeekFails {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+            self.0.scan(from, to, visit)
+        }
+        fn last(&self, _: &[u8], _: &[u8]) -> Result<Option<Pair>, StoreError> {
+            Err(StoreError::Io("refused".into()))
+        }
+        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+            self.0.apply(batch)
+        }
+        fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+            self.0.flush(durability)
+        }
+        fn size_on_disk(&self) -> Result<u64, StoreError> {
+            self.0.size_on_disk()
+        }
+    }
+
+    #[test]
+    fn a_floor_the_store_cannot_seek_is_not_learned_and_gets_read_the_store() {
+        let mem = MemStore::new();
+        mem.apply(&batch(&[(&[5, 1], Some(b"one"))])).unwrap();
+        for budget in [0, 1 << 20] {
+            let cached = CachedStore::new(Arc::new(SeekFails(mem.clone())), budget, all).with_ascending(&[5]);
+            assert_eq!(cached.get(&[5, 1]).unwrap(), Some(b"one".to_vec()), "budget {budget}");
+            assert_eq!(cached.get(&[5, 2]).unwrap(), None);
+            assert!(cached.state.read().unwrap().recent.is_empty());
+            assert_eq!(cached.stats().known_absent, 0);
         }
     }
 
