@@ -506,11 +506,11 @@ pub fn replay_dir(dir: &Path, subject: Subject, ndjson: bool, out: &mut dyn Writ
                     | Event::RedeliverRequested { delivery_id, .. },
                     _,
                 ) => followed.contains_key(delivery_id),
-                (Event::PolicySet(_), _) => true,
+                (Event::PolicySet(_) | Event::RulesAdopted { .. }, _) => true,
                 _ => false,
             };
             if relevant {
-                found |= !matches!(event, Event::PolicySet(_));
+                found |= !matches!(event, Event::PolicySet(_) | Event::RulesAdopted { .. });
                 write_step(out, ndjson, r, &event)?;
             }
             // State changes of followed deliveries, whatever record caused them.
@@ -729,6 +729,7 @@ fn write_step(out: &mut dyn Write, ndjson: bool, r: &Record, event: &Event) -> R
             )
         }
         Event::EndpointEnabled { id } => format!("endpoint {id} enabled"),
+        Event::RulesAdopted { version } => format!("fold rules version {version} from here on"),
         other => format!("{other:?}"),
     };
     writeln!(out, "{}  seq {:>6}  {text}", ts(r.at_ms), r.seq).map_err(io)

@@ -625,6 +625,25 @@ fn seed_003_redeliver() {
     let triggers: Vec<&Value> = tries.iter().map(|a| &a["trigger"]).collect();
     assert_eq!(triggers, vec!["auto", "manual"]);
 
+    // After the endpoint moved, a redeliver goes to its new url, and the delivery says so.
+    let (status, moved) = server.call(
+        "PATCH",
+        &format!("/v1/endpoints/{ep}"),
+        Some(&key),
+        Some(json!({"url": receiver.url("/moved")})),
+    );
+    assert_eq!(status, 200, "{moved}");
+    let (status, d) =
+        server.call("POST", &format!("/v1/webhook_deliveries/{id}/redeliver"), Some(&key), None);
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["url"], receiver.url("/moved"), "{d}");
+    assert_eq!(receiver.wait_for(3)[2].path, "/moved");
+    let after = server.wait_status(&key, &id, "delivered");
+    assert_eq!(
+        (after["url"].clone(), after["attempt_count"].clone()),
+        (json!(receiver.url("/moved")), json!(3))
+    );
+
     // A pending delivery (its attempt hangs until the timeout): 409.
     let slow = first_delivery(&server.publish(&key, "call.ringing", json!({})));
     assert_eq!(delivery(&server, &key, &slow)["status"], "pending");
@@ -648,7 +667,7 @@ fn seed_003_redeliver() {
     let (_, reader) = server.org_key(&["deliveries.read"]);
     let (status, body) = server.call("POST", &path, Some(&reader), None);
     assert_named(status, &body, 403, "AccessDenied");
-    assert_eq!(delivery(&server, &key, &id)["manual_retry_count"], 1);
+    assert_eq!(delivery(&server, &key, &id)["manual_retry_count"], 2);
 }
 
 // ---------------------------------------------------------------------------------------------

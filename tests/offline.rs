@@ -160,16 +160,17 @@ fn replay_tells_the_story_line_by_line() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = s.delivery;
     let expected = [
-        "2026-03-15T10:00:00.000Z  seq      1  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive".to_owned(),
-        format!("2026-03-15T10:00:00.000Z  seq      4  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)", s.event, "*", s.endpoint),
-        format!("2026-03-15T10:00:00.000Z  seq      4    delivery {d}: (new) -> pending"),
-        format!("2026-03-15T10:00:00.000Z  seq      5  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00.000Z, 0 ms: failed: Connection timeout; next automatic attempt at {}", "*"),
-        format!("2026-03-15T10:0*Z  seq      6  delivery {d}: attempt 2 (auto) started 2026-03-15T10:0*Z, 0 ms: failed, HTTP 503 (HTTP 503); next automatic attempt at *"),
-        format!("2026-03-15T10:0*Z  seq      6    delivery {d}: pending -> inactive"),
-        format!("2026-03-15T11:00:00.000Z  seq      7  delivery {d}: retrigger requested by API key {} (request *)", s.key),
-        format!("2026-03-15T11:00:00.000Z  seq      7    delivery {d}: inactive -> pending"),
-        format!("2026-03-15T11:00:00.000Z  seq      8  delivery {d}: attempt 3 (manual) started 2026-03-15T11:00:00.000Z, 0 ms: delivered, HTTP 200"),
-        format!("2026-03-15T11:00:00.000Z  seq      8    delivery {d}: pending -> delivered"),
+        "2026-03-15T10:00:00.000Z  seq      1  fold rules version 2 from here on".to_owned(),
+        "2026-03-15T10:00:00.000Z  seq      2  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive".to_owned(),
+        format!("2026-03-15T10:00:00.000Z  seq      5  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)", s.event, "*", s.endpoint),
+        format!("2026-03-15T10:00:00.000Z  seq      5    delivery {d}: (new) -> pending"),
+        format!("2026-03-15T10:00:00.000Z  seq      6  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00.000Z, 0 ms: failed: Connection timeout; next automatic attempt at {}", "*"),
+        format!("2026-03-15T10:0*Z  seq      7  delivery {d}: attempt 2 (auto) started 2026-03-15T10:0*Z, 0 ms: failed, HTTP 503 (HTTP 503); next automatic attempt at *"),
+        format!("2026-03-15T10:0*Z  seq      7    delivery {d}: pending -> inactive"),
+        format!("2026-03-15T11:00:00.000Z  seq      8  delivery {d}: retrigger requested by API key {} (request *)", s.key),
+        format!("2026-03-15T11:00:00.000Z  seq      8    delivery {d}: inactive -> pending"),
+        format!("2026-03-15T11:00:00.000Z  seq      9  delivery {d}: attempt 3 (manual) started 2026-03-15T11:00:00.000Z, 0 ms: delivered, HTTP 200"),
+        format!("2026-03-15T11:00:00.000Z  seq      9    delivery {d}: pending -> delivered"),
     ];
     let got: Vec<String> = text(&out).lines().map(str::to_owned).collect();
     assert_eq!(got.len(), expected.len(), "{}", text(&out));
@@ -212,10 +213,10 @@ fn export_import_verify_round_trips_a_real_log() {
     let src = dir.path().to_str().unwrap();
     let verified = herald(&["verify", "--data-dir", src], None);
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
-    assert!(text(&verified).starts_with("ok: 8 records"), "{}", text(&verified));
+    assert!(text(&verified).starts_with("ok: 9 records"), "{}", text(&verified));
     let export = herald(&["export", "--data-dir", src], None);
     assert!(export.status.success());
-    assert_eq!(text(&export).lines().count(), 8);
+    assert_eq!(text(&export).lines().count(), 9);
     let copy = tempfile::tempdir().unwrap();
     let target = copy.path().join("data");
     let import = herald(&["import", "--data-dir", target.to_str().unwrap()], Some(&export.stdout));

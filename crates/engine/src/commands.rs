@@ -177,6 +177,10 @@ pub enum Command {
     /// The configuration's policy (retry schedule, failure window, rotation overlap), written to
     /// the log when it differs from the one in force. Admin only.
     SetPolicy(Policy),
+    /// Folds what follows under rules `version` (see
+    /// [`RULES_CURRENT`](herald_projector::RULES_CURRENT)): the engine sends it when it opens a
+    /// store with earlier rules. Admin only; forward only.
+    AdoptRules(u32),
     /// Retention: applies a compaction planned by
     /// [`compact::plan`](herald_projector::compact::plan). Admin only; see
     /// [`Engine::compact`](crate::Engine::compact).
@@ -773,6 +777,22 @@ impl Commands {
                     return Err(invalid("policy", problem));
                 }
                 events.push(Event::PolicySet(p));
+                Reply::Done
+            }
+            Command::AdoptRules(version) => {
+                if actor.org_id.is_some() {
+                    return Err(CommandError::NotFound { what: "route", id: "rules".into() });
+                }
+                let in_force = herald_projector::rules(&TxRead(tx))?;
+                if version <= in_force || version > herald_projector::RULES_CURRENT {
+                    return Err(CommandError::Conflict {
+                        reason: format!(
+                            "rules version {version} cannot follow version {in_force} (known up to {})",
+                            herald_projector::RULES_CURRENT
+                        ),
+                    });
+                }
+                events.push(Event::RulesAdopted { version });
                 Reply::Done
             }
         };

@@ -237,6 +237,13 @@ impl Engine {
                 shutdown_timeout: config.delivery.shutdown_timeout,
             }),
         };
+        // A store folded under earlier rules takes this code's from here on (the records before
+        // keep the rules they were written under, so a rebuild still matches).
+        if herald_projector::rules(&StoreTables(engine.inner.store.as_ref()))?
+            < herald_projector::RULES_CURRENT
+        {
+            engine.execute_blocking(Actor::admin(), Command::AdoptRules(herald_projector::RULES_CURRENT))?;
+        }
         // The policy in force is the configuration's; a change is itself a logged fact.
         let in_force = herald_projector::policy(&StoreTables(engine.inner.store.as_ref()))?;
         if in_force != config.policy {

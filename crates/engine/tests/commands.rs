@@ -508,6 +508,28 @@ fn set_policy_is_admin_only_and_checked() {
 }
 
 #[test]
+fn adopt_rules_is_admin_only_and_forward_only() {
+    let mut w = World::new(CommandLimits::default());
+    let rules = |w: &World| herald_projector::rules(&StoreTables(&w.store)).unwrap();
+    assert_eq!(rules(&w), 1, "a store no engine opened is under the first rules");
+    let current = herald_projector::RULES_CURRENT;
+    assert!(matches!(w.run(member(1), Command::AdoptRules(current)), Err(CommandError::NotFound { .. })));
+    for refused in [0, 1, current + 1] {
+        assert!(
+            matches!(w.run(Actor::admin(), Command::AdoptRules(refused)), Err(CommandError::Conflict { .. })),
+            "{refused}"
+        );
+    }
+    assert_eq!(rules(&w), 1, "a refused adoption wrote");
+    assert_eq!(w.run(Actor::admin(), Command::AdoptRules(current)), Ok(Reply::Done));
+    assert_eq!(rules(&w), current);
+    assert!(matches!(
+        w.run(Actor::admin(), Command::AdoptRules(current)),
+        Err(CommandError::Conflict { .. })
+    ));
+}
+
+#[test]
 fn delivery_ids_are_derived_from_the_event_so_a_replay_gives_the_same_ids() {
     let run = || {
         let mut w = World::new(CommandLimits::default());

@@ -399,6 +399,11 @@ fn a_changed_policy_is_logged_once_at_open() {
     w.config.policy.retry_schedule_ms = vec![2_000, 3_000];
     w.restart();
     assert_eq!(w.engine.committed_seq(), seq + 1);
+    // The fold's rules were adopted when the store was made, once.
+    assert_eq!(
+        herald_projector::rules(&herald_projector::StoreTables(w.store.as_ref())).unwrap(),
+        herald_projector::RULES_CURRENT
+    );
     assert_eq!(w.engine.policy().unwrap().retry_schedule_ms, vec![2_000, 3_000]);
 }
 

@@ -189,6 +189,14 @@ pub enum Event {
         idempotency_key: Option<String>,
         deliveries: Vec<NewDelivery>,
     },
+    /// The fold's rules from this record on are those of `version` (see
+    /// [`RULES_CURRENT`](crate::RULES_CURRENT)); before the first such record, version 1. How an
+    /// event is folded can then change without changing what an earlier record means: a rebuild
+    /// folds each record under the rules in force when it was written, so it still gives the
+    /// stored projection byte for byte.
+    RulesAdopted {
+        version: u32,
+    },
 }
 
 /// A delivery created with its event ([`Event::EventPublishedWithDeliveries`]): the fields of
@@ -229,6 +237,7 @@ impl Event {
             Event::RedeliverRequested { .. } => "RedeliverRequested",
             Event::Compacted { .. } => "Compacted",
             Event::EventPublishedWithDeliveries { .. } => "EventPublishedWithDeliveries",
+            Event::RulesAdopted { .. } => "RulesAdopted",
         }
     }
 }

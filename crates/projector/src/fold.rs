@@ -21,6 +21,15 @@ pub const CASCADE_PAGE_LEN: usize = 256;
 /// The reason an endpoint's deliveries carry when it is deleted.
 pub const ENDPOINT_DELETED_REASON: &str = "endpoint deleted";
 
+/// The fold's rules version this code writes with [`Event::RulesAdopted`] (the engine adopts it
+/// when it opens a store that has an earlier one). What each version adds:
+/// 1. Everything before version 2.
+/// 2. An endpoint's `updated_at` moves when an attempt changes its health (`status`,
+///    `inactive_reason`); a delivery to an endpoint takes the endpoint's url when an attempt of
+///    it is recorded and when it is retriggered or redelivered, so its `url` is the one its
+///    last attempt went to, or its next one goes to, after a `PATCH` of the endpoint.
+pub const RULES_CURRENT: u32 = 2;
+
 /// Why an event cannot be applied. The engine validates commands before appending their events,
 /// so this means a bug or a corrupt log. A rejected event leaves the tables as they were.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +77,11 @@ pub enum ApplyError {
     },
     InvalidPolicy {
         reason: &'static str,
+    },
+    /// Rules are adopted forward only, up to the ones this code knows.
+    UnknownRules {
+        in_force: u32,
+        got: u32,
     },
     /// Another key has this hash already.
     ApiKeyHashTaken {
@@ -123,6 +137,10 @@ impl std::fmt::Display for ApplyError {
                 write!(f, "delivery {delivery_id}: invalid attempt: {reason}")
             }
             ApplyError::InvalidPolicy { reason } => write!(f, "invalid policy: {reason}"),
+            ApplyError::UnknownRules { in_force, got } => write!(
+                f,
+                "rules version {got} cannot follow version {in_force} (this code knows up to {RULES_CURRENT})"
+            ),
             ApplyError::ApiKeyHashTaken { id } => {
                 write!(f, "api key {id}: another key has this hash")
             }
@@ -359,6 +377,14 @@ impl<T: Tables> Fold<'_, T> {
             Event::RedeliverRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Redeliver),
             // The drop it records was written with it, outside the fold (see `compact`).
             Event::Compacted { .. } => Ok(()),
+            Event::RulesAdopted { version } => {
+                let in_force = query::rules(self.t)?;
+                if *version <= in_force || *version > RULES_CURRENT {
+                    return Err(ApplyError::UnknownRules { in_force, got: *version });
+                }
+                self.t.put(keys::META_RULES.to_vec(), version.to_be_bytes().to_vec());
+                Ok(())
+            }
         }
     }
 
@@ -506,6 +532,10 @@ impl<T: Tables> Fold<'_, T> {
                 let policy = query::policy(self.t)?;
                 became_inactive = record_failure(endpoint, &policy, self.at_ms);
             }
+            let health = |e: &Endpoint| (e.status, e.inactive_reason.clone());
+            if endpoint_before.as_ref().map(health) != Some(health(endpoint)) && query::rules(self.t)? >= 2 {
+                endpoint.updated_at_ms = self.at_ms;
+            }
         }
         // Why the delivery cannot go on automatically, if it cannot.
         let endpoint_stop_reason = endpoint.as_ref().and_then(|e| {
@@ -548,6 +578,11 @@ impl<T: Tables> Fold<'_, T> {
             new.inactive_reason = None;
         }
         new.updated_at_ms = self.at_ms;
+        if let Some(endpoint) = endpoint.as_ref().filter(|e| !e.is_deleted() && e.url != new.url) {
+            if query::rules(self.t)? >= 2 {
+                new.url = endpoint.url.clone();
+            }
+        }
         self.t.put(keys::attempt(delivery_id, record.attempt), codec::to_bytes(&record));
         self.put_delivery(Some(&old), &new)?;
         if let Some(endpoint) = endpoint {
@@ -576,6 +611,15 @@ impl<T: Tables> Fold<'_, T> {
         new.next_trigger = Trigger::Manual;
         new.inactive_reason = None;
         new.updated_at_ms = self.at_ms;
+        if let Some(endpoint_id) = old.endpoint_id {
+            if query::rules(self.t)? >= 2 {
+                let endpoint = query::get_endpoint(self.t, endpoint_id)?
+                    .ok_or(ApplyError::UnknownEndpoint(endpoint_id))?;
+                if !endpoint.is_deleted() {
+                    new.url = endpoint.url;
+                }
+            }
+        }
         self.put_delivery(Some(&old), &new)?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | `0x10` | `META_APPLIED_SEQ` | applied seq, u64 BE |
 //! | `0x10` | `META_POLICY` | [`Policy`](crate::Policy) |
+//! | `0x10` | `META_RULES` | the fold's rules version, u32 BE |
 //! | `0x10` | `META_COUNT` ++ status | deliveries in that status, u64 BE |
 //! | `0x20` | api key id | [`ApiKey`](crate::ApiKey) |
 //! | `0x21` | key hash (32) | api key id (16) |
@@ -88,6 +89,8 @@ pub const KS_LAST: u8 = 0x7F;
 
 pub const META_APPLIED_SEQ: &[u8] = &[KS_META, b's'];
 pub const META_POLICY: &[u8] = &[KS_META, b'p'];
+/// The fold's rules version in force, u32 BE (absent: 1; see `Event::RulesAdopted`).
+pub const META_RULES: &[u8] = &[KS_META, b'r'];
 /// Followed by a status byte: how many deliveries are in that status (for metrics).
 pub const META_COUNT: &[u8] = &[KS_META, b'c'];
 

@@ -109,7 +109,7 @@ pub use event::{
     decode, encode, AttemptOutcome, DecodeError, Event, NewDelivery, Scope, Trigger, EVENT_FORMAT_V1,
     NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
 };
-pub use fold::{apply, apply_unstaged, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
+pub use fold::{apply, apply_unstaged, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON, RULES_CURRENT};
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 pub use model::{
     subscribes, transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint,
@@ -124,7 +124,7 @@ pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
     applied_seq, attempts, delivery_counts, delivery_orgs, due_deliveries, get_api_key, get_api_key_by_hash,
     get_delivery, get_endpoint, get_event, idempotency_lookup, list_all_endpoints_rev, list_api_keys,
-    list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, Corrupt,
-    DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
+    list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, rules,
+    Corrupt, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
 pub use tables::{Batch, MemTables, ReadTables, Tables};

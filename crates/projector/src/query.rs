@@ -54,6 +54,16 @@ pub fn applied_seq(t: &impl ReadTables) -> Result<u64, Corrupt> {
     }
 }
 
+/// The fold's rules version in force: the last `RulesAdopted`'s, or 1 before any.
+pub fn rules(t: &impl ReadTables) -> Result<u32, Corrupt> {
+    match t.get(keys::META_RULES) {
+        None => Ok(1),
+        Some(bytes) => <[u8; 4]>::try_from(bytes.as_slice())
+            .map(u32::from_be_bytes)
+            .map_err(|_| Corrupt { key: keys::META_RULES.to_vec() }),
+    }
+}
+
 /// The policy in force: the last `PolicySet`'s, or [`Policy::default`] before any.
 pub fn policy(t: &impl ReadTables) -> Result<Policy, Corrupt> {
     Ok(read(t, keys::META_POLICY)?.unwrap_or_default())

@@ -28,6 +28,10 @@ enum Op {
     Enable(u8),
     Delete(u8),
     Rotate(u8),
+    /// A new url for an endpoint.
+    Update(u8),
+    /// A `RulesAdopted` of this version (only the next ones up to `RULES_CURRENT` apply).
+    Rules(u32),
     Policy {
         failures_max: u32,
         window_ms: u64,
@@ -48,6 +52,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Enable),
         1 => (0u8..40).prop_map(Op::Delete), // mostly misses: deletes are rare
         1 => any::<u8>().prop_map(Op::Rotate),
+        1 => any::<u8>().prop_map(Op::Update),
+        1 => (0u32..4).prop_map(Op::Rules),
         1 => (1u32..6, 1u64..30 * 3_600_000)
             .prop_map(|(failures_max, window_ms)| Op::Policy { failures_max, window_ms }),
         3 => (0u64..8 * 3_600_000).prop_map(|ms| Op::Advance { ms }),
@@ -228,6 +234,17 @@ impl Driver {
                     secret: format!("whsec_r{}", self.accepted.len()),
                     previous_expires_at_ms: self.now_ms + 3_600_000,
                 });
+            }
+            Op::Update(n) => {
+                self.offer(Event::EndpointUpdated {
+                    id: ep(self.endpoint(n)),
+                    url: Some(format!("https://u{}.example", self.accepted.len())),
+                    name: None,
+                    enabled_events: None,
+                });
+            }
+            Op::Rules(version) => {
+                self.offer(Event::RulesAdopted { version });
             }
             Op::Policy { failures_max, window_ms } => {
                 self.offer(Event::PolicySet(Policy {

@@ -831,6 +831,78 @@ fn attempts_that_contradict_themselves() {
     }
 }
 
+fn url_update(e: u32, url: &str) -> Event {
+    Event::EndpointUpdated { id: ep(e), url: Some(url.into()), name: None, enabled_events: None }
+}
+
+/// The same history under rules 1 and under rules 2 (adopted first): what version 2 changes is
+/// an endpoint's `updated_at` on a health change, and a delivery's `url` after its endpoint's
+/// url changed. Everything else is the same.
+#[test]
+fn rules_2_move_updated_at_on_health_changes_and_urls_with_the_endpoint() {
+    let history = with(
+        inactive_endpoint(), // e1 inactive at 5_000 by d1's fifth failure; d2 inactive with it
+        &[
+            (6_000, url_update(1, "https://moved.example")),
+            (7_000, retrigger(2)),
+            (7_500, ok(2, 1)), // e1 active again
+        ],
+    );
+    for rules in [1, 2] {
+        let events = if rules == 1 {
+            history.clone()
+        } else {
+            [vec![(0, Event::RulesAdopted { version: 2 })], history.clone()].concat()
+        };
+        let t = run(&events);
+        assert_eq!(rules_in_force(&t), rules);
+        let e = get_endpoint(&t, ep(1)).unwrap().unwrap();
+        let (d1, d2) = (get_delivery(&t, dl(1)).unwrap().unwrap(), get_delivery(&t, dl(2)).unwrap().unwrap());
+        let old_url = d1.url.clone();
+        assert_ne!(old_url, "https://moved.example");
+        if rules == 1 {
+            // Only the url update moved it; the deliveries keep the url they were made with.
+            assert_eq!(e.updated_at_ms, 6_000);
+            assert_eq!(d2.url, old_url);
+        } else {
+            // Active again at 7_500, after the url update at 6_000.
+            assert_eq!(e.updated_at_ms, 7_500);
+            // d2 went to the new url; d1, not attempted since, still names the one it went to.
+            assert_eq!(d2.url, "https://moved.example");
+            assert_eq!(d1.url, old_url);
+        }
+        assert_eq!((e.status, d2.status), (EndpointStatus::Active, DeliveryStatus::Delivered));
+    }
+
+    // Under rules 2 the inactivation moves it too, and a retrigger takes the new url at once.
+    let t = run(&with(
+        [vec![(0, Event::RulesAdopted { version: 2 })], inactive_endpoint()].concat(),
+        &[(6_000, url_update(1, "https://moved.example")), (7_000, retrigger(2))],
+    ));
+    assert_eq!(get_endpoint(&t, ep(1)).unwrap().unwrap().updated_at_ms, 6_000);
+    let inactive_at = run(&[vec![(0, Event::RulesAdopted { version: 2 })], inactive_endpoint()].concat());
+    assert_eq!(get_endpoint(&inactive_at, ep(1)).unwrap().unwrap().updated_at_ms, 5_000);
+    assert_eq!(get_delivery(&t, dl(2)).unwrap().unwrap().url, "https://moved.example");
+}
+
+fn rules_in_force(t: &MemTables) -> u32 {
+    crate::query::rules(t).unwrap()
+}
+
+#[test]
+fn rules_are_adopted_forward_only_and_up_to_the_current_ones() {
+    let adopt = |version| Event::RulesAdopted { version };
+    check_err(&[(0, adopt(1))], ApplyError::UnknownRules { in_force: 1, got: 1 });
+    check_err(&[(0, adopt(0))], ApplyError::UnknownRules { in_force: 1, got: 0 });
+    check_err(
+        &[(0, adopt(RULES_CURRENT + 1))],
+        ApplyError::UnknownRules { in_force: 1, got: RULES_CURRENT + 1 },
+    );
+    check_err(&[(0, adopt(2)), (0, adopt(2))], ApplyError::UnknownRules { in_force: 2, got: 2 });
+    assert_eq!(rules_in_force(&run(&[])), 1);
+    assert_eq!(rules_in_force(&run(&[(0, adopt(2))])), 2);
+}
+
 #[test]
 fn invalid_policies_and_revocations() {
     let zero = Policy { failures_max: 0, ..Policy::default() };

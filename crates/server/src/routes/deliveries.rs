@@ -250,11 +250,15 @@ pub async fn redeliver(
     let answer = if after.status == DeliveryStatus::Pending && after.attempt_count == d.attempt_count {
         after
     } else {
+        // Its attempt was made before this read: the state between the two, with the url that
+        // attempt went to (the endpoint's, which the redeliver took) and the time it was due.
         Delivery {
             status: DeliveryStatus::Pending,
             manual_retry_count: d.manual_retry_count + 1,
             next_attempt_at_ms: after.last_attempt_at_ms,
+            updated_at_ms: after.last_attempt_at_ms.unwrap_or(d.updated_at_ms),
             inactive_reason: None,
+            url: after.url,
             ..d
         }
     };
