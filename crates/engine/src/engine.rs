@@ -11,8 +11,8 @@ use herald_projector::compact;
 use herald_projector::keys;
 use herald_projector::{
     attempts, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, list_endpoints,
-    projection_lag, AttemptRecord, CompactError, CompactReport, Delivery, DeliveryCursor, DeliveryId,
-    DeliveryQuery, Endpoint, EndpointId, EventId, EventRecord, OrgId, Page, Policy, StoreTables,
+    projection_lag, AttemptRecord, CheckedTables, CompactError, CompactReport, Delivery, DeliveryCursor,
+    DeliveryId, DeliveryQuery, Endpoint, EndpointId, EventId, EventRecord, OrgId, Page, Policy, StoreTables,
 };
 use uuid::Uuid;
 
@@ -405,24 +405,44 @@ impl Engine {
         self.inner.api_key_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Read access to the projection, for queries this handle does not wrap.
+    /// Read access to the projection, for queries this handle does not wrap. A store error
+    /// reads as absent here; [`Engine::read`] tells them apart.
     pub fn tables(&self) -> StoreTables<'_> {
         StoreTables(self.inner.store.as_ref())
+    }
+
+    /// Runs `query` over the projection. If the store failed any of its reads (sled may, after
+    /// an IO error), the answer is that error, not what the query made of the reads that
+    /// failed ("not found", a short page).
+    pub fn read<T>(
+        &self,
+        query: impl FnOnce(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
+    ) -> Result<T, EngineError> {
+        let t = CheckedTables::new(self.inner.store.as_ref());
+        let out = query(&t);
+        t.finish().map_err(|e| EngineError::Log(LogError::Store(e)))?;
+        Ok(out?)
     }
 
     /// Runs `read` over the projection until it has seen one state of it: no batch applied while
     /// it ran. A read of several parts one after another (a list merged from its status
     /// partitions) can otherwise miss a delivery that moved, meanwhile, from a part not yet read
-    /// into one already read. After [`CONSISTENT_READ_TRIES`] tries the last answer stands.
-    pub fn consistent_read<T>(&self, read: impl Fn(&StoreTables<'_>) -> T) -> T {
+    /// into one already read. After [`CONSISTENT_READ_TRIES`] tries the last answer stands. A
+    /// store error in the read that stands is the answer, as in [`Engine::read`].
+    pub fn consistent_read<T>(
+        &self,
+        read: impl Fn(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
+    ) -> Result<T, EngineError> {
         let mut tries = 0;
         loop {
             tries += 1;
             let before = self.inner.cache.read_epoch();
-            let out = read(&self.tables());
+            let t = CheckedTables::new(self.inner.store.as_ref());
+            let out = read(&t);
             let settled = before.is_some() && before == self.inner.cache.read_epoch();
             if settled || tries >= CONSISTENT_READ_TRIES {
-                return out;
+                t.finish().map_err(|e| EngineError::Log(LogError::Store(e)))?;
+                return Ok(out?);
             }
             if before.is_none() {
                 // A batch was being applied: let the writer finish it.
@@ -436,11 +456,11 @@ impl Engine {
     }
 
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, EngineError> {
-        Ok(get_delivery(&self.tables(), id)?)
+        self.read(|t| get_delivery(t, id))
     }
 
     pub fn endpoint(&self, id: EndpointId) -> Result<Option<Endpoint>, EngineError> {
-        Ok(get_endpoint(&self.tables(), id)?)
+        self.read(|t| get_endpoint(t, id))
     }
 
     pub fn endpoints(
@@ -449,12 +469,12 @@ impl Engine {
         after: Option<EndpointId>,
         limit: usize,
     ) -> Result<Page<Endpoint, EndpointId>, EngineError> {
-        Ok(list_endpoints(&self.tables(), org_id, after, limit)?)
+        self.read(|t| list_endpoints(t, org_id, after, limit))
     }
 
     /// An event with the payload read back from its log record.
     pub fn event(&self, id: EventId) -> Result<Option<PublishedEvent>, EngineError> {
-        let Some(record) = get_event(&self.tables(), id)? else { return Ok(None) };
+        let Some(record) = self.read(|t| get_event(t, id))? else { return Ok(None) };
         match event_payload(self.inner.store.as_ref(), &record) {
             Ok(payload) => Ok(Some(PublishedEvent { record, payload })),
             Err(CompactError::Log(e)) => Err(EngineError::Log(e)),
@@ -468,7 +488,7 @@ impl Engine {
         after: Option<DeliveryCursor>,
         limit: usize,
     ) -> Result<Page<Delivery, DeliveryCursor>, EngineError> {
-        Ok(list_deliveries(&self.tables(), query, after, limit)?)
+        self.read(|t| list_deliveries(t, query, after, limit))
     }
 
     /// Up to `limit` attempts of a delivery, oldest first, after attempt number `after`.
@@ -478,12 +498,12 @@ impl Engine {
         after: u32,
         limit: usize,
     ) -> Result<Vec<AttemptRecord>, EngineError> {
-        Ok(attempts(&self.tables(), id, after, limit)?)
+        self.read(|t| attempts(t, id, after, limit))
     }
 
     /// The policy in force.
     pub fn policy(&self) -> Result<Policy, EngineError> {
-        Ok(herald_projector::policy(&self.tables())?)
+        self.read(|t| herald_projector::policy(t))
     }
 
     /// The log's durable records from `from_seq` on (the audit log).

@@ -670,7 +670,7 @@ fn a_consistent_read_is_made_again_when_a_batch_lands_during_it() {
     // The redelivered attempt is held, so the delivery stays pending while the test reads.
     w.sender.push(Script::Hold(Duration::from_secs(5)), 1);
     let calls = AtomicUsize::new(0);
-    let part = |t: &herald_projector::StoreTables<'_>, status| {
+    let part = |t: &herald_projector::CheckedTables<'_>, status| {
         let query = DeliveryQuery::all(DeliveryIndex::OrgStatus(org(), status));
         list_deliveries(t, &query, None, 10).unwrap().items.into_iter().map(|d| d.id).collect::<Vec<_>>()
     };
@@ -681,8 +681,9 @@ fn a_consistent_read_is_made_again_when_a_batch_lands_during_it() {
             w.engine.execute_blocking(Actor::admin(), Command::Redeliver { delivery_id: d }).unwrap();
         }
         let delivered = part(t, DeliveryStatus::Delivered);
-        [pending, delivered].concat()
+        Ok([pending, delivered].concat())
     });
+    let seen = seen.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2, "read again once");
     assert_eq!(seen, vec![d], "found once, in one state of the store");
 }

@@ -117,8 +117,8 @@ pub use model::{
     RESPONSE_EXCERPT_BYTES_MAX,
 };
 pub use persist::{
-    catch_up, fold_staged_entries, projection_lag, rebuild, stored_projection, Projector, RebuildError,
-    StoreTables, TxRead, TxTables,
+    catch_up, fold_staged_entries, projection_lag, rebuild, stored_projection, CheckedTables, Projector,
+    RebuildError, StoreTables, TxRead, TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{

@@ -107,16 +107,60 @@ impl ReadTables for TxRead<'_, '_> {
 }
 
 /// Read-only tables over a store, for queries outside the writer thread. A store error reads
-/// as absent: the caller that needs to tell them apart reads the store itself.
+/// as absent: a caller that must tell them apart reads through [`CheckedTables`].
 pub struct StoreTables<'a>(pub &'a dyn Store);
 
 impl ReadTables for StoreTables<'_> {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.0.get(key).ok().flatten()
+        CheckedTables::new(self.0).get(key)
     }
 
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        herald_log::scan_vec(self.0, from, to, limit).unwrap_or_default()
+        CheckedTables::new(self.0).scan(from, to, limit)
+    }
+
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        CheckedTables::new(self.0).scan_rev(from, to, limit)
+    }
+}
+
+/// Read-only tables over a store that keep the first store error. The read that met it reads
+/// as absent (so a query goes on to its end), and [`CheckedTables::finish`] returns the error:
+/// an answer built from such reads may miss what the store holds (a row, a page's entries), so
+/// it must not be given as "not found" or as a whole list.
+pub struct CheckedTables<'a> {
+    store: &'a dyn Store,
+    error: std::cell::RefCell<Option<StoreError>>,
+}
+
+impl<'a> CheckedTables<'a> {
+    pub fn new(store: &'a dyn Store) -> CheckedTables<'a> {
+        CheckedTables { store, error: std::cell::RefCell::new(None) }
+    }
+
+    /// The first store error any read met, if one did.
+    pub fn finish(self) -> Result<(), StoreError> {
+        self.error.into_inner().map_or(Ok(()), Err)
+    }
+
+    fn kept<T>(&self, read: Result<T, StoreError>) -> Option<T> {
+        match read {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+}
+
+impl ReadTables for CheckedTables<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.kept(self.store.get(key)).flatten()
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.kept(herald_log::scan_vec(self.store, from, to, limit)).unwrap_or_default()
     }
 
     /// One `last` per pair: each is a seek from the end of the shrinking range.
@@ -124,8 +168,8 @@ impl ReadTables for StoreTables<'_> {
         let mut out = Vec::new();
         let mut to = to.to_vec();
         while out.len() < limit {
-            match self.0.last(from, &to) {
-                Ok(Some((k, v))) => {
+            match self.kept(self.store.last(from, &to)) {
+                Some(Some((k, v))) => {
                     to = k.clone();
                     out.push((k, v));
                 }
@@ -293,6 +337,64 @@ mod tests {
 
     fn config() -> LogConfig {
         LogConfig { batch_commands_max: 16, queue_commands_max: 64, durability: Durability::Flush }
+    }
+
+    /// A store whose reads of keyspace 0x50 fail (sled after an IO error refuses some reads).
+    struct ReadsFail(MemStore);
+
+    impl Store for ReadsFail {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            if key[0] == 0x50 {
+                return Err(StoreError::Io("refused".into()));
+            }
+            self.0.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], visit: herald_log::Visit<'_>) -> Result<(), StoreError> {
+            if from[0] == 0x50 {
+                return Err(StoreError::Io("refused".into()));
+            }
+            self.0.scan(from, to, visit)
+        }
+        fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+            if from[0] == 0x50 {
+                return Err(StoreError::Io("refused".into()));
+            }
+            self.0.last(from, to)
+        }
+        fn apply(&self, batch: &herald_log::Batch) -> Result<(), StoreError> {
+            self.0.apply(batch)
+        }
+        fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+            self.0.flush(durability)
+        }
+    }
+
+    #[test]
+    fn checked_tables_keep_the_first_store_error_where_store_tables_read_absent() {
+        let mem = MemStore::new();
+        let mut batch = herald_log::Batch::default();
+        batch.put(vec![0x50, 1], b"row".to_vec());
+        batch.put(vec![0x30, 1], b"other".to_vec());
+        mem.apply(&batch).unwrap();
+        let store = ReadsFail(mem);
+
+        // Reads the store refuses read as absent in both; only the checked ones say so.
+        let t = CheckedTables::new(&store);
+        assert_eq!(t.get(&[0x30, 1]), Some(b"other".to_vec()));
+        assert!(t.scan(&[0x30], &[0x31], 10).len() == 1 && t.scan_rev(&[0x30], &[0x31], 10).len() == 1);
+        assert!(t.finish().is_ok(), "no read failed");
+        for read in [0, 1, 2] {
+            let t = CheckedTables::new(&store);
+            let empty = match read {
+                0 => t.get(&[0x50, 1]).is_none(),
+                1 => t.scan(&[0x50], &[0x51], 10).is_empty(),
+                _ => t.scan_rev(&[0x50], &[0x51], 10).is_empty(),
+            };
+            assert!(empty);
+            assert_eq!(t.get(&[0x30, 1]), Some(b"other".to_vec()), "later reads still answer");
+            assert_eq!(t.finish(), Err(StoreError::Io("refused".into())), "read {read}");
+        }
+        assert_eq!(StoreTables(&store).get(&[0x50, 1]), None);
     }
 
     #[test]

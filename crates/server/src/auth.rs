@@ -93,8 +93,10 @@ pub fn authenticate_header(
     let stored = match state.keys.get(epoch, &hash) {
         Some(cached) => cached,
         None => {
-            let read = get_api_key_by_hash(&state.engine.tables(), &hash)
-                .map_err(|e| ApiError::internal(family, e.to_string()))?
+            let read = state
+                .engine
+                .read(|t| get_api_key_by_hash(t, &hash))
+                .map_err(|e| ApiError::from_read(family, e))?
                 .ok_or_else(|| ApiError::unauthorized(family))?;
             let cached = CachedKey::from(&read);
             state.keys.insert(epoch, hash, cached.clone());

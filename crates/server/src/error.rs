@@ -127,6 +127,20 @@ impl ApiError {
         }
     }
 
+    /// An engine error met while reading, in this family's shape. A store that failed a read
+    /// is 503: the answer would have been built from what it did not return.
+    pub fn from_read(family: Family, e: EngineError) -> ApiError {
+        match e {
+            EngineError::Log(e) => ApiError::new(
+                family,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("the store could not be read: {e}"),
+            ),
+            e => ApiError::from_engine(family, e),
+        }
+    }
+
     pub fn from_command(family: Family, e: CommandError) -> ApiError {
         match e {
             CommandError::NotFound { .. } => ApiError::not_found(family, e.to_string()),

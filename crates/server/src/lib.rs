@@ -205,7 +205,7 @@ pub fn bootstrap_admin(
     data_dir: &Path,
     given: Option<String>,
 ) -> Result<Option<String>, String> {
-    let existing = list_api_keys(&engine.tables(), None, 1).map_err(|e| e.to_string())?;
+    let existing = engine.read(|t| list_api_keys(t, None, 1)).map_err(|e| e.to_string())?;
     if !existing.items.is_empty() {
         return Ok(None);
     }

@@ -1,7 +1,7 @@
 //! A store that refuses writes (a full disk): the requests of that batch get a clean 503 in
 //! their route's shape, nothing is written, and herald serves again once the store heals.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -9,7 +9,7 @@ use axum::http::Request;
 use herald_engine::clock::SystemClock;
 use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
 use herald_engine::{Engine, EngineConfig, Parts};
-use herald_log::{FailingStore, MemStore};
+use herald_log::{Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit};
 use herald_server::state::{AppState, ServerLimits};
 use tower::ServiceExt;
 
@@ -80,5 +80,90 @@ async fn a_full_disk_answers_503_writes_nothing_and_recovers() {
     let (status, body) = call(&router, "POST", "/v1/events", &publish).await;
     assert_eq!(status, 202, "{body}");
     assert!(engine.committed_seq() > seq);
+    engine.shutdown();
+}
+
+/// A store whose reads fail while `failing` is set (sled refuses some reads after an IO error);
+/// writes go through.
+struct ReadsFail {
+    inner: MemStore,
+    failing: Arc<AtomicBool>,
+}
+
+impl ReadsFail {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Io("read refused".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Store for ReadsFail {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check()?;
+        self.inner.get(key)
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.scan(from, to, visit)
+    }
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+        self.check()?;
+        self.inner.last(from, to)
+    }
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.apply(batch)
+    }
+    fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+        self.inner.flush(durability)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_store_refuses_answers_503_not_404_or_an_empty_page() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let store = ReadsFail { inner: MemStore::new(), failing: failing.clone() };
+    let parts = Parts { store: Arc::new(store), clock: Arc::new(SystemClock), sender: Arc::new(Accepting) };
+    let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    herald_server::bootstrap_admin(&engine, dir.path(), Some(ADMIN.to_owned())).unwrap();
+    let router = herald_server::router(Arc::new(AppState {
+        engine: engine.clone(),
+        limits: ServerLimits::default(),
+        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
+        keys: Default::default(),
+        metrics: Default::default(),
+        ready: AtomicBool::new(true),
+    }));
+    let org = "0190f1f4-0000-7000-8000-0000000000f6";
+    let endpoint = format!(r#"{{"url":"https://example.com/h","org_id":"{org}"}}"#);
+    assert_eq!(call(&router, "POST", "/v1/endpoints", &endpoint).await.0, 201);
+    let publish = format!(r#"{{"event_type":"call.ended","payload":{{"n":1}},"org_id":"{org}"}}"#);
+    let (status, event) = call(&router, "POST", "/v1/events", &publish).await;
+    assert_eq!(status, 202, "{event}");
+    let event_path = format!("/v1/events/{}", event["id"].as_str().unwrap());
+    let reads = [
+        event_path.clone(),
+        format!("/v1/endpoints?org_id={org}"),
+        format!("/v1/webhook_deliveries?org_id={org}"),
+        "/v1/api_keys".to_owned(),
+    ];
+    for path in &reads {
+        let (status, body) = call(&router, "GET", path, "").await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+
+    failing.store(true, Ordering::SeqCst);
+    for path in &reads {
+        let (status, body) = call(&router, "GET", path, "").await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(body["name"], "ServiceUnavailable", "{path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("could not be read"), "{path}: {body}");
+    }
+
+    failing.store(false, Ordering::SeqCst);
+    let (status, body) = call(&router, "GET", &event_path, "").await;
+    assert_eq!(status, 200, "{body}");
     engine.shutdown();
 }

@@ -61,8 +61,10 @@ pub async fn create(
         key_hash: key_hash(&key),
     };
     state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))?;
-    let stored = get_api_key(&state.engine.tables(), id)
-        .map_err(|e| ApiError::internal(F, e.to_string()))?
+    let stored = state
+        .engine
+        .read(|t| get_api_key(t, id))
+        .map_err(|e| ApiError::from_read(F, e))?
         .ok_or_else(|| ApiError::internal(F, "the new key vanished"))?;
     Ok((StatusCode::CREATED, Json(ApiKeyOut::new(&stored, Some(key)))).into_response())
 }
@@ -86,8 +88,8 @@ pub async fn list(
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let limit = parse_limit(F, q.limit.as_deref(), 50, 250)?;
     let after = parse_cursor::<16>(F, q.cursor.as_deref())?.map(ApiKeyId::from_bytes);
-    let page = list_api_keys(&state.engine.tables(), after, limit)
-        .map_err(|e| ApiError::internal(F, e.to_string()))?;
+    let page =
+        state.engine.read(|t| list_api_keys(t, after, limit)).map_err(|e| ApiError::from_read(F, e))?;
     let data = page.items.iter().map(|k| ApiKeyOut::new(k, None)).collect();
     Ok(Json(ApiKeyList { data, next_cursor: page.next.map(|id| encode_cursor(id.as_bytes())) })
         .into_response())

@@ -74,7 +74,7 @@ pub fn filtered_page(
         let page = state
             .engine
             .consistent_read(|t| list_deliveries_rev(t, query, cursor, limit))
-            .map_err(|e| ApiError::internal(family, e.to_string()))?;
+            .map_err(|e| ApiError::from_read(family, e))?;
         budget = budget.saturating_sub(page.items.len());
         for (i, d) in page.items.iter().enumerate() {
             if keep(d) {
@@ -180,7 +180,7 @@ pub fn visible(
     id: &str,
 ) -> Result<Option<Delivery>, ApiError> {
     let Some(uuid) = parse_id(id) else { return Ok(None) };
-    let d = state.engine.delivery(DeliveryId(uuid)).map_err(|e| ApiError::from_engine(family, e))?;
+    let d = state.engine.delivery(DeliveryId(uuid)).map_err(|e| ApiError::from_read(family, e))?;
     Ok(d.filter(|d| who.sees(d.org_id)))
 }
 
@@ -216,7 +216,7 @@ pub async fn attempts(
     let mut data = Vec::new();
     let mut after = 0;
     loop {
-        let page = state.engine.attempts(d.id, after, 250).map_err(|e| ApiError::from_engine(F, e))?;
+        let page = state.engine.attempts(d.id, after, 250).map_err(|e| ApiError::from_read(F, e))?;
         let Some(last) = page.last() else { break };
         after = last.attempt;
         data.extend(page.iter().map(AttemptOut::from));

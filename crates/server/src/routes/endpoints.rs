@@ -31,7 +31,7 @@ fn not_found(id: &str) -> ApiError {
 /// The live endpoint `id` as this caller may see it.
 fn visible(state: &AppState, who: &Principal, id: &str) -> Result<herald_projector::Endpoint, ApiError> {
     let uuid = parse_id(id).ok_or_else(|| not_found(id))?;
-    match state.engine.endpoint(EndpointId(uuid)).map_err(|e| ApiError::from_engine(F, e))? {
+    match state.engine.endpoint(EndpointId(uuid)).map_err(|e| ApiError::from_read(F, e))? {
         Some(e) if who.sees(e.org_id) && !e.is_deleted() => Ok(e),
         _ => Err(not_found(id)),
     }
@@ -104,13 +104,14 @@ pub async fn list(
     let scope = list_scope(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
     let before = parse_cursor::<16>(F, q.cursor.as_deref())?.map(EndpointId::from_bytes);
-    let t = state.engine.tables();
-    let page = match scope {
-        Some(org_id) => herald_projector::list_endpoints_rev(&t, org_id, before, limit),
-        // An admin key naming no organisation: every organisation's endpoints.
-        None => herald_projector::list_all_endpoints_rev(&t, before, limit),
-    }
-    .map_err(|e| ApiError::internal(F, e.to_string()))?;
+    let page = state
+        .engine
+        .read(|t| match scope {
+            Some(org_id) => herald_projector::list_endpoints_rev(t, org_id, before, limit),
+            // An admin key naming no organisation: every organisation's endpoints.
+            None => herald_projector::list_all_endpoints_rev(t, before, limit),
+        })
+        .map_err(|e| ApiError::from_read(F, e))?;
     let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));
     let data = page.items.iter().map(|e| EndpointOut::new(e, None)).collect();
     Ok(Json(EndpointList { data, next_cursor }).into_response())

@@ -151,7 +151,7 @@ pub async fn get(
     let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let not_found = || ApiError::not_found(F, format!("event {id} not found"));
     let uuid = parse_id(&id).ok_or_else(not_found)?;
-    let event = match state.engine.event(EventId(uuid)).map_err(|e| ApiError::from_engine(F, e))? {
+    let event = match state.engine.event(EventId(uuid)).map_err(|e| ApiError::from_read(F, e))? {
         Some(e) if who.sees(e.record.org_id) => e,
         _ => return Err(not_found()),
     };

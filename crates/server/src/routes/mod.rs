@@ -32,8 +32,10 @@ pub fn scope_orgs(state: &AppState, family: Family, scope: Option<OrgId>) -> Res
     if let Some(org) = scope {
         return Ok(vec![org]);
     }
-    let orgs = herald_projector::delivery_orgs(&state.engine.tables(), ADMIN_LIST_ORGS_MAX)
-        .map_err(|e| ApiError::internal(family, e.to_string()))?;
+    let orgs = state
+        .engine
+        .read(|t| herald_projector::delivery_orgs(t, ADMIN_LIST_ORGS_MAX))
+        .map_err(|e| ApiError::from_read(family, e))?;
     if orgs.len() > ADMIN_LIST_ORGS_MAX {
         return Err(ApiError::validation(
             family,

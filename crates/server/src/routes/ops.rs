@@ -30,7 +30,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     // caught up. Read the durable seq first so a commit in between cannot look like a lag.
     let committed = state.engine.committed_seq();
     let caught_up =
-        herald_projector::applied_seq(&state.engine.tables()).is_ok_and(|applied| applied >= committed);
+        state.engine.read(|t| herald_projector::applied_seq(t)).is_ok_and(|applied| applied >= committed);
     // A store that refuses writes (a full disk) leaves herald serving reads and answering 503 to
     // writes; not ready, so a supervisor can restart it once there is space again.
     let writable = !state.engine.writer_stats().last_batch_failed;
@@ -88,7 +88,7 @@ pub async fn audit_log(
     };
     let limit = parse_limit(F, q.limit.as_deref(), 1000, AUDIT_PAGE_MAX)?;
     let records =
-        state.engine.records(after.saturating_add(1), limit).map_err(|e| ApiError::from_engine(F, e))?;
+        state.engine.records(after.saturating_add(1), limit).map_err(|e| ApiError::from_read(F, e))?;
     let mut body = String::new();
     for r in records {
         let event = match decode(&r.body) {

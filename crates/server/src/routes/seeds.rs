@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_engine::{Command, CommandError, EngineError, Reply};
 use herald_projector::{
-    get_endpoint, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId, Scope,
+    Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId, Scope,
 };
 use serde::Deserialize;
 
@@ -55,8 +55,8 @@ pub async fn retrigger(
 }
 
 fn failure(state: &AppState, d: &Delivery) -> WebhookFailure {
-    let name =
-        d.endpoint_id.and_then(|e| get_endpoint(&state.engine.tables(), e).ok().flatten()).map(|e| e.name);
+    // Best effort: a name the store cannot read now is left out, the failure is still shown.
+    let name = d.endpoint_id.and_then(|e| state.engine.endpoint(e).ok().flatten()).map(|e| e.name);
     WebhookFailure::new(d, name)
 }
 
