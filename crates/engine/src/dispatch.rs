@@ -24,7 +24,8 @@ use bytes::Bytes;
 use herald_log::{Log, Store};
 use herald_projector::{
     due_deliveries, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, org_secret,
-    Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, StoreTables,
+    CheckedTables, CompactError, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due,
+    EndpointId, StoreTables,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -689,12 +690,22 @@ impl Dispatcher {
 /// One attempt: build the signed request, send it, record the outcome, tell the loop.
 async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>) {
     let started_at_ms = ctx.clock.now_ms();
+    let id = *delivery.id.as_bytes();
     let outcome = match request(&ctx, &delivery, started_at_ms, payload) {
         Ok(req) => ctx.sender.send(req).await,
-        Err(error) => AttemptOutcome::Failed { kind: crate::sender::FailureKind::InvalidHeader, error },
+        Err(RequestError::Invalid(error)) => {
+            AttemptOutcome::Failed { kind: crate::sender::FailureKind::InvalidHeader, error }
+        }
+        Err(RequestError::StoreRead(error)) => {
+            // Nothing is known to be wrong with the delivery, the endpoint or the receiver: not
+            // sent, not recorded (it would count against the endpoint's health), and made again
+            // shortly, like an attempt whose record failed.
+            ctx.shared.inbox.released(id);
+            ctx.shared.inbox.finished(Finished { id, result: Err(error) });
+            return;
+        }
     };
     let finished_at_ms = ctx.clock.now_ms().max(started_at_ms);
-    let id = *delivery.id.as_bytes();
     ctx.shared.inbox.released(id);
     let (outcome, excerpt, retry_after_ms) = match outcome {
         AttemptOutcome::Response { status, excerpt, retry_after_ms } if (200..300).contains(&status) => {
@@ -738,6 +749,21 @@ async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>) {
     );
 }
 
+/// Why an attempt's request could not be made.
+enum RequestError {
+    /// The delivery cannot be sent as it stands (a missing endpoint, a bad secret): recorded as
+    /// a failed attempt.
+    Invalid(String),
+    /// The store failed a read: not the delivery's fault, so not recorded.
+    StoreRead(String),
+}
+
+impl From<String> for RequestError {
+    fn from(e: String) -> Self {
+        RequestError::Invalid(e)
+    }
+}
+
 /// The signed request of one attempt: the payload as published (`payload`, when it was handed
 /// over with the delivery, or read from the store), to the endpoint's current url, signed with
 /// every secret valid now. The sender adds `user-agent`.
@@ -746,13 +772,17 @@ fn request(
     delivery: &Delivery,
     now_ms: u64,
     payload: Option<Bytes>,
-) -> Result<AttemptRequest, String> {
-    let t = StoreTables(ctx.store.as_ref());
+) -> Result<AttemptRequest, RequestError> {
+    let t = CheckedTables::new(ctx.store.as_ref());
+    // A read the store failed reads as absent: asked after each read, before "missing" is said.
+    let store_failed = |t: &CheckedTables<'_>| {
+        t.take_error().map_or(Ok(()), |e| Err(RequestError::StoreRead(e.to_string())))
+    };
     let (url, secrets) = match delivery.endpoint_id {
         Some(id) => {
-            let endpoint = get_endpoint(&t, id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("endpoint {id} is missing"))?;
+            let endpoint = get_endpoint(&t, id).map_err(|e| e.to_string());
+            store_failed(&t)?;
+            let endpoint = endpoint?.ok_or_else(|| format!("endpoint {id} is missing"))?;
             let secrets = endpoint
                 .secrets_valid_at(now_ms)
                 .into_iter()
@@ -762,19 +792,24 @@ fn request(
             (endpoint.url, secrets)
         }
         None => {
-            let secret = org_secret(&t, delivery.org_id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("organisation {} has no default secret", delivery.org_id))?;
+            let secret = org_secret(&t, delivery.org_id).map_err(|e| e.to_string());
+            store_failed(&t)?;
+            let secret =
+                secret?.ok_or_else(|| format!("organisation {} has no default secret", delivery.org_id))?;
             (delivery.url.clone(), vec![Secret::parse(&secret).map_err(|e| format!("org secret: {e}"))?])
         }
     };
     let payload = match payload {
         Some(payload) => payload,
         None => {
-            let event = get_event(&t, delivery.event_id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
-            Bytes::from(event_payload(ctx.store.as_ref(), &event).map_err(|e| e.to_string())?)
+            let event = get_event(&t, delivery.event_id).map_err(|e| e.to_string());
+            store_failed(&t)?;
+            let event = event?.ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
+            match event_payload(ctx.store.as_ref(), &event) {
+                Ok(payload) => Bytes::from(payload),
+                Err(CompactError::Log(e)) => return Err(RequestError::StoreRead(e.to_string())),
+                Err(e) => return Err(RequestError::Invalid(e.to_string())),
+            }
         }
     };
     let msg_id = delivery.event_id.to_string();

@@ -57,6 +57,18 @@ impl From<LogError> for EngineError {
     }
 }
 
+/// `result` of a write at open, where a store that refuses writes must not stop the start.
+fn started_anyway(result: Result<Reply, EngineError>, what: &str) -> Result<(), EngineError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(EngineError::Log(e)) => {
+            eprintln!("herald: {what} failed, going on without it until the next start: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl From<herald_projector::Corrupt> for EngineError {
     fn from(e: herald_projector::Corrupt) -> Self {
         EngineError::Log(LogError::Store(herald_log::StoreError::Io(e.to_string())))
@@ -177,6 +189,20 @@ impl Engine {
         config.limits.allow_private_targets = config.delivery.allow_private_targets;
         let Parts { store, clock, sender } = parts;
         herald_log::check_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
+        // Records folded under rules this code does not know would be folded under its own.
+        let rules = {
+            let t = CheckedTables::new(store.as_ref());
+            let rules = herald_projector::rules(&t);
+            t.finish().map_err(|e| EngineError::Open(e.to_string()))?;
+            rules?
+        };
+        if rules > herald_projector::RULES_CURRENT {
+            return Err(EngineError::Open(format!(
+                "this store is folded under rules version {rules}, newer than this binary's {}; \
+                 run the newer binary",
+                herald_projector::RULES_CURRENT
+            )));
+        }
         // The projection is written in the same atomic batch as the records it folds, so it stands
         // at the log's last seq; anything else is damage, and herald does not guess.
         match projection_lag(store.as_ref()) {
@@ -238,16 +264,20 @@ impl Engine {
             }),
         };
         // A store folded under earlier rules takes this code's from here on (the records before
-        // keep the rules they were written under, so a rebuild still matches).
-        if herald_projector::rules(&StoreTables(engine.inner.store.as_ref()))?
-            < herald_projector::RULES_CURRENT
-        {
-            engine.execute_blocking(Actor::admin(), Command::AdoptRules(herald_projector::RULES_CURRENT))?;
+        // keep the rules they were written under, so a rebuild still matches). The policy in
+        // force is the configuration's; a change is itself a logged fact. A store that refuses
+        // writes (a full disk) still starts: it goes on under the rules and the policy it has,
+        // which is what its records say, and the next start writes them.
+        if engine.read(|t| herald_projector::rules(t))? < herald_projector::RULES_CURRENT {
+            let adopt = Command::AdoptRules(herald_projector::RULES_CURRENT);
+            started_anyway(
+                engine.execute_blocking(Actor::admin(), adopt),
+                "adopting the current fold rules",
+            )?;
         }
-        // The policy in force is the configuration's; a change is itself a logged fact.
-        let in_force = herald_projector::policy(&StoreTables(engine.inner.store.as_ref()))?;
-        if in_force != config.policy {
-            engine.execute_blocking(Actor::admin(), Command::SetPolicy(config.policy.clone()))?;
+        if engine.read(|t| herald_projector::policy(t))? != config.policy {
+            let set = Command::SetPolicy(config.policy.clone());
+            started_anyway(engine.execute_blocking(Actor::admin(), set), "recording the configured policy")?;
         }
         let dispatcher = Dispatcher::new(log, clock, sender, shared, config.delivery.clone());
         runtime.spawn(async move {

@@ -687,3 +687,219 @@ fn a_consistent_read_is_made_again_when_a_batch_lands_during_it() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "read again once");
     assert_eq!(seen, vec![d], "found once, in one state of the store");
 }
+
+#[test]
+fn a_store_under_the_first_rules_adopts_the_current_ones_at_open_and_still_rebuilds_equal() {
+    use herald_projector::{AttemptOutcome as Outcome, Event, Projector, RULES_CURRENT};
+    let store = Arc::new(MemStore::new());
+    let (endpoint, event, delivery) =
+        (EndpointId(Uuid::now_v7()), EventId(Uuid::now_v7()), DeliveryId(Uuid::now_v7()));
+    let (old_url, new_url) = ("https://old.example/hook", "https://new.example/hook");
+    // What an earlier version left: a history under the first rules. The endpoint moved, then an
+    // attempt failed: under rules 1 the delivery keeps the url it was made with.
+    {
+        let log =
+            herald_log::Log::open(store.clone() as Arc<dyn Store>, Projector, Default::default()).unwrap();
+        let events = vec![
+            (
+                T0,
+                Event::EndpointCreated {
+                    id: endpoint,
+                    org_id: org(),
+                    url: old_url.into(),
+                    name: "crm".into(),
+                    enabled_events: vec!["*".into()],
+                    secret: Secret::generate().unwrap().to_whsec(),
+                },
+            ),
+            (
+                T0,
+                Event::EventPublished {
+                    id: event,
+                    org_id: org(),
+                    event_type: "call.ended".into(),
+                    payload: b"{}".to_vec(),
+                    call_id: None,
+                    idempotency_key: None,
+                },
+            ),
+            (
+                T0,
+                Event::DeliveryCreated {
+                    id: delivery,
+                    event_id: event,
+                    org_id: org(),
+                    endpoint_id: Some(endpoint),
+                    url: old_url.into(),
+                    next_attempt_at_ms: T0,
+                },
+            ),
+            (
+                T0,
+                Event::EndpointUpdated {
+                    id: endpoint,
+                    url: Some(new_url.into()),
+                    name: None,
+                    enabled_events: None,
+                },
+            ),
+            (
+                T0,
+                Event::AttemptRecorded {
+                    delivery_id: delivery,
+                    attempt: 1,
+                    trigger: Trigger::Auto,
+                    started_at_ms: T0,
+                    finished_at_ms: T0,
+                    outcome: Outcome::Failed { status: Some(503), error: "HTTP 503".into() },
+                    response_excerpt: Vec::new(),
+                    retry_at_ms: Some(T0 + 1_000),
+                },
+            ),
+        ];
+        log.submit(events).unwrap().unwrap();
+        log.close();
+    }
+    let rules = |store: &MemStore| herald_projector::rules(&herald_projector::StoreTables(store)).unwrap();
+    assert_eq!(rules(&store), 1);
+    let url = |w: &World| w.engine.delivery(delivery).unwrap().unwrap().url;
+
+    let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
+    let config = config(vec![1_000]);
+    let w = World { engine: open(&store, &clock, &sender, &config), store, clock, sender, config };
+    assert_eq!(rules(&w.store), RULES_CURRENT, "adopted at open");
+    assert_eq!(url(&w), old_url, "what was folded under rules 1 stays");
+    // The retry, recorded under the current rules, went to the endpoint's url and says so.
+    w.advance(1_000);
+    assert_eq!(w.status(delivery), DeliveryStatus::Delivered);
+    assert_eq!(url(&w), new_url);
+    assert_eq!(w.sender.requests().last().map(|r| r.url.clone()), Some(new_url.to_owned()));
+
+    w.engine.shutdown();
+    herald_log::verify(w.store.as_ref(), &mut |_| {}).unwrap();
+    let rebuilt = herald_projector::rebuild(w.store.as_ref(), &mut |_| {}).unwrap().dump();
+    assert_eq!(herald_projector::stored_projection(w.store.as_ref()).unwrap(), rebuilt);
+}
+
+#[test]
+fn a_store_under_newer_rules_than_this_code_knows_is_refused_without_a_write() {
+    let store = Arc::new(MemStore::new());
+    let mut b = herald_log::Batch::default();
+    b.put(herald_log::keyspace::META_FORMAT.to_vec(), vec![herald_log::STORE_FORMAT]);
+    b.put(
+        herald_projector::keys::META_RULES.to_vec(),
+        (herald_projector::RULES_CURRENT + 1).to_be_bytes().to_vec(),
+    );
+    store.apply(&b).unwrap();
+    let before = store.with_map(|m| m.clone());
+    let parts = Parts {
+        store: store.clone() as Arc<dyn Store>,
+        clock: Arc::new(ManualClock::new(T0)),
+        sender: Arc::new(Scripted::default()),
+    };
+    match Engine::open_with(config(vec![1_000]), parts) {
+        Err(EngineError::Open(message)) => assert!(message.contains("newer than this binary"), "{message}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened a store under newer rules"),
+    }
+    assert_eq!(store.with_map(|m| m.clone()), before);
+}
+
+/// A store whose reads of one keyspace fail while `failing` is set (sled after an IO error).
+struct KeyspaceReadsFail {
+    inner: MemStore,
+    keyspace: u8,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl KeyspaceReadsFail {
+    fn check(&self, key: &[u8]) -> Result<(), herald_log::StoreError> {
+        if self.failing.load(Ordering::SeqCst) && key.first() == Some(&self.keyspace) {
+            return Err(herald_log::StoreError::Io("read refused".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Store for KeyspaceReadsFail {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
+        self.check(key)?;
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        visit: herald_log::Visit<'_>,
+    ) -> Result<(), herald_log::StoreError> {
+        self.check(from)?;
+        self.inner.scan(from, to, visit)
+    }
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
+        self.check(from)?;
+        self.inner.last(from, to)
+    }
+    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
+        self.inner.apply(batch)
+    }
+    fn flush(&self, durability: herald_log::Durability) -> Result<(), herald_log::StoreError> {
+        self.inner.flush(durability)
+    }
+}
+
+#[test]
+fn an_attempt_whose_reads_the_store_fails_is_not_recorded_as_a_failure_and_is_made_again() {
+    let store = Arc::new(KeyspaceReadsFail {
+        inner: MemStore::new(),
+        keyspace: herald_projector::keys::KS_EVENT,
+        failing: Default::default(),
+    });
+    let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
+    let parts = Parts {
+        store: store.clone() as Arc<dyn Store>,
+        clock: Arc::new(clock.clone()),
+        sender: sender.clone(),
+    };
+    let engine = Engine::open_with(config(vec![1_000, 1_000]), parts).unwrap();
+    let settle = || assert!(engine.settle(SETTLE), "{:?}", engine.dispatch_stats());
+    engine
+        .execute_blocking(
+            Actor::admin(),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org(),
+                url: "https://receiver.example/hook".into(),
+                name: "crm".into(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        )
+        .unwrap();
+    // The first attempt fails at the receiver; its retry reads the event back from the store.
+    sender.push(Script::Status(500), 1);
+    let Ok(Reply::Published { delivery_ids, .. }) = engine.publish(org(), "call.ended", b"{}") else {
+        panic!()
+    };
+    let id = delivery_ids[0];
+    settle();
+    let d = engine.delivery(id).unwrap().unwrap();
+    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Pending, 1));
+
+    // The retry's read of the event fails: nothing is sent and nothing is recorded.
+    store.failing.store(true, Ordering::SeqCst);
+    clock.advance_ms(1_500); // the schedule's 1 s, and its jitter
+    settle();
+    assert_eq!(sender.requests().len(), 1, "sent without its payload");
+    let d = engine.delivery(id).unwrap().unwrap();
+    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Pending, 1), "{d:?}");
+    assert_eq!(engine.dispatch_stats().attempts_unrecorded, 1, "{:?}", engine.dispatch_stats());
+
+    // Once the store reads again, it is made shortly after.
+    store.failing.store(false, Ordering::SeqCst);
+    clock.advance_ms(1_500);
+    settle();
+    let d = engine.delivery(id).unwrap().unwrap();
+    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Delivered, 2), "{d:?}");
+    assert_eq!(sender.requests().len(), 2);
+    engine.shutdown();
+}

@@ -16,8 +16,10 @@ use crate::tx::Tx;
 /// (2026-11-24): the machine may store what format 1 held differently (herald: the delivery
 /// indexes in chunks, a publish in one record), so a binary that knows only 1 refuses it. 3
 /// (2026-11-24): records may be stored in groups (`record.rs`), which a binary that knows
-/// only 2 could not read; a store of 1 or 2 needs no conversion for it.
-pub const STORE_FORMAT: u8 = 3;
+/// only 2 could not read; a store of 1 or 2 needs no conversion for it. 4 (2026-11-24): the
+/// machine may change how it reads later records behind a record of its own that a binary
+/// that knows only 3 cannot read (herald: `RulesAdopted`); no conversion.
+pub const STORE_FORMAT: u8 = 4;
 /// The oldest format this version opens. The machine converts an older store (herald:
 /// `drop_legacy`), then [`upgrade_format`] records that it is this version's.
 pub const STORE_FORMAT_OLDEST: u8 = 1;

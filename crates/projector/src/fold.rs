@@ -26,8 +26,10 @@ pub const ENDPOINT_DELETED_REASON: &str = "endpoint deleted";
 /// 1. Everything before version 2.
 /// 2. An endpoint's `updated_at` moves when an attempt changes its health (`status`,
 ///    `inactive_reason`); a delivery to an endpoint takes the endpoint's url when an attempt of
-///    it is recorded and when it is retriggered or redelivered, so its `url` is the one its
-///    last attempt went to, or its next one goes to, after a `PATCH` of the endpoint.
+///    it is recorded and when it is retriggered or redelivered, so after a `PATCH` of the
+///    endpoint its `url` is the one its next attempt goes to, and the one its last attempt went
+///    to unless the url changed while that attempt was in flight (the record does not carry the
+///    url the dispatcher used).
 pub const RULES_CURRENT: u32 = 2;
 
 /// Why an event cannot be applied. The engine validates commands before appending their events,

@@ -143,6 +143,12 @@ impl<'a> CheckedTables<'a> {
         self.error.into_inner().map_or(Ok(()), Err)
     }
 
+    /// The first store error the reads so far met, if one did (taken: the next read starts
+    /// afresh).
+    pub fn take_error(&self) -> Option<StoreError> {
+        self.error.borrow_mut().take()
+    }
+
     fn kept<T>(&self, read: Result<T, StoreError>) -> Option<T> {
         match read {
             Ok(value) => Some(value),

@@ -242,16 +242,14 @@ pub async fn redeliver(
         .await
         .map_err(|e| ApiError::from_engine(F, e))?;
     // The answer is the delivery as the redeliver left it; the dispatcher may already be at it.
-    let after = state
-        .engine
-        .delivery(d.id)
-        .map_err(|e| ApiError::from_engine(F, e))?
-        .ok_or_else(|| not_found(&id))?;
+    let after =
+        state.engine.delivery(d.id).map_err(|e| ApiError::from_read(F, e))?.ok_or_else(|| not_found(&id))?;
     let answer = if after.status == DeliveryStatus::Pending && after.attempt_count == d.attempt_count {
         after
     } else {
         // Its attempt was made before this read: the state between the two, with the url that
-        // attempt went to (the endpoint's, which the redeliver took) and the time it was due.
+        // attempt went to (the endpoint's, which the redeliver took) and, for both times, when
+        // that attempt started (the redeliver's own time is not kept apart from it).
         Delivery {
             status: DeliveryStatus::Pending,
             manual_retry_count: d.manual_retry_count + 1,
