@@ -403,12 +403,19 @@ impl Dispatcher {
     /// the queue is full.
     fn refill(&mut self, from_ms: Option<u64>) {
         self.refills += 1;
-        let t = StoreTables(self.ctx.store.as_ref());
+        let t = CheckedTables::new(self.ctx.store.as_ref());
         let mut after = from_ms
             .and_then(|ms| ms.checked_sub(1))
             .map(|ms| Due { next_attempt_at_ms: ms, delivery_id: DeliveryId::from_bytes([0xFF; 16]) });
         loop {
-            let page = match due_deliveries(&t, after, u64::MAX, REFILL_PAGE_LEN) {
+            let page = due_deliveries(&t, after, u64::MAX, REFILL_PAGE_LEN);
+            if t.take_error().is_some() {
+                // The store failed the read: what it did not return waits for the next refill.
+                let read_to = after.map_or(from_ms.unwrap_or(0), |d| d.next_attempt_at_ms);
+                self.queue.note_incomplete_from(read_to);
+                return;
+            }
+            let page = match page {
                 Ok(page) => page,
                 Err(_) => {
                     // A damaged index entry: leave the rest for the next refill rather than spin.

@@ -903,3 +903,61 @@ fn an_attempt_whose_reads_the_store_fails_is_not_recorded_as_a_failure_and_is_ma
     assert_eq!(sender.requests().len(), 2);
     engine.shutdown();
 }
+
+#[test]
+fn a_refill_the_store_fails_is_made_again_once_it_reads() {
+    let store = Arc::new(KeyspaceReadsFail {
+        inner: MemStore::new(),
+        keyspace: herald_projector::keys::KS_CHUNKS_DUE,
+        failing: Default::default(),
+    });
+    let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
+    let open = || {
+        let parts = Parts {
+            store: store.clone() as Arc<dyn Store>,
+            clock: Arc::new(clock.clone()),
+            sender: sender.clone(),
+        };
+        Engine::open_with(config(vec![1_000]), parts).unwrap()
+    };
+    let engine = open();
+    engine
+        .execute_blocking(
+            Actor::admin(),
+            Command::CreateEndpoint {
+                id: EndpointId(Uuid::now_v7()),
+                org_id: org(),
+                url: "https://receiver.example/hook".into(),
+                name: "crm".into(),
+                enabled_events: vec!["*".into()],
+                secret: None,
+            },
+        )
+        .unwrap();
+    sender.push(Script::Status(500), 1);
+    let Ok(Reply::Published { delivery_ids, .. }) = engine.publish(org(), "call.ended", b"{}") else {
+        panic!()
+    };
+    let id = delivery_ids[0];
+    assert!(engine.settle(SETTLE));
+    engine.shutdown();
+
+    // A restart loads the due index into the queue; the store fails that read.
+    store.failing.store(true, Ordering::SeqCst);
+    let engine = open();
+    clock.advance_ms(1_500);
+    let deadline = std::time::Instant::now() + SETTLE;
+    while !engine.dispatch_stats().refill_pending {
+        assert!(std::time::Instant::now() < deadline, "{:?}", engine.dispatch_stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(sender.requests().len(), 1);
+
+    // It reads again: the retry is found and made.
+    store.failing.store(false, Ordering::SeqCst);
+    clock.advance_ms(1_000);
+    assert!(engine.settle(SETTLE), "{:?}", engine.dispatch_stats());
+    let d = engine.delivery(id).unwrap().unwrap();
+    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Delivered, 2), "{d:?}");
+    engine.shutdown();
+}

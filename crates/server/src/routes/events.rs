@@ -85,7 +85,11 @@ pub async fn publish(
                 state.metrics.published();
             }
             let event_type = match replayed {
-                true => state.engine.event(id).ok().flatten().map_or(event_type, |e| e.record.event_type),
+                true => state
+                    .engine
+                    .event(id)
+                    .map_err(|e| ApiError::from_read(F, e))?
+                    .map_or(event_type, |e| e.record.event_type),
                 false => event_type,
             };
             let body = publish_out_json(id, &event_type, &ts(created_at_ms), &delivery_ids);
