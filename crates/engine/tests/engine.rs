@@ -847,6 +847,43 @@ impl Store for KeyspaceReadsFail {
     }
 }
 
+/// An engine over `store` with the retry schedule `schedule_ms`.
+fn open_over(
+    store: &Arc<KeyspaceReadsFail>,
+    clock: &ManualClock,
+    sender: &Arc<Scripted>,
+    schedule_ms: Vec<u64>,
+) -> Engine {
+    let parts = Parts {
+        store: store.clone() as Arc<dyn Store>,
+        clock: Arc::new(clock.clone()),
+        sender: sender.clone(),
+    };
+    Engine::open_with(config(schedule_ms), parts).unwrap()
+}
+
+/// One endpoint and one delivery to it, whose first attempt the receiver fails (its retry is
+/// due about 1 s later and reads the event back from the store).
+fn failed_once(engine: &Engine, sender: &Scripted) -> DeliveryId {
+    let endpoint = Command::CreateEndpoint {
+        id: EndpointId(Uuid::now_v7()),
+        org_id: org(),
+        url: "https://receiver.example/hook".into(),
+        name: "crm".into(),
+        enabled_events: vec!["*".into()],
+        secret: None,
+    };
+    engine.execute_blocking(Actor::admin(), endpoint).unwrap();
+    sender.push(Script::Status(500), 1);
+    let Ok(Reply::Published { delivery_ids, .. }) = engine.publish(org(), "call.ended", b"{}") else {
+        panic!()
+    };
+    assert!(engine.settle(SETTLE), "{:?}", engine.dispatch_stats());
+    let d = engine.delivery(delivery_ids[0]).unwrap().unwrap();
+    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Pending, 1));
+    d.id
+}
+
 #[test]
 fn an_attempt_whose_reads_the_store_fails_is_not_recorded_as_a_failure_and_is_made_again() {
     let store = Arc::new(KeyspaceReadsFail {
@@ -855,35 +892,9 @@ fn an_attempt_whose_reads_the_store_fails_is_not_recorded_as_a_failure_and_is_ma
         failing: Default::default(),
     });
     let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
-    let parts = Parts {
-        store: store.clone() as Arc<dyn Store>,
-        clock: Arc::new(clock.clone()),
-        sender: sender.clone(),
-    };
-    let engine = Engine::open_with(config(vec![1_000, 1_000]), parts).unwrap();
+    let engine = open_over(&store, &clock, &sender, vec![1_000, 1_000]);
     let settle = || assert!(engine.settle(SETTLE), "{:?}", engine.dispatch_stats());
-    engine
-        .execute_blocking(
-            Actor::admin(),
-            Command::CreateEndpoint {
-                id: EndpointId(Uuid::now_v7()),
-                org_id: org(),
-                url: "https://receiver.example/hook".into(),
-                name: "crm".into(),
-                enabled_events: vec!["*".into()],
-                secret: None,
-            },
-        )
-        .unwrap();
-    // The first attempt fails at the receiver; its retry reads the event back from the store.
-    sender.push(Script::Status(500), 1);
-    let Ok(Reply::Published { delivery_ids, .. }) = engine.publish(org(), "call.ended", b"{}") else {
-        panic!()
-    };
-    let id = delivery_ids[0];
-    settle();
-    let d = engine.delivery(id).unwrap().unwrap();
-    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Pending, 1));
+    let id = failed_once(&engine, &sender);
 
     // The retry's read of the event fails: nothing is sent and nothing is recorded.
     store.failing.store(true, Ordering::SeqCst);
@@ -912,34 +923,9 @@ fn a_refill_the_store_fails_is_made_again_once_it_reads() {
         failing: Default::default(),
     });
     let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
-    let open = || {
-        let parts = Parts {
-            store: store.clone() as Arc<dyn Store>,
-            clock: Arc::new(clock.clone()),
-            sender: sender.clone(),
-        };
-        Engine::open_with(config(vec![1_000]), parts).unwrap()
-    };
+    let open = || open_over(&store, &clock, &sender, vec![1_000]);
     let engine = open();
-    engine
-        .execute_blocking(
-            Actor::admin(),
-            Command::CreateEndpoint {
-                id: EndpointId(Uuid::now_v7()),
-                org_id: org(),
-                url: "https://receiver.example/hook".into(),
-                name: "crm".into(),
-                enabled_events: vec!["*".into()],
-                secret: None,
-            },
-        )
-        .unwrap();
-    sender.push(Script::Status(500), 1);
-    let Ok(Reply::Published { delivery_ids, .. }) = engine.publish(org(), "call.ended", b"{}") else {
-        panic!()
-    };
-    let id = delivery_ids[0];
-    assert!(engine.settle(SETTLE));
+    let id = failed_once(&engine, &sender);
     engine.shutdown();
 
     // A restart loads the due index into the queue; the store fails that read.

@@ -25,6 +25,23 @@ impl Sender for Accepting {
     }
 }
 
+/// An engine over `store` with the admin key, and the server's router in front of it.
+fn serve(store: Arc<dyn Store>) -> (Engine, axum::Router) {
+    let parts = Parts { store, clock: Arc::new(SystemClock), sender: Arc::new(Accepting) };
+    let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    herald_server::bootstrap_admin(&engine, dir.path(), Some(ADMIN.to_owned())).unwrap();
+    let router = herald_server::router(Arc::new(AppState {
+        engine: engine.clone(),
+        limits: ServerLimits::default(),
+        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
+        keys: Default::default(),
+        metrics: Default::default(),
+        ready: AtomicBool::new(true),
+    }));
+    (engine, router)
+}
+
 async fn call(router: &axum::Router, method: &str, uri: &str, body: &str) -> (u16, serde_json::Value) {
     let req = Request::builder()
         .method(method)
@@ -42,19 +59,7 @@ async fn call(router: &axum::Router, method: &str, uri: &str, body: &str) -> (u1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_writes_nothing_and_recovers() {
     let store = FailingStore::new(MemStore::new(), u64::MAX);
-    let parts =
-        Parts { store: Arc::new(store.clone()), clock: Arc::new(SystemClock), sender: Arc::new(Accepting) };
-    let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    herald_server::bootstrap_admin(&engine, dir.path(), Some(ADMIN.to_owned())).unwrap();
-    let router = herald_server::router(Arc::new(AppState {
-        engine: engine.clone(),
-        limits: ServerLimits::default(),
-        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
-        keys: Default::default(),
-        metrics: Default::default(),
-        ready: AtomicBool::new(true),
-    }));
+    let (engine, router) = serve(Arc::new(store.clone()));
     let org = "0190f1f4-0000-7000-8000-0000000000f5";
     let publish = format!(r#"{{"event_type":"call.ended","payload":{{"n":1}},"org_id":"{org}"}}"#);
     let (status, body) = call(&router, "POST", "/v1/events", &publish).await;
@@ -124,18 +129,7 @@ impl Store for ReadsFail {
 async fn a_read_the_store_refuses_answers_503_not_404_or_an_empty_page() {
     let failing = Arc::new(AtomicBool::new(false));
     let store = ReadsFail { inner: MemStore::new(), failing: failing.clone() };
-    let parts = Parts { store: Arc::new(store), clock: Arc::new(SystemClock), sender: Arc::new(Accepting) };
-    let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    herald_server::bootstrap_admin(&engine, dir.path(), Some(ADMIN.to_owned())).unwrap();
-    let router = herald_server::router(Arc::new(AppState {
-        engine: engine.clone(),
-        limits: ServerLimits::default(),
-        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
-        keys: Default::default(),
-        metrics: Default::default(),
-        ready: AtomicBool::new(true),
-    }));
+    let (engine, router) = serve(Arc::new(store));
     let org = "0190f1f4-0000-7000-8000-0000000000f6";
     let endpoint = format!(r#"{{"url":"https://example.com/h","org_id":"{org}"}}"#);
     assert_eq!(call(&router, "POST", "/v1/endpoints", &endpoint).await.0, 201);
