@@ -111,22 +111,7 @@ impl World {
     }
 
     fn endpoint(&self, org: OrgId) -> (EndpointId, Secret) {
-        let id = EndpointId(Uuid::now_v7());
-        let reply = self.engine.execute_blocking(
-            Actor::admin(),
-            Command::CreateEndpoint {
-                id,
-                org_id: org,
-                url: "https://receiver.example/hook".into(),
-                name: "crm".into(),
-                enabled_events: vec!["*".into()],
-                secret: None,
-            },
-        );
-        match reply {
-            Ok(Reply::Endpoint { secret, .. }) => (id, Secret::parse(&secret).unwrap()),
-            other => panic!("{other:?}"),
-        }
+        create_endpoint(&self.engine, org)
     }
 
     fn publish(&self, org: OrgId, payload: &[u8]) -> (EventId, Vec<DeliveryId>) {
@@ -151,6 +136,26 @@ impl World {
 
     fn status(&self, id: DeliveryId) -> DeliveryStatus {
         self.engine.delivery(id).unwrap().unwrap().status
+    }
+}
+
+/// An endpoint of `org` subscribed to everything, with a generated secret.
+fn create_endpoint(engine: &Engine, org: OrgId) -> (EndpointId, Secret) {
+    let id = EndpointId(Uuid::now_v7());
+    let reply = engine.execute_blocking(
+        Actor::admin(),
+        Command::CreateEndpoint {
+            id,
+            org_id: org,
+            url: "https://receiver.example/hook".into(),
+            name: "crm".into(),
+            enabled_events: vec!["*".into()],
+            secret: None,
+        },
+    );
+    match reply {
+        Ok(Reply::Endpoint { secret, .. }) => (id, Secret::parse(&secret).unwrap()),
+        other => panic!("{other:?}"),
     }
 }
 
@@ -619,15 +624,7 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
     cfg.delivery.max_in_flight_total = 1;
     let parts = Parts { store: store.clone(), clock: Arc::new(ManualClock::new(T0)), sender: sender.clone() };
     let engine = Engine::open_with(cfg, parts).unwrap();
-    let endpoint = Command::CreateEndpoint {
-        id: EndpointId(Uuid::now_v7()),
-        org_id: org(),
-        url: "https://receiver.example/hook".into(),
-        name: "crm".into(),
-        enabled_events: vec!["*".into()],
-        secret: None,
-    };
-    engine.execute_blocking(Actor::admin(), endpoint).unwrap();
+    create_endpoint(&engine, org());
     // The first attempt is held at the receiver while the other events are published.
     sender.push(Script::Hold(Duration::from_millis(300)), 1);
     let deliveries: Vec<DeliveryId> = (0..3)
@@ -865,15 +862,7 @@ fn open_over(
 /// One endpoint and one delivery to it, whose first attempt the receiver fails (its retry is
 /// due about 1 s later and reads the event back from the store).
 fn failed_once(engine: &Engine, sender: &Scripted) -> DeliveryId {
-    let endpoint = Command::CreateEndpoint {
-        id: EndpointId(Uuid::now_v7()),
-        org_id: org(),
-        url: "https://receiver.example/hook".into(),
-        name: "crm".into(),
-        enabled_events: vec!["*".into()],
-        secret: None,
-    };
-    engine.execute_blocking(Actor::admin(), endpoint).unwrap();
+    create_endpoint(engine, org());
     sender.push(Script::Status(500), 1);
     let Ok(Reply::Published { delivery_ids, .. }) = engine.publish(org(), "call.ended", b"{}") else {
         panic!()
