@@ -25,7 +25,7 @@ use herald_log::{Log, Store};
 use herald_projector::{
     due_deliveries, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, org_secret,
     CheckedTables, CompactError, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due,
-    EndpointId, StoreTables,
+    EndpointId,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -440,12 +440,19 @@ impl Dispatcher {
 
     /// Loads an endpoint's pending deliveries into the queue after its parked list overflowed.
     fn refill_endpoint(&mut self, endpoint: EndpointId) {
-        let t = StoreTables(self.ctx.store.as_ref());
+        let t = CheckedTables::new(self.ctx.store.as_ref());
         let query = DeliveryQuery::all(DeliveryIndex::EndpointStatus(endpoint, DeliveryStatus::Pending));
         let mut cursor = None;
         let mut loaded = 0;
         loop {
-            let Ok(page) = list_deliveries(&t, &query, cursor, REFILL_PAGE_LEN) else { return };
+            let page = list_deliveries(&t, &query, cursor, REFILL_PAGE_LEN);
+            if t.take_error().is_some() {
+                // The store failed the read: only a reload of the whole due index is sure to
+                // find what it did not return.
+                self.queue.note_incomplete_from(0);
+                return;
+            }
+            let Ok(page) = page else { return };
             for d in page.items {
                 if self.in_flight.contains_key(d.id.as_bytes()) {
                     continue;
@@ -479,10 +486,16 @@ impl Dispatcher {
             self.recheck.insert(id);
             return;
         }
-        let t = StoreTables(self.ctx.store.as_ref());
-        let delivery = match get_delivery(&t, DeliveryId::from_bytes(id)) {
+        let t = CheckedTables::new(self.ctx.store.as_ref());
+        let read = get_delivery(&t, DeliveryId::from_bytes(id));
+        if t.take_error().is_some() {
+            // The store failed the read: looked at again shortly, as it may well be due.
+            self.queue.insert(id, now.saturating_add(RECORD_RETRY_MS));
+            return;
+        }
+        let delivery = match read {
             Ok(Some(d)) if d.status == DeliveryStatus::Pending && d.next_attempt_at_ms.is_some() => d,
-            // Gone, unreadable or not waiting for an attempt: nothing to attempt (the due index
+            // Gone, damaged or not waiting for an attempt: nothing to attempt (the due index
             // is the truth on refill).
             _ => {
                 self.take_payload(&id);
@@ -565,8 +578,12 @@ impl Dispatcher {
             }
         }
         if self.recheck.remove(&f.id) {
-            let t = StoreTables(self.ctx.store.as_ref());
-            if let Ok(Some(d)) = get_delivery(&t, DeliveryId::from_bytes(f.id)) {
+            let t = CheckedTables::new(self.ctx.store.as_ref());
+            let read = get_delivery(&t, DeliveryId::from_bytes(f.id));
+            if t.take_error().is_some() {
+                // Unknown whether it is due again: looked at again shortly (`consider` reads it).
+                self.queue.insert(f.id, self.ctx.clock.now_ms().saturating_add(RECORD_RETRY_MS));
+            } else if let Ok(Some(d)) = read {
                 if let (DeliveryStatus::Pending, Some(at)) = (d.status, d.next_attempt_at_ms) {
                     self.queue.insert(f.id, at);
                 }
