@@ -24,8 +24,8 @@ use bytes::Bytes;
 use herald_log::{Log, Store};
 use herald_projector::{
     due_deliveries, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, org_secret,
-    CheckedTables, CompactError, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Due,
-    EndpointId,
+    CheckedTables, CompactError, Corrupt, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
+    Due, EndpointId,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -403,18 +403,18 @@ impl Dispatcher {
     /// the queue is full.
     fn refill(&mut self, from_ms: Option<u64>) {
         self.refills += 1;
-        let t = CheckedTables::new(self.ctx.store.as_ref());
         let mut after = from_ms
             .and_then(|ms| ms.checked_sub(1))
             .map(|ms| Due { next_attempt_at_ms: ms, delivery_id: DeliveryId::from_bytes([0xFF; 16]) });
         loop {
-            let page = due_deliveries(&t, after, u64::MAX, REFILL_PAGE_LEN);
-            if t.take_error().is_some() {
+            let store = self.ctx.store.as_ref();
+            let Ok(page) = CheckedTables::run(store, |t| due_deliveries(t, after, u64::MAX, REFILL_PAGE_LEN))
+            else {
                 // The store failed the read: what it did not return waits for the next refill.
                 let read_to = after.map_or(from_ms.unwrap_or(0), |d| d.next_attempt_at_ms);
                 self.queue.note_incomplete_from(read_to);
                 return;
-            }
+            };
             let page = match page {
                 Ok(page) => page,
                 Err(_) => {
@@ -440,18 +440,18 @@ impl Dispatcher {
 
     /// Loads an endpoint's pending deliveries into the queue after its parked list overflowed.
     fn refill_endpoint(&mut self, endpoint: EndpointId) {
-        let t = CheckedTables::new(self.ctx.store.as_ref());
         let query = DeliveryQuery::all(DeliveryIndex::EndpointStatus(endpoint, DeliveryStatus::Pending));
         let mut cursor = None;
         let mut loaded = 0;
         loop {
-            let page = list_deliveries(&t, &query, cursor, REFILL_PAGE_LEN);
-            if t.take_error().is_some() {
+            let store = self.ctx.store.as_ref();
+            let Ok(page) = CheckedTables::run(store, |t| list_deliveries(t, &query, cursor, REFILL_PAGE_LEN))
+            else {
                 // The store failed the read: only a reload of the whole due index is sure to
                 // find what it did not return.
                 self.queue.note_incomplete_from(0);
                 return;
-            }
+            };
             let Ok(page) = page else { return };
             for d in page.items {
                 if self.in_flight.contains_key(d.id.as_bytes()) {
@@ -486,13 +486,13 @@ impl Dispatcher {
             self.recheck.insert(id);
             return;
         }
-        let t = CheckedTables::new(self.ctx.store.as_ref());
-        let read = get_delivery(&t, DeliveryId::from_bytes(id));
-        if t.take_error().is_some() {
+        let Ok(read) =
+            CheckedTables::run(self.ctx.store.as_ref(), |t| get_delivery(t, DeliveryId::from_bytes(id)))
+        else {
             // The store failed the read: looked at again shortly, as it may well be due.
             self.queue.insert(id, now.saturating_add(RECORD_RETRY_MS));
             return;
-        }
+        };
         let delivery = match read {
             Ok(Some(d)) if d.status == DeliveryStatus::Pending && d.next_attempt_at_ms.is_some() => d,
             // Gone, damaged or not waiting for an attempt: nothing to attempt (the due index
@@ -578,15 +578,19 @@ impl Dispatcher {
             }
         }
         if self.recheck.remove(&f.id) {
-            let t = CheckedTables::new(self.ctx.store.as_ref());
-            let read = get_delivery(&t, DeliveryId::from_bytes(f.id));
-            if t.take_error().is_some() {
+            match CheckedTables::run(self.ctx.store.as_ref(), |t| {
+                get_delivery(t, DeliveryId::from_bytes(f.id))
+            }) {
                 // Unknown whether it is due again: looked at again shortly (`consider` reads it).
-                self.queue.insert(f.id, self.ctx.clock.now_ms().saturating_add(RECORD_RETRY_MS));
-            } else if let Ok(Some(d)) = read {
-                if let (DeliveryStatus::Pending, Some(at)) = (d.status, d.next_attempt_at_ms) {
-                    self.queue.insert(f.id, at);
+                Err(_) => {
+                    self.queue.insert(f.id, self.ctx.clock.now_ms().saturating_add(RECORD_RETRY_MS));
                 }
+                Ok(Ok(Some(d))) => {
+                    if let (DeliveryStatus::Pending, Some(at)) = (d.status, d.next_attempt_at_ms) {
+                        self.queue.insert(f.id, at);
+                    }
+                }
+                Ok(_) => {}
             }
         }
         if let Some(endpoint) = flight.endpoint {
@@ -788,6 +792,17 @@ impl From<String> for RequestError {
     }
 }
 
+/// `query` over the store: a read the store failed is a `StoreRead`, never taken for "missing".
+fn read<T>(
+    ctx: &Ctx,
+    query: impl FnOnce(&CheckedTables<'_>) -> Result<T, Corrupt>,
+) -> Result<T, RequestError> {
+    match CheckedTables::run(ctx.store.as_ref(), query) {
+        Ok(answer) => answer.map_err(|e| RequestError::Invalid(e.to_string())),
+        Err(e) => Err(RequestError::StoreRead(e.to_string())),
+    }
+}
+
 /// The signed request of one attempt: the payload as published (`payload`, when it was handed
 /// over with the delivery, or read from the store), to the endpoint's current url, signed with
 /// every secret valid now. The sender adds `user-agent`.
@@ -797,16 +812,10 @@ fn request(
     now_ms: u64,
     payload: Option<Bytes>,
 ) -> Result<AttemptRequest, RequestError> {
-    let t = CheckedTables::new(ctx.store.as_ref());
-    // A read the store failed reads as absent: asked after each read, before "missing" is said.
-    let store_failed = |t: &CheckedTables<'_>| {
-        t.take_error().map_or(Ok(()), |e| Err(RequestError::StoreRead(e.to_string())))
-    };
     let (url, secrets) = match delivery.endpoint_id {
         Some(id) => {
-            let endpoint = get_endpoint(&t, id).map_err(|e| e.to_string());
-            store_failed(&t)?;
-            let endpoint = endpoint?.ok_or_else(|| format!("endpoint {id} is missing"))?;
+            let endpoint =
+                read(ctx, |t| get_endpoint(t, id))?.ok_or_else(|| format!("endpoint {id} is missing"))?;
             let secrets = endpoint
                 .secrets_valid_at(now_ms)
                 .into_iter()
@@ -816,19 +825,16 @@ fn request(
             (endpoint.url, secrets)
         }
         None => {
-            let secret = org_secret(&t, delivery.org_id).map_err(|e| e.to_string());
-            store_failed(&t)?;
-            let secret =
-                secret?.ok_or_else(|| format!("organisation {} has no default secret", delivery.org_id))?;
+            let secret = read(ctx, |t| org_secret(t, delivery.org_id))?
+                .ok_or_else(|| format!("organisation {} has no default secret", delivery.org_id))?;
             (delivery.url.clone(), vec![Secret::parse(&secret).map_err(|e| format!("org secret: {e}"))?])
         }
     };
     let payload = match payload {
         Some(payload) => payload,
         None => {
-            let event = get_event(&t, delivery.event_id).map_err(|e| e.to_string());
-            store_failed(&t)?;
-            let event = event?.ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
+            let event = read(ctx, |t| get_event(t, delivery.event_id))?
+                .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
             match event_payload(ctx.store.as_ref(), &event) {
                 Ok(payload) => Bytes::from(payload),
                 Err(CompactError::Log(e)) => return Err(RequestError::StoreRead(e.to_string())),

@@ -190,12 +190,8 @@ impl Engine {
         let Parts { store, clock, sender } = parts;
         herald_log::check_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
         // Records folded under rules this code does not know would be folded under its own.
-        let rules = {
-            let t = CheckedTables::new(store.as_ref());
-            let rules = herald_projector::rules(&t);
-            t.finish().map_err(|e| EngineError::Open(e.to_string()))?;
-            rules?
-        };
+        let rules = CheckedTables::run(store.as_ref(), |t| herald_projector::rules(t))
+            .map_err(|e| EngineError::Open(e.to_string()))??;
         if rules > herald_projector::RULES_CURRENT {
             return Err(EngineError::Open(format!(
                 "this store is folded under rules version {rules}, newer than this binary's {}; \
@@ -268,7 +264,7 @@ impl Engine {
         // force is the configuration's; a change is itself a logged fact. A store that refuses
         // writes (a full disk) still starts: it goes on under the rules and the policy it has,
         // which is what its records say, and the next start writes them.
-        if engine.read(|t| herald_projector::rules(t))? < herald_projector::RULES_CURRENT {
+        if rules < herald_projector::RULES_CURRENT {
             let adopt = Command::AdoptRules(herald_projector::RULES_CURRENT);
             started_anyway(
                 engine.execute_blocking(Actor::admin(), adopt),
@@ -448,10 +444,8 @@ impl Engine {
         &self,
         query: impl FnOnce(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
     ) -> Result<T, EngineError> {
-        let t = CheckedTables::new(self.inner.store.as_ref());
-        let out = query(&t);
-        t.finish().map_err(|e| EngineError::Log(LogError::Store(e)))?;
-        Ok(out?)
+        Ok(CheckedTables::run(self.inner.store.as_ref(), query)
+            .map_err(|e| EngineError::Log(LogError::Store(e)))??)
     }
 
     /// Runs `read` over the projection until it has seen one state of it: no batch applied while
@@ -467,12 +461,10 @@ impl Engine {
         loop {
             tries += 1;
             let before = self.inner.cache.read_epoch();
-            let t = CheckedTables::new(self.inner.store.as_ref());
-            let out = read(&t);
+            let out = CheckedTables::run(self.inner.store.as_ref(), &read);
             let settled = before.is_some() && before == self.inner.cache.read_epoch();
             if settled || tries >= CONSISTENT_READ_TRIES {
-                t.finish().map_err(|e| EngineError::Log(LogError::Store(e)))?;
-                return Ok(out?);
+                return Ok(out.map_err(|e| EngineError::Log(LogError::Store(e)))??);
             }
             if before.is_none() {
                 // A batch was being applied: let the writer finish it.

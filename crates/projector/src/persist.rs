@@ -143,10 +143,12 @@ impl<'a> CheckedTables<'a> {
         self.error.into_inner().map_or(Ok(()), Err)
     }
 
-    /// The first store error the reads so far met, if one did (taken: the next read starts
-    /// afresh).
-    pub fn take_error(&self) -> Option<StoreError> {
-        self.error.borrow_mut().take()
+    /// Runs `query` over `store`: its answer, or the first store error one of its reads met
+    /// (the answer would have been built from what the store did not return).
+    pub fn run<T>(store: &dyn Store, query: impl FnOnce(&CheckedTables<'_>) -> T) -> Result<T, StoreError> {
+        let t = CheckedTables::new(store);
+        let out = query(&t);
+        t.finish().map(|()| out)
     }
 
     fn kept<T>(&self, read: Result<T, StoreError>) -> Option<T> {
