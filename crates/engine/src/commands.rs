@@ -784,7 +784,7 @@ impl Commands {
                     return Err(CommandError::NotFound { what: "route", id: "rules".into() });
                 }
                 let in_force = herald_projector::rules(&TxRead(tx))?;
-                if version <= in_force || version > herald_projector::RULES_CURRENT {
+                if !herald_projector::rules_may_follow(in_force, version) {
                     return Err(CommandError::Conflict {
                         reason: format!(
                             "rules version {version} cannot follow version {in_force} (known up to {})",

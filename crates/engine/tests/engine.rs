@@ -810,6 +810,10 @@ struct KeyspaceReadsFail {
 }
 
 impl KeyspaceReadsFail {
+    fn new(keyspace: u8) -> Arc<KeyspaceReadsFail> {
+        Arc::new(KeyspaceReadsFail { inner: MemStore::new(), keyspace, failing: Default::default() })
+    }
+
     fn check(&self, key: &[u8]) -> Result<(), herald_log::StoreError> {
         if self.failing.load(Ordering::SeqCst) && key.first() == Some(&self.keyspace) {
             return Err(herald_log::StoreError::Io("read refused".into()));
@@ -875,11 +879,7 @@ fn failed_once(engine: &Engine, sender: &Scripted) -> DeliveryId {
 
 #[test]
 fn an_attempt_whose_reads_the_store_fails_is_not_recorded_as_a_failure_and_is_made_again() {
-    let store = Arc::new(KeyspaceReadsFail {
-        inner: MemStore::new(),
-        keyspace: herald_projector::keys::KS_EVENT,
-        failing: Default::default(),
-    });
+    let store = KeyspaceReadsFail::new(herald_projector::keys::KS_EVENT);
     let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
     let engine = open_over(&store, &clock, &sender, vec![1_000, 1_000]);
     let settle = || assert!(engine.settle(SETTLE), "{:?}", engine.dispatch_stats());
@@ -906,11 +906,7 @@ fn an_attempt_whose_reads_the_store_fails_is_not_recorded_as_a_failure_and_is_ma
 
 #[test]
 fn a_refill_the_store_fails_is_made_again_once_it_reads() {
-    let store = Arc::new(KeyspaceReadsFail {
-        inner: MemStore::new(),
-        keyspace: herald_projector::keys::KS_CHUNKS_DUE,
-        failing: Default::default(),
-    });
+    let store = KeyspaceReadsFail::new(herald_projector::keys::KS_CHUNKS_DUE);
     let (clock, sender) = (ManualClock::new(T0), Arc::new(Scripted::default()));
     let open = || open_over(&store, &clock, &sender, vec![1_000]);
     let engine = open();

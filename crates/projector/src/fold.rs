@@ -32,6 +32,12 @@ pub const ENDPOINT_DELETED_REASON: &str = "endpoint deleted";
 ///    url the dispatcher used).
 pub const RULES_CURRENT: u32 = 2;
 
+/// Whether rules `version` may follow the rules `in_force`: forward only, up to the ones this
+/// code knows.
+pub fn rules_may_follow(in_force: u32, version: u32) -> bool {
+    in_force < version && version <= RULES_CURRENT
+}
+
 /// Why an event cannot be applied. The engine validates commands before appending their events,
 /// so this means a bug or a corrupt log. A rejected event leaves the tables as they were.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -381,7 +387,7 @@ impl<T: Tables> Fold<'_, T> {
             Event::Compacted { .. } => Ok(()),
             Event::RulesAdopted { version } => {
                 let in_force = query::rules(self.t)?;
-                if *version <= in_force || *version > RULES_CURRENT {
+                if !rules_may_follow(in_force, *version) {
                     return Err(ApplyError::UnknownRules { in_force, got: *version });
                 }
                 self.t.put(keys::META_RULES.to_vec(), version.to_be_bytes().to_vec());

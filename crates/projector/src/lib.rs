@@ -109,7 +109,10 @@ pub use event::{
     decode, encode, AttemptOutcome, DecodeError, Event, NewDelivery, Scope, Trigger, EVENT_FORMAT_V1,
     NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
 };
-pub use fold::{apply, apply_unstaged, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON, RULES_CURRENT};
+pub use fold::{
+    apply, apply_unstaged, rules_may_follow, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
+    RULES_CURRENT,
+};
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 pub use model::{
     subscribes, transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint,
