@@ -540,6 +540,9 @@ impl Commands {
                 Reply::Done
             }
             Command::RevokeApiKey { id } => {
+                if actor.org_id.is_some() {
+                    return Err(CommandError::NotFound { what: "route", id: "api_keys".into() });
+                }
                 match get_api_key(&TxRead(tx), id)? {
                     Some(k) if k.revoked_at_ms.is_none() => {}
                     _ => return Err(CommandError::NotFound { what: "api key", id: id.to_string() }),
@@ -724,6 +727,10 @@ impl Commands {
                 mut response_excerpt,
                 retry_after_ms,
             } => {
+                // Only the dispatcher reports attempts; an organisation's key cannot make one up.
+                if actor.org_id.is_some() {
+                    return Err(CommandError::NotFound { what: "route", id: "attempts".into() });
+                }
                 let t = TxRead(tx);
                 let d = get_delivery(&t, delivery_id)?.ok_or_else(|| CommandError::NotFound {
                     what: "delivery",

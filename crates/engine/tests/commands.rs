@@ -8,7 +8,8 @@ use herald_engine::commands::{
 };
 use herald_log::{Durability, Log, LogConfig, LogError, MemStore};
 use herald_projector::{
-    get_delivery, AttemptOutcome, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, StoreTables,
+    get_delivery, ApiKeyId, AttemptOutcome, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, Scope,
+    StoreTables,
 };
 use uuid::Uuid;
 
@@ -505,6 +506,48 @@ fn set_policy_is_admin_only_and_checked() {
     ));
     assert_eq!(w.run(Actor::admin(), Command::SetPolicy(policy.clone())), Ok(Reply::Done));
     assert_eq!(herald_projector::policy(&StoreTables(&w.store)).unwrap(), policy);
+}
+
+#[test]
+fn api_keys_are_created_and_revoked_by_the_admin_only() {
+    let mut w = World::new(CommandLimits::default());
+    let id = ApiKeyId(Uuid::now_v7());
+    let create = |org_id| Command::CreateApiKey {
+        id,
+        org_id,
+        scopes: vec![Scope::EventsWrite],
+        name: "ci".into(),
+        key_hash: [7; 32],
+    };
+    let key = |w: &World| herald_projector::get_api_key(&StoreTables(&w.store), id).unwrap();
+    assert!(matches!(w.run(member(1), create(Some(org(1)))), Err(CommandError::NotFound { .. })));
+    assert!(key(&w).is_none(), "a refused creation wrote");
+    assert_eq!(w.run(Actor::admin(), create(Some(org(1)))), Ok(Reply::Done));
+    // A key of the organisation itself may not revoke it (nor the admin's key) through the engine.
+    for actor in [member(1), member(2)] {
+        assert!(matches!(w.run(actor, Command::RevokeApiKey { id }), Err(CommandError::NotFound { .. })));
+    }
+    assert_eq!(key(&w).unwrap().revoked_at_ms, None, "a refused revocation wrote");
+    assert_eq!(w.run(Actor::admin(), Command::RevokeApiKey { id }), Ok(Reply::Done));
+    assert!(key(&w).unwrap().revoked_at_ms.is_some());
+}
+
+#[test]
+fn only_the_dispatcher_records_attempts() {
+    let mut w = World::new(CommandLimits::default());
+    w.endpoint(member(1), 1, &["*"]);
+    let d = deliveries(w.run(member(1), publish_command(1)))[0];
+    let made_up = Command::RecordAttempt {
+        delivery_id: d,
+        started_at_ms: w.now_ms,
+        finished_at_ms: w.now_ms,
+        outcome: AttemptOutcome::Delivered { status: 200 },
+        response_excerpt: Vec::new(),
+        retry_after_ms: None,
+    };
+    assert!(matches!(w.run(member(1), made_up), Err(CommandError::NotFound { .. })));
+    let d = get_delivery(&StoreTables(&w.store), d).unwrap().unwrap();
+    assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Pending, 0), "a refused record wrote");
 }
 
 #[test]
