@@ -695,6 +695,9 @@ fn write_step(out: &mut dyn Write, ndjson: bool, r: &Record, event: &Event) -> R
             let result = match outcome {
                 AttemptOutcome::Delivered { status } => attempt_result(Some(*status), None),
                 AttemptOutcome::Failed { status, error } => attempt_result(*status, Some(error)),
+                AttemptOutcome::Interrupted { error } => {
+                    format!("cut short, not a failure ({error}); attempted again at the same step")
+                }
             };
             let retry = match retry_at_ms {
                 Some(t) => format!("; next automatic attempt at {}", ts(*t)),

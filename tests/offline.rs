@@ -160,7 +160,7 @@ fn replay_tells_the_story_line_by_line() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = s.delivery;
     let expected = [
-        "2026-03-15T10:00:00.000Z  seq      1  fold rules version 2 from here on".to_owned(),
+        format!("2026-03-15T10:00:00.000Z  seq      1  fold rules version {} from here on", herald_projector::RULES_CURRENT),
         "2026-03-15T10:00:00.000Z  seq      2  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive".to_owned(),
         format!("2026-03-15T10:00:00.000Z  seq      5  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)", s.event, "*", s.endpoint),
         format!("2026-03-15T10:00:00.000Z  seq      5    delivery {d}: (new) -> pending"),

@@ -739,6 +739,8 @@ impl Commands {
                 let attempt = d.attempt_count + 1;
                 let retry_at_ms = match outcome {
                     AttemptOutcome::Delivered { .. } => None,
+                    // Made again as soon as herald is back, at the same step of the schedule.
+                    AttemptOutcome::Interrupted { .. } => Some(finished_at_ms.max(started_at_ms)),
                     AttemptOutcome::Failed { .. } => retry_at_ms(
                         &policy(&t)?.retry_schedule_ms,
                         d.attempts_since_reset + 1,

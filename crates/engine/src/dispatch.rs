@@ -210,8 +210,12 @@ impl Shared {
 pub struct StopReport {
     /// Attempts that finished (and were recorded) during the stop.
     pub finished: u64,
-    /// Attempts cut short by the timeout and recorded as interrupted.
+    /// Attempts cut short by the timeout and recorded as interrupted (durably, before the stop
+    /// returned).
     pub interrupted: u64,
+    /// Attempts cut short whose record was refused or not durable in time: they are still
+    /// pending in the store and are made again after the restart.
+    pub unrecorded: u64,
 }
 
 /// Everything an attempt task needs; cheap to clone.
@@ -229,6 +233,10 @@ struct InFlight {
     endpoint: Option<EndpointId>,
     /// The receiver has answered: the attempt waits for its record only.
     answered: bool,
+    /// Set by whichever settles the attempt first: its task, once it knows how the attempt
+    /// ended (it then records that, or nothing), or the stop, which cuts it short and records
+    /// it as interrupted. So an attempt is never recorded both ways.
+    settled: Arc<AtomicBool>,
     abort: tokio::task::AbortHandle,
     delivery: Delivery,
     started_at_ms: u64,
@@ -554,10 +562,19 @@ impl Dispatcher {
         self.ctx.shared.started.fetch_add(1, Ordering::Relaxed);
         let ctx = self.ctx.clone();
         let d = delivery.clone();
-        let abort = self.tasks.spawn(async move { attempt(ctx, d, payload).await });
+        let settled = Arc::new(AtomicBool::new(false));
+        let settled_by_task = settled.clone();
+        let abort = self.tasks.spawn(async move { attempt(ctx, d, payload, settled_by_task).await });
         self.in_flight.insert(
             *delivery.id.as_bytes(),
-            InFlight { endpoint: delivery.endpoint_id, answered: false, abort, delivery, started_at_ms: now },
+            InFlight {
+                endpoint: delivery.endpoint_id,
+                answered: false,
+                settled,
+                abort,
+                delivery,
+                started_at_ms: now,
+            },
         );
     }
 
@@ -647,36 +664,71 @@ impl Dispatcher {
         s.generation = self.generation;
     }
 
-    /// The stop: no new attempts; wait for those in flight up to the shutdown timeout; record the
-    /// rest as interrupted, except those whose receiver answered (their outcome's record is
-    /// already on its way to the writer; recording them as interrupted as well would add an
-    /// attempt that was not made, and if that record is lost the delivery is attempted again after
-    /// the restart).
+    /// The stop: no new attempts; wait for those in flight, then record the rest as interrupted,
+    /// all within the shutdown timeout (the last [`record_reserve`] of it is kept for the
+    /// records). An attempt its task has settled is left to it: it is recorded with its outcome,
+    /// or, if its record is lost, attempted again after the restart.
     async fn drain(mut self) -> StopReport {
         let mut report = StopReport::default();
-        let deadline = tokio::time::Instant::now() + self.cfg.shutdown_timeout;
+        let timeout = self.cfg.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let wait_until = deadline - record_reserve(timeout);
         let shared = self.ctx.shared.clone();
-        while !self.in_flight.is_empty() {
+        loop {
             let notified = shared.inbox.wake.notified();
-            let inbox = self.ctx.shared.inbox.take();
-            for id in inbox.released {
-                self.release(id);
-            }
-            for f in inbox.finished {
-                if self.in_flight.contains_key(&f.id) {
-                    report.finished += 1;
-                }
-                self.finish(f);
-            }
+            self.take_finished(&mut report);
             if self.in_flight.is_empty() {
                 break;
             }
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(wait_until) => break,
             }
         }
         // Whatever finished in the meantime is recorded already; the rest is cut short.
+        self.take_finished(&mut report);
+        let now = self.ctx.clock.now_ms();
+        self.answered = 0;
+        let (recorded_tx, mut recorded) = tokio::sync::mpsc::unbounded_channel();
+        let mut submitted = 0u64;
+        for (_, flight) in self.in_flight.drain() {
+            if flight.settled.swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            flight.abort.abort();
+            let command = Command::RecordAttempt {
+                delivery_id: flight.delivery.id,
+                started_at_ms: flight.started_at_ms,
+                finished_at_ms: now.max(flight.started_at_ms),
+                outcome: herald_projector::AttemptOutcome::Interrupted { error: INTERRUPTED_ERROR.into() },
+                response_excerpt: Vec::new(),
+                retry_after_ms: None,
+            };
+            let recorded_tx = recorded_tx.clone();
+            // All in the urgent queue at once: they share the writer's batches and flushes.
+            self.ctx.log.submit_urgent_with(
+                Submitted { actor: Actor::admin(), at_ms: now, command },
+                move |out| {
+                    let _ = recorded_tx.send(matches!(out, Ok(Ok(_))));
+                },
+            );
+            submitted += 1;
+        }
+        drop(recorded_tx);
+        let _ = tokio::time::timeout_at(deadline, async {
+            while let Some(ok) = recorded.recv().await {
+                report.interrupted += u64::from(ok);
+            }
+        })
+        .await;
+        report.unrecorded = submitted - report.interrupted;
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        report
+    }
+
+    /// Takes in the inbox during the stop: answered attempts free their slots, recorded ones end.
+    fn take_finished(&mut self, report: &mut StopReport) {
         let inbox = self.ctx.shared.inbox.take();
         for id in inbox.released {
             self.release(id);
@@ -687,36 +739,17 @@ impl Dispatcher {
             }
             self.finish(f);
         }
-        let now = self.ctx.clock.now_ms();
-        self.answered = 0;
-        for (_, flight) in self.in_flight.drain() {
-            flight.abort.abort();
-            if flight.answered {
-                continue;
-            }
-            report.interrupted += 1;
-            let command = Command::RecordAttempt {
-                delivery_id: flight.delivery.id,
-                started_at_ms: flight.started_at_ms,
-                finished_at_ms: now.max(flight.started_at_ms),
-                outcome: herald_projector::AttemptOutcome::Failed {
-                    status: None,
-                    error: INTERRUPTED_ERROR.into(),
-                },
-                response_excerpt: Vec::new(),
-                retry_after_ms: None,
-            };
-            // If this cannot be recorded the delivery stays pending and is attempted after restart.
-            let _ = self.ctx.log.submit(Submitted { actor: Actor::admin(), at_ms: now, command });
-        }
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
-        report
     }
 }
 
+/// The part of the shutdown timeout kept for recording the attempts cut short: a quarter of it,
+/// at most 1 s.
+fn record_reserve(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_secs(1))
+}
+
 /// One attempt: build the signed request, send it, record the outcome, tell the loop.
-async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>) {
+async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>, settled: Arc<AtomicBool>) {
     let started_at_ms = ctx.clock.now_ms();
     let id = *delivery.id.as_bytes();
     let outcome = match request(&ctx, &delivery, started_at_ms, payload) {
@@ -728,11 +761,16 @@ async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>) {
             // Nothing is known to be wrong with the delivery, the endpoint or the receiver: not
             // sent, not recorded (it would count against the endpoint's health), and made again
             // shortly, like an attempt whose record failed.
-            ctx.shared.inbox.released(id);
-            ctx.shared.inbox.finished(Finished { id, result: Err(error) });
+            if !settled.swap(true, Ordering::SeqCst) {
+                ctx.shared.inbox.released(id);
+                ctx.shared.inbox.finished(Finished { id, result: Err(error) });
+            }
             return;
         }
     };
+    if settled.swap(true, Ordering::SeqCst) {
+        return; // the stop cut it short and records it as interrupted
+    }
     let finished_at_ms = ctx.clock.now_ms().max(started_at_ms);
     ctx.shared.inbox.released(id);
     let (outcome, excerpt, retry_after_ms) = match outcome {

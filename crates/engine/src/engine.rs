@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herald_log::{CacheStats, CachedStore, Log, LogError, SledStore, Store, WriterStats};
 use herald_projector::compact;
@@ -139,6 +139,8 @@ struct Inner {
     runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
     stopped: crossbeam_channel::Receiver<StopReport>,
     shutdown_timeout: Duration,
+    /// When the stop began ([`Engine::begin_shutdown`]); its timeout counts from there.
+    stop_began: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Drop for Inner {
@@ -257,6 +259,7 @@ impl Engine {
                 runtime: std::sync::Mutex::new(None),
                 stopped,
                 shutdown_timeout: config.delivery.shutdown_timeout,
+                stop_began: std::sync::Mutex::new(None),
             }),
         };
         // A store folded under earlier rules takes this code's from here on (the records before
@@ -586,17 +589,36 @@ impl Engine {
         }
     }
 
-    /// The graceful stop: the dispatcher takes no new attempt, waits up to the shutdown timeout
-    /// for those in flight and records the rest as interrupted; then the log is closed (every
-    /// batch is durable when acknowledged, so nothing is left to flush). Blocking; from async
-    /// code call it through `spawn_blocking`.
+    /// Begins the graceful stop without waiting for it: the dispatcher starts no new attempt
+    /// from now on and waits for those in flight, within the shutdown timeout counted from here;
+    /// retention stops. Commands are still taken until [`shutdown`](Engine::shutdown), so a
+    /// server can let its requests in progress finish meanwhile (their deliveries are attempted
+    /// after the restart). Calling it again changes nothing.
+    pub fn begin_shutdown(&self) {
+        let mut began = self.inner.stop_began.lock().unwrap_or_else(|e| e.into_inner());
+        if began.is_none() {
+            *began = Some(Instant::now());
+            self.inner.retention_stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+            self.inner.shared.stop();
+        }
+    }
+
+    /// The graceful stop (begun here unless [`begin_shutdown`](Engine::begin_shutdown) began it):
+    /// the dispatcher takes no new attempt, waits for those in flight and records the rest as
+    /// interrupted, all within the shutdown timeout; then the log is closed (every batch is
+    /// durable when acknowledged, so nothing is left to flush). If the writer cannot record in
+    /// time (a stalled disk), the stop gives up 1 s after the timeout: the attempts not recorded
+    /// stay pending and are made again after the restart. Blocking; from async code call it
+    /// through `spawn_blocking`.
     pub fn shutdown(&self) -> StopReport {
-        self.inner.retention_stop.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.inner.shared.stop();
+        self.begin_shutdown();
+        let began =
+            self.inner.stop_began.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(Instant::now);
+        let give_up = began + self.inner.shutdown_timeout + Duration::from_secs(1);
         let report = self
             .inner
             .stopped
-            .recv_timeout(self.inner.shutdown_timeout + Duration::from_secs(5))
+            .recv_timeout(give_up.saturating_duration_since(Instant::now()))
             .unwrap_or_default();
         self.inner.log.close();
         report

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_engine::clock::ManualClock;
+use herald_engine::clock::{Clock, ManualClock};
 use herald_engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
 use herald_engine::signing::{verify, Secret};
 use herald_engine::{Actor, Command, DeliveryConfig, Engine, EngineConfig, EngineError, Parts, Reply};
@@ -344,9 +344,9 @@ fn an_attempt_in_flight_at_a_crash_is_made_again_after_restart_with_the_same_web
 }
 
 #[test]
-fn a_graceful_stop_records_attempts_cut_short_as_interrupted() {
+fn a_graceful_stop_records_attempts_cut_short_as_interrupted_not_as_failures() {
     let w = World::new(config(vec![1_000]));
-    w.endpoint(org());
+    let (endpoint, _) = w.endpoint(org());
     w.sender.push(Script::Hold(Duration::from_secs(30)), 1);
     let (_, deliveries) = w.publish(org(), b"{}");
     let deadline = std::time::Instant::now() + SETTLE;
@@ -354,11 +354,19 @@ fn a_graceful_stop_records_attempts_cut_short_as_interrupted() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(1));
     }
+    let stop_began = std::time::Instant::now();
     let report = w.engine.shutdown();
-    assert_eq!(report.interrupted, 1);
+    assert!(stop_began.elapsed() < Duration::from_secs(2), "the stop outlasted its 300 ms timeout");
+    assert_eq!((report.interrupted, report.unrecorded, report.finished), (1, 0, 0));
     let d = w.engine.delivery(deliveries[0]).unwrap().unwrap();
     assert_eq!(d.status, DeliveryStatus::Pending);
     assert_eq!(d.last_error.as_deref(), Some(herald_engine::dispatch::INTERRUPTED_ERROR));
+    // In the history and the count, but not a failure: no step of the schedule used (a failure
+    // would be retried 1 s later), the same attempt made again at once, the endpoint's run empty.
+    assert_eq!((d.attempt_count, d.attempts_since_reset), (1, 0));
+    assert_eq!(d.next_attempt_at_ms, Some(w.clock.now_ms()));
+    let e = w.engine.endpoint(endpoint).unwrap().unwrap();
+    assert!(e.failure_run_at_ms.is_empty(), "{:?}", e.failure_run_at_ms);
     // After the stop, commands are refused cleanly.
     let refused =
         w.engine.execute_blocking(Actor::admin(), Command::EnableEndpoint { id: EndpointId(Uuid::nil()) });

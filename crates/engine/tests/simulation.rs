@@ -316,7 +316,8 @@ enum Outcome {
         status: Option<u16>,
         retry_after_ms: Option<u64>,
     },
-    /// Cut short by a graceful stop: a failure without an answer.
+    /// Cut short by a graceful stop: recorded, but not a failure (rules 3): no step of the
+    /// schedule used, nothing counted against the endpoint, made again as soon as herald is back.
     Interrupted,
 }
 
@@ -682,8 +683,14 @@ impl Sim {
             self.queue.remove(&(due_ms, d.id));
         }
         d.attempt_count += 1;
-        d.since_reset += 1;
-        let trigger = std::mem::replace(&mut d.trigger, Trigger::Auto);
+        let interrupted = matches!(outcome, Outcome::Interrupted);
+        // An interrupted attempt is made again as the one it was: same step, same trigger.
+        let trigger = if interrupted {
+            d.trigger
+        } else {
+            d.since_reset += 1;
+            std::mem::replace(&mut d.trigger, Trigger::Auto)
+        };
         d.history.push(ModelAttempt {
             attempt: d.attempt_count,
             trigger,
@@ -693,6 +700,14 @@ impl Sim {
             since_reset: d.since_reset,
         });
         let e = d.endpoint;
+        if interrupted {
+            // Still pending unless its endpoint went inactive while it was in flight.
+            if d.status == DeliveryStatus::Pending {
+                d.due_range = Some((finished_ms, finished_ms));
+                self.unknown_due.push(i);
+            }
+            return;
+        }
         if let Outcome::Delivered(_) = outcome {
             d.status = DeliveryStatus::Delivered;
             d.delivered_once = true;
@@ -1199,7 +1214,7 @@ impl Sim {
         let hung = self.hung.take();
         ensure!(
             self.at,
-            report.interrupted == u64::from(hung.is_some()) && report.finished == 0,
+            report.interrupted == u64::from(hung.is_some()) && report.finished == 0 && report.unrecorded == 0,
             "the stop reported {report:?} with {} attempt hanging",
             u64::from(hung.is_some())
         );
@@ -1465,7 +1480,8 @@ impl Sim {
         // least the schedule's delay for its place (and the receiver's Retry-After).
         for pair in d.history.windows(2) {
             let (before, next) = (&pair[0], &pair[1]);
-            if next.trigger == Trigger::Manual {
+            // After an interrupted attempt the same one is made again at once.
+            if next.trigger == Trigger::Manual || matches!(before.outcome, Outcome::Interrupted) {
                 continue;
             }
             ensure!(

@@ -68,6 +68,11 @@ pub enum AttemptOutcome {
     Delivered { status: u16 },
     /// A timeout, a connection error (`status: None`) or a non-2xx answer (redirects included).
     Failed { status: Option<u16>, error: String },
+    /// Cut short by a stop of herald before the receiver answered (rules 3 on): recorded, since
+    /// the request may have reached the receiver, but not a failure. It uses no step of the
+    /// schedule and does not count against the endpoint's health; the delivery stays pending
+    /// and is attempted again once herald is back.
+    Interrupted { error: String },
 }
 
 /// Every fact herald records. The engine validates commands before it appends their events, so
@@ -317,6 +322,7 @@ mod tests {
             any::<u16>().prop_map(|status| AttemptOutcome::Delivered { status }),
             (proptest::option::of(any::<u16>()), text())
                 .prop_map(|(status, error)| AttemptOutcome::Failed { status, error }),
+            text().prop_map(|error| AttemptOutcome::Interrupted { error }),
         ]
     }
 

@@ -30,7 +30,12 @@ pub const ENDPOINT_DELETED_REASON: &str = "endpoint deleted";
 ///    endpoint its `url` is the one its next attempt goes to, and the one its last attempt went
 ///    to unless the url changed while that attempt was in flight (the record does not carry the
 ///    url the dispatcher used).
-pub const RULES_CURRENT: u32 = 2;
+/// 3. [`AttemptOutcome::Interrupted`] may be recorded: an attempt cut short by a stop is in the
+///    delivery's history and its `attempt_count`, but it is not a failure (API.md: a timeout, a
+///    connection error or a non-2xx answer): the endpoint's health and the delivery's place in
+///    its schedule stay as they were, and the delivery stays pending. Before, such an attempt
+///    was recorded as a failure, so restarts could exhaust deliveries and make endpoints inactive.
+pub const RULES_CURRENT: u32 = 3;
 
 /// Whether rules `version` may follow the rules `in_force`: forward only, up to the ones this
 /// code knows.
@@ -372,14 +377,18 @@ impl<T: Tables> Fold<'_, T> {
                     response_status: match outcome {
                         AttemptOutcome::Delivered { status } => Some(*status),
                         AttemptOutcome::Failed { status, .. } => *status,
+                        AttemptOutcome::Interrupted { .. } => None,
                     },
                     error: match outcome {
                         AttemptOutcome::Delivered { .. } => None,
-                        AttemptOutcome::Failed { error, .. } => Some(error.clone()),
+                        AttemptOutcome::Failed { error, .. } | AttemptOutcome::Interrupted { error } => {
+                            Some(error.clone())
+                        }
                     },
                     response_excerpt: response_excerpt.clone(),
                 },
                 *retry_at_ms,
+                matches!(outcome, AttemptOutcome::Interrupted { .. }),
             ),
             Event::RetriggerRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Retrigger),
             Event::RedeliverRequested { delivery_id, .. } => self.manual(*delivery_id, Cause::Redeliver),
@@ -499,6 +508,7 @@ impl<T: Tables> Fold<'_, T> {
         delivery_id: DeliveryId,
         record: AttemptRecord,
         retry_at_ms: Option<u64>,
+        interrupted: bool,
     ) -> Result<(), ApplyError> {
         let old = self.delivery(delivery_id)?;
         let expected = old.attempt_count.saturating_add(1);
@@ -523,6 +533,14 @@ impl<T: Tables> Fold<'_, T> {
         if succeeded && retry_at_ms.is_some() {
             return Err(invalid("a retry after a success"));
         }
+        if interrupted {
+            if query::rules(self.t)? < 3 {
+                return Err(invalid("an interrupted attempt under rules before 3"));
+            }
+            if record.response_status.is_some() || retry_at_ms.is_none() {
+                return Err(invalid("an interrupted attempt with an answer or without a retry"));
+            }
+        }
 
         // The endpoint's health first: this failure may be the one that makes it inactive.
         let mut endpoint = match old.endpoint_id {
@@ -536,7 +554,7 @@ impl<T: Tables> Fold<'_, T> {
                 endpoint.failure_run_at_ms.clear();
                 endpoint.status = EndpointStatus::Active;
                 endpoint.inactive_reason = None;
-            } else {
+            } else if !interrupted {
                 let policy = query::policy(self.t)?;
                 became_inactive = record_failure(endpoint, &policy, self.at_ms);
             }
@@ -564,7 +582,7 @@ impl<T: Tables> Fold<'_, T> {
         } else if let Some(reason) = endpoint_stop_reason {
             new.inactive_reason = Some(reason);
             (DeliveryStatus::Inactive, Cause::AttemptFailed)
-        } else if retry_at_ms.is_some() {
+        } else if interrupted || retry_at_ms.is_some() {
             (DeliveryStatus::Pending, Cause::AttemptFailed)
         } else {
             (DeliveryStatus::Exhausted, Cause::AttemptFailed)
@@ -572,12 +590,15 @@ impl<T: Tables> Fold<'_, T> {
         check_transition(delivery_id, Some(old.status), status, cause)?;
         new.status = status;
         new.attempt_count = record.attempt;
-        new.attempts_since_reset = old.attempts_since_reset.saturating_add(1);
         new.next_attempt_at_ms = match status {
             DeliveryStatus::Pending => retry_at_ms,
             _ => None,
         };
-        new.next_trigger = Trigger::Auto;
+        // An interrupted attempt is made again as the one it was: same step, same trigger.
+        if !interrupted {
+            new.attempts_since_reset = old.attempts_since_reset.saturating_add(1);
+            new.next_trigger = Trigger::Auto;
+        }
         new.last_error = record.error.clone();
         new.last_response_status = record.response_status;
         new.last_attempt_at_ms = Some(record.started_at_ms);

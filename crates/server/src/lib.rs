@@ -279,21 +279,28 @@ pub async fn serve(
     };
     let mut server =
         tokio::spawn(axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).into_future());
-    // Requests in progress get the shutdown timeout to finish; then the engine stops.
+    // At the signal the engine's stop begins (no new attempt; those in flight get the shutdown
+    // timeout) while requests in progress get the same timeout to finish; then the engine stops
+    // within what is left of it.
+    let stopping_engine = engine.clone();
     let result = tokio::select! {
         r = &mut server => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
-        _ = stopping => match tokio::time::timeout(config.server.shutdown_timeout, &mut server).await {
-            Ok(r) => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
-            Err(_) => {
-                server.abort();
-                Ok(())
+        _ = stopping => {
+            stopping_engine.begin_shutdown();
+            match tokio::time::timeout(config.server.shutdown_timeout, &mut server).await {
+                Ok(r) => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+                Err(_) => {
+                    server.abort();
+                    Ok(())
+                }
             }
-        },
+        }
     };
     let report = tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?;
     println!(
-        "herald: stopped ({} attempts finished during the stop, {} recorded as interrupted)",
-        report.finished, report.interrupted
+        "herald: stopped ({} attempts finished during the stop, {} recorded as interrupted, {} left \
+         pending unrecorded)",
+        report.finished, report.interrupted, report.unrecorded
     );
     result
 }

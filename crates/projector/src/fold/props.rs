@@ -46,14 +46,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::CreateEndpoint),
         3 => (any::<u8>(), any::<bool>(), any::<bool>())
             .prop_map(|(endpoints_mask, inline, merged)| Op::Publish { endpoints_mask, inline, merged }),
-        8 => (any::<u16>(), 0u8..3).prop_map(|(delivery, outcome)| Op::Attempt { delivery, outcome }),
+        8 => (any::<u16>(), 0u8..4).prop_map(|(delivery, outcome)| Op::Attempt { delivery, outcome }),
         2 => any::<u16>().prop_map(Op::Retrigger),
         1 => any::<u16>().prop_map(Op::Redeliver),
         1 => any::<u8>().prop_map(Op::Enable),
         1 => (0u8..40).prop_map(Op::Delete), // mostly misses: deletes are rare
         1 => any::<u8>().prop_map(Op::Rotate),
         1 => any::<u8>().prop_map(Op::Update),
-        1 => (0u32..4).prop_map(Op::Rules),
+        1 => (0u32..5).prop_map(Op::Rules),
         1 => (1u32..6, 1u64..30 * 3_600_000)
             .prop_map(|(failures_max, window_ms)| Op::Policy { failures_max, window_ms }),
         3 => (0u64..8 * 3_600_000).prop_map(|ms| Op::Advance { ms }),
@@ -197,7 +197,9 @@ impl Driver {
                         AttemptOutcome::Failed { status: Some(500), error: "HTTP 500".into() },
                         Some(self.now_ms + 5_000),
                     ),
-                    _ => (AttemptOutcome::Failed { status: None, error: "Connection refused".into() }, None),
+                    2 => (AttemptOutcome::Failed { status: None, error: "Connection refused".into() }, None),
+                    // Folds only under rules 3 on (the ops adopt versions 0-4).
+                    _ => (AttemptOutcome::Interrupted { error: "interrupted".into() }, Some(self.now_ms)),
                 };
                 self.offer(Event::AttemptRecorded {
                     delivery_id: id,

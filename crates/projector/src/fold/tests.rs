@@ -885,6 +885,61 @@ fn rules_2_move_updated_at_on_health_changes_and_urls_with_the_endpoint() {
     assert_eq!(get_delivery(&t, dl(2)).unwrap().unwrap().url, "https://moved.example");
 }
 
+fn interrupted(d: u32, n: u32, retry_at_ms: u64) -> Event {
+    let outcome = AttemptOutcome::Interrupted { error: "interrupted: herald stopped".into() };
+    attempt(d, n, Trigger::Auto, outcome, Some(retry_at_ms))
+}
+
+/// Rules 3: an attempt cut short by a stop is in the history and the attempt count, but it is
+/// not a failure: the endpoint's failure run and the delivery's step in its schedule stay.
+#[test]
+fn rules_3_record_an_interrupted_attempt_without_counting_it_as_a_failure() {
+    let adopt = |version| (0, Event::RulesAdopted { version });
+    let four_failures = with(setup(2), &failures(1, 4, 1_000, H));
+    let events = with(
+        [vec![adopt(2), adopt(3)], four_failures.clone()].concat(),
+        &[(5 * H, interrupted(1, 5, 5 * H))],
+    );
+    // A fifth failure would have made e1 inactive (see the test above).
+    let t = check(
+        &events,
+        &format!(
+            "e1 active run=4
+             d1 pending a=5 next={}
+             d2 pending a=0 next=1000",
+            5 * H
+        ),
+    );
+    let d1 = get_delivery(&t, dl(1)).unwrap().unwrap();
+    assert_eq!(d1.attempts_since_reset, 4, "the interrupted attempt used a step of the schedule");
+    assert_eq!(d1.last_error.as_deref(), Some("interrupted: herald stopped"));
+    let history = crate::query::attempts(&t, dl(1), 0, 10).unwrap();
+    assert_eq!(history.len(), 5, "the interrupted attempt is not in the history");
+
+    // The attempt made again after the restart is the fifth failure of the run.
+    let t = run(&with(events.clone(), &[(5 * H + 10, fail(1, 6, Some(6 * H)))]));
+    assert_eq!(get_endpoint(&t, ep(1)).unwrap().unwrap().status, EndpointStatus::Inactive);
+    assert_eq!(get_delivery(&t, dl(1)).unwrap().unwrap().attempts_since_reset, 5);
+
+    // Never exhausted, never without its retry, and not under earlier rules.
+    let reason = "an interrupted attempt with an answer or without a retry";
+    let mut no_retry = interrupted(1, 5, 5 * H);
+    if let Event::AttemptRecorded { retry_at_ms, .. } = &mut no_retry {
+        *retry_at_ms = None;
+    }
+    check_err(
+        &with([vec![adopt(2), adopt(3)], four_failures.clone()].concat(), &[(5 * H, no_retry)]),
+        ApplyError::InvalidAttempt { delivery_id: dl(1), reason },
+    );
+    check_err(
+        &with([vec![adopt(2)], four_failures].concat(), &[(5 * H, interrupted(1, 5, 5 * H))]),
+        ApplyError::InvalidAttempt {
+            delivery_id: dl(1),
+            reason: "an interrupted attempt under rules before 3",
+        },
+    );
+}
+
 fn rules_in_force(t: &MemTables) -> u32 {
     crate::query::rules(t).unwrap()
 }
