@@ -50,7 +50,6 @@ impl Actor {
 pub struct CommandLimits {
     pub allow_private_targets: bool,
     pub event_bytes_max: usize,
-    pub rotation_overlap_ms: u64,
     /// Retrigger requests per endpoint per window (seed 002's RETRIGGER_RATE_LIMITED).
     pub retrigger_max_per_window: usize,
     pub retrigger_window_ms: u64,
@@ -61,7 +60,6 @@ impl Default for CommandLimits {
         CommandLimits {
             allow_private_targets: false,
             event_bytes_max: 256 * 1024,
-            rotation_overlap_ms: 24 * 3_600_000,
             retrigger_max_per_window: 10,
             retrigger_window_ms: 60_000,
         }
@@ -515,7 +513,9 @@ impl Commands {
                     Some(s) => Secret::parse(&s).map_err(|e| invalid("secret", e.to_string()))?.to_whsec(),
                     None => new_secret()?,
                 };
-                let previous_expires_at_ms = at_ms.saturating_add(self.limits.rotation_overlap_ms);
+                // The overlap of the policy in force, which a `SetPolicy` may have changed.
+                let overlap_ms = policy(&TxRead(tx))?.rotation_overlap_ms;
+                let previous_expires_at_ms = at_ms.saturating_add(overlap_ms);
                 events.push(Event::EndpointSecretRotated {
                     id,
                     secret: secret.clone(),

@@ -28,8 +28,8 @@ pub struct EngineConfig {
     /// Retry schedule, failure window, rotation overlap: written to the log as a policy event
     /// whenever it differs from the one in force.
     pub policy: Policy,
-    /// What commands are checked against. `Engine::open` overrides its `rotation_overlap_ms` with
-    /// the policy's and its `allow_private_targets` with the delivery section's.
+    /// What commands are checked against. `Engine::open` overrides its `allow_private_targets`
+    /// with the delivery section's.
     pub limits: CommandLimits,
     pub delivery: DeliveryConfig,
     /// `[store] retain`: history of deliveries delivered longer ago than this is dropped by a

@@ -185,7 +185,6 @@ impl Engine {
         if let Some(problem) = config.problem() {
             return Err(EngineError::Open(problem));
         }
-        config.limits.rotation_overlap_ms = config.policy.rotation_overlap_ms;
         // `[store] durability` is the log's.
         config.log.durability = config.durability;
         config.limits.allow_private_targets = config.delivery.allow_private_targets;
@@ -476,18 +475,24 @@ impl Engine {
         }
     }
 
+    /// The store under the engine (behind its read cache, not through it): for tools that read
+    /// the log itself, such as `verify` and `export`.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
 
+    /// A delivery by id, in any organisation (`None`: no such delivery). Callers acting for an
+    /// organisation check `org_id` themselves, as the server does.
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, EngineError> {
         self.read(|t| get_delivery(t, id))
     }
 
+    /// An endpoint by id, in any organisation, deleted ones included (`deleted_at_ms` set).
     pub fn endpoint(&self, id: EndpointId) -> Result<Option<Endpoint>, EngineError> {
         self.read(|t| get_endpoint(t, id))
     }
 
+    /// A page of an organisation's live endpoints in id order, after `after`, up to `limit`.
     pub fn endpoints(
         &self,
         org_id: OrgId,
@@ -507,6 +512,8 @@ impl Engine {
         }
     }
 
+    /// A page of deliveries of one list (by organisation, endpoint, status or event type; see
+    /// [`DeliveryQuery`]), newest first, after the cursor `after`, up to `limit`.
     pub fn deliveries(
         &self,
         query: &DeliveryQuery,
@@ -524,6 +531,13 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<AttemptRecord>, EngineError> {
         self.read(|t| attempts(t, id, after, limit))
+    }
+
+    /// The organisation's default secret (`whsec_…`), which signs its deliveries to an inline
+    /// `webhook_url`; `None` until its first such publish makes one. Receivers of inline
+    /// deliveries verify with it; the HTTP API does not show it.
+    pub fn organisation_secret(&self, org_id: OrgId) -> Result<Option<String>, EngineError> {
+        self.read(|t| herald_projector::org_secret(t, org_id))
     }
 
     /// The policy in force.

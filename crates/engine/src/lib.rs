@@ -1,6 +1,13 @@
 //! herald-engine: commands in, events out, and the attempts that deliver them.
 //!
-//! For now it holds the two self-contained pieces a delivery attempt is made of:
+//! [`Engine`] is the whole of it behind one handle (re-exported as `herald::Engine`): it opens the
+//! store, runs the writer ([`commands::Commands`], the log's machine that validates each
+//! [`Command`] and turns it into events) and the dispatcher (`dispatch`: the timer queue of due
+//! deliveries, the in-flight bounds, one signed attempt per due delivery, its outcome recorded),
+//! and answers queries from the projection. [`clock::Clock`] and [`sender::Sender`] are traits,
+//! so a simulation drives it with a manual clock and scripted receivers.
+//!
+//! Two pieces stand on their own and serve embedders directly:
 //!
 //! - [`signing`]: Standard Webhooks signatures. [`signing::Secret`] is an endpoint's
 //!   `whsec_<base64>` key; [`signing::sign`] writes the `webhook-signature` header value with every

@@ -551,6 +551,18 @@ fn only_the_dispatcher_records_attempts() {
 }
 
 #[test]
+fn a_rotation_keeps_the_old_secret_for_the_overlap_of_the_policy_in_force() {
+    let mut w = World::new(CommandLimits::default());
+    let policy = herald_projector::Policy { rotation_overlap_ms: 5_000, ..Default::default() };
+    assert_eq!(w.run(Actor::admin(), Command::SetPolicy(policy)), Ok(Reply::Done));
+    let endpoint = w.endpoint(member(1), 1, &["*"]);
+    w.run(member(1), Command::RotateSecret { id: endpoint, secret: None }).unwrap();
+    let e = herald_projector::get_endpoint(&StoreTables(&w.store), endpoint).unwrap().unwrap();
+    assert_eq!(e.previous_secrets.len(), 1);
+    assert_eq!(e.previous_secrets[0].expires_at_ms, w.now_ms + 5_000, "not the policy's overlap");
+}
+
+#[test]
 fn adopt_rules_is_admin_only_and_forward_only() {
     let mut w = World::new(CommandLimits::default());
     let rules = |w: &World| herald_projector::rules(&StoreTables(&w.store)).unwrap();

@@ -433,7 +433,6 @@ impl Config {
             limits: CommandLimits {
                 allow_private_targets,
                 event_bytes_max: self.server.max_event_bytes,
-                rotation_overlap_ms,
                 retrigger_max_per_window: self.retrigger.max_per_window,
                 retrigger_window_ms: millis(self.retrigger.window),
             },
@@ -1350,7 +1349,6 @@ mod tests {
             CommandLimits {
                 allow_private_targets: true,
                 event_bytes_max: 1000,
-                rotation_overlap_ms: 2 * 86_400_000,
                 retrigger_max_per_window: 3,
                 retrigger_window_ms: 30_000,
             }
