@@ -51,6 +51,8 @@ const TICK_MAX_MS: u64 = 1_000;
 /// After a failure to record an attempt (the store refused), the delivery is tried again this much
 /// later (it is still pending in the store).
 const RECORD_RETRY_MS: u64 = 1_000;
+/// An inline delivery whose origin is at its in-flight bound is looked at again this much later.
+const ORIGIN_BUSY_RETRY_MS: u64 = 20;
 /// The error recorded for an attempt cut short by a stop.
 pub const INTERRUPTED_ERROR: &str = "interrupted: herald stopped before the receiver answered";
 
@@ -231,6 +233,8 @@ struct Ctx {
 struct InFlight {
     /// The endpoint whose slot this attempt holds, until its receiver answers.
     endpoint: Option<EndpointId>,
+    /// For an inline delivery (no endpoint), the origin whose slot it holds, likewise.
+    origin: Option<String>,
     /// The receiver has answered: the attempt waits for its record only.
     answered: bool,
     /// Set by whichever settles the attempt first: its task, once it knows how the attempt
@@ -252,7 +256,12 @@ pub(crate) struct Dispatcher {
     /// not `max_in_flight_total`).
     answered: usize,
     per_endpoint: HashMap<EndpointId, usize>,
+    /// Attempts in flight to each origin (`scheme://host:port`) of inline deliveries, which have
+    /// no endpoint: bounded by `max_in_flight_per_endpoint` too.
+    per_origin: HashMap<String, usize>,
     parked: HashMap<EndpointId, VecDeque<Due>>,
+    /// Inline deliveries parked behind a busy origin (counted in `parked_len`).
+    parked_by_origin: HashMap<String, VecDeque<Due>>,
     parked_len: usize,
     /// Endpoints whose parked list overflowed: refilled from their pending index once it drains.
     overflowed: HashSet<EndpointId>,
@@ -287,7 +296,9 @@ impl Dispatcher {
             in_flight: HashMap::new(),
             answered: 0,
             per_endpoint: HashMap::new(),
+            per_origin: HashMap::new(),
             parked: HashMap::new(),
+            parked_by_origin: HashMap::new(),
             parked_len: 0,
             overflowed: HashSet::new(),
             endpoint_refills: Vec::new(),
@@ -531,8 +542,24 @@ impl Dispatcher {
             }
             *self.per_endpoint.entry(endpoint).or_default() += 1;
         }
+        let origin = delivery.endpoint_id.is_none().then(|| origin_of(&delivery.url));
+        if let Some(origin) = &origin {
+            if self.per_origin.get(origin).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {
+                if self.parked_len < self.parked_total_max() {
+                    let due = Due { next_attempt_at_ms: now, delivery_id: delivery.id };
+                    self.parked_by_origin.entry(origin.clone()).or_default().push_back(due);
+                    self.parked_len += 1;
+                } else {
+                    // No endpoint, so no pending index to refill an overflowed list from: looked
+                    // at again shortly instead.
+                    self.queue.insert(id, now.saturating_add(ORIGIN_BUSY_RETRY_MS));
+                }
+                return;
+            }
+            *self.per_origin.entry(origin.clone()).or_default() += 1;
+        }
         let payload = self.take_payload(&id);
-        self.start(delivery, now, payload);
+        self.start(delivery, now, payload, origin);
     }
 
     /// Keeps a handed-over payload for `id`'s first attempt. When there is no room, the ones held
@@ -558,7 +585,7 @@ impl Dispatcher {
         Some(payload)
     }
 
-    fn start(&mut self, delivery: Delivery, now: u64, payload: Option<Bytes>) {
+    fn start(&mut self, delivery: Delivery, now: u64, payload: Option<Bytes>, origin: Option<String>) {
         self.ctx.shared.started.fetch_add(1, Ordering::Relaxed);
         let ctx = self.ctx.clone();
         let d = delivery.clone();
@@ -569,6 +596,7 @@ impl Dispatcher {
             *delivery.id.as_bytes(),
             InFlight {
                 endpoint: delivery.endpoint_id,
+                origin,
                 answered: false,
                 settled,
                 abort,
@@ -613,6 +641,9 @@ impl Dispatcher {
         if let Some(endpoint) = flight.endpoint {
             self.free_endpoint_slot(endpoint);
         }
+        if let Some(origin) = flight.origin {
+            self.free_origin_slot(&origin);
+        }
     }
 
     /// The receiver answered: the attempt's endpoint slot and its place in the total bound are free
@@ -623,8 +654,31 @@ impl Dispatcher {
             flight.answered = true;
             self.answered += 1;
         }
-        if let Some(endpoint) = flight.endpoint.take() {
+        let (endpoint, origin) = (flight.endpoint.take(), flight.origin.take());
+        if let Some(endpoint) = endpoint {
             self.free_endpoint_slot(endpoint);
+        }
+        if let Some(origin) = origin {
+            self.free_origin_slot(&origin);
+        }
+    }
+
+    fn free_origin_slot(&mut self, origin: &str) {
+        if let Some(n) = self.per_origin.get_mut(origin) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_origin.remove(origin);
+            }
+        }
+        // The origin has room again: its next parked delivery goes back to the queue.
+        if let Some(list) = self.parked_by_origin.get_mut(origin) {
+            if let Some(due) = list.pop_front() {
+                self.parked_len -= 1;
+                self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms);
+            }
+            if list.is_empty() {
+                self.parked_by_origin.remove(origin);
+            }
         }
     }
 
@@ -739,6 +793,20 @@ impl Dispatcher {
             }
             self.finish(f);
         }
+    }
+}
+
+/// Where an inline delivery's requests go, for its in-flight bound: `scheme://host:port` (the
+/// port explicit or the scheme's), or the url itself if it does not parse (its attempt fails).
+fn origin_of(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}:{}",
+            u.scheme(),
+            u.host_str().unwrap_or_default().to_ascii_lowercase(),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => url.to_owned(),
     }
 }
 

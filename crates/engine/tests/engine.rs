@@ -323,6 +323,35 @@ fn in_flight_attempts_are_bounded_per_endpoint() {
 }
 
 #[test]
+fn in_flight_attempts_to_inline_urls_are_bounded_per_origin() {
+    let w = World::new(config(vec![1_000]));
+    w.sender.push(Script::Hold(Duration::from_millis(20)), 40);
+    // Two spellings of one origin: the bound is on where the requests go, not on the url.
+    let urls = ["https://inline.example/calls/a", "https://INLINE.example:443/calls/b"];
+    let all: Vec<DeliveryId> = (0..40)
+        .map(|n| {
+            let publish = Command::Publish {
+                id: EventId(Uuid::now_v7()),
+                org_id: org(),
+                event_type: "call.ended".into(),
+                payload: b"{}".to_vec(),
+                call_id: None,
+                webhook_url: Some(urls[n % 2].into()),
+                idempotency_key: None,
+            };
+            match w.engine.execute_blocking(Actor::admin(), publish) {
+                Ok(Reply::Published { delivery_ids, .. }) => delivery_ids[0],
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    w.settle();
+    assert!(all.iter().all(|d| w.status(*d) == DeliveryStatus::Delivered));
+    let max = w.sender.active_max.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&max), "{max} attempts in flight to one origin");
+}
+
+#[test]
 fn an_attempt_in_flight_at_a_crash_is_made_again_after_restart_with_the_same_webhook_id() {
     let mut w = World::new(config(vec![1_000]));
     w.endpoint(org());
