@@ -690,6 +690,47 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
     assert_eq!(sender.requests().len(), 3, "each delivery attempted once");
 }
 
+/// Publishes made while the writer is busy wait in its queue and are written and flushed
+/// together: each caller is answered once its event is durable, not after a flush of its own.
+#[test]
+fn concurrent_publishes_share_one_batch_and_one_flush() {
+    const PUBLISHERS: usize = 32;
+    let store = Arc::new(GatedStore {
+        inner: MemStore::new(),
+        closed: Mutex::new(false),
+        opened: Default::default(),
+    });
+    let parts = Parts {
+        store: store.clone(),
+        clock: Arc::new(ManualClock::new(T0)),
+        sender: Arc::new(Scripted::default()),
+    };
+    // No endpoint: no deliveries, so no attempt records join the writer's count.
+    let engine = Engine::open_with(config(vec![1_000]), parts).unwrap();
+    let before = engine.writer_stats();
+    // The writer is held in its next apply: the first publish's batch, which takes it there.
+    store.set_closed(true);
+    let answered = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..PUBLISHERS {
+            scope.spawn(|| {
+                let reply = engine.publish(org(), "call.ended", b"{}");
+                assert!(matches!(reply, Ok(Reply::Published { .. })), "{reply:?}");
+                answered.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        // Every publisher has submitted (or is about to) while the writer is held.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(answered.load(Ordering::SeqCst), 0, "answered before its batch was written");
+        store.set_closed(false);
+    });
+    let after = engine.writer_stats();
+    let batches = after.batches - before.batches;
+    assert_eq!(after.commands - before.commands, PUBLISHERS as u64);
+    assert!(batches <= 3, "{PUBLISHERS} publishes took {batches} batches (and as many flushes)");
+    engine.shutdown();
+}
+
 /// A read of several parts that a batch overtakes is made again: a delivery that moves from a
 /// part not yet read into one already read (a redeliver: delivered → pending) is not missed.
 #[test]
