@@ -1329,8 +1329,19 @@ impl Sim {
     }
 
     /// Drops the engine without a stop, as a crash would, and opens a new one on the same store.
+    /// The old process is gone only once nothing of it holds the disk (its threads stop in the
+    /// background): a late write must not land on the new process's disk.
+    fn wait_until_gone(&self) {
+        let deadline = Instant::now() + SETTLE;
+        while Arc::strong_count(&self.store) > 1 {
+            ensure!(self.at, Instant::now() < deadline, "the stopped engine still holds the disk");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn crash(&mut self) {
         drop(self.engine.take());
+        self.wait_until_gone();
         self.stats.crashes += 1;
         if self.hung.take().is_some() {
             // Cut off: never recorded; the model keeps it pending, due, so it must be made again.
@@ -1366,9 +1377,19 @@ impl Sim {
             fail(self.at, format!("the publish of {id} never reached its flush"));
         }
         ensure!(self.at, answer.lock().unwrap().is_none(), "{id} was answered before its flush");
+        // The held flush is the publish's batch's: its event is applied, not yet durable.
+        ensure!(
+            self.at,
+            matches!(
+                herald_projector::get_event(&herald_projector::StoreTables(&self.store.mem), id),
+                Ok(Some(_))
+            ),
+            "the held flush is not the one of {id}'s batch"
+        );
         let seen_before = self.net.seen_len();
         self.store.crash();
         drop(self.engine.take());
+        self.wait_until_gone();
         let answer = answer.lock().unwrap().take();
         ensure!(
             self.at,
@@ -1597,7 +1618,11 @@ impl Sim {
                 at,
                 stored.last_attempt_at_ms == last.map(|a| a.started_ms)
                     && stored.last_error.is_some()
-                        == last.is_some_and(|a| !matches!(a.outcome, Outcome::Delivered(_))),
+                        == d.history
+                            .iter()
+                            .rev()
+                            .find(|a| !matches!(a.outcome, Outcome::Interrupted))
+                            .is_some_and(|a| !matches!(a.outcome, Outcome::Delivered(_))),
                 "{id}: last attempt at {:?} error {:?}; the model's last attempt {last:?}",
                 stored.last_attempt_at_ms,
                 stored.last_error

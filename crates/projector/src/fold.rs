@@ -31,9 +31,10 @@ pub const ENDPOINT_DELETED_REASON: &str = "endpoint deleted";
 ///    to unless the url changed while that attempt was in flight (the record does not carry the
 ///    url the dispatcher used).
 /// 3. [`AttemptOutcome::Interrupted`] may be recorded: an attempt cut short by a stop is in the
-///    delivery's history and its `attempt_count`, but it is not a failure (API.md: a timeout, a
-///    connection error or a non-2xx answer): the endpoint's health and the delivery's place in
-///    its schedule stay as they were, and the delivery stays pending. Before, such an attempt
+///    delivery's history, its `attempt_count` and `last_attempt_at`, but it is not a failure
+///    (API.md: a timeout, a connection error or a non-2xx answer): the endpoint's health, the
+///    delivery's place in its schedule and its last error and status stay as they were, and the
+///    delivery stays pending. Before, such an attempt
 ///    was recorded as a failure, so restarts could exhaust deliveries and make endpoints inactive.
 pub const RULES_CURRENT: u32 = 3;
 
@@ -599,8 +600,12 @@ impl<T: Tables> Fold<'_, T> {
             new.attempts_since_reset = old.attempts_since_reset.saturating_add(1);
             new.next_trigger = Trigger::Auto;
         }
-        new.last_error = record.error.clone();
-        new.last_response_status = record.response_status;
+        // An interrupted attempt leaves the last failure's error and status: they say why the
+        // delivery failed, if it has (the attempt itself is in the history).
+        if !interrupted {
+            new.last_error = record.error.clone();
+            new.last_response_status = record.response_status;
+        }
         new.last_attempt_at_ms = Some(record.started_at_ms);
         if succeeded {
             new.delivered_at_ms = Some(record.finished_at_ms);

@@ -912,7 +912,8 @@ fn rules_3_record_an_interrupted_attempt_without_counting_it_as_a_failure() {
     );
     let d1 = get_delivery(&t, dl(1)).unwrap().unwrap();
     assert_eq!(d1.attempts_since_reset, 4, "the interrupted attempt used a step of the schedule");
-    assert_eq!(d1.last_error.as_deref(), Some("interrupted: herald stopped"));
+    assert_eq!(d1.last_error.as_deref(), Some("HTTP 503"), "the last failure's error is kept");
+    assert_eq!(d1.last_response_status, Some(503));
     let history = crate::query::attempts(&t, dl(1), 0, 10).unwrap();
     assert_eq!(history.len(), 5, "the interrupted attempt is not in the history");
 
