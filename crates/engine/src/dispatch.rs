@@ -162,6 +162,8 @@ pub struct DispatchStats {
 pub(crate) struct Shared {
     pub(crate) inbox: Arc<Inbox>,
     stopping: AtomicBool,
+    /// When the stop must be over (set by [`Shared::stop_by`]); the drain keeps to it.
+    stop_deadline: Mutex<Option<std::time::Instant>>,
     stats: Mutex<DispatchStats>,
     started: AtomicU64,
     delivered: AtomicU64,
@@ -174,6 +176,7 @@ impl Shared {
         Shared {
             inbox,
             stopping: AtomicBool::new(false),
+            stop_deadline: Mutex::new(None),
             stats: Mutex::new(DispatchStats::default()),
             started: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -204,6 +207,13 @@ impl Shared {
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.inbox.wake.notify_one();
+    }
+
+    /// The stop, to be over by `deadline` (without one, the shutdown timeout from when the loop
+    /// sees the stop).
+    pub(crate) fn stop_by(&self, deadline: std::time::Instant) {
+        lock(&self.stop_deadline).get_or_insert(deadline);
+        self.stop();
     }
 }
 
@@ -725,7 +735,11 @@ impl Dispatcher {
     async fn drain(mut self) -> StopReport {
         let mut report = StopReport::default();
         let timeout = self.cfg.shutdown_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let set_deadline = *lock(&self.ctx.shared.stop_deadline);
+        let deadline = match set_deadline {
+            Some(at) => tokio::time::Instant::from_std(at),
+            None => tokio::time::Instant::now() + timeout,
+        };
         let wait_until = deadline - record_reserve(timeout);
         let shared = self.ctx.shared.clone();
         loop {
@@ -759,8 +773,9 @@ impl Dispatcher {
                 retry_after_ms: None,
             };
             let recorded_tx = recorded_tx.clone();
-            // All in the urgent queue at once: they share the writer's batches and flushes.
-            self.ctx.log.submit_urgent_with(
+            // All in the urgent queue at once: they share the writer's batches and flushes. Never
+            // blocking: with both queues full the record is refused (the delivery stays pending).
+            self.ctx.log.try_submit_urgent_with(
                 Submitted { actor: Actor::admin(), at_ms: now, command },
                 move |out| {
                     let _ = recorded_tx.send(matches!(out, Ok(Ok(_))));

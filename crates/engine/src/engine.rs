@@ -93,6 +93,9 @@ fn dispatcher_reads(key: &[u8]) -> bool {
 
 /// Reads [`Engine::consistent_read`] makes, at most, before it answers what the last one saw.
 pub const CONSISTENT_READ_TRIES: usize = 8;
+/// How long [`Engine::shutdown`] waits for the log's writer to stop when the shutdown timeout is
+/// (nearly) spent: the commands queued ahead of the stop are usually written in a batch or two.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// Records one compaction pass drops, at most: it bounds the memory a pass needs (the state
 /// those records leave) and the size of its batch, so the time other commands wait for it
@@ -611,30 +614,35 @@ impl Engine {
     pub fn begin_shutdown(&self) {
         let mut began = self.inner.stop_began.lock().unwrap_or_else(|e| e.into_inner());
         if began.is_none() {
-            *began = Some(Instant::now());
+            let now = Instant::now();
+            *began = Some(now);
             self.inner.retention_stop.lock().unwrap_or_else(|e| e.into_inner()).take();
-            self.inner.shared.stop();
+            self.inner.shared.stop_by(now + self.inner.shutdown_timeout);
         }
     }
 
     /// The graceful stop (begun here unless [`begin_shutdown`](Engine::begin_shutdown) began it):
     /// the dispatcher takes no new attempt, waits for those in flight and records the rest as
-    /// interrupted, all within the shutdown timeout; then the log is closed (every batch is
-    /// durable when acknowledged, so nothing is left to flush). If the writer cannot record in
-    /// time (a stalled disk), the stop gives up 1 s after the timeout: the attempts not recorded
-    /// stay pending and are made again after the restart. Blocking; from async code call it
-    /// through `spawn_blocking`.
+    /// interrupted; then the log is closed once the commands queued ahead of the stop are written
+    /// (every batch is durable when acknowledged, so nothing else is left to flush). All of it
+    /// within the shutdown timeout, plus [`CLOSE_GRACE`] for the writer to stop: past that (a
+    /// stalled disk) the stop returns and leaves the writer to finish in the background. What is
+    /// not durable by then was not acknowledged: attempts not recorded stay pending and are made
+    /// again after the restart. Blocking; from async code call it through `spawn_blocking`.
     pub fn shutdown(&self) -> StopReport {
         self.begin_shutdown();
         let began =
             self.inner.stop_began.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(Instant::now);
-        let give_up = began + self.inner.shutdown_timeout + Duration::from_secs(1);
+        let deadline = began + self.inner.shutdown_timeout;
         let report = self
             .inner
             .stopped
-            .recv_timeout(give_up.saturating_duration_since(Instant::now()))
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_default();
-        self.inner.log.close();
+        let close_within = deadline.saturating_duration_since(Instant::now()).max(CLOSE_GRACE);
+        if !self.inner.log.close_within(close_within) {
+            eprintln!("herald: the log writer did not stop within the shutdown timeout; left to finish");
+        }
         report
     }
 }

@@ -693,6 +693,48 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
     assert_eq!(sender.requests().len(), 3, "each delivery attempted once");
 }
 
+/// A stalled disk does not hold the stop past its timeout: the writer, stuck in a write, is left
+/// to finish in the background, and nothing it had not made durable was acknowledged.
+#[test]
+fn the_stop_keeps_to_its_timeout_when_the_disk_stalls() {
+    let store = Arc::new(GatedStore {
+        inner: MemStore::new(),
+        closed: Mutex::new(false),
+        opened: Default::default(),
+    });
+    let parts = Parts {
+        store: store.clone(),
+        clock: Arc::new(ManualClock::new(T0)),
+        sender: Arc::new(Scripted::default()),
+    };
+    let engine = Engine::open_with(config(vec![1_000]), parts).unwrap();
+    store.set_closed(true);
+    let (answered_tx, answered) = std::sync::mpsc::channel();
+    for _ in 0..3 {
+        let answered_tx = answered_tx.clone();
+        let publish = Command::Publish {
+            id: EventId(Uuid::now_v7()),
+            org_id: org(),
+            event_type: "call.ended".into(),
+            payload: b"{}".to_vec(),
+            call_id: None,
+            webhook_url: None,
+            idempotency_key: None,
+        };
+        engine.submit_with(Actor::admin(), publish, move |reply| {
+            let _ = answered_tx.send(format!("{reply:?}"));
+        });
+    }
+    let began = std::time::Instant::now();
+    engine.shutdown();
+    let took = began.elapsed();
+    // 300 ms of shutdown timeout and 100 ms of grace for the writer.
+    assert!(took < Duration::from_millis(1_500), "the stop took {took:?} over a stalled disk");
+    assert!(answered.try_recv().is_err(), "a publish was answered while its write was stuck");
+    // The disk comes back: the writer left behind finishes, and no one waits for it.
+    store.set_closed(false);
+}
+
 /// Publishes made while the writer is busy wait in its queue and are written and flushed
 /// together: each caller is answered once its event is durable, not after a flush of its own.
 #[test]

@@ -489,6 +489,20 @@ impl<M: Machine> Log<M> {
         }
     }
 
+    /// Like [`Log::submit_urgent_with`], but never blocks: when both queues are full the command
+    /// is refused with [`LogError::Busy`].
+    pub fn try_submit_urgent_with(
+        &self,
+        command: M::Command,
+        done: impl FnOnce(Outcome<M>) + Send + 'static,
+    ) {
+        match self.inner.urgent.try_send((command, Box::new(done))) {
+            Ok(()) => {}
+            Err(TrySendError::Full((command, cb))) => self.try_submit_with(command, cb),
+            Err(TrySendError::Disconnected((_, cb))) => cb(Err(LogError::Closed)),
+        }
+    }
+
     /// Like [`Log::submit_with`] but refuses with [`LogError::Busy`] when the queue is full.
     pub fn try_submit_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
         match self.inner.send.try_send(Msg::Command(command, Box::new(done))) {
@@ -543,6 +557,25 @@ impl<M: Machine> Log<M> {
         if let Some(h) = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
+    }
+
+    /// [`Log::close`] within `within`: true if the writer stopped in time. If not (a stalled
+    /// disk, a long queue), the writer is left to finish in the background and nothing waits for
+    /// it, not even this log's drop; what it had not made durable is lost as in a crash, and
+    /// none of it was acknowledged.
+    pub fn close_within(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let _ = self.inner.send.send_timeout(Msg::Stop, within);
+        let mut writer = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = writer.take() else { return true };
+        while !h.is_finished() {
+            if Instant::now() >= deadline {
+                return false; // the handle is dropped: detached
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = h.join();
+        true
     }
 }
 
