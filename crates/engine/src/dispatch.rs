@@ -51,8 +51,6 @@ const TICK_MAX_MS: u64 = 1_000;
 /// After a failure to record an attempt (the store refused), the delivery is tried again this much
 /// later (it is still pending in the store).
 const RECORD_RETRY_MS: u64 = 1_000;
-/// An inline delivery whose origin is at its in-flight bound is looked at again this much later.
-const ORIGIN_BUSY_RETRY_MS: u64 = 20;
 /// The error recorded for an attempt cut short by a stop.
 pub const INTERRUPTED_ERROR: &str = "interrupted: herald stopped before the receiver answered";
 
@@ -256,6 +254,13 @@ struct InFlight {
     started_at_ms: u64,
 }
 
+/// What a parked delivery waits behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Park {
+    Endpoint(EndpointId),
+    Origin(String),
+}
+
 /// The loop's own state.
 pub(crate) struct Dispatcher {
     ctx: Ctx,
@@ -272,6 +277,14 @@ pub(crate) struct Dispatcher {
     parked: HashMap<EndpointId, VecDeque<Due>>,
     /// Inline deliveries parked behind a busy origin (counted in `parked_len`).
     parked_by_origin: HashMap<String, VecDeque<Due>>,
+    /// Every parked id, so a refill or a hint that brings one back does not park it twice.
+    parked_ids: HashSet<Id>,
+    /// Parked entries moved back to the queue when a slot freed, with where they were parked:
+    /// if one is then not attempted (already delivered, in flight, gone), the next one moves,
+    /// so the freed slot is not left unused while others wait.
+    unparked: HashMap<Id, Park>,
+    /// Origins whose parked list overflowed: the due index is reloaded once it drains.
+    overflowed_origins: HashSet<String>,
     parked_len: usize,
     /// Endpoints whose parked list overflowed: refilled from their pending index once it drains.
     overflowed: HashSet<EndpointId>,
@@ -309,6 +322,9 @@ impl Dispatcher {
             per_origin: HashMap::new(),
             parked: HashMap::new(),
             parked_by_origin: HashMap::new(),
+            parked_ids: HashSet::new(),
+            unparked: HashMap::new(),
+            overflowed_origins: HashSet::new(),
             parked_len: 0,
             overflowed: HashSet::new(),
             endpoint_refills: Vec::new(),
@@ -404,7 +420,13 @@ impl Dispatcher {
                 break;
             }
             for id in ids {
+                let unparked = self.unparked.remove(&id);
                 self.consider(id, now);
+                if let Some(park) = unparked {
+                    if !self.in_flight.contains_key(&id) && !self.parked_ids.contains(&id) {
+                        self.unpark_next(&park);
+                    }
+                }
             }
         }
         self.queue.next_due_ms()
@@ -515,6 +537,9 @@ impl Dispatcher {
             self.recheck.insert(id);
             return;
         }
+        if self.parked_ids.contains(&id) {
+            return; // already waiting for room behind its endpoint or origin
+        }
         let Ok(read) =
             CheckedTables::run(self.ctx.store.as_ref(), |t| get_delivery(t, DeliveryId::from_bytes(id)))
         else {
@@ -545,6 +570,7 @@ impl Dispatcher {
                         delivery_id: delivery.id,
                     });
                     self.parked_len += 1;
+                    self.parked_ids.insert(id);
                 } else {
                     self.overflowed.insert(endpoint);
                 }
@@ -559,10 +585,11 @@ impl Dispatcher {
                     let due = Due { next_attempt_at_ms: now, delivery_id: delivery.id };
                     self.parked_by_origin.entry(origin.clone()).or_default().push_back(due);
                     self.parked_len += 1;
+                    self.parked_ids.insert(id);
                 } else {
-                    // No endpoint, so no pending index to refill an overflowed list from: looked
-                    // at again shortly instead.
-                    self.queue.insert(id, now.saturating_add(ORIGIN_BUSY_RETRY_MS));
+                    // Dropped; no endpoint, so no pending index to read it back from: the due
+                    // index is reloaded once the origin has room (`free_origin_slot`).
+                    self.overflowed_origins.insert(origin.clone());
                 }
                 return;
             }
@@ -681,13 +708,49 @@ impl Dispatcher {
             }
         }
         // The origin has room again: its next parked delivery goes back to the queue.
-        if let Some(list) = self.parked_by_origin.get_mut(origin) {
-            if let Some(due) = list.pop_front() {
-                self.parked_len -= 1;
-                self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms);
+        if self.parked_by_origin.contains_key(origin) {
+            self.unpark_next(&Park::Origin(origin.to_owned()));
+        } else if self.overflowed_origins.remove(origin) {
+            self.queue.note_incomplete_from(0);
+        }
+    }
+
+    /// Moves the next delivery parked behind `park` back to the queue. When the list empties
+    /// and it had overflowed, what was dropped is read back: the endpoint's pending index, or
+    /// for an origin the whole due index.
+    fn unpark_next(&mut self, park: &Park) {
+        let list = match park {
+            Park::Endpoint(endpoint) => self.parked.get_mut(endpoint),
+            Park::Origin(origin) => self.parked_by_origin.get_mut(origin),
+        };
+        let Some(list) = list else { return };
+        let next = list.pop_front();
+        let drained = list.is_empty();
+        if let Some(due) = next {
+            let id = *due.delivery_id.as_bytes();
+            self.parked_len -= 1;
+            self.parked_ids.remove(&id);
+            // An entry the queue evicts is never popped: bounded, at the cost of a chain link.
+            if self.unparked.len() >= self.parked_total_max() {
+                self.unparked.clear();
             }
-            if list.is_empty() {
-                self.parked_by_origin.remove(origin);
+            self.unparked.insert(id, park.clone());
+            self.queue.insert(id, due.next_attempt_at_ms);
+        }
+        if drained {
+            match park {
+                Park::Endpoint(endpoint) => {
+                    self.parked.remove(endpoint);
+                    if self.overflowed.remove(endpoint) {
+                        self.endpoint_refills.push(*endpoint);
+                    }
+                }
+                Park::Origin(origin) => {
+                    self.parked_by_origin.remove(origin);
+                    if self.overflowed_origins.remove(origin) {
+                        self.queue.note_incomplete_from(0);
+                    }
+                }
             }
         }
     }
@@ -700,17 +763,8 @@ impl Dispatcher {
             }
         }
         // The endpoint has room again: its next parked delivery goes back to the queue.
-        if let Some(list) = self.parked.get_mut(&endpoint) {
-            if let Some(due) = list.pop_front() {
-                self.parked_len -= 1;
-                self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms);
-            }
-            if list.is_empty() {
-                self.parked.remove(&endpoint);
-                if self.overflowed.remove(&endpoint) {
-                    self.endpoint_refills.push(endpoint);
-                }
-            }
+        if self.parked.contains_key(&endpoint) {
+            self.unpark_next(&Park::Endpoint(endpoint));
         } else if self.overflowed.remove(&endpoint) {
             self.endpoint_refills.push(endpoint);
         }

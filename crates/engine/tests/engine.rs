@@ -351,6 +351,42 @@ fn in_flight_attempts_to_inline_urls_are_bounded_per_origin() {
     assert!((1..=4).contains(&max), "{max} attempts in flight to one origin");
 }
 
+/// A due queue far smaller than the backlog, one attempt at a time per endpoint and per origin:
+/// deliveries park, overflow, are dropped and read back by refills (which bring parked ones
+/// back too), and every one is still delivered, with nothing left parked.
+#[test]
+fn a_backlog_behind_busy_endpoints_and_origins_through_a_tiny_queue_is_all_delivered() {
+    let mut cfg = config(vec![1_000]);
+    cfg.delivery.max_in_flight_per_endpoint = 1;
+    cfg.delivery.due_queue_capacity = 4;
+    let w = World::new(cfg);
+    w.endpoint(org());
+    w.endpoint(org());
+    w.sender.push(Script::Hold(Duration::from_millis(2)), 120);
+    let mut all = Vec::new();
+    for n in 0..30 {
+        let publish = Command::Publish {
+            id: EventId(Uuid::now_v7()),
+            org_id: org(),
+            event_type: "call.ended".into(),
+            payload: b"{}".to_vec(),
+            call_id: None,
+            webhook_url: Some(format!("https://inline{}.example/calls", n % 2)),
+            idempotency_key: None,
+        };
+        match w.engine.execute_blocking(Actor::admin(), publish) {
+            Ok(Reply::Published { delivery_ids, .. }) => all.extend(delivery_ids),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(all.len(), 90, "two endpoints and one inline url per event");
+    w.settle();
+    let left: Vec<_> = all.iter().filter(|d| w.status(**d) != DeliveryStatus::Delivered).collect();
+    assert!(left.is_empty(), "{} not delivered: {:?}", left.len(), w.engine.dispatch_stats());
+    assert_eq!(w.engine.dispatch_stats().parked, 0);
+    assert_eq!(w.sender.requests().len(), 90, "each delivery attempted once");
+}
+
 #[test]
 fn an_attempt_in_flight_at_a_crash_is_made_again_after_restart_with_the_same_webhook_id() {
     let mut w = World::new(config(vec![1_000]));
