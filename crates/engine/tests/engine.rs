@@ -114,6 +114,14 @@ impl World {
         create_endpoint(&self.engine, org)
     }
 
+    /// Publishes for `org()` with an inline `webhook_url` (besides any subscribed endpoint).
+    fn publish_inline(&self, webhook_url: &str) -> Vec<DeliveryId> {
+        match self.engine.execute_blocking(Actor::admin(), publish_command(Some(webhook_url))) {
+            Ok(Reply::Published { delivery_ids, .. }) => delivery_ids,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn publish(&self, org: OrgId, payload: &[u8]) -> (EventId, Vec<DeliveryId>) {
         match self.engine.publish(org, "call.ended", payload) {
             Ok(Reply::Published { id, delivery_ids, .. }) => (id, delivery_ids),
@@ -166,6 +174,19 @@ fn open(store: &Arc<MemStore>, clock: &ManualClock, sender: &Arc<Scripted>, conf
         sender: sender.clone(),
     };
     Engine::open_with(config.clone(), parts).unwrap()
+}
+
+/// A publish for `org()` under a new event id, with an optional inline url.
+fn publish_command(webhook_url: Option<&str>) -> Command {
+    Command::Publish {
+        id: EventId(Uuid::now_v7()),
+        org_id: org(),
+        event_type: "call.ended".into(),
+        payload: b"{}".to_vec(),
+        call_id: None,
+        webhook_url: webhook_url.map(str::to_owned),
+        idempotency_key: None,
+    }
 }
 
 fn header<'a>(req: &'a AttemptRequest, name: &str) -> &'a str {
@@ -328,23 +349,7 @@ fn in_flight_attempts_to_inline_urls_are_bounded_per_origin() {
     w.sender.push(Script::Hold(Duration::from_millis(20)), 40);
     // Two spellings of one origin: the bound is on where the requests go, not on the url.
     let urls = ["https://inline.example/calls/a", "https://INLINE.example:443/calls/b"];
-    let all: Vec<DeliveryId> = (0..40)
-        .map(|n| {
-            let publish = Command::Publish {
-                id: EventId(Uuid::now_v7()),
-                org_id: org(),
-                event_type: "call.ended".into(),
-                payload: b"{}".to_vec(),
-                call_id: None,
-                webhook_url: Some(urls[n % 2].into()),
-                idempotency_key: None,
-            };
-            match w.engine.execute_blocking(Actor::admin(), publish) {
-                Ok(Reply::Published { delivery_ids, .. }) => delivery_ids[0],
-                other => panic!("{other:?}"),
-            }
-        })
-        .collect();
+    let all: Vec<DeliveryId> = (0..40).flat_map(|n| w.publish_inline(urls[n % 2])).collect();
     w.settle();
     assert!(all.iter().all(|d| w.status(*d) == DeliveryStatus::Delivered));
     let max = w.sender.active_max.load(Ordering::SeqCst);
@@ -365,19 +370,7 @@ fn a_backlog_behind_busy_endpoints_and_origins_through_a_tiny_queue_is_all_deliv
     w.sender.push(Script::Hold(Duration::from_millis(2)), 120);
     let mut all = Vec::new();
     for n in 0..30 {
-        let publish = Command::Publish {
-            id: EventId(Uuid::now_v7()),
-            org_id: org(),
-            event_type: "call.ended".into(),
-            payload: b"{}".to_vec(),
-            call_id: None,
-            webhook_url: Some(format!("https://inline{}.example/calls", n % 2)),
-            idempotency_key: None,
-        };
-        match w.engine.execute_blocking(Actor::admin(), publish) {
-            Ok(Reply::Published { delivery_ids, .. }) => all.extend(delivery_ids),
-            other => panic!("{other:?}"),
-        }
+        all.extend(w.publish_inline(&format!("https://inline{}.example/calls", n % 2)));
     }
     assert_eq!(all.len(), 90, "two endpoints and one inline url per event");
     w.settle();
@@ -748,16 +741,7 @@ fn the_stop_keeps_to_its_timeout_when_the_disk_stalls() {
     let (answered_tx, answered) = std::sync::mpsc::channel();
     for _ in 0..3 {
         let answered_tx = answered_tx.clone();
-        let publish = Command::Publish {
-            id: EventId(Uuid::now_v7()),
-            org_id: org(),
-            event_type: "call.ended".into(),
-            payload: b"{}".to_vec(),
-            call_id: None,
-            webhook_url: None,
-            idempotency_key: None,
-        };
-        engine.submit_with(Actor::admin(), publish, move |reply| {
+        engine.submit_with(Actor::admin(), publish_command(None), move |reply| {
             let _ = answered_tx.send(format!("{reply:?}"));
         });
     }
