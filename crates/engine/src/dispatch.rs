@@ -283,8 +283,9 @@ pub(crate) struct Dispatcher {
     /// if one is then not attempted (already delivered, in flight, gone), the next one moves,
     /// so the freed slot is not left unused while others wait.
     unparked: HashMap<Id, Park>,
-    /// Origins whose parked list overflowed: the due index is reloaded once it drains.
-    overflowed_origins: HashSet<String>,
+    /// Origins whose parked list overflowed, with the earliest due time dropped: the due index
+    /// is reloaded from it once the origin has room.
+    overflowed_origins: HashMap<String, u64>,
     parked_len: usize,
     /// Endpoints whose parked list overflowed: refilled from their pending index once it drains.
     overflowed: HashSet<EndpointId>,
@@ -324,7 +325,7 @@ impl Dispatcher {
             parked_by_origin: HashMap::new(),
             parked_ids: HashSet::new(),
             unparked: HashMap::new(),
-            overflowed_origins: HashSet::new(),
+            overflowed_origins: HashMap::new(),
             parked_len: 0,
             overflowed: HashSet::new(),
             endpoint_refills: Vec::new(),
@@ -389,8 +390,11 @@ impl Dispatcher {
         }
         for DueHint { due, payload } in inbox.hints {
             let id = *due.delivery_id.as_bytes();
-            // The queue keeps the earliest; it remembers that it must refill.
-            let _ = self.queue.insert(id, due.next_attempt_at_ms);
+            // The queue keeps the earliest; it remembers that it must refill. A parked one is
+            // looked at when it is moved back.
+            if !self.parked_ids.contains(&id) {
+                let _ = self.queue.insert(id, due.next_attempt_at_ms);
+            }
             if let Some(payload) = payload {
                 self.hold_payload(id, payload);
             }
@@ -475,7 +479,8 @@ impl Dispatcher {
             };
             let Some(last) = page.last().copied() else { return };
             for due in page {
-                if self.in_flight.contains_key(due.delivery_id.as_bytes()) {
+                let id = due.delivery_id.as_bytes();
+                if self.in_flight.contains_key(id) || self.parked_ids.contains(id) {
                     continue;
                 }
                 if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
@@ -505,7 +510,7 @@ impl Dispatcher {
             };
             let Ok(page) = page else { return };
             for d in page.items {
-                if self.in_flight.contains_key(d.id.as_bytes()) {
+                if self.in_flight.contains_key(d.id.as_bytes()) || self.parked_ids.contains(d.id.as_bytes()) {
                     continue;
                 }
                 if let Some(at) = d.next_attempt_at_ms {
@@ -589,7 +594,9 @@ impl Dispatcher {
                 } else {
                     // Dropped; no endpoint, so no pending index to read it back from: the due
                     // index is reloaded once the origin has room (`free_origin_slot`).
-                    self.overflowed_origins.insert(origin.clone());
+                    let due = delivery.next_attempt_at_ms.unwrap_or(now);
+                    let earliest = self.overflowed_origins.entry(origin.clone()).or_insert(due);
+                    *earliest = (*earliest).min(due);
                 }
                 return;
             }
@@ -710,8 +717,8 @@ impl Dispatcher {
         // The origin has room again: its next parked delivery goes back to the queue.
         if self.parked_by_origin.contains_key(origin) {
             self.unpark_next(&Park::Origin(origin.to_owned()));
-        } else if self.overflowed_origins.remove(origin) {
-            self.queue.note_incomplete_from(0);
+        } else if let Some(from) = self.overflowed_origins.remove(origin) {
+            self.queue.note_incomplete_from(from);
         }
     }
 
@@ -747,8 +754,8 @@ impl Dispatcher {
                 }
                 Park::Origin(origin) => {
                     self.parked_by_origin.remove(origin);
-                    if self.overflowed_origins.remove(origin) {
-                        self.queue.note_incomplete_from(0);
+                    if let Some(from) = self.overflowed_origins.remove(origin) {
+                        self.queue.note_incomplete_from(from);
                     }
                 }
             }
@@ -794,7 +801,11 @@ impl Dispatcher {
             Some(at) => tokio::time::Instant::from_std(at),
             None => tokio::time::Instant::now() + timeout,
         };
-        let wait_until = deadline - record_reserve(timeout);
+        let reserve = record_reserve(timeout);
+        let wait_until = deadline - reserve;
+        // The report must reach `Engine::shutdown` by the deadline: the records get the reserve
+        // but its last quarter, which is left for the aborts and the report.
+        let records_until = deadline - reserve / 4;
         let shared = self.ctx.shared.clone();
         loop {
             let notified = shared.inbox.wake.notified();
@@ -838,7 +849,7 @@ impl Dispatcher {
             submitted += 1;
         }
         drop(recorded_tx);
-        let _ = tokio::time::timeout_at(deadline, async {
+        let _ = tokio::time::timeout_at(records_until, async {
             while let Some(ok) = recorded.recv().await {
                 report.interrupted += u64::from(ok);
             }

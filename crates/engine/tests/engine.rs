@@ -751,6 +751,13 @@ fn the_stop_keeps_to_its_timeout_when_the_disk_stalls() {
     // 300 ms of shutdown timeout and 100 ms of grace for the writer.
     assert!(took < Duration::from_millis(1_500), "the stop took {took:?} over a stalled disk");
     assert!(answered.try_recv().is_err(), "a publish was answered while its write was stuck");
+    // Closed for good: refused at once, not queued behind the stuck writer.
+    let refused = engine.execute_blocking(Actor::admin(), publish_command(None));
+    assert!(matches!(refused, Err(EngineError::Log(_))), "{refused:?}");
+    // Dropping the engine does not wait for the stuck writer either.
+    let began = std::time::Instant::now();
+    drop(engine);
+    assert!(began.elapsed() < Duration::from_secs(1), "the drop waited for the stalled disk");
     // The disk comes back: the writer left behind finishes, and no one waits for it.
     store.set_closed(false);
 }

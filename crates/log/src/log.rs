@@ -212,12 +212,23 @@ struct Inner<M: Machine> {
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set by [`Log::close`] and [`Log::close_within`]: every later command is refused, even
+    /// when the stop could not be queued (a full queue behind a stalled writer).
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl<M: Machine> Inner<M> {
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl<M: Machine> Drop for Inner<M> {
     fn drop(&mut self) {
-        let _ = self.send.send(Msg::Stop);
+        // A writer left behind by `close_within` is not waited for: dropping the senders ends it
+        // once it has drained what it holds.
         if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = self.send.send(Msg::Stop);
             let _ = h.join();
         }
     }
@@ -463,12 +474,24 @@ impl<M: Machine> Log<M> {
             .name("herald-log-writer".into())
             .spawn(move || writer.run(urgent_recv, recv))
             .map_err(|e| LogError::Store(StoreError::Io(format!("spawning the writer: {e}"))))?;
-        Ok(Log { inner: Arc::new(Inner { send, urgent, store, shared, writer: Mutex::new(Some(handle)) }) })
+        Ok(Log {
+            inner: Arc::new(Inner {
+                send,
+                urgent,
+                store,
+                shared,
+                writer: Mutex::new(Some(handle)),
+                closed: Default::default(),
+            }),
+        })
     }
 
     /// Queues a command; `done` is called from the writer thread once it is durable (or failed).
     /// Blocks while the queue is full.
     pub fn submit_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
+        if self.inner.is_closed() {
+            return done(Err(LogError::Closed));
+        }
         if let Err(e) = self.inner.send.send(Msg::Command(command, Box::new(done))) {
             if let Msg::Command(_, cb) = e.into_inner() {
                 cb(Err(LogError::Closed));
@@ -482,6 +505,9 @@ impl<M: Machine> Log<M> {
     /// publishes) is in the next batch. The urgent queue holds [`URGENT_QUEUE_COMMANDS`]; when it
     /// is full the command joins the ordinary queue (blocking while that one is full).
     pub fn submit_urgent_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
+        if self.inner.is_closed() {
+            return done(Err(LogError::Closed));
+        }
         match self.inner.urgent.try_send((command, Box::new(done))) {
             Ok(()) => {}
             Err(TrySendError::Full((command, cb))) => self.submit_with(command, cb),
@@ -496,6 +522,9 @@ impl<M: Machine> Log<M> {
         command: M::Command,
         done: impl FnOnce(Outcome<M>) + Send + 'static,
     ) {
+        if self.inner.is_closed() {
+            return done(Err(LogError::Closed));
+        }
         match self.inner.urgent.try_send((command, Box::new(done))) {
             Ok(()) => {}
             Err(TrySendError::Full((command, cb))) => self.try_submit_with(command, cb),
@@ -505,6 +534,9 @@ impl<M: Machine> Log<M> {
 
     /// Like [`Log::submit_with`] but refuses with [`LogError::Busy`] when the queue is full.
     pub fn try_submit_with(&self, command: M::Command, done: impl FnOnce(Outcome<M>) + Send + 'static) {
+        if self.inner.is_closed() {
+            return done(Err(LogError::Closed));
+        }
         match self.inner.send.try_send(Msg::Command(command, Box::new(done))) {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Command(_, cb))) => cb(Err(LogError::Busy)),
@@ -553,6 +585,7 @@ impl<M: Machine> Log<M> {
     /// Stops the writer after the commands already queued ahead of the stop; later ones fail with
     /// [`LogError::Closed`]. Other handles see a closed log.
     pub fn close(&self) {
+        self.inner.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.inner.send.send(Msg::Stop);
         if let Some(h) = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
@@ -561,9 +594,12 @@ impl<M: Machine> Log<M> {
 
     /// [`Log::close`] within `within`: true if the writer stopped in time. If not (a stalled
     /// disk, a long queue), the writer is left to finish in the background and nothing waits for
-    /// it, not even this log's drop; what it had not made durable is lost as in a crash, and
-    /// none of it was acknowledged.
+    /// it, not even this log's drop; commands are refused from here on either way. What it has
+    /// not made durable when the process ends is lost as in a crash, and none of it was
+    /// acknowledged. The store stays open until the writer ends: sled's directory lock refuses a
+    /// second open of the same directory meanwhile.
     pub fn close_within(&self, within: Duration) -> bool {
+        self.inner.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline = Instant::now() + within;
         let _ = self.inner.send.send_timeout(Msg::Stop, within);
         let mut writer = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
