@@ -949,18 +949,23 @@ async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>, settled: 
         retry_after_ms,
     };
     let inbox = ctx.shared.inbox.clone();
-    ctx.log.submit_urgent_with(
-        Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command },
-        move |out| {
-            let result = match out {
-                Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
-                Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            inbox.finished(Finished { id, result });
-        },
-    );
+    let submitted = Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command };
+    let done = move |out: herald_log::Outcome<Commands>| {
+        let result = match out {
+            Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
+            Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        inbox.finished(Finished { id, result });
+    };
+    if ctx.log.urgent_submit_would_block() {
+        // Both writer queues are full: wait for room on a blocking thread, not a runtime worker.
+        let log = ctx.log.clone();
+        drop(tokio::task::spawn_blocking(move || log.submit_urgent_with(submitted, done)));
+    } else {
+        ctx.log.submit_urgent_with(submitted, done);
+    }
 }
 
 /// Why an attempt's request could not be made.

@@ -515,6 +515,12 @@ impl<M: Machine> Log<M> {
         }
     }
 
+    /// Whether [`Log::submit_urgent_with`] would block now (both queues full): async callers
+    /// then submit from a blocking thread, not from a runtime worker.
+    pub fn urgent_submit_would_block(&self) -> bool {
+        self.inner.urgent.is_full() && self.inner.send.is_full()
+    }
+
     /// Like [`Log::submit_urgent_with`], but never blocks: when both queues are full the command
     /// is refused with [`LogError::Busy`].
     pub fn try_submit_urgent_with(
