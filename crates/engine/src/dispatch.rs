@@ -239,10 +239,9 @@ struct Ctx {
 }
 
 struct InFlight {
-    /// The endpoint whose slot this attempt holds, until its receiver answers.
-    endpoint: Option<EndpointId>,
-    /// For an inline delivery (no endpoint), the origin whose slot it holds, likewise.
-    origin: Option<String>,
+    /// The endpoint (or, for an inline delivery, the origin) whose slot this attempt holds,
+    /// until its receiver answers.
+    target: Option<Park>,
     /// The receiver has answered: the attempt waits for its record only.
     answered: bool,
     /// Set by whichever settles the attempt first: its task, once it knows how the attempt
@@ -255,7 +254,7 @@ struct InFlight {
 }
 
 /// What a parked delivery waits behind.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Park {
     Endpoint(EndpointId),
     Origin(String),
@@ -270,25 +269,22 @@ pub(crate) struct Dispatcher {
     /// How many of `in_flight` have been answered (they count against `max_awaiting_record`,
     /// not `max_in_flight_total`).
     answered: usize,
-    per_endpoint: HashMap<EndpointId, usize>,
-    /// Attempts in flight to each origin (`scheme://host:port`) of inline deliveries, which have
-    /// no endpoint: bounded by `max_in_flight_per_endpoint` too.
-    per_origin: HashMap<String, usize>,
-    parked: HashMap<EndpointId, VecDeque<Due>>,
-    /// Inline deliveries parked behind a busy origin (counted in `parked_len`).
-    parked_by_origin: HashMap<String, VecDeque<Due>>,
+    /// Attempts in flight to each endpoint, and to each origin of inline deliveries (which have
+    /// no endpoint), until their receiver answers: each bounded by `max_in_flight_per_endpoint`.
+    in_flight_to: HashMap<Park, usize>,
+    /// Deliveries parked behind a busy endpoint or origin, in the order they came due.
+    parked: HashMap<Park, VecDeque<Due>>,
     /// Every parked id, so a refill or a hint that brings one back does not park it twice.
     parked_ids: HashSet<Id>,
     /// Parked entries moved back to the queue when a slot freed, with where they were parked:
     /// if one is then not attempted (already delivered, in flight, gone), the next one moves,
     /// so the freed slot is not left unused while others wait.
     unparked: HashMap<Id, Park>,
-    /// Origins whose parked list overflowed, with the earliest due time dropped: the due index
-    /// is reloaded from it once the origin has room.
-    overflowed_origins: HashMap<String, u64>,
     parked_len: usize,
-    /// Endpoints whose parked list overflowed: refilled from their pending index once it drains.
-    overflowed: HashSet<EndpointId>,
+    /// Endpoints and origins whose parked list overflowed, with the earliest due time dropped.
+    /// Once they have room again, what was dropped is read back: an endpoint's pending index,
+    /// or for an origin (no index of its own) the due index from that time.
+    overflowed: HashMap<Park, u64>,
     /// Endpoints to refill from their pending index on the next turn.
     endpoint_refills: Vec<EndpointId>,
     /// Popped while an attempt of theirs was in flight: looked at again when it finishes.
@@ -319,15 +315,12 @@ impl Dispatcher {
             cfg,
             in_flight: HashMap::new(),
             answered: 0,
-            per_endpoint: HashMap::new(),
-            per_origin: HashMap::new(),
+            in_flight_to: HashMap::new(),
             parked: HashMap::new(),
-            parked_by_origin: HashMap::new(),
             parked_ids: HashSet::new(),
             unparked: HashMap::new(),
-            overflowed_origins: HashMap::new(),
             parked_len: 0,
-            overflowed: HashSet::new(),
+            overflowed: HashMap::new(),
             endpoint_refills: Vec::new(),
             recheck: HashSet::new(),
             payloads: HashMap::new(),
@@ -528,7 +521,7 @@ impl Dispatcher {
                 Some(next) if loaded < self.endpoint_refill_max() => cursor = Some(next),
                 Some(_) => {
                     // More than a few rounds' worth: come back when these have drained.
-                    self.overflowed.insert(endpoint);
+                    self.overflowed.entry(Park::Endpoint(endpoint)).or_insert(0);
                     return;
                 }
                 None => return,
@@ -567,43 +560,29 @@ impl Dispatcher {
             self.queue.insert(id, at);
             return;
         }
-        if let Some(endpoint) = delivery.endpoint_id {
-            if self.per_endpoint.get(&endpoint).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {
-                if self.parked_len < self.parked_total_max() {
-                    self.parked.entry(endpoint).or_default().push_back(Due {
-                        next_attempt_at_ms: delivery.next_attempt_at_ms.unwrap_or(now),
-                        delivery_id: delivery.id,
-                    });
-                    self.parked_len += 1;
-                    self.parked_ids.insert(id);
-                } else {
-                    self.overflowed.insert(endpoint);
-                }
-                return;
+        let target = match delivery.endpoint_id {
+            Some(endpoint) => Park::Endpoint(endpoint),
+            None => Park::Origin(origin_of(&delivery.url)),
+        };
+        if self.in_flight_to.get(&target).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {
+            let due = delivery.next_attempt_at_ms.unwrap_or(now);
+            if self.parked_len < self.parked_total_max() {
+                self.parked
+                    .entry(target)
+                    .or_default()
+                    .push_back(Due { next_attempt_at_ms: due, delivery_id: delivery.id });
+                self.parked_len += 1;
+                self.parked_ids.insert(id);
+            } else {
+                // Dropped: read back once the target has room (`unpark_next`, `free_slot`).
+                let earliest = self.overflowed.entry(target).or_insert(due);
+                *earliest = (*earliest).min(due);
             }
-            *self.per_endpoint.entry(endpoint).or_default() += 1;
+            return;
         }
-        let origin = delivery.endpoint_id.is_none().then(|| origin_of(&delivery.url));
-        if let Some(origin) = &origin {
-            if self.per_origin.get(origin).copied().unwrap_or(0) >= self.cfg.max_in_flight_per_endpoint {
-                if self.parked_len < self.parked_total_max() {
-                    let due = Due { next_attempt_at_ms: now, delivery_id: delivery.id };
-                    self.parked_by_origin.entry(origin.clone()).or_default().push_back(due);
-                    self.parked_len += 1;
-                    self.parked_ids.insert(id);
-                } else {
-                    // Dropped; no endpoint, so no pending index to read it back from: the due
-                    // index is reloaded once the origin has room (`free_origin_slot`).
-                    let due = delivery.next_attempt_at_ms.unwrap_or(now);
-                    let earliest = self.overflowed_origins.entry(origin.clone()).or_insert(due);
-                    *earliest = (*earliest).min(due);
-                }
-                return;
-            }
-            *self.per_origin.entry(origin.clone()).or_default() += 1;
-        }
+        *self.in_flight_to.entry(target.clone()).or_default() += 1;
         let payload = self.take_payload(&id);
-        self.start(delivery, now, payload, origin);
+        self.start(delivery, now, payload, target);
     }
 
     /// Keeps a handed-over payload for `id`'s first attempt. When there is no room, the ones held
@@ -629,7 +608,7 @@ impl Dispatcher {
         Some(payload)
     }
 
-    fn start(&mut self, delivery: Delivery, now: u64, payload: Option<Bytes>, origin: Option<String>) {
+    fn start(&mut self, delivery: Delivery, now: u64, payload: Option<Bytes>, target: Park) {
         self.ctx.shared.started.fetch_add(1, Ordering::Relaxed);
         let ctx = self.ctx.clone();
         let d = delivery.clone();
@@ -638,15 +617,7 @@ impl Dispatcher {
         let abort = self.tasks.spawn(async move { attempt(ctx, d, payload, settled_by_task).await });
         self.in_flight.insert(
             *delivery.id.as_bytes(),
-            InFlight {
-                endpoint: delivery.endpoint_id,
-                origin,
-                answered: false,
-                settled,
-                abort,
-                delivery,
-                started_at_ms: now,
-            },
+            InFlight { target: Some(target), answered: false, settled, abort, delivery, started_at_ms: now },
         );
     }
 
@@ -682,11 +653,8 @@ impl Dispatcher {
                 Ok(_) => {}
             }
         }
-        if let Some(endpoint) = flight.endpoint {
-            self.free_endpoint_slot(endpoint);
-        }
-        if let Some(origin) = flight.origin {
-            self.free_origin_slot(&origin);
+        if let Some(target) = flight.target {
+            self.free_slot(target);
         }
     }
 
@@ -698,39 +666,31 @@ impl Dispatcher {
             flight.answered = true;
             self.answered += 1;
         }
-        let (endpoint, origin) = (flight.endpoint.take(), flight.origin.take());
-        if let Some(endpoint) = endpoint {
-            self.free_endpoint_slot(endpoint);
-        }
-        if let Some(origin) = origin {
-            self.free_origin_slot(&origin);
+        if let Some(target) = flight.target.take() {
+            self.free_slot(target);
         }
     }
 
-    fn free_origin_slot(&mut self, origin: &str) {
-        if let Some(n) = self.per_origin.get_mut(origin) {
+    /// An attempt to `target` no longer holds its slot: the next delivery parked behind it goes
+    /// back to the queue, or what overflowed is read back.
+    fn free_slot(&mut self, target: Park) {
+        if let Some(n) = self.in_flight_to.get_mut(&target) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_origin.remove(origin);
+                self.in_flight_to.remove(&target);
             }
         }
-        // The origin has room again: its next parked delivery goes back to the queue.
-        if self.parked_by_origin.contains_key(origin) {
-            self.unpark_next(&Park::Origin(origin.to_owned()));
-        } else if let Some(from) = self.overflowed_origins.remove(origin) {
-            self.queue.note_incomplete_from(from);
+        if self.parked.contains_key(&target) {
+            self.unpark_next(&target);
+        } else {
+            self.read_back_overflow(&target);
         }
     }
 
-    /// Moves the next delivery parked behind `park` back to the queue. When the list empties
-    /// and it had overflowed, what was dropped is read back: the endpoint's pending index, or
-    /// for an origin the whole due index.
+    /// Moves the next delivery parked behind `park` back to the queue; when the list empties,
+    /// what overflowed it is read back.
     fn unpark_next(&mut self, park: &Park) {
-        let list = match park {
-            Park::Endpoint(endpoint) => self.parked.get_mut(endpoint),
-            Park::Origin(origin) => self.parked_by_origin.get_mut(origin),
-        };
-        let Some(list) = list else { return };
+        let Some(list) = self.parked.get_mut(park) else { return };
         let next = list.pop_front();
         let drained = list.is_empty();
         if let Some(due) = next {
@@ -745,35 +705,18 @@ impl Dispatcher {
             self.queue.insert(id, due.next_attempt_at_ms);
         }
         if drained {
-            match park {
-                Park::Endpoint(endpoint) => {
-                    self.parked.remove(endpoint);
-                    if self.overflowed.remove(endpoint) {
-                        self.endpoint_refills.push(*endpoint);
-                    }
-                }
-                Park::Origin(origin) => {
-                    self.parked_by_origin.remove(origin);
-                    if let Some(from) = self.overflowed_origins.remove(origin) {
-                        self.queue.note_incomplete_from(from);
-                    }
-                }
-            }
+            self.parked.remove(park);
+            self.read_back_overflow(park);
         }
     }
 
-    fn free_endpoint_slot(&mut self, endpoint: EndpointId) {
-        if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_endpoint.remove(&endpoint);
-            }
-        }
-        // The endpoint has room again: its next parked delivery goes back to the queue.
-        if self.parked.contains_key(&endpoint) {
-            self.unpark_next(&Park::Endpoint(endpoint));
-        } else if self.overflowed.remove(&endpoint) {
-            self.endpoint_refills.push(endpoint);
+    /// What was dropped behind `park` when the parked bound was reached: an endpoint's pending
+    /// index is loaded; an origin has none, so the due index is reloaded from the earliest time.
+    fn read_back_overflow(&mut self, park: &Park) {
+        match (park, self.overflowed.remove(park)) {
+            (_, None) => {}
+            (Park::Endpoint(endpoint), Some(_)) => self.endpoint_refills.push(*endpoint),
+            (Park::Origin(_), Some(from)) => self.queue.note_incomplete_from(from),
         }
     }
 
