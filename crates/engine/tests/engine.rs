@@ -10,7 +10,7 @@ use herald_engine::clock::{Clock, ManualClock};
 use herald_engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
 use herald_engine::signing::{verify, Secret};
 use herald_engine::{Actor, Command, DeliveryConfig, Engine, EngineConfig, EngineError, Parts, Reply};
-use herald_log::{MemStore, Store};
+use herald_log::{HeldStore, MemStore, Store};
 use herald_projector::{
     DeliveryId, DeliveryStatus, EndpointId, EndpointStatus, EventId, OrgId, Policy, Trigger,
 };
@@ -637,57 +637,12 @@ fn opening_a_store_with_index_keys_this_version_no_longer_keeps_deletes_them() {
 }
 
 /// A store whose writes wait while its gate is closed: a writer stuck behind a long queue.
-struct GatedStore {
-    inner: MemStore,
-    closed: Mutex<bool>,
-    opened: std::sync::Condvar,
-}
-
-impl GatedStore {
-    fn set_closed(&self, closed: bool) {
-        *self.closed.lock().unwrap() = closed;
-        self.opened.notify_all();
-    }
-}
-
-impl Store for GatedStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
-        self.inner.get(key)
-    }
-    fn scan(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), herald_log::StoreError> {
-        self.inner.scan(from, to, visit)
-    }
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
-        self.inner.last(from, to)
-    }
-    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
-        let mut closed = self.closed.lock().unwrap();
-        while *closed {
-            closed = self.opened.wait(closed).unwrap();
-        }
-        drop(closed);
-        self.inner.apply(batch)
-    }
-    fn flush(&self, durability: herald_log::Durability) -> Result<(), herald_log::StoreError> {
-        self.inner.flush(durability)
-    }
-}
-
 /// An answered attempt waits for its record outside the total bound: with one attempt in flight
 /// at a time and the writer held up (as behind a burst of publishes), the next deliveries are
 /// still attempted; once the writer moves, every record lands and all are delivered.
 #[test]
 fn attempts_go_on_while_their_records_wait_for_the_writer() {
-    let store = Arc::new(GatedStore {
-        inner: MemStore::new(),
-        closed: Mutex::new(false),
-        opened: Default::default(),
-    });
+    let store = Arc::new(HeldStore::new(MemStore::new()));
     let sender = Arc::new(Scripted::default());
     let mut cfg = config(vec![1_000]);
     cfg.delivery.max_in_flight_total = 1;
@@ -702,7 +657,7 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
             other => panic!("{other:?}"),
         })
         .collect();
-    store.set_closed(true);
+    store.hold(true);
     let deadline = std::time::Instant::now() + SETTLE;
     while sender.requests().len() < 3 {
         assert!(
@@ -714,7 +669,7 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(sender.active_max.load(Ordering::SeqCst) <= 1, "one request at a time");
-    store.set_closed(false);
+    store.hold(false);
     assert!(engine.settle(SETTLE));
     for d in deliveries {
         assert_eq!(engine.delivery(d).unwrap().unwrap().status, DeliveryStatus::Delivered);
@@ -726,18 +681,14 @@ fn attempts_go_on_while_their_records_wait_for_the_writer() {
 /// to finish in the background, and nothing it had not made durable was acknowledged.
 #[test]
 fn the_stop_keeps_to_its_timeout_when_the_disk_stalls() {
-    let store = Arc::new(GatedStore {
-        inner: MemStore::new(),
-        closed: Mutex::new(false),
-        opened: Default::default(),
-    });
+    let store = Arc::new(HeldStore::new(MemStore::new()));
     let parts = Parts {
         store: store.clone(),
         clock: Arc::new(ManualClock::new(T0)),
         sender: Arc::new(Scripted::default()),
     };
     let engine = Engine::open_with(config(vec![1_000]), parts).unwrap();
-    store.set_closed(true);
+    store.hold(true);
     let (answered_tx, answered) = std::sync::mpsc::channel();
     for _ in 0..3 {
         let answered_tx = answered_tx.clone();
@@ -759,7 +710,7 @@ fn the_stop_keeps_to_its_timeout_when_the_disk_stalls() {
     drop(engine);
     assert!(began.elapsed() < Duration::from_secs(1), "the drop waited for the stalled disk");
     // The disk comes back: the writer left behind finishes, and no one waits for it.
-    store.set_closed(false);
+    store.hold(false);
 }
 
 /// Publishes made while the writer is busy wait in its queue and are written and flushed
@@ -767,11 +718,7 @@ fn the_stop_keeps_to_its_timeout_when_the_disk_stalls() {
 #[test]
 fn concurrent_publishes_share_one_batch_and_one_flush() {
     const PUBLISHERS: usize = 32;
-    let store = Arc::new(GatedStore {
-        inner: MemStore::new(),
-        closed: Mutex::new(false),
-        opened: Default::default(),
-    });
+    let store = Arc::new(HeldStore::new(MemStore::new()));
     let parts = Parts {
         store: store.clone(),
         clock: Arc::new(ManualClock::new(T0)),
@@ -781,7 +728,7 @@ fn concurrent_publishes_share_one_batch_and_one_flush() {
     let engine = Engine::open_with(config(vec![1_000]), parts).unwrap();
     let before = engine.writer_stats();
     // The writer is held in its next apply: the first publish's batch, which takes it there.
-    store.set_closed(true);
+    store.hold(true);
     let answered = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for _ in 0..PUBLISHERS {
@@ -794,7 +741,7 @@ fn concurrent_publishes_share_one_batch_and_one_flush() {
         // Every publisher has submitted (or is about to) while the writer is held.
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(answered.load(Ordering::SeqCst), 0, "answered before its batch was written");
-        store.set_closed(false);
+        store.hold(false);
     });
     let after = engine.writer_stats();
     let batches = after.batches - before.batches;

@@ -41,5 +41,7 @@ pub use crate::log::{
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};
-pub use crate::store::{scan_vec, Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit};
+pub use crate::store::{
+    scan_vec, Batch, Durability, FailingStore, HeldStore, MemStore, Pair, Store, StoreError, Visit,
+};
 pub use crate::tx::{merge_staged, Tx};

@@ -232,6 +232,57 @@ impl<S: Store> Store for FailingStore<S> {
     }
 }
 
+/// A store whose writes wait while it is held: a stalled disk, for tests. Reads and flushes go
+/// through; an `apply` waits until [`HeldStore::hold`] lets go.
+pub struct HeldStore<S> {
+    inner: S,
+    held: Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl<S: Store> HeldStore<S> {
+    pub fn new(inner: S) -> Self {
+        HeldStore { inner, held: Mutex::new(false), released: std::sync::Condvar::new() }
+    }
+
+    /// Holds every write from now on (`true`), or lets the waiting ones go (`false`).
+    pub fn hold(&self, held: bool) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+        self.released.notify_all();
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Store> Store for HeldStore<S> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+        self.inner.scan(from, to, visit)
+    }
+
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+        self.inner.last(from, to)
+    }
+
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(held);
+        self.inner.apply(batch)
+    }
+
+    fn flush(&self, durability: Durability) -> Result<(), StoreError> {
+        self.inner.flush(durability)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -485,59 +485,13 @@ fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flu
     assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
 }
 
-/// A store whose writes hang until released: a stalled disk.
-struct Stalled {
-    inner: MemStore,
-    released: std::sync::Mutex<bool>,
-    wake: std::sync::Condvar,
-}
-
-impl Stalled {
-    fn set_released(&self, released: bool) {
-        *self.released.lock().unwrap() = released;
-        self.wake.notify_all();
-    }
-}
-
-impl herald_log::Store for Stalled {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
-        self.inner.get(key)
-    }
-    fn scan(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), herald_log::StoreError> {
-        self.inner.scan(from, to, visit)
-    }
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
-        self.inner.last(from, to)
-    }
-    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
-        let mut released = self.released.lock().unwrap();
-        while !*released {
-            released = self.wake.wait(released).unwrap();
-        }
-        drop(released);
-        self.inner.apply(batch)
-    }
-    fn flush(&self, d: Durability) -> Result<(), herald_log::StoreError> {
-        self.inner.flush(d)
-    }
-}
-
 /// A writer stuck on a stalled disk does not hold `close_within` or the log's drop; the closed
 /// log refuses at once what comes after, and what was stuck is never acknowledged early.
 #[test]
 fn close_within_leaves_a_stuck_writer_behind_and_refuses_later_commands() {
-    let store = Arc::new(Stalled {
-        inner: MemStore::new(),
-        released: std::sync::Mutex::new(true),
-        wake: Default::default(),
-    });
+    let store = Arc::new(herald_log::HeldStore::new(MemStore::new()));
     let log = Log::open(store.clone(), AppendOnly, config()).unwrap();
-    store.set_released(false);
+    store.hold(true);
     let (tx, rx) = std::sync::mpsc::channel();
     log.submit_with(vec![(1, body(1))], move |out| {
         let _ = tx.send(out.is_ok());
@@ -551,7 +505,7 @@ fn close_within_leaves_a_stuck_writer_behind_and_refuses_later_commands() {
     drop(log);
     assert!(began.elapsed() < Duration::from_millis(500), "the drop waited for the stuck writer");
     // The disk comes back: the writer left behind finishes what it held, durably, then ends.
-    store.set_released(true);
+    store.hold(false);
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
 }
 
