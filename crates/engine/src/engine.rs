@@ -143,7 +143,7 @@ struct Inner {
     stopped: crossbeam_channel::Receiver<StopReport>,
     shutdown_timeout: Duration,
     /// When the stop began ([`Engine::begin_shutdown`]); its timeout counts from there.
-    stop_began: std::sync::Mutex<Option<std::time::Instant>>,
+    stop_began: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Drop for Inner {
