@@ -561,6 +561,13 @@ impl Engine {
         self.inner.log.stats()
     }
 
+    /// Why the store refuses writes, while it does (a full disk): every write is answered with
+    /// this error until the log's writer has reopened the store and a probe write went through,
+    /// which it tries by itself (see [`herald_log::RESUME_WAIT_MAX`]). Reads go on meanwhile.
+    pub fn store_refusal(&self) -> Option<herald_log::StoreError> {
+        self.inner.log.refusal()
+    }
+
     /// Hits and misses of the read cache in front of the store.
     pub fn read_cache_stats(&self) -> CacheStats {
         self.inner.cache.stats()

@@ -519,14 +519,22 @@ fn a_failing_store_refuses_cleanly_and_the_engine_recovers_when_it_heals() {
     let lag = herald_projector::projection_lag(&store).unwrap();
     assert_eq!(lag, (seq, seq), "neither records nor projection changed");
 
-    // The batch is applied but its flush fails: not acknowledged, yet its records exist, so the
-    // dispatcher reloads the due index rather than strand the delivery.
+    // While the store refuses writes, every write is refused without running, with the cause.
+    assert!(engine.store_refusal().is_some());
+    store.heal();
+    wait_resumed(&engine);
+
+    // The batch is applied but its flush fails: not acknowledged, yet its records exist (a store
+    // in memory keeps them through the reopen), so the dispatcher reloads the due index rather
+    // than strand the delivery.
     store.fail_after(1);
     let unacknowledged = engine.publish(org, "call.ended", b"{}");
     assert!(matches!(unacknowledged, Err(EngineError::Log(_))), "{unacknowledged:?}");
 
-    // Space returns: commands succeed again and every delivery in the store is delivered.
+    // Space returns: once the writer has resumed by itself, commands succeed again and every
+    // delivery in the store is delivered.
     store.heal();
+    wait_resumed(&engine);
     let (_, later) = match engine.publish(org, "call.ended", b"{}") {
         Ok(Reply::Published { id, delivery_ids, .. }) => (id, delivery_ids),
         other => panic!("{other:?}"),
@@ -1031,4 +1039,13 @@ fn a_refill_the_store_fails_is_made_again_once_it_reads() {
     let d = engine.delivery(id).unwrap().unwrap();
     assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Delivered, 2), "{d:?}");
     engine.shutdown();
+}
+
+/// Waits (bounded) until the log's writer has resumed after the store refused a write.
+fn wait_resumed(engine: &Engine) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Some(refusal) = engine.store_refusal() {
+        assert!(std::time::Instant::now() < deadline, "the writer did not resume: {refusal}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -327,6 +327,23 @@ impl Store for CachedStore {
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
     }
+
+    /// Empties the cache around the inner store's reopen: the reopened store may hold less
+    /// than the cache saw applied (a batch that was never made durable is gone).
+    fn reopen(&self) -> Result<(), StoreError> {
+        {
+            let mut st = self.write();
+            st.generation += 1;
+            st.applying = true;
+            st.clear();
+        }
+        let reopened = self.inner.reopen();
+        let mut st = self.write();
+        st.generation += 1;
+        st.applying = false;
+        st.clear();
+        reopened
+    }
 }
 
 #[cfg(test)]

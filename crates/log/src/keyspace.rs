@@ -12,3 +12,6 @@ pub const USER_FIRST: u8 = 0x10;
 pub const META_FORMAT: &[u8] = &[META, b'f'];
 /// Meta key of the anchor: the seq and hash the kept log starts after (all zero when never compacted).
 pub const META_ANCHOR: &[u8] = &[META, b'a'];
+/// Meta key a recovering writer puts and deletes in one batch, to learn whether the store takes
+/// writes again; it is never left in the store.
+pub const META_PROBE: &[u8] = &[META, b'p'];

@@ -32,16 +32,18 @@ pub mod record;
 mod sled_store;
 pub mod store;
 mod tx;
+mod writer;
 
 pub use crate::cache::{CacheStats, Cacheable, CachedStore, CACHE_ENTRY_OVERHEAD_BYTES};
 pub use crate::log::{
     check_format, read_head, read_record, read_records, restore_anchor, upgrade_format, verify, AfterFlush,
     AppendOnly, Head, Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats,
-    STORE_FORMAT, STORE_FORMAT_OLDEST,
+    RESUME_WAIT_FIRST, RESUME_WAIT_MAX, STORE_FORMAT, STORE_FORMAT_OLDEST,
 };
 pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};
 pub use crate::store::{
     scan_vec, Batch, Durability, FailingStore, HeldStore, MemStore, Pair, Store, StoreError, Visit,
+    VolatileStore,
 };
 pub use crate::tx::{merge_staged, Tx};

@@ -5,12 +5,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Sender, TrySendError};
 
 use crate::keyspace;
 use crate::record::{head_key, record_keys_end, Assembler, Corrupt, CorruptKind, Hash, Record};
 use crate::store::{Batch, Durability, Store, StoreError};
 use crate::tx::Tx;
+use crate::writer::Writer;
 
 /// The on-disk format of the store as a whole (keyspace layout, record and event formats). 2
 /// (2026-11-24): the machine may store what format 1 held differently (herald: the delivery
@@ -27,6 +28,12 @@ pub const STORE_FORMAT_OLDEST: u8 = 1;
 /// Commands the urgent queue holds, at most (see [`Log::submit_urgent_with`]). A bounded channel
 /// allocates its slots up front, so it is kept short.
 pub const URGENT_QUEUE_COMMANDS: usize = 4_096;
+
+/// How long a writer whose store refused a write waits before its first try to resume; each
+/// failed try doubles the wait, up to [`RESUME_WAIT_MAX`].
+pub const RESUME_WAIT_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between two tries to resume writing.
+pub const RESUME_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// Limits and durability of a log. Every queue is bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,16 +163,16 @@ impl Machine for AppendOnly {
 
 /// The answer a caller gets: the machine's reply or rejection, or a log error.
 pub type Outcome<M> = Result<Result<<M as Machine>::Reply, <M as Machine>::Rejection>, LogError>;
-type Callback<M> = Box<dyn FnOnce(Outcome<M>) + Send>;
-type Answer<M> = (Callback<M>, Result<<M as Machine>::Reply, <M as Machine>::Rejection>);
+pub(crate) type Callback<M> = Box<dyn FnOnce(Outcome<M>) + Send>;
+pub(crate) type Answer<M> = (Callback<M>, Result<<M as Machine>::Reply, <M as Machine>::Rejection>);
 
-enum Msg<M: Machine> {
+pub(crate) enum Msg<M: Machine> {
     Command(M::Command, Callback<M>),
     Stop,
 }
 
 /// A command of the urgent queue (see [`Log::submit_urgent_with`]).
-type Queued<M> = (<M as Machine>::Command, Callback<M>);
+pub(crate) type Queued<M> = (<M as Machine>::Command, Callback<M>);
 
 /// Figures of the writer, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -187,11 +194,32 @@ pub struct WriterStats {
     pub last_batch_failed: bool,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     /// The last durable seq (0 before any record).
-    committed: Mutex<u64>,
-    wake: Condvar,
-    stats: Mutex<WriterStats>,
+    pub(crate) committed: Mutex<u64>,
+    pub(crate) wake: Condvar,
+    pub(crate) stats: Mutex<WriterStats>,
+    /// Why the store refuses writes, while it does: set by a failed apply, flush or read of a
+    /// batch, cleared once the writer has reopened the store and a probe write went through.
+    pub(crate) refusal: Mutex<Option<StoreError>>,
+}
+
+impl Shared {
+    pub(crate) fn refusal(&self) -> Option<StoreError> {
+        self.refusal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_refusal(&self, e: Option<StoreError>) {
+        *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    /// Records that every seq through `seq` is durable and wakes the tails. The durable seq only
+    /// grows: a later batch's flush covers the batches before it.
+    pub(crate) fn committed_through(&self, seq: u64) {
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        *committed = (*committed).max(seq);
+        self.wake.notify_all();
+    }
 }
 
 /// The durable append-only log. Cloning gives another handle to the same log.
@@ -458,18 +486,12 @@ impl<M: Machine> Log<M> {
             committed: Mutex::new(head.next_seq - 1),
             wake: Condvar::new(),
             stats: Mutex::new(WriterStats::default()),
+            refusal: Mutex::new(None),
         });
         let (send, recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
         let (urgent, urgent_recv) =
             crossbeam_channel::bounded(URGENT_QUEUE_COMMANDS.min(config.queue_commands_max).max(1));
-        let writer = Writer {
-            store: store.clone(),
-            machine,
-            config,
-            shared: shared.clone(),
-            next_seq: head.next_seq,
-            last_hash: head.last_hash,
-        };
+        let writer = Writer::new(store.clone(), machine, config, shared.clone(), head);
         let handle = std::thread::Builder::new()
             .name("herald-log-writer".into())
             .spawn(move || writer.run(urgent_recv, recv))
@@ -573,6 +595,13 @@ impl<M: Machine> Log<M> {
         *self.inner.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why the store refuses writes, while it does (a full disk): every command is refused with
+    /// this error, without running, until the writer has reopened the store and a probe write
+    /// went through. The writer tries by itself, at growing intervals up to [`RESUME_WAIT_MAX`].
+    pub fn refusal(&self) -> Option<StoreError> {
+        self.inner.shared.refusal()
+    }
+
     /// Up to `limit` durable records from `from_seq` on.
     pub fn read(&self, from_seq: u64, limit: usize) -> Result<Vec<Record>, LogError> {
         let committed = self.committed_seq();
@@ -652,237 +681,5 @@ impl<M: Machine> Tail<M> {
 
     pub fn cursor(&self) -> u64 {
         self.cursor
-    }
-}
-
-struct Writer<M: Machine> {
-    store: Arc<dyn Store>,
-    machine: M,
-    config: LogConfig,
-    shared: Arc<Shared>,
-    next_seq: u64,
-    last_hash: Hash,
-}
-
-/// A batch applied to the store and waiting for its flush.
-struct Flushing<M: Machine> {
-    answers: Vec<Answer<M>>,
-    records: u64,
-    store_writes: u64,
-    commands: u64,
-    next_seq: u64,
-    after: AfterFlush,
-}
-
-/// The flushing half of the writer: batch k is flushed here while the writer applies batch k+1,
-/// so a command arriving during a flush waits for the next flush, not for two.
-struct Flusher {
-    store: Arc<dyn Store>,
-    durability: crate::store::Durability,
-    shared: Arc<Shared>,
-}
-
-impl Flusher {
-    fn run<M: Machine>(self, recv: Receiver<Flushing<M>>) {
-        for item in recv {
-            self.flush(item);
-        }
-    }
-
-    fn flush<M: Machine>(&self, item: Flushing<M>) {
-        let Flushing { answers, records, store_writes, commands, next_seq, after } = item;
-        let started = Instant::now();
-        if let Err(e) = self.store.flush(self.durability) {
-            {
-                let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-                stats.failed_batches += 1;
-                stats.last_batch_failed = true;
-            }
-            if let Some(after) = after {
-                after(false);
-            }
-            answer_failed::<M>(answers, e);
-            return;
-        }
-        let flush_us = started.elapsed().as_micros() as u64;
-        {
-            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.batches += 1;
-            stats.commands += commands;
-            stats.records += records;
-            stats.store_writes += store_writes;
-            stats.flush_us_total += flush_us;
-            stats.flush_us_max = stats.flush_us_max.max(flush_us);
-            stats.last_batch_commands = commands;
-            stats.last_batch_failed = false;
-        }
-        if let Some(after) = after {
-            after(true);
-        }
-        {
-            // A later batch's flush covers the batches before it: the durable seq only grows.
-            let mut committed = self.shared.committed.lock().unwrap_or_else(|e| e.into_inner());
-            *committed = (*committed).max(next_seq - 1);
-            self.shared.wake.notify_all();
-        }
-        for (cb, res) in answers {
-            cb(Ok(res));
-        }
-    }
-}
-
-/// Answers a batch that failed: a rejected command still learns why it was rejected.
-fn answer_failed<M: Machine>(answers: Vec<Answer<M>>, e: StoreError) {
-    for (cb, res) in answers {
-        match res {
-            Err(rejection) => cb(Ok(Err(rejection))),
-            Ok(_) => cb(Err(LogError::Store(e.clone()))),
-        }
-    }
-}
-
-impl<M: Machine> Writer<M> {
-    fn run(mut self, urgent: Receiver<Queued<M>>, recv: Receiver<Msg<M>>) {
-        // One batch may wait while another flushes: bounded, like every queue.
-        let (to_flusher, flushes) = crossbeam_channel::bounded::<Flushing<M>>(1);
-        let flusher = Flusher {
-            store: self.store.clone(),
-            durability: self.config.durability,
-            shared: self.shared.clone(),
-        };
-        let flushing =
-            std::thread::Builder::new().name("herald-log-flush".into()).spawn(move || flusher.run(flushes));
-        let flushing = match flushing {
-            Ok(handle) => handle,
-            Err(e) => {
-                // No flusher: refuse every command rather than acknowledge undurable ones.
-                let error = StoreError::Io(format!("spawning the flusher: {e}"));
-                loop {
-                    crossbeam_channel::select! {
-                        recv(urgent) -> q => match q {
-                            Ok((_, cb)) => cb(Err(LogError::Store(error.clone()))),
-                            Err(_) => return,
-                        },
-                        recv(recv) -> msg => match msg {
-                            Ok(Msg::Command(_, cb)) => cb(Err(LogError::Store(error.clone()))),
-                            Ok(Msg::Stop) => {}
-                            Err(_) => return,
-                        },
-                    }
-                }
-            }
-        };
-        self.batches(&urgent, &recv, &to_flusher);
-        drop(to_flusher);
-        let _ = flushing.join();
-    }
-
-    /// Forms batches: the urgent queue first, then the ordinary one, up to `batch_commands_max`.
-    /// A stop ends the loop once the commands queued ahead of it in the ordinary queue, and
-    /// whatever the urgent queue holds by then, are committed.
-    fn batches(
-        &mut self,
-        urgent: &Receiver<Queued<M>>,
-        recv: &Receiver<Msg<M>>,
-        to_flusher: &Sender<Flushing<M>>,
-    ) {
-        let batch_max = self.config.batch_commands_max.max(1);
-        let mut batch: Vec<Queued<M>> = Vec::with_capacity(batch_max);
-        let mut stop = false;
-        while !stop {
-            crossbeam_channel::select_biased! {
-                recv(urgent) -> q => match q {
-                    Ok(q) => batch.push(q),
-                    // Both senders go together: the ordinary queue is closed as well.
-                    Err(_) => stop = true,
-                },
-                recv(recv) -> msg => match msg {
-                    Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
-                    Ok(Msg::Stop) | Err(_) => stop = true,
-                },
-            }
-            while !stop && batch.len() < batch_max {
-                if let Ok(q) = urgent.try_recv() {
-                    batch.push(q);
-                    continue;
-                }
-                match recv.try_recv() {
-                    Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
-                    Ok(Msg::Stop) => stop = true,
-                    Err(_) => break,
-                }
-            }
-            self.commit(&mut batch, to_flusher);
-        }
-        // What the urgent queue holds at the stop is committed too, in batches of the usual size.
-        loop {
-            batch.extend(urgent.try_iter().take(batch_max));
-            if batch.is_empty() {
-                break;
-            }
-            self.commit(&mut batch, to_flusher);
-        }
-    }
-
-    fn commit(&mut self, batch: &mut Vec<(M::Command, Callback<M>)>, to_flusher: &Sender<Flushing<M>>) {
-        let store = self.store.clone();
-        let mut tx = Tx::new(store.as_ref(), self.next_seq, self.last_hash);
-        let mut answers: Vec<Answer<M>> = Vec::with_capacity(batch.len());
-        let commands = batch.len() as u64;
-        for (command, cb) in batch.drain(..) {
-            tx.savepoint();
-            let res = self.machine.execute(command, &mut tx);
-            if res.is_ok() {
-                tx.release();
-            } else {
-                tx.rollback();
-            }
-            answers.push((cb, res));
-        }
-        // A read that failed reads as absent: the batch fails with that error, and `finish`
-        // (which would take a missing value for a damaged one) does not run.
-        if let Some(e) = tx.error() {
-            return self.fail(answers, e);
-        }
-        if let Err(e) = self.machine.finish(&mut tx) {
-            return self.fail(answers, e);
-        }
-        if let Some(e) = tx.error() {
-            return self.fail(answers, e);
-        }
-        if tx.is_empty() {
-            for (cb, res) in answers {
-                cb(Ok(res));
-            }
-            return;
-        }
-        let (next_seq, last_hash) = tx.chain_state();
-        let (writes, records) = tx.into_parts();
-        if let Err(e) = self.store.apply(&writes) {
-            return self.fail(answers, e);
-        }
-        // Applied: the records exist in the store from here on, durable or not, so the chain
-        // moves on even if the flush fails (their callers are told it failed: not acknowledged).
-        self.next_seq = next_seq;
-        self.last_hash = last_hash;
-        let after = self.machine.applied(&records);
-        let store_writes = writes.len() as u64;
-        let item =
-            Flushing { answers, records: records.len() as u64, store_writes, commands, next_seq, after };
-        if let Err(unsent) = to_flusher.send(item) {
-            // The flusher is gone (it cannot be while the writer runs): answer, never acknowledge.
-            let item = unsent.into_inner();
-            answer_failed::<M>(item.answers, StoreError::Io("the flusher stopped".into()));
-        }
-    }
-
-    fn fail(&mut self, answers: Vec<Answer<M>>, e: StoreError) {
-        self.machine.aborted();
-        {
-            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.failed_batches += 1;
-            stats.last_batch_failed = true;
-        }
-        answer_failed::<M>(answers, e);
     }
 }

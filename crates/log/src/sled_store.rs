@@ -18,6 +18,7 @@
 use std::fs::File;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
 
@@ -28,10 +29,21 @@ const TREE_NAME: &[u8] = b"herald";
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A [`Store`] on a sled database in a directory.
+///
+/// After an IO error sled 0.34.7 refuses every later operation with that error (its "global
+/// error") and may hold in memory a batch it wrote only in part, so [`Store::reopen`] drops the
+/// database and opens it again from its files: what the disk holds, whole batches only.
 pub struct SledStore {
+    /// The database, or why reopening it failed.
+    open: RwLock<Result<Open, StoreError>>,
+    dir: PathBuf,
+    cache_bytes: u64,
+}
+
+/// The database while it is open.
+struct Open {
     db: sled::Db,
     tree: sled::Tree,
-    dir: PathBuf,
 }
 
 /// sled reports a held lock as an `Other` error whose message says so (0.34.7, `config.rs`).
@@ -61,40 +73,74 @@ impl SledStore {
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
-        let config = sled::Config::new()
-            .path(dir)
-            .segment_size(SEGMENT_BYTES)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            // herald flushes itself, once per batch; sled's background flusher would only add writes.
-            .flush_every_ms(None);
-        // sled releases its file lock when its last epoch-deferred reference goes, which can be a
-        // moment after the previous `Db` in this process was dropped: retry the lock briefly.
-        // Another process holding the directory still fails, after LOCK_WAIT.
-        let started = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e)) if is_lock_error(&e) && started.elapsed() < LOCK_WAIT => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(sled::Error::Io(e)) if is_lock_error(&e) => {
-                    return Err(StoreError::Io(format!(
-                        "{} is in use by another herald process (sled's lock is held): {e}",
-                        dir.display()
-                    )));
-                }
-                Err(e) => return Err(io(e)),
-            }
-        };
-        let tree = db.open_tree(TREE_NAME).map_err(io)?;
-        Ok(SledStore { db, tree, dir: dir.to_path_buf() })
+        let open = open_db(dir, cache_bytes)?;
+        Ok(SledStore { open: RwLock::new(Ok(open)), dir: dir.to_path_buf(), cache_bytes })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The open database; an error while a failed [`Store::reopen`] left it closed.
+    fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        let guard = self.open.read().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = guard.as_ref() {
+            return Err(StoreError::Io(format!(
+                "{} is closed: reopening it after a failed write failed ({e}); herald tries again",
+                self.dir.display()
+            )));
+        }
+        Ok(DbGuard(guard))
+    }
+}
+
+/// A read lock on an open database.
+struct DbGuard<'a>(RwLockReadGuard<'a, Result<Open, StoreError>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Open;
+
+    fn deref(&self) -> &Open {
+        match self.0.as_ref() {
+            Ok(open) => open,
+            Err(_) => unreachable!("SledStore::db hands out open databases only"),
+        }
+    }
+}
+
+/// Opens sled in `dir` (which exists), waiting briefly for its directory lock.
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<Open, StoreError> {
+    let config = sled::Config::new()
+        .path(dir)
+        .segment_size(SEGMENT_BYTES)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        // herald flushes itself, once per batch; sled's background flusher would only add writes.
+        .flush_every_ms(None);
+    // sled releases its file lock when its last epoch-deferred reference goes, which can be a
+    // moment after the previous `Db` in this process was dropped: retry the lock briefly.
+    // Another process holding the directory still fails, after LOCK_WAIT.
+    let started = std::time::Instant::now();
+    let db = loop {
+        match config.open() {
+            Ok(db) => break db,
+            Err(sled::Error::Io(e)) if is_lock_error(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if is_lock_error(&e) => {
+                return Err(StoreError::Io(format!(
+                    "{} is in use by another herald process (sled's lock is held): {e}",
+                    dir.display()
+                )));
+            }
+            Err(e) => return Err(io(e)),
+        }
+    };
+    let tree = db.open_tree(TREE_NAME).map_err(io)?;
+    Ok(Open { db, tree })
+}
+
+impl SledStore {
     fn fsync_files(&self) -> Result<(), StoreError> {
         let sync = |p: &Path| -> Result<(), StoreError> {
             File::open(p)
@@ -108,14 +154,16 @@ impl SledStore {
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self.db()?.tree.get(key).map_err(io)?.map(|v| v.to_vec()))
     }
 
     fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
         if from >= to {
             return Ok(());
         }
-        for item in self.tree.range(from..to) {
+        // A clone of the tree, not the lock: a visitor may read the store again meanwhile.
+        let tree = self.db()?.tree.clone();
+        for item in tree.range(from..to) {
             let (k, v) = item.map_err(io)?;
             if let ControlFlow::Break(()) = visit(&k, &v) {
                 break;
@@ -128,7 +176,7 @@ impl Store for SledStore {
         if from >= to {
             return Ok(None);
         }
-        match self.tree.range(from..to).next_back() {
+        match self.db()?.tree.range(from..to).next_back() {
             None => Ok(None),
             Some(item) => {
                 let (k, v) = item.map_err(io)?;
@@ -145,11 +193,11 @@ impl Store for SledStore {
                 None => b.remove(k.as_slice()),
             }
         }
-        self.tree.apply_batch(b).map_err(io)
+        self.db()?.tree.apply_batch(b).map_err(io)
     }
 
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {
-        self.db.flush().map_err(io)?;
+        self.db()?.db.flush().map_err(io)?;
         if durability == Durability::Sync {
             self.fsync_files()?;
         }
@@ -157,8 +205,59 @@ impl Store for SledStore {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.db.size_on_disk().map_err(io)
+        self.db()?.db.size_on_disk().map_err(io)
     }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        // sled writes as it opens: on a disk still full the open would fail and leave nothing to
+        // read from, so the database in hand (which still answers reads) is kept until there is room.
+        room_to_reopen(&self.dir)?;
+        let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
+        // Dropped first: sled holds its directory lock until then (`open_db` waits for it).
+        *open = Err(StoreError::Io("reopening".into()));
+        *open = open_db(&self.dir, self.cache_bytes);
+        open.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+}
+
+/// Free bytes a reopen needs on the store's filesystem: sled writes as it opens, then needs a
+/// segment to write into.
+pub const REOPEN_ROOM_BYTES: u64 = 2 * SEGMENT_BYTES as u64;
+
+/// Whether the filesystem of `dir`, and this process's file-size limit, leave the room a reopen
+/// needs; the error says which does not.
+fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| StoreError::Io(format!("{} has a NUL byte", dir.display())))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(StoreError::Io(format!("statvfs {}: {e}", dir.display())));
+    }
+    let free_bytes = fs.f_bavail.saturating_mul(fs.f_frsize);
+    if free_bytes < REOPEN_ROOM_BYTES {
+        return Err(StoreError::Io(format!(
+            "no space left on the filesystem of {}: {free_bytes} bytes free, {REOPEN_ROOM_BYTES} needed to resume",
+            dir.display()
+        )));
+    }
+    // SAFETY: getrlimit writes into the struct we own.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+    {
+        let db_bytes = std::fs::metadata(dir.join("db")).map(|m| m.len()).unwrap_or(0);
+        if db_bytes.saturating_add(REOPEN_ROOM_BYTES) > limit.rlim_cur {
+            return Err(StoreError::Io(format!(
+                "the file-size limit of this process (RLIMIT_FSIZE, {} bytes) leaves {} no room to grow",
+                limit.rlim_cur,
+                dir.join("db").display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Where a vacuum of `dir` writes its copy, and where it moves the original while swapping.

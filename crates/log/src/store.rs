@@ -87,6 +87,14 @@ pub trait Store: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(0)
     }
+    /// Forgets what the store holds only in memory and reads its state back from what it wrote.
+    /// After a failed write a store may hold part of a batch in memory, or refuse everything
+    /// from then on (sled does both); after `reopen` it holds whole batches only, as after a
+    /// restart, and takes writes again if its disk does. A store with nothing but memory does
+    /// nothing.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Collects up to `limit` pairs of a range: a convenience over [`Store::scan`].
@@ -176,11 +184,25 @@ pub struct FailingStore<S> {
     inner: S,
     ops: Arc<AtomicU64>,
     ok_ops: Arc<AtomicU64>,
+    torn: bool,
 }
 
 impl<S: Store> FailingStore<S> {
     pub fn new(inner: S, ok_ops: u64) -> Self {
-        FailingStore { inner, ops: Arc::new(AtomicU64::new(0)), ok_ops: Arc::new(AtomicU64::new(ok_ops)) }
+        FailingStore {
+            inner,
+            ops: Arc::new(AtomicU64::new(0)),
+            ok_ops: Arc::new(AtomicU64::new(ok_ops)),
+            torn: false,
+        }
+    }
+
+    /// A failed `apply` first applies the first half of the batch to the inner store, as sled
+    /// may leave a batch in memory when its disk fills: only a [`Store::reopen`] of a store
+    /// with a disk under it ([`VolatileStore`]) takes it back.
+    pub fn with_torn_writes(mut self) -> Self {
+        self.torn = true;
+        self
     }
 
     /// Lets every operation from now on succeed.
@@ -222,13 +244,78 @@ impl<S: Store> Store for FailingStore<S> {
     }
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        self.tick()?;
+        if let Err(e) = self.tick() {
+            if self.torn {
+                let half = Batch { writes: batch.writes[..batch.writes.len() / 2].to_vec() };
+                self.inner.apply(&half)?;
+            }
+            return Err(e);
+        }
         self.inner.apply(batch)
     }
 
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {
         self.tick()?;
         self.inner.flush(durability)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        self.inner.reopen()
+    }
+}
+
+/// A store in memory over a disk in memory: `apply` changes what it holds, `flush` writes that
+/// to its disk, and [`Store::reopen`] (or [`VolatileStore::crash`]) forgets whatever was not
+/// flushed, as sled does when its process dies. For tests of what a failed write leaves.
+#[derive(Debug, Default, Clone)]
+pub struct VolatileStore {
+    memory: MemStore,
+    disk: MemStore,
+}
+
+impl VolatileStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `f` on what the store holds now, flushed or not.
+    pub fn with_memory<R>(&self, f: impl FnOnce(&mut BTreeMap<Vec<u8>, Vec<u8>>) -> R) -> R {
+        self.memory.with_map(f)
+    }
+
+    /// What the disk holds: the store after a crash.
+    pub fn crash(&self) {
+        let disk = self.disk.with_map(|m| m.clone());
+        self.memory.with_map(|m| *m = disk);
+    }
+}
+
+impl Store for VolatileStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.memory.get(key)
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+        self.memory.scan(from, to, visit)
+    }
+
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+        self.memory.last(from, to)
+    }
+
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.memory.apply(batch)
+    }
+
+    fn flush(&self, _durability: Durability) -> Result<(), StoreError> {
+        let memory = self.memory.with_map(|m| m.clone());
+        self.disk.with_map(|m| *m = memory);
+        Ok(())
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        self.crash();
+        Ok(())
     }
 }
 
@@ -280,6 +367,10 @@ impl<S: Store> Store for HeldStore<S> {
 
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {
         self.inner.flush(durability)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        self.inner.reopen()
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use herald_log::{
     keyspace, record, verify, AppendOnly, Batch, Corrupt, CorruptKind, Durability, FailingStore, Log,
-    LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx,
+    LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx, VolatileStore,
 };
 
 fn config() -> LogConfig {
@@ -141,8 +141,9 @@ fn a_failing_store_fails_the_whole_batch_cleanly_and_the_log_recovers() {
     assert!(matches!(err, LogError::Store(StoreError::Injected { .. })), "{err:?}");
     assert_eq!(log.committed_seq(), 1);
     assert_eq!(mem.with_map(|m| m.keys().filter(|k| k[0] == keyspace::RECORD).count()), 1);
-    // Space returns: the next append continues the chain without a gap.
+    // Space returns: once the writer has resumed, the next append continues the chain without a gap.
     failing.heal();
+    wait_resumed(&log);
     assert_eq!(log.submit(vec![(4, body(4))]).unwrap().unwrap(), vec![2]);
     log.close();
     assert_eq!(verify(&mem, &mut |_| {}).unwrap().last_seq, 2);
@@ -157,10 +158,95 @@ fn a_failed_flush_is_not_acknowledged() {
     assert!(matches!(log.submit(vec![(1, body(1))]), Err(LogError::Store(_))));
     assert_eq!(log.committed_seq(), 0);
     failing.heal();
+    wait_resumed(&log);
+    // A store in memory only keeps what it applied: the record is there, and durable now.
     assert_eq!(log.submit(vec![(2, body(2))]).unwrap().unwrap(), vec![2]);
     assert_eq!(log.committed_seq(), 2);
     log.close();
     assert_eq!(verify(&mem, &mut |_| {}).unwrap().records, 2);
+}
+
+/// Waits (bounded) until the writer has resumed after a refusal.
+fn wait_resumed<M: Machine>(log: &Log<M>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Some(refusal) = log.refusal() {
+        assert!(std::time::Instant::now() < deadline, "the writer did not resume: {refusal}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The counter's value in the store.
+fn counter(store: &dyn Store) -> Option<u64> {
+    store.get(&[keyspace::USER_FIRST, b'c']).unwrap().map(|v| u64::from_be_bytes(v.try_into().unwrap()))
+}
+
+#[test]
+fn a_batch_torn_by_a_full_disk_is_dropped_whole_and_the_writer_resumes_by_itself() {
+    let disk = VolatileStore::new();
+    let failing = FailingStore::new(disk.clone(), u64::MAX).with_torn_writes();
+    let log = Log::open(Arc::new(failing.clone()), Counter, config()).unwrap();
+    assert_eq!(log.submit(2).unwrap().unwrap(), 2);
+    // The disk fills: the next batch's apply fails after writing half of it (its record, not
+    // its counter), as sled may leave a batch in memory.
+    failing.fail_after(0);
+    let err = log.submit(3).unwrap_err();
+    assert!(matches!(err, LogError::Store(StoreError::Injected { .. })), "{err:?}");
+    // While the disk is full every command is refused with the cause, without running, and reads
+    // answer what is durable.
+    let refused = log.submit(1).unwrap_err();
+    assert!(matches!(refused, LogError::Store(StoreError::Injected { .. })), "{refused:?}");
+    assert!(log.refusal().is_some());
+    assert_eq!(counter(&disk), Some(2));
+    assert_eq!(verify(&disk, &mut |_| {}).unwrap().last_seq, 1);
+    // Space returns: the writer reopens the store and resumes without a restart.
+    failing.heal();
+    wait_resumed(&log);
+    assert!(!log.stats().last_batch_failed);
+    assert_eq!(log.submit(3).unwrap().unwrap(), 5);
+    assert_eq!(log.committed_seq(), 2);
+    log.close();
+    disk.crash();
+    assert_eq!(counter(&disk), Some(5));
+    let report = verify(&disk, &mut |_| {}).unwrap();
+    assert_eq!((report.records, report.last_seq), (2, 2));
+}
+
+#[test]
+fn a_batch_whose_flush_failed_is_gone_after_the_reopen_and_its_seq_is_taken_again() {
+    let disk = VolatileStore::new();
+    let failing = FailingStore::new(disk.clone(), u64::MAX);
+    let log = Log::open(Arc::new(failing.clone()), Counter, config()).unwrap();
+    assert_eq!(log.submit(1).unwrap().unwrap(), 1);
+    failing.fail_after(1); // the apply goes through, the flush fails
+    assert!(matches!(log.submit(4), Err(LogError::Store(_))));
+    failing.heal();
+    wait_resumed(&log);
+    // The reopen dropped the unflushed batch whole: the counter and the chain are as before it.
+    assert_eq!(counter(&disk), Some(1));
+    assert_eq!(log.submit(2).unwrap().unwrap(), 3);
+    assert_eq!(log.read(1, 10).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    log.close();
+    disk.crash();
+    assert_eq!(counter(&disk), Some(3));
+    assert_eq!(verify(&disk, &mut |_| {}).unwrap().records, 2);
+}
+
+#[test]
+fn a_stop_while_the_store_refuses_writes_answers_every_command() {
+    let failing = FailingStore::new(VolatileStore::new(), u64::MAX);
+    let log = Log::open(Arc::new(failing.clone()), Counter, config()).unwrap();
+    failing.fail_after(0);
+    assert!(log.submit(1).is_err());
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..10 {
+        let tx = tx.clone();
+        log.submit_urgent_with(1, move |out| tx.send(out).unwrap());
+    }
+    drop(tx);
+    assert!(log.close_within(Duration::from_secs(10)));
+    let outs: Vec<_> = rx.iter().collect();
+    assert_eq!(outs.len(), 10);
+    assert!(outs.iter().all(|o| matches!(o, Err(LogError::Store(_)))), "{outs:?}");
 }
 
 fn damaged(seqs: u64, f: impl FnOnce(&MemStore)) -> LogError {

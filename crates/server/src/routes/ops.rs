@@ -32,15 +32,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let caught_up =
         state.engine.read(|t| herald_projector::applied_seq(t)).is_ok_and(|applied| applied >= committed);
     // A store that refuses writes (a full disk) leaves herald serving reads and answering 503 to
-    // writes; not ready, so a supervisor can restart it once there is space again.
-    let writable = !state.engine.writer_stats().last_batch_failed;
-    let status = match (state.ready.load(Ordering::SeqCst), caught_up, writable) {
-        (true, true, true) => return Json(Health { status: "ready".into() }).into_response(),
-        (false, _, _) => "stopping",
-        (_, false, _) => "projection behind the log",
-        (_, _, false) => "the store refuses writes",
+    // writes, and says why; herald resumes by itself once the store takes writes again.
+    let refusal = state.engine.store_refusal();
+    let status = match (state.ready.load(Ordering::SeqCst), caught_up, refusal) {
+        (true, true, None) => return Json(Health { status: "ready".into() }).into_response(),
+        (false, _, _) => "stopping".to_owned(),
+        (_, false, _) => "projection behind the log".to_owned(),
+        (_, _, Some(e)) => format!("the store refuses writes: {e}"),
     };
-    (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: status.into() })).into_response()
+    (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status })).into_response()
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops",
