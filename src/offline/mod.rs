@@ -27,6 +27,9 @@ mod replay;
 mod timeline;
 mod verify;
 
+#[cfg(test)]
+mod tests;
+
 pub use compact::{compact, vacuum, CompactOptions, CompactSummary, VacuumOptions, VacuumSummary};
 pub use error::{Difference, LineProblem, OfflineError};
 pub use export::{export, ExportOptions, ExportReport};
