@@ -30,7 +30,11 @@
 //! ```
 //!
 //! The layers underneath are re-exported for services that need them: the durable log ([`log`]),
-//! the domain and its queries ([`projector`]) and the engine's parts ([`engine`]).
+//! the domain and its queries ([`projector`]) and the engine's parts ([`engine`]). The tools the
+//! binary runs on a stopped server's data (verify, export, import, replay, compact) are in
+//! [`offline`], callable without the binary.
+
+pub mod offline;
 
 pub use herald_engine as engine;
 pub use herald_engine::{

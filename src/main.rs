@@ -1,14 +1,24 @@
-//! The `herald` command: `serve` runs the server. Parsing and error reporting live here; the
-//! work is in the libraries.
+//! The `herald` command: `serve` runs the server; `verify`, `export`, `import`, `compact` and
+//! `replay` run the tools of [`herald::offline`] on a stopped server's data. This file only
+//! parses the arguments, prints what comes back and maps it to an exit code (2: the command line
+//! or the data directory cannot be used as given; 1: a failure on the way); the work is in the
+//! libraries.
 
+use std::fmt::Display;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use herald::offline::{
+    self, CompactOptions, ExportOptions, ImportOptions, OfflineError, Progress, ReplayFormat, ReplayOptions,
+    Subject, VacuumOptions, VerifyOptions,
+};
+use herald::projector::{DeliveryId, EndpointId, EventId};
 use herald_server::config::{herald_env, Config, Overrides};
-
-mod offline;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// sled allocates and frees a copy of a tree node for every key it writes; mimalloc makes each
 /// of those writes about twice as cheap as glibc's malloc does (see docs/BENCHMARKS.md).
@@ -110,28 +120,125 @@ impl DataDir {
     }
 }
 
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Serve { config, data_dir, listen, print_default_config } => {
+            if print_default_config {
+                print!("{}", herald_server::config::DEFAULT_TOML);
+                return ExitCode::SUCCESS;
+            }
+            match Config::load(config.as_deref(), herald_env(), &Overrides { data_dir, listen }) {
+                Ok(config) => serve(config),
+                Err(e) => usage(e),
+            }
+        }
+        Cmd::Verify(dir) => offline(&dir, |data_dir, bar| {
+            println!("{}", offline::verify(&VerifyOptions { data_dir }, bar)?);
+            Ok(None)
+        }),
+        Cmd::Export(dir) => offline(&dir, |data_dir, bar| {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            offline::export(&ExportOptions { data_dir }, &mut out, bar).map(|r| Some(r.to_string()))
+        }),
+        Cmd::Import(dir) => offline(&dir, |data_dir, bar| {
+            let stdin = std::io::stdin();
+            let mut input = stdin.lock();
+            offline::import(&ImportOptions { data_dir }, &mut input, bar).map(|r| Some(r.to_string()))
+        }),
+        Cmd::Compact { dir, retain, vacuum } => compact(&dir, retain, vacuum),
+        Cmd::Replay { dir, delivery, event, endpoint, format } => {
+            let subject = match parse_subject(delivery, event, endpoint) {
+                Ok(s) => s,
+                Err(e) => return usage(e),
+            };
+            let format = match format {
+                Format::Text => ReplayFormat::Text,
+                Format::Ndjson => ReplayFormat::Ndjson,
+            };
+            offline(&dir, |data_dir, bar| {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                offline::replay(&ReplayOptions { data_dir, subject, format }, &mut out, bar).map(|_| None)
+            })
+        }
+    }
+}
+
+/// A command line or data directory that cannot be used as given: its message, and exit 2.
+fn usage(message: impl Display) -> ExitCode {
+    eprintln!("herald: {message}");
+    ExitCode::from(2)
+}
+
+/// Runs an offline tool on the data directory `dir` names, with a progress bar; prints the
+/// message it returns, if any, or its error.
 fn offline(
     dir: &DataDir,
-    run: impl FnOnce(&std::path::Path) -> Result<Option<String>, offline::Failure>,
+    run: impl FnOnce(PathBuf, &mut Bar) -> Result<Option<String>, OfflineError>,
 ) -> ExitCode {
-    let path = match dir.resolve() {
+    let data_dir = match dir.resolve() {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage(e),
     };
-    match run(&path) {
+    let mut bar = Bar::default();
+    let outcome = run(data_dir, &mut bar);
+    drop(bar);
+    match outcome {
         Ok(message) => {
             if let Some(m) = message {
                 eprintln!("herald: {m}");
             }
             ExitCode::SUCCESS
         }
-        Err(f) => {
-            eprintln!("herald: {}", f.message);
-            ExitCode::from(f.code)
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// 2 when the data directory cannot be used as given, 1 for a failure on the way.
+fn exit_code(e: &OfflineError) -> u8 {
+    match e {
+        OfflineError::NoData { .. } | OfflineError::Open(_) | OfflineError::NotEmpty { .. } => 2,
+        _ => 1,
+    }
+}
+
+/// `herald compact`: drops by the retention, then vacuums if asked.
+fn compact(dir: &DataDir, retain: Option<String>, vacuum: bool) -> ExitCode {
+    let retain = match compact_retain(dir, retain, vacuum) {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    offline(dir, |data_dir, bar| {
+        if let Some(retain) = retain {
+            println!("{}", offline::compact(&CompactOptions::now(data_dir.clone(), retain), bar)?);
+        }
+        if vacuum {
+            println!("{}", offline::vacuum(&VacuumOptions { data_dir }, bar)?);
+        }
+        Ok(None)
+    })
+}
+
+/// The retention `compact` drops by: `--retain`, else the configuration's `[store] retain`;
+/// `None` only with `--vacuum` (which then only rewrites).
+fn compact_retain(dir: &DataDir, retain: Option<String>, vacuum: bool) -> Result<Option<Duration>, String> {
+    let retain = match (retain, dir.load()) {
+        (Some(text), _) => {
+            Some(herald_server::config::parse_duration(&text).map_err(|e| format!("--retain: {e}"))?)
+        }
+        (None, Ok(config)) => config.store.retain,
+        (None, Err(e)) => return Err(e),
+    };
+    match retain {
+        None if !vacuum => {
+            Err("give --retain, set [store] retain in the configuration, or give --vacuum".into())
+        }
+        Some(r) if r < Duration::from_secs(1) => Err("--retain must be at least 1s".into()),
+        r => Ok(r),
     }
 }
 
@@ -139,97 +246,48 @@ fn parse_subject(
     delivery: Option<String>,
     event: Option<String>,
     endpoint: Option<String>,
-) -> Result<offline::Subject, String> {
+) -> Result<Subject, String> {
     let id = |text: &str| herald_server::util::parse_id(text).ok_or_else(|| format!("{text:?} is not an id"));
     match (delivery, event, endpoint) {
-        (Some(d), None, None) => Ok(offline::Subject::Delivery(herald::projector::DeliveryId(id(&d)?))),
-        (None, Some(e), None) => Ok(offline::Subject::Event(herald::projector::EventId(id(&e)?))),
-        (None, None, Some(e)) => Ok(offline::Subject::Endpoint(herald::projector::EndpointId(id(&e)?))),
+        (Some(d), None, None) => Ok(Subject::Delivery(DeliveryId(id(&d)?))),
+        (None, Some(e), None) => Ok(Subject::Event(EventId(id(&e)?))),
+        (None, None, Some(e)) => Ok(Subject::Endpoint(EndpointId(id(&e)?))),
         _ => Err("give exactly one of --delivery, --event, --endpoint".into()),
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Cmd::Serve { config, data_dir, listen, print_default_config } => {
-            if print_default_config {
-                print!("{}", herald_server::config::DEFAULT_TOML);
-                return ExitCode::SUCCESS;
-            }
-            let config = match Config::load(config.as_deref(), herald_env(), &Overrides { data_dir, listen })
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("herald: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            serve(config)
+/// The offline tools' progress: a bar on stderr when stdout and stderr are terminals, nothing
+/// otherwise.
+#[derive(Default)]
+struct Bar(Option<ProgressBar>);
+
+impl Progress for Bar {
+    fn begin(&mut self, what: &str, len: u64) {
+        let bar = ProgressBar::with_draw_target(
+            Some(len),
+            if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        bar.set_style(
+            ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} records, {per_sec}, {eta} left")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_owned());
+        self.0 = Some(bar);
+    }
+
+    fn advance(&mut self, position: u64) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(position);
         }
-        Cmd::Verify(dir) => offline(&dir, |p| {
-            let report = offline::verify_dir(p)?;
-            println!("{report}");
-            Ok(None)
-        }),
-        Cmd::Export(dir) => offline(&dir, |p| {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            offline::export_dir(p, &mut out).map(Some)
-        }),
-        Cmd::Import(dir) => offline(&dir, |p| {
-            let stdin = std::io::stdin();
-            let mut input = stdin.lock();
-            offline::import_dir(p, &mut input).map(Some)
-        }),
-        Cmd::Compact { dir, retain, vacuum } => {
-            let retain = match (retain, dir.load()) {
-                (Some(text), _) => herald_server::config::parse_duration(&text)
-                    .map(Some)
-                    .map_err(|e| format!("--retain: {e}")),
-                (None, Ok(config)) => Ok(config.store.retain),
-                (None, Err(e)) => Err(e),
-            };
-            let retain = match retain {
-                Ok(None) if !vacuum => {
-                    eprintln!(
-                        "herald: give --retain, set [store] retain in the configuration, or give --vacuum"
-                    );
-                    return ExitCode::from(2);
-                }
-                Ok(Some(r)) if r < std::time::Duration::from_secs(1) => {
-                    eprintln!("herald: --retain must be at least 1s");
-                    return ExitCode::from(2);
-                }
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("herald: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            offline(&dir, |p| {
-                if let Some(retain) = retain {
-                    println!("{}", offline::compact_dir(p, retain)?);
-                }
-                if vacuum {
-                    println!("{}", offline::vacuum_dir(p)?);
-                }
-                Ok(None)
-            })
-        }
-        Cmd::Replay { dir, delivery, event, endpoint, format } => {
-            let subject = match parse_subject(delivery, event, endpoint) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("herald: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            offline(&dir, |p| {
-                let stdout = std::io::stdout();
-                let mut out = std::io::BufWriter::new(stdout.lock());
-                offline::replay_dir(p, subject, format == Format::Ndjson, &mut out).map(|_| None)
-            })
+    }
+
+    fn end(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
         }
     }
 }

@@ -1,0 +1,164 @@
+//! What can go wrong in an offline tool: one variant a failure, with its facts, and the message
+//! the `herald` binary prints for it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use herald_log::{Corrupt, LogError, StoreError};
+use herald_projector::{ApplyError, CompactError, DecodeError, RebuildError};
+
+use super::{hex, Subject};
+
+/// Why an offline tool stopped. The first three say the data directory cannot be used as given
+/// (the binary exits 2 for them); the others are a failure on the way (exit 1).
+#[derive(Debug)]
+pub enum OfflineError {
+    /// The directory holds no herald data.
+    NoData { dir: PathBuf },
+    /// The store cannot be opened, or its format is not one this herald knows.
+    Open(LogError),
+    /// `import` needs an empty store, and this one holds a log.
+    NotEmpty { dir: PathBuf },
+    /// The log or the store under it failed.
+    Log(LogError),
+    /// `verify`: a record fails its checksum or the hash chain ([`Corrupt::seq`] is the first bad one).
+    Damaged(Corrupt),
+    /// `verify`: the log could not be read through.
+    Unreadable(LogError),
+    /// `verify`: the log does not fold into a projection.
+    Rebuild(RebuildError),
+    /// `verify`: the stored projection is not what a rebuild of the log gives.
+    ProjectionDiffers(Difference),
+    /// A compaction's checkpoint, plan or pass failed.
+    Compact(CompactError),
+    /// `vacuum` could not rewrite the store.
+    Vacuum(StoreError),
+    /// Writing the output failed.
+    Write(std::io::Error),
+    /// Reading the input failed.
+    Read(std::io::Error),
+    /// `import`: a line of the input is not one `export` writes.
+    Line { line: u64, problem: LineProblem },
+    /// `import`: a record's body does not decode into an event.
+    Undecodable(DecodeError),
+    /// A record's event does not fold.
+    Fold { seq: u64, error: ApplyError },
+    /// `replay`: a record's body does not decode into an event.
+    Decode { seq: u64, error: DecodeError },
+    /// `import`: a record got another seq or hash than the export says: the file was altered.
+    NotAsExported { seq: u64, got_seq: u64 },
+    /// `import`: the export's checkpoint is refused.
+    CheckpointRestore(CompactError),
+    /// `import`: checkpoint lines came without the anchor line they stand at.
+    CheckpointWithoutAnchor,
+    /// `replay`: no record tells of the subject.
+    NothingFound(Subject),
+    /// `replay`: the checkpoint a compaction kept does not read back.
+    CheckpointCorrupt(herald_projector::Corrupt),
+    /// `replay`: the checkpoint holds a delivery key of the wrong length.
+    BadDeliveryKey,
+}
+
+impl fmt::Display for OfflineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use OfflineError as E;
+        match self {
+            E::NoData { dir } => write!(f, "{} holds no herald data", dir.display()),
+            E::NotEmpty { dir } => {
+                write!(f, "{} already holds a log; import needs an empty one", dir.display())
+            }
+            E::Open(e) | E::Log(e) => write!(f, "{e}"),
+            E::Damaged(c) => write!(f, "the log is damaged; first bad seq {}: {c}", c.seq),
+            E::Unreadable(e) => write!(f, "the log could not be read: {e}"),
+            E::Rebuild(e) => write!(f, "{e}"),
+            E::ProjectionDiffers(d) => {
+                write!(f, "the stored projection differs from a rebuild of the log: {d}")
+            }
+            E::Compact(e) => write!(f, "{e}"),
+            E::Vacuum(e) => write!(f, "{e}"),
+            E::Write(e) => write!(f, "writing: {e}"),
+            E::Read(e) => write!(f, "reading: {e}"),
+            E::Line { line, problem } => write!(f, "line {line}: {problem}"),
+            E::Undecodable(e) => write!(f, "a body does not decode: {e}"),
+            E::Fold { seq, error } => write!(f, "seq {seq}: {error}"),
+            E::Decode { seq, error } => write!(f, "seq {seq}: {error}"),
+            E::NotAsExported { seq, got_seq } => {
+                write!(f, "record {seq} does not chain as exported (got seq {got_seq}); the file was altered")
+            }
+            E::CheckpointRestore(e) => write!(f, "the checkpoint cannot be restored: {e}"),
+            E::CheckpointWithoutAnchor => write!(f, "a checkpoint without an anchor line"),
+            E::NothingFound(subject) => write!(f, "nothing in the log for {subject:?}"),
+            E::CheckpointCorrupt(e) => write!(f, "checkpoint: {e}"),
+            E::BadDeliveryKey => write!(f, "checkpoint: a bad delivery key"),
+        }
+    }
+}
+
+impl std::error::Error for OfflineError {}
+
+/// The first place where the stored projection and a rebuild of the log part, in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// The stored projection has a key after the rebuild's last.
+    ExtraKey(Vec<u8>),
+    /// The rebuild has a key after the stored projection's last.
+    MissingKey(Vec<u8>),
+    /// At the same place, the two have other keys.
+    OtherKey { stored: Vec<u8>, rebuilt: Vec<u8> },
+    /// The same key with another value.
+    Value { key: Vec<u8> },
+}
+
+impl fmt::Display for Difference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Difference::ExtraKey(k) => write!(f, "stored has an extra key {}", hex(k)),
+            Difference::MissingKey(k) => write!(f, "stored lacks key {}", hex(k)),
+            Difference::OtherKey { stored, rebuilt } => {
+                write!(f, "stored key {} where the rebuild has {}", hex(stored), hex(rebuilt))
+            }
+            Difference::Value { key } => write!(f, "the value of key {} differs", hex(key)),
+        }
+    }
+}
+
+/// What is wrong with a line of an `import`'s input.
+#[derive(Debug)]
+pub enum LineProblem {
+    NotJson(serde_json::Error),
+    SecondAnchor,
+    AnchorWithoutSeq,
+    AnchorWithoutHash,
+    CheckpointWithoutKey,
+    CheckpointWithoutValue,
+    PayloadWithoutEventId,
+    PayloadWithoutBytes,
+    /// An anchor or checkpoint line after the first record.
+    CheckpointAfterRecords,
+    NoSeq,
+    NoAtMs,
+    NoBody,
+    NoHash,
+}
+
+impl fmt::Display for LineProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use LineProblem as P;
+        let text = match self {
+            P::NotJson(e) => return write!(f, "not JSON: {e}"),
+            P::SecondAnchor => "a second anchor",
+            P::AnchorWithoutSeq => "an anchor without its seq",
+            P::AnchorWithoutHash => "an anchor without its hash",
+            P::CheckpointWithoutKey => "a checkpoint pair without its key",
+            P::CheckpointWithoutValue => "a checkpoint pair without its value",
+            P::PayloadWithoutEventId => "a checkpoint payload without its event id",
+            P::PayloadWithoutBytes => "a checkpoint payload without its bytes",
+            P::CheckpointAfterRecords => "the anchor and checkpoint must come before the first record",
+            P::NoSeq => "no seq",
+            P::NoAtMs => "no at_ms",
+            P::NoBody => "no base64 body",
+            P::NoHash => "no hash",
+        };
+        f.write_str(text)
+    }
+}

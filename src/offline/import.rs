@@ -1,0 +1,229 @@
+//! `import`: an empty data directory rebuilt from an `export`, every record checked to get the
+//! seq and hash it had, then verified.
+
+use std::fmt;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use herald_log::{Log, LogConfig, Machine, SledStore, Tx};
+use herald_projector::compact::restore_checkpoint;
+use herald_projector::{apply, decode, EventId, MemTables, Tables, TxTables};
+use serde_json::Value;
+
+use super::{from_b64, from_hex, last_seq, open_store, verify, LineProblem, OfflineError, Progress};
+use super::{VerifyOptions, VerifyReport};
+
+/// Records submitted to the log at once.
+const BATCH_RECORDS: usize = 512;
+
+/// Where [`import`] writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// A data directory that holds no log yet (it is created if missing).
+    pub data_dir: PathBuf,
+}
+
+/// What [`import`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    /// The records imported (the anchor and checkpoint lines not counted).
+    pub records: u64,
+    /// The verification of the result.
+    pub verified: VerifyReport,
+}
+
+impl fmt::Display for ImportReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "imported {} records; verify: {}", self.records, self.verified)
+    }
+}
+
+/// Appends raw bodies as they were and folds each into the projection: an import.
+pub(super) struct Importer;
+
+impl Machine for Importer {
+    type Command = Vec<(u64, Vec<u8>)>;
+    type Reply = Vec<(u64, [u8; 32])>;
+    type Rejection = OfflineError;
+
+    fn execute(&mut self, command: Self::Command, tx: &mut Tx<'_>) -> Result<Self::Reply, OfflineError> {
+        let mut out = Vec::with_capacity(command.len());
+        for (at_ms, body) in command {
+            let event = decode(&body).map_err(OfflineError::Undecodable)?;
+            let record = tx.append(at_ms, body);
+            let (seq, hash) = (record.seq, record.hash);
+            apply(&mut TxTables(tx), seq, at_ms, &event)
+                .map_err(|error| OfflineError::Fold { seq, error })?;
+            out.push((seq, hash));
+        }
+        Ok(out)
+    }
+}
+
+/// Rebuilds an empty data directory from an export read from `input`, checking that every
+/// record gets the seq and hash it had, then verifies the result.
+pub fn import(
+    options: &ImportOptions,
+    input: &mut dyn BufRead,
+    progress: &mut dyn Progress,
+) -> Result<ImportReport, OfflineError> {
+    let dir = &options.data_dir;
+    let store = open_store(dir)?;
+    if last_seq(store.as_ref())? != 0 {
+        return Err(OfflineError::NotEmpty { dir: dir.clone() });
+    }
+    progress.begin("importing", 0);
+    let mut import = Import::new(store);
+    let mut line = String::new();
+    let mut line_no = 0u64;
+    loop {
+        line.clear();
+        if input.read_line(&mut line).map_err(OfflineError::Read)? == 0 {
+            break;
+        }
+        line_no += 1;
+        if !line.trim().is_empty() {
+            import.line(line_no, &line, progress)?;
+        }
+    }
+    let records = import.finish()?;
+    progress.end();
+    let verified = verify(&VerifyOptions { data_dir: dir.clone() }, progress)?;
+    Ok(ImportReport { records, verified })
+}
+
+/// A compacted export opens with its anchor and checkpoint, written before the first record.
+#[derive(Default)]
+struct Preamble {
+    anchor: Option<(u64, [u8; 32])>,
+    checkpoint: MemTables,
+    payloads: Vec<(EventId, Vec<u8>)>,
+}
+
+impl Preamble {
+    /// Takes an anchor or checkpoint line; `false` for any other line (a record).
+    fn take(&mut self, v: &Value) -> Result<bool, LineProblem> {
+        if let Some(a) = v.get("anchor") {
+            if self.anchor.is_some() {
+                return Err(LineProblem::SecondAnchor);
+            }
+            let seq = a["seq"].as_u64().filter(|s| *s > 0).ok_or(LineProblem::AnchorWithoutSeq)?;
+            let hash = a["hash"].as_str().and_then(from_hex).and_then(|h| <[u8; 32]>::try_from(h).ok());
+            self.anchor = Some((seq, hash.ok_or(LineProblem::AnchorWithoutHash)?));
+        } else if let Some(c) = v.get("checkpoint") {
+            let key = c["key"].as_str().and_then(from_hex).ok_or(LineProblem::CheckpointWithoutKey)?;
+            let value = from_b64(c["value"].as_str()).ok_or(LineProblem::CheckpointWithoutValue)?;
+            self.checkpoint.put(key, value);
+        } else if let Some(c) = v.get("checkpoint_payload") {
+            let id = c["event_id"].as_str().and_then(from_hex).and_then(|h| <[u8; 16]>::try_from(h).ok());
+            let id = id.ok_or(LineProblem::PayloadWithoutEventId)?;
+            let payload = from_b64(c["payload"].as_str()).ok_or(LineProblem::PayloadWithoutBytes)?;
+            self.payloads.push((EventId(uuid::Uuid::from_bytes(id)), payload));
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Writes the anchor and checkpoint (if the export had them) and opens the log to import into.
+    fn start(&self, store: &Arc<SledStore>) -> Result<Log<Importer>, OfflineError> {
+        match self.anchor {
+            Some((seq, hash)) => {
+                restore_checkpoint(store.as_ref(), seq, &self.checkpoint, &self.payloads)
+                    .map_err(OfflineError::CheckpointRestore)?;
+                herald_log::restore_anchor(store.as_ref(), seq, hash).map_err(OfflineError::Log)?;
+            }
+            None if !self.checkpoint.is_empty() || !self.payloads.is_empty() => {
+                return Err(OfflineError::CheckpointWithoutAnchor);
+            }
+            None => {}
+        }
+        Log::open(store.clone(), Importer, LogConfig::default()).map_err(OfflineError::Log)
+    }
+}
+
+/// An import under way: the preamble until the first record, then the log and the records not
+/// yet submitted, each with the seq and hash the export says it had.
+struct Import {
+    store: Arc<SledStore>,
+    preamble: Preamble,
+    log: Option<Log<Importer>>,
+    batch: Vec<(u64, Vec<u8>)>,
+    expected: Vec<(u64, Vec<u8>)>,
+    records: u64,
+}
+
+impl Import {
+    fn new(store: Arc<SledStore>) -> Import {
+        Import {
+            store,
+            preamble: Preamble::default(),
+            log: None,
+            batch: Vec::new(),
+            expected: Vec::new(),
+            records: 0,
+        }
+    }
+
+    /// Takes line `line_no` of the export (not blank).
+    fn line(&mut self, line_no: u64, text: &str, progress: &mut dyn Progress) -> Result<(), OfflineError> {
+        let bad = |problem| OfflineError::Line { line: line_no, problem };
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(LineProblem::NotJson(e)))?;
+        if self.log.is_none() {
+            if self.preamble.take(&v).map_err(bad)? {
+                return Ok(());
+            }
+            self.log = Some(self.preamble.start(&self.store)?);
+        } else if v.get("anchor").is_some() || v.get("checkpoint").is_some() {
+            return Err(bad(LineProblem::CheckpointAfterRecords));
+        }
+        let (record, expected) = parse_record(&v).map_err(bad)?;
+        self.batch.push(record);
+        self.expected.push(expected);
+        self.records += 1;
+        if self.batch.len() >= BATCH_RECORDS {
+            self.flush()?;
+            progress.advance(self.records);
+        }
+        Ok(())
+    }
+
+    /// Submits the records taken so far and checks each got the seq and hash of the export.
+    fn flush(&mut self) -> Result<(), OfflineError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let Some(log) = &self.log else { return Ok(()) };
+        let got = log.submit(std::mem::take(&mut self.batch)).map_err(OfflineError::Log)??;
+        for ((seq, hash), (want_seq, want_hash)) in got.iter().zip(self.expected.drain(..)) {
+            if *seq != want_seq || hash[..] != want_hash[..] {
+                return Err(OfflineError::NotAsExported { seq: want_seq, got_seq: *seq });
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the last records and closes the log (opened here if the export held no record).
+    /// Returns the records imported.
+    fn finish(mut self) -> Result<u64, OfflineError> {
+        self.flush()?;
+        let log = match self.log.take() {
+            Some(log) => log,
+            None => self.preamble.start(&self.store)?,
+        };
+        log.close();
+        Ok(self.records)
+    }
+}
+
+/// A record line: its timestamp and body, then the seq and hash it had.
+type Parsed = ((u64, Vec<u8>), (u64, Vec<u8>));
+
+fn parse_record(v: &Value) -> Result<Parsed, LineProblem> {
+    let seq = v["seq"].as_u64().ok_or(LineProblem::NoSeq)?;
+    let at_ms = v["at_ms"].as_u64().ok_or(LineProblem::NoAtMs)?;
+    let body = from_b64(v["body"].as_str()).ok_or(LineProblem::NoBody)?;
+    let hash = v["hash"].as_str().and_then(from_hex).filter(|h| h.len() == 32).ok_or(LineProblem::NoHash)?;
+    Ok(((at_ms, body), (seq, hash)))
+}

@@ -1,0 +1,138 @@
+//! The offline tools, run on a stopped server's data directory: [`verify`], [`export`],
+//! [`import`], [`replay`], [`compact`] and [`vacuum`]. Each opens the store itself (sled's lock
+//! refuses a directory a server holds), takes its options as a struct, tells a [`Progress`] how
+//! far it got, and returns a typed report or an [`OfflineError`]. None of them prints: the
+//! `herald` binary draws the progress bar and writes the messages.
+//!
+//! ```no_run
+//! use herald::offline::{verify, Silent, VerifyOptions};
+//!
+//! match verify(&VerifyOptions { data_dir: "./herald-data".into() }, &mut Silent) {
+//!     Ok(report) => println!("{report}"),
+//!     Err(e) => eprintln!("herald: {e}"),
+//! }
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use herald_log::{check_format, read_head, read_records, Head, LogError, Record, SledStore, Store};
+
+mod compact;
+mod error;
+mod export;
+mod import;
+mod replay;
+mod timeline;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use compact::{compact, vacuum, CompactOptions, CompactSummary, VacuumOptions, VacuumSummary};
+pub use error::{Difference, LineProblem, OfflineError};
+pub use export::{export, ExportOptions, ExportReport};
+pub use import::{import, ImportOptions, ImportReport};
+pub use replay::{replay, ReplayFormat, ReplayOptions, ReplayReport, Subject};
+pub use verify::{verify, VerifyOptions, VerifyReport};
+
+/// Where a tool tells how far it got: one phase after another, each begun, advanced and ended.
+pub trait Progress {
+    /// A phase named `what` begins; `len` is where it ends (in records, or 0 when not known).
+    fn begin(&mut self, what: &str, len: u64);
+    /// The phase has reached `position`.
+    fn advance(&mut self, position: u64);
+    /// The phase is over.
+    fn end(&mut self);
+}
+
+/// A [`Progress`] that shows nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn begin(&mut self, _what: &str, _len: u64) {}
+    fn advance(&mut self, _position: u64) {}
+    fn end(&mut self) {}
+}
+
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Records read per page while streaming the log.
+const PAGE: usize = 4096;
+
+/// Opens a data directory and checks that its store format is one this herald knows.
+fn open_store(dir: &Path) -> Result<Arc<SledStore>, OfflineError> {
+    let store = SledStore::open(dir, CACHE_BYTES).map_err(|e| OfflineError::Open(LogError::from(e)))?;
+    check_format(&store).map_err(OfflineError::Open)?;
+    Ok(Arc::new(store))
+}
+
+/// Opens an existing data directory.
+fn open_existing(dir: &Path) -> Result<Arc<SledStore>, OfflineError> {
+    if !dir.join("db").exists() && !dir.join("conf").exists() {
+        return Err(OfflineError::NoData { dir: dir.to_owned() });
+    }
+    open_store(dir)
+}
+
+fn last_seq(store: &dyn Store) -> Result<u64, OfflineError> {
+    read_head(store).map(|h| h.next_seq - 1).map_err(OfflineError::Log)
+}
+
+/// Opens an existing data directory to read its log, and begins the phase `what` over its
+/// records. Returns the store and its head (the kept log starts after `head.anchor_seq`).
+fn open_to_read(
+    dir: &Path,
+    what: &str,
+    progress: &mut dyn Progress,
+) -> Result<(Arc<SledStore>, Head), OfflineError> {
+    let store = open_existing(dir)?;
+    let last = last_seq(store.as_ref())?;
+    progress.begin(what, last);
+    let head = read_head(store.as_ref()).map_err(OfflineError::Log)?;
+    Ok((store, head))
+}
+
+/// Calls `each` with every record after `anchor_seq` in log order, a page at a time, telling
+/// `progress` the seq reached after each page.
+fn each_record(
+    store: &dyn Store,
+    anchor_seq: u64,
+    progress: &mut dyn Progress,
+    mut each: impl FnMut(&Record) -> Result<(), OfflineError>,
+) -> Result<(), OfflineError> {
+    let mut next = anchor_seq + 1;
+    loop {
+        let page = read_records(store, next, PAGE).map_err(OfflineError::Log)?;
+        let Some(tail) = page.last().map(|r| r.seq) else { return Ok(()) };
+        for r in &page {
+            each(r)?;
+        }
+        progress.advance(tail);
+        next = tail + 1;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn from_b64(text: Option<&str>) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(text?).ok()
+}
+
+fn ts(ms: u64) -> String {
+    herald_server::util::ts(ms)
+}

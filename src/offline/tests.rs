@@ -1,0 +1,317 @@
+//! The offline tools called as functions on a temporary data directory: a small log written
+//! through the import machine (no engine, no binary), then each tool on it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use herald_log::{Batch, Durability, Log, LogConfig, SledStore, Store};
+use herald_projector::{
+    encode, AttemptOutcome, DeliveryId, EndpointId, Event, EventId, NewDelivery, OrgId, Trigger,
+    RULES_CURRENT,
+};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+use super::import::Importer;
+use super::*;
+
+/// 2026-03-15T10:00:00.000Z.
+const T0: u64 = 1_773_568_800_000;
+const DAY_MS: u64 = 86_400_000;
+const URL: &str = "https://crm.example.com/hooks";
+
+const ORG: OrgId = OrgId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_000000000001));
+const ENDPOINT: EndpointId = EndpointId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000e1));
+/// Published at T0 and delivered at once.
+const OLD_EVENT: EventId = EventId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000f1));
+const OLD_DELIVERY: DeliveryId = DeliveryId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000d1));
+/// Published two days later; its first attempt failed.
+const NEW_EVENT: EventId = EventId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000f2));
+const NEW_DELIVERY: DeliveryId = DeliveryId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000d2));
+
+fn published(at_ms: u64, id: EventId, delivery: DeliveryId) -> (u64, Event) {
+    let deliveries = vec![NewDelivery {
+        id: delivery,
+        endpoint_id: Some(ENDPOINT),
+        url: URL.into(),
+        next_attempt_at_ms: at_ms,
+    }];
+    let event = Event::EventPublishedWithDeliveries {
+        id,
+        org_id: ORG,
+        event_type: "call.ended".into(),
+        payload: br#"{"call":1}"#.to_vec(),
+        call_id: None,
+        idempotency_key: None,
+        deliveries,
+    };
+    (at_ms, event)
+}
+
+fn attempt(
+    at_ms: u64,
+    delivery_id: DeliveryId,
+    outcome: AttemptOutcome,
+    retry_at_ms: Option<u64>,
+) -> (u64, Event) {
+    let event = Event::AttemptRecorded {
+        delivery_id,
+        attempt: 1,
+        trigger: Trigger::Auto,
+        started_at_ms: at_ms - 5,
+        finished_at_ms: at_ms,
+        outcome,
+        response_excerpt: Vec::new(),
+        retry_at_ms,
+    };
+    (at_ms, event)
+}
+
+/// A data directory holding six records: the rules, an endpoint, the old event delivered at
+/// once (seq 3, 4), and the new one two days later whose attempt failed (seq 5, 6).
+fn write_story() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let later = T0 + 2 * DAY_MS;
+    let failed = AttemptOutcome::Failed { status: Some(503), error: "HTTP 503".into() };
+    let created = Event::EndpointCreated {
+        id: ENDPOINT,
+        org_id: ORG,
+        url: URL.into(),
+        name: "CRM".into(),
+        enabled_events: vec!["*".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+    };
+    let events = [
+        (T0, Event::RulesAdopted { version: RULES_CURRENT }),
+        (T0, created),
+        published(T0, OLD_EVENT, OLD_DELIVERY),
+        attempt(T0 + 5, OLD_DELIVERY, AttemptOutcome::Delivered { status: 200 }, None),
+        published(later, NEW_EVENT, NEW_DELIVERY),
+        attempt(later + 5, NEW_DELIVERY, failed, Some(later + 60_000)),
+    ];
+    let store = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+    let log = Log::open(store.clone(), Importer, LogConfig::default()).unwrap();
+    let records = events.iter().map(|(at_ms, event)| (*at_ms, encode(event))).collect();
+    assert_eq!(log.submit(records).unwrap().unwrap().len(), 6);
+    log.close();
+    drop(log);
+    store.flush(Durability::Sync).unwrap();
+    dir
+}
+
+/// A [`Progress`] that remembers each phase begun and whether every one was ended.
+#[derive(Default)]
+struct Phases {
+    begun: Vec<String>,
+    open: bool,
+}
+
+impl Progress for Phases {
+    fn begin(&mut self, what: &str, _len: u64) {
+        assert!(!self.open, "{what} begun before {:?} ended", self.begun.last());
+        self.begun.push(what.to_owned());
+        self.open = true;
+    }
+    fn advance(&mut self, _position: u64) {
+        assert!(self.open);
+    }
+    fn end(&mut self) {
+        self.open = false;
+    }
+}
+
+fn verify_dir(dir: &Path) -> Result<VerifyReport, OfflineError> {
+    verify(&VerifyOptions { data_dir: dir.to_owned() }, &mut Silent)
+}
+
+fn replay_text(dir: &Path, subject: Subject, format: ReplayFormat) -> Result<String, OfflineError> {
+    let mut out = Vec::new();
+    replay(&ReplayOptions { data_dir: dir.to_owned(), subject, format }, &mut out, &mut Silent)?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
+/// Exports `dir`, imports the export into a fresh directory and returns it with the report.
+fn round_trip(dir: &Path) -> (TempDir, ExportReport, ImportReport) {
+    let mut exported = Vec::new();
+    let export = export(&ExportOptions { data_dir: dir.to_owned() }, &mut exported, &mut Silent).unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let options = ImportOptions { data_dir: copy.path().join("data") };
+    let import = import(&options, &mut exported.as_slice(), &mut Silent).unwrap();
+    (copy, export, import)
+}
+
+/// Opens the store, lets `damage` change it, closes it.
+fn damage(dir: &Path, damage: impl FnOnce(&SledStore, &mut Batch)) {
+    let store = SledStore::open(dir, 8 << 20).unwrap();
+    let mut batch = Batch::default();
+    damage(&store, &mut batch);
+    store.apply(&batch).unwrap();
+    store.flush(Durability::Sync).unwrap();
+}
+
+#[test]
+fn verify_passes_an_intact_store_and_tells_its_phases() {
+    let dir = write_story();
+    let mut phases = Phases::default();
+    let report = verify(&VerifyOptions { data_dir: dir.path().to_owned() }, &mut phases).unwrap();
+    assert_eq!((report.chain.records, report.chain.first_seq, report.chain.last_seq), (6, 1, 6));
+    assert!(report.pairs > 0);
+    assert!(
+        report.to_string().starts_with("ok: 6 records (seq 1..=6), chain intact (last hash "),
+        "{report}"
+    );
+    assert_eq!(phases.begun, ["checking the chain", "rebuilding the projection"]);
+    assert!(!phases.open);
+}
+
+#[test]
+fn verify_names_the_first_bad_seq_of_a_damaged_record() {
+    let dir = write_story();
+    let key = herald_log::record::head_key(4);
+    damage(dir.path(), |store, batch| {
+        let mut value = store.get(&key).unwrap().unwrap();
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        batch.put(key.clone(), value);
+    });
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(matches!(&error, OfflineError::Damaged(c) if c.seq == 4), "{error:?}");
+    assert!(error.to_string().starts_with("the log is damaged; first bad seq 4: "), "{error}");
+}
+
+#[test]
+fn verify_finds_a_projection_value_changed_behind_the_logs_back() {
+    let dir = write_story();
+    let mut key = vec![herald_projector::keys::KS_DELIVERY];
+    key.extend_from_slice(OLD_DELIVERY.0.as_bytes());
+    damage(dir.path(), |store, batch| {
+        let mut value = store.get(&key).unwrap().unwrap();
+        value[0] ^= 0x01;
+        batch.put(key.clone(), value);
+    });
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(
+        matches!(&error, OfflineError::ProjectionDiffers(Difference::Value { key: k }) if *k == key),
+        "{error:?}"
+    );
+    assert!(error.to_string().starts_with("the stored projection differs from a rebuild of the log: "));
+}
+
+#[test]
+fn a_directory_without_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(matches!(&error, OfflineError::NoData { .. }), "{error:?}");
+    assert_eq!(error.to_string(), format!("{} holds no herald data", dir.path().display()));
+}
+
+#[test]
+fn export_then_import_gives_the_same_chain_and_projection() {
+    let dir = write_story();
+    let (copy, export, import) = round_trip(dir.path());
+    assert_eq!((export.records, import.records), (6, 6));
+    assert_eq!(import.verified, verify_dir(dir.path()).unwrap());
+    assert_eq!(verify_dir(&copy.path().join("data")).unwrap(), import.verified);
+    // A second import into the same directory is refused: it holds a log.
+    let mut exported = Vec::new();
+    super::export(&ExportOptions { data_dir: dir.path().to_owned() }, &mut exported, &mut Silent).unwrap();
+    let options = ImportOptions { data_dir: copy.path().join("data") };
+    let error = super::import(&options, &mut exported.as_slice(), &mut Silent).unwrap_err();
+    assert!(matches!(error, OfflineError::NotEmpty { .. }), "{error:?}");
+}
+
+#[test]
+fn import_catches_an_altered_export_and_names_a_bad_line() {
+    let dir = write_story();
+    let mut exported = Vec::new();
+    export(&ExportOptions { data_dir: dir.path().to_owned() }, &mut exported, &mut Silent).unwrap();
+    let exported = String::from_utf8(exported).unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let into = |name: &str, input: &str| {
+        let options = ImportOptions { data_dir: copy.path().join(name) };
+        import(&options, &mut input.as_bytes(), &mut Silent).unwrap_err()
+    };
+    let altered = exported.replacen(&format!("\"at_ms\":{}", T0 + 5), &format!("\"at_ms\":{}", T0 + 6), 1);
+    let error = into("altered", &altered);
+    assert!(matches!(error, OfflineError::NotAsExported { seq: 4, got_seq: 4 }), "{error:?}");
+    let error = into("bad", &format!("{}\nnot json\n", exported.lines().next().unwrap()));
+    assert!(matches!(&error, OfflineError::Line { line: 2, problem: LineProblem::NotJson(_) }), "{error:?}");
+    assert!(error.to_string().starts_with("line 2: not JSON: "), "{error}");
+}
+
+#[test]
+fn replay_tells_the_story_of_one_delivery() {
+    let dir = write_story();
+    let story = replay_text(dir.path(), Subject::Delivery(OLD_DELIVERY), ReplayFormat::Text).unwrap();
+    let d = OLD_DELIVERY;
+    let expected = [
+        format!("2026-03-15T10:00:00.000Z  seq      1  fold rules version {RULES_CURRENT} from here on"),
+        format!("2026-03-15T10:00:00.000Z  seq      3  event {OLD_EVENT} published: call.ended, 10 bytes, organisation {ORG}; delivery {d} created for endpoint {ENDPOINT} ({URL})"),
+        format!("2026-03-15T10:00:00.000Z  seq      3    delivery {d}: (new) -> pending"),
+        format!("2026-03-15T10:00:00.005Z  seq      4  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00.000Z, 5 ms: delivered, HTTP 200"),
+        format!("2026-03-15T10:00:00.005Z  seq      4    delivery {d}: pending -> delivered"),
+    ];
+    assert_eq!(story.lines().collect::<Vec<_>>(), expected);
+    // NDJSON: one object a line, the same steps.
+    let ndjson = replay_text(dir.path(), Subject::Delivery(OLD_DELIVERY), ReplayFormat::Ndjson).unwrap();
+    let lines: Vec<serde_json::Value> = ndjson.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["RulesAdopted", "EventPublishedWithDeliveries", "StateChanged", "AttemptRecorded", "StateChanged"]
+    );
+    // An id that is in no record is an error.
+    let nobody = Subject::Delivery(DeliveryId(Uuid::nil()));
+    let error = replay_text(dir.path(), nobody, ReplayFormat::Text).unwrap_err();
+    assert!(matches!(error, OfflineError::NothingFound(s) if s == nobody), "{error:?}");
+}
+
+#[test]
+fn compact_drops_the_old_delivered_story_and_the_rest_still_verifies() {
+    let dir = write_story();
+    let options = CompactOptions {
+        data_dir: dir.path().to_owned(),
+        retain: std::time::Duration::from_millis(DAY_MS),
+        now_ms: T0 + 2 * DAY_MS + 10,
+    };
+    let summary = compact(&options, &mut Silent).unwrap();
+    assert_eq!(summary.cutoff_ms, T0 + DAY_MS + 10);
+    let dropped = summary.dropped;
+    assert_eq!((dropped.records_dropped, dropped.through_seq), (4, 4));
+    assert_eq!((dropped.deliveries_dropped, dropped.events_dropped), (1, 1));
+    assert!(summary.to_string().starts_with("dropped 4 records (through seq 4), 1 delivered deliveries and 1 events older than 2026-03-16T10:00:00.010Z"), "{summary}");
+    let report = verify_dir(dir.path()).unwrap();
+    assert_eq!(report.chain.first_seq, 5);
+    assert!(report.to_string().contains("; records through seq 4 were compacted"), "{report}");
+    // The dropped story is gone; the kept one is told from the log.
+    let gone = replay_text(dir.path(), Subject::Delivery(OLD_DELIVERY), ReplayFormat::Text).unwrap_err();
+    assert!(matches!(gone, OfflineError::NothingFound(_)), "{gone:?}");
+    let kept = replay_text(dir.path(), Subject::Delivery(NEW_DELIVERY), ReplayFormat::Text).unwrap();
+    assert!(
+        kept.contains("failed, HTTP 503 (HTTP 503); next automatic attempt at 2026-03-17T10:01:00.000Z"),
+        "{kept}"
+    );
+    // A second pass finds nothing more; the anchor and checkpoint travel with an export.
+    assert_eq!(compact(&options, &mut Silent).unwrap().dropped.records_dropped, 0);
+    let (_copy, _, import) = round_trip(dir.path());
+    assert_eq!(import.verified, verify_dir(dir.path()).unwrap());
+    // A vacuum rewrites the store into one holding the same.
+    let vacuumed = vacuum(&VacuumOptions { data_dir: dir.path().to_owned() }, &mut Silent).unwrap();
+    assert!(vacuumed.pairs > 0);
+    assert_eq!(verify_dir(dir.path()).unwrap(), report);
+}
+
+#[test]
+fn replay_after_a_compaction_opens_with_the_state_the_checkpoint_kept() {
+    let dir = write_story();
+    let retain = std::time::Duration::from_millis(DAY_MS);
+    let options = CompactOptions { data_dir: dir.path().to_owned(), retain, now_ms: T0 + 4 * DAY_MS };
+    assert_eq!(compact(&options, &mut Silent).unwrap().dropped.through_seq, 6);
+    let story = replay_text(dir.path(), Subject::Event(NEW_EVENT), ReplayFormat::Text).unwrap();
+    let d = NEW_DELIVERY;
+    let expected = [
+        format!("(records through seq 6 were compacted) delivery {d} of event {NEW_EVENT}: pending after 1 attempts, as kept at the checkpoint"),
+        "    attempt 1 started 2026-03-17T10:00:00.000Z: failed, HTTP 503 (HTTP 503)".to_owned(),
+    ];
+    assert_eq!(story.lines().collect::<Vec<_>>(), expected);
+}
