@@ -77,6 +77,18 @@ pub enum FailureKind {
     InvalidHeader,
     /// The connection broke after it was made (reset, closed early, malformed answer).
     Io,
+    /// A fault of this host, not of the receiver or the network to it: no file descriptor left
+    /// (EMFILE, ENFILE), no memory or buffer (ENOMEM, ENOBUFS), no local port (EADDRNOTAVAIL),
+    /// the local resolver not answering (EAI_AGAIN). Not a failed attempt: the engine records
+    /// nothing, uses no step of the schedule, and tries again shortly.
+    Local,
+}
+
+impl FailureKind {
+    /// Whether the fault is this host's, so the attempt says nothing about the receiver.
+    pub fn is_local(self) -> bool {
+        self == FailureKind::Local
+    }
 }
 
 /// The future a [`Sender`] returns.
@@ -530,10 +542,35 @@ fn describe_chain(err: &(dyn StdError + 'static)) -> String {
     }
 }
 
+/// OS errors that are faults of this host, not of the receiver: out of file descriptors (per
+/// process, system-wide), of memory, of socket buffers, of local ports.
+const LOCAL_OS_ERRORS: [i32; 5] = [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS, libc::EADDRNOTAVAIL];
+
+/// What `getaddrinfo` says when the resolver it asks does not answer (EAI_AGAIN); the standard
+/// library reports it only as text.
+const RESOLVER_UNREACHABLE: &str = "Temporary failure in name resolution";
+
+/// The fault of this host in `err`'s chain, described, if there is one.
+pub fn local_fault(err: &(dyn StdError + 'static)) -> Option<String> {
+    chain(err).find_map(|e| {
+        if let Some(os) = e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) {
+            if LOCAL_OS_ERRORS.contains(&os) {
+                return Some(format!("a fault of this host, not the receiver's: {}", io::Error::from_raw_os_error(os)));
+            }
+        }
+        let text = e.to_string();
+        text.contains(RESOLVER_UNREACHABLE)
+            .then(|| format!("a fault of this host, not the receiver's: the resolver did not answer ({text})"))
+    })
+}
+
 fn classify(err: &reqwest::Error, is_https: bool) -> AttemptOutcome {
     let err_dyn: &(dyn StdError + 'static) = err;
     if let Some(refused) = find::<PrivateTargetRefused>(err_dyn) {
         return AttemptOutcome::failed(FailureKind::Refused, refused.to_string());
+    }
+    if let Some(fault) = local_fault(err_dyn) {
+        return AttemptOutcome::failed(FailureKind::Local, fault);
     }
     if let Some(tls) = find::<rustls::Error>(err_dyn) {
         return AttemptOutcome::failed(FailureKind::Tls, format!("TLS: {tls}"));
@@ -570,6 +607,38 @@ fn classify(err: &reqwest::Error, is_https: bool) -> AttemptOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error wrapping `inner` as reqwest and hyper do: the OS error sits deep in the chain.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn StdError + Send + Sync>);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "client error (Connect)")
+        }
+    }
+
+    impl StdError for Wrapped {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(self.0.as_ref())
+        }
+    }
+
+    #[test]
+    fn faults_of_this_host_are_told_from_the_receivers() {
+        for os in LOCAL_OS_ERRORS {
+            let err = Wrapped(Box::new(io::Error::from_raw_os_error(os)));
+            let fault = local_fault(&err).unwrap_or_else(|| panic!("os error {os} is local"));
+            assert!(fault.starts_with("a fault of this host"), "{fault}");
+        }
+        let resolver = io::Error::other("failed to lookup address information: Temporary failure in name resolution");
+        assert!(local_fault(&Wrapped(Box::new(resolver))).unwrap().contains("the resolver did not answer"));
+        for os in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ETIMEDOUT, libc::EHOSTUNREACH, libc::ENETUNREACH] {
+            assert_eq!(local_fault(&Wrapped(Box::new(io::Error::from_raw_os_error(os)))), None, "os error {os}");
+        }
+        let unknown = io::Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(local_fault(&Wrapped(Box::new(unknown))), None, "an unknown name is the receiver's");
+    }
 
     fn kind(ip: &str) -> Option<AddressKind> {
         non_public_kind(ip.parse().unwrap())
