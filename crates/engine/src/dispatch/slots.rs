@@ -252,3 +252,160 @@ fn parked_total_max(cfg: &DeliveryConfig) -> usize {
     cfg.due_queue_capacity.max(cfg.max_in_flight_per_endpoint * 4).max(64)
 }
 
+#[cfg(test)]
+mod tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use herald_projector::DeliveryId;
+
+    use super::*;
+
+    const PER_TARGET_MAX: usize = 2;
+    const PARKED_TOTAL_MAX: usize = 3;
+
+    fn due(n: u128, at_ms: u64) -> Due {
+        Due { next_attempt_at_ms: at_ms, delivery_id: DeliveryId(uuid::Uuid::from_u128(n)) }
+    }
+
+    fn id(n: u128) -> Id {
+        *DeliveryId(uuid::Uuid::from_u128(n)).as_bytes()
+    }
+
+    fn endpoint(n: u128) -> Park {
+        Park::Endpoint(EndpointId(uuid::Uuid::from_u128(n)))
+    }
+
+    fn origin() -> Park {
+        Park::Origin("https://example.com:443".into())
+    }
+
+    /// Books with small bounds; `admit` each of `dues` for `target`, checking the invariants
+    /// after each, and returns what each admission did.
+    fn admit_all(slots: &mut Slots, target: &Park, dues: &[Due]) -> Vec<Admission> {
+        dues.iter()
+            .map(|d| {
+                let admission = slots.admit(target, *d);
+                slots.check();
+                admission
+            })
+            .collect()
+    }
+
+    fn unparked(n: u128, at_ms: u64) -> Freed {
+        Freed { unparked: Some(due(n, at_ms)), read_back: None }
+    }
+
+    /// A target holds at most `per_target_max` slots; the next ones park, up to the parked bound
+    /// over all targets; past it they are dropped. Every target has its own slots.
+    #[test]
+    fn a_target_holds_its_bound_and_parks_the_rest() {
+        let mut slots = Slots::new(PER_TARGET_MAX, PARKED_TOTAL_MAX);
+        let dues: Vec<Due> = (0..4).map(|n| due(n, 10)).collect();
+        let got = admit_all(&mut slots, &endpoint(1), &dues);
+        assert_eq!(got, [Admission::Start, Admission::Start, Admission::Parked, Admission::Parked]);
+        assert_eq!((slots.held_total(), slots.parked_len()), (2, 2));
+        assert!(slots.is_parked(&id(2)) && slots.is_parked(&id(3)) && !slots.is_parked(&id(1)));
+        let got = admit_all(&mut slots, &endpoint(2), &[due(10, 10), due(11, 10), due(12, 10), due(13, 10)]);
+        assert_eq!(got, [Admission::Start, Admission::Start, Admission::Parked, Admission::Dropped]);
+        assert_eq!((slots.held_total(), slots.parked_len()), (4, PARKED_TOTAL_MAX));
+    }
+
+    /// Each freed slot moves the earliest-parked entry back, in the order they were parked; once
+    /// none is parked, a freed slot moves nothing and the count goes down.
+    #[test]
+    fn freed_slots_move_parked_entries_back_in_order() {
+        let mut slots = Slots::new(PER_TARGET_MAX, PARKED_TOTAL_MAX);
+        let target = endpoint(1);
+        admit_all(&mut slots, &target, &[due(0, 10), due(1, 10), due(2, 30), due(3, 20)]);
+        assert_eq!(slots.free(target.clone()), unparked(2, 30));
+        assert!(!slots.is_parked(&id(2)));
+        assert_eq!(slots.take_unparked(&id(2)), Some(target.clone()));
+        assert_eq!(slots.take_unparked(&id(2)), None, "forgotten once taken");
+        assert_eq!(admit_all(&mut slots, &target, &[due(2, 30)]), [Admission::Start]);
+        assert_eq!(slots.free(target.clone()), unparked(3, 20));
+        slots.check();
+        assert_eq!(slots.free(target), Freed::default(), "nothing parked any more");
+        assert_eq!((slots.held_total(), slots.parked_len()), (0, 0));
+        slots.check();
+    }
+
+    /// A moved-back entry that is not attempted hands its turn to the next parked one.
+    #[test]
+    fn an_entry_moved_back_and_not_attempted_moves_the_next() {
+        let mut slots = Slots::new(1, PARKED_TOTAL_MAX);
+        let target = origin();
+        admit_all(&mut slots, &target, &[due(0, 10), due(1, 10), due(2, 10)]);
+        assert_eq!(slots.free(target.clone()), unparked(1, 10));
+        let park = slots.take_unparked(&id(1)).expect("moved back from its park");
+        assert_eq!(slots.unpark_next(&park), unparked(2, 10));
+        slots.check();
+        assert_eq!(slots.unpark_next(&park), Freed::default(), "none left behind it");
+        assert_eq!((slots.held_total(), slots.parked_len()), (0, 0));
+    }
+
+    /// What overflowed is read back once the target's parked list has drained: an endpoint's
+    /// pending index, or for an origin the due index from the earliest time dropped.
+    #[test]
+    fn overflow_is_read_back_once_the_target_has_room() {
+        let mut slots = Slots::new(1, 1);
+        let got =
+            admit_all(&mut slots, &origin(), &[due(0, 50), due(1, 50), due(2, 40), due(3, 30), due(4, 60)]);
+        assert_eq!(got[2..], [Admission::Dropped; 3]);
+        let got = admit_all(&mut slots, &endpoint(7), &[due(10, 50), due(11, 50)]);
+        assert_eq!(got, [Admission::Start, Admission::Dropped]);
+        assert_eq!(
+            slots.free(origin()),
+            Freed { unparked: Some(due(1, 50)), read_back: Some(ReadBack::DueFrom(30)) },
+            "the parked list drained: its overflow is read back from the earliest dropped"
+        );
+        let read_back = Some(ReadBack::Endpoint(EndpointId(uuid::Uuid::from_u128(7))));
+        assert_eq!(slots.free(endpoint(7)), Freed { unparked: None, read_back });
+        assert_eq!(admit_all(&mut slots, &endpoint(7), &[due(12, 50)]), [Admission::Start]);
+        assert_eq!(slots.free(endpoint(7)), Freed::default(), "read back once");
+        slots.check();
+    }
+
+    /// An endpoint whose pending list was only partly loaded is read back when a slot frees.
+    #[test]
+    fn a_partly_loaded_endpoint_is_read_back_when_a_slot_frees() {
+        let mut slots = Slots::new(PER_TARGET_MAX, PARKED_TOTAL_MAX);
+        admit_all(&mut slots, &endpoint(3), &[due(0, 10)]);
+        slots.overflowed_endpoint(EndpointId(uuid::Uuid::from_u128(3)));
+        let freed = slots.free(endpoint(3));
+        assert_eq!(freed.read_back, Some(ReadBack::Endpoint(EndpointId(uuid::Uuid::from_u128(3)))));
+    }
+
+    /// The moved-back entries are bounded like the parked ones: past the bound they are
+    /// forgotten (a freed slot is then at worst left for the next turn's refill).
+    #[test]
+    fn moved_back_entries_are_bounded() {
+        let mut slots = Slots::new(1, 2);
+        for n in 0..6 {
+            admit_all(&mut slots, &origin(), &[due(2 * n, 10), due(2 * n + 1, 10)]);
+            assert_eq!(slots.free(origin()), unparked(2 * n + 1, 10));
+            slots.check();
+        }
+        assert!(slots.unparked.len() <= 2);
+    }
+
+    /// An id parked twice, or a slot freed that no attempt holds, trips the books' assertions
+    /// (in debug builds, where the tests run).
+    #[test]
+    #[cfg(debug_assertions)]
+    fn the_books_refuse_a_second_park_and_a_stray_free() {
+        let mut slots = Slots::new(1, PARKED_TOTAL_MAX);
+        admit_all(&mut slots, &origin(), &[due(0, 10), due(1, 10)]);
+        let twice = catch_unwind(AssertUnwindSafe(|| slots.admit(&origin(), due(1, 10))));
+        assert!(twice.is_err(), "a delivery is parked at most once");
+        let mut slots = Slots::new(1, PARKED_TOTAL_MAX);
+        let stray = catch_unwind(AssertUnwindSafe(|| slots.free(endpoint(9))));
+        assert!(stray.is_err(), "a slot is freed only by the attempt that holds it");
+    }
+
+    #[test]
+    fn an_inline_delivery_waits_behind_its_origin() {
+        assert_eq!(origin_of("https://Example.com/hook?x=1"), "https://example.com:443");
+        assert_eq!(origin_of("http://example.com:8080/a"), "http://example.com:8080");
+        assert_eq!(origin_of("not a url"), "not a url");
+    }
+}
