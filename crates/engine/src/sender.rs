@@ -544,7 +544,8 @@ fn describe_chain(err: &(dyn StdError + 'static)) -> String {
 
 /// OS errors that are faults of this host, not of the receiver: out of file descriptors (per
 /// process, system-wide), of memory, of socket buffers, of local ports.
-const LOCAL_OS_ERRORS: [i32; 5] = [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS, libc::EADDRNOTAVAIL];
+const LOCAL_OS_ERRORS: [i32; 5] =
+    [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS, libc::EADDRNOTAVAIL];
 
 /// What `getaddrinfo` says when the resolver it asks does not answer (EAI_AGAIN); the standard
 /// library reports it only as text.
@@ -555,12 +556,16 @@ pub fn local_fault(err: &(dyn StdError + 'static)) -> Option<String> {
     chain(err).find_map(|e| {
         if let Some(os) = e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) {
             if LOCAL_OS_ERRORS.contains(&os) {
-                return Some(format!("a fault of this host, not the receiver's: {}", io::Error::from_raw_os_error(os)));
+                return Some(format!(
+                    "a fault of this host, not the receiver's: {}",
+                    io::Error::from_raw_os_error(os)
+                ));
             }
         }
         let text = e.to_string();
-        text.contains(RESOLVER_UNREACHABLE)
-            .then(|| format!("a fault of this host, not the receiver's: the resolver did not answer ({text})"))
+        text.contains(RESOLVER_UNREACHABLE).then(|| {
+            format!("a fault of this host, not the receiver's: the resolver did not answer ({text})")
+        })
     })
 }
 
@@ -631,10 +636,17 @@ mod tests {
             let fault = local_fault(&err).unwrap_or_else(|| panic!("os error {os} is local"));
             assert!(fault.starts_with("a fault of this host"), "{fault}");
         }
-        let resolver = io::Error::other("failed to lookup address information: Temporary failure in name resolution");
+        let resolver =
+            io::Error::other("failed to lookup address information: Temporary failure in name resolution");
         assert!(local_fault(&Wrapped(Box::new(resolver))).unwrap().contains("the resolver did not answer"));
-        for os in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ETIMEDOUT, libc::EHOSTUNREACH, libc::ENETUNREACH] {
-            assert_eq!(local_fault(&Wrapped(Box::new(io::Error::from_raw_os_error(os)))), None, "os error {os}");
+        for os in
+            [libc::ECONNREFUSED, libc::ECONNRESET, libc::ETIMEDOUT, libc::EHOSTUNREACH, libc::ENETUNREACH]
+        {
+            assert_eq!(
+                local_fault(&Wrapped(Box::new(io::Error::from_raw_os_error(os)))),
+                None,
+                "os error {os}"
+            );
         }
         let unknown = io::Error::other("failed to lookup address information: Name or service not known");
         assert_eq!(local_fault(&Wrapped(Box::new(unknown))), None, "an unknown name is the receiver's");

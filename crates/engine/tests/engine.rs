@@ -26,6 +26,8 @@ enum Script {
     Fail,
     /// Waits this long (real time) before answering 200.
     Hold(Duration),
+    /// A fault of this host: no file descriptor left for the connection.
+    LocalFault,
 }
 
 /// A sender that records every request and answers by script (200 when the script is empty).
@@ -68,6 +70,11 @@ impl Sender for Scripted {
                     tokio::time::sleep(d).await;
                     AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
                 }
+                Script::LocalFault => AttemptOutcome::Failed {
+                    kind: FailureKind::Local,
+                    error: "a fault of this host, not the receiver's: Too many open files (os error 24)"
+                        .into(),
+                },
             };
             self.active.fetch_sub(1, Ordering::SeqCst);
             out
@@ -1048,4 +1055,37 @@ fn wait_resumed(engine: &Engine) {
         assert!(std::time::Instant::now() < deadline, "the writer did not resume: {refusal}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+#[test]
+fn faults_of_this_host_never_count_against_the_receiver_and_the_deliveries_arrive_once_they_clear() {
+    let w = World::new(config(vec![10, 10]));
+    let (endpoint, _) = w.endpoint(org());
+    // Far more faults than the failure run that makes an endpoint inactive, and than the schedule.
+    let faults = 3 * w.config.policy.failures_max as usize + 10;
+    w.sender.push(Script::LocalFault, faults);
+    let deliveries: Vec<DeliveryId> =
+        (0..3).flat_map(|i| w.publish(org(), format!("{{\"n\":{i}}}").as_bytes()).1).collect();
+    let mut rounds = 0;
+    while !w.sender.script.lock().unwrap().is_empty() {
+        rounds += 1;
+        assert!(rounds < 10 * faults, "the faulty attempts were not made again");
+        w.settle();
+        assert_eq!(w.engine.endpoint(endpoint).unwrap().unwrap().status, EndpointStatus::Active);
+        for id in &deliveries {
+            let d = w.engine.delivery(*id).unwrap().unwrap();
+            assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Pending, 0), "{d:?}");
+        }
+        w.advance(1_000);
+    }
+    // The fault cleared: the attempts put off by the last ones are made.
+    w.advance(1_000);
+    for id in &deliveries {
+        let d = w.engine.delivery(*id).unwrap().unwrap();
+        assert_eq!((d.status, d.attempt_count), (DeliveryStatus::Delivered, 1), "{d:?}");
+    }
+    let endpoint = w.engine.endpoint(endpoint).unwrap().unwrap();
+    assert_eq!(endpoint.status, EndpointStatus::Active);
+    let stats = w.engine.dispatch_stats();
+    assert_eq!((stats.attempts_local_faults, stats.attempts_failed), (faults as u64, 0), "{stats:?}");
 }

@@ -10,11 +10,11 @@ use herald_projector::{
     event_payload, get_endpoint, get_event, org_secret, CheckedTables, CompactError, Corrupt, Delivery,
 };
 
-use super::inbox::Finished;
+use super::inbox::{Finished, NotRecorded};
 use super::shared::Shared;
 use super::{Ctx, Id};
 use crate::commands::{Actor, Command, Commands, Reply, Submitted};
-use crate::sender::{AttemptOutcome, AttemptRequest};
+use crate::sender::{AttemptOutcome, AttemptRequest, FailureKind};
 use crate::signing::{sign, Secret};
 
 /// One attempt: build the signed request, send it, record the outcome, tell the loop.
@@ -24,19 +24,29 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
     let outcome = match request(&ctx, &delivery, started_at_ms, payload) {
         Ok(req) => ctx.sender.send(req).await,
         Err(RequestError::Invalid(error)) => {
-            AttemptOutcome::Failed { kind: crate::sender::FailureKind::InvalidHeader, error }
+            AttemptOutcome::Failed { kind: FailureKind::InvalidHeader, error }
         }
-        Err(RequestError::StoreRead(error)) => {
+        Err(RequestError::StoreRead) => {
             // Nothing is known to be wrong with the delivery, the endpoint or the receiver: not
             // sent, not recorded (it would count against the endpoint's health), and made again
             // shortly, like an attempt whose record failed.
             if !settled.swap(true, Ordering::SeqCst) {
                 ctx.shared.inbox.released(id);
-                ctx.shared.inbox.finished(Finished { id, result: Err(error) });
+                ctx.shared.inbox.finished(Finished { id, result: Err(NotRecorded::Store) });
             }
             return;
         }
     };
+    if let AttemptOutcome::Failed { kind: FailureKind::Local, error } = &outcome {
+        // The receiver was never reached: nothing to record against it, no step of the
+        // schedule used; made again shortly.
+        if !settled.swap(true, Ordering::SeqCst) {
+            ctx.shared.local_fault(&delivery, error);
+            ctx.shared.inbox.released(id);
+            ctx.shared.inbox.finished(Finished { id, result: Err(NotRecorded::LocalFault) });
+        }
+        return;
+    }
     if settled.swap(true, Ordering::SeqCst) {
         return; // the stop cut it short and records it as interrupted
     }
@@ -87,9 +97,7 @@ fn record(ctx: &Ctx, id: Id, submitted: Submitted) {
     let done = move |out: herald_log::Outcome<Commands>| {
         let result = match out {
             Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
-            Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => Err(NotRecorded::Store),
         };
         inbox.finished(Finished { id, result });
     };
@@ -108,7 +116,7 @@ enum RequestError {
     /// a failed attempt.
     Invalid(String),
     /// The store failed a read: not the delivery's fault, so not recorded.
-    StoreRead(String),
+    StoreRead,
 }
 
 impl From<String> for RequestError {
@@ -124,7 +132,7 @@ fn read<T>(
 ) -> Result<T, RequestError> {
     match CheckedTables::run(ctx.store.as_ref(), query) {
         Ok(answer) => answer.map_err(|e| RequestError::Invalid(e.to_string())),
-        Err(e) => Err(RequestError::StoreRead(e.to_string())),
+        Err(_) => Err(RequestError::StoreRead),
     }
 }
 
@@ -162,7 +170,7 @@ fn request(
                 .ok_or_else(|| format!("event {} is missing", delivery.event_id))?;
             match event_payload(ctx.store.as_ref(), &event) {
                 Ok(payload) => Bytes::from(payload),
-                Err(CompactError::Log(e)) => return Err(RequestError::StoreRead(e.to_string())),
+                Err(CompactError::Log(_)) => return Err(RequestError::StoreRead),
                 Err(e) => return Err(RequestError::Invalid(e.to_string())),
             }
         }

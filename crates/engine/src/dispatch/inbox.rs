@@ -37,8 +37,19 @@ pub(super) struct InboxState {
 
 pub(super) struct Finished {
     pub(super) id: Id,
-    /// `Ok(Some(t))`: pending again at `t`; `Ok(None)`: no automatic retry; `Err`: not recorded.
-    pub(super) result: Result<Option<u64>, String>,
+    /// `Ok(Some(t))`: pending again at `t`; `Ok(None)`: no automatic retry; `Err`: not recorded
+    /// (made again shortly).
+    pub(super) result: Result<Option<u64>, NotRecorded>,
+}
+
+/// Why an attempt left nothing in the log.
+#[derive(Debug)]
+pub(super) enum NotRecorded {
+    /// Its record, or a read it needed, was refused by the store (or the writer answered
+    /// something else than an attempt's reply).
+    Store,
+    /// It was not made: a fault of this host (no file descriptor, no memory, no local port).
+    LocalFault,
 }
 
 impl Inbox {

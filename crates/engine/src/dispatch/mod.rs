@@ -44,7 +44,7 @@ pub use self::shared::DispatchStats;
 pub(crate) use self::shared::Shared;
 pub use self::stop::{StopReport, INTERRUPTED_ERROR};
 
-use self::inbox::Finished;
+use self::inbox::{Finished, NotRecorded};
 use self::payloads::Payloads;
 use self::slots::{Admission, Freed, Park, ReadBack, Slots};
 use crate::clock::Clock;
@@ -289,8 +289,10 @@ impl Dispatcher {
                 self.queue.insert(f.id, retry_at);
             }
             Ok(None) => {}
-            Err(_) => {
-                self.ctx.shared.unrecorded.fetch_add(1, Ordering::Relaxed);
+            Err(not_recorded) => {
+                if matches!(not_recorded, NotRecorded::Store) {
+                    self.ctx.shared.unrecorded.fetch_add(1, Ordering::Relaxed);
+                }
                 self.queue.insert(f.id, self.ctx.clock.now_ms().saturating_add(RECORD_RETRY_MS));
             }
         }

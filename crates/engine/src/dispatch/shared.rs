@@ -20,6 +20,9 @@ pub struct DispatchStats {
     pub attempts_failed: u64,
     /// Attempts whose outcome could not be recorded (they are made again).
     pub attempts_unrecorded: u64,
+    /// Attempts not made for a fault of this host (no file descriptor, memory or local port;
+    /// the resolver not answering): not counted against the receiver, made again shortly.
+    pub attempts_local_faults: u64,
     /// Refills of the queue from the stored due index.
     pub refills: u64,
     /// Entries were dropped from the queue and wait in the stored index for a refill.
@@ -41,6 +44,10 @@ pub(crate) struct Shared {
     pub(super) delivered: AtomicU64,
     pub(super) failed: AtomicU64,
     pub(super) unrecorded: AtomicU64,
+    pub(super) local_faults: AtomicU64,
+    /// When the last local fault was written to stderr (ms since the epoch), so a storm of them
+    /// is one line a second.
+    local_fault_logged_ms: AtomicU64,
 }
 
 impl Shared {
@@ -54,6 +61,8 @@ impl Shared {
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             unrecorded: AtomicU64::new(0),
+            local_faults: AtomicU64::new(0),
+            local_fault_logged_ms: AtomicU64::new(0),
         }
     }
 
@@ -63,7 +72,30 @@ impl Shared {
         s.attempts_delivered = self.delivered.load(Ordering::Relaxed);
         s.attempts_failed = self.failed.load(Ordering::Relaxed);
         s.attempts_unrecorded = self.unrecorded.load(Ordering::Relaxed);
+        s.attempts_local_faults = self.local_faults.load(Ordering::Relaxed);
         s
+    }
+
+    /// Counts an attempt not made for a fault of this host, and says why on stderr at most once
+    /// a second (with how many there were in all).
+    pub(super) fn local_fault(&self, delivery: &herald_projector::Delivery, error: &str) {
+        let total = self.local_faults.fetch_add(1, Ordering::Relaxed) + 1;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let last = self.local_fault_logged_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= 1_000
+            && self
+                .local_fault_logged_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            eprintln!(
+                "herald: attempt of delivery {} not made, {error}; it stays pending and is made again shortly \
+                 ({total} attempts not made for faults of this host so far)",
+                delivery.id
+            );
+        }
     }
 
     /// Asks the loop to look at the clock and its inbox now.
