@@ -68,7 +68,7 @@ impl<T: Tables> Fold<'_, T> {
         let stop_reason = stop_reason(health.after.as_ref());
         let mut new = self.delivery_after(&old, &attempt, stop_reason)?;
         if let Some(endpoint) = health.after.as_ref().filter(|e| !e.is_deleted() && e.url != new.url) {
-            if query::rules(self.t)? >= 2 {
+            if self.rules()?.delivery_url_follows_endpoint() {
                 new.url = endpoint.url.clone();
             }
         }
@@ -104,7 +104,7 @@ impl<T: Tables> Fold<'_, T> {
             return Err(invalid("a retry after a success"));
         }
         if interrupted {
-            if query::rules(self.t)? < 3 {
+            if !self.rules()?.interrupted_is_not_a_failure() {
                 return Err(invalid("an interrupted attempt under rules before 3"));
             }
             if record.response_status.is_some() || retry_at_ms.is_none() {
@@ -132,7 +132,9 @@ impl<T: Tables> Fold<'_, T> {
                 became_inactive = record_failure(endpoint, &policy, self.at_ms);
             }
             let health = |e: &Endpoint| (e.status, e.inactive_reason.clone());
-            if endpoint_before.as_ref().map(health) != Some(health(endpoint)) && query::rules(self.t)? >= 2 {
+            if endpoint_before.as_ref().map(health) != Some(health(endpoint))
+                && self.rules()?.attempt_moves_endpoint_updated_at()
+            {
                 endpoint.updated_at_ms = self.at_ms;
             }
         }

@@ -2,8 +2,8 @@
 //!
 //! [`Fold::event`] dispatches each event to the function that folds it, in the module of its
 //! subject: `settings` (the policy, the rules), `api_keys`, `endpoints`, `publish` (events and
-//! their deliveries), `attempts`, `retrigger` (retrigger and redeliver). What each version of
-//! the fold's rules changed is in `rules`.
+//! their deliveries), `attempts`, `retrigger` (retrigger and redeliver). What changed from one
+//! version of the fold's rules to the next is named in `rules`.
 
 use crate::codec;
 use crate::event::{AttemptOutcome, Event};
@@ -24,7 +24,7 @@ mod rules;
 mod settings;
 
 pub use endpoints::{CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON};
-pub use rules::{rules_may_follow, RULES_CURRENT};
+pub use rules::{rules_may_follow, Rules, RULES_CURRENT};
 
 use attempts::{attempt_record, Attempt};
 

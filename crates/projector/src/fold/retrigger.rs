@@ -21,7 +21,7 @@ impl<T: Tables> Fold<'_, T> {
         new.inactive_reason = None;
         new.updated_at_ms = self.at_ms;
         if let Some(endpoint_id) = old.endpoint_id {
-            if query::rules(self.t)? >= 2 {
+            if self.rules()?.delivery_url_follows_endpoint() {
                 let endpoint = query::get_endpoint(self.t, endpoint_id)?
                     .ok_or(ApplyError::UnknownEndpoint(endpoint_id))?;
                 if !endpoint.is_deleted() {
