@@ -110,7 +110,7 @@ pub use event::{
     NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
 };
 pub use fold::{
-    apply, apply_unstaged, rules_may_follow, ApplyError, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
+    apply, apply_unstaged, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
     RULES_CURRENT,
 };
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};

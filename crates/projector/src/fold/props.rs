@@ -109,109 +109,9 @@ impl Driver {
 
     fn run(&mut self, op: &Op) {
         match *op {
-            Op::CreateEndpoint => {
-                self.endpoints += 1;
-                let n = self.endpoints;
-                self.offer(Event::EndpointCreated {
-                    id: ep(n),
-                    org_id: org(1),
-                    url: format!("https://e{n}.example"),
-                    name: format!("e{n}"),
-                    enabled_events: vec!["*".into()],
-                    secret: format!("whsec_{n}"),
-                });
-            }
-            Op::Publish { endpoints_mask, inline, merged } => {
-                self.events += 1;
-                let v = self.events;
-                let event = Event::EventPublished {
-                    id: ev(v),
-                    org_id: org(1),
-                    event_type: ["a.b", "c.d"][v as usize % 2].into(),
-                    payload: v.to_be_bytes().to_vec(),
-                    call_id: (v % 3 == 0).then(|| Uuid::from_u128(u128::from(v))),
-                    idempotency_key: (v % 4 == 0).then(|| format!("key{}", v % 8)),
-                };
-                let targets: Vec<Option<u32>> = (1..=self.endpoints.min(8))
-                    .filter(|e| endpoints_mask & (1 << (e - 1)) != 0)
-                    .map(Some)
-                    .chain(inline.then_some(None))
-                    .collect();
-                if merged {
-                    let Event::EventPublished { id, org_id, event_type, payload, call_id, idempotency_key } =
-                        event
-                    else {
-                        unreachable!("built above")
-                    };
-                    let deliveries: Vec<crate::NewDelivery> = targets
-                        .iter()
-                        .enumerate()
-                        .map(|(i, endpoint)| crate::NewDelivery {
-                            id: dl(self.deliveries + 1 + i as u32),
-                            endpoint_id: endpoint.map(ep),
-                            url: "https://x.example".into(),
-                            next_attempt_at_ms: self.now_ms,
-                        })
-                        .collect();
-                    let count = deliveries.len() as u32;
-                    let merged = Event::EventPublishedWithDeliveries {
-                        id,
-                        org_id,
-                        event_type,
-                        payload,
-                        call_id,
-                        idempotency_key,
-                        deliveries,
-                    };
-                    if self.offer(merged) {
-                        self.deliveries += count;
-                    }
-                    return;
-                }
-                if !self.offer(event) {
-                    return;
-                }
-                for endpoint in targets {
-                    let d = self.deliveries + 1;
-                    let created = self.offer(Event::DeliveryCreated {
-                        id: dl(d),
-                        event_id: ev(v),
-                        org_id: org(1),
-                        endpoint_id: endpoint.map(ep),
-                        url: "https://x.example".into(),
-                        next_attempt_at_ms: self.now_ms,
-                    });
-                    if created {
-                        self.deliveries = d;
-                    }
-                }
-            }
-            Op::Attempt { delivery, outcome } => {
-                let id = dl(self.delivery(delivery));
-                let found = get_delivery(&self.tables, id).expect("decodes");
-                let (attempt, trigger) =
-                    found.map(|d| (d.attempt_count + 1, d.next_trigger)).unwrap_or((1, crate::Trigger::Auto));
-                let (outcome, retry_at_ms) = match outcome {
-                    0 => (AttemptOutcome::Delivered { status: 200 }, None),
-                    1 => (
-                        AttemptOutcome::Failed { status: Some(500), error: "HTTP 500".into() },
-                        Some(self.now_ms + 5_000),
-                    ),
-                    2 => (AttemptOutcome::Failed { status: None, error: "Connection refused".into() }, None),
-                    // Folds only under rules 3 on (the ops adopt versions 0-4).
-                    _ => (AttemptOutcome::Interrupted { error: "interrupted".into() }, Some(self.now_ms)),
-                };
-                self.offer(Event::AttemptRecorded {
-                    delivery_id: id,
-                    attempt,
-                    trigger,
-                    started_at_ms: self.now_ms,
-                    finished_at_ms: self.now_ms,
-                    outcome,
-                    response_excerpt: vec![b'r'; (attempt % 3) as usize],
-                    retry_at_ms,
-                });
-            }
+            Op::CreateEndpoint => self.create_endpoint(),
+            Op::Publish { endpoints_mask, inline, merged } => self.publish(endpoints_mask, inline, merged),
+            Op::Attempt { delivery, outcome } => self.attempt(delivery, outcome),
             Op::Retrigger(n) => {
                 self.offer(Event::RetriggerRequested {
                     delivery_id: dl(self.delivery(n)),
@@ -257,6 +157,121 @@ impl Driver {
             }
             Op::Advance { ms } => self.now_ms += ms,
         }
+    }
+
+    fn create_endpoint(&mut self) {
+        self.endpoints += 1;
+        let n = self.endpoints;
+        self.offer(Event::EndpointCreated {
+            id: ep(n),
+            org_id: org(1),
+            url: format!("https://e{n}.example"),
+            name: format!("e{n}"),
+            enabled_events: vec!["*".into()],
+            secret: format!("whsec_{n}"),
+        });
+    }
+
+    fn publish(&mut self, endpoints_mask: u8, inline: bool, merged: bool) {
+        self.events += 1;
+        let v = self.events;
+        let event = Event::EventPublished {
+            id: ev(v),
+            org_id: org(1),
+            event_type: ["a.b", "c.d"][v as usize % 2].into(),
+            payload: v.to_be_bytes().to_vec(),
+            call_id: (v % 3 == 0).then(|| Uuid::from_u128(u128::from(v))),
+            idempotency_key: (v % 4 == 0).then(|| format!("key{}", v % 8)),
+        };
+        let targets: Vec<Option<u32>> = (1..=self.endpoints.min(8))
+            .filter(|e| endpoints_mask & (1 << (e - 1)) != 0)
+            .map(Some)
+            .chain(inline.then_some(None))
+            .collect();
+        if merged {
+            self.publish_merged(event, &targets);
+        } else {
+            self.publish_separately(v, event, targets);
+        }
+    }
+
+    /// One `EventPublishedWithDeliveries` record.
+    fn publish_merged(&mut self, event: Event, targets: &[Option<u32>]) {
+        let Event::EventPublished { id, org_id, event_type, payload, call_id, idempotency_key } = event
+        else {
+            unreachable!("built above")
+        };
+        let deliveries: Vec<crate::NewDelivery> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, endpoint)| crate::NewDelivery {
+                id: dl(self.deliveries + 1 + i as u32),
+                endpoint_id: endpoint.map(ep),
+                url: "https://x.example".into(),
+                next_attempt_at_ms: self.now_ms,
+            })
+            .collect();
+        let count = deliveries.len() as u32;
+        let merged = Event::EventPublishedWithDeliveries {
+            id,
+            org_id,
+            event_type,
+            payload,
+            call_id,
+            idempotency_key,
+            deliveries,
+        };
+        if self.offer(merged) {
+            self.deliveries += count;
+        }
+    }
+
+    /// An `EventPublished` record (event `v`), then one `DeliveryCreated` per delivery.
+    fn publish_separately(&mut self, v: u32, event: Event, targets: Vec<Option<u32>>) {
+        if !self.offer(event) {
+            return;
+        }
+        for endpoint in targets {
+            let d = self.deliveries + 1;
+            let created = self.offer(Event::DeliveryCreated {
+                id: dl(d),
+                event_id: ev(v),
+                org_id: org(1),
+                endpoint_id: endpoint.map(ep),
+                url: "https://x.example".into(),
+                next_attempt_at_ms: self.now_ms,
+            });
+            if created {
+                self.deliveries = d;
+            }
+        }
+    }
+
+    fn attempt(&mut self, delivery: u16, outcome: u8) {
+        let id = dl(self.delivery(delivery));
+        let found = get_delivery(&self.tables, id).expect("decodes");
+        let (attempt, trigger) =
+            found.map(|d| (d.attempt_count + 1, d.next_trigger)).unwrap_or((1, crate::Trigger::Auto));
+        let (outcome, retry_at_ms) = match outcome {
+            0 => (AttemptOutcome::Delivered { status: 200 }, None),
+            1 => (
+                AttemptOutcome::Failed { status: Some(500), error: "HTTP 500".into() },
+                Some(self.now_ms + 5_000),
+            ),
+            2 => (AttemptOutcome::Failed { status: None, error: "Connection refused".into() }, None),
+            // Folds only under rules 3 on (the ops adopt versions 0-4).
+            _ => (AttemptOutcome::Interrupted { error: "interrupted".into() }, Some(self.now_ms)),
+        };
+        self.offer(Event::AttemptRecorded {
+            delivery_id: id,
+            attempt,
+            trigger,
+            started_at_ms: self.now_ms,
+            finished_at_ms: self.now_ms,
+            outcome,
+            response_excerpt: vec![b'r'; (attempt % 3) as usize],
+            retry_at_ms,
+        });
     }
 }
 

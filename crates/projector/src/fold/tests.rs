@@ -5,7 +5,9 @@ use super::*;
 use crate::query::*;
 use crate::query::{DeliveryCursor, DeliveryIndex, DeliveryQuery};
 use crate::testkit::*;
-use crate::{MemTables, Scope, IDEMPOTENCY_WINDOW_MS};
+use crate::{
+    EndpointStatus, MemTables, Policy, Scope, Trigger, IDEMPOTENCY_WINDOW_MS, RESPONSE_EXCERPT_BYTES_MAX,
+};
 
 const H: u64 = HOUR_MS;
 

@@ -1,0 +1,122 @@
+//! The endpoint commands: create, update, delete, rotate its secret, enable it again.
+
+use herald_projector::{get_endpoint, policy, Endpoint, EndpointId, Event, OrgId};
+
+use super::{
+    check_name, invalid, new_secret, valid_event_type, CommandError, Reply, Run, ENABLED_EVENTS_MAX,
+};
+use crate::sender::check_url;
+use crate::signing::Secret;
+
+fn check_enabled_events(events: &[String]) -> Result<(), CommandError> {
+    if events.is_empty() {
+        return Err(invalid("enabled_events", "must hold at least one event type or \"*\""));
+    }
+    if events.len() > ENABLED_EVENTS_MAX {
+        return Err(invalid("enabled_events", format!("at most {ENABLED_EVENTS_MAX} entries")));
+    }
+    match events.iter().find(|e| e.as_str() != "*" && !valid_event_type(e)) {
+        Some(bad) => Err(invalid(
+            "enabled_events",
+            format!("{bad:?} is not \"*\" nor an event type [A-Za-z0-9._-]{{1,128}}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The secret given (checked), or a new one, as `whsec_<base64>`.
+fn given_or_new_secret(secret: Option<&str>) -> Result<String, CommandError> {
+    match secret {
+        Some(s) => Ok(Secret::parse(s).map_err(|e| invalid("secret", e.to_string()))?.to_whsec()),
+        None => new_secret(),
+    }
+}
+
+impl Run<'_, '_> {
+    /// Checks a url given in `field`.
+    pub(super) fn check_url(&self, field: &'static str, url: &str) -> Result<(), CommandError> {
+        check_url(url, self.machine.limits.allow_private_targets).map_err(|e| invalid(field, e.to_string()))
+    }
+
+    /// The endpoint, which the actor sees and which is not deleted.
+    fn endpoint(&self, id: EndpointId) -> Result<Endpoint, CommandError> {
+        match get_endpoint(&self.read(), id)? {
+            Some(e) if self.actor.sees(e.org_id) && !e.is_deleted() => Ok(e),
+            _ => Err(CommandError::NotFound { what: "endpoint", id: id.to_string() }),
+        }
+    }
+
+    pub(super) fn create_endpoint(
+        &mut self,
+        id: EndpointId,
+        org_id: OrgId,
+        url: String,
+        name: String,
+        enabled_events: Vec<String>,
+        secret: Option<&str>,
+    ) -> Result<Reply, CommandError> {
+        if !self.actor.sees(org_id) {
+            return Err(invalid("org_id", "only an admin key may create endpoints for another organisation"));
+        }
+        self.check_url("url", &url)?;
+        check_name(&name)?;
+        check_enabled_events(&enabled_events)?;
+        let secret = given_or_new_secret(secret)?;
+        self.events.push(Event::EndpointCreated {
+            id,
+            org_id,
+            url,
+            name,
+            enabled_events,
+            secret: secret.clone(),
+        });
+        Ok(Reply::Endpoint { id, secret })
+    }
+
+    pub(super) fn update_endpoint(
+        &mut self,
+        id: EndpointId,
+        url: Option<String>,
+        name: Option<String>,
+        enabled_events: Option<Vec<String>>,
+    ) -> Result<Reply, CommandError> {
+        self.endpoint(id)?;
+        if let Some(url) = &url {
+            self.check_url("url", url)?;
+        }
+        if let Some(name) = &name {
+            check_name(name)?;
+        }
+        if let Some(e) = &enabled_events {
+            check_enabled_events(e)?;
+        }
+        self.events.push(Event::EndpointUpdated { id, url, name, enabled_events });
+        Ok(Reply::Done)
+    }
+
+    pub(super) fn delete_endpoint(&mut self, id: EndpointId) -> Result<Reply, CommandError> {
+        self.endpoint(id)?;
+        self.events.push(Event::EndpointDeleted { id });
+        Ok(Reply::Done)
+    }
+
+    pub(super) fn rotate_secret(
+        &mut self,
+        id: EndpointId,
+        secret: Option<&str>,
+    ) -> Result<Reply, CommandError> {
+        self.endpoint(id)?;
+        let secret = given_or_new_secret(secret)?;
+        // The overlap of the policy in force, which a `SetPolicy` may have changed.
+        let overlap_ms = policy(&self.read())?.rotation_overlap_ms;
+        let previous_expires_at_ms = self.at_ms.saturating_add(overlap_ms);
+        self.events.push(Event::EndpointSecretRotated { id, secret: secret.clone(), previous_expires_at_ms });
+        Ok(Reply::Endpoint { id, secret })
+    }
+
+    pub(super) fn enable_endpoint(&mut self, id: EndpointId) -> Result<Reply, CommandError> {
+        self.endpoint(id)?;
+        self.events.push(Event::EndpointEnabled { id });
+        Ok(Reply::Done)
+    }
+}
