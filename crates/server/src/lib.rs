@@ -1,7 +1,7 @@
 //! herald-server: the HTTP API of `../shared/API.md` over the engine, and the configuration of
 //! `herald serve`.
 //!
-//! - [`router`]: every route, each handler authenticating with [`auth::authenticate`] and
+//! - [`router`]: every route, each handler authenticated by the [`auth::Auth`] extractor and
 //!   answering errors in its route family's shape ([`error`]).
 //! - [`openapi_document`]: the OpenAPI 3 document, generated from the handlers' annotations and
 //!   the JSON types in [`json`], so it cannot drift from them.

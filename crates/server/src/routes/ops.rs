@@ -4,14 +4,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_projector::decode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::auth::authenticate_admin;
+use crate::auth::{scope, Auth};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::Health;
 use crate::state::AppState;
@@ -74,11 +74,10 @@ pub const AUDIT_PAGE_MAX: usize = 10_000;
     security(("bearer" = [])))]
 pub async fn audit_log(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _who: Auth<scope::AdminOfNoOrg>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     const F: Family = Family::Named;
-    authenticate_admin(&state, &headers, F)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let after = match q.after.as_deref() {
         None => 0,
