@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use axum::http::{header, HeaderMap, StatusCode};
 use base64::Engine as _;
-use herald_engine::Actor;
-use herald_projector::{get_api_key_by_hash, ApiKey, ApiKeyId, OrgId, Scope};
+use herald_engine::{get_api_key_by_hash, Actor, ApiKey, ApiKeyId, OrgId, Scope};
 
 use crate::error::{ApiError, Family};
 use crate::state::AppState;

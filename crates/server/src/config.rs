@@ -14,12 +14,11 @@ use std::time::Duration;
 
 use herald_engine::commands::CommandLimits;
 use herald_engine::config::{DeliveryConfig, EngineConfig};
-use herald_log::Durability;
-use herald_projector::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
+use herald_engine::{Durability, Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 
 /// The largest `[server] max_event_bytes` and `max_body_bytes`: half of a log record's largest
 /// body, which leaves room for the framing and fan-out written beside the payload.
-pub const BODY_BYTES_LIMIT: usize = herald_log::record::BODY_BYTES_MAX / 2;
+pub const BODY_BYTES_LIMIT: usize = herald_engine::RECORD_BODY_BYTES_MAX / 2;
 
 /// The environment variable prefix of every setting: `HERALD_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "HERALD_";

@@ -27,8 +27,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use herald_engine::{Actor, Command, Engine};
-use herald_projector::{list_api_keys, ApiKeyId, Scope};
+use herald_engine::{list_api_keys, Actor, ApiKeyId, Command, Engine, Scope};
 use utoipa::OpenApi;
 
 use crate::config::Config;

@@ -185,7 +185,7 @@ impl Metrics {
             "herald_projection_applied_seq",
             "gauge",
             "The last log seq folded into the projection; ahead of the committed seq while a batch is being flushed.",
-            engine.read(|t| herald_projector::applied_seq(t)).map_or_else(|_| "NaN".to_owned(), |s| s.to_string()),
+            engine.read(|t| herald_engine::applied_seq(t)).map_or_else(|_| "NaN".to_owned(), |s| s.to_string()),
         );
         metric(
             "herald_commit_batches_total",
@@ -274,7 +274,7 @@ impl Metrics {
         let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
         let _ =
             writeln!(out, "# HELP herald_deliveries Deliveries by status.\n# TYPE herald_deliveries gauge");
-        if let Ok(counts) = engine.read(|t| herald_projector::delivery_counts(t)) {
+        if let Ok(counts) = engine.read(|t| herald_engine::delivery_counts(t)) {
             for (status, n) in counts {
                 let _ = writeln!(out, "herald_deliveries{{status=\"{}\"}} {n}", status.name());
             }

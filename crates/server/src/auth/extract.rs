@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use herald_projector::Scope;
+use herald_engine::Scope;
 
 use super::{authenticate, Principal};
 use crate::error::{ApiError, Family};

@@ -8,8 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::Command;
-use herald_projector::{get_api_key, list_api_keys, ApiKeyId, OrgId, Scope};
+use herald_engine::{get_api_key, list_api_keys, ApiKeyId, Command, OrgId, Scope};
 use serde::Deserialize;
 use uuid::Uuid;
 

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::Command;
-use herald_projector::{
-    list_deliveries_rev, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
-    EndpointId, OrgId,
+use herald_engine::{
+    list_deliveries_rev, Command, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery,
+    DeliveryStatus, EndpointId, OrgId,
 };
 use serde::Deserialize;
 

@@ -8,8 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::{Command, Reply};
-use herald_projector::EndpointId;
+use herald_engine::{Command, EndpointId, Reply};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -29,7 +28,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The live endpoint `id` as this caller may see it.
-fn visible(state: &AppState, who: &Principal, id: &str) -> Result<herald_projector::Endpoint, ApiError> {
+fn visible(state: &AppState, who: &Principal, id: &str) -> Result<herald_engine::Endpoint, ApiError> {
     let uuid = parse_id(id).ok_or_else(|| not_found(id))?;
     match state.engine.endpoint(EndpointId(uuid)).map_err(|e| ApiError::from_read(F, e))? {
         Some(e) if who.sees(e.org_id) && !e.is_deleted() => Ok(e),
@@ -105,9 +104,9 @@ pub async fn list(
     let page = state
         .engine
         .read(|t| match scope {
-            Some(org_id) => herald_projector::list_endpoints_rev(t, org_id, before, limit),
+            Some(org_id) => herald_engine::list_endpoints_rev(t, org_id, before, limit),
             // An admin key naming no organisation: every organisation's endpoints.
-            None => herald_projector::list_all_endpoints_rev(t, before, limit),
+            None => herald_engine::list_all_endpoints_rev(t, before, limit),
         })
         .map_err(|e| ApiError::from_read(F, e))?;
     let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));

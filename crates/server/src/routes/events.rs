@@ -9,8 +9,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::{Command, Reply};
-use herald_projector::{DeliveryId, EventId};
+use herald_engine::{Command, DeliveryId, EventId, Reply};
 use serde::Deserialize as _;
 use uuid::Uuid;
 

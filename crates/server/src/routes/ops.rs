@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_projector::decode;
+use herald_engine::decode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -30,7 +30,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     // caught up. Read the durable seq first so a commit in between cannot look like a lag.
     let committed = state.engine.committed_seq();
     let caught_up =
-        state.engine.read(|t| herald_projector::applied_seq(t)).is_ok_and(|applied| applied >= committed);
+        state.engine.read(|t| herald_engine::applied_seq(t)).is_ok_and(|applied| applied >= committed);
     // A store that refuses writes (a full disk) leaves herald serving reads and answering 503 to
     // writes; not ready, so a supervisor can restart it once there is space again.
     let writable = !state.engine.writer_stats().last_batch_failed;
@@ -113,7 +113,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// An event as audit JSON: `{"type": "<Variant>", ...fields}`. Secrets are redacted, key hashes
 /// shown as hex, payloads as the JSON they are, response excerpts as text.
-pub fn audit_event(event: &herald_projector::Event) -> Value {
+pub fn audit_event(event: &herald_engine::Event) -> Value {
     let raw = serde_json::to_value(event).unwrap_or(Value::Null);
     let (kind, inner) = match raw {
         Value::Object(map) if map.len() == 1 => match map.into_iter().next() {

@@ -8,8 +8,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::{Command, CommandError, EngineError, Reply};
-use herald_projector::{Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId};
+use herald_engine::{
+    Command, CommandError, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId,
+    EngineError, Reply,
+};
 use serde::Deserialize;
 
 use crate::auth::{scope, Auth, Plain};
