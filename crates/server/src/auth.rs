@@ -345,7 +345,9 @@ mod tests {
         assert_eq!(cache.get(0, &hash(1)), None, "an idle key was forgotten");
     }
 
-    mod with_an_engine {
+    /// An engine over a store in memory, and a request's headers with a key; for the tests of
+    /// this module and of [`super::extract`].
+    pub(super) mod with_an_engine {
         use super::super::*;
         use axum::http::HeaderValue;
         use herald_engine::clock::SystemClock;
@@ -363,7 +365,16 @@ mod tests {
             }
         }
 
-        fn bearer(key: &str) -> HeaderMap {
+        pub(in crate::auth) fn engine() -> Engine {
+            let parts = Parts {
+                store: Arc::new(MemStore::new()),
+                clock: Arc::new(SystemClock),
+                sender: Arc::new(Accepting),
+            };
+            Engine::open_with(EngineConfig::default(), parts).unwrap()
+        }
+
+        pub(in crate::auth) fn bearer(key: &str) -> HeaderMap {
             let mut headers = HeaderMap::new();
             headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {key}")).unwrap());
             headers
@@ -373,12 +384,7 @@ mod tests {
         /// route) is refused on the very next request, although the key was cached.
         #[test]
         fn a_cached_key_revoked_through_the_engine_is_refused_on_the_next_request() {
-            let parts = Parts {
-                store: Arc::new(MemStore::new()),
-                clock: Arc::new(SystemClock),
-                sender: Arc::new(Accepting),
-            };
-            let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
+            let engine = engine();
             let state = AppState::new(engine.clone(), &crate::config::Config::default());
             let org = OrgId(uuid::Uuid::now_v7());
             let (key, id) = (generate_key().unwrap(), ApiKeyId(uuid::Uuid::now_v7()));

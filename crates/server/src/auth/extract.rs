@@ -105,3 +105,63 @@ impl<S: RequiredScope, F: ErrorShape> FromRequestParts<Arc<AppState>> for Auth<S
         Ok(Auth { who, marker: PhantomData })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Request;
+    use herald_engine::{Actor, ApiKeyId, Command, Engine, OrgId};
+
+    use super::*;
+    use crate::auth::tests::with_an_engine::{bearer, engine};
+    use crate::auth::{generate_key, key_hash};
+
+    /// A key of `org_id` (`None`: of no organisation) with `scopes`.
+    fn key(engine: &Engine, org_id: Option<OrgId>, scopes: Vec<Scope>) -> String {
+        let key = generate_key().unwrap();
+        let id = ApiKeyId(uuid::Uuid::now_v7());
+        let create =
+            Command::CreateApiKey { id, org_id, scopes, name: "extractor".into(), key_hash: key_hash(&key) };
+        engine.execute_blocking(Actor::admin(), create).unwrap();
+        key
+    }
+
+    /// What `Auth<S, F>` makes of a request with `headers`.
+    fn extract<S: RequiredScope, F: ErrorShape>(
+        state: &Arc<AppState>,
+        headers: axum::http::HeaderMap,
+    ) -> Result<Principal, ApiError> {
+        let mut request = Request::new(());
+        *request.headers_mut() = headers;
+        let (mut parts, ()) = request.into_parts();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(Auth::<S, F>::from_request_parts(&mut parts, state)).map(|auth| auth.who)
+    }
+
+    #[test]
+    fn the_extractor_refuses_as_authenticate_does_in_the_routes_family() {
+        let engine = engine();
+        let state = Arc::new(AppState::new(engine.clone(), &crate::config::Config::default()));
+        let org = OrgId(uuid::Uuid::now_v7());
+        let org_admin = bearer(&key(&engine, Some(org), vec![Scope::Admin]));
+        let admin = bearer(&key(&engine, None, vec![Scope::Admin]));
+        let writer = bearer(&key(&engine, Some(org), vec![Scope::EventsWrite]));
+
+        let who = extract::<scope::EventsWrite, Named>(&state, writer.clone()).unwrap();
+        assert_eq!(who.org_id, Some(org));
+        let lacks = extract::<scope::DeliveriesRead, Plain>(&state, writer.clone()).unwrap_err();
+        assert_eq!(lacks, authenticate(&state, &writer, Family::Plain, Scope::DeliveriesRead).unwrap_err());
+        assert_eq!(lacks.family, Family::Plain);
+        let nobody = extract::<scope::EventsWrite, Named>(&state, Default::default()).unwrap_err();
+        assert_eq!(nobody, ApiError::unauthorized(Family::Named));
+
+        // An organisation's admin key holds every scope, but not the routes over every organisation.
+        assert!(extract::<scope::Admin, Named>(&state, org_admin.clone()).is_ok());
+        let refused = extract::<scope::AdminOfNoOrg, Named>(&state, org_admin).unwrap_err();
+        assert_eq!(
+            refused,
+            ApiError::forbidden(Family::Named, "this route needs an admin key of no organisation")
+        );
+        assert_eq!(extract::<scope::AdminOfNoOrg, Named>(&state, admin).unwrap().org_id, None);
+        engine.shutdown();
+    }
+}
