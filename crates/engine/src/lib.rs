@@ -56,3 +56,15 @@ pub use crate::commands::{Actor, BatchItem, Command, CommandError, CommandLimits
 pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport};
 pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionStats, COMPACT_PASS_RECORDS};
+
+// What the server (and any embedder's edge) needs of the layers below, so that it depends on the
+// engine alone: the domain types and queries of the projection, and the log's settings and figures.
+pub use herald_log::record::BODY_BYTES_MAX as RECORD_BODY_BYTES_MAX;
+pub use herald_log::{Durability, WriterStats};
+pub use herald_projector::{
+    applied_seq, decode, delivery_counts, delivery_orgs, get_api_key, get_api_key_by_hash,
+    list_all_endpoints_rev, list_api_keys, list_deliveries_rev, list_endpoints_rev, ApiKey, ApiKeyId,
+    AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
+    Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, Trigger, FAILURES_MAX_LIMIT,
+    RETRY_SCHEDULE_LEN_MAX,
+};

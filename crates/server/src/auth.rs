@@ -4,13 +4,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use base64::Engine as _;
-use herald_engine::Actor;
-use herald_projector::{get_api_key_by_hash, ApiKey, ApiKeyId, OrgId, Scope};
+use herald_engine::{get_api_key_by_hash, Actor, ApiKey, ApiKeyId, OrgId, Scope};
 
 use crate::error::{ApiError, Family};
 use crate::state::AppState;
+
+mod extract;
+
+pub use extract::{scope, Auth, ErrorShape, Named, Plain, RequiredScope};
 
 /// Every key starts with this.
 pub const KEY_PREFIX: &str = "sk_";
@@ -56,16 +59,6 @@ pub fn generate_key() -> Result<String, String> {
     Ok(format!("{KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)))
 }
 
-/// Checks the bearer key, the caller's rate and the scope the route needs.
-pub fn authenticate(
-    state: &AppState,
-    headers: &HeaderMap,
-    family: Family,
-    scope: Scope,
-) -> Result<Principal, ApiError> {
-    authenticate_header(state, headers.get(header::AUTHORIZATION), family, scope)
-}
-
 /// The token of an `Authorization: Bearer <token>` value. The scheme name is case-insensitive
 /// (RFC 9110, section 11.1): `bearer` and `BEARER` are taken too.
 fn bearer_token(value: &str) -> Option<&str> {
@@ -73,15 +66,15 @@ fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
-/// [`authenticate`] given the request's (first) `Authorization` header, for a handler that does
-/// not take the whole header map.
-pub fn authenticate_header(
+/// Checks the bearer key, the caller's rate and the scope the route needs.
+pub fn authenticate(
     state: &AppState,
-    authorization: Option<&HeaderValue>,
+    headers: &HeaderMap,
     family: Family,
     scope: Scope,
 ) -> Result<Principal, ApiError> {
-    let key = authorization
+    let key = headers
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .map(str::trim)
@@ -236,21 +229,6 @@ impl KeyCache {
     }
 }
 
-/// Checks for an admin key of no organisation: the routes over every organisation (API keys, the
-/// audit log) refuse an organisation's key even when it holds the `admin` scope, as a missing
-/// scope, so it never sees nor changes another organisation's keys or records.
-pub fn authenticate_admin(
-    state: &AppState,
-    headers: &HeaderMap,
-    family: Family,
-) -> Result<Principal, ApiError> {
-    let who = authenticate(state, headers, family, Scope::Admin)?;
-    if who.org_id.is_some() {
-        return Err(ApiError::forbidden(family, "this route needs an admin key of no organisation"));
-    }
-    Ok(who)
-}
-
 /// Per-key token buckets: `rate` tokens a second, up to `burst`.
 pub struct Buckets {
     rate: f64,
@@ -367,7 +345,9 @@ mod tests {
         assert_eq!(cache.get(0, &hash(1)), None, "an idle key was forgotten");
     }
 
-    mod with_an_engine {
+    /// An engine over a store in memory, and a request's headers with a key; for the tests of
+    /// this module and of [`super::extract`].
+    pub(super) mod with_an_engine {
         use super::super::*;
         use axum::http::HeaderValue;
         use herald_engine::clock::SystemClock;
@@ -385,7 +365,16 @@ mod tests {
             }
         }
 
-        fn bearer(key: &str) -> HeaderMap {
+        pub(in crate::auth) fn engine() -> Engine {
+            let parts = Parts {
+                store: Arc::new(MemStore::new()),
+                clock: Arc::new(SystemClock),
+                sender: Arc::new(Accepting),
+            };
+            Engine::open_with(EngineConfig::default(), parts).unwrap()
+        }
+
+        pub(in crate::auth) fn bearer(key: &str) -> HeaderMap {
             let mut headers = HeaderMap::new();
             headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {key}")).unwrap());
             headers
@@ -395,12 +384,7 @@ mod tests {
         /// route) is refused on the very next request, although the key was cached.
         #[test]
         fn a_cached_key_revoked_through_the_engine_is_refused_on_the_next_request() {
-            let parts = Parts {
-                store: Arc::new(MemStore::new()),
-                clock: Arc::new(SystemClock),
-                sender: Arc::new(Accepting),
-            };
-            let engine = Engine::open_with(EngineConfig::default(), parts).unwrap();
+            let engine = engine();
             let state = AppState::new(engine.clone(), &crate::config::Config::default());
             let org = OrgId(uuid::Uuid::now_v7());
             let (key, id) = (generate_key().unwrap(), ApiKeyId(uuid::Uuid::now_v7()));

@@ -7,232 +7,34 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use herald_engine::commands::CommandLimits;
 use herald_engine::config::{DeliveryConfig, EngineConfig};
-use herald_log::Durability;
-use herald_projector::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
+use herald_engine::Policy;
+
+mod declare;
+mod error;
+mod input;
+mod keys;
+
+pub use error::ConfigError;
+pub use input::parse_duration;
+use input::{describe, Input};
+use keys::SECTIONS;
+pub use keys::{
+    Config, DeliverySection, EndpointHealthSection, RetriggerSection, SecretsSection, ServerSection,
+    StoreSection, DEFAULT_TOML,
+};
 
 /// The largest `[server] max_event_bytes` and `max_body_bytes`: half of a log record's largest
 /// body, which leaves room for the framing and fan-out written beside the payload.
-pub const BODY_BYTES_LIMIT: usize = herald_log::record::BODY_BYTES_MAX / 2;
+pub const BODY_BYTES_LIMIT: usize = herald_engine::RECORD_BODY_BYTES_MAX / 2;
 
 /// The environment variable prefix of every setting: `HERALD_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "HERALD_";
-
-/// The configuration file `herald serve` runs with when given none: every key at its default,
-/// with comments. Parsing it gives [`Config::default`].
-pub const DEFAULT_TOML: &str = r#"# herald's configuration. Durations are written "250ms", "5s", "5m", "24h" or "30d".
-# Every key can also be set in the environment as HERALD_<SECTION>_<KEY>
-# (HERALD_SERVER_LISTEN, HERALD_ENDPOINT_HEALTH_FAILURES, ...); the environment overrides this
-# file, and --data-dir and --listen override both.
-
-[server]
-listen = "127.0.0.1:8080"
-max_event_bytes = 262144        # largest event payload; over it: 413
-max_body_bytes = 65536          # largest request body on every other route; over it: 413
-key_requests_per_s = 10000      # per API key token bucket; over it: 429 with Retry-After
-key_burst = 20000
-shutdown_timeout = "10s"        # SIGTERM/SIGINT: how long attempts in flight may take to finish
-
-[store]
-data_dir = "./herald-data"
-durability = "sync"             # "sync": acknowledged after sled's flush and an fsync of its files (survives power loss);
-                                # "flush": after sled's flush only (survives a process crash, not a power cut)
-retain = "forever"              # or a duration such as "30d": history of deliveries delivered longer ago is
-                                # dropped (pending, exhausted and inactive ones never are); see docs/OPERATIONS.md
-
-[delivery]
-timeout = "15s"                 # whole attempt
-retry_schedule = ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
-max_in_flight_per_endpoint = 16
-max_in_flight_total = 1024
-allow_private_targets = false   # loopback, private and link-local addresses refused unless true
-# extra_ca_file = "/etc/herald/ca.pem"   # PEM file of extra root certificates for private receivers
-
-[endpoint_health]
-failures = 5                    # failures in a row within the window make an endpoint inactive
-window = "24h"
-
-[retrigger]
-max_per_window = 10             # retrigger requests per endpoint per window (seed 002's RETRIGGER_RATE_LIMITED)
-window = "1m"
-
-[secrets]
-rotation_overlap = "24h"        # how long a rotated-out secret keeps signing
-"#;
-
-/// Every section and its keys, in the order API.md lists them.
-const SECTIONS: &[(&str, &[&str])] = &[
-    (
-        "server",
-        &[
-            "listen",
-            "max_event_bytes",
-            "max_body_bytes",
-            "key_requests_per_s",
-            "key_burst",
-            "shutdown_timeout",
-        ],
-    ),
-    ("store", &["data_dir", "durability", "retain"]),
-    (
-        "delivery",
-        &[
-            "timeout",
-            "retry_schedule",
-            "max_in_flight_per_endpoint",
-            "max_in_flight_total",
-            "allow_private_targets",
-            "extra_ca_file",
-        ],
-    ),
-    ("endpoint_health", &["failures", "window"]),
-    ("retrigger", &["max_per_window", "window"]),
-    ("secrets", &["rotation_overlap"]),
-];
-
-/// The whole configuration of `herald serve`, one field per TOML section.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Config {
-    /// `[server]`: the HTTP listener and its limits.
-    pub server: ServerSection,
-    /// `[store]`: where and how durably the log is kept.
-    pub store: StoreSection,
-    /// `[delivery]`: how attempts are made.
-    pub delivery: DeliverySection,
-    /// `[endpoint_health]`: when failing endpoints are made inactive.
-    pub endpoint_health: EndpointHealthSection,
-    /// `[retrigger]`: the rate limit of manual retriggers.
-    pub retrigger: RetriggerSection,
-    /// `[secrets]`: signing secret rotation.
-    pub secrets: SecretsSection,
-}
-
-/// `[server]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerSection {
-    /// The address to listen on (`127.0.0.1:8080`).
-    pub listen: SocketAddr,
-    /// The largest event payload accepted, bytes (256 KiB); larger: 413.
-    pub max_event_bytes: usize,
-    /// The largest request body on every route other than publishing an event, bytes (64 KiB).
-    pub max_body_bytes: usize,
-    /// Requests per second of each API key's token bucket (10000); over it: 429.
-    pub key_requests_per_s: u32,
-    /// The size of each API key's token bucket (20000).
-    pub key_burst: u32,
-    /// How long a graceful stop waits for attempts in flight (10 s).
-    pub shutdown_timeout: Duration,
-}
-
-impl Default for ServerSection {
-    fn default() -> Self {
-        ServerSection {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_event_bytes: 256 * 1024,
-            max_body_bytes: 64 * 1024,
-            key_requests_per_s: 10_000,
-            key_burst: 20_000,
-            shutdown_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// `[store]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreSection {
-    /// The data directory (`./herald-data`).
-    pub data_dir: PathBuf,
-    /// When a write is acknowledged: `sync` (the default) or `flush`.
-    pub durability: Durability,
-    /// How long the history of a delivered delivery is kept (`"forever"`, the default: `None`).
-    pub retain: Option<Duration>,
-}
-
-impl Default for StoreSection {
-    fn default() -> Self {
-        StoreSection { data_dir: PathBuf::from("./herald-data"), durability: Durability::Sync, retain: None }
-    }
-}
-
-/// `[delivery]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliverySection {
-    /// The whole attempt, at most (15 s).
-    pub timeout: Duration,
-    /// Delays of the automatic retries after the first attempt (5s, 5m, 30m, 2h, 5h, 10h, 10h).
-    pub retry_schedule: Vec<Duration>,
-    /// Attempts in flight to one endpoint, at most (16).
-    pub max_in_flight_per_endpoint: usize,
-    /// Attempts in flight in total, at most (1024).
-    pub max_in_flight_total: usize,
-    /// Whether loopback, private and link-local targets are allowed (false).
-    pub allow_private_targets: bool,
-    /// A PEM file of extra root certificates for private receivers (none).
-    pub extra_ca_file: Option<PathBuf>,
-}
-
-impl Default for DeliverySection {
-    fn default() -> Self {
-        let policy = Policy::default();
-        DeliverySection {
-            timeout: Duration::from_secs(15),
-            retry_schedule: policy.retry_schedule_ms.iter().map(|&ms| Duration::from_millis(ms)).collect(),
-            max_in_flight_per_endpoint: 16,
-            max_in_flight_total: 1024,
-            allow_private_targets: false,
-            extra_ca_file: None,
-        }
-    }
-}
-
-/// `[endpoint_health]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointHealthSection {
-    /// Failures in a row that make an endpoint inactive (5)...
-    pub failures: u32,
-    /// ...when they fall within this window (24 h).
-    pub window: Duration,
-}
-
-impl Default for EndpointHealthSection {
-    fn default() -> Self {
-        EndpointHealthSection { failures: 5, window: Duration::from_secs(24 * 3600) }
-    }
-}
-
-/// `[retrigger]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetriggerSection {
-    /// Retrigger requests per endpoint per window, at most (10).
-    pub max_per_window: usize,
-    /// The window (1 min).
-    pub window: Duration,
-}
-
-impl Default for RetriggerSection {
-    fn default() -> Self {
-        RetriggerSection { max_per_window: 10, window: Duration::from_secs(60) }
-    }
-}
-
-/// `[secrets]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretsSection {
-    /// How long a rotated-out secret keeps signing (24 h).
-    pub rotation_overlap: Duration,
-}
-
-impl Default for SecretsSection {
-    fn default() -> Self {
-        SecretsSection { rotation_overlap: Duration::from_secs(24 * 3600) }
-    }
-}
 
 /// The command-line flags that override the file and the environment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -260,111 +62,6 @@ impl fmt::Display for Origin {
             Origin::File(path) => write!(f, "config file {}", path.display()),
             Origin::Env(var) => write!(f, "environment variable {var}"),
             Origin::Flag(flag) => write!(f, "command-line flag {flag}"),
-        }
-    }
-}
-
-/// Why a configuration could not be loaded.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The configuration file could not be read.
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        error: io::Error,
-    },
-    /// The configuration file is not valid TOML.
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with the line and column.
-        message: String,
-    },
-    /// The configuration file has a section herald does not know.
-    UnknownSection {
-        /// The file.
-        path: PathBuf,
-        /// The section's name.
-        section: String,
-    },
-    /// The configuration file has a key herald does not know in a known section.
-    UnknownKey {
-        /// The file.
-        path: PathBuf,
-        /// The section.
-        section: String,
-        /// The key.
-        key: String,
-    },
-    /// A value is of the wrong type or out of range.
-    Invalid {
-        /// Where the value came from; `None` for a [`Config`] built in code and checked with
-        /// [`Config::validate`].
-        origin: Option<Origin>,
-        /// `section.key`.
-        key: String,
-        /// What is wrong.
-        problem: String,
-    },
-}
-
-impl ConfigError {
-    /// The setting the error is about, as `section.key` (or the section alone), if it is about one.
-    pub fn key(&self) -> Option<String> {
-        match self {
-            ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
-            ConfigError::UnknownSection { section, .. } => Some(section.clone()),
-            ConfigError::UnknownKey { section, key, .. } => Some(format!("{section}.{key}")),
-            ConfigError::Invalid { key, .. } => Some(key.clone()),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Read { path, error } => {
-                write!(f, "cannot read config file {}: {error}", path.display())
-            }
-            ConfigError::Syntax { path, message } => {
-                write!(f, "config file {} is not valid TOML: {message}", path.display())
-            }
-            ConfigError::UnknownSection { path, section } => {
-                let known: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
-                write!(
-                    f,
-                    "config file {}: unknown section [{section}] (known sections: {})",
-                    path.display(),
-                    known.join(", ")
-                )
-            }
-            ConfigError::UnknownKey { path, section, key } => {
-                let known = section_keys(section).unwrap_or(&[]);
-                write!(
-                    f,
-                    "config file {}: unknown key {section}.{key} (known keys of [{section}]: {})",
-                    path.display(),
-                    known.join(", ")
-                )
-            }
-            ConfigError::Invalid { origin: Some(Origin::File(path)), key, problem } => {
-                write!(f, "config file {}: {key}: {problem}", path.display())
-            }
-            ConfigError::Invalid { origin: Some(origin), key, problem } => {
-                write!(f, "{origin} ({key}): {problem}")
-            }
-            ConfigError::Invalid { origin: None, key, problem } => write!(f, "{key}: {problem}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ConfigError::Read { error, .. } => Some(error),
-            _ => None,
         }
     }
 }
@@ -519,36 +216,6 @@ impl Config {
         }
     }
 
-    /// Sets one key from a file's or the environment's value; the error says what is wrong.
-    fn set(&mut self, section: &str, key: &str, input: Input<'_>) -> Result<(), String> {
-        match (section, key) {
-            ("server", "listen") => self.server.listen = input.socket_addr()?,
-            ("server", "max_event_bytes") => self.server.max_event_bytes = input.count()?,
-            ("server", "max_body_bytes") => self.server.max_body_bytes = input.count()?,
-            ("server", "key_requests_per_s") => self.server.key_requests_per_s = input.count()?,
-            ("server", "key_burst") => self.server.key_burst = input.count()?,
-            ("server", "shutdown_timeout") => self.server.shutdown_timeout = input.duration()?,
-            ("store", "data_dir") => self.store.data_dir = input.path()?,
-            ("store", "durability") => self.store.durability = input.durability()?,
-            ("store", "retain") => self.store.retain = input.retain()?,
-            ("delivery", "timeout") => self.delivery.timeout = input.duration()?,
-            ("delivery", "retry_schedule") => self.delivery.retry_schedule = input.durations()?,
-            ("delivery", "max_in_flight_per_endpoint") => {
-                self.delivery.max_in_flight_per_endpoint = input.count()?
-            }
-            ("delivery", "max_in_flight_total") => self.delivery.max_in_flight_total = input.count()?,
-            ("delivery", "allow_private_targets") => self.delivery.allow_private_targets = input.boolean()?,
-            ("delivery", "extra_ca_file") => self.delivery.extra_ca_file = input.optional_path()?,
-            ("endpoint_health", "failures") => self.endpoint_health.failures = input.count()?,
-            ("endpoint_health", "window") => self.endpoint_health.window = input.duration()?,
-            ("retrigger", "max_per_window") => self.retrigger.max_per_window = input.count()?,
-            ("retrigger", "window") => self.retrigger.window = input.duration()?,
-            ("secrets", "rotation_overlap") => self.secrets.rotation_overlap = input.duration()?,
-            _ => return Err(format!("unknown key {section}.{key}")),
-        }
-        Ok(())
-    }
-
     /// The first value out of range, blamed on the source that set it.
     fn check(&self, origins: &Origins) -> Result<(), ConfigError> {
         match self.problem() {
@@ -557,72 +224,6 @@ impl Config {
                 Err(ConfigError::Invalid { origin: origins.get(key).cloned(), key: key.to_string(), problem })
             }
         }
-    }
-
-    /// The first value out of range: its key and what is wrong.
-    fn problem(&self) -> Option<(&'static str, String)> {
-        fn at_least_one(key: &'static str, value: u64) -> Option<(&'static str, String)> {
-            (value == 0).then(|| (key, "must be at least 1".to_string()))
-        }
-        fn bytes(key: &'static str, value: usize) -> Option<(&'static str, String)> {
-            if value == 0 {
-                Some((key, "must be at least 1".to_string()))
-            } else if value > BODY_BYTES_LIMIT {
-                Some((key, format!("must be at most {BODY_BYTES_LIMIT} bytes, got {value}")))
-            } else {
-                None
-            }
-        }
-        fn above_zero(key: &'static str, value: Duration) -> Option<(&'static str, String)> {
-            value.is_zero().then(|| (key, "must be longer than 0s".to_string()))
-        }
-        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        let s = &self.server;
-        let d = &self.delivery;
-        None.or_else(|| bytes("server.max_event_bytes", s.max_event_bytes))
-            .or_else(|| bytes("server.max_body_bytes", s.max_body_bytes))
-            .or_else(|| at_least_one("server.key_requests_per_s", s.key_requests_per_s.into()))
-            .or_else(|| at_least_one("server.key_burst", s.key_burst.into()))
-            .or_else(|| {
-                self.store
-                    .data_dir
-                    .as_os_str()
-                    .is_empty()
-                    .then(|| ("store.data_dir", "must not be empty".to_string()))
-            })
-            .or_else(|| above_zero("delivery.timeout", d.timeout))
-            .or_else(|| {
-                (d.retry_schedule.len() > RETRY_SCHEDULE_LEN_MAX).then(|| {
-                    let n = d.retry_schedule.len();
-                    (
-                        "delivery.retry_schedule",
-                        format!("has {n} entries, at most {RETRY_SCHEDULE_LEN_MAX} allowed"),
-                    )
-                })
-            })
-            .or_else(|| {
-                at_least_one("delivery.max_in_flight_per_endpoint", count(d.max_in_flight_per_endpoint))
-            })
-            .or_else(|| at_least_one("delivery.max_in_flight_total", count(d.max_in_flight_total)))
-            .or_else(|| {
-                d.extra_ca_file
-                    .as_ref()
-                    .is_some_and(|p| p.as_os_str().is_empty())
-                    .then(|| ("delivery.extra_ca_file", "must not be empty".to_string()))
-            })
-            .or_else(|| at_least_one("endpoint_health.failures", self.endpoint_health.failures.into()))
-            .or_else(|| {
-                let failures = self.endpoint_health.failures;
-                (failures > FAILURES_MAX_LIMIT).then(|| {
-                    (
-                        "endpoint_health.failures",
-                        format!("must be at most {FAILURES_MAX_LIMIT}, got {failures}"),
-                    )
-                })
-            })
-            .or_else(|| above_zero("endpoint_health.window", self.endpoint_health.window))
-            .or_else(|| at_least_one("retrigger.max_per_window", count(self.retrigger.max_per_window)))
-            .or_else(|| above_zero("retrigger.window", self.retrigger.window))
     }
 }
 
@@ -665,197 +266,12 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Parses a duration: a whole number followed by a unit, `ms`, `s`, `m`, `h` or `d`
-/// (`"250ms"`, `"5s"`, `"5m"`, `"24h"`, `"30d"`, `"0s"`). The error names the input.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let fail = |why: &str| Err(format!("invalid duration {text:?}: {why}"));
-    if text.is_empty() {
-        return fail("empty (write e.g. \"5s\")");
-    }
-    if text.starts_with('-') {
-        return fail("durations cannot be negative");
-    }
-    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(digits_end);
-    if digits.is_empty() {
-        return fail("expected a whole number followed by a unit (ms, s, m, h or d)");
-    }
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "" => return fail("missing unit (ms, s, m, h or d)"),
-        _ if unit.starts_with('.') => {
-            return fail("only whole numbers are allowed (write \"1500ms\", not \"1.5s\")")
-        }
-        _ => return fail(&format!("unknown unit {unit:?} (expected ms, s, m, h or d)")),
-    };
-    match digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit_ms)) {
-        Some(ms) => Ok(Duration::from_millis(ms)),
-        None => fail("too large"),
-    }
-}
-
-/// A value to set a key from: a file's TOML value or an environment variable's text.
-#[derive(Clone, Copy)]
-enum Input<'a> {
-    Toml(&'a toml::Value),
-    Env(&'a str),
-}
-
-impl<'a> Input<'a> {
-    /// A string (TOML) or the variable's text.
-    fn text(self, what: &str) -> Result<&'a str, String> {
-        match self {
-            Input::Toml(toml::Value::String(s)) => Ok(s),
-            Input::Toml(other) => Err(format!("expected {what}, found {}", describe(other))),
-            Input::Env(s) => Ok(s),
-        }
-    }
-
-    /// A whole number that fits `T`.
-    fn count<T: TryFrom<u64>>(self) -> Result<T, String> {
-        let n: u64 = match self {
-            Input::Toml(toml::Value::Integer(i)) => {
-                u64::try_from(*i).map_err(|_| format!("must not be negative, got {i}"))?
-            }
-            Input::Toml(other) => return Err(format!("expected a whole number, found {}", describe(other))),
-            Input::Env(s) => {
-                let t = s.trim();
-                if t.starts_with('-') {
-                    return Err(format!("must not be negative, got {s:?}"));
-                }
-                if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(format!("expected a whole number, got {s:?}"));
-                }
-                t.parse().map_err(|_| format!("too large: {s:?}"))?
-            }
-        };
-        T::try_from(n).map_err(|_| format!("too large: {n}"))
-    }
-
-    fn boolean(self) -> Result<bool, String> {
-        match self {
-            Input::Toml(toml::Value::Boolean(b)) => Ok(*b),
-            Input::Toml(other) => Err(format!("expected true or false, found {}", describe(other))),
-            Input::Env(s) => match s.trim() {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => Err(format!("expected true or false, got {s:?}")),
-            },
-        }
-    }
-
-    fn socket_addr(self) -> Result<SocketAddr, String> {
-        let text = self.text("an address such as \"127.0.0.1:8080\"")?;
-        text.trim().parse().map_err(|_| {
-            format!("invalid address {text:?}: expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\"")
-        })
-    }
-
-    /// `"forever"`, or a duration of at least 1s.
-    fn retain(self) -> Result<Option<Duration>, String> {
-        let text = self.text("\"forever\" or a duration such as \"30d\"")?;
-        match text.trim() {
-            "forever" => Ok(None),
-            other => match parse_duration(other) {
-                Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
-                Ok(_) => Err(format!("{other:?} is under 1s; give \"forever\" or a duration of at least 1s")),
-                Err(e) => Err(format!("{e}; or \"forever\"")),
-            },
-        }
-    }
-
-    fn duration(self) -> Result<Duration, String> {
-        let text = self.text("a duration such as \"5s\"")?;
-        match self {
-            Input::Env(_) => parse_duration(text.trim()),
-            Input::Toml(_) => parse_duration(text),
-        }
-    }
-
-    /// A TOML array of durations; in the environment, a comma-separated list (`5s,5m,30m`) or a
-    /// TOML array literal (`["5s", "5m"]`, `[]` for none).
-    fn durations(self) -> Result<Vec<Duration>, String> {
-        match self {
-            Input::Toml(toml::Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    toml::Value::String(s) => parse_duration(s).map_err(|e| format!("entry {}: {e}", i + 1)),
-                    other => Err(format!(
-                        "entry {}: expected a duration such as \"5s\", found {}",
-                        i + 1,
-                        describe(other)
-                    )),
-                })
-                .collect(),
-            Input::Toml(other) => Err(format!(
-                "expected an array of durations such as [\"5s\", \"5m\"], found {}",
-                describe(other)
-            )),
-            Input::Env(s) => {
-                let t = s.trim();
-                if t.starts_with('[') {
-                    let value: toml::Value = t
-                        .parse()
-                        .map_err(|e: toml::de::Error| format!("invalid array {s:?}: {}", e.message()))?;
-                    return Input::Toml(&value).durations();
-                }
-                if t.is_empty() {
-                    return Err(
-                        "empty: expected a comma-separated list such as \"5s,5m\", or [] for none".into()
-                    );
-                }
-                t.split(',')
-                    .enumerate()
-                    .map(|(i, item)| parse_duration(item.trim()).map_err(|e| format!("entry {}: {e}", i + 1)))
-                    .collect()
-            }
-        }
-    }
-
-    fn durability(self) -> Result<Durability, String> {
-        let text = self.text("\"sync\" or \"flush\"")?;
-        match text.trim() {
-            "sync" => Ok(Durability::Sync),
-            "flush" => Ok(Durability::Flush),
-            _ => Err(format!("expected \"sync\" or \"flush\", got {text:?}")),
-        }
-    }
-
-    fn path(self) -> Result<PathBuf, String> {
-        let text = self.text("a path")?;
-        if text.is_empty() {
-            return Err("must not be empty".into());
-        }
-        Ok(PathBuf::from(text))
-    }
-
-    /// A path, or none for an empty value (so an environment variable can unset the file's).
-    fn optional_path(self) -> Result<Option<PathBuf>, String> {
-        let text = self.text("a path")?;
-        Ok((!text.is_empty()).then(|| PathBuf::from(text)))
-    }
-}
-
-/// A TOML value's type, with the value where it is short, for error messages.
-fn describe(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(s) => format!("the string {s:?}"),
-        toml::Value::Integer(i) => format!("the integer {i}"),
-        toml::Value::Float(x) => format!("the number {x}"),
-        toml::Value::Boolean(b) => format!("the boolean {b}"),
-        toml::Value::Datetime(d) => format!("the date-time {d}"),
-        toml::Value::Array(_) => "an array".into(),
-        toml::Value::Table(_) => "a table".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use herald_engine::{Durability, RETRY_SCHEDULE_LEN_MAX};
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

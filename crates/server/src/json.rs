@@ -1,6 +1,6 @@
 //! The JSON shapes of the API. They live here only; the engine knows nothing of JSON.
 
-use herald_projector::{ApiKey, AttemptRecord, Delivery, DeliveryStatus, Endpoint, Trigger};
+use herald_engine::{ApiKey, AttemptRecord, Delivery, DeliveryStatus, Endpoint, Trigger};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

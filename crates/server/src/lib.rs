@@ -1,7 +1,7 @@
 //! herald-server: the HTTP API of `../shared/API.md` over the engine, and the configuration of
 //! `herald serve`.
 //!
-//! - [`router`]: every route, each handler authenticating with [`auth::authenticate`] and
+//! - [`router`]: every route, each handler authenticated by the [`auth::Auth`] extractor and
 //!   answering errors in its route family's shape ([`error`]).
 //! - [`openapi_document`]: the OpenAPI 3 document, generated from the handlers' annotations and
 //!   the JSON types in [`json`], so it cannot drift from them.
@@ -27,8 +27,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use herald_engine::{Actor, Command, Engine};
-use herald_projector::{list_api_keys, ApiKeyId, Scope};
+use herald_engine::{list_api_keys, Actor, ApiKeyId, Command, Engine, Scope};
 use utoipa::OpenApi;
 
 use crate::config::Config;

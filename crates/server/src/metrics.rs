@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use herald_engine::Engine;
+use herald_engine::{DispatchStats, Engine, WriterStats};
 
 /// Counters the server keeps itself; the engine's figures are read at scrape time.
 pub struct Metrics {
@@ -145,140 +145,22 @@ impl Metrics {
         let d = engine.dispatch_stats();
         let w = engine.writer_stats();
         let now = engine.now_ms();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        metric(
-            "herald_events_published_total",
-            "counter",
-            "Events published through the API.",
-            self.published.load(Ordering::Relaxed).to_string(),
+        let published = self.published.load(Ordering::Relaxed).to_string();
+        write_rows(
+            &mut out,
+            &[("herald_events_published_total", "counter", "Events published through the API.", published)],
         );
-        metric(
-            "herald_due_queue_length",
-            "gauge",
-            "Deliveries in the in-memory due queue.",
-            d.queued.to_string(),
-        );
-        let lag_s = d.oldest_due_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
-        metric(
-            "herald_delivery_lag_seconds",
-            "gauge",
-            "Age of the oldest due delivery not yet attempted.",
-            format!("{lag_s:.3}"),
-        );
-        metric("herald_attempts_in_flight", "gauge", "Attempts in flight.", d.in_flight.to_string());
-        metric(
-            "herald_deliveries_parked",
-            "gauge",
-            "Due deliveries waiting for a busy endpoint.",
-            d.parked.to_string(),
-        );
-        metric(
-            "herald_log_committed_seq",
-            "gauge",
-            "The last durable log seq.",
-            engine.committed_seq().to_string(),
-        );
-        // Read after the committed seq: a batch being flushed shows here first.
-        metric(
-            "herald_projection_applied_seq",
-            "gauge",
-            "The last log seq folded into the projection; ahead of the committed seq while a batch is being flushed.",
-            engine.read(|t| herald_projector::applied_seq(t)).map_or_else(|_| "NaN".to_owned(), |s| s.to_string()),
-        );
-        metric(
-            "herald_commit_batches_total",
-            "counter",
-            "Group-commit batches written.",
-            w.batches.to_string(),
-        );
-        metric("herald_commit_commands_total", "counter", "Commands committed.", w.commands.to_string());
-        metric(
-            "herald_commit_failed_batches_total",
-            "counter",
-            "Batches the store refused.",
-            w.failed_batches.to_string(),
-        );
-        metric(
-            "herald_commit_last_batch_commands",
-            "gauge",
-            "Commands in the last batch.",
-            w.last_batch_commands.to_string(),
-        );
-        metric(
-            "herald_store_refusing_writes",
-            "gauge",
-            "1 while the last batch failed to commit (a full disk): writes answer 503.",
-            u8::from(w.last_batch_failed).to_string(),
-        );
-        metric(
-            "herald_flush_seconds_total",
-            "counter",
-            "Time spent flushing batches (divide by batches for the mean flush latency).",
-            format!("{:.6}", w.flush_us_total as f64 / 1e6),
-        );
-        metric(
-            "herald_flush_seconds_max",
-            "gauge",
-            "The longest single flush since the process started: a disk stall shows here.",
-            format!("{:.6}", w.flush_us_max as f64 / 1e6),
-        );
-        let c = engine.read_cache_stats();
-        metric(
-            "herald_read_cache_hits_total",
-            "counter",
-            "Reads answered by the cache in front of the store (rows the dispatcher reads for each attempt).",
-            c.hits.to_string(),
-        );
-        metric(
-            "herald_read_cache_misses_total",
-            "counter",
-            "Reads of cached kinds of rows that went to the store.",
-            c.misses.to_string(),
-        );
-        metric(
-            "herald_read_cache_known_absent_total",
-            "counter",
-            "Reads of new event and delivery ids answered as absent from the ids kept since the store's last id, without a read.",
-            c.known_absent.to_string(),
-        );
-        let r = engine.retention_stats();
-        metric(
-            "herald_retention_runs_total",
-            "counter",
-            "Compactions run ([store] retain).",
-            r.runs.to_string(),
-        );
-        metric(
-            "herald_retention_failures_total",
-            "counter",
-            "Compactions that failed (each is written to stderr).",
-            r.failures.to_string(),
-        );
-        metric(
-            "herald_retention_records_dropped_total",
-            "counter",
-            "Log records dropped by retention.",
-            r.records_dropped.to_string(),
-        );
-        metric(
-            "herald_retention_deliveries_dropped_total",
-            "counter",
-            "Delivered deliveries dropped by retention.",
-            r.deliveries_dropped.to_string(),
-        );
-        let _ = writeln!(out, "# HELP herald_attempts_total Delivery attempts by outcome.\n# TYPE herald_attempts_total counter");
-        let _ = writeln!(out, "herald_attempts_total{{outcome=\"delivered\"}} {}", d.attempts_delivered);
-        let _ = writeln!(out, "herald_attempts_total{{outcome=\"failed\"}} {}", d.attempts_failed);
-        let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
-        let _ =
-            writeln!(out, "# HELP herald_deliveries Deliveries by status.\n# TYPE herald_deliveries gauge");
-        if let Ok(counts) = engine.read(|t| herald_projector::delivery_counts(t)) {
-            for (status, n) in counts {
-                let _ = writeln!(out, "herald_deliveries{{status=\"{}\"}} {n}", status.name());
-            }
-        }
+        dispatch_gauges(&mut out, &d, now);
+        log_metrics(&mut out, engine, &w);
+        store_metrics(&mut out, engine);
+        attempt_counts(&mut out, &d);
+        delivery_counts(&mut out, engine);
+        self.request_counts(&mut out);
+        out
+    }
+
+    /// `herald_http_requests_total`, one line per (route, method, status).
+    fn request_counts(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP herald_http_requests_total HTTP requests by route and status.\n# TYPE herald_http_requests_total counter");
         for ((route, method, status), n) in self.request_series().iter() {
             let _ = writeln!(
@@ -287,7 +169,87 @@ impl Metrics {
                 route.replace('"', "")
             );
         }
-        out
+    }
+}
+
+/// Unlabelled metrics, one a row: name, type, help, value.
+type Rows<const N: usize> = [(&'static str, &'static str, &'static str, String); N];
+
+/// Writes each row as its help, its type and its value.
+fn write_rows(out: &mut String, rows: &[(&str, &str, &str, String)]) {
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+}
+
+/// The dispatcher's queue, lag, attempts in flight and parked deliveries.
+fn dispatch_gauges(out: &mut String, d: &DispatchStats, now: u64) {
+    let lag_s = d.oldest_due_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+    #[rustfmt::skip]
+    let rows: Rows<4> = [
+        ("herald_due_queue_length", "gauge", "Deliveries in the in-memory due queue.", d.queued.to_string()),
+        ("herald_delivery_lag_seconds", "gauge", "Age of the oldest due delivery not yet attempted.", format!("{lag_s:.3}")),
+        ("herald_attempts_in_flight", "gauge", "Attempts in flight.", d.in_flight.to_string()),
+        ("herald_deliveries_parked", "gauge", "Due deliveries waiting for a busy endpoint.", d.parked.to_string()),
+    ];
+    write_rows(out, &rows);
+}
+
+/// The log's durable seq, the projection's applied seq, and the writer's batches and flushes.
+fn log_metrics(out: &mut String, engine: &Engine, w: &WriterStats) {
+    let committed = engine.committed_seq().to_string();
+    // Read after the committed seq: a batch being flushed shows here first.
+    let applied =
+        engine.read(|t| herald_engine::applied_seq(t)).map_or_else(|_| "NaN".to_owned(), |s| s.to_string());
+    #[rustfmt::skip]
+    let rows: Rows<9> = [
+        ("herald_log_committed_seq", "gauge", "The last durable log seq.", committed),
+        ("herald_projection_applied_seq", "gauge", "The last log seq folded into the projection; ahead of the committed seq while a batch is being flushed.", applied),
+        ("herald_commit_batches_total", "counter", "Group-commit batches written.", w.batches.to_string()),
+        ("herald_commit_commands_total", "counter", "Commands committed.", w.commands.to_string()),
+        ("herald_commit_failed_batches_total", "counter", "Batches the store refused.", w.failed_batches.to_string()),
+        ("herald_commit_last_batch_commands", "gauge", "Commands in the last batch.", w.last_batch_commands.to_string()),
+        ("herald_store_refusing_writes", "gauge", "1 while the last batch failed to commit (a full disk): writes answer 503.", u8::from(w.last_batch_failed).to_string()),
+        ("herald_flush_seconds_total", "counter", "Time spent flushing batches (divide by batches for the mean flush latency).", format!("{:.6}", w.flush_us_total as f64 / 1e6)),
+        ("herald_flush_seconds_max", "gauge", "The longest single flush since the process started: a disk stall shows here.", format!("{:.6}", w.flush_us_max as f64 / 1e6)),
+    ];
+    write_rows(out, &rows);
+}
+
+/// The store's read cache and retention's compactions and what they dropped.
+fn store_metrics(out: &mut String, engine: &Engine) {
+    let (c, r) = (engine.read_cache_stats(), engine.retention_stats());
+    #[rustfmt::skip]
+    let rows: Rows<7> = [
+        ("herald_read_cache_hits_total", "counter", "Reads answered by the cache in front of the store (rows the dispatcher reads for each attempt).", c.hits.to_string()),
+        ("herald_read_cache_misses_total", "counter", "Reads of cached kinds of rows that went to the store.", c.misses.to_string()),
+        ("herald_read_cache_known_absent_total", "counter", "Reads of new event and delivery ids answered as absent from the ids kept since the store's last id, without a read.", c.known_absent.to_string()),
+        ("herald_retention_runs_total", "counter", "Compactions run ([store] retain).", r.runs.to_string()),
+        ("herald_retention_failures_total", "counter", "Compactions that failed (each is written to stderr).", r.failures.to_string()),
+        ("herald_retention_records_dropped_total", "counter", "Log records dropped by retention.", r.records_dropped.to_string()),
+        ("herald_retention_deliveries_dropped_total", "counter", "Delivered deliveries dropped by retention.", r.deliveries_dropped.to_string()),
+    ];
+    write_rows(out, &rows);
+}
+
+/// `herald_attempts_total` by outcome.
+fn attempt_counts(out: &mut String, d: &DispatchStats) {
+    let _ = writeln!(
+        out,
+        "# HELP herald_attempts_total Delivery attempts by outcome.\n# TYPE herald_attempts_total counter"
+    );
+    let _ = writeln!(out, "herald_attempts_total{{outcome=\"delivered\"}} {}", d.attempts_delivered);
+    let _ = writeln!(out, "herald_attempts_total{{outcome=\"failed\"}} {}", d.attempts_failed);
+    let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
+}
+
+/// `herald_deliveries` by status, as the projection counts them.
+fn delivery_counts(out: &mut String, engine: &Engine) {
+    let _ = writeln!(out, "# HELP herald_deliveries Deliveries by status.\n# TYPE herald_deliveries gauge");
+    if let Ok(counts) = engine.read(|t| herald_engine::delivery_counts(t)) {
+        for (status, n) in counts {
+            let _ = writeln!(out, "herald_deliveries{{status=\"{}\"}} {n}", status.name());
+        }
     }
 }
 

@@ -5,15 +5,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::Command;
-use herald_projector::{get_api_key, list_api_keys, ApiKeyId, OrgId, Scope};
+use herald_engine::{get_api_key, list_api_keys, ApiKeyId, Command, OrgId, Scope};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::auth::{authenticate_admin, generate_key, key_hash};
+use crate::auth::{generate_key, key_hash, scope, Auth};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{ApiKeyCreate, ApiKeyList, ApiKeyOut};
 use crate::state::AppState;
@@ -27,10 +26,9 @@ const F: Family = Family::Named;
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::AdminOfNoOrg>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate_admin(&state, &headers, F)?;
     let input: ApiKeyCreate = json_body(F, body)?;
     let org_id = match input.org_id.as_deref() {
         None => None,
@@ -81,10 +79,9 @@ pub struct ListQuery {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _who: Auth<scope::AdminOfNoOrg>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authenticate_admin(&state, &headers, F)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let limit = parse_limit(F, q.limit.as_deref(), 50, 250)?;
     let after = parse_cursor::<16>(F, q.cursor.as_deref())?.map(ApiKeyId::from_bytes);
@@ -100,10 +97,9 @@ pub async fn list(
     security(("bearer" = [])))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::AdminOfNoOrg>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate_admin(&state, &headers, F)?;
     let uuid = parse_id(&id).ok_or_else(|| ApiError::not_found(F, format!("api key {id} not found")))?;
     state
         .engine

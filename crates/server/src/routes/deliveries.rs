@@ -3,17 +3,15 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::Command;
-use herald_projector::{
-    list_deliveries_rev, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
-    EndpointId, OrgId, Scope,
+use herald_engine::{
+    list_deliveries_rev, Command, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery,
+    DeliveryStatus, EndpointId, OrgId,
 };
 use serde::Deserialize;
 
-use crate::auth::{authenticate, Principal};
+use crate::auth::{scope, Auth, Principal};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{AttemptList, AttemptOut, DeliveryList, DeliveryOut};
 use crate::routes::{list_scope, scope_orgs};
@@ -117,10 +115,9 @@ pub struct ListQuery {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::DeliveriesRead>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let scope = list_scope(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
@@ -194,10 +191,9 @@ fn not_found(id: &str) -> ApiError {
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::DeliveriesRead>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
     Ok(Json(DeliveryOut::from(&d)).into_response())
 }
@@ -208,10 +204,9 @@ pub async fn get(
     security(("bearer" = [])))]
 pub async fn attempts(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::DeliveriesRead>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
     let mut data = Vec::new();
     let mut after = 0;
@@ -231,10 +226,9 @@ pub async fn attempts(
     security(("bearer" = [])))]
 pub async fn redeliver(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::DeliveriesWrite>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::DeliveriesWrite)?;
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
     state
         .engine

@@ -5,15 +5,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::{Command, Reply};
-use herald_projector::{EndpointId, Scope};
+use herald_engine::{Command, EndpointId, Reply};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::auth::{authenticate, Principal};
+use crate::auth::{scope, Auth, Principal};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
 use crate::routes::{list_scope, org_of};
@@ -29,7 +28,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The live endpoint `id` as this caller may see it.
-fn visible(state: &AppState, who: &Principal, id: &str) -> Result<herald_projector::Endpoint, ApiError> {
+fn visible(state: &AppState, who: &Principal, id: &str) -> Result<herald_engine::Endpoint, ApiError> {
     let uuid = parse_id(id).ok_or_else(|| not_found(id))?;
     match state.engine.endpoint(EndpointId(uuid)).map_err(|e| ApiError::from_read(F, e))? {
         Some(e) if who.sees(e.org_id) && !e.is_deleted() => Ok(e),
@@ -60,10 +59,9 @@ fn answer(
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsWrite>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let input: EndpointCreate = json_body(F, body)?;
     let org_id = org_of(F, &who, input.org_id.as_deref())?;
     let id = EndpointId(Uuid::now_v7());
@@ -96,10 +94,9 @@ pub struct ListQuery {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsRead>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsRead)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let scope = list_scope(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
@@ -107,9 +104,9 @@ pub async fn list(
     let page = state
         .engine
         .read(|t| match scope {
-            Some(org_id) => herald_projector::list_endpoints_rev(t, org_id, before, limit),
+            Some(org_id) => herald_engine::list_endpoints_rev(t, org_id, before, limit),
             // An admin key naming no organisation: every organisation's endpoints.
-            None => herald_projector::list_all_endpoints_rev(t, before, limit),
+            None => herald_engine::list_all_endpoints_rev(t, before, limit),
         })
         .map_err(|e| ApiError::from_read(F, e))?;
     let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));
@@ -123,10 +120,9 @@ pub async fn list(
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsRead>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsRead)?;
     let e = visible(&state, &who, &id)?;
     Ok(Json(EndpointOut::new(&e, None)).into_response())
 }
@@ -137,11 +133,10 @@ pub async fn get(
     security(("bearer" = [])))]
 pub async fn patch(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsWrite>,
     PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let e = visible(&state, &who, &id)?;
     let input: EndpointPatch = json_body(F, body)?;
     let command = Command::UpdateEndpoint {
@@ -159,10 +154,9 @@ pub async fn patch(
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsWrite>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let e = visible(&state, &who, &id)?;
     run(&state, &who, Command::DeleteEndpoint { id: e.id }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -181,11 +175,10 @@ pub struct RotateIn {
     security(("bearer" = [])))]
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsWrite>,
     PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let e = visible(&state, &who, &id)?;
     let secret = match &body {
         Ok(b) if b.iter().all(u8::is_ascii_whitespace) => None,
@@ -203,10 +196,9 @@ pub async fn rotate(
     security(("bearer" = [])))]
 pub async fn enable(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::EndpointsWrite>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::EndpointsWrite)?;
     let e = visible(&state, &who, &id)?;
     run(&state, &who, Command::EnableEndpoint { id: e.id }).await?;
     answer(&state, StatusCode::OK, e.id, None)

@@ -6,15 +6,14 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::{Command, Reply};
-use herald_projector::{DeliveryId, EventId, Scope};
+use herald_engine::{Command, DeliveryId, EventId, Reply};
 use serde::Deserialize as _;
 use uuid::Uuid;
 
-use crate::auth::{authenticate, authenticate_header};
+use crate::auth::{scope, Auth};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::{EventOut, PublishIn, PublishInRef, PublishOut};
 use crate::routes::org_of;
@@ -31,10 +30,10 @@ const F: Family = Family::Named;
     security(("bearer" = [])))]
 pub async fn publish(
     State(state): State<Arc<AppState>>,
+    who: Auth<scope::EventsWrite>,
     headers: PublishHeaders,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate_header(&state, headers.authorization.as_ref(), F, Scope::EventsWrite)?;
     let bytes = body_bytes(F, body)?;
     // One pass over the body, borrowing from it. A body this refuses is parsed again the way every
     // other route parses, for the error that names the field (and so that what is accepted and
@@ -100,10 +99,10 @@ pub async fn publish(
     }
 }
 
-/// The two headers a publish reads, taken from the request without copying its whole header
-/// map (what the `HeaderMap` extractor does): the first value of each, as `HeaderMap::get`.
+/// The header a publish reads besides `Authorization` (which [`Auth`] reads), taken from the
+/// request without copying its whole header map (what the `HeaderMap` extractor does): its first
+/// value, as `HeaderMap::get`.
 pub struct PublishHeaders {
-    authorization: Option<HeaderValue>,
     idempotency_key: Option<HeaderValue>,
 }
 
@@ -111,10 +110,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PublishHeaders {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(PublishHeaders {
-            authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
-            idempotency_key: parts.headers.get("idempotency-key").cloned(),
-        })
+        Ok(PublishHeaders { idempotency_key: parts.headers.get("idempotency-key").cloned() })
     }
 }
 
@@ -149,10 +145,9 @@ fn publish_out_json(id: EventId, event_type: &str, created_at: &str, delivery_id
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::DeliveriesRead>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, F, Scope::DeliveriesRead)?;
     let not_found = || ApiError::not_found(F, format!("event {id} not found"));
     let uuid = parse_id(&id).ok_or_else(not_found)?;
     let event = match state.engine.event(EventId(uuid)).map_err(|e| ApiError::from_read(F, e))? {

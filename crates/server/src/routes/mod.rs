@@ -7,7 +7,7 @@ pub mod events;
 pub mod ops;
 pub mod seeds;
 
-use herald_projector::OrgId;
+use herald_engine::OrgId;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, Family};
@@ -34,7 +34,7 @@ pub fn scope_orgs(state: &AppState, family: Family, scope: Option<OrgId>) -> Res
     }
     let orgs = state
         .engine
-        .read(|t| herald_projector::delivery_orgs(t, ADMIN_LIST_ORGS_MAX))
+        .read(|t| herald_engine::delivery_orgs(t, ADMIN_LIST_ORGS_MAX))
         .map_err(|e| ApiError::from_read(family, e))?;
     if orgs.len() > ADMIN_LIST_ORGS_MAX {
         return Err(ApiError::validation(

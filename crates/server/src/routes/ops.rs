@@ -4,14 +4,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_projector::decode;
+use herald_engine::decode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::auth::authenticate_admin;
+use crate::auth::{scope, Auth};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
 use crate::json::Health;
 use crate::state::AppState;
@@ -30,7 +30,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     // caught up. Read the durable seq first so a commit in between cannot look like a lag.
     let committed = state.engine.committed_seq();
     let caught_up =
-        state.engine.read(|t| herald_projector::applied_seq(t)).is_ok_and(|applied| applied >= committed);
+        state.engine.read(|t| herald_engine::applied_seq(t)).is_ok_and(|applied| applied >= committed);
     // A store that refuses writes (a full disk) leaves herald serving reads and answering 503 to
     // writes, and says why; herald resumes by itself once the store takes writes again.
     let refusal = state.engine.store_refusal();
@@ -74,11 +74,10 @@ pub const AUDIT_PAGE_MAX: usize = 10_000;
     security(("bearer" = [])))]
 pub async fn audit_log(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _who: Auth<scope::AdminOfNoOrg>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     const F: Family = Family::Named;
-    authenticate_admin(&state, &headers, F)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(F, e.body_text()))?;
     let after = match q.after.as_deref() {
         None => 0,
@@ -114,7 +113,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// An event as audit JSON: `{"type": "<Variant>", ...fields}`. Secrets are redacted, key hashes
 /// shown as hex, payloads as the JSON they are, response excerpts as text.
-pub fn audit_event(event: &herald_projector::Event) -> Value {
+pub fn audit_event(event: &herald_engine::Event) -> Value {
     let raw = serde_json::to_value(event).unwrap_or(Value::Null);
     let (kind, inner) = match raw {
         Value::Object(map) if map.len() == 1 => match map.into_iter().next() {

@@ -6,16 +6,15 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::{Command, CommandError, EngineError, Reply};
-use herald_projector::{
-    Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId, Scope,
+use herald_engine::{
+    Command, CommandError, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId,
+    EngineError, Reply,
 };
 use serde::Deserialize;
 
-use crate::auth::authenticate;
+use crate::auth::{scope, Auth, Plain};
 use crate::error::{ApiError, AuthErrors, Family, NamedError, PlainAuthErrors, PlainError};
 use crate::json::{
     is_failure, BatchItemOut, BatchRetriggerIn, BatchRetriggerOut, FailureList, FailureOut, RetriggerOut,
@@ -39,10 +38,9 @@ fn no_failure(id: &str) -> ApiError {
     security(("bearer" = [])))]
 pub async fn retrigger(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::DeliveriesWrite, Plain>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, P, Scope::DeliveriesWrite)?;
     let d = visible(&state, P, &who, &id)?.filter(|d| is_failure(d.status)).ok_or_else(|| no_failure(&id))?;
     match state.engine.execute(who.actor(), Command::Retrigger { delivery_id: d.id }).await {
         // The lowercase hyphenated form, whichever form the path used.
@@ -67,10 +65,9 @@ fn failure(state: &AppState, d: &Delivery) -> WebhookFailure {
     security(("bearer" = [])))]
 pub async fn get_failure(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::TasksWebhooksRead, Plain>,
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, P, Scope::TasksWebhooksRead)?;
     let d = visible(&state, P, &who, &id)?
         .filter(|d| is_failure(d.status))
         .ok_or_else(|| ApiError::not_found(P, format!("No webhook failure found with ID {id}")))?;
@@ -95,10 +92,9 @@ pub struct FailureQuery {
     security(("bearer" = [])))]
 pub async fn list_failures(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::TasksWebhooksRead, Plain>,
     query: Result<Query<FailureQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, P, Scope::TasksWebhooksRead)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(P, e.body_text()))?;
     let scope = list_scope(P, &who, q.org_id.as_deref())?;
     let limit = parse_limit(P, q.limit.as_deref(), 50, 250)?;
@@ -137,11 +133,10 @@ pub async fn list_failures(
     security(("bearer" = [])))]
 pub async fn batch_retrigger(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    who: Auth<scope::Admin>,
     PathId(webhook_id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = authenticate(&state, &headers, N, Scope::Admin)?;
     let endpoint_id = parse_id(&webhook_id)
         .map(EndpointId)
         .ok_or_else(|| ApiError::not_found(N, format!("webhook {webhook_id} not found")))?;
