@@ -87,6 +87,7 @@
 //! assert!(matches!(apply(&mut tables, 7, 9_000, &retrigger), Err(ApplyError::SeqNotNext { expected: 6, got: 7 })));
 //! ```
 
+mod cache_policy;
 mod codec;
 pub mod compact;
 mod event;
@@ -103,6 +104,7 @@ mod tables;
 #[cfg(test)]
 mod testkit;
 
+pub use cache_policy::{cache_policy, CachePolicy};
 pub use codec::DECODE_BYTES_MAX;
 pub use compact::{event_payload, CompactError, CompactReport};
 pub use event::{
