@@ -99,6 +99,7 @@ mod model;
 mod persist;
 mod policy;
 mod query;
+mod staged;
 mod tables;
 
 #[cfg(test)]
@@ -122,8 +123,8 @@ pub use model::{
     RESPONSE_EXCERPT_BYTES_MAX,
 };
 pub use persist::{
-    catch_up, fold_staged_entries, projection_lag, rebuild, stored_projection, CheckedTables, Projector,
-    RebuildError, StoreTables, TxRead, TxTables,
+    catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
+    StoreTables, TxRead, TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
@@ -132,4 +133,5 @@ pub use query::{
     list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, rules,
     Corrupt, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
+pub use staged::fold_staged_entries;
 pub use tables::{Batch, MemTables, ReadTables, Tables};
