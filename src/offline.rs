@@ -377,7 +377,7 @@ pub fn compact_dir(dir: &Path, retain: std::time::Duration) -> Result<String, Fa
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let cutoff_ms = now_ms.saturating_sub(u64::try_from(retain.as_millis()).unwrap_or(u64::MAX));
     // It writes: a store an earlier version left is converted first, as `herald serve` would.
-    herald_projector::compact::drop_legacy(store.as_ref()).map_err(|e| Failure::new(1, e.to_string()))?;
+    herald_projector::compact::drop_legacy(store.clone()).map_err(|e| Failure::new(1, e.to_string()))?;
     herald_log::upgrade_format(store.as_ref()).map_err(|e| Failure::new(1, e.to_string()))?;
     let log = Log::open(store.clone(), Compactor, LogConfig::default())
         .map_err(|e| Failure::new(1, e.to_string()))?;

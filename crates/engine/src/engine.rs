@@ -208,7 +208,7 @@ impl Engine {
         }
         // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
         // converted once.
-        match herald_projector::compact::drop_legacy(store.as_ref()) {
+        match herald_projector::compact::drop_legacy(store.clone()) {
             Ok(0) => {}
             Ok(n) => eprintln!(
                 "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"

@@ -1,11 +1,15 @@
 //! The legacy migration: converts what an earlier version stored (whole-list index keys, list
-//! entries one key each) to this version's keys, live and in the checkpoint.
+//! entries one key each) to this version's keys, live and in the checkpoint. It reads the
+//! store and writes through a log of its own ([`Migration`]), opened before the engine's: so
+//! nothing writes the store beside a running log writer.
 
 use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Included};
 use std::ops::ControlFlow;
 
-use herald_log::{read_head, scan_vec, LogError, Store};
+use std::sync::Arc;
+
+use herald_log::{read_head, scan_vec, Batch, Durability, Log, LogConfig, LogError, Machine, Store, Tx};
 
 use super::checkpoint::{checkpoint_hash, load_checkpoint, CHECKPOINT_META, KS_CHECKPOINT};
 use super::CompactError;
@@ -14,8 +18,8 @@ use crate::keys;
 use crate::persist::RebuildError;
 use crate::tables::{ReadTables, Tables};
 
-/// Brings a store an earlier version wrote to this version's keys, then flushes; returns how
-/// many stored pairs went. Run before the log opens.
+/// Brings a store an earlier version wrote to this version's keys, each batch written through
+/// a log and made durable; returns how many stored pairs went. Run before the log opens.
 ///
 /// - The pairs of [`keys::LEGACY_KEYSPACES`] are deleted.
 /// - The list index entries an earlier version stored one key each
@@ -26,7 +30,9 @@ use crate::tables::{ReadTables, Tables};
 ///
 /// A store without any costs a few seeks (the checkpoint is read and hashed only when it holds
 /// some).
-pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
+pub fn drop_legacy(store: Arc<dyn Store>) -> Result<u64, CompactError> {
+    let mut out = Writer::new(store.clone());
+    let store = store.as_ref();
     let unchunked = keys::LEGACY_INDEX_KEYSPACES
         .iter()
         .map(|ks| scan_vec(store, &[*ks], &[*ks + 1], 1).map(|page| !page.is_empty()))
@@ -40,15 +46,15 @@ pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
             keys::KS_CHUNKS_BY_ORG_TYPE,
             keys::KS_CHUNKS_DUE,
         ] {
-            delete_range(store, &[ks], &[ks + 1])?;
+            delete_range(store, &mut out, &[ks], &[ks + 1])?;
         }
-        chunk_stored_entries(store)?;
+        chunk_stored_entries(store, &mut out)?;
     }
     let mut dropped = 0u64;
     for keyspace in keys::LEGACY_KEYSPACES.into_iter().chain(keys::LEGACY_INDEX_KEYSPACES) {
-        dropped += delete_range(store, &[keyspace], &[keyspace + 1])?;
+        dropped += delete_range(store, &mut out, &[keyspace], &[keyspace + 1])?;
     }
-    let mut stale = herald_log::Batch::default();
+    let mut stale = Batch::default();
     for keyspace in keys::LEGACY_KEYSPACES.into_iter().chain(keys::LEGACY_INDEX_KEYSPACES) {
         store
             .scan(&[KS_CHECKPOINT, keyspace], &[KS_CHECKPOINT, keyspace + 1], &mut |key, _| {
@@ -68,20 +74,18 @@ pub fn drop_legacy(store: &dyn Store) -> Result<u64, CompactError> {
         }
         let hash = checkpoint_hash(tables.iter(), payloads.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
         stale.put(CHECKPOINT_META.to_vec(), [&anchor_seq.to_be_bytes()[..], &hash].concat());
-        store.apply(&stale).map_err(LogError::from)?;
+        out.apply(stale)?;
     }
-    if dropped > 0 || unchunked {
-        store.flush(herald_log::Durability::Sync).map_err(LogError::from)?;
-    }
+    out.close();
     Ok(dropped)
 }
 
 /// Deletes every stored pair in `from..to`, in batches; returns how many.
-fn delete_range(store: &dyn Store, from: &[u8], to: &[u8]) -> Result<u64, CompactError> {
+fn delete_range(store: &dyn Store, out: &mut Writer, from: &[u8], to: &[u8]) -> Result<u64, CompactError> {
     const BATCH_KEYS: usize = 10_000;
     let mut deleted = 0;
     loop {
-        let mut batch = herald_log::Batch::default();
+        let mut batch = Batch::default();
         store
             .scan(from, to, &mut |key, _| {
                 batch.delete(key.to_vec());
@@ -96,27 +100,27 @@ fn delete_range(store: &dyn Store, from: &[u8], to: &[u8]) -> Result<u64, Compac
             return Ok(deleted);
         }
         deleted += batch.len() as u64;
-        store.apply(&batch).map_err(LogError::from)?;
+        out.apply(batch)?;
     }
 }
 
 /// Adds every stored delivery's index entries to the chunks, a page of deliveries per store
 /// batch.
-fn chunk_stored_entries(store: &dyn Store) -> Result<(), CompactError> {
+fn chunk_stored_entries(store: &dyn Store, out: &mut Writer) -> Result<(), CompactError> {
     const PAGE: usize = 1024;
     let mut from = Some(vec![keys::KS_DELIVERY]);
     while let Some(start) = from {
         let mut staged = StagedStore { store, changes: BTreeMap::new() };
         from = index::chunk_deliveries(&mut staged, &start, PAGE)
             .map_err(|c| CompactError::Rebuild(RebuildError::Projection(c)))?;
-        let mut batch = herald_log::Batch::default();
+        let mut batch = Batch::default();
         for (key, value) in staged.changes {
             match value {
                 Some(value) => batch.put(key, value),
                 None => batch.delete(key),
             }
         }
-        store.apply(&batch).map_err(LogError::from)?;
+        out.apply(batch)?;
     }
     Ok(())
 }
@@ -153,5 +157,60 @@ impl Tables for StagedStore<'_> {
 
     fn delete(&mut self, key: &[u8]) {
         self.changes.insert(key.to_vec(), None);
+    }
+}
+
+/// The log machine the migration writes through: each command is a batch of writes worked out
+/// from what the store holds, applied as a log batch of its own (no record).
+struct Migration;
+
+impl Machine for Migration {
+    type Command = Batch;
+    type Reply = ();
+    type Rejection = std::convert::Infallible;
+
+    fn execute(&mut self, batch: Batch, tx: &mut Tx<'_>) -> Result<(), Self::Rejection> {
+        for (key, value) in batch.writes {
+            match value {
+                Some(value) => tx.put(key, value),
+                None => tx.delete(&key),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the migration's batches go: a [`Migration`] log, opened on the first batch (a store
+/// without anything to convert opens none), each batch durable before the next is worked out.
+struct Writer {
+    store: Arc<dyn Store>,
+    log: Option<Log<Migration>>,
+}
+
+impl Writer {
+    fn new(store: Arc<dyn Store>) -> Writer {
+        Writer { store, log: None }
+    }
+
+    fn apply(&mut self, batch: Batch) -> Result<(), CompactError> {
+        let log = match &mut self.log {
+            Some(log) => log,
+            None => {
+                let config =
+                    LogConfig { batch_commands_max: 1, durability: Durability::Sync, ..LogConfig::default() };
+                self.log.insert(Log::open(self.store.clone(), Migration, config)?)
+            }
+        };
+        match log.submit(batch)? {
+            Ok(()) => Ok(()),
+            Err(never) => match never {},
+        }
+    }
+
+    /// Stops the log's writer, once every batch is durable.
+    fn close(self) {
+        if let Some(log) = self.log {
+            log.close();
+        }
     }
 }

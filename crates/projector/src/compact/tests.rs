@@ -259,7 +259,7 @@ fn index_keys_an_earlier_version_wrote_are_skipped_then_dropped() {
 
     // As it is: the legacy pairs are not part of the projection, the checkpoint checks out.
     assert_exact(&store);
-    assert_eq!(drop_legacy(&store).unwrap(), expected as u64);
+    assert_eq!(drop_legacy(Arc::new(store.clone())).unwrap(), expected as u64);
     let left = store.with_map(|m| {
         m.keys()
             .filter(|k| {
@@ -270,7 +270,7 @@ fn index_keys_an_earlier_version_wrote_are_skipped_then_dropped() {
     });
     assert_eq!(left, 0);
     assert_exact(&store);
-    assert_eq!(drop_legacy(&store).unwrap(), 0, "nothing left the second time");
+    assert_eq!(drop_legacy(Arc::new(store.clone())).unwrap(), 0, "nothing left the second time");
 }
 
 /// A store as the version before chunked list indexes left it: one key per list index entry,
@@ -332,9 +332,9 @@ fn list_entries_an_earlier_version_stored_one_key_each_are_chunked_then_dropped(
     assert!(load_checkpoint(&store, anchor).is_ok(), "the old checkpoint checks out as it is");
     assert_exact(&store);
 
-    assert_eq!(drop_legacy(&store).unwrap(), expected as u64);
+    assert_eq!(drop_legacy(Arc::new(store.clone())).unwrap(), expected as u64);
     let after: Vec<(Vec<u8>, Vec<u8>)> =
         store.with_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     assert_eq!(after, now, "the store is what this version wrote");
-    assert_eq!(drop_legacy(&store).unwrap(), 0, "nothing left the second time");
+    assert_eq!(drop_legacy(Arc::new(store.clone())).unwrap(), 0, "nothing left the second time");
 }
