@@ -68,7 +68,7 @@ pub fn compact(
     let now_ms = options.now_ms;
     let cutoff_ms = now_ms.saturating_sub(u64::try_from(options.retain.as_millis()).unwrap_or(u64::MAX));
     // It writes: a store an earlier version left is converted first, as `herald serve` would.
-    herald_projector::compact::drop_legacy(store.as_ref()).map_err(OfflineError::Compact)?;
+    herald_projector::compact::drop_legacy(store.clone()).map_err(OfflineError::Compact)?;
     herald_log::upgrade_format(store.as_ref()).map_err(OfflineError::Log)?;
     let log = Log::open(store.clone(), Compactor, LogConfig::default()).map_err(OfflineError::Log)?;
     progress.begin("compacting", last_seq(store.as_ref())?);

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use herald_log::{CacheStats, CachedStore, Log, LogError, SledStore, Store, WriterStats};
 use herald_projector::compact;
-use herald_projector::keys;
 use herald_projector::{
     attempts, event_payload, get_delivery, get_endpoint, get_event, list_deliveries, list_endpoints,
     projection_lag, AttemptRecord, CheckedTables, CompactError, CompactReport, Delivery, DeliveryCursor,
@@ -81,14 +80,6 @@ pub struct Parts {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub sender: Arc<dyn Sender>,
-}
-
-/// The keys the read cache keeps: what the dispatcher reads for each attempt (the delivery, and
-/// its endpoint or organisation secret). Not the event and the record that holds its payload:
-/// a first attempt is handed the payload by the batch that published it, so only retries read
-/// them, and caching each publish would cost the writer a copy that is seldom read.
-fn dispatcher_reads(key: &[u8]) -> bool {
-    matches!(key.first(), Some(&(keys::KS_ORG_SECRET | keys::KS_ENDPOINT | keys::KS_DELIVERY)))
 }
 
 /// Reads [`Engine::consistent_read`] makes, at most, before it answers what the last one saw.
@@ -217,7 +208,7 @@ impl Engine {
         }
         // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
         // converted once.
-        match herald_projector::compact::drop_legacy(store.as_ref()) {
+        match herald_projector::compact::drop_legacy(store.clone()) {
             Ok(0) => {}
             Ok(n) => eprintln!(
                 "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
@@ -226,12 +217,8 @@ impl Engine {
         }
         herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
         // From here on every read and write goes through the cache, so it sees every batch.
-        // Event and delivery ids are UUID v7, so each new one sorts after those stored: the
-        // writer's check that an id is new is answered by the cache, not by sled.
-        let cached = Arc::new(
-            CachedStore::new(store, config.read_cache_bytes, dispatcher_reads)
-                .with_ascending(&[keys::KS_EVENT, keys::KS_DELIVERY]),
-        );
+        // Which keys it keeps is the projector's to say.
+        let cached = Arc::new(herald_projector::cache_policy().cached_store(store, config.read_cache_bytes));
         let store: Arc<dyn Store> = cached.clone();
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();

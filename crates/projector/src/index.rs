@@ -27,7 +27,7 @@
 //! in: a rebuild from the log, and a retention checkpoint folded forward, give byte-identical
 //! tables.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::keys;
 use crate::query::Corrupt;
@@ -388,72 +388,6 @@ pub(crate) fn fold_entries<'k>(
     Ok(())
 }
 
-/// Tables that keep the index entries added and removed (logical keys) aside, for
-/// [`Deferring::fold`] to fold into their chunks together: each window read and written once
-/// per fold, not once per entry. A rebuild folds a page of records at a time through one.
-pub(crate) struct Deferring<T: Tables> {
-    pub(crate) base: T,
-    pending: BTreeMap<Vec<u8>, bool>,
-}
-
-impl<T: Tables> Deferring<T> {
-    pub(crate) fn new(base: T) -> Deferring<T> {
-        Deferring { base, pending: BTreeMap::new() }
-    }
-
-    pub(crate) fn fold(&mut self) -> Result<(), Corrupt> {
-        let pending = std::mem::take(&mut self.pending);
-        fold_entries(&mut self.base, pending.iter().map(|(k, add)| (k.as_slice(), *add)))
-    }
-}
-
-impl<T: Tables> ReadTables for Deferring<T> {
-    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.base.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.base.scan(from, to, limit)
-    }
-
-    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.base.scan_rev(from, to, limit)
-    }
-
-    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
-        if from >= to {
-            return Vec::new();
-        }
-        self.pending.range(from.to_vec()..to.to_vec()).map(|(k, add)| (k.clone(), *add)).collect()
-    }
-}
-
-impl<T: Tables> Tables for Deferring<T> {
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.base.put(key, value)
-    }
-
-    fn delete(&mut self, key: &[u8]) {
-        self.base.delete(key)
-    }
-
-    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
-        if !is_chunked(key) {
-            return Err(Corrupt { key: key.to_vec() });
-        }
-        self.pending.insert(key.to_vec(), true);
-        Ok(())
-    }
-
-    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
-        if !is_chunked(key) {
-            return Err(Corrupt { key: key.to_vec() });
-        }
-        self.pending.insert(key.to_vec(), false);
-        Ok(())
-    }
-}
-
 /// The logical keyspaces whose entries are kept in chunks, as key ranges.
 pub(crate) fn logical_ranges() -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> {
     [
@@ -468,14 +402,25 @@ pub(crate) fn logical_ranges() -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> {
 
 /// Which way a scan walks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Walk {
+pub enum Walk {
     Forward,
     Backward,
 }
 
+/// A range of a chunked index to list: up to `limit` logical keys of the index `logical_prefix`
+/// with `from <= key < to`, ascending (`Forward`) or descending.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexRange<'k> {
+    pub(crate) logical_prefix: &'k [u8],
+    pub(crate) from: &'k [u8],
+    pub(crate) to: &'k [u8],
+    pub(crate) limit: usize,
+    pub(crate) walk: Walk,
+}
+
 /// Up to `limit` logical keys of the index `logical_prefix` with `from <= key < to`, ascending
 /// (`Forward`) or descending: what the chunks hold, with the entries the tables have not folded
-/// into them yet ([`ReadTables::unfolded_entries`]) added and removed.
+/// into them yet added and removed ([`ReadTables::scan_index`], `staged.rs`).
 pub(crate) fn scan(
     t: &impl ReadTables,
     logical_prefix: &[u8],
@@ -484,76 +429,24 @@ pub(crate) fn scan(
     limit: usize,
     walk: Walk,
 ) -> Result<Vec<Vec<u8>>, Corrupt> {
-    let unfolded: Vec<(Vec<u8>, bool)> =
-        t.unfolded_entries(from, to).into_iter().filter(|(k, _)| k.starts_with(logical_prefix)).collect();
-    if unfolded.is_empty() {
-        return scan_chunks(t, logical_prefix, from, to, limit, walk);
-    }
-    // Each removal hides at most one stored entry: this many stored ones fill the page.
-    let removed = unfolded.iter().filter(|(_, add)| !add).count();
-    let stored = scan_chunks(t, logical_prefix, from, to, limit.saturating_add(removed), walk)?;
-    // The stored page ends at `last`: entries beyond it in the walk are not known to be all
-    // there is, unless the page was short.
-    let complete = stored.len() < limit.saturating_add(removed);
-    let last = stored.last().cloned();
-    let mut all: BTreeSet<Vec<u8>> = stored.into_iter().collect();
-    for (key, add) in unfolded {
-        let known = complete
-            || last.as_ref().is_some_and(|last| match walk {
-                Walk::Forward => key <= *last,
-                Walk::Backward => key >= *last,
-            });
-        if !add {
-            all.remove(&key);
-        } else if known {
-            all.insert(key);
-        }
-    }
-    Ok(match walk {
-        Walk::Forward => all.into_iter().take(limit).collect(),
-        Walk::Backward => all.into_iter().rev().take(limit).collect(),
-    })
+    t.scan_index(t, &IndexRange { logical_prefix, from, to, limit, walk })
 }
 
 /// [`scan`] over what the chunks hold. Reads the windows the range touches, one store scan per
 /// [`SCAN_CHUNKS`] heads and chunks, and stops once it has `limit`.
-fn scan_chunks(
-    t: &impl ReadTables,
-    logical_prefix: &[u8],
-    from: &[u8],
-    to: &[u8],
-    limit: usize,
-    walk: Walk,
+pub(crate) fn scan_chunks(
+    t: &(impl ReadTables + ?Sized),
+    range: &IndexRange<'_>,
 ) -> Result<Vec<Vec<u8>>, Corrupt> {
+    let IndexRange { logical_prefix, from, to, limit, walk } = *range;
     let Some(prefix) = chunk_prefix(logical_prefix) else {
         return Err(Corrupt { key: logical_prefix.to_vec() });
     };
-    let prefix_end = keys::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
-    // The windows of `from` and `to` bound the stored keys to read; entries are then filtered.
-    let window_bound = |bound: &[u8], after: bool| -> Vec<u8> {
-        if bound < logical_prefix {
-            return prefix.clone();
-        }
-        if !bound.starts_with(logical_prefix) {
-            return prefix_end.clone();
-        }
-        let tail = &bound[logical_prefix.len()..];
-        let mut at = [0u8; 8];
-        let n = tail.len().min(8);
-        at[..n].copy_from_slice(&tail[..n]);
-        let window = u64::from_be_bytes(at) / WINDOW_MS;
-        match window.checked_add(u64::from(after)) {
-            Some(w) => [&prefix[..], &w.to_be_bytes()].concat(),
-            None => prefix_end.clone(),
-        }
-    };
-    let lo = window_bound(from, false);
-    let hi = window_bound(to, true);
+    let (mut lo, mut hi) = window_bounds(&prefix, range);
     let mut out = Vec::new();
     if from >= to || lo >= hi || limit == 0 {
         return Ok(out);
     }
-    let (mut lo, mut hi) = (lo, hi);
     loop {
         let page = match walk {
             Walk::Forward => t.scan(&lo, &hi, SCAN_CHUNKS),
@@ -565,15 +458,7 @@ fn scan_chunks(
                 Walk::Forward => lo = keys::successor(&key),
                 Walk::Backward => hi = key.clone(),
             }
-            let entries = match key.len().checked_sub(prefix.len()) {
-                Some(8) => {
-                    let head = Head::checked(key, value)?;
-                    entries_of(&head.key, head.entries())?
-                }
-                Some(n) if n == 8 + ENTRY_BYTES => entries_of(&key, &value)?,
-                _ => return Err(Corrupt { key }),
-            };
-            let mut keys: Vec<Vec<u8>> = entries
+            let mut keys: Vec<Vec<u8>> = stored_entries(prefix.len(), key, value)?
                 .iter()
                 .map(|e| [logical_prefix, e].concat())
                 .filter(|k| k.as_slice() >= from && k.as_slice() < to)
@@ -591,6 +476,44 @@ fn scan_chunks(
         if done {
             return Ok(out);
         }
+    }
+}
+
+/// The stored keys (under chunk prefix `prefix`) that hold the entries of `range`: from the
+/// window of `from` to the one after the window of `to`. Entries are then filtered.
+fn window_bounds(prefix: &[u8], range: &IndexRange<'_>) -> (Vec<u8>, Vec<u8>) {
+    let logical_prefix = range.logical_prefix;
+    let prefix_end = keys::prefix_end(prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+    let window_bound = |bound: &[u8], after: bool| -> Vec<u8> {
+        if bound < logical_prefix {
+            return prefix.to_vec();
+        }
+        if !bound.starts_with(logical_prefix) {
+            return prefix_end.clone();
+        }
+        let tail = &bound[logical_prefix.len()..];
+        let mut at = [0u8; 8];
+        let n = tail.len().min(8);
+        at[..n].copy_from_slice(&tail[..n]);
+        let window = u64::from_be_bytes(at) / WINDOW_MS;
+        match window.checked_add(u64::from(after)) {
+            Some(w) => [prefix, &w.to_be_bytes()].concat(),
+            None => prefix_end.clone(),
+        }
+    };
+    (window_bound(range.from, false), window_bound(range.to, true))
+}
+
+/// The entries a stored head or chunk holds (its key is `prefix_len` bytes of chunk prefix,
+/// then the window, then for a chunk its boundary entry).
+fn stored_entries(prefix_len: usize, key: Vec<u8>, value: Vec<u8>) -> Result<Vec<Entry>, Corrupt> {
+    match key.len().checked_sub(prefix_len) {
+        Some(8) => {
+            let head = Head::checked(key, value)?;
+            entries_of(&head.key, head.entries())
+        }
+        Some(n) if n == 8 + ENTRY_BYTES => entries_of(&key, &value),
+        _ => Err(Corrupt { key }),
     }
 }
 
@@ -625,6 +548,7 @@ pub(crate) fn rebuild_from_deliveries(t: &mut impl Tables) -> Result<(), Corrupt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::staged::Deferring;
     use crate::tables::MemTables;
     use proptest::prelude::*;
     use std::collections::BTreeSet;

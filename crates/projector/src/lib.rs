@@ -87,6 +87,7 @@
 //! assert!(matches!(apply(&mut tables, 7, 9_000, &retrigger), Err(ApplyError::SeqNotNext { expected: 6, got: 7 })));
 //! ```
 
+mod cache_policy;
 mod codec;
 pub mod compact;
 mod event;
@@ -98,11 +99,13 @@ mod model;
 mod persist;
 mod policy;
 mod query;
+mod staged;
 mod tables;
 
 #[cfg(test)]
 mod testkit;
 
+pub use cache_policy::{cache_policy, CachePolicy};
 pub use codec::DECODE_BYTES_MAX;
 pub use compact::{event_payload, CompactError, CompactReport};
 pub use event::{
@@ -120,8 +123,8 @@ pub use model::{
     RESPONSE_EXCERPT_BYTES_MAX,
 };
 pub use persist::{
-    catch_up, fold_staged_entries, projection_lag, rebuild, stored_projection, CheckedTables, Projector,
-    RebuildError, StoreTables, TxRead, TxTables,
+    catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
+    StoreTables, TxRead, TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
@@ -130,4 +133,5 @@ pub use query::{
     list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, rules,
     Corrupt, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
+pub use staged::fold_staged_entries;
 pub use tables::{Batch, MemTables, ReadTables, Tables};

@@ -11,10 +11,11 @@ use herald_log::{keyspace, read_records, LogError, Machine, Pair, Record, Store,
 
 use crate::event::{decode, encode, DecodeError, Event};
 use crate::fold::{apply, apply_unstaged, ApplyError};
-use crate::index;
+use crate::index::IndexRange;
 use crate::keys::{KS_FIRST, KS_LAST};
 use crate::query::applied_seq;
 use crate::query::Corrupt as TableCorrupt;
+use crate::staged::{fold_staged_entries, Deferring, StagedIndex};
 use crate::tables::{MemTables, ReadTables, Tables};
 
 /// [`Tables`] over a log batch: reads see the store plus the batch so far.
@@ -23,20 +24,25 @@ use crate::tables::{MemTables, ReadTables, Tables};
 /// removes; keys that are never stored) and folded into their chunks once, at the end of the
 /// batch, by [`fold_staged_entries`]: a batch of a few hundred deliveries reads and writes each
 /// chunk it touches once instead of once per entry. A rejected command's entries are undone
-/// with the rest of it; lists read during the batch see them ([`ReadTables::unfolded_entries`]).
+/// with the rest of it; lists read during the batch see them: `StagedIndex` keeps and merges them.
 pub struct TxTables<'t, 'a>(pub &'t mut Tx<'a>);
 
+/// Reads as [`TxRead`] does.
 impl ReadTables for TxTables<'_, '_> {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.0.get(key)
+        TxRead(self.0).get(key)
     }
 
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.0.scan(from, to, limit)
+        TxRead(self.0).scan(from, to, limit)
     }
 
-    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
-        staged_entries(self.0, from, to)
+    fn scan_index(
+        &self,
+        chunks: &dyn ReadTables,
+        range: &IndexRange<'_>,
+    ) -> Result<Vec<Vec<u8>>, TableCorrupt> {
+        TxRead(self.0).scan_index(chunks, range)
     }
 }
 
@@ -50,43 +56,12 @@ impl Tables for TxTables<'_, '_> {
     }
 
     fn add_entry(&mut self, key: &[u8]) -> Result<(), TableCorrupt> {
-        if !index::is_chunked(key) {
-            return Err(TableCorrupt { key: key.to_vec() });
-        }
-        self.0.put(key.to_vec(), Vec::new());
-        Ok(())
+        StagedIndex::stage(self.0, key, true)
     }
 
     fn remove_entry(&mut self, key: &[u8]) -> Result<(), TableCorrupt> {
-        if !index::is_chunked(key) {
-            return Err(TableCorrupt { key: key.to_vec() });
-        }
-        self.0.delete(key);
-        Ok(())
+        StagedIndex::stage(self.0, key, false)
     }
-}
-
-/// The index entries staged in `tx` in `from..to` (see [`TxTables`]).
-fn staged_entries(tx: &Tx<'_>, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
-    index::logical_ranges()
-        .flat_map(|(lo, hi)| {
-            let (lo, hi) = (lo.as_slice().max(from).to_vec(), hi.as_slice().min(to).to_vec());
-            tx.staged(&lo, &hi).into_iter().map(|(k, v)| (k.to_vec(), v.is_some())).collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-/// Folds the index entries the batch staged (see [`TxTables`]) into their chunks, each chunk
-/// read and written once: a machine's [`Machine::finish`]. A damaged chunk fails the batch.
-pub fn fold_staged_entries(tx: &mut Tx<'_>) -> Result<(), StoreError> {
-    for (from, to) in index::logical_ranges() {
-        let ops = tx.take_staged(&from, &to);
-        if !ops.is_empty() {
-            index::fold_entries(&mut TxTables(tx), ops.iter().map(|(k, v)| (k.as_slice(), v.is_some())))
-                .map_err(|c| StoreError::Corrupt(c.to_string()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Read-only [`ReadTables`] over a log batch, for checks before writing.
@@ -101,8 +76,12 @@ impl ReadTables for TxRead<'_, '_> {
         self.0.scan(from, to, limit)
     }
 
-    fn unfolded_entries(&self, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, bool)> {
-        staged_entries(self.0, from, to)
+    fn scan_index(
+        &self,
+        chunks: &dyn ReadTables,
+        range: &IndexRange<'_>,
+    ) -> Result<Vec<Vec<u8>>, TableCorrupt> {
+        StagedIndex::Batch(self.0).scan(chunks, range)
     }
 }
 
@@ -254,7 +233,7 @@ const _: () = assert!(KS_FIRST >= keyspace::USER_FIRST, "the projector's keyspac
 /// `progress` is called after each page with the seq reached, the tables whole at that seq.
 ///
 /// Each event is applied straight into `tables`, and the index entries of a page are folded
-/// into their chunks once, at its end (`index::Deferring`): on an error the tables are left
+/// into their chunks once, at its end (`staged::Deferring`): on an error the tables are left
 /// part-way through a page, to be discarded (a rebuild's scratch tables are).
 pub fn catch_up(
     store: &dyn Store,
@@ -262,7 +241,7 @@ pub fn catch_up(
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
     let mut next = applied_seq(tables).map_err(RebuildError::Projection)? + 1;
-    let mut scratch = index::Deferring::new(tables);
+    let mut scratch = Deferring::new(tables);
     loop {
         let records = read_records(store, next, REBUILD_READ_RECORDS).map_err(RebuildError::Log)?;
         let Some(last) = records.last().map(|r| r.seq) else { return Ok(next - 1) };

@@ -256,7 +256,6 @@ pub fn check_err(events: &[(u64, Event)], expected: ApplyError) {
 pub fn assert_consistent(t: &MemTables) {
     let deliveries = deliveries(t);
     let endpoints = endpoints(t);
-    let api_keys: Vec<ApiKey> = all(t, keys::KS_API_KEY);
     let events: Vec<EventRecord> = all(t, keys::KS_EVENT);
 
     // The per-status counters agree with the deliveries themselves.
@@ -264,10 +263,29 @@ pub fn assert_consistent(t: &MemTables) {
         let actual = deliveries.iter().filter(|d| d.status == status).count() as u64;
         assert_eq!(n, actual, "the {} counter", status.name());
     }
+    assert_indexes_match_rows(t, &deliveries, &endpoints);
+    assert_due_queue_is_the_pending(t, &deliveries);
+    for d in &deliveries {
+        assert_delivery_agrees(t, d, &events, &endpoints);
+    }
+    for e in &events {
+        for id in &e.delivery_ids {
+            assert!(deliveries.iter().any(|d| d.id == *id && d.event_id == e.id));
+        }
+    }
+    for e in &endpoints {
+        assert_eq!(e.status == EndpointStatus::Inactive, e.inactive_reason.is_some(), "{e:?}");
+        assert!(e.failure_run_at_ms.len() <= FAILURES_MAX_LIMIT as usize);
+    }
+}
 
+/// The stored index keys are exactly those the rows give, and every key is in the projector's
+/// keyspaces.
+fn assert_indexes_match_rows(t: &MemTables, deliveries: &[Delivery], endpoints: &[Endpoint]) {
+    let api_keys: Vec<ApiKey> = all(t, keys::KS_API_KEY);
     let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
     let mut chunks = MemTables::new();
-    for d in &deliveries {
+    for d in deliveries {
         for k in d.index_keys() {
             if crate::index::is_chunked(&k) {
                 crate::tables::Tables::add_entry(&mut chunks, &k).unwrap();
@@ -314,8 +332,10 @@ pub fn assert_consistent(t: &MemTables) {
             "key outside the projector's keyspaces: {k:02x?}"
         );
     }
+}
 
-    // The due queue, read on its own: exactly the pending deliveries, at their next attempt.
+/// The due queue, read on its own: exactly the pending deliveries, at their next attempt.
+fn assert_due_queue_is_the_pending(t: &MemTables, deliveries: &[Delivery]) {
     let due = crate::due_deliveries(t, None, u64::MAX, usize::MAX).expect("due queue decodes");
     let pending: Vec<&Delivery> = deliveries.iter().filter(|d| d.status == DeliveryStatus::Pending).collect();
     assert!(due.len() <= pending.len(), "due queue longer than the pending deliveries");
@@ -326,42 +346,31 @@ pub fn assert_consistent(t: &MemTables) {
         assert_eq!(d.next_attempt_at_ms, Some(entry.next_attempt_at_ms));
     }
     assert_eq!(due.len(), pending.len(), "a pending delivery missing from the due queue");
+}
 
-    for d in &deliveries {
-        let pending = d.status == DeliveryStatus::Pending;
-        assert_eq!(pending, d.next_attempt_at_ms.is_some(), "next attempt iff pending: {d:?}");
-        if d.status == DeliveryStatus::Delivered {
-            assert!(d.delivered_at_ms.is_some(), "delivered without delivered_at: {d:?}");
-        }
-        assert_eq!(
-            d.status == DeliveryStatus::Inactive,
-            d.inactive_reason.is_some(),
-            "inactive reason iff inactive: {d:?}"
-        );
-        let numbers: Vec<u32> = crate::attempts(t, d.id, 0, usize::MAX)
-            .expect("attempts decode")
-            .iter()
-            .map(|a| a.attempt)
-            .collect();
-        assert_eq!(numbers, (1..=d.attempt_count).collect::<Vec<_>>(), "{d:?}");
-        let event = events.iter().find(|e| e.id == d.event_id);
-        let event = event.unwrap_or_else(|| panic!("delivery of a missing event: {d:?}"));
-        assert_eq!(event.org_id, d.org_id);
-        assert_eq!(event.event_type, d.event_type);
-        assert!(event.delivery_ids.contains(&d.id));
-        if let Some(endpoint_id) = d.endpoint_id {
-            let endpoint = endpoints.iter().find(|e| e.id == endpoint_id);
-            let endpoint = endpoint.unwrap_or_else(|| panic!("missing endpoint: {d:?}"));
-            assert_eq!(endpoint.org_id, d.org_id);
-        }
+/// One delivery's row agrees with itself, its attempts, its event and its endpoint.
+fn assert_delivery_agrees(t: &MemTables, d: &Delivery, events: &[EventRecord], endpoints: &[Endpoint]) {
+    let pending = d.status == DeliveryStatus::Pending;
+    assert_eq!(pending, d.next_attempt_at_ms.is_some(), "next attempt iff pending: {d:?}");
+    if d.status == DeliveryStatus::Delivered {
+        assert!(d.delivered_at_ms.is_some(), "delivered without delivered_at: {d:?}");
     }
-    for e in &events {
-        for id in &e.delivery_ids {
-            assert!(deliveries.iter().any(|d| d.id == *id && d.event_id == e.id));
-        }
-    }
-    for e in &endpoints {
-        assert_eq!(e.status == EndpointStatus::Inactive, e.inactive_reason.is_some(), "{e:?}");
-        assert!(e.failure_run_at_ms.len() <= FAILURES_MAX_LIMIT as usize);
+    assert_eq!(
+        d.status == DeliveryStatus::Inactive,
+        d.inactive_reason.is_some(),
+        "inactive reason iff inactive: {d:?}"
+    );
+    let numbers: Vec<u32> =
+        crate::attempts(t, d.id, 0, usize::MAX).expect("attempts decode").iter().map(|a| a.attempt).collect();
+    assert_eq!(numbers, (1..=d.attempt_count).collect::<Vec<_>>(), "{d:?}");
+    let event = events.iter().find(|e| e.id == d.event_id);
+    let event = event.unwrap_or_else(|| panic!("delivery of a missing event: {d:?}"));
+    assert_eq!(event.org_id, d.org_id);
+    assert_eq!(event.event_type, d.event_type);
+    assert!(event.delivery_ids.contains(&d.id));
+    if let Some(endpoint_id) = d.endpoint_id {
+        let endpoint = endpoints.iter().find(|e| e.id == endpoint_id);
+        let endpoint = endpoint.unwrap_or_else(|| panic!("missing endpoint: {d:?}"));
+        assert_eq!(endpoint.org_id, d.org_id);
     }
 }
