@@ -36,6 +36,8 @@ pub struct Server {
     _scratch: Option<tempfile::TempDir>,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// The open-file limit (soft and hard) the server is started under, if any.
+    open_files_max: Option<u64>,
 }
 
 fn free_port() -> u16 {
@@ -52,6 +54,11 @@ impl Server {
 
     /// Same, with more `HERALD_*` settings (they override the defaults here).
     pub fn start_with(extra_env: &[(&str, &str)]) -> Server {
+        Server::start_limited(extra_env, None)
+    }
+
+    /// Same, under an open-file limit (RLIMIT_NOFILE, soft and hard) of `open_files_max`.
+    pub fn start_limited(extra_env: &[(&str, &str)], open_files_max: Option<u64>) -> Server {
         let scratch = tempfile::tempdir().expect("no temp dir");
         let mut env: Vec<(String, String)> = [
             ("HERALD_ADMIN_KEY", ADMIN_KEY),
@@ -74,6 +81,7 @@ impl Server {
             _scratch: Some(scratch),
             child: None,
             env,
+            open_files_max,
         };
         server.spawn();
         server
@@ -90,6 +98,19 @@ impl Server {
             .stderr(Stdio::inherit());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = self.open_files_max {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(cmd.spawn().expect("cannot start herald"));
         let deadline = Instant::now() + WAIT_MAX;
@@ -220,13 +241,16 @@ impl Server {
 
     /// The last seq folded into the projection (`herald_projection_applied_seq`).
     pub fn applied_seq(&self) -> u64 {
+        self.metric("herald_projection_applied_seq ") as u64
+    }
+
+    /// The value of the metrics line that starts with `series` (its name and labels, then a space).
+    pub fn metric(&self, series: &str) -> f64 {
         let (status, text) = self.get_text("/metrics");
         assert_eq!(status, 200, "{text}");
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("herald_projection_applied_seq "))
-            .expect("the applied seq metric");
-        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a seq")
+        let line =
+            text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in {text}"));
+        line.split_whitespace().last().and_then(|v| v.parse().ok()).expect("a number")
     }
 
     /// Waits until the log is durable as far as the projection has folded it, so the audit log

@@ -40,10 +40,13 @@ pub struct SledStore {
     cache_bytes: u64,
 }
 
-/// The database while it is open.
+/// The database while it is open, with its data file and directory held open for the fsyncs of
+/// [`Durability::Sync`] (opened once, so a flush needs no descriptor).
 struct Open {
     db: sled::Db,
     tree: sled::Tree,
+    db_file: File,
+    dir_file: File,
 }
 
 /// sled reports a held lock as an `Other` error whose message says so (0.34.7, `config.rs`).
@@ -137,18 +140,18 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<Open, StoreError> {
         }
     };
     let tree = db.open_tree(TREE_NAME).map_err(io)?;
-    Ok(Open { db, tree })
+    let open_file =
+        |p: &Path| File::open(p).map_err(|e| StoreError::Io(format!("opening {}: {e}", p.display())));
+    Ok(Open { db, tree, db_file: open_file(&dir.join("db"))?, dir_file: open_file(dir)? })
 }
 
 impl SledStore {
-    fn fsync_files(&self) -> Result<(), StoreError> {
-        let sync = |p: &Path| -> Result<(), StoreError> {
-            File::open(p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| StoreError::Io(format!("fsync {}: {e}", p.display())))
+    fn fsync_files(&self, open: &Open) -> Result<(), StoreError> {
+        let fsync = |f: &File, p: &Path| {
+            f.sync_all().map_err(|e| StoreError::Io(format!("fsync {}: {e}", p.display())))
         };
-        sync(&self.dir.join("db"))?;
-        sync(&self.dir)
+        fsync(&open.db_file, &self.dir.join("db"))?;
+        fsync(&open.dir_file, &self.dir)
     }
 }
 
@@ -197,9 +200,10 @@ impl Store for SledStore {
     }
 
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {
-        self.db()?.db.flush().map_err(io)?;
+        let open = self.db()?;
+        open.db.flush().map_err(io)?;
         if durability == Durability::Sync {
-            self.fsync_files()?;
+            self.fsync_files(&open)?;
         }
         Ok(())
     }

@@ -469,6 +469,7 @@ mod tests {
             ("HERALD_SERVER_KEY_REQUESTS_PER_S", "3"),
             ("HERALD_SERVER_KEY_BURST", "4"),
             ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "5s"),
+            ("HERALD_SERVER_MAX_CONNECTIONS", "14"),
             ("HERALD_STORE_DATA_DIR", "/d"),
             ("HERALD_STORE_DURABILITY", "flush"),
             ("HERALD_STORE_RETAIN", "30d"),
@@ -499,6 +500,7 @@ mod tests {
                 key_requests_per_s: 3,
                 key_burst: 4,
                 shutdown_timeout: Duration::from_secs(5),
+                max_connections: 14,
             },
             store: StoreSection {
                 data_dir: "/d".into(),

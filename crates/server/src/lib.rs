@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod json;
+pub mod listener;
 pub mod metrics;
 pub mod routes;
 pub mod state;
@@ -250,7 +251,17 @@ pub async fn serve(
     admin_key: Option<String>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    // Before the store opens: sled and the dispatcher's connections need descriptors too.
+    let open_files_max =
+        listener::raise_open_files_limit().map_err(|e| format!("reading RLIMIT_NOFILE: {e}"))?;
     let engine_config = config.engine_config();
+    let connections_max = match config.server.max_connections {
+        0 => listener::default_connections_max(
+            open_files_max,
+            u64::try_from(engine_config.delivery.max_in_flight_total).unwrap_or(u64::MAX),
+        ),
+        n => n,
+    };
     let data_dir = engine_config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))
@@ -268,7 +279,12 @@ pub async fn serve(
         .await
         .map_err(|e| format!("listening on {}: {e}", config.server.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("herald: listening on http://{local} (data in {})", data_dir.display());
+    let listener = listener::CappedListener::new(listener, connections_max)
+        .counting_into(state.metrics.connections_refused.clone());
+    println!(
+        "herald: listening on http://{local} (data in {}; at most {connections_max} connections, {open_files_max} open files)",
+        data_dir.display()
+    );
     let ready = state.clone();
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {

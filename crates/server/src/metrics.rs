@@ -10,6 +10,9 @@ use herald_engine::{DispatchStats, Engine, WriterStats};
 /// Counters the server keeps itself; the engine's figures are read at scrape time.
 pub struct Metrics {
     published: AtomicU64,
+    /// Connections answered 503 and closed because the cap on open connections was reached
+    /// (counted by the listener, see [`crate::listener::CappedListener`]).
+    pub connections_refused: std::sync::Arc<AtomicU64>,
     /// Requests of a known route label and method: per (route, method), a few status slots, so
     /// counting a request takes no lock and allocates nothing.
     known: Box<[StatusSlots]>,
@@ -83,6 +86,7 @@ impl Default for Metrics {
         let series = ROUTE_LABELS.len() * METHOD_LABELS.len();
         Metrics {
             published: AtomicU64::new(0),
+            connections_refused: Default::default(),
             known: (0..series).map(|_| StatusSlots::default()).collect(),
             others: Mutex::new(BTreeMap::new()),
         }
@@ -146,9 +150,18 @@ impl Metrics {
         let w = engine.writer_stats();
         let now = engine.now_ms();
         let published = self.published.load(Ordering::Relaxed).to_string();
+        let refused = self.connections_refused.load(Ordering::Relaxed).to_string();
         write_rows(
             &mut out,
-            &[("herald_events_published_total", "counter", "Events published through the API.", published)],
+            &[
+                ("herald_events_published_total", "counter", "Events published through the API.", published),
+                (
+                    "herald_connections_refused_total",
+                    "counter",
+                    "Connections answered 503 at once because the cap on open connections was reached.",
+                    refused,
+                ),
+            ],
         );
         dispatch_gauges(&mut out, &d, now);
         log_metrics(&mut out, engine, &w);
@@ -241,6 +254,8 @@ fn attempt_counts(out: &mut String, d: &DispatchStats) {
     let _ = writeln!(out, "herald_attempts_total{{outcome=\"delivered\"}} {}", d.attempts_delivered);
     let _ = writeln!(out, "herald_attempts_total{{outcome=\"failed\"}} {}", d.attempts_failed);
     let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
+    // Not made: a fault of this host (no descriptor, memory or local port), not the receiver's.
+    let _ = writeln!(out, "herald_attempts_total{{outcome=\"local_fault\"}} {}", d.attempts_local_faults);
 }
 
 /// `herald_deliveries` by status, as the projection counts them.

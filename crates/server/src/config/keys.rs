@@ -40,6 +40,12 @@ config_keys! {
         shutdown_timeout: Duration = Duration::from_secs(10),
             toml r#""10s"        # SIGTERM/SIGINT: how long attempts in flight may take to finish"#,
             read duration;
+        /// Open API connections at most; beyond it a connection is answered 503 at once and
+        /// closed. 0 (the default): sized at start from the open-file limit, which herald raises
+        /// to its hard limit, leaving room for the store and the dispatcher's attempts.
+        max_connections: usize = 0,
+            toml "0               # open API connections at most (over it: 503 at once); 0: sized from the open-file limit",
+            read count;
     }
 
     /// `[store]`: where and how durably the log is kept.
