@@ -222,7 +222,7 @@ fn log_metrics(out: &mut String, engine: &Engine, w: &WriterStats) {
         ("herald_commit_commands_total", "counter", "Commands committed.", w.commands.to_string()),
         ("herald_commit_failed_batches_total", "counter", "Batches the store refused.", w.failed_batches.to_string()),
         ("herald_commit_last_batch_commands", "gauge", "Commands in the last batch.", w.last_batch_commands.to_string()),
-        ("herald_store_refusing_writes", "gauge", "1 while the last batch failed to commit (a full disk): writes answer 503.", u8::from(w.last_batch_failed).to_string()),
+        ("herald_store_refusing_writes", "gauge", "1 while the store refuses writes (a full disk): writes answer 503 until herald resumes by itself.", u8::from(engine.store_refusal().is_some()).to_string()),
         ("herald_flush_seconds_total", "counter", "Time spent flushing batches (divide by batches for the mean flush latency).", format!("{:.6}", w.flush_us_total as f64 / 1e6)),
         ("herald_flush_seconds_max", "gauge", "The longest single flush since the process started: a disk stall shows here.", format!("{:.6}", w.flush_us_max as f64 / 1e6)),
     ];
