@@ -88,7 +88,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// How long one look for a hung attempt waits before looking again.
 const HANG_POLL: Duration = Duration::from_millis(5);
 /// How long a graceful stop waits for a hung attempt before recording it as interrupted.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(100);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness, owned by the test.
