@@ -56,6 +56,46 @@ impl From<LogError> for EngineError {
     }
 }
 
+/// Checks the store before the engine opens it, and converts what an earlier version left:
+/// its format, the fold rules it is under (returned), the projection standing at the log's last
+/// seq, the legacy index keys. Nothing else writes the store meanwhile.
+fn prepare_store(store: &Arc<dyn Store>) -> Result<u32, EngineError> {
+    herald_log::check_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
+    // Records folded under rules this code does not know would be folded under its own.
+    let rules = CheckedTables::run(store.as_ref(), |t| herald_projector::rules(t))
+        .map_err(|e| EngineError::Open(e.to_string()))??;
+    if rules > herald_projector::RULES_CURRENT {
+        return Err(EngineError::Open(format!(
+            "this store is folded under rules version {rules}, newer than this binary's {}; \
+             run the newer binary",
+            herald_projector::RULES_CURRENT
+        )));
+    }
+    // The projection is written in the same atomic batch as the records it folds, so it stands
+    // at the log's last seq; anything else is damage, and herald does not guess.
+    match projection_lag(store.as_ref()) {
+        Ok((applied, last)) if applied != last => {
+            return Err(EngineError::Open(format!(
+                "the projection stands at seq {applied} but the log ends at seq {last}; \
+                 run `herald verify` on this data directory"
+            )))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(EngineError::Open(e.to_string())),
+    }
+    // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
+    // converted once.
+    match herald_projector::compact::drop_legacy(store.clone()) {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
+        ),
+        Err(e) => return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}"))),
+    }
+    herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
+    Ok(rules)
+}
+
 /// `result` of a write at open, where a store that refuses writes must not stop the start.
 fn started_anyway(result: Result<Reply, EngineError>, what: &str) -> Result<(), EngineError> {
     match result {
@@ -183,39 +223,7 @@ impl Engine {
         config.log.durability = config.durability;
         config.limits.allow_private_targets = config.delivery.allow_private_targets;
         let Parts { store, clock, sender } = parts;
-        herald_log::check_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
-        // Records folded under rules this code does not know would be folded under its own.
-        let rules = CheckedTables::run(store.as_ref(), |t| herald_projector::rules(t))
-            .map_err(|e| EngineError::Open(e.to_string()))??;
-        if rules > herald_projector::RULES_CURRENT {
-            return Err(EngineError::Open(format!(
-                "this store is folded under rules version {rules}, newer than this binary's {}; \
-                 run the newer binary",
-                herald_projector::RULES_CURRENT
-            )));
-        }
-        // The projection is written in the same atomic batch as the records it folds, so it stands
-        // at the log's last seq; anything else is damage, and herald does not guess.
-        match projection_lag(store.as_ref()) {
-            Ok((applied, last)) if applied != last => {
-                return Err(EngineError::Open(format!(
-                    "the projection stands at seq {applied} but the log ends at seq {last}; \
-                     run `herald verify` on this data directory"
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => return Err(EngineError::Open(e.to_string())),
-        }
-        // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
-        // converted once.
-        match herald_projector::compact::drop_legacy(store.clone()) {
-            Ok(0) => {}
-            Ok(n) => eprintln!(
-                "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
-            ),
-            Err(e) => return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}"))),
-        }
-        herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
+        let rules = prepare_store(&store)?;
         // From here on every read and write goes through the cache, so it sees every batch.
         // Which keys it keeps is the projector's to say.
         let cached = Arc::new(herald_projector::cache_policy().cached_store(store, config.read_cache_bytes));
@@ -251,22 +259,7 @@ impl Engine {
                 stop_began: std::sync::Mutex::new(None),
             }),
         };
-        // A store folded under earlier rules takes this code's from here on (the records before
-        // keep the rules they were written under, so a rebuild still matches). The policy in
-        // force is the configuration's; a change is itself a logged fact. A store that refuses
-        // writes (a full disk) still starts: it goes on under the rules and the policy it has,
-        // which is what its records say, and the next start writes them.
-        if rules < herald_projector::RULES_CURRENT {
-            let adopt = Command::AdoptRules(herald_projector::RULES_CURRENT);
-            started_anyway(
-                engine.execute_blocking(Actor::admin(), adopt),
-                "adopting the current fold rules",
-            )?;
-        }
-        if engine.read(|t| herald_projector::policy(t))? != config.policy {
-            let set = Command::SetPolicy(config.policy.clone());
-            started_anyway(engine.execute_blocking(Actor::admin(), set), "recording the configured policy")?;
-        }
+        engine.adopt_rules_and_policy(rules, &config.policy)?;
         let dispatcher = Dispatcher::new(log, clock, sender, shared, config.delivery.clone());
         runtime.spawn(async move {
             let report = dispatcher.run().await;
@@ -277,6 +270,27 @@ impl Engine {
             engine.start_retention(retain, config.compact_every)?;
         }
         Ok(engine)
+    }
+
+    /// A store folded under earlier rules takes this code's from here on (the records before
+    /// keep the rules they were written under, so a rebuild still matches). The policy in force
+    /// is the configuration's; a change is itself a logged fact. A store that refuses writes (a
+    /// full disk) still starts: it goes on under the rules and the policy it has, which is what
+    /// its records say, and the next start writes them.
+    fn adopt_rules_and_policy(
+        &self,
+        rules: u32,
+        policy: &herald_projector::Policy,
+    ) -> Result<(), EngineError> {
+        if rules < herald_projector::RULES_CURRENT {
+            let adopt = Command::AdoptRules(herald_projector::RULES_CURRENT);
+            started_anyway(self.execute_blocking(Actor::admin(), adopt), "adopting the current fold rules")?;
+        }
+        if self.read(|t| herald_projector::policy(t))? != *policy {
+            let set = Command::SetPolicy(policy.clone());
+            started_anyway(self.execute_blocking(Actor::admin(), set), "recording the configured policy")?;
+        }
+        Ok(())
     }
 
     /// Compacts every quarter of `retain` (but not more often than every second), and at least

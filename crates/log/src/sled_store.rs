@@ -304,44 +304,7 @@ pub fn vacuum(
         let source = SledStore::open(dir, cache_bytes)?;
         let bytes_before = source.size_on_disk()?;
         let copy = SledStore::open(&copy_dir, cache_bytes)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut batch = Batch::default();
-        let mut pairs = 0u64;
-        let mut error = None;
-        source.scan(&[], &[0xff; 2], &mut |k, v| {
-            hash_pair(&mut hasher, k, v);
-            batch.put(k.to_vec(), v.to_vec());
-            pairs += 1;
-            if batch.writes.len() >= 4096 {
-                if let Err(e) = copy.apply(&std::mem::take(&mut batch)) {
-                    error = Some(e);
-                    return ControlFlow::Break(());
-                }
-                progress(pairs);
-            }
-            ControlFlow::Continue(())
-        })?;
-        if let Some(e) = error {
-            return Err(e);
-        }
-        copy.apply(&batch)?;
-        copy.flush(Durability::Sync)?;
-        // Read the copy back: the same pairs, byte for byte.
-        let mut check = blake3::Hasher::new();
-        let mut copied = 0u64;
-        copy.scan(&[], &[0xff; 2], &mut |k, v| {
-            hash_pair(&mut check, k, v);
-            copied += 1;
-            ControlFlow::Continue(())
-        })?;
-        if copied != pairs || check.finalize() != hasher.finalize() {
-            return Err(StoreError::Io(format!(
-                "vacuum: the copy in {} does not match the original ({copied} of {pairs} pairs); \
-                 the original is untouched",
-                copy_dir.display()
-            )));
-        }
-        (pairs, bytes_before)
+        (copy_checked(&source, &copy, &copy_dir, progress)?, bytes_before)
     };
     // herald's own files (admin.key) go with the data.
     for entry in std::fs::read_dir(dir).map_err(|e| fail("listing the directory", e))? {
@@ -362,6 +325,54 @@ pub fn vacuum(
     std::fs::remove_dir_all(&old_dir).map_err(|e| fail("removing the original", e))?;
     let bytes_after = SledStore::open(dir, cache_bytes)?.size_on_disk()?;
     Ok(VacuumReport { pairs, bytes_before, bytes_after })
+}
+
+/// Copies every pair of `source` into `copy` (at `copy_dir`) and reads the copy back: the same
+/// pairs, byte for byte (counted and blake3-hashed), or an error that leaves the original alone.
+fn copy_checked(
+    source: &SledStore,
+    copy: &SledStore,
+    copy_dir: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, StoreError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut batch = Batch::default();
+    let mut pairs = 0u64;
+    let mut error = None;
+    source.scan(&[], &[0xff; 2], &mut |k, v| {
+        hash_pair(&mut hasher, k, v);
+        batch.put(k.to_vec(), v.to_vec());
+        pairs += 1;
+        if batch.writes.len() >= 4096 {
+            if let Err(e) = copy.apply(&std::mem::take(&mut batch)) {
+                error = Some(e);
+                return ControlFlow::Break(());
+            }
+            progress(pairs);
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(e) = error {
+        return Err(e);
+    }
+    copy.apply(&batch)?;
+    copy.flush(Durability::Sync)?;
+    // Read the copy back: the same pairs, byte for byte.
+    let mut check = blake3::Hasher::new();
+    let mut copied = 0u64;
+    copy.scan(&[], &[0xff; 2], &mut |k, v| {
+        hash_pair(&mut check, k, v);
+        copied += 1;
+        ControlFlow::Continue(())
+    })?;
+    if copied != pairs || check.finalize() != hasher.finalize() {
+        return Err(StoreError::Io(format!(
+            "vacuum: the copy in {} does not match the original ({copied} of {pairs} pairs); \
+             the original is untouched",
+            copy_dir.display()
+        )));
+    }
+    Ok(pairs)
 }
 
 fn hash_pair(hasher: &mut blake3::Hasher, key: &[u8], value: &[u8]) {

@@ -244,6 +244,22 @@ pub fn bootstrap_admin(
     Ok(Some(key))
 }
 
+/// The cap on open API connections (`[server] max_connections`, or sized from the open-file
+/// limit when 0) and that limit, after raising it to its hard limit.
+fn connections_max(
+    config: &Config,
+    engine_config: &herald_engine::EngineConfig,
+) -> Result<(usize, u64), String> {
+    let open_files_max =
+        listener::raise_open_files_limit().map_err(|e| format!("reading RLIMIT_NOFILE: {e}"))?;
+    let attempts_max = u64::try_from(engine_config.delivery.max_in_flight_total).unwrap_or(u64::MAX);
+    let cap = match config.server.max_connections {
+        0 => listener::default_connections_max(open_files_max, attempts_max),
+        n => n,
+    };
+    Ok((cap, open_files_max))
+}
+
 /// Runs the server until `stop` resolves, then stops gracefully: no new requests, the engine's
 /// stop (attempts in flight finished or recorded as interrupted), the log closed.
 pub async fn serve(
@@ -251,17 +267,9 @@ pub async fn serve(
     admin_key: Option<String>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    // Before the store opens: sled and the dispatcher's connections need descriptors too.
-    let open_files_max =
-        listener::raise_open_files_limit().map_err(|e| format!("reading RLIMIT_NOFILE: {e}"))?;
     let engine_config = config.engine_config();
-    let connections_max = match config.server.max_connections {
-        0 => listener::default_connections_max(
-            open_files_max,
-            u64::try_from(engine_config.delivery.max_in_flight_total).unwrap_or(u64::MAX),
-        ),
-        n => n,
-    };
+    // Before the store opens: sled and the dispatcher's connections need descriptors too.
+    let (connections_max, open_files_max) = connections_max(&config, &engine_config)?;
     let data_dir = engine_config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))

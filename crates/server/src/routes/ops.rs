@@ -34,11 +34,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     // A store that refuses writes (a full disk) leaves herald serving reads and answering 503 to
     // writes, and says why; herald resumes by itself once the store takes writes again.
     let refusal = state.engine.store_refusal();
-    let status = match (state.ready.load(Ordering::SeqCst), caught_up, refusal) {
-        (true, true, None) => return Json(Health { status: "ready".into() }).into_response(),
+    // A refusing store may fail the read of the applied seq too: the refusal is the reason then.
+    let status = match (state.ready.load(Ordering::SeqCst), refusal, caught_up) {
+        (true, None, true) => return Json(Health { status: "ready".into() }).into_response(),
         (false, _, _) => "stopping".to_owned(),
-        (_, false, _) => "projection behind the log".to_owned(),
-        (_, _, Some(e)) => format!("the store refuses writes: {e}"),
+        (_, Some(e), _) => format!("the store refuses writes: {e}"),
+        (_, None, false) => "projection behind the log".to_owned(),
     };
     (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status })).into_response()
 }
