@@ -68,8 +68,8 @@ fn started_anyway(result: Result<Reply, EngineError>, what: &str) -> Result<(), 
     }
 }
 
-impl From<herald_projector::Corrupt> for EngineError {
-    fn from(e: herald_projector::Corrupt) -> Self {
+impl From<herald_projector::CorruptValue> for EngineError {
+    fn from(e: herald_projector::CorruptValue) -> Self {
         EngineError::Log(LogError::Store(herald_log::StoreError::Io(e.to_string())))
     }
 }
@@ -434,7 +434,7 @@ impl Engine {
     /// failed ("not found", a short page).
     pub fn read<T>(
         &self,
-        query: impl FnOnce(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
+        query: impl FnOnce(&CheckedTables<'_>) -> Result<T, herald_projector::CorruptValue>,
     ) -> Result<T, EngineError> {
         Ok(CheckedTables::run(self.inner.store.as_ref(), query)
             .map_err(|e| EngineError::Log(LogError::Store(e)))??)
@@ -447,7 +447,7 @@ impl Engine {
     /// store error in the read that stands is the answer, as in [`Engine::read`].
     pub fn consistent_read<T>(
         &self,
-        read: impl Fn(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
+        read: impl Fn(&CheckedTables<'_>) -> Result<T, herald_projector::CorruptValue>,
     ) -> Result<T, EngineError> {
         let mut tries = 0;
         loop {

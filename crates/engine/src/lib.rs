@@ -12,7 +12,7 @@
 //! - [`signing`]: Standard Webhooks signatures. [`signing::Secret`] is an endpoint's
 //!   `whsec_<base64>` key; [`signing::sign`] writes the `webhook-signature` header value with every
 //!   valid secret (current first), [`signing::verify`] checks one.
-//! - [`sender`]: the [`sender::Sender`] trait (one attempt in, one [`sender::AttemptOutcome`] out),
+//! - [`sender`]: the [`sender::Sender`] trait (one attempt in, one [`sender::SendOutcome`] out),
 //!   the real [`sender::HttpSender`] (keep-alive pool, no redirects, whole-attempt timeout, a 4 KiB
 //!   body excerpt, a guard against private targets on the resolved address), and
 //!   [`sender::check_url`] for validating endpoint URLs.

@@ -9,7 +9,7 @@
 //! - [`Store`]: the seam to the disk. [`SledStore`] is the only code that names sled;
 //!   [`MemStore`] serves unit tests and scratch rebuilds, [`FailingStore`] the failure tests.
 //! - Reading: [`Log::read`] a range from any seq, [`Log::tail`] to follow new records, [`verify`]
-//!   over the whole chain with typed [`Corrupt`] errors that name the seq.
+//!   over the whole chain with typed [`CorruptRecord`] errors that name the seq.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -40,10 +40,10 @@ pub use crate::log::{
     AppendOnly, Head, Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats,
     RESUME_WAIT_FIRST, RESUME_WAIT_MAX, STORE_FORMAT, STORE_FORMAT_OLDEST,
 };
-pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
+pub use crate::record::{CorruptKind, CorruptRecord, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};
 pub use crate::store::{
-    scan_vec, Batch, Durability, FailingStore, HeldStore, MemStore, Pair, Store, StoreError, Visit,
-    VolatileStore,
+    scan_vec, Durability, FailingStore, HeldStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore,
+    WriteBatch,
 };
 pub use crate::tx::{merge_staged, Tx};

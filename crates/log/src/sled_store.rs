@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
+use crate::store::{Durability, Pair, Store, StoreError, Visit, WriteBatch};
 
 /// sled's segment size here: blob threshold is a quarter of it (512 KiB), 64 times a value chunk.
 pub const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
@@ -185,7 +185,7 @@ impl Store for SledStore {
         }
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
         for (k, v) in &batch.writes {
             match v {
@@ -301,7 +301,7 @@ pub fn vacuum(
         let bytes_before = source.size_on_disk()?;
         let copy = SledStore::open(&copy_dir, cache_bytes)?;
         let mut hasher = blake3::Hasher::new();
-        let mut batch = Batch::default();
+        let mut batch = WriteBatch::default();
         let mut pairs = 0u64;
         let mut error = None;
         source.scan(&[], &[0xff; 2], &mut |k, v| {
@@ -382,7 +382,7 @@ mod vacuum_tests {
         let expected = {
             let store = SledStore::open(&dir, 8 << 20).unwrap();
             for round in 0..20u32 {
-                let mut b = Batch::default();
+                let mut b = WriteBatch::default();
                 for i in 0..500u32 {
                     b.put(
                         [&[0x10], &round.to_be_bytes()[..], &i.to_be_bytes()].concat(),
@@ -393,7 +393,7 @@ mod vacuum_tests {
                 store.flush(Durability::Flush).unwrap();
             }
             // Most of it deleted, as retention does.
-            let mut b = Batch::default();
+            let mut b = WriteBatch::default();
             for round in 0..18u32 {
                 for i in 0..500u32 {
                     b.delete([&[0x10], &round.to_be_bytes()[..], &i.to_be_bytes()].concat());

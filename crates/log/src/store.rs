@@ -1,7 +1,7 @@
 //! The storage seam: everything the log needs from a key-value store, and two stores for tests.
 //!
 //! Keys are whole byte strings; their first byte names a keyspace (see [`crate::keyspace`]).
-//! A [`Batch`] is applied atomically: after a crash either all of it is there or none of it.
+//! A [`WriteBatch`] is applied atomically: after a crash either all of it is there or none of it.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -34,11 +34,11 @@ impl std::error::Error for StoreError {}
 
 /// Writes to apply in one atomic step, in order. `None` deletes the key.
 #[derive(Debug, Default, Clone)]
-pub struct Batch {
+pub struct WriteBatch {
     pub writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
-impl Batch {
+impl WriteBatch {
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.writes.push((key, Some(value)));
     }
@@ -80,7 +80,7 @@ pub trait Store: Send + Sync + 'static {
     /// The last pair with `from <= key < to`, if any.
     fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError>;
     /// Applies every write of the batch, all or nothing.
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError>;
     /// Makes every applied batch durable to the given level.
     fn flush(&self, durability: Durability) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk (0 for a store in memory).
@@ -158,7 +158,7 @@ impl Store for MemStore {
         }))
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.with_map(|m| {
             for (k, v) in &batch.writes {
                 match v {
@@ -243,10 +243,10 @@ impl<S: Store> Store for FailingStore<S> {
         self.inner.last(from, to)
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         if let Err(e) = self.tick() {
             if self.torn {
-                let half = Batch { writes: batch.writes[..batch.writes.len() / 2].to_vec() };
+                let half = WriteBatch { writes: batch.writes[..batch.writes.len() / 2].to_vec() };
                 self.inner.apply(&half)?;
             }
             return Err(e);
@@ -303,7 +303,7 @@ impl Store for VolatileStore {
         self.memory.last(from, to)
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.memory.apply(batch)
     }
 
@@ -356,7 +356,7 @@ impl<S: Store> Store for HeldStore<S> {
         self.inner.last(from, to)
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         while *held {
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
@@ -381,7 +381,7 @@ mod tests {
     #[test]
     fn mem_store_scans_in_order_and_stops() {
         let s = MemStore::new();
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         for i in 0u8..10 {
             b.put(vec![1, i], vec![i]);
         }
@@ -397,7 +397,7 @@ mod tests {
     #[test]
     fn failing_store_fails_after_n_writes_and_heals() {
         let s = FailingStore::new(MemStore::new(), 1);
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         b.put(vec![1], vec![1]);
         s.apply(&b).unwrap();
         assert_eq!(s.flush(Durability::Sync), Err(StoreError::Injected { op: 1 }));

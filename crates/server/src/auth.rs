@@ -351,7 +351,7 @@ mod tests {
         use super::super::*;
         use axum::http::HeaderValue;
         use herald_engine::clock::SystemClock;
-        use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+        use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
         use herald_engine::{Command, Engine, EngineConfig, Parts};
         use herald_log::MemStore;
 
@@ -360,7 +360,7 @@ mod tests {
         impl Sender for Accepting {
             fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
                 Box::pin(async {
-                    AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+                    SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
                 })
             }
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Method, Request};
 use herald_engine::clock::SystemClock;
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
 use herald_engine::{Engine, EngineConfig, Parts};
 use herald_log::MemStore;
 use herald_server::state::{AppState, ServerLimits};
@@ -23,9 +23,7 @@ struct Accepting;
 
 impl Sender for Accepting {
     fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
-        Box::pin(async {
-            AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
-        })
+        Box::pin(async { SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None } })
     }
 }
 

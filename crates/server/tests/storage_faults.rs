@@ -7,9 +7,11 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use herald_engine::clock::SystemClock;
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
 use herald_engine::{Engine, EngineConfig, Parts};
-use herald_log::{Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore};
+use herald_log::{
+    Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore, WriteBatch,
+};
 use herald_server::state::{AppState, ServerLimits};
 use tower::ServiceExt;
 
@@ -19,9 +21,7 @@ struct Accepting;
 
 impl Sender for Accepting {
     fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
-        Box::pin(async {
-            AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
-        })
+        Box::pin(async { SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None } })
     }
 }
 
@@ -148,7 +148,7 @@ impl Store for ReadsFail {
         self.check()?;
         self.inner.last(from, to)
     }
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.inner.apply(batch)
     }
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {

@@ -234,8 +234,8 @@ impl From<ApplyError> for CommandError {
     }
 }
 
-impl From<herald_projector::Corrupt> for CommandError {
-    fn from(e: herald_projector::Corrupt) -> Self {
+impl From<herald_projector::CorruptValue> for CommandError {
+    fn from(e: herald_projector::CorruptValue) -> Self {
         CommandError::Internal { message: e.to_string() }
     }
 }

@@ -984,9 +984,9 @@ fn corrupt_values_are_typed_errors() {
     let key = crate::keys::delivery(dl(1));
     t.put(key.clone(), vec![0xff, 0xff, 0xff]);
     let before = t.dump();
-    assert_eq!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(Corrupt { key: key.clone() })));
+    assert_eq!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(CorruptValue { key: key.clone() })));
     assert_eq!(t.dump(), before);
-    assert_eq!(get_delivery(&t, dl(1)), Err(Corrupt { key }));
+    assert_eq!(get_delivery(&t, dl(1)), Err(CorruptValue { key }));
     t.put(crate::keys::META_APPLIED_SEQ.to_vec(), vec![1, 2]);
     assert!(matches!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(_))));
 }
