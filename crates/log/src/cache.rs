@@ -352,7 +352,8 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::store::{scan_vec, FailingStore, MemStore};
+    use crate::store::{scan_vec, MemStore};
+    use crate::testing::FailingStore;
 
     fn batch(writes: &[(&[u8], Option<&[u8]>)]) -> WriteBatch {
         WriteBatch { writes: writes.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect() }

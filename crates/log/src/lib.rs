@@ -7,7 +7,8 @@
 //!   writes the whole batch in one atomic store batch, flushes once, then answers every caller.
 //!   A command is acknowledged only after that flush ([`Durability::Sync`] also fsyncs).
 //! - [`Store`]: the seam to the disk. [`SledStore`] is the only code that names sled;
-//!   [`MemStore`] serves unit tests and scratch rebuilds, [`FailingStore`] the failure tests.
+//!   [`MemStore`] serves unit tests and scratch rebuilds; with the `testing` feature,
+//!   `FailingStore`, `VolatileStore` and `HeldStore` serve the failure tests.
 //! - Reading: [`Log::read`] a range from any seq, [`Log::tail`] to follow new records, [`verify`]
 //!   over the whole chain with typed [`CorruptRecord`] errors that name the seq.
 //!
@@ -24,6 +25,7 @@
 //! assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 1);
 //! ```
 
+#[cfg(feature = "testing")]
 pub mod baseline;
 mod cache;
 pub mod keyspace;
@@ -31,6 +33,8 @@ mod log;
 pub mod record;
 mod sled_store;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+mod testing;
 mod tx;
 mod writer;
 
@@ -42,8 +46,7 @@ pub use crate::log::{
 };
 pub use crate::record::{CorruptKind, CorruptRecord, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};
-pub use crate::store::{
-    scan_vec, Durability, FailingStore, HeldStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore,
-    WriteBatch,
-};
+pub use crate::store::{scan_vec, Durability, MemStore, Pair, Store, StoreError, Visit, WriteBatch};
+#[cfg(feature = "testing")]
+pub use crate::testing::{FailingStore, HeldStore, VolatileStore};
 pub use crate::tx::{merge_staged, Tx};
