@@ -247,7 +247,7 @@ fn parse_subject(
     event: Option<String>,
     endpoint: Option<String>,
 ) -> Result<Subject, String> {
-    let id = |text: &str| herald_server::util::parse_id(text).ok_or_else(|| format!("{text:?} is not an id"));
+    let id = |text: &str| herald_server::parse_id(text).ok_or_else(|| format!("{text:?} is not an id"));
     match (delivery, event, endpoint) {
         (Some(d), None, None) => Ok(Subject::Delivery(DeliveryId(id(&d)?))),
         (None, Some(e), None) => Ok(Subject::Event(EventId(id(&e)?))),

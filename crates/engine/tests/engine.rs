@@ -431,7 +431,7 @@ fn a_graceful_stop_records_attempts_cut_short_as_interrupted_not_as_failures() {
     assert_eq!(d.last_error, None, "an interrupted attempt is not the delivery's last failure");
     let history = w.engine.attempts(deliveries[0], 0, 10).unwrap();
     assert_eq!(history.len(), 1);
-    assert_eq!(history[0].error.as_deref(), Some(herald_engine::dispatch::INTERRUPTED_ERROR));
+    assert_eq!(history[0].error.as_deref(), Some(herald_engine::INTERRUPTED_ERROR));
     // In the history and the count, but not a failure: no step of the schedule used (a failure
     // would be retried 1 s later), the same attempt made again at once, the endpoint's run empty.
     assert_eq!((d.attempt_count, d.attempts_since_reset), (1, 0));

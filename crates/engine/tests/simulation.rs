@@ -33,9 +33,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use herald_engine::clock::{Clock, ManualClock};
-use herald_engine::dispatch::INTERRUPTED_ERROR;
 use herald_engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome, Sender};
 use herald_engine::signing::Secret;
+use herald_engine::INTERRUPTED_ERROR;
 use herald_engine::{
     Actor, Command, CommandError, CommandLimits, DeliveryConfig, Engine, EngineConfig, EngineError, Parts,
     Reply,

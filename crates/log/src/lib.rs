@@ -25,6 +25,9 @@
 //! assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 1);
 //! ```
 
+// Namespaces of their own: the stored layout (`keyspace::USER_FIRST`, `record::head_key`), which
+// the projection and the tests that damage a store on purpose name, and the benches' raw sled
+// figures. The rest is private and re-exported below.
 #[cfg(feature = "testing")]
 pub mod baseline;
 mod cache;
@@ -32,7 +35,7 @@ pub mod keyspace;
 mod log;
 pub mod record;
 mod sled_store;
-pub mod store;
+mod store;
 #[cfg(any(test, feature = "testing"))]
 mod testing;
 mod tx;

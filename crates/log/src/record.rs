@@ -24,11 +24,11 @@
 use crate::keyspace;
 
 /// The record format this binary writes and reads.
-pub const RECORD_FORMAT_V1: u8 = 1;
+pub(crate) const RECORD_FORMAT_V1: u8 = 1;
 /// The format of a group value (see the module documentation).
-pub const RECORD_GROUP_V2: u8 = 2;
+pub(crate) const RECORD_GROUP_V2: u8 = 2;
 /// Records one group holds at most.
-pub const GROUP_RECORDS_MAX: usize = 16;
+pub(crate) const GROUP_RECORDS_MAX: usize = 16;
 const GROUP_HEADER_BYTES: usize = 1 + 2 + 32 + 32;
 const GROUP_ENTRY_HEADER_BYTES: usize = 8 + 4 + 32;
 /// The largest value stored under one key.
@@ -112,7 +112,7 @@ pub fn record_keys_end() -> Vec<u8> {
     vec![keyspace::RECORD + 1]
 }
 
-pub fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
+pub(crate) fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(&[RECORD_FORMAT_V1]);
     h.update(&seq.to_be_bytes());
@@ -122,7 +122,7 @@ pub fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
     *h.finalize().as_bytes()
 }
 
-pub fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
+pub(crate) fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(prev_hash);
     h.update(&seq.to_be_bytes());
@@ -132,14 +132,14 @@ pub fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
 
 impl Record {
     /// Seals a new record after `prev_hash`.
-    pub fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
+    pub(crate) fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
         let checksum = checksum(seq, at_ms, &body);
         let hash = chain_hash(&prev_hash, seq, &checksum);
         Record { seq, at_ms, body, checksum, prev_hash, hash }
     }
 
     /// The key-value pairs that store this record.
-    pub fn to_kv(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn to_kv(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let first = self.body.len().min(HEAD_BODY_BYTES);
         let mut head = Vec::with_capacity(HEAD_HEADER_BYTES + first);
         head.push(RECORD_FORMAT_V1);
@@ -157,12 +157,12 @@ impl Record {
     }
 
     /// Bytes this record takes in a group value.
-    pub fn group_bytes(&self) -> usize {
+    pub(crate) fn group_bytes(&self) -> usize {
         GROUP_ENTRY_HEADER_BYTES + self.body.len()
     }
 
     /// Checks the record's own checksum and that its hash follows from `prev_hash`.
-    pub fn check(&self) -> Result<(), CorruptRecord> {
+    pub(crate) fn check(&self) -> Result<(), CorruptRecord> {
         if checksum(self.seq, self.at_ms, &self.body) != self.checksum {
             return Err(CorruptRecord { seq: self.seq, kind: CorruptKind::ChecksumMismatch });
         }
@@ -175,7 +175,7 @@ impl Record {
 
 /// How many of `records` (consecutive and chained), from the first, one group value holds:
 /// at most [`GROUP_RECORDS_MAX`], and at most [`CHUNK_BYTES`] of value.
-pub fn group_len(records: &[Record]) -> usize {
+pub(crate) fn group_len(records: &[Record]) -> usize {
     let mut bytes = GROUP_HEADER_BYTES;
     let mut n = 0;
     for r in records.iter().take(GROUP_RECORDS_MAX) {
@@ -190,7 +190,7 @@ pub fn group_len(records: &[Record]) -> usize {
 
 /// The pair that stores `records` (consecutive and chained, at least one, as many as
 /// [`group_len`] allows) as one group.
-pub fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
     let first = &records[0];
     let bytes = GROUP_HEADER_BYTES + records.iter().map(Record::group_bytes).sum::<usize>();
     let mut v = Vec::with_capacity(bytes);
@@ -208,12 +208,12 @@ pub fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Whether a stored head value is a group's.
-pub fn is_group(value: &[u8]) -> bool {
+pub(crate) fn is_group(value: &[u8]) -> bool {
     value.first() == Some(&RECORD_GROUP_V2)
 }
 
 /// The first and last seq of the group stored under the head key of `first`.
-pub fn group_span(first: u64, value: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn group_span(first: u64, value: &[u8]) -> Option<(u64, u64)> {
     let count = u16::from_be_bytes([*value.get(1)?, *value.get(2)?]);
     let last = first.checked_add(u64::from(count))?.checked_sub(1)?;
     (is_group(value) && count > 0).then_some((first, last))
@@ -233,7 +233,7 @@ fn hash_at(b: &[u8], at: usize) -> Hash {
 
 /// Assembles records from the pairs of a key-ordered scan of the record keyspace, checking
 /// each record's checksum and that seqs follow each other without a gap.
-pub struct Assembler {
+pub(crate) struct Assembler {
     expect_seq: Option<u64>,
     expect_prev: Option<Hash>,
     partial: Option<(Record, usize, u16)>,
@@ -241,19 +241,24 @@ pub struct Assembler {
 
 impl Assembler {
     /// `expect_seq`: the seq the first record must have, if known.
-    pub fn new(expect_seq: Option<u64>) -> Assembler {
+    pub(crate) fn new(expect_seq: Option<u64>) -> Assembler {
         Assembler { expect_seq, expect_prev: None, partial: None }
     }
 
     /// Also checks that the first record's `prev_hash` is `prev` (the anchor or the hash of
     /// the record before the scan); later records are always checked against their predecessor.
-    pub fn with_prev_hash(mut self, prev: Hash) -> Assembler {
+    pub(crate) fn with_prev_hash(mut self, prev: Hash) -> Assembler {
         self.expect_prev = Some(prev);
         self
     }
 
     /// Feeds one pair; adds to `out` the records it completes (a group's, all of them).
-    pub fn push_all(&mut self, key: &[u8], value: &[u8], out: &mut Vec<Record>) -> Result<(), CorruptRecord> {
+    pub(crate) fn push_all(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<Record>,
+    ) -> Result<(), CorruptRecord> {
         if key.len() == 9 && key[0] == keyspace::RECORD && is_group(value) {
             let seq = self.next_head(key)?;
             return self.push_group(seq, value, out);
@@ -309,7 +314,7 @@ impl Assembler {
     }
 
     /// Feeds one pair that is not a group's; returns a record when its last part has arrived.
-    pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Record>, CorruptRecord> {
+    pub(crate) fn push(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Record>, CorruptRecord> {
         let stray = |seq| CorruptRecord { seq, kind: CorruptKind::StrayKey };
         if key.len() == 11 && key[0] == keyspace::RECORD {
             let seq = be_u64(&key[1..9]);
@@ -400,16 +405,11 @@ impl Assembler {
     }
 
     /// Call when the scan ended: a record still waiting for parts is truncated.
-    pub fn finish(&mut self) -> Result<(), CorruptRecord> {
+    pub(crate) fn finish(&mut self) -> Result<(), CorruptRecord> {
         match self.partial.take() {
             Some((rec, _, _)) => Err(CorruptRecord { seq: rec.seq, kind: CorruptKind::Truncated }),
             None => Ok(()),
         }
-    }
-
-    /// True while a record has been started but not completed.
-    pub fn in_record(&self) -> bool {
-        self.partial.is_some()
     }
 }
 

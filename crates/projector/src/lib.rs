@@ -89,6 +89,9 @@
 
 mod cache_policy;
 mod codec;
+// Namespaces of their own: the retention and checkpoint operations the engine and the offline
+// tools run (`compact::plan`, `compact::load_checkpoint`), and the keyspace map the tests and
+// replay read stored keys with (`keys::KS_DELIVERY`). The rest is private and re-exported below.
 pub mod compact;
 mod event;
 mod fold;

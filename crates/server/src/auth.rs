@@ -13,7 +13,7 @@ use crate::state::AppState;
 
 mod extract;
 
-pub use extract::{scope, Auth, ErrorShape, Named, Plain, RequiredScope};
+pub use extract::{scope, Auth, Plain};
 
 /// Every key starts with this.
 pub const KEY_PREFIX: &str = "sk_";
@@ -24,21 +24,17 @@ const BUCKETS_MAX: usize = 100_000;
 /// Keys the authentication cache holds, at most.
 pub const KEY_CACHE_MAX: usize = 10_000;
 
-/// Who is calling: a live key, its organisation (`None`: admin) and its scopes.
+/// Who is calling: a live key and its organisation (`None`: admin). Its scopes were checked when
+/// it was authenticated.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key_id: ApiKeyId,
     pub org_id: Option<OrgId>,
-    pub scopes: Arc<[Scope]>,
 }
 
 impl Principal {
     pub fn actor(&self) -> Actor {
         Actor { org_id: self.org_id, key_id: Some(self.key_id) }
-    }
-
-    pub fn is_admin(&self) -> bool {
-        self.scopes.contains(&Scope::Admin)
     }
 
     /// Whether this caller may see an object of `org_id`.
@@ -112,7 +108,7 @@ pub fn authenticate(
     if !stored.allows(scope) {
         return Err(ApiError::forbidden(family, format!("this API key lacks the {} scope", scope.name())));
     }
-    Ok(Principal { key_id: stored.id, org_id: stored.org_id, scopes: stored.scopes })
+    Ok(Principal { key_id: stored.id, org_id: stored.org_id })
 }
 
 /// What authentication needs of a stored key.

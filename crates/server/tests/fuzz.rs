@@ -12,7 +12,7 @@ use herald_engine::clock::SystemClock;
 use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
 use herald_engine::{Engine, EngineConfig, Parts};
 use herald_log::MemStore;
-use herald_server::state::{AppState, ServerLimits};
+use herald_server::{AppState, ServerLimits};
 use proptest::prelude::*;
 use tower::ServiceExt;
 
@@ -36,7 +36,7 @@ fn app() -> (axum::Router, Engine) {
     let state = Arc::new(AppState {
         engine: engine.clone(),
         limits: ServerLimits::default(),
-        buckets: herald_server::auth::Buckets::new(1_000_000, 1_000_000),
+        buckets: herald_server::Buckets::new(1_000_000, 1_000_000),
         keys: Default::default(),
         metrics: Default::default(),
         ready: AtomicBool::new(true),

@@ -12,7 +12,7 @@ use herald_engine::{Engine, EngineConfig, Parts};
 use herald_log::{
     Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore, WriteBatch,
 };
-use herald_server::state::{AppState, ServerLimits};
+use herald_server::{AppState, ServerLimits};
 use tower::ServiceExt;
 
 const ADMIN: &str = "sk_faults_admin_key_0123456789abcdef";
@@ -34,7 +34,7 @@ fn serve(store: Arc<dyn Store>) -> (Engine, axum::Router) {
     let router = herald_server::router(Arc::new(AppState {
         engine: engine.clone(),
         limits: ServerLimits::default(),
-        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
+        buckets: herald_server::Buckets::new(1_000, 1_000),
         keys: Default::default(),
         metrics: Default::default(),
         ready: AtomicBool::new(true),
