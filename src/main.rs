@@ -302,7 +302,7 @@ fn serve(config: Config) -> ExitCode {
     };
     let admin_key = std::env::var("HERALD_ADMIN_KEY").ok().filter(|k| !k.is_empty());
     let result = runtime.block_on(herald_server::serve(config, admin_key, stop_signal()));
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

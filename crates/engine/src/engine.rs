@@ -208,7 +208,7 @@ impl Engine {
         }
         // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
         // converted once.
-        match herald_projector::compact::drop_legacy(store.clone()) {
+        match compact::drop_legacy(store.clone()) {
             Ok(0) => {}
             Ok(n) => eprintln!(
                 "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
@@ -572,7 +572,7 @@ impl Engine {
     /// Waits until the dispatcher has nothing in flight and nothing due at the clock's current
     /// time, or `timeout` passes. Returns whether it settled. For tests and simulations.
     pub fn settle(&self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let asked = self.inner.shared.stats().generation;
             self.wake();
@@ -588,13 +588,13 @@ impl Engine {
                     }
                     break;
                 }
-                if std::time::Instant::now() >= deadline {
+                if Instant::now() >= deadline {
                     return false;
                 }
                 std::thread::sleep(Duration::from_micros(200));
                 self.wake();
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return false;
             }
         }

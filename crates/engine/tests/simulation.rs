@@ -1380,10 +1380,7 @@ impl Sim {
         // The held flush is the publish's batch's: its event is applied, not yet durable.
         ensure!(
             self.at,
-            matches!(
-                herald_projector::get_event(&herald_projector::StoreTables(&self.store.mem), id),
-                Ok(Some(_))
-            ),
+            matches!(get_event(&herald_projector::StoreTables(&self.store.mem), id), Ok(Some(_))),
             "the held flush is not the one of {id}'s batch"
         );
         let seen_before = self.net.seen_len();

@@ -230,8 +230,9 @@ fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| StoreError::Io(format!("{} has a NUL byte", dir.display())))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: statvfs is a plain C struct, for which all zero bytes are a valid value.
     let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
     if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
         let e = std::io::Error::last_os_error();
         return Err(StoreError::Io(format!("statvfs {}: {e}", dir.display())));
@@ -243,8 +244,8 @@ fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
             dir.display()
         )));
     }
-    // SAFETY: getrlimit writes into the struct we own.
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
         && limit.rlim_cur != libc::RLIM_INFINITY
     {

@@ -406,7 +406,7 @@ fn an_urgent_command_goes_ahead_of_the_ordinary_backlog_and_a_stop_commits_it() 
     let mut after: Vec<u64> = (0..2).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
     after.sort_unstable();
     assert_eq!(after, vec![0, 200]);
-    assert_eq!(herald_log::verify(&store, &mut |_| {}).unwrap().last_seq, 14);
+    assert_eq!(verify(&store, &mut |_| {}).unwrap().last_seq, 14);
 }
 
 /// When the urgent queue is full, an urgent command joins the ordinary queue: it waits its turn
@@ -512,8 +512,8 @@ impl SlowFlush {
     }
 }
 
-impl herald_log::Store for SlowFlush {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
+impl Store for SlowFlush {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key)
     }
     fn scan(
@@ -521,19 +521,19 @@ impl herald_log::Store for SlowFlush {
         from: &[u8],
         to: &[u8],
         visit: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), herald_log::StoreError> {
+    ) -> Result<(), StoreError> {
         self.inner.scan(from, to, visit)
     }
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, StoreError> {
         self.inner.last(from, to)
     }
-    fn apply(&self, batch: &herald_log::WriteBatch) -> Result<(), herald_log::StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         if self.in_flush.load(std::sync::atomic::Ordering::SeqCst) {
             self.applied_during_flush.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         self.inner.apply(batch)
     }
-    fn flush(&self, d: Durability) -> Result<(), herald_log::StoreError> {
+    fn flush(&self, d: Durability) -> Result<(), StoreError> {
         self.in_flush.store(true, std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(3));
         self.in_flush.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -568,7 +568,7 @@ fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flu
     let overlapped = store.applied_during_flush.load(std::sync::atomic::Ordering::SeqCst);
     assert!(overlapped > 0, "no batch was applied during a flush");
     log.close();
-    assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
 }
 
 /// A writer stuck on a stalled disk does not hold `close_within` or the log's drop; the closed

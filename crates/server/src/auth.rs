@@ -391,7 +391,7 @@ mod tests {
                 name: "cached".into(),
                 key_hash: key_hash(&key),
             };
-            engine.execute_blocking(herald_engine::Actor::admin(), create).unwrap();
+            engine.execute_blocking(Actor::admin(), create).unwrap();
             let headers = bearer(&key);
             for _ in 0..3 {
                 let who = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap();
@@ -407,7 +407,7 @@ mod tests {
             assert_eq!(err.status, StatusCode::UNAUTHORIZED);
             assert_eq!(state.keys.len(), 1);
 
-            engine.execute_blocking(herald_engine::Actor::admin(), Command::RevokeApiKey { id }).unwrap();
+            engine.execute_blocking(Actor::admin(), Command::RevokeApiKey { id }).unwrap();
             let err = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap_err();
             assert_eq!(err.status, StatusCode::UNAUTHORIZED);
             // And it stays refused: a revoked key's hash finds nothing in the projection, so it
