@@ -506,7 +506,7 @@ impl Tmpfs {
             if libc::statvfs(path.as_ptr(), &mut st) != 0 {
                 return 0;
             }
-            st.f_bavail as u64 * st.f_frsize as u64
+            st.f_bavail * st.f_frsize
         }
     }
 }

@@ -21,7 +21,7 @@ use common::{cpu_now, Row};
 use herald_engine::Engine;
 use herald_log::Durability;
 use herald_server::config::Config;
-use herald_server::state::AppState;
+use herald_server::AppState;
 use herald_server::{bootstrap_admin, router};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};

@@ -247,7 +247,7 @@ fn parse_subject(
     event: Option<String>,
     endpoint: Option<String>,
 ) -> Result<Subject, String> {
-    let id = |text: &str| herald_server::util::parse_id(text).ok_or_else(|| format!("{text:?} is not an id"));
+    let id = |text: &str| herald_server::parse_id(text).ok_or_else(|| format!("{text:?} is not an id"));
     match (delivery, event, endpoint) {
         (Some(d), None, None) => Ok(Subject::Delivery(DeliveryId(id(&d)?))),
         (None, Some(e), None) => Ok(Subject::Event(EventId(id(&e)?))),
@@ -302,7 +302,7 @@ fn serve(config: Config) -> ExitCode {
     };
     let admin_key = std::env::var("HERALD_ADMIN_KEY").ok().filter(|k| !k.is_empty());
     let result = runtime.block_on(herald_server::serve(config, admin_key, stop_signal()));
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -119,7 +119,7 @@ fn resets(s: TcpStream) {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            size_of::<libc::linger>() as libc::socklen_t,
         );
     }
     drop(s);
@@ -254,8 +254,8 @@ fn hostile_receivers_are_recorded_as_failures_and_do_not_starve_a_healthy_one() 
     // minus its jitter.
     let (_, d) = server.call("GET", &format!("/v1/webhook_deliveries/{}", deliveries[6]), Some(&key), None);
     assert_eq!(d["status"], "pending");
-    let next = herald_server::util::parse_ts(d["next_attempt_at"].as_str().unwrap()).unwrap();
-    let finished = herald_server::util::parse_ts(limited["finished_at"].as_str().unwrap()).unwrap();
+    let next = herald_server::parse_ts(d["next_attempt_at"].as_str().unwrap()).unwrap();
+    let finished = herald_server::parse_ts(limited["finished_at"].as_str().unwrap()).unwrap();
     assert!(next >= finished + 3_600_000, "next attempt {next} only {} ms after {finished}", next - finished);
 
     // Memory stayed bounded while a receiver sent 50 MB.

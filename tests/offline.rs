@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::engine::clock::ManualClock;
-use herald::engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
-use herald::log::{Batch, Durability, SledStore, Store};
+use herald::engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome, Sender};
+use herald::log::{Durability, SledStore, Store, WriteBatch};
 use herald::projector::{ApiKeyId, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, Policy, Scope};
 use herald::{Actor, Command as Cmd, DeliveryConfig, Engine, EngineConfig, Parts, Reply};
 use uuid::Uuid;
@@ -26,11 +26,9 @@ impl Sender for Scripted {
         let next = self.0.lock().unwrap().pop_front().unwrap_or(Some(200));
         Box::pin(async move {
             match next {
-                Some(status) => {
-                    AttemptOutcome::Response { status, excerpt: Vec::new(), retry_after_ms: None }
-                }
+                Some(status) => SendOutcome::Response { status, excerpt: Vec::new(), retry_after_ms: None },
                 None => {
-                    AttemptOutcome::Failed { kind: FailureKind::Timeout, error: "Connection timeout".into() }
+                    SendOutcome::Failed { kind: FailureKind::Timeout, error: "Connection timeout".into() }
                 }
             }
         })
@@ -259,7 +257,7 @@ fn verify_names_the_first_bad_seq_of_a_damaged_log() {
         let mut value = s.get(&key).unwrap().unwrap();
         let last = value.len() - 1;
         value[last] ^= 0x01;
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         b.put(key.clone(), value);
         s.apply(&b).unwrap();
     });
@@ -272,7 +270,7 @@ fn verify_names_the_first_bad_seq_of_a_damaged_log() {
     let dir = tempfile::tempdir().unwrap();
     write_story(dir.path());
     damage(dir.path(), |s| {
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         b.delete(herald::log::record::head_key(6));
         s.apply(&b).unwrap();
     });
@@ -287,7 +285,7 @@ fn verify_names_the_first_bad_seq_of_a_damaged_log() {
     damage(dir.path(), |s| {
         let (k5, k6) = (herald::log::record::head_key(5), herald::log::record::head_key(6));
         let (v5, v6) = (s.get(&k5).unwrap().unwrap(), s.get(&k6).unwrap().unwrap());
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         b.put(k5, v6);
         b.put(k6, v5);
         s.apply(&b).unwrap();
@@ -305,7 +303,7 @@ fn verify_names_the_first_bad_seq_of_a_damaged_log() {
         key.extend_from_slice(s.delivery.as_bytes());
         let mut value = store.get(&key).unwrap().unwrap();
         value[0] ^= 0x01;
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         b.put(key, value);
         store.apply(&b).unwrap();
     });

@@ -268,6 +268,7 @@ pub struct Cpu {
 }
 
 pub fn cpu_now() -> Cpu {
+    // SAFETY: sysconf takes no pointer and only reads a configuration value.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut threads = HashMap::new();
     for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {

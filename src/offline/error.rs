@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use herald_log::{Corrupt, LogError, StoreError};
+use herald_log::{CorruptRecord, LogError, StoreError};
 use herald_projector::{ApplyError, CompactError, DecodeError, RebuildError};
 
 use super::{hex, Subject};
@@ -21,8 +21,8 @@ pub enum OfflineError {
     NotEmpty { dir: PathBuf },
     /// The log or the store under it failed.
     Log(LogError),
-    /// `verify`: a record fails its checksum or the hash chain ([`Corrupt::seq`] is the first bad one).
-    Damaged(Corrupt),
+    /// `verify`: a record fails its checksum or the hash chain ([`CorruptRecord::seq`] is the first bad one).
+    Damaged(CorruptRecord),
     /// `verify`: the log could not be read through.
     Unreadable(LogError),
     /// `verify`: the log does not fold into a projection.
@@ -54,7 +54,7 @@ pub enum OfflineError {
     /// `replay`: no record tells of the subject.
     NothingFound(Subject),
     /// `replay`: the checkpoint a compaction kept does not read back.
-    CheckpointCorrupt(herald_projector::Corrupt),
+    CheckpointCorrupt(herald_projector::CorruptValue),
     /// `replay`: the checkpoint holds a delivery key of the wrong length.
     BadDeliveryKey,
 }

@@ -78,7 +78,7 @@ fn write_line(out: &mut dyn Write, line: Value) -> Result<(), OfflineError> {
 /// One record as an export line: the raw body (base64) for import, the event for people.
 fn export_line(r: &Record) -> Value {
     let event = match decode(&r.body) {
-        Ok(e) => herald_server::routes::ops::audit_event(&e),
+        Ok(e) => herald_server::audit_event(&e),
         Err(e) => json!({"type": "Undecodable", "error": e.to_string()}),
     };
     json!({

@@ -134,5 +134,5 @@ fn from_b64(text: Option<&str>) -> Option<Vec<u8>> {
 }
 
 fn ts(ms: u64) -> String {
-    herald_server::util::ts(ms)
+    herald_server::ts(ms)
 }

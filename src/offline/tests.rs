@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use herald_log::{Batch, Durability, Log, LogConfig, SledStore, Store};
+use herald_log::{Durability, Log, LogConfig, SledStore, Store, WriteBatch};
 use herald_projector::{
     encode, AttemptOutcome, DeliveryId, EndpointId, Event, EventId, NewDelivery, OrgId, Trigger,
     RULES_CURRENT,
@@ -141,9 +141,9 @@ fn round_trip(dir: &Path) -> (TempDir, ExportReport, ImportReport) {
 }
 
 /// Opens the store, lets `damage` change it, closes it.
-fn damage(dir: &Path, damage: impl FnOnce(&SledStore, &mut Batch)) {
+fn damage(dir: &Path, damage: impl FnOnce(&SledStore, &mut WriteBatch)) {
     let store = SledStore::open(dir, 8 << 20).unwrap();
-    let mut batch = Batch::default();
+    let mut batch = WriteBatch::default();
     damage(&store, &mut batch);
     store.apply(&batch).unwrap();
     store.flush(Durability::Sync).unwrap();

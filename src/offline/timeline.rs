@@ -70,7 +70,7 @@ pub(super) fn write_step(
     event: &Event,
 ) -> Result<(), OfflineError> {
     if ndjson {
-        let mut line = herald_server::routes::ops::audit_event(event);
+        let mut line = herald_server::audit_event(event);
         if let Value::Object(map) = &mut line {
             map.insert("seq".into(), json!(r.seq));
             map.insert("at".into(), json!(ts(r.at_ms)));

@@ -93,6 +93,7 @@ impl DueQueue {
     }
 
     /// Removes `id`, returning the due time it had, or `None` if it was not queued.
+    #[cfg(test)]
     pub fn remove(&mut self, id: &DeliveryId) -> Option<u64> {
         let due_at_ms = self.due_at_ms_by_id.remove(id)?;
         self.by_due.remove(&(due_at_ms, *id));
@@ -127,6 +128,7 @@ impl DueQueue {
     }
 
     /// The due time of `id`, if it is queued.
+    #[cfg(test)]
     pub fn due_at_ms(&self, id: &DeliveryId) -> Option<u64> {
         self.due_at_ms_by_id.get(id).copied()
     }
@@ -137,6 +139,7 @@ impl DueQueue {
     }
 
     /// Whether nothing is queued.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_due.is_empty()
     }

@@ -85,7 +85,7 @@ fn prepare_store(store: &Arc<dyn Store>) -> Result<u32, EngineError> {
     }
     // Index keys an earlier version wrote and this one does not keep, or keeps in chunks:
     // converted once.
-    match herald_projector::compact::drop_legacy(store.clone()) {
+    match compact::drop_legacy(store.clone()) {
         Ok(0) => {}
         Ok(n) => eprintln!(
             "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
@@ -108,8 +108,8 @@ fn started_anyway(result: Result<Reply, EngineError>, what: &str) -> Result<(), 
     }
 }
 
-impl From<herald_projector::Corrupt> for EngineError {
-    fn from(e: herald_projector::Corrupt) -> Self {
+impl From<herald_projector::CorruptValue> for EngineError {
+    fn from(e: herald_projector::CorruptValue) -> Self {
         EngineError::Log(LogError::Store(herald_log::StoreError::Io(e.to_string())))
     }
 }
@@ -277,11 +277,7 @@ impl Engine {
     /// is the configuration's; a change is itself a logged fact. A store that refuses writes (a
     /// full disk) still starts: it goes on under the rules and the policy it has, which is what
     /// its records say, and the next start writes them.
-    fn adopt_rules_and_policy(
-        &self,
-        rules: u32,
-        policy: &herald_projector::Policy,
-    ) -> Result<(), EngineError> {
+    fn adopt_rules_and_policy(&self, rules: u32, policy: &Policy) -> Result<(), EngineError> {
         if rules < herald_projector::RULES_CURRENT {
             let adopt = Command::AdoptRules(herald_projector::RULES_CURRENT);
             started_anyway(self.execute_blocking(Actor::admin(), adopt), "adopting the current fold rules")?;
@@ -448,7 +444,7 @@ impl Engine {
     /// failed ("not found", a short page).
     pub fn read<T>(
         &self,
-        query: impl FnOnce(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
+        query: impl FnOnce(&CheckedTables<'_>) -> Result<T, herald_projector::CorruptValue>,
     ) -> Result<T, EngineError> {
         Ok(CheckedTables::run(self.inner.store.as_ref(), query)
             .map_err(|e| EngineError::Log(LogError::Store(e)))??)
@@ -461,7 +457,7 @@ impl Engine {
     /// store error in the read that stands is the answer, as in [`Engine::read`].
     pub fn consistent_read<T>(
         &self,
-        read: impl Fn(&CheckedTables<'_>) -> Result<T, herald_projector::Corrupt>,
+        read: impl Fn(&CheckedTables<'_>) -> Result<T, herald_projector::CorruptValue>,
     ) -> Result<T, EngineError> {
         let mut tries = 0;
         loop {
@@ -586,7 +582,7 @@ impl Engine {
     /// Waits until the dispatcher has nothing in flight and nothing due at the clock's current
     /// time, or `timeout` passes. Returns whether it settled. For tests and simulations.
     pub fn settle(&self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let asked = self.inner.shared.stats().generation;
             self.wake();
@@ -602,13 +598,13 @@ impl Engine {
                     }
                     break;
                 }
-                if std::time::Instant::now() >= deadline {
+                if Instant::now() >= deadline {
                     return false;
                 }
                 std::thread::sleep(Duration::from_micros(200));
                 self.wake();
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return false;
             }
         }

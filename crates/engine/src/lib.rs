@@ -1,7 +1,7 @@
 //! herald-engine: commands in, events out, and the attempts that deliver them.
 //!
 //! [`Engine`] is the whole of it behind one handle (re-exported as `herald::Engine`): it opens the
-//! store, runs the writer ([`commands::Commands`], the log's machine that validates each
+//! store, runs the writer ([`Commands`], the log's machine that validates each
 //! [`Command`] and turns it into events) and the dispatcher (`dispatch`: the timer queue of due
 //! deliveries, the in-flight bounds, one signed attempt per due delivery, its outcome recorded),
 //! and answers queries from the projection. [`clock::Clock`] and [`sender::Sender`] are traits,
@@ -12,7 +12,7 @@
 //! - [`signing`]: Standard Webhooks signatures. [`signing::Secret`] is an endpoint's
 //!   `whsec_<base64>` key; [`signing::sign`] writes the `webhook-signature` header value with every
 //!   valid secret (current first), [`signing::verify`] checks one.
-//! - [`sender`]: the [`sender::Sender`] trait (one attempt in, one [`sender::AttemptOutcome`] out),
+//! - [`sender`]: the [`sender::Sender`] trait (one attempt in, one [`sender::SendOutcome`] out),
 //!   the real [`sender::HttpSender`] (keep-alive pool, no redirects, whole-attempt timeout, a 4 KiB
 //!   body excerpt, a guard against private targets on the resolved address), and
 //!   [`sender::check_url`] for validating endpoint URLs.
@@ -42,19 +42,25 @@
 //! # }
 //! ```
 
+// Namespaces of their own: a clock and a sender are what an embedder or a simulation supplies
+// (`Parts`), and signing serves an embedder's receivers; each reads best under its module's name
+// (`sender::HttpSender`, `signing::verify`). The rest is private and re-exported below.
 pub mod clock;
-pub mod commands;
-pub mod config;
-pub mod dispatch;
-pub mod due;
+mod commands;
+mod config;
+mod dispatch;
+mod due;
 mod engine;
-pub mod schedule;
+mod schedule;
 pub mod sender;
 pub mod signing;
 
-pub use crate::commands::{Actor, BatchItem, Command, CommandError, CommandLimits, Reply};
+pub use crate::commands::{
+    valid_event_type, Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted,
+    BATCH_RETRIGGER_MAX,
+};
 pub use crate::config::{DeliveryConfig, EngineConfig};
-pub use crate::dispatch::{DispatchStats, StopReport};
+pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
 pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionStats, COMPACT_PASS_RECORDS};
 
 // What the server (and any embedder's edge) needs of the layers below, so that it depends on the

@@ -13,6 +13,7 @@
 pub const JITTER_PERMILLE_DEFAULT: u32 = 100;
 
 /// The default automatic schedule after the first attempt: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+#[cfg(test)]
 pub const SCHEDULE_MS_DEFAULT: [u64; 7] =
     [5_000, 5 * 60_000, 30 * 60_000, 2 * 3_600_000, 5 * 3_600_000, 10 * 3_600_000, 10 * 3_600_000];
 

@@ -36,7 +36,7 @@ pub struct AttemptRequest {
 
 /// What became of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptOutcome {
+pub enum SendOutcome {
     /// The receiver answered. Any status but 2xx counts as a failure for the engine.
     Response {
         status: u16,
@@ -49,14 +49,14 @@ pub enum AttemptOutcome {
     Failed { kind: FailureKind, error: String },
 }
 
-impl AttemptOutcome {
+impl SendOutcome {
     /// Whether the receiver accepted the delivery (a 2xx answer).
     pub fn is_success(&self) -> bool {
-        matches!(self, AttemptOutcome::Response { status, .. } if (200..300).contains(status))
+        matches!(self, SendOutcome::Response { status, .. } if (200..300).contains(status))
     }
 
-    fn failed(kind: FailureKind, error: impl Into<String>) -> AttemptOutcome {
-        AttemptOutcome::Failed { kind, error: error.into() }
+    fn failed(kind: FailureKind, error: impl Into<String>) -> SendOutcome {
+        SendOutcome::Failed { kind, error: error.into() }
     }
 }
 
@@ -92,7 +92,7 @@ impl FailureKind {
 }
 
 /// The future a [`Sender`] returns.
-pub type SendFuture<'a> = Pin<Box<dyn Future<Output = AttemptOutcome> + Send + 'a>>;
+pub type SendFuture<'a> = Pin<Box<dyn Future<Output = SendOutcome> + Send + 'a>>;
 
 /// Makes one delivery attempt. The engine uses [`HttpSender`]; a simulation swaps in its own.
 pub trait Sender: Send + Sync + 'static {
@@ -195,33 +195,33 @@ impl HttpSender {
         })
     }
 
-    async fn attempt(&self, req: AttemptRequest) -> AttemptOutcome {
+    async fn attempt(&self, req: AttemptRequest) -> SendOutcome {
         let url = match Url::parse(&req.url) {
             Ok(url) => url,
-            Err(e) => return AttemptOutcome::failed(FailureKind::InvalidUrl, format!("invalid URL: {e}")),
+            Err(e) => return SendOutcome::failed(FailureKind::InvalidUrl, format!("invalid URL: {e}")),
         };
         if let Err(e) = check_parsed_url(&url, true) {
-            return AttemptOutcome::failed(FailureKind::InvalidUrl, e.to_string());
+            return SendOutcome::failed(FailureKind::InvalidUrl, e.to_string());
         }
         // IP literals never reach the resolver, so they are judged here.
         if !self.allow_private_targets {
             if let Some(ip) = literal_ip(&url) {
                 if let Some(kind) = non_public_kind(ip) {
                     let refused = PrivateTargetRefused { host: ip.to_string(), addr: ip, kind };
-                    return AttemptOutcome::failed(FailureKind::Refused, refused.to_string());
+                    return SendOutcome::failed(FailureKind::Refused, refused.to_string());
                 }
             }
         }
         let mut headers = reqwest::header::HeaderMap::with_capacity(req.headers.len());
         for (name, value) in &req.headers {
             let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
-                return AttemptOutcome::failed(
+                return SendOutcome::failed(
                     FailureKind::InvalidHeader,
                     format!("invalid header name {name:?}"),
                 );
             };
             let Ok(header_value) = HeaderValue::from_str(value) else {
-                return AttemptOutcome::failed(
+                return SendOutcome::failed(
                     FailureKind::InvalidHeader,
                     format!("invalid value for header {name:?}"),
                 );
@@ -249,14 +249,14 @@ impl HttpSender {
                 excerpt.extend_from_slice(&chunk[..kept]);
             }
             // Dropping the response here drops an unread rest of the body with its connection.
-            Ok::<_, reqwest::Error>(AttemptOutcome::Response {
+            Ok::<_, reqwest::Error>(SendOutcome::Response {
                 status: status.as_u16(),
                 excerpt,
                 retry_after_ms,
             })
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_elapsed) => AttemptOutcome::failed(FailureKind::Timeout, "Connection timeout"),
+            Err(_elapsed) => SendOutcome::failed(FailureKind::Timeout, "Connection timeout"),
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => classify(&e, is_https),
         }
@@ -569,25 +569,25 @@ pub fn local_fault(err: &(dyn StdError + 'static)) -> Option<String> {
     })
 }
 
-fn classify(err: &reqwest::Error, is_https: bool) -> AttemptOutcome {
+fn classify(err: &reqwest::Error, is_https: bool) -> SendOutcome {
     let err_dyn: &(dyn StdError + 'static) = err;
     if let Some(refused) = find::<PrivateTargetRefused>(err_dyn) {
-        return AttemptOutcome::failed(FailureKind::Refused, refused.to_string());
+        return SendOutcome::failed(FailureKind::Refused, refused.to_string());
     }
     if let Some(fault) = local_fault(err_dyn) {
-        return AttemptOutcome::failed(FailureKind::Local, fault);
+        return SendOutcome::failed(FailureKind::Local, fault);
     }
     if let Some(tls) = find::<rustls::Error>(err_dyn) {
-        return AttemptOutcome::failed(FailureKind::Tls, format!("TLS: {tls}"));
+        return SendOutcome::failed(FailureKind::Tls, format!("TLS: {tls}"));
     }
     if err.is_timeout() {
-        return AttemptOutcome::failed(FailureKind::Timeout, "Connection timeout");
+        return SendOutcome::failed(FailureKind::Timeout, "Connection timeout");
     }
     let io_kind = find::<io::Error>(err_dyn).map(io::Error::kind);
     if err.is_connect() {
         // The handshake is part of connecting: a peer that hangs up during it is no TLS server.
         if is_https && io_kind == Some(io::ErrorKind::UnexpectedEof) {
-            return AttemptOutcome::failed(
+            return SendOutcome::failed(
                 FailureKind::Tls,
                 "TLS: the peer closed the connection during the handshake",
             );
@@ -597,16 +597,16 @@ fn classify(err: &reqwest::Error, is_https: bool) -> AttemptOutcome {
             Some(io::ErrorKind::ConnectionReset) => "connection reset".to_owned(),
             _ => format!("connection failed: {}", describe_chain(err_dyn)),
         };
-        return AttemptOutcome::failed(FailureKind::Connect, error);
+        return SendOutcome::failed(FailureKind::Connect, error);
     }
     if err.is_builder() {
-        return AttemptOutcome::failed(FailureKind::InvalidUrl, describe_chain(err_dyn));
+        return SendOutcome::failed(FailureKind::InvalidUrl, describe_chain(err_dyn));
     }
     let error = match io_kind {
         Some(io::ErrorKind::ConnectionReset) => "connection reset by the receiver".to_owned(),
         _ => format!("connection error: {}", describe_chain(err_dyn)),
     };
-    AttemptOutcome::failed(FailureKind::Io, error)
+    SendOutcome::failed(FailureKind::Io, error)
 }
 
 #[cfg(test)]
@@ -769,12 +769,11 @@ mod tests {
 
     #[test]
     fn outcome_success_is_2xx_only() {
-        let response =
-            |status| AttemptOutcome::Response { status, excerpt: Vec::new(), retry_after_ms: None };
+        let response = |status| SendOutcome::Response { status, excerpt: Vec::new(), retry_after_ms: None };
         assert!(response(200).is_success());
         assert!(response(204).is_success());
         assert!(!response(301).is_success());
         assert!(!response(500).is_success());
-        assert!(!AttemptOutcome::failed(FailureKind::Timeout, "Connection timeout").is_success());
+        assert!(!SendOutcome::failed(FailureKind::Timeout, "Connection timeout").is_success());
     }
 }

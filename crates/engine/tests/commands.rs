@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use herald_engine::commands::{
-    Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted,
-};
+use herald_engine::{Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted};
 use herald_log::{Durability, Log, LogConfig, LogError, MemStore};
 use herald_projector::{
     get_delivery, ApiKeyId, AttemptOutcome, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, Scope,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_engine::clock::{Clock, ManualClock};
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome, Sender};
 use herald_engine::signing::{verify, Secret};
 use herald_engine::{Actor, Command, DeliveryConfig, Engine, EngineConfig, EngineError, Parts, Reply};
 use herald_log::{HeldStore, MemStore, Store};
@@ -61,16 +61,16 @@ impl Sender for Scripted {
             self.active_max.fetch_max(now, Ordering::SeqCst);
             let out = match step {
                 Script::Status(status) => {
-                    AttemptOutcome::Response { status, excerpt: b"ok".to_vec(), retry_after_ms: None }
+                    SendOutcome::Response { status, excerpt: b"ok".to_vec(), retry_after_ms: None }
                 }
                 Script::Fail => {
-                    AttemptOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
+                    SendOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
                 }
                 Script::Hold(d) => {
                     tokio::time::sleep(d).await;
-                    AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+                    SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
                 }
-                Script::LocalFault => AttemptOutcome::Failed {
+                Script::LocalFault => SendOutcome::Failed {
                     kind: FailureKind::Local,
                     error: "a fault of this host, not the receiver's: Too many open files (os error 24)"
                         .into(),
@@ -431,7 +431,7 @@ fn a_graceful_stop_records_attempts_cut_short_as_interrupted_not_as_failures() {
     assert_eq!(d.last_error, None, "an interrupted attempt is not the delivery's last failure");
     let history = w.engine.attempts(deliveries[0], 0, 10).unwrap();
     assert_eq!(history.len(), 1);
-    assert_eq!(history[0].error.as_deref(), Some(herald_engine::dispatch::INTERRUPTED_ERROR));
+    assert_eq!(history[0].error.as_deref(), Some(herald_engine::INTERRUPTED_ERROR));
     // In the history and the count, but not a failure: no step of the schedule used (a failure
     // would be retried 1 s later), the same attempt made again at once, the endpoint's run empty.
     assert_eq!((d.attempt_count, d.attempts_since_reset), (1, 0));
@@ -583,7 +583,7 @@ fn opening_a_store_with_index_keys_this_version_no_longer_keeps_deletes_them() {
 
     // What the earlier versions wrote for each delivery: whole-list keys, and every index
     // entry one key each (format 1), instead of the chunks.
-    let mut legacy = herald_log::Batch::default();
+    let mut legacy = herald_log::WriteBatch::default();
     w.store.with_map(|m| {
         for key in m.keys().filter(|k| (0x57..=0x5A).contains(&k[0])) {
             legacy.delete(key.clone());
@@ -896,7 +896,7 @@ fn a_store_under_the_first_rules_adopts_the_current_ones_at_open_and_still_rebui
 #[test]
 fn a_store_under_newer_rules_than_this_code_knows_is_refused_without_a_write() {
     let store = Arc::new(MemStore::new());
-    let mut b = herald_log::Batch::default();
+    let mut b = herald_log::WriteBatch::default();
     b.put(herald_log::keyspace::META_FORMAT.to_vec(), vec![herald_log::STORE_FORMAT]);
     b.put(
         herald_projector::keys::META_RULES.to_vec(),
@@ -955,7 +955,7 @@ impl Store for KeyspaceReadsFail {
         self.check(from)?;
         self.inner.last(from, to)
     }
-    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
+    fn apply(&self, batch: &herald_log::WriteBatch) -> Result<(), herald_log::StoreError> {
         self.inner.apply(batch)
     }
     fn flush(&self, durability: herald_log::Durability) -> Result<(), herald_log::StoreError> {

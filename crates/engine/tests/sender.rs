@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_engine::sender::{
-    non_public_kind, AttemptOutcome, AttemptRequest, FailureKind, HttpSender, Sender, SenderConfig,
+    non_public_kind, AttemptRequest, FailureKind, HttpSender, SendOutcome, Sender, SenderConfig,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -128,13 +128,13 @@ fn request(url: String) -> AttemptRequest {
     }
 }
 
-fn response(status: u16, excerpt: &[u8], retry_after_ms: Option<u64>) -> AttemptOutcome {
-    AttemptOutcome::Response { status, excerpt: excerpt.to_vec(), retry_after_ms }
+fn response(status: u16, excerpt: &[u8], retry_after_ms: Option<u64>) -> SendOutcome {
+    SendOutcome::Response { status, excerpt: excerpt.to_vec(), retry_after_ms }
 }
 
-fn failure_kind(outcome: &AttemptOutcome) -> FailureKind {
+fn failure_kind(outcome: &SendOutcome) -> FailureKind {
     match outcome {
-        AttemptOutcome::Failed { kind, .. } => *kind,
+        SendOutcome::Failed { kind, .. } => *kind,
         other => panic!("expected a failure, got {other:?}"),
     }
 }
@@ -209,7 +209,7 @@ async fn silent_receiver_times_out() {
         let elapsed = started.elapsed();
         assert_eq!(
             outcome,
-            AttemptOutcome::Failed { kind: FailureKind::Timeout, error: "Connection timeout".into() }
+            SendOutcome::Failed { kind: FailureKind::Timeout, error: "Connection timeout".into() }
         );
         assert!(elapsed >= timeout && elapsed < timeout + TIMEOUT_MARGIN, "{elapsed:?}");
         receiver.stop().await;
@@ -326,7 +326,7 @@ async fn closed_port_is_connection_refused() {
         let outcome = sender(loopback_config()).send(request(format!("http://127.0.0.1:{port}/"))).await;
         assert_eq!(
             outcome,
-            AttemptOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
+            SendOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
         );
     })
     .await;
@@ -416,7 +416,7 @@ mod self_signed {
             let url = format!("https://127.0.0.1:{}/", receiver.port);
             let outcome = sender(loopback_config()).send(request(url)).await;
             match &outcome {
-                AttemptOutcome::Failed { kind: FailureKind::Tls, error } => {
+                SendOutcome::Failed { kind: FailureKind::Tls, error } => {
                     assert!(error.starts_with("TLS: invalid peer certificate"), "{error}")
                 }
                 other => panic!("expected a TLS failure, got {other:?}"),
@@ -464,7 +464,7 @@ async fn private_targets_are_refused_without_connecting() {
         // A name goes through the resolver, which refuses what it resolves to.
         let outcome = guarded.send(request(format!("http://localhost:{port}/"))).await;
         match &outcome {
-            AttemptOutcome::Failed { kind: FailureKind::Refused, error } => {
+            SendOutcome::Failed { kind: FailureKind::Refused, error } => {
                 assert!(error.contains("localhost resolves to"), "{error}")
             }
             other => panic!("expected a refusal, got {other:?}"),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_engine::clock::ManualClock;
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome, Sender};
 use herald_engine::signing::{verify, Secret};
 use herald_engine::{Actor, Command, Engine, EngineConfig, EngineError, Parts, Reply};
 use herald_log::{MemStore, Store};
@@ -35,9 +35,9 @@ impl Sender for Recorder {
             self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         Box::pin(async move {
             if fail {
-                AttemptOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
+                SendOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
             } else {
-                AttemptOutcome::Response { status: 200, excerpt: b"ok".to_vec(), retry_after_ms: None }
+                SendOutcome::Response { status: 200, excerpt: b"ok".to_vec(), retry_after_ms: None }
             }
         })
     }

@@ -33,14 +33,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use herald_engine::clock::{Clock, ManualClock};
-use herald_engine::dispatch::INTERRUPTED_ERROR;
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, FailureKind, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome, Sender};
 use herald_engine::signing::Secret;
+use herald_engine::INTERRUPTED_ERROR;
 use herald_engine::{
     Actor, Command, CommandError, CommandLimits, DeliveryConfig, Engine, EngineConfig, EngineError, Parts,
     Reply,
 };
-use herald_log::{Batch, Durability, MemStore, Pair, Store, StoreError, Visit};
+use herald_log::{Durability, MemStore, Pair, Store, StoreError, Visit, WriteBatch};
 use herald_projector::{
     due_deliveries, get_delivery, get_endpoint, get_event, list_deliveries, Delivery, DeliveryId,
     DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, EndpointStatus, EventId, OrgId, Policy,
@@ -293,15 +293,15 @@ impl Sender for Net {
             };
             match got {
                 Answer::Status { status, retry_after_ms } => {
-                    AttemptOutcome::Response { status, excerpt: b"sim".to_vec(), retry_after_ms }
+                    SendOutcome::Response { status, excerpt: b"sim".to_vec(), retry_after_ms }
                 }
                 Answer::Refused => {
-                    AttemptOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
+                    SendOutcome::Failed { kind: FailureKind::Connect, error: "connection refused".into() }
                 }
                 Answer::Timeout => {
-                    AttemptOutcome::Failed { kind: FailureKind::Timeout, error: "timed out".into() }
+                    SendOutcome::Failed { kind: FailureKind::Timeout, error: "timed out".into() }
                 }
-                Answer::Hung => std::future::pending::<AttemptOutcome>().await,
+                Answer::Hung => std::future::pending::<SendOutcome>().await,
             }
         })
     }
@@ -540,7 +540,7 @@ impl Store for Disk {
         self.mem.last(from, to)
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut state = self.lock();
         if state.dead {
             return Err(crashed());
@@ -1380,10 +1380,7 @@ impl Sim {
         // The held flush is the publish's batch's: its event is applied, not yet durable.
         ensure!(
             self.at,
-            matches!(
-                herald_projector::get_event(&herald_projector::StoreTables(&self.store.mem), id),
-                Ok(Some(_))
-            ),
+            matches!(get_event(&herald_projector::StoreTables(&self.store.mem), id), Ok(Some(_))),
             "the held flush is not the one of {id}'s batch"
         );
         let seen_before = self.net.seen_len();

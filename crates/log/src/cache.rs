@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
-use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
+use crate::store::{Durability, Pair, Store, StoreError, Visit, WriteBatch};
 
 /// Bytes counted per cached entry on top of its key and value (map and queue bookkeeping).
 pub const CACHE_ENTRY_OVERHEAD_BYTES: usize = 64;
@@ -275,7 +275,7 @@ impl Store for CachedStore {
         self.inner.last(from, to)
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let tracking = !self.ascending.is_empty();
         {
             let mut st = self.write();
@@ -352,10 +352,11 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::store::{scan_vec, FailingStore, MemStore};
+    use crate::store::{scan_vec, MemStore};
+    use crate::testing::FailingStore;
 
-    fn batch(writes: &[(&[u8], Option<&[u8]>)]) -> Batch {
-        Batch { writes: writes.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect() }
+    fn batch(writes: &[(&[u8], Option<&[u8]>)]) -> WriteBatch {
+        WriteBatch { writes: writes.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect() }
     }
 
     fn all(_: &[u8]) -> bool {
@@ -486,7 +487,7 @@ mod tests {
         fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
             self.around(At::Last, || self.inner.last(from, to))
         }
-        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
             self.around(At::Apply, || self.inner.apply(batch))
         }
         fn flush(&self, durability: Durability) -> Result<(), StoreError> {
@@ -538,7 +539,7 @@ mod tests {
             self.lasts.fetch_add(1, Ordering::SeqCst);
             self.inner.last(from, to)
         }
-        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
             self.inner.apply(batch)
         }
         fn flush(&self, durability: Durability) -> Result<(), StoreError> {
@@ -700,7 +701,7 @@ mod tests {
         fn last(&self, _: &[u8], _: &[u8]) -> Result<Option<Pair>, StoreError> {
             Err(StoreError::Io("refused".into()))
         }
-        fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
             self.0.apply(batch)
         }
         fn flush(&self, durability: Durability) -> Result<(), StoreError> {
@@ -745,7 +746,7 @@ mod tests {
                         .iter()
                         .map(|&(ks, k, put)| (vec![ks, k], put.then(|| vec![k; 3])))
                         .collect();
-                    cached.apply(&Batch { writes }).unwrap();
+                    cached.apply(&WriteBatch { writes }).unwrap();
                 } else {
                     for (ks, k, _) in keys {
                         let key = [ks, k];

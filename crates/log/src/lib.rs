@@ -7,9 +7,10 @@
 //!   writes the whole batch in one atomic store batch, flushes once, then answers every caller.
 //!   A command is acknowledged only after that flush ([`Durability::Sync`] also fsyncs).
 //! - [`Store`]: the seam to the disk. [`SledStore`] is the only code that names sled;
-//!   [`MemStore`] serves unit tests and scratch rebuilds, [`FailingStore`] the failure tests.
+//!   [`MemStore`] serves unit tests and scratch rebuilds; with the `testing` feature,
+//!   `FailingStore`, `VolatileStore` and `HeldStore` serve the failure tests.
 //! - Reading: [`Log::read`] a range from any seq, [`Log::tail`] to follow new records, [`verify`]
-//!   over the whole chain with typed [`Corrupt`] errors that name the seq.
+//!   over the whole chain with typed [`CorruptRecord`] errors that name the seq.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -24,13 +25,19 @@
 //! assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 1);
 //! ```
 
+// Namespaces of their own: the stored layout (`keyspace::USER_FIRST`, `record::head_key`), which
+// the projection and the tests that damage a store on purpose name, and the benches' raw sled
+// figures. The rest is private and re-exported below.
+#[cfg(feature = "testing")]
 pub mod baseline;
 mod cache;
 pub mod keyspace;
 mod log;
 pub mod record;
 mod sled_store;
-pub mod store;
+mod store;
+#[cfg(any(test, feature = "testing"))]
+mod testing;
 mod tx;
 mod writer;
 
@@ -40,10 +47,9 @@ pub use crate::log::{
     AppendOnly, Head, Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport, WriterStats,
     RESUME_WAIT_FIRST, RESUME_WAIT_MAX, STORE_FORMAT, STORE_FORMAT_OLDEST,
 };
-pub use crate::record::{Corrupt, CorruptKind, Hash, Record};
+pub use crate::record::{CorruptKind, CorruptRecord, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};
-pub use crate::store::{
-    scan_vec, Batch, Durability, FailingStore, HeldStore, MemStore, Pair, Store, StoreError, Visit,
-    VolatileStore,
-};
+pub use crate::store::{scan_vec, Durability, MemStore, Pair, Store, StoreError, Visit, WriteBatch};
+#[cfg(feature = "testing")]
+pub use crate::testing::{FailingStore, HeldStore, VolatileStore};
 pub use crate::tx::{merge_staged, Tx};

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::keyspace;
-use crate::record::{head_key, record_keys_end, Assembler, Corrupt, CorruptKind, Hash, Record};
-use crate::store::{Batch, Durability, Store, StoreError};
+use crate::record::{head_key, record_keys_end, Assembler, CorruptKind, CorruptRecord, Hash, Record};
+use crate::store::{Durability, Store, StoreError, WriteBatch};
 use crate::tx::Tx;
 use crate::writer::Writer;
 
@@ -57,7 +57,7 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogError {
     Store(StoreError),
-    Corrupt(Corrupt),
+    Corrupt(CorruptRecord),
     /// The data was written by a newer herald whose format this binary does not know.
     NewerFormat {
         found: u8,
@@ -104,8 +104,8 @@ impl From<StoreError> for LogError {
     }
 }
 
-impl From<Corrupt> for LogError {
-    fn from(e: Corrupt) -> Self {
+impl From<CorruptRecord> for LogError {
+    fn from(e: CorruptRecord) -> Self {
         LogError::Corrupt(e)
     }
 }
@@ -280,14 +280,14 @@ pub fn read_head(store: &dyn Store) -> Result<Head, LogError> {
         return Ok(Head { next_seq: anchor_seq + 1, last_hash: anchor_hash, anchor_seq, anchor_hash });
     };
     if key.len() < 9 {
-        return Err(Corrupt { seq: anchor_seq + 1, kind: CorruptKind::StrayKey }.into());
+        return Err(CorruptRecord { seq: anchor_seq + 1, kind: CorruptKind::StrayKey }.into());
     }
     let seq = u64::from_be_bytes(key[1..9].try_into().expect("9 bytes"));
     // The last key holds the last record, or the last group of them.
     let mut recs = read_records(store, seq, crate::record::GROUP_RECORDS_MAX)?;
     match recs.pop() {
         Some(r) => Ok(Head { next_seq: r.seq + 1, last_hash: r.hash, anchor_seq, anchor_hash }),
-        None => Err(Corrupt { seq, kind: CorruptKind::Truncated }.into()),
+        None => Err(CorruptRecord { seq, kind: CorruptKind::Truncated }.into()),
     }
 }
 
@@ -304,7 +304,7 @@ pub(crate) fn parse_anchor(value: Option<Vec<u8>>) -> Result<(u64, Hash), LogErr
             let hash: Hash = v[8..].try_into().expect("32 bytes");
             Ok((seq, hash))
         }
-        Some(_) => Err(Corrupt { seq: 0, kind: CorruptKind::Truncated }.into()),
+        Some(_) => Err(CorruptRecord { seq: 0, kind: CorruptKind::Truncated }.into()),
     }
 }
 
@@ -315,7 +315,7 @@ pub fn restore_anchor(store: &dyn Store, seq: u64, hash: Hash) -> Result<(), Log
     if head.next_seq != 1 || head.anchor_seq != 0 {
         return Err(LogError::Cut { through_seq: seq, anchor_seq: head.anchor_seq, next_seq: head.next_seq });
     }
-    let mut b = Batch::default();
+    let mut b = WriteBatch::default();
     b.put(keyspace::META_ANCHOR.to_vec(), [&seq.to_be_bytes()[..], &hash].concat());
     store.apply(&b)?;
     Ok(())
@@ -332,7 +332,7 @@ pub fn check_format(store: &dyn Store) -> Result<(), LogError> {
         }
         Some(v) => Err(LogError::NewerFormat { found: v.first().copied().unwrap_or(0), known: STORE_FORMAT }),
         None => {
-            let mut b = Batch::default();
+            let mut b = WriteBatch::default();
             b.put(keyspace::META_FORMAT.to_vec(), vec![STORE_FORMAT]);
             store.apply(&b)?;
             store.flush(Durability::Sync)?;
@@ -348,7 +348,7 @@ pub fn upgrade_format(store: &dyn Store) -> Result<bool, LogError> {
     if store.get(keyspace::META_FORMAT)?.as_deref() == Some(&[STORE_FORMAT][..]) {
         return Ok(false);
     }
-    let mut b = Batch::default();
+    let mut b = WriteBatch::default();
     b.put(keyspace::META_FORMAT.to_vec(), vec![STORE_FORMAT]);
     store.apply(&b)?;
     store.flush(Durability::Sync)?;
@@ -421,16 +421,16 @@ pub fn read_record(store: &dyn Store, seq: u64) -> Result<Option<Record>, LogErr
     while next.is_none() {
         let key = crate::record::chunk_key(seq, index);
         let Some(part) = store.get(&key)? else {
-            return Err(Corrupt { seq, kind: CorruptKind::Truncated }.into());
+            return Err(CorruptRecord { seq, kind: CorruptKind::Truncated }.into());
         };
         next = asm.push(&key, &part)?;
-        index = index.checked_add(1).ok_or(Corrupt { seq, kind: CorruptKind::Truncated })?;
+        index = index.checked_add(1).ok_or(CorruptRecord { seq, kind: CorruptKind::Truncated })?;
     }
     Ok(next)
 }
 
 /// Record `seq` of the group stored at `key`, if it holds it.
-fn in_group(key: &[u8], value: &[u8], seq: u64) -> Result<Option<Record>, Corrupt> {
+fn in_group(key: &[u8], value: &[u8], seq: u64) -> Result<Option<Record>, CorruptRecord> {
     let mut records = Vec::new();
     Assembler::new(None).push_all(key, value, &mut records)?;
     Ok(records.into_iter().find(|r| r.seq == seq))

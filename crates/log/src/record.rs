@@ -24,11 +24,11 @@
 use crate::keyspace;
 
 /// The record format this binary writes and reads.
-pub const RECORD_FORMAT_V1: u8 = 1;
+pub(crate) const RECORD_FORMAT_V1: u8 = 1;
 /// The format of a group value (see the module documentation).
-pub const RECORD_GROUP_V2: u8 = 2;
+pub(crate) const RECORD_GROUP_V2: u8 = 2;
 /// Records one group holds at most.
-pub const GROUP_RECORDS_MAX: usize = 16;
+pub(crate) const GROUP_RECORDS_MAX: usize = 16;
 const GROUP_HEADER_BYTES: usize = 1 + 2 + 32 + 32;
 const GROUP_ENTRY_HEADER_BYTES: usize = 8 + 4 + 32;
 /// The largest value stored under one key.
@@ -70,12 +70,12 @@ pub enum CorruptKind {
 
 /// A damaged record, named by its seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Corrupt {
+pub struct CorruptRecord {
     pub seq: u64,
     pub kind: CorruptKind,
 }
 
-impl std::fmt::Display for Corrupt {
+impl std::fmt::Display for CorruptRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             CorruptKind::UnknownFormat(v) => {
@@ -92,7 +92,7 @@ impl std::fmt::Display for Corrupt {
     }
 }
 
-impl std::error::Error for Corrupt {}
+impl std::error::Error for CorruptRecord {}
 
 pub fn head_key(seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
@@ -112,7 +112,7 @@ pub fn record_keys_end() -> Vec<u8> {
     vec![keyspace::RECORD + 1]
 }
 
-pub fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
+pub(crate) fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(&[RECORD_FORMAT_V1]);
     h.update(&seq.to_be_bytes());
@@ -122,7 +122,7 @@ pub fn checksum(seq: u64, at_ms: u64, body: &[u8]) -> Hash {
     *h.finalize().as_bytes()
 }
 
-pub fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
+pub(crate) fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(prev_hash);
     h.update(&seq.to_be_bytes());
@@ -132,14 +132,14 @@ pub fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
 
 impl Record {
     /// Seals a new record after `prev_hash`.
-    pub fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
+    pub(crate) fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
         let checksum = checksum(seq, at_ms, &body);
         let hash = chain_hash(&prev_hash, seq, &checksum);
         Record { seq, at_ms, body, checksum, prev_hash, hash }
     }
 
     /// The key-value pairs that store this record.
-    pub fn to_kv(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn to_kv(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let first = self.body.len().min(HEAD_BODY_BYTES);
         let mut head = Vec::with_capacity(HEAD_HEADER_BYTES + first);
         head.push(RECORD_FORMAT_V1);
@@ -157,17 +157,17 @@ impl Record {
     }
 
     /// Bytes this record takes in a group value.
-    pub fn group_bytes(&self) -> usize {
+    pub(crate) fn group_bytes(&self) -> usize {
         GROUP_ENTRY_HEADER_BYTES + self.body.len()
     }
 
     /// Checks the record's own checksum and that its hash follows from `prev_hash`.
-    pub fn check(&self) -> Result<(), Corrupt> {
+    pub(crate) fn check(&self) -> Result<(), CorruptRecord> {
         if checksum(self.seq, self.at_ms, &self.body) != self.checksum {
-            return Err(Corrupt { seq: self.seq, kind: CorruptKind::ChecksumMismatch });
+            return Err(CorruptRecord { seq: self.seq, kind: CorruptKind::ChecksumMismatch });
         }
         if chain_hash(&self.prev_hash, self.seq, &self.checksum) != self.hash {
-            return Err(Corrupt { seq: self.seq, kind: CorruptKind::ChainBroken });
+            return Err(CorruptRecord { seq: self.seq, kind: CorruptKind::ChainBroken });
         }
         Ok(())
     }
@@ -175,7 +175,7 @@ impl Record {
 
 /// How many of `records` (consecutive and chained), from the first, one group value holds:
 /// at most [`GROUP_RECORDS_MAX`], and at most [`CHUNK_BYTES`] of value.
-pub fn group_len(records: &[Record]) -> usize {
+pub(crate) fn group_len(records: &[Record]) -> usize {
     let mut bytes = GROUP_HEADER_BYTES;
     let mut n = 0;
     for r in records.iter().take(GROUP_RECORDS_MAX) {
@@ -190,7 +190,7 @@ pub fn group_len(records: &[Record]) -> usize {
 
 /// The pair that stores `records` (consecutive and chained, at least one, as many as
 /// [`group_len`] allows) as one group.
-pub fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
     let first = &records[0];
     let bytes = GROUP_HEADER_BYTES + records.iter().map(Record::group_bytes).sum::<usize>();
     let mut v = Vec::with_capacity(bytes);
@@ -208,12 +208,12 @@ pub fn group_kv(records: &[Record]) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Whether a stored head value is a group's.
-pub fn is_group(value: &[u8]) -> bool {
+pub(crate) fn is_group(value: &[u8]) -> bool {
     value.first() == Some(&RECORD_GROUP_V2)
 }
 
 /// The first and last seq of the group stored under the head key of `first`.
-pub fn group_span(first: u64, value: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn group_span(first: u64, value: &[u8]) -> Option<(u64, u64)> {
     let count = u16::from_be_bytes([*value.get(1)?, *value.get(2)?]);
     let last = first.checked_add(u64::from(count))?.checked_sub(1)?;
     (is_group(value) && count > 0).then_some((first, last))
@@ -233,7 +233,7 @@ fn hash_at(b: &[u8], at: usize) -> Hash {
 
 /// Assembles records from the pairs of a key-ordered scan of the record keyspace, checking
 /// each record's checksum and that seqs follow each other without a gap.
-pub struct Assembler {
+pub(crate) struct Assembler {
     expect_seq: Option<u64>,
     expect_prev: Option<Hash>,
     partial: Option<(Record, usize, u16)>,
@@ -241,19 +241,24 @@ pub struct Assembler {
 
 impl Assembler {
     /// `expect_seq`: the seq the first record must have, if known.
-    pub fn new(expect_seq: Option<u64>) -> Assembler {
+    pub(crate) fn new(expect_seq: Option<u64>) -> Assembler {
         Assembler { expect_seq, expect_prev: None, partial: None }
     }
 
     /// Also checks that the first record's `prev_hash` is `prev` (the anchor or the hash of
     /// the record before the scan); later records are always checked against their predecessor.
-    pub fn with_prev_hash(mut self, prev: Hash) -> Assembler {
+    pub(crate) fn with_prev_hash(mut self, prev: Hash) -> Assembler {
         self.expect_prev = Some(prev);
         self
     }
 
     /// Feeds one pair; adds to `out` the records it completes (a group's, all of them).
-    pub fn push_all(&mut self, key: &[u8], value: &[u8], out: &mut Vec<Record>) -> Result<(), Corrupt> {
+    pub(crate) fn push_all(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<Record>,
+    ) -> Result<(), CorruptRecord> {
         if key.len() == 9 && key[0] == keyspace::RECORD && is_group(value) {
             let seq = self.next_head(key)?;
             return self.push_group(seq, value, out);
@@ -264,8 +269,8 @@ impl Assembler {
         Ok(())
     }
 
-    fn push_group(&mut self, first: u64, value: &[u8], out: &mut Vec<Record>) -> Result<(), Corrupt> {
-        let truncated = |seq| Corrupt { seq, kind: CorruptKind::Truncated };
+    fn push_group(&mut self, first: u64, value: &[u8], out: &mut Vec<Record>) -> Result<(), CorruptRecord> {
+        let truncated = |seq| CorruptRecord { seq, kind: CorruptKind::Truncated };
         let Some((_, last)) = group_span(first, value).filter(|_| value.len() >= GROUP_HEADER_BYTES) else {
             return Err(truncated(first));
         };
@@ -300,7 +305,7 @@ impl Assembler {
         // The stored last hash: a changed prev_hash (or anything else the checksums do not
         // cover) shows here, whether or not the reader knows the record before the group.
         if prev_hash != last_hash {
-            return Err(Corrupt { seq: first, kind: CorruptKind::ChainBroken });
+            return Err(CorruptRecord { seq: first, kind: CorruptKind::ChainBroken });
         }
         for rec in records {
             out.push(self.complete(rec)?);
@@ -309,8 +314,8 @@ impl Assembler {
     }
 
     /// Feeds one pair that is not a group's; returns a record when its last part has arrived.
-    pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Record>, Corrupt> {
-        let stray = |seq| Corrupt { seq, kind: CorruptKind::StrayKey };
+    pub(crate) fn push(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Record>, CorruptRecord> {
+        let stray = |seq| CorruptRecord { seq, kind: CorruptKind::StrayKey };
         if key.len() == 11 && key[0] == keyspace::RECORD {
             let seq = be_u64(&key[1..9]);
             let index = u16::from_be_bytes([key[9], key[10]]);
@@ -318,10 +323,10 @@ impl Assembler {
                 return Err(stray(seq));
             };
             if rec.seq != seq {
-                return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
+                return Err(CorruptRecord { seq: rec.seq, kind: CorruptKind::Truncated });
             }
             if index != *next_index || *got + value.len() > rec.body.len() {
-                return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+                return Err(CorruptRecord { seq, kind: CorruptKind::Truncated });
             }
             rec.body[*got..*got + value.len()].copy_from_slice(value);
             *got += value.len();
@@ -333,22 +338,22 @@ impl Assembler {
         }
         let seq = self.next_head(key)?;
         if value.is_empty() {
-            return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+            return Err(CorruptRecord { seq, kind: CorruptKind::Truncated });
         }
         if value[0] != RECORD_FORMAT_V1 {
-            return Err(Corrupt { seq, kind: CorruptKind::UnknownFormat(value[0]) });
+            return Err(CorruptRecord { seq, kind: CorruptKind::UnknownFormat(value[0]) });
         }
         if value.len() < HEAD_HEADER_BYTES {
-            return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+            return Err(CorruptRecord { seq, kind: CorruptKind::Truncated });
         }
         let at_ms = be_u64(&value[1..9]);
         let body_bytes = u32::from_be_bytes([value[9], value[10], value[11], value[12]]) as usize;
         if body_bytes > BODY_BYTES_MAX {
-            return Err(Corrupt { seq, kind: CorruptKind::ChecksumMismatch });
+            return Err(CorruptRecord { seq, kind: CorruptKind::ChecksumMismatch });
         }
         let first = &value[HEAD_HEADER_BYTES..];
         if first.len() != body_bytes.min(HEAD_BODY_BYTES) {
-            return Err(Corrupt { seq, kind: CorruptKind::Truncated });
+            return Err(CorruptRecord { seq, kind: CorruptKind::Truncated });
         }
         let mut body = vec![0u8; body_bytes];
         body[..first.len()].copy_from_slice(first);
@@ -366,20 +371,20 @@ impl Assembler {
 
     /// The seq of head key `key`, checked: no record is waiting for parts, and it is the seq
     /// expected next.
-    fn next_head(&self, key: &[u8]) -> Result<u64, Corrupt> {
+    fn next_head(&self, key: &[u8]) -> Result<u64, CorruptRecord> {
         let seq = be_u64(&key[1..9]);
         if let Some((rec, _, _)) = &self.partial {
-            return Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated });
+            return Err(CorruptRecord { seq: rec.seq, kind: CorruptKind::Truncated });
         }
         match self.expect_seq {
             Some(expect) if seq != expect => {
-                Err(Corrupt { seq: expect, kind: CorruptKind::Gap { found: seq } })
+                Err(CorruptRecord { seq: expect, kind: CorruptKind::Gap { found: seq } })
             }
             _ => Ok(seq),
         }
     }
 
-    fn finish_if_complete(&mut self) -> Result<Option<Record>, Corrupt> {
+    fn finish_if_complete(&mut self) -> Result<Option<Record>, CorruptRecord> {
         let complete = matches!(&self.partial, Some((rec, got, _)) if *got == rec.body.len());
         if !complete {
             return Ok(None);
@@ -389,10 +394,10 @@ impl Assembler {
     }
 
     /// Checks a whole record against itself and the one before it.
-    fn complete(&mut self, rec: Record) -> Result<Record, Corrupt> {
+    fn complete(&mut self, rec: Record) -> Result<Record, CorruptRecord> {
         rec.check()?;
         if self.expect_prev.is_some_and(|prev| prev != rec.prev_hash) {
-            return Err(Corrupt { seq: rec.seq, kind: CorruptKind::ChainBroken });
+            return Err(CorruptRecord { seq: rec.seq, kind: CorruptKind::ChainBroken });
         }
         self.expect_seq = Some(rec.seq + 1);
         self.expect_prev = Some(rec.hash);
@@ -400,16 +405,11 @@ impl Assembler {
     }
 
     /// Call when the scan ended: a record still waiting for parts is truncated.
-    pub fn finish(&mut self) -> Result<(), Corrupt> {
+    pub(crate) fn finish(&mut self) -> Result<(), CorruptRecord> {
         match self.partial.take() {
-            Some((rec, _, _)) => Err(Corrupt { seq: rec.seq, kind: CorruptKind::Truncated }),
+            Some((rec, _, _)) => Err(CorruptRecord { seq: rec.seq, kind: CorruptKind::Truncated }),
             None => Ok(()),
         }
-    }
-
-    /// True while a record has been started but not completed.
-    pub fn in_record(&self) -> bool {
-        self.partial.is_some()
     }
 }
 
@@ -417,7 +417,7 @@ impl Assembler {
 mod tests {
     use super::*;
 
-    fn assemble(pairs: &[(Vec<u8>, Vec<u8>)], first: u64) -> Result<Vec<Record>, Corrupt> {
+    fn assemble(pairs: &[(Vec<u8>, Vec<u8>)], first: u64) -> Result<Vec<Record>, CorruptRecord> {
         let mut a = Assembler::new(Some(first)).with_prev_hash([0; 32]);
         let mut out = Vec::new();
         for (k, v) in pairs {
@@ -469,7 +469,7 @@ mod tests {
         value[3] ^= 1;
         let mut out = Vec::new();
         let err = Assembler::new(None).push_all(&key, &value, &mut out).unwrap_err();
-        assert_eq!(err, Corrupt { seq: 2, kind: CorruptKind::ChainBroken });
+        assert_eq!(err, CorruptRecord { seq: 2, kind: CorruptKind::ChainBroken });
         assert!(out.is_empty(), "no record of a damaged group is given out");
     }
 
@@ -549,9 +549,9 @@ mod tests {
         let (_, kv) = chain(&[10, 20_000]);
         let mut short = kv.clone();
         short.last_mut().unwrap().1.pop();
-        assert_eq!(assemble(&short, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Truncated });
+        assert_eq!(assemble(&short, 1).unwrap_err(), CorruptRecord { seq: 2, kind: CorruptKind::Truncated });
         let cut = &kv[..kv.len() - 1];
-        assert_eq!(assemble(cut, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Truncated });
+        assert_eq!(assemble(cut, 1).unwrap_err(), CorruptRecord { seq: 2, kind: CorruptKind::Truncated });
         let mut head_short = kv.clone();
         head_short[0].1.truncate(40);
         assert_eq!(assemble(&head_short, 1).unwrap_err().seq, 1);
@@ -561,7 +561,10 @@ mod tests {
     fn gap_and_unknown_format_are_named() {
         let (_, kv) = chain(&[1, 2, 3]);
         let gap: Vec<_> = kv.iter().filter(|(k, _)| k != &head_key(2)).cloned().collect();
-        assert_eq!(assemble(&gap, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::Gap { found: 3 } });
+        assert_eq!(
+            assemble(&gap, 1).unwrap_err(),
+            CorruptRecord { seq: 2, kind: CorruptKind::Gap { found: 3 } }
+        );
         let mut newer = kv.clone();
         newer[1].1[0] = 3;
         assert_eq!(assemble(&newer, 1).unwrap_err().kind, CorruptKind::UnknownFormat(3));
@@ -574,7 +577,7 @@ mod tests {
         // know record 1's hash chain without rewriting everything after it too.
         let forged = Record::seal(2, recs[1].at_ms, b"forged".to_vec(), [7; 32]);
         kv[1] = forged.to_kv().remove(0);
-        assert_eq!(assemble(&kv, 1).unwrap_err(), Corrupt { seq: 2, kind: CorruptKind::ChainBroken });
+        assert_eq!(assemble(&kv, 1).unwrap_err(), CorruptRecord { seq: 2, kind: CorruptKind::ChainBroken });
         let (_, mut swapped) = chain(&[4, 4, 4]);
         let v1 = swapped[1].1.clone();
         swapped[1].1 = swapped[2].1.clone();

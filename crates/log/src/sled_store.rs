@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use crate::store::{Batch, Durability, Pair, Store, StoreError, Visit};
+use crate::store::{Durability, Pair, Store, StoreError, Visit, WriteBatch};
 
 /// sled's segment size here: blob threshold is a quarter of it (512 KiB), 64 times a value chunk.
 pub const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
@@ -188,7 +188,7 @@ impl Store for SledStore {
         }
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
         for (k, v) in &batch.writes {
             match v {
@@ -234,8 +234,9 @@ fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| StoreError::Io(format!("{} has a NUL byte", dir.display())))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: statvfs is a plain C struct, for which all zero bytes are a valid value.
     let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
     if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
         let e = std::io::Error::last_os_error();
         return Err(StoreError::Io(format!("statvfs {}: {e}", dir.display())));
@@ -247,8 +248,8 @@ fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
             dir.display()
         )));
     }
-    // SAFETY: getrlimit writes into the struct we own.
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
         && limit.rlim_cur != libc::RLIM_INFINITY
     {
@@ -336,7 +337,7 @@ fn copy_checked(
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, StoreError> {
     let mut hasher = blake3::Hasher::new();
-    let mut batch = Batch::default();
+    let mut batch = WriteBatch::default();
     let mut pairs = 0u64;
     let mut error = None;
     source.scan(&[], &[0xff; 2], &mut |k, v| {
@@ -397,7 +398,7 @@ mod vacuum_tests {
         let expected = {
             let store = SledStore::open(&dir, 8 << 20).unwrap();
             for round in 0..20u32 {
-                let mut b = Batch::default();
+                let mut b = WriteBatch::default();
                 for i in 0..500u32 {
                     b.put(
                         [&[0x10], &round.to_be_bytes()[..], &i.to_be_bytes()].concat(),
@@ -408,7 +409,7 @@ mod vacuum_tests {
                 store.flush(Durability::Flush).unwrap();
             }
             // Most of it deleted, as retention does.
-            let mut b = Batch::default();
+            let mut b = WriteBatch::default();
             for round in 0..18u32 {
                 for i in 0..500u32 {
                     b.delete([&[0x10], &round.to_be_bytes()[..], &i.to_be_bytes()].concat());

@@ -1,11 +1,11 @@
-//! The storage seam: everything the log needs from a key-value store, and two stores for tests.
+//! The storage seam: everything the log needs from a key-value store, and the store in memory
+//! (the test doubles over it are in `testing`, behind the `testing` feature).
 //!
 //! Keys are whole byte strings; their first byte names a keyspace (see [`crate::keyspace`]).
-//! A [`Batch`] is applied atomically: after a crash either all of it is there or none of it.
+//! A [`WriteBatch`] is applied atomically: after a crash either all of it is there or none of it.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// An error from the store underneath the log.
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 pub enum StoreError {
     /// The store's IO failed (disk full, permission, a sled error), with its message.
     Io(String),
-    /// A [`FailingStore`] refused the operation on purpose.
+    /// A `FailingStore` (feature `testing`) refused the operation on purpose.
     Injected { op: u64 },
     /// A stored value is damaged: the machine could not finish a batch over it (see
     /// [`Machine::finish`](crate::Machine::finish)). Names the value.
@@ -34,11 +34,11 @@ impl std::error::Error for StoreError {}
 
 /// Writes to apply in one atomic step, in order. `None` deletes the key.
 #[derive(Debug, Default, Clone)]
-pub struct Batch {
+pub struct WriteBatch {
     pub writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
-impl Batch {
+impl WriteBatch {
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.writes.push((key, Some(value)));
     }
@@ -80,7 +80,7 @@ pub trait Store: Send + Sync + 'static {
     /// The last pair with `from <= key < to`, if any.
     fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError>;
     /// Applies every write of the batch, all or nothing.
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError>;
     /// Makes every applied batch durable to the given level.
     fn flush(&self, durability: Durability) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk (0 for a store in memory).
@@ -158,7 +158,7 @@ impl Store for MemStore {
         }))
     }
 
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.with_map(|m| {
             for (k, v) in &batch.writes {
                 match v {
@@ -175,205 +175,6 @@ impl Store for MemStore {
     }
 }
 
-/// A store that works for `ok_ops` operations and then fails every one until
-/// [`FailingStore::heal`] is called: a disk that fills up and later has space again.
-/// Counted operations are `apply` and `flush` (the writes), so a test can fail a batch
-/// at its apply or between its apply and its flush.
-#[derive(Clone)]
-pub struct FailingStore<S> {
-    inner: S,
-    ops: Arc<AtomicU64>,
-    ok_ops: Arc<AtomicU64>,
-    torn: bool,
-}
-
-impl<S: Store> FailingStore<S> {
-    pub fn new(inner: S, ok_ops: u64) -> Self {
-        FailingStore {
-            inner,
-            ops: Arc::new(AtomicU64::new(0)),
-            ok_ops: Arc::new(AtomicU64::new(ok_ops)),
-            torn: false,
-        }
-    }
-
-    /// A failed `apply` first applies the first half of the batch to the inner store, as sled
-    /// may leave a batch in memory when its disk fills: only a [`Store::reopen`] of a store
-    /// with a disk under it ([`VolatileStore`]) takes it back.
-    pub fn with_torn_writes(mut self) -> Self {
-        self.torn = true;
-        self
-    }
-
-    /// Lets every operation from now on succeed.
-    pub fn heal(&self) {
-        self.ok_ops.store(u64::MAX, Ordering::SeqCst);
-    }
-
-    /// Fails again after `more` further operations.
-    pub fn fail_after(&self, more: u64) {
-        let done = self.ops.load(Ordering::SeqCst);
-        self.ok_ops.store(done.saturating_add(more), Ordering::SeqCst);
-    }
-
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
-    fn tick(&self) -> Result<(), StoreError> {
-        let op = self.ops.fetch_add(1, Ordering::SeqCst);
-        if op >= self.ok_ops.load(Ordering::SeqCst) {
-            Err(StoreError::Injected { op })
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl<S: Store> Store for FailingStore<S> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-        self.inner.scan(from, to, visit)
-    }
-
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-        self.inner.last(from, to)
-    }
-
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        if let Err(e) = self.tick() {
-            if self.torn {
-                let half = Batch { writes: batch.writes[..batch.writes.len() / 2].to_vec() };
-                self.inner.apply(&half)?;
-            }
-            return Err(e);
-        }
-        self.inner.apply(batch)
-    }
-
-    fn flush(&self, durability: Durability) -> Result<(), StoreError> {
-        self.tick()?;
-        self.inner.flush(durability)
-    }
-
-    fn reopen(&self) -> Result<(), StoreError> {
-        self.inner.reopen()
-    }
-}
-
-/// A store in memory over a disk in memory: `apply` changes what it holds, `flush` writes that
-/// to its disk, and [`Store::reopen`] (or [`VolatileStore::crash`]) forgets whatever was not
-/// flushed, as sled does when its process dies. For tests of what a failed write leaves.
-#[derive(Debug, Default, Clone)]
-pub struct VolatileStore {
-    memory: MemStore,
-    disk: MemStore,
-}
-
-impl VolatileStore {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Runs `f` on what the store holds now, flushed or not.
-    pub fn with_memory<R>(&self, f: impl FnOnce(&mut BTreeMap<Vec<u8>, Vec<u8>>) -> R) -> R {
-        self.memory.with_map(f)
-    }
-
-    /// What the disk holds: the store after a crash.
-    pub fn crash(&self) {
-        let disk = self.disk.with_map(|m| m.clone());
-        self.memory.with_map(|m| *m = disk);
-    }
-}
-
-impl Store for VolatileStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.memory.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-        self.memory.scan(from, to, visit)
-    }
-
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-        self.memory.last(from, to)
-    }
-
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        self.memory.apply(batch)
-    }
-
-    fn flush(&self, _durability: Durability) -> Result<(), StoreError> {
-        let memory = self.memory.with_map(|m| m.clone());
-        self.disk.with_map(|m| *m = memory);
-        Ok(())
-    }
-
-    fn reopen(&self) -> Result<(), StoreError> {
-        self.crash();
-        Ok(())
-    }
-}
-
-/// A store whose writes wait while it is held: a stalled disk, for tests. Reads and flushes go
-/// through; an `apply` waits until [`HeldStore::hold`] lets go.
-pub struct HeldStore<S> {
-    inner: S,
-    held: Mutex<bool>,
-    released: std::sync::Condvar,
-}
-
-impl<S: Store> HeldStore<S> {
-    pub fn new(inner: S) -> Self {
-        HeldStore { inner, held: Mutex::new(false), released: std::sync::Condvar::new() }
-    }
-
-    /// Holds every write from now on (`true`), or lets the waiting ones go (`false`).
-    pub fn hold(&self, held: bool) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
-        self.released.notify_all();
-    }
-
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: Store> Store for HeldStore<S> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-        self.inner.scan(from, to, visit)
-    }
-
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-        self.inner.last(from, to)
-    }
-
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while *held {
-            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
-        }
-        drop(held);
-        self.inner.apply(batch)
-    }
-
-    fn flush(&self, durability: Durability) -> Result<(), StoreError> {
-        self.inner.flush(durability)
-    }
-
-    fn reopen(&self) -> Result<(), StoreError> {
-        self.inner.reopen()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,7 +182,7 @@ mod tests {
     #[test]
     fn mem_store_scans_in_order_and_stops() {
         let s = MemStore::new();
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         for i in 0u8..10 {
             b.put(vec![1, i], vec![i]);
         }
@@ -392,20 +193,5 @@ mod tests {
         assert_eq!(s.last(&[1], &[2]).unwrap(), Some((vec![1, 9], vec![9])));
         assert_eq!(s.last(&[3], &[4]).unwrap(), None);
         assert!(scan_vec(&s, &[2], &[1], 10).unwrap().is_empty());
-    }
-
-    #[test]
-    fn failing_store_fails_after_n_writes_and_heals() {
-        let s = FailingStore::new(MemStore::new(), 1);
-        let mut b = Batch::default();
-        b.put(vec![1], vec![1]);
-        s.apply(&b).unwrap();
-        assert_eq!(s.flush(Durability::Sync), Err(StoreError::Injected { op: 1 }));
-        assert!(s.apply(&b).is_err());
-        s.heal();
-        s.apply(&b).unwrap();
-        s.flush(Durability::Flush).unwrap();
-        s.fail_after(0);
-        assert!(s.apply(&b).is_err());
     }
 }

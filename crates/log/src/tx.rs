@@ -10,8 +10,8 @@ use std::ops::ControlFlow;
 
 use crate::keyspace;
 use crate::log::{parse_anchor, read_records, LogError};
-use crate::record::{head_key, Corrupt, CorruptKind, Hash, Record};
-use crate::store::{Batch, Pair, Store, StoreError};
+use crate::record::{head_key, CorruptKind, CorruptRecord, Hash, Record};
+use crate::store::{Pair, Store, StoreError, WriteBatch};
 
 /// Merges pairs read from a store with staged writes over the same range (both ascending):
 /// a staged put replaces or adds its key, a staged delete (`None`) hides it. Returns at most
@@ -251,7 +251,7 @@ impl<'a> Tx<'a> {
         let last = read_records(self.store, through_seq, 1)?
             .pop()
             .filter(|r| r.seq == through_seq)
-            .ok_or(Corrupt { seq: through_seq, kind: CorruptKind::Truncated })?;
+            .ok_or(CorruptRecord { seq: through_seq, kind: CorruptKind::Truncated })?;
         let mut doomed = Vec::new();
         let mut straddling = None;
         self.store.scan(&head_key(anchor_seq + 1), &head_key(through_seq + 1), &mut |k, v| {
@@ -336,8 +336,8 @@ impl<'a> Tx<'a> {
 
     /// The store writes: every record's pairs (runs of grouped records in groups), then the
     /// staged projection writes.
-    pub(crate) fn into_parts(self) -> (Batch, Vec<Record>) {
-        let mut batch = Batch::default();
+    pub(crate) fn into_parts(self) -> (WriteBatch, Vec<Record>) {
+        let mut batch = WriteBatch::default();
         let mut i = 0;
         while i < self.records.len() {
             let run = self.grouped[i..].iter().take_while(|g| **g).count();
@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn scan_merges_staged_writes_and_deletes_over_the_store() {
         let store = MemStore::new();
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         for i in [1u8, 3, 5, 7] {
             b.put(vec![0x20, i], vec![i]);
         }
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn a_stored_value_is_read_from_the_store_once_per_batch_and_staged_writes_still_win() {
         let store = MemStore::new();
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         b.put(vec![0x30, 1], vec![1]);
         store.apply(&b).unwrap();
         let mut tx = Tx::new(&store, 1, [0; 32]);
@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(tx.get(&[0x30, 2]), None);
         // Only the writer writes the store, and not while a batch is staged; this write behind
         // the batch's back shows that the second read comes from the batch, not the store.
-        let mut behind = Batch::default();
+        let mut behind = WriteBatch::default();
         behind.put(vec![0x30, 1], vec![7]);
         behind.put(vec![0x30, 2], vec![7]);
         store.apply(&behind).unwrap();
@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn a_scanned_range_is_read_from_the_store_once_per_batch_unless_more_is_wanted() {
         let store = MemStore::new();
-        let mut b = Batch::default();
+        let mut b = WriteBatch::default();
         for i in 0..5u8 {
             b.put(vec![0x31, i], vec![i]);
         }
@@ -424,7 +424,7 @@ mod tests {
         assert_eq!(tx.scan(&[0x31], &[0x32], 10).len(), 5, "more than was read: read again, all of it");
         // A write behind the batch's back (only the writer writes, and not during a batch) shows
         // where the next scans come from.
-        let mut behind = Batch::default();
+        let mut behind = WriteBatch::default();
         behind.put(vec![0x31, 9], vec![9]);
         behind.delete(vec![0x31, 0]);
         store.apply(&behind).unwrap();

@@ -17,7 +17,7 @@ use crate::log::{
     RESUME_WAIT_FIRST, RESUME_WAIT_MAX,
 };
 use crate::record::Hash;
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Store, StoreError, WriteBatch};
 use crate::tx::Tx;
 
 pub(crate) struct Writer<M: Machine> {
@@ -358,7 +358,7 @@ impl<M: Machine> Writer<M> {
             let _ = done.recv();
         }
         self.store.reopen()?;
-        let mut probe = Batch::default();
+        let mut probe = WriteBatch::default();
         probe.put(keyspace::META_PROBE.to_vec(), (self.resumes + 1).to_be_bytes().to_vec());
         self.store.apply(&probe)?;
         self.store.flush(self.config.durability)?;

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_log::{
-    keyspace, record, verify, AppendOnly, Batch, Corrupt, CorruptKind, Durability, FailingStore, Log,
-    LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx, VolatileStore,
+    keyspace, record, verify, AppendOnly, CorruptKind, CorruptRecord, Durability, FailingStore, Log,
+    LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx, VolatileStore, WriteBatch,
 };
 
 fn config() -> LogConfig {
@@ -264,10 +264,10 @@ fn damaged(seqs: u64, f: impl FnOnce(&MemStore)) -> LogError {
 #[test]
 fn verify_names_the_seq_of_a_flipped_byte_a_truncated_tail_a_removed_or_swapped_record() {
     let flipped = damaged(5, |s| s.with_map(|m| m.get_mut(&record::head_key(4)).unwrap()[60] ^= 1));
-    assert_eq!(flipped, LogError::Corrupt(Corrupt { seq: 4, kind: CorruptKind::ChainBroken }));
+    assert_eq!(flipped, LogError::Corrupt(CorruptRecord { seq: 4, kind: CorruptKind::ChainBroken }));
     let body_flip =
         damaged(5, |s| s.with_map(|m| *m.get_mut(&record::head_key(2)).unwrap().last_mut().unwrap() ^= 1));
-    assert_eq!(body_flip, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::ChecksumMismatch }));
+    assert_eq!(body_flip, LogError::Corrupt(CorruptRecord { seq: 2, kind: CorruptKind::ChecksumMismatch }));
     // The tail record is large (chunked); its last chunk was torn off.
     let truncated = damaged(3, |s| {
         s.with_map(|m| {
@@ -275,9 +275,9 @@ fn verify_names_the_seq_of_a_flipped_byte_a_truncated_tail_a_removed_or_swapped_
             m.remove(&last);
         })
     });
-    assert_eq!(truncated, LogError::Corrupt(Corrupt { seq: 3, kind: CorruptKind::Truncated }));
+    assert_eq!(truncated, LogError::Corrupt(CorruptRecord { seq: 3, kind: CorruptKind::Truncated }));
     let removed = damaged(5, |s| s.with_map(|m| m.remove(&record::head_key(2)).map(|_| ())).unwrap_or(()));
-    assert_eq!(removed, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::Gap { found: 3 } }));
+    assert_eq!(removed, LogError::Corrupt(CorruptRecord { seq: 2, kind: CorruptKind::Gap { found: 3 } }));
     let swapped = damaged(5, |s| {
         s.with_map(|m| {
             let a = m.remove(&record::head_key(4)).unwrap();
@@ -285,7 +285,7 @@ fn verify_names_the_seq_of_a_flipped_byte_a_truncated_tail_a_removed_or_swapped_
             m.insert(record::head_key(4), b);
         })
     });
-    assert_eq!(swapped, LogError::Corrupt(Corrupt { seq: 4, kind: CorruptKind::ChecksumMismatch }));
+    assert_eq!(swapped, LogError::Corrupt(CorruptRecord { seq: 4, kind: CorruptKind::ChecksumMismatch }));
 }
 
 #[test]
@@ -299,13 +299,13 @@ fn opening_a_log_with_a_torn_tail_reports_it() {
         m.remove(&last);
     });
     let err = Log::open(Arc::new(store), AppendOnly, config()).err().unwrap();
-    assert_eq!(err, LogError::Corrupt(Corrupt { seq: 1, kind: CorruptKind::Truncated }));
+    assert_eq!(err, LogError::Corrupt(CorruptRecord { seq: 1, kind: CorruptKind::Truncated }));
 }
 
 #[test]
 fn a_newer_store_format_is_refused_and_left_untouched() {
     let store = MemStore::new();
-    let mut b = Batch::default();
+    let mut b = WriteBatch::default();
     b.put(keyspace::META_FORMAT.to_vec(), vec![herald_log::STORE_FORMAT + 1]);
     store.apply(&b).unwrap();
     let before = store.with_map(|m| m.clone());
@@ -321,7 +321,7 @@ fn a_newer_store_format_is_refused_and_left_untouched() {
 #[test]
 fn an_older_store_format_opens_as_it_is_until_it_is_upgraded() {
     let store = MemStore::new();
-    let mut b = Batch::default();
+    let mut b = WriteBatch::default();
     b.put(keyspace::META_FORMAT.to_vec(), vec![herald_log::STORE_FORMAT_OLDEST]);
     store.apply(&b).unwrap();
     let format = |store: &MemStore| store.get(keyspace::META_FORMAT).unwrap();
@@ -406,7 +406,7 @@ fn an_urgent_command_goes_ahead_of_the_ordinary_backlog_and_a_stop_commits_it() 
     let mut after: Vec<u64> = (0..2).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
     after.sort_unstable();
     assert_eq!(after, vec![0, 200]);
-    assert_eq!(herald_log::verify(&store, &mut |_| {}).unwrap().last_seq, 14);
+    assert_eq!(verify(&store, &mut |_| {}).unwrap().last_seq, 14);
 }
 
 /// When the urgent queue is full, an urgent command joins the ordinary queue: it waits its turn
@@ -512,8 +512,8 @@ impl SlowFlush {
     }
 }
 
-impl herald_log::Store for SlowFlush {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, herald_log::StoreError> {
+impl Store for SlowFlush {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key)
     }
     fn scan(
@@ -521,19 +521,19 @@ impl herald_log::Store for SlowFlush {
         from: &[u8],
         to: &[u8],
         visit: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), herald_log::StoreError> {
+    ) -> Result<(), StoreError> {
         self.inner.scan(from, to, visit)
     }
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, herald_log::StoreError> {
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<herald_log::Pair>, StoreError> {
         self.inner.last(from, to)
     }
-    fn apply(&self, batch: &herald_log::Batch) -> Result<(), herald_log::StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         if self.in_flush.load(std::sync::atomic::Ordering::SeqCst) {
             self.applied_during_flush.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         self.inner.apply(batch)
     }
-    fn flush(&self, d: Durability) -> Result<(), herald_log::StoreError> {
+    fn flush(&self, d: Durability) -> Result<(), StoreError> {
         self.in_flush.store(true, std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(3));
         self.in_flush.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -568,7 +568,7 @@ fn batches_are_applied_while_the_previous_one_flushes_and_answered_only_once_flu
     let overlapped = store.applied_during_flush.load(std::sync::atomic::Ordering::SeqCst);
     assert!(overlapped > 0, "no batch was applied during a flush");
     log.close();
-    assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
+    assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 200);
 }
 
 /// A writer stuck on a stalled disk does not hold `close_within` or the log's drop; the closed
@@ -662,12 +662,12 @@ fn a_cut_drops_the_prefix_and_the_kept_log_still_verifies_from_its_anchor() {
     assert_eq!(log.submit(CutCommand::Append(b"after".to_vec())).unwrap().unwrap(), 8);
     log.close();
     assert_eq!(verify(store.as_ref(), &mut |_| {}).unwrap().last_seq, 8);
-    let mut batch = Batch::default();
+    let mut batch = WriteBatch::default();
     batch.delete(record::head_key(5));
     store.apply(&batch).unwrap();
     assert_eq!(
         verify(store.as_ref(), &mut |_| {}).unwrap_err(),
-        LogError::Corrupt(Corrupt { seq: 5, kind: CorruptKind::Gap { found: 6 } })
+        LogError::Corrupt(CorruptRecord { seq: 5, kind: CorruptKind::Gap { found: 6 } })
     );
 }
 
@@ -691,7 +691,7 @@ fn read_record_by_key_matches_the_range_read_and_names_a_missing_chunk() {
         m.remove(&chunk.unwrap());
     });
     let err = herald_log::read_record(&store, 2).unwrap_err();
-    assert_eq!(err, LogError::Corrupt(Corrupt { seq: 2, kind: CorruptKind::Truncated }), "{err}");
+    assert_eq!(err, LogError::Corrupt(CorruptRecord { seq: 2, kind: CorruptKind::Truncated }), "{err}");
 }
 
 /// A machine that stages each command's word under a scratch key it never stores, and folds
@@ -879,7 +879,7 @@ fn grouped_records_read_back_one_by_one_and_in_ranges_and_survive_a_reopen_and_c
 struct CutBetween {
     inner: MemStore,
     target: Vec<u8>,
-    cut: std::sync::Mutex<Option<Batch>>,
+    cut: std::sync::Mutex<Option<WriteBatch>>,
 }
 
 impl Store for CutBetween {
@@ -898,7 +898,7 @@ impl Store for CutBetween {
     fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
         self.inner.last(from, to)
     }
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.inner.apply(batch)
     }
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {
@@ -935,7 +935,7 @@ fn a_record_whose_group_a_cut_moves_under_it_is_found_mid_cut() {
     let racing = CutBetween {
         inner: before,
         target: record::head_key(3),
-        cut: std::sync::Mutex::new(Some(Batch { writes })),
+        cut: std::sync::Mutex::new(Some(WriteBatch { writes })),
     };
     let got = herald_log::read_record(&racing, 3).unwrap();
     assert!(racing.cut.lock().unwrap().is_none(), "the cut landed during the read");

@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 
 use crate::keys;
-use crate::query::Corrupt;
+use crate::query::CorruptValue;
 use crate::tables::{ReadTables, Tables};
 
 /// The width of a window of entry times whose entries share a head.
@@ -59,8 +59,8 @@ pub(crate) fn is_chunk_keyspace(keyspace: u8) -> bool {
 }
 
 /// The chunk prefix and the entry of a logical key.
-fn split(key: &[u8]) -> Result<(Vec<u8>, Entry), Corrupt> {
-    let corrupt = || Corrupt { key: key.to_vec() };
+fn split(key: &[u8]) -> Result<(Vec<u8>, Entry), CorruptValue> {
+    let corrupt = || CorruptValue { key: key.to_vec() };
     let keyspace = keys::chunk_keyspace(key[0]).ok_or_else(corrupt)?;
     let at = key.len().checked_sub(ENTRY_BYTES).filter(|at| *at > 0).ok_or_else(corrupt)?;
     let mut prefix = Vec::with_capacity(at + 8 + ENTRY_BYTES);
@@ -116,9 +116,9 @@ fn entry_at(entries: &[u8], i: usize) -> Entry {
     entries[i * ENTRY_BYTES..(i + 1) * ENTRY_BYTES].try_into().expect("an entry's bytes")
 }
 
-fn entries_of(key: &[u8], body: &[u8]) -> Result<Vec<Entry>, Corrupt> {
+fn entries_of(key: &[u8], body: &[u8]) -> Result<Vec<Entry>, CorruptValue> {
     if body.len() % ENTRY_BYTES != 0 {
-        return Err(Corrupt { key: key.to_vec() });
+        return Err(CorruptValue { key: key.to_vec() });
     }
     Ok(body.chunks_exact(ENTRY_BYTES).map(|e| e.try_into().expect("exact chunk")).collect())
 }
@@ -129,7 +129,7 @@ impl Head {
     }
 
     /// Checks the stored value's shape.
-    fn checked(key: Vec<u8>, value: Vec<u8>) -> Result<Head, Corrupt> {
+    fn checked(key: Vec<u8>, value: Vec<u8>) -> Result<Head, CorruptValue> {
         let count = value.first_chunk::<4>().map(|c| u32::from_be_bytes(*c) as usize);
         let ok = count
             .and_then(|n| n.checked_mul(ENTRY_BYTES))
@@ -137,11 +137,11 @@ impl Head {
         if ok {
             Ok(Head { key, value })
         } else {
-            Err(Corrupt { key })
+            Err(CorruptValue { key })
         }
     }
 
-    fn read(t: &(impl ReadTables + ?Sized), key: Vec<u8>) -> Result<Option<Head>, Corrupt> {
+    fn read(t: &(impl ReadTables + ?Sized), key: Vec<u8>) -> Result<Option<Head>, CorruptValue> {
         match t.get(&key) {
             Some(value) => Head::checked(key, value).map(Some),
             None => Ok(None),
@@ -224,7 +224,7 @@ struct Window {
 }
 
 impl Window {
-    fn read(t: &(impl ReadTables + ?Sized), head_key: Vec<u8>) -> Result<Window, Corrupt> {
+    fn read(t: &(impl ReadTables + ?Sized), head_key: Vec<u8>) -> Result<Window, CorruptValue> {
         let head = Head::read(t, head_key.clone())?.unwrap_or_else(|| Head::new(head_key));
         Ok(Window { head, head_changed: false, chunks: BTreeMap::new() })
     }
@@ -239,26 +239,26 @@ impl Window {
         &mut self,
         t: &(impl ReadTables + ?Sized),
         boundary: &Entry,
-    ) -> Result<(&mut Vec<u8>, &mut bool), Corrupt> {
+    ) -> Result<(&mut Vec<u8>, &mut bool), CorruptValue> {
         if !self.chunks.contains_key(boundary) {
             let key = self.chunk_key(boundary);
             let Some(value) = t.get(&key) else {
-                return Err(Corrupt { key: self.head.key.clone() });
+                return Err(CorruptValue { key: self.head.key.clone() });
             };
             if value.len() % ENTRY_BYTES != 0 || !value.starts_with(boundary) {
-                return Err(Corrupt { key });
+                return Err(CorruptValue { key });
             }
             self.chunks.insert(*boundary, (Some(value), false));
         }
         let key = self.chunk_key(boundary);
         match self.chunks.get_mut(boundary) {
             Some((Some(value), changed)) => Ok((value, changed)),
-            _ => Err(Corrupt { key }),
+            _ => Err(CorruptValue { key }),
         }
     }
 
     /// Adds `entry` (nothing if it is there already).
-    fn insert(&mut self, t: &(impl ReadTables + ?Sized), entry: &Entry) -> Result<(), Corrupt> {
+    fn insert(&mut self, t: &(impl ReadTables + ?Sized), entry: &Entry) -> Result<(), CorruptValue> {
         let split_off = match self.head.holder_of(entry) {
             None => {
                 let body = self.head.boundaries_end();
@@ -287,7 +287,7 @@ impl Window {
     }
 
     /// Removes `entry` (nothing if it is not there).
-    fn remove(&mut self, t: &(impl ReadTables + ?Sized), entry: &Entry) -> Result<(), Corrupt> {
+    fn remove(&mut self, t: &(impl ReadTables + ?Sized), entry: &Entry) -> Result<(), CorruptValue> {
         let Some(boundary) = self.head.holder_of(entry) else {
             let Ok(i) = search(self.head.entries(), entry) else {
                 return Ok(());
@@ -309,7 +309,7 @@ impl Window {
         // The entry was its chunk's boundary: the chunk joins the one before it.
         let key = self.chunk_key(&boundary);
         let rest = self.chunks.insert(boundary, (None, true)).and_then(|(v, _)| v).unwrap_or_default();
-        let b = search(self.head.boundaries(), entry).map_err(|_| Corrupt { key })?;
+        let b = search(self.head.boundaries(), entry).map_err(|_| CorruptValue { key })?;
         let before = b.checked_sub(1).map(|before| entry_at(self.head.boundaries(), before));
         self.head.drop_boundary(b);
         self.head_changed = true;
@@ -345,12 +345,12 @@ impl Window {
 
 /// Adds the entry of logical key `key` to its chunk now (nothing if it is there already).
 /// Callers go through [`Tables::add_entry`], which may stage it for [`fold_entries`] instead.
-pub(crate) fn insert_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(), Corrupt> {
+pub(crate) fn insert_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(), CorruptValue> {
     fold_entries(t, [(key, true)])
 }
 
 /// Removes the entry of logical key `key` from its chunk now (nothing if it is not there).
-pub(crate) fn remove_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(), Corrupt> {
+pub(crate) fn remove_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(), CorruptValue> {
     fold_entries(t, [(key, false)])
 }
 
@@ -361,7 +361,7 @@ pub(crate) fn remove_now(t: &mut (impl Tables + ?Sized), key: &[u8]) -> Result<(
 pub(crate) fn fold_entries<'k>(
     t: &mut (impl Tables + ?Sized),
     ops: impl IntoIterator<Item = (&'k [u8], bool)>,
-) -> Result<(), Corrupt> {
+) -> Result<(), CorruptValue> {
     let mut open: Option<Window> = None;
     for (key, add) in ops {
         let (prefix, entry) = split(key)?;
@@ -428,7 +428,7 @@ pub(crate) fn scan(
     to: &[u8],
     limit: usize,
     walk: Walk,
-) -> Result<Vec<Vec<u8>>, Corrupt> {
+) -> Result<Vec<Vec<u8>>, CorruptValue> {
     t.scan_index(t, &IndexRange { logical_prefix, from, to, limit, walk })
 }
 
@@ -437,10 +437,10 @@ pub(crate) fn scan(
 pub(crate) fn scan_chunks(
     t: &(impl ReadTables + ?Sized),
     range: &IndexRange<'_>,
-) -> Result<Vec<Vec<u8>>, Corrupt> {
+) -> Result<Vec<Vec<u8>>, CorruptValue> {
     let IndexRange { logical_prefix, from, to, limit, walk } = *range;
     let Some(prefix) = chunk_prefix(logical_prefix) else {
-        return Err(Corrupt { key: logical_prefix.to_vec() });
+        return Err(CorruptValue { key: logical_prefix.to_vec() });
     };
     let (mut lo, mut hi) = window_bounds(&prefix, range);
     let mut out = Vec::new();
@@ -506,14 +506,14 @@ fn window_bounds(prefix: &[u8], range: &IndexRange<'_>) -> (Vec<u8>, Vec<u8>) {
 
 /// The entries a stored head or chunk holds (its key is `prefix_len` bytes of chunk prefix,
 /// then the window, then for a chunk its boundary entry).
-fn stored_entries(prefix_len: usize, key: Vec<u8>, value: Vec<u8>) -> Result<Vec<Entry>, Corrupt> {
+fn stored_entries(prefix_len: usize, key: Vec<u8>, value: Vec<u8>) -> Result<Vec<Entry>, CorruptValue> {
     match key.len().checked_sub(prefix_len) {
         Some(8) => {
             let head = Head::checked(key, value)?;
             entries_of(&head.key, head.entries())
         }
         Some(n) if n == 8 + ENTRY_BYTES => entries_of(&key, &value),
-        _ => Err(Corrupt { key }),
+        _ => Err(CorruptValue { key }),
     }
 }
 
@@ -524,11 +524,11 @@ pub(crate) fn chunk_deliveries(
     t: &mut impl Tables,
     from: &[u8],
     limit: usize,
-) -> Result<Option<Vec<u8>>, Corrupt> {
+) -> Result<Option<Vec<u8>>, CorruptValue> {
     let page = t.scan(from, &[keys::KS_DELIVERY + 1], limit);
     for (key, value) in &page {
         let delivery: crate::model::Delivery =
-            crate::codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.clone() })?;
+            crate::codec::from_bytes(value).ok_or_else(|| CorruptValue { key: key.clone() })?;
         for index in delivery.index_keys().into_iter().filter(|k| is_chunked(k)) {
             t.add_entry(&index)?;
         }
@@ -537,7 +537,7 @@ pub(crate) fn chunk_deliveries(
 }
 
 /// Adds the index entries of every delivery row in `t` (see [`chunk_deliveries`]).
-pub(crate) fn rebuild_from_deliveries(t: &mut impl Tables) -> Result<(), Corrupt> {
+pub(crate) fn rebuild_from_deliveries(t: &mut impl Tables) -> Result<(), CorruptValue> {
     let mut from = vec![keys::KS_DELIVERY];
     while let Some(next) = chunk_deliveries(t, &from, 1024)? {
         from = next;
@@ -703,9 +703,12 @@ mod tests {
         insert_now(&mut t, &logical(1, 16, 7)).unwrap();
         let (key, _) = t.dump().remove(0);
         t.put(key.clone(), vec![0, 0, 0, 0, 1, 2]);
-        assert_eq!(insert_now(&mut t, &logical(1, 16, 8)), Err(Corrupt { key: key.clone() }));
+        assert_eq!(insert_now(&mut t, &logical(1, 16, 8)), Err(CorruptValue { key: key.clone() }));
         let p = prefix(1);
-        assert_eq!(scan(&t, &p, &p, &keys::prefix_end(&p).unwrap(), 10, Walk::Forward), Err(Corrupt { key }));
+        assert_eq!(
+            scan(&t, &p, &p, &keys::prefix_end(&p).unwrap(), 10, Walk::Forward),
+            Err(CorruptValue { key })
+        );
     }
 
     fn op() -> impl Strategy<Value = (bool, u8, u64, u128)> {

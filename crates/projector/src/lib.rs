@@ -8,7 +8,7 @@
 //!   time or chance (an attempt's `retry_at_ms`) are made by the engine and recorded in the event.
 //!   It rejects an event that is not applicable with a typed [`ApplyError`] and writes nothing.
 //! - [`Tables`]: the ordered key-value tables the projection lives in (keyspace bytes
-//!   `0x10..=0x7F`, mapped in [`keys`]); [`MemTables`] keeps them in memory, [`Batch`] stages
+//!   `0x10..=0x7F`, mapped in [`keys`]); [`MemTables`] keeps them in memory, [`TableBatch`] stages
 //!   changes over any of them.
 //! - The read models: [`Delivery`] (its [`DeliveryStatus`] moves only along
 //!   [`transition_allowed`]), [`Endpoint`], [`EventRecord`], [`ApiKey`], [`AttemptRecord`], and
@@ -89,6 +89,9 @@
 
 mod cache_policy;
 mod codec;
+// Namespaces of their own: the retention and checkpoint operations the engine and the offline
+// tools run (`compact::plan`, `compact::load_checkpoint`), and the keyspace map the tests and
+// replay read stored keys with (`keys::KS_DELIVERY`). The rest is private and re-exported below.
 pub mod compact;
 mod event;
 mod fold;
@@ -131,7 +134,7 @@ pub use query::{
     applied_seq, attempts, delivery_counts, delivery_orgs, due_deliveries, get_api_key, get_api_key_by_hash,
     get_delivery, get_endpoint, get_event, idempotency_lookup, list_all_endpoints_rev, list_api_keys,
     list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, rules,
-    Corrupt, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
+    CorruptValue, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
 pub use staged::fold_staged_entries;
-pub use tables::{Batch, MemTables, ReadTables, Tables};
+pub use tables::{MemTables, ReadTables, TableBatch, Tables};

@@ -14,7 +14,7 @@ use crate::fold::{apply, apply_unstaged, ApplyError};
 use crate::index::IndexRange;
 use crate::keys::{KS_FIRST, KS_LAST};
 use crate::query::applied_seq;
-use crate::query::Corrupt as TableCorrupt;
+use crate::query::CorruptValue;
 use crate::staged::{fold_staged_entries, Deferring, StagedIndex};
 use crate::tables::{MemTables, ReadTables, Tables};
 
@@ -41,7 +41,7 @@ impl ReadTables for TxTables<'_, '_> {
         &self,
         chunks: &dyn ReadTables,
         range: &IndexRange<'_>,
-    ) -> Result<Vec<Vec<u8>>, TableCorrupt> {
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         TxRead(self.0).scan_index(chunks, range)
     }
 }
@@ -55,11 +55,11 @@ impl Tables for TxTables<'_, '_> {
         self.0.delete(key)
     }
 
-    fn add_entry(&mut self, key: &[u8]) -> Result<(), TableCorrupt> {
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         StagedIndex::stage(self.0, key, true)
     }
 
-    fn remove_entry(&mut self, key: &[u8]) -> Result<(), TableCorrupt> {
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         StagedIndex::stage(self.0, key, false)
     }
 }
@@ -80,7 +80,7 @@ impl ReadTables for TxRead<'_, '_> {
         &self,
         chunks: &dyn ReadTables,
         range: &IndexRange<'_>,
-    ) -> Result<Vec<Vec<u8>>, TableCorrupt> {
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         StagedIndex::Batch(self.0).scan(chunks, range)
     }
 }
@@ -207,7 +207,7 @@ pub enum RebuildError {
         error: ApplyError,
     },
     /// The projection being caught up holds a value that does not decode.
-    Projection(TableCorrupt),
+    Projection(CorruptValue),
     /// The checkpoint the kept log starts from is missing or damaged.
     Checkpoint(String),
 }
@@ -348,7 +348,7 @@ mod tests {
             }
             self.0.last(from, to)
         }
-        fn apply(&self, batch: &herald_log::Batch) -> Result<(), StoreError> {
+        fn apply(&self, batch: &herald_log::WriteBatch) -> Result<(), StoreError> {
             self.0.apply(batch)
         }
         fn flush(&self, durability: Durability) -> Result<(), StoreError> {
@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn checked_tables_keep_the_first_store_error_where_store_tables_read_absent() {
         let mem = MemStore::new();
-        let mut batch = herald_log::Batch::default();
+        let mut batch = herald_log::WriteBatch::default();
         batch.put(vec![0x50, 1], b"row".to_vec());
         batch.put(vec![0x30, 1], b"other".to_vec());
         mem.apply(&batch).unwrap();

@@ -18,17 +18,17 @@ pub const PAGE_LEN_MAX: usize = 1_000;
 
 /// A stored value (or key) that does not decode: the projection is damaged.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Corrupt {
+pub struct CorruptValue {
     pub key: Vec<u8>,
 }
 
-impl std::fmt::Display for Corrupt {
+impl std::fmt::Display for CorruptValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "corrupt projection value at key {:02x?}", self.key)
     }
 }
 
-impl std::error::Error for Corrupt {}
+impl std::error::Error for CorruptValue {}
 
 /// A page of a list, and where the next one starts (`None`: this was the last).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,67 +37,67 @@ pub struct Page<T, C> {
     pub next: Option<C>,
 }
 
-fn read<V: DeserializeOwned>(t: &impl ReadTables, key: &[u8]) -> Result<Option<V>, Corrupt> {
+fn read<V: DeserializeOwned>(t: &impl ReadTables, key: &[u8]) -> Result<Option<V>, CorruptValue> {
     match t.get(key) {
         None => Ok(None),
-        Some(bytes) => codec::from_bytes(&bytes).map(Some).ok_or_else(|| Corrupt { key: key.to_vec() }),
+        Some(bytes) => codec::from_bytes(&bytes).map(Some).ok_or_else(|| CorruptValue { key: key.to_vec() }),
     }
 }
 
 /// The seq of the last event applied; 0 when none has been.
-pub fn applied_seq(t: &impl ReadTables) -> Result<u64, Corrupt> {
+pub fn applied_seq(t: &impl ReadTables) -> Result<u64, CorruptValue> {
     match t.get(keys::META_APPLIED_SEQ) {
         None => Ok(0),
         Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
             .map(u64::from_be_bytes)
-            .map_err(|_| Corrupt { key: keys::META_APPLIED_SEQ.to_vec() }),
+            .map_err(|_| CorruptValue { key: keys::META_APPLIED_SEQ.to_vec() }),
     }
 }
 
 /// The fold's rules version in force: the last `RulesAdopted`'s, or 1 before any.
-pub fn rules(t: &impl ReadTables) -> Result<u32, Corrupt> {
+pub fn rules(t: &impl ReadTables) -> Result<u32, CorruptValue> {
     match t.get(keys::META_RULES) {
         None => Ok(1),
         Some(bytes) => <[u8; 4]>::try_from(bytes.as_slice())
             .map(u32::from_be_bytes)
-            .map_err(|_| Corrupt { key: keys::META_RULES.to_vec() }),
+            .map_err(|_| CorruptValue { key: keys::META_RULES.to_vec() }),
     }
 }
 
 /// The policy in force: the last `PolicySet`'s, or [`Policy::default`] before any.
-pub fn policy(t: &impl ReadTables) -> Result<Policy, Corrupt> {
+pub fn policy(t: &impl ReadTables) -> Result<Policy, CorruptValue> {
     Ok(read(t, keys::META_POLICY)?.unwrap_or_default())
 }
 
-pub fn get_delivery(t: &impl ReadTables, id: DeliveryId) -> Result<Option<Delivery>, Corrupt> {
+pub fn get_delivery(t: &impl ReadTables, id: DeliveryId) -> Result<Option<Delivery>, CorruptValue> {
     read(t, &keys::delivery(id))
 }
 
 /// The endpoint, deleted or not (see [`Endpoint::is_deleted`]).
-pub fn get_endpoint(t: &impl ReadTables, id: EndpointId) -> Result<Option<Endpoint>, Corrupt> {
+pub fn get_endpoint(t: &impl ReadTables, id: EndpointId) -> Result<Option<Endpoint>, CorruptValue> {
     read(t, &keys::endpoint(id))
 }
 
-pub fn get_event(t: &impl ReadTables, id: EventId) -> Result<Option<EventRecord>, Corrupt> {
+pub fn get_event(t: &impl ReadTables, id: EventId) -> Result<Option<EventRecord>, CorruptValue> {
     read(t, &keys::event(id))
 }
 
-pub fn get_api_key(t: &impl ReadTables, id: ApiKeyId) -> Result<Option<ApiKey>, Corrupt> {
+pub fn get_api_key(t: &impl ReadTables, id: ApiKeyId) -> Result<Option<ApiKey>, CorruptValue> {
     read(t, &keys::api_key(id))
 }
 
 /// The unrevoked key with this hash (a revoked key's hash finds nothing).
-pub fn get_api_key_by_hash(t: &impl ReadTables, hash: &[u8; 32]) -> Result<Option<ApiKey>, Corrupt> {
+pub fn get_api_key_by_hash(t: &impl ReadTables, hash: &[u8; 32]) -> Result<Option<ApiKey>, CorruptValue> {
     let key = keys::api_key_by_hash(hash);
     let Some(id) = t.get(&key) else {
         return Ok(None);
     };
-    let id = <[u8; 16]>::try_from(id.as_slice()).map_err(|_| Corrupt { key })?;
+    let id = <[u8; 16]>::try_from(id.as_slice()).map_err(|_| CorruptValue { key })?;
     get_api_key(t, ApiKeyId::from_bytes(id))
 }
 
 /// The organisation's default secret, which signs its inline deliveries.
-pub fn org_secret(t: &impl ReadTables, org_id: OrgId) -> Result<Option<String>, Corrupt> {
+pub fn org_secret(t: &impl ReadTables, org_id: OrgId) -> Result<Option<String>, CorruptValue> {
     read(t, &keys::org_secret(org_id))
 }
 
@@ -108,7 +108,7 @@ pub fn idempotency_lookup(
     org_id: OrgId,
     idempotency_key: &str,
     now_ms: u64,
-) -> Result<Option<IdempotencyHit>, Corrupt> {
+) -> Result<Option<IdempotencyHit>, CorruptValue> {
     let hit: Option<IdempotencyHit> = read(t, &keys::idempotency(org_id, idempotency_key))?;
     Ok(hit.filter(|hit| now_ms.saturating_sub(hit.at_ms) < IDEMPOTENCY_WINDOW_MS))
 }
@@ -120,8 +120,8 @@ fn page<T>(
     from: &[u8],
     to: &[u8],
     limit: usize,
-    item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
-) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
+    item: impl FnMut(&[u8], &[u8]) -> Result<T, CorruptValue>,
+) -> Result<(Vec<T>, Option<Vec<u8>>), CorruptValue> {
     let limit = limit.min(PAGE_LEN_MAX);
     page_of(t.scan(from, to, limit.saturating_add(1)), limit, item)
 }
@@ -132,8 +132,8 @@ fn page_rev<T>(
     from: &[u8],
     to: &[u8],
     limit: usize,
-    item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
-) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
+    item: impl FnMut(&[u8], &[u8]) -> Result<T, CorruptValue>,
+) -> Result<(Vec<T>, Option<Vec<u8>>), CorruptValue> {
     let limit = limit.min(PAGE_LEN_MAX);
     page_of(t.scan_rev(from, to, limit.saturating_add(1)), limit, item)
 }
@@ -142,17 +142,17 @@ fn page_rev<T>(
 fn page_of<T>(
     mut pairs: Vec<(Vec<u8>, Vec<u8>)>,
     limit: usize,
-    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, Corrupt>,
-) -> Result<(Vec<T>, Option<Vec<u8>>), Corrupt> {
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<T, CorruptValue>,
+) -> Result<(Vec<T>, Option<Vec<u8>>), CorruptValue> {
     let more = pairs.len() > limit;
     pairs.truncate(limit);
     let last = pairs.last().map(|(k, _)| k.clone()).filter(|_| more);
-    let items = pairs.iter().map(|(k, v)| item(k, v)).collect::<Result<Vec<T>, Corrupt>>()?;
+    let items = pairs.iter().map(|(k, v)| item(k, v)).collect::<Result<Vec<T>, CorruptValue>>()?;
     Ok((items, last))
 }
 
-fn decode_value<V: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<V, Corrupt> {
-    codec::from_bytes(value).ok_or_else(|| Corrupt { key: key.to_vec() })
+fn decode_value<V: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<V, CorruptValue> {
+    codec::from_bytes(value).ok_or_else(|| CorruptValue { key: key.to_vec() })
 }
 
 fn end_of(prefix: &[u8]) -> Vec<u8> {
@@ -164,7 +164,7 @@ pub fn list_api_keys(
     t: &impl ReadTables,
     after: Option<ApiKeyId>,
     limit: usize,
-) -> Result<Page<ApiKey, ApiKeyId>, Corrupt> {
+) -> Result<Page<ApiKey, ApiKeyId>, CorruptValue> {
     let prefix = [keys::KS_API_KEY];
     let from = match after {
         Some(id) => keys::successor(&keys::api_key(id)),
@@ -180,15 +180,15 @@ pub fn list_endpoints(
     org_id: OrgId,
     after: Option<EndpointId>,
     limit: usize,
-) -> Result<Page<Endpoint, EndpointId>, Corrupt> {
+) -> Result<Page<Endpoint, EndpointId>, CorruptValue> {
     let prefix = keys::key(keys::KS_ENDPOINT_BY_ORG, &[org_id.as_bytes()]);
     let from = match after {
         Some(id) => keys::successor(&keys::endpoint_by_org(org_id, id)),
         None => prefix.clone(),
     };
     let (items, last) = page(t, &from, &end_of(&prefix), limit, |key, _| {
-        let id = keys::trailing_id(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
-        get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| Corrupt { key: key.to_vec() })
+        let id = keys::trailing_id(key).ok_or_else(|| CorruptValue { key: key.to_vec() })?;
+        get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| CorruptValue { key: key.to_vec() })
     })?;
     Ok(Page { next: last.and(items.last().map(|e| e.id)), items })
 }
@@ -200,15 +200,15 @@ pub fn list_endpoints_rev(
     org_id: OrgId,
     before: Option<EndpointId>,
     limit: usize,
-) -> Result<Page<Endpoint, EndpointId>, Corrupt> {
+) -> Result<Page<Endpoint, EndpointId>, CorruptValue> {
     let prefix = keys::key(keys::KS_ENDPOINT_BY_ORG, &[org_id.as_bytes()]);
     let to = match before {
         Some(id) => keys::endpoint_by_org(org_id, id),
         None => end_of(&prefix),
     };
     let (items, last) = page_rev(t, &prefix, &to, limit, |key, _| {
-        let id = keys::trailing_id(key).ok_or_else(|| Corrupt { key: key.to_vec() })?;
-        get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| Corrupt { key: key.to_vec() })
+        let id = keys::trailing_id(key).ok_or_else(|| CorruptValue { key: key.to_vec() })?;
+        get_endpoint(t, EndpointId::from_bytes(id))?.ok_or_else(|| CorruptValue { key: key.to_vec() })
     })?;
     Ok(Page { next: last.and(items.last().map(|e| e.id)), items })
 }
@@ -219,7 +219,7 @@ pub fn list_all_endpoints_rev(
     t: &impl ReadTables,
     before: Option<EndpointId>,
     limit: usize,
-) -> Result<Page<Endpoint, EndpointId>, Corrupt> {
+) -> Result<Page<Endpoint, EndpointId>, CorruptValue> {
     let limit = limit.min(PAGE_LEN_MAX);
     let from = [keys::KS_ENDPOINT];
     let mut to = match before {
@@ -249,14 +249,16 @@ pub fn list_all_endpoints_rev(
 
 /// The organisations that have deliveries, in id order: the first `max` of them, and one more if
 /// there are more (so a caller can tell). Each costs one seek in the organisation index.
-pub fn delivery_orgs(t: &impl ReadTables, max: usize) -> Result<Vec<OrgId>, Corrupt> {
+pub fn delivery_orgs(t: &impl ReadTables, max: usize) -> Result<Vec<OrgId>, CorruptValue> {
     let to = [keys::KS_CHUNKS_BY_ORG_STATUS + 1];
     let mut from = vec![keys::KS_CHUNKS_BY_ORG_STATUS];
     let mut orgs = Vec::new();
     while orgs.len() <= max {
         let Some((key, _)) = t.scan(&from, &to, 1).into_iter().next() else { break };
-        let org: [u8; 16] =
-            key.get(1..17).and_then(|b| b.try_into().ok()).ok_or_else(|| Corrupt { key: key.clone() })?;
+        let org: [u8; 16] = key
+            .get(1..17)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| CorruptValue { key: key.clone() })?;
         orgs.push(OrgId::from_bytes(org));
         // Past every key of this organisation: its status byte is never 0xFF.
         from = keys::key(keys::KS_CHUNKS_BY_ORG_STATUS, &[&org, &[0xFF]]);
@@ -335,7 +337,7 @@ pub fn list_deliveries(
     query: &DeliveryQuery,
     after: Option<DeliveryCursor>,
     limit: usize,
-) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
+) -> Result<Page<Delivery, DeliveryCursor>, CorruptValue> {
     deliveries_page(t, query, after, limit, Direction::Forward)
 }
 
@@ -355,7 +357,7 @@ fn deliveries_page(
     cursor: Option<DeliveryCursor>,
     limit: usize,
     direction: Direction,
-) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
+) -> Result<Page<Delivery, DeliveryCursor>, CorruptValue> {
     let limit = limit.min(PAGE_LEN_MAX);
     let mut entries: Vec<(u64, [u8; 16])> = Vec::new();
     for prefix in query.index.prefixes() {
@@ -383,7 +385,7 @@ fn deliveries_page(
             }
         };
         for key in index::scan(t, &prefix, &from, &to, limit.saturating_add(1), walk)? {
-            let (at_ms, id) = keys::parse_timed(&key).ok_or_else(|| Corrupt { key: key.clone() })?;
+            let (at_ms, id) = keys::parse_timed(&key).ok_or_else(|| CorruptValue { key: key.clone() })?;
             entries.push((at_ms, *id.as_bytes()));
         }
     }
@@ -402,9 +404,9 @@ fn deliveries_page(
         .into_iter()
         .map(|(_, id)| {
             let id = DeliveryId::from_bytes(id);
-            get_delivery(t, id)?.ok_or_else(|| Corrupt { key: keys::delivery(id) })
+            get_delivery(t, id)?.ok_or_else(|| CorruptValue { key: keys::delivery(id) })
         })
-        .collect::<Result<Vec<_>, Corrupt>>()?;
+        .collect::<Result<Vec<_>, CorruptValue>>()?;
     Ok(Page {
         next: items
             .last()
@@ -415,7 +417,7 @@ fn deliveries_page(
 }
 
 /// How many deliveries are in each status (pending, delivered, exhausted, inactive).
-pub fn delivery_counts(t: &impl ReadTables) -> Result<Vec<(DeliveryStatus, u64)>, Corrupt> {
+pub fn delivery_counts(t: &impl ReadTables) -> Result<Vec<(DeliveryStatus, u64)>, CorruptValue> {
     [DeliveryStatus::Pending, DeliveryStatus::Delivered, DeliveryStatus::Exhausted, DeliveryStatus::Inactive]
         .into_iter()
         .map(|status| {
@@ -424,7 +426,7 @@ pub fn delivery_counts(t: &impl ReadTables) -> Result<Vec<(DeliveryStatus, u64)>
                 None => Ok((status, 0)),
                 Some(v) => <[u8; 8]>::try_from(v.as_slice())
                     .map(|b| (status, u64::from_be_bytes(b)))
-                    .map_err(|_| Corrupt { key }),
+                    .map_err(|_| CorruptValue { key }),
             }
         })
         .collect()
@@ -444,7 +446,7 @@ pub fn due_deliveries(
     after: Option<Due>,
     until_ms: u64,
     limit: usize,
-) -> Result<Vec<Due>, Corrupt> {
+) -> Result<Vec<Due>, CorruptValue> {
     let from = match after {
         Some(due) => keys::successor(&keys::due(due.next_attempt_at_ms, due.delivery_id)),
         None => vec![keys::KS_DUE],
@@ -457,7 +459,7 @@ pub fn due_deliveries(
     index::scan(t, &[keys::KS_DUE], &from, &to, limit, index::Walk::Forward)?
         .into_iter()
         .map(|key| {
-            let (at_ms, id) = keys::parse_timed(&key).ok_or(Corrupt { key })?;
+            let (at_ms, id) = keys::parse_timed(&key).ok_or(CorruptValue { key })?;
             Ok(Due { next_attempt_at_ms: at_ms, delivery_id: id })
         })
         .collect()
@@ -470,7 +472,7 @@ pub fn attempts(
     delivery_id: DeliveryId,
     after_attempt: u32,
     limit: usize,
-) -> Result<Vec<AttemptRecord>, Corrupt> {
+) -> Result<Vec<AttemptRecord>, CorruptValue> {
     let prefix = keys::key(keys::KS_ATTEMPT, &[delivery_id.as_bytes()]);
     let from = keys::successor(&keys::attempt(delivery_id, after_attempt));
     let (items, _) = page(t, &from, &end_of(&prefix), limit, decode_value::<AttemptRecord>)?;
@@ -483,6 +485,6 @@ pub fn list_deliveries_rev(
     query: &DeliveryQuery,
     before: Option<DeliveryCursor>,
     limit: usize,
-) -> Result<Page<Delivery, DeliveryCursor>, Corrupt> {
+) -> Result<Page<Delivery, DeliveryCursor>, CorruptValue> {
     deliveries_page(t, query, before, limit, Direction::Backward)
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use herald_log::{StoreError, Tx};
 
 use crate::index::{self, is_chunked, IndexRange, Walk};
-use crate::query::Corrupt;
+use crate::query::CorruptValue;
 use crate::tables::{ReadTables, Tables};
 
 /// The index entries (logical keys) added or removed and not yet folded into their chunks.
@@ -49,7 +49,7 @@ impl StagedIndex<'_> {
         &self,
         chunks: &(impl ReadTables + ?Sized),
         range: &IndexRange<'_>,
-    ) -> Result<Vec<Vec<u8>>, Corrupt> {
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         let IndexRange { logical_prefix, from, to, limit, walk } = *range;
         let unfolded: Vec<(Vec<u8>, bool)> =
             self.entries(from, to).into_iter().filter(|(k, _)| k.starts_with(logical_prefix)).collect();
@@ -84,9 +84,9 @@ impl StagedIndex<'_> {
     }
 
     /// Stages the entry of logical key `key` in the log batch, added (`add`) or removed.
-    pub(crate) fn stage(tx: &mut Tx<'_>, key: &[u8], add: bool) -> Result<(), Corrupt> {
+    pub(crate) fn stage(tx: &mut Tx<'_>, key: &[u8], add: bool) -> Result<(), CorruptValue> {
         if !is_chunked(key) {
-            return Err(Corrupt { key: key.to_vec() });
+            return Err(CorruptValue { key: key.to_vec() });
         }
         if add {
             tx.put(key.to_vec(), Vec::new());
@@ -127,7 +127,7 @@ impl<T: Tables> Deferring<T> {
         Deferring { base, pending: BTreeMap::new() }
     }
 
-    pub(crate) fn fold(&mut self) -> Result<(), Corrupt> {
+    pub(crate) fn fold(&mut self) -> Result<(), CorruptValue> {
         let pending = std::mem::take(&mut self.pending);
         index::fold_entries(&mut self.base, pending.iter().map(|(k, add)| (k.as_slice(), *add)))
     }
@@ -146,7 +146,11 @@ impl<T: Tables> ReadTables for Deferring<T> {
         self.base.scan_rev(from, to, limit)
     }
 
-    fn scan_index(&self, chunks: &dyn ReadTables, range: &IndexRange<'_>) -> Result<Vec<Vec<u8>>, Corrupt> {
+    fn scan_index(
+        &self,
+        chunks: &dyn ReadTables,
+        range: &IndexRange<'_>,
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         StagedIndex::Aside(&self.pending).scan(chunks, range)
     }
 }
@@ -160,17 +164,17 @@ impl<T: Tables> Tables for Deferring<T> {
         self.base.delete(key)
     }
 
-    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         if !is_chunked(key) {
-            return Err(Corrupt { key: key.to_vec() });
+            return Err(CorruptValue { key: key.to_vec() });
         }
         self.pending.insert(key.to_vec(), true);
         Ok(())
     }
 
-    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         if !is_chunked(key) {
-            return Err(Corrupt { key: key.to_vec() });
+            return Err(CorruptValue { key: key.to_vec() });
         }
         self.pending.insert(key.to_vec(), false);
         Ok(())

@@ -1,11 +1,11 @@
 //! Where the projection lives: ordered key-value tables behind a small trait, an in-memory
-//! implementation, and [`Batch`], which stages changes over any tables.
+//! implementation, and [`TableBatch`], which stages changes over any tables.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::index::IndexRange;
-use crate::query::Corrupt;
+use crate::query::CorruptValue;
 
 /// Ordered key-value tables the projection lives in. Keys are full keys whose first byte is the
 /// keyspace (the projector owns keyspace bytes 0x10..=0x7F; 0x00..=0x0F belong to the log).
@@ -18,12 +18,12 @@ pub trait Tables: ReadTables {
     /// Adds the entry of a chunked index's logical key (see `index.rs`). By default it goes
     /// into its chunk at once; tables over a log batch stage it and fold the batch's entries
     /// into their chunks once, when the batch ends.
-    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         crate::index::insert_now(self, key)
     }
 
     /// Removes the entry of a chunked index's logical key (see [`Tables::add_entry`]).
-    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         crate::index::remove_now(self, key)
     }
 }
@@ -47,7 +47,11 @@ pub trait ReadTables {
     /// the chunks hold; tables that keep entries back for a later fold into the chunks (a log
     /// batch's) merge those in (`staged.rs`). Tables over a store leave it as it is.
     #[doc(hidden)]
-    fn scan_index(&self, chunks: &dyn ReadTables, range: &IndexRange<'_>) -> Result<Vec<Vec<u8>>, Corrupt> {
+    fn scan_index(
+        &self,
+        chunks: &dyn ReadTables,
+        range: &IndexRange<'_>,
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         crate::index::scan_chunks(chunks, range)
     }
 }
@@ -62,7 +66,11 @@ impl<T: ReadTables + ?Sized> ReadTables for &mut T {
     fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         (**self).scan_rev(from, to, limit)
     }
-    fn scan_index(&self, chunks: &dyn ReadTables, range: &IndexRange<'_>) -> Result<Vec<Vec<u8>>, Corrupt> {
+    fn scan_index(
+        &self,
+        chunks: &dyn ReadTables,
+        range: &IndexRange<'_>,
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         (**self).scan_index(chunks, range)
     }
 }
@@ -74,10 +82,10 @@ impl<T: Tables + ?Sized> Tables for &mut T {
     fn delete(&mut self, key: &[u8]) {
         (**self).delete(key)
     }
-    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         (**self).add_entry(key)
     }
-    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         (**self).remove_entry(key)
     }
 }
@@ -162,15 +170,15 @@ impl Tables for MemTables {
 /// tables as they were. An adapter can also stage a whole batch of events in one and write it in
 /// a single transaction.
 #[derive(Debug)]
-pub struct Batch<'a, T: Tables + ?Sized> {
+pub struct TableBatch<'a, T: Tables + ?Sized> {
     base: &'a mut T,
     /// `None`: deleted.
     changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-impl<'a, T: Tables + ?Sized> Batch<'a, T> {
+impl<'a, T: Tables + ?Sized> TableBatch<'a, T> {
     pub fn new(base: &'a mut T) -> Self {
-        Batch { base, changes: BTreeMap::new() }
+        TableBatch { base, changes: BTreeMap::new() }
     }
 
     /// How many keys the batch changes.
@@ -193,7 +201,7 @@ impl<'a, T: Tables + ?Sized> Batch<'a, T> {
     }
 }
 
-impl<T: Tables + ?Sized> ReadTables for Batch<'_, T> {
+impl<T: Tables + ?Sized> ReadTables for TableBatch<'_, T> {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         match self.changes.get(key) {
             Some(change) => change.clone(),
@@ -214,12 +222,16 @@ impl<T: Tables + ?Sized> ReadTables for Batch<'_, T> {
     }
 
     /// The base's entries waiting to be folded, over the chunks as this batch has them.
-    fn scan_index(&self, chunks: &dyn ReadTables, range: &IndexRange<'_>) -> Result<Vec<Vec<u8>>, Corrupt> {
+    fn scan_index(
+        &self,
+        chunks: &dyn ReadTables,
+        range: &IndexRange<'_>,
+    ) -> Result<Vec<Vec<u8>>, CorruptValue> {
         self.base.scan_index(chunks, range)
     }
 }
 
-impl<T: Tables + ?Sized> Tables for Batch<'_, T> {
+impl<T: Tables + ?Sized> Tables for TableBatch<'_, T> {
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.changes.insert(key, Some(value));
     }
@@ -231,11 +243,11 @@ impl<T: Tables + ?Sized> Tables for Batch<'_, T> {
     // A batch puts entries into its chunks at once. Over tables that defer entries, an entry
     // the base still holds unfolded would be folded after this, out of order: not done (no
     // machine both stages entries and applies events through a batch).
-    fn add_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn add_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         crate::index::insert_now(self, key)
     }
 
-    fn remove_entry(&mut self, key: &[u8]) -> Result<(), Corrupt> {
+    fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         crate::index::remove_now(self, key)
     }
 }
@@ -252,7 +264,7 @@ mod tests {
     #[test]
     fn batch_reads_its_own_changes_and_commits_them() {
         let mut base = MemTables::from_pairs([(vec![1], vec![10]), (vec![2], vec![20]), (vec![3], vec![30])]);
-        let mut batch = Batch::new(&mut base);
+        let mut batch = TableBatch::new(&mut base);
         batch.delete(&[2]);
         batch.put(vec![4], vec![40]);
         batch.put(vec![1], vec![11]);
@@ -282,7 +294,7 @@ mod tests {
                 }
             }
             let mut committed = base.clone();
-            let mut batch = Batch::new(&mut committed);
+            let mut batch = TableBatch::new(&mut committed);
             for (k, v) in &ops {
                 match v {
                     Some(v) => batch.put(vec![*k], vec![*v]),

@@ -6,8 +6,8 @@ use crate::keys;
 use crate::model::{ApiKey, Delivery, DeliveryStatus, Endpoint, EndpointStatus, EventRecord};
 use crate::policy::FAILURES_MAX_LIMIT;
 use crate::{
-    apply, ApiKeyId, ApplyError, AttemptOutcome, Batch, DeliveryId, EndpointId, Event, EventId, MemTables,
-    OrgId, ReadTables, Trigger,
+    apply, ApiKeyId, ApplyError, AttemptOutcome, DeliveryId, EndpointId, Event, EventId, MemTables, OrgId,
+    ReadTables, TableBatch, Trigger,
 };
 use std::collections::BTreeSet;
 use uuid::Uuid;
@@ -221,7 +221,7 @@ pub fn check(events: &[(u64, Event)], expected: &str) -> MemTables {
     assert_consistent(&tables);
     assert_eq!(run(events).dump(), tables.dump(), "apply is not deterministic");
     let mut batched = MemTables::new();
-    let mut batch = Batch::new(&mut batched);
+    let mut batch = TableBatch::new(&mut batched);
     for (i, (at_ms, event)) in events.iter().enumerate() {
         if let Err(e) = apply(&mut batch, i as u64 + 1, *at_ms, &stamped(*at_ms, event)) {
             panic!("batched step {} rejected: {e}", i + 1);

@@ -13,7 +13,7 @@ use crate::state::AppState;
 
 mod extract;
 
-pub use extract::{scope, Auth, ErrorShape, Named, Plain, RequiredScope};
+pub use extract::{scope, Auth, Plain};
 
 /// Every key starts with this.
 pub const KEY_PREFIX: &str = "sk_";
@@ -24,21 +24,17 @@ const BUCKETS_MAX: usize = 100_000;
 /// Keys the authentication cache holds, at most.
 pub const KEY_CACHE_MAX: usize = 10_000;
 
-/// Who is calling: a live key, its organisation (`None`: admin) and its scopes.
+/// Who is calling: a live key and its organisation (`None`: admin). Its scopes were checked when
+/// it was authenticated.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key_id: ApiKeyId,
     pub org_id: Option<OrgId>,
-    pub scopes: Arc<[Scope]>,
 }
 
 impl Principal {
     pub fn actor(&self) -> Actor {
         Actor { org_id: self.org_id, key_id: Some(self.key_id) }
-    }
-
-    pub fn is_admin(&self) -> bool {
-        self.scopes.contains(&Scope::Admin)
     }
 
     /// Whether this caller may see an object of `org_id`.
@@ -112,7 +108,7 @@ pub fn authenticate(
     if !stored.allows(scope) {
         return Err(ApiError::forbidden(family, format!("this API key lacks the {} scope", scope.name())));
     }
-    Ok(Principal { key_id: stored.id, org_id: stored.org_id, scopes: stored.scopes })
+    Ok(Principal { key_id: stored.id, org_id: stored.org_id })
 }
 
 /// What authentication needs of a stored key.
@@ -351,7 +347,7 @@ mod tests {
         use super::super::*;
         use axum::http::HeaderValue;
         use herald_engine::clock::SystemClock;
-        use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+        use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
         use herald_engine::{Command, Engine, EngineConfig, Parts};
         use herald_log::MemStore;
 
@@ -360,7 +356,7 @@ mod tests {
         impl Sender for Accepting {
             fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
                 Box::pin(async {
-                    AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+                    SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
                 })
             }
         }
@@ -395,7 +391,7 @@ mod tests {
                 name: "cached".into(),
                 key_hash: key_hash(&key),
             };
-            engine.execute_blocking(herald_engine::Actor::admin(), create).unwrap();
+            engine.execute_blocking(Actor::admin(), create).unwrap();
             let headers = bearer(&key);
             for _ in 0..3 {
                 let who = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap();
@@ -411,7 +407,7 @@ mod tests {
             assert_eq!(err.status, StatusCode::UNAUTHORIZED);
             assert_eq!(state.keys.len(), 1);
 
-            engine.execute_blocking(herald_engine::Actor::admin(), Command::RevokeApiKey { id }).unwrap();
+            engine.execute_blocking(Actor::admin(), Command::RevokeApiKey { id }).unwrap();
             let err = authenticate(&state, &headers, Family::Named, Scope::EventsWrite).unwrap_err();
             assert_eq!(err.status, StatusCode::UNAUTHORIZED);
             // And it stays refused: a revoked key's hash finds nothing in the projection, so it

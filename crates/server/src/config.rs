@@ -11,9 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use herald_engine::commands::CommandLimits;
-use herald_engine::config::{DeliveryConfig, EngineConfig};
-use herald_engine::Policy;
+use herald_engine::{CommandLimits, DeliveryConfig, EngineConfig, Policy};
 
 mod declare;
 mod error;

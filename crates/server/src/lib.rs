@@ -1,21 +1,23 @@
 //! herald-server: the HTTP API of `../shared/API.md` over the engine, and the configuration of
 //! `herald serve`.
 //!
-//! - [`router`]: every route, each handler authenticated by the [`auth::Auth`] extractor and
-//!   answering errors in its route family's shape ([`error`]).
+//! - [`router`]: every route, each handler authenticated by the `Auth` extractor (`auth`) and
+//!   answering errors in its route family's shape (`error`).
 //! - [`openapi_document`]: the OpenAPI 3 document, generated from the handlers' annotations and
-//!   the JSON types in [`json`], so it cannot drift from them.
+//!   the JSON types in `json`, so it cannot drift from them.
 //! - [`serve`]: opens the engine, bootstraps the admin key, listens, and stops gracefully.
 
-pub mod auth;
+mod auth;
+// A namespace of its own: the configuration of `herald serve` (its struct, the default TOML, the
+// environment and command-line overrides) reads best as `config::Config`, `config::DEFAULT_TOML`.
 pub mod config;
-pub mod error;
-pub mod json;
-pub mod listener;
-pub mod metrics;
-pub mod routes;
-pub mod state;
-pub mod util;
+mod error;
+mod json;
+mod listener;
+mod metrics;
+mod routes;
+mod state;
+mod util;
 
 use std::future::{Future, IntoFuture};
 use std::io::Write as _;
@@ -32,7 +34,11 @@ use herald_engine::{list_api_keys, Actor, ApiKeyId, Command, Engine, Scope};
 use utoipa::OpenApi;
 
 use crate::config::Config;
-use crate::state::AppState;
+
+pub use crate::auth::Buckets;
+pub use crate::routes::ops::audit_event;
+pub use crate::state::{AppState, ServerLimits};
+pub use crate::util::{parse_id, parse_ts, ts};
 
 #[derive(OpenApi)]
 #[openapi(

@@ -47,6 +47,7 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
     }
     if limit.rlim_cur < limit.rlim_max {
         let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the struct we own.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             limit = raised;
         }
@@ -86,11 +87,6 @@ impl CappedListener {
     pub fn counting_into(mut self, refused: Arc<AtomicU64>) -> CappedListener {
         self.refused = refused;
         self
-    }
-
-    /// Connections refused so far because the cap was reached.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
     }
 
     /// Answers a connection over the cap with the canned 503 and closes it, off the accept loop.

@@ -28,7 +28,7 @@ pub struct AppState {
     pub engine: Engine,
     pub limits: ServerLimits,
     pub buckets: Buckets,
-    /// API keys by hash, as last read from the projection (see [`KeyCache`]).
+    /// API keys by hash, as last read from the projection (see `KeyCache`).
     pub keys: KeyCache,
     pub metrics: Metrics,
     /// False once a stop began: `/readyz` answers 503.

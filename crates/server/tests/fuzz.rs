@@ -9,10 +9,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Method, Request};
 use herald_engine::clock::SystemClock;
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
 use herald_engine::{Engine, EngineConfig, Parts};
 use herald_log::MemStore;
-use herald_server::state::{AppState, ServerLimits};
+use herald_server::{AppState, ServerLimits};
 use proptest::prelude::*;
 use tower::ServiceExt;
 
@@ -23,9 +23,7 @@ struct Accepting;
 
 impl Sender for Accepting {
     fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
-        Box::pin(async {
-            AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
-        })
+        Box::pin(async { SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None } })
     }
 }
 
@@ -38,7 +36,7 @@ fn app() -> (axum::Router, Engine) {
     let state = Arc::new(AppState {
         engine: engine.clone(),
         limits: ServerLimits::default(),
-        buckets: herald_server::auth::Buckets::new(1_000_000, 1_000_000),
+        buckets: herald_server::Buckets::new(1_000_000, 1_000_000),
         keys: Default::default(),
         metrics: Default::default(),
         ready: AtomicBool::new(true),

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use herald_engine::clock::SystemClock;
-use herald_engine::sender::{AttemptOutcome, AttemptRequest, SendFuture, Sender};
+use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
 use herald_engine::{Engine, EngineConfig, Parts};
-use herald_log::{Batch, Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore};
-use herald_server::state::{AppState, ServerLimits};
+use herald_log::{
+    Durability, FailingStore, MemStore, Pair, Store, StoreError, Visit, VolatileStore, WriteBatch,
+};
+use herald_server::{AppState, ServerLimits};
 use tower::ServiceExt;
 
 const ADMIN: &str = "sk_faults_admin_key_0123456789abcdef";
@@ -19,9 +21,7 @@ struct Accepting;
 
 impl Sender for Accepting {
     fn send(&self, _req: AttemptRequest) -> SendFuture<'_> {
-        Box::pin(async {
-            AttemptOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
-        })
+        Box::pin(async { SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None } })
     }
 }
 
@@ -34,7 +34,7 @@ fn serve(store: Arc<dyn Store>) -> (Engine, axum::Router) {
     let router = herald_server::router(Arc::new(AppState {
         engine: engine.clone(),
         limits: ServerLimits::default(),
-        buckets: herald_server::auth::Buckets::new(1_000, 1_000),
+        buckets: herald_server::Buckets::new(1_000, 1_000),
         keys: Default::default(),
         metrics: Default::default(),
         ready: AtomicBool::new(true),
@@ -148,7 +148,7 @@ impl Store for ReadsFail {
         self.check()?;
         self.inner.last(from, to)
     }
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.inner.apply(batch)
     }
     fn flush(&self, durability: Durability) -> Result<(), StoreError> {

@@ -234,8 +234,8 @@ impl From<ApplyError> for CommandError {
     }
 }
 
-impl From<herald_projector::Corrupt> for CommandError {
-    fn from(e: herald_projector::Corrupt) -> Self {
+impl From<herald_projector::CorruptValue> for CommandError {
+    fn from(e: herald_projector::CorruptValue) -> Self {
         CommandError::Internal { message: e.to_string() }
     }
 }
@@ -265,7 +265,7 @@ fn new_secret() -> Result<String, CommandError> {
 /// Told, after each durable batch, which deliveries became due and when (the dispatcher's feed);
 /// `None` after a failed batch: what it wrote may or may not be in the store (a failed flush
 /// leaves an applied batch), so the listener should reload from the stored due index.
-pub type DueHook = std::sync::Arc<dyn Fn(Option<Vec<DueHint>>) + Send + Sync>;
+pub type DueHook = Arc<dyn Fn(Option<Vec<DueHint>>) + Send + Sync>;
 
 /// A delivery that a batch made due.
 #[derive(Debug, Clone, PartialEq, Eq)]

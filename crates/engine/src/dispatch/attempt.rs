@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_projector::{
-    event_payload, get_endpoint, get_event, org_secret, CheckedTables, CompactError, Corrupt, Delivery,
+    event_payload, get_endpoint, get_event, org_secret, CheckedTables, CompactError, CorruptValue, Delivery,
 };
 
 use super::inbox::{Finished, NotRecorded};
 use super::shared::Shared;
 use super::{Ctx, Id};
 use crate::commands::{Actor, Command, Commands, Reply, Submitted};
-use crate::sender::{AttemptOutcome, AttemptRequest, FailureKind};
+use crate::sender::{AttemptRequest, FailureKind, SendOutcome};
 use crate::signing::{sign, Secret};
 
 /// One attempt: build the signed request, send it, record the outcome, tell the loop.
@@ -23,9 +23,7 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
     let id = *delivery.id.as_bytes();
     let outcome = match request(&ctx, &delivery, started_at_ms, payload) {
         Ok(req) => ctx.sender.send(req).await,
-        Err(RequestError::Invalid(error)) => {
-            AttemptOutcome::Failed { kind: FailureKind::InvalidHeader, error }
-        }
+        Err(RequestError::Invalid(error)) => SendOutcome::Failed { kind: FailureKind::InvalidHeader, error },
         Err(RequestError::StoreRead) => {
             // Nothing is known to be wrong with the delivery, the endpoint or the receiver: not
             // sent, not recorded (it would count against the endpoint's health), and made again
@@ -37,7 +35,7 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
             return;
         }
     };
-    if let AttemptOutcome::Failed { kind: FailureKind::Local, error } = &outcome {
+    if let SendOutcome::Failed { kind: FailureKind::Local, error } = &outcome {
         // The receiver was never reached: nothing to record against it, no step of the
         // schedule used; made again shortly.
         if !settled.swap(true, Ordering::SeqCst) {
@@ -68,14 +66,14 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
 /// `Retry-After`), counted as delivered or failed.
 fn recorded_outcome(
     shared: &Shared,
-    outcome: AttemptOutcome,
+    outcome: SendOutcome,
 ) -> (herald_projector::AttemptOutcome, Vec<u8>, Option<u64>) {
     match outcome {
-        AttemptOutcome::Response { status, excerpt, retry_after_ms } if (200..300).contains(&status) => {
+        SendOutcome::Response { status, excerpt, retry_after_ms } if (200..300).contains(&status) => {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
             (herald_projector::AttemptOutcome::Delivered { status }, excerpt, retry_after_ms)
         }
-        AttemptOutcome::Response { status, excerpt, retry_after_ms } => {
+        SendOutcome::Response { status, excerpt, retry_after_ms } => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
             let error = format!("HTTP {status}");
             (
@@ -84,7 +82,7 @@ fn recorded_outcome(
                 retry_after_ms,
             )
         }
-        AttemptOutcome::Failed { error, .. } => {
+        SendOutcome::Failed { error, .. } => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
             (herald_projector::AttemptOutcome::Failed { status: None, error }, Vec::new(), None)
         }
@@ -128,7 +126,7 @@ impl From<String> for RequestError {
 /// `query` over the store: a read the store failed is a `StoreRead`, never taken for "missing".
 fn read<T>(
     ctx: &Ctx,
-    query: impl FnOnce(&CheckedTables<'_>) -> Result<T, Corrupt>,
+    query: impl FnOnce(&CheckedTables<'_>) -> Result<T, CorruptValue>,
 ) -> Result<T, RequestError> {
     match CheckedTables::run(ctx.store.as_ref(), query) {
         Ok(answer) => answer.map_err(|e| RequestError::Invalid(e.to_string())),

@@ -154,7 +154,7 @@ pub fn restore_checkpoint(
     if crate::query::applied_seq(tables).ok() != Some(seq) {
         return Err(CompactError::Checkpoint(format!("its pairs do not stand at seq {seq}")));
     }
-    let mut batch = herald_log::Batch::default();
+    let mut batch = herald_log::WriteBatch::default();
     for (key, value) in tables.iter() {
         batch.put(key.to_vec(), value.to_vec());
     }

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use std::sync::Arc;
 
-use herald_log::{read_head, scan_vec, Batch, Durability, Log, LogConfig, LogError, Machine, Store, Tx};
+use herald_log::{read_head, scan_vec, Durability, Log, LogConfig, LogError, Machine, Store, Tx, WriteBatch};
 
 use super::checkpoint::{checkpoint_hash, load_checkpoint, CHECKPOINT_META, KS_CHECKPOINT};
 use super::CompactError;
@@ -54,7 +54,7 @@ pub fn drop_legacy(store: Arc<dyn Store>) -> Result<u64, CompactError> {
     for keyspace in keys::LEGACY_KEYSPACES.into_iter().chain(keys::LEGACY_INDEX_KEYSPACES) {
         dropped += delete_range(store, &mut out, &[keyspace], &[keyspace + 1])?;
     }
-    let mut stale = Batch::default();
+    let mut stale = WriteBatch::default();
     for keyspace in keys::LEGACY_KEYSPACES.into_iter().chain(keys::LEGACY_INDEX_KEYSPACES) {
         store
             .scan(&[KS_CHECKPOINT, keyspace], &[KS_CHECKPOINT, keyspace + 1], &mut |key, _| {
@@ -85,7 +85,7 @@ fn delete_range(store: &dyn Store, out: &mut Writer, from: &[u8], to: &[u8]) -> 
     const BATCH_KEYS: usize = 10_000;
     let mut deleted = 0;
     loop {
-        let mut batch = Batch::default();
+        let mut batch = WriteBatch::default();
         store
             .scan(from, to, &mut |key, _| {
                 batch.delete(key.to_vec());
@@ -113,7 +113,7 @@ fn chunk_stored_entries(store: &dyn Store, out: &mut Writer) -> Result<(), Compa
         let mut staged = StagedStore { store, changes: BTreeMap::new() };
         from = index::chunk_deliveries(&mut staged, &start, PAGE)
             .map_err(|c| CompactError::Rebuild(RebuildError::Projection(c)))?;
-        let mut batch = Batch::default();
+        let mut batch = WriteBatch::default();
         for (key, value) in staged.changes {
             match value {
                 Some(value) => batch.put(key, value),
@@ -165,11 +165,11 @@ impl Tables for StagedStore<'_> {
 struct Migration;
 
 impl Machine for Migration {
-    type Command = Batch;
+    type Command = WriteBatch;
     type Reply = ();
     type Rejection = std::convert::Infallible;
 
-    fn execute(&mut self, batch: Batch, tx: &mut Tx<'_>) -> Result<(), Self::Rejection> {
+    fn execute(&mut self, batch: WriteBatch, tx: &mut Tx<'_>) -> Result<(), Self::Rejection> {
         for (key, value) in batch.writes {
             match value {
                 Some(value) => tx.put(key, value),
@@ -192,7 +192,7 @@ impl Writer {
         Writer { store, log: None }
     }
 
-    fn apply(&mut self, batch: Batch) -> Result<(), CompactError> {
+    fn apply(&mut self, batch: WriteBatch) -> Result<(), CompactError> {
         let log = match &mut self.log {
             Some(log) => log,
             None => {

@@ -81,10 +81,11 @@ impl From<LogError> for CompactError {
 }
 
 fn decode_value<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, CompactError> {
-    codec::from_bytes(value)
-        .ok_or_else(|| CompactError::Rebuild(RebuildError::Projection(crate::Corrupt { key: key.to_vec() })))
+    codec::from_bytes(value).ok_or_else(|| {
+        CompactError::Rebuild(RebuildError::Projection(crate::CorruptValue { key: key.to_vec() }))
+    })
 }
 
-fn corrupt(e: crate::query::Corrupt) -> CompactError {
+fn corrupt(e: crate::query::CorruptValue) -> CompactError {
     CompactError::Checkpoint(e.to_string())
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use herald_log::{verify, Batch, Durability, Log, LogConfig, Machine, MemStore};
+use herald_log::{verify, Durability, Log, LogConfig, Machine, MemStore, WriteBatch};
 
 use super::checkpoint::checkpoint_pairs;
 use super::*;
@@ -174,7 +174,7 @@ fn a_damaged_checkpoint_is_named_by_rebuild() {
     log.close();
     assert_exact(&store);
     let key = store.with_map(|m| m.keys().find(|k| k[0] == KS_CHECKPOINT).unwrap().clone());
-    let mut batch = Batch::default();
+    let mut batch = WriteBatch::default();
     batch.put(key, b"tampered".to_vec());
     store.apply(&batch).unwrap();
     let err = rebuild(&store, &mut |_| {}).unwrap_err();
@@ -232,7 +232,7 @@ fn index_keys_an_earlier_version_wrote_are_skipped_then_dropped() {
         }
         out
     };
-    let mut live = Batch::default();
+    let mut live = WriteBatch::default();
     for d in (1..=3).filter_map(|d| get_delivery(&crate::persist::StoreTables(&store), dl(d)).unwrap()) {
         for key in legacy(&d) {
             live.put(key, Vec::new());
@@ -288,7 +288,7 @@ fn list_entries_an_earlier_version_stored_one_key_each_are_chunked_then_dropped(
     let chunked = |d: &Delivery| -> Vec<Vec<u8>> {
         d.index_keys().into_iter().filter(|k| index::is_chunked(k)).collect()
     };
-    let mut old = Batch::default();
+    let mut old = WriteBatch::default();
     for (key, _) in now.iter().filter(|(k, _)| {
         index::is_chunk_keyspace(k[0]) || (k[0] == KS_CHECKPOINT && index::is_chunk_keyspace(k[1]))
     }) {

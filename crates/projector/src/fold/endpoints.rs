@@ -6,7 +6,7 @@ use crate::ids::{EndpointId, OrgId};
 use crate::index;
 use crate::keys;
 use crate::model::{Cause, DeliveryStatus, Endpoint, EndpointStatus, PreviousSecret, PREVIOUS_SECRETS_MAX};
-use crate::query::{self, Corrupt};
+use crate::query::{self, CorruptValue};
 use crate::tables::Tables;
 
 /// How many pending deliveries one page of a cascade (an endpoint going inactive or being
@@ -131,7 +131,7 @@ impl<T: Tables> Fold<'_, T> {
             };
             from = keys::successor(last);
             for key in &page {
-                let (_, id) = keys::parse_timed(key).ok_or_else(|| Corrupt { key: key.clone() })?;
+                let (_, id) = keys::parse_timed(key).ok_or_else(|| CorruptValue { key: key.clone() })?;
                 let old = self.delivery(id)?;
                 check_transition(id, Some(old.status), DeliveryStatus::Inactive, cause)?;
                 let mut new = old.clone();

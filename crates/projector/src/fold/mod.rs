@@ -11,8 +11,8 @@ use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 use crate::index;
 use crate::keys;
 use crate::model::{transition_allowed, Cause, Delivery, DeliveryStatus, Endpoint};
-use crate::query::{self, Corrupt};
-use crate::tables::{Batch, Tables};
+use crate::query::{self, CorruptValue};
+use crate::tables::{TableBatch, Tables};
 use uuid::Uuid;
 
 mod api_keys;
@@ -93,11 +93,11 @@ pub enum ApplyError {
         event_id: EventId,
     },
     /// A stored value does not decode.
-    Corrupt(Corrupt),
+    Corrupt(CorruptValue),
 }
 
-impl From<Corrupt> for ApplyError {
-    fn from(corrupt: Corrupt) -> Self {
+impl From<CorruptValue> for ApplyError {
+    fn from(corrupt: CorruptValue) -> Self {
         ApplyError::Corrupt(corrupt)
     }
 }
@@ -160,7 +160,7 @@ impl std::error::Error for ApplyError {}
 /// byte-identical tables. `seq` must be the applied seq plus one (the first event is seq 1).
 /// On an error nothing is written.
 pub fn apply(tables: &mut impl Tables, seq: u64, at_ms: u64, event: &Event) -> Result<(), ApplyError> {
-    let mut batch = Batch::new(tables);
+    let mut batch = TableBatch::new(tables);
     apply_unstaged(&mut batch, seq, at_ms, event)?;
     batch.commit();
     Ok(())

@@ -3,7 +3,7 @@
 //! whether applied event by event, in batches, across restarts, or twice.
 
 use crate::testkit::{assert_consistent, dl, ep, ev, org};
-use crate::{apply, decode, encode, get_delivery, AttemptOutcome, Batch, Event, MemTables, Policy};
+use crate::{apply, decode, encode, get_delivery, AttemptOutcome, Event, MemTables, Policy, TableBatch};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -287,7 +287,7 @@ fn apply_in_batches(events: &[(u64, Event)], sizes: &[usize]) -> MemTables {
         }
         let (chunk, tail) = rest.split_at((*size).clamp(1, rest.len()));
         rest = tail;
-        let mut batch = Batch::new(&mut tables);
+        let mut batch = TableBatch::new(&mut tables);
         for (at_ms, event) in chunk {
             seq += 1;
             apply(&mut batch, seq, *at_ms, event).expect("accepted once, accepted again");

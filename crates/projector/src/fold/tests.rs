@@ -589,7 +589,7 @@ fn delivery_lists_page_through_each_index() {
     let store = herald_log::MemStore::new();
     store.with_map(|m| m.extend(t.dump()));
     let stored = crate::StoreTables(&store);
-    let ids_rev = |tables: &ListRev, query: DeliveryQuery, limit| {
+    let ids_rev = |tables: &ListRev<'_>, query: DeliveryQuery, limit| {
         let mut out = Vec::new();
         let mut before = None;
         for _ in 0..20 {
@@ -916,7 +916,7 @@ fn rules_3_record_an_interrupted_attempt_without_counting_it_as_a_failure() {
     assert_eq!(d1.attempts_since_reset, 4, "the interrupted attempt used a step of the schedule");
     assert_eq!(d1.last_error.as_deref(), Some("HTTP 503"), "the last failure's error is kept");
     assert_eq!(d1.last_response_status, Some(503));
-    let history = crate::query::attempts(&t, dl(1), 0, 10).unwrap();
+    let history = attempts(&t, dl(1), 0, 10).unwrap();
     assert_eq!(history.len(), 5, "the interrupted attempt is not in the history");
 
     // The attempt made again after the restart is the fifth failure of the run.
@@ -944,7 +944,7 @@ fn rules_3_record_an_interrupted_attempt_without_counting_it_as_a_failure() {
 }
 
 fn rules_in_force(t: &MemTables) -> u32 {
-    crate::query::rules(t).unwrap()
+    rules(t).unwrap()
 }
 
 #[test]
@@ -981,13 +981,13 @@ fn invalid_policies_and_revocations() {
 #[test]
 fn corrupt_values_are_typed_errors() {
     let mut t = run(&setup(1));
-    let key = crate::keys::delivery(dl(1));
+    let key = keys::delivery(dl(1));
     t.put(key.clone(), vec![0xff, 0xff, 0xff]);
     let before = t.dump();
-    assert_eq!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(Corrupt { key: key.clone() })));
+    assert_eq!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(CorruptValue { key: key.clone() })));
     assert_eq!(t.dump(), before);
-    assert_eq!(get_delivery(&t, dl(1)), Err(Corrupt { key }));
-    t.put(crate::keys::META_APPLIED_SEQ.to_vec(), vec![1, 2]);
+    assert_eq!(get_delivery(&t, dl(1)), Err(CorruptValue { key }));
+    t.put(keys::META_APPLIED_SEQ.to_vec(), vec![1, 2]);
     assert!(matches!(apply(&mut t, 4, 1, &ok(1, 1)), Err(ApplyError::Corrupt(_))));
 }
 
@@ -1023,9 +1023,9 @@ fn a_publish_with_its_deliveries_folds_as_the_event_then_each_delivery() {
     ]);
     let together = run(&[(0, endpoint(1)), (10, merged), (20, ok(1, 1))]);
     let without_seq = |t: &MemTables| -> Vec<(Vec<u8>, Vec<u8>)> {
-        t.dump().into_iter().filter(|(k, _)| k != crate::keys::META_APPLIED_SEQ).collect()
+        t.dump().into_iter().filter(|(k, _)| k != keys::META_APPLIED_SEQ).collect()
     };
     assert_eq!(without_seq(&together), without_seq(&separate));
-    assert_eq!(query::applied_seq(&together).unwrap(), 3);
+    assert_eq!(applied_seq(&together).unwrap(), 3);
     assert_consistent(&together);
 }

@@ -124,7 +124,7 @@ pub async fn list(
     let status = q.status.as_deref().map(|s| parse_status(F, s)).transpose()?;
     let event_type = q.event_type.clone();
     if let Some(t) = &event_type {
-        if !herald_engine::commands::valid_event_type(t) {
+        if !herald_engine::valid_event_type(t) {
             return Err(ApiError::validation(F, "event_type", "must match [A-Za-z0-9._-]{1,128}"));
         }
     }

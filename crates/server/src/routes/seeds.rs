@@ -142,7 +142,7 @@ pub async fn batch_retrigger(
         .ok_or_else(|| ApiError::not_found(N, format!("webhook {webhook_id} not found")))?;
     let input: BatchRetriggerIn = json_body(N, body)?;
     let ids = &input.webhook_notification_ids;
-    if ids.is_empty() || ids.len() > herald_engine::commands::BATCH_RETRIGGER_MAX {
+    if ids.is_empty() || ids.len() > herald_engine::BATCH_RETRIGGER_MAX {
         return Err(ApiError::validation(
             N,
             "webhookNotificationIds",
