@@ -1,4 +1,4 @@
-//! herald-server: the HTTP API of `../shared/API.md` over the engine, and the configuration of
+//! herald-server: the HTTP API of `docs/API.md` over the engine, and the configuration of
 //! `herald serve`.
 //!
 //! - [`router`]: every route, each handler authenticated by the `Auth` extractor (`auth`) and
