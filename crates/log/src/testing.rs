@@ -8,6 +8,23 @@ use std::sync::{Arc, Mutex};
 
 use crate::store::{Durability, MemStore, Pair, Store, StoreError, Visit, WriteBatch};
 
+/// The reads of a test double: they go to `self.$field` as they are (the doubles change writes).
+macro_rules! reads_from {
+    ($field:ident) => {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.$field.get(key)
+        }
+
+        fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
+            self.$field.scan(from, to, visit)
+        }
+
+        fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+            self.$field.last(from, to)
+        }
+    };
+}
+
 /// A store that works for `ok_ops` operations and then fails every one until
 /// [`FailingStore::heal`] is called: a disk that fills up and later has space again.
 /// Counted operations are `apply` and `flush` (the writes), so a test can fail a batch
@@ -64,17 +81,7 @@ impl<S: Store> FailingStore<S> {
 }
 
 impl<S: Store> Store for FailingStore<S> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-        self.inner.scan(from, to, visit)
-    }
-
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-        self.inner.last(from, to)
-    }
+    reads_from!(inner);
 
     fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         if let Err(e) = self.tick() {
@@ -124,17 +131,7 @@ impl VolatileStore {
 }
 
 impl Store for VolatileStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.memory.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-        self.memory.scan(from, to, visit)
-    }
-
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-        self.memory.last(from, to)
-    }
+    reads_from!(memory);
 
     fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.memory.apply(batch)
@@ -177,17 +174,7 @@ impl<S: Store> HeldStore<S> {
 }
 
 impl<S: Store> Store for HeldStore<S> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-
-    fn scan(&self, from: &[u8], to: &[u8], visit: Visit<'_>) -> Result<(), StoreError> {
-        self.inner.scan(from, to, visit)
-    }
-
-    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
-        self.inner.last(from, to)
-    }
+    reads_from!(inner);
 
     fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
