@@ -59,6 +59,20 @@ impl Server {
 
     /// Same, under an open-file limit (RLIMIT_NOFILE, soft and hard) of `open_files_max`.
     pub fn start_limited(extra_env: &[(&str, &str)], open_files_max: Option<u64>) -> Server {
+        let mut server = Server::unstarted(extra_env, open_files_max);
+        server.spawn();
+        server
+    }
+
+    /// Like `start_with`, but returns as soon as the process runs, before it answers: for a test
+    /// of what herald does before it is up (its readiness notification). `wait_answering` waits.
+    pub fn launch_with(extra_env: &[(&str, &str)]) -> Server {
+        let mut server = Server::unstarted(extra_env, None);
+        server.launch();
+        server
+    }
+
+    fn unstarted(extra_env: &[(&str, &str)], open_files_max: Option<u64>) -> Server {
         let scratch = tempfile::tempdir().expect("no temp dir");
         let mut env: Vec<(String, String)> = [
             ("HERALD_ADMIN_KEY", ADMIN_KEY),
@@ -75,19 +89,23 @@ impl Server {
             env.retain(|(name, _)| name != k);
             env.push((k.to_string(), v.to_string()));
         }
-        let mut server = Server {
+        Server {
             port: 0,
             data_dir: scratch.path().to_owned(),
             _scratch: Some(scratch),
             child: None,
             env,
             open_files_max,
-        };
-        server.spawn();
-        server
+        }
     }
 
     fn spawn(&mut self) {
+        self.launch();
+        self.wait_answering();
+    }
+
+    /// Starts the process on a new free port, without waiting for it.
+    fn launch(&mut self) {
         self.port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
@@ -113,6 +131,10 @@ impl Server {
             }
         }
         self.child = Some(cmd.spawn().expect("cannot start herald"));
+    }
+
+    /// Waits until `/healthz` answers 200; panics if herald exits or takes longer than `WAIT_MAX`.
+    pub fn wait_answering(&mut self) {
         let deadline = Instant::now() + WAIT_MAX;
         loop {
             if let Ok((200, _)) = self.try_call("GET", "/healthz", None, None) {

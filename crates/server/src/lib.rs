@@ -5,7 +5,8 @@
 //!   answering errors in its route family's shape (`error`).
 //! - [`openapi_document`]: the OpenAPI 3 document, generated from the handlers' annotations and
 //!   the JSON types in `json`, so it cannot drift from them.
-//! - [`serve`]: opens the engine, bootstraps the admin key, listens, and stops gracefully.
+//! - [`serve`]: opens the engine, bootstraps the admin key, listens, and stops gracefully; under
+//!   systemd (`Type=notify`) it says READY=1 once listening and STOPPING=1 when the stop begins.
 
 mod auth;
 // A namespace of its own: the configuration of `herald serve` (its struct, the default TOML, the
@@ -31,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use herald_engine::{list_api_keys, Actor, ApiKeyId, Command, Engine, Scope};
+use sd_notify::NotifyState;
 use utoipa::OpenApi;
 
 use crate::config::Config;
@@ -266,6 +268,15 @@ fn connections_max(
     Ok((cap, open_files_max))
 }
 
+/// Tells the service manager (systemd, `Type=notify`) about a change of state; without
+/// `NOTIFY_SOCKET` in the environment it does nothing. A failure is reported and never fatal:
+/// herald serves either way, and systemd times the start out by itself if READY=1 never came.
+fn notify_service_manager(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        eprintln!("herald: warning: notifying the service manager (NOTIFY_SOCKET): {e}");
+    }
+}
+
 /// Runs the server until `stop` resolves, then stops gracefully: no new requests, the engine's
 /// stop (attempts in flight finished or recorded as interrupted), the log closed.
 pub async fn serve(
@@ -299,10 +310,15 @@ pub async fn serve(
         "herald: listening on http://{local} (data in {}; at most {connections_max} connections, {open_files_max} open files)",
         data_dir.display()
     );
+    // Only now is herald ready: the store is open and converted (Engine::open), the admin key
+    // exists and the listener is bound, so a unit ordered after herald.service can connect at once.
+    // The kernel queues connections from here on; axum accepts them as soon as it runs below.
+    notify_service_manager(&[NotifyState::Ready, NotifyState::Status(&format!("listening on {local}"))]);
     let ready = state.clone();
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         stop.await;
+        notify_service_manager(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
         ready.ready.store(false, Ordering::SeqCst);
         let _ = stopping_tx.send(());
     };
