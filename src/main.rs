@@ -1,5 +1,6 @@
-//! The `herald` command: `serve` runs the server; `verify`, `export`, `import`, `compact` and
-//! `replay` run the tools of [`herald::offline`] on a stopped server's data. This file only
+//! The `herald` command: `serve` runs the server; `verify`, `export`, `import`, `compact`,
+//! `replay` and `keys` run the tools of [`herald::offline`] on a stopped server's data; `config
+//! check` lists every problem of a configuration. This file only
 //! parses the arguments, prints what comes back and maps it to an exit code (2: the command line
 //! or the data directory cannot be used as given; 1: a failure on the way); the work is in the
 //! libraries.
@@ -11,10 +12,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use herald::offline::{
-    self, CompactOptions, ExportOptions, ImportOptions, OfflineError, Progress, ReplayFormat, ReplayOptions,
-    Subject, VacuumOptions, VerifyOptions,
+    self, CompactOptions, ExportOptions, ImportOptions, KeyCreateOptions, KeyRevokeOptions, KeysOptions,
+    OfflineError, Progress, ReplayFormat, ReplayOptions, Subject, VacuumOptions, VerifyOptions,
 };
 use herald::projector::{DeliveryId, EndpointId, EventId};
 use herald_server::config::{herald_env, Config, Overrides};
@@ -87,6 +88,60 @@ enum Cmd {
         endpoint: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+    },
+    /// The API keys of a stopped server's data: create one (the way back from a lost admin key),
+    /// list them, revoke one. Each change is a record in the log, like one the API writes; the
+    /// record carries no actor yet (the log does not keep who acted).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// The configuration `herald serve` would run with.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a key and print it once on stdout (herald keeps only its hash): an admin key
+    /// (`--admin`), or a key of an organisation (`--org ID --scopes a,b`). The record carries no
+    /// actor yet.
+    #[command(group(ArgGroup::new("owner").required(true).args(["admin", "org"])))]
+    Create {
+        #[command(flatten)]
+        dir: DataDir,
+        /// An admin key, for every organisation.
+        #[arg(long, conflicts_with = "scopes")]
+        admin: bool,
+        /// The organisation's id (a UUID).
+        #[arg(long, requires = "scopes")]
+        org: Option<String>,
+        /// The key's scopes, separated by commas: events.write, endpoints.read, endpoints.write,
+        /// deliveries.read, deliveries.write, tasks.webhooks.read, admin.
+        #[arg(long, requires = "org")]
+        scopes: Option<String>,
+        /// The key's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List every key: id, organisation (or admin), scopes, name, created, revoked. Never a
+    /// secret or its hash.
+    List(DataDir),
+    /// Revoke a key, by the id `keys list` shows. The record carries no actor yet.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The key's id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Load the configuration (the file, then the HERALD_* environment) as `herald serve` would
+    /// and print every problem, one a line (exit 1), or "ok" (exit 0).
+    Check {
+        /// A TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -162,7 +217,56 @@ fn main() -> ExitCode {
                 offline::replay(&ReplayOptions { data_dir, subject, format }, &mut out, bar).map(|_| None)
             })
         }
+        Cmd::Keys(command) => keys(command),
+        Cmd::Config(ConfigCmd::Check { config }) => config_check(config),
     }
+}
+
+/// `herald keys`: the new key alone on stdout (never in a message line), what was done on stderr.
+fn keys(command: KeysCmd) -> ExitCode {
+    match command {
+        KeysCmd::Create { dir, admin, org, scopes, name } => offline(&dir, |data_dir, _| {
+            let mut options = match (admin, org, scopes) {
+                (true, _, _) => KeyCreateOptions::admin(data_dir),
+                (false, Some(org), Some(scopes)) => KeyCreateOptions::org(
+                    data_dir,
+                    offline::parse_org_id(&org)?,
+                    offline::parse_scopes(&scopes)?,
+                ),
+                // clap asks for --admin, or --org with --scopes.
+                _ => return Err(offline::KeyProblem::NoScopes.into()),
+            };
+            if let Some(name) = name {
+                options.name = name;
+            }
+            let created = offline::create_key(&options)?;
+            println!("{}", created.key);
+            Ok(Some(created.to_string()))
+        }),
+        KeysCmd::List(dir) => offline(&dir, |data_dir, _| {
+            print!("{}", offline::list_keys(&KeysOptions { data_dir })?);
+            Ok(None)
+        }),
+        KeysCmd::Revoke { dir, id } => offline(&dir, |data_dir, _| {
+            let id = offline::parse_key_id(&id)?;
+            offline::revoke_key(&KeyRevokeOptions { data_dir, id }).map(|r| Some(r.to_string()))
+        }),
+    }
+}
+
+/// `herald config check`: every problem of the file and the environment, one a line on stdout.
+fn config_check(file: Option<PathBuf>) -> ExitCode {
+    let problems = Config::check_all(file.as_deref(), herald_env(), &Overrides::default());
+    if problems.is_empty() {
+        println!("ok");
+        return ExitCode::SUCCESS;
+    }
+    for problem in &problems {
+        println!("{problem}");
+    }
+    let n = problems.len();
+    eprintln!("herald: {n} problem{} in the configuration", if n == 1 { "" } else { "s" });
+    ExitCode::FAILURE
 }
 
 /// A command line or data directory that cannot be used as given: its message, and exit 2.
@@ -198,11 +302,13 @@ fn offline(
     }
 }
 
-/// 2 when the data directory cannot be used as given, 1 for a failure on the way.
+/// 2 when the command line or the data directory cannot be used as given, 1 for a failure on
+/// the way.
 fn exit_code(e: &OfflineError) -> u8 {
-    match e {
-        OfflineError::NoData { .. } | OfflineError::Open(_) | OfflineError::NotEmpty { .. } => 2,
-        _ => 1,
+    if e.is_usage() {
+        2
+    } else {
+        1
     }
 }
 

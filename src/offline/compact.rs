@@ -4,13 +4,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use herald_log::{Log, LogConfig};
 use herald_projector::compact::{plan, Compactor};
 use herald_projector::CompactReport;
 
-use super::{last_seq, open_existing, ts, OfflineError, Progress, CACHE_BYTES};
+use super::{last_seq, now_ms, open_existing, ts, OfflineError, Progress, CACHE_BYTES};
 
 /// What [`compact`] drops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +26,7 @@ pub struct CompactOptions {
 impl CompactOptions {
     /// Options for a compaction as of the system clock's now.
     pub fn now(data_dir: PathBuf, retain: Duration) -> CompactOptions {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        CompactOptions { data_dir, retain, now_ms }
+        CompactOptions { data_dir, retain, now_ms: now_ms() }
     }
 }
 

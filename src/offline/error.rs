@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use herald_log::{CorruptRecord, LogError, StoreError};
 use herald_projector::{ApplyError, CompactError, DecodeError, RebuildError};
 
-use super::{hex, Subject};
+use super::{hex, KeyProblem, Subject};
 
-/// Why an offline tool stopped. The first three say the data directory cannot be used as given
-/// (the binary exits 2 for them); the others are a failure on the way (exit 1).
+/// Why an offline tool stopped. [`OfflineError::is_usage`] tells those that say the command line
+/// or the data directory cannot be used as given (the binary exits 2 for them) from a failure on
+/// the way (exit 1).
 #[derive(Debug)]
 pub enum OfflineError {
     /// The directory holds no herald data.
@@ -57,6 +58,38 @@ pub enum OfflineError {
     CheckpointCorrupt(herald_projector::CorruptValue),
     /// `replay`: the checkpoint holds a delivery key of the wrong length.
     BadDeliveryKey,
+    /// `keys`: the arguments or the key they name cannot be used.
+    Key(KeyProblem),
+    /// `keys`: the store is folded under rules newer than this binary's.
+    NewerRules { rules: u32 },
+    /// `keys`: the stored projection does not stand at the log's last record.
+    ProjectionBehind { applied: u64, last: u64 },
+    /// `keys`: the engine's command failed on what the store holds (a damaged store).
+    Command(String),
+    /// `keys create`: no randomness for a new key.
+    Random(String),
+}
+
+impl OfflineError {
+    /// Whether the command line or the data directory cannot be used as given (exit 2), rather
+    /// than a failure on the way (exit 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            OfflineError::NoData { .. }
+                | OfflineError::Open(_)
+                | OfflineError::NotEmpty { .. }
+                | OfflineError::Key(_)
+                | OfflineError::NewerRules { .. }
+                | OfflineError::ProjectionBehind { .. }
+        )
+    }
+}
+
+impl From<KeyProblem> for OfflineError {
+    fn from(problem: KeyProblem) -> Self {
+        OfflineError::Key(problem)
+    }
 }
 
 impl fmt::Display for OfflineError {
@@ -90,6 +123,18 @@ impl fmt::Display for OfflineError {
             E::NothingFound(subject) => write!(f, "nothing in the log for {subject:?}"),
             E::CheckpointCorrupt(e) => write!(f, "checkpoint: {e}"),
             E::BadDeliveryKey => write!(f, "checkpoint: a bad delivery key"),
+            E::Key(problem) => write!(f, "{problem}"),
+            E::NewerRules { rules } => write!(
+                f,
+                "this store is folded under rules version {rules}, newer than this binary's {}; run the newer binary",
+                herald_projector::RULES_CURRENT
+            ),
+            E::ProjectionBehind { applied, last } => write!(
+                f,
+                "the projection stands at seq {applied} but the log ends at seq {last}; run `herald verify` on this data directory"
+            ),
+            E::Command(message) => write!(f, "the command failed: {message}"),
+            E::Random(message) => write!(f, "no randomness for a key: {message}"),
         }
     }
 }

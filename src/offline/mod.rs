@@ -1,5 +1,6 @@
 //! The offline tools, run on a stopped server's data directory: [`verify`], [`export`],
-//! [`import`], [`replay`], [`compact`] and [`vacuum`]. Each opens the store itself (sled's lock
+//! [`import`], [`replay`], [`compact`], [`vacuum`], and the API key tools [`create_key`],
+//! [`list_keys`] and [`revoke_key`]. Each opens the store itself (sled's lock
 //! refuses a directory a server holds), takes its options as a struct, tells a [`Progress`] how
 //! far it got, and returns a typed report or an [`OfflineError`]. None of them prints: the
 //! `herald` binary draws the progress bar and writes the messages.
@@ -15,6 +16,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use herald_log::{check_format, read_head, read_records, Head, LogError, Record, SledStore, Store};
@@ -23,6 +25,7 @@ mod compact;
 mod error;
 mod export;
 mod import;
+mod keys;
 mod replay;
 mod timeline;
 mod verify;
@@ -34,6 +37,10 @@ pub use compact::{compact, vacuum, CompactOptions, CompactSummary, VacuumOptions
 pub use error::{Difference, LineProblem, OfflineError};
 pub use export::{export, ExportOptions, ExportReport};
 pub use import::{import, ImportOptions, ImportReport};
+pub use keys::{
+    create_key, key_hash, list_keys, parse_key_id, parse_org_id, parse_scopes, revoke_key, KeyCreateOptions,
+    KeyCreated, KeyList, KeyOwner, KeyProblem, KeyRevokeOptions, KeyRevoked, KeysOptions, KEY_PREFIX,
+};
 pub use replay::{replay, ReplayFormat, ReplayOptions, ReplayReport, Subject};
 pub use verify::{verify, VerifyOptions, VerifyReport};
 
@@ -131,6 +138,13 @@ fn b64(bytes: &[u8]) -> String {
 
 fn from_b64(text: Option<&str>) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text?).ok()
+}
+
+/// The system clock's now, in unix milliseconds.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn ts(ms: u64) -> String {

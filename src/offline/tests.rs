@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use herald_log::{Durability, Log, LogConfig, SledStore, Store, WriteBatch};
 use herald_projector::{
-    encode, AttemptOutcome, DeliveryId, EndpointId, Event, EventId, NewDelivery, OrgId, Trigger,
-    RULES_CURRENT,
+    encode, get_api_key_by_hash, AttemptOutcome, CheckedTables, DeliveryId, EndpointId, Event, EventId,
+    NewDelivery, OrgId, Scope, Trigger, RULES_CURRENT,
 };
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -314,4 +314,125 @@ fn replay_after_a_compaction_opens_with_the_state_the_checkpoint_kept() {
         "    attempt 1 started 2026-03-17T10:00:00.000Z: failed, HTTP 503 (HTTP 503)".to_owned(),
     ];
     assert_eq!(story.lines().collect::<Vec<_>>(), expected);
+}
+
+fn key_options(dir: &Path) -> KeysOptions {
+    KeysOptions { data_dir: dir.to_owned() }
+}
+
+fn revoke_id(dir: &Path, id: herald_projector::ApiKeyId) -> Result<KeyRevoked, OfflineError> {
+    revoke_key(&KeyRevokeOptions { data_dir: dir.to_owned(), id })
+}
+
+#[test]
+fn keys_are_created_listed_and_revoked_as_records_of_the_log() {
+    let dir = write_story();
+    assert_eq!(list_keys(&key_options(dir.path())).unwrap().to_string(), "no API keys\n");
+    let admin = create_key(&KeyCreateOptions::admin(dir.path().to_owned())).unwrap();
+    assert!(admin.key.starts_with(KEY_PREFIX) && admin.key.len() == 35, "{}", admin.key);
+    assert!(!format!("{admin:?}").contains(&admin.key), "Debug shows the secret: {admin:?}");
+    assert!(!admin.to_string().contains(&admin.key), "Display shows the secret: {admin}");
+    assert_eq!((admin.stored.org_id, admin.stored.scopes.clone()), (None, vec![Scope::Admin]));
+    assert_eq!(admin.stored.key_hash, key_hash(&admin.key));
+    let scopes = parse_scopes("events.write, deliveries.read,events.write").unwrap();
+    assert_eq!(scopes, [Scope::EventsWrite, Scope::DeliveriesRead]);
+    let mut options = KeyCreateOptions::org(dir.path().to_owned(), ORG, scopes);
+    options.name = "ops".into();
+    let org = create_key(&options).unwrap();
+    assert_ne!(org.key, admin.key);
+
+    // The store keeps the key's hash, which the server looks a bearer key up by.
+    let store = open_existing(dir.path()).unwrap();
+    let found = CheckedTables::run(store.as_ref(), |t| get_api_key_by_hash(t, &key_hash(&admin.key)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.map(|k| k.id), Some(admin.stored.id));
+    drop(store);
+
+    let list = list_keys(&key_options(dir.path())).unwrap();
+    assert_eq!(list.keys, [admin.stored.clone(), org.stored.clone()]);
+    let text = list.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!(
+            "{} org=admin scopes=admin name=\"admin (herald keys create)\" created=",
+            admin.stored.id
+        )),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "{} org={ORG} scopes=events.write,deliveries.read name=\"ops\" created=",
+            org.stored.id
+        )),
+        "{text}"
+    );
+    assert!(lines.iter().all(|l| l.ends_with(" revoked=-")), "{text}");
+    assert!(!text.contains(&admin.key) && !text.contains(&hex(&key_hash(&admin.key))), "{text}");
+
+    let revoked = revoke_id(dir.path(), admin.stored.id).unwrap();
+    let at_ms = revoked.stored.revoked_at_ms.expect("revoked");
+    assert!(
+        revoked.to_string().starts_with(&format!("revoked API key {} org=admin", admin.stored.id)),
+        "{revoked}"
+    );
+    let again = revoke_id(dir.path(), admin.stored.id).unwrap_err();
+    assert!(
+        matches!(&again, OfflineError::Key(KeyProblem::AlreadyRevoked { at_ms: a, .. }) if *a == at_ms),
+        "{again:?}"
+    );
+    assert!(again.is_usage());
+    let nobody = herald_projector::ApiKeyId(Uuid::nil());
+    let error = revoke_id(dir.path(), nobody).unwrap_err();
+    assert_eq!(error.to_string(), format!("no API key {nobody} in this data directory"));
+    assert!(error.is_usage());
+    let list = list_keys(&key_options(dir.path())).unwrap();
+    assert_eq!(list.keys[0].revoked_at_ms, Some(at_ms));
+    assert_eq!(list.keys[1].revoked_at_ms, None);
+
+    // Three records after the story's six, folded like any other: the log still verifies.
+    let report = verify_dir(dir.path()).unwrap();
+    assert_eq!((report.chain.first_seq, report.chain.last_seq), (1, 9));
+    let (_copy, _, import) = round_trip(dir.path());
+    assert_eq!(import.verified, report);
+}
+
+#[test]
+fn key_arguments_that_cannot_be_used_are_usage_errors() {
+    let error = parse_scopes("events.write,root").unwrap_err();
+    assert!(matches!(&error, OfflineError::Key(KeyProblem::UnknownScope(s)) if s == "root"), "{error:?}");
+    assert!(
+        error.to_string().starts_with("\"root\" is not a scope; the scopes are events.write, "),
+        "{error}"
+    );
+    assert!(matches!(parse_scopes(" , ").unwrap_err(), OfflineError::Key(KeyProblem::NoScopes)));
+    let error = parse_org_id("acme").unwrap_err();
+    assert_eq!(error.to_string(), "\"acme\" is not an organisation id (a UUID)");
+    assert!(error.is_usage());
+    assert_eq!(parse_org_id(&ORG.to_string()).unwrap(), ORG);
+    assert!(matches!(parse_key_id("1").unwrap_err(), OfflineError::Key(KeyProblem::BadId { .. })));
+
+    // Refused by the checks the API makes: nothing is written.
+    let dir = write_story();
+    let no_scopes = KeyCreateOptions::org(dir.path().to_owned(), ORG, Vec::new());
+    let error = create_key(&no_scopes).unwrap_err();
+    assert_eq!(error.to_string(), "refused: scopes: at least one scope");
+    let mut long = KeyCreateOptions::admin(dir.path().to_owned());
+    long.name = "n".repeat(300);
+    let error = create_key(&long).unwrap_err();
+    assert!(matches!(&error, OfflineError::Key(KeyProblem::Refused(_))) && error.is_usage(), "{error:?}");
+    assert_eq!(verify_dir(dir.path()).unwrap().chain.last_seq, 6);
+
+    // A directory without data, and a store under rules newer than this binary's.
+    let empty = tempfile::tempdir().unwrap();
+    let error = list_keys(&key_options(empty.path())).unwrap_err();
+    assert!(matches!(error, OfflineError::NoData { .. }), "{error:?}");
+    let error = create_key(&KeyCreateOptions::admin(empty.path().to_owned())).unwrap_err();
+    assert!(matches!(error, OfflineError::NoData { .. }), "{error:?}");
+    damage(dir.path(), |_, batch| {
+        batch.put(herald_projector::keys::META_RULES.to_vec(), (RULES_CURRENT + 1).to_be_bytes().to_vec());
+    });
+    let error = create_key(&KeyCreateOptions::admin(dir.path().to_owned())).unwrap_err();
+    assert!(matches!(error, OfflineError::NewerRules { rules } if rules == RULES_CURRENT + 1), "{error:?}");
+    assert!(error.is_usage());
 }

@@ -79,34 +79,65 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::gather(file, env, overrides);
+        problems.first_or(config)
+    }
+
+    /// Every problem [`Config::load`] meets with the same arguments, not only the first it
+    /// reports: an unreadable or malformed file, each unknown section and key, each value of the
+    /// file and of the environment that does not parse, and each value out of range (blamed on
+    /// the source that set it), with `load`'s messages, in the order `load` meets them, each
+    /// once. Empty exactly when `load` succeeds. `herald config check` prints them.
+    pub fn check_all(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Vec<ConfigError> {
+        let (_, problems) = Config::gather(file, env, overrides);
+        problems.0
+    }
+
+    /// The configuration as far as it loads, and every problem on the way: each source is
+    /// applied key by key over the earlier ones (a value that does not parse leaves the earlier
+    /// one), and the ranges are checked after each.
+    fn gather(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> (Config, Problems) {
         let mut config = Config::default();
         let mut origins = Origins::new();
+        let mut problems = Problems::default();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
-            config.apply_toml(&text, path, &mut origins)?;
-            config.check(&origins)?;
+            match std::fs::read_to_string(path) {
+                Ok(text) => config.apply_toml(&text, path, &mut origins, &mut problems),
+                Err(error) => problems.push(ConfigError::Read { path: path.to_path_buf(), error }),
+            }
+            config.check(&origins, &mut problems);
         }
-        config.apply_env(env, &mut origins)?;
-        config.check(&origins)?;
+        config.apply_env(env, &mut origins, &mut problems);
+        config.check(&origins, &mut problems);
         config.apply_overrides(overrides, &mut origins);
-        config.check(&origins)?;
-        Ok(config)
+        config.check(&origins, &mut problems);
+        (config, problems)
     }
 
     /// Parses a configuration file's text over the defaults; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         let mut origins = Origins::new();
-        config.apply_toml(text, path, &mut origins)?;
-        config.check(&origins)?;
-        Ok(config)
+        let mut problems = Problems::default();
+        config.apply_toml(text, path, &mut origins, &mut problems);
+        config.check(&origins, &mut problems);
+        problems.first_or(config)
     }
 
     /// Checks every value's range, for a configuration built in code ([`Config::load`] already
     /// does).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.check(&Origins::new())
+        let mut problems = Problems::default();
+        self.check(&Origins::new(), &mut problems);
+        problems.first_or(())
     }
 
     /// The engine's configuration: every setting of this one mapped onto [`EngineConfig`], the
@@ -144,50 +175,63 @@ impl Config {
         }
     }
 
-    fn apply_toml(&mut self, text: &str, path: &Path, origins: &mut Origins) -> Result<(), ConfigError> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+    /// Sets each key of a file's text; a key that is unknown or does not parse is a problem and
+    /// leaves the earlier value, and the others are still set.
+    fn apply_toml(&mut self, text: &str, path: &Path, origins: &mut Origins, problems: &mut Problems) {
+        let table = match text.parse::<toml::Table>() {
+            Ok(table) => table,
+            Err(e) => {
+                let message = e.to_string().trim_end().to_string();
+                return problems.push(ConfigError::Syntax { path: path.to_path_buf(), message });
+            }
+        };
         let origin = Origin::File(path.to_path_buf());
         for (section, value) in &table {
             let Some(keys) = section_keys(section) else {
-                return Err(ConfigError::UnknownSection {
-                    path: path.to_path_buf(),
-                    section: section.clone(),
-                });
+                problems
+                    .push(ConfigError::UnknownSection { path: path.to_path_buf(), section: section.clone() });
+                continue;
             };
             let toml::Value::Table(entries) = value else {
-                return Err(ConfigError::Invalid {
-                    origin: Some(origin),
+                problems.push(ConfigError::Invalid {
+                    origin: Some(origin.clone()),
                     key: section.clone(),
                     problem: format!("expected a section [{section}], found {}", describe(value)),
                 });
+                continue;
             };
             for (key, value) in entries {
                 if !keys.contains(&key.as_str()) {
-                    return Err(ConfigError::UnknownKey {
+                    problems.push(ConfigError::UnknownKey {
                         path: path.to_path_buf(),
                         section: section.clone(),
                         key: key.clone(),
                     });
+                    continue;
                 }
                 let name = format!("{section}.{key}");
-                if let Err(problem) = self.set(section, key, Input::Toml(value)) {
-                    return Err(ConfigError::Invalid { origin: Some(origin), key: name, problem });
+                match self.set(section, key, Input::Toml(value)) {
+                    Ok(()) => {
+                        origins.insert(name, origin.clone());
+                    }
+                    Err(problem) => problems.push(ConfigError::Invalid {
+                        origin: Some(origin.clone()),
+                        key: name,
+                        problem,
+                    }),
                 }
-                origins.insert(name, origin.clone());
             }
         }
-        Ok(())
     }
 
+    /// Sets each key the `HERALD_...` variables name, like [`Config::apply_toml`].
     fn apply_env(
         &mut self,
         env: impl IntoIterator<Item = (String, String)>,
         origins: &mut Origins,
-    ) -> Result<(), ConfigError> {
-        // Sorted, so that of several bad variables the same one is reported every time.
+        problems: &mut Problems,
+    ) {
+        // Sorted, so that several bad variables are reported in the same order every time.
         let mut vars: Vec<(String, String)> =
             env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
         vars.sort();
@@ -195,12 +239,15 @@ impl Config {
             let Some((section, key)) = env_key(&var) else { continue };
             let name = format!("{section}.{key}");
             let origin = Origin::Env(var);
-            if let Err(problem) = self.set(section, key, Input::Env(&value)) {
-                return Err(ConfigError::Invalid { origin: Some(origin), key: name, problem });
+            match self.set(section, key, Input::Env(&value)) {
+                Ok(()) => {
+                    origins.insert(name, origin);
+                }
+                Err(problem) => {
+                    problems.push(ConfigError::Invalid { origin: Some(origin), key: name, problem })
+                }
             }
-            origins.insert(name, origin);
         }
-        Ok(())
     }
 
     fn apply_overrides(&mut self, overrides: &Overrides, origins: &mut Origins) {
@@ -214,13 +261,36 @@ impl Config {
         }
     }
 
-    /// The first value out of range, blamed on the source that set it.
-    fn check(&self, origins: &Origins) -> Result<(), ConfigError> {
-        match self.problem() {
-            None => Ok(()),
-            Some((key, problem)) => {
-                Err(ConfigError::Invalid { origin: origins.get(key).cloned(), key: key.to_string(), problem })
-            }
+    /// Every value out of range, blamed on the source that set it.
+    fn check(&self, origins: &Origins, problems: &mut Problems) {
+        for (key, problem) in self.problems() {
+            problems.push(ConfigError::Invalid {
+                origin: origins.get(key).cloned(),
+                key: key.to_string(),
+                problem,
+            });
+        }
+    }
+}
+
+/// The problems met while loading, in the order met, each once: the ranges are checked after
+/// each source, and a value out of range that no later source changes is the same problem again.
+#[derive(Debug, Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn push(&mut self, problem: ConfigError) {
+        let text = problem.to_string();
+        if !self.0.iter().any(|p| p.to_string() == text) {
+            self.0.push(problem);
+        }
+    }
+
+    /// `value` if there is no problem, else the first.
+    fn first_or<T>(self, value: T) -> Result<T, ConfigError> {
+        match self.0.into_iter().next() {
+            None => Ok(value),
+            Some(first) => Err(first),
         }
     }
 }
@@ -784,6 +854,84 @@ mod tests {
         assert_eq!(engine.cache_bytes, defaults.cache_bytes);
         assert_eq!(engine.log, defaults.log);
         assert_eq!(engine.problem(), None);
+    }
+
+    fn messages(problems: &[ConfigError]) -> Vec<String> {
+        problems.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn check_all_reports_every_problem_with_the_messages_of_load() {
+        // Each problem alone, as `load` reports it, in the order `check_all` meets them: the
+        // file's keys in section and key order (parse errors, unknown keys and sections), then
+        // its values out of range in declaration order.
+        let alone = [
+            "[delivery]\ntimeout = \"15\"",
+            "[server]\nlisten_addr = \"127.0.0.1:1\"",
+            "[sever]\nlisten = \"127.0.0.1:1\"",
+            "[server]\nmax_body_bytes = 0",
+            "[endpoint_health]\nfailures = 0",
+        ];
+        let mut expected: Vec<String> = alone.iter().map(|text| file_error(text)).collect();
+        // Then the environment's, in the variables' order, and its values out of range.
+        expected.push(
+            "environment variable HERALD_SERVER_KEY_BURST (server.key_burst): expected a whole number, got \"many\""
+                .into(),
+        );
+        expected.push(
+            "environment variable HERALD_RETRIGGER_WINDOW (retrigger.window): must be longer than 0s".into(),
+        );
+        let file = write_file(
+            "[sever]\nlisten = \"127.0.0.1:1\"\n[server]\nlisten_addr = \"127.0.0.1:1\"\nmax_body_bytes = 0\n\
+             [delivery]\ntimeout = \"15\"\n[endpoint_health]\nfailures = 0\n",
+        );
+        let vars = env(&[
+            ("HERALD_RETRIGGER_WINDOW", "0ms"),
+            ("HERALD_SERVER_KEY_BURST", "many"),
+            ("HERALD_SERVER_LISTEN", "127.0.0.1:9"),
+        ]);
+        let problems = Config::check_all(Some(file.path()), vars.clone(), &Overrides::default());
+        let path = file.path().display().to_string();
+        let got: Vec<String> = messages(&problems).iter().map(|m| m.replace(&path, "herald.toml")).collect();
+        assert_eq!(got, expected);
+        // `load` reports the first of them.
+        let first = Config::load(Some(file.path()), vars, &Overrides::default()).expect_err("bad");
+        assert_eq!(first.to_string(), problems[0].to_string());
+    }
+
+    #[test]
+    fn check_all_is_empty_exactly_when_load_succeeds() {
+        assert!(Config::check_all(None, env(&[]), &Overrides::default()).is_empty());
+        let file = write_file(DEFAULT_TOML);
+        assert!(Config::check_all(Some(file.path()), env(&[]), &Overrides::default()).is_empty());
+        // A value out of range is checked after each source but reported once.
+        let file = write_file("[delivery]\nmax_in_flight_total = 0\n");
+        let problems = Config::check_all(Some(file.path()), env(&[]), &Overrides::default());
+        assert_eq!(problems.len(), 1, "{:?}", messages(&problems));
+        assert_eq!(problems[0].key().as_deref(), Some("delivery.max_in_flight_total"));
+        // The command line's problems too.
+        let overrides = Overrides { data_dir: Some(PathBuf::new()), listen: None };
+        assert_eq!(
+            messages(&Config::check_all(None, env(&[]), &overrides)),
+            ["command-line flag --data-dir (store.data_dir): must not be empty"]
+        );
+    }
+
+    #[test]
+    fn check_all_goes_on_to_the_environment_after_a_file_that_does_not_load() {
+        let vars = env(&[("HERALD_DELIVERY_TIMEOUT", "0s")]);
+        let missing = Path::new("/nonexistent/herald.toml");
+        let problems = Config::check_all(Some(missing), vars.clone(), &Overrides::default());
+        assert!(matches!(problems.as_slice(), [ConfigError::Read { .. }, ConfigError::Invalid { .. }]));
+        let file = write_file("[server\nlisten = 1");
+        let problems = Config::check_all(Some(file.path()), vars, &Overrides::default());
+        let got = messages(&problems);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].contains("not valid TOML"), "{got:?}");
+        assert_eq!(
+            got[1],
+            "environment variable HERALD_DELIVERY_TIMEOUT (delivery.timeout): must be longer than 0s"
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@
 ///   hand); `commented "..."` writes the line commented out (`# name = ...`), for an optional key.
 /// - `read` names the [`Input`](super::input::Input) method that parses the value.
 /// - `check` (optional) names a `fn(&Type) -> Option<String>` saying what is out of range; the
-///   checks run in declaration order, so the first key out of range is the one reported.
+///   checks run in declaration order, so the first key out of range is the one `Config::load`
+///   reports (and `Config::check_all` lists them all in that order).
 macro_rules! config_keys {
     (
         header = $header:literal;
@@ -71,14 +72,15 @@ macro_rules! config_keys {
                 Ok(())
             }
 
-            /// The first value out of range: its key and what is wrong.
-            pub(super) fn problem(&self) -> Option<(&'static str, String)> {
+            /// Every value out of range, in declaration order: its key and what is wrong.
+            pub(super) fn problems(&self) -> Vec<(&'static str, String)> {
+                let mut problems = Vec::new();
                 $( $( $(
                     if let Some(problem) = $check(&self.$section.$key) {
-                        return Some((concat!(stringify!($section), ".", stringify!($key)), problem));
+                        problems.push((concat!(stringify!($section), ".", stringify!($key)), problem));
                     }
                 )? )* )*
-                None
+                problems
             }
         }
     };
