@@ -134,7 +134,7 @@ impl fmt::Display for OfflineError {
                 "the projection stands at seq {applied} but the log ends at seq {last}; run `herald verify` on this data directory"
             ),
             E::Command(message) => write!(f, "the command failed: {message}"),
-            E::Random(message) => write!(f, "no randomness for a key: {message}"),
+            E::Random(message) => write!(f, "{message}"),
         }
     }
 }

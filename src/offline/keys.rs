@@ -13,7 +13,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine as _;
 use herald_engine::{Actor, Command, CommandError, CommandLimits, Commands, Submitted};
 use herald_log::{Log, LogConfig, SledStore};
 use herald_projector::{
@@ -23,10 +22,9 @@ use uuid::Uuid;
 
 use super::{now_ms, open_existing, ts, OfflineError};
 
-/// Every generated key starts with this (as herald-server's do).
-pub const KEY_PREFIX: &str = "sk_";
-/// Random bytes in a generated key (as in herald-server's).
-const KEY_RANDOM_BYTES: usize = 24;
+use herald_server::generate_key;
+pub use herald_server::key_hash;
+pub use herald_server::KEY_PREFIX;
 /// Keys read per page while listing.
 const LIST_PAGE: usize = 1000;
 
@@ -212,18 +210,6 @@ impl fmt::Display for KeyRevoked {
     }
 }
 
-/// A new random key: `sk_` and 24 random bytes in URL-safe base64, as herald-server makes them.
-fn generate_key() -> Result<String, OfflineError> {
-    let mut random = [0u8; KEY_RANDOM_BYTES];
-    getrandom::fill(&mut random).map_err(|e| OfflineError::Random(e.to_string()))?;
-    Ok(format!("{KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)))
-}
-
-/// The stored form of a key: its blake3 hash, which herald-server looks a bearer key up by.
-pub fn key_hash(key: &str) -> [u8; 32] {
-    *blake3::hash(key.as_bytes()).as_bytes()
-}
-
 /// The data directory opened to run key commands: the store checked and converted as
 /// `herald serve` would before writing, and the engine's command machine on its log.
 fn open_for_commands(dir: &Path) -> Result<(Arc<SledStore>, Log<Commands>), OfflineError> {
@@ -273,7 +259,7 @@ pub fn create_key(options: &KeyCreateOptions) -> Result<KeyCreated, OfflineError
         KeyOwner::Org { org_id, scopes } => (Some(*org_id), scopes.clone()),
     };
     let (store, log) = open_for_commands(&options.data_dir)?;
-    let key = generate_key()?;
+    let key = generate_key().map_err(OfflineError::Random)?;
     let id = ApiKeyId(Uuid::now_v7());
     execute(
         &log,

@@ -37,7 +37,7 @@ use utoipa::OpenApi;
 
 use crate::config::Config;
 
-pub use crate::auth::Buckets;
+pub use crate::auth::{generate_key, key_hash, Buckets, KEY_PREFIX};
 pub use crate::routes::ops::audit_event;
 pub use crate::state::{AppState, ServerLimits};
 pub use crate::util::{parse_id, parse_ts, ts};
@@ -220,23 +220,23 @@ pub fn bootstrap_admin(
     let key = match given {
         Some(k) => {
             check_given_key(&k)?;
-            if !k.starts_with(auth::KEY_PREFIX) || k.len() < GIVEN_KEY_ADVISED_LEN {
+            if !k.starts_with(KEY_PREFIX) || k.len() < GIVEN_KEY_ADVISED_LEN {
                 eprintln!(
                     "herald: warning: HERALD_ADMIN_KEY is used as given; a key of the form \
                      {}<random>, at least {GIVEN_KEY_ADVISED_LEN} characters, is harder to guess",
-                    auth::KEY_PREFIX
+                    KEY_PREFIX
                 );
             }
             k
         }
-        None => auth::generate_key()?,
+        None => generate_key()?,
     };
     let command = Command::CreateApiKey {
         id: ApiKeyId(uuid::Uuid::now_v7()),
         org_id: None,
         scopes: vec![Scope::Admin],
         name: "admin (bootstrap)".into(),
-        key_hash: auth::key_hash(&key),
+        key_hash: key_hash(&key),
     };
     engine.execute_blocking(Actor::admin(), command).map_err(|e| format!("creating the admin key: {e}"))?;
     let path = data_dir.join(ADMIN_KEY_FILE);
