@@ -55,7 +55,14 @@ enum Cmd {
     /// projection against a rebuild from the log. Exit 0 only if all agree.
     Verify(DataDir),
     /// Write the log as NDJSON to stdout (one record a line, with its raw body for `import`).
-    Export(DataDir),
+    Export {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Leave out what holds signing secrets (each record's raw body, the checkpoint's values):
+        /// for sharing with an auditor or support. Such an export cannot be imported.
+        #[arg(long)]
+        redact_secrets: bool,
+    },
     /// Build an empty data directory from an `export` read on stdin, then verify it.
     Import(DataDir),
     /// Drop the history of deliveries delivered longer ago than the retention (on a stopped
@@ -191,10 +198,11 @@ fn main() -> ExitCode {
             println!("{}", offline::verify(&VerifyOptions { data_dir }, bar)?);
             Ok(None)
         }),
-        Cmd::Export(dir) => offline(&dir, |data_dir, bar| {
+        Cmd::Export { dir, redact_secrets } => offline(&dir, |data_dir, bar| {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            offline::export(&ExportOptions { data_dir }, &mut out, bar).map(|r| Some(r.to_string()))
+            let options = ExportOptions { data_dir, redact_secrets };
+            offline::export(&options, &mut out, bar).map(|r| Some(r.to_string()))
         }),
         Cmd::Import(dir) => offline(&dir, |data_dir, bar| {
             let stdin = std::io::stdin();

@@ -184,6 +184,8 @@ pub enum LineProblem {
     NoAtMs,
     NoBody,
     NoHash,
+    /// The export was made with `--redact-secrets`.
+    Redacted,
 }
 
 impl fmt::Display for LineProblem {
@@ -199,6 +201,9 @@ impl fmt::Display for LineProblem {
             P::PayloadWithoutEventId => "a checkpoint payload without its event id",
             P::PayloadWithoutBytes => "a checkpoint payload without its bytes",
             P::CheckpointAfterRecords => "the anchor and checkpoint must come before the first record",
+            P::Redacted => {
+                "an export made with --redact-secrets holds no record bodies: it cannot be imported"
+            }
             P::NoSeq => "no seq",
             P::NoAtMs => "no at_ms",
             P::NoBody => "no base64 body",

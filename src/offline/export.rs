@@ -17,7 +17,15 @@ use super::{b64, each_record, hex, open_to_read, ts, OfflineError, Progress};
 pub struct ExportOptions {
     /// The data directory of a stopped server.
     pub data_dir: PathBuf,
+    /// Leave out what holds signing secrets: each record's raw body (its event is still written,
+    /// secrets redacted, as `/v1/audit/log` shows it) and the checkpoint's values. Such an export
+    /// is for reading and sharing; it cannot be imported.
+    pub redact_secrets: bool,
 }
+
+/// The first line of an export made with [`ExportOptions::redact_secrets`].
+pub const REDACTED_NOTE: &str =
+    "record bodies and checkpoint values left out (herald export --redact-secrets): this export cannot be imported";
 
 /// What [`export`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,29 +47,36 @@ pub fn export(
     progress: &mut dyn Progress,
 ) -> Result<ExportReport, OfflineError> {
     let (store, head) = open_to_read(&options.data_dir, "exporting", progress)?;
+    let redact = options.redact_secrets;
+    if redact {
+        write_line(out, json!({ "redacted": REDACTED_NOTE }))?;
+    }
     // A compacted log starts from its anchor and checkpoint: they come first.
     if head.anchor_seq > 0 {
-        write_checkpoint(store.as_ref(), head.anchor_seq, &head.anchor_hash, out)?;
+        write_line(out, json!({"anchor": {"seq": head.anchor_seq, "hash": hex(&head.anchor_hash)}}))?;
+        if !redact {
+            write_checkpoint(store.as_ref(), head.anchor_seq, out)?;
+        }
     }
     let mut records = 0u64;
     each_record(store.as_ref(), head.anchor_seq, progress, |r| {
         records += 1;
-        write_line(out, export_line(r))
+        let mut line = export_line(r);
+        if redact {
+            if let Some(fields) = line.as_object_mut() {
+                fields.remove("body");
+            }
+        }
+        write_line(out, line)
     })?;
     out.flush().map_err(OfflineError::Write)?;
     progress.end();
     Ok(ExportReport { records })
 }
 
-/// The anchor line, then one line a checkpoint pair and one a kept payload.
-fn write_checkpoint(
-    store: &dyn Store,
-    anchor_seq: u64,
-    anchor_hash: &[u8],
-    out: &mut dyn Write,
-) -> Result<(), OfflineError> {
+/// One line a checkpoint pair and one a kept payload (after the anchor line).
+fn write_checkpoint(store: &dyn Store, anchor_seq: u64, out: &mut dyn Write) -> Result<(), OfflineError> {
     let (tables, payloads) = load_checkpoint(store, anchor_seq).map_err(OfflineError::Compact)?;
-    write_line(out, json!({"anchor": {"seq": anchor_seq, "hash": hex(anchor_hash)}}))?;
     for (key, value) in tables.iter() {
         write_line(out, json!({"checkpoint": {"key": hex(key), "value": b64(value)}}))?;
     }

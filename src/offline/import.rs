@@ -104,6 +104,9 @@ struct Preamble {
 impl Preamble {
     /// Takes an anchor or checkpoint line; `false` for any other line (a record).
     fn take(&mut self, v: &Value) -> Result<bool, LineProblem> {
+        if v.get("redacted").is_some() {
+            return Err(LineProblem::Redacted);
+        }
         if let Some(a) = v.get("anchor") {
             if self.anchor.is_some() {
                 return Err(LineProblem::SecondAnchor);

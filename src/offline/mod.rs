@@ -35,7 +35,7 @@ mod tests;
 
 pub use compact::{compact, vacuum, CompactOptions, CompactSummary, VacuumOptions, VacuumSummary};
 pub use error::{Difference, LineProblem, OfflineError};
-pub use export::{export, ExportOptions, ExportReport};
+pub use export::{export, ExportOptions, ExportReport, REDACTED_NOTE};
 pub use import::{import, ImportOptions, ImportReport};
 pub use keys::{
     create_key, key_hash, list_keys, parse_key_id, parse_org_id, parse_scopes, revoke_key, KeyCreateOptions,

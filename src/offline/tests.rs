@@ -133,7 +133,12 @@ fn replay_text(dir: &Path, subject: Subject, format: ReplayFormat) -> Result<Str
 /// Exports `dir`, imports the export into a fresh directory and returns it with the report.
 fn round_trip(dir: &Path) -> (TempDir, ExportReport, ImportReport) {
     let mut exported = Vec::new();
-    let export = export(&ExportOptions { data_dir: dir.to_owned() }, &mut exported, &mut Silent).unwrap();
+    let export = export(
+        &ExportOptions { data_dir: dir.to_owned(), redact_secrets: false },
+        &mut exported,
+        &mut Silent,
+    )
+    .unwrap();
     let copy = tempfile::tempdir().unwrap();
     let options = ImportOptions { data_dir: copy.path().join("data") };
     let import = import(&options, &mut exported.as_slice(), &mut Silent).unwrap();
@@ -214,7 +219,12 @@ fn export_then_import_gives_the_same_chain_and_projection() {
     assert_eq!(verify_dir(&copy.path().join("data")).unwrap(), import.verified);
     // A second import into the same directory is refused: it holds a log.
     let mut exported = Vec::new();
-    super::export(&ExportOptions { data_dir: dir.path().to_owned() }, &mut exported, &mut Silent).unwrap();
+    super::export(
+        &ExportOptions { data_dir: dir.path().to_owned(), redact_secrets: false },
+        &mut exported,
+        &mut Silent,
+    )
+    .unwrap();
     let options = ImportOptions { data_dir: copy.path().join("data") };
     let error = super::import(&options, &mut exported.as_slice(), &mut Silent).unwrap_err();
     assert!(matches!(error, OfflineError::NotEmpty { .. }), "{error:?}");
@@ -224,7 +234,12 @@ fn export_then_import_gives_the_same_chain_and_projection() {
 fn import_catches_an_altered_export_and_names_a_bad_line() {
     let dir = write_story();
     let mut exported = Vec::new();
-    export(&ExportOptions { data_dir: dir.path().to_owned() }, &mut exported, &mut Silent).unwrap();
+    export(
+        &ExportOptions { data_dir: dir.path().to_owned(), redact_secrets: false },
+        &mut exported,
+        &mut Silent,
+    )
+    .unwrap();
     let exported = String::from_utf8(exported).unwrap();
     let copy = tempfile::tempdir().unwrap();
     let into = |name: &str, input: &str| {
@@ -435,4 +450,26 @@ fn key_arguments_that_cannot_be_used_are_usage_errors() {
     let error = create_key(&KeyCreateOptions::admin(dir.path().to_owned())).unwrap_err();
     assert!(matches!(error, OfflineError::NewerRules { rules } if rules == RULES_CURRENT + 1), "{error:?}");
     assert!(error.is_usage());
+}
+
+#[test]
+fn a_redacted_export_holds_no_secret_and_is_refused_by_import() {
+    let dir = write_story();
+    let export_with = |redact_secrets: bool| {
+        let mut out = Vec::new();
+        let options = ExportOptions { data_dir: dir.path().to_owned(), redact_secrets };
+        export(&options, &mut out, &mut Silent).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let plain = export_with(false);
+    let plain_bodies = plain.lines().filter(|l| l.contains("\"body\"")).count();
+    assert_eq!(plain_bodies, 6, "a plain export holds every record's body (and so the secrets)");
+    let redacted = export_with(true);
+    assert_eq!(redacted.lines().count(), 7, "the note, then the six records");
+    assert!(redacted.lines().next().unwrap().contains(REDACTED_NOTE));
+    assert!(!redacted.contains("\"body\"") && !redacted.contains("whsec_"), "{redacted}");
+    assert!(redacted.contains("\"EndpointCreated\""), "the events are still there: {redacted}");
+    let options = ImportOptions { data_dir: dir.path().join("copy") };
+    let error = import(&options, &mut redacted.as_bytes(), &mut Silent).unwrap_err();
+    assert!(matches!(error, OfflineError::Line { line: 1, problem: LineProblem::Redacted }), "{error:?}");
 }
