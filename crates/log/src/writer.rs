@@ -150,8 +150,11 @@ impl<M: Machine> Writer<M> {
             store: self.store.clone(),
             durability: self.config.durability,
             shared: self.shared.clone(),
-            poke,
+            poke: poke.clone(),
         };
+        // The writer holds a sender too, so `poked` never disconnects (a flusher that panicked
+        // would otherwise make every select return at once).
+        let _poke = poke;
         let flushing =
             std::thread::Builder::new().name("herald-log-flush".into()).spawn(move || flusher.run(flushes));
         let flushing = match flushing {
