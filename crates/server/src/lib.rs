@@ -178,17 +178,18 @@ fn request_span(req: &Request) -> Span {
     )
 }
 
-/// A request's answer: a line at error for a 5xx, at debug otherwise (nothing per request at
-/// info).
+/// A request's answer, recorded in its span: a line at error for a 5xx, at debug otherwise
+/// (nothing per request at info).
 fn on_response(response: &Response, latency: Duration, span: &Span) {
     let status = response.status().as_u16();
     let latency_ms = latency.as_secs_f64() * 1000.0;
     span.record("status", status);
     span.record("latency_ms", latency_ms);
+    // The status and latency are the span's: not repeated in the line.
     if response.status().is_server_error() {
-        tracing::error!(status, latency_ms, "request failed");
+        tracing::error!("request failed");
     } else {
-        tracing::debug!(status, latency_ms, "request answered");
+        tracing::debug!("request answered");
     }
 }
 
