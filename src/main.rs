@@ -6,7 +6,6 @@
 //! libraries.
 
 use std::fmt::Display;
-use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,9 +18,8 @@ use herald::offline::{
     OfflineError, Progress, ReplayFormat, ReplayOptions, Subject, VacuumOptions, VerifyOptions,
 };
 use herald::projector::{DeliveryId, EndpointId, EventId};
-use herald_server::config::{herald_env, Config, LogFormat, LogSection, Overrides};
+use herald_server::config::{herald_env, Config, Overrides};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tracing_subscriber::EnvFilter;
 
 /// sled allocates and frees a copy of a tree node for every key it writes; mimalloc makes each
 /// of those writes about twice as cheap as glibc's malloc does (see docs/BENCHMARKS.md).
@@ -408,79 +406,45 @@ impl Progress for Bar {
     }
 }
 
-/// Installs the subscriber of `herald serve` (the libraries only emit events): lines on stderr,
-/// as text or JSON (`[log] format`), at `[log] level` unless `RUST_LOG` is set, which then
-/// overrides it (and takes per-module directives).
-fn init_logs(log: &LogSection) -> Result<(), String> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => {
-            EnvFilter::try_new(&directives).map_err(|e| format!("RUST_LOG={directives:?}: {e}"))?
-        }
-        _ => EnvFilter::try_new(&log.level).map_err(|e| format!("[log] level {:?}: {e}", log.level))?,
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let installed = match log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
-    };
-    installed.map_err(|e| format!("installing the log subscriber: {e}"))
-}
-
 fn serve(config: Config) -> ExitCode {
-    if let Err(e) = init_logs(&config.log) {
-        return usage(e);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
+            eprintln!("herald: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     let admin_key = std::env::var("HERALD_ADMIN_KEY").ok().filter(|k| !k.is_empty());
-    // In the runtime's context: the signal handlers are registered with its driver.
-    let stop = {
-        let _entered = runtime.enter();
-        stop_signal()
-    };
-    let result = runtime.block_on(herald_server::serve(config, admin_key, stop));
+    let result = runtime.block_on(herald_server::serve(config, admin_key, stop_signal()));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            eprintln!("herald: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// SIGTERM or SIGINT (Ctrl-C). The handlers are installed now, not when the future is first
-/// polled: axum polls its shutdown signal on a task of its own, which may run only after the
-/// listener already answers, and a SIGTERM before that would kill herald outright.
-fn stop_signal() -> impl Future<Output = ()> + Send + 'static {
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate());
-        let int = signal(SignalKind::interrupt());
-        async move {
-            match (term, int) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
                 }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

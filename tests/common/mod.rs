@@ -38,9 +38,6 @@ pub struct Server {
     env: Vec<(String, String)>,
     /// The open-file limit (soft and hard) the server is started under, if any.
     open_files_max: Option<u64>,
-    /// Where herald's stderr goes when the test reads it (`start_logged`), in a scratch directory
-    /// of its own; otherwise it is inherited.
-    stderr_log: Option<(tempfile::TempDir, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -65,22 +62,6 @@ impl Server {
         let mut server = Server::unstarted(extra_env, open_files_max);
         server.spawn();
         server
-    }
-
-    /// Like `start_with`, with herald's stderr (its log) written to a file that `log` reads.
-    pub fn start_logged(extra_env: &[(&str, &str)]) -> Server {
-        let mut server = Server::unstarted(extra_env, None);
-        let dir = tempfile::tempdir().expect("no temp dir");
-        let path = dir.path().join("herald.stderr");
-        server.stderr_log = Some((dir, path));
-        server.spawn();
-        server
-    }
-
-    /// What herald wrote to stderr so far (every start of it); only for a `start_logged` server.
-    pub fn log(&self) -> String {
-        let (_, path) = self.stderr_log.as_ref().expect("log() needs a server from start_logged");
-        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// Like `start_with`, but returns as soon as the process runs, before it answers: for a test
@@ -115,7 +96,6 @@ impl Server {
             child: None,
             env,
             open_files_max,
-            stderr_log: None,
         }
     }
 
@@ -132,18 +112,8 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        match &self.stderr_log {
-            Some((_, path)) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .expect("cannot open the stderr file");
-                cmd.stderr(file)
-            }
-            None => cmd.stderr(Stdio::inherit()),
-        };
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -362,27 +332,6 @@ pub fn call_raw(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Result<(u16, String), String> {
-    let request = RawRequest { url, method, key, body, headers };
-    call_raw_headers(&request).map(|(status, _, body)| (status, body))
-}
-
-/// A response's headers: (name lower-cased, value), in order.
-pub type Headers = Vec<(String, String)>;
-
-/// The request of `call_raw_headers`: the arguments of `call_raw`.
-pub struct RawRequest<'a> {
-    pub url: &'a str,
-    pub method: &'a str,
-    /// The bearer key, if any.
-    pub key: Option<&'a str>,
-    pub body: Option<&'a str>,
-    /// More headers, as given.
-    pub headers: &'a [(&'a str, &'a str)],
-}
-
-/// Like `call_raw`, with the response's headers too (names lower-cased, in order).
-pub fn call_raw_headers(request: &RawRequest<'_>) -> Result<(u16, Headers, String), String> {
-    let RawRequest { url, method, key, body, headers } = *request;
     let rest = url.strip_prefix("http://").ok_or("only http")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let mut stream = TcpStream::connect(host).map_err(|e| e.to_string())?;
@@ -411,7 +360,6 @@ pub fn call_raw_headers(request: &RawRequest<'_>) -> Result<(u16, Headers, Strin
         .ok_or(format!("bad status {status_line:?}"))?;
     let mut len = None;
     let mut chunked = false;
-    let mut response_headers = Vec::new();
     loop {
         let mut line = String::new();
         reader.read_line(&mut line).map_err(|e| e.to_string())?;
@@ -427,7 +375,6 @@ pub fn call_raw_headers(request: &RawRequest<'_>) -> Result<(u16, Headers, Strin
             if k == "transfer-encoding" && v.trim().eq_ignore_ascii_case("chunked") {
                 chunked = true;
             }
-            response_headers.push((k, v.trim().to_owned()));
         }
     }
     let mut out = Vec::new();
@@ -449,7 +396,7 @@ pub fn call_raw_headers(request: &RawRequest<'_>) -> Result<(u16, Headers, Strin
     } else {
         reader.read_to_end(&mut out).map_err(|e| e.to_string())?;
     }
-    Ok((status, response_headers, String::from_utf8_lossy(&out).into_owned()))
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
 }
 
 /// A request a receiver got.

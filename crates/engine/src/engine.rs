@@ -87,13 +87,10 @@ fn prepare_store(store: &Arc<dyn Store>) -> Result<u32, EngineError> {
     // converted once.
     match compact::drop_legacy(store.clone()) {
         Ok(0) => {}
-        Ok(n) => tracing::info!(
-            entries = n,
-            "converted index entries an earlier version stored one key each (now in chunks, or not kept)"
+        Ok(n) => eprintln!(
+            "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
         ),
-        Err(e) => {
-            return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}")))
-        }
+        Err(e) => return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}"))),
     }
     herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
     Ok(rules)
@@ -104,7 +101,7 @@ fn started_anyway(result: Result<Reply, EngineError>, what: &str) -> Result<(), 
     match result {
         Ok(_) => Ok(()),
         Err(EngineError::Log(e)) => {
-            tracing::warn!(error = %e, "{what} failed, going on without it until the next start");
+            eprintln!("herald: {what} failed, going on without it until the next start: {e}");
             Ok(())
         }
         Err(e) => Err(e),
@@ -305,18 +302,12 @@ impl Engine {
             .spawn(move || {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
                     let Some(inner) = weak.upgrade() else { return };
-                    // The outcome is kept in the retention stats, for metrics, and logged: a failure
-                    // has no caller to go to.
+                    // The outcome is kept in the retention stats, for metrics; a failure has no caller
+                    // to go to, so it is also written to stderr, where a supervisor's log keeps it.
                     match (Engine { inner }).compact(retain) {
-                        Ok(report) => tracing::info!(
-                            records_dropped = report.records_dropped,
-                            deliveries_dropped = report.deliveries_dropped,
-                            events_dropped = report.events_dropped,
-                            "retention pass done"
-                        ),
                         // Stopping: the pass was cut off, nothing was written.
-                        Err(EngineError::Log(LogError::Closed)) => {}
-                        Err(e) => tracing::error!(error = %e, "retention pass failed: compaction"),
+                        Ok(_) | Err(EngineError::Log(LogError::Closed)) => {}
+                        Err(e) => eprintln!("herald: retention: compaction failed: {e}"),
                     }
                 }
             })
@@ -654,7 +645,7 @@ impl Engine {
             .unwrap_or_default();
         let close_within = deadline.saturating_duration_since(Instant::now()).max(CLOSE_GRACE);
         if !self.inner.log.close_within(close_within) {
-            tracing::warn!("the log writer did not stop within the shutdown timeout; left to finish");
+            eprintln!("herald: the log writer did not stop within the shutdown timeout; left to finish");
         }
         report
     }

@@ -25,19 +25,14 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::HeaderName;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use herald_engine::{list_api_keys, Actor, ApiKeyId, Command, Engine, Scope};
 use sd_notify::NotifyState;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
-use tracing::{field, Span};
 use utoipa::OpenApi;
 
 use crate::config::Config;
@@ -151,46 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
                 .into_response()
         }))
-        // Outside the panic catcher, so a request that panicked is traced and keeps its id too.
-        .layer(
-            TraceLayer::new_for_http().make_span_with(request_span).on_response(on_response).on_failure(()),
-        )
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
-}
-
-/// The request id header: the client's, passed through, or a new UUID; echoed in the response.
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The span of one request: every line logged while it is handled carries its id. Its status
-/// and latency are recorded when the answer is ready.
-fn request_span(req: &Request) -> Span {
-    let request_id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let path = req.extensions().get::<MatchedPath>().map_or(metrics::UNMATCHED, |p| p.as_str());
-    tracing::info_span!(
-        "request",
-        request_id,
-        method = %req.method(),
-        path,
-        status = field::Empty,
-        latency_ms = field::Empty,
-    )
-}
-
-/// A request's answer, recorded in its span: a line at error for a 5xx, at debug otherwise
-/// (nothing per request at info).
-fn on_response(response: &Response, latency: Duration, span: &Span) {
-    let status = response.status().as_u16();
-    let latency_ms = latency.as_secs_f64() * 1000.0;
-    span.record("status", status);
-    span.record("latency_ms", latency_ms);
-    // The status and latency are the span's: not repeated in the line.
-    if response.status().is_server_error() {
-        tracing::error!("request failed");
-    } else {
-        tracing::debug!("request answered");
-    }
 }
 
 /// The error shape of the route family a path belongs to (seeds 000 and 001 answer `{"error"}`).
@@ -265,9 +221,10 @@ pub fn bootstrap_admin(
         Some(k) => {
             check_given_key(&k)?;
             if !k.starts_with(KEY_PREFIX) || k.len() < GIVEN_KEY_ADVISED_LEN {
-                tracing::warn!(
-                    "HERALD_ADMIN_KEY is used as given; a key of the form {KEY_PREFIX}<random>, at least \
-                     {GIVEN_KEY_ADVISED_LEN} characters, is harder to guess"
+                eprintln!(
+                    "herald: warning: HERALD_ADMIN_KEY is used as given; a key of the form \
+                     {}<random>, at least {GIVEN_KEY_ADVISED_LEN} characters, is harder to guess",
+                    KEY_PREFIX
                 );
             }
             k
@@ -316,7 +273,7 @@ fn connections_max(
 /// herald serves either way, and systemd times the start out by itself if READY=1 never came.
 fn notify_service_manager(state: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!(error = %e, "notifying the service manager (NOTIFY_SOCKET) failed");
+        eprintln!("herald: warning: notifying the service manager (NOTIFY_SOCKET): {e}");
     }
 }
 
@@ -337,7 +294,6 @@ pub async fn serve(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     if let Some(key) = bootstrap_admin(&engine, &data_dir, admin_key)? {
-        // To the terminal (stdout) only, never through the log: a log line is kept and shipped.
         println!(
             "herald: admin API key (shown once, also in {}): {key}",
             data_dir.join(ADMIN_KEY_FILE).display()
@@ -350,12 +306,9 @@ pub async fn serve(
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let listener = listener::CappedListener::new(listener, connections_max)
         .counting_into(state.metrics.connections_refused.clone());
-    tracing::info!(
-        listen = %local,
-        data_dir = %data_dir.display(),
-        connections_max,
-        open_files_max,
-        "herald listening on http://{local}"
+    println!(
+        "herald: listening on http://{local} (data in {}; at most {connections_max} connections, {open_files_max} open files)",
+        data_dir.display()
     );
     // Only now is herald ready: the store is open and converted (Engine::open), the admin key
     // exists and the listener is bound, so a unit ordered after herald.service can connect at once.
@@ -389,15 +342,10 @@ pub async fn serve(
         }
     };
     let report = tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?;
-    tracing::info!(
-        finished = report.finished,
-        interrupted = report.interrupted,
-        unrecorded = report.unrecorded,
-        "herald stopped ({} attempts finished during the stop, {} recorded as interrupted, {} left pending \
-         unrecorded)",
-        report.finished,
-        report.interrupted,
-        report.unrecorded
+    println!(
+        "herald: stopped ({} attempts finished during the stop, {} recorded as interrupted, {} left \
+         pending unrecorded)",
+        report.finished, report.interrupted, report.unrecorded
     );
     result
 }

@@ -1,6 +1,6 @@
 //! The endpoint commands: create, update, delete, rotate its secret, enable it again.
 
-use herald_projector::{get_endpoint, policy, Endpoint, EndpointId, EndpointStatus, Event, OrgId};
+use herald_projector::{get_endpoint, policy, Endpoint, EndpointId, Event, OrgId};
 
 use super::{
     check_name, invalid, new_secret, valid_event_type, CommandError, Reply, Run, ENABLED_EVENTS_MAX,
@@ -115,9 +115,7 @@ impl Run<'_, '_> {
     }
 
     pub(super) fn enable_endpoint(&mut self, id: EndpointId) -> Result<Reply, CommandError> {
-        if self.endpoint(id)?.status == EndpointStatus::Inactive {
-            tracing::info!(endpoint_id = %id, "endpoint active again: enabled");
-        }
+        self.endpoint(id)?;
         self.events.push(Event::EndpointEnabled { id });
         Ok(Reply::Done)
     }

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use herald_log::{Machine, Tx};
 use herald_projector::compact::Plan;
 use herald_projector::{
-    apply_unstaged, encode, get_endpoint, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId,
-    Due, EndpointId, EndpointStatus, Event, EventId, OrgId, Policy, Scope, TxRead, TxTables,
+    apply_unstaged, encode, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId, Due, EndpointId,
+    Event, EventId, OrgId, Policy, Scope, TxRead, TxTables,
 };
 use uuid::Uuid;
 
@@ -344,7 +344,7 @@ impl Commands {
     /// and stages its events, which [`Commands::stage`] then appends and folds.
     fn run(&mut self, s: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
         let Submitted { actor, at_ms, command } = s;
-        let mut run = Run { machine: self, tx, actor, at_ms, events: Vec::new(), active_before: None };
+        let mut run = Run { machine: self, tx, actor, at_ms, events: Vec::new() };
         let reply = match command {
             Command::CreateEndpoint { id, org_id, url, name, enabled_events, secret } => {
                 run.create_endpoint(id, org_id, url, name, enabled_events, secret.as_deref())
@@ -393,11 +393,8 @@ impl Commands {
             Command::SetPolicy(p) => run.set_policy(p),
             Command::AdoptRules(version) => run.adopt_rules(version),
         }?;
-        let (events, active_before) = (run.events, run.active_before);
+        let events = run.events;
         self.stage(tx, at_ms, events)?;
-        if let Some(endpoint_id) = active_before {
-            log_if_inactive(tx, endpoint_id)?;
-        }
         Ok(reply)
     }
 
@@ -434,22 +431,6 @@ impl Commands {
     }
 }
 
-/// Logs the endpoint of a failed attempt, active before it, if the attempt's fold made it inactive
-/// (the fold decides; this only looks). Logged as the batch is staged: should the batch fail to be
-/// written, the store's failure is logged too.
-fn log_if_inactive(tx: &mut Tx<'_>, endpoint_id: EndpointId) -> Result<(), CommandError> {
-    if let Some(e) = get_endpoint(&TxRead(tx), endpoint_id)? {
-        if e.status == EndpointStatus::Inactive {
-            tracing::warn!(
-                endpoint_id = %endpoint_id,
-                reason = e.inactive_reason.as_deref().unwrap_or(""),
-                "endpoint inactive: its deliveries wait until it is enabled again"
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Adds to `due` the deliveries `event` (stamped `at_ms`) makes due.
 fn due_hints(due: &mut Vec<DueHint>, at_ms: u64, event: Event) {
     let hint = |next_attempt_at_ms, delivery_id, payload| DueHint {
@@ -477,9 +458,6 @@ struct Run<'a, 'tx> {
     actor: Actor,
     at_ms: u64,
     events: Vec<Event>,
-    /// A failed attempt's endpoint, active before it: looked at once the attempt is folded, to
-    /// log it if it became inactive.
-    active_before: Option<EndpointId>,
 }
 
 impl<'tx> Run<'_, 'tx> {

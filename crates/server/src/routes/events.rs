@@ -83,8 +83,6 @@ pub async fn publish(
             if !replayed {
                 state.metrics.published();
             }
-            // In the request's span (its id); debug only: nothing per publish at info.
-            tracing::debug!(event_id = %id, deliveries = delivery_ids.len(), replayed, "event published");
             let event_type = match replayed {
                 true => state
                     .engine
