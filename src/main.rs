@@ -6,6 +6,7 @@
 //! libraries.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -415,7 +416,12 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     let admin_key = std::env::var("HERALD_ADMIN_KEY").ok().filter(|k| !k.is_empty());
-    let result = runtime.block_on(herald_server::serve(config, admin_key, stop_signal()));
+    // In the runtime's context: the signal handlers are registered with its driver.
+    let stop = {
+        let _entered = runtime.enter();
+        stop_signal()
+    };
+    let result = runtime.block_on(herald_server::serve(config, admin_key, stop));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -426,25 +432,33 @@ fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// SIGTERM or SIGINT (Ctrl-C).
-async fn stop_signal() {
+/// SIGTERM or SIGINT (Ctrl-C). The handlers are installed now, not when the future is first
+/// polled: axum polls its shutdown signal on a task of its own, which may run only after the
+/// listener already answers, and a SIGTERM before that would kill herald outright.
+fn stop_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
