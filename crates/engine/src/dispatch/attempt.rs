@@ -28,20 +28,15 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
             // Nothing is known to be wrong with the delivery, the endpoint or the receiver: not
             // sent, not recorded (it would count against the endpoint's health), and made again
             // shortly, like an attempt whose record failed.
-            if !settled.swap(true, Ordering::SeqCst) {
-                ctx.shared.inbox.released(id);
-                ctx.shared.inbox.finished(Finished { id, result: Err(NotRecorded::Store) });
-            }
+            not_made(&ctx, id, &settled, NotRecorded::Store);
             return;
         }
     };
     if let SendOutcome::Failed { kind: FailureKind::Local, error } = &outcome {
         // The receiver was never reached: nothing to record against it, no step of the
         // schedule used; made again shortly.
-        if !settled.swap(true, Ordering::SeqCst) {
+        if not_made(&ctx, id, &settled, NotRecorded::LocalFault) {
             ctx.shared.local_fault(&delivery, error);
-            ctx.shared.inbox.released(id);
-            ctx.shared.inbox.finished(Finished { id, result: Err(NotRecorded::LocalFault) });
         }
         return;
     }
@@ -60,6 +55,17 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
         retry_after_ms,
     };
     record(&ctx, id, Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command });
+}
+
+/// An attempt that leaves nothing in the log: its slot is freed and the loop makes it again
+/// shortly. False if the stop settled it first (it is then recorded as interrupted).
+fn not_made(ctx: &Ctx, id: Id, settled: &AtomicBool, why: NotRecorded) -> bool {
+    if settled.swap(true, Ordering::SeqCst) {
+        return false;
+    }
+    ctx.shared.inbox.released(id);
+    ctx.shared.inbox.finished(Finished { id, result: Err(why) });
+    true
 }
 
 /// What the sender's outcome is recorded as (with the response excerpt and the receiver's
