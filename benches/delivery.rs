@@ -318,6 +318,7 @@ fn open_herald(receiver: &Receiver, durability: Durability, policy: Policy) -> H
                 name: "bench receiver".into(),
                 enabled_events: vec!["*".into()],
                 secret: None,
+                settings: Default::default(),
             },
         )
         .unwrap();

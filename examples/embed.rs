@@ -91,6 +91,7 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
             name: "example receiver".into(),
             enabled_events: vec!["call.ended".into()],
             secret: None,
+            settings: Default::default(),
         },
     )? {
         Reply::Endpoint { secret, .. } => Secret::parse(&secret)?,

@@ -20,6 +20,7 @@
 //!     name: "crm".into(),
 //!     enabled_events: vec!["*".into()],
 //!     secret: None,
+//!     settings: Default::default(),
 //! })?;
 //! if let Reply::Published { delivery_ids, .. } = engine.publish(org, "call.ended", br#"{"call":1}"#)? {
 //!     println!("{} deliveries, durable on disk", delivery_ids.len());

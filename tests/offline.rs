@@ -44,6 +44,7 @@ fn crm_endpoint(id: EndpointId, org_id: OrgId) -> Cmd {
         name: "CRM".into(),
         enabled_events: vec!["*".into()],
         secret: None,
+        settings: Default::default(),
     }
 }
 

@@ -172,7 +172,10 @@ impl<'a> Story<'a> {
             | Event::EndpointUpdated { id, .. }
             | Event::EndpointDeleted { id }
             | Event::EndpointSecretRotated { id, .. }
-            | Event::EndpointEnabled { id } => matches!(subject, Subject::Endpoint(e) if *id == e),
+            | Event::EndpointEnabled { id }
+            | Event::EndpointDeliverySettingsSet { id, .. } => {
+                matches!(subject, Subject::Endpoint(e) if *id == e)
+            }
             Event::AttemptRecorded { delivery_id, .. }
             | Event::RetriggerRequested { delivery_id, .. }
             | Event::RedeliverRequested { delivery_id, .. } => self.followed.contains_key(delivery_id),

@@ -162,6 +162,13 @@ fn endpoint_text(event: &Event) -> Option<String> {
             )
         }
         Event::EndpointEnabled { id } => format!("endpoint {id} enabled"),
+        Event::EndpointDeliverySettingsSet { id, settings } => format!(
+            "endpoint {id} delivery settings: rate limit {}, in flight at most {}, ordering {}, {} extra header(s)",
+            settings.rate_limit_per_s.map_or("none".into(), |r| format!("{r}/s")),
+            settings.max_in_flight.map_or("the configured default".into(), |m| m.to_string()),
+            settings.ordering.name(),
+            settings.headers.len()
+        ),
         _ => return None,
     })
 }

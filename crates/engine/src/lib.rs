@@ -56,8 +56,8 @@ pub mod sender;
 pub mod signing;
 
 pub use crate::commands::{
-    valid_event_type, Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted,
-    BATCH_RETRIGGER_MAX,
+    valid_event_type, Actor, BatchItem, Command, CommandError, CommandLimits, Commands,
+    DeliverySettingsPatch, Reply, Submitted, BATCH_RETRIGGER_MAX,
 };
 pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
@@ -68,9 +68,9 @@ pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionSta
 pub use herald_log::record::BODY_BYTES_MAX as RECORD_BODY_BYTES_MAX;
 pub use herald_log::{Durability, WriterStats};
 pub use herald_projector::{
-    applied_seq, decode, delivery_counts, delivery_orgs, get_api_key, get_api_key_by_hash,
-    list_all_endpoints_rev, list_api_keys, list_deliveries_rev, list_endpoints_rev, ApiKey, ApiKeyId,
-    AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
-    Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, Trigger, FAILURES_MAX_LIMIT,
-    RETRY_SCHEDULE_LEN_MAX,
+    applied_seq, decode, delivery_counts, delivery_orgs, get_api_key, get_api_key_by_hash, get_endpoint,
+    get_endpoint_settings, list_all_endpoints_rev, list_api_keys, list_deliveries_rev, list_endpoints_rev,
+    ApiKey, ApiKeyId, AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryOrder,
+    DeliveryQuery, DeliverySettings, DeliveryStatus, Endpoint, EndpointId, Event, EventId, OrgId, Policy,
+    Scope, Trigger, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX,
 };

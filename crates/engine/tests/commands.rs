@@ -58,6 +58,7 @@ impl World {
                 name: "crm".into(),
                 enabled_events: events.iter().map(|s| s.to_string()).collect(),
                 secret: None,
+                settings: Default::default(),
             },
         );
         match reply {
@@ -131,6 +132,7 @@ fn invalid_endpoints_are_refused_naming_the_field_and_write_nothing() {
                 name: "x".into(),
                 enabled_events: events,
                 secret,
+                settings: Default::default(),
             },
         )
     };
@@ -166,6 +168,7 @@ fn another_organisations_endpoint_answers_like_a_missing_one() {
                 name: String::new(),
                 enabled_events: vec!["*".into()],
                 secret: None,
+                settings: Default::default(),
             },
         )
         .unwrap_err();
@@ -212,6 +215,7 @@ fn a_publish_fans_out_to_the_endpoints_as_they_are_now() {
         url: url.map(String::from),
         name: None,
         enabled_events: events.map(|e| e.iter().map(|s| s.to_string()).collect()),
+        settings: Default::default(),
     };
     w.run(member(1), update(a, None, Some(&["call.queued"]))).unwrap();
     assert_eq!(deliveries(w.publish(member(1), 1, "call.ended", None)).len(), 1);
@@ -626,6 +630,7 @@ fn a_large_fan_out_spills_its_deliveries_into_records_of_their_own() {
                 name: "crm".into(),
                 enabled_events: vec!["*".into()],
                 secret: None,
+                settings: Default::default(),
             },
         );
         assert!(reply.is_ok(), "{reply:?}");

@@ -166,6 +166,7 @@ fn create_endpoint(engine: &Engine, org: OrgId) -> (EndpointId, Secret) {
             name: "crm".into(),
             enabled_events: vec!["*".into()],
             secret: None,
+            settings: Default::default(),
         },
     );
     match reply {
@@ -511,6 +512,7 @@ fn a_failing_store_refuses_cleanly_and_the_engine_recovers_when_it_heals() {
                 name: "crm".into(),
                 enabled_events: vec!["*".into()],
                 secret: None,
+                settings: Default::default(),
             },
         )
         .unwrap();

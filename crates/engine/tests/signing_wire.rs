@@ -78,6 +78,7 @@ impl World {
                 name: "crm".into(),
                 enabled_events: vec!["*".into()],
                 secret: None,
+                settings: Default::default(),
             },
         );
         (id, secret_of(reply))

@@ -1050,6 +1050,7 @@ impl Sim {
                 name: format!("receiver {n}"),
                 enabled_events: events.clone(),
                 secret: Some(secret.clone()),
+                settings: Default::default(),
             },
         );
         ensure!(

@@ -1,6 +1,9 @@
 //! The domain events: every fact herald records, and their one durable encoding,
 //! `[EVENT_FORMAT_V1] ++ bincode(Event)`.
 
+#[cfg(test)]
+use crate::delivery_settings::DeliveryOrder;
+use crate::delivery_settings::DeliverySettings;
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 use crate::policy::Policy;
 use serde::{Deserialize, Serialize};
@@ -202,6 +205,11 @@ pub enum Event {
     RulesAdopted {
         version: u32,
     },
+    /// The endpoint's delivery settings from now on, whole (rules 4 on).
+    EndpointDeliverySettingsSet {
+        id: EndpointId,
+        settings: DeliverySettings,
+    },
 }
 
 /// A delivery created with its event ([`Event::EventPublishedWithDeliveries`]): the fields of
@@ -243,6 +251,7 @@ impl Event {
             Event::Compacted { .. } => "Compacted",
             Event::EventPublishedWithDeliveries { .. } => "EventPublishedWithDeliveries",
             Event::RulesAdopted { .. } => "RulesAdopted",
+            Event::EndpointDeliverySettingsSet { .. } => "EndpointDeliverySettingsSet",
         }
     }
 }
@@ -448,6 +457,24 @@ mod tests {
                 delivery_id: DeliveryId(id),
                 by_key: key.map(ApiKeyId),
             }),
+            (
+                uuid(),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                any::<bool>(),
+                proptest::collection::vec((text(), text()), 0..3)
+            )
+                .prop_map(|(id, rate_limit_per_s, max_in_flight, per_key, headers)| {
+                    Event::EndpointDeliverySettingsSet {
+                        id: EndpointId(id),
+                        settings: DeliverySettings {
+                            rate_limit_per_s,
+                            max_in_flight,
+                            ordering: if per_key { DeliveryOrder::PerKey } else { DeliveryOrder::Unordered },
+                            headers,
+                        },
+                    }
+                }),
         ]
     }
 

@@ -12,6 +12,7 @@
 //! | `0x22` | org id | the organisation's default secret (String) |
 //! | `0x30` | endpoint id | [`Endpoint`](crate::Endpoint) |
 //! | `0x31` | org id ++ endpoint id | empty (live endpoints only) |
+//! | `0x32` | endpoint id | [`DeliverySettings`](crate::DeliverySettings) (only when not the default) |
 //! | `0x40` | event id | [`EventRecord`](crate::EventRecord) |
 //! | `0x41` | org id ++ idempotency key bytes | [`IdempotencyHit`](crate::IdempotencyHit) |
 //! | `0x50` | delivery id | [`Delivery`](crate::Delivery) |
@@ -36,6 +37,7 @@ pub const KS_API_KEY_BY_HASH: u8 = 0x21;
 pub const KS_ORG_SECRET: u8 = 0x22;
 pub const KS_ENDPOINT: u8 = 0x30;
 pub const KS_ENDPOINT_BY_ORG: u8 = 0x31;
+pub const KS_ENDPOINT_SETTINGS: u8 = 0x32;
 pub const KS_EVENT: u8 = 0x40;
 pub const KS_IDEMPOTENCY: u8 = 0x41;
 pub const KS_DELIVERY: u8 = 0x50;
@@ -144,6 +146,10 @@ pub(crate) fn org_secret(org: OrgId) -> Vec<u8> {
 
 pub(crate) fn endpoint(id: EndpointId) -> Vec<u8> {
     key(KS_ENDPOINT, &[id.as_bytes()])
+}
+
+pub(crate) fn endpoint_settings(id: EndpointId) -> Vec<u8> {
+    key(KS_ENDPOINT_SETTINGS, &[id.as_bytes()])
 }
 
 pub(crate) fn endpoint_by_org(org: OrgId, id: EndpointId) -> Vec<u8> {

@@ -89,6 +89,7 @@
 
 mod cache_policy;
 mod codec;
+mod delivery_settings;
 // Namespaces of their own: the retention and checkpoint operations the engine and the offline
 // tools run (`compact::plan`, `compact::load_checkpoint`), and the keyspace map the tests and
 // replay read stored keys with (`keys::KS_DELIVERY`). The rest is private and re-exported below.
@@ -111,6 +112,10 @@ mod testkit;
 pub use cache_policy::{cache_policy, CachePolicy};
 pub use codec::DECODE_BYTES_MAX;
 pub use compact::{event_payload, CompactError, CompactReport};
+pub use delivery_settings::{
+    is_reserved_header, DeliveryOrder, DeliverySettings, HEADERS_MAX, HEADER_VALUE_BYTES_MAX,
+    MAX_IN_FLIGHT_MAX, RATE_LIMIT_PER_S_MAX,
+};
 pub use event::{
     decode, encode, AttemptOutcome, DecodeError, Event, NewDelivery, Scope, Trigger, EVENT_FORMAT_V1,
     NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
@@ -132,9 +137,9 @@ pub use persist::{
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
     applied_seq, attempts, delivery_counts, delivery_orgs, due_deliveries, get_api_key, get_api_key_by_hash,
-    get_delivery, get_endpoint, get_event, idempotency_lookup, list_all_endpoints_rev, list_api_keys,
-    list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, rules,
-    CorruptValue, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
+    get_delivery, get_endpoint, get_endpoint_settings, get_event, idempotency_lookup, list_all_endpoints_rev,
+    list_api_keys, list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret,
+    policy, rules, CorruptValue, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
 pub use staged::fold_staged_entries;
 pub use tables::{MemTables, ReadTables, TableBatch, Tables};

@@ -2,6 +2,7 @@
 //! not with the store.
 
 use crate::codec;
+use crate::delivery_settings::DeliverySettings;
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 use crate::index;
 use crate::keys;
@@ -76,6 +77,11 @@ pub fn get_delivery(t: &impl ReadTables, id: DeliveryId) -> Result<Option<Delive
 /// The endpoint, deleted or not (see [`Endpoint::is_deleted`]).
 pub fn get_endpoint(t: &impl ReadTables, id: EndpointId) -> Result<Option<Endpoint>, CorruptValue> {
     read(t, &keys::endpoint(id))
+}
+
+/// The endpoint's delivery settings: the default when none were ever set.
+pub fn get_endpoint_settings(t: &impl ReadTables, id: EndpointId) -> Result<DeliverySettings, CorruptValue> {
+    Ok(read(t, &keys::endpoint_settings(id))?.unwrap_or_default())
 }
 
 pub fn get_event(t: &impl ReadTables, id: EventId) -> Result<Option<EventRecord>, CorruptValue> {

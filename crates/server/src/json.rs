@@ -1,6 +1,11 @@
 //! The JSON shapes of the API. They live here only; the engine knows nothing of JSON.
 
-use herald_engine::{ApiKey, AttemptRecord, Delivery, DeliveryStatus, Endpoint, Trigger};
+use std::collections::BTreeMap;
+
+use herald_engine::{
+    ApiKey, AttemptRecord, Delivery, DeliveryOrder, DeliverySettings, DeliverySettingsPatch, DeliveryStatus,
+    Endpoint, Trigger,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -19,12 +24,22 @@ pub struct EndpointOut {
     pub inactive_reason: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// Attempts started per second at most; null: no limit.
+    #[schema(minimum = 1, maximum = 10000)]
+    pub rate_limit_per_s: Option<u32>,
+    /// Attempts in flight at most; null: `[delivery] max_in_flight_per_endpoint`.
+    #[schema(minimum = 1, maximum = 1024)]
+    pub max_in_flight: Option<u32>,
+    /// `none` or `per_key`.
+    pub ordering: String,
+    /// Extra request headers; null when there are none.
+    pub headers: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
 
 impl EndpointOut {
-    pub fn new(e: &Endpoint, secret: Option<String>) -> EndpointOut {
+    pub fn new(e: &Endpoint, settings: &DeliverySettings, secret: Option<String>) -> EndpointOut {
         EndpointOut {
             id: e.id.to_string(),
             org_id: e.org_id.to_string(),
@@ -35,6 +50,10 @@ impl EndpointOut {
             inactive_reason: e.inactive_reason.clone(),
             created_at: ts(e.created_at_ms),
             updated_at: ts(e.updated_at_ms),
+            rate_limit_per_s: settings.rate_limit_per_s,
+            max_in_flight: settings.max_in_flight,
+            ordering: settings.ordering.name().to_owned(),
+            headers: (!settings.headers.is_empty()).then(|| settings.headers.iter().cloned().collect()),
             secret,
         }
     }
@@ -50,6 +69,22 @@ pub struct EndpointCreate {
     pub secret: Option<String>,
     /// Admin keys only.
     pub org_id: Option<String>,
+    /// 1 to 10000 attempts started per second, or null for no limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    pub rate_limit_per_s: Option<Option<u32>>,
+    /// 1 to 1024 attempts in flight, or null for `[delivery] max_in_flight_per_endpoint`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 1024)]
+    pub max_in_flight: Option<Option<u32>>,
+    /// `none` (the default) or `per_key`.
+    pub ordering: Option<String>,
+    /// At most 20 extra request headers (names and values visible ASCII, values at most 1 KiB;
+    /// not `content-type`, `user-agent`, `host`, `content-length`, `webhook-*`, `herald-*`);
+    /// null or `{}` removes them.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
+    pub headers: Option<Option<BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -58,6 +93,55 @@ pub struct EndpointPatch {
     pub url: Option<String>,
     pub name: Option<String>,
     pub enabled_events: Option<Vec<String>>,
+    /// 1 to 10000 attempts started per second, or null for no limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    pub rate_limit_per_s: Option<Option<u32>>,
+    /// 1 to 1024 attempts in flight, or null for `[delivery] max_in_flight_per_endpoint`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 1024)]
+    pub max_in_flight: Option<Option<u32>>,
+    /// `none` (the default) or `per_key`.
+    pub ordering: Option<String>,
+    /// At most 20 extra request headers (names and values visible ASCII, values at most 1 KiB;
+    /// not `content-type`, `user-agent`, `host`, `content-length`, `webhook-*`, `herald-*`);
+    /// null or `{}` removes them.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
+    pub headers: Option<Option<BTreeMap<String, String>>>,
+}
+
+/// The delivery settings a create or a patch gives (absent: left as it is, the default on a
+/// create; `null`: unset), or a 400 naming the field.
+pub fn settings_patch(
+    rate_limit_per_s: Option<Option<u32>>,
+    max_in_flight: Option<Option<u32>>,
+    ordering: Option<&str>,
+    headers: Option<Option<BTreeMap<String, String>>>,
+) -> Result<DeliverySettingsPatch, String> {
+    let ordering = match ordering {
+        None => None,
+        Some(name) => Some(
+            DeliveryOrder::from_name(name)
+                .ok_or_else(|| format!("ordering: must be \"none\" or \"per_key\", not {name:?}"))?,
+        ),
+    };
+    Ok(DeliverySettingsPatch {
+        rate_limit_per_s,
+        max_in_flight,
+        ordering,
+        headers: headers.map(|h| h.unwrap_or_default().into_iter().collect()),
+    })
+}
+
+/// A field that is present, `null` included (`Some(None)`); with `#[serde(default)]`, an absent
+/// one is `None`.
+fn present<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

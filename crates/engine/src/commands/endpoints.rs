@@ -1,7 +1,10 @@
 //! The endpoint commands: create, update, delete, rotate its secret, enable it again.
 
-use herald_projector::{get_endpoint, policy, Endpoint, EndpointId, Event, OrgId};
+use herald_projector::{
+    get_endpoint, get_endpoint_settings, policy, DeliverySettings, Endpoint, EndpointId, Event, OrgId,
+};
 
+use super::delivery_settings::DeliverySettingsPatch;
 use super::{
     check_name, invalid, new_secret, valid_event_type, CommandError, Reply, Run, ENABLED_EVENTS_MAX,
 };
@@ -32,6 +35,17 @@ fn given_or_new_secret(secret: Option<&str>) -> Result<String, CommandError> {
     }
 }
 
+/// What [`Command::CreateEndpoint`](super::Command::CreateEndpoint) asks for.
+pub(super) struct NewEndpoint {
+    pub id: EndpointId,
+    pub org_id: OrgId,
+    pub url: String,
+    pub name: String,
+    pub enabled_events: Vec<String>,
+    pub secret: Option<String>,
+    pub settings: DeliverySettingsPatch,
+}
+
 impl Run<'_, '_> {
     /// Checks a url given in `field`.
     pub(super) fn check_url(&self, field: &'static str, url: &str) -> Result<(), CommandError> {
@@ -46,22 +60,16 @@ impl Run<'_, '_> {
         }
     }
 
-    pub(super) fn create_endpoint(
-        &mut self,
-        id: EndpointId,
-        org_id: OrgId,
-        url: String,
-        name: String,
-        enabled_events: Vec<String>,
-        secret: Option<&str>,
-    ) -> Result<Reply, CommandError> {
+    pub(super) fn create_endpoint(&mut self, new: NewEndpoint) -> Result<Reply, CommandError> {
+        let NewEndpoint { id, org_id, url, name, enabled_events, secret, settings } = new;
         if !self.actor.sees(org_id) {
             return Err(invalid("org_id", "only an admin key may create endpoints for another organisation"));
         }
         self.check_url("url", &url)?;
         check_name(&name)?;
         check_enabled_events(&enabled_events)?;
-        let secret = given_or_new_secret(secret)?;
+        let settings = settings.applied_to(&DeliverySettings::default())?;
+        let secret = given_or_new_secret(secret.as_deref())?;
         self.events.push(Event::EndpointCreated {
             id,
             org_id,
@@ -70,6 +78,9 @@ impl Run<'_, '_> {
             enabled_events,
             secret: secret.clone(),
         });
+        if settings != DeliverySettings::default() {
+            self.events.push(Event::EndpointDeliverySettingsSet { id, settings });
+        }
         Ok(Reply::Endpoint { id, secret })
     }
 
@@ -79,8 +90,11 @@ impl Run<'_, '_> {
         url: Option<String>,
         name: Option<String>,
         enabled_events: Option<Vec<String>>,
+        settings: &DeliverySettingsPatch,
     ) -> Result<Reply, CommandError> {
         self.endpoint(id)?;
+        let current = get_endpoint_settings(&self.read(), id)?;
+        let settings = settings.applied_to(&current)?;
         if let Some(url) = &url {
             self.check_url("url", url)?;
         }
@@ -90,7 +104,13 @@ impl Run<'_, '_> {
         if let Some(e) = &enabled_events {
             check_enabled_events(e)?;
         }
-        self.events.push(Event::EndpointUpdated { id, url, name, enabled_events });
+        // A PATCH that changes no setting still records that it was made (as before settings).
+        if url.is_some() || name.is_some() || enabled_events.is_some() || settings == current {
+            self.events.push(Event::EndpointUpdated { id, url, name, enabled_events });
+        }
+        if settings != current {
+            self.events.push(Event::EndpointDeliverySettingsSet { id, settings });
+        }
         Ok(Reply::Done)
     }
 

@@ -21,7 +21,9 @@ use uuid::Uuid;
 use crate::signing::Secret;
 
 mod attempts;
+mod delivery_settings;
 mod endpoints;
+use endpoints::NewEndpoint;
 mod ids;
 mod keys;
 mod publish;
@@ -29,6 +31,7 @@ mod retention;
 mod retrigger;
 mod settings;
 
+pub use delivery_settings::DeliverySettingsPatch;
 pub use ids::{derived_id, sequenced_id};
 use publish::{FanOut, Publish};
 
@@ -90,12 +93,15 @@ pub enum Command {
         name: String,
         enabled_events: Vec<String>,
         secret: Option<String>,
+        /// Applied to the default settings.
+        settings: DeliverySettingsPatch,
     },
     UpdateEndpoint {
         id: EndpointId,
         url: Option<String>,
         name: Option<String>,
         enabled_events: Option<Vec<String>>,
+        settings: DeliverySettingsPatch,
     },
     DeleteEndpoint {
         id: EndpointId,
@@ -346,11 +352,11 @@ impl Commands {
         let Submitted { actor, at_ms, command } = s;
         let mut run = Run { machine: self, tx, actor, at_ms, events: Vec::new() };
         let reply = match command {
-            Command::CreateEndpoint { id, org_id, url, name, enabled_events, secret } => {
-                run.create_endpoint(id, org_id, url, name, enabled_events, secret.as_deref())
+            Command::CreateEndpoint { id, org_id, url, name, enabled_events, secret, settings } => {
+                run.create_endpoint(NewEndpoint { id, org_id, url, name, enabled_events, secret, settings })
             }
-            Command::UpdateEndpoint { id, url, name, enabled_events } => {
-                run.update_endpoint(id, url, name, enabled_events)
+            Command::UpdateEndpoint { id, url, name, enabled_events, settings } => {
+                run.update_endpoint(id, url, name, enabled_events, &settings)
             }
             Command::DeleteEndpoint { id } => run.delete_endpoint(id),
             Command::RotateSecret { id, secret } => run.rotate_secret(id, secret.as_deref()),
@@ -410,6 +416,7 @@ impl Commands {
                 event,
                 Event::EndpointCreated { .. }
                     | Event::EndpointUpdated { .. }
+                    | Event::EndpointDeliverySettingsSet { .. }
                     | Event::EndpointDeleted { .. }
                     | Event::Compacted { .. }
             ) {

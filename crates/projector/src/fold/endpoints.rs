@@ -2,6 +2,8 @@
 //! cascade that turns an endpoint's pending deliveries inactive when it stops taking them.
 
 use super::{check_transition, ApplyError, Fold};
+use crate::codec;
+use crate::delivery_settings::DeliverySettings;
 use crate::ids::{EndpointId, OrgId};
 use crate::index;
 use crate::keys;
@@ -65,6 +67,29 @@ impl<T: Tables> Fold<'_, T> {
         }
         if let Some(enabled_events) = enabled_events {
             endpoint.enabled_events = enabled_events.to_vec();
+        }
+        endpoint.updated_at_ms = self.at_ms;
+        self.put_endpoint(&endpoint);
+        Ok(())
+    }
+
+    pub(super) fn delivery_settings_set(
+        &mut self,
+        id: EndpointId,
+        settings: &DeliverySettings,
+    ) -> Result<(), ApplyError> {
+        let rules = self.rules()?;
+        if !rules.endpoint_delivery_settings() {
+            return Err(ApplyError::BeforeItsRules {
+                kind: "EndpointDeliverySettingsSet",
+                in_force: rules.0,
+            });
+        }
+        let mut endpoint = self.live_endpoint(id)?;
+        if *settings == DeliverySettings::default() {
+            self.t.delete(&keys::endpoint_settings(id));
+        } else {
+            self.t.put(keys::endpoint_settings(id), codec::to_bytes(settings));
         }
         endpoint.updated_at_ms = self.at_ms;
         self.put_endpoint(&endpoint);

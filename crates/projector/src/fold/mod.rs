@@ -92,6 +92,11 @@ pub enum ApplyError {
         key: String,
         event_id: EventId,
     },
+    /// The event is folded only from a later rules version on than the one in force.
+    BeforeItsRules {
+        kind: &'static str,
+        in_force: u32,
+    },
     /// A stored value does not decode.
     Corrupt(CorruptValue),
 }
@@ -147,6 +152,9 @@ impl std::fmt::Display for ApplyError {
                 f,
                 "organisation {org_id}: idempotency key {key:?} answered event {event_id} less than 24h ago"
             ),
+            ApplyError::BeforeItsRules { kind, in_force } => {
+                write!(f, "{kind} does not fold under rules version {in_force}")
+            }
             ApplyError::Corrupt(corrupt) => corrupt.fmt(f),
         }
     }
@@ -254,6 +262,7 @@ impl<T: Tables> Fold<'_, T> {
             // The drop it records was written with it, outside the fold (see `compact`).
             Event::Compacted { .. } => Ok(()),
             Event::RulesAdopted { version } => self.rules_adopted(*version),
+            Event::EndpointDeliverySettingsSet { id, settings } => self.delivery_settings_set(*id, settings),
         }
     }
 

@@ -3,7 +3,10 @@
 //! whether applied event by event, in batches, across restarts, or twice.
 
 use crate::testkit::{assert_consistent, dl, ep, ev, org};
-use crate::{apply, decode, encode, get_delivery, AttemptOutcome, Event, MemTables, Policy, TableBatch};
+use crate::{
+    apply, decode, encode, get_delivery, AttemptOutcome, DeliveryOrder, DeliverySettings, Event, MemTables,
+    Policy, TableBatch,
+};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -30,6 +33,8 @@ enum Op {
     Rotate(u8),
     /// A new url for an endpoint.
     Update(u8),
+    /// New delivery settings for an endpoint (every fourth the default ones).
+    Settings(u8),
     /// A `RulesAdopted` of this version (only the next ones up to `RULES_CURRENT` apply).
     Rules(u32),
     Policy {
@@ -53,6 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..40).prop_map(Op::Delete), // mostly misses: deletes are rare
         1 => any::<u8>().prop_map(Op::Rotate),
         1 => any::<u8>().prop_map(Op::Update),
+        1 => any::<u8>().prop_map(Op::Settings),
         1 => (0u32..5).prop_map(Op::Rules),
         1 => (1u32..6, 1u64..30 * 3_600_000)
             .prop_map(|(failures_max, window_ms)| Op::Policy { failures_max, window_ms }),
@@ -144,6 +150,19 @@ impl Driver {
                     name: None,
                     enabled_events: None,
                 });
+            }
+            Op::Settings(n) => {
+                let settings = if n % 4 == 0 {
+                    DeliverySettings::default()
+                } else {
+                    DeliverySettings {
+                        rate_limit_per_s: Some(u32::from(n) + 1),
+                        max_in_flight: (n % 2 == 0).then_some(u32::from(n % 8) + 1),
+                        ordering: if n % 3 == 0 { DeliveryOrder::PerKey } else { DeliveryOrder::Unordered },
+                        headers: vec![("x-n".into(), n.to_string())],
+                    }
+                };
+                self.offer(Event::EndpointDeliverySettingsSet { id: ep(self.endpoint(n)), settings });
             }
             Op::Rules(version) => {
                 self.offer(Event::RulesAdopted { version });

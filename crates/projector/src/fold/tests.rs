@@ -1029,3 +1029,44 @@ fn a_publish_with_its_deliveries_folds_as_the_event_then_each_delivery() {
     assert_eq!(applied_seq(&together).unwrap(), 3);
     assert_consistent(&together);
 }
+
+fn settings_set(e: u32, rate_limit_per_s: Option<u32>) -> Event {
+    Event::EndpointDeliverySettingsSet {
+        id: ep(e),
+        settings: crate::DeliverySettings {
+            rate_limit_per_s,
+            max_in_flight: Some(4),
+            ordering: crate::DeliveryOrder::PerKey,
+            headers: vec![("x-tenant".into(), "a".into())],
+        },
+    }
+}
+
+#[test]
+fn delivery_settings_fold_from_rules_4_and_the_default_stores_nothing() {
+    let rules4 = (0, Event::RulesAdopted { version: 4 });
+    let t = run(&[(0, endpoint(1)), rules4.clone(), (7, settings_set(1, Some(50)))]);
+    let settings = get_endpoint_settings(&t, ep(1)).unwrap();
+    assert_eq!(settings.rate_limit_per_s, Some(50));
+    assert_eq!(settings.headers, vec![("x-tenant".to_string(), "a".to_string())]);
+    assert_eq!(get_endpoint(&t, ep(1)).unwrap().unwrap().updated_at_ms, 7, "a change of the endpoint");
+    assert_eq!(get_endpoint_settings(&t, ep(2)).unwrap(), crate::DeliverySettings::default());
+
+    let back = Event::EndpointDeliverySettingsSet { id: ep(1), settings: crate::DeliverySettings::default() };
+    let t = run(&[(0, endpoint(1)), rules4.clone(), (7, settings_set(1, Some(50))), (8, back)]);
+    assert_eq!(get_endpoint_settings(&t, ep(1)).unwrap(), crate::DeliverySettings::default());
+    assert!(
+        t.dump().iter().all(|(k, _)| k[0] != keys::KS_ENDPOINT_SETTINGS),
+        "nothing stored for the default"
+    );
+
+    check_err(
+        &[(0, endpoint(1)), (0, settings_set(1, None))],
+        ApplyError::BeforeItsRules { kind: "EndpointDeliverySettingsSet", in_force: 1 },
+    );
+    check_err(&[rules4.clone(), (0, settings_set(9, None))], ApplyError::UnknownEndpoint(ep(9)));
+    check_err(
+        &[(0, endpoint(1)), rules4, (0, Event::EndpointDeleted { id: ep(1) }), (1, settings_set(1, None))],
+        ApplyError::EndpointDeleted(ep(1)),
+    );
+}

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::auth::{scope, Auth, Principal};
 use crate::error::{ApiError, AuthErrors, Family, NamedError};
-use crate::json::{EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
+use crate::json::{settings_patch, EndpointCreate, EndpointList, EndpointOut, EndpointPatch};
 use crate::routes::{list_scope, org_of};
 use crate::state::AppState;
 use crate::util::{encode_cursor, json_body, parse_cursor, parse_id, parse_limit, PathId};
@@ -46,12 +46,12 @@ fn answer(
     id: EndpointId,
     secret: Option<String>,
 ) -> Result<Response, ApiError> {
-    let e = state
+    let (e, settings) = state
         .engine
-        .endpoint(id)
-        .map_err(|e| ApiError::from_engine(F, e))?
-        .ok_or_else(|| ApiError::internal(F, format!("endpoint {id} vanished after its command")))?;
-    Ok((status, Json(EndpointOut::new(&e, secret))).into_response())
+        .read(|t| Ok((herald_engine::get_endpoint(t, id)?, herald_engine::get_endpoint_settings(t, id)?)))
+        .map_err(|e| ApiError::from_read(F, e))?;
+    let e = e.ok_or_else(|| ApiError::internal(F, format!("endpoint {id} vanished after its command")))?;
+    Ok((status, Json(EndpointOut::new(&e, &settings, secret))).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/endpoints", tag = "endpoints", request_body = EndpointCreate,
@@ -72,6 +72,13 @@ pub async fn create(
         name: input.name.unwrap_or_default(),
         enabled_events: input.enabled_events.unwrap_or_else(|| vec!["*".to_owned()]),
         secret: input.secret,
+        settings: settings_patch(
+            input.rate_limit_per_s,
+            input.max_in_flight,
+            input.ordering.as_deref(),
+            input.headers,
+        )
+        .map_err(|e| ApiError::bad_request(F, e))?,
     };
     match run(&state, &who, command).await? {
         Reply::Endpoint { id, secret } => answer(&state, StatusCode::CREATED, id, Some(secret)),
@@ -101,16 +108,24 @@ pub async fn list(
     let scope = list_scope(F, &who, q.org_id.as_deref())?;
     let limit = parse_limit(F, q.limit.as_deref(), PAGE_DEFAULT, PAGE_MAX)?;
     let before = parse_cursor::<16>(F, q.cursor.as_deref())?.map(EndpointId::from_bytes);
-    let page = state
+    let (page, settings) = state
         .engine
-        .read(|t| match scope {
-            Some(org_id) => herald_engine::list_endpoints_rev(t, org_id, before, limit),
-            // An admin key naming no organisation: every organisation's endpoints.
-            None => herald_engine::list_all_endpoints_rev(t, before, limit),
+        .read(|t| {
+            let page = match scope {
+                Some(org_id) => herald_engine::list_endpoints_rev(t, org_id, before, limit),
+                // An admin key naming no organisation: every organisation's endpoints.
+                None => herald_engine::list_all_endpoints_rev(t, before, limit),
+            }?;
+            let settings = page
+                .items
+                .iter()
+                .map(|e| herald_engine::get_endpoint_settings(t, e.id))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((page, settings))
         })
         .map_err(|e| ApiError::from_read(F, e))?;
     let next_cursor = page.next.map(|id| encode_cursor(id.as_bytes()));
-    let data = page.items.iter().map(|e| EndpointOut::new(e, None)).collect();
+    let data = page.items.iter().zip(&settings).map(|(e, s)| EndpointOut::new(e, s, None)).collect();
     Ok(Json(EndpointList { data, next_cursor }).into_response())
 }
 
@@ -124,7 +139,7 @@ pub async fn get(
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let e = visible(&state, &who, &id)?;
-    Ok(Json(EndpointOut::new(&e, None)).into_response())
+    answer(&state, StatusCode::OK, e.id, None)
 }
 
 #[utoipa::path(patch, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
@@ -144,6 +159,13 @@ pub async fn patch(
         url: input.url,
         name: input.name,
         enabled_events: input.enabled_events,
+        settings: settings_patch(
+            input.rate_limit_per_s,
+            input.max_in_flight,
+            input.ordering.as_deref(),
+            input.headers,
+        )
+        .map_err(|e| ApiError::bad_request(F, e))?,
     };
     run(&state, &who, command).await?;
     answer(&state, StatusCode::OK, e.id, None)
