@@ -19,18 +19,6 @@ const IDLE_CLIENTS: usize = 1_500;
 /// How long any one answer may take while the idle clients hold their connections.
 const ANSWER_MAX: Duration = Duration::from_secs(10);
 
-/// Lets this test process hold the idle connections (its own soft limit may be 1,024).
-fn raise_own_open_files_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read or write the struct we own.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    assert!(limit.rlim_cur >= IDLE_CLIENTS as u64 + 512, "this test needs {} open files", IDLE_CLIENTS + 512);
-}
-
 /// Clients that connect, send the start of a request head, and hold the connection open.
 fn idle_clients(server: &Server) -> Vec<TcpStream> {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
@@ -63,7 +51,7 @@ fn endpoint_status(server: &Server, key: &str, id: &str) -> String {
 
 #[test]
 fn idle_connections_over_the_cap_are_refused_at_once_and_never_starve_a_normal_client() {
-    raise_own_open_files_limit();
+    common::raise_own_open_files_limit(IDLE_CLIENTS);
     let receiver = Receiver::start();
     let server = Server::start_limited(&[], Some(OPEN_FILES_MAX));
     let (_, key) = server.org_key(ORG_SCOPES);

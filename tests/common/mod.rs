@@ -527,3 +527,16 @@ fn serve_conn(
         }
     }
 }
+
+/// Raises this test process's open-file limit to its hard limit, so it can hold `needed`
+/// connections (its soft limit may be 1,024).
+pub fn raise_own_open_files_limit(needed: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read or write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(limit.rlim_cur >= needed as u64 + 512, "this test needs {} open files", needed + 512);
+}

@@ -537,6 +537,8 @@ mod tests {
             ("HERALD_SERVER_KEY_REQUESTS_PER_S", "3"),
             ("HERALD_SERVER_KEY_BURST", "4"),
             ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "5s"),
+            ("HERALD_SERVER_HEADER_READ_TIMEOUT", "15s"),
+            ("HERALD_SERVER_REQUEST_TIMEOUT", "16s"),
             ("HERALD_SERVER_MAX_CONNECTIONS", "14"),
             ("HERALD_STORE_DATA_DIR", "/d"),
             ("HERALD_STORE_DURABILITY", "flush"),
@@ -568,6 +570,8 @@ mod tests {
                 key_requests_per_s: 3,
                 key_burst: 4,
                 shutdown_timeout: Duration::from_secs(5),
+                header_read_timeout: Duration::from_secs(15),
+                request_timeout: Duration::from_secs(16),
                 max_connections: 14,
             },
             store: StoreSection {

@@ -12,6 +12,7 @@ mod auth;
 // A namespace of its own: the configuration of `herald serve` (its struct, the default TOML, the
 // environment and command-line overrides) reads best as `config::Config`, `config::DEFAULT_TOML`.
 pub mod config;
+mod edge;
 mod error;
 mod json;
 mod listener;
@@ -20,7 +21,7 @@ mod routes;
 mod state;
 mod util;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -141,6 +142,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(body)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), edge::time_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
@@ -323,17 +325,17 @@ pub async fn serve(
         let _ = stopping_tx.send(());
     };
     let mut server =
-        tokio::spawn(axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).into_future());
+        tokio::spawn(edge::serve(listener, router(state), config.server.header_read_timeout, shutdown));
     // At the signal the engine's stop begins (no new attempt; those in flight get the shutdown
     // timeout) while requests in progress get the same timeout to finish; then the engine stops
     // within what is left of it.
     let stopping_engine = engine.clone();
     let result = tokio::select! {
-        r = &mut server => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+        r = &mut server => r.map_err(|e| e.to_string()),
         _ = stopping => {
             stopping_engine.begin_shutdown();
             match tokio::time::timeout(config.server.shutdown_timeout, &mut server).await {
-                Ok(r) => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+                Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => {
                     server.abort();
                     Ok(())

@@ -1,6 +1,7 @@
 //! What every handler shares.
 
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use herald_engine::Engine;
 
@@ -14,11 +15,17 @@ pub struct ServerLimits {
     pub event_body_bytes: usize,
     /// Every other body, at most.
     pub body_bytes: usize,
+    /// One request, from its headers to its answer, at most (`[server] request_timeout`).
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        ServerLimits { event_body_bytes: 256 * 1024, body_bytes: 64 * 1024 }
+        ServerLimits {
+            event_body_bytes: 256 * 1024,
+            body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -43,6 +50,7 @@ impl AppState {
             limits: ServerLimits {
                 event_body_bytes: config.server.max_event_bytes,
                 body_bytes: config.server.max_body_bytes,
+                request_timeout: config.server.request_timeout,
             },
             buckets: Buckets::new(
                 u64::from(config.server.key_requests_per_s),

@@ -40,6 +40,15 @@ config_keys! {
         shutdown_timeout: Duration = Duration::from_secs(10),
             toml r#""10s"        # SIGTERM/SIGINT: how long attempts in flight may take to finish"#,
             read duration;
+        /// How long a client may take to send a request's headers (10 s); slower: its
+        /// connection is closed.
+        header_read_timeout: Duration = Duration::from_secs(10),
+            toml r#""10s"     # a client slower to send a request's headers is disconnected"#,
+            read duration, check above_zero;
+        /// How long one request may take, its body's read included (30 s); longer: 408.
+        request_timeout: Duration = Duration::from_secs(30),
+            toml r#""30s"         # one request, body read included, at most; over it: 408"#,
+            read duration, check above_zero;
         /// Open API connections at most; beyond it a connection is answered 503 at once and
         /// closed. 0 (the default): sized at start from the open-file limit, which herald raises
         /// to its hard limit, leaving room for the store and the dispatcher's attempts.
