@@ -167,7 +167,8 @@ impl ReadTables for CheckedTables<'_> {
     }
 }
 
-/// The log machine that appends events and folds them into the stored projection.
+/// The log machine that appends events and folds them into the stored projection. No key asks
+/// (tests, benches, tools): each record names the system as its actor.
 #[derive(Debug, Default)]
 pub struct Projector;
 
