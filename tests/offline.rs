@@ -159,16 +159,16 @@ fn replay_tells_the_story_line_by_line() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = s.delivery;
     let expected = [
-        format!("2026-03-15T10:00:00.000Z  seq      1  fold rules version {} from here on", herald_projector::RULES_CURRENT),
-        "2026-03-15T10:00:00.000Z  seq      2  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive".to_owned(),
-        format!("2026-03-15T10:00:00.000Z  seq      5  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)", s.event, "*", s.endpoint),
+        format!("2026-03-15T10:00:00.000Z  seq      1  fold rules version {} from here on  [by herald]", herald_projector::RULES_CURRENT),
+        "2026-03-15T10:00:00.000Z  seq      2  policy: retry schedule [60000, 60000] ms, 2 failures within 86400000 ms make an endpoint inactive  [by herald]".to_owned(),
+        format!("2026-03-15T10:00:00.000Z  seq      5  event {} published: call.ended, 10 bytes, organisation {}; delivery {d} created for endpoint {} (https://crm.example.com/hooks)  [by herald]", s.event, "*", s.endpoint),
         format!("2026-03-15T10:00:00.000Z  seq      5    delivery {d}: (new) -> pending"),
-        format!("2026-03-15T10:00:00.000Z  seq      6  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00.000Z, 0 ms: failed: Connection timeout; next automatic attempt at {}", "*"),
-        format!("2026-03-15T10:0*Z  seq      7  delivery {d}: attempt 2 (auto) started 2026-03-15T10:0*Z, 0 ms: failed, HTTP 503 (HTTP 503); next automatic attempt at *"),
+        format!("2026-03-15T10:00:00.000Z  seq      6  delivery {d}: attempt 1 (auto) started 2026-03-15T10:00:00.000Z, 0 ms: failed: Connection timeout; next automatic attempt at {}  [by herald]", "*"),
+        format!("2026-03-15T10:0*Z  seq      7  delivery {d}: attempt 2 (auto) started 2026-03-15T10:0*Z, 0 ms: failed, HTTP 503 (HTTP 503); next automatic attempt at *  [by herald]"),
         format!("2026-03-15T10:0*Z  seq      7    delivery {d}: pending -> inactive"),
-        format!("2026-03-15T11:00:00.000Z  seq      8  delivery {d}: retrigger requested by API key {} (request *)", s.key),
+        format!("2026-03-15T11:00:00.000Z  seq      8  delivery {d}: retrigger requested by API key {} (request *)  [by API key {}]", s.key, s.key),
         format!("2026-03-15T11:00:00.000Z  seq      8    delivery {d}: inactive -> pending"),
-        format!("2026-03-15T11:00:00.000Z  seq      9  delivery {d}: attempt 3 (manual) started 2026-03-15T11:00:00.000Z, 0 ms: delivered, HTTP 200"),
+        format!("2026-03-15T11:00:00.000Z  seq      9  delivery {d}: attempt 3 (manual) started 2026-03-15T11:00:00.000Z, 0 ms: delivered, HTTP 200  [by herald]"),
         format!("2026-03-15T11:00:00.000Z  seq      9    delivery {d}: pending -> delivered"),
     ];
     let got: Vec<String> = text(&out).lines().map(str::to_owned).collect();

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use herald_log::{Record, Store};
 use herald_projector::compact::load_checkpoint;
-use herald_projector::decode;
 use serde_json::{json, Value};
 
 use super::{b64, each_record, hex, open_to_read, ts, OfflineError, Progress};
@@ -90,12 +89,10 @@ fn write_line(out: &mut dyn Write, line: Value) -> Result<(), OfflineError> {
     writeln!(out, "{line}").map_err(OfflineError::Write)
 }
 
-/// One record as an export line: the raw body (base64) for import, the event for people.
+/// One record as an export line: the raw body (base64) for import, who acted and the event
+/// for people.
 fn export_line(r: &Record) -> Value {
-    let event = match decode(&r.body) {
-        Ok(e) => herald_server::audit_event(&e),
-        Err(e) => json!({"type": "Undecodable", "error": e.to_string()}),
-    };
+    let (actor, event) = herald_server::audit_record(&r.body);
     json!({
         "seq": r.seq,
         "at": ts(r.at_ms),
@@ -103,6 +100,7 @@ fn export_line(r: &Record) -> Value {
         "hash": hex(&r.hash),
         "prev_hash": hex(&r.prev_hash),
         "body": b64(&r.body),
+        "actor": actor,
         "event": event,
     })
 }

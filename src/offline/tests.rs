@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use herald_log::{Durability, Log, LogConfig, SledStore, Store, WriteBatch};
+use herald_log::{read_records, Durability, Log, LogConfig, SledStore, Store, WriteBatch};
 use herald_projector::{
-    encode, get_api_key_by_hash, AttemptOutcome, CheckedTables, DeliveryId, EndpointId, Event, EventId,
-    NewDelivery, OrgId, Scope, Trigger, RULES_CURRENT,
+    encode, encode_v1, get_api_key_by_hash, ApiKeyId, AttemptOutcome, CheckedTables, DeliveryId, EndpointId,
+    Event, EventId, NewDelivery, OrgId, RecordActor, Scope, Trigger, RULES_CURRENT,
 };
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -28,6 +28,8 @@ const OLD_DELIVERY: DeliveryId = DeliveryId(Uuid::from_u128(0x0190f1f4_0000_7000
 /// Published two days later; its first attempt failed.
 const NEW_EVENT: EventId = EventId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000f2));
 const NEW_DELIVERY: DeliveryId = DeliveryId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000d2));
+/// The key that published the new event.
+const KEY: ApiKeyId = ApiKeyId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000a1));
 
 fn published(at_ms: u64, id: EventId, delivery: DeliveryId) -> (u64, Event) {
     let deliveries = vec![NewDelivery {
@@ -68,7 +70,9 @@ fn attempt(
 }
 
 /// A data directory holding six records: the rules, an endpoint, the old event delivered at
-/// once (seq 3, 4), and the new one two days later whose attempt failed (seq 5, 6).
+/// once (seq 3, 4), and the new one two days later whose attempt failed (seq 5, 6). The first
+/// four are of event format 1, as herald wrote them before records named their actor; the new
+/// event was published by [`KEY`] and its attempt recorded by the system, in format 2.
 fn write_story() -> TempDir {
     let dir = tempfile::tempdir().unwrap();
     let later = T0 + 2 * DAY_MS;
@@ -91,7 +95,12 @@ fn write_story() -> TempDir {
     ];
     let store = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
     let log = Log::open(store.clone(), Importer, LogConfig::default()).unwrap();
-    let records = events.iter().map(|(at_ms, event)| (*at_ms, encode(event))).collect();
+    let actors = [None, None, None, None, Some(RecordActor::Key(KEY)), Some(RecordActor::System)];
+    let records = events
+        .iter()
+        .zip(actors)
+        .map(|((at_ms, event), actor)| (*at_ms, actor.map_or_else(|| encode_v1(event), |a| encode(a, event))))
+        .collect();
     assert_eq!(log.submit(records).unwrap().unwrap().len(), 6);
     log.close();
     drop(log);
@@ -217,6 +226,14 @@ fn export_then_import_gives_the_same_chain_and_projection() {
     assert_eq!((export.records, import.records), (6, 6));
     assert_eq!(import.verified, verify_dir(dir.path()).unwrap());
     assert_eq!(verify_dir(&copy.path().join("data")).unwrap(), import.verified);
+    // Every body, of either event format, byte for byte.
+    let bodies = |dir: &Path| {
+        let store = SledStore::open(dir, 8 << 20).unwrap();
+        read_records(&store, 1, 100).unwrap().into_iter().map(|r| r.body).collect::<Vec<_>>()
+    };
+    let (original, imported) = (bodies(dir.path()), bodies(&copy.path().join("data")));
+    assert_eq!(original, imported);
+    assert_eq!(original.iter().map(|b| b[0]).collect::<Vec<_>>(), [1, 1, 1, 1, 2, 2]);
     // A second import into the same directory is refused: it holds a log.
     let mut exported = Vec::new();
     super::export(
@@ -275,10 +292,54 @@ fn replay_tells_the_story_of_one_delivery() {
         kinds,
         ["RulesAdopted", "EventPublishedWithDeliveries", "StateChanged", "AttemptRecorded", "StateChanged"]
     );
+    // Its records were written before records named their actor: none is shown.
+    for line in lines.iter().filter(|l| l["type"] != "StateChanged") {
+        assert_eq!(line["actor"], serde_json::Value::Null, "{line}");
+    }
     // An id that is in no record is an error.
     let nobody = Subject::Delivery(DeliveryId(Uuid::nil()));
     let error = replay_text(dir.path(), nobody, ReplayFormat::Text).unwrap_err();
     assert!(matches!(error, OfflineError::NothingFound(s) if s == nobody), "{error:?}");
+}
+
+#[test]
+fn replay_and_export_name_who_acted_on_each_record() {
+    let dir = write_story();
+    let later = "2026-03-17T10:00:00";
+    let story = replay_text(dir.path(), Subject::Delivery(NEW_DELIVERY), ReplayFormat::Text).unwrap();
+    let steps: Vec<&str> =
+        story.lines().filter(|l| !l.contains("  ->") && !l.contains(": (new) ->")).collect();
+    assert_eq!(steps.len(), 3, "{story}");
+    assert!(steps[0].ends_with("from here on"), "a record of format 1 names nobody: {}", steps[0]);
+    assert!(
+        steps[1].starts_with(&format!("{later}.000Z  seq      5  event {NEW_EVENT} published")),
+        "{story}"
+    );
+    assert!(steps[1].ends_with(&format!(")  [by API key {KEY}]")), "{}", steps[1]);
+    assert!(steps[2].starts_with(&format!("{later}.005Z  seq      6  delivery {NEW_DELIVERY}: attempt 1")));
+    assert!(steps[2].ends_with("  [by herald]"), "{}", steps[2]);
+    let key = serde_json::json!({"kind": "key", "key_id": KEY.to_string()});
+    let system = serde_json::json!({"kind": "system"});
+    let ndjson = replay_text(dir.path(), Subject::Delivery(NEW_DELIVERY), ReplayFormat::Ndjson).unwrap();
+    let actors: Vec<(u64, serde_json::Value)> = ndjson
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["type"] != "StateChanged")
+        .map(|l| (l["seq"].as_u64().unwrap(), l["actor"].clone()))
+        .collect();
+    assert_eq!(actors, [(1, serde_json::Value::Null), (5, key.clone()), (6, system.clone())]);
+    // An export line names its actor too, beside the raw body.
+    let mut exported = Vec::new();
+    let options = ExportOptions { data_dir: dir.path().to_owned(), redact_secrets: true };
+    export(&options, &mut exported, &mut Silent).unwrap();
+    let actors: Vec<serde_json::Value> = String::from_utf8(exported)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["actor"].clone())
+        .collect();
+    let none = serde_json::Value::Null;
+    assert_eq!(actors, [none.clone(), none.clone(), none.clone(), none, key, system]);
 }
 
 #[test]
@@ -335,7 +396,7 @@ fn key_options(dir: &Path) -> KeysOptions {
     KeysOptions { data_dir: dir.to_owned() }
 }
 
-fn revoke_id(dir: &Path, id: herald_projector::ApiKeyId) -> Result<KeyRevoked, OfflineError> {
+fn revoke_id(dir: &Path, id: ApiKeyId) -> Result<KeyRevoked, OfflineError> {
     revoke_key(&KeyRevokeOptions { data_dir: dir.to_owned(), id })
 }
 
@@ -397,7 +458,7 @@ fn keys_are_created_listed_and_revoked_as_records_of_the_log() {
         "{again:?}"
     );
     assert!(again.is_usage());
-    let nobody = herald_projector::ApiKeyId(Uuid::nil());
+    let nobody = ApiKeyId(Uuid::nil());
     let error = revoke_id(dir.path(), nobody).unwrap_err();
     assert_eq!(error.to_string(), format!("no API key {nobody} in this data directory"));
     assert!(error.is_usage());

@@ -5,7 +5,8 @@ use std::io::Write;
 
 use herald_log::Record;
 use herald_projector::{
-    AttemptOutcome, Delivery, DeliveryId, DeliveryStatus, EndpointId, Event, MemTables, Trigger,
+    decode_actor, AttemptOutcome, Delivery, DeliveryId, DeliveryStatus, EndpointId, Event, MemTables,
+    RecordActor, Trigger,
 };
 use serde_json::{json, Value};
 
@@ -62,22 +63,32 @@ pub(super) fn write_state(
     }
 }
 
-/// Record `r`, whose event is `event`, as a step of the story.
+/// Record `r`, whose event is `event`, as a step of the story, with who acted: in NDJSON an
+/// `actor` as `/v1/audit/log` shows it; in text `[by API key ...]` or `[by herald]` at the end,
+/// nothing for a record written before records named their actor.
 pub(super) fn write_step(
     out: &mut dyn Write,
     ndjson: bool,
     r: &Record,
     event: &Event,
 ) -> Result<(), OfflineError> {
+    // The event decoded, so its envelope does.
+    let actor = decode_actor(&r.body).map_err(|error| OfflineError::Decode { seq: r.seq, error })?;
     if ndjson {
         let mut line = herald_server::audit_event(event);
         if let Value::Object(map) = &mut line {
             map.insert("seq".into(), json!(r.seq));
             map.insert("at".into(), json!(ts(r.at_ms)));
+            map.insert("actor".into(), herald_server::audit_actor(actor));
         }
         return writeln!(out, "{line}").map_err(OfflineError::Write);
     }
-    writeln!(out, "{}  seq {:>6}  {}", ts(r.at_ms), r.seq, step_text(event)).map_err(OfflineError::Write)
+    let by = match actor {
+        Some(RecordActor::Key(id)) => format!("  [by API key {id}]"),
+        Some(RecordActor::System) => "  [by herald]".to_owned(),
+        None => String::new(),
+    };
+    writeln!(out, "{}  seq {:>6}  {}{by}", ts(r.at_ms), r.seq, step_text(event)).map_err(OfflineError::Write)
 }
 
 /// What an event says, in words.

@@ -57,6 +57,16 @@ impl Server {
         Server::start_limited(extra_env, None)
     }
 
+    /// Same, on the data directory `dir` holds (a store the test wrote before), kept until the
+    /// server drops.
+    pub fn start_in(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Server {
+        let mut server = Server::unstarted(extra_env, None);
+        server.data_dir = dir.path().to_owned();
+        server._scratch = Some(dir);
+        server.spawn();
+        server
+    }
+
     /// Same, under an open-file limit (RLIMIT_NOFILE, soft and hard) of `open_files_max`.
     pub fn start_limited(extra_env: &[(&str, &str)], open_files_max: Option<u64>) -> Server {
         let mut server = Server::unstarted(extra_env, open_files_max);

@@ -409,7 +409,7 @@ impl Engine {
     }
 
     /// Publishes `payload` (JSON bytes) as an event of `event_type` for the organisation: the
-    /// simplest command, for embedders.
+    /// simplest command, for embedders. No key asks, so its records name the system as actor.
     pub fn publish(&self, org_id: OrgId, event_type: &str, payload: &[u8]) -> Result<Reply, EngineError> {
         self.execute_blocking(
             Actor { org_id: Some(org_id), key_id: None },

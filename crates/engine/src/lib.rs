@@ -68,9 +68,10 @@ pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionSta
 pub use herald_log::record::BODY_BYTES_MAX as RECORD_BODY_BYTES_MAX;
 pub use herald_log::{Durability, WriterStats};
 pub use herald_projector::{
-    applied_seq, decode, delivery_counts, delivery_orgs, get_api_key, get_api_key_by_hash, get_endpoint,
-    get_endpoint_settings, list_all_endpoints_rev, list_api_keys, list_deliveries_rev, list_endpoints_rev,
-    ApiKey, ApiKeyId, AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryOrder,
-    DeliveryQuery, DeliverySettings, DeliveryStatus, Endpoint, EndpointId, Event, EventId, OrgId, Policy,
-    Scope, Trigger, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX,
+    applied_seq, decode, decode_actor, decode_recorded, delivery_counts, delivery_orgs, get_api_key,
+    get_api_key_by_hash, get_endpoint, get_endpoint_settings, list_all_endpoints_rev, list_api_keys,
+    list_deliveries_rev, list_endpoints_rev, ApiKey, ApiKeyId, AttemptRecord, Delivery, DeliveryCursor,
+    DeliveryId, DeliveryIndex, DeliveryOrder, DeliveryQuery, DeliverySettings, DeliveryStatus, Endpoint,
+    EndpointId, Event, EventId, OrgId, Policy, RecordActor, Scope, Trigger, FAILURES_MAX_LIMIT,
+    RETRY_SCHEDULE_LEN_MAX,
 };

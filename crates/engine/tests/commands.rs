@@ -661,3 +661,70 @@ fn a_large_fan_out_spills_its_deliveries_into_records_of_their_own() {
         assert_eq!(w.status(*id), DeliveryStatus::Pending);
     }
 }
+
+/// Every record names who acted: the key of the command that wrote it (each record of a publish
+/// that spills into several, an admin key's too), or the system for a command without a key
+/// (attempt outcomes, the policy, an embedder).
+#[test]
+fn each_record_names_the_key_of_its_command_or_the_system() {
+    use herald_projector::{decode_recorded, Event, RecordActor, NEW_DELIVERY_BYTES};
+    let mut w = World::new(CommandLimits::default());
+    let key = ApiKeyId(Uuid::from_u128(0xa1));
+    let admin_key = ApiKeyId(Uuid::from_u128(0xad));
+    let keyed = Actor { org_id: Some(org(1)), key_id: Some(key) };
+    let admin = Actor { org_id: None, key_id: Some(admin_key) };
+    let url = format!("https://receiver.example/{}", "p".repeat(3_000));
+    let mut endpoint = None;
+    for _ in 0..25 {
+        let id = EndpointId(Uuid::now_v7());
+        let create = Command::CreateEndpoint {
+            id,
+            org_id: org(1),
+            url: url.clone(),
+            name: "crm".into(),
+            enabled_events: vec!["*".into()],
+            secret: None,
+            settings: Default::default(),
+        };
+        w.run(admin, create).unwrap();
+        endpoint = Some(id);
+    }
+    let first = herald_log::read_head(&w.store).unwrap().next_seq;
+    let ids = deliveries(w.run(keyed, publish_command(1)));
+    let attempt = Command::RecordAttempt {
+        delivery_id: ids[0],
+        started_at_ms: w.now_ms,
+        finished_at_ms: w.now_ms,
+        outcome: AttemptOutcome::Failed { status: Some(503), error: "HTTP 503".into() },
+        response_excerpt: Vec::new(),
+        retry_after_ms: None,
+    };
+    w.run(Actor::admin(), attempt).unwrap();
+    let policy = herald_projector::Policy { rotation_overlap_ms: 5_000, ..Default::default() };
+    w.run(Actor::admin(), Command::SetPolicy(policy)).unwrap();
+    w.run(member(1), publish_command(1)).unwrap();
+    w.run(admin, Command::DeleteEndpoint { id: endpoint.unwrap() }).unwrap();
+    let records = herald_log::read_records(&w.store, 1, 1_000).unwrap();
+    let named: Vec<(Option<RecordActor>, &'static str)> = records
+        .iter()
+        .skip_while(|r| r.seq < first)
+        .map(|r| decode_recorded(&r.body).map(|(actor, e)| (actor, e.kind())).unwrap())
+        .collect();
+    // a publish is a record and, for the deliveries that do not fit in it, records of their own
+    let spilled = 25 - herald_projector::PUBLISHED_DELIVERIES_BYTES_MAX / (url.len() + NEW_DELIVERY_BYTES);
+    assert!(spilled > 0);
+    let publish = |actor| {
+        let mut records = vec![(actor, "EventPublishedWithDeliveries")];
+        records.extend(std::iter::repeat_n((actor, "DeliveryCreated"), spilled));
+        records
+    };
+    let system = Some(RecordActor::System);
+    let mut expected = publish(Some(RecordActor::Key(key)));
+    expected.extend([(system, "AttemptRecorded"), (system, "PolicySet")]);
+    expected.extend(publish(system));
+    expected.push((Some(RecordActor::Key(admin_key)), "EndpointDeleted"));
+    assert_eq!(named, expected);
+    assert!(records[..(first - 1) as usize].iter().all(|r| {
+        matches!(decode_recorded(&r.body), Ok((Some(RecordActor::Key(k)), Event::EndpointCreated { .. })) if k == admin_key)
+    }));
+}

@@ -19,8 +19,11 @@ use crate::writer::Writer;
 /// (2026-11-24): records may be stored in groups (`record.rs`), which a binary that knows
 /// only 2 could not read; a store of 1 or 2 needs no conversion for it. 4 (2026-11-24): the
 /// machine may change how it reads later records behind a record of its own that a binary
-/// that knows only 3 cannot read (herald: `RulesAdopted`); no conversion.
-pub const STORE_FORMAT: u8 = 4;
+/// that knows only 3 cannot read (herald: `RulesAdopted`); no conversion. 5 (2026-12-06): the
+/// machine may write record bodies of a format a binary that knows only 4 cannot read (herald:
+/// event format 2, which names the record's actor), so such a binary refuses the store when it
+/// opens it rather than at its first such record; no conversion (older bodies still read).
+pub const STORE_FORMAT: u8 = 5;
 /// The oldest format this version opens. The machine converts an older store (herald:
 /// `drop_legacy`), then [`upgrade_format`] records that it is this version's.
 pub const STORE_FORMAT_OLDEST: u8 = 1;

@@ -32,6 +32,14 @@ pub(crate) fn to_bytes<T: Serialize>(value: &T) -> Vec<u8> {
     }
 }
 
+/// Appends `value`'s bytes to `out` (no buffer of its own: an event's payload is copied once).
+pub(crate) fn write_bytes<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    // As above; and writing into a Vec cannot fail either.
+    if let Err(e) = bincode::serde::encode_into_std_write(value, out, encode_config()) {
+        unreachable!("bincode cannot fail to encode a projector value: {e}")
+    }
+}
+
 /// The value in `bytes`, or `None` when they are not one (or hold more).
 pub(crate) fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     match bincode::serde::decode_from_slice::<T, _>(bytes, decode_config()) {

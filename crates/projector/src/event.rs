@@ -1,5 +1,6 @@
-//! The domain events: every fact herald records, and their one durable encoding,
-//! `[EVENT_FORMAT_V1] ++ bincode(Event)`.
+//! The domain events: every fact herald records, and their durable encoding: a record written
+//! now is `[EVENT_FORMAT_V2] ++ bincode(RecordActor) ++ bincode(Event)`; one written before
+//! records named who acted is `[EVENT_FORMAT_V1] ++ bincode(Event)`, and still decodes.
 
 #[cfg(test)]
 use crate::delivery_settings::DeliveryOrder;
@@ -9,8 +10,25 @@ use crate::policy::Policy;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The format byte that opens every encoded event.
+/// The format byte of a record written before records named their actor:
+/// `[EVENT_FORMAT_V1] ++ bincode(event)`. Still read; no longer written.
 pub const EVENT_FORMAT_V1: u8 = 1;
+/// The format byte of every record written now: `[EVENT_FORMAT_V2] ++ bincode(actor) ++
+/// bincode(event)`. The actor is in the envelope, so no [`Event`] variant changed its layout.
+pub const EVENT_FORMAT_V2: u8 = 2;
+
+/// Who made a record (its envelope, not its event): the fold never reads it, so a record of
+/// either format folds the same. Not to be confused with the engine's `Actor`, the organisation
+/// and key a command is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RecordActor {
+    /// herald's own decision (attempt outcomes, retention, the policy and rules records), or
+    /// whoever acts without a key: the host's operator through the offline tools (`herald keys
+    /// create`, `herald compact`) or the admin key's bootstrap, an embedder calling the library.
+    System,
+    /// The API key whose request made the record (an admin key included).
+    Key(ApiKeyId),
+}
 
 /// What an API key may do. `Admin` implies every other scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -286,27 +304,65 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-/// The event's durable bytes: `[EVENT_FORMAT_V1] ++ bincode(event)`.
-pub fn encode(event: &Event) -> Vec<u8> {
-    let mut bytes = vec![EVENT_FORMAT_V1];
-    bytes.extend(crate::codec::to_bytes(event));
+/// A record's durable bytes: `[EVENT_FORMAT_V2] ++ bincode(actor) ++ bincode(event)`. The
+/// actor adds 1 byte (`System`) or 18 (`Key`: a variant byte, a length byte, 16 id bytes).
+pub fn encode(actor: RecordActor, event: &Event) -> Vec<u8> {
+    let mut bytes = vec![EVENT_FORMAT_V2];
+    crate::codec::write_bytes(&actor, &mut bytes);
+    crate::codec::write_bytes(event, &mut bytes);
     bytes
 }
 
-/// The event in `bytes`. Any input gives an event or a [`DecodeError`], never a panic, and no
+/// The bytes of format 1 (`[EVENT_FORMAT_V1] ++ bincode(event)`), which herald wrote before
+/// records named their actor: for tests and fixtures of older stores. Herald writes [`encode`].
+pub fn encode_v1(event: &Event) -> Vec<u8> {
+    let mut bytes = vec![EVENT_FORMAT_V1];
+    crate::codec::write_bytes(event, &mut bytes);
+    bytes
+}
+
+/// The event in `bytes`, of either format (the actor, if any, is read past and dropped: see
+/// [`decode_recorded`]). Any input gives an event or a [`DecodeError`], never a panic, and no
 /// length prefix makes it allocate more than [`DECODE_BYTES_MAX`](crate::DECODE_BYTES_MAX).
 /// An event encoded larger than that does not decode: the engine keeps events far below it.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    decode_recorded(bytes).map(|(_, event)| event)
+}
+
+/// The actor and the event in `bytes`: `None` for a record of format 1, written before records
+/// named their actor. The same guarantees as [`decode`].
+pub fn decode_recorded(bytes: &[u8]) -> Result<(Option<RecordActor>, Event), DecodeError> {
     let (&format, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if format != EVENT_FORMAT_V1 {
-        return Err(DecodeError::UnknownFormat { format });
-    }
-    let (event, read) = bincode::serde::decode_from_slice::<Event, _>(body, crate::codec::decode_config())
-        .map_err(|e| DecodeError::Malformed { reason: e.to_string() })?;
+    let (actor, body) = match format {
+        EVENT_FORMAT_V1 => (None, body),
+        EVENT_FORMAT_V2 => {
+            let (actor, read) = decode_prefix::<RecordActor>(body)?;
+            (Some(actor), &body[read..])
+        }
+        format => return Err(DecodeError::UnknownFormat { format }),
+    };
+    let (event, read) = decode_prefix::<Event>(body)?;
     if read != body.len() {
         return Err(DecodeError::TrailingBytes { count: body.len() - read });
     }
-    Ok(event)
+    Ok((actor, event))
+}
+
+/// Only the actor of the record in `bytes`, its envelope: the event is not read (a damaged one is
+/// not noticed). `None` for a record of format 1.
+pub fn decode_actor(bytes: &[u8]) -> Result<Option<RecordActor>, DecodeError> {
+    match bytes.split_first() {
+        None => Err(DecodeError::Empty),
+        Some((&EVENT_FORMAT_V1, _)) => Ok(None),
+        Some((&EVENT_FORMAT_V2, body)) => decode_prefix(body).map(|(actor, _)| Some(actor)),
+        Some((&format, _)) => Err(DecodeError::UnknownFormat { format }),
+    }
+}
+
+/// The value `bytes` open with, and how many bytes it took.
+fn decode_prefix<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), DecodeError> {
+    bincode::serde::decode_from_slice::<T, _>(bytes, crate::codec::decode_config())
+        .map_err(|e| DecodeError::Malformed { reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -320,6 +376,10 @@ mod tests {
 
     fn text() -> impl Strategy<Value = String> {
         "[a-z.*_ ]{0,12}"
+    }
+
+    fn actor() -> impl Strategy<Value = RecordActor> {
+        prop_oneof![Just(RecordActor::System), uuid().prop_map(|id| RecordActor::Key(ApiKeyId(id)))]
     }
 
     fn scope() -> impl Strategy<Value = Scope> {
@@ -480,68 +540,139 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_event_round_trips(event in event()) {
-            let bytes = encode(&event);
-            prop_assert_eq!(bytes[0], EVENT_FORMAT_V1);
+        fn every_event_round_trips(event in event(), actor in actor()) {
+            let bytes = encode(actor, &event);
+            prop_assert_eq!(bytes[0], EVENT_FORMAT_V2);
+            prop_assert_eq!(decode_recorded(&bytes), Ok((Some(actor), event.clone())));
             prop_assert_eq!(decode(&bytes), Ok(event.clone()));
-            // the encoding is a function of the event
-            prop_assert_eq!(encode(&decode(&bytes).unwrap()), bytes);
+            // the encoding is a function of the actor and the event
+            prop_assert_eq!(encode(actor, &decode(&bytes).unwrap()), bytes.clone());
+            // the envelope changes no byte of the event: format 1 is the same event bytes
+            let v1 = encode_v1(&event);
+            let envelope = match actor { RecordActor::System => 1, RecordActor::Key(_) => 18 };
+            prop_assert_eq!(bytes.len(), v1.len() + envelope);
+            prop_assert_eq!(&bytes[1 + envelope..], &v1[1..]);
+            prop_assert_eq!(decode_recorded(&v1), Ok((None, event)));
+            prop_assert_eq!(decode_actor(&bytes), Ok(Some(actor)));
+            prop_assert_eq!(decode_actor(&v1), Ok(None));
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&bytes);
-            let mut v1 = vec![EVENT_FORMAT_V1];
-            v1.extend_from_slice(&bytes);
-            let _ = decode(&v1);
+            for format in [EVENT_FORMAT_V1, EVENT_FORMAT_V2] {
+                let mut framed = vec![format];
+                framed.extend_from_slice(&bytes);
+                let _ = decode_recorded(&framed);
+                let _ = decode_actor(&framed);
+            }
+            // a well-formed actor followed by anything
+            for actor in [RecordActor::System, RecordActor::Key(ApiKeyId(Uuid::from_u128(7)))] {
+                let mut framed = encode(actor, &Event::RulesAdopted { version: 1 });
+                framed.truncate(framed.len() - 2);
+                framed.extend_from_slice(&bytes);
+                let _ = decode_recorded(&framed);
+            }
         }
 
         #[test]
         fn damaged_events_never_panic(
             event in event(),
+            actor in proptest::option::of(actor()),
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
             cut in any::<usize>(),
         ) {
-            let mut bytes = encode(&event);
+            let mut bytes = match actor {
+                Some(actor) => encode(actor, &event),
+                None => encode_v1(&event),
+            };
             for (at, value) in flips {
                 let at = at % bytes.len();
                 bytes[at] = value;
             }
-            let _ = decode(&bytes);
-            let _ = decode(&bytes[..cut % (bytes.len() + 1)]);
+            let _ = decode_recorded(&bytes);
+            let _ = decode_actor(&bytes);
+            let _ = decode_recorded(&bytes[..cut % (bytes.len() + 1)]);
+            let _ = decode_actor(&bytes[..cut % (bytes.len() + 1)]);
         }
     }
 
     #[test]
     fn typed_decode_errors() {
-        let good = encode(&Event::EndpointEnabled { id: EndpointId(Uuid::from_u128(1)) });
-        let mut unknown = good.clone();
-        unknown[0] = 2;
-        let mut trailing = good.clone();
-        trailing.push(0);
+        let enabled = Event::EndpointEnabled { id: EndpointId(Uuid::from_u128(1)) };
+        for good in [encode_v1(&enabled), encode(RecordActor::Key(ApiKeyId(Uuid::from_u128(2))), &enabled)] {
+            let mut unknown = good.clone();
+            unknown[0] = 3;
+            let mut trailing = good.clone();
+            trailing.push(0);
+            assert_eq!(decode(&unknown), Err(DecodeError::UnknownFormat { format: 3 }));
+            assert_eq!(decode(&trailing), Err(DecodeError::TrailingBytes { count: 1 }));
+            assert!(matches!(decode(&good[..good.len() - 1]), Err(DecodeError::Malformed { .. })));
+        }
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
-        assert_eq!(decode(&unknown), Err(DecodeError::UnknownFormat { format: 2 }));
-        assert_eq!(decode(&trailing), Err(DecodeError::TrailingBytes { count: 1 }));
-        assert!(matches!(decode(&good[..good.len() - 1]), Err(DecodeError::Malformed { .. })));
-        // a variant index past the last
+        assert_eq!(decode_actor(&[]), Err(DecodeError::Empty));
+        assert_eq!(decode_actor(&[3, 0]), Err(DecodeError::UnknownFormat { format: 3 }));
+        assert!(matches!(decode_actor(&[EVENT_FORMAT_V2]), Err(DecodeError::Malformed { .. })));
+        // a variant index past the last: of an event, of an actor
         assert!(matches!(decode(&[EVENT_FORMAT_V1, 99]), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(decode(&[EVENT_FORMAT_V2, 2, 16]), Err(DecodeError::Malformed { .. })));
+        // an actor and no event; a key id of the wrong length
+        assert!(matches!(decode(&[EVENT_FORMAT_V2, 0]), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(decode(&[EVENT_FORMAT_V2, 1, 3, 1, 2, 3, 16]), Err(DecodeError::Malformed { .. })));
         // a length prefix far past the end asks for no huge allocation
         let huge = [EVENT_FORMAT_V1, 9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
         assert!(decode(&huge).is_err());
+        let huge_actor = [EVENT_FORMAT_V2, 1, 0xfd, 0, 0, 0, 0, 0, 1, 0, 0];
+        assert!(decode(&huge_actor).is_err());
+    }
+
+    /// The bytes herald wrote for this `EndpointCreated` before records named their actor (from
+    /// `encode` at 5d55a99): a record of an older store, which must keep decoding as it was.
+    const V1_ENDPOINT_CREATED: [u8; 117] = [
+        1, 4, 16, 1, 144, 241, 244, 0, 0, 112, 0, 128, 0, 0, 0, 0, 0, 0, 225, 16, 1, 144, 241, 244, 0, 0,
+        112, 0, 128, 0, 0, 0, 0, 0, 0, 1, 29, 104, 116, 116, 112, 115, 58, 47, 47, 99, 114, 109, 46, 101,
+        120, 97, 109, 112, 108, 101, 46, 99, 111, 109, 47, 104, 111, 111, 107, 115, 3, 67, 82, 77, 1, 6, 99,
+        97, 108, 108, 46, 42, 38, 119, 104, 115, 101, 99, 95, 77, 102, 75, 81, 57, 114, 56, 71, 75, 89, 113,
+        114, 84, 119, 106, 85, 80, 68, 56, 73, 76, 80, 90, 73, 111, 50, 76, 97, 76, 97, 83, 119,
+    ];
+
+    #[test]
+    fn a_record_of_format_1_decodes_with_no_actor() {
+        let event = Event::EndpointCreated {
+            id: EndpointId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000e1)),
+            org_id: OrgId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_000000000001)),
+            url: "https://crm.example.com/hooks".into(),
+            name: "CRM".into(),
+            enabled_events: vec!["call.*".into()],
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        };
+        assert_eq!(decode_recorded(&V1_ENDPOINT_CREATED), Ok((None, event.clone())));
+        assert_eq!(decode(&V1_ENDPOINT_CREATED), Ok(event.clone()));
+        assert_eq!(encode_v1(&event), V1_ENDPOINT_CREATED);
+        // the same record written now: format 2, the key's envelope, then the same event bytes
+        let key = ApiKeyId(Uuid::from_u128(0x0190f1f4_0000_7000_8000_0000000000a1));
+        let v2 = encode(RecordActor::Key(key), &event);
+        assert_eq!(v2[..3], [EVENT_FORMAT_V2, 1, 16]);
+        assert_eq!(v2[3..19], *key.as_bytes());
+        assert_eq!(v2[19..], V1_ENDPOINT_CREATED[1..]);
+        assert_eq!(encode(RecordActor::System, &event)[..2], [EVENT_FORMAT_V2, 0]);
     }
 
     /// A length prefix of 2^40 in the payload or in a string: an error, not a huge allocation.
     #[test]
     fn huge_length_prefixes_are_errors() {
         let published = |event_type: &str, payload: Vec<u8>| {
-            encode(&Event::EventPublished {
-                id: EventId(Uuid::from_u128(1)),
-                org_id: OrgId(Uuid::from_u128(2)),
-                event_type: event_type.into(),
-                payload,
-                call_id: None,
-                idempotency_key: None,
-            })
+            encode(
+                RecordActor::Key(ApiKeyId(Uuid::from_u128(9))),
+                &Event::EventPublished {
+                    id: EventId(Uuid::from_u128(1)),
+                    org_id: OrgId(Uuid::from_u128(2)),
+                    event_type: event_type.into(),
+                    payload,
+                    call_id: None,
+                    idempotency_key: None,
+                },
+            )
         };
         let mut huge_len = vec![0xfd]; // bincode varint: a u64 follows, little-endian
         huge_len.extend_from_slice(&(1u64 << 40).to_le_bytes());

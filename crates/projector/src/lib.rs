@@ -2,7 +2,9 @@
 //! models the engine queries.
 //!
 //! - [`Event`]: every fact herald records, encoded with [`encode`] as
-//!   `[EVENT_FORMAT_V1] ++ bincode(event)` and read back with [`decode`].
+//!   `[EVENT_FORMAT_V2] ++ bincode(actor) ++ bincode(event)` (the [`RecordActor`] who made it) and
+//!   read back with [`decode`] (or [`decode_recorded`], with its actor); a record written before
+//!   actors (`[EVENT_FORMAT_V1] ++ bincode(event)`) still decodes, with none.
 //! - [`apply`]: the fold, the only way the projection changes. It does no IO, reads no clock and
 //!   draws no random number: time comes stamped on each event (`at_ms`), and decisions that need
 //!   time or chance (an attempt's `retry_at_ms`) are made by the engine and recorded in the event.
@@ -57,7 +59,7 @@
 //! ];
 //! let mut tables = MemTables::new();
 //! for (i, event) in events.iter().enumerate() {
-//!     let bytes = encode(event);
+//!     let bytes = encode(RecordActor::System, event);
 //!     assert_eq!(&decode(&bytes).unwrap(), event);
 //!     apply(&mut tables, i as u64 + 1, 1_000, event).unwrap();
 //! }
@@ -117,8 +119,9 @@ pub use delivery_settings::{
     MAX_IN_FLIGHT_MAX, RATE_LIMIT_PER_S_MAX,
 };
 pub use event::{
-    decode, encode, AttemptOutcome, DecodeError, Event, NewDelivery, Scope, Trigger, EVENT_FORMAT_V1,
-    NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
+    decode, decode_actor, decode_recorded, encode, encode_v1, AttemptOutcome, DecodeError, Event,
+    NewDelivery, RecordActor, Scope, Trigger, EVENT_FORMAT_V1, EVENT_FORMAT_V2, NEW_DELIVERY_BYTES,
+    PUBLISHED_DELIVERIES_BYTES_MAX,
 };
 pub use fold::{
     apply, apply_unstaged, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,

@@ -39,7 +39,7 @@ use utoipa::OpenApi;
 use crate::config::Config;
 
 pub use crate::auth::{generate_key, key_hash, Buckets, KEY_PREFIX};
-pub use crate::routes::ops::audit_event;
+pub use crate::routes::ops::{audit_actor, audit_event, audit_record};
 pub use crate::state::{AppState, ServerLimits};
 pub use crate::util::{parse_id, parse_ts, ts};
 

@@ -14,7 +14,7 @@ use herald_log::{Machine, Tx};
 use herald_projector::compact::Plan;
 use herald_projector::{
     apply_unstaged, encode, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId, Due, EndpointId,
-    Event, EventId, OrgId, Policy, Scope, TxRead, TxTables,
+    Event, EventId, OrgId, Policy, RecordActor, Scope, TxRead, TxTables,
 };
 use uuid::Uuid;
 
@@ -40,12 +40,19 @@ use publish::{FanOut, Publish};
 pub struct Actor {
     /// `None`: admin.
     pub org_id: Option<OrgId>,
+    /// The key that asks; its records name it ([`Actor::recorded`]). `None`: the system.
     pub key_id: Option<ApiKeyId>,
 }
 
 impl Actor {
     pub fn admin() -> Actor {
         Actor { org_id: None, key_id: None }
+    }
+
+    /// Who the records of this actor's commands name: its key, or the system when it has none
+    /// (herald's own decisions, the offline tools, an embedder's calls).
+    pub fn recorded(&self) -> RecordActor {
+        self.key_id.map_or(RecordActor::System, RecordActor::Key)
     }
 
     /// Whether this actor may see an object of `org_id`; another organisation's object is
@@ -400,13 +407,20 @@ impl Commands {
             Command::AdoptRules(version) => run.adopt_rules(version),
         }?;
         let events = run.events;
-        self.stage(tx, at_ms, events)?;
+        self.stage(tx, at_ms, actor.recorded(), events)?;
         Ok(reply)
     }
 
-    /// Appends the events of a command that passed its checks and folds each into the batch's
-    /// projection; notes what a durable batch must tell (a key change, deliveries made due).
-    fn stage(&mut self, tx: &mut Tx<'_>, at_ms: u64, events: Vec<Event>) -> Result<(), CommandError> {
+    /// Appends the events of a command that passed its checks, each record naming `actor`, and
+    /// folds each into the batch's projection; notes what a durable batch must tell (a key
+    /// change, deliveries made due).
+    fn stage(
+        &mut self,
+        tx: &mut Tx<'_>,
+        at_ms: u64,
+        actor: RecordActor,
+        events: Vec<Event>,
+    ) -> Result<(), CommandError> {
         let mut due = Vec::new();
         for event in events {
             if matches!(event, Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. }) {
@@ -426,7 +440,7 @@ impl Commands {
             // come together, first in each batch: the urgent queue; publishes after them).
             // Nothing reads one back by key on a hot path: a first attempt is handed its payload
             // (`DueHint`), only a retry reads it.
-            let seq = tx.append_grouped(at_ms, encode(&event)).seq;
+            let seq = tx.append_grouped(at_ms, encode(actor, &event)).seq;
             // The log's writer rolls the batch back to this command's savepoint on an error.
             apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
             due_hints(&mut due, at_ms, event);

@@ -202,7 +202,8 @@ impl herald_log::Machine for Compactor {
         tx: &mut Tx<'_>,
     ) -> Result<CompactReport, CompactError> {
         let (event, report) = apply_plan(tx, *plan)?;
-        let seq = tx.append(at_ms, crate::event::encode(&event)).seq;
+        // Retention is herald's own decision, whoever runs it (`herald compact` included).
+        let seq = tx.append(at_ms, crate::event::encode(crate::RecordActor::System, &event)).seq;
         crate::fold::apply(&mut TxTables(tx), seq, at_ms, &event)
             .map_err(|error| CompactError::Rebuild(RebuildError::Apply { seq, error }))?;
         Ok(report)

@@ -43,7 +43,7 @@ impl Machine for Machine1 {
         };
         for (at_ms, event) in events {
             let event = stamped(at_ms, &event);
-            let seq = tx.append(at_ms, encode(&event)).seq;
+            let seq = tx.append(at_ms, encode(crate::RecordActor::System, &event)).seq;
             apply(&mut TxTables(tx), seq, at_ms, &event)
                 .map_err(|error| CompactError::Rebuild(RebuildError::Apply { seq, error }))?;
         }

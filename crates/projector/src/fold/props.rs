@@ -4,8 +4,8 @@
 
 use crate::testkit::{assert_consistent, dl, ep, ev, org};
 use crate::{
-    apply, decode, encode, get_delivery, AttemptOutcome, DeliveryOrder, DeliverySettings, Event, MemTables,
-    Policy, TableBatch,
+    apply, decode_recorded, encode, encode_v1, get_delivery, ApiKeyId, AttemptOutcome, DeliveryOrder,
+    DeliverySettings, Event, MemTables, Policy, RecordActor, TableBatch,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -345,7 +345,8 @@ proptest! {
         prop_assert_eq!(crate::applied_seq(&a).unwrap(), driver.accepted.len() as u64);
 
         for (_, event) in &driver.accepted {
-            prop_assert_eq!(&decode(&encode(event)).expect("round trip"), event);
+            let actor = RecordActor::Key(ApiKeyId(Uuid::from_u128(1)));
+            prop_assert_eq!(decode_recorded(&encode(actor, event)).expect("round trip"), (Some(actor), event.clone()));
         }
         for (k, _) in a.iter() {
             prop_assert!((crate::keys::KS_FIRST..=crate::keys::KS_LAST).contains(&k[0]));
@@ -414,7 +415,11 @@ proptest! {
 }
 
 /// Appends events one command at a time, or applies a compaction plan (as the engine does).
-struct WithCompaction;
+/// Its records are written in turn in each format a store may hold (`mixed_formats`).
+#[derive(Default)]
+struct WithCompaction {
+    written: u64,
+}
 
 enum Step {
     Events(Vec<(u64, Event)>),
@@ -435,10 +440,21 @@ impl herald_log::Machine for WithCompaction {
             }
         };
         for (at_ms, event) in events {
-            let seq = tx.append(at_ms, encode(&event)).seq;
+            self.written += 1;
+            let seq = tx.append(at_ms, mixed_formats(self.written, &event)).seq;
             apply(&mut crate::TxTables(tx), seq, at_ms, &event).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// The `n`th event's bytes in one of the formats a store may hold, in turn: a log written by
+/// versions before and after records named their actor, which must fold as one.
+fn mixed_formats(n: u64, event: &Event) -> Vec<u8> {
+    match n % 3 {
+        0 => encode_v1(event),
+        1 => encode(RecordActor::System, event),
+        _ => encode(RecordActor::Key(ApiKeyId(Uuid::from_u128(n.into()))), event),
     }
 }
 
@@ -471,7 +487,7 @@ proptest! {
         }
         let store = MemStore::new();
         let config = LogConfig { batch_commands_max: 4, queue_commands_max: 64, durability: Durability::Flush };
-        let log = Log::open(std::sync::Arc::new(store.clone()), WithCompaction, config).expect("open");
+        let log = Log::open(std::sync::Arc::new(store.clone()), WithCompaction::default(), config).expect("open");
         let mut cuts = cuts;
         cuts.sort();
         let mut next_cut = cuts.iter().peekable();

@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_engine::decode;
+use herald_engine::{decode_recorded, RecordActor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -70,7 +70,10 @@ pub const AUDIT_PAGE_MAX: usize = 10_000;
     params(("after" = Option<u64>, Query, description = "records with a greater seq"),
         ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000")),
     responses((status = 200, content_type = "application/x-ndjson", body = String,
-        description = "one record a line: {seq, at, hash, prev_hash, event: {type, ...}}"),
+        description = "one record a line: {seq, at, hash, prev_hash, actor, event: {type, ...}}; \
+            actor is {kind: \"key\", key_id} (the API key whose request wrote the record), \
+            {kind: \"system\"} (herald's own decisions: attempt outcomes, retention, policy and rules; \
+            the offline tools), or null for a record written before records named their actor"),
         (status = 400, body = NamedError), AuthErrors),
     security(("bearer" = [])))]
 pub async fn audit_log(
@@ -91,15 +94,13 @@ pub async fn audit_log(
         state.engine.records(after.saturating_add(1), limit).map_err(|e| ApiError::from_read(F, e))?;
     let mut body = String::new();
     for r in records {
-        let event = match decode(&r.body) {
-            Ok(e) => audit_event(&e),
-            Err(e) => serde_json::json!({"type": "Undecodable", "error": e.to_string()}),
-        };
+        let (actor, event) = audit_record(&r.body);
         let line = serde_json::json!({
             "seq": r.seq,
             "at": crate::util::ts(r.at_ms),
             "hash": hex(&r.hash),
             "prev_hash": hex(&r.prev_hash),
+            "actor": actor,
             "event": event,
         });
         body.push_str(&line.to_string());
@@ -110,6 +111,26 @@ pub async fn audit_log(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A record's body as the audit log shows it: its actor ([`audit_actor`]) and its event
+/// ([`audit_event`]); a body that does not decode is an `Undecodable` event by nobody.
+pub fn audit_record(body: &[u8]) -> (Value, Value) {
+    match decode_recorded(body) {
+        Ok((actor, event)) => (audit_actor(actor), audit_event(&event)),
+        Err(e) => (Value::Null, serde_json::json!({"type": "Undecodable", "error": e.to_string()})),
+    }
+}
+
+/// Who acted, as audit JSON: `{"kind": "key", "key_id": uuid}`, `{"kind": "system"}`, or null
+/// for a record written before records named their actor (none is known, and API.md shows an
+/// unknown value as null, never leaves it out).
+pub fn audit_actor(actor: Option<RecordActor>) -> Value {
+    match actor {
+        Some(RecordActor::Key(id)) => serde_json::json!({"kind": "key", "key_id": id.to_string()}),
+        Some(RecordActor::System) => serde_json::json!({"kind": "system"}),
+        None => Value::Null,
+    }
 }
 
 /// An event as audit JSON: `{"type": "<Variant>", ...fields}`. Secrets are redacted, key hashes
