@@ -20,9 +20,14 @@ use crate::tables::Tables;
 ///    non-2xx answer): the endpoint's health, the delivery's place in its schedule and its last
 ///    error and status stay as they were, and the delivery stays pending. Before, such an attempt
 ///    was recorded as a failure, so restarts could exhaust deliveries and make endpoints inactive.
+/// 4. The fold keeps record refs (`KS_RECORD_REFS`, `refs.rs`): for each delivery the seqs of the
+///    records that wrote its row after its creation (and its creation's, when it was not in its
+///    event's publish record or did not start pending), with its status after each; for each
+///    endpoint the seqs of its own records; the seqs of the policy and rules records; and the seq
+///    the refs start from. Nothing else changes: a replay reads a delivery's story by seq.
 ///
 /// [`Rules`] names each of these changes.
-pub const RULES_CURRENT: u32 = 3;
+pub const RULES_CURRENT: u32 = 4;
 
 /// A version of the fold's rules: the number stored under `META_RULES` and carried by
 /// `RulesAdopted` (1 before any), asked by what it changed rather than compared with numbers.
@@ -51,6 +56,12 @@ impl Rules {
     /// be recorded, and it is not a failure (before, no such attempt folds).
     pub fn interrupted_is_not_a_failure(self) -> bool {
         self.0 >= 3
+    }
+
+    /// Version 4 on: the fold keeps record refs (`KS_RECORD_REFS`): which records touched each
+    /// delivery and endpoint, and which set the policy or the rules.
+    pub fn delivery_record_refs(self) -> bool {
+        self.0 >= 4
     }
 
     /// Whether rules `next` may follow these: forward only, up to the ones this code knows.
@@ -84,11 +95,13 @@ mod tests {
                 rules.attempt_moves_endpoint_updated_at(),
                 rules.delivery_url_follows_endpoint(),
                 rules.interrupted_is_not_a_failure(),
+                rules.delivery_record_refs(),
             )
         };
-        assert_eq!(changes(Rules::FIRST.0), (false, false, false));
-        assert_eq!(changes(2), (true, true, false));
-        assert_eq!(changes(3), (true, true, true));
+        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false));
+        assert_eq!(changes(2), (true, true, false, false));
+        assert_eq!(changes(3), (true, true, true, false));
+        assert_eq!(changes(4), (true, true, true, true));
         assert!(Rules::FIRST.may_be_followed_by(Rules::CURRENT));
         assert!(!Rules(2).may_be_followed_by(Rules(2)));
         assert!(!Rules(3).may_be_followed_by(Rules(2)));
