@@ -32,6 +32,8 @@ mod timeline;
 mod verify;
 
 #[cfg(test)]
+mod replay_props;
+#[cfg(test)]
 mod tests;
 
 pub use compact::{compact, vacuum, CompactOptions, CompactSummary, VacuumOptions, VacuumSummary};
