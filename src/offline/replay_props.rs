@@ -163,16 +163,28 @@ impl History {
                 next_attempt_at_ms: self.now_ms,
             })
             .collect();
-        let (event_type, payload) = ("a.b".to_string(), b"{}".to_vec());
+        let published = Event::EventPublished {
+            id,
+            org_id: ORG,
+            event_type: "a.b".into(),
+            payload: b"{}".to_vec(),
+            call_id: None,
+            idempotency_key: None,
+        };
         if merged {
             let count = deliveries.len() as u32;
+            let Event::EventPublished { id, org_id, event_type, payload, call_id, idempotency_key } =
+                published
+            else {
+                return;
+            };
             let event = Event::EventPublishedWithDeliveries {
                 id,
-                org_id: ORG,
+                org_id,
                 event_type,
                 payload,
-                call_id: None,
-                idempotency_key: None,
+                call_id,
+                idempotency_key,
                 deliveries,
             };
             if self.offer(event) {
@@ -180,14 +192,7 @@ impl History {
             }
             return;
         }
-        let event = Event::EventPublished {
-            id,
-            org_id: ORG,
-            event_type,
-            payload,
-            call_id: None,
-            idempotency_key: None,
-        };
+        let event = published;
         if !self.offer(event) {
             return;
         }
