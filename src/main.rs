@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use herald::offline::{
     self, CompactOptions, ExportOptions, ImportOptions, KeyCreateOptions, KeyRevokeOptions, KeysOptions,
-    OfflineError, Progress, ReplayFormat, ReplayOptions, Subject, VacuumOptions, VerifyOptions,
+    OfflineError, Progress, ReplayFormat, ReplayOptions, ReplayRead, Subject, VacuumOptions, VerifyOptions,
 };
 use herald::projector::{DeliveryId, EndpointId, EventId};
 use herald_server::config::{herald_env, Config, Overrides};
@@ -96,6 +96,10 @@ enum Cmd {
         endpoint: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Read the whole log rather than the records the index names (the cross-check; also
+        /// what a store without the index, before rules 4, is read by).
+        #[arg(long)]
+        scan: bool,
     },
     /// The API keys of a stopped server's data: create one (the way back from a lost admin key),
     /// list them, revoke one. Each change is a record in the log, like one the API writes; the
@@ -211,7 +215,7 @@ fn main() -> ExitCode {
             offline::import(&ImportOptions { data_dir }, &mut input, bar).map(|r| Some(r.to_string()))
         }),
         Cmd::Compact { dir, retain, vacuum } => compact(&dir, retain, vacuum),
-        Cmd::Replay { dir, delivery, event, endpoint, format } => {
+        Cmd::Replay { dir, delivery, event, endpoint, format, scan } => {
             let subject = match parse_subject(delivery, event, endpoint) {
                 Ok(s) => s,
                 Err(e) => return usage(e),
@@ -223,7 +227,10 @@ fn main() -> ExitCode {
             offline(&dir, |data_dir, bar| {
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
-                offline::replay(&ReplayOptions { data_dir, subject, format }, &mut out, bar).map(|_| None)
+                let read = if scan { ReplayRead::Scan } else { ReplayRead::Index };
+                let options = ReplayOptions { data_dir, subject, format, read };
+                offline::replay(&options, &mut out, bar)
+                    .map(|r| r.scanned.map(|why| format!("read by a scan: {why}")))
             })
         }
         Cmd::Keys(command) => keys(command),

@@ -56,6 +56,11 @@ pub enum OfflineError {
     NothingFound(Subject),
     /// `replay`: the checkpoint a compaction kept does not read back.
     CheckpointCorrupt(herald_projector::CorruptValue),
+    /// `replay` by index: a record of the story fails its checksum, its chain link to the
+    /// record before it, or is missing.
+    StoryDamaged(CorruptRecord),
+    /// `replay` by index: a row or a record ref of the stored projection does not read back.
+    ProjectionCorrupt(herald_projector::CorruptValue),
     /// `replay`: the checkpoint holds a delivery key of the wrong length.
     BadDeliveryKey,
     /// `keys`: the arguments or the key they name cannot be used.
@@ -123,6 +128,12 @@ impl fmt::Display for OfflineError {
             E::NothingFound(subject) => write!(f, "nothing in the log for {subject:?}"),
             E::CheckpointCorrupt(e) => write!(f, "checkpoint: {e}"),
             E::BadDeliveryKey => write!(f, "checkpoint: a bad delivery key"),
+            E::StoryDamaged(c) => write!(
+                f,
+                "the log is damaged at seq {}, a record of this story: {c} (`herald verify` checks the whole log)",
+                c.seq
+            ),
+            E::ProjectionCorrupt(e) => write!(f, "the stored projection: {e}"),
             E::Key(problem) => write!(f, "{problem}"),
             E::NewerRules { rules } => write!(
                 f,

@@ -27,9 +27,12 @@ mod export;
 mod import;
 mod keys;
 mod replay;
+mod replay_index;
 mod timeline;
 mod verify;
 
+#[cfg(test)]
+mod replay_props;
 #[cfg(test)]
 mod tests;
 
@@ -41,7 +44,7 @@ pub use keys::{
     create_key, key_hash, list_keys, parse_key_id, parse_org_id, parse_scopes, revoke_key, KeyCreateOptions,
     KeyCreated, KeyList, KeyOwner, KeyProblem, KeyRevokeOptions, KeyRevoked, KeysOptions, KEY_PREFIX,
 };
-pub use replay::{replay, ReplayFormat, ReplayOptions, ReplayReport, Subject};
+pub use replay::{replay, ReplayFormat, ReplayOptions, ReplayRead, ReplayReport, ScanReason, Subject};
 pub use verify::{verify, VerifyOptions, VerifyReport};
 
 /// Where a tool tells how far it got: one phase after another, each begun, advanced and ended.

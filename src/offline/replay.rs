@@ -9,9 +9,10 @@ use herald_log::Record;
 use herald_projector::compact::load_checkpoint;
 use herald_projector::{
     apply, decode, get_delivery, get_endpoint, get_event, Delivery, DeliveryId, DeliveryStatus, EndpointId,
-    Event, EventId, MemTables, NewDelivery,
+    Event, EventId, MemTables, NewDelivery, ReadTables,
 };
 
+use super::replay_index::replay_by_index;
 use super::timeline::{write_kept_delivery, write_state, write_step};
 use super::{each_record, open_to_read, OfflineError, Progress};
 
@@ -32,6 +33,18 @@ pub enum ReplayFormat {
     Ndjson,
 }
 
+/// How [`replay`] finds the records of the story.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplayRead {
+    /// By the record refs the projection keeps (rules 4 on): only the subject's records are
+    /// read, by seq, each checked against the one before it. Where the refs do not reach back
+    /// to the kept log's start, the whole log is scanned instead ([`ReplayReport::scanned`]).
+    #[default]
+    Index,
+    /// The whole log, folded as it goes: the cross-check of the index.
+    Scan,
+}
+
 /// What [`replay`] tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayOptions {
@@ -39,6 +52,28 @@ pub struct ReplayOptions {
     pub data_dir: PathBuf,
     pub subject: Subject,
     pub format: ReplayFormat,
+    pub read: ReplayRead,
+}
+
+/// Why a replay by index scanned the log instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanReason {
+    /// The store never adopted rules 4: it keeps no record refs.
+    NoRefs,
+    /// The refs start at this seq (rules 4 were adopted there), after the kept log's first record.
+    RefsFrom(u64),
+}
+
+impl std::fmt::Display for ScanReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScanReason::NoRefs => write!(f, "this store keeps no record index (its fold rules are older than 4)"),
+            ScanReason::RefsFrom(seq) => write!(
+                f,
+                "the record index starts at seq {seq}, where fold rules 4 were adopted, and the log holds older records"
+            ),
+        }
+    }
 }
 
 /// What [`replay`] wrote.
@@ -48,6 +83,10 @@ pub struct ReplayReport {
     pub steps: u64,
     /// The state changes of the followed deliveries.
     pub state_changes: u64,
+    /// The records read from the log.
+    pub records_read: u64,
+    /// Set when a replay by index scanned the whole log instead, and why.
+    pub scanned: Option<ScanReason>,
 }
 
 /// Writes the story of `options.subject` on `out`.
@@ -56,33 +95,49 @@ pub fn replay(
     out: &mut dyn Write,
     progress: &mut dyn Progress,
 ) -> Result<ReplayReport, OfflineError> {
+    let mut scanned = None;
+    if options.read == ReplayRead::Index {
+        let store = super::open_existing(&options.data_dir)?;
+        let head = herald_log::read_head(store.as_ref()).map_err(OfflineError::Log)?;
+        let mut story = Story::new(options, &mut *out, MemTables::new());
+        match replay_by_index(store.as_ref(), &head, &mut story, progress)? {
+            None => return story.end(),
+            Some(reason) => scanned = Some(reason),
+        }
+    }
     let (store, head) = open_to_read(&options.data_dir, "replaying", progress)?;
     // A compacted log starts from its checkpoint: the story begins with the state kept there.
     let (tables, _) = load_checkpoint(store.as_ref(), head.anchor_seq).map_err(OfflineError::Compact)?;
     let mut story = Story::new(options, out, tables);
+    story.report.scanned = scanned;
     if head.anchor_seq > 0 {
-        story.found = story.kept_at_checkpoint(head.anchor_seq)?;
+        let deliveries = kept_deliveries(&story.tables, story.subject)?;
+        let endpoint_kept = match story.subject {
+            Subject::Endpoint(id) => {
+                get_endpoint(&story.tables, id).map_err(OfflineError::CheckpointCorrupt)?.is_some()
+            }
+            _ => false,
+        };
+        let tables = std::mem::take(&mut story.tables);
+        story.found = story.kept_at_checkpoint(&tables, &deliveries, endpoint_kept, head.anchor_seq)?;
+        story.tables = tables;
     }
     each_record(store.as_ref(), head.anchor_seq, progress, |r| story.record(r))?;
     progress.end();
-    if !story.found {
-        return Err(OfflineError::NothingFound(options.subject));
-    }
-    story.out.flush().map_err(OfflineError::Write)?;
-    Ok(story.report)
+    story.end()
 }
 
-/// A story being told: the projection folded so far and the deliveries followed, with the
-/// status each had after the last record.
-struct Story<'a> {
+/// A story being told: the projection folded so far (by a scan; a replay by index folds
+/// nothing) and the deliveries followed, with the status each had after the last record.
+pub(super) struct Story<'a> {
     out: &'a mut dyn Write,
     ndjson: bool,
-    subject: Subject,
+    pub(super) subject: Subject,
     tables: MemTables,
-    followed: BTreeMap<DeliveryId, Option<DeliveryStatus>>,
+    pub(super) followed: BTreeMap<DeliveryId, Option<DeliveryStatus>>,
     /// Whether anything of the subject itself was told.
-    found: bool,
-    report: ReplayReport,
+    pub(super) found: bool,
+    pub(super) report: ReplayReport,
 }
 
 impl<'a> Story<'a> {
@@ -102,16 +157,25 @@ impl<'a> Story<'a> {
         }
     }
 
-    /// The part of the story a compaction kept as state: the subject's deliveries as they stood
-    /// at the anchor, each with its attempts. Returns whether the subject is there.
-    fn kept_at_checkpoint(&mut self, anchor_seq: u64) -> Result<bool, OfflineError> {
-        let deliveries = kept_deliveries(&self.tables, self.subject)?;
-        let endpoint_kept = match self.subject {
-            Subject::Endpoint(id) => {
-                get_endpoint(&self.tables, id).map_err(OfflineError::CheckpointCorrupt)?.is_some()
-            }
-            _ => false,
-        };
+    /// The story told, or that nothing of the subject was found.
+    fn end(self) -> Result<ReplayReport, OfflineError> {
+        if !self.found {
+            return Err(OfflineError::NothingFound(self.subject));
+        }
+        self.out.flush().map_err(OfflineError::Write)?;
+        Ok(self.report)
+    }
+
+    /// The part of the story a compaction kept as state (`checkpoint`): the subject's
+    /// `deliveries` as they stood at the anchor, each with its attempts, and whether the
+    /// endpoint subject is kept. Returns whether the subject is there.
+    pub(super) fn kept_at_checkpoint(
+        &mut self,
+        checkpoint: &impl ReadTables,
+        deliveries: &[Delivery],
+        endpoint_kept: bool,
+        anchor_seq: u64,
+    ) -> Result<bool, OfflineError> {
         if endpoint_kept && !self.ndjson {
             writeln!(
                 self.out,
@@ -119,26 +183,38 @@ impl<'a> Story<'a> {
             )
             .map_err(OfflineError::Write)?;
         }
-        for d in &deliveries {
-            write_kept_delivery(self.out, self.ndjson, &self.tables, anchor_seq, d)?;
+        for d in deliveries {
+            write_kept_delivery(self.out, self.ndjson, checkpoint, anchor_seq, d)?;
             self.followed.insert(d.id, Some(d.status));
         }
         Ok(endpoint_kept || !deliveries.is_empty())
     }
 
-    /// Folds one record, and tells it if it is part of the story, then the state changes of the
-    /// followed deliveries, whatever record caused them.
+    /// Folds one record, and tells it (see [`Story::tell`]).
     fn record(&mut self, r: &Record) -> Result<(), OfflineError> {
         let event = decode(&r.body).map_err(|error| OfflineError::Decode { seq: r.seq, error })?;
         apply(&mut self.tables, r.seq, r.at_ms, &event)
             .map_err(|error| OfflineError::Fold { seq: r.seq, error })?;
-        if self.relevant(&event) {
+        self.report.records_read += 1;
+        self.tell(r, &event, &|tables, id| get_delivery(tables, id).ok().flatten().map(|d| d.status))
+    }
+
+    /// Tells record `r` (whose event is `event`) if it is part of the story, then the state
+    /// changes of the followed deliveries, whatever record caused them: `status` is a followed
+    /// delivery's status after `r` (read from the folded tables, or from the record refs).
+    pub(super) fn tell(
+        &mut self,
+        r: &Record,
+        event: &Event,
+        status: &dyn Fn(&MemTables, DeliveryId) -> Option<DeliveryStatus>,
+    ) -> Result<(), OfflineError> {
+        if self.relevant(event) {
             self.found |= !matches!(event, Event::PolicySet(_) | Event::RulesAdopted { .. });
-            write_step(self.out, self.ndjson, r, &event)?;
+            write_step(self.out, self.ndjson, r, event)?;
             self.report.steps += 1;
         }
         for (id, seen) in self.followed.iter_mut() {
-            let now = get_delivery(&self.tables, *id).ok().flatten().map(|d| d.status);
+            let now = status(&self.tables, *id);
             if now.is_some() && now != *seen {
                 if let Some(status) = now {
                     write_state(self.out, self.ndjson, r, *id, *seen, status)?;

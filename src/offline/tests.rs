@@ -135,7 +135,11 @@ fn verify_dir(dir: &Path) -> Result<VerifyReport, OfflineError> {
 
 fn replay_text(dir: &Path, subject: Subject, format: ReplayFormat) -> Result<String, OfflineError> {
     let mut out = Vec::new();
-    replay(&ReplayOptions { data_dir: dir.to_owned(), subject, format }, &mut out, &mut Silent)?;
+    replay(
+        &ReplayOptions { data_dir: dir.to_owned(), subject, format, read: ReplayRead::Index },
+        &mut out,
+        &mut Silent,
+    )?;
     Ok(String::from_utf8(out).unwrap())
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use herald_log::Record;
 use herald_projector::{
-    decode_actor, AttemptOutcome, Delivery, DeliveryId, DeliveryStatus, EndpointId, Event, MemTables,
+    decode_actor, AttemptOutcome, Delivery, DeliveryId, DeliveryStatus, EndpointId, Event, ReadTables,
     RecordActor, Trigger,
 };
 use serde_json::{json, Value};
@@ -16,7 +16,7 @@ use super::{ts, OfflineError};
 pub(super) fn write_kept_delivery(
     out: &mut dyn Write,
     ndjson: bool,
-    tables: &MemTables,
+    tables: &impl ReadTables,
     anchor_seq: u64,
     d: &Delivery,
 ) -> Result<(), OfflineError> {

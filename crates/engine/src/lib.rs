@@ -51,6 +51,7 @@ mod config;
 mod dispatch;
 mod due;
 mod engine;
+mod history;
 mod schedule;
 pub mod sender;
 pub mod signing;
@@ -62,11 +63,12 @@ pub use crate::commands::{
 pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
 pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionStats, COMPACT_PASS_RECORDS};
+pub use crate::history::DeliveryHistory;
 
 // What the server (and any embedder's edge) needs of the layers below, so that it depends on the
 // engine alone: the domain types and queries of the projection, and the log's settings and figures.
 pub use herald_log::record::BODY_BYTES_MAX as RECORD_BODY_BYTES_MAX;
-pub use herald_log::{Durability, WriterStats};
+pub use herald_log::{Durability, Record, WriterStats};
 pub use herald_projector::{
     applied_seq, decode, decode_actor, decode_recorded, delivery_counts, delivery_orgs, get_api_key,
     get_api_key_by_hash, get_endpoint, get_endpoint_settings, list_all_endpoints_rev, list_api_keys,

@@ -432,6 +432,28 @@ pub fn read_record(store: &dyn Store, seq: u64) -> Result<Option<Record>, LogErr
     Ok(next)
 }
 
+/// The record at `seq`, read by key as [`read_record`] reads it (its checksum and its own hash
+/// checked), and chained: its `prev_hash` is the hash of the record at `seq - 1`, read too, or
+/// the anchor's when `seq - 1` is the anchor. For a record an index names: a missing one, or one
+/// at or before the anchor, is [`CorruptKind::Missing`].
+pub fn read_record_linked(store: &dyn Store, seq: u64, anchor: (u64, Hash)) -> Result<Record, LogError> {
+    let missing = |seq| LogError::Corrupt(CorruptRecord { seq, kind: CorruptKind::Missing });
+    let (anchor_seq, anchor_hash) = anchor;
+    if seq <= anchor_seq {
+        return Err(missing(seq));
+    }
+    let record = read_record(store, seq)?.ok_or_else(|| missing(seq))?;
+    let prev_hash = if seq - 1 == anchor_seq {
+        anchor_hash
+    } else {
+        read_record(store, seq - 1)?.ok_or_else(|| missing(seq - 1))?.hash
+    };
+    if record.prev_hash != prev_hash {
+        return Err(CorruptRecord { seq, kind: CorruptKind::ChainBroken }.into());
+    }
+    Ok(record)
+}
+
 /// Record `seq` of the group stored at `key`, if it holds it.
 fn in_group(key: &[u8], value: &[u8], seq: u64) -> Result<Option<Record>, CorruptRecord> {
     let mut records = Vec::new();

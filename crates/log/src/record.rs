@@ -66,6 +66,8 @@ pub enum CorruptKind {
     Gap { found: u64 },
     /// A key in the record keyspace that is not a head or a continuation of the record before.
     StrayKey,
+    /// A record read by seq (an index named it) is not in the store.
+    Missing,
 }
 
 /// A damaged record, named by its seq.
@@ -88,6 +90,7 @@ impl std::fmt::Display for CorruptRecord {
                 write!(f, "record {}: missing (next record found is {found})", self.seq)
             }
             CorruptKind::StrayKey => write!(f, "record {}: unexpected key in the log", self.seq),
+            CorruptKind::Missing => write!(f, "record {}: missing from the log", self.seq),
         }
     }
 }

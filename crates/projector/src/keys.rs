@@ -27,6 +27,8 @@
 //! | `0x59` | org ++ type length ++ type ++ window [++ boundary entry] | `0x55`'s entries, chunked |
 //! | `0x5A` | window [++ boundary entry] | `0x56`'s entries, chunked |
 //! | `0x60` | delivery ++ attempt (u32 BE) | [`AttemptRecord`](crate::AttemptRecord) |
+//! | `0x61` | (alone) | the seq from which the fold keeps record refs, u64 BE (rules 4 on) |
+//! | `0x61` | subject id ++ seq (u64 BE) | a delivery's: its status byte after that record; else empty |
 
 use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 use crate::model::DeliveryStatus;
@@ -54,6 +56,9 @@ pub const KS_CHUNKS_BY_ENDPOINT_STATUS: u8 = 0x58;
 pub const KS_CHUNKS_BY_ORG_TYPE: u8 = 0x59;
 pub const KS_CHUNKS_DUE: u8 = 0x5A;
 pub const KS_ATTEMPT: u8 = 0x60;
+/// Record refs: which records touched a delivery, an endpoint, or the store-wide settings
+/// (`refs.rs`), so a replay reads those records alone.
+pub const KS_RECORD_REFS: u8 = 0x61;
 
 /// Keyspaces that earlier versions wrote and this one neither writes nor reads: an organisation's
 /// and an endpoint's whole delivery lists, which are now their status partitions merged (two
@@ -174,6 +179,11 @@ pub(crate) fn due(next_attempt_at_ms: u64, id: DeliveryId) -> Vec<u8> {
 
 pub(crate) fn attempt(delivery: DeliveryId, attempt: u32) -> Vec<u8> {
     key(KS_ATTEMPT, &[delivery.as_bytes(), &attempt.to_be_bytes()])
+}
+
+/// The ref of record `seq` to the subject whose 16-byte id is `id` (`refs.rs`).
+pub(crate) fn record_ref(id: &[u8; 16], seq: u64) -> Vec<u8> {
+    key(KS_RECORD_REFS, &[id, &seq.to_be_bytes()])
 }
 
 pub(crate) fn status_byte(status: DeliveryStatus) -> u8 {

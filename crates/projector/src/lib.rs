@@ -105,6 +105,7 @@ mod model;
 mod persist;
 mod policy;
 mod query;
+mod refs;
 mod staged;
 mod tables;
 
@@ -144,5 +145,6 @@ pub use query::{
     list_api_keys, list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret,
     policy, rules, CorruptValue, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
 };
+pub use refs::{delivery_refs, record_refs, refs_from, RecordRef, REFS_FROM, STORE_WIDE};
 pub use staged::fold_staged_entries;
 pub use tables::{MemTables, ReadTables, TableBatch, Tables};

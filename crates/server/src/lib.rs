@@ -50,7 +50,7 @@ pub use crate::util::{parse_id, parse_ts, ts};
         routes::endpoints::create, routes::endpoints::list, routes::endpoints::get, routes::endpoints::patch,
         routes::endpoints::delete, routes::endpoints::rotate, routes::endpoints::enable,
         routes::events::publish, routes::events::get,
-        routes::deliveries::list, routes::deliveries::get, routes::deliveries::attempts, routes::deliveries::redeliver,
+        routes::deliveries::list, routes::deliveries::get, routes::deliveries::attempts, routes::deliveries::history, routes::deliveries::redeliver,
         routes::api_keys::create, routes::api_keys::list, routes::api_keys::revoke,
         routes::seeds::retrigger, routes::seeds::get_failure, routes::seeds::list_failures,
         routes::seeds::batch_retrigger,
@@ -94,6 +94,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/webhook_deliveries"),
     ("get", "/v1/webhook_deliveries/{id}"),
     ("get", "/v1/webhook_deliveries/{id}/attempts"),
+    ("get", "/v1/webhook_deliveries/{id}/history"),
     ("post", "/v1/webhook_deliveries/{id}/redeliver"),
     ("post", "/v1/api_keys"),
     ("get", "/v1/api_keys"),
@@ -124,6 +125,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/webhook_deliveries", get(deliveries::list))
         .route("/v1/webhook_deliveries/{id}", get(deliveries::get))
         .route("/v1/webhook_deliveries/{id}/attempts", get(deliveries::attempts))
+        .route("/v1/webhook_deliveries/{id}/history", get(deliveries::history))
         .route("/v1/webhook_deliveries/{id}/redeliver", post(deliveries::redeliver))
         .route("/v1/api_keys", post(api_keys::create).get(api_keys::list))
         .route("/v1/api_keys/{id}", axum::routing::delete(api_keys::revoke))

@@ -30,3 +30,14 @@ fn every_documented_operation_declares_its_error_answers() {
         }
     }
 }
+
+#[test]
+fn a_delivery_history_is_documented_as_ndjson_with_its_404() {
+    let doc = serde_json::to_value(herald_server::openapi_document()).unwrap();
+    let op = &doc["paths"]["/v1/webhook_deliveries/{id}/history"]["get"];
+    let ok = &op["responses"]["200"]["content"];
+    assert!(ok.get("application/x-ndjson").is_some(), "{op}");
+    assert!(op["responses"].get("404").is_some(), "{op}");
+    let text = op["responses"]["200"]["description"].as_str().unwrap_or_default();
+    assert!(text.contains("seq, at, hash, prev_hash, event"), "{text}");
+}

@@ -17,7 +17,7 @@ use super::{corrupt, CompactError};
 use crate::ids::EventId;
 use crate::index;
 use crate::keys;
-use crate::tables::{MemTables, Tables};
+use crate::tables::{MemTables, ReadTables, Tables};
 
 pub const KS_CHECKPOINT_META: u8 = 0x90;
 pub const KS_CHECKPOINT: u8 = 0x91;
@@ -163,4 +163,48 @@ pub fn restore_checkpoint(
     }
     store.apply(&batch).map_err(LogError::from)?;
     Ok(())
+}
+
+/// The checkpoint read in place, key by key: the projection at the anchor as [`ReadTables`],
+/// for a reader that needs a few rows of it (a replay of one delivery), not all of it. Unlike
+/// [`load_checkpoint`] it does not check the checkpoint's hash, which takes reading it whole;
+/// `herald verify` does.
+pub struct CheckpointView<'t, T: ReadTables> {
+    tables: &'t T,
+}
+
+impl<'t, T: ReadTables> CheckpointView<'t, T> {
+    /// The checkpoint stored in `tables` (the store's pairs), which must stand at `anchor_seq`.
+    pub fn open(tables: &'t T, anchor_seq: u64) -> Result<CheckpointView<'t, T>, CompactError> {
+        let meta = tables.get(CHECKPOINT_META);
+        let seq = meta.as_deref().and_then(|m| <[u8; 8]>::try_from(m.get(..8)?).ok()).map(u64::from_be_bytes);
+        if seq != Some(anchor_seq) {
+            return Err(CompactError::Checkpoint(format!(
+                "the log starts after seq {anchor_seq} but the checkpoint stands at {seq:?}"
+            )));
+        }
+        Ok(CheckpointView { tables })
+    }
+
+    fn inner(key: &[u8]) -> Vec<u8> {
+        [&[KS_CHECKPOINT], key].concat()
+    }
+
+    fn strip(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs.into_iter().map(|(k, v)| (k[1..].to_vec(), v)).collect()
+    }
+}
+
+impl<T: ReadTables> ReadTables for CheckpointView<'_, T> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.tables.get(&Self::inner(key))
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        Self::strip(self.tables.scan(&Self::inner(from), &Self::inner(to), limit))
+    }
+
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        Self::strip(self.tables.scan_rev(&Self::inner(from), &Self::inner(to), limit))
+    }
 }

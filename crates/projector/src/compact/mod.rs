@@ -38,7 +38,8 @@ mod retention;
 mod tests;
 
 pub use checkpoint::{
-    load_checkpoint, restore_checkpoint, Payloads, KS_CHECKPOINT, KS_CHECKPOINT_META, KS_CHECKPOINT_PAYLOAD,
+    load_checkpoint, restore_checkpoint, CheckpointView, Payloads, KS_CHECKPOINT, KS_CHECKPOINT_META,
+    KS_CHECKPOINT_PAYLOAD,
 };
 pub use legacy::drop_legacy;
 pub use payload::event_payload;

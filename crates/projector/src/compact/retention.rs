@@ -54,6 +54,8 @@ pub struct Plan {
     /// Payloads of the events the checkpoint keeps.
     payloads: BTreeMap<EventId, Vec<u8>>,
     units: Vec<Unit>,
+    /// The record refs of the records it drops (every ref at `through_seq`): they go with them.
+    refs: Vec<Vec<u8>>,
 }
 
 impl Plan {
@@ -129,12 +131,18 @@ pub fn plan(store: &dyn Store, cutoff_ms: u64, records_max: usize) -> Result<Opt
         }
         add_count(&mut state, DeliveryStatus::Delivered, -(unit.deliveries() as i64));
     }
+    // Every ref in the state points at a record this pass drops (or an earlier one did not
+    // keep): the checkpoint keeps none, and the live projection drops the same keys.
+    let refs = crate::refs::all_ref_keys(&state);
+    for key in &refs {
+        state.delete(key);
+    }
     let mut payloads = BTreeMap::new();
     for (key, value) in state.scan(&[KS_EVENT], &[KS_EVENT + 1], usize::MAX) {
         let event: EventRecord = decode_value(&key, &value)?;
         payloads.insert(event.id, stored_payload(store, anchor_seq, &event)?);
     }
-    Ok(Some(Plan { anchor_seq, through_seq, cutoff_ms, checkpoint: state, payloads, units }))
+    Ok(Some(Plan { anchor_seq, through_seq, cutoff_ms, checkpoint: state, payloads, units, refs }))
 }
 
 /// The unit of `event` when every delivery of it is delivered (before the cutoff: every record
@@ -217,7 +225,10 @@ pub fn apply_plan(tx: &mut Tx<'_>, plan: Plan) -> Result<(Event, CompactReport),
     if anchor != plan.anchor_seq {
         return Err(CompactError::Stale { planned_at: plan.anchor_seq, anchor });
     }
-    let Plan { anchor_seq, through_seq, cutoff_ms, mut checkpoint, mut payloads, units } = plan;
+    let Plan { anchor_seq, through_seq, cutoff_ms, mut checkpoint, mut payloads, units, refs } = plan;
+    for key in &refs {
+        tx.delete(key);
+    }
     let mut report =
         CompactReport { records_dropped: through_seq - anchor_seq, through_seq, ..Default::default() };
     for unit in units {

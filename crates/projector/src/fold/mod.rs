@@ -19,6 +19,7 @@ mod api_keys;
 mod attempts;
 mod endpoints;
 mod publish;
+mod refs;
 mod retrigger;
 mod rules;
 mod settings;
@@ -189,7 +190,9 @@ pub fn apply_unstaged(
     if seq != expected || applied_seq == u64::MAX {
         return Err(ApplyError::SeqNotNext { expected, got: seq });
     }
-    Fold { t: tables, seq, at_ms }.event(event)?;
+    let mut fold = Fold { t: tables, seq, at_ms };
+    fold.event(event)?;
+    fold.refs_of(event)?;
     tables.put(keys::META_APPLIED_SEQ.to_vec(), seq.to_be_bytes().to_vec());
     Ok(())
 }
@@ -312,6 +315,11 @@ impl<T: Tables> Fold<'_, T> {
             }
         }
         self.t.put(keys::delivery(new.id), codec::to_bytes(new));
+        // A delivery created pending needs no ref: its creation record is its event's (or the
+        // `DeliveryCreated` that refs it itself).
+        if old.is_some() || new.status != DeliveryStatus::Pending {
+            self.touched(new.id, new.status)?;
+        }
         if old.map(|o| o.status) != Some(new.status) {
             if let Some(old) = old {
                 self.add_count(old.status, -1);

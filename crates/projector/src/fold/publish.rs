@@ -73,9 +73,10 @@ impl<T: Tables> Fold<'_, T> {
     ) -> Result<(), ApplyError> {
         self.absent_delivery(id)?;
         let mut event = query::get_event(self.t, event_id)?.ok_or(ApplyError::UnknownEvent(event_id))?;
-        self.add_delivery(&mut event, id, org_id, endpoint_id, url, next_attempt_at_ms)?;
+        let status = self.add_delivery(&mut event, id, org_id, endpoint_id, url, next_attempt_at_ms)?;
         self.put_event(&event);
-        Ok(())
+        // Not in the publish record that the event row names: its creation needs a ref.
+        self.touched(id, status)
     }
 
     fn put_event(&mut self, event: &EventRecord) {
@@ -89,7 +90,8 @@ impl<T: Tables> Fold<'_, T> {
         }
     }
 
-    /// A delivery of `event` (whose row the caller writes, with this delivery in its list).
+    /// A delivery of `event` (whose row the caller writes, with this delivery in its list);
+    /// returns the status it starts in.
     fn add_delivery(
         &mut self,
         event: &mut EventRecord,
@@ -98,7 +100,7 @@ impl<T: Tables> Fold<'_, T> {
         endpoint_id: Option<EndpointId>,
         url: &str,
         next_attempt_at_ms: u64,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<DeliveryStatus, ApplyError> {
         let event_id = event.id;
         same_org("event", event_id.0, event.org_id, org_id)?;
         let mut inactive_reason = None;
@@ -138,6 +140,6 @@ impl<T: Tables> Fold<'_, T> {
         };
         self.put_delivery(None, &delivery)?;
         event.delivery_ids.push(id);
-        Ok(())
+        Ok(status)
     }
 }

@@ -21,7 +21,11 @@ use crate::tables::Tables;
 ///    error and status stay as they were, and the delivery stays pending. Before, such an attempt
 ///    was recorded as a failure, so restarts could exhaust deliveries and make endpoints inactive.
 /// 4. Endpoint delivery settings ([`Event::EndpointDeliverySettingsSet`](crate::Event)) fold;
-///    before, no such event folds.
+///    before, no such event folds. And the fold keeps record refs (`KS_RECORD_REFS`, `refs.rs`):
+///    for each delivery the seqs of the records that wrote its row after its creation (and its
+///    creation's, when it was not in its event's publish record or did not start pending), with
+///    its status after each; for each endpoint the seqs of its own records; the seqs of the policy
+///    and rules records; and the seq the refs start from. A replay reads a delivery's story by seq.
 ///
 /// [`Rules`] names each of these changes.
 pub const RULES_CURRENT: u32 = 4;
@@ -60,6 +64,12 @@ impl Rules {
         self.0 >= 4
     }
 
+    /// Version 4 on: the fold keeps record refs (`KS_RECORD_REFS`): which records touched each
+    /// delivery and endpoint, and which set the policy or the rules.
+    pub fn delivery_record_refs(self) -> bool {
+        self.0 >= 4
+    }
+
     /// Whether rules `next` may follow these: forward only, up to the ones this code knows.
     pub fn may_be_followed_by(self, next: Rules) -> bool {
         self < next && next <= Rules::CURRENT
@@ -92,12 +102,13 @@ mod tests {
                 rules.delivery_url_follows_endpoint(),
                 rules.interrupted_is_not_a_failure(),
                 rules.endpoint_delivery_settings(),
+                rules.delivery_record_refs(),
             )
         };
-        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false));
-        assert_eq!(changes(2), (true, true, false, false));
-        assert_eq!(changes(3), (true, true, true, false));
-        assert_eq!(changes(4), (true, true, true, true));
+        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false));
+        assert_eq!(changes(2), (true, true, false, false, false));
+        assert_eq!(changes(3), (true, true, true, false, false));
+        assert_eq!(changes(4), (true, true, true, true, true));
         assert!(Rules::FIRST.may_be_followed_by(Rules::CURRENT));
         assert!(!Rules(2).may_be_followed_by(Rules(2)));
         assert!(!Rules(3).may_be_followed_by(Rules(2)));

@@ -219,6 +219,42 @@ pub async fn attempts(
     Ok(Json(AttemptList { data }).into_response())
 }
 
+/// Why a history answer may not reach back to the delivery's creation (see `DeliveryHistory`).
+pub const HISTORY_PARTIAL_HEADER: &str = "herald-history-partial";
+
+#[utoipa::path(get, path = "/v1/webhook_deliveries/{id}/history", tag = "deliveries", params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/x-ndjson", body = String,
+        description = "the records that touched the delivery (its creation, attempts, retriggers and redelivers, \
+            a cascade that changed it), oldest first, one a line as in /v1/audit/log: \
+            {seq, at, hash, prev_hash, event: {type, ...}}. Records a compaction dropped are not in it. \
+            A delivery older than the record index (fold rules 4) has a herald-history-partial header."),
+        (status = 404, body = NamedError), (status = 503, body = NamedError), AuthErrors),
+    security(("bearer" = [])))]
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    who: Auth<scope::DeliveriesRead>,
+    PathId(id): PathId,
+) -> Result<Response, ApiError> {
+    let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
+    let engine = state.engine.clone();
+    let history = tokio::task::spawn_blocking(move || engine.delivery_history(&d))
+        .await
+        .map_err(|e| ApiError::internal(F, format!("reading the history: {e}")))?
+        .map_err(|e| ApiError::from_read(F, e))?;
+    let body = crate::routes::ops::audit_lines(&history.records);
+    let mut response = ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
+    if let Some(from) = history.indexed_from {
+        let why = match from {
+            0 => "this store keeps no record index: herald replay --scan tells the whole history".to_owned(),
+            from => format!("records before seq {from} are not indexed: herald replay --scan tells them"),
+        };
+        if let Ok(value) = axum::http::HeaderValue::from_str(&why) {
+            response.headers_mut().insert(HISTORY_PARTIAL_HEADER, value);
+        }
+    }
+    Ok(response)
+}
+
 #[utoipa::path(post, path = "/v1/webhook_deliveries/{id}/redeliver", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 200, body = DeliveryOut, description = "re-queued: pending, manual_retry_count + 1"), (status = 404, body = NamedError),
         (status = 409, body = NamedError, description = "already pending"),

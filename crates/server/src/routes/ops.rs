@@ -92,6 +92,12 @@ pub async fn audit_log(
     let limit = parse_limit(F, q.limit.as_deref(), 1000, AUDIT_PAGE_MAX)?;
     let records =
         state.engine.records(after.saturating_add(1), limit).map_err(|e| ApiError::from_read(F, e))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], audit_lines(&records)).into_response())
+}
+
+/// Records as the audit log's NDJSON: one `{seq, at, hash, prev_hash, event}` a line. The
+/// audit log and a delivery's history both answer with it.
+pub fn audit_lines(records: &[herald_engine::Record]) -> String {
     let mut body = String::new();
     for r in records {
         let (actor, event) = audit_record(&r.body);
@@ -106,7 +112,7 @@ pub async fn audit_log(
         body.push_str(&line.to_string());
         body.push('\n');
     }
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    body
 }
 
 fn hex(bytes: &[u8]) -> String {
