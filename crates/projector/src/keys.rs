@@ -26,8 +26,10 @@
 //! | `0x59` | org ++ type length ++ type ++ window [++ boundary entry] | `0x55`'s entries, chunked |
 //! | `0x5A` | window [++ boundary entry] | `0x56`'s entries, chunked |
 //! | `0x60` | delivery ++ attempt (u32 BE) | [`AttemptRecord`](crate::AttemptRecord) |
+//! | `0x70` | recovery id | [`Recovery`](crate::Recovery) |
+//! | `0x71` | recovery id ++ chunk (u32 BE) | its delivery ids, 16 bytes each, [`RECOVERY_CHUNK_IDS`](crate::RECOVERY_CHUNK_IDS) a chunk but the last |
 
-use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 use crate::model::DeliveryStatus;
 
 pub const KS_META: u8 = 0x10;
@@ -52,6 +54,8 @@ pub const KS_CHUNKS_BY_ENDPOINT_STATUS: u8 = 0x58;
 pub const KS_CHUNKS_BY_ORG_TYPE: u8 = 0x59;
 pub const KS_CHUNKS_DUE: u8 = 0x5A;
 pub const KS_ATTEMPT: u8 = 0x60;
+pub const KS_RECOVERY: u8 = 0x70;
+pub const KS_RECOVERY_MEMBERS: u8 = 0x71;
 
 /// Keyspaces that earlier versions wrote and this one neither writes nor reads: an organisation's
 /// and an endpoint's whole delivery lists, which are now their status partitions merged (two
@@ -168,6 +172,14 @@ pub(crate) fn due(next_attempt_at_ms: u64, id: DeliveryId) -> Vec<u8> {
 
 pub(crate) fn attempt(delivery: DeliveryId, attempt: u32) -> Vec<u8> {
     key(KS_ATTEMPT, &[delivery.as_bytes(), &attempt.to_be_bytes()])
+}
+
+pub(crate) fn recovery(id: RecoveryId) -> Vec<u8> {
+    key(KS_RECOVERY, &[id.as_bytes()])
+}
+
+pub(crate) fn recovery_members(id: RecoveryId, chunk: u32) -> Vec<u8> {
+    key(KS_RECOVERY_MEMBERS, &[id.as_bytes(), &chunk.to_be_bytes()])
 }
 
 pub(crate) fn status_byte(status: DeliveryStatus) -> u8 {

@@ -99,9 +99,11 @@ mod ids;
 mod index;
 pub mod keys;
 mod model;
+mod pattern;
 mod persist;
 mod policy;
 mod query;
+mod recovery;
 mod staged;
 mod tables;
 
@@ -113,18 +115,19 @@ pub use codec::DECODE_BYTES_MAX;
 pub use compact::{event_payload, CompactError, CompactReport};
 pub use event::{
     decode, encode, AttemptOutcome, DecodeError, Event, NewDelivery, Scope, Trigger, EVENT_FORMAT_V1,
-    NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
+    NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX, RECOVERY_IDS_PER_RECORD,
 };
 pub use fold::{
     apply, apply_unstaged, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
     RULES_CURRENT,
 };
-pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 pub use model::{
     subscribes, transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint,
     EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
     RESPONSE_EXCERPT_BYTES_MAX,
 };
+pub use pattern::event_type_matches;
 pub use persist::{
     catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
     StoreTables, TxRead, TxTables,
@@ -135,6 +138,10 @@ pub use query::{
     get_delivery, get_endpoint, get_event, idempotency_lookup, list_all_endpoints_rev, list_api_keys,
     list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret, policy, rules,
     CorruptValue, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
+};
+pub use recovery::{
+    get_recovery, recovery_counts, recovery_members, select_recovery, Recovery, RecoveryCounts,
+    RecoveryFilter, RecoverySelection, RECOVERY_CHUNK_IDS,
 };
 pub use staged::fold_staged_entries;
 pub use tables::{MemTables, ReadTables, TableBatch, Tables};

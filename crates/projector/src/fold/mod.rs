@@ -7,7 +7,7 @@
 
 use crate::codec;
 use crate::event::{AttemptOutcome, Event};
-use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 use crate::index;
 use crate::keys;
 use crate::model::{transition_allowed, Cause, Delivery, DeliveryStatus, Endpoint};
@@ -19,6 +19,7 @@ mod api_keys;
 mod attempts;
 mod endpoints;
 mod publish;
+mod recover;
 mod retrigger;
 mod rules;
 mod settings;
@@ -94,6 +95,12 @@ pub enum ApplyError {
     },
     /// A stored value does not decode.
     Corrupt(CorruptValue),
+    /// The event folds only under later rules than those in force.
+    NotUnderRules {
+        event: &'static str,
+        in_force: u32,
+    },
+    UnknownRecovery(RecoveryId),
 }
 
 impl From<CorruptValue> for ApplyError {
@@ -148,6 +155,10 @@ impl std::fmt::Display for ApplyError {
                 "organisation {org_id}: idempotency key {key:?} answered event {event_id} less than 24h ago"
             ),
             ApplyError::Corrupt(corrupt) => corrupt.fmt(f),
+            ApplyError::NotUnderRules { event, in_force } => {
+                write!(f, "{event} does not fold under rules version {in_force}")
+            }
+            ApplyError::UnknownRecovery(id) => write!(f, "unknown recovery {id}"),
         }
     }
 }
@@ -254,6 +265,12 @@ impl<T: Tables> Fold<'_, T> {
             // The drop it records was written with it, outside the fold (see `compact`).
             Event::Compacted { .. } => Ok(()),
             Event::RulesAdopted { version } => self.rules_adopted(*version),
+            Event::RecoveryRequested { id, org_id, filter, by_key, delivery_ids } => {
+                self.recovery_requested(*id, *org_id, filter, *by_key, delivery_ids)
+            }
+            Event::RecoveryDeliveries { recovery_id, delivery_ids } => {
+                self.recovery_deliveries(*recovery_id, delivery_ids)
+            }
         }
     }
 

@@ -20,9 +20,13 @@ use crate::tables::Tables;
 ///    non-2xx answer): the endpoint's health, the delivery's place in its schedule and its last
 ///    error and status stay as they were, and the delivery stays pending. Before, such an attempt
 ///    was recorded as a failure, so restarts could exhaust deliveries and make endpoints inactive.
+/// 4. A bulk recover may be recorded ([`Event::RecoveryRequested`](crate::Event::RecoveryRequested)
+///    and [`Event::RecoveryDeliveries`](crate::Event::RecoveryDeliveries)): each delivery it
+///    names is re-queued as a retrigger (a delivered one as a redeliver) is, and the recovery is
+///    stored with its members. Before, no such event folds.
 ///
 /// [`Rules`] names each of these changes.
-pub const RULES_CURRENT: u32 = 3;
+pub const RULES_CURRENT: u32 = 4;
 
 /// A version of the fold's rules: the number stored under `META_RULES` and carried by
 /// `RulesAdopted` (1 before any), asked by what it changed rather than compared with numbers.
@@ -51,6 +55,11 @@ impl Rules {
     /// be recorded, and it is not a failure (before, no such attempt folds).
     pub fn interrupted_is_not_a_failure(self) -> bool {
         self.0 >= 3
+    }
+
+    /// Version 4 on: a bulk recover may be recorded, and it folds (before, no such event folds).
+    pub fn recoveries(self) -> bool {
+        self.0 >= 4
     }
 
     /// Whether rules `next` may follow these: forward only, up to the ones this code knows.
@@ -84,11 +93,13 @@ mod tests {
                 rules.attempt_moves_endpoint_updated_at(),
                 rules.delivery_url_follows_endpoint(),
                 rules.interrupted_is_not_a_failure(),
+                rules.recoveries(),
             )
         };
-        assert_eq!(changes(Rules::FIRST.0), (false, false, false));
-        assert_eq!(changes(2), (true, true, false));
-        assert_eq!(changes(3), (true, true, true));
+        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false));
+        assert_eq!(changes(2), (true, true, false, false));
+        assert_eq!(changes(3), (true, true, true, false));
+        assert_eq!(changes(4), (true, true, true, true));
         assert!(Rules::FIRST.may_be_followed_by(Rules::CURRENT));
         assert!(!Rules(2).may_be_followed_by(Rules(2)));
         assert!(!Rules(3).may_be_followed_by(Rules(2)));
