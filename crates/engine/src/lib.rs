@@ -56,8 +56,9 @@ pub mod sender;
 pub mod signing;
 
 pub use crate::commands::{
-    valid_event_type, Actor, BatchItem, Command, CommandError, CommandLimits, Commands, Reply, Submitted,
-    BATCH_RETRIGGER_MAX,
+    check_recovery_filter, valid_event_pattern, valid_event_type, Actor, BatchItem, Command, CommandError,
+    CommandLimits, Commands, Recovered, Reply, Submitted, BATCH_RETRIGGER_MAX, RECOVER_MAX,
+    RECOVER_SAMPLE_LEN,
 };
 pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
@@ -73,4 +74,8 @@ pub use herald_projector::{
     AttemptRecord, Delivery, DeliveryCursor, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus,
     Endpoint, EndpointId, Event, EventId, OrgId, Policy, Scope, Trigger, FAILURES_MAX_LIMIT,
     RETRY_SCHEDULE_LEN_MAX,
+};
+pub use herald_projector::{
+    event_type_matches, get_recovery, recovery_counts, select_recovery, Recovery, RecoveryCounts,
+    RecoveryFilter, RecoveryId, RecoverySelection,
 };
