@@ -30,7 +30,11 @@ fn parse_recover_status(text: &str) -> Result<DeliveryStatus, ApiError> {
         "exhausted" => Ok(DeliveryStatus::Exhausted),
         "inactive" => Ok(DeliveryStatus::Inactive),
         "delivered" => Ok(DeliveryStatus::Delivered),
-        _ => Err(ApiError::validation(F, "status", format!("{text:?} is not one of exhausted, inactive, delivered"))),
+        _ => Err(ApiError::validation(
+            F,
+            "status",
+            format!("{text:?} is not one of exhausted, inactive, delivered"),
+        )),
     }
 }
 
@@ -45,7 +49,9 @@ fn filter_of(input: &RecoverIn) -> Result<RecoveryFilter, ApiError> {
     }
     let time = |field: &'static str, v: &Option<String>| -> Result<Option<u64>, ApiError> {
         v.as_deref()
-            .map(|t| parse_ts(t).ok_or_else(|| ApiError::validation(F, field, "must be an RFC 3339 timestamp")))
+            .map(|t| {
+                parse_ts(t).ok_or_else(|| ApiError::validation(F, field, "must be an RFC 3339 timestamp"))
+            })
             .transpose()
     };
     let endpoint_id = match input.endpoint_id.as_deref() {
@@ -84,8 +90,10 @@ pub async fn recover(
     let filter = filter_of(&input)?;
     if input.dry_run.unwrap_or(false) {
         // A read, never a command: the log is left as it is.
-        let selection =
-            state.engine.read(|t| select_recovery(t, org_id, &filter)).map_err(|e| ApiError::from_read(F, e))?;
+        let selection = state
+            .engine
+            .read(|t| select_recovery(t, org_id, &filter))
+            .map_err(|e| ApiError::from_read(F, e))?;
         return Ok(Json(RecoverOut::new(&Recovered::of(&selection, None), true)).into_response());
     }
     let command = Command::Recover { id: RecoveryId(Uuid::now_v7()), org_id, filter };
