@@ -238,6 +238,20 @@ fn a_recovery_is_its_organisations_alone_and_filters_by_pattern_endpoint_and_tim
     assert_eq!(record["event"]["filter"]["statuses"], json!(["exhausted", "inactive"]));
     assert_eq!(record["event"]["filter"]["event_type"], "call.*");
     assert_eq!(record["event"]["delivery_ids"].as_array().map(Vec::len), Some(6));
+    let member = record["event"]["delivery_ids"][0].as_str().expect("a delivery id").to_owned();
+
+    // `herald replay --recovery` on the stopped server's data: the recovery, then its deliveries.
+    let mut server = server;
+    assert!(server.terminate(), "herald stops");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["replay", "--recovery", &id, "--format", "ndjson", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .expect("herald replay");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("RecoveryRequested"), "{text}");
+    assert!(text.contains(&member), "the story of its deliveries: {text}");
 }
 
 #[test]
