@@ -94,6 +94,9 @@ enum Cmd {
         /// An endpoint id (its changes and the story of each of its deliveries).
         #[arg(long, group = "subject")]
         endpoint: Option<String>,
+        /// A recovery id (its records and what followed for each of its deliveries).
+        #[arg(long, group = "subject")]
+        recovery: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         /// Read the whole log rather than the records the index names (the cross-check; also
@@ -215,8 +218,14 @@ fn main() -> ExitCode {
             offline::import(&ImportOptions { data_dir }, &mut input, bar).map(|r| Some(r.to_string()))
         }),
         Cmd::Compact { dir, retain, vacuum } => compact(&dir, retain, vacuum),
-        Cmd::Replay { dir, delivery, event, endpoint, format, scan } => {
-            let subject = match parse_subject(delivery, event, endpoint) {
+        Cmd::Replay { dir, delivery, event, endpoint, recovery, format, scan } => {
+            let subject = match recovery {
+                Some(r) => herald_server::parse_id(&r)
+                    .map(|id| Subject::Recovery(herald::projector::RecoveryId(id)))
+                    .ok_or_else(|| format!("{r:?} is not an id")),
+                None => parse_subject(delivery, event, endpoint),
+            };
+            let subject = match subject {
                 Ok(s) => s,
                 Err(e) => return usage(e),
             };
@@ -374,7 +383,7 @@ fn parse_subject(
         (Some(d), None, None) => Ok(Subject::Delivery(DeliveryId(id(&d)?))),
         (None, Some(e), None) => Ok(Subject::Event(EventId(id(&e)?))),
         (None, None, Some(e)) => Ok(Subject::Endpoint(EndpointId(id(&e)?))),
-        _ => Err("give exactly one of --delivery, --event, --endpoint".into()),
+        _ => Err("give exactly one of --delivery, --event, --endpoint, --recovery".into()),
     }
 }
 

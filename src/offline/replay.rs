@@ -22,6 +22,8 @@ pub enum Subject {
     Delivery(DeliveryId),
     Event(EventId),
     Endpoint(EndpointId),
+    /// A bulk recover: its records, then the story of each delivery it re-queued from there on.
+    Recovery(herald_projector::RecoveryId),
 }
 
 /// How [`replay`] writes the story.
@@ -62,6 +64,8 @@ pub enum ScanReason {
     NoRefs,
     /// The refs start at this seq (rules 4 were adopted there), after the kept log's first record.
     RefsFrom(u64),
+    /// A recovery's story is told from the scan: the index does not yet say where it starts.
+    Recovery,
 }
 
 impl std::fmt::Display for ScanReason {
@@ -72,6 +76,7 @@ impl std::fmt::Display for ScanReason {
                 f,
                 "the record index starts at seq {seq}, where fold rules 4 were adopted, and the log holds older records"
             ),
+            ScanReason::Recovery => write!(f, "a recovery's story is read by a scan of the log"),
         }
     }
 }
@@ -236,6 +241,7 @@ impl<'a> Story<'a> {
                     Subject::Delivery(d) => *id == d,
                     Subject::Event(e) => *event_id == e,
                     Subject::Endpoint(e) => *endpoint_id == Some(e),
+                    Subject::Recovery(_) => false,
                 };
                 if take {
                     self.followed.entry(*id).or_insert(None);
@@ -256,8 +262,24 @@ impl<'a> Story<'a> {
             | Event::RetriggerRequested { delivery_id, .. }
             | Event::RedeliverRequested { delivery_id, .. } => self.followed.contains_key(delivery_id),
             Event::PolicySet(_) | Event::RulesAdopted { .. } => true,
+            Event::RecoveryRequested { id, delivery_ids, .. }
+            | Event::RecoveryDeliveries { recovery_id: id, delivery_ids } => {
+                self.recovered(*id, delivery_ids)
+            }
             _ => false,
         }
+    }
+
+    /// Whether a recovery record is part of the story: the subject's recovery (whose deliveries
+    /// are followed from here on), or one that re-queues a delivery already followed.
+    fn recovered(&mut self, id: herald_projector::RecoveryId, delivery_ids: &[DeliveryId]) -> bool {
+        if self.subject == Subject::Recovery(id) {
+            for d in delivery_ids {
+                self.followed.entry(*d).or_insert(None);
+            }
+            return true;
+        }
+        delivery_ids.iter().any(|d| self.followed.contains_key(d))
     }
 
     /// Whether a publish with its deliveries is part of the story: the subject's event, or one
@@ -269,6 +291,7 @@ impl<'a> Story<'a> {
                 Subject::Delivery(x) => d.id == x,
                 Subject::Event(e) => id == e,
                 Subject::Endpoint(e) => d.endpoint_id == Some(e),
+                Subject::Recovery(_) => false,
             };
             if its {
                 self.followed.entry(d.id).or_insert(None);
@@ -299,6 +322,17 @@ fn kept_deliveries(tables: &MemTables, subject: Subject) -> Result<Vec<Delivery>
                 let delivery =
                     get_delivery(tables, DeliveryId(uuid::Uuid::from_bytes(id_bytes))).map_err(corrupt)?;
                 out.extend(delivery.filter(|d| d.endpoint_id == Some(id)));
+            }
+        }
+        Subject::Recovery(id) => {
+            for chunk in 0u32.. {
+                let members = herald_projector::recovery_members(tables, id, chunk).map_err(corrupt)?;
+                if members.is_empty() {
+                    break;
+                }
+                for d in members {
+                    out.extend(get_delivery(tables, d).map_err(corrupt)?);
+                }
             }
         }
     }

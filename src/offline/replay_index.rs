@@ -55,6 +55,9 @@ fn tell(
     progress: &mut dyn Progress,
 ) -> Result<Option<ScanReason>, OfflineError> {
     let corrupt = OfflineError::ProjectionCorrupt;
+    if matches!(story.subject, Subject::Recovery(_)) {
+        return Ok(Some(ScanReason::Recovery));
+    }
     match refs_from(tables).map_err(corrupt)? {
         None => return Ok(Some(ScanReason::NoRefs)),
         Some(from) if from > head.anchor_seq + 1 => return Ok(Some(ScanReason::RefsFrom(from))),
@@ -117,6 +120,8 @@ fn plan_on(t: &impl ReadTables, anchor_seq: u64, subject: Subject) -> Result<Pla
                 }
             }
         }
+        // told from a scan (`tell`)
+        Subject::Recovery(_) => {}
         Subject::Endpoint(id) => {
             for r in record_refs(t, id.as_bytes(), anchor_seq)? {
                 plan.seqs.insert(r.seq);
@@ -185,6 +190,8 @@ fn kept_at_checkpoint(
             kept.sort_by(|a, b| a.id.as_bytes().cmp(b.id.as_bytes()));
             return Ok((kept, get_endpoint(checkpoint, id)?.is_some()));
         }
+        // told from a scan (`tell`)
+        Subject::Recovery(_) => {}
     }
     Ok((kept, false))
 }

@@ -57,8 +57,9 @@ pub mod sender;
 pub mod signing;
 
 pub use crate::commands::{
-    valid_event_type, Actor, BatchItem, Command, CommandError, CommandLimits, Commands,
-    DeliverySettingsPatch, Reply, Submitted, BATCH_RETRIGGER_MAX,
+    check_recovery_filter, valid_event_pattern, valid_event_type, Actor, BatchItem, Command, CommandError,
+    CommandLimits, Commands, DeliverySettingsPatch, Recovered, Reply, Submitted, BATCH_RETRIGGER_MAX,
+    RECOVER_MAX, RECOVER_SAMPLE_LEN,
 };
 pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
@@ -76,4 +77,8 @@ pub use herald_projector::{
     DeliveryId, DeliveryIndex, DeliveryOrder, DeliveryQuery, DeliverySettings, DeliveryStatus, Endpoint,
     EndpointId, Event, EventId, OrgId, Policy, RecordActor, Scope, Trigger, FAILURES_MAX_LIMIT,
     RETRY_SCHEDULE_LEN_MAX,
+};
+pub use herald_projector::{
+    event_type_matches, get_recovery, recovery_counts, select_recovery, Recovery, RecoveryCounts,
+    RecoveryFilter, RecoveryId, RecoverySelection,
 };

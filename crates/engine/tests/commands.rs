@@ -728,3 +728,143 @@ fn each_record_names_the_key_of_its_command_or_the_system() {
         matches!(decode_recorded(&r.body), Ok((Some(RecordActor::Key(k)), Event::EndpointCreated { .. })) if k == admin_key)
     }));
 }
+
+#[test]
+fn enabled_events_take_prefix_patterns_and_fan_out_by_them() {
+    let mut w = World::new(CommandLimits::default());
+    let calls = w.endpoint(member(1), 1, &["call.*"]);
+    let exact = w.endpoint(member(1), 1, &["call"]);
+    let fan_out = |w: &mut World, event_type: &str| -> Vec<Option<EndpointId>> {
+        deliveries(w.publish(member(1), 1, event_type, None))
+            .into_iter()
+            .map(|d| get_delivery(&StoreTables(&w.store), d).unwrap().unwrap().endpoint_id)
+            .collect()
+    };
+    assert_eq!(fan_out(&mut w, "call.ended"), [Some(calls)]);
+    assert_eq!(fan_out(&mut w, "call.queue.left"), [Some(calls)]);
+    assert_eq!(fan_out(&mut w, "call"), [Some(exact)]);
+    assert!(fan_out(&mut w, "callback.x").is_empty());
+
+    let before = w.snapshot();
+    for bad in ["call*", "*.ended", ".*", "call.**", "c*"] {
+        let create = Command::CreateEndpoint {
+            id: EndpointId(Uuid::now_v7()),
+            org_id: org(1),
+            url: "https://receiver.example/hook".into(),
+            name: String::new(),
+            enabled_events: vec![bad.into()],
+            secret: None,
+            settings: Default::default(),
+        };
+        let update = Command::UpdateEndpoint {
+            id: calls,
+            url: None,
+            name: None,
+            enabled_events: Some(vec![bad.into()]),
+            settings: Default::default(),
+        };
+        for command in [create, update] {
+            match w.run(member(1), command) {
+                Err(CommandError::Validation { field: "enabled_events", .. }) => {}
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(w.snapshot(), before, "a refused pattern wrote");
+}
+
+fn recover(w: &mut World, actor: Actor, org_n: u128, filter: herald_projector::RecoveryFilter) -> Reply {
+    let id = herald_projector::RecoveryId(Uuid::now_v7());
+    w.run(actor, Command::Recover { id, org_id: org(org_n), filter }).unwrap()
+}
+
+fn failures_filter(max: u32) -> herald_projector::RecoveryFilter {
+    herald_projector::RecoveryFilter {
+        statuses: vec![DeliveryStatus::Exhausted, DeliveryStatus::Inactive],
+        endpoint_id: None,
+        event_type: None,
+        created_after_ms: None,
+        created_before_ms: None,
+        max,
+    }
+}
+
+/// Organisation 1 with an endpoint made inactive by one failure, and `n` inactive deliveries.
+fn inactive_world(n: usize) -> (World, Vec<DeliveryId>) {
+    let mut w = World::new(CommandLimits::default());
+    w.run(Actor::admin(), Command::AdoptRules(herald_projector::RULES_CURRENT)).unwrap();
+    let policy = herald_projector::Policy { failures_max: 1, ..herald_projector::Policy::default() };
+    w.run(Actor::admin(), Command::SetPolicy(policy)).unwrap();
+    w.endpoint(member(1), 1, &["*"]);
+    let mut ids = deliveries(w.publish(member(1), 1, "call.ended", None));
+    fail(&mut w, ids[0]);
+    for _ in 1..n {
+        ids.extend(deliveries(w.publish(member(1), 1, "call.ended", None)));
+    }
+    (w, ids)
+}
+
+/// A recover over more ids than one record holds: every selected delivery re-queued as a
+/// retrigger, oldest first, in one commit of several records; selected again, nothing matches.
+#[test]
+fn a_recover_requeues_every_match_in_one_commit_of_several_records() {
+    let n = herald_projector::RECOVERY_IDS_PER_RECORD + 10;
+    let (mut w, ids) = inactive_world(n);
+    assert!(ids.iter().all(|d| w.status(*d) == DeliveryStatus::Inactive));
+    let seq_before = herald_projector::applied_seq(&StoreTables(&w.store)).unwrap();
+    let Reply::Recovered(r) = recover(&mut w, member(1), 1, failures_filter(100_000)) else { panic!() };
+    assert_eq!((r.matched, r.queued, r.truncated), (n as u64, n as u64, false));
+    assert_eq!(r.sample, ids[..25]);
+    let seq_after = herald_projector::applied_seq(&StoreTables(&w.store)).unwrap();
+    assert_eq!(seq_after - seq_before, 2, "one RecoveryRequested and one RecoveryDeliveries");
+    for d in &ids {
+        let d = get_delivery(&StoreTables(&w.store), *d).unwrap().unwrap();
+        assert_eq!(
+            (d.status, d.manual_retry_count, d.next_attempt_at_ms),
+            (DeliveryStatus::Pending, 1, Some(w.now_ms))
+        );
+    }
+    let t = StoreTables(&w.store);
+    let recovery = herald_projector::get_recovery(&t, r.recovery_id.unwrap()).unwrap().unwrap();
+    let counts = herald_projector::recovery_counts(&t, &recovery).unwrap();
+    assert_eq!((counts.queued, counts.pending), (n as u64, n as u64));
+    let Reply::Recovered(again) = recover(&mut w, member(1), 1, failures_filter(10)) else { panic!() };
+    assert_eq!((again.matched, again.queued, again.truncated), (0, 0, false));
+}
+
+#[test]
+fn a_recover_is_bounded_by_max_and_refuses_bad_filters_and_other_organisations_writing_nothing() {
+    let (mut w, ids) = inactive_world(5);
+    let Reply::Recovered(r) = recover(&mut w, member(1), 1, failures_filter(2)) else { panic!() };
+    assert_eq!((r.matched, r.queued, r.truncated, r.sample.as_slice()), (2, 2, true, &ids[..2]));
+    assert_eq!(w.status(ids[2]), DeliveryStatus::Inactive);
+
+    let before = w.snapshot();
+    let refused = |w: &mut World, actor: Actor, org_n: u128, filter| {
+        let id = herald_projector::RecoveryId(Uuid::now_v7());
+        match w.run(actor, Command::Recover { id, org_id: org(org_n), filter }) {
+            Err(CommandError::Validation { field, .. }) => field,
+            other => panic!("{other:?}"),
+        }
+    };
+    let with = |f: &dyn Fn(&mut herald_projector::RecoveryFilter)| {
+        let mut filter = failures_filter(10);
+        f(&mut filter);
+        filter
+    };
+    assert_eq!(refused(&mut w, member(2), 1, failures_filter(10)), "org_id");
+    assert_eq!(refused(&mut w, member(1), 1, with(&|f| f.statuses.clear())), "status");
+    assert_eq!(
+        refused(&mut w, member(1), 1, with(&|f| f.statuses = vec![DeliveryStatus::Pending])),
+        "status"
+    );
+    assert_eq!(refused(&mut w, member(1), 1, with(&|f| f.max = 0)), "max");
+    assert_eq!(refused(&mut w, member(1), 1, with(&|f| f.max = 100_001)), "max");
+    assert_eq!(refused(&mut w, member(1), 1, with(&|f| f.event_type = Some("call*".into()))), "event_type");
+    assert_eq!(w.snapshot(), before, "a refused recover wrote");
+
+    // Another organisation's recover selects none of organisation 1's deliveries.
+    let Reply::Recovered(other) = recover(&mut w, member(2), 2, failures_filter(10)) else { panic!() };
+    assert_eq!(other.matched, 0);
+    assert_eq!(w.status(ids[2]), DeliveryStatus::Inactive);
+}

@@ -5,8 +5,9 @@
 #[cfg(test)]
 use crate::delivery_settings::DeliveryOrder;
 use crate::delivery_settings::DeliverySettings;
-use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 use crate::policy::Policy;
+use crate::recovery::RecoveryFilter;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -228,7 +229,28 @@ pub enum Event {
         id: EndpointId,
         settings: DeliverySettings,
     },
+    /// A bulk recover (rules 4 on): the recovery, who asked and the filter it selected by, with
+    /// the first of the deliveries it re-queues (each as a retrigger is, a delivered one as a
+    /// redeliver is); the rest follow in [`Event::RecoveryDeliveries`] records of the same batch,
+    /// at most [`RECOVERY_IDS_PER_RECORD`] ids a record.
+    RecoveryRequested {
+        id: RecoveryId,
+        org_id: OrgId,
+        filter: RecoveryFilter,
+        by_key: Option<ApiKeyId>,
+        delivery_ids: Vec<DeliveryId>,
+    },
+    /// More deliveries of the recovery `recovery_id`, re-queued as those of its
+    /// [`Event::RecoveryRequested`] (rules 4 on).
+    RecoveryDeliveries {
+        recovery_id: RecoveryId,
+        delivery_ids: Vec<DeliveryId>,
+    },
 }
+
+/// Delivery ids one recovery record carries at most (17 bytes each encoded: a record of about
+/// 70 KiB, far below a record's largest body), so 100,000 take 25 records.
+pub const RECOVERY_IDS_PER_RECORD: usize = 4096;
 
 /// A delivery created with its event ([`Event::EventPublishedWithDeliveries`]): the fields of
 /// a `DeliveryCreated` that the event does not already say.
@@ -270,6 +292,8 @@ impl Event {
             Event::EventPublishedWithDeliveries { .. } => "EventPublishedWithDeliveries",
             Event::RulesAdopted { .. } => "RulesAdopted",
             Event::EndpointDeliverySettingsSet { .. } => "EndpointDeliverySettingsSet",
+            Event::RecoveryRequested { .. } => "RecoveryRequested",
+            Event::RecoveryDeliveries { .. } => "RecoveryDeliveries",
         }
     }
 }
@@ -535,7 +559,46 @@ mod tests {
                         },
                     }
                 }),
+            (uuid(), uuid(), recovery_filter(), proptest::option::of(uuid()), delivery_ids()).prop_map(
+                |(id, org, filter, key, delivery_ids)| Event::RecoveryRequested {
+                    id: RecoveryId(id),
+                    org_id: OrgId(org),
+                    filter,
+                    by_key: key.map(ApiKeyId),
+                    delivery_ids,
+                }
+            ),
+            (uuid(), delivery_ids()).prop_map(|(id, delivery_ids)| Event::RecoveryDeliveries {
+                recovery_id: RecoveryId(id),
+                delivery_ids,
+            }),
         ]
+    }
+
+    fn delivery_ids() -> impl Strategy<Value = Vec<DeliveryId>> {
+        proptest::collection::vec(uuid().prop_map(DeliveryId), 0..8)
+    }
+
+    fn recovery_filter() -> impl Strategy<Value = RecoveryFilter> {
+        let status = proptest::sample::select(crate::model::DeliveryStatus::ALL.to_vec());
+        (
+            proptest::collection::vec(status, 0..4),
+            proptest::option::of(uuid()),
+            proptest::option::of(text()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(statuses, endpoint, event_type, created_after_ms, created_before_ms, max)| RecoveryFilter {
+                    statuses,
+                    endpoint_id: endpoint.map(EndpointId),
+                    event_type,
+                    created_after_ms,
+                    created_before_ms,
+                    max,
+                },
+            )
     }
 
     proptest! {

@@ -51,3 +51,7 @@ id_type!(
     /// An API key (its record, never the key itself).
     ApiKeyId
 );
+id_type!(
+    /// A bulk recover: one operator request that re-queued many deliveries at once.
+    RecoveryId
+);

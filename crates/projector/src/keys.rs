@@ -29,8 +29,10 @@
 //! | `0x60` | delivery ++ attempt (u32 BE) | [`AttemptRecord`](crate::AttemptRecord) |
 //! | `0x61` | (alone) | the seq from which the fold keeps record refs, u64 BE (rules 4 on) |
 //! | `0x61` | subject id ++ seq (u64 BE) | a delivery's: its status byte after that record; else empty |
+//! | `0x70` | recovery id | [`Recovery`](crate::Recovery) |
+//! | `0x71` | recovery id ++ chunk (u32 BE) | its delivery ids, 16 bytes each, [`RECOVERY_CHUNK_IDS`](crate::RECOVERY_CHUNK_IDS) a chunk but the last |
 
-use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 use crate::model::DeliveryStatus;
 
 pub const KS_META: u8 = 0x10;
@@ -59,6 +61,8 @@ pub const KS_ATTEMPT: u8 = 0x60;
 /// Record refs: which records touched a delivery, an endpoint, or the store-wide settings
 /// (`refs.rs`), so a replay reads those records alone.
 pub const KS_RECORD_REFS: u8 = 0x61;
+pub const KS_RECOVERY: u8 = 0x70;
+pub const KS_RECOVERY_MEMBERS: u8 = 0x71;
 
 /// Keyspaces that earlier versions wrote and this one neither writes nor reads: an organisation's
 /// and an endpoint's whole delivery lists, which are now their status partitions merged (two
@@ -184,6 +188,14 @@ pub(crate) fn attempt(delivery: DeliveryId, attempt: u32) -> Vec<u8> {
 /// The ref of record `seq` to the subject whose 16-byte id is `id` (`refs.rs`).
 pub(crate) fn record_ref(id: &[u8; 16], seq: u64) -> Vec<u8> {
     key(KS_RECORD_REFS, &[id, &seq.to_be_bytes()])
+}
+
+pub(crate) fn recovery(id: RecoveryId) -> Vec<u8> {
+    key(KS_RECOVERY, &[id.as_bytes()])
+}
+
+pub(crate) fn recovery_members(id: RecoveryId, chunk: u32) -> Vec<u8> {
+    key(KS_RECOVERY_MEMBERS, &[id.as_bytes(), &chunk.to_be_bytes()])
 }
 
 pub(crate) fn status_byte(status: DeliveryStatus) -> u8 {

@@ -102,9 +102,11 @@ mod ids;
 mod index;
 pub mod keys;
 mod model;
+mod pattern;
 mod persist;
 mod policy;
 mod query;
+mod recovery;
 mod refs;
 mod staged;
 mod tables;
@@ -122,18 +124,19 @@ pub use delivery_settings::{
 pub use event::{
     decode, decode_actor, decode_recorded, encode, encode_v1, AttemptOutcome, DecodeError, Event,
     NewDelivery, RecordActor, Scope, Trigger, EVENT_FORMAT_V1, EVENT_FORMAT_V2, NEW_DELIVERY_BYTES,
-    PUBLISHED_DELIVERIES_BYTES_MAX,
+    PUBLISHED_DELIVERIES_BYTES_MAX, RECOVERY_IDS_PER_RECORD,
 };
 pub use fold::{
     apply, apply_unstaged, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
     RULES_CURRENT,
 };
-pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 pub use model::{
     subscribes, transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint,
     EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
     RESPONSE_EXCERPT_BYTES_MAX,
 };
+pub use pattern::event_type_matches;
 pub use persist::{
     catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
     StoreTables, TxRead, TxTables,
@@ -144,6 +147,10 @@ pub use query::{
     get_delivery, get_endpoint, get_endpoint_settings, get_event, idempotency_lookup, list_all_endpoints_rev,
     list_api_keys, list_deliveries, list_deliveries_rev, list_endpoints, list_endpoints_rev, org_secret,
     policy, rules, CorruptValue, DeliveryCursor, DeliveryIndex, DeliveryQuery, Due, Page, PAGE_LEN_MAX,
+};
+pub use recovery::{
+    get_recovery, recovery_counts, recovery_members, select_recovery, Recovery, RecoveryCounts,
+    RecoveryFilter, RecoverySelection, RECOVERY_CHUNK_IDS,
 };
 pub use refs::{delivery_refs, record_refs, refs_from, RecordRef, REFS_FROM, STORE_WIDE};
 pub use staged::fold_staged_entries;

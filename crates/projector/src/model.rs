@@ -194,9 +194,10 @@ pub struct Endpoint {
     pub updated_at_ms: u64,
 }
 
-/// Whether a list of enabled events takes `event_type` (by name or through `*`).
+/// Whether a list of enabled events takes `event_type` (by name, through `*` or through a
+/// prefix pattern such as `call.*`: [`event_type_matches`](crate::event_type_matches)).
 pub fn subscribes(enabled_events: &[String], event_type: &str) -> bool {
-    enabled_events.iter().any(|e| e == "*" || e == event_type)
+    enabled_events.iter().any(|e| crate::pattern::event_type_matches(e, event_type))
 }
 
 impl Endpoint {
@@ -208,7 +209,7 @@ impl Endpoint {
         std::iter::once(self.secret.as_str()).chain(previous).collect()
     }
 
-    /// Whether the endpoint subscribes to `event_type` (by name or through `*`).
+    /// Whether the endpoint subscribes to `event_type` (see [`subscribes`]).
     pub fn subscribes_to(&self, event_type: &str) -> bool {
         subscribes(&self.enabled_events, event_type)
     }

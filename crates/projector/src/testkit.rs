@@ -277,6 +277,33 @@ pub fn assert_consistent(t: &MemTables) {
         assert_eq!(e.status == EndpointStatus::Inactive, e.inactive_reason.is_some(), "{e:?}");
         assert!(e.failure_run_at_ms.len() <= FAILURES_MAX_LIMIT as usize);
     }
+    assert_recoveries_hold_their_members(t, &deliveries);
+}
+
+/// Each recovery's member chunks hold exactly `queued` distinct deliveries of its organisation,
+/// every chunk but the last full; no chunk belongs to no recovery.
+fn assert_recoveries_hold_their_members(t: &MemTables, deliveries: &[Delivery]) {
+    let recoveries: Vec<crate::Recovery> = all(t, keys::KS_RECOVERY);
+    let mut chunks_seen = 0;
+    for r in &recoveries {
+        let mut members = Vec::new();
+        for chunk in 0u32.. {
+            let ids = crate::recovery_members(t, r.id, chunk).unwrap();
+            if ids.is_empty() {
+                break;
+            }
+            chunks_seen += 1;
+            members.extend(ids);
+        }
+        assert_eq!(members.len() as u64, r.queued, "{r:?}");
+        assert_eq!(members.iter().collect::<BTreeSet<_>>().len(), members.len(), "a member twice: {r:?}");
+        for id in &members {
+            let d = deliveries.iter().find(|d| d.id == *id).unwrap_or_else(|| panic!("member {id} missing"));
+            assert_eq!(d.org_id, r.org_id);
+        }
+    }
+    let stored = t.scan(&[keys::KS_RECOVERY_MEMBERS], &[keys::KS_RECOVERY_MEMBERS + 1], usize::MAX).len();
+    assert_eq!(stored, chunks_seen, "member chunks of no recovery");
 }
 
 /// The stored index keys are exactly those the rows give, and every key is in the projector's

@@ -11,6 +11,9 @@ use utoipa::ToSchema;
 
 use crate::util::{ts, ts_opt};
 
+mod recover;
+pub use recover::{RecoverIn, RecoverOut, RecoveryOut};
+
 /// An endpoint (`secret` only when it was just created or rotated).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EndpointOut {

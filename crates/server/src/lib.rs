@@ -54,6 +54,7 @@ pub use crate::util::{parse_id, parse_ts, ts};
         routes::api_keys::create, routes::api_keys::list, routes::api_keys::revoke,
         routes::seeds::retrigger, routes::seeds::get_failure, routes::seeds::list_failures,
         routes::seeds::batch_retrigger,
+        routes::recover::recover, routes::recover::get,
         routes::ops::audit_log, routes::ops::healthz, routes::ops::readyz, routes::ops::metrics, routes::ops::openapi,
     ),
     modifiers(&BearerAuth)
@@ -96,6 +97,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/webhook_deliveries/{id}/attempts"),
     ("get", "/v1/webhook_deliveries/{id}/history"),
     ("post", "/v1/webhook_deliveries/{id}/redeliver"),
+    ("post", "/v1/webhook_deliveries/recover"),
+    ("get", "/v1/recoveries/{id}"),
     ("post", "/v1/api_keys"),
     ("get", "/v1/api_keys"),
     ("delete", "/v1/api_keys/{id}"),
@@ -127,6 +130,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/webhook_deliveries/{id}/attempts", get(deliveries::attempts))
         .route("/v1/webhook_deliveries/{id}/history", get(deliveries::history))
         .route("/v1/webhook_deliveries/{id}/redeliver", post(deliveries::redeliver))
+        .route("/v1/webhook_deliveries/recover", post(recover::recover))
+        .route("/v1/recoveries/{id}", get(recover::get))
         .route("/v1/api_keys", post(api_keys::create).get(api_keys::list))
         .route("/v1/api_keys/{id}", axum::routing::delete(api_keys::revoke))
         .route("/v1/audit/log", get(ops::audit_log))

@@ -6,7 +6,7 @@ use herald_projector::{
 
 use super::delivery_settings::DeliverySettingsPatch;
 use super::{
-    check_name, invalid, new_secret, valid_event_type, CommandError, Reply, Run, ENABLED_EVENTS_MAX,
+    check_name, invalid, new_secret, valid_event_pattern, CommandError, Reply, Run, ENABLED_EVENTS_MAX,
 };
 use crate::sender::check_url;
 use crate::signing::Secret;
@@ -18,10 +18,10 @@ fn check_enabled_events(events: &[String]) -> Result<(), CommandError> {
     if events.len() > ENABLED_EVENTS_MAX {
         return Err(invalid("enabled_events", format!("at most {ENABLED_EVENTS_MAX} entries")));
     }
-    match events.iter().find(|e| e.as_str() != "*" && !valid_event_type(e)) {
+    match events.iter().find(|e| !valid_event_pattern(e)) {
         Some(bad) => Err(invalid(
             "enabled_events",
-            format!("{bad:?} is not \"*\" nor an event type [A-Za-z0-9._-]{{1,128}}"),
+            format!("{bad:?} is not \"*\", an event type [A-Za-z0-9._-]{{1,128}} nor a prefix pattern such as \"call.*\""),
         )),
         None => Ok(()),
     }

@@ -14,7 +14,7 @@ use herald_log::{Machine, Tx};
 use herald_projector::compact::Plan;
 use herald_projector::{
     apply_unstaged, encode, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId, Due, EndpointId,
-    Event, EventId, OrgId, Policy, RecordActor, Scope, TxRead, TxTables,
+    Event, EventId, OrgId, Policy, RecordActor, RecoveryFilter, RecoveryId, Scope, TxRead, TxTables,
 };
 use uuid::Uuid;
 
@@ -27,6 +27,7 @@ use endpoints::NewEndpoint;
 mod ids;
 mod keys;
 mod publish;
+mod recover;
 mod retention;
 mod retrigger;
 mod settings;
@@ -34,6 +35,7 @@ mod settings;
 pub use delivery_settings::DeliverySettingsPatch;
 pub use ids::{derived_id, sequenced_id};
 use publish::{FanOut, Publish};
+pub use recover::{check_recovery_filter, valid_event_pattern, Recovered, RECOVER_MAX, RECOVER_SAMPLE_LEN};
 
 /// Who asks: an organisation's key, or an admin key (every organisation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +177,13 @@ pub enum Command {
     /// [`compact::plan`](herald_projector::compact::plan). Admin only; see
     /// [`Engine::compact`](crate::Engine::compact).
     Compact(Box<Plan>),
+    /// A bulk recover: the organisation's deliveries matching `filter`, selected in the writer
+    /// and re-queued as retriggers in one commit, recorded as recovery `id`.
+    Recover {
+        id: RecoveryId,
+        org_id: OrgId,
+        filter: RecoveryFilter,
+    },
 }
 
 /// What a command answers.
@@ -201,6 +210,7 @@ pub enum Reply {
     },
     Batch(Vec<BatchItem>),
     Compacted(CompactReport),
+    Recovered(Recovered),
 }
 
 /// One item of a batch retrigger: its request id, or why it was not retriggered.
@@ -405,6 +415,7 @@ impl Commands {
             Command::Compact(plan) => run.compact(*plan),
             Command::SetPolicy(p) => run.set_policy(p),
             Command::AdoptRules(version) => run.adopt_rules(version),
+            Command::Recover { id, org_id, filter } => run.recover(id, org_id, filter),
         }?;
         let events = run.events;
         self.stage(tx, at_ms, actor.recorded(), events)?;
@@ -466,6 +477,9 @@ fn due_hints(due: &mut Vec<DueHint>, at_ms: u64, event: Event) {
         }
         Event::RetriggerRequested { delivery_id, .. } | Event::RedeliverRequested { delivery_id, .. } => {
             due.push(hint(at_ms, delivery_id, None))
+        }
+        Event::RecoveryRequested { delivery_ids, .. } | Event::RecoveryDeliveries { delivery_ids, .. } => {
+            due.extend(delivery_ids.into_iter().map(|id| hint(at_ms, id, None)))
         }
         _ => {}
     }

@@ -7,7 +7,7 @@
 
 use crate::codec;
 use crate::event::{AttemptOutcome, Event};
-use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
+use crate::ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 use crate::index;
 use crate::keys;
 use crate::model::{transition_allowed, Cause, Delivery, DeliveryStatus, Endpoint};
@@ -19,6 +19,7 @@ mod api_keys;
 mod attempts;
 mod endpoints;
 mod publish;
+mod recover;
 mod refs;
 mod retrigger;
 mod rules;
@@ -100,6 +101,12 @@ pub enum ApplyError {
     },
     /// A stored value does not decode.
     Corrupt(CorruptValue),
+    /// The event folds only under later rules than those in force.
+    NotUnderRules {
+        event: &'static str,
+        in_force: u32,
+    },
+    UnknownRecovery(RecoveryId),
 }
 
 impl From<CorruptValue> for ApplyError {
@@ -157,6 +164,10 @@ impl std::fmt::Display for ApplyError {
                 write!(f, "{kind} does not fold under rules version {in_force}")
             }
             ApplyError::Corrupt(corrupt) => corrupt.fmt(f),
+            ApplyError::NotUnderRules { event, in_force } => {
+                write!(f, "{event} does not fold under rules version {in_force}")
+            }
+            ApplyError::UnknownRecovery(id) => write!(f, "unknown recovery {id}"),
         }
     }
 }
@@ -266,6 +277,12 @@ impl<T: Tables> Fold<'_, T> {
             Event::Compacted { .. } => Ok(()),
             Event::RulesAdopted { version } => self.rules_adopted(*version),
             Event::EndpointDeliverySettingsSet { id, settings } => self.delivery_settings_set(*id, settings),
+            Event::RecoveryRequested { id, org_id, filter, by_key, delivery_ids } => {
+                self.recovery_requested(*id, *org_id, filter, *by_key, delivery_ids)
+            }
+            Event::RecoveryDeliveries { recovery_id, delivery_ids } => {
+                self.recovery_deliveries(*recovery_id, delivery_ids)
+            }
         }
     }
 

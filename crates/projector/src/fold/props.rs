@@ -44,6 +44,14 @@ enum Op {
     Advance {
         ms: u64,
     },
+    /// A bulk recover of the failures (and the delivered ones when `delivered`), at most `max`,
+    /// its deliveries split over a `RecoveryRequested` and `RecoveryDeliveries` records of
+    /// `per_record` ids.
+    Recover {
+        max: u8,
+        delivered: bool,
+        per_record: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -63,6 +71,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1u32..6, 1u64..30 * 3_600_000)
             .prop_map(|(failures_max, window_ms)| Op::Policy { failures_max, window_ms }),
         3 => (0u64..8 * 3_600_000).prop_map(|ms| Op::Advance { ms }),
+        1 => (any::<u8>(), any::<bool>(), 1u8..4)
+            .prop_map(|(max, delivered, per_record)| Op::Recover { max, delivered, per_record }),
     ]
 }
 
@@ -175,6 +185,36 @@ impl Driver {
                 }));
             }
             Op::Advance { ms } => self.now_ms += ms,
+            Op::Recover { max, delivered, per_record } => self.recover(max, delivered, per_record),
+        }
+    }
+
+    /// Selects as the engine does, then records the recovery in records of `per_record` ids.
+    fn recover(&mut self, max: u8, delivered: bool, per_record: u8) {
+        use crate::DeliveryStatus::{Delivered, Exhausted, Inactive};
+        let mut statuses = vec![Exhausted, Inactive];
+        if delivered {
+            statuses.push(Delivered);
+        }
+        let filter = crate::RecoveryFilter {
+            statuses,
+            endpoint_id: None,
+            event_type: (max % 3 == 0).then(|| "a.*".to_owned()),
+            created_after_ms: None,
+            created_before_ms: None,
+            max: u32::from(max),
+        };
+        let selection = crate::select_recovery(&self.tables, org(1), &filter).expect("select");
+        let id = crate::RecoveryId(Uuid::from_u128(1_000_000 + self.accepted.len() as u128));
+        let mut chunks = selection.delivery_ids.chunks(usize::from(per_record));
+        let first = chunks.next().unwrap_or_default().to_vec();
+        let requested =
+            Event::RecoveryRequested { id, org_id: org(1), filter, by_key: None, delivery_ids: first };
+        if self.offer(requested) {
+            for chunk in chunks {
+                let more = Event::RecoveryDeliveries { recovery_id: id, delivery_ids: chunk.to_vec() };
+                assert!(self.offer(more), "the rest of a recovery folds");
+            }
         }
     }
 

@@ -26,6 +26,10 @@ use crate::tables::Tables;
 ///    creation's, when it was not in its event's publish record or did not start pending), with
 ///    its status after each; for each endpoint the seqs of its own records; the seqs of the policy
 ///    and rules records; and the seq the refs start from. A replay reads a delivery's story by seq.
+///    And a bulk recover may be recorded ([`Event::RecoveryRequested`](crate::Event::RecoveryRequested)
+///    and [`Event::RecoveryDeliveries`](crate::Event::RecoveryDeliveries)): each delivery it
+///    names is re-queued as a retrigger (a delivered one as a redeliver) is, and the recovery is
+///    stored with its members. Before, no such event folds.
 ///
 /// [`Rules`] names each of these changes.
 pub const RULES_CURRENT: u32 = 4;
@@ -70,6 +74,11 @@ impl Rules {
         self.0 >= 4
     }
 
+    /// Version 4 on: a bulk recover may be recorded, and it folds (before, no such event folds).
+    pub fn recoveries(self) -> bool {
+        self.0 >= 4
+    }
+
     /// Whether rules `next` may follow these: forward only, up to the ones this code knows.
     pub fn may_be_followed_by(self, next: Rules) -> bool {
         self < next && next <= Rules::CURRENT
@@ -103,12 +112,13 @@ mod tests {
                 rules.interrupted_is_not_a_failure(),
                 rules.endpoint_delivery_settings(),
                 rules.delivery_record_refs(),
+                rules.recoveries(),
             )
         };
-        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false));
-        assert_eq!(changes(2), (true, true, false, false, false));
-        assert_eq!(changes(3), (true, true, true, false, false));
-        assert_eq!(changes(4), (true, true, true, true, true));
+        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false, false));
+        assert_eq!(changes(2), (true, true, false, false, false, false));
+        assert_eq!(changes(3), (true, true, true, false, false, false));
+        assert_eq!(changes(4), (true, true, true, true, true, true));
         assert!(Rules::FIRST.may_be_followed_by(Rules::CURRENT));
         assert!(!Rules(2).may_be_followed_by(Rules(2)));
         assert!(!Rules(3).may_be_followed_by(Rules(2)));

@@ -5,6 +5,7 @@ pub mod deliveries;
 pub mod endpoints;
 pub mod events;
 pub mod ops;
+pub mod recover;
 pub mod seeds;
 
 use herald_engine::OrgId;

@@ -167,6 +167,14 @@ pub fn audit_event(event: &herald_engine::Event) -> Value {
             "payload" => {
                 *v = bytes_of(v).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
             }
+            // A recovery's filter: its statuses by their API names.
+            "filter" => {
+                if let Some(Value::Array(statuses)) = v.get_mut("statuses") {
+                    for s in statuses.iter_mut() {
+                        *s = Value::String(s.as_str().unwrap_or_default().to_ascii_lowercase());
+                    }
+                }
+            }
             "response_excerpt" => {
                 *v = Value::String(
                     bytes_of(v).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default(),
