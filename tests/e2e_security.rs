@@ -40,7 +40,10 @@ fn scope_of(method: &str, path: &str) -> Option<&'static str> {
         ("post", "/v1/events") => "events.write",
         ("get", "/v1/events/{id}") => "deliveries.read",
         ("get", p) if p.starts_with("/v1/webhook_deliveries") => "deliveries.read",
-        ("post", "/v1/webhook_deliveries/{id}/redeliver") => "deliveries.write",
+        ("post", "/v1/webhook_deliveries/{id}/redeliver" | "/v1/webhook_deliveries/recover") => {
+            "deliveries.write"
+        }
+        ("get", "/v1/recoveries/{id}") => "deliveries.read",
         (_, p) if p.starts_with("/v1/api_keys") || p.starts_with("/v1/audit") => "admin",
         ("post", "/api/webhooks/v1/failures/{id}/retrigger") => "deliveries.write",
         ("get", p) if p.starts_with("/api/v4/tasks/webhook_failures") => "tasks.webhooks.read",
@@ -248,6 +251,24 @@ fn organisations_are_isolated_on_every_route() {
     let d_bad = ev_bad["delivery_ids"][0].as_str().unwrap().to_owned();
     server.wait_status(&a, &d_ok, "delivered");
     server.wait_status(&a, &d_bad, "exhausted");
+    // A recovery of A's, which redelivers its delivered delivery once more.
+    let (status, recovered) = server.call(
+        "POST",
+        "/v1/webhook_deliveries/recover",
+        Some(&a),
+        Some(json!({"status": ["delivered"], "endpoint_id": ep_ok})),
+    );
+    assert_eq!((status, recovered["queued"].as_u64()), (200, Some(1)), "{recovered}");
+    let recovery = recovered["recovery_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + common::WAIT_MAX;
+    loop {
+        let (_, d) = server.call("GET", &format!("/v1/webhook_deliveries/{d_ok}"), Some(&a), None);
+        if d["status"] == "delivered" && d["attempt_count"] == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the recovered delivery was not delivered again: {d}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // B: an endpoint of its own, so lists and the batch have something of B's.
     let ep_b = server.endpoint(&b, &ok_rx.url("/b"), &["b.x"])["id"].as_str().unwrap().to_owned();
     let a_key_id = {
@@ -290,6 +311,7 @@ fn organisations_are_isolated_on_every_route() {
             p if p.starts_with("/api/v4/tasks/webhook_failures/") => &d_bad,
             p if p.starts_with("/api/notifications/") => &ep_bad,
             p if p.starts_with("/v1/api_keys/") => &a_key_id,
+            "/v1/recoveries/{id}" => &recovery,
             other => panic!("no object of A for {other}"),
         }
     };
@@ -421,7 +443,8 @@ fn organisations_are_isolated_on_every_route() {
     assert_eq!(snapshot(&server, &a, &watched), before);
     let (s, _) = server.call("GET", "/v1/endpoints", Some(&a), None);
     assert_eq!(s, 200, "A's key still works");
-    assert_eq!(ok_rx.received().iter().filter(|r| r.path == "/a").count(), 1);
+    // its first delivery and A's own recovery of it
+    assert_eq!(ok_rx.received().iter().filter(|r| r.path == "/a").count(), 2);
 
     // Idempotency keys are per organisation: B reusing A's gets its own event, not A's answer.
     let publish = |key: &str| {
