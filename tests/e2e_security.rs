@@ -267,7 +267,7 @@ fn organisations_are_isolated_on_every_route() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the recovered delivery was not delivered again: {d}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     // B: an endpoint of its own, so lists and the batch have something of B's.
     let ep_b = server.endpoint(&b, &ok_rx.url("/b"), &["b.x"])["id"].as_str().unwrap().to_owned();
