@@ -30,6 +30,8 @@ fn a_rate_limit_of_20_per_second_is_what_the_receiver_sees() {
     let published = Instant::now();
     let events: Vec<Value> = (0..100).map(|n| server.publish(&key, "call.ended", json!({"n": n}))).collect();
     let publish_s = published.elapsed().as_secs_f64();
+    let throttled = server.metric("herald_deliveries_throttled ");
+    assert!(throttled > 0.0, "the backlog over the rate is held by the dispatcher: {throttled}");
     let got = receiver.wait_for(100);
     // The steady part: from the 25th arrival (past the burst of 20 and the tokens that came while
     // publishing) to the 100th.
