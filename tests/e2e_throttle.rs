@@ -97,6 +97,19 @@ fn a_retry_after_pauses_the_endpoint_while_another_keeps_receiving() {
     paused.answer_next(429, Some("2"));
     let first = server.publish(&key, "alpha", json!({"n": 0}));
     let asked = paused.wait_for(1)[0].at;
+    // Once the 429 is recorded, herald has read the answer and paused the endpoint.
+    let id = first["delivery_ids"][0].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        let (status, delivery) =
+            server.call("GET", &format!("/v1/webhook_deliveries/{id}"), Some(&key), None);
+        assert_eq!(status, 200, "{delivery}");
+        if delivery["attempt_count"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the 429 was never recorded: {delivery}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for n in 1..4 {
         server.publish(&key, "alpha", json!({"n": n}));
     }
@@ -116,7 +129,6 @@ fn a_retry_after_pauses_the_endpoint_while_another_keeps_receiving() {
     let during =
         other.received().iter().filter(|r| r.at > asked && r.at < asked + Duration::from_secs(2)).count();
     assert!(during >= 10, "the other endpoint got only {during} requests during the pause");
-    let id = first["delivery_ids"][0].as_str().unwrap();
     let (status, delivery) = server.call("GET", &format!("/v1/webhook_deliveries/{id}"), Some(&key), None);
     assert_eq!(status, 200);
     assert_eq!((delivery["status"].as_str(), delivery["attempt_count"].as_u64()), (Some("pending"), Some(1)));

@@ -1262,3 +1262,18 @@ fn a_retry_after_pauses_the_endpoint_automatic_attempts_but_not_manual_ones() {
     assert_eq!(w.engine.endpoint(paused).unwrap().unwrap().status, EndpointStatus::Active);
     let _ = fourth;
 }
+
+/// A backlog held for one endpoint's rate does not hold up another endpoint of the same events.
+#[test]
+fn a_rate_limited_backlog_does_not_starve_another_endpoint() {
+    let w = World::new(config(vec![1_000]));
+    endpoint_with(&w, DeliverySettingsPatch { rate_limit_per_s: Some(Some(1)), ..Default::default() });
+    w.endpoint(org());
+    let all = publish_n(&w, 50);
+    w.settle();
+    assert_eq!(all.len(), 100, "each event to both endpoints");
+    let delivered = all.iter().filter(|d| w.status(**d) == DeliveryStatus::Delivered).count();
+    assert_eq!(delivered, 51, "all 50 of the open endpoint, the burst of 1 of the limited one");
+    assert_eq!(w.engine.dispatch_stats().throttled, 49);
+    assert_eq!(w.sender.requests().len(), 51, "a held delivery is not attempted");
+}
