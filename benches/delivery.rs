@@ -7,14 +7,17 @@
 //! - publish-to-receipt latency p50/p99 at a paced 1,000 events/s, beside its floor: the mean raw
 //!   sled commit of one record (same durability) plus the raw `HttpSender` request latency at the
 //!   same pace;
-//! - retrigger-to-receipt latency p50/p99 of exhausted deliveries, paced, beside the same floor.
+//! - retrigger-to-receipt latency p50/p99 of exhausted deliveries, paced, beside the same floor;
+//! - beside a rate-limited endpoint (issue 21): the unconstrained endpoint's deliveries/s in the
+//!   same burst, beside the raw limit, and the limited endpoint's steady attempts/s at its receiver,
+//!   beside its configured rate.
 //!
 //! Under the table, notes give the timing counters that say what bounds each figure: the writer's
 //! batches and flush time, and CPU seconds per thread (from /proc) with the whole machine's, since
 //! the machine is shared.
 //!
 //! Run: `cargo bench --bench delivery`. Prints a table; `--json FILE` also writes JSON;
-//! `--only burst|paced|retrigger` runs one part. `HERALD_BENCH_DELIVERY_EVENTS` sets the burst
+//! `--only burst|paced|retrigger|throttle` runs one part. `HERALD_BENCH_DELIVERY_EVENTS` sets the burst
 //! size (default 20,000).
 
 mod common;
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use common::{cpu_now, Row};
 use herald_engine::sender::{AttemptRequest, HttpSender, Sender, SenderConfig};
-use herald_engine::{Actor, Command, Engine, EngineConfig, Reply};
+use herald_engine::{Actor, Command, DeliverySettingsPatch, Engine, EngineConfig, Reply};
 use herald_log::baseline::raw_sled_batches;
 use herald_log::{Durability, LogConfig};
 use herald_projector::{
@@ -617,6 +620,125 @@ fn retriggered(receiver: &Receiver, durability: Durability, n: u64, per_s: u64) 
     latencies
 }
 
+/// The rate limit of the limited endpoint beside the unconstrained one.
+const RATE_LIMITED_PER_S: u32 = 1_000;
+/// Receipts at the limited endpoint the bench waits for, at most: its burst and 3 s of its rate.
+const RATE_LIMITED_RECEIPTS_MAX: u64 = RATE_LIMITED_PER_S as u64 * 4;
+
+struct BesideLimit {
+    /// The unconstrained endpoint: every event received, events/s from the first publish.
+    unconstrained_per_s: f64,
+    /// The limited endpoint: attempts/s at its receiver past its burst.
+    limited_per_s: f64,
+    limited_receipts: usize,
+    /// Deliveries the dispatcher held for the rate limit when the unconstrained endpoint had all.
+    held: u64,
+}
+
+/// One herald with two endpoints for every event: the unconstrained one at `receiver` and one
+/// limited to `RATE_LIMITED_PER_S` at `limited`. Publishes `n` events as fast as `submit_with`
+/// takes them, and times both.
+fn beside_a_rate_limit(
+    receiver: &Receiver,
+    limited: &Receiver,
+    durability: Durability,
+    n: u64,
+) -> BesideLimit {
+    let h = open_herald(receiver, durability, Policy::default());
+    let (seen, limited_seen) = (receiver.seen.clone(), limited.seen.clone());
+    for i in 0..WARMUP_EVENTS {
+        h.engine.execute_blocking(actor(h.org), publish_command(h.org, event_id(9, i), &payload())).unwrap();
+    }
+    assert!(seen.wait_for(WARMUP_EVENTS), "warm-up deliveries did not arrive");
+    seen.reset();
+    let settings =
+        DeliverySettingsPatch { rate_limit_per_s: Some(Some(RATE_LIMITED_PER_S)), ..Default::default() };
+    let command = Command::CreateEndpoint {
+        id: EndpointId(Uuid::now_v7()),
+        org_id: h.org,
+        url: format!("http://{}/limited", limited.addr),
+        name: "rate-limited bench receiver".into(),
+        enabled_events: vec!["*".into()],
+        secret: None,
+        settings,
+    };
+    assert!(matches!(h.engine.execute_blocking(actor(h.org), command), Ok(Reply::Endpoint { .. })));
+    let body = payload();
+    let started_ns = seen.now_ns();
+    for i in 0..n {
+        h.engine.submit_with(actor(h.org), publish_command(h.org, event_id(4, i), &body), |r| {
+            r.unwrap();
+        });
+    }
+    assert!(
+        seen.wait_for(n),
+        "the unconstrained receiver got {} of {n}",
+        seen.requests.load(Ordering::SeqCst)
+    );
+    let held = h.engine.dispatch_stats().throttled;
+    let unconstrained_last = seen.take().iter().map(|(_, at)| *at).max().unwrap_or(started_ns);
+    let want = n.min(RATE_LIMITED_RECEIPTS_MAX);
+    assert!(
+        limited_seen.wait_for(want),
+        "the limited receiver got {} of {want}",
+        limited_seen.requests.load(Ordering::SeqCst)
+    );
+    h.engine.shutdown();
+    let mut at: Vec<u64> = limited_seen.take().iter().map(|(_, at)| *at).collect();
+    at.sort_unstable();
+    // Past the burst (the bucket holds RATE_LIMITED_PER_S) and the tokens that came meanwhile.
+    let from = (RATE_LIMITED_PER_S as usize * 5 / 4).min(at.len().saturating_sub(2));
+    let steady = &at[from..];
+    let span_s = (steady[steady.len() - 1] - steady[0]) as f64 / 1e9;
+    seen.reset();
+    limited_seen.reset();
+    BesideLimit {
+        unconstrained_per_s: n as f64 / (unconstrained_last.saturating_sub(started_ns) as f64 / 1e9),
+        limited_per_s: (steady.len() - 1) as f64 / span_s,
+        limited_receipts: at.len(),
+        held,
+    }
+}
+
+/// The rows of [`beside_a_rate_limit`] (Flush durability): the unconstrained endpoint beside the
+/// raw limit, and the limited one beside its configured rate.
+fn throttle_rows(
+    receiver: &Receiver,
+    config: &EngineConfig,
+    events: u64,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) {
+    let limited = start_receiver(receiver.seen.base);
+    let (raw, _) = raw_rate(receiver, config, CONCURRENCY);
+    let b = beside_a_rate_limit(receiver, &limited, Durability::Flush, events);
+    rows.push(Row {
+        name: format!(
+            "deliveries/s publish → 2xx, {events} events, Flush, beside a {RATE_LIMITED_PER_S}/s endpoint"
+        ),
+        value: b.unconstrained_per_s,
+        unit: "/s",
+        limit_name: format!("raw HttpSender, {CONCURRENCY} in flight (before)"),
+        limit: raw,
+        target: String::new(),
+        met: None,
+    });
+    let within = (b.limited_per_s / f64::from(RATE_LIMITED_PER_S) - 1.0).abs() <= 0.1;
+    rows.push(Row {
+        name: "rate-limited endpoint: attempts/s at its receiver past the burst".into(),
+        value: b.limited_per_s,
+        unit: "/s",
+        limit_name: "its rate_limit_per_s".into(),
+        limit: f64::from(RATE_LIMITED_PER_S),
+        target: "within 10 %".into(),
+        met: Some(within),
+    });
+    notes.push(format!(
+        "beside a rate limit: {} receipts at the limited endpoint measured; {} deliveries held for its rate (pending, nothing recorded) when the unconstrained endpoint had every event",
+        b.limited_receipts, b.held
+    ));
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -688,6 +810,10 @@ fn main() {
         ));
         notes.push(format!("{durability:?} burst: {}", b.cpu));
         notes.push(sled_ceiling(durability, &b));
+    }
+
+    if runs("throttle") {
+        throttle_rows(&receiver, &config, events, &mut rows, &mut notes);
     }
 
     let paced_n = PACED_PER_S * PACED_FOR.as_secs();

@@ -4,11 +4,12 @@
 
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -415,6 +416,8 @@ pub struct Received {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// When the whole request had arrived.
+    pub at: Instant,
 }
 
 impl Received {
@@ -430,6 +433,18 @@ pub struct Receiver {
     status: Arc<AtomicU16>,
     got: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
+    more: Arc<Behaviour>,
+}
+
+/// What a receiver does besides answering its status: answers scripted ahead of it, a delay
+/// before each answer, and how many requests it is answering at once.
+#[derive(Default)]
+struct Behaviour {
+    /// Answers for the next requests, in order (status and an optional `Retry-After` value).
+    script: Mutex<VecDeque<(u16, Option<String>)>>,
+    delay_ms: AtomicU64,
+    active: AtomicUsize,
+    active_max: AtomicUsize,
 }
 
 impl Receiver {
@@ -440,19 +455,37 @@ impl Receiver {
         let status = Arc::new(AtomicU16::new(200));
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, g, st) = (status.clone(), got.clone(), stop.clone());
+        let more = Arc::new(Behaviour::default());
+        let (s, g, st, m) = (status.clone(), got.clone(), stop.clone(), more.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (s, g, st) = (s.clone(), g.clone(), st.clone());
-                        std::thread::spawn(move || serve_conn(stream, s, g, st));
+                        let (s, g, st, m) = (s.clone(), g.clone(), st.clone(), m.clone());
+                        std::thread::spawn(move || serve_conn(stream, s, g, st, m));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Receiver { port, status, got, stop }
+        Receiver { port, status, got, stop, more }
+    }
+
+    /// The next request (after those already scripted) gets `status`, with `Retry-After:
+    /// retry_after` if given; later ones the current status again.
+    pub fn answer_next(&self, status: u16, retry_after: Option<&str>) {
+        let mut script = self.more.script.lock().unwrap_or_else(|e| e.into_inner());
+        script.push_back((status, retry_after.map(str::to_owned)));
+    }
+
+    /// Every later answer waits this long after its request arrived.
+    pub fn set_delay(&self, delay: Duration) {
+        self.more.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The most requests answered at once so far (from arrival to the answer written).
+    pub fn concurrency_max(&self) -> usize {
+        self.more.active_max.load(Ordering::SeqCst)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -493,6 +526,7 @@ fn serve_conn(
     status: Arc<AtomicU16>,
     got: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
+    more: Arc<Behaviour>,
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let Ok(clone) = stream.try_clone() else { return };
@@ -529,9 +563,21 @@ fn serve_conn(
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let code = status.load(Ordering::SeqCst);
-        got.lock().unwrap_or_else(|e| e.into_inner()).push(Received { path, headers, body });
-        let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok");
+        let at = Instant::now();
+        let active = more.active.fetch_add(1, Ordering::SeqCst) + 1;
+        more.active_max.fetch_max(active, Ordering::SeqCst);
+        let scripted = more.script.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let (code, retry_after) = scripted.unwrap_or((status.load(Ordering::SeqCst), None));
+        got.lock().unwrap_or_else(|e| e.into_inner()).push(Received { path, headers, body, at });
+        let delay_ms = more.delay_ms.load(Ordering::SeqCst);
+        if delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+        }
+        let retry_after = retry_after.map_or(String::new(), |v| format!("retry-after: {v}\r\n"));
+        let answer = format!("HTTP/1.1 {code} X\r\n{retry_after}content-length: 2\r\n\r\nok");
+        // Counted as answered before the answer is written: herald may start the next request
+        // as soon as it has read this one.
+        more.active.fetch_sub(1, Ordering::SeqCst);
         if stream.write_all(answer.as_bytes()).is_err() {
             return;
         }

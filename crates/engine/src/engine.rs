@@ -230,8 +230,10 @@ impl Engine {
         let store: Arc<dyn Store> = cached.clone();
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
-        let machine =
-            Commands::new(config.limits.clone()).with_due_hook(Arc::new(move |due| hook_inbox.hints(due)));
+        let endpoint_inbox = inbox.clone();
+        let machine = Commands::new(config.limits.clone())
+            .with_due_hook(Arc::new(move |due| hook_inbox.hints(due)))
+            .with_endpoint_hook(Arc::new(move |changes| endpoint_inbox.endpoints_changed(changes)));
         let api_key_epoch = machine.api_key_epoch();
         let log =
             Log::open(store.clone(), machine, config.log).map_err(|e| EngineError::Open(e.to_string()))?;
@@ -592,6 +594,7 @@ impl Engine {
                 if s.generation >= asked + 2 {
                     let now = self.now_ms();
                     let due_now = s.oldest_due_ms.is_some_and(|t| t <= now)
+                        || s.throttle_wake_ms.is_some_and(|t| t <= now)
                         || (s.refill_pending && s.refill_from_ms.is_none_or(|t| t <= now));
                     if s.in_flight == 0 && s.parked == 0 && !due_now && self.inner.shared.inbox_is_empty() {
                         return true;

@@ -9,7 +9,9 @@ use std::time::Duration;
 use herald_engine::clock::{Clock, ManualClock};
 use herald_engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome, Sender};
 use herald_engine::signing::{verify, Secret};
-use herald_engine::{Actor, Command, DeliveryConfig, Engine, EngineConfig, EngineError, Parts, Reply};
+use herald_engine::{
+    Actor, Command, DeliveryConfig, DeliverySettingsPatch, Engine, EngineConfig, EngineError, Parts, Reply,
+};
 use herald_log::{HeldStore, MemStore, Store};
 use herald_projector::{
     DeliveryId, DeliveryStatus, EndpointId, EndpointStatus, EventId, OrgId, Policy, Trigger,
@@ -28,6 +30,8 @@ enum Script {
     Hold(Duration),
     /// A fault of this host: no file descriptor left for the connection.
     LocalFault,
+    /// This status with a `Retry-After` of so many milliseconds (as the sender parsed it).
+    RetryAfter(u16, u64),
 }
 
 /// A sender that records every request and answers by script (200 when the script is empty).
@@ -69,6 +73,9 @@ impl Sender for Scripted {
                 Script::Hold(d) => {
                     tokio::time::sleep(d).await;
                     SendOutcome::Response { status: 200, excerpt: Vec::new(), retry_after_ms: None }
+                }
+                Script::RetryAfter(status, ms) => {
+                    SendOutcome::Response { status, excerpt: Vec::new(), retry_after_ms: Some(ms) }
                 }
                 Script::LocalFault => SendOutcome::Failed {
                     kind: FailureKind::Local,
@@ -1090,4 +1097,183 @@ fn faults_of_this_host_never_count_against_the_receiver_and_the_deliveries_arriv
     assert_eq!(endpoint.status, EndpointStatus::Active);
     let stats = w.engine.dispatch_stats();
     assert_eq!((stats.attempts_local_faults, stats.attempts_failed), (faults as u64, 0), "{stats:?}");
+}
+
+/// An endpoint of `org()` with these delivery settings.
+fn endpoint_with(w: &World, settings: DeliverySettingsPatch) -> EndpointId {
+    let id = EndpointId(Uuid::now_v7());
+    let command = Command::CreateEndpoint {
+        id,
+        org_id: org(),
+        url: "https://receiver.example/hook".into(),
+        name: "throttled".into(),
+        enabled_events: vec!["*".into()],
+        secret: None,
+        settings,
+    };
+    w.engine.execute_blocking(Actor::admin(), command).unwrap();
+    id
+}
+
+fn patch(w: &World, id: EndpointId, settings: DeliverySettingsPatch) {
+    let command = Command::UpdateEndpoint { id, url: None, name: None, enabled_events: None, settings };
+    w.engine.execute_blocking(Actor::admin(), command).unwrap();
+}
+
+fn publish_n(w: &World, n: usize) -> Vec<DeliveryId> {
+    (0..n).flat_map(|_| w.publish(org(), b"{}").1).collect()
+}
+
+/// A rate limit of 5/s: the burst of 5 goes at once, then one every 200 ms. The deliveries that
+/// wait stay pending with no attempt recorded (waiting uses no step of the schedule).
+#[test]
+fn a_rate_limited_endpoint_starts_its_burst_then_one_attempt_per_token() {
+    let w = World::new(config(vec![1_000]));
+    endpoint_with(&w, DeliverySettingsPatch { rate_limit_per_s: Some(Some(5)), ..Default::default() });
+    let all = publish_n(&w, 12);
+    w.settle();
+    assert_eq!(w.sender.requests().len(), 5, "the burst");
+    let waiting: Vec<_> = all.iter().filter(|d| w.status(**d) == DeliveryStatus::Pending).collect();
+    assert_eq!(waiting.len(), 7);
+    assert!(waiting.iter().all(|d| w.engine.attempts(**d, 0, 10).unwrap().is_empty()), "nothing recorded");
+    assert_eq!(w.engine.dispatch_stats().throttled, 7);
+    w.advance(199);
+    assert_eq!(w.sender.requests().len(), 5, "no token yet");
+    w.advance(1);
+    assert_eq!(w.sender.requests().len(), 6);
+    w.advance(1_000);
+    assert_eq!(w.sender.requests().len(), 11, "five a second");
+    w.advance(200);
+    assert_eq!(w.sender.requests().len(), 12);
+    for d in &all {
+        assert_eq!(w.status(*d), DeliveryStatus::Delivered);
+        assert_eq!(w.engine.attempts(*d, 0, 10).unwrap().len(), 1, "one attempt each");
+    }
+    assert_eq!(w.engine.dispatch_stats().throttled, 0);
+}
+
+/// An endpoint's `max_in_flight` replaces the configured bound (4 here), below or above it.
+#[test]
+fn an_endpoint_max_in_flight_replaces_the_configured_bound() {
+    for n in [2usize, 6] {
+        let w = World::new(config(vec![1_000]));
+        let max_in_flight = Some(Some(n as u32));
+        endpoint_with(&w, DeliverySettingsPatch { max_in_flight, ..Default::default() });
+        w.sender.push(Script::Hold(Duration::from_millis(30)), 30);
+        let all = publish_n(&w, 30);
+        w.settle();
+        assert!(all.iter().all(|d| w.status(*d) == DeliveryStatus::Delivered));
+        assert_eq!(w.sender.active_max.load(Ordering::SeqCst), n, "in flight at once, at most and reached");
+    }
+}
+
+/// Each attempt carries the endpoint's extra headers, herald's own after them; a changed setting
+/// applies from the next attempt (the dispatcher's cache hears of the change).
+#[test]
+fn attempts_carry_the_endpoint_headers_and_a_change_applies_to_the_next_attempt() {
+    let w = World::new(config(vec![1_000]));
+    let headers =
+        Some(vec![("x-tenant".to_owned(), "a".to_owned()), ("X-Region".to_owned(), "eu".to_owned())]);
+    let id = endpoint_with(&w, DeliverySettingsPatch { headers, ..Default::default() });
+    publish_n(&w, 1);
+    w.settle();
+    let req = &w.sender.requests()[0];
+    assert_eq!((header(req, "x-tenant"), header(req, "X-Region")), ("a", "eu"));
+    let names: Vec<&str> = req.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[..3], ["X-Region", "x-tenant", "content-type"], "extra headers first");
+    patch(
+        &w,
+        id,
+        DeliverySettingsPatch { headers: Some(vec![("x-tenant".into(), "b".into())]), ..Default::default() },
+    );
+    publish_n(&w, 1);
+    w.settle();
+    let req = &w.sender.requests()[1];
+    assert_eq!(header(req, "x-tenant"), "b");
+    assert!(!req.headers.iter().any(|(n, _)| n == "X-Region"));
+}
+
+/// Lifting a rate limit lets what it held go at once; deleting a throttled endpoint drops what
+/// the dispatcher held for it (its deliveries are inactive).
+#[test]
+fn a_lifted_limit_releases_what_it_held_and_a_deleted_endpoint_is_forgotten() {
+    let w = World::new(config(vec![1_000]));
+    let limited = DeliverySettingsPatch { rate_limit_per_s: Some(Some(1)), ..Default::default() };
+    let id = endpoint_with(&w, limited.clone());
+    let all = publish_n(&w, 4);
+    w.settle();
+    assert_eq!(w.sender.requests().len(), 1);
+    patch(&w, id, DeliverySettingsPatch { rate_limit_per_s: Some(None), ..Default::default() });
+    w.settle();
+    assert_eq!(w.sender.requests().len(), 4, "no limit any more: the three held go now");
+    assert!(all.iter().all(|d| w.status(*d) == DeliveryStatus::Delivered));
+    patch(&w, id, limited);
+    let held = publish_n(&w, 3);
+    w.settle();
+    assert_eq!(w.engine.dispatch_stats().throttled, 2);
+    w.engine.execute_blocking(Actor::admin(), Command::DeleteEndpoint { id }).unwrap();
+    w.advance(5_000);
+    assert_eq!(w.engine.dispatch_stats().throttled, 0);
+    assert_eq!(w.sender.requests().len(), 5);
+    assert_eq!(held.iter().filter(|d| w.status(**d) == DeliveryStatus::Inactive).count(), 2);
+}
+
+/// A 429 with `Retry-After` pauses the endpoint's automatic attempts (the attempt that got it is a
+/// failure as before), at most the schedule's longest step; a retrigger still goes; another
+/// endpoint is not paused.
+#[test]
+fn a_retry_after_pauses_the_endpoint_automatic_attempts_but_not_manual_ones() {
+    let w = World::new(config(vec![10_000]));
+    let (paused, _) = w.endpoint(org());
+    w.sender.push(Script::Status(500), 2);
+    let (_, first) = w.publish(org(), b"{}");
+    w.settle();
+    w.advance(12_000);
+    assert_eq!(w.status(first[0]), DeliveryStatus::Exhausted);
+    w.sender.push(Script::RetryAfter(429, 3_000), 1);
+    let (_, second) = w.publish(org(), b"{}");
+    w.settle();
+    let attempts = w.engine.attempts(second[0], 0, 10).unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].response_status, Some(429), "a failure as before");
+    let (_, third) = w.publish(org(), b"{}");
+    w.settle();
+    assert_eq!(w.sender.requests().len(), 3, "the third waits for the pause");
+    assert_eq!(w.status(third[0]), DeliveryStatus::Pending);
+    assert!(w.engine.attempts(third[0], 0, 10).unwrap().is_empty());
+    let reply = w.engine.execute_blocking(Actor::admin(), Command::Retrigger { delivery_id: first[0] });
+    assert!(matches!(reply, Ok(Reply::Retriggered { .. })), "{reply:?}");
+    w.settle();
+    assert_eq!(w.status(first[0]), DeliveryStatus::Delivered, "a manual attempt is not paused");
+    w.advance(2_900);
+    assert_eq!(w.status(third[0]), DeliveryStatus::Pending);
+    w.advance(100);
+    assert_eq!(w.status(third[0]), DeliveryStatus::Delivered, "the pause is over");
+    // A Retry-After longer than the longest step (10 s) pauses for that step only.
+    w.sender.push(Script::RetryAfter(503, 60_000), 1);
+    let (_, fourth) = w.publish(org(), b"{}");
+    w.settle();
+    let (_, fifth) = w.publish(org(), b"{}");
+    w.settle();
+    w.advance(9_000);
+    assert_eq!(w.status(fifth[0]), DeliveryStatus::Pending);
+    w.advance(1_000);
+    assert_eq!(w.status(fifth[0]), DeliveryStatus::Delivered);
+    assert_eq!(w.engine.endpoint(paused).unwrap().unwrap().status, EndpointStatus::Active);
+    let _ = fourth;
+}
+
+/// A backlog held for one endpoint's rate does not hold up another endpoint of the same events.
+#[test]
+fn a_rate_limited_backlog_does_not_starve_another_endpoint() {
+    let w = World::new(config(vec![1_000]));
+    endpoint_with(&w, DeliverySettingsPatch { rate_limit_per_s: Some(Some(1)), ..Default::default() });
+    w.endpoint(org());
+    let all = publish_n(&w, 50);
+    w.settle();
+    assert_eq!(all.len(), 100, "each event to both endpoints");
+    let delivered = all.iter().filter(|d| w.status(**d) == DeliveryStatus::Delivered).count();
+    assert_eq!(delivered, 51, "all 50 of the open endpoint, the burst of 1 of the limited one");
+    assert_eq!(w.engine.dispatch_stats().throttled, 49);
+    assert_eq!(w.sender.requests().len(), 51, "a held delivery is not attempted");
 }

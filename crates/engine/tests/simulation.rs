@@ -16,7 +16,8 @@
 //!    `webhook-id`); an automatic retry waits at least its schedule's delay (and the receiver's
 //!    `Retry-After`), and its jittered due time stays within the documented bound;
 //! 3. no automatic attempt reaches an endpoint while it is inactive under the window rule, and
-//!    endpoints turn inactive exactly when the rule says;
+//!    endpoints turn inactive exactly when the rule says; none while a receiver's 429 or 503 with
+//!    `Retry-After` pauses it (at most the schedule's longest step; a restart forgets the pause);
 //! 4. at the end, with every receiver up and every failure retriggered, everything is delivered.
 //!
 //! `max_in_flight_total: 1` (with `max_awaiting_record: 0`) makes the order of attempts deterministic: the dispatcher takes due
@@ -88,7 +89,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// How long one look for a hung attempt waits before looking again.
 const HANG_POLL: Duration = Duration::from_millis(5);
 /// How long a graceful stop waits for a hung attempt before recording it as interrupted.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(300);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness, owned by the test.
@@ -365,6 +366,8 @@ struct ModelEndpoint {
     run_ms: Vec<u64>,
     /// Its pending deliveries.
     pending: BTreeSet<usize>,
+    /// Until when its automatic attempts wait, paused by a `Retry-After` (0: not paused).
+    paused_until_ms: u64,
 }
 
 impl ModelEndpoint {
@@ -411,6 +414,8 @@ struct Stats {
     cut_off: u64,
     interrupted: u64,
     hour_jumps: u64,
+    /// Endpoints paused by a receiver's `Retry-After`.
+    pauses: u64,
     endpoints_inactivated: u64,
     /// Failures that made a full run but spread over more than the window.
     spared_by_window: u64,
@@ -724,15 +729,36 @@ impl Sim {
         self.learn_dues();
         if self.hung.is_none() {
             let now = self.now_ms();
-            if let Some(&(due_ms, id)) = self.queue.first() {
+            if let Some((due_ms, id)) = self.first_ready(now) {
+                let ready_ms = self.ready_ms(due_ms, id);
                 ensure!(
                     self.at,
-                    due_ms > now,
-                    "delivery {id} was due at {due_ms} and is still not attempted at {now} (due {} ms ago)",
-                    now - due_ms
+                    false,
+                    "delivery {id} was due at {due_ms} (may go from {ready_ms}) and is still not attempted at \
+                     {now} ({} ms late)",
+                    now - ready_ms
                 );
             }
         }
+    }
+
+    /// When a queued delivery may go: its due time, or for an automatic attempt the end of its
+    /// endpoint's pause if that is later.
+    fn ready_ms(&self, due_ms: u64, id: DeliveryId) -> u64 {
+        let d = &self.deliveries[self.delivery_index[&id]];
+        match d.trigger {
+            Trigger::Auto => due_ms.max(self.endpoints[d.endpoint].paused_until_ms),
+            Trigger::Manual => due_ms,
+        }
+    }
+
+    /// The first queued delivery, in the order the dispatcher takes them, that may go at `now`.
+    fn first_ready(&self, now: u64) -> Option<(u64, DeliveryId)> {
+        self.queue
+            .iter()
+            .take_while(|(due_ms, _)| *due_ms <= now)
+            .find(|(due_ms, id)| self.ready_ms(*due_ms, *id) <= now)
+            .copied()
     }
 
     fn apply_seen(&mut self, seen: Seen) {
@@ -764,7 +790,14 @@ impl Sim {
             "{id} was attempted at {} before it was due at {due_ms}",
             seen.at_ms
         );
-        let first = self.queue.first().copied();
+        let ready_ms = self.ready_ms(due_ms, id);
+        ensure!(
+            at,
+            seen.at_ms >= ready_ms,
+            "{id} was attempted at {} while its endpoint was paused until {ready_ms}",
+            seen.at_ms
+        );
+        let first = self.first_ready(seen.at_ms);
         ensure!(
             at,
             first == Some((due_ms, id)),
@@ -848,6 +881,15 @@ impl Sim {
             return;
         }
         self.stats.failed_attempts += 1;
+        if let Outcome::Failed { status: Some(429 | 503), retry_after_ms: Some(after_ms) } = outcome {
+            // The receiver asked for a pause, at most the schedule's longest step.
+            let longest_ms = SCHEDULE_MS.iter().copied().max().unwrap_or(0);
+            let until = &mut self.endpoints[e].paused_until_ms;
+            *until = (*until).max(finished_ms + after_ms.min(longest_ms));
+            if after_ms > 0 {
+                self.stats.pauses += 1;
+            }
+        }
         // The window rule: FAILURES_MAX failures in a row, the last of them within the window.
         let endpoint = &mut self.endpoints[e];
         endpoint.run_ms.push(finished_ms);
@@ -1068,6 +1110,7 @@ impl Sim {
             active: true,
             run_ms: Vec::new(),
             pending: BTreeSet::new(),
+            paused_until_ms: 0,
         });
     }
 
@@ -1315,6 +1358,11 @@ impl Sim {
     /// and the fifth exactly the window later, or a millisecond either side of it.
     fn window_probe(&mut self) {
         let e = self.rng.index(self.endpoints.len());
+        // A paused endpoint would hold the four: its pause is let run out first.
+        let paused_ms = self.endpoints[e].paused_until_ms.saturating_sub(self.now_ms());
+        if paused_ms > 0 {
+            self.advance(paused_ms);
+        }
         self.enable(e);
         self.net.set_mode(&self.endpoints[e].url, Mode::Status(500));
         let org = self.endpoints[e].org;
@@ -1435,6 +1483,10 @@ impl Sim {
     }
 
     fn reopen(&mut self) {
+        // The pauses live in the dispatcher's memory: a restart forgets them.
+        for endpoint in &mut self.endpoints {
+            endpoint.paused_until_ms = 0;
+        }
         self.open();
         self.settle();
         // Every acknowledged event is there with its payload as published.
@@ -1586,10 +1638,11 @@ impl Sim {
                 d.history
             );
             if let Some(due_ms) = d.due_ms {
+                let ready_ms = self.ready_ms(due_ms, id);
                 ensure!(
                     at,
-                    due_ms > now || self.hung.is_some(),
-                    "{id} is pending, due at {due_ms} <= now {now}"
+                    ready_ms > now || self.hung.is_some(),
+                    "{id} is pending, due at {due_ms} (may go from {ready_ms}) <= now {now}"
                 );
             }
             ensure!(
@@ -1918,6 +1971,7 @@ fn fixed_seed(seed: u64) {
         ("attempts interrupted by a stop", s.interrupted > 0),
         ("clock jumps of hours", s.hour_jumps > 0),
         ("endpoints made inactive", s.endpoints_inactivated > 0),
+        ("endpoints paused by a Retry-After", s.pauses > 0),
         ("full failure runs spared by the window", s.spared_by_window > 0),
         ("full failure runs on the window's edge", s.runs_on_the_window_edge > 0),
         ("endpoints enabled", s.endpoints_enabled > 0),

@@ -195,15 +195,16 @@ fn write_rows(out: &mut String, rows: &[(&str, &str, &str, String)]) {
     }
 }
 
-/// The dispatcher's queue, lag, attempts in flight and parked deliveries.
+/// The dispatcher's queue, lag, attempts in flight, parked and throttled deliveries.
 fn dispatch_gauges(out: &mut String, d: &DispatchStats, now: u64) {
     let lag_s = d.oldest_due_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
     #[rustfmt::skip]
-    let rows: Rows<4> = [
+    let rows: Rows<5> = [
         ("herald_due_queue_length", "gauge", "Deliveries in the in-memory due queue.", d.queued.to_string()),
         ("herald_delivery_lag_seconds", "gauge", "Age of the oldest due delivery not yet attempted.", format!("{lag_s:.3}")),
         ("herald_attempts_in_flight", "gauge", "Attempts in flight.", d.in_flight.to_string()),
         ("herald_deliveries_parked", "gauge", "Due deliveries waiting for a busy endpoint.", d.parked.to_string()),
+        ("herald_deliveries_throttled", "gauge", "Due deliveries held for their endpoint's rate limit or Retry-After pause (pending, nothing recorded).", d.throttled.to_string()),
     ];
     write_rows(out, &rows);
 }

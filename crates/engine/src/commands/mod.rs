@@ -300,6 +300,18 @@ pub struct DueHint {
     pub payload: Option<Bytes>,
 }
 
+/// An endpoint whose delivery settings a batch set, or that it deleted: the dispatcher reads its
+/// settings again, or drops what it keeps for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointChange {
+    pub id: EndpointId,
+    pub deleted: bool,
+}
+
+/// Told, once a batch is applied (visible to readers, before its flush), which endpoints' settings
+/// it set or which endpoints it deleted.
+pub type EndpointHook = Arc<dyn Fn(Vec<EndpointChange>) + Send + Sync>;
+
 /// The command machine run by the log's writer thread.
 pub struct Commands {
     limits: CommandLimits,
@@ -310,6 +322,10 @@ pub struct Commands {
     /// the reply.
     staged_due: Vec<DueHint>,
     due_hook: Option<DueHook>,
+    /// Endpoints whose settings the batch being written sets or which it deletes, told to
+    /// `endpoint_hook` once it is applied.
+    staged_endpoints: Vec<EndpointChange>,
+    endpoint_hook: Option<EndpointHook>,
     /// Whether the batch being written creates or revokes an API key.
     staged_key_change: bool,
     /// Per organisation, its live endpoints as a publish sees them, so a publish does not list
@@ -341,6 +357,8 @@ impl Commands {
             retrigger_windows: HashMap::new(),
             staged_due: Vec::new(),
             due_hook: None,
+            staged_endpoints: Vec::new(),
+            endpoint_hook: None,
             staged_key_change: false,
             fan_out: HashMap::new(),
             fan_out_bytes: 0,
@@ -360,6 +378,13 @@ impl Commands {
     /// The same machine, telling `hook` after each durable batch which deliveries became due.
     pub fn with_due_hook(mut self, hook: DueHook) -> Commands {
         self.due_hook = Some(hook);
+        self
+    }
+
+    /// The same machine, telling `hook` once each batch is applied which endpoints' delivery
+    /// settings it set and which endpoints it deleted.
+    pub fn with_endpoint_hook(mut self, hook: EndpointHook) -> Commands {
+        self.endpoint_hook = Some(hook);
         self
     }
 
@@ -446,6 +471,15 @@ impl Commands {
                     | Event::Compacted { .. }
             ) {
                 self.forget_fan_out();
+            }
+            match &event {
+                Event::EndpointDeliverySettingsSet { id, .. } if self.endpoint_hook.is_some() => {
+                    self.staged_endpoints.push(EndpointChange { id: *id, deleted: false })
+                }
+                Event::EndpointDeleted { id } if self.endpoint_hook.is_some() => {
+                    self.staged_endpoints.push(EndpointChange { id: *id, deleted: true })
+                }
+                _ => {}
             }
             // Every record is stored in a group with the records around it (attempt outcomes
             // come together, first in each batch: the urgent queue; publishes after them).
@@ -539,6 +573,14 @@ impl Machine for Commands {
         if std::mem::take(&mut self.staged_key_change) {
             self.api_key_epoch.fetch_add(1, Ordering::SeqCst);
         }
+        // Visible now: the dispatcher reads the new settings from its next turn on. (A rejected
+        // command's change only costs a needless re-read.)
+        if !self.staged_endpoints.is_empty() {
+            let changed = std::mem::take(&mut self.staged_endpoints);
+            if let Some(hook) = self.endpoint_hook.as_ref() {
+                hook(changed);
+            }
+        }
         let hook = self.due_hook.clone()?;
         if self.staged_due.is_empty() {
             return None;
@@ -553,6 +595,7 @@ impl Machine for Commands {
         // Nothing of the batch was written: no key changed, and the endpoint lists may hold
         // what the batch staged.
         self.staged_key_change = false;
+        self.staged_endpoints.clear();
         self.forget_fan_out();
         if !self.staged_due.is_empty() {
             self.staged_due.clear();

@@ -8,20 +8,29 @@ use std::sync::Arc;
 use bytes::Bytes;
 use herald_projector::{
     event_payload, get_endpoint, get_event, org_secret, CheckedTables, CompactError, CorruptValue, Delivery,
+    DeliverySettings,
 };
 
 use super::inbox::{Finished, NotRecorded};
 use super::shared::Shared;
+use super::throttle::pause_endpoint;
 use super::{Ctx, Id};
 use crate::commands::{Actor, Command, Commands, Reply, Submitted};
 use crate::sender::{AttemptRequest, FailureKind, SendOutcome};
 use crate::signing::{sign, Secret};
 
-/// One attempt: build the signed request, send it, record the outcome, tell the loop.
-pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>, settled: Arc<AtomicBool>) {
+/// One attempt: build the signed request (with its endpoint's extra headers, from `settings`),
+/// send it, record the outcome, tell the loop.
+pub(super) async fn attempt(
+    ctx: Ctx,
+    delivery: Delivery,
+    payload: Option<Bytes>,
+    settings: Arc<DeliverySettings>,
+    settled: Arc<AtomicBool>,
+) {
     let started_at_ms = ctx.clock.now_ms();
     let id = *delivery.id.as_bytes();
-    let outcome = match request(&ctx, &delivery, started_at_ms, payload) {
+    let outcome = match request(&ctx, &delivery, started_at_ms, payload, &settings.headers) {
         Ok(req) => ctx.sender.send(req).await,
         Err(RequestError::Invalid(error)) => SendOutcome::Failed { kind: FailureKind::InvalidHeader, error },
         Err(RequestError::StoreRead) => {
@@ -44,6 +53,10 @@ pub(super) async fn attempt(ctx: Ctx, delivery: Delivery, payload: Option<Bytes>
         return; // the stop cut it short and records it as interrupted
     }
     let finished_at_ms = ctx.clock.now_ms().max(started_at_ms);
+    if let SendOutcome::Response { status: 429 | 503, retry_after_ms: Some(after_ms), .. } = &outcome {
+        // Told before the slot is freed, so nothing parked behind it starts meanwhile.
+        pause_endpoint(&ctx, &delivery, finished_at_ms, *after_ms);
+    }
     ctx.shared.inbox.released(id);
     let (outcome, excerpt, retry_after_ms) = recorded_outcome(&ctx.shared, outcome);
     let command = Command::RecordAttempt {
@@ -142,12 +155,14 @@ fn read<T>(
 
 /// The signed request of one attempt: the payload as published (`payload`, when it was handed
 /// over with the delivery, or read from the store), to the endpoint's current url, signed with
-/// every secret valid now. The sender adds `user-agent`.
+/// every secret valid now. The endpoint's `extra` headers come first, herald's own after them (an
+/// extra header never names one of herald's: validation refuses it). The sender adds `user-agent`.
 fn request(
     ctx: &Ctx,
     delivery: &Delivery,
     now_ms: u64,
     payload: Option<Bytes>,
+    extra: &[(String, String)],
 ) -> Result<AttemptRequest, RequestError> {
     let (url, secrets) = match delivery.endpoint_id {
         Some(id) => {
@@ -183,7 +198,9 @@ fn request(
     let timestamp_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
     let secret_refs: Vec<&Secret> = secrets.iter().collect();
     let signature = sign(&secret_refs, &msg_id, timestamp_s, &payload);
-    let headers = vec![
+    let mut headers = Vec::with_capacity(extra.len() + 7);
+    headers.extend_from_slice(extra);
+    headers.extend([
         ("content-type".to_owned(), "application/json".to_owned()),
         ("webhook-id".to_owned(), msg_id),
         ("webhook-timestamp".to_owned(), timestamp_s.to_string()),
@@ -191,6 +208,6 @@ fn request(
         ("herald-delivery-id".to_owned(), delivery.id.to_string()),
         ("herald-event-type".to_owned(), delivery.event_type.clone()),
         ("herald-attempt".to_owned(), (delivery.attempt_count + 1).to_string()),
-    ];
+    ]);
     Ok(AttemptRequest { url, headers, body: payload })
 }

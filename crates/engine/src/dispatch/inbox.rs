@@ -6,8 +6,10 @@ use std::sync::Mutex;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
+use herald_projector::EndpointId;
+
 use super::{lock, Id, HANDED_PAYLOAD_BYTES_MAX};
-use crate::commands::DueHint;
+use crate::commands::{DueHint, EndpointChange};
 
 /// Hints waiting for the loop, at most; beyond it they are dropped and the queue is refilled
 /// from the stored index.
@@ -33,6 +35,10 @@ pub(super) struct InboxState {
     /// Hints were dropped: the loop must refill from the whole index.
     pub(super) overflowed: bool,
     pub(super) finished: Vec<Finished>,
+    /// Endpoints a receiver asked to pause (`Retry-After`), with until when.
+    pub(super) paused: Vec<(EndpointId, u64)>,
+    /// Endpoints whose delivery settings changed, or that were deleted, since the last turn.
+    pub(super) endpoints: Vec<EndpointChange>,
 }
 
 pub(super) struct Finished {
@@ -90,6 +96,19 @@ impl Inbox {
         self.wake.notify_one();
     }
 
+    /// A receiver asked, with `Retry-After`, that `endpoint` be left alone until `until_ms`.
+    pub(super) fn paused(&self, endpoint: EndpointId, until_ms: u64) {
+        lock(&self.state).paused.push((endpoint, until_ms));
+        self.wake.notify_one();
+    }
+
+    /// Called by the command machine once a batch that changed endpoints' settings, or deleted
+    /// endpoints, is applied. Bounded by the batch's commands.
+    pub(crate) fn endpoints_changed(&self, changes: Vec<EndpointChange>) {
+        lock(&self.state).endpoints.extend(changes);
+        self.wake.notify_one();
+    }
+
     pub(super) fn take(&self) -> InboxState {
         std::mem::take(&mut *lock(&self.state))
     }
@@ -106,7 +125,12 @@ impl Inbox {
 
     pub(super) fn is_empty(&self) -> bool {
         let st = lock(&self.state);
-        st.hints.is_empty() && st.finished.is_empty() && st.released.is_empty() && !st.overflowed
+        st.hints.is_empty()
+            && st.finished.is_empty()
+            && st.released.is_empty()
+            && !st.overflowed
+            && st.paused.is_empty()
+            && st.endpoints.is_empty()
     }
 }
 

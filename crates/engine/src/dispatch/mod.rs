@@ -18,8 +18,8 @@
 //! The parts, a file each: the loop and its turn (here), the [`Inbox`] it is fed through
 //! (`inbox`), the per-endpoint and per-origin bookkeeping of slots, parking and overflow
 //! (`slots`), the payloads handed over with hints (`payloads`), the refills from the stored
-//! index (`refill`), one attempt (`attempt`), the stop (`stop`), and what the engine handle
-//! holds (`shared`).
+//! index (`refill`), one attempt (`attempt`), the stop (`stop`), what the engine handle
+//! holds (`shared`), and the endpoints' rate limits, pauses and settings (`throttle`).
 
 mod attempt;
 mod inbox;
@@ -28,6 +28,7 @@ mod refill;
 mod shared;
 mod slots;
 mod stop;
+mod throttle;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_log::{Log, Store};
-use herald_projector::{get_delivery, CheckedTables, Delivery, DeliveryId, DeliveryStatus, Due, EndpointId};
+use herald_projector::{
+    get_delivery, CheckedTables, Delivery, DeliveryId, DeliverySettings, DeliveryStatus, Due, EndpointId,
+};
 use tokio::task::JoinSet;
 
 pub(crate) use self::inbox::Inbox;
@@ -47,6 +50,7 @@ pub use self::stop::{StopReport, INTERRUPTED_ERROR};
 use self::inbox::{Finished, NotRecorded};
 use self::payloads::Payloads;
 use self::slots::{Admission, Freed, Park, ReadBack, Slots};
+use self::throttle::{SettingsCache, Throttle};
 use crate::clock::Clock;
 use crate::commands::{Commands, DueHint};
 use crate::config::DeliveryConfig;
@@ -105,6 +109,10 @@ pub(crate) struct Dispatcher {
     answered: usize,
     /// Slots held, deliveries parked and what overflowed, per endpoint and per origin.
     slots: Slots,
+    /// Rate limits and pauses per endpoint, and the deliveries they hold back.
+    throttle: Throttle,
+    /// The endpoints' delivery settings, as the attempts apply them.
+    settings: SettingsCache,
     /// Endpoints to refill from their pending index on the next turn.
     endpoint_refills: Vec<EndpointId>,
     /// Popped while an attempt of theirs was in flight: looked at again when it finishes.
@@ -130,6 +138,8 @@ impl Dispatcher {
             ctx: Ctx { log, store, clock, sender, shared },
             queue: DueQueue::new(cfg.due_queue_capacity),
             slots: Slots::for_config(&cfg),
+            throttle: Throttle::new(cfg.due_queue_capacity.max(64)),
+            settings: SettingsCache::default(),
             cfg,
             in_flight: HashMap::new(),
             answered: 0,
@@ -170,6 +180,7 @@ impl Dispatcher {
     fn turn(&mut self) -> Option<u64> {
         self.generation += 1;
         let inbox = self.ctx.shared.inbox.take();
+        self.throttle_inbox(inbox.paused, inbox.endpoints);
         for id in inbox.released {
             self.release(id);
         }
@@ -191,9 +202,13 @@ impl Dispatcher {
             }
         }
         let now = self.ctx.clock.now_ms();
+        self.throttle_release(now);
         self.refill_as_needed(now);
         self.start_due(now);
-        self.queue.next_due_ms()
+        match (self.queue.next_due_ms(), self.throttle.next_wake_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Pops what is due, as far as the total bounds allow, and considers each.
@@ -229,8 +244,8 @@ impl Dispatcher {
             self.recheck.insert(id);
             return;
         }
-        if self.slots.is_parked(&id) {
-            return; // already waiting for room behind its endpoint or origin
+        if self.slots.is_parked(&id) || self.throttle.is_held(&id) {
+            return; // already waiting for room behind its endpoint or origin, or for its rate
         }
         let Ok(read) =
             CheckedTables::run(self.ctx.store.as_ref(), |t| get_delivery(t, DeliveryId::from_bytes(id)))
@@ -257,21 +272,35 @@ impl Dispatcher {
         let target = Park::of(&delivery);
         let due =
             Due { next_attempt_at_ms: delivery.next_attempt_at_ms.unwrap_or(now), delivery_id: delivery.id };
+        // Held for its endpoint's pause or rate limit (`throttle`).
+        let Some(limits) = self.throttle_admit(&delivery, due, now) else { return };
         // Parked, or dropped to be read back once the target has room (`Slots::free`).
-        if self.slots.admit(&target, due) != Admission::Start {
+        if self.slots.admit(&target, due, limits.max_in_flight) != Admission::Start {
             return;
         }
+        if let Some(endpoint) = delivery.endpoint_id {
+            self.throttle.started(endpoint, &id, now);
+        }
         let payload = self.payloads.take(&id);
-        self.start(delivery, now, payload, target);
+        self.start(delivery, now, payload, target, limits.settings);
     }
 
-    fn start(&mut self, delivery: Delivery, now: u64, payload: Option<Bytes>, target: Park) {
+    fn start(
+        &mut self,
+        delivery: Delivery,
+        now: u64,
+        payload: Option<Bytes>,
+        target: Park,
+        settings: Arc<DeliverySettings>,
+    ) {
         self.ctx.shared.started.fetch_add(1, Ordering::Relaxed);
         let ctx = self.ctx.clone();
         let d = delivery.clone();
         let settled = Arc::new(AtomicBool::new(false));
         let settled_by_task = settled.clone();
-        let abort = self.tasks.spawn(async move { attempt::attempt(ctx, d, payload, settled_by_task).await });
+        let abort = self
+            .tasks
+            .spawn(async move { attempt::attempt(ctx, d, payload, settings, settled_by_task).await });
         self.in_flight.insert(
             *delivery.id.as_bytes(),
             InFlight { target: Some(target), answered: false, settled, abort, delivery, started_at_ms: now },
@@ -361,6 +390,8 @@ impl Dispatcher {
         s.oldest_due_ms = self.queue.oldest_due_ms();
         s.in_flight = self.in_flight.len() as u64;
         s.parked = self.slots.parked_len() as u64;
+        s.throttled = self.throttle.held_len() as u64;
+        s.throttle_wake_ms = self.throttle.next_wake_ms();
         s.refills = self.refills;
         s.refill_pending = self.queue.needs_refill() || self.full_refill;
         s.refill_from_ms = self.queue.refill_from_ms();
@@ -372,6 +403,7 @@ impl Dispatcher {
     fn check(&self) {
         if cfg!(debug_assertions) {
             self.slots.check();
+            self.throttle.check();
             let holding = self.in_flight.values().filter(|f| f.target.is_some()).count();
             debug_assert_eq!(self.slots.held_total(), holding, "slots held and attempts holding one");
             let answered = self.in_flight.values().filter(|f| f.answered).count();

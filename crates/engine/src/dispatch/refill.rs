@@ -77,7 +77,7 @@ impl Dispatcher {
             let Some(last) = page.last().copied() else { return };
             for due in page {
                 let id = due.delivery_id.as_bytes();
-                if self.in_flight.contains_key(id) || self.slots.is_parked(id) {
+                if self.in_flight.contains_key(id) || self.slots.is_parked(id) || self.throttle.is_held(id) {
                     continue;
                 }
                 if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
@@ -107,7 +107,8 @@ impl Dispatcher {
             };
             let Ok(page) = page else { return };
             for d in page.items {
-                if self.in_flight.contains_key(d.id.as_bytes()) || self.slots.is_parked(d.id.as_bytes()) {
+                let id = d.id.as_bytes();
+                if self.in_flight.contains_key(id) || self.slots.is_parked(id) || self.throttle.is_held(id) {
                     continue;
                 }
                 if let Some(at) = d.next_attempt_at_ms {

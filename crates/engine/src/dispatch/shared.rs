@@ -15,6 +15,10 @@ pub struct DispatchStats {
     pub in_flight: u64,
     /// Deliveries waiting for a busy endpoint.
     pub parked: u64,
+    /// Deliveries held for their endpoint's rate limit or pause (still pending, nothing recorded).
+    pub throttled: u64,
+    /// When the next of them may go (a token, or a pause's end).
+    pub throttle_wake_ms: Option<u64>,
     pub attempts_started: u64,
     pub attempts_delivered: u64,
     pub attempts_failed: u64,

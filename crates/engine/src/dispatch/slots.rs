@@ -77,17 +77,18 @@ pub(super) struct Freed {
 /// The attempts in flight to each target, the deliveries parked behind each busy one, and what
 /// overflowed.
 ///
-/// Invariants (checked by `debug_assert!`): a target holds at most `per_target_max` slots; the
-/// slots held in total are the sum of the per-target counts; at most `parked_total_max`
-/// deliveries are parked, each at most once, and a parked list is never empty.
+/// Invariants (checked by `debug_assert!`): a target holds at most its bound (an endpoint's
+/// `max_in_flight`, else `per_target_max`) as it was when each of its slots was taken; the slots
+/// held in total are the sum of the per-target counts; at most `parked_total_max` deliveries are
+/// parked, each at most once, and a parked list is never empty.
 pub(super) struct Slots {
-    /// Slots each target may hold: `max_in_flight_per_endpoint`.
+    /// Slots a target without a bound of its own may hold: `max_in_flight_per_endpoint`.
     per_target_max: usize,
     /// Deliveries parked, at most, all targets together.
     parked_total_max: usize,
     /// Attempts in flight to each endpoint, and to each origin of inline deliveries (which have
-    /// no endpoint), until their receiver answers: each bounded by `per_target_max`.
-    held: HashMap<Park, usize>,
+    /// no endpoint), until their receiver answers: each bounded by the target's bound.
+    held: HashMap<Park, Held>,
     /// The sum of `held`.
     held_total: usize,
     /// Deliveries parked behind a busy endpoint or origin, in the order they came due.
@@ -102,6 +103,14 @@ pub(super) struct Slots {
     /// Once they have room again, what was dropped is read back: an endpoint's pending index,
     /// or for an origin (no index of its own) the due index from that time.
     overflowed: HashMap<Park, u64>,
+}
+
+/// The slots one target holds, and the largest bound any of them was taken under (a target's
+/// bound may change while it holds slots: a lowered one lets none start until it is kept again).
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    n: usize,
+    bound: usize,
 }
 
 impl Slots {
@@ -137,15 +146,22 @@ impl Slots {
         self.held_total
     }
 
-    /// A due delivery for `target`: it takes a slot if the target has one free; else it is
-    /// parked behind the target, or, when the parked bound is reached, dropped (and read back
-    /// once the target has room: see [`Slots::free`]). The caller has checked that it is not
-    /// parked already.
-    pub(super) fn admit(&mut self, target: &Park, due: Due) -> Admission {
-        if self.held.get(target).copied().unwrap_or(0) < self.per_target_max {
-            let held = self.held.entry(target.clone()).or_default();
-            *held += 1;
-            debug_assert!(*held <= self.per_target_max, "a target holds more slots than its bound");
+    /// The bound of a target without one of its own.
+    pub(super) fn per_target_max(&self) -> usize {
+        self.per_target_max
+    }
+
+    /// A due delivery for `target`, which may hold `bound` slots (at least 1): it takes a slot if
+    /// the target has one free; else it is parked behind the target, or, when the parked bound is
+    /// reached, dropped (and read back once the target has room: see [`Slots::free`]). The caller
+    /// has checked that it is not parked already.
+    pub(super) fn admit(&mut self, target: &Park, due: Due, bound: usize) -> Admission {
+        let bound = bound.max(1);
+        if self.held.get(target).map_or(0, |h| h.n) < bound {
+            let held = self.held.entry(target.clone()).or_insert(Held { n: 0, bound });
+            held.n += 1;
+            held.bound = held.bound.max(bound);
+            debug_assert!(held.n <= bound, "a target holds more slots than its bound");
             self.held_total += 1;
             return Admission::Start;
         }
@@ -167,10 +183,10 @@ impl Slots {
     pub(super) fn free(&mut self, target: Park) -> Freed {
         let held = self.held.get_mut(&target);
         debug_assert!(held.is_some(), "a slot is freed only by the attempt that holds it");
-        if let Some(n) = held {
-            *n = n.saturating_sub(1);
+        if let Some(held) = held {
+            held.n = held.n.saturating_sub(1);
             self.held_total -= 1;
-            if *n == 0 {
+            if held.n == 0 {
                 self.held.remove(&target);
             }
         }
@@ -231,8 +247,12 @@ impl Slots {
     /// Checks every invariant, walking all targets (the methods check what they change; this is
     /// the whole picture, for the loop once a turn and for tests).
     pub(super) fn check(&self) {
-        debug_assert_eq!(self.held.values().sum::<usize>(), self.held_total, "slots held in total");
-        debug_assert!(self.held.values().all(|n| (1..=self.per_target_max).contains(n)), "slots per target");
+        debug_assert_eq!(
+            self.held.values().map(|h| h.n).sum::<usize>(),
+            self.held_total,
+            "slots held in total"
+        );
+        debug_assert!(self.held.values().all(|h| (1..=h.bound).contains(&h.n)), "slots per target");
         debug_assert!(self.parked.values().all(|list| !list.is_empty()), "an empty parked list is kept");
         debug_assert_eq!(
             self.parked.values().map(VecDeque::len).sum::<usize>(),
@@ -284,7 +304,7 @@ mod tests {
     fn admit_all(slots: &mut Slots, target: &Park, dues: &[Due]) -> Vec<Admission> {
         dues.iter()
             .map(|d| {
-                let admission = slots.admit(target, *d);
+                let admission = slots.admit(target, *d, slots.per_target_max());
                 slots.check();
                 admission
             })
@@ -395,11 +415,37 @@ mod tests {
     fn the_books_refuse_a_second_park_and_a_stray_free() {
         let mut slots = Slots::new(1, PARKED_TOTAL_MAX);
         admit_all(&mut slots, &origin(), &[due(0, 10), due(1, 10)]);
-        let twice = catch_unwind(AssertUnwindSafe(|| slots.admit(&origin(), due(1, 10))));
+        let twice = catch_unwind(AssertUnwindSafe(|| slots.admit(&origin(), due(1, 10), 1)));
         assert!(twice.is_err(), "a delivery is parked at most once");
         let mut slots = Slots::new(1, PARKED_TOTAL_MAX);
         let stray = catch_unwind(AssertUnwindSafe(|| slots.free(endpoint(9))));
         assert!(stray.is_err(), "a slot is freed only by the attempt that holds it");
+    }
+
+    /// An endpoint's own bound replaces the configured one, above or below it; a lowered bound
+    /// lets nothing start until the target holds fewer than it, and the books stay true meanwhile.
+    #[test]
+    fn an_endpoint_holds_its_own_bound_which_may_change() {
+        let mut slots = Slots::new(PER_TARGET_MAX, 16);
+        let (wide, narrow) = (endpoint(1), endpoint(2));
+        let got: Vec<Admission> = (0..5).map(|n| slots.admit(&wide, due(n, 10), 4)).collect();
+        assert_eq!(
+            got,
+            [Admission::Start, Admission::Start, Admission::Start, Admission::Start, Admission::Parked]
+        );
+        let got: Vec<Admission> = (10..12).map(|n| slots.admit(&narrow, due(n, 10), 1)).collect();
+        assert_eq!(got, [Admission::Start, Admission::Parked]);
+        slots.check();
+        assert_eq!(slots.admit(&wide, due(20, 10), 2), Admission::Parked, "lowered below what it holds");
+        slots.check();
+        for _ in 0..3 {
+            let _ = slots.free(wide.clone());
+            slots.check();
+        }
+        assert_eq!(slots.held_total(), 2, "one at wide, one at narrow");
+        assert_eq!(slots.admit(&wide, due(21, 10), 2), Admission::Start, "room under the lowered bound");
+        assert_eq!(slots.admit(&wide, due(22, 10), 2), Admission::Parked);
+        slots.check();
     }
 
     #[test]
