@@ -210,6 +210,15 @@ pub enum Event {
         id: EndpointId,
         settings: DeliverySettings,
     },
+    /// The ordering key of an event (rules 4 on), in its publish's command after the records
+    /// that created its deliveries: written when the publish created deliveries and gave
+    /// `ordering_key`, or has a call id and goes to an endpoint whose ordering is `per_key`
+    /// (`None`: the call id is the key). (An event without deliveries gets none: retention may
+    /// drop it before the next record.) Its deliveries pending to `per_key` endpoints enter their key order.
+    OrderingKeySet {
+        event_id: EventId,
+        ordering_key: Option<String>,
+    },
 }
 
 /// A delivery created with its event ([`Event::EventPublishedWithDeliveries`]): the fields of
@@ -252,6 +261,7 @@ impl Event {
             Event::EventPublishedWithDeliveries { .. } => "EventPublishedWithDeliveries",
             Event::RulesAdopted { .. } => "RulesAdopted",
             Event::EndpointDeliverySettingsSet { .. } => "EndpointDeliverySettingsSet",
+            Event::OrderingKeySet { .. } => "OrderingKeySet",
         }
     }
 }
@@ -475,6 +485,8 @@ mod tests {
                         },
                     }
                 }),
+            (uuid(), proptest::option::of(text()))
+                .prop_map(|(id, ordering_key)| Event::OrderingKeySet { event_id: EventId(id), ordering_key }),
         ]
     }
 

@@ -100,6 +100,7 @@ mod ids;
 mod index;
 pub mod keys;
 mod model;
+mod order;
 mod persist;
 mod policy;
 mod query;
@@ -121,8 +122,8 @@ pub use event::{
     NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
 };
 pub use fold::{
-    apply, apply_unstaged, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
-    RULES_CURRENT,
+    apply, apply_unstaged, apply_unstaged_waking, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN,
+    ENDPOINT_DELETED_REASON, RULES_CURRENT,
 };
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId};
 pub use model::{
@@ -130,6 +131,7 @@ pub use model::{
     EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
     RESPONSE_EXCERPT_BYTES_MAX,
 };
+pub use order::{ordering_key, valid_ordering_key, waits_behind, ORDERING_KEY_BYTES_MAX};
 pub use persist::{
     catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
     StoreTables, TxRead, TxTables,
