@@ -350,6 +350,7 @@ fn publish_command(org: OrgId, id: EventId, payload: &[u8]) -> Command {
         call_id: None,
         webhook_url: None,
         idempotency_key: None,
+        ordering_key: None,
     }
 }
 

@@ -421,6 +421,7 @@ impl Engine {
                 call_id: None,
                 webhook_url: None,
                 idempotency_key: None,
+                ordering_key: None,
             },
         )
     }
@@ -485,6 +486,16 @@ impl Engine {
     /// organisation check `org_id` themselves, as the server does.
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, EngineError> {
         self.read(|t| get_delivery(t, id))
+    }
+
+    /// The ordering key of the deliveries of event `event_id` (whose call id is `call_id`): the
+    /// one its publish gave, else the call id, else none.
+    pub fn ordering_key(
+        &self,
+        event_id: EventId,
+        call_id: Option<Uuid>,
+    ) -> Result<Option<String>, EngineError> {
+        self.read(|t| herald_projector::ordering_key(t, event_id, call_id))
     }
 
     /// An endpoint by id, in any organisation, deleted ones included (`deleted_at_ms` set).

@@ -37,14 +37,14 @@ use herald_engine::sender::{AttemptRequest, FailureKind, SendFuture, SendOutcome
 use herald_engine::signing::Secret;
 use herald_engine::INTERRUPTED_ERROR;
 use herald_engine::{
-    Actor, Command, CommandError, CommandLimits, DeliveryConfig, Engine, EngineConfig, EngineError, Parts,
-    Reply,
+    Actor, Command, CommandError, CommandLimits, DeliveryConfig, DeliverySettingsPatch, Engine, EngineConfig,
+    EngineError, Parts, Reply,
 };
 use herald_log::{Durability, MemStore, Pair, Store, StoreError, Visit, WriteBatch};
 use herald_projector::{
     due_deliveries, get_delivery, get_endpoint, get_event, list_deliveries, Delivery, DeliveryId,
-    DeliveryIndex, DeliveryQuery, DeliveryStatus, Due, EndpointId, EndpointStatus, EventId, OrgId, Policy,
-    Trigger, PAGE_LEN_MAX,
+    DeliveryIndex, DeliveryOrder, DeliveryQuery, DeliveryStatus, Due, EndpointId, EndpointStatus, EventId,
+    OrgId, Policy, Trigger, PAGE_LEN_MAX,
 };
 use uuid::Uuid;
 
@@ -89,6 +89,16 @@ const SETTLE: Duration = Duration::from_secs(10);
 const HANG_POLL: Duration = Duration::from_millis(5);
 /// How long a graceful stop waits for a hung attempt before recording it as interrupted.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The call id and the ordering key of the `n`th event (drawn from nothing, so the seeds' draws
+/// stay as they were): three ordering keys, two call ids as keys, and one in eight with none.
+fn event_keys(n: usize) -> (Option<Uuid>, Option<String>) {
+    match n % 8 {
+        7 => (None, None),
+        3 => (Some(Uuid::from_u128(1 + n as u128 % 2)), None),
+        _ => (None, Some(format!("k{}", n % 3))),
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness, owned by the test.
@@ -365,6 +375,9 @@ struct ModelEndpoint {
     run_ms: Vec<u64>,
     /// Its pending deliveries.
     pending: BTreeSet<usize>,
+    /// Its ordering is `per_key`: a delivery with a key waits while an earlier one with the same
+    /// key is pending.
+    per_key: bool,
 }
 
 impl ModelEndpoint {
@@ -388,6 +401,8 @@ struct ModelDelivery {
     manual: u32,
     delivered_once: bool,
     history: Vec<ModelAttempt>,
+    /// Its event's ordering key (the `ordering_key` given, else the call id), if any.
+    key: Option<String>,
 }
 
 struct ModelEvent {
@@ -400,6 +415,8 @@ struct ModelEvent {
 
 #[derive(Default, Debug)]
 struct Stats {
+    /// Times a due delivery was held back by an earlier pending one of its key (`per_key`).
+    held_by_key: u64,
     events: u64,
     deliveries: u64,
     attempts: u64,
@@ -722,9 +739,12 @@ impl Sim {
             self.apply_seen(seen);
         }
         self.learn_dues();
+        let now = self.now_ms();
+        let held = self.queue.iter().take_while(|(due_ms, _)| *due_ms <= now);
+        self.stats.held_by_key +=
+            held.filter(|(_, id)| self.waits_behind(self.delivery_index[id]).is_some()).count() as u64;
         if self.hung.is_none() {
-            let now = self.now_ms();
-            if let Some(&(due_ms, id)) = self.queue.first() {
+            if let Some((due_ms, id)) = self.first_free() {
                 ensure!(
                     self.at,
                     due_ms > now,
@@ -733,6 +753,23 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// The earliest pending delivery created before delivery `i` with its key, to its endpoint,
+    /// if that endpoint is `per_key` (the rule of API.md "Ordering key").
+    fn waits_behind(&self, i: usize) -> Option<usize> {
+        let d = &self.deliveries[i];
+        let endpoint = &self.endpoints[d.endpoint];
+        if !endpoint.per_key || d.key.is_none() {
+            return None;
+        }
+        endpoint.pending.iter().copied().find(|&j| j < i && self.deliveries[j].key == d.key)
+    }
+
+    /// The first queued delivery, in the dispatcher's (due time, id) order, that no earlier
+    /// delivery of its key holds back.
+    fn first_free(&self) -> Option<(u64, DeliveryId)> {
+        self.queue.iter().copied().find(|(_, id)| self.waits_behind(self.delivery_index[id]).is_none())
     }
 
     fn apply_seen(&mut self, seen: Seen) {
@@ -764,7 +801,16 @@ impl Sim {
             "{id} was attempted at {} before it was due at {due_ms}",
             seen.at_ms
         );
-        let first = self.queue.first().copied();
+        if let Some(before) = self.waits_behind(i) {
+            fail(
+                at,
+                format!(
+                    "{id} was attempted at {} while {} of its key {:?}, created before it, was pending",
+                    seen.at_ms, self.deliveries[before].id, d.key
+                ),
+            );
+        }
+        let first = self.first_free();
         ensure!(
             at,
             first == Some((due_ms, id)),
@@ -1041,6 +1087,13 @@ impl Sim {
             events
         };
         let secret = Secret::from_bytes(&self.rng.bytes::<32>()).expect("32 bytes make a secret").to_whsec();
+        // Every third endpoint delivers in order per key (drawn from nothing: the seeds' draws
+        // stay as they were).
+        let per_key = n % 3 == 1;
+        let settings = DeliverySettingsPatch {
+            ordering: per_key.then_some(DeliveryOrder::PerKey),
+            ..DeliverySettingsPatch::default()
+        };
         let reply = self.engine().execute_blocking(
             Actor::admin(),
             Command::CreateEndpoint {
@@ -1050,7 +1103,7 @@ impl Sim {
                 name: format!("receiver {n}"),
                 enabled_events: events.clone(),
                 secret: Some(secret.clone()),
-                settings: Default::default(),
+                settings,
             },
         );
         ensure!(
@@ -1068,6 +1121,7 @@ impl Sim {
             active: true,
             run_ms: Vec::new(),
             pending: BTreeSet::new(),
+            per_key,
         });
     }
 
@@ -1084,6 +1138,8 @@ impl Sim {
         let payload =
             format!(r#"{{"n":{},"type":"{event_type}","r":{}}}"#, self.events.len(), self.rng.next())
                 .into_bytes();
+        let (call_id, ordering_key) = event_keys(self.events.len());
+        let key = ordering_key.clone().or(call_id.map(|c| c.hyphenated().to_string()));
         let reply = self.engine().execute_blocking(
             Actor::admin(),
             Command::Publish {
@@ -1091,9 +1147,10 @@ impl Sim {
                 org_id: self.orgs[org],
                 event_type: event_type.to_owned(),
                 payload: payload.clone(),
-                call_id: None,
+                call_id,
                 webhook_url: None,
                 idempotency_key: None,
+                ordering_key,
             },
         );
         let delivery_ids = match reply {
@@ -1106,7 +1163,13 @@ impl Sim {
         };
         // Its attempts may have started already: look once the dispatcher is idle.
         if !self.engine().settle(SETTLE) {
-            fail(self.at, format!("the dispatcher did not settle after publishing {id}"));
+            fail(
+                self.at,
+                format!(
+                    "the dispatcher did not settle after publishing {id}: {:?}",
+                    self.engine().dispatch_stats()
+                ),
+            );
         }
         let expected: BTreeSet<usize> = (0..self.endpoints.len())
             .filter(|&e| self.endpoints[e].org == org && self.endpoints[e].subscribes_to(event_type))
@@ -1150,6 +1213,7 @@ impl Sim {
                 manual: 0,
                 delivered_once: false,
                 history: Vec::new(),
+                key: key.clone(),
             });
             ensure!(
                 self.at,
@@ -1162,6 +1226,13 @@ impl Sim {
             }
             self.touched.insert(i);
         }
+        // (An event without deliveries records no ordering key: it has nothing to order.)
+        let stored_key = self.engine().ordering_key(id, call_id);
+        ensure!(
+            self.at,
+            covered.is_empty() || stored_key.as_ref().is_ok_and(|k| *k == key),
+            "event {id} has ordering key {stored_key:?}, not {key:?}"
+        );
         self.events.push(ModelEvent { id, org, payload, at_ms: now, deliveries: delivery_ids });
         self.stats.events += 1;
         self.stats.deliveries += covered.len() as u64;
@@ -1370,6 +1441,7 @@ impl Sim {
             call_id: None,
             webhook_url: None,
             idempotency_key: None,
+            ordering_key: None,
         };
         self.engine().submit_with(Actor::admin(), command, move |reply| {
             *answered.lock().unwrap() = Some(format!("{reply:?}"));
@@ -1588,8 +1660,8 @@ impl Sim {
             if let Some(due_ms) = d.due_ms {
                 ensure!(
                     at,
-                    due_ms > now || self.hung.is_some(),
-                    "{id} is pending, due at {due_ms} <= now {now}"
+                    due_ms > now || self.hung.is_some() || self.waits_behind(i).is_some(),
+                    "{id} is pending, due at {due_ms} <= now {now}, and no earlier delivery of its key holds it back"
                 );
             }
             ensure!(
@@ -1927,6 +1999,7 @@ fn fixed_seed(seed: u64) {
         ("batch retriggers", s.batches > 0),
         ("refused commands", s.refused_commands > 0),
         ("jittered retries", s.jittered > 0),
+        ("deliveries held by their ordering key", s.held_by_key > 0),
     ];
     let missed: Vec<&str> = covered.iter().filter(|(_, hit)| !hit).map(|(what, _)| *what).collect();
     if env_u64("HERALD_SIM_STEPS").is_none() {

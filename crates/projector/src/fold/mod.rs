@@ -195,15 +195,15 @@ pub fn apply_unstaged(
     apply_unstaged_waking(tables, seq, at_ms, event, &mut Vec::new())
 }
 
-/// Like [`apply_unstaged`], and adds to `woken` each delivery the event made first of its
-/// endpoint's key order (`ordering: per_key`): it waited behind one that left `pending`, and
+/// Like [`apply_unstaged`], and adds to `woken` each delivery (at its due time) the event made
+/// first of its endpoint's key order (`ordering: per_key`): it waited behind one that left `pending`, and
 /// may be attempted now (the engine tells the dispatcher).
 pub fn apply_unstaged_waking(
     tables: &mut impl Tables,
     seq: u64,
     at_ms: u64,
     event: &Event,
-    woken: &mut Vec<DeliveryId>,
+    woken: &mut Vec<query::Due>,
 ) -> Result<(), ApplyError> {
     let applied_seq = query::applied_seq(tables)?;
     let expected = applied_seq.saturating_add(1);
@@ -221,7 +221,7 @@ struct Fold<'b, T: Tables> {
     seq: u64,
     at_ms: u64,
     /// Deliveries this event made first of their key order (see `order`).
-    woken: &'b mut Vec<DeliveryId>,
+    woken: &'b mut Vec<query::Due>,
 }
 
 impl<T: Tables> Fold<'_, T> {

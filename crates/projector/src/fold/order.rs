@@ -13,7 +13,7 @@ use crate::ids::{DeliveryId, EndpointId, EventId};
 use crate::keys;
 use crate::model::{Delivery, DeliveryStatus};
 use crate::order;
-use crate::query::{self, CorruptValue};
+use crate::query::{self, CorruptValue, Due};
 use crate::tables::Tables;
 
 /// Order index entries one page of an endpoint's switch away from `per_key` reads at a time.
@@ -88,8 +88,18 @@ impl<T: Tables> Fold<'_, T> {
         if head.first() == Some(&entry) {
             if let Some(next) = head.get(1) {
                 let next = order::delivery_of(next).ok_or_else(|| CorruptValue { key: next.clone() })?;
-                self.woken.push(next);
+                self.wake(next)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Names `id`, now free to go, to the caller, at its due time (so the dispatcher takes it
+    /// in due order with the rest).
+    fn wake(&mut self, id: DeliveryId) -> Result<(), ApplyError> {
+        let d = self.delivery(id)?;
+        if let Some(next_attempt_at_ms) = d.next_attempt_at_ms {
+            self.woken.push(Due { next_attempt_at_ms, delivery_id: id });
         }
         Ok(())
     }
@@ -124,7 +134,7 @@ impl<T: Tables> Fold<'_, T> {
                 self.t.delete(&keys::order_by_delivery(id));
                 self.t.delete(&entry);
                 if last_group.as_ref() == Some(&group) {
-                    self.woken.push(id);
+                    self.wake(id)?;
                 }
                 last_group = Some(group);
             }

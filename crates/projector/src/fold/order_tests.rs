@@ -16,7 +16,7 @@ fn fold(events: &[Event]) -> (MemTables, Vec<Vec<u32>>) {
         apply_unstaged_waking(&mut batch, i as u64 + 1, at_ms, &stamped(at_ms, event), &mut woken)
             .unwrap_or_else(|e| panic!("step {} ({}): {e}", i + 1, event.kind()));
         batch.commit();
-        woken_by.push(woken.iter().map(|d| number(d.0)).collect());
+        woken_by.push(woken.iter().map(|d| number(d.delivery_id.0)).collect());
     }
     assert_consistent(&t);
     (t, woken_by)
