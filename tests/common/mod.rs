@@ -405,6 +405,8 @@ pub struct Received {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The status it was answered.
+    pub status: u16,
 }
 
 impl Received {
@@ -413,11 +415,15 @@ impl Received {
     }
 }
 
+/// How a receiver answers a request, given it and how many came before it (`set_rule`).
+pub type Rule = Arc<dyn Fn(&Received, usize) -> u16 + Send + Sync>;
+
 /// A receiver on 127.0.0.1 that answers every request with its current status (200 unless
-/// set) and records what it got. Stopped when dropped.
+/// set), or by its rule when one is set, and records what it got. Stopped when dropped.
 pub struct Receiver {
     pub port: u16,
     status: Arc<AtomicU16>,
+    rule: Arc<Mutex<Option<Rule>>>,
     got: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
 }
@@ -428,21 +434,28 @@ impl Receiver {
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let status = Arc::new(AtomicU16::new(200));
+        let rule: Arc<Mutex<Option<Rule>>> = Arc::new(Mutex::new(None));
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, g, st) = (status.clone(), got.clone(), stop.clone());
+        let answers = Answers { status: status.clone(), rule: rule.clone(), got: got.clone() };
+        let st = stop.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (s, g, st) = (s.clone(), g.clone(), st.clone());
-                        std::thread::spawn(move || serve_conn(stream, s, g, st));
+                        let (a, st) = (answers.clone(), st.clone());
+                        std::thread::spawn(move || serve_conn(stream, a, st));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Receiver { port, status, got, stop }
+        Receiver { port, status, rule, got, stop }
+    }
+
+    /// Answers each later request with what `rule` says (over the status set).
+    pub fn set_rule(&self, rule: impl Fn(&Received, usize) -> u16 + Send + Sync + 'static) {
+        *self.rule.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(rule));
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -478,12 +491,31 @@ impl Drop for Receiver {
     }
 }
 
-fn serve_conn(
-    stream: TcpStream,
+/// What a receiver's connections share: how to answer, and what came.
+#[derive(Clone)]
+struct Answers {
     status: Arc<AtomicU16>,
+    rule: Arc<Mutex<Option<Rule>>>,
     got: Arc<Mutex<Vec<Received>>>,
-    stop: Arc<AtomicBool>,
-) {
+}
+
+impl Answers {
+    /// Records the request with the status it gets, in one step, so the record's order is the
+    /// order of the answers.
+    fn answer(&self, mut received: Received) -> u16 {
+        let rule = self.rule.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut got = self.got.lock().unwrap_or_else(|e| e.into_inner());
+        received.status = match rule {
+            Some(rule) => rule(&received, got.len()),
+            None => self.status.load(Ordering::SeqCst),
+        };
+        let code = received.status;
+        got.push(received);
+        code
+    }
+}
+
+fn serve_conn(stream: TcpStream, answers: Answers, stop: Arc<AtomicBool>) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let Ok(clone) = stream.try_clone() else { return };
     let mut reader = BufReader::new(clone);
@@ -519,8 +551,7 @@ fn serve_conn(
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let code = status.load(Ordering::SeqCst);
-        got.lock().unwrap_or_else(|e| e.into_inner()).push(Received { path, headers, body });
+        let code = answers.answer(Received { path, headers, body, status: 0 });
         let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\n\r\nok");
         if stream.write_all(answer.as_bytes()).is_err() {
             return;
