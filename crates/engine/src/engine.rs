@@ -228,6 +228,11 @@ impl Engine {
         // Which keys it keeps is the projector's to say.
         let cached = Arc::new(herald_projector::cache_policy().cached_store(store, config.read_cache_bytes));
         let store: Arc<dyn Store> = cached.clone();
+        // Before anything else reads them: the ordering lookups of new ids need no store read.
+        let _ = CheckedTables::run(store.as_ref(), |t| {
+            herald_projector::learn_order_floors(t);
+            Ok::<_, ()>(())
+        });
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
         let machine =

@@ -131,7 +131,7 @@ pub use model::{
     EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
     RESPONSE_EXCERPT_BYTES_MAX,
 };
-pub use order::{ordering_key, valid_ordering_key, waits_behind, ORDERING_KEY_BYTES_MAX};
+pub use order::{learn_order_floors, ordering_key, valid_ordering_key, waits_behind, ORDERING_KEY_BYTES_MAX};
 pub use persist::{
     catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
     StoreTables, TxRead, TxTables,

@@ -88,6 +88,16 @@ pub fn waits_behind(t: &impl ReadTables, id: DeliveryId) -> Result<Option<Delive
     delivery_of(&first).map(Some).ok_or(CorruptValue { key: first })
 }
 
+/// Looks up the ordering key of the newest possible event and the order entry of the newest
+/// possible delivery: through a read cache that knows ascending keyspaces (`cache_policy`), this
+/// teaches it where each keyspace ends, so that later lookups of newer ids are answered without
+/// the store. Worth doing when a store opens: after a failed write (a full disk) the store may
+/// refuse a read of a page it has not loaded, and without this the first lookup would be one.
+pub fn learn_order_floors(t: &impl ReadTables) {
+    let _ = t.get(&keys::ordering_key(EventId(Uuid::max())));
+    let _ = t.get(&keys::order_by_delivery(DeliveryId(Uuid::max())));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -197,8 +197,6 @@ pub struct EventOut {
     pub org_id: String,
     pub event_type: String,
     pub call_id: Option<String>,
-    /// The `ordering_key` it was published with, else its `call_id`, else null.
-    pub ordering_key: Option<String>,
     #[schema(value_type = Object)]
     pub payload: Box<serde_json::value::RawValue>,
     pub created_at: String,

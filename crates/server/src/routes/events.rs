@@ -163,13 +163,11 @@ pub async fn get(
         serde_json::value::RawValue::from_string(String::from_utf8_lossy(&event.payload).into_owned())
             .map_err(|e| ApiError::internal(F, format!("stored payload is not JSON: {e}")))?;
     let r = event.record;
-    let ordering_key = state.engine.ordering_key(r.id, r.call_id).map_err(|e| ApiError::from_read(F, e))?;
     Ok(Json(EventOut {
         id: r.id.to_string(),
         org_id: r.org_id.to_string(),
         event_type: r.event_type,
         call_id: r.call_id.map(|c| c.hyphenated().to_string()),
-        ordering_key,
         payload,
         created_at: ts(r.created_at_ms),
         delivery_ids: r.delivery_ids.iter().map(|d| d.to_string()).collect(),
