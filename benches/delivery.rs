@@ -11,13 +11,16 @@
 //! - beside a rate-limited endpoint (issue 21): the unconstrained endpoint's deliveries/s in the
 //!   same burst, beside the raw limit, and the limited endpoint's steady attempts/s at its receiver,
 //!   beside its configured rate.
+//! - ordered delivery (issue 21): deliveries/s of a burst over a few hundred ordering keys to a
+//!   `per_key` endpoint, beside the same burst to an unconstrained endpoint in the same run, and
+//!   the store writes per delivery of each (what ordering costs the writer).
 //!
 //! Under the table, notes give the timing counters that say what bounds each figure: the writer's
 //! batches and flush time, and CPU seconds per thread (from /proc) with the whole machine's, since
 //! the machine is shared.
 //!
 //! Run: `cargo bench --bench delivery`. Prints a table; `--json FILE` also writes JSON;
-//! `--only burst|paced|retrigger|throttle` runs one part. `HERALD_BENCH_DELIVERY_EVENTS` sets the burst
+//! `--only burst|paced|retrigger|throttle|ordered` runs one part. `HERALD_BENCH_DELIVERY_EVENTS` sets the burst
 //! size (default 20,000).
 
 mod common;
@@ -35,7 +38,8 @@ use herald_engine::{Actor, Command, DeliverySettingsPatch, Engine, EngineConfig,
 use herald_log::baseline::raw_sled_batches;
 use herald_log::{Durability, LogConfig};
 use herald_projector::{
-    DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, EndpointId, EventId, OrgId, Policy,
+    DeliveryId, DeliveryIndex, DeliveryOrder, DeliveryQuery, DeliveryStatus, EndpointId, EventId, OrgId,
+    Policy,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -308,6 +312,16 @@ fn engine_config(dir: &std::path::Path, durability: Durability, policy: Policy) 
 }
 
 fn open_herald(receiver: &Receiver, durability: Durability, policy: Policy) -> Herald {
+    open_herald_with(receiver, durability, policy, DeliverySettingsPatch::default())
+}
+
+/// [`open_herald`] whose endpoint has `settings`.
+fn open_herald_with(
+    receiver: &Receiver,
+    durability: Durability,
+    policy: Policy,
+    settings: DeliverySettingsPatch,
+) -> Herald {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(engine_config(dir.path(), durability, policy)).unwrap();
     let org = OrgId(Uuid::now_v7());
@@ -321,7 +335,7 @@ fn open_herald(receiver: &Receiver, durability: Durability, policy: Policy) -> H
                 name: "bench receiver".into(),
                 enabled_events: vec!["*".into()],
                 secret: None,
-                settings: Default::default(),
+                settings,
             },
         )
         .unwrap();
@@ -353,6 +367,7 @@ fn publish_command(org: OrgId, id: EventId, payload: &[u8]) -> Command {
         call_id: None,
         webhook_url: None,
         idempotency_key: None,
+        ordering_key: None,
     }
 }
 
@@ -739,6 +754,82 @@ fn throttle_rows(
     ));
 }
 
+/// Ordering keys of the ordered burst: each key's events go one at a time, so the burst has at
+/// most this many deliveries in flight.
+const ORDERED_KEYS: u64 = 256;
+
+/// One ordered-or-not burst of `n` events, their ordering keys `i % ORDERED_KEYS`, `Flush`:
+/// (deliveries/s publish start → none pending, store writes per delivery). For a `per_key`
+/// endpoint, checks that each key's receipts came in event order.
+fn ordered_burst(receiver: &Receiver, n: u64, ordering: DeliveryOrder) -> (f64, f64) {
+    let settings = DeliverySettingsPatch { ordering: Some(ordering), ..DeliverySettingsPatch::default() };
+    let h = open_herald_with(receiver, Durability::Flush, Policy::default(), settings);
+    let seen = receiver.seen.clone();
+    seen.reset();
+    let before = h.engine.writer_stats();
+    let started_ns = seen.now_ns();
+    let body = payload();
+    let failed = Arc::new(AtomicU64::new(0));
+    for i in 0..n {
+        let mut command = publish_command(h.org, event_id(3, i), &body);
+        if let Command::Publish { ordering_key, .. } = &mut command {
+            *ordering_key = Some(format!("key-{}", i % ORDERED_KEYS));
+        }
+        let failed = failed.clone();
+        h.engine.submit_with(actor(h.org), command, move |r| {
+            if r.is_err() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    assert!(seen.wait_for(n), "the receiver got {} of {n}", seen.requests.load(Ordering::SeqCst));
+    while count_status(&h, DeliveryStatus::Pending, 1) > 0 {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let secs = seen.now_ns().saturating_sub(started_ns) as f64 / 1e9;
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "publishes failed");
+    let writes = (h.engine.writer_stats().store_writes - before.store_writes) as f64 / n as f64;
+    if ordering == DeliveryOrder::PerKey {
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        for (id, _) in seen.take() {
+            let Some(i) = index_of(&id, 3) else { continue };
+            let previous = last.insert(i % ORDERED_KEYS, i);
+            assert!(
+                previous.is_none_or(|p| p <= i),
+                "key {}: event {i} after {previous:?}",
+                i % ORDERED_KEYS
+            );
+        }
+    }
+    h.engine.shutdown();
+    seen.reset();
+    (n as f64 / secs, writes)
+}
+
+/// The ordered endpoint's figures beside the unconstrained one's, measured in the same run.
+fn ordered_rows(receiver: &Receiver, events: u64, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    let (free_per_s, free_writes) = ordered_burst(receiver, events, DeliveryOrder::Unordered);
+    let (ordered_per_s, ordered_writes) = ordered_burst(receiver, events, DeliveryOrder::PerKey);
+    rows.push(Row {
+        name: format!(
+            "deliveries/s publish → none pending, per_key over {ORDERED_KEYS} keys, {events} events, Flush"
+        ),
+        value: ordered_per_s,
+        unit: "/s",
+        limit_name: "the same burst to an unconstrained endpoint, same run".into(),
+        limit: free_per_s,
+        target: String::new(),
+        met: None,
+    });
+    notes.push(format!(
+        "ordered: {ordered_per_s:.0}/s ({:.0} % of unconstrained {free_per_s:.0}/s); store writes per \
+         delivery {ordered_writes:.1} ordered, {free_writes:.1} unconstrained (an ordered delivery puts and \
+         deletes its order entry and back map, its event adds an OrderingKeySet record); every key's \
+         receipts in event order",
+        100.0 * ordered_per_s / free_per_s
+    ));
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -868,6 +959,10 @@ fn main() {
             target: target_ms.map(|t| format!("≤ {t} ms")).unwrap_or_default(),
             met: target_ms.map(|t| value <= t),
         });
+    }
+
+    if runs("ordered") {
+        ordered_rows(&receiver, events, &mut rows, &mut notes);
     }
 
     common::report(&rows);

@@ -22,6 +22,8 @@ const DELIVERY_KEYS: &[&str] = &[
     "org_id",
     "endpoint_id",
     "call_id",
+    // API.md "Ordering key" (issue 21): on every delivery, null without a key.
+    "ordering_key",
     "event_type",
     "url",
     "status",

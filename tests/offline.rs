@@ -96,6 +96,7 @@ fn write_story(dir: &Path) -> Story {
             call_id: None,
             webhook_url: None,
             idempotency_key: None,
+            ordering_key: None,
         },
     ) {
         Reply::Published { delivery_ids, .. } => delivery_ids[0],
@@ -356,6 +357,7 @@ fn retention_drops_old_delivered_history_keeps_the_rest_and_the_log_still_verifi
             call_id: None,
             webhook_url: None,
             idempotency_key: None,
+            ordering_key: None,
         };
         match run(command) {
             Reply::Published { delivery_ids, .. } => (id, delivery_ids[0]),

@@ -248,7 +248,9 @@ impl<'a> Story<'a> {
                 }
                 take
             }
-            Event::EventPublished { id, .. } => matches!(subject, Subject::Event(e) if *id == e),
+            Event::EventPublished { id, .. } | Event::OrderingKeySet { event_id: id, .. } => {
+                matches!(subject, Subject::Event(e) if *id == e)
+            }
             Event::EventPublishedWithDeliveries { id, deliveries, .. } => self.published(*id, deliveries),
             Event::EndpointCreated { id, .. }
             | Event::EndpointUpdated { id, .. }

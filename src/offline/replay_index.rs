@@ -113,6 +113,9 @@ fn plan_on(t: &impl ReadTables, anchor_seq: u64, subject: Subject) -> Result<Pla
     match subject {
         Subject::Delivery(id) => plan.deliveries.extend(get_delivery(t, id)?),
         Subject::Event(id) => {
+            for r in record_refs(t, id.as_bytes(), anchor_seq)? {
+                plan.seqs.insert(r.seq);
+            }
             if let Some(event) = get_event(t, id)? {
                 kept_after(&mut plan.seqs, event.seq);
                 for d in event.delivery_ids {

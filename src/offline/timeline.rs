@@ -180,6 +180,10 @@ fn endpoint_text(event: &Event) -> Option<String> {
             settings.ordering.name(),
             settings.headers.len()
         ),
+        Event::OrderingKeySet { event_id, ordering_key } => match ordering_key {
+            Some(key) => format!("event {event_id}: ordering key {key:?}"),
+            None => format!("event {event_id}: ordered by its call id"),
+        },
         _ => return None,
     })
 }

@@ -418,6 +418,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// When the whole request had arrived.
     pub at: Instant,
+    /// The status it was answered.
+    pub status: u16,
 }
 
 impl Received {
@@ -426,14 +428,16 @@ impl Received {
     }
 }
 
+/// How a receiver answers a request, given it and how many came before it (`set_rule`).
+pub type Rule = Arc<dyn Fn(&Received, usize) -> u16 + Send + Sync>;
+
 /// A receiver on 127.0.0.1 that answers every request with its current status (200 unless
-/// set) and records what it got. Stopped when dropped.
+/// set), by its rule when one is set, or as scripted ahead, and records what it got. Stopped
+/// when dropped.
 pub struct Receiver {
     pub port: u16,
-    status: Arc<AtomicU16>,
-    got: Arc<Mutex<Vec<Received>>>,
+    answers: Answers,
     stop: Arc<AtomicBool>,
-    more: Arc<Behaviour>,
 }
 
 /// What a receiver does besides answering its status: answers scripted ahead of it, a delay
@@ -452,40 +456,49 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("no port for a receiver");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
-        let status = Arc::new(AtomicU16::new(200));
-        let got = Arc::new(Mutex::new(Vec::new()));
+        let answers = Answers {
+            status: Arc::new(AtomicU16::new(200)),
+            rule: Arc::new(Mutex::new(None)),
+            got: Arc::new(Mutex::new(Vec::new())),
+            more: Arc::new(Behaviour::default()),
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let more = Arc::new(Behaviour::default());
-        let (s, g, st, m) = (status.clone(), got.clone(), stop.clone(), more.clone());
+        let (a, st) = (answers.clone(), stop.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (s, g, st, m) = (s.clone(), g.clone(), st.clone(), m.clone());
-                        std::thread::spawn(move || serve_conn(stream, s, g, st, m));
+                        let (a, st) = (a.clone(), st.clone());
+                        std::thread::spawn(move || serve_conn(stream, a, st));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Receiver { port, status, got, stop, more }
+        Receiver { port, answers, stop }
+    }
+
+    /// Answers each later request with what `rule` says (over the status set; a scripted answer
+    /// comes first).
+    pub fn set_rule(&self, rule: impl Fn(&Received, usize) -> u16 + Send + Sync + 'static) {
+        *self.answers.rule.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(rule));
     }
 
     /// The next request (after those already scripted) gets `status`, with `Retry-After:
     /// retry_after` if given; later ones the current status again.
     pub fn answer_next(&self, status: u16, retry_after: Option<&str>) {
-        let mut script = self.more.script.lock().unwrap_or_else(|e| e.into_inner());
+        let mut script = self.answers.more.script.lock().unwrap_or_else(|e| e.into_inner());
         script.push_back((status, retry_after.map(str::to_owned)));
     }
 
     /// Every later answer waits this long after its request arrived.
     pub fn set_delay(&self, delay: Duration) {
-        self.more.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.answers.more.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// The most requests answered at once so far (from arrival to the answer written).
     pub fn concurrency_max(&self) -> usize {
-        self.more.active_max.load(Ordering::SeqCst)
+        self.answers.more.active_max.load(Ordering::SeqCst)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -494,11 +507,11 @@ impl Receiver {
 
     /// The status every later request gets.
     pub fn set_status(&self, status: u16) {
-        self.status.store(status, Ordering::SeqCst);
+        self.answers.status.store(status, Ordering::SeqCst);
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.got.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.answers.got.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Waits until at least `n` requests arrived.
@@ -521,13 +534,34 @@ impl Drop for Receiver {
     }
 }
 
-fn serve_conn(
-    stream: TcpStream,
+/// What a receiver's connections share: how to answer, and what came.
+#[derive(Clone)]
+struct Answers {
     status: Arc<AtomicU16>,
+    rule: Arc<Mutex<Option<Rule>>>,
     got: Arc<Mutex<Vec<Received>>>,
-    stop: Arc<AtomicBool>,
     more: Arc<Behaviour>,
-) {
+}
+
+impl Answers {
+    /// Records the request with the status it gets, in one step, so the record's order is the
+    /// order of the answers; returns the status and a `Retry-After` value, if scripted.
+    fn answer(&self, mut received: Received) -> (u16, Option<String>) {
+        let scripted = self.more.script.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let rule = self.rule.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut got = self.got.lock().unwrap_or_else(|e| e.into_inner());
+        let (code, retry_after) = match (scripted, rule) {
+            (Some(scripted), _) => scripted,
+            (None, Some(rule)) => (rule(&received, got.len()), None),
+            (None, None) => (self.status.load(Ordering::SeqCst), None),
+        };
+        received.status = code;
+        got.push(received);
+        (code, retry_after)
+    }
+}
+
+fn serve_conn(stream: TcpStream, answers: Answers, stop: Arc<AtomicBool>) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let Ok(clone) = stream.try_clone() else { return };
     let mut reader = BufReader::new(clone);
@@ -564,11 +598,10 @@ fn serve_conn(
             return;
         }
         let at = Instant::now();
+        let more = &answers.more;
         let active = more.active.fetch_add(1, Ordering::SeqCst) + 1;
         more.active_max.fetch_max(active, Ordering::SeqCst);
-        let scripted = more.script.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-        let (code, retry_after) = scripted.unwrap_or((status.load(Ordering::SeqCst), None));
-        got.lock().unwrap_or_else(|e| e.into_inner()).push(Received { path, headers, body, at });
+        let (code, retry_after) = answers.answer(Received { path, headers, body, at, status: 0 });
         let delay_ms = more.delay_ms.load(Ordering::SeqCst);
         if delay_ms > 0 {
             std::thread::sleep(Duration::from_millis(delay_ms));

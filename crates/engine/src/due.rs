@@ -52,13 +52,22 @@ pub struct DueQueue {
     due_at_ms_by_id: HashMap<DeliveryId, u64>,
     /// The earliest due time dropped since the refill flag was last cleared.
     refill_from_ms: Option<u64>,
+    /// The least `(due_at_ms, id)` dropped since then (`id` all zero when only a time is known):
+    /// every queued entry before it is complete, those at its time with a greater id too.
+    dropped_min: Option<(u64, DeliveryId)>,
 }
 
 impl DueQueue {
     /// An empty queue holding at most `capacity` entries. A capacity of 0 is allowed: every insert
     /// is then rejected and asks for a refill.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, by_due: BTreeSet::new(), due_at_ms_by_id: HashMap::new(), refill_from_ms: None }
+        Self {
+            capacity,
+            by_due: BTreeSet::new(),
+            due_at_ms_by_id: HashMap::new(),
+            refill_from_ms: None,
+            dropped_min: None,
+        }
     }
 
     /// Queues `id` at `due_at_ms`, replacing its previous due time if it was queued.
@@ -81,12 +90,12 @@ impl DueQueue {
                 self.by_due.remove(&latest);
                 self.due_at_ms_by_id.remove(&latest.1);
                 self.by_due.insert((due_at_ms, id));
-                self.note_dropped(latest.0);
+                self.note_dropped(latest);
                 InsertOutcome::Evicted { id: latest.1, due_at_ms: latest.0 }
             }
             _ => {
                 self.due_at_ms_by_id.remove(&id);
-                self.note_dropped(due_at_ms);
+                self.note_dropped((due_at_ms, id));
                 InsertOutcome::Rejected
             }
         }
@@ -165,15 +174,38 @@ impl DueQueue {
     /// Resets the refill flag, after the caller has reloaded the due index.
     pub fn clear_refill(&mut self) {
         self.refill_from_ms = None;
+        self.dropped_min = None;
     }
 
     /// Records that deliveries due from `due_at_ms` on may be missing from the queue (a reload
     /// that stopped part way), raising the refill flag.
     pub fn note_incomplete_from(&mut self, due_at_ms: u64) {
-        self.note_dropped(due_at_ms);
+        self.note_dropped((due_at_ms, [0; 16]));
     }
 
-    fn note_dropped(&mut self, due_at_ms: u64) {
+    /// Records that the deliveries after `(due_at_ms, id)` (which is queued) may be missing: a
+    /// reload that stopped there.
+    pub fn note_incomplete_after(&mut self, due_at_ms: u64, id: DeliveryId) {
+        let next = u128::from_be_bytes(id).checked_add(1);
+        match next {
+            Some(next) => self.note_dropped((due_at_ms, next.to_be_bytes())),
+            None => self.note_dropped((due_at_ms.saturating_add(1), [0; 16])),
+        }
+    }
+
+    /// Whether the earliest queued entry is certainly the earliest due: nothing dropped comes
+    /// before it in `(due_at_ms, id)` order. When it is not (one dropped at the same time with a
+    /// smaller id), the dispatcher refills before it pops.
+    pub fn first_is_complete(&self) -> bool {
+        match (self.by_due.first(), self.dropped_min) {
+            (Some(first), Some(dropped)) => *first < dropped,
+            _ => true,
+        }
+    }
+
+    fn note_dropped(&mut self, key: (u64, DeliveryId)) {
+        self.dropped_min = Some(self.dropped_min.map_or(key, |min| min.min(key)));
+        let due_at_ms = key.0;
         self.refill_from_ms = Some(match self.refill_from_ms {
             Some(earliest_ms) => earliest_ms.min(due_at_ms),
             None => due_at_ms,
@@ -303,6 +335,27 @@ mod tests {
         assert!(queue.is_empty());
         assert!(queue.needs_refill());
         check_consistent(&queue);
+    }
+
+    /// A drop remembers its id: an entry queued after it at the same time but with a greater id
+    /// is not known to be the earliest; one with a smaller id is. A reload that stopped after an
+    /// entry leaves that entry complete.
+    #[test]
+    fn the_first_entry_is_complete_only_before_the_least_dropped_one() {
+        let mut queue = DueQueue::new(1);
+        assert!(queue.first_is_complete());
+        queue.insert(id(5), 10);
+        assert_eq!(queue.insert(id(6), 10), InsertOutcome::Rejected);
+        assert!(queue.first_is_complete(), "(10, 5) comes before the dropped (10, 6)");
+        queue.pop_due(10, 1);
+        queue.insert(id(7), 10);
+        assert!(!queue.first_is_complete(), "(10, 6) may come before (10, 7)");
+        queue.clear_refill();
+        assert!(queue.first_is_complete());
+        queue.note_incomplete_after(10, id(7));
+        assert!(queue.first_is_complete(), "the reload read (10, 7) itself");
+        queue.note_incomplete_from(10);
+        assert!(!queue.first_is_complete(), "only a time: anything at it may be missing");
     }
 
     /// xorshift64: a tiny deterministic generator for the model test.

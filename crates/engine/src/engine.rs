@@ -228,6 +228,11 @@ impl Engine {
         // Which keys it keeps is the projector's to say.
         let cached = Arc::new(herald_projector::cache_policy().cached_store(store, config.read_cache_bytes));
         let store: Arc<dyn Store> = cached.clone();
+        // Before anything else reads them: the ordering lookups of new ids need no store read.
+        let _ = CheckedTables::run(store.as_ref(), |t| {
+            herald_projector::learn_order_floors(t);
+            Ok::<_, ()>(())
+        });
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
         let endpoint_inbox = inbox.clone();
@@ -423,6 +428,7 @@ impl Engine {
                 call_id: None,
                 webhook_url: None,
                 idempotency_key: None,
+                ordering_key: None,
             },
         )
     }
@@ -487,6 +493,16 @@ impl Engine {
     /// organisation check `org_id` themselves, as the server does.
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, EngineError> {
         self.read(|t| get_delivery(t, id))
+    }
+
+    /// The ordering key of the deliveries of event `event_id` (whose call id is `call_id`): the
+    /// one its publish gave, else the call id, else none.
+    pub fn ordering_key(
+        &self,
+        event_id: EventId,
+        call_id: Option<Uuid>,
+    ) -> Result<Option<String>, EngineError> {
+        self.read(|t| herald_projector::ordering_key(t, event_id, call_id))
     }
 
     /// An endpoint by id, in any organisation, deleted ones included (`deleted_at_ms` set).

@@ -85,6 +85,7 @@ impl World {
                 call_id: None,
                 webhook_url: None,
                 idempotency_key: key.map(String::from),
+                ordering_key: None,
             },
         )
     }
@@ -108,6 +109,7 @@ fn publish_command(org_n: u128) -> Command {
         call_id: None,
         webhook_url: None,
         idempotency_key: None,
+        ordering_key: None,
     }
 }
 
@@ -602,6 +604,7 @@ fn delivery_ids_are_derived_from_the_event_so_a_replay_gives_the_same_ids() {
                 call_id: None,
                 webhook_url: None,
                 idempotency_key: None,
+                ordering_key: None,
             },
         );
         deliveries(reply)

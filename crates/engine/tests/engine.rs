@@ -201,6 +201,7 @@ fn publish_command(webhook_url: Option<&str>) -> Command {
         call_id: None,
         webhook_url: webhook_url.map(str::to_owned),
         idempotency_key: None,
+        ordering_key: None,
     }
 }
 
@@ -1276,4 +1277,68 @@ fn a_rate_limited_backlog_does_not_starve_another_endpoint() {
     assert_eq!(delivered, 51, "all 50 of the open endpoint, the burst of 1 of the limited one");
     assert_eq!(w.engine.dispatch_stats().throttled, 49);
     assert_eq!(w.sender.requests().len(), 51, "a held delivery is not attempted");
+}
+
+/// A publish for `org()` with ordering key `key`.
+fn publish_keyed(engine: &Engine, key: Option<&str>) -> (EventId, DeliveryId) {
+    let mut command = publish_command(None);
+    if let Command::Publish { ordering_key, .. } = &mut command {
+        *ordering_key = key.map(str::to_owned);
+    }
+    match engine.execute_blocking(Actor::admin(), command) {
+        Ok(Reply::Published { id, delivery_ids, .. }) => (id, delivery_ids[0]),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// API.md "Ordering key": with `ordering: per_key`, the second delivery of a key waits (not
+/// attempted, nothing recorded) while the first is pending, however long its retry is, and goes
+/// as soon as the first leaves pending; another key and no key are not held; a retrigger of the
+/// first makes a later one wait again.
+#[test]
+fn a_per_key_endpoint_holds_a_key_behind_its_pending_head() {
+    let w = World::new(config(vec![10 * 3_600_000]));
+    let (endpoint, _) = w.endpoint(org());
+    let settings = DeliverySettingsPatch {
+        ordering: Some(herald_projector::DeliveryOrder::PerKey),
+        ..Default::default()
+    };
+    let patch =
+        Command::UpdateEndpoint { id: endpoint, url: None, name: None, enabled_events: None, settings };
+    w.engine.execute_blocking(Actor::admin(), patch).unwrap();
+    w.sender.push(Script::Status(500), 1);
+    let (event_a, a) = publish_keyed(&w.engine, Some("call-1"));
+    w.settle();
+    assert_eq!(w.engine.ordering_key(event_a, None).unwrap().as_deref(), Some("call-1"));
+    let (_, b) = publish_keyed(&w.engine, Some("call-1"));
+    let (_, other) = publish_keyed(&w.engine, Some("call-2"));
+    let (_, none) = publish_keyed(&w.engine, None);
+    w.settle();
+    let attempted = |id: DeliveryId| {
+        w.sender.requests().iter().filter(|r| header(r, "herald-delivery-id") == id.to_string()).count()
+    };
+    assert_eq!((attempted(a), attempted(b), attempted(other), attempted(none)), (1, 0, 1, 1));
+    assert_eq!(w.status(b), DeliveryStatus::Pending);
+    let waits = w.engine.dispatch_stats().order_waits;
+    assert!(waits >= 1, "b was set aside");
+    // Time passes, short of a's retry 10 h away: b is not looked at again and again.
+    w.advance(60_000);
+    w.advance(60_000);
+    assert_eq!(w.engine.dispatch_stats().order_waits, waits, "a waiting delivery does not spin");
+    assert_eq!(attempted(b), 0);
+
+    // a's retry succeeds: b goes at once, without waiting for a clock tick.
+    w.advance(11 * 3_600_000);
+    assert_eq!((attempted(a), attempted(b)), (2, 1));
+    assert_eq!((w.status(a), w.status(b)), (DeliveryStatus::Delivered, DeliveryStatus::Delivered));
+
+    // A redeliver of a puts it first again: a later pending one waits behind it.
+    let (_, c) = {
+        w.sender.push(Script::Status(500), 1);
+        w.engine.execute_blocking(Actor::admin(), Command::Redeliver { delivery_id: a }).unwrap();
+        w.settle();
+        publish_keyed(&w.engine, Some("call-1"))
+    };
+    w.settle();
+    assert_eq!((w.status(a), attempted(c)), (DeliveryStatus::Pending, 0));
 }

@@ -95,6 +95,7 @@ impl World {
                 call_id: None,
                 webhook_url: webhook_url.map(str::to_owned),
                 idempotency_key: None,
+                ordering_key: None,
             },
         );
         match reply {

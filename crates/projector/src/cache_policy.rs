@@ -28,9 +28,16 @@ impl CachePolicy {
 /// them, and caching each publish would cost the writer a copy that is seldom read.
 ///
 /// Event and delivery ids are UUID v7, so each new one sorts after those stored: the
-/// writer's check that an id is new is answered by the cache, not by the store.
+/// writer's check that an id is new is answered by the cache, not by the store. So is the
+/// check whether a delivery is in a key order (`KS_ORDER_BY_DELIVERY`), which the fold makes
+/// when a delivery leaves `pending` and the dispatcher before each attempt, and whether an
+/// event has an ordering key (`KS_ORDERING_KEY`): for deliveries newer than the last ordered
+/// one, neither reads the store.
 pub const fn cache_policy() -> CachePolicy {
-    CachePolicy { cacheable: dispatcher_reads, ascending: &[keys::KS_EVENT, keys::KS_DELIVERY] }
+    CachePolicy {
+        cacheable: dispatcher_reads,
+        ascending: &[keys::KS_EVENT, keys::KS_DELIVERY, keys::KS_ORDERING_KEY, keys::KS_ORDER_BY_DELIVERY],
+    }
 }
 
 fn dispatcher_reads(key: &[u8]) -> bool {

@@ -246,6 +246,15 @@ pub enum Event {
         recovery_id: RecoveryId,
         delivery_ids: Vec<DeliveryId>,
     },
+    /// The ordering key of an event (rules 4 on), in its publish's command after the records
+    /// that created its deliveries: written when the publish created deliveries and gave
+    /// `ordering_key`, or has a call id and goes to an endpoint whose ordering is `per_key`
+    /// (`None`: the call id is the key). (An event without deliveries gets none: retention may
+    /// drop it before the next record.) Its deliveries pending to `per_key` endpoints enter their key order.
+    OrderingKeySet {
+        event_id: EventId,
+        ordering_key: Option<String>,
+    },
 }
 
 /// Delivery ids one recovery record carries at most (17 bytes each encoded: a record of about
@@ -294,6 +303,7 @@ impl Event {
             Event::EndpointDeliverySettingsSet { .. } => "EndpointDeliverySettingsSet",
             Event::RecoveryRequested { .. } => "RecoveryRequested",
             Event::RecoveryDeliveries { .. } => "RecoveryDeliveries",
+            Event::OrderingKeySet { .. } => "OrderingKeySet",
         }
     }
 }
@@ -572,6 +582,8 @@ mod tests {
                 recovery_id: RecoveryId(id),
                 delivery_ids,
             }),
+            (uuid(), proptest::option::of(text()))
+                .prop_map(|(id, ordering_key)| Event::OrderingKeySet { event_id: EventId(id), ordering_key }),
         ]
     }
 

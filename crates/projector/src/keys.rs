@@ -26,6 +26,9 @@
 //! | `0x58` | endpoint ++ status ++ window [++ boundary entry] | `0x54`'s entries, chunked |
 //! | `0x59` | org ++ type length ++ type ++ window [++ boundary entry] | `0x55`'s entries, chunked |
 //! | `0x5A` | window [++ boundary entry] | `0x56`'s entries, chunked |
+//! | `0x5B` | event id | the ordering key its publish gave (String; only when one was given) |
+//! | `0x5C` | endpoint ++ key length (u8) ++ ordering key ++ event seq (u64 BE) ++ delivery | empty (`order.rs`: pending deliveries of `per_key` endpoints that have a key) |
+//! | `0x5D` | delivery id | its `0x5C` key (exactly while it has one) |
 //! | `0x60` | delivery ++ attempt (u32 BE) | [`AttemptRecord`](crate::AttemptRecord) |
 //! | `0x61` | (alone) | the seq from which the fold keeps record refs, u64 BE (rules 4 on) |
 //! | `0x61` | subject id ++ seq (u64 BE) | a delivery's: its status byte after that record; else empty |
@@ -57,6 +60,9 @@ pub const KS_CHUNKS_BY_ORG_STATUS: u8 = 0x57;
 pub const KS_CHUNKS_BY_ENDPOINT_STATUS: u8 = 0x58;
 pub const KS_CHUNKS_BY_ORG_TYPE: u8 = 0x59;
 pub const KS_CHUNKS_DUE: u8 = 0x5A;
+pub const KS_ORDERING_KEY: u8 = 0x5B;
+pub const KS_ORDER: u8 = 0x5C;
+pub const KS_ORDER_BY_DELIVERY: u8 = 0x5D;
 pub const KS_ATTEMPT: u8 = 0x60;
 /// Record refs: which records touched a delivery, an endpoint, or the store-wide settings
 /// (`refs.rs`), so a replay reads those records alone.
@@ -179,6 +185,14 @@ pub(crate) fn delivery(id: DeliveryId) -> Vec<u8> {
 
 pub(crate) fn due(next_attempt_at_ms: u64, id: DeliveryId) -> Vec<u8> {
     key(KS_DUE, &[&next_attempt_at_ms.to_be_bytes(), id.as_bytes()])
+}
+
+pub(crate) fn ordering_key(event: EventId) -> Vec<u8> {
+    key(KS_ORDERING_KEY, &[event.as_bytes()])
+}
+
+pub(crate) fn order_by_delivery(delivery: DeliveryId) -> Vec<u8> {
+    key(KS_ORDER_BY_DELIVERY, &[delivery.as_bytes()])
 }
 
 pub(crate) fn attempt(delivery: DeliveryId, attempt: u32) -> Vec<u8> {

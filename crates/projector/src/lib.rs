@@ -102,6 +102,7 @@ mod ids;
 mod index;
 pub mod keys;
 mod model;
+mod order;
 mod pattern;
 mod persist;
 mod policy;
@@ -127,8 +128,8 @@ pub use event::{
     PUBLISHED_DELIVERIES_BYTES_MAX, RECOVERY_IDS_PER_RECORD,
 };
 pub use fold::{
-    apply, apply_unstaged, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN, ENDPOINT_DELETED_REASON,
-    RULES_CURRENT,
+    apply, apply_unstaged, apply_unstaged_waking, rules_may_follow, ApplyError, Rules, CASCADE_PAGE_LEN,
+    ENDPOINT_DELETED_REASON, RULES_CURRENT,
 };
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
 pub use model::{
@@ -136,6 +137,7 @@ pub use model::{
     EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,
     RESPONSE_EXCERPT_BYTES_MAX,
 };
+pub use order::{learn_order_floors, ordering_key, valid_ordering_key, waits_behind, ORDERING_KEY_BYTES_MAX};
 pub use pattern::event_type_matches;
 pub use persist::{
     catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,

@@ -265,6 +265,7 @@ pub fn assert_consistent(t: &MemTables) {
     }
     assert_indexes_match_rows(t, &deliveries, &endpoints);
     assert_due_queue_is_the_pending(t, &deliveries);
+    assert_order_index_is_the_pending(t, &deliveries, &events);
     for d in &deliveries {
         assert_delivery_agrees(t, d, &events, &endpoints);
     }
@@ -342,23 +343,27 @@ fn assert_indexes_match_rows(t: &MemTables, deliveries: &[Delivery], endpoints: 
         keys::KS_CHUNKS_BY_ORG_TYPE,
         keys::KS_CHUNKS_DUE,
     ];
-    let actual: BTreeSet<(Vec<u8>, Vec<u8>)> = t
-        .iter()
-        .filter(|(k, _)| index_spaces.contains(&k[0]))
-        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-        .collect();
-    let stale: Vec<_> = actual.difference(&expected).collect();
-    let missing: Vec<_> = expected.difference(&actual).collect();
-    assert!(
-        stale.is_empty() && missing.is_empty(),
-        "stale index entries {stale:02x?}, missing {missing:02x?}"
-    );
+    assert_keyspaces_hold(t, &index_spaces, &expected, "index entries");
     for (k, _) in t.iter() {
         assert!(
             (keys::KS_FIRST..=keys::KS_LAST).contains(&k[0]),
             "key outside the projector's keyspaces: {k:02x?}"
         );
     }
+}
+
+/// The pairs stored in `keyspaces` are exactly `expected`.
+fn assert_keyspaces_hold(
+    t: &MemTables,
+    keyspaces: &[u8],
+    expected: &BTreeSet<(Vec<u8>, Vec<u8>)>,
+    what: &str,
+) {
+    let actual: BTreeSet<(Vec<u8>, Vec<u8>)> =
+        t.iter().filter(|(k, _)| keyspaces.contains(&k[0])).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    let stale: Vec<_> = actual.difference(expected).collect();
+    let missing: Vec<_> = expected.difference(&actual).collect();
+    assert!(stale.is_empty() && missing.is_empty(), "stale {what} {stale:02x?}, missing {missing:02x?}");
 }
 
 /// The due queue, read on its own: exactly the pending deliveries, at their next attempt.
@@ -373,6 +378,32 @@ fn assert_due_queue_is_the_pending(t: &MemTables, deliveries: &[Delivery]) {
         assert_eq!(d.next_attempt_at_ms, Some(entry.next_attempt_at_ms));
     }
     assert_eq!(due.len(), pending.len(), "a pending delivery missing from the due queue");
+}
+
+/// The order index (`order.rs`) holds exactly the pending deliveries to `per_key` endpoints that
+/// have an ordering key, in (endpoint, key, event seq) order, each mapped back from its delivery;
+/// every stored ordering key is of an existing event.
+fn assert_order_index_is_the_pending(t: &MemTables, deliveries: &[Delivery], events: &[EventRecord]) {
+    let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
+    for d in deliveries.iter().filter(|d| d.status == DeliveryStatus::Pending) {
+        let Some(endpoint) = d.endpoint_id else { continue };
+        let per_key =
+            crate::get_endpoint_settings(t, endpoint).unwrap().ordering == crate::DeliveryOrder::PerKey;
+        let key = crate::ordering_key(t, d.event_id, d.call_id).unwrap();
+        if let (true, Some(key)) = (per_key, key) {
+            let seq = events.iter().find(|e| e.id == d.event_id).expect("its event").seq;
+            let entry = crate::order::entry(endpoint, &key, seq, d.id);
+            expected.insert((keys::order_by_delivery(d.id), entry.clone()));
+            expected.insert((entry, Vec::new()));
+        }
+    }
+    assert_keyspaces_hold(t, &[keys::KS_ORDER, keys::KS_ORDER_BY_DELIVERY], &expected, "order entries");
+    for (k, _) in t.iter().filter(|(k, _)| k[0] == keys::KS_ORDERING_KEY) {
+        assert!(
+            events.iter().any(|e| keys::ordering_key(e.id) == k),
+            "ordering key of a missing event {k:02x?}"
+        );
+    }
 }
 
 /// One delivery's row agrees with itself, its attempts, its event and its endpoint.

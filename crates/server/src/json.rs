@@ -164,6 +164,10 @@ pub struct PublishIn {
     pub webhook_url: Option<String>,
     /// Admin keys only: the organisation to publish for.
     pub org_id: Option<String>,
+    /// 1 to 128 visible ASCII characters: deliveries to an endpoint whose `ordering` is
+    /// `per_key` go one at a time per key, in event order. Absent: the `call_id` is the key.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    pub ordering_key: Option<String>,
 }
 
 /// [`PublishIn`] borrowing from the request body, so a publish parses its body once and copies
@@ -179,6 +183,7 @@ pub struct PublishInRef<'a> {
     pub call_id: Option<std::borrow::Cow<'a, str>>,
     pub webhook_url: Option<String>,
     pub org_id: Option<std::borrow::Cow<'a, str>>,
+    pub ordering_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -209,6 +214,8 @@ pub struct DeliveryOut {
     pub org_id: String,
     pub endpoint_id: Option<String>,
     pub call_id: Option<String>,
+    /// The event's `ordering_key`, else its `call_id`, else null.
+    pub ordering_key: Option<String>,
     pub event_type: String,
     pub url: String,
     /// `pending`, `delivered`, `exhausted` or `inactive`.
@@ -223,14 +230,16 @@ pub struct DeliveryOut {
     pub updated_at: String,
 }
 
-impl From<&Delivery> for DeliveryOut {
-    fn from(d: &Delivery) -> Self {
+impl DeliveryOut {
+    /// The delivery object of `d`, whose event's ordering key is `ordering_key`.
+    pub fn new(d: &Delivery, ordering_key: Option<String>) -> Self {
         DeliveryOut {
             id: d.id.to_string(),
             event_id: d.event_id.to_string(),
             org_id: d.org_id.to_string(),
             endpoint_id: d.endpoint_id.map(|e| e.to_string()),
             call_id: d.call_id.map(|c| c.hyphenated().to_string()),
+            ordering_key,
             event_type: d.event_type.clone(),
             url: d.url.clone(),
             status: d.status.name().to_owned(),

@@ -257,6 +257,12 @@ fn attempt_counts(out: &mut String, d: &DispatchStats) {
     let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
     // Not made: a fault of this host (no descriptor, memory or local port), not the receiver's.
     let _ = writeln!(out, "herald_attempts_total{{outcome=\"local_fault\"}} {}", d.attempts_local_faults);
+    let _ = writeln!(
+        out,
+        "# HELP herald_order_waits_total Due deliveries set aside behind an earlier pending one of their \
+         ordering key.\n# TYPE herald_order_waits_total counter\nherald_order_waits_total {}",
+        d.order_waits
+    );
 }
 
 /// `herald_deliveries` by status, as the projection counts them.

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use herald_log::{Machine, Tx};
 use herald_projector::compact::Plan;
 use herald_projector::{
-    apply_unstaged, encode, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId, Due, EndpointId,
-    Event, EventId, OrgId, Policy, RecordActor, RecoveryFilter, RecoveryId, Scope, TxRead, TxTables,
+    apply_unstaged_waking, encode, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId, Due,
+    EndpointId, Event, EventId, OrgId, Policy, RecordActor, RecoveryFilter, RecoveryId, Scope, TxRead,
+    TxTables,
 };
 use uuid::Uuid;
 
@@ -140,6 +141,8 @@ pub enum Command {
         call_id: Option<Uuid>,
         webhook_url: Option<String>,
         idempotency_key: Option<String>,
+        /// API.md "Ordering key": 1 to 128 visible ASCII characters; `None`: the call id is the key.
+        ordering_key: Option<String>,
     },
     /// Seed 000: a delivery in `inactive` or `exhausted` state back to `pending`.
     Retrigger {
@@ -407,17 +410,13 @@ impl Commands {
                 run.create_api_key(id, org_id, scopes, name, key_hash)
             }
             Command::RevokeApiKey { id } => run.revoke_api_key(id),
-            Command::Publish { id, org_id, event_type, payload, call_id, webhook_url, idempotency_key } => {
-                run.publish(Publish {
-                    id,
-                    org_id,
-                    event_type,
-                    payload,
-                    call_id,
-                    webhook_url,
-                    idempotency_key,
-                })
-            }
+            // The same fields, moved: one line each way.
+            #[rustfmt::skip]
+            Command::Publish {
+                id, org_id, event_type, payload, call_id, webhook_url, idempotency_key, ordering_key,
+            } => run.publish(Publish {
+                id, org_id, event_type, payload, call_id, webhook_url, idempotency_key, ordering_key,
+            }),
             Command::Retrigger { delivery_id } => run.retrigger(delivery_id),
             Command::Redeliver { delivery_id } => run.redeliver(delivery_id),
             Command::BatchRetrigger { endpoint_id, delivery_ids } => {
@@ -487,8 +486,12 @@ impl Commands {
             // (`DueHint`), only a retry reads it.
             let seq = tx.append_grouped(at_ms, encode(actor, &event)).seq;
             // The log's writer rolls the batch back to this command's savepoint on an error.
-            apply_unstaged(&mut TxTables(tx), seq, at_ms, &event)?;
+            let mut woken = Vec::new();
+            apply_unstaged_waking(&mut TxTables(tx), seq, at_ms, &event, &mut woken)?;
             due_hints(&mut due, at_ms, event);
+            // First of their key order now (one before them left pending): due again for the
+            // dispatcher, which set them aside while they waited.
+            due.extend(woken.into_iter().map(|due| DueHint { due, payload: None }));
         }
         if self.due_hook.is_some() {
             self.staged_due.extend(due);

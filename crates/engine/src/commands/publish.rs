@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use herald_log::Tx;
 use herald_projector::{
-    get_event, idempotency_lookup, list_endpoints, org_secret, subscribes, DeliveryId, EndpointId, Event,
-    EventId, NewDelivery, OrgId, TxRead, NEW_DELIVERY_BYTES, PUBLISHED_DELIVERIES_BYTES_MAX,
+    get_endpoint_settings, get_event, idempotency_lookup, list_endpoints, org_secret, subscribes,
+    valid_ordering_key, DeliveryId, DeliveryOrder, EndpointId, Event, EventId, NewDelivery, OrgId, TxRead,
+    NEW_DELIVERY_BYTES, ORDERING_KEY_BYTES_MAX, PUBLISHED_DELIVERIES_BYTES_MAX,
 };
 use uuid::Uuid;
 
@@ -27,6 +28,8 @@ pub(super) struct FanOut {
     id: EndpointId,
     url: String,
     enabled_events: Vec<String>,
+    /// Its ordering is `per_key`: a publish with a key to it writes an `OrderingKeySet`.
+    per_key: bool,
 }
 
 impl FanOut {
@@ -45,10 +48,12 @@ pub(super) struct Publish {
     pub(super) call_id: Option<Uuid>,
     pub(super) webhook_url: Option<String>,
     pub(super) idempotency_key: Option<String>,
+    pub(super) ordering_key: Option<String>,
 }
 
-/// Where an event goes: an endpoint (at its url), or the inline url (`None`).
-type Target = (Option<EndpointId>, String);
+/// Where an event goes: an endpoint (at its url), or the inline url (`None`); and whether the
+/// endpoint's ordering is `per_key`.
+type Target = (Option<EndpointId>, String, bool);
 
 impl Commands {
     /// The organisation's live endpoints, from [`Commands::fan_out`] or read (and kept).
@@ -60,11 +65,11 @@ impl Commands {
         let mut after = None;
         loop {
             let page = list_endpoints(&TxRead(tx), org_id, after, FAN_OUT_PAGE_LEN)?;
-            list.extend(page.items.into_iter().map(|e| FanOut {
-                id: e.id,
-                url: e.url,
-                enabled_events: e.enabled_events,
-            }));
+            for e in page.items {
+                // Read once per endpoint while the list is kept, not per publish.
+                let per_key = get_endpoint_settings(&TxRead(tx), e.id)?.ordering == DeliveryOrder::PerKey;
+                list.push(FanOut { id: e.id, url: e.url, enabled_events: e.enabled_events, per_key });
+            }
             match page.next {
                 Some(next) => after = Some(next),
                 None => break,
@@ -93,6 +98,12 @@ impl Run<'_, '_> {
     pub(super) fn publish(&mut self, mut p: Publish) -> Result<Reply, CommandError> {
         if !self.actor.sees(p.org_id) {
             return Err(invalid("org_id", "a key may publish only for its own organisation"));
+        }
+        if p.ordering_key.as_deref().is_some_and(|key| !valid_ordering_key(key)) {
+            return Err(invalid(
+                "ordering_key",
+                format!("must be 1 to {ORDERING_KEY_BYTES_MAX} visible ASCII characters"),
+            ));
         }
         if let Some(key) = &p.idempotency_key {
             if let Some(first) = self.published_before(p.org_id, key)? {
@@ -148,27 +159,39 @@ impl Run<'_, '_> {
                     reason: format!("the organisation has over {FAN_OUT_ENDPOINTS_MAX} subscribed endpoints"),
                 });
             }
-            targets.push((Some(endpoint.id), endpoint.url.clone()));
+            targets.push((Some(endpoint.id), endpoint.url.clone(), endpoint.per_key));
         }
         if let Some(url) = webhook_url {
             if org_secret(&self.read(), org_id)?.is_none() {
                 self.events.push(Event::OrgSecretSet { org_id, secret: new_secret()? });
             }
-            targets.push((None, url));
+            targets.push((None, url, false));
         }
         Ok(targets)
     }
 
     /// Stages the event and its deliveries in one record, as many as fit its budget; any beyond
-    /// follow in records of their own.
+    /// follow in records of their own; then, for an ordered publish, its `OrderingKeySet`.
     fn published(&mut self, p: Publish, targets: Vec<Target>) -> Reply {
-        let Publish { id, org_id, event_type, payload, call_id, webhook_url: _, idempotency_key } = p;
+        let Publish {
+            id,
+            org_id,
+            event_type,
+            payload,
+            call_id,
+            webhook_url: _,
+            idempotency_key,
+            ordering_key,
+        } = p;
+        // A publish without a key, or to no `per_key` endpoint, writes and reads nothing more.
+        let ordered = !targets.is_empty()
+            && (ordering_key.is_some() || (call_id.is_some() && targets.iter().any(|t| t.2)));
         let at_ms = self.at_ms;
         let mut delivery_ids = Vec::with_capacity(targets.len());
         let mut deliveries = Vec::with_capacity(targets.len());
         let mut rest = Vec::new();
         let mut budget = PUBLISHED_DELIVERIES_BYTES_MAX;
-        for (n, (endpoint_id, url)) in targets.into_iter().enumerate() {
+        for (n, (endpoint_id, url, _)) in targets.into_iter().enumerate() {
             let seq = self.machine.next_id_seq(at_ms);
             let delivery = DeliveryId(sequenced_id(at_ms, seq, &[id.as_bytes(), &(n as u64).to_be_bytes()]));
             delivery_ids.push(delivery);
@@ -197,6 +220,9 @@ impl Run<'_, '_> {
             deliveries,
         });
         self.events.extend(rest);
+        if ordered {
+            self.events.push(Event::OrderingKeySet { event_id: id, ordering_key });
+        }
         Reply::Published { id, created_at_ms: at_ms, delivery_ids, replayed: false }
     }
 }

@@ -17,12 +17,13 @@
 //!
 //! The parts, a file each: the loop and its turn (here), the [`Inbox`] it is fed through
 //! (`inbox`), the per-endpoint and per-origin bookkeeping of slots, parking and overflow
-//! (`slots`), the payloads handed over with hints (`payloads`), the refills from the stored
-//! index (`refill`), one attempt (`attempt`), the stop (`stop`), what the engine handle
-//! holds (`shared`), and the endpoints' rate limits, pauses and settings (`throttle`).
+//! (`slots`), the payloads handed over with hints (`payloads`), the ordering gate (`order`), the
+//! refills from the stored index (`refill`), one attempt (`attempt`), the stop (`stop`), what the
+//! engine handle holds (`shared`), and the endpoints' rate limits, pauses and settings (`throttle`).
 
 mod attempt;
 mod inbox;
+mod order;
 mod payloads;
 mod refill;
 mod shared;
@@ -48,6 +49,7 @@ pub(crate) use self::shared::Shared;
 pub use self::stop::{StopReport, INTERRUPTED_ERROR};
 
 use self::inbox::{Finished, NotRecorded};
+use self::order::Waiting;
 use self::payloads::Payloads;
 use self::slots::{Admission, Freed, Park, ReadBack, Slots};
 use self::throttle::{SettingsCache, Throttle};
@@ -119,6 +121,9 @@ pub(crate) struct Dispatcher {
     recheck: HashSet<Id>,
     /// Payloads handed over with new deliveries' hints, until their first attempt starts.
     payloads: Payloads,
+    /// Set aside behind an earlier pending delivery of their key, until a hint wakes them
+    /// (`order`).
+    waiting: Waiting,
     full_refill: bool,
     tasks: JoinSet<()>,
     refills: u64,
@@ -137,6 +142,7 @@ impl Dispatcher {
         Dispatcher {
             ctx: Ctx { log, store, clock, sender, shared },
             queue: DueQueue::new(cfg.due_queue_capacity),
+            waiting: Waiting::default(),
             slots: Slots::for_config(&cfg),
             throttle: Throttle::new(cfg.due_queue_capacity.max(64)),
             settings: SettingsCache::default(),
@@ -192,6 +198,7 @@ impl Dispatcher {
         }
         for DueHint { due, payload } in inbox.hints {
             let id = *due.delivery_id.as_bytes();
+            self.waiting.woken(&id);
             // The queue keeps the earliest; it remembers that it must refill. A parked one is
             // looked at when it is moved back.
             if !self.slots.is_parked(&id) {
@@ -214,6 +221,7 @@ impl Dispatcher {
     /// Pops what is due, as far as the total bounds allow, and considers each.
     fn start_due(&mut self, now: u64) {
         let held_max = self.cfg.max_in_flight_total.saturating_add(self.cfg.max_awaiting_record);
+        let mut refilled = false;
         loop {
             let sending = self.in_flight.len().saturating_sub(self.answered);
             let room = (self.cfg.max_in_flight_total.saturating_sub(sending))
@@ -221,7 +229,15 @@ impl Dispatcher {
             if room == 0 {
                 break;
             }
-            let ids = self.queue.pop_due(now, room.min(256));
+            // What this loop queued (a retry, a woken delivery) may come after one the queue
+            // dropped: one at a time then, and a refill (once a turn) before one that may not be
+            // the earliest due.
+            if !self.queue.first_is_complete() && !refilled {
+                refilled = true;
+                self.refill_as_needed(now);
+            }
+            let limit = if self.queue.needs_refill() { 1 } else { room.min(256) };
+            let ids = self.queue.pop_due(now, limit);
             if ids.is_empty() {
                 break;
             }
@@ -267,6 +283,10 @@ impl Dispatcher {
         // at its endpoint), until its attempt starts.
         if let Some(at) = delivery.next_attempt_at_ms.filter(|at| *at > now) {
             self.queue.insert(id, at);
+            return;
+        }
+        // Behind an earlier pending one of its key: set aside until the fold wakes it (`order`).
+        if !self.order_allows(&delivery, now) {
             return;
         }
         let target = Park::of(&delivery);

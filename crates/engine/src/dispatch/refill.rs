@@ -22,6 +22,8 @@ impl Dispatcher {
     pub(super) fn refill_as_needed(&mut self, now: u64) {
         if self.full_refill {
             self.full_refill = false;
+            // Hints were lost: a delivery set aside may have been woken meanwhile.
+            self.waiting.clear();
             self.refill(None);
         } else if self.refill_due(now) {
             let from = self.queue.refill_from_ms();
@@ -47,8 +49,12 @@ impl Dispatcher {
         let next_due = self.queue.next_due_ms().unwrap_or(u64::MAX);
         let from = self.queue.refill_from_ms().unwrap_or(0);
         // A dropped entry may come before everything queued (so attempts keep their due order),
-        // or may be due now while nothing queued is.
-        from < next_due || (from <= now && next_due > now)
+        // or may be due now while nothing queued is, or be due with the first queued one and
+        // come before it (a smaller id: a hint queued after the drop, such as a delivery woken
+        // by its key order, at its old due time).
+        from < next_due
+            || (from <= now && next_due > now)
+            || (next_due <= now && !self.queue.first_is_complete())
     }
 
     /// Loads due index entries into the queue, from `from_ms` on (all of them when `None`), until
@@ -77,13 +83,17 @@ impl Dispatcher {
             let Some(last) = page.last().copied() else { return };
             for due in page {
                 let id = due.delivery_id.as_bytes();
-                if self.in_flight.contains_key(id) || self.slots.is_parked(id) || self.throttle.is_held(id) {
+                if self.in_flight.contains_key(id)
+                    || self.slots.is_parked(id)
+                    || self.throttle.is_held(id)
+                    || self.waiting.holds(id)
+                {
                     continue;
                 }
                 if self.queue.insert(*due.delivery_id.as_bytes(), due.next_attempt_at_ms).dropped() {
                     // The entries after this one in the index were not read: the queue is
-                    // complete only before this entry's time (not before the evicted one's).
-                    self.queue.note_incomplete_from(due.next_attempt_at_ms);
+                    // complete only before them (not before the evicted one).
+                    self.queue.note_incomplete_after(due.next_attempt_at_ms, *due.delivery_id.as_bytes());
                     return;
                 }
             }
@@ -108,7 +118,11 @@ impl Dispatcher {
             let Ok(page) = page else { return };
             for d in page.items {
                 let id = d.id.as_bytes();
-                if self.in_flight.contains_key(id) || self.slots.is_parked(id) || self.throttle.is_held(id) {
+                if self.in_flight.contains_key(id)
+                    || self.slots.is_parked(id)
+                    || self.throttle.is_held(id)
+                    || self.waiting.holds(id)
+                {
                     continue;
                 }
                 if let Some(at) = d.next_attempt_at_ms {

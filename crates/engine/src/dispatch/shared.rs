@@ -27,6 +27,9 @@ pub struct DispatchStats {
     /// Attempts not made for a fault of this host (no file descriptor, memory or local port;
     /// the resolver not answering): not counted against the receiver, made again shortly.
     pub attempts_local_faults: u64,
+    /// Times a due delivery was set aside because an earlier delivery of its endpoint with its
+    /// ordering key was pending (`ordering: per_key`); it goes once that one leaves pending.
+    pub order_waits: u64,
     /// Refills of the queue from the stored due index.
     pub refills: u64,
     /// Entries were dropped from the queue and wait in the stored index for a refill.
@@ -49,6 +52,7 @@ pub(crate) struct Shared {
     pub(super) failed: AtomicU64,
     pub(super) unrecorded: AtomicU64,
     pub(super) local_faults: AtomicU64,
+    pub(super) order_waits: AtomicU64,
     /// When the last local fault was written to stderr (ms since the epoch), so a storm of them
     /// is one line a second.
     local_fault_logged_ms: AtomicU64,
@@ -66,6 +70,7 @@ impl Shared {
             failed: AtomicU64::new(0),
             unrecorded: AtomicU64::new(0),
             local_faults: AtomicU64::new(0),
+            order_waits: AtomicU64::new(0),
             local_fault_logged_ms: AtomicU64::new(0),
         }
     }
@@ -77,6 +82,7 @@ impl Shared {
         s.attempts_failed = self.failed.load(Ordering::Relaxed);
         s.attempts_unrecorded = self.unrecorded.load(Ordering::Relaxed);
         s.attempts_local_faults = self.local_faults.load(Ordering::Relaxed);
+        s.order_waits = self.order_waits.load(Ordering::Relaxed);
         s
     }
 

@@ -182,6 +182,10 @@ fn candidate(
         unit.pairs.push((key, raw));
         unit.deliveries += 1;
     }
+    let ordering_key = keys::ordering_key(unit.event.id);
+    if let Some(raw) = state.get(&ordering_key) {
+        unit.pairs.push((ordering_key, raw));
+    }
     if let Some(idempotency_key) = &unit.event.idempotency_key {
         let key = keys::idempotency(unit.event.org_id, idempotency_key);
         if let Some(raw) = state.get(&key) {

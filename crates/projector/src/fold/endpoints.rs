@@ -3,8 +3,8 @@
 
 use super::{check_transition, ApplyError, Fold};
 use crate::codec;
-use crate::delivery_settings::DeliverySettings;
-use crate::ids::{EndpointId, OrgId};
+use crate::delivery_settings::{DeliveryOrder, DeliverySettings};
+use crate::ids::{DeliveryId, EndpointId, OrgId};
 use crate::index;
 use crate::keys;
 use crate::model::{Cause, DeliveryStatus, Endpoint, EndpointStatus, PreviousSecret, PREVIOUS_SECRETS_MAX};
@@ -86,6 +86,7 @@ impl<T: Tables> Fold<'_, T> {
             });
         }
         let mut endpoint = self.live_endpoint(id)?;
+        let was_per_key = query::get_endpoint_settings(self.t, id)?.ordering == DeliveryOrder::PerKey;
         if *settings == DeliverySettings::default() {
             self.t.delete(&keys::endpoint_settings(id));
         } else {
@@ -93,6 +94,10 @@ impl<T: Tables> Fold<'_, T> {
         }
         endpoint.updated_at_ms = self.at_ms;
         self.put_endpoint(&endpoint);
+        let per_key = settings.ordering == DeliveryOrder::PerKey;
+        if per_key != was_per_key {
+            self.order_switched(id, per_key)?;
+        }
         Ok(())
     }
 
@@ -143,20 +148,9 @@ impl<T: Tables> Fold<'_, T> {
         reason: &str,
         cause: Cause,
     ) -> Result<(), ApplyError> {
-        let prefix = keys::key(
-            keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
-            &[endpoint_id.as_bytes(), &[keys::status_byte(DeliveryStatus::Pending)]],
-        );
-        let end = keys::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
-        let mut from = prefix.clone();
-        loop {
-            let page = index::scan(self.t, &prefix, &from, &end, CASCADE_PAGE_LEN, index::Walk::Forward)?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            from = keys::successor(last);
-            for key in &page {
-                let (_, id) = keys::parse_timed(key).ok_or_else(|| CorruptValue { key: key.clone() })?;
+        let mut from = None;
+        while let Some(page) = self.pending_page(endpoint_id, &mut from)? {
+            for id in page {
                 let old = self.delivery(id)?;
                 check_transition(id, Some(old.status), DeliveryStatus::Inactive, cause)?;
                 let mut new = old.clone();
@@ -167,5 +161,29 @@ impl<T: Tables> Fold<'_, T> {
                 self.put_delivery(Some(&old), &new)?;
             }
         }
+        Ok(())
+    }
+
+    /// The next page (at most [`CASCADE_PAGE_LEN`]) of the endpoint's pending deliveries, in
+    /// creation order, from the cursor `from` (`None`: the first page), which it moves past the
+    /// page; `None` when there are no more.
+    pub(super) fn pending_page(
+        &self,
+        endpoint_id: EndpointId,
+        from: &mut Option<Vec<u8>>,
+    ) -> Result<Option<Vec<DeliveryId>>, ApplyError> {
+        let prefix = keys::key(
+            keys::KS_DELIVERY_BY_ENDPOINT_STATUS,
+            &[endpoint_id.as_bytes(), &[keys::status_byte(DeliveryStatus::Pending)]],
+        );
+        let end = keys::prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 1]);
+        let start = from.take().unwrap_or_else(|| prefix.clone());
+        let page = index::scan(self.t, &prefix, &start, &end, CASCADE_PAGE_LEN, index::Walk::Forward)?;
+        let Some(last) = page.last() else { return Ok(None) };
+        *from = Some(keys::successor(last));
+        let ids = page.iter().map(|key| {
+            keys::parse_timed(key).map(|(_, id)| id).ok_or_else(|| CorruptValue { key: key.clone() })
+        });
+        Ok(Some(ids.collect::<Result<Vec<_>, _>>()?))
     }
 }

@@ -18,6 +18,7 @@ use uuid::Uuid;
 mod api_keys;
 mod attempts;
 mod endpoints;
+mod order;
 mod publish;
 mod recover;
 mod refs;
@@ -99,6 +100,10 @@ pub enum ApplyError {
         kind: &'static str,
         in_force: u32,
     },
+    /// An ordering key that is not 1 to 128 visible ASCII characters.
+    InvalidOrderingKey {
+        event_id: EventId,
+    },
     /// A stored value does not decode.
     Corrupt(CorruptValue),
     /// The event folds only under later rules than those in force.
@@ -163,6 +168,9 @@ impl std::fmt::Display for ApplyError {
             ApplyError::BeforeItsRules { kind, in_force } => {
                 write!(f, "{kind} does not fold under rules version {in_force}")
             }
+            ApplyError::InvalidOrderingKey { event_id } => {
+                write!(f, "event {event_id}: an ordering key must be 1 to 128 visible ASCII characters")
+            }
             ApplyError::Corrupt(corrupt) => corrupt.fmt(f),
             ApplyError::NotUnderRules { event, in_force } => {
                 write!(f, "{event} does not fold under rules version {in_force}")
@@ -196,12 +204,25 @@ pub fn apply_unstaged(
     at_ms: u64,
     event: &Event,
 ) -> Result<(), ApplyError> {
+    apply_unstaged_waking(tables, seq, at_ms, event, &mut Vec::new())
+}
+
+/// Like [`apply_unstaged`], and adds to `woken` each delivery (at its due time) the event made
+/// first of its endpoint's key order (`ordering: per_key`): it waited behind one that left `pending`, and
+/// may be attempted now (the engine tells the dispatcher).
+pub fn apply_unstaged_waking(
+    tables: &mut impl Tables,
+    seq: u64,
+    at_ms: u64,
+    event: &Event,
+    woken: &mut Vec<query::Due>,
+) -> Result<(), ApplyError> {
     let applied_seq = query::applied_seq(tables)?;
     let expected = applied_seq.saturating_add(1);
     if seq != expected || applied_seq == u64::MAX {
         return Err(ApplyError::SeqNotNext { expected, got: seq });
     }
-    let mut fold = Fold { t: tables, seq, at_ms };
+    let mut fold = Fold { t: tables, seq, at_ms, woken };
     fold.event(event)?;
     fold.refs_of(event)?;
     tables.put(keys::META_APPLIED_SEQ.to_vec(), seq.to_be_bytes().to_vec());
@@ -213,6 +234,8 @@ struct Fold<'b, T: Tables> {
     t: &'b mut T,
     seq: u64,
     at_ms: u64,
+    /// Deliveries this event made first of their key order (see `order`).
+    woken: &'b mut Vec<query::Due>,
 }
 
 impl<T: Tables> Fold<'_, T> {
@@ -283,6 +306,9 @@ impl<T: Tables> Fold<'_, T> {
             Event::RecoveryDeliveries { recovery_id, delivery_ids } => {
                 self.recovery_deliveries(*recovery_id, delivery_ids)
             }
+            Event::OrderingKeySet { event_id, ordering_key } => {
+                self.ordering_key_set(*event_id, ordering_key.as_deref())
+            }
         }
     }
 
@@ -337,6 +363,16 @@ impl<T: Tables> Fold<'_, T> {
         if old.is_some() || new.status != DeliveryStatus::Pending {
             self.touched(new.id, new.status)?;
         }
+        // Only a delivery that was pending before can be in a key order: one entering pending
+        // anew (a retrigger, a redeliver) joins it; a new one joins with its event's
+        // `OrderingKeySet` (no read on a publish that has none).
+        let was_pending = old.map(|o| o.status) == Some(DeliveryStatus::Pending);
+        let is_pending = new.status == DeliveryStatus::Pending;
+        if was_pending && !is_pending {
+            self.order_leave(new.id)?;
+        } else if old.is_some() && !was_pending && is_pending {
+            self.order_enter(new, None)?;
+        }
         if old.map(|o| o.status) != Some(new.status) {
             if let Some(old) = old {
                 self.add_count(old.status, -1);
@@ -388,3 +424,6 @@ mod tests;
 
 #[cfg(test)]
 mod props;
+
+#[cfg(test)]
+mod order_tests;

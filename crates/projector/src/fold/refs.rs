@@ -24,7 +24,8 @@ impl<T: Tables> Fold<'_, T> {
         Ok(())
     }
 
-    /// The refs of an endpoint's own records and of the settings records, after `event` folded.
+    /// The refs of an endpoint's own records, of an event's ordering key and of the settings records,
+    /// after `event` folded.
     pub(super) fn refs_of(&mut self, event: &Event) -> Result<(), ApplyError> {
         let subject = match event {
             Event::EndpointCreated { id, .. }
@@ -33,6 +34,8 @@ impl<T: Tables> Fold<'_, T> {
             | Event::EndpointSecretRotated { id, .. }
             | Event::EndpointEnabled { id }
             | Event::EndpointDeliverySettingsSet { id, .. } => *id.as_bytes(),
+            // an event's ordering key, told in its event's story
+            Event::OrderingKeySet { event_id, .. } => *event_id.as_bytes(),
             Event::PolicySet(_) | Event::RulesAdopted { .. } => STORE_WIDE,
             _ => return Ok(()),
         };

@@ -30,6 +30,8 @@ use crate::tables::Tables;
 ///    and [`Event::RecoveryDeliveries`](crate::Event::RecoveryDeliveries)): each delivery it
 ///    names is re-queued as a retrigger (a delivered one as a redeliver) is, and the recovery is
 ///    stored with its members. Before, no such event folds.
+///    An event's ordering key ([`Event::OrderingKeySet`](crate::Event)) folds, and the order
+///    index of `per_key` endpoints is kept ([`Rules::ordered_delivery`]).
 ///
 /// [`Rules`] names each of these changes.
 pub const RULES_CURRENT: u32 = 4;
@@ -79,6 +81,12 @@ impl Rules {
         self.0 >= 4
     }
 
+    /// Version 4 on: an event's ordering key may be set, and deliveries to `per_key` endpoints
+    /// keep an order index.
+    pub fn ordered_delivery(self) -> bool {
+        self.0 >= 4
+    }
+
     /// Whether rules `next` may follow these: forward only, up to the ones this code knows.
     pub fn may_be_followed_by(self, next: Rules) -> bool {
         self < next && next <= Rules::CURRENT
@@ -113,12 +121,13 @@ mod tests {
                 rules.endpoint_delivery_settings(),
                 rules.delivery_record_refs(),
                 rules.recoveries(),
+                rules.ordered_delivery(),
             )
         };
-        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false, false));
-        assert_eq!(changes(2), (true, true, false, false, false, false));
-        assert_eq!(changes(3), (true, true, true, false, false, false));
-        assert_eq!(changes(4), (true, true, true, true, true, true));
+        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false, false, false));
+        assert_eq!(changes(2), (true, true, false, false, false, false, false));
+        assert_eq!(changes(3), (true, true, true, false, false, false, false));
+        assert_eq!(changes(4), (true, true, true, true, true, true, true));
         assert!(Rules::FIRST.may_be_followed_by(Rules::CURRENT));
         assert!(!Rules(2).may_be_followed_by(Rules(2)));
         assert!(!Rules(3).may_be_followed_by(Rules(2)));

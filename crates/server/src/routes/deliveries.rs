@@ -165,7 +165,7 @@ pub async fn list(
             && status.is_none_or(|s| d.status == s)
             && event_type.as_ref().is_none_or(|t| &d.event_type == t)
     })?;
-    let data = items.iter().map(DeliveryOut::from).collect();
+    let data = items.iter().map(|d| delivery_out(&state, F, d)).collect::<Result<_, _>>()?;
     Ok(Json(DeliveryList { data, next_cursor: next.as_ref().map(cursor_text) }).into_response())
 }
 
@@ -179,6 +179,14 @@ pub fn visible(
     let Some(uuid) = parse_id(id) else { return Ok(None) };
     let d = state.engine.delivery(DeliveryId(uuid)).map_err(|e| ApiError::from_read(family, e))?;
     Ok(d.filter(|d| who.sees(d.org_id)))
+}
+
+/// The delivery object of `d`, with its event's ordering key (a read of an ascending keyspace,
+/// answered by the cache for recent events without one).
+pub fn delivery_out(state: &AppState, family: Family, d: &Delivery) -> Result<DeliveryOut, ApiError> {
+    let ordering_key =
+        state.engine.ordering_key(d.event_id, d.call_id).map_err(|e| ApiError::from_read(family, e))?;
+    Ok(DeliveryOut::new(d, ordering_key))
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -195,7 +203,7 @@ pub async fn get(
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let d = visible(&state, F, &who, &id)?.ok_or_else(|| not_found(&id))?;
-    Ok(Json(DeliveryOut::from(&d)).into_response())
+    Ok(Json(delivery_out(&state, F, &d)?).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/webhook_deliveries/{id}/attempts", tag = "deliveries", params(("id" = String, Path)),
@@ -290,5 +298,5 @@ pub async fn redeliver(
             ..d
         }
     };
-    Ok(Json(DeliveryOut::from(&answer)).into_response())
+    Ok(Json(delivery_out(&state, F, &answer)?).into_response())
 }

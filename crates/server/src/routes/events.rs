@@ -49,18 +49,12 @@ pub async fn publish(
                 call_id: fallback.call_id.as_deref().map(Into::into),
                 webhook_url: fallback.webhook_url.clone(),
                 org_id: fallback.org_id.as_deref().map(Into::into),
+                ordering_key: fallback.ordering_key.clone(),
             }
         }
     };
     let org_id = org_of(F, &who, input.org_id.as_deref())?;
-    let idempotency_key = match &headers.idempotency_key {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::validation(F, "Idempotency-Key", "must be visible ASCII"))?
-                .to_owned(),
-        ),
-    };
+    let idempotency_key = headers.idempotency_key()?;
     let call_id = match input.call_id.as_deref() {
         None => None,
         Some(text) => {
@@ -76,6 +70,7 @@ pub async fn publish(
         call_id,
         webhook_url: input.webhook_url,
         idempotency_key,
+        ordering_key: input.ordering_key,
     };
     let reply = state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))?;
     match reply {
@@ -104,6 +99,16 @@ pub async fn publish(
 /// value, as `HeaderMap::get`.
 pub struct PublishHeaders {
     idempotency_key: Option<HeaderValue>,
+}
+
+impl PublishHeaders {
+    /// The `Idempotency-Key` header's value, which must be visible ASCII.
+    fn idempotency_key(&self) -> Result<Option<String>, ApiError> {
+        let Some(v) = &self.idempotency_key else { return Ok(None) };
+        let key =
+            v.to_str().map_err(|_| ApiError::validation(F, "Idempotency-Key", "must be visible ASCII"))?;
+        Ok(Some(key.to_owned()))
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for PublishHeaders {
