@@ -18,6 +18,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("http", "HTTP publish"),
     ("footprint", "memory, restart, disk"),
     ("retention", "disk under retention"),
+    ("recover", "bulk recover of 100,000 deliveries"),
 ];
 
 fn machine() -> String {
