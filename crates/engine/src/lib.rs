@@ -76,7 +76,7 @@ pub use crate::subscribe::{DeliveryChange, Subscription, SubscriptionError, SUBS
 // What the server (and any embedder's edge) needs of the layers below, so that it depends on the
 // engine alone: the domain types and queries of the projection, and the log's settings and figures.
 pub use herald_log::record::BODY_BYTES_MAX as RECORD_BODY_BYTES_MAX;
-pub use herald_log::{Durability, Record, WriterStats, FLUSH_BUCKETS_US};
+pub use herald_log::{CacheStats, Durability, Record, WriterStats, FLUSH_BUCKETS_US};
 pub use herald_projector::{
     applied_seq, decode, decode_actor, decode_recorded, delivery_counts, delivery_orgs, get_api_key,
     get_api_key_by_hash, get_endpoint, get_endpoint_settings, list_all_endpoints_rev, list_api_keys,
