@@ -169,6 +169,8 @@ struct Inner {
     /// The delivery changes the command machine tells ([`Engine::subscribe`]): weak, so the
     /// channel closes, and its subscribers learn it, once the log's writer has stopped.
     changes: tokio::sync::broadcast::WeakSender<DeliveryChange>,
+    /// Live subscriptions, which the command machine reads to decide whether to report changes.
+    subscribers: Arc<std::sync::atomic::AtomicUsize>,
     /// One compaction at a time, and what retention has done so far.
     retention: std::sync::Mutex<RetentionStats>,
     /// Dropped to stop the retention thread.
@@ -239,9 +241,10 @@ impl Engine {
         let hook_inbox = inbox.clone();
         let stats = Arc::new(EngineStats::default());
         let (changes, _) = tokio::sync::broadcast::channel(SUBSCRIPTION_BUFFER);
+        let subscribers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let machine = Commands::new(config.limits.clone())
             .with_due_hook(Arc::new(move |due| hook_inbox.hints(due)))
-            .with_stats(stats.clone(), changes.clone());
+            .with_stats(stats.clone(), changes.clone(), subscribers.clone());
         let changes = changes.downgrade();
         let api_key_epoch = machine.api_key_epoch();
         let log =
@@ -260,6 +263,7 @@ impl Engine {
                 api_key_epoch,
                 stats,
                 changes,
+                subscribers,
                 retention: std::sync::Mutex::new(RetentionStats::default()),
                 retention_stop: std::sync::Mutex::new(None),
                 store,
@@ -610,9 +614,9 @@ impl Engine {
     /// reports nothing: it costs nothing.
     pub fn subscribe(&self) -> Subscription {
         match self.inner.changes.upgrade() {
-            Some(changes) => Subscription::new(changes.subscribe()),
+            Some(changes) => Subscription::new(changes.subscribe(), self.inner.subscribers.clone()),
             // Stopped: a channel already closed.
-            None => Subscription::new(tokio::sync::broadcast::channel(1).1),
+            None => Subscription::new(tokio::sync::broadcast::channel(1).1, self.inner.subscribers.clone()),
         }
     }
 

@@ -4,6 +4,7 @@
 //! behind loses the oldest changes and is told how many.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -66,6 +67,15 @@ impl std::error::Error for SubscriptionError {}
 #[derive(Debug)]
 pub struct Subscription {
     rx: broadcast::Receiver<DeliveryChange>,
+    /// The subscribers the command machine looks at (without the broadcast's lock): one less
+    /// when this one is dropped.
+    subscribers: Arc<AtomicUsize>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn received(
@@ -78,8 +88,13 @@ fn received(
 }
 
 impl Subscription {
-    pub(crate) fn new(rx: broadcast::Receiver<DeliveryChange>) -> Subscription {
-        Subscription { rx }
+    /// A subscription on `rx`, counted in `subscribers` while it lives.
+    pub(crate) fn new(
+        rx: broadcast::Receiver<DeliveryChange>,
+        subscribers: Arc<AtomicUsize>,
+    ) -> Subscription {
+        subscribers.fetch_add(1, Ordering::Relaxed);
+        Subscription { rx, subscribers }
     }
 
     /// The next change; waits for one.
@@ -181,7 +196,9 @@ mod tests {
     #[test]
     fn a_missed_change_is_counted_and_the_next_kept_one_follows() {
         let (tx, rx) = broadcast::channel(2);
-        let mut sub = Subscription::new(rx);
+        let subscribers = Arc::new(AtomicUsize::new(0));
+        let mut sub = Subscription::new(rx, subscribers.clone());
+        assert_eq!(subscribers.load(Ordering::Relaxed), 1);
         let change = |n: u128| DeliveryChange {
             delivery_id: DeliveryId(uuid::Uuid::from_u128(n)),
             status: DeliveryStatus::Pending,
@@ -202,5 +219,7 @@ mod tests {
         assert_eq!(sub.recv_timeout(Duration::from_secs(5)), Ok(change(5)));
         sender.join().unwrap();
         assert_eq!(sub.recv_timeout(Duration::from_secs(1)), Err(SubscriptionError::Closed));
+        drop(sub);
+        assert_eq!(subscribers.load(Ordering::Relaxed), 0);
     }
 }

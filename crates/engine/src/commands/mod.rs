@@ -358,13 +358,15 @@ impl Commands {
     }
 
     /// The same machine, counting into `stats` (once each batch is durable) and telling the
-    /// changes of every delivery to `changes`' subscribers, when it has any.
+    /// changes of every delivery to `changes`, while `subscribers` (kept by the subscriptions)
+    /// is above 0.
     pub fn with_stats(
         mut self,
         stats: Arc<EngineStats>,
         changes: broadcast::Sender<DeliveryChange>,
+        subscribers: Arc<std::sync::atomic::AtomicUsize>,
     ) -> Commands {
-        self.told = Told::new(stats).with_changes(changes);
+        self.told = Told::new(stats).with_changes(changes, subscribers);
         self
     }
 

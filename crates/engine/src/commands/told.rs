@@ -3,6 +3,7 @@
 //! the batch's commands are staged, told from the batch's after-flush hook, forgotten when the
 //! batch is aborted, so each fact is counted exactly once and only once durable.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use herald_projector::{AttemptOutcome, Event};
@@ -15,6 +16,8 @@ use crate::subscribe::DeliveryChange;
 pub(super) struct Told {
     stats: Arc<EngineStats>,
     changes: Option<broadcast::Sender<DeliveryChange>>,
+    /// Live subscriptions to `changes` (read without the broadcast's lock).
+    subscribers: Arc<AtomicUsize>,
     staged: Staged,
 }
 
@@ -41,18 +44,23 @@ impl Staged {
 
 impl Told {
     pub(super) fn new(stats: Arc<EngineStats>) -> Told {
-        Told { stats, changes: None, staged: Staged::default() }
+        Told { stats, changes: None, subscribers: Arc::default(), staged: Staged::default() }
     }
 
-    /// Delivery changes go to `changes` from now on.
-    pub(super) fn with_changes(mut self, changes: broadcast::Sender<DeliveryChange>) -> Told {
+    /// Delivery changes go to `changes` from now on, while `subscribers` is above 0.
+    pub(super) fn with_changes(
+        mut self,
+        changes: broadcast::Sender<DeliveryChange>,
+        subscribers: Arc<AtomicUsize>,
+    ) -> Told {
         self.changes = Some(changes);
+        self.subscribers = subscribers;
         self
     }
 
     /// Whether anyone subscribes to delivery changes: only then does the fold report them.
     pub(super) fn watching(&self) -> bool {
-        self.changes.as_ref().is_some_and(|c| c.receiver_count() > 0)
+        self.subscribers.load(Ordering::Relaxed) > 0
     }
 
     /// Notes what `event`, staged, counts for.
