@@ -141,6 +141,7 @@ impl Herald {
             call_id: None,
             webhook_url: None,
             idempotency_key: None,
+            ordering_key: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! herald embedded in a Rust service: open an engine on a scratch data directory, subscribe a
-//! receiver on 127.0.0.1, publish an event, and watch it arrive signed and become `delivered`.
+//! receiver on 127.0.0.1, publish an event, and watch it arrive signed and become `delivered`
+//! (told by `Engine::subscribe`, without polling).
 //!
 //! Run it with `cargo run --example embed`.
 
@@ -98,6 +99,9 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("unexpected reply {other:?}").into()),
     };
 
+    // Delivery changes as each batch becomes durable; subscribed before the publish, so none is
+    // missed (a subscriber that falls far behind is told how many it missed instead).
+    let mut changes = engine.subscribe();
     let payload = br#"{"call_id":"c-1","duration_s":42}"#;
     let Reply::Published { id, delivery_ids, .. } = engine.publish(org, "call.ended", payload)? else {
         return Err("publish did not answer Published".into());
@@ -114,15 +118,23 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         got.body.len()
     );
 
-    // The attempt's outcome is recorded in the log right after the receiver answers.
+    // The attempt's outcome is recorded in the log right after the receiver answers; the
+    // subscription tells it once durable.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let delivery = loop {
-        let d = engine.delivery(delivery_ids[0])?.ok_or("the delivery is missing")?;
-        if d.status == DeliveryStatus::Delivered || Instant::now() > deadline {
-            break d;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let change = changes.recv_timeout(left)?;
+        println!(
+            "  delivery {} is now {} ({} attempt(s))",
+            change.delivery_id,
+            change.status.name(),
+            change.attempt_count
+        );
+        if change.delivery_id == delivery_ids[0] && change.status == DeliveryStatus::Delivered {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+    let delivery = engine.delivery(delivery_ids[0])?.ok_or("the delivery is missing")?;
     println!(
         "delivery {} is {} after {} attempt(s)",
         delivery.id,

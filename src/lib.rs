@@ -39,8 +39,9 @@ pub mod offline;
 
 pub use herald_engine as engine;
 pub use herald_engine::{
-    Actor, BatchItem, Command, CommandError, CommandLimits, DeliveryConfig, DispatchStats, Engine,
-    EngineConfig, EngineError, Parts, PublishedEvent, Reply, StopReport,
+    Actor, BatchItem, Command, CommandError, CommandLimits, DeliveryChange, DeliveryConfig, DispatchStats,
+    Engine, EngineConfig, EngineError, EngineStatsSnapshot, Parts, PublishedEvent, Reply, StopReport,
+    Subscription, SubscriptionError,
 };
 pub use herald_log as log;
 pub use herald_projector as projector;

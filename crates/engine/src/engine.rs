@@ -20,6 +20,8 @@ use crate::commands::{Actor, Command, CommandError, Commands, Reply, Submitted};
 use crate::config::EngineConfig;
 use crate::dispatch::{DispatchStats, Dispatcher, Inbox, Shared, StopReport};
 use crate::sender::{HttpSender, Sender, SenderConfig};
+use crate::stats::{EngineStats, EngineStatsSnapshot};
+use crate::subscribe::{DeliveryChange, Subscription, SUBSCRIPTION_BUFFER};
 
 /// Why the engine could not open, or a command could not be committed.
 #[derive(Debug)]
@@ -162,6 +164,13 @@ struct Inner {
     log: Log<Commands>,
     /// The command machine's [`Commands::api_key_epoch`].
     api_key_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// What the engine counts where it happens (see [`Engine::stats`]).
+    stats: Arc<EngineStats>,
+    /// The delivery changes the command machine tells ([`Engine::subscribe`]): weak, so the
+    /// channel closes, and its subscribers learn it, once the log's writer has stopped.
+    changes: tokio::sync::broadcast::WeakSender<DeliveryChange>,
+    /// Live subscriptions, which the command machine reads to decide whether to report changes.
+    subscribers: Arc<std::sync::atomic::AtomicUsize>,
     /// One compaction at a time, and what retention has done so far.
     retention: std::sync::Mutex<RetentionStats>,
     /// Dropped to stop the retention thread.
@@ -236,9 +245,14 @@ impl Engine {
         let inbox = Arc::new(Inbox::default());
         let hook_inbox = inbox.clone();
         let endpoint_inbox = inbox.clone();
+        let stats = Arc::new(EngineStats::default());
+        let (changes, _) = tokio::sync::broadcast::channel(SUBSCRIPTION_BUFFER);
+        let subscribers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let machine = Commands::new(config.limits.clone())
             .with_due_hook(Arc::new(move |due| hook_inbox.hints(due)))
-            .with_endpoint_hook(Arc::new(move |changes| endpoint_inbox.endpoints_changed(changes)));
+            .with_endpoint_hook(Arc::new(move |changes| endpoint_inbox.endpoints_changed(changes)))
+            .with_stats(stats.clone(), changes.clone(), subscribers.clone());
+        let changes = changes.downgrade();
         let api_key_epoch = machine.api_key_epoch();
         let log =
             Log::open(store.clone(), machine, config.log).map_err(|e| EngineError::Open(e.to_string()))?;
@@ -254,6 +268,9 @@ impl Engine {
             inner: Arc::new(Inner {
                 log: log.clone(),
                 api_key_epoch,
+                stats,
+                changes,
+                subscribers,
                 retention: std::sync::Mutex::new(RetentionStats::default()),
                 retention_stop: std::sync::Mutex::new(None),
                 store,
@@ -388,9 +405,18 @@ impl Engine {
         done: impl FnOnce(Result<Reply, EngineError>) + Send + 'static,
     ) {
         let at_ms = self.inner.clock.now_ms();
+        // A publish's latency is taken here, where it is answered: a caller that went away still
+        // has its publish measured (and counted, by the machine).
+        let publish =
+            matches!(command, Command::Publish { .. }).then(|| (Instant::now(), self.inner.stats.clone()));
         self.inner.log.submit_with(Submitted { actor, at_ms, command }, move |out| {
             done(match out {
-                Ok(Ok(reply)) => Ok(reply),
+                Ok(Ok(reply)) => {
+                    if let Some((started, stats)) = publish {
+                        stats.publish_took(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    }
+                    Ok(reply)
+                }
                 Ok(Err(e)) => Err(EngineError::Command(e)),
                 Err(e) => Err(EngineError::Log(e)),
             })
@@ -586,6 +612,30 @@ impl Engine {
     /// Hits and misses of the read cache in front of the store.
     pub fn read_cache_stats(&self) -> CacheStats {
         self.inner.cache.stats()
+    }
+
+    /// What the engine has counted since it opened: events published (once durable, whoever
+    /// asked and whether or not they waited for the answer), publish latency and attempt
+    /// durations. The log's flush durations are in [`Engine::writer_stats`].
+    pub fn stats(&self) -> EngineStatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// A stream of delivery state changes: for each batch made durable from now on, each
+    /// delivery it created or changed (published, attempted, retriggered, recovered, turned
+    /// inactive with its endpoint), in the log's order, as [`DeliveryChange`]s (id, status,
+    /// attempts, endpoint). Bounded: the engine never waits for a subscriber; one that falls
+    /// more than [`SUBSCRIPTION_BUFFER`] changes behind loses the oldest and is told how many
+    /// ([`SubscriptionError::Missed`](crate::SubscriptionError::Missed)). A batch whose flush
+    /// failed is not told (it may yet be found durable: read the delivery again). After the
+    /// engine stops, [`Subscription::recv`] answers `Closed`. With no subscriber the fold
+    /// reports nothing: it costs nothing.
+    pub fn subscribe(&self) -> Subscription {
+        match self.inner.changes.upgrade() {
+            Some(changes) => Subscription::new(changes.subscribe(), self.inner.subscribers.clone()),
+            // Stopped: a channel already closed.
+            None => Subscription::new(tokio::sync::broadcast::channel(1).1, self.inner.subscribers.clone()),
+        }
     }
 
     pub fn dispatch_stats(&self) -> DispatchStats {

@@ -55,6 +55,8 @@ mod history;
 mod schedule;
 pub mod sender;
 pub mod signing;
+mod stats;
+mod subscribe;
 
 pub use crate::commands::{
     check_recovery_filter, valid_event_pattern, valid_event_type, Actor, BatchItem, Command, CommandError,
@@ -65,11 +67,16 @@ pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
 pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionStats, COMPACT_PASS_RECORDS};
 pub use crate::history::DeliveryHistory;
+pub use crate::stats::{
+    AttemptKind, EngineStats, EngineStatsSnapshot, Histogram, HistogramSnapshot, ATTEMPT_BUCKETS_US,
+    PUBLISH_BUCKETS_US,
+};
+pub use crate::subscribe::{DeliveryChange, Subscription, SubscriptionError, SUBSCRIPTION_BUFFER};
 
 // What the server (and any embedder's edge) needs of the layers below, so that it depends on the
 // engine alone: the domain types and queries of the projection, and the log's settings and figures.
 pub use herald_log::record::BODY_BYTES_MAX as RECORD_BODY_BYTES_MAX;
-pub use herald_log::{Durability, Record, WriterStats};
+pub use herald_log::{CacheStats, Durability, Record, WriterStats, FLUSH_BUCKETS_US};
 pub use herald_projector::{
     applied_seq, decode, decode_actor, decode_recorded, delivery_counts, delivery_orgs, get_api_key,
     get_api_key_by_hash, get_endpoint, get_endpoint_settings, list_all_endpoints_rev, list_api_keys,

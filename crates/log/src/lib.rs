@@ -45,7 +45,7 @@ pub use crate::cache::{CacheStats, Cacheable, CachedStore, CACHE_ENTRY_OVERHEAD_
 pub use crate::log::{
     check_format, read_head, read_record, read_record_linked, read_records, restore_anchor, upgrade_format,
     verify, AfterFlush, AppendOnly, Head, Log, LogConfig, LogError, Machine, Outcome, Tail, VerifyReport,
-    WriterStats, RESUME_WAIT_FIRST, RESUME_WAIT_MAX, STORE_FORMAT, STORE_FORMAT_OLDEST,
+    WriterStats, FLUSH_BUCKETS_US, RESUME_WAIT_FIRST, RESUME_WAIT_MAX, STORE_FORMAT, STORE_FORMAT_OLDEST,
 };
 pub use crate::record::{CorruptKind, CorruptRecord, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};

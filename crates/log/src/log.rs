@@ -177,6 +177,12 @@ pub(crate) enum Msg<M: Machine> {
 /// A command of the urgent queue (see [`Log::submit_urgent_with`]).
 pub(crate) type Queued<M> = (<M as Machine>::Command, Callback<M>);
 
+/// Upper bounds (microseconds) of the flush-duration histogram's buckets: from 100 µs (a
+/// `flush` durability flush, or an fsync on a fast NVMe disk) through 1-10 ms (a good SSD's fsync)
+/// to 1 s (a disk in trouble, which `herald_flush_seconds_max` also shows).
+pub const FLUSH_BUCKETS_US: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+
 /// Figures of the writer, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriterStats {
@@ -191,6 +197,9 @@ pub struct WriterStats {
     pub flush_us_total: u64,
     /// The longest single flush (+ fsync), microseconds: a stall of the disk shows here.
     pub flush_us_max: u64,
+    /// Flushes by duration: `flush_us_buckets[i]` counts those that took at most
+    /// [`FLUSH_BUCKETS_US`]`[i]` and more than the bound before; the last slot, the longer ones.
+    pub flush_us_buckets: [u64; FLUSH_BUCKETS_US.len() + 1],
     pub last_batch_commands: u64,
     /// Whether the last batch that had something to write failed (a full disk, a broken store):
     /// until one succeeds, writes are being refused.

@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::keyspace;
 use crate::log::{
     read_head, AfterFlush, Answer, Callback, Head, LogConfig, LogError, Machine, Msg, Queued, Shared,
-    RESUME_WAIT_FIRST, RESUME_WAIT_MAX,
+    FLUSH_BUCKETS_US, RESUME_WAIT_FIRST, RESUME_WAIT_MAX,
 };
 use crate::record::Hash;
 use crate::store::{Store, StoreError, WriteBatch};
@@ -99,6 +99,7 @@ impl Flusher {
             stats.store_writes += store_writes;
             stats.flush_us_total += flush_us;
             stats.flush_us_max = stats.flush_us_max.max(flush_us);
+            stats.flush_us_buckets[FLUSH_BUCKETS_US.partition_point(|&bound| bound < flush_us)] += 1;
             stats.last_batch_commands = commands;
             stats.last_batch_failed = false;
         }

@@ -39,6 +39,11 @@ fn concurrent_appenders_get_gapless_seqs_and_share_flushes() {
     // The longest flush is one of the flushes summed: no more than all, no less than the mean.
     assert!(stats.flush_us_max <= stats.flush_us_total, "{stats:?}");
     assert!(stats.flush_us_max * stats.batches >= stats.flush_us_total, "{stats:?}");
+    // Every flush is in one bucket of the histogram; the longest in the last bucket that has one.
+    assert_eq!(stats.flush_us_buckets.iter().sum::<u64>(), stats.batches, "{stats:?}");
+    let top = stats.flush_us_buckets.iter().rposition(|&n| n > 0).unwrap();
+    assert!(herald_log::FLUSH_BUCKETS_US.get(top).is_none_or(|&b| stats.flush_us_max <= b), "{stats:?}");
+    assert!(top == 0 || stats.flush_us_max > herald_log::FLUSH_BUCKETS_US[top - 1], "{stats:?}");
     assert_eq!(log.committed_seq(), 1600);
     let recs = log.read(1595, 100).unwrap();
     assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1595, 1596, 1597, 1598, 1599, 1600]);

@@ -132,6 +132,9 @@ pub use fold::{
     ENDPOINT_DELETED_REASON, RULES_CURRENT,
 };
 pub use ids::{ApiKeyId, DeliveryId, EndpointId, EventId, OrgId, RecoveryId};
+/// Named by [`ReadTables::scan_index`], for tables that wrap others (the engine's watcher).
+#[doc(hidden)]
+pub use index::IndexRange;
 pub use model::{
     subscribes, transition_allowed, ApiKey, AttemptRecord, Cause, Delivery, DeliveryStatus, Endpoint,
     EndpointStatus, EventRecord, IdempotencyHit, PreviousSecret, IDEMPOTENCY_WINDOW_MS, PREVIOUS_SECRETS_MAX,

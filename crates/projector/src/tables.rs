@@ -26,6 +26,11 @@ pub trait Tables: ReadTables {
     fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         crate::index::remove_now(self, key)
     }
+
+    /// Told of each delivery row the fold writes, once written, in order: every change of a
+    /// delivery passes here (creation, attempt, retrigger, an endpoint's cascade). Tables
+    /// ignore it; an observer over them (the engine's subscriptions) collects what it needs.
+    fn delivery_written(&mut self, _delivery: &crate::model::Delivery) {}
 }
 
 /// The reading half of [`Tables`]: all the queries need.
@@ -87,6 +92,9 @@ impl<T: Tables + ?Sized> Tables for &mut T {
     }
     fn remove_entry(&mut self, key: &[u8]) -> Result<(), CorruptValue> {
         (**self).remove_entry(key)
+    }
+    fn delivery_written(&mut self, delivery: &crate::model::Delivery) {
+        (**self).delivery_written(delivery)
     }
 }
 

@@ -1,15 +1,24 @@
-//! Prometheus text metrics: what a person running herald watches.
+//! Prometheus text metrics: what a person running herald watches, encoded by `prometheus-client`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use herald_engine::{DispatchStats, Engine, WriterStats};
+use herald_engine::{
+    CacheStats, DispatchStats, Engine, EngineStatsSnapshot, HistogramSnapshot, RetentionStats, WriterStats,
+    FLUSH_BUCKETS_US,
+};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-/// Counters the server keeps itself; the engine's figures are read at scrape time.
+/// Counters the server keeps itself (requests, refused connections); the engine's figures,
+/// events published among them, are read at scrape time.
 pub struct Metrics {
-    published: AtomicU64,
     /// Connections answered 503 and closed because the cap on open connections was reached
     /// (counted by the listener, see [`crate::listener::CappedListener`]).
     pub connections_refused: std::sync::Arc<AtomicU64>,
@@ -85,7 +94,6 @@ impl Default for Metrics {
     fn default() -> Self {
         let series = ROUTE_LABELS.len() * METHOD_LABELS.len();
         Metrics {
-            published: AtomicU64::new(0),
             connections_refused: Default::default(),
             known: (0..series).map(|_| StatusSlots::default()).collect(),
             others: Mutex::new(BTreeMap::new()),
@@ -94,10 +102,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn published(&self) {
-        self.published.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Counts a request by its route label (the matched path, or [`UNMATCHED`]), method and status.
     pub fn request(&self, route: &str, method: &str, status: u16) {
         self.request_labelled(route_label(route), method_label(method), route, method, status);
@@ -143,135 +147,264 @@ impl Metrics {
         all
     }
 
-    /// The exposition text.
+    /// The exposition text (Prometheus text format 0.0.4), read from the engine at this moment.
     pub fn render(&self, engine: &Engine) -> String {
+        let scrape = Scrape {
+            refused: self.connections_refused.load(Ordering::Relaxed),
+            dispatch: engine.dispatch_stats(),
+            writer: engine.writer_stats(),
+            engine: engine.stats(),
+            now_ms: engine.now_ms(),
+            // Read after the committed seq: a batch being flushed shows here first.
+            committed: engine.committed_seq(),
+            applied: engine.read(|t| herald_engine::applied_seq(t)).ok(),
+            refusing_writes: engine.store_refusal().is_some(),
+            cache: engine.read_cache_stats(),
+            retention: engine.retention_stats(),
+            deliveries: engine
+                .read(|t| herald_engine::delivery_counts(t))
+                .map(|counts| counts.into_iter().map(|(status, n)| (status.name(), n)).collect())
+                .unwrap_or_default(),
+            requests: self.request_series(),
+        };
+        scrape.text()
+    }
+}
+
+/// Everything a scrape shows, read at one moment; encoded by `prometheus-client`, which escapes
+/// help texts and label values.
+#[derive(Debug)]
+struct Scrape {
+    refused: u64,
+    dispatch: DispatchStats,
+    writer: WriterStats,
+    engine: EngineStatsSnapshot,
+    now_ms: u64,
+    committed: u64,
+    /// `None`: the store failed the read (shown as NaN).
+    applied: Option<u64>,
+    refusing_writes: bool,
+    cache: CacheStats,
+    retention: RetentionStats,
+    deliveries: Vec<(&'static str, u64)>,
+    requests: BTreeMap<(String, String, u16), u64>,
+}
+
+impl Scrape {
+    fn text(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
         let mut out = String::new();
-        let d = engine.dispatch_stats();
-        let w = engine.writer_stats();
-        let now = engine.now_ms();
-        let published = self.published.load(Ordering::Relaxed).to_string();
-        let refused = self.connections_refused.load(Ordering::Relaxed).to_string();
-        write_rows(
-            &mut out,
-            &[
-                ("herald_events_published_total", "counter", "Events published through the API.", published),
-                (
-                    "herald_connections_refused_total",
-                    "counter",
-                    "Connections answered 503 at once because the cap on open connections was reached.",
-                    refused,
-                ),
-            ],
-        );
-        dispatch_gauges(&mut out, &d, now);
-        log_metrics(&mut out, engine, &w);
-        store_metrics(&mut out, engine);
-        attempt_counts(&mut out, &d);
-        delivery_counts(&mut out, engine);
-        self.request_counts(&mut out);
+        // Writing into a String cannot fail; the collector's own writes go to the same String.
+        let _ = prometheus_text::encode(&mut out, &registry);
         out
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
+        let e = &mut e;
+        counter(e, "herald_events_published", "Events published (through the API or an embedder's Engine::publish), counted once durable, whether or not the client waited for the answer.", self.engine.events_published)?;
+        counter(
+            e,
+            "herald_connections_refused",
+            "Connections answered 503 at once because the cap on open connections was reached.",
+            self.refused,
+        )?;
+        self.dispatch_gauges(e)?;
+        self.log_metrics(e)?;
+        self.store_metrics(e)?;
+        self.attempt_counts(e)?;
+        self.histograms(e)?;
+        let mut m =
+            e.encode_descriptor("herald_deliveries", "Deliveries by status.", None, MetricType::Gauge)?;
+        for (status, n) in &self.deliveries {
+            m.encode_family(&[("status", *status)])?.encode_gauge(n)?;
+        }
+        self.request_counts(e)?;
+        let mut m = e.encode_descriptor(
+            "herald_build_info",
+            "The running herald's version (always 1).",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1u64)
+    }
+}
+
+/// An unlabelled counter; `name` without its `_total`, which the encoder appends.
+fn counter(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: impl EncodeCounterValue,
+) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+/// An unlabelled gauge.
+fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: impl EncodeGaugeValue) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
+}
+
+/// A histogram's buckets for the encoder: (upper bound in seconds, count), the last `+Inf`.
+fn buckets(h: &HistogramSnapshot) -> Vec<(f64, u64)> {
+    let bounds = h.bounds_us.iter().map(|&us| us as f64 / 1e6).chain([f64::INFINITY]);
+    bounds.zip(h.counts.iter().copied()).collect()
+}
+
+/// Encodes `h` (durations in microseconds) as seconds.
+fn histogram(m: &mut MetricEncoder<'_>, h: &HistogramSnapshot) -> fmt::Result {
+    m.encode_histogram::<NoLabelSet>(h.sum_us as f64 / 1e6, h.count(), &buckets(h), None)
+}
+
+impl Scrape {
+    /// The dispatcher's queue, lag, attempts in flight, parked and throttled deliveries.
+    fn dispatch_gauges(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let d = &self.dispatch;
+        let lag_s = d.oldest_due_ms.map_or(0.0, |t| self.now_ms.saturating_sub(t) as f64 / 1000.0);
+        gauge(e, "herald_due_queue_length", "Deliveries in the in-memory due queue.", d.queued)?;
+        gauge(e, "herald_delivery_lag_seconds", "Age of the oldest due delivery not yet attempted.", lag_s)?;
+        gauge(e, "herald_attempts_in_flight", "Attempts in flight.", d.in_flight)?;
+        gauge(e, "herald_deliveries_parked", "Due deliveries waiting for a busy endpoint.", d.parked)?;
+        gauge(
+            e,
+            "herald_deliveries_throttled",
+            "Due deliveries held for their endpoint's rate limit or Retry-After pause (pending, nothing recorded).",
+            d.throttled,
+        )
+    }
+
+    /// The log's durable seq, the projection's applied seq, and the writer's batches and flushes.
+    fn log_metrics(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let w = &self.writer;
+        gauge(e, "herald_log_committed_seq", "The last durable log seq.", self.committed)?;
+        let applied_help = "The last log seq folded into the projection; ahead of the committed seq while a batch is being flushed.";
+        match self.applied {
+            Some(seq) => gauge(e, "herald_projection_applied_seq", applied_help, seq)?,
+            None => gauge(e, "herald_projection_applied_seq", applied_help, f64::NAN)?,
+        }
+        counter(e, "herald_commit_batches", "Group-commit batches written.", w.batches)?;
+        counter(e, "herald_commit_commands", "Commands committed.", w.commands)?;
+        counter(e, "herald_commit_failed_batches", "Batches the store refused.", w.failed_batches)?;
+        gauge(e, "herald_commit_last_batch_commands", "Commands in the last batch.", w.last_batch_commands)?;
+        gauge(e, "herald_store_refusing_writes", "1 while the store refuses writes (a full disk): writes answer 503 until herald resumes by itself.", u64::from(self.refusing_writes))?;
+        counter(
+            e,
+            "herald_flush_seconds",
+            "Time spent flushing batches (divide by batches for the mean flush latency).",
+            w.flush_us_total as f64 / 1e6,
+        )?;
+        gauge(
+            e,
+            "herald_flush_seconds_max",
+            "The longest single flush since the process started: a disk stall shows here.",
+            w.flush_us_max as f64 / 1e6,
+        )
+    }
+
+    /// The store's read cache and retention's compactions and what they dropped.
+    fn store_metrics(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let (c, r) = (&self.cache, &self.retention);
+        counter(
+            e,
+            "herald_read_cache_hits",
+            "Reads answered by the cache in front of the store (rows the dispatcher reads for each attempt).",
+            c.hits,
+        )?;
+        counter(
+            e,
+            "herald_read_cache_misses",
+            "Reads of cached kinds of rows that went to the store.",
+            c.misses,
+        )?;
+        counter(e, "herald_read_cache_known_absent", "Reads of new event and delivery ids answered as absent from the ids kept since the store's last id, without a read.", c.known_absent)?;
+        counter(e, "herald_retention_runs", "Compactions run ([store] retain).", r.runs)?;
+        counter(
+            e,
+            "herald_retention_failures",
+            "Compactions that failed (each is written to stderr).",
+            r.failures,
+        )?;
+        counter(
+            e,
+            "herald_retention_records_dropped",
+            "Log records dropped by retention.",
+            r.records_dropped,
+        )?;
+        counter(
+            e,
+            "herald_retention_deliveries_dropped",
+            "Delivered deliveries dropped by retention.",
+            r.deliveries_dropped,
+        )
+    }
+
+    /// `herald_attempts_total` by outcome.
+    fn attempt_counts(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let d = &self.dispatch;
+        let mut m = e.encode_descriptor(
+            "herald_attempts",
+            "Delivery attempts by outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        // local_fault: not made, a fault of this host (no descriptor, memory or local port).
+        for (outcome, n) in [
+            ("delivered", d.attempts_delivered),
+            ("failed", d.attempts_failed),
+            ("unrecorded", d.attempts_unrecorded),
+            ("local_fault", d.attempts_local_faults),
+        ] {
+            m.encode_family(&[("outcome", outcome)])?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        counter(
+            e,
+            "herald_order_waits",
+            "Due deliveries set aside behind an earlier pending one of their ordering key.",
+            d.order_waits,
+        )
+    }
+
+    /// Attempt duration by outcome, publish latency and flush duration (buckets: the engine's
+    /// `ATTEMPT_BUCKETS_US`, `PUBLISH_BUCKETS_US`, the log's `FLUSH_BUCKETS_US`).
+    fn histograms(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let mut m = e.encode_descriptor("herald_attempt_duration_seconds", "Recorded attempts, from the request's start to the receiver's answer or the error, by outcome (millisecond resolution).", None, MetricType::Histogram)?;
+        for (kind, h) in &self.engine.attempt_durations {
+            histogram(&mut m.encode_family(&[("outcome", kind.name())])?, h)?;
+        }
+        let mut m = e.encode_descriptor("herald_publish_duration_seconds", "Publishes, from their submission to the engine to their durable answer (queue, group commit, flush).", None, MetricType::Histogram)?;
+        histogram(&mut m, &self.engine.publish_durations)?;
+        let flush = HistogramSnapshot {
+            bounds_us: &FLUSH_BUCKETS_US,
+            counts: self.writer.flush_us_buckets.to_vec(),
+            sum_us: self.writer.flush_us_total,
+        };
+        let mut m = e.encode_descriptor(
+            "herald_flush_duration_seconds",
+            "Flushes (+ fsync under sync durability) of the log's batches.",
+            None,
+            MetricType::Histogram,
+        )?;
+        histogram(&mut m, &flush)
     }
 
     /// `herald_http_requests_total`, one line per (route, method, status).
-    fn request_counts(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP herald_http_requests_total HTTP requests by route and status.\n# TYPE herald_http_requests_total counter");
-        for ((route, method, status), n) in self.request_series().iter() {
-            let _ = writeln!(
-                out,
-                "herald_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
-                route.replace('"', "")
-            );
+    fn request_counts(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let mut m = e.encode_descriptor(
+            "herald_http_requests",
+            "HTTP requests by route and status.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((route, method, status), n) in &self.requests {
+            let status = status.to_string();
+            let labels =
+                [("route", route.as_str()), ("method", method.as_str()), ("status", status.as_str())];
+            m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
         }
-    }
-}
-
-/// Unlabelled metrics, one a row: name, type, help, value.
-type Rows<const N: usize> = [(&'static str, &'static str, &'static str, String); N];
-
-/// Writes each row as its help, its type and its value.
-fn write_rows(out: &mut String, rows: &[(&str, &str, &str, String)]) {
-    for (name, kind, help, value) in rows {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    }
-}
-
-/// The dispatcher's queue, lag, attempts in flight, parked and throttled deliveries.
-fn dispatch_gauges(out: &mut String, d: &DispatchStats, now: u64) {
-    let lag_s = d.oldest_due_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
-    #[rustfmt::skip]
-    let rows: Rows<5> = [
-        ("herald_due_queue_length", "gauge", "Deliveries in the in-memory due queue.", d.queued.to_string()),
-        ("herald_delivery_lag_seconds", "gauge", "Age of the oldest due delivery not yet attempted.", format!("{lag_s:.3}")),
-        ("herald_attempts_in_flight", "gauge", "Attempts in flight.", d.in_flight.to_string()),
-        ("herald_deliveries_parked", "gauge", "Due deliveries waiting for a busy endpoint.", d.parked.to_string()),
-        ("herald_deliveries_throttled", "gauge", "Due deliveries held for their endpoint's rate limit or Retry-After pause (pending, nothing recorded).", d.throttled.to_string()),
-    ];
-    write_rows(out, &rows);
-}
-
-/// The log's durable seq, the projection's applied seq, and the writer's batches and flushes.
-fn log_metrics(out: &mut String, engine: &Engine, w: &WriterStats) {
-    let committed = engine.committed_seq().to_string();
-    // Read after the committed seq: a batch being flushed shows here first.
-    let applied =
-        engine.read(|t| herald_engine::applied_seq(t)).map_or_else(|_| "NaN".to_owned(), |s| s.to_string());
-    #[rustfmt::skip]
-    let rows: Rows<9> = [
-        ("herald_log_committed_seq", "gauge", "The last durable log seq.", committed),
-        ("herald_projection_applied_seq", "gauge", "The last log seq folded into the projection; ahead of the committed seq while a batch is being flushed.", applied),
-        ("herald_commit_batches_total", "counter", "Group-commit batches written.", w.batches.to_string()),
-        ("herald_commit_commands_total", "counter", "Commands committed.", w.commands.to_string()),
-        ("herald_commit_failed_batches_total", "counter", "Batches the store refused.", w.failed_batches.to_string()),
-        ("herald_commit_last_batch_commands", "gauge", "Commands in the last batch.", w.last_batch_commands.to_string()),
-        ("herald_store_refusing_writes", "gauge", "1 while the store refuses writes (a full disk): writes answer 503 until herald resumes by itself.", u8::from(engine.store_refusal().is_some()).to_string()),
-        ("herald_flush_seconds_total", "counter", "Time spent flushing batches (divide by batches for the mean flush latency).", format!("{:.6}", w.flush_us_total as f64 / 1e6)),
-        ("herald_flush_seconds_max", "gauge", "The longest single flush since the process started: a disk stall shows here.", format!("{:.6}", w.flush_us_max as f64 / 1e6)),
-    ];
-    write_rows(out, &rows);
-}
-
-/// The store's read cache and retention's compactions and what they dropped.
-fn store_metrics(out: &mut String, engine: &Engine) {
-    let (c, r) = (engine.read_cache_stats(), engine.retention_stats());
-    #[rustfmt::skip]
-    let rows: Rows<7> = [
-        ("herald_read_cache_hits_total", "counter", "Reads answered by the cache in front of the store (rows the dispatcher reads for each attempt).", c.hits.to_string()),
-        ("herald_read_cache_misses_total", "counter", "Reads of cached kinds of rows that went to the store.", c.misses.to_string()),
-        ("herald_read_cache_known_absent_total", "counter", "Reads of new event and delivery ids answered as absent from the ids kept since the store's last id, without a read.", c.known_absent.to_string()),
-        ("herald_retention_runs_total", "counter", "Compactions run ([store] retain).", r.runs.to_string()),
-        ("herald_retention_failures_total", "counter", "Compactions that failed (each is written to stderr).", r.failures.to_string()),
-        ("herald_retention_records_dropped_total", "counter", "Log records dropped by retention.", r.records_dropped.to_string()),
-        ("herald_retention_deliveries_dropped_total", "counter", "Delivered deliveries dropped by retention.", r.deliveries_dropped.to_string()),
-    ];
-    write_rows(out, &rows);
-}
-
-/// `herald_attempts_total` by outcome.
-fn attempt_counts(out: &mut String, d: &DispatchStats) {
-    let _ = writeln!(
-        out,
-        "# HELP herald_attempts_total Delivery attempts by outcome.\n# TYPE herald_attempts_total counter"
-    );
-    let _ = writeln!(out, "herald_attempts_total{{outcome=\"delivered\"}} {}", d.attempts_delivered);
-    let _ = writeln!(out, "herald_attempts_total{{outcome=\"failed\"}} {}", d.attempts_failed);
-    let _ = writeln!(out, "herald_attempts_total{{outcome=\"unrecorded\"}} {}", d.attempts_unrecorded);
-    // Not made: a fault of this host (no descriptor, memory or local port), not the receiver's.
-    let _ = writeln!(out, "herald_attempts_total{{outcome=\"local_fault\"}} {}", d.attempts_local_faults);
-    let _ = writeln!(
-        out,
-        "# HELP herald_order_waits_total Due deliveries set aside behind an earlier pending one of their \
-         ordering key.\n# TYPE herald_order_waits_total counter\nherald_order_waits_total {}",
-        d.order_waits
-    );
-}
-
-/// `herald_deliveries` by status, as the projection counts them.
-fn delivery_counts(out: &mut String, engine: &Engine) {
-    let _ = writeln!(out, "# HELP herald_deliveries Deliveries by status.\n# TYPE herald_deliveries gauge");
-    if let Ok(counts) = engine.read(|t| herald_engine::delivery_counts(t)) {
-        for (status, n) in counts {
-            let _ = writeln!(out, "herald_deliveries{{status=\"{}\"}} {n}", status.name());
-        }
+        Ok(())
     }
 }
 
@@ -281,6 +414,67 @@ mod tests {
 
     fn series(m: &Metrics) -> Vec<(String, String, u16, u64)> {
         m.request_series().into_iter().map(|((r, me, s), n)| (r, me, s, n)).collect()
+    }
+
+    /// A scrape of an idle engine with `requests` counted.
+    fn scrape(requests: BTreeMap<(String, String, u16), u64>) -> Scrape {
+        Scrape {
+            refused: 0,
+            dispatch: DispatchStats::default(),
+            writer: WriterStats::default(),
+            engine: herald_engine::EngineStats::default().snapshot(),
+            now_ms: 0,
+            committed: 0,
+            applied: None,
+            refusing_writes: false,
+            cache: CacheStats::default(),
+            retention: RetentionStats::default(),
+            deliveries: vec![("pending", 2)],
+            requests,
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut requests = BTreeMap::new();
+        requests.insert(("/a\"b\\c\nd".to_owned(), "GET".to_owned(), 200), 3);
+        let text = scrape(requests).text();
+        assert!(
+            text.contains(
+                "herald_http_requests_total{route=\"/a\\\"b\\\\c\\nd\",method=\"GET\",status=\"200\"} 3\n"
+            ),
+            "{text}"
+        );
+        // Still one line per sample: the newline did not break the exposition.
+        assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("herald_")), "{text}");
+        assert!(text.contains("herald_deliveries{status=\"pending\"} 2\n"), "{text}");
+        assert!(text.contains("herald_projection_applied_seq NaN\n"), "{text}");
+    }
+
+    #[test]
+    fn histograms_are_cumulative_in_seconds_with_an_inf_bucket() {
+        let stats = herald_engine::EngineStats::default();
+        let mut s = scrape(BTreeMap::new());
+        s.writer.flush_us_buckets[0] = 2;
+        s.writer.flush_us_buckets[3] = 1;
+        s.writer.flush_us_buckets[FLUSH_BUCKETS_US.len()] = 1;
+        s.writer.flush_us_total = 2_000_150;
+        s.engine = stats.snapshot();
+        let text = s.text();
+        for line in [
+            "herald_flush_duration_seconds_bucket{le=\"0.0001\"} 2\n",
+            "herald_flush_duration_seconds_bucket{le=\"0.00025\"} 2\n",
+            "herald_flush_duration_seconds_bucket{le=\"0.001\"} 3\n",
+            "herald_flush_duration_seconds_bucket{le=\"1\"} 3\n",
+            "herald_flush_duration_seconds_bucket{le=\"+Inf\"} 4\n",
+            "herald_flush_duration_seconds_sum 2.00015\n",
+            "herald_flush_duration_seconds_count 4\n",
+            "herald_attempt_duration_seconds_bucket{outcome=\"failed\",le=\"30\"} 0\n",
+            "herald_publish_duration_seconds_bucket{le=\"0.0005\"} 0\n",
+            "# TYPE herald_publish_duration_seconds histogram\n",
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
     }
 
     #[test]

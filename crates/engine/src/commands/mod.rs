@@ -20,6 +20,9 @@ use herald_projector::{
 use uuid::Uuid;
 
 use crate::signing::Secret;
+use crate::stats::EngineStats;
+use crate::subscribe::{DeliveryChange, Watched};
+use tokio::sync::broadcast;
 
 mod attempts;
 mod delivery_settings;
@@ -32,6 +35,8 @@ mod recover;
 mod retention;
 mod retrigger;
 mod settings;
+mod told;
+use told::Told;
 
 pub use delivery_settings::DeliverySettingsPatch;
 pub use ids::{derived_id, sequenced_id};
@@ -343,6 +348,8 @@ pub struct Commands {
     /// Grows once a batch that creates or revokes an API key is applied to the store, before its
     /// flush (so before any caller of the batch is answered): see [`Commands::api_key_epoch`].
     api_key_epoch: Arc<AtomicU64>,
+    /// What the batch counts for and the delivery changes it tells, once durable.
+    told: Told,
 }
 
 /// A command as submitted: who, when, what.
@@ -367,7 +374,21 @@ impl Commands {
             fan_out_bytes: 0,
             id_seqs: VecDeque::new(),
             api_key_epoch: Arc::new(AtomicU64::new(0)),
+            told: Told::new(Arc::new(EngineStats::default())),
         }
+    }
+
+    /// The same machine, counting into `stats` (once each batch is durable) and telling the
+    /// changes of every delivery to `changes`, while `subscribers` (kept by the subscriptions)
+    /// is above 0.
+    pub fn with_stats(
+        mut self,
+        stats: Arc<EngineStats>,
+        changes: broadcast::Sender<DeliveryChange>,
+        subscribers: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Commands {
+        self.told = Told::new(stats).with_changes(changes, subscribers);
+        self
     }
 
     /// A counter that grows each time a batch creating or revoking an API key is applied to the
@@ -457,6 +478,34 @@ impl Commands {
         events: Vec<Event>,
     ) -> Result<(), CommandError> {
         let mut due = Vec::new();
+        // Only a subscriber makes the fold report the deliveries it writes.
+        let mut changes = Vec::new();
+        let watching = self.told.watching();
+        // A command rejected part way (its savepoint rolled back) counts for nothing.
+        let mark = self.told.mark();
+        let staged = self.stage_events(tx, at_ms, actor, events, (&mut due, &mut changes), watching);
+        if staged.is_err() {
+            self.told.rollback(mark);
+        }
+        staged?;
+        if self.due_hook.is_some() {
+            self.staged_due.extend(due);
+        }
+        self.told.changes(&mut changes);
+        Ok(())
+    }
+
+    /// [`Commands::stage`]'s loop: appends and folds each event, noting the deliveries it makes
+    /// due and, when `watching`, the deliveries it changes.
+    fn stage_events(
+        &mut self,
+        tx: &mut Tx<'_>,
+        at_ms: u64,
+        actor: RecordActor,
+        events: Vec<Event>,
+        (due, changes): (&mut Vec<DueHint>, &mut Vec<DeliveryChange>),
+        watching: bool,
+    ) -> Result<(), CommandError> {
         for event in events {
             if matches!(event, Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. }) {
                 self.staged_key_change = true;
@@ -487,14 +536,17 @@ impl Commands {
             let seq = tx.append_grouped(at_ms, encode(actor, &event)).seq;
             // The log's writer rolls the batch back to this command's savepoint on an error.
             let mut woken = Vec::new();
-            apply_unstaged_waking(&mut TxTables(tx), seq, at_ms, &event, &mut woken)?;
-            due_hints(&mut due, at_ms, event);
+            if watching {
+                let mut watched = Watched { tables: TxTables(tx), changes: &mut *changes };
+                apply_unstaged_waking(&mut watched, seq, at_ms, &event, &mut woken)?;
+            } else {
+                apply_unstaged_waking(&mut TxTables(tx), seq, at_ms, &event, &mut woken)?;
+            }
+            self.told.event(&event);
+            due_hints(due, at_ms, event);
             // First of their key order now (one before them left pending): due again for the
             // dispatcher, which set them aside while they waited.
             due.extend(woken.into_iter().map(|due| DueHint { due, payload: None }));
-        }
-        if self.due_hook.is_some() {
-            self.staged_due.extend(due);
         }
         Ok(())
     }
@@ -584,14 +636,24 @@ impl Machine for Commands {
                 hook(changed);
             }
         }
-        let hook = self.due_hook.clone()?;
-        if self.staged_due.is_empty() {
+        let told = self.told.after_flush();
+        let due = match (&self.due_hook, self.staged_due.is_empty()) {
+            (Some(hook), false) => Some((hook.clone(), std::mem::take(&mut self.staged_due))),
+            _ => None,
+        };
+        if told.is_none() && due.is_none() {
             return None;
         }
-        let due = std::mem::take(&mut self.staged_due);
-        // Durable: the dispatcher learns what became due. A failed flush leaves the batch applied
-        // but unacknowledged: the dispatcher reloads from the stored index instead.
-        Some(Box::new(move |flushed| hook(flushed.then_some(due))))
+        Some(Box::new(move |flushed| {
+            // Durable: the dispatcher learns what became due. A failed flush leaves the batch
+            // applied but unacknowledged: the dispatcher reloads from the stored index instead.
+            if let Some((hook, due)) = due {
+                hook(flushed.then_some(due));
+            }
+            if let Some(told) = told {
+                told(flushed);
+            }
+        }))
     }
 
     fn aborted(&mut self) {
@@ -600,6 +662,7 @@ impl Machine for Commands {
         self.staged_key_change = false;
         self.staged_endpoints.clear();
         self.forget_fan_out();
+        self.told.aborted();
         if !self.staged_due.is_empty() {
             self.staged_due.clear();
             if let Some(hook) = self.due_hook.as_ref() {

@@ -358,6 +358,7 @@ impl<T: Tables> Fold<'_, T> {
             }
         }
         self.t.put(keys::delivery(new.id), codec::to_bytes(new));
+        self.t.delivery_written(new);
         // A delivery created pending needs no ref: its creation record is its event's (or the
         // `DeliveryCreated` that refs it itself).
         if old.is_some() || new.status != DeliveryStatus::Pending {

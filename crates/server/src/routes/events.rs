@@ -75,9 +75,6 @@ pub async fn publish(
     let reply = state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))?;
     match reply {
         Reply::Published { id, created_at_ms, delivery_ids, replayed } => {
-            if !replayed {
-                state.metrics.published();
-            }
             let event_type = match replayed {
                 true => state
                     .engine
