@@ -108,6 +108,7 @@ mod policy;
 mod query;
 mod recovery;
 mod refs;
+mod scratch;
 mod staged;
 mod tables;
 
@@ -138,8 +139,8 @@ pub use model::{
 };
 pub use pattern::event_type_matches;
 pub use persist::{
-    catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
-    StoreTables, TxRead, TxTables,
+    catch_up, projection_lag, rebuild, rebuild_into, stored_projection, CheckedTables, Projector,
+    RebuildError, StoreTables, TxRead, TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
@@ -153,5 +154,6 @@ pub use recovery::{
     RecoveryFilter, RecoverySelection, RECOVERY_CHUNK_IDS,
 };
 pub use refs::{delivery_refs, record_refs, refs_from, RecordRef, REFS_FROM, STORE_WIDE};
+pub use scratch::{rebuilt_pages, stored_pages, ProjectionPages, ScratchTables};
 pub use staged::fold_staged_entries;
 pub use tables::{MemTables, ReadTables, TableBatch, Tables};

@@ -265,13 +265,25 @@ pub(crate) fn fold_record(tables: &mut impl Tables, rec: &Record) -> Result<(), 
 /// Rebuilds the whole projection into scratch tables in memory: the checkpoint the kept log
 /// starts from (none before a compaction), then every kept record.
 pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTables, RebuildError> {
+    let mut tables = MemTables::new();
+    rebuild_into(store, &mut tables, progress)?;
+    Ok(tables)
+}
+
+/// [`rebuild`] into `tables` (empty) of the caller's, such as [`ScratchTables`](crate::ScratchTables)
+/// on disk: the checkpoint streamed into them, then the kept records folded. Returns the last
+/// seq folded. On an error `tables` hold part of the rebuild, to be discarded.
+pub fn rebuild_into(
+    store: &dyn Store,
+    tables: &mut impl Tables,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, RebuildError> {
     let anchor_seq = herald_log::read_head(store).map_err(RebuildError::Log)?.anchor_seq;
-    let (mut tables, _) = crate::compact::load_checkpoint(store, anchor_seq).map_err(|e| match e {
+    crate::compact::load_checkpoint_into(store, anchor_seq, tables, &mut |_, _| {}).map_err(|e| match e {
         crate::compact::CompactError::Log(e) => RebuildError::Log(e),
         other => RebuildError::Checkpoint(other.to_string()),
     })?;
-    catch_up(store, &mut tables, progress)?;
-    Ok(tables)
+    catch_up(store, tables, progress)
 }
 
 /// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.
