@@ -281,7 +281,7 @@ fn chunk_unconverted_entries(
 pub(crate) fn through_scratch(store: &dyn Store) -> (Vec<Pair>, Vec<Pair>) {
     let scratch = herald_log::MemStore::new();
     let mut tables = ScratchTables::rebuilt(&scratch, 512);
-    crate::rebuild_into(store, &mut tables, &mut |_| {}).expect("rebuild into scratch");
+    crate::rebuild_into(store, &mut tables, 5, &mut |_| {}).expect("rebuild into scratch");
     tables.finish().expect("scratch writes");
     let drain = |mut pages: ProjectionPages<'_>| {
         let mut out = Vec::new();
