@@ -21,7 +21,7 @@
 //!   whole log into scratch tables for `verify`.
 //!
 //! Architecture invariant: the fold knows nothing of HTTP, sled, the log crate or the clock;
-//! only `persist`, `staged`, `cache_policy` and `compact` know the log. Memory does not grow with history: everything lives in the tables.
+//! only `persist`, `staged`, `cache_policy`, `scratch` and `compact` know the log. Memory does not grow with history: everything lives in the tables.
 //!
 //! ```
 //! use herald_projector::*;
