@@ -53,8 +53,15 @@ enum Cmd {
         print_default_config: bool,
     },
     /// Check a stopped server's data: every record's checksum and the hash chain, and the stored
-    /// projection against a rebuild from the log. Exit 0 only if all agree.
-    Verify(DataDir),
+    /// projection against a rebuild from the log (into a scratch store inside the data
+    /// directory, deleted afterwards). Exit 0 only if all agree.
+    Verify {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The memory to keep under: bytes, or a size such as 512MiB or 1GiB (at least 32MiB).
+        #[arg(long, value_parser = offline::parse_memory, default_value = "512MiB")]
+        memory_max: u64,
+    },
     /// Write the log as NDJSON to stdout (one record a line, with its raw body for `import`).
     Export {
         #[command(flatten)]
@@ -202,9 +209,16 @@ fn main() -> ExitCode {
                 Err(e) => usage(e),
             }
         }
-        Cmd::Verify(dir) => offline(&dir, |data_dir, bar| {
-            println!("{}", offline::verify(&VerifyOptions { data_dir }, bar)?);
-            Ok(None)
+        Cmd::Verify { dir, memory_max } => offline(&dir, |data_dir, bar| {
+            let started = std::time::Instant::now();
+            let report = offline::verify(&VerifyOptions { data_dir, memory_max_bytes: memory_max }, bar)?;
+            println!("{report}");
+            let secs = started.elapsed().as_secs_f64();
+            let rate = report.chain.records as f64 / secs.max(1e-3);
+            Ok(Some(format!(
+                "verified {} records in {secs:.1} s ({rate:.0} records/s)",
+                report.chain.records
+            )))
         }),
         Cmd::Export { dir, redact_secrets } => offline(&dir, |data_dir, bar| {
             let stdout = std::io::stdout();

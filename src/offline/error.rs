@@ -30,6 +30,8 @@ pub enum OfflineError {
     Rebuild(RebuildError),
     /// `verify`: the stored projection is not what a rebuild of the log gives.
     ProjectionDiffers(Difference),
+    /// `verify`: the scratch store the rebuild goes into failed (in `dir`, deleted afterwards).
+    Scratch { dir: PathBuf, error: StoreError },
     /// A compaction's checkpoint, plan or pass failed.
     Compact(CompactError),
     /// `vacuum` could not rewrite the store.
@@ -112,6 +114,7 @@ impl fmt::Display for OfflineError {
             E::ProjectionDiffers(d) => {
                 write!(f, "the stored projection differs from a rebuild of the log: {d}")
             }
+            E::Scratch { dir, error } => write!(f, "the scratch store in {} failed: {error}", dir.display()),
             E::Compact(e) => write!(f, "{e}"),
             E::Vacuum(e) => write!(f, "{e}"),
             E::Write(e) => write!(f, "writing: {e}"),

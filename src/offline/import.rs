@@ -89,7 +89,7 @@ pub fn import(
     }
     let records = import.finish()?;
     progress.end();
-    let verified = verify(&VerifyOptions { data_dir: dir.clone() }, progress)?;
+    let verified = verify(&VerifyOptions::new(dir.clone()), progress)?;
     Ok(ImportReport { records, verified })
 }
 

@@ -8,7 +8,7 @@
 //! ```no_run
 //! use herald::offline::{verify, Silent, VerifyOptions};
 //!
-//! match verify(&VerifyOptions { data_dir: "./herald-data".into() }, &mut Silent) {
+//! match verify(&VerifyOptions::new("./herald-data"), &mut Silent) {
 //!     Ok(report) => println!("{report}"),
 //!     Err(e) => eprintln!("herald: {e}"),
 //! }
@@ -45,7 +45,9 @@ pub use keys::{
     KeyCreated, KeyList, KeyOwner, KeyProblem, KeyRevokeOptions, KeyRevoked, KeysOptions, KEY_PREFIX,
 };
 pub use replay::{replay, ReplayFormat, ReplayOptions, ReplayRead, ReplayReport, ScanReason, Subject};
-pub use verify::{verify, VerifyOptions, VerifyReport};
+pub use verify::{
+    parse_memory, verify, VerifyOptions, VerifyReport, MEMORY_MAX_DEFAULT_BYTES, MEMORY_MAX_LEAST_BYTES,
+};
 
 /// Where a tool tells how far it got: one phase after another, each begun, advanced and ended.
 pub trait Progress {
@@ -73,17 +75,27 @@ const PAGE: usize = 4096;
 
 /// Opens a data directory and checks that its store format is one this herald knows.
 fn open_store(dir: &Path) -> Result<Arc<SledStore>, OfflineError> {
-    let store = SledStore::open(dir, CACHE_BYTES).map_err(|e| OfflineError::Open(LogError::from(e)))?;
+    open_store_cached(dir, CACHE_BYTES)
+}
+
+/// [`open_store`] with a page cache of `cache_bytes`.
+fn open_store_cached(dir: &Path, cache_bytes: u64) -> Result<Arc<SledStore>, OfflineError> {
+    let store = SledStore::open(dir, cache_bytes).map_err(|e| OfflineError::Open(LogError::from(e)))?;
     check_format(&store).map_err(OfflineError::Open)?;
     Ok(Arc::new(store))
 }
 
 /// Opens an existing data directory.
 fn open_existing(dir: &Path) -> Result<Arc<SledStore>, OfflineError> {
+    open_existing_cached(dir, CACHE_BYTES)
+}
+
+/// [`open_existing`] with a page cache of `cache_bytes`.
+fn open_existing_cached(dir: &Path, cache_bytes: u64) -> Result<Arc<SledStore>, OfflineError> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(OfflineError::NoData { dir: dir.to_owned() });
     }
-    open_store(dir)
+    open_store_cached(dir, cache_bytes)
 }
 
 fn last_seq(store: &dyn Store) -> Result<u64, OfflineError> {

@@ -303,7 +303,7 @@ proptest! {
             let retain = std::time::Duration::from_millis(HOUR_MS);
             let options = CompactOptions { data_dir: dir.path().to_owned(), retain, now_ms: T0 + hours * HOUR_MS };
             compact(&options, &mut Silent).unwrap();
-            verify(&VerifyOptions { data_dir: dir.path().to_owned() }, &mut Silent).unwrap();
+            verify(&VerifyOptions::new(dir.path()), &mut Silent).unwrap();
         }
         same_stories(dir.path(), &h);
     }

@@ -130,7 +130,7 @@ impl Progress for Phases {
 }
 
 fn verify_dir(dir: &Path) -> Result<VerifyReport, OfflineError> {
-    verify(&VerifyOptions { data_dir: dir.to_owned() }, &mut Silent)
+    verify(&VerifyOptions::new(dir), &mut Silent)
 }
 
 fn replay_text(dir: &Path, subject: Subject, format: ReplayFormat) -> Result<String, OfflineError> {
@@ -171,14 +171,18 @@ fn damage(dir: &Path, damage: impl FnOnce(&SledStore, &mut WriteBatch)) {
 fn verify_passes_an_intact_store_and_tells_its_phases() {
     let dir = write_story();
     let mut phases = Phases::default();
-    let report = verify(&VerifyOptions { data_dir: dir.path().to_owned() }, &mut phases).unwrap();
+    let report = verify(&VerifyOptions::new(dir.path()), &mut phases).unwrap();
     assert_eq!((report.chain.records, report.chain.first_seq, report.chain.last_seq), (6, 1, 6));
     assert!(report.pairs > 0);
     assert!(
         report.to_string().starts_with("ok: 6 records (seq 1..=6), chain intact (last hash "),
         "{report}"
     );
-    assert_eq!(phases.begun, ["checking the chain", "rebuilding the projection"]);
+    assert_eq!(
+        phases.begun,
+        ["checking the chain", "rebuilding the projection", "comparing with the stored projection"]
+    );
+    assert_eq!(scratch_dirs(dir.path()), 0, "the scratch store is deleted");
     assert!(!phases.open);
 }
 
@@ -212,7 +216,63 @@ fn verify_finds_a_projection_value_changed_behind_the_logs_back() {
         matches!(&error, OfflineError::ProjectionDiffers(Difference::Value { key: k }) if *k == key),
         "{error:?}"
     );
+    assert_eq!(scratch_dirs(dir.path()), 0, "the scratch store is deleted after an error too");
     assert!(error.to_string().starts_with("the stored projection differs from a rebuild of the log: "));
+}
+
+/// The scratch directories `verify` left in `dir`.
+fn scratch_dirs(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("verify-scratch-"))
+        .count()
+}
+
+#[test]
+fn verify_names_the_key_a_rebuild_has_that_the_store_lost() {
+    let dir = write_story();
+    let mut key = vec![herald_projector::keys::KS_DELIVERY];
+    key.extend_from_slice(NEW_DELIVERY.0.as_bytes());
+    damage(dir.path(), |_, batch| batch.delete(key.clone()));
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(
+        matches!(&error, OfflineError::ProjectionDiffers(Difference::OtherKey { rebuilt, .. }) if *rebuilt == key),
+        "{error:?}"
+    );
+    // A key past every other one that only the store holds.
+    let dir = write_story();
+    let extra = vec![herald_projector::keys::KS_LAST, 0xff];
+    damage(dir.path(), |_, batch| batch.put(extra.clone(), b"x".to_vec()));
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(
+        matches!(&error, OfflineError::ProjectionDiffers(Difference::ExtraKey(k)) if *k == extra),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn verify_within_the_least_memory_bound_reports_as_within_the_default_and_clears_left_overs() {
+    let dir = write_story();
+    let left_over = dir.path().join("verify-scratch-4000000");
+    std::fs::create_dir_all(&left_over).unwrap();
+    std::fs::write(left_over.join("db"), b"left by a killed verify").unwrap();
+    let least = VerifyOptions { data_dir: dir.path().to_owned(), memory_max_bytes: MEMORY_MAX_LEAST_BYTES };
+    assert_eq!(verify(&least, &mut Silent).unwrap(), verify_dir(dir.path()).unwrap());
+    assert_eq!(scratch_dirs(dir.path()), 0);
+}
+
+#[test]
+fn memory_sizes_read_as_bytes_or_with_a_binary_unit() {
+    assert_eq!(parse_memory("512MiB"), Ok(512 << 20));
+    assert_eq!(parse_memory("1GiB"), Ok(1 << 30));
+    assert_eq!(parse_memory(" 64 mib "), Ok(64 << 20));
+    assert_eq!(parse_memory("2G"), Ok(2 << 30));
+    assert_eq!(parse_memory("67108864"), Ok(64 << 20));
+    for bad in ["", "MiB", "12 parsecs", "1.5GiB", "-1GiB", "99999999999999TiB"] {
+        assert!(parse_memory(bad).is_err(), "{bad:?}");
+    }
+    assert!(parse_memory("16MiB").unwrap_err().contains("least"), "below the least bound");
+    assert_eq!(VerifyOptions::new("d").memory_max_bytes, MEMORY_MAX_DEFAULT_BYTES);
 }
 
 #[test]

@@ -1,19 +1,40 @@
-//! `verify`: every record's checksum and the hash chain, then the projection rebuilt from the
-//! log into memory and compared with the stored one, pair by pair.
+//! `verify`: every record's checksum and the hash chain in one pass, then the projection
+//! rebuilt from the log into scratch storage on disk and compared with the stored one, both read
+//! in key order a page at a time, all within a memory bound.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use herald_log::LogError;
-use herald_projector::{rebuild, stored_projection};
+use herald_log::record::CHUNK_BYTES;
+use herald_log::{LogError, SledStore, StoreError};
+use herald_projector::{rebuild_into, rebuilt_pages, stored_pages, ProjectionPages, ScratchTables};
 
-use super::{hex, last_seq, open_existing, Difference, OfflineError, Progress};
+use super::{hex, last_seq, open_existing_cached, Difference, OfflineError, Progress};
+
+/// What `verify` keeps its memory under unless told otherwise.
+pub const MEMORY_MAX_DEFAULT_BYTES: u64 = 512 << 20;
+/// The least memory bound `verify` takes: below it sled's own needs and a page of records do not fit.
+pub const MEMORY_MAX_LEAST_BYTES: u64 = 32 << 20;
+/// The scratch store's directory inside the data directory, with the process id after it.
+const SCRATCH_DIR_PREFIX: &str = "verify-scratch-";
+/// Pairs compared between two progress reports.
+const PROGRESS_PAIRS: u64 = 65_536;
 
 /// What [`verify`] checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyOptions {
     /// The data directory of a stopped server.
     pub data_dir: PathBuf,
+    /// The memory `verify` keeps under: it sizes sled's caches, the buffered writes of the
+    /// rebuild and the pages it reads (at least [`MEMORY_MAX_LEAST_BYTES`]).
+    pub memory_max_bytes: u64,
+}
+
+impl VerifyOptions {
+    /// Verifies `data_dir` within [`MEMORY_MAX_DEFAULT_BYTES`].
+    pub fn new(data_dir: impl Into<PathBuf>) -> VerifyOptions {
+        VerifyOptions { data_dir: data_dir.into(), memory_max_bytes: MEMORY_MAX_DEFAULT_BYTES }
+    }
 }
 
 /// A log whose chain is intact and whose stored projection equals a rebuild.
@@ -47,9 +68,62 @@ impl fmt::Display for VerifyReport {
     }
 }
 
+/// How a memory bound is shared out. sled's caches take a quarter of it between them; what
+/// sled keeps besides its cache (its page table, its write buffers) and the process itself
+/// take most of the rest.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    live_cache_bytes: u64,
+    scratch_cache_bytes: u64,
+    /// Writes of the rebuild held in memory before they are applied to the scratch store.
+    pending_bytes: usize,
+    /// Records read at once while folding (a record is rarely over a few KiB).
+    page_records: usize,
+    /// Pairs read at once from each projection while comparing (each at most `CHUNK_BYTES`).
+    page_pairs: usize,
+}
+
+impl Budget {
+    fn of(memory_max_bytes: u64) -> Budget {
+        let m = memory_max_bytes.max(MEMORY_MAX_LEAST_BYTES);
+        let share = |divisor: u64, unit: u64, least: u64, most: u64| (m / divisor / unit).clamp(least, most);
+        Budget {
+            live_cache_bytes: m / 8,
+            scratch_cache_bytes: m / 8,
+            pending_bytes: usize::try_from(m / 16).unwrap_or(usize::MAX),
+            page_records: share(16, 16 * 1024, 64, 4096) as usize,
+            page_pairs: share(32, CHUNK_BYTES as u64, 64, 4096) as usize,
+        }
+    }
+}
+
+/// Reads a memory size: bytes (`536870912`), or a number with `KiB`, `MiB`, `GiB` or `TiB`
+/// (`512MiB`, `1GiB`; also `K`, `M`, `G`, `T`, in powers of 1024).
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return Err(format!("{text:?} is not a size: give bytes, or a number with KiB, MiB or GiB")),
+    };
+    let n: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a size: it does not start with a number"))?;
+    let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < MEMORY_MAX_LEAST_BYTES {
+        return Err(format!("{text:?} is below the least bound, {} MiB", MEMORY_MAX_LEAST_BYTES >> 20));
+    }
+    Ok(bytes)
+}
+
 /// Checks the log's chain, then the stored projection against a rebuild of the log.
 pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<VerifyReport, OfflineError> {
-    let store = open_existing(&options.data_dir)?;
+    let budget = Budget::of(options.memory_max_bytes);
+    let store = open_existing_cached(&options.data_dir, budget.live_cache_bytes)?;
     let last = last_seq(store.as_ref())?;
     progress.begin("checking the chain", last);
     let chain =
@@ -58,32 +132,86 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
             other => OfflineError::Unreadable(other),
         })?;
     progress.end();
+    let scratch_dir = ScratchDir::create(&options.data_dir);
+    let scratch = scratch_dir.open(budget.scratch_cache_bytes)?;
     progress.begin("rebuilding the projection", last);
-    let rebuilt = rebuild(store.as_ref(), &mut |seq| progress.advance(seq)).map_err(OfflineError::Rebuild)?;
+    let mut tables = ScratchTables::rebuilt(&scratch, budget.pending_bytes);
+    rebuild_into(store.as_ref(), &mut tables, budget.page_records, &mut |seq| progress.advance(seq))
+        .map_err(OfflineError::Rebuild)?;
+    tables.finish().map_err(|e| scratch_dir.error(e))?;
     progress.end();
-    let stored = stored_projection(store.as_ref()).map_err(OfflineError::Log)?;
-    if let Some(difference) = first_difference(&stored, &rebuilt.dump()) {
-        return Err(OfflineError::ProjectionDiffers(difference));
-    }
-    Ok(VerifyReport { chain, pairs: stored.len() })
+    progress.begin("comparing with the stored projection", 0);
+    let stored = stored_pages(store.as_ref(), &scratch, budget.pending_bytes, budget.page_pairs)
+        .map_err(|e| OfflineError::Log(e.into()))?;
+    let pairs = compare(stored, rebuilt_pages(&scratch, budget.page_pairs), &scratch_dir, progress)?;
+    progress.end();
+    Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX) })
 }
 
-fn first_difference(stored: &[(Vec<u8>, Vec<u8>)], rebuilt: &[(Vec<u8>, Vec<u8>)]) -> Option<Difference> {
-    let mut a = stored.iter();
-    let mut b = rebuilt.iter();
+/// Walks both projections in key order and names the first key where they part. Returns the
+/// stored pairs.
+fn compare(
+    mut stored: ProjectionPages<'_>,
+    mut rebuilt: ProjectionPages<'_>,
+    scratch: &ScratchDir,
+    progress: &mut dyn Progress,
+) -> Result<u64, OfflineError> {
     loop {
-        match (a.next(), b.next()) {
-            (None, None) => return None,
-            (Some((k, _)), None) => return Some(Difference::ExtraKey(k.clone())),
-            (None, Some((k, _))) => return Some(Difference::MissingKey(k.clone())),
-            (Some((ka, va)), Some((kb, vb))) => {
-                if ka != kb {
-                    return Some(Difference::OtherKey { stored: ka.clone(), rebuilt: kb.clone() });
+        let a = stored.next_pair().map_err(|e| OfflineError::Log(e.into()))?;
+        let b = rebuilt.next_pair().map_err(|e| scratch.error(e))?;
+        let difference = match (a, b) {
+            (None, None) => return Ok(stored.pairs()),
+            (Some((k, _)), None) => Difference::ExtraKey(k),
+            (None, Some((k, _))) => Difference::MissingKey(k),
+            (Some((ka, _)), Some((kb, _))) if ka != kb => Difference::OtherKey { stored: ka, rebuilt: kb },
+            (Some((key, va)), Some((_, vb))) if va != vb => Difference::Value { key },
+            _ => {
+                if stored.pairs() % PROGRESS_PAIRS == 0 {
+                    progress.advance(stored.pairs());
                 }
-                if va != vb {
-                    return Some(Difference::Value { key: ka.clone() });
-                }
+                continue;
             }
+        };
+        return Err(OfflineError::ProjectionDiffers(difference));
+    }
+}
+
+/// The directory of the scratch store a rebuild goes into, inside the data directory (the disk
+/// that holds the log has room for its projection). Deleted when dropped, on an error as after
+/// success (declared before the store in it, it is dropped after it); one a killed `verify`
+/// left is deleted by the next.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(data_dir: &Path) -> ScratchDir {
+        remove_left_over(data_dir);
+        let dir = data_dir.join(format!("{SCRATCH_DIR_PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ScratchDir(dir)
+    }
+
+    fn open(&self, cache_bytes: u64) -> Result<SledStore, OfflineError> {
+        SledStore::open(&self.0, cache_bytes).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, error: StoreError) -> OfflineError {
+        OfflineError::Scratch { dir: self.0.clone(), error }
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deletes the scratch directories an earlier `verify` left in `data_dir` (killed before it
+/// could). None can be in use: sled's lock on the data directory lets one tool in at a time.
+fn remove_left_over(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(SCRATCH_DIR_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

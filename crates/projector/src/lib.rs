@@ -21,7 +21,7 @@
 //!   whole log into scratch tables for `verify`.
 //!
 //! Architecture invariant: the fold knows nothing of HTTP, sled, the log crate or the clock;
-//! only `persist`, `staged`, `cache_policy` and `compact` know the log. Memory does not grow with history: everything lives in the tables.
+//! only `persist`, `staged`, `cache_policy`, `scratch` and `compact` know the log. Memory does not grow with history: everything lives in the tables.
 //!
 //! ```
 //! use herald_projector::*;
@@ -109,6 +109,7 @@ mod policy;
 mod query;
 mod recovery;
 mod refs;
+mod scratch;
 mod staged;
 mod tables;
 
@@ -143,8 +144,8 @@ pub use model::{
 pub use order::{learn_order_floors, ordering_key, valid_ordering_key, waits_behind, ORDERING_KEY_BYTES_MAX};
 pub use pattern::event_type_matches;
 pub use persist::{
-    catch_up, projection_lag, rebuild, stored_projection, CheckedTables, Projector, RebuildError,
-    StoreTables, TxRead, TxTables,
+    catch_up, projection_lag, rebuild, rebuild_into, stored_projection, CheckedTables, Projector,
+    RebuildError, StoreTables, TxRead, TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{
@@ -158,5 +159,6 @@ pub use recovery::{
     RecoveryFilter, RecoverySelection, RECOVERY_CHUNK_IDS,
 };
 pub use refs::{delivery_refs, record_refs, refs_from, RecordRef, REFS_FROM, STORE_WIDE};
+pub use scratch::{rebuilt_pages, stored_pages, ProjectionPages, ScratchTables};
 pub use staged::fold_staged_entries;
 pub use tables::{MemTables, ReadTables, TableBatch, Tables};

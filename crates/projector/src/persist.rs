@@ -241,10 +241,20 @@ pub fn catch_up(
     tables: &mut impl Tables,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
+    catch_up_paged(store, tables, REBUILD_READ_RECORDS, progress)
+}
+
+/// [`catch_up`] reading `page_records` records at a time (what it holds in memory at once).
+fn catch_up_paged(
+    store: &dyn Store,
+    tables: &mut impl Tables,
+    page_records: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, RebuildError> {
     let mut next = applied_seq(tables).map_err(RebuildError::Projection)? + 1;
     let mut scratch = Deferring::new(tables);
     loop {
-        let records = read_records(store, next, REBUILD_READ_RECORDS).map_err(RebuildError::Log)?;
+        let records = read_records(store, next, page_records.max(1)).map_err(RebuildError::Log)?;
         let Some(last) = records.last().map(|r| r.seq) else { return Ok(next - 1) };
         for rec in &records {
             let event = decode(&rec.body).map_err(|error| RebuildError::Decode { seq: rec.seq, error })?;
@@ -265,13 +275,27 @@ pub(crate) fn fold_record(tables: &mut impl Tables, rec: &Record) -> Result<(), 
 /// Rebuilds the whole projection into scratch tables in memory: the checkpoint the kept log
 /// starts from (none before a compaction), then every kept record.
 pub fn rebuild(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<MemTables, RebuildError> {
+    let mut tables = MemTables::new();
+    rebuild_into(store, &mut tables, REBUILD_READ_RECORDS, progress)?;
+    Ok(tables)
+}
+
+/// [`rebuild`] into `tables` (empty) of the caller's, such as [`ScratchTables`](crate::ScratchTables)
+/// on disk: the checkpoint streamed into them, then the kept records folded, `page_records` at
+/// a time. Returns the last seq folded. On an error `tables` hold part of the rebuild, to be
+/// discarded.
+pub fn rebuild_into(
+    store: &dyn Store,
+    tables: &mut impl Tables,
+    page_records: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, RebuildError> {
     let anchor_seq = herald_log::read_head(store).map_err(RebuildError::Log)?.anchor_seq;
-    let (mut tables, _) = crate::compact::load_checkpoint(store, anchor_seq).map_err(|e| match e {
+    crate::compact::load_checkpoint_into(store, anchor_seq, tables, &mut |_, _| {}).map_err(|e| match e {
         crate::compact::CompactError::Log(e) => RebuildError::Log(e),
         other => RebuildError::Checkpoint(other.to_string()),
     })?;
-    catch_up(store, &mut tables, progress)?;
-    Ok(tables)
+    catch_up_paged(store, tables, page_records, progress)
 }
 
 /// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.

@@ -33,17 +33,29 @@ pub(super) fn checkpoint_hash<'p>(
     pairs: impl Iterator<Item = (&'p [u8], &'p [u8])>,
     payloads: impl Iterator<Item = (&'p [u8], &'p [u8])>,
 ) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    for (tag, items) in [(b'p', Box::new(pairs) as Box<dyn Iterator<Item = _>>), (b'b', Box::new(payloads))] {
-        for (key, value) in items {
-            hasher.update(&[tag]);
-            hasher.update(&(key.len() as u64).to_be_bytes());
-            hasher.update(key);
-            hasher.update(&(value.len() as u64).to_be_bytes());
-            hasher.update(value);
-        }
+    let mut hasher = CheckpointHasher::default();
+    pairs.for_each(|(key, value)| hasher.add(b'p', key, value));
+    payloads.for_each(|(key, value)| hasher.add(b'b', key, value));
+    hasher.finish()
+}
+
+/// [`checkpoint_hash`] fed one item at a time, for a reader that streams the checkpoint.
+#[derive(Default)]
+struct CheckpointHasher(blake3::Hasher);
+
+impl CheckpointHasher {
+    /// Adds a pair (`tag` `p`) or a payload (`b`); all pairs come before the payloads.
+    fn add(&mut self, tag: u8, key: &[u8], value: &[u8]) {
+        self.0.update(&[tag]);
+        self.0.update(&(key.len() as u64).to_be_bytes());
+        self.0.update(key);
+        self.0.update(&(value.len() as u64).to_be_bytes());
+        self.0.update(value);
     }
-    *hasher.finalize().as_bytes()
+
+    fn finish(&self) -> [u8; 32] {
+        *self.0.finalize().as_bytes()
+    }
 }
 
 /// Replaces the stored checkpoint with `tables` and `payloads`, as of `seq`.
@@ -89,10 +101,27 @@ pub type Payloads = Vec<(Vec<u8>, Vec<u8>)>;
 /// The projection at the anchor: the stored checkpoint, checked against its hash (empty tables
 /// for a log that was never compacted), with the payloads it keeps.
 pub fn load_checkpoint(store: &dyn Store, anchor_seq: u64) -> Result<(MemTables, Payloads), CompactError> {
+    let mut tables = MemTables::new();
+    let mut payloads = Vec::new();
+    load_checkpoint_into(store, anchor_seq, &mut tables, &mut |key, value| {
+        payloads.push((key.to_vec(), value.to_vec()))
+    })?;
+    Ok((tables, payloads))
+}
+
+/// [`load_checkpoint`] streamed: the checkpoint's pairs are put into `tables` (empty) as they
+/// are read and its payloads handed to `payload`, so nothing of it is held in memory; the hash
+/// is checked at the end. On an error `tables` hold part of it, to be discarded.
+pub fn load_checkpoint_into(
+    store: &dyn Store,
+    anchor_seq: u64,
+    tables: &mut impl Tables,
+    payload: &mut dyn FnMut(&[u8], &[u8]),
+) -> Result<(), CompactError> {
     let meta = store.get(CHECKPOINT_META).map_err(LogError::from)?;
     let Some(meta) = meta else {
         if anchor_seq == 0 {
-            return Ok((MemTables::new(), Vec::new()));
+            return Ok(());
         }
         return Err(CompactError::Checkpoint(format!(
             "the log starts after seq {anchor_seq} but no checkpoint is stored"
@@ -107,38 +136,38 @@ pub fn load_checkpoint(store: &dyn Store, anchor_seq: u64) -> Result<(MemTables,
             "it is at seq {seq} but the log starts after seq {anchor_seq}"
         )));
     }
-    let mut tables = MemTables::new();
+    let mut hasher = CheckpointHasher::default();
+    // A checkpoint written by an earlier version may hold index keys this one no longer keeps:
+    // hashed with the rest, left out of the state; entries it kept one key each are chunked
+    // from its delivery rows instead.
+    let mut unchunked = false;
     store
         .scan(&[KS_CHECKPOINT], &[KS_CHECKPOINT + 1], &mut |key, value| {
-            tables.put(key[1..].to_vec(), value.to_vec());
+            let inner = &key[1..];
+            hasher.add(b'p', inner, value);
+            match inner.first() {
+                Some(ks) if keys::is_legacy(*ks) => unchunked |= keys::LEGACY_INDEX_KEYSPACES.contains(ks),
+                _ => tables.put(inner.to_vec(), value.to_vec()),
+            }
             ControlFlow::Continue(())
         })
         .map_err(LogError::from)?;
-    let mut payloads = Vec::new();
     store
         .scan(&[KS_CHECKPOINT_PAYLOAD], &[KS_CHECKPOINT_PAYLOAD + 1], &mut |key, value| {
-            payloads.push((key[1..].to_vec(), value.to_vec()));
+            hasher.add(b'b', &key[1..], value);
+            payload(&key[1..], value);
             ControlFlow::Continue(())
         })
         .map_err(LogError::from)?;
-    let computed = checkpoint_hash(tables.iter(), payloads.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-    if computed.as_slice() != hash {
+    if hasher.finish().as_slice() != hash {
         return Err(CompactError::Checkpoint(format!("its content does not match its hash (seq {seq})")));
     }
-    // A checkpoint written by an earlier version may hold index keys this one no longer keeps:
-    // checked with the rest above, left out of the state; entries it kept one key each are
-    // chunked from its delivery rows instead.
-    let legacy: Vec<Vec<u8>> =
-        tables.iter().filter(|(k, _)| keys::is_legacy(k[0])).map(|(k, _)| k.to_vec()).collect();
-    let unchunked = legacy.iter().any(|k| keys::LEGACY_INDEX_KEYSPACES.contains(&k[0]));
-    for key in legacy {
-        tables.delete(&key);
-    }
     if unchunked {
-        index::rebuild_from_deliveries(&mut tables).map_err(corrupt)?;
+        index::rebuild_from_deliveries(tables).map_err(corrupt)?;
     }
-    Ok((tables, payloads))
+    Ok(())
 }
+
 /// Writes a checkpoint into an empty store (an import): the checkpoint itself and the
 /// projection it is, standing at `seq`. The log's anchor is the caller's.
 pub fn restore_checkpoint(

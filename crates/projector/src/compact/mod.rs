@@ -38,8 +38,8 @@ mod retention;
 mod tests;
 
 pub use checkpoint::{
-    load_checkpoint, restore_checkpoint, CheckpointView, Payloads, KS_CHECKPOINT, KS_CHECKPOINT_META,
-    KS_CHECKPOINT_PAYLOAD,
+    load_checkpoint, load_checkpoint_into, restore_checkpoint, CheckpointView, Payloads, KS_CHECKPOINT,
+    KS_CHECKPOINT_META, KS_CHECKPOINT_PAYLOAD,
 };
 pub use legacy::drop_legacy;
 pub use payload::event_payload;

@@ -64,7 +64,9 @@ fn events(log: &Log<Machine1>, at_ms: u64, events: Vec<Event>) {
 /// The live projection is what a rebuild from the checkpoint and the kept log gives, the
 /// kept log verifies from its anchor, and the counters match the rows.
 fn assert_exact(store: &MemStore) {
-    assert_eq!(stored_projection(store).unwrap(), rebuild(store, &mut |_| {}).unwrap().dump());
+    let stored = stored_projection(store).unwrap();
+    assert_eq!(stored, rebuild(store, &mut |_| {}).unwrap().dump());
+    assert_eq!(crate::scratch::through_scratch(store), (stored.clone(), stored), "through scratch storage");
     verify(store, &mut |_| {}).unwrap();
     let tables = crate::persist::StoreTables(store);
     let rows: Vec<Delivery> = tables

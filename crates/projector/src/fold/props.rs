@@ -502,6 +502,7 @@ proptest! {
         let live = crate::stored_projection(store.as_ref()).expect("read projection");
         let rebuilt = crate::rebuild(store.as_ref(), &mut |_| {}).expect("rebuild");
         prop_assert!(live == rebuilt.dump(), "live projection differs from the rebuild");
+        prop_assert!(crate::scratch::through_scratch(store.as_ref()) == (live.clone(), live), "through scratch storage");
         prop_assert_eq!(&rebuilt, &driver.tables);
         prop_assert_eq!(herald_log::verify(store.as_ref(), &mut |_| {}).expect("verify").records, driver.accepted.len() as u64);
     }
@@ -614,6 +615,7 @@ proptest! {
         let live = crate::stored_projection(&store).expect("read projection");
         let rebuilt = crate::rebuild(&store, &mut |_| {}).expect("rebuild");
         prop_assert!(live == rebuilt.dump(), "live projection differs from checkpoint + kept log");
+        prop_assert!(crate::scratch::through_scratch(&store) == (live.clone(), live), "through scratch storage");
         herald_log::verify(&store, &mut |_| {}).expect("the kept log verifies");
         let rows = delivery_rows(&store);
         for (status, count) in crate::delivery_counts(&crate::StoreTables(&store)).expect("counts") {

@@ -1,0 +1,339 @@
+//! A projection on disk for an audit, in bounded memory: [`ScratchTables`] write a rebuild into
+//! a scratch store of its own, and [`ProjectionPages`] read a projection (the stored one, or a
+//! rebuilt one) back in key order, a page at a time, for `herald verify` to compare.
+//!
+//! The scratch store holds two areas, each under a prefix byte of its own: the rebuilt
+//! projection, and the chunks a store not yet converted keeps as one key per index entry
+//! (read as this version would store them, as [`stored_projection`](crate::stored_projection) does).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+
+use herald_log::{merge_staged, scan_vec, Pair, Store, StoreError, WriteBatch};
+
+use crate::index::is_chunk_keyspace;
+use crate::keys::{is_legacy, prefix_end, successor, KS_FIRST, KS_LAST, LEGACY_INDEX_KEYSPACES};
+use crate::tables::{ReadTables, Tables};
+
+/// The scratch area of a rebuilt projection.
+const AREA_REBUILT: u8 = 0x01;
+/// The scratch area of the chunks of a store's unconverted index entries.
+const AREA_CHUNKS: u8 = 0x02;
+/// What a buffered write costs beyond its key and value (the map's node, the two vectors).
+const PENDING_ENTRY_OVERHEAD_BYTES: usize = 96;
+
+/// [`Tables`] in one area of a scratch store: writes are kept in memory until they take
+/// `pending_bytes_max`, then applied to the store in one batch; reads see both. A store error
+/// is kept (the read that met it reads as absent) and returned by [`ScratchTables::finish`].
+pub struct ScratchTables<'s> {
+    store: &'s dyn Store,
+    area: u8,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pending_bytes: usize,
+    pending_bytes_max: usize,
+    error: RefCell<Option<StoreError>>,
+}
+
+impl<'s> ScratchTables<'s> {
+    /// Tables for a rebuilt projection in `store` (empty, of this rebuild's own), buffering up
+    /// to `pending_bytes_max` of writes in memory. Read it back with [`rebuilt_pages`].
+    pub fn rebuilt(store: &'s dyn Store, pending_bytes_max: usize) -> ScratchTables<'s> {
+        ScratchTables::in_area(store, AREA_REBUILT, pending_bytes_max)
+    }
+
+    fn in_area(store: &'s dyn Store, area: u8, pending_bytes_max: usize) -> ScratchTables<'s> {
+        ScratchTables {
+            store,
+            area,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            pending_bytes_max,
+            error: RefCell::new(None),
+        }
+    }
+
+    /// Applies the writes still in memory; the first store error any read or write met.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.flush();
+        self.error.into_inner().map_or(Ok(()), Err)
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut batch = WriteBatch::default();
+        for (key, value) in std::mem::take(&mut self.pending) {
+            match value {
+                Some(value) => batch.put(self.stored_key(&key), value),
+                None => batch.delete(self.stored_key(&key)),
+            }
+        }
+        self.pending_bytes = 0;
+        let applied = self.store.apply(&batch);
+        self.kept(applied);
+    }
+
+    fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.pending_bytes += key.len() + value.as_ref().map_or(0, Vec::len) + PENDING_ENTRY_OVERHEAD_BYTES;
+        self.pending.insert(key, value);
+        if self.pending_bytes >= self.pending_bytes_max {
+            self.flush();
+        }
+    }
+
+    fn stored_key(&self, key: &[u8]) -> Vec<u8> {
+        [&[self.area], key].concat()
+    }
+
+    fn kept<T: Default>(&self, read: Result<T, StoreError>) -> T {
+        read.unwrap_or_else(|e| {
+            self.error.borrow_mut().get_or_insert(e);
+            T::default()
+        })
+    }
+
+    fn staged(&self, from: &[u8], to: &[u8]) -> Vec<(&Vec<u8>, &Option<Vec<u8>>)> {
+        self.pending.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to))).collect()
+    }
+
+    /// Up to `limit` stored pairs of `from..to`, descending, the area's byte stripped.
+    fn stored_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<Pair> {
+        let from = self.stored_key(from);
+        let mut to = self.stored_key(to);
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match self.kept(self.store.last(&from, &to)) {
+                Some((key, value)) => {
+                    out.push((key[1..].to_vec(), value));
+                    to = key;
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+impl ReadTables for ScratchTables<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.pending.get(key) {
+            Some(value) => value.clone(),
+            None => self.kept(self.store.get(&self.stored_key(key))),
+        }
+    }
+
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<Pair> {
+        if from >= to || limit == 0 {
+            return Vec::new();
+        }
+        let staged = self.staged(from, to);
+        // Each staged key hides at most one stored pair: this many stored pairs fill the page.
+        let want = limit.saturating_add(staged.len());
+        let stored = self.kept(scan_vec(self.store, &self.stored_key(from), &self.stored_key(to), want));
+        let stored = stored.into_iter().map(|(k, v)| (k[1..].to_vec(), v)).collect();
+        merge_staged(stored, staged, limit)
+    }
+
+    fn scan_rev(&self, from: &[u8], to: &[u8], limit: usize) -> Vec<Pair> {
+        if from >= to || limit == 0 {
+            return Vec::new();
+        }
+        let mut staged = self.staged(from, to);
+        let want = limit.saturating_add(staged.len());
+        let mut stored = self.stored_rev(from, to, want);
+        // Read through: at least `limit` of these `want` stay visible, so a staged key below
+        // the lowest of them cannot be among the last `limit`.
+        if stored.len() == want {
+            if let Some((floor, _)) = stored.last() {
+                staged.retain(|(k, _)| k.as_slice() >= floor.as_slice());
+            }
+        }
+        stored.reverse();
+        let mut merged = merge_staged(stored, staged, usize::MAX);
+        merged.reverse();
+        merged.truncate(limit);
+        merged
+    }
+}
+
+impl Tables for ScratchTables<'_> {
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.stage(key, Some(value));
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.stage(key.to_vec(), None);
+    }
+}
+
+/// Keys `next..to` of a store, read with the first `strip` bytes of each key taken off.
+struct Run<'s> {
+    store: &'s dyn Store,
+    strip: usize,
+    next: Vec<u8>,
+    to: Vec<u8>,
+}
+
+/// A projection read in key order a page at a time, from one or more runs of keys (ascending,
+/// disjoint) of one or two stores: memory holds one page, whatever the projection's size.
+pub struct ProjectionPages<'s> {
+    runs: VecDeque<Run<'s>>,
+    page: std::vec::IntoIter<Pair>,
+    page_pairs: usize,
+    pairs: u64,
+}
+
+impl<'s> ProjectionPages<'s> {
+    fn new(runs: VecDeque<Run<'s>>, page_pairs: usize) -> ProjectionPages<'s> {
+        ProjectionPages { runs, page: Vec::new().into_iter(), page_pairs: page_pairs.max(1), pairs: 0 }
+    }
+
+    /// The next pair in key order, or `None` after the last.
+    pub fn next_pair(&mut self) -> Result<Option<Pair>, StoreError> {
+        loop {
+            if let Some(pair) = self.page.next() {
+                self.pairs += 1;
+                return Ok(Some(pair));
+            }
+            let Some(run) = self.runs.front_mut() else { return Ok(None) };
+            let page = scan_vec(run.store, &run.next, &run.to, self.page_pairs)?;
+            let strip = run.strip;
+            match page.last() {
+                Some((last, _)) if page.len() == self.page_pairs => run.next = successor(last),
+                _ => drop(self.runs.pop_front()),
+            }
+            let page: Vec<Pair> = match strip {
+                0 => page,
+                n => page.into_iter().map(|(k, v)| (k[n..].to_vec(), v)).collect(),
+            };
+            self.page = page.into_iter();
+        }
+    }
+
+    /// The pairs handed out so far.
+    pub fn pairs(&self) -> u64 {
+        self.pairs
+    }
+}
+
+/// A rebuilt projection that [`ScratchTables::rebuilt`] wrote into `scratch`, in key order.
+pub fn rebuilt_pages(scratch: &dyn Store, page_pairs: usize) -> ProjectionPages<'_> {
+    let run = Run { store: scratch, strip: 1, next: vec![AREA_REBUILT], to: vec![AREA_REBUILT + 1] };
+    ProjectionPages::new(VecDeque::from([run]), page_pairs)
+}
+
+/// The projection stored in `live`, in key order, as [`stored_projection`](crate::stored_projection)
+/// gives it: legacy keyspaces left out, and, in a store not yet converted, the chunks of its
+/// one-key-per-entry indexes built into `scratch` (writes buffered up to `pending_bytes_max`)
+/// and read in place of the chunk keyspaces.
+pub fn stored_pages<'s>(
+    live: &'s dyn Store,
+    scratch: &'s dyn Store,
+    pending_bytes_max: usize,
+    page_pairs: usize,
+) -> Result<ProjectionPages<'s>, StoreError> {
+    let unchunked = chunk_unconverted_entries(live, scratch, pending_bytes_max)?;
+    let mut runs = VecDeque::new();
+    for ks in KS_FIRST..=KS_LAST {
+        let (store, area): (&dyn Store, &[u8]) = match ks {
+            ks if is_legacy(ks) => continue,
+            ks if unchunked && is_chunk_keyspace(ks) => (scratch, &[AREA_CHUNKS]),
+            _ => (live, &[]),
+        };
+        let next = [area, &[ks]].concat();
+        // Keyspace bytes stop at KS_LAST (0x7F): a prefix of it always has an end.
+        let to = prefix_end(&next).unwrap_or_default();
+        runs.push_back(Run { store, strip: area.len(), next, to });
+    }
+    Ok(ProjectionPages::new(runs, page_pairs))
+}
+
+/// Folds the one-key-per-entry index entries `live` holds (a store an earlier version wrote)
+/// into chunks in `scratch`'s chunk area. Whether there were any.
+fn chunk_unconverted_entries(
+    live: &dyn Store,
+    scratch: &dyn Store,
+    pending_bytes_max: usize,
+) -> Result<bool, StoreError> {
+    let mut chunks = ScratchTables::in_area(scratch, AREA_CHUNKS, pending_bytes_max);
+    let mut any = false;
+    for ks in LEGACY_INDEX_KEYSPACES {
+        live.scan(&[ks], &[ks + 1], &mut |key, _| {
+            any = true;
+            // A key that is not an entry is kept as it is, to show up in the comparison.
+            if chunks.add_entry(key).is_err() {
+                chunks.put(key.to_vec(), Vec::new());
+            }
+            std::ops::ControlFlow::Continue(())
+        })?;
+    }
+    chunks.finish()?;
+    Ok(any)
+}
+
+/// The stored projection of `store` and a rebuild of its log, both through scratch storage
+/// (a store in memory, writes flushed every few hundred bytes, read back a few pairs a page):
+/// for tests to hold equal to [`stored_projection`](crate::stored_projection) and
+/// [`rebuild`](crate::rebuild).
+#[cfg(test)]
+pub(crate) fn through_scratch(store: &dyn Store) -> (Vec<Pair>, Vec<Pair>) {
+    let scratch = herald_log::MemStore::new();
+    let mut tables = ScratchTables::rebuilt(&scratch, 512);
+    crate::rebuild_into(store, &mut tables, 5, &mut |_| {}).expect("rebuild into scratch");
+    tables.finish().expect("scratch writes");
+    let drain = |mut pages: ProjectionPages<'_>| {
+        let mut out = Vec::new();
+        while let Some(pair) = pages.next_pair().expect("read a page") {
+            out.push(pair);
+        }
+        assert_eq!(pages.pairs(), out.len() as u64);
+        out
+    };
+    let stored = drain(stored_pages(store, &scratch, 512, 3).expect("stored pages"));
+    (stored, drain(rebuilt_pages(&scratch, 3)))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::tables::MemTables;
+
+    proptest! {
+        /// Scratch tables, flushed to their store every few writes, read exactly as tables in
+        /// memory given the same writes: get, scan and scan_rev, at any point.
+        #[test]
+        fn scratch_tables_read_as_tables_in_memory(
+            ops in proptest::collection::vec((0u8..40, proptest::option::of(any::<u8>())), 0..80),
+            pending_bytes_max in 0usize..600,
+            reads in proptest::collection::vec((0u8..41, 0u8..41, 0usize..12), 1..8),
+        ) {
+            let store = herald_log::MemStore::new();
+            // Another area of the same store, which reads must never see.
+            let mut other = ScratchTables::in_area(&store, AREA_CHUNKS, 0);
+            other.put(vec![5], vec![55]);
+            let mut scratch = ScratchTables::rebuilt(&store, pending_bytes_max);
+            let mut mem = MemTables::new();
+            for (i, (k, v)) in ops.iter().enumerate() {
+                match v {
+                    Some(v) => { scratch.put(vec![*k], vec![*v]); mem.put(vec![*k], vec![*v]); }
+                    None => { scratch.delete(&[*k]); mem.delete(&[*k]); }
+                }
+                let (from, to, limit) = reads[i % reads.len()];
+                prop_assert_eq!(scratch.scan(&[from], &[to], limit), mem.scan(&[from], &[to], limit));
+                prop_assert_eq!(scratch.scan_rev(&[from], &[to], limit), mem.scan_rev(&[from], &[to], limit));
+                prop_assert_eq!(scratch.get(&[*k]), mem.get(&[*k]));
+            }
+            scratch.finish().expect("flushed");
+            let mut pages = rebuilt_pages(&store, 4);
+            let mut read = Vec::new();
+            while let Some(pair) = pages.next_pair().expect("page") {
+                read.push(pair);
+            }
+            prop_assert_eq!(read, mem.dump());
+        }
+    }
+}
