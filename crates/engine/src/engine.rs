@@ -195,6 +195,22 @@ impl Drop for Inner {
     }
 }
 
+/// The command machine of an engine: its hooks tell the dispatcher what became due and which
+/// endpoints' settings changed; it counts into `stats` and tells `changes` to subscribers.
+fn commands_machine(
+    config: &EngineConfig,
+    inbox: &Arc<Inbox>,
+    stats: &Arc<EngineStats>,
+    changes: &tokio::sync::broadcast::Sender<DeliveryChange>,
+    subscribers: &Arc<std::sync::atomic::AtomicUsize>,
+) -> Commands {
+    let (hook_inbox, endpoint_inbox) = (inbox.clone(), inbox.clone());
+    Commands::new(config.limits.clone())
+        .with_due_hook(Arc::new(move |due| hook_inbox.hints(due)))
+        .with_endpoint_hook(Arc::new(move |changes| endpoint_inbox.endpoints_changed(changes)))
+        .with_stats(stats.clone(), changes.clone(), subscribers.clone())
+}
+
 impl Engine {
     /// Opens (or creates) the data directory of `config` and starts delivering.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
@@ -243,15 +259,10 @@ impl Engine {
             Ok::<_, ()>(())
         });
         let inbox = Arc::new(Inbox::default());
-        let hook_inbox = inbox.clone();
-        let endpoint_inbox = inbox.clone();
         let stats = Arc::new(EngineStats::default());
         let (changes, _) = tokio::sync::broadcast::channel(SUBSCRIPTION_BUFFER);
         let subscribers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let machine = Commands::new(config.limits.clone())
-            .with_due_hook(Arc::new(move |due| hook_inbox.hints(due)))
-            .with_endpoint_hook(Arc::new(move |changes| endpoint_inbox.endpoints_changed(changes)))
-            .with_stats(stats.clone(), changes.clone(), subscribers.clone());
+        let machine = commands_machine(&config, &inbox, &stats, &changes, &subscribers);
         let changes = changes.downgrade();
         let api_key_epoch = machine.api_key_epoch();
         let log =

@@ -300,12 +300,7 @@ impl<T: Tables> Fold<'_, T> {
             Event::Compacted { .. } => Ok(()),
             Event::RulesAdopted { version } => self.rules_adopted(*version),
             Event::EndpointDeliverySettingsSet { id, settings } => self.delivery_settings_set(*id, settings),
-            Event::RecoveryRequested { id, org_id, filter, by_key, delivery_ids } => {
-                self.recovery_requested(*id, *org_id, filter, *by_key, delivery_ids)
-            }
-            Event::RecoveryDeliveries { recovery_id, delivery_ids } => {
-                self.recovery_deliveries(*recovery_id, delivery_ids)
-            }
+            Event::RecoveryRequested { .. } | Event::RecoveryDeliveries { .. } => self.recovery(event),
             Event::OrderingKeySet { event_id, ordering_key } => {
                 self.ordering_key_set(*event_id, ordering_key.as_deref())
             }

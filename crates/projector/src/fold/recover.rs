@@ -3,6 +3,7 @@
 
 use super::{same_org, ApplyError, Fold};
 use crate::codec;
+use crate::event::Event;
 use crate::ids::{ApiKeyId, DeliveryId, OrgId, RecoveryId};
 use crate::keys;
 use crate::model::{Cause, DeliveryStatus};
@@ -11,7 +12,20 @@ use crate::tables::Tables;
 
 impl<T: Tables> Fold<'_, T> {
     /// A recovery and the first of its deliveries.
-    pub(super) fn recovery_requested(
+    /// A recovery's records ([`Event::RecoveryRequested`], [`Event::RecoveryDeliveries`]).
+    pub(super) fn recovery(&mut self, event: &Event) -> Result<(), ApplyError> {
+        match event {
+            Event::RecoveryRequested { id, org_id, filter, by_key, delivery_ids } => {
+                self.recovery_requested(*id, *org_id, filter, *by_key, delivery_ids)
+            }
+            Event::RecoveryDeliveries { recovery_id, delivery_ids } => {
+                self.recovery_deliveries(*recovery_id, delivery_ids)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn recovery_requested(
         &mut self,
         id: RecoveryId,
         org_id: OrgId,
@@ -36,11 +50,7 @@ impl<T: Tables> Fold<'_, T> {
     }
 
     /// More deliveries of a recovery folded before.
-    pub(super) fn recovery_deliveries(
-        &mut self,
-        id: RecoveryId,
-        delivery_ids: &[DeliveryId],
-    ) -> Result<(), ApplyError> {
+    fn recovery_deliveries(&mut self, id: RecoveryId, delivery_ids: &[DeliveryId]) -> Result<(), ApplyError> {
         self.recoveries_allowed("RecoveryDeliveries")?;
         let mut recovery = get_recovery(self.t, id)?.ok_or(ApplyError::UnknownRecovery(id))?;
         self.recover(&mut recovery, delivery_ids)
