@@ -343,10 +343,22 @@ pub fn call_raw(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Result<(u16, String), String> {
+    call_raw_within(url, method, key, body, headers, WAIT_MAX)
+}
+
+/// [`call_raw`], waiting at most `read_timeout` for each read of the answer.
+pub fn call_raw_within(
+    url: &str,
+    method: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+    read_timeout: Duration,
+) -> Result<(u16, String), String> {
     let rest = url.strip_prefix("http://").ok_or("only http")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let mut stream = TcpStream::connect(host).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(WAIT_MAX)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(read_timeout)).map_err(|e| e.to_string())?;
     let body = body.unwrap_or("");
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
     if let Some(k) = key {
