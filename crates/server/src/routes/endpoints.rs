@@ -139,7 +139,11 @@ pub async fn get(
     PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let e = visible(&state, &who, &id)?;
-    answer(&state, StatusCode::OK, e.id, None)
+    let settings = state
+        .engine
+        .read(|t| herald_engine::get_endpoint_settings(t, e.id))
+        .map_err(|e| ApiError::from_read(F, e))?;
+    Ok(Json(EndpointOut::new(&e, &settings, None)).into_response())
 }
 
 #[utoipa::path(patch, path = "/v1/endpoints/{id}", tag = "endpoints", params(("id" = String, Path)),
