@@ -4,9 +4,10 @@
 run:
     cargo run --release -- serve
 
-# Every test: unit, property, crash and end-to-end (the README's test command).
+# Every test: unit, property, crash and end-to-end (the README's test command; it installs the
+# programs the tests drive, Chromium, chromedriver and nats-server, when they are missing).
 test:
-    cargo test --workspace
+    scripts/test
 
 # schemathesis against a live server and its /openapi.json (needs python3).
 schema:
