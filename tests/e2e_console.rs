@@ -168,6 +168,7 @@ impl Chromedriver {
         let profile = format!("--user-data-dir={}", self._profile.path().display());
         let mut caps = serde_json::Map::new();
         caps.insert("browserName".into(), json!("chrome"));
+        caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
         caps.insert(
             "goog:chromeOptions".into(),
             json!({
@@ -184,6 +185,18 @@ impl Chromedriver {
             .expect("chromedriver did not start a Chromium session");
         self.session = client.session_id().await.expect("the session id");
         client
+    }
+
+    /// The browser's console messages since the last call (chromedriver's log endpoint).
+    fn browser_log(&self) -> Vec<String> {
+        let id = self.session.as_deref().expect("a session");
+        let url = self.url(&format!("/session/{id}/se/log"));
+        let (status, body) = common::call_raw(&url, "POST", None, Some(r#"{"type":"browser"}"#), &[])
+            .expect("the browser log");
+        assert_eq!(status, 200, "{body}");
+        let log: Value = serde_json::from_str(&body).expect("JSON");
+        let entries = log["value"].as_array().cloned().unwrap_or_default();
+        entries.iter().map(|e| e["message"].as_str().unwrap_or_default().to_owned()).collect()
     }
 }
 
@@ -354,9 +367,16 @@ async fn an_operator_finds_a_failure_retriggers_it_and_recovers_the_rest_in_a_br
     let client = driver.session().await;
     let page = Page { client, base: scene.server.url("/ui/"), screens: screens_dir() };
     let walk = tokio::time::timeout(BROWSER_TEST_MAX, walk_through(&page, &scene)).await;
+    walk.unwrap_or_else(|_| panic!("the browser walk-through took over {BROWSER_TEST_MAX:?}"));
+    // The page ran under its CSP without a violation and without an uncaught error (the wrong
+    // key's 401 and the browser's own /favicon.ico 404 are logged as failed loads, not these).
+    let log = driver.browser_log();
+    assert!(log.iter().any(|m| m.contains("401")), "the log holds the wrong key's 401: {log:#?}");
+    let bad: Vec<&String> =
+        log.iter().filter(|m| m.contains("Content Security Policy") || m.contains("Uncaught")).collect();
+    assert!(bad.is_empty(), "the browser console: {bad:#?}");
     let _ = page.client.clone().close().await;
     driver.session = None;
-    walk.unwrap_or_else(|_| panic!("the browser walk-through took over {BROWSER_TEST_MAX:?}"));
     println!("console browser test: {:.1} s", started.elapsed().as_secs_f64());
 }
 
@@ -374,6 +394,11 @@ async fn walk_through(page: &Page, scene: &Scene) {
     assert_eq!(places[0], json!(""), "a cookie was set");
     assert!(!places[1].as_str().unwrap_or_default().contains(&scene.key), "the key is in the URL");
     assert_eq!(places[2], json!(scene.key));
+    // Signing out forgets the key and shows the form again.
+    page.click("#sign-out").await;
+    page.wait_text("#view-signin h2", "the sign-in form", |t| t == "Sign in").await;
+    let kept = page.client.execute("return sessionStorage.getItem('herald.key');", vec![]).await;
+    assert_eq!(kept.expect("execute"), Value::Null);
 }
 
 async fn sign_in(page: &Page, key: &str) {
@@ -470,6 +495,11 @@ async fn endpoints(page: &Page) {
     // pending, delivered, exhausted, inactive: the three orders failed, none delivered.
     assert_eq!((counts[0], counts[1], counts[2] + counts[3]), (0, 0, 3), "{counts:?}");
     page.screenshot("05-endpoints").await;
+    // Enable makes it active (its deliveries stay inactive until retriggered or recovered).
+    page.click("#endpoints-table tbody tr:first-child button.enable").await;
+    let row = "#endpoints-table tbody tr:first-child td:nth-child(3) .badge";
+    page.wait_text(row, "the endpoint active", |t| t == "active").await;
+    assert_eq!(page.count("#endpoints-table button.enable").await, 0);
 }
 
 async fn recover(page: &Page, scene: &Scene) {

@@ -294,7 +294,9 @@ function renderFailures(rows, more) {
       el('td', { class: 'num', text: attemptsText(d) }),
       el('td', { class: 'time', text: when(d.updated_at) })));
   }
-  show($('failures-empty'), rows.length === 0);
+  const empty = $('failures-empty');
+  empty.textContent = more ? 'None in this stretch of the list; “Older” reads on.' : 'No failures match.';
+  show(empty, rows.length === 0);
   $('failures-newer').disabled = failures.back.length === 0;
   $('failures-older').disabled = !more;
   $('failures-page').textContent = 'page ' + failures.page;
@@ -334,6 +336,7 @@ async function showDelivery(id) {
     ['Attempts', attemptsText(d)],
     ['Last error', d.last_error],
     ['Last response status', d.last_response_status],
+    ['Last attempt', attempts.data.length ? when(attempts.data[attempts.data.length - 1].started_at) : null],
     ['Next attempt', d.next_attempt_at && when(d.next_attempt_at)],
     ['Delivered', d.delivered_at && when(d.delivered_at)],
     ['Created', when(d.created_at)],
