@@ -447,6 +447,14 @@ async fn failures(page: &Page, scene: &Scene) -> String {
     assert_eq!(statuses, exhausted);
     filter_status(page, "both").await;
     page.wait_count("#failures-table tbody tr", 4).await;
+    // An event-type pattern, as endpoints take them.
+    page.type_into("#failures-filter input[name=event_type]", "invoice.*").await;
+    page.click("#failures-filter button[type=submit]").await;
+    page.wait_count("#failures-table tbody tr", 1).await;
+    assert_eq!(page.count(&format!("{row} td")).await, 6, "the invoice is the one left");
+    page.type_into("#failures-filter input[name=event_type]", "").await;
+    page.click("#failures-filter button[type=submit]").await;
+    page.wait_count("#failures-table tbody tr", 4).await;
     page.screenshot("02-failures").await;
     row
 }

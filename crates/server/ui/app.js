@@ -203,6 +203,11 @@ let failures = { filter: null, streams: [], back: [], page: 1 };
 function readFailureFilter() {
   const f = new FormData($('failures-filter'));
   const type = String(f.get('event_type') || '').trim();
+  // A pattern as endpoints take them: `*` or a prefix ending in `.*`; matched here, since the
+  // list's event_type filter takes an exact type only.
+  if (type.includes('*') && type !== '*' && !(type.endsWith('.*') && type.indexOf('*') === type.length - 1)) {
+    throw new ApiError(400, 'Event type: an exact type, *, or a prefix pattern ending in .* (call.*)');
+  }
   const pattern = type.endsWith('*') ? type.slice(0, -1) : null;
   return {
     statuses: f.get('status') === 'both' ? ['exhausted', 'inactive'] : [String(f.get('status'))],
@@ -220,8 +225,11 @@ function utc(local) {
   return isNaN(d.getTime()) ? '' : d.toISOString();
 }
 
+// The API's list order: created_at, then id (lowercase hex, so text order is byte order).
 function newer(a, b) {
-  if (a.created_at !== b.created_at) return a.created_at > b.created_at;
+  const at = Date.parse(a.created_at);
+  const bt = Date.parse(b.created_at);
+  if (at !== bt) return at > bt;
   return a.id > b.id;
 }
 
@@ -261,7 +269,13 @@ const snapshot = (streams) => streams.map((s) => ({ ...s, buf: s.buf.slice() }))
 
 async function showFailures(direction) {
   if (direction === 'first') {
-    const f = readFailureFilter();
+    let f;
+    try {
+      f = readFailureFilter();
+    } catch (e) {
+      notice(e.message, 'error');
+      throw e;
+    }
     failures = { filter: f, back: [], page: 1,
       streams: f.statuses.map((status) => ({ status, cursor: null, buf: [], done: false })) };
   } else if (direction === 'older') {
