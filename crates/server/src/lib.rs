@@ -5,6 +5,7 @@
 //!   answering errors in its route family's shape (`error`).
 //! - [`openapi_document`]: the OpenAPI 3 document, generated from the handlers' annotations and
 //!   the JSON types in `json`, so it cannot drift from them.
+//! - `ui`: the operator's console at `/ui/`, a static page that calls this API.
 //! - [`serve`]: opens the engine, bootstraps the admin key, listens, and stops gracefully; under
 //!   systemd (`Type=notify`) it says READY=1 once listening and STOPPING=1 when the stop begins.
 
@@ -19,6 +20,7 @@ mod listener;
 mod metrics;
 mod routes;
 mod state;
+mod ui;
 mod util;
 
 use std::future::Future;
@@ -146,6 +148,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        // The operator's console: a static page outside the JSON API (not in ROUTES).
+        .merge(ui::router())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(body)
