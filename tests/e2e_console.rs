@@ -493,6 +493,8 @@ async fn endpoints(page: &Page) {
     let status =
         page.wait_text("#endpoints-table tbody tr:first-child td:nth-child(3)", "inactive", |_| true).await;
     assert!(status.starts_with("inactive"), "{status}");
+    // Its failure run, from the endpoint's `failure_run`.
+    assert!(status.contains("failures since the last success"), "{status}");
     page.click("#endpoints-table tbody tr:first-child button.details").await;
     page.wait_text("#endpoint-counts tbody tr", "the counts", |t| !t.is_empty()).await;
     let mut counts = Vec::new();

@@ -271,6 +271,12 @@ fn seeds_000_001_failures_go_inactive_and_are_retriggered() {
     let e = endpoint_status(&server, &key, &ep);
     assert_eq!(e["status"], "inactive", "{e}");
     assert!(e["inactive_reason"].is_string(), "{e}");
+    // The run that made it inactive: the 4 failures the rule counts, oldest to newest.
+    assert_eq!(e["failure_run"]["failures"], 4, "{e}");
+    assert!(
+        rfc3339_ms(&s(&e["failure_run"]["first_at"])) <= rfc3339_ms(&s(&e["failure_run"]["last_at"])),
+        "{e}"
+    );
     let seen = receiver.received().len();
     assert!((4..=5).contains(&seen), "{seen} requests");
 
@@ -344,6 +350,7 @@ fn seeds_000_001_failures_go_inactive_and_are_retriggered() {
         (e["status"] == "active").then_some(e)
     });
     assert_eq!(e["inactive_reason"], Value::Null, "{e}");
+    assert_eq!(e["failure_run"], Value::Null, "a success ends the run: {e}");
     // Deliveries already inactive stay so until retriggered.
     assert_eq!(delivery(&server, &key, &d3)["status"], "inactive");
     assert_eq!(delivery(&server, &key, &d4)["status"], "inactive");

@@ -25,6 +25,9 @@ pub struct EndpointOut {
     /// `active` or `inactive`.
     pub status: String,
     pub inactive_reason: Option<String>,
+    /// The failures since the endpoint's last success; null when its last attempt succeeded or
+    /// none failed yet.
+    pub failure_run: Option<FailureRunOut>,
     pub created_at: String,
     pub updated_at: String,
     /// Attempts started per second at most; null: no limit.
@@ -51,6 +54,7 @@ impl EndpointOut {
             enabled_events: e.enabled_events.clone(),
             status: e.status.name().to_owned(),
             inactive_reason: e.inactive_reason.clone(),
+            failure_run: FailureRunOut::new(&e.failure_run_at_ms),
             created_at: ts(e.created_at_ms),
             updated_at: ts(e.updated_at_ms),
             rate_limit_per_s: settings.rate_limit_per_s,
@@ -59,6 +63,26 @@ impl EndpointOut {
             headers: (!settings.headers.is_empty()).then(|| settings.headers.iter().cloned().collect()),
             secret,
         }
+    }
+}
+
+/// An endpoint's run of failures since its last success: what makes it inactive once `failures`
+/// reaches `[endpoint_health] failures` within `[endpoint_health] window`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailureRunOut {
+    /// Failures in the run, counted up to `[endpoint_health] failures` (the most the rule needs).
+    pub failures: usize,
+    /// The oldest counted failure.
+    pub first_at: String,
+    /// The newest failure.
+    pub last_at: String,
+}
+
+impl FailureRunOut {
+    fn new(run_at_ms: &[u64]) -> Option<FailureRunOut> {
+        let first = run_at_ms.iter().copied().min()?;
+        let last = run_at_ms.iter().copied().max()?;
+        Some(FailureRunOut { failures: run_at_ms.len(), first_at: ts(first), last_at: ts(last) })
     }
 }
 

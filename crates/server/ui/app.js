@@ -443,6 +443,7 @@ async function showEndpoints() {
     endpoints.set(e.id, e);
     const status = el('div', {}, badge(e.status));
     if (e.inactive_reason) status.append(el('div', { class: 'why', text: e.inactive_reason }));
+    if (e.failure_run) status.append(el('div', { class: 'why', text: failureRunText(e.failure_run) }));
     const enable = e.status === 'inactive'
       ? el('button', { type: 'button', class: 'enable', text: 'Enable', 'data-id': e.id })
       : null;
@@ -459,6 +460,12 @@ async function showEndpoints() {
   $('endpoints-newer').disabled = endpointPages.index === 0;
   $('endpoints-older').disabled = !endpointPages.next;
   if (endpointPages.open) await showEndpointDetail(endpointPages.open);
+}
+
+// The failures since the endpoint's last success (counted up to the inactive rule's number).
+function failureRunText(run) {
+  const n = run.failures + (run.failures === 1 ? ' failure' : ' failures');
+  return n + ' since the last success, ' + when(run.first_at) + ' to ' + when(run.last_at);
 }
 
 function settingsText(e) {
@@ -479,6 +486,7 @@ async function showEndpointDetail(id) {
     ['URL', e.url],
     ['Status', e.status],
     ['Why inactive', e.inactive_reason],
+    ['Failure run', e.failure_run ? failureRunText(e.failure_run) : 'none (last attempt succeeded, or none yet)'],
     ['Rate limit', e.rate_limit_per_s === null ? 'none' : e.rate_limit_per_s + ' per second'],
     ['In flight at most', e.max_in_flight === null ? 'the configured default' : e.max_in_flight],
     ['Ordering', e.ordering],
