@@ -5,14 +5,34 @@
 //! `herald_log::WriteAhead`, and names no NATS). Design: `shared/CLUSTER.md`.
 //!
 //! - [`partition`]: which partition an organisation lives in, and its stream's names.
+//! - `stream.rs`: [`PartitionStream`] (stream `HERALD_P<n>`, subject `herald.p.<n>`) and
+//!   [`StreamWriteAhead`], the log's write-ahead onto it.
+//! - `replica.rs`: [`catch_up`], which brings a local replica to the stream's end through the
+//!   [`Follower`] machine, discarding ([`discard`]) one that is ahead or diverged.
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
 //!
 //! Invariants:
 //! - An organisation's partition is `u64::from_be_bytes(blake3(uuid bytes)[..8]) % partitions`:
 //!   over the org id's 16 bytes, never its text.
+//! - One stream message is one whole batch (`herald_log::encode_records`), published with the
+//!   expected last sequence = the last message the local replica applied; the batch is applied
+//!   locally (its message's sequence stored with it) only once JetStream acknowledged it.
+//! - A message written by another node where this one expected to write fences this node's log
+//!   for good: two writers never both append, whatever the clocks say.
+//! - A publish of unknown fate is settled by reading the stream, never guessed.
+//! - A replica is trusted only as a prefix of its stream: its position's message ends with its
+//!   last record; else it is discarded and rebuilt. Every record applied from the stream keeps
+//!   its seq and hash (checked) and is folded as the owner folded it.
 //! - The tests run real `nats-server` processes; without the binary they fail naming
 //!   `scripts/test`, never skip; every server they start is killed by PID when they end.
 
+mod error;
 pub mod partition;
+mod replica;
+mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use crate::error::ClusterError;
+pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
+pub use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
