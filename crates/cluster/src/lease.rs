@@ -185,6 +185,19 @@ impl Leases {
         Ok(Some((lease, entry.revision)))
     }
 
+    /// Every partition's lease, by partition number (`None`: never held), of `partitions`.
+    pub async fn all(&self, partitions: u32) -> Result<Vec<Option<Lease>>, ClusterError> {
+        let mut out = Vec::with_capacity(partitions as usize);
+        for partition in 0..partitions {
+            out.push(self.current(partition).await?.map(|(lease, _)| lease));
+        }
+        Ok(out)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     fn lease(&self, epoch: u64, now_ms: u64) -> Lease {
         Lease {
             node_id: self.node_id.clone(),

@@ -11,6 +11,8 @@
 //!   [`Follower`] machine, discarding ([`discard`]) one that is ahead or diverged.
 //! - `lease.rs`: [`Leases`] (bucket `herald-owners`), [`Nodes`] heartbeats (bucket
 //!   `herald-nodes`, TTL), [`fair_share`].
+//! - [`balance`]: which partitions a node claims or hands back ([`balance::plan`]): its fair
+//!   share, in its own rendezvous order; a live lease is never claimed.
 //! - `takeover.rs`: [`take_over`] (claim the lease, catch up, open the log, write the
 //!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
@@ -33,6 +35,7 @@
 //! - The tests run real `nats-server` processes; without the binary they fail naming
 //!   `scripts/test`, never skip; every server they start is killed by PID when they end.
 
+pub mod balance;
 mod error;
 mod lease;
 pub mod partition;
