@@ -30,9 +30,18 @@ pub struct NatsCluster {
 /// The `nats-server` binary, or a panic that says how to install it: a test that needs NATS
 /// fails without it, never skips.
 pub fn nats_server_binary() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
+    require(locate(std::env::var_os("PATH"), Path::new(SBIN)))
+}
+
+/// `nats-server` on `path` (a `PATH` value), else at `sbin` if it is there.
+fn locate(path: Option<std::ffi::OsString>, sbin: &Path) -> Option<PathBuf> {
+    let on_path = path
         .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("nats-server")).find(|p| p.is_file()));
-    match on_path.or_else(|| Path::new(SBIN).is_file().then(|| PathBuf::from(SBIN))) {
+    on_path.or_else(|| sbin.is_file().then(|| sbin.to_path_buf()))
+}
+
+fn require(found: Option<PathBuf>) -> PathBuf {
+    match found {
         Some(p) => p,
         None => panic!(
             "nats-server is not installed (not on PATH, nor at {SBIN}): the cluster tests run real \
@@ -207,5 +216,22 @@ impl Drop for NatsCluster {
         for i in 0..self.servers.len() {
             self.kill(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_nats_server_fails_the_test_naming_scripts_test() {
+        let nowhere = Path::new("/nonexistent/nats-server");
+        assert_eq!(locate(Some("/nonexistent".into()), nowhere), None);
+        let panic = std::panic::catch_unwind(|| require(None)).unwrap_err();
+        let message = panic.downcast_ref::<String>().unwrap();
+        assert!(message.contains("scripts/test") && message.contains("nats-server"), "{message}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nats-server"), "").unwrap();
+        assert_eq!(locate(Some(dir.path().into()), nowhere), Some(dir.path().join("nats-server")));
     }
 }
