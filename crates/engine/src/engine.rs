@@ -195,6 +195,20 @@ impl Drop for Inner {
     }
 }
 
+/// The engine's log, writing ahead to `write_ahead` when there is one (cluster mode).
+fn open_log(
+    store: Arc<dyn Store>,
+    machine: Commands,
+    config: herald_log::LogConfig,
+    write_ahead: Option<Arc<dyn herald_log::WriteAhead>>,
+) -> Result<Log<Commands>, EngineError> {
+    let log = match write_ahead {
+        None => Log::open(store, machine, config),
+        Some(write_ahead) => Log::open_write_ahead(store, machine, config, write_ahead),
+    };
+    log.map_err(|e| EngineError::Open(e.to_string()))
+}
+
 /// The command machine of an engine: its hooks tell the dispatcher what became due and which
 /// endpoints' settings changed; it counts into `stats` and tells `changes` to subscribers.
 fn commands_machine(
@@ -240,7 +254,26 @@ impl Engine {
     }
 
     /// Opens the engine on the given store, clock and sender.
-    pub fn open_with(mut config: EngineConfig, parts: Parts) -> Result<Engine, EngineError> {
+    pub fn open_with(config: EngineConfig, parts: Parts) -> Result<Engine, EngineError> {
+        Engine::open_parts(config, parts, None)
+    }
+
+    /// [`Engine::open_with`] whose log writes each batch ahead to `write_ahead` before applying
+    /// it (cluster mode: the partition's stream; see `herald_log::WriteAhead`). What the open
+    /// itself records (the rules, the policy) goes through it too.
+    pub fn open_with_write_ahead(
+        config: EngineConfig,
+        parts: Parts,
+        write_ahead: Arc<dyn herald_log::WriteAhead>,
+    ) -> Result<Engine, EngineError> {
+        Engine::open_parts(config, parts, Some(write_ahead))
+    }
+
+    fn open_parts(
+        mut config: EngineConfig,
+        parts: Parts,
+        write_ahead: Option<Arc<dyn herald_log::WriteAhead>>,
+    ) -> Result<Engine, EngineError> {
         if let Some(problem) = config.problem() {
             return Err(EngineError::Open(problem));
         }
@@ -265,8 +298,7 @@ impl Engine {
         let machine = commands_machine(&config, &inbox, &stats, &changes, &subscribers);
         let changes = changes.downgrade();
         let api_key_epoch = machine.api_key_epoch();
-        let log =
-            Log::open(store.clone(), machine, config.log).map_err(|e| EngineError::Open(e.to_string()))?;
+        let log = open_log(store.clone(), machine, config.log, write_ahead)?;
         let shared = Arc::new(Shared::new(inbox));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.delivery.worker_threads)

@@ -15,3 +15,6 @@ pub const META_ANCHOR: &[u8] = &[META, b'a'];
 /// Meta key a recovering writer puts and deletes in one batch, to learn whether the store takes
 /// writes again; it is never left in the store.
 pub const META_PROBE: &[u8] = &[META, b'p'];
+/// Meta key of the write-ahead's position after the last batch applied (see `WriteAhead`),
+/// absent for a log that never had one.
+pub const META_WRITE_AHEAD: &[u8] = &[META, b'w'];

@@ -9,6 +9,8 @@
 //! - [`Store`]: the seam to the disk. [`SledStore`] is the only code that names sled;
 //!   [`MemStore`] serves unit tests and scratch rebuilds; with the `testing` feature,
 //!   `FailingStore`, `VolatileStore` and `HeldStore` serve the failure tests.
+//! - [`WriteAhead`]: the seam where a batch may be stored elsewhere first (herald's cluster
+//!   mode), applied only once that succeeded; a fenced writer refuses everything after.
 //! - Reading: [`Log::read`] a range from any seq, [`Log::tail`] to follow new records, [`verify`]
 //!   over the whole chain with typed [`CorruptRecord`] errors that name the seq.
 //!
@@ -39,6 +41,7 @@ mod store;
 #[cfg(any(test, feature = "testing"))]
 mod testing;
 mod tx;
+mod write_ahead;
 mod writer;
 
 pub use crate::cache::{CacheStats, Cacheable, CachedStore, CACHE_ENTRY_OVERHEAD_BYTES};
@@ -53,3 +56,6 @@ pub use crate::store::{scan_vec, Durability, MemStore, Pair, Store, StoreError, 
 #[cfg(feature = "testing")]
 pub use crate::testing::{FailingStore, HeldStore, VolatileStore};
 pub use crate::tx::{merge_staged, Tx};
+pub use crate::write_ahead::{
+    decode_records, encode_records, encoded_len, write_ahead_position, WriteAhead, WriteAheadError,
+};

@@ -11,6 +11,7 @@ use crate::keyspace;
 use crate::record::{head_key, record_keys_end, Assembler, CorruptKind, CorruptRecord, Hash, Record};
 use crate::store::{Durability, Store, StoreError, WriteBatch};
 use crate::tx::Tx;
+use crate::write_ahead::{WriteAhead, WriteAheadError};
 use crate::writer::Writer;
 
 /// The on-disk format of the store as a whole (keyspace layout, record and event formats). 2
@@ -76,6 +77,8 @@ pub enum LogError {
         anchor_seq: u64,
         next_seq: u64,
     },
+    /// The write-ahead did not store the batch: nothing of it was applied (see [`WriteAhead`]).
+    WriteAhead(WriteAheadError),
 }
 
 impl std::fmt::Display for LogError {
@@ -95,6 +98,7 @@ impl std::fmt::Display for LogError {
                 "cannot cut the log through seq {through_seq}: only stored records after the anchor \
                  ({anchor_seq}) and before {next_seq} can be dropped"
             ),
+            LogError::WriteAhead(e) => write!(f, "{e}; nothing of the batch was written"),
         }
     }
 }
@@ -214,11 +218,18 @@ pub(crate) struct Shared {
     /// Why the store refuses writes, while it does: set by a failed apply, flush or read of a
     /// batch, cleared once the writer has reopened the store and a probe write went through.
     pub(crate) refusal: Mutex<Option<StoreError>>,
+    /// Set for good once the write-ahead fenced this writer off: every later command is
+    /// refused with it.
+    pub(crate) fenced: Mutex<Option<WriteAheadError>>,
 }
 
 impl Shared {
     pub(crate) fn refusal(&self) -> Option<StoreError> {
         self.refusal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn fenced(&self) -> Option<WriteAheadError> {
+        self.fenced.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub(crate) fn set_refusal(&self, e: Option<StoreError>) {
@@ -514,6 +525,26 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<Verify
 impl<M: Machine> Log<M> {
     /// Opens the log on `store`: checks the format and the last record, then starts the writer.
     pub fn open(store: Arc<dyn Store>, machine: M, config: LogConfig) -> Result<Log<M>, LogError> {
+        Log::start(store, machine, config, None)
+    }
+
+    /// [`Log::open`] with a write-ahead: each batch that has records is handed to `write_ahead`
+    /// before it is applied, and applied only if that succeeded (see [`WriteAhead`]).
+    pub fn open_write_ahead(
+        store: Arc<dyn Store>,
+        machine: M,
+        config: LogConfig,
+        write_ahead: Arc<dyn WriteAhead>,
+    ) -> Result<Log<M>, LogError> {
+        Log::start(store, machine, config, Some(write_ahead))
+    }
+
+    fn start(
+        store: Arc<dyn Store>,
+        machine: M,
+        config: LogConfig,
+        write_ahead: Option<Arc<dyn WriteAhead>>,
+    ) -> Result<Log<M>, LogError> {
         check_format(store.as_ref())?;
         let head = read_head(store.as_ref())?;
         let shared = Arc::new(Shared {
@@ -521,11 +552,12 @@ impl<M: Machine> Log<M> {
             wake: Condvar::new(),
             stats: Mutex::new(WriterStats::default()),
             refusal: Mutex::new(None),
+            fenced: Mutex::new(None),
         });
         let (send, recv) = crossbeam_channel::bounded(config.queue_commands_max.max(1));
         let (urgent, urgent_recv) =
             crossbeam_channel::bounded(URGENT_QUEUE_COMMANDS.min(config.queue_commands_max).max(1));
-        let writer = Writer::new(store.clone(), machine, config, shared.clone(), head);
+        let writer = Writer::new(store.clone(), machine, config, shared.clone(), head, write_ahead);
         let handle = std::thread::Builder::new()
             .name("herald-log-writer".into())
             .spawn(move || writer.run(urgent_recv, recv))
@@ -634,6 +666,12 @@ impl<M: Machine> Log<M> {
     /// went through. The writer tries by itself, at growing intervals up to [`RESUME_WAIT_MAX`].
     pub fn refusal(&self) -> Option<StoreError> {
         self.inner.shared.refusal()
+    }
+
+    /// Why the write-ahead fenced this log off, once it has: every command is refused with it
+    /// from then on (another writer has taken the log over).
+    pub fn fenced(&self) -> Option<WriteAheadError> {
+        self.inner.shared.fenced()
     }
 
     /// Up to `limit` durable records from `from_seq` on.

@@ -165,7 +165,7 @@ impl Record {
     }
 
     /// Checks the record's own checksum and that its hash follows from `prev_hash`.
-    pub(crate) fn check(&self) -> Result<(), CorruptRecord> {
+    pub fn check(&self) -> Result<(), CorruptRecord> {
         if checksum(self.seq, self.at_ms, &self.body) != self.checksum {
             return Err(CorruptRecord { seq: self.seq, kind: CorruptKind::ChecksumMismatch });
         }

@@ -228,6 +228,13 @@ impl<'a> Tx<'a> {
         }
     }
 
+    /// Stages the write-ahead position to store with this batch (see
+    /// [`WriteAhead`](crate::WriteAhead)): for a machine that applies batches another writer
+    /// wrote ahead (a follower catching up), which the log's own writer did not hand to one.
+    pub fn set_write_ahead_position(&mut self, position: u64) {
+        self.put(keyspace::META_WRITE_AHEAD.to_vec(), position.to_be_bytes().to_vec());
+    }
+
     /// The store under this batch (without what the batch staged).
     pub fn store(&self) -> &'a dyn Store {
         self.store

@@ -19,6 +19,7 @@ use crate::log::{
 use crate::record::Hash;
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::tx::Tx;
+use crate::write_ahead::{encoded_len, WriteAhead, WriteAheadError};
 
 pub(crate) struct Writer<M: Machine> {
     store: Arc<dyn Store>,
@@ -32,6 +33,8 @@ pub(crate) struct Writer<M: Machine> {
     /// The callers of a batch whose apply or read failed, answered once the store is reopened:
     /// by then nothing of the batch is visible.
     failed: Option<(Vec<Answer<M>>, StoreError)>,
+    /// Where each batch with records goes before it is applied (see `write_ahead.rs`).
+    write_ahead: Option<Arc<dyn WriteAhead>>,
 }
 
 /// A batch applied to the store and waiting for its flush.
@@ -87,7 +90,7 @@ impl Flusher {
             if let Some(after) = after {
                 after(false);
             }
-            answer_failed::<M>(answers, e);
+            answer_failed::<M>(answers, LogError::Store(e));
             return;
         }
         let flush_us = started.elapsed().as_micros() as u64;
@@ -114,11 +117,11 @@ impl Flusher {
 }
 
 /// Answers a batch that failed: a rejected command still learns why it was rejected.
-fn answer_failed<M: Machine>(answers: Vec<Answer<M>>, e: StoreError) {
+fn answer_failed<M: Machine>(answers: Vec<Answer<M>>, e: LogError) {
     for (cb, res) in answers {
         match res {
             Err(rejection) => cb(Ok(Err(rejection))),
-            Ok(_) => cb(Err(LogError::Store(e.clone()))),
+            Ok(_) => cb(Err(e.clone())),
         }
     }
 }
@@ -130,6 +133,7 @@ impl<M: Machine> Writer<M> {
         config: LogConfig,
         shared: Arc<Shared>,
         head: Head,
+        write_ahead: Option<Arc<dyn WriteAhead>>,
     ) -> Writer<M> {
         Writer {
             store,
@@ -140,6 +144,7 @@ impl<M: Machine> Writer<M> {
             last_hash: head.last_hash,
             resumes: 0,
             failed: None,
+            write_ahead,
         }
     }
 
@@ -190,18 +195,21 @@ impl<M: Machine> Writer<M> {
                 stop = self.refuse_until_resumed(urgent, recv, to_flusher);
                 continue;
             }
-            crossbeam_channel::select_biased! {
-                recv(urgent) -> q => match q {
-                    Ok(q) => batch.push(q),
-                    // Both senders go together: the ordinary queue is closed as well.
-                    Err(_) => stop = true,
-                },
-                recv(recv) -> msg => match msg {
-                    Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
-                    Ok(Msg::Stop) | Err(_) => stop = true,
-                },
-                // A flush failed: the loop's head starts resuming.
-                recv(poked) -> _ => {},
+            // Commands a batch cut short left (see `commit`) go first, without waiting.
+            if batch.is_empty() {
+                crossbeam_channel::select_biased! {
+                    recv(urgent) -> q => match q {
+                        Ok(q) => batch.push(q),
+                        // Both senders go together: the ordinary queue is closed as well.
+                        Err(_) => stop = true,
+                    },
+                    recv(recv) -> msg => match msg {
+                        Ok(Msg::Command(c, cb)) => batch.push((c, cb)),
+                        Ok(Msg::Stop) | Err(_) => stop = true,
+                    },
+                    // A flush failed: the loop's head starts resuming.
+                    recv(poked) -> _ => {},
+                }
             }
             while !stop && batch.len() < batch_max {
                 if let Ok(q) = urgent.try_recv() {
@@ -229,6 +237,9 @@ impl<M: Machine> Writer<M> {
         }
     }
 
+    /// Runs the commands of `batch` and commits them as one batch. With a write-ahead, the
+    /// batch ends once its records reach its `batch_bytes_max`: the commands after stay in
+    /// `batch`, not run, for the next one.
     fn commit(&mut self, batch: &mut Vec<(M::Command, Callback<M>)>, to_flusher: &Sender<ToFlusher<M>>) {
         if let Some(refusal) = self.shared.refusal() {
             for (_, cb) in batch.drain(..) {
@@ -236,20 +247,16 @@ impl<M: Machine> Writer<M> {
             }
             return;
         }
+        if let Some(fenced) = self.write_ahead.as_ref().and_then(|_| self.shared.fenced()) {
+            for (_, cb) in batch.drain(..) {
+                cb(Err(LogError::WriteAhead(fenced.clone())));
+            }
+            return;
+        }
         let store = self.store.clone();
         let mut tx = Tx::new(store.as_ref(), self.next_seq, self.last_hash);
-        let mut answers: Vec<Answer<M>> = Vec::with_capacity(batch.len());
-        let commands = batch.len() as u64;
-        for (command, cb) in batch.drain(..) {
-            tx.savepoint();
-            let res = self.machine.execute(command, &mut tx);
-            if res.is_ok() {
-                tx.release();
-            } else {
-                tx.rollback();
-            }
-            answers.push((cb, res));
-        }
+        let answers = self.run_commands(batch, &mut tx);
+        let commands = answers.len() as u64;
         // A read that failed reads as absent: the batch fails with that error, and `finish`
         // (which would take a missing value for a damaged one) does not run.
         if let Some(e) = tx.error() {
@@ -267,8 +274,15 @@ impl<M: Machine> Writer<M> {
             }
             return;
         }
+        let position = match self.write_ahead(&tx) {
+            Ok(position) => position,
+            Err(e) => return self.refuse_written_ahead(answers, e),
+        };
         let (next_seq, last_hash) = tx.chain_state();
-        let (writes, records) = tx.into_parts();
+        let (mut writes, records) = tx.into_parts();
+        if let Some(position) = position {
+            writes.put(keyspace::META_WRITE_AHEAD.to_vec(), position.to_be_bytes().to_vec());
+        }
         if let Err(e) = self.store.apply(&writes) {
             return self.fail(answers, e);
         }
@@ -284,23 +298,77 @@ impl<M: Machine> Writer<M> {
         if let Err(unsent) = to_flusher.send(ToFlusher::Batch(item)) {
             // The flusher is gone (it cannot be while the writer runs): answer, never acknowledge.
             if let ToFlusher::Batch(item) = unsent.into_inner() {
-                answer_failed::<M>(item.answers, StoreError::Io("the flusher stopped".into()));
+                answer_failed::<M>(
+                    item.answers,
+                    LogError::Store(StoreError::Io("the flusher stopped".into())),
+                );
             }
         }
     }
 
-    fn fail(&mut self, answers: Vec<Answer<M>>, e: StoreError) {
-        self.machine.aborted();
-        {
-            let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.failed_batches += 1;
-            stats.last_batch_failed = true;
+    /// Runs the commands of `batch` into `tx`, each in its savepoint, and returns their
+    /// answers. With a write-ahead, once the records reach its `batch_bytes_max` the rest are
+    /// left in `batch`, not run.
+    fn run_commands(&mut self, batch: &mut Vec<Queued<M>>, tx: &mut Tx<'_>) -> Vec<Answer<M>> {
+        let mut answers: Vec<Answer<M>> = Vec::with_capacity(batch.len());
+        let bytes_max = self.write_ahead.as_ref().map(|w| w.batch_bytes_max());
+        let mut bytes = 0;
+        for (command, cb) in std::mem::take(batch) {
+            if bytes_max.is_some_and(|max| bytes >= max) {
+                batch.push((command, cb));
+                continue;
+            }
+            let records_before = tx.records().len();
+            tx.savepoint();
+            let res = self.machine.execute(command, tx);
+            if res.is_ok() {
+                tx.release();
+            } else {
+                tx.rollback();
+            }
+            answers.push((cb, res));
+            if bytes_max.is_some() {
+                bytes += tx.records().iter().skip(records_before).map(encoded_len).sum::<usize>();
+            }
         }
+        answers
+    }
+
+    /// Hands the batch's records to the write-ahead, if there is one and the batch has records
+    /// (a batch of projection writes alone, such as a compaction's, is this store's own):
+    /// the position to store with the batch.
+    fn write_ahead(&self, tx: &Tx<'_>) -> Result<Option<u64>, WriteAheadError> {
+        match &self.write_ahead {
+            Some(write_ahead) if !tx.records().is_empty() => write_ahead.append(tx.records()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// A batch the write-ahead did not store: nothing of it is applied, its callers are told
+    /// why (a rejected command still learns its rejection); a fenced writer refuses from now on.
+    fn refuse_written_ahead(&mut self, answers: Vec<Answer<M>>, e: WriteAheadError) {
+        self.batch_failed();
+        if matches!(e, WriteAheadError::Fenced(_)) {
+            *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+        }
+        answer_failed::<M>(answers, LogError::WriteAhead(e));
+    }
+
+    /// A batch that was not applied: the machine forgets it, the stats count it.
+    fn batch_failed(&mut self) {
+        self.machine.aborted();
+        let mut stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.failed_batches += 1;
+        stats.last_batch_failed = true;
+    }
+
+    fn fail(&mut self, answers: Vec<Answer<M>>, e: StoreError) {
+        self.batch_failed();
         // A damaged value stays damaged after a reopen, so its batch is answered at once; any
         // other error may have left part of the batch in the store's memory, or the store
         // refusing everything from now on: its callers are answered after the reopen.
         if matches!(e, StoreError::Corrupt(_)) {
-            return answer_failed::<M>(answers, e);
+            return answer_failed::<M>(answers, LogError::Store(e));
         }
         self.shared.set_refusal(Some(e.clone()));
         self.failed = Some((answers, e));
@@ -309,7 +377,7 @@ impl<M: Machine> Writer<M> {
     /// Answers the callers of the last failed batch, if they are still waiting.
     fn answer_failed_batch(&mut self) {
         if let Some((answers, e)) = self.failed.take() {
-            answer_failed::<M>(answers, e);
+            answer_failed::<M>(answers, LogError::Store(e));
         }
     }
 

@@ -255,6 +255,14 @@ pub enum Event {
         event_id: EventId,
         ordering_key: Option<String>,
     },
+    /// Cluster mode (rules 5 on): node `node_id` took the partition this log is over, under its
+    /// lease's `epoch` (one more at each claim). The first record a new owner writes, once
+    /// caught up, published with the expected last stream sequence: the fence that fails any
+    /// write the previous owner still had in flight. Changes no table.
+    PartitionClaimed {
+        node_id: String,
+        epoch: u64,
+    },
 }
 
 /// Delivery ids one recovery record carries at most (17 bytes each encoded: a record of about
@@ -304,6 +312,7 @@ impl Event {
             Event::RecoveryRequested { .. } => "RecoveryRequested",
             Event::RecoveryDeliveries { .. } => "RecoveryDeliveries",
             Event::OrderingKeySet { .. } => "OrderingKeySet",
+            Event::PartitionClaimed { .. } => "PartitionClaimed",
         }
     }
 }
@@ -584,6 +593,7 @@ mod tests {
             }),
             (uuid(), proptest::option::of(text()))
                 .prop_map(|(id, ordering_key)| Event::OrderingKeySet { event_id: EventId(id), ordering_key }),
+            (text(), any::<u64>()).prop_map(|(node_id, epoch)| Event::PartitionClaimed { node_id, epoch }),
         ]
     }
 

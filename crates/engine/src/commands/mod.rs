@@ -25,6 +25,7 @@ use crate::subscribe::{DeliveryChange, Watched};
 use tokio::sync::broadcast;
 
 mod attempts;
+mod cluster;
 mod delivery_settings;
 mod endpoints;
 use endpoints::NewEndpoint;
@@ -191,6 +192,13 @@ pub enum Command {
         id: RecoveryId,
         org_id: OrgId,
         filter: RecoveryFilter,
+    },
+    /// Cluster mode: node `node_id` took the partition this log is over, under lease `epoch`;
+    /// recorded as `PartitionClaimed`, the first write after the take-over's catch-up (the
+    /// fence). Admin only (the cluster's own wiring sends it); needs rules 5.
+    ClaimPartition {
+        node_id: String,
+        epoch: u64,
     },
 }
 
@@ -461,6 +469,7 @@ impl Commands {
             Command::SetPolicy(p) => run.set_policy(p),
             Command::AdoptRules(version) => run.adopt_rules(version),
             Command::Recover { id, org_id, filter } => run.recover(id, org_id, filter),
+            Command::ClaimPartition { node_id, epoch } => run.claim_partition(node_id, epoch),
         }?;
         let events = run.events;
         self.stage(tx, at_ms, actor.recorded(), events)?;

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 mod api_keys;
 mod attempts;
+mod cluster;
 mod endpoints;
 mod order;
 mod publish;
@@ -304,6 +305,7 @@ impl<T: Tables> Fold<'_, T> {
             Event::OrderingKeySet { event_id, ordering_key } => {
                 self.ordering_key_set(*event_id, ordering_key.as_deref())
             }
+            Event::PartitionClaimed { .. } => self.partition_claimed(),
         }
     }
 

@@ -37,6 +37,8 @@ enum Op {
     Settings(u8),
     /// A `RulesAdopted` of this version (only the next ones up to `RULES_CURRENT` apply).
     Rules(u32),
+    /// A partition claim by node `n` (cluster mode's fence; folds under rules 5 on).
+    Claim(u8),
     Policy {
         failures_max: u32,
         window_ms: u64,
@@ -67,7 +69,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Rotate),
         1 => any::<u8>().prop_map(Op::Update),
         1 => any::<u8>().prop_map(Op::Settings),
-        1 => (0u32..5).prop_map(Op::Rules),
+        1 => (0u32..6).prop_map(Op::Rules),
+        1 => any::<u8>().prop_map(Op::Claim),
         1 => (1u32..6, 1u64..30 * 3_600_000)
             .prop_map(|(failures_max, window_ms)| Op::Policy { failures_max, window_ms }),
         3 => (0u64..8 * 3_600_000).prop_map(|ms| Op::Advance { ms }),
@@ -176,6 +179,9 @@ impl Driver {
             }
             Op::Rules(version) => {
                 self.offer(Event::RulesAdopted { version });
+            }
+            Op::Claim(n) => {
+                self.offer(Event::PartitionClaimed { node_id: format!("n{}", n % 4), epoch: u64::from(n) });
             }
             Op::Policy { failures_max, window_ms } => {
                 self.offer(Event::PolicySet(Policy {

@@ -32,9 +32,11 @@ use crate::tables::Tables;
 ///    stored with its members. Before, no such event folds.
 ///    An event's ordering key ([`Event::OrderingKeySet`](crate::Event)) folds, and the order
 ///    index of `per_key` endpoints is kept ([`Rules::ordered_delivery`]).
+/// 5. A partition claim ([`Event::PartitionClaimed`](crate::Event::PartitionClaimed), cluster
+///    mode's fence) folds, changing no table ([`Rules::partition_claims`]); before, none folds.
 ///
 /// [`Rules`] names each of these changes.
-pub const RULES_CURRENT: u32 = 4;
+pub const RULES_CURRENT: u32 = 5;
 
 /// A version of the fold's rules: the number stored under `META_RULES` and carried by
 /// `RulesAdopted` (1 before any), asked by what it changed rather than compared with numbers.
@@ -87,6 +89,12 @@ impl Rules {
         self.0 >= 4
     }
 
+    /// Version 5 on: a node's claim of a partition (cluster mode) may be recorded; it folds
+    /// without changing a table (before, none folds).
+    pub fn partition_claims(self) -> bool {
+        self.0 >= 5
+    }
+
     /// Whether rules `next` may follow these: forward only, up to the ones this code knows.
     pub fn may_be_followed_by(self, next: Rules) -> bool {
         self < next && next <= Rules::CURRENT
@@ -122,12 +130,14 @@ mod tests {
                 rules.delivery_record_refs(),
                 rules.recoveries(),
                 rules.ordered_delivery(),
+                rules.partition_claims(),
             )
         };
-        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false, false, false));
-        assert_eq!(changes(2), (true, true, false, false, false, false, false));
-        assert_eq!(changes(3), (true, true, true, false, false, false, false));
-        assert_eq!(changes(4), (true, true, true, true, true, true, true));
+        assert_eq!(changes(Rules::FIRST.0), (false, false, false, false, false, false, false, false));
+        assert_eq!(changes(2), (true, true, false, false, false, false, false, false));
+        assert_eq!(changes(3), (true, true, true, false, false, false, false, false));
+        assert_eq!(changes(4), (true, true, true, true, true, true, true, false));
+        assert_eq!(changes(5), (true, true, true, true, true, true, true, true));
         assert!(Rules::FIRST.may_be_followed_by(Rules::CURRENT));
         assert!(!Rules(2).may_be_followed_by(Rules(2)));
         assert!(!Rules(3).may_be_followed_by(Rules(2)));

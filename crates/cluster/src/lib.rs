@@ -1,0 +1,55 @@
+//! herald-cluster: herald's cluster mode on NATS JetStream. Its one job: make each partition's
+//! log survive the loss of any one machine, by writing every batch ahead to the partition's
+//! replicated JetStream stream before the local log applies it, and by letting exactly one node
+//! at a time write a partition. The only crate that names NATS (the log crate has the seam,
+//! `herald_log::WriteAhead`, and names no NATS). Design: `shared/CLUSTER.md`.
+//!
+//! - [`partition`]: which partition an organisation lives in, and its stream's names.
+//! - `stream.rs`: [`PartitionStream`] (stream `HERALD_P<n>`, subject `herald.p.<n>`) and
+//!   [`StreamWriteAhead`], the log's write-ahead onto it.
+//! - `replica.rs`: [`catch_up`], which brings a local replica to the stream's end through the
+//!   [`Follower`] machine, discarding ([`discard`]) one that is ahead or diverged.
+//! - `lease.rs`: [`Leases`] (bucket `herald-owners`), [`Nodes`] heartbeats (bucket
+//!   `herald-nodes`, TTL), [`fair_share`].
+//! - [`balance`]: which partitions a node claims or hands back ([`balance::plan`]): its fair
+//!   share, in its own rendezvous order; a live lease is never claimed.
+//! - `takeover.rs`: [`take_over`] (claim the lease, catch up, open the log, write the
+//!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
+//! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
+//!
+//! Invariants:
+//! - An organisation's partition is `u64::from_be_bytes(blake3(uuid bytes)[..8]) % partitions`:
+//!   over the org id's 16 bytes, never its text.
+//! - One stream message is one whole batch (`herald_log::encode_records`), published with the
+//!   expected last sequence = the last message the local replica applied; the batch is applied
+//!   locally (its message's sequence stored with it) only once JetStream acknowledged it.
+//! - A message written by another node where this one expected to write fences this node's log
+//!   for good: two writers never both append, whatever the clocks say.
+//! - A publish of unknown fate is settled by reading the stream, never guessed.
+//! - A lease is written only by compare-and-set on its bucket stream's last sequence, and it
+//!   never fences by itself: a new owner's first write is `PartitionClaimed { node_id, epoch }`,
+//!   published with the expected last sequence it caught up to.
+//! - A replica is trusted only as a prefix of its stream: its position's message ends with its
+//!   last record; else it is discarded and rebuilt. Every record applied from the stream keeps
+//!   its seq and hash (checked) and is folded as the owner folded it.
+//! - The tests run real `nats-server` processes; without the binary they fail naming
+//!   `scripts/test`, never skip; every server they start is killed by PID when they end.
+
+pub mod balance;
+mod error;
+mod lease;
+pub mod partition;
+mod replica;
+mod stream;
+mod takeover;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use crate::error::ClusterError;
+pub use crate::lease::{
+    fair_share, lease_key, open_bucket, Heartbeat, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes,
+    NODES_BUCKET, OWNERS_BUCKET,
+};
+pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
+pub use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
+pub use crate::takeover::{keep_renewed, take_over, unix_ms, Owned, TakeOverError};

@@ -1,0 +1,194 @@
+//! A partition's JetStream stream: created with the cluster's settings, read back by stream
+//! sequence, and [`StreamWriteAhead`], the log's write-ahead onto it: one message per batch,
+//! published with the expected last sequence, the batch applied locally only once acknowledged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{Config, LastRawMessageErrorKind, StorageType};
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+use herald_log::{decode_records, encode_records, Record, WriteAhead, WriteAheadError};
+
+use crate::error::{nats, ClusterError};
+use crate::partition::{stream_name, subject};
+
+/// How a partition's stream is made and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Copies JetStream keeps of each message (3 survives the loss of any one server).
+    pub replicas: usize,
+    /// The stream's largest message: at most the servers' `max_payload` (1 MiB by default)
+    /// less room for headers.
+    pub max_message_bytes: usize,
+    /// The most one command may append, encoded: a batch is cut before its records could
+    /// pass `max_message_bytes` (herald: the largest publish, payload and fan-out).
+    pub command_bytes_max: usize,
+    /// How long one publish waits for its acknowledgement before it asks the stream whether it
+    /// was stored.
+    pub ack_wait: Duration,
+    /// How long a batch is tried (through a stream leader's failover) before its callers are
+    /// told the write-ahead is unavailable.
+    pub publish_timeout: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            replicas: 3,
+            max_message_bytes: 1024 * 1024 - 4 * 1024,
+            command_bytes_max: 320 * 1024,
+            ack_wait: Duration::from_secs(2),
+            publish_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Partition `n`'s stream.
+#[derive(Clone)]
+pub struct PartitionStream {
+    js: Context,
+    stream: async_nats::jetstream::stream::Stream,
+    partition: u32,
+    settings: StreamSettings,
+}
+
+impl PartitionStream {
+    /// Opens partition `partition`'s stream, creating it (file storage, `replicas` copies, one
+    /// subject) when it does not exist yet.
+    pub async fn open(js: Context, partition: u32, settings: StreamSettings) -> Result<Self, ClusterError> {
+        let config = Config {
+            name: stream_name(partition),
+            subjects: vec![subject(partition)],
+            storage: StorageType::File,
+            num_replicas: settings.replicas,
+            max_message_size: i32::try_from(settings.max_message_bytes).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        let stream = js.get_or_create_stream(config).await.map_err(|e| nats("opening the stream")(&e))?;
+        Ok(PartitionStream { js, stream, partition, settings })
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    pub fn settings(&self) -> StreamSettings {
+        self.settings
+    }
+
+    /// The stream's last sequence (0 when it holds no message).
+    pub async fn last_sequence(&self) -> Result<u64, ClusterError> {
+        let mut stream = self.stream.clone();
+        let info = stream.info().await.map_err(|e| nats("reading the stream's state")(&e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// The payload of message `seq`, or `None` when the stream holds none at that sequence.
+    pub async fn payload(&self, seq: u64) -> Result<Option<Bytes>, ClusterError> {
+        match self.stream.get_raw_message(seq).await {
+            Ok(message) => Ok(Some(message.payload)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(nats("reading a message")(&e)),
+        }
+    }
+
+    /// The records of message `seq`, each checked (checksum, hash, chained to the one before
+    /// in the message). A missing message is an error: the stream never drops one.
+    pub async fn records(&self, seq: u64) -> Result<Vec<Record>, ClusterError> {
+        let payload = self.payload(seq).await?.ok_or_else(|| ClusterError::Diverged {
+            stream_seq: seq,
+            why: "the stream holds no such message".into(),
+        })?;
+        decode_records(&payload, 0).map_err(|record| ClusterError::CorruptMessage { stream_seq: seq, record })
+    }
+
+    /// Publishes `payload` as the message after `expected_last`; returns its sequence. A
+    /// publish whose fate is unknown (no acknowledgement, a leader failing over) is resolved by
+    /// reading the message after `expected_last`: ours, it was stored; another's, this writer is
+    /// fenced; none, it is published again, until `publish_timeout`.
+    async fn publish(&self, expected_last: u64, payload: Bytes) -> Result<u64, WriteAheadError> {
+        let deadline = Instant::now() + self.settings.publish_timeout;
+        let subject = subject(self.partition);
+        loop {
+            let message =
+                PublishMessage::build().payload(payload.clone()).expected_last_sequence(expected_last);
+            let sent = tokio::time::timeout(self.settings.ack_wait, async {
+                self.js.send_publish(subject.clone(), message).await?.await
+            })
+            .await;
+            let why = match sent {
+                Ok(Ok(ack)) if ack.sequence == expected_last + 1 => return Ok(ack.sequence),
+                Ok(Ok(ack)) => format!("acknowledged as message {}, not {}", ack.sequence, expected_last + 1),
+                Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    format!("the stream has moved past message {expected_last}")
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no acknowledgement within {:?}", self.settings.ack_wait),
+            };
+            let stored = tokio::time::timeout(self.settings.ack_wait, self.payload(expected_last + 1)).await;
+            match stored.unwrap_or_else(|_| Err(ClusterError::Nats("no answer".into()))) {
+                Ok(Some(stored)) if stored == payload => return Ok(expected_last + 1),
+                Ok(Some(_)) => {
+                    return Err(WriteAheadError::Fenced(format!(
+                        "stream {} message {} was written by another node ({why})",
+                        stream_name(self.partition),
+                        expected_last + 1
+                    )))
+                }
+                Ok(None) | Err(_) if Instant::now() < deadline => {}
+                Ok(None) | Err(_) => {
+                    return Err(WriteAheadError::Unavailable(format!(
+                        "stream {}: {why} (tried for {:?})",
+                        stream_name(self.partition),
+                        self.settings.publish_timeout
+                    )))
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The log's write-ahead onto a partition's stream. Each batch is one message, published with
+/// the expected last sequence = the last message this replica applied; the log applies the
+/// batch (storing the new sequence with it) only once JetStream has acknowledged it, stored on
+/// a quorum. A message written by another node in between fences this writer for good.
+pub struct StreamWriteAhead {
+    stream: PartitionStream,
+    runtime: tokio::runtime::Handle,
+    last: AtomicU64,
+}
+
+impl StreamWriteAhead {
+    /// A write-ahead whose first batch follows stream message `position` (the replica's
+    /// `write_ahead_position` after catching up). `runtime` runs the publishes: the log's
+    /// writer thread blocks on them, so it must not be one of the runtime's own threads.
+    pub fn new(stream: PartitionStream, runtime: tokio::runtime::Handle, position: u64) -> StreamWriteAhead {
+        StreamWriteAhead { stream, runtime, last: AtomicU64::new(position) }
+    }
+}
+
+impl WriteAhead for StreamWriteAhead {
+    fn batch_bytes_max(&self) -> usize {
+        let settings = self.stream.settings;
+        settings.max_message_bytes.saturating_sub(settings.command_bytes_max + 5).max(1)
+    }
+
+    fn append(&self, records: &[Record]) -> Result<u64, WriteAheadError> {
+        let payload = Bytes::from(encode_records(records));
+        let max = self.stream.settings.max_message_bytes;
+        if payload.len() > max {
+            return Err(WriteAheadError::Unavailable(format!(
+                "a batch of {} bytes is larger than the stream's largest message ({max} bytes)",
+                payload.len()
+            )));
+        }
+        let expected = self.last.load(Ordering::SeqCst);
+        let seq = self.runtime.block_on(self.stream.publish(expected, payload))?;
+        self.last.store(seq, Ordering::SeqCst);
+        Ok(seq)
+    }
+}
