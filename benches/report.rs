@@ -19,6 +19,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("footprint", "memory, restart, disk"),
     ("retention", "disk under retention"),
     ("recover", "bulk recover of 100,000 deliveries"),
+    ("audit", "replay of one delivery and verify on 1,000,000 records"),
 ];
 
 fn machine() -> String {

@@ -5,6 +5,8 @@
 //! to a healthy endpoint.
 
 mod common;
+#[path = "common/peak.rs"]
+mod peak;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -160,16 +162,6 @@ fn bad_tls(s: TcpStream) {
     let _ = tls.read(&mut buf);
 }
 
-/// Peak resident memory of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn attempts(server: &Server, key: &str, delivery: &str) -> Vec<Value> {
     let (status, body) =
         server.call("GET", &format!("/v1/webhook_deliveries/{delivery}/attempts"), Some(key), None);
@@ -259,7 +251,7 @@ fn hostile_receivers_are_recorded_as_failures_and_do_not_starve_a_healthy_one() 
     assert!(next >= finished + 3_600_000, "next attempt {next} only {} ms after {finished}", next - finished);
 
     // Memory stayed bounded while a receiver sent 50 MB.
-    let rss_mib = peak_rss_kib(server.pid().unwrap()) / 1024;
+    let rss_mib = peak::hwm_kib(server.pid().unwrap()) / 1024;
     assert!(rss_mib < 200, "herald peaked at {rss_mib} MiB");
     let (status, _) = server.call("GET", "/healthz", None, None);
     assert_eq!(status, 200);

@@ -125,6 +125,18 @@ pub const ORG: OrgId = OrgId(Uuid::from_u128(1));
 pub const ENDPOINT: EndpointId = EndpointId(Uuid::from_u128(2));
 pub const URL: &str = "https://receiver.example/hook";
 
+/// The record of the one endpoint a history's deliveries go to.
+pub fn endpoint_created() -> Event {
+    Event::EndpointCreated {
+        id: ENDPOINT,
+        org_id: ORG,
+        url: URL.into(),
+        name: "bench".into(),
+        enabled_events: vec!["*".into()],
+        secret: "whsec_YmVuY2htYXJrc2VjcmV0YmVuY2htYXJr".into(),
+    }
+}
+
 /// How one delivery of the history ends.
 #[derive(Clone, Copy)]
 pub enum Fate {
@@ -148,19 +160,7 @@ pub fn write_history(
         LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Flush };
     let log = Log::open(store, Projector, config).unwrap();
     if log.committed_seq() == 0 {
-        log.submit(vec![(
-            start_ms,
-            Event::EndpointCreated {
-                id: ENDPOINT,
-                org_id: ORG,
-                url: URL.into(),
-                name: "bench".into(),
-                enabled_events: vec!["*".into()],
-                secret: "whsec_YmVuY2htYXJrc2VjcmV0YmVuY2htYXJr".into(),
-            },
-        )])
-        .unwrap()
-        .unwrap();
+        log.submit(vec![(start_ms, endpoint_created())]).unwrap().unwrap();
     }
     // Small commands, two in flight: the writer folds one while the other is flushed, and its
     // batches stay at several hundred keys. sled's atomic batch holds one epoch guard from its

@@ -28,6 +28,7 @@ mod import;
 mod keys;
 mod replay;
 mod replay_index;
+mod resident;
 mod timeline;
 mod verify;
 

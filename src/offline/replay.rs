@@ -64,8 +64,6 @@ pub enum ScanReason {
     NoRefs,
     /// The refs start at this seq (rules 4 were adopted there), after the kept log's first record.
     RefsFrom(u64),
-    /// A recovery's story is told from the scan: the index does not yet say where it starts.
-    Recovery,
 }
 
 impl std::fmt::Display for ScanReason {
@@ -76,7 +74,6 @@ impl std::fmt::Display for ScanReason {
                 f,
                 "the record index starts at seq {seq}, where fold rules 4 were adopted, and the log holds older records"
             ),
-            ScanReason::Recovery => write!(f, "a recovery's story is read by a scan of the log"),
         }
     }
 }

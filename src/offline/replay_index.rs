@@ -5,17 +5,20 @@
 //! What a subject's story reads: for each of its deliveries, its event's publish record
 //! (`EventRecord::seq`: the creation of a delivery that started pending there) and the records
 //! its refs name (with its status after each); for an endpoint, its own records; for every
-//! story, the policy and rules records. A new subject (a recovery) adds its refs and its
-//! deliveries in [`plan_on`].
+//! story, the policy and rules records. For a recovery, reached from rows the projection
+//! already keeps (no refs of its own): its `RecoveryRequested` record (the recovery row's
+//! `seq`), and the refs of each of its members from that record on, which name the
+//! `RecoveryDeliveries` records that re-queued them and everything after; a member is followed
+//! from the recovery record that names it, as the scan follows it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use herald_log::{read_record_linked, Head, LogError, Store};
 use herald_projector::compact::CheckpointView;
 use herald_projector::{
-    decode, delivery_refs, get_delivery, get_endpoint, get_event, list_deliveries, record_refs, refs_from,
-    CheckedTables, CorruptValue, Delivery, DeliveryId, DeliveryIndex, DeliveryQuery, DeliveryStatus, Event,
-    EventId, ReadTables, PAGE_LEN_MAX, STORE_WIDE,
+    decode, delivery_refs, get_delivery, get_endpoint, get_event, get_recovery, list_deliveries, record_refs,
+    recovery_members, refs_from, CheckedTables, CorruptValue, Delivery, DeliveryId, DeliveryIndex,
+    DeliveryQuery, DeliveryStatus, Event, EventId, ReadTables, RecoveryId, PAGE_LEN_MAX, STORE_WIDE,
 };
 
 use super::replay::{ScanReason, Story};
@@ -55,9 +58,6 @@ fn tell(
     progress: &mut dyn Progress,
 ) -> Result<Option<ScanReason>, OfflineError> {
     let corrupt = OfflineError::ProjectionCorrupt;
-    if matches!(story.subject, Subject::Recovery(_)) {
-        return Ok(Some(ScanReason::Recovery));
-    }
     match refs_from(tables).map_err(corrupt)? {
         None => return Ok(Some(ScanReason::NoRefs)),
         Some(from) if from > head.anchor_seq + 1 => return Ok(Some(ScanReason::RefsFrom(from))),
@@ -123,8 +123,15 @@ fn plan_on(t: &impl ReadTables, anchor_seq: u64, subject: Subject) -> Result<Pla
                 }
             }
         }
-        // told from a scan (`tell`)
-        Subject::Recovery(_) => {}
+        Subject::Recovery(id) => {
+            if let Some(recovery) = get_recovery(t, id)? {
+                kept_after(&mut plan.seqs, recovery.seq);
+                let after = anchor_seq.max(recovery.seq.saturating_sub(1));
+                for d in members(t, id)? {
+                    plan.refs_of(t, d, after)?;
+                }
+            }
+        }
         Subject::Endpoint(id) => {
             for r in record_refs(t, id.as_bytes(), anchor_seq)? {
                 plan.seqs.insert(r.seq);
@@ -133,22 +140,44 @@ fn plan_on(t: &impl ReadTables, anchor_seq: u64, subject: Subject) -> Result<Pla
         }
     }
     let mut events: BTreeMap<EventId, u64> = BTreeMap::new();
-    for d in &plan.deliveries {
-        if let std::collections::btree_map::Entry::Vacant(slot) = events.entry(d.event_id) {
-            let seq = get_event(t, d.event_id)?.map_or(0, |e| e.seq);
+    for i in 0..plan.deliveries.len() {
+        let (id, event_id) = (plan.deliveries[i].id, plan.deliveries[i].event_id);
+        if let std::collections::btree_map::Entry::Vacant(slot) = events.entry(event_id) {
+            let seq = get_event(t, event_id)?.map_or(0, |e| e.seq);
             kept_after(&mut plan.seqs, *slot.insert(seq));
         }
-        for r in delivery_refs(t, d.id, anchor_seq)? {
-            plan.seqs.insert(r.seq);
-            if let Some(status) = r.status {
-                plan.touched.insert((r.seq, d.id), status);
-            }
-        }
+        plan.refs_of(t, id, anchor_seq)?;
     }
     for r in record_refs(t, &STORE_WIDE, anchor_seq)? {
         plan.seqs.insert(r.seq);
     }
     Ok(plan)
+}
+
+impl Plan {
+    /// Adds the records that touched delivery `id` after `after_seq`, with its status after each.
+    fn refs_of(&mut self, t: &impl ReadTables, id: DeliveryId, after_seq: u64) -> Result<(), CorruptValue> {
+        for r in delivery_refs(t, id, after_seq)? {
+            self.seqs.insert(r.seq);
+            if let Some(status) = r.status {
+                self.touched.insert((r.seq, id), status);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The members of recovery `id` (the deliveries it re-queued), chunk after chunk.
+fn members(t: &impl ReadTables, id: RecoveryId) -> Result<Vec<DeliveryId>, CorruptValue> {
+    let mut out = Vec::new();
+    for chunk in 0u32.. {
+        let ids = recovery_members(t, id, chunk)?;
+        if ids.is_empty() {
+            break;
+        }
+        out.extend(ids);
+    }
+    Ok(out)
 }
 
 /// Every delivery of endpoint `id`, through its status indexes, a page at a time.
@@ -193,8 +222,11 @@ fn kept_at_checkpoint(
             kept.sort_by(|a, b| a.id.as_bytes().cmp(b.id.as_bytes()));
             return Ok((kept, get_endpoint(checkpoint, id)?.is_some()));
         }
-        // told from a scan (`tell`)
-        Subject::Recovery(_) => {}
+        Subject::Recovery(id) => {
+            for d in members(checkpoint, id)? {
+                kept.extend(get_delivery(checkpoint, d)?);
+            }
+        }
     }
     Ok((kept, false))
 }

@@ -1,5 +1,6 @@
 //! Replay by index against the scan: on random histories (some compacted), the story of every
-//! delivery, event and endpoint read through the record refs is the scan's, line for line.
+//! delivery, event, endpoint and recovery read through the record refs is the scan's, line for
+//! line.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use herald_log::{Durability, Log, LogConfig, SledStore, Store};
 use herald_projector::{
     apply, encode, get_delivery, AttemptOutcome, DeliveryId, DeliveryStatus, EndpointId, Event, EventId,
-    MemTables, NewDelivery, OrgId, Policy, RecordActor, Trigger, RULES_CURRENT,
+    MemTables, NewDelivery, OrgId, Policy, RecordActor, RecoveryFilter, RecoveryId, Trigger, RULES_CURRENT,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -27,6 +28,9 @@ fn event_id(n: u32) -> EventId {
 }
 fn delivery_id(n: u32) -> DeliveryId {
     DeliveryId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0003_0000_0000 | u128::from(n)))
+}
+fn recovery_id(n: u32) -> RecoveryId {
+    RecoveryId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0004_0000_0000 | u128::from(n)))
 }
 
 #[derive(Clone, Debug)]
@@ -48,6 +52,15 @@ enum Op {
     Update(u8),
     Policy(u32),
     Advance(u64),
+    /// A bulk recover of up to 4 deliveries that are delivered, exhausted or inactive (from the
+    /// `pick`th on), `per_record` ids a record; `interleave`: before each later record, the
+    /// first delivery it names is retriggered and fails for good (two records that touch it
+    /// after the recovery began, before it is re-queued).
+    Recover {
+        pick: u16,
+        per_record: u8,
+        interleave: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,6 +74,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Update),
         1 => (1u32..4).prop_map(Op::Policy),
         3 => (0u64..12 * HOUR_MS).prop_map(Op::Advance),
+        2 => (any::<u16>(), 1u8..4, any::<bool>())
+            .prop_map(|(pick, per_record, interleave)| Op::Recover { pick, per_record, interleave }),
     ]
 }
 
@@ -72,6 +87,7 @@ struct History {
     endpoints: u32,
     published: u32,
     deliveries: u32,
+    recoveries: u32,
 }
 
 impl History {
@@ -83,6 +99,7 @@ impl History {
             endpoints: 0,
             published: 0,
             deliveries: 0,
+            recoveries: 0,
         };
         if rules_first {
             h.offer(Event::RulesAdopted { version: RULES_CURRENT });
@@ -147,6 +164,46 @@ impl History {
                 self.offer(Event::PolicySet(Policy { failures_max, ..Policy::default() }));
             }
             Op::Advance(ms) => self.now_ms += ms,
+            Op::Recover { pick, per_record, interleave } => self.recover(pick, per_record, interleave),
+        }
+    }
+
+    fn recover(&mut self, pick: u16, per_record: u8, interleave: bool) {
+        let recoverable = [DeliveryStatus::Delivered, DeliveryStatus::Exhausted, DeliveryStatus::Inactive];
+        let n = self.deliveries.max(1);
+        let mut ids = Vec::new();
+        for k in 0..self.deliveries {
+            let id = delivery_id((u32::from(pick) + k) % n + 1);
+            let status = get_delivery(&self.tables, id).ok().flatten().map(|d| d.status);
+            if status.is_some_and(|s| recoverable.contains(&s)) && ids.len() < 4 {
+                ids.push(id);
+            }
+        }
+        let mut chunks = ids.chunks(usize::from(per_record.max(1)));
+        let id = recovery_id(self.recoveries + 1);
+        let filter = RecoveryFilter {
+            statuses: recoverable.to_vec(),
+            endpoint_id: None,
+            event_type: None,
+            created_after_ms: None,
+            created_before_ms: None,
+            max: 100,
+        };
+        let delivery_ids = chunks.next().map(<[DeliveryId]>::to_vec).unwrap_or_default();
+        if !self.offer(Event::RecoveryRequested { id, org_id: ORG, filter, by_key: None, delivery_ids }) {
+            return;
+        }
+        self.recoveries += 1;
+        for chunk in chunks {
+            if interleave {
+                self.offer(Event::RetriggerRequested {
+                    delivery_id: chunk[0],
+                    by_key: None,
+                    request_id: Uuid::nil(),
+                });
+                self.attempt(chunk[0], 2);
+            }
+            self.offer(Event::RecoveryDeliveries { recovery_id: id, delivery_ids: chunk.to_vec() });
         }
     }
 
@@ -266,7 +323,8 @@ fn same_stories(dir: &Path, h: &History) {
     let subjects = (1..=h.deliveries)
         .map(|n| Subject::Delivery(delivery_id(n)))
         .chain((1..=h.published).map(|n| Subject::Event(event_id(n))))
-        .chain((1..=h.endpoints).map(|n| Subject::Endpoint(endpoint_id(n))));
+        .chain((1..=h.endpoints).map(|n| Subject::Endpoint(endpoint_id(n))))
+        .chain((1..=h.recoveries + 1).map(|n| Subject::Recovery(recovery_id(n))));
     for subject in subjects {
         for format in [ReplayFormat::Text, ReplayFormat::Ndjson] {
             let by_index = story(dir, subject, format, ReplayRead::Index);

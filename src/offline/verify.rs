@@ -9,6 +9,7 @@ use herald_log::record::CHUNK_BYTES;
 use herald_log::{LogError, SledStore, StoreError};
 use herald_projector::{rebuild_into, rebuilt_pages, stored_pages, ProjectionPages, ScratchTables};
 
+use super::resident::ResidentBound;
 use super::{hex, last_seq, open_existing_cached, Difference, OfflineError, Progress};
 
 /// What `verify` keeps its memory under unless told otherwise.
@@ -68,9 +69,11 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-/// How a memory bound is shared out. sled's caches take a quarter of it between them; what
-/// sled keeps besides its cache (its page table, its write buffers) and the process itself
-/// take most of the rest.
+/// How a memory bound is shared out. sled's caches take a quarter of it between them, but sled
+/// keeps much more of what a pass reads (see `resident.rs`): the stores are reopened between
+/// pages once what the process holds has grown by three eighths of the bound. The pages read
+/// and the rebuild's buffered writes (a sixty-fourth: applying a batch to sled holds several
+/// copies of it for a moment) take the rest.
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     live_cache_bytes: u64,
@@ -81,6 +84,8 @@ struct Budget {
     page_records: usize,
     /// Pairs read at once from each projection while comparing (each at most `CHUNK_BYTES`).
     page_pairs: usize,
+    /// Stored keys of records read at once while checking the chain (each at most `CHUNK_BYTES`).
+    page_keys: usize,
 }
 
 impl Budget {
@@ -90,9 +95,10 @@ impl Budget {
         Budget {
             live_cache_bytes: m / 8,
             scratch_cache_bytes: m / 8,
-            pending_bytes: usize::try_from(m / 16).unwrap_or(usize::MAX),
+            pending_bytes: usize::try_from(m / 64).unwrap_or(usize::MAX),
             page_records: share(16, 16 * 1024, 64, 4096) as usize,
             page_pairs: share(32, CHUNK_BYTES as u64, 64, 4096) as usize,
+            page_keys: share(16, CHUNK_BYTES as u64, 64, 4096) as usize,
         }
     }
 }
@@ -124,26 +130,44 @@ pub fn parse_memory(text: &str) -> Result<u64, String> {
 pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<VerifyReport, OfflineError> {
     let budget = Budget::of(options.memory_max_bytes);
     let store = open_existing_cached(&options.data_dir, budget.live_cache_bytes)?;
+    let mut bound = ResidentBound::from_now(options.memory_max_bytes);
     let last = last_seq(store.as_ref())?;
     progress.begin("checking the chain", last);
-    let chain =
-        herald_log::verify(store.as_ref(), &mut |seq| progress.advance(seq)).map_err(|e| match e {
-            LogError::Corrupt(c) => OfflineError::Damaged(c),
-            other => OfflineError::Unreadable(other),
-        })?;
+    let chain = herald_log::verify_paged(
+        store.as_ref(),
+        budget.page_keys,
+        &mut || bound.relieve(&[store.as_ref()]),
+        &mut |seq| progress.advance(seq),
+    )
+    .map_err(|e| match e {
+        LogError::Corrupt(c) => OfflineError::Damaged(c),
+        other => OfflineError::Unreadable(other),
+    })?;
     progress.end();
     let scratch_dir = ScratchDir::create(&options.data_dir);
     let scratch = scratch_dir.open(budget.scratch_cache_bytes)?;
     progress.begin("rebuilding the projection", last);
     let mut tables = ScratchTables::rebuilt(&scratch, budget.pending_bytes);
-    rebuild_into(store.as_ref(), &mut tables, budget.page_records, &mut |seq| progress.advance(seq))
-        .map_err(OfflineError::Rebuild)?;
+    let mut relief = Ok(());
+    rebuild_into(store.as_ref(), &mut tables, budget.page_records, &mut |seq| {
+        progress.advance(seq);
+        if relief.is_ok() {
+            relief = bound.relieve(&[store.as_ref(), &scratch]);
+        }
+    })
+    .map_err(OfflineError::Rebuild)?;
+    relief.map_err(|e| OfflineError::Log(e.into()))?;
     tables.finish().map_err(|e| scratch_dir.error(e))?;
     progress.end();
     progress.begin("comparing with the stored projection", 0);
     let stored = stored_pages(store.as_ref(), &scratch, budget.pending_bytes, budget.page_pairs)
         .map_err(|e| OfflineError::Log(e.into()))?;
-    let pairs = compare(stored, rebuilt_pages(&scratch, budget.page_pairs), &scratch_dir, progress)?;
+    let mut relieve = |pairs: u64| match pairs % budget.page_pairs as u64 {
+        0 => bound.relieve(&[store.as_ref(), &scratch]).map_err(|e| OfflineError::Log(e.into())),
+        _ => Ok(()),
+    };
+    let pairs =
+        compare(stored, rebuilt_pages(&scratch, budget.page_pairs), &scratch_dir, &mut relieve, progress)?;
     progress.end();
     Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX) })
 }
@@ -154,6 +178,7 @@ fn compare(
     mut stored: ProjectionPages<'_>,
     mut rebuilt: ProjectionPages<'_>,
     scratch: &ScratchDir,
+    between_pages: &mut dyn FnMut(u64) -> Result<(), OfflineError>,
     progress: &mut dyn Progress,
 ) -> Result<u64, OfflineError> {
     loop {
@@ -166,6 +191,7 @@ fn compare(
             (Some((ka, _)), Some((kb, _))) if ka != kb => Difference::OtherKey { stored: ka, rebuilt: kb },
             (Some((key, va)), Some((_, vb))) if va != vb => Difference::Value { key },
             _ => {
+                between_pages(stored.pairs())?;
                 if stored.pairs() % PROGRESS_PAIRS == 0 {
                     progress.advance(stored.pairs());
                 }

@@ -493,29 +493,56 @@ pub struct VerifyReport {
 /// Checks every record: format, checksum, no gap, and the hash chain from the anchor on.
 /// `progress` is called now and then with the seq reached.
 pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, LogError> {
+    verify_paged(store, usize::MAX, &mut || Ok(()), progress)
+}
+
+/// [`verify`] reading at most `page_keys` stored keys per scan of the store, and calling
+/// `between` after each page, when no scan is open: a caller may then flush or reopen the store
+/// (its error ends the check).
+pub fn verify_paged(
+    store: &dyn Store,
+    page_keys: usize,
+    between: &mut dyn FnMut() -> Result<(), StoreError>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerifyReport, LogError> {
     let (anchor_seq, anchor_hash) = read_anchor(store)?;
     let mut asm = Assembler::new(Some(anchor_seq + 1)).with_prev_hash(anchor_hash);
     let mut report =
         VerifyReport { records: 0, first_seq: anchor_seq + 1, last_seq: anchor_seq, last_hash: anchor_hash };
     let mut bad = None;
     let mut got = Vec::new();
-    store.scan(&head_key(0), &record_keys_end(), &mut |k, v| {
-        if let Err(c) = asm.push_all(k, v, &mut got) {
-            bad = Some(c);
-            return ControlFlow::Break(());
-        }
-        for r in got.drain(..) {
-            report.records += 1;
-            report.last_seq = r.seq;
-            report.last_hash = r.hash;
-            if r.seq % 65_536 == 0 {
-                progress(r.seq);
+    let (mut from, end) = (head_key(0), record_keys_end());
+    loop {
+        let mut keys = 0usize;
+        let mut page_end = None;
+        store.scan(&from, &end, &mut |k, v| {
+            if let Err(c) = asm.push_all(k, v, &mut got) {
+                bad = Some(c);
+                return ControlFlow::Break(());
             }
+            for r in got.drain(..) {
+                report.records += 1;
+                report.last_seq = r.seq;
+                report.last_hash = r.hash;
+                if r.seq % 65_536 == 0 {
+                    progress(r.seq);
+                }
+            }
+            keys += 1;
+            if keys >= page_keys {
+                page_end = Some(k.to_vec());
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(c) = bad {
+            return Err(c.into());
         }
-        ControlFlow::Continue(())
-    })?;
-    if let Some(c) = bad {
-        return Err(c.into());
+        // The next page starts just past the last key read: that key with a zero byte after it.
+        let Some(mut next) = page_end else { break };
+        next.push(0);
+        from = next;
+        between()?;
     }
     asm.finish()?;
     progress(report.last_seq);

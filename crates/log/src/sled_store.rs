@@ -219,8 +219,20 @@ impl Store for SledStore {
         let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
         // Dropped first: sled holds its directory lock until then (`open_db` waits for it).
         *open = Err(StoreError::Io("reopening".into()));
+        release_deferred();
         *open = open_db(&self.dir, self.cache_bytes);
         open.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+}
+
+/// Runs what sled left for its epoch collector to free (the pages of a database just dropped,
+/// which sled hands over a few at a time): otherwise a reopen frees the old database's memory
+/// only as later reads advance the epoch. Each pass moves this thread's deferred frees to the
+/// global queue and runs a few of its bags once the epoch allows.
+fn release_deferred() {
+    const PASSES: usize = 4096;
+    for _ in 0..PASSES {
+        sled::crossbeam_pin().flush();
     }
 }
 

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_log::{
-    keyspace, record, verify, AppendOnly, CorruptKind, CorruptRecord, Durability, FailingStore, Log,
-    LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx, VolatileStore, WriteBatch,
+    keyspace, record, verify, verify_paged, AppendOnly, CorruptKind, CorruptRecord, Durability, FailingStore,
+    Log, LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx, VolatileStore, WriteBatch,
 };
 
 fn config() -> LogConfig {
@@ -263,7 +263,43 @@ fn damaged(seqs: u64, f: impl FnOnce(&MemStore)) -> LogError {
     }
     log.close();
     f(&store);
-    verify(&store, &mut |_| {}).unwrap_err()
+    let err = verify(&store, &mut |_| {}).unwrap_err();
+    // Read a key or two at a time, the check names the same record (a chunked one spans pages).
+    for page_keys in [1, 2] {
+        let paged = verify_paged(&store, page_keys, &mut || Ok(()), &mut |_| {}).unwrap_err();
+        assert_eq!(paged, err, "{page_keys} keys a page");
+    }
+    err
+}
+
+#[test]
+fn verify_in_pages_gives_the_same_report_and_stops_at_an_error_between_them() {
+    let store = MemStore::new();
+    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
+    for i in 1..=6u64 {
+        let size = if i == 3 { 30_000 } else { 100 };
+        log.submit(vec![(i, vec![i as u8; size])]).unwrap().unwrap();
+    }
+    log.close();
+    let whole = verify(&store, &mut |_| {}).unwrap();
+    let keys = store.with_map(|m| m.keys().filter(|k| k[0] == keyspace::RECORD).count());
+    for page_keys in 1..=keys + 1 {
+        let mut pages = 0;
+        let paged = verify_paged(
+            &store,
+            page_keys,
+            &mut || {
+                pages += 1;
+                Ok(())
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(paged, whole, "{page_keys} keys a page");
+        assert_eq!(pages, keys / page_keys, "pages after the first, {page_keys} keys a page");
+    }
+    let refused = verify_paged(&store, 2, &mut || Err(StoreError::Io("reopening".into())), &mut |_| {});
+    assert_eq!(refused.unwrap_err(), LogError::Store(StoreError::Io("reopening".into())));
 }
 
 #[test]

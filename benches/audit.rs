@@ -1,0 +1,172 @@
+//! Audit at scale (issue 26): one delivery's story and a whole verify on a history of N records,
+//! each beside what raw sled does with the same data in the same run:
+//! - `herald replay --delivery ID` (the real binary, a child process; replay by the record
+//!   refs): its wall time and peak resident memory, beside a raw sled open and `get`s of as many
+//!   keys as the story has records;
+//! - `herald verify` (default `--memory-max`, 512 MiB): its time, its rate in records/s as a
+//!   share of a raw sled scan of the record keyspace, and its peak resident memory.
+//!
+//! The history is written through the log and the projector directly (no HTTP): fold rules
+//! adopted first (so the projection keeps record refs), one endpoint, then per delivery a
+//! publish, a failed attempt and a delivered one (three records).
+//!
+//! Run: `cargo bench --bench audit` (1,000,000 records); `-- --records 10000000` for the large
+//! run; `--json FILE` also writes JSON. Targets at 10,000,000 records: replay under 50 ms and
+//! 64 MB; verify under 512 MB at 50 % or more of the raw scan's rate.
+
+mod common;
+#[path = "../tests/common/peak.rs"]
+mod peak;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{endpoint_created, report, write_history, Fate, Row};
+use herald_log::baseline::{raw_sled_gets, raw_sled_scan};
+use herald_log::{Durability, Log, LogConfig, SledStore, Store};
+use herald_projector::{DeliveryId, Event, Projector, RULES_CURRENT};
+use uuid::Uuid;
+
+const START_MS: u64 = 1_700_000_000_000;
+const RECORDS_DEFAULT: u64 = 1_000_000;
+/// Records of one delivery's story: its publish, a failed attempt, the delivered one.
+const RECORDS_PER_DELIVERY: u64 = 3;
+const PAYLOAD_BYTES: usize = 256;
+/// Replays timed; the figure is their median.
+const REPLAYS: usize = 5;
+const MIB: f64 = 1024.0 * 1024.0;
+const CHILD_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn records_wanted() -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--records")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.replace(['_', ','], "").parse().expect("--records takes a number"))
+        .unwrap_or(RECORDS_DEFAULT)
+}
+
+/// The history of `deliveries` deliveries in `dir`, after the rules and the endpoint; its last seq.
+fn build(dir: &Path, deliveries: u64) -> u64 {
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir, 64 << 20).unwrap());
+    let config =
+        LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Flush };
+    let log = Log::open(store.clone(), Projector, config).unwrap();
+    log.submit(vec![
+        (START_MS, Event::RulesAdopted { version: RULES_CURRENT }),
+        (START_MS, endpoint_created()),
+    ])
+    .unwrap()
+    .unwrap();
+    log.close();
+    drop(log);
+    let last =
+        write_history(store.clone(), START_MS, deliveries, 0, PAYLOAD_BYTES, Fate::Delivered { failures: 1 });
+    store.flush(Durability::Sync).unwrap();
+    last
+}
+
+/// The id `write_history` gave its `n`th delivery.
+fn delivery_id(n: u64) -> DeliveryId {
+    DeliveryId(Uuid::from_u128(2 << 64 | n as u128))
+}
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_herald"))
+}
+
+/// Median wall time and highest peak of [`REPLAYS`] replays of `delivery`; the records told.
+fn replay(data: &Path, delivery: DeliveryId, out: &Path) -> (Duration, u64, usize) {
+    let id = delivery.0.to_string();
+    let args = ["replay", "--data-dir", data.to_str().unwrap(), "--delivery", &id, "--format", "ndjson"];
+    let mut times = Vec::new();
+    let (mut peak_bytes, mut lines) = (0, 0);
+    for _ in 0..REPLAYS {
+        let run = peak::run_measured(bin(), &args, out, CHILD_TIMEOUT);
+        assert_eq!(run.code, 0, "replay failed: {}", run.stderr);
+        assert!(!run.stderr.contains("read by a scan"), "replay fell back to a scan: {}", run.stderr);
+        times.push(run.elapsed);
+        peak_bytes = peak_bytes.max(run.peak_bytes);
+        lines = run.stdout.lines().count();
+    }
+    times.sort();
+    (times[REPLAYS / 2], peak_bytes, lines)
+}
+
+fn main() {
+    let records = records_wanted();
+    let deliveries = (records / RECORDS_PER_DELIVERY).max(1);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let started = Instant::now();
+    let last = build(&data, deliveries);
+    let built = started.elapsed();
+    eprintln!("built {last} records ({deliveries} deliveries) in {:.1} s", built.as_secs_f64());
+
+    let (pairs, scan_took) = raw_sled_scan(&data).unwrap();
+    let scan_rate = last as f64 / scan_took.as_secs_f64();
+    eprintln!("raw scan: {pairs} record keys in {:.2} s", scan_took.as_secs_f64());
+
+    // A delivery in the middle of the history, its story's records read by a raw get each.
+    let target = deliveries / 2;
+    let (replay_took, replay_peak, told) = replay(&data, delivery_id(target), dir.path());
+    let first_seq = 2 + target * RECORDS_PER_DELIVERY + 1;
+    let keys: Vec<Vec<u8>> =
+        (first_seq..first_seq + RECORDS_PER_DELIVERY).map(herald_log::record::head_key).collect();
+    let (raw_open, raw_gets) = raw_sled_gets(&data, &keys).unwrap();
+    let raw_replay = raw_open + raw_gets;
+    eprintln!(
+        "replay: {told} lines; raw sled open {:.1} ms + {} gets {:.3} ms",
+        raw_open.as_secs_f64() * 1e3,
+        keys.len(),
+        raw_gets.as_secs_f64() * 1e3
+    );
+
+    let args = ["verify", "--data-dir", data.to_str().unwrap()];
+    let verify = peak::run_measured(bin(), &args, dir.path(), CHILD_TIMEOUT);
+    assert_eq!(verify.code, 0, "verify failed: {}", verify.stderr);
+    let verify_rate = last as f64 / verify.elapsed.as_secs_f64();
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let rows = vec![
+        Row {
+            name: format!("replay of one delivery ({told} lines), {last} records: time"),
+            value: ms(replay_took),
+            unit: "ms",
+            limit_name: format!("raw sled open + {} gets", keys.len()),
+            limit: ms(raw_replay),
+            target: "≤ 50 ms at 10,000,000 records".into(),
+            met: Some(ms(replay_took) <= 50.0),
+        },
+        Row {
+            name: format!("replay of one delivery, {last} records: peak memory"),
+            value: replay_peak as f64 / MIB,
+            unit: "MiB",
+            limit_name: String::new(),
+            limit: 0.0,
+            target: "≤ 64 MB at 10,000,000 records".into(),
+            met: Some(replay_peak as f64 <= 64e6),
+        },
+        Row {
+            name: format!("verify, {last} records: rate"),
+            value: verify_rate,
+            unit: "records/s",
+            limit_name: "raw sled scan of the record keyspace".into(),
+            limit: scan_rate,
+            target: "≥ 50 % of the limit".into(),
+            met: Some(verify_rate >= 0.5 * scan_rate),
+        },
+        Row {
+            name: format!("verify, {last} records: peak memory (--memory-max 512MiB)"),
+            value: verify.peak_bytes as f64 / MIB,
+            unit: "MiB",
+            limit_name: String::new(),
+            limit: 0.0,
+            target: "≤ 512 MB at 10,000,000 records".into(),
+            met: Some(verify.peak_bytes as f64 <= 512e6),
+        },
+    ];
+    eprintln!("verify took {:.1} s", verify.elapsed.as_secs_f64());
+    report(&rows);
+}

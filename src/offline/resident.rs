@@ -1,0 +1,57 @@
+//! Keeps an offline tool's resident memory near a bound by reopening its sled stores when it
+//! grows past a share of it. sled 0.34 evicts from its page cache only once 64 reads have
+//! landed in one of its 256 cache shards, so a single pass over a store keeps nearly every page
+//! it read, whatever its `cache_capacity`; dropping the database frees them all (once its
+//! epoch-deferred frees have run, and, under mimalloc, once freed pages go back at once: the
+//! binary sets `purge_delay` to 0 for `verify`).
+
+use herald_log::{Durability, Store, StoreError};
+
+/// Watches this process's resident memory and relieves it between pages of work.
+pub(crate) struct ResidentBound {
+    /// Resident bytes above which the stores are reopened: what the process held when the
+    /// bound was set (the executable, the first store opened), plus three eighths of the bound.
+    reopen_above: u64,
+    /// What must have grown since the last relief before another: what a relief leaves (pages
+    /// in hand, buffered writes, the stores' fixed needs) it cannot free, and reopening for less
+    /// would cost a reopen a page.
+    least_growth: u64,
+    /// Resident bytes just after the last relief.
+    after_last: u64,
+}
+
+impl ResidentBound {
+    /// Keeps what grows past this moment's resident memory near `memory_max` bytes.
+    pub(crate) fn from_now(memory_max: u64) -> ResidentBound {
+        let now = resident_bytes().unwrap_or(0);
+        ResidentBound {
+            reopen_above: now + memory_max / 8 * 3,
+            least_growth: memory_max / 8,
+            after_last: now,
+        }
+    }
+
+    /// Flushes and reopens `stores` when resident memory is above the bound (and has grown
+    /// since the last relief). Call it when no scan of them is open.
+    pub(crate) fn relieve(&mut self, stores: &[&dyn Store]) -> Result<(), StoreError> {
+        let Some(resident) = resident_bytes() else { return Ok(()) };
+        if resident <= self.reopen_above || resident < self.after_last.saturating_add(self.least_growth) {
+            return Ok(());
+        }
+        for store in stores {
+            store.flush(Durability::Flush)?;
+            store.reopen()?;
+        }
+        self.after_last = resident_bytes().unwrap_or(0);
+        Ok(())
+    }
+}
+
+/// This process's resident memory in bytes (Linux: `VmRSS` in `/proc/self/status`), or `None`
+/// where it cannot be read.
+pub(crate) fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
