@@ -100,10 +100,11 @@ impl Shared {
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            eprintln!(
-                "herald: attempt of delivery {} not made, {error}; it stays pending and is made again shortly \
-                 ({total} attempts not made for faults of this host so far)",
-                delivery.id
+            tracing::warn!(
+                delivery_id = %delivery.id,
+                error,
+                attempts_not_made = total,
+                "attempt not made for a fault of this host; the delivery stays pending and is made again shortly"
             );
         }
     }
