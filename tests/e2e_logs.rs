@@ -146,6 +146,22 @@ fn the_json_log_tells_the_failed_attempt_the_inactive_endpoint_and_the_request_i
             && field(l, "endpoint_id").and_then(Value::as_str) == Some(&endpoint_id)
     });
 
+    // A bulk recover: its start and end, naming its request.
+    let recover = json!({"status": ["inactive"]}).to_string();
+    let url = server.url("/v1/webhook_deliveries/recover");
+    let request = RawRequest {
+        url: &url,
+        method: "POST",
+        key: Some(&key),
+        body: Some(&recover),
+        headers: &[("x-request-id", "e2e-logs-recover")],
+    };
+    let (status, _, body) = call_raw_headers(&request, WAIT_MAX).expect("recover");
+    assert_eq!(status, 200, "{body}");
+    line_of_request(&server, "the recovery's start", "recovery started", "e2e-logs-recover");
+    let done = line_of_request(&server, "the recovery's end", "recovery done", "e2e-logs-recover");
+    assert_eq!(field(&done, "queued").and_then(Value::as_u64), Some(1), "{done}");
+
     // The start and stop lines.
     assert!(server.terminate(), "herald stopped cleanly");
     let log = server.log();
