@@ -127,11 +127,11 @@ config_keys! {
     [log] LogSection {
         /// `text` (the default: one readable line per event) or `json` (one JSON object a line).
         format: LogFormat = LogFormat::Text,
-            toml r#""text"             # or "json": one JSON object a line, on stderr"#, read log_format;
+            toml r#""text"                 # or "json": one JSON object a line, on stderr"#, read log_format;
         /// The least severe level logged: `error`, `warn`, `info` (the default), `debug`, `trace` or
         /// `off`. `RUST_LOG`, when set, overrides it (and takes per-module directives).
         level: String = "info".to_string(),
-            toml r#""info"              # error, warn, info, debug, trace or off; RUST_LOG overrides it"#,
+            toml r#""info"                  # error, warn, info, debug, trace or off; RUST_LOG overrides it"#,
             read log_level, check known_level;
     }
 }
