@@ -20,7 +20,6 @@ use herald_projector::{
 use uuid::Uuid;
 
 use crate::request::RequestId;
-
 use crate::signing::Secret;
 use crate::stats::EngineStats;
 use crate::subscribe::{DeliveryChange, Watched};
