@@ -119,6 +119,10 @@ fn the_json_log_tells_the_failed_attempt_the_inactive_endpoint_and_the_request_i
     assert_eq!(field(&failed, "status").and_then(Value::as_u64), Some(500), "{failed}");
     assert_eq!(field(&failed, "endpoint_id").and_then(Value::as_str), Some(endpoint_id.as_str()), "{failed}");
     assert!(field(&failed, "next_attempt_at_ms").is_some(), "{failed}");
+    // The second (a retry, from the loop's memory of the delivery's request), once it is durable.
+    wait_line(&server, "the second failed attempt", |l| {
+        message(l) == "attempt failed" && field(l, "attempt").and_then(Value::as_u64) == Some(2)
+    });
     let failures = lines(&server)
         .iter()
         .filter(|l| message(l) == "attempt failed")
