@@ -324,7 +324,7 @@ impl Scrape {
         counter(
             e,
             "herald_retention_failures",
-            "Compactions that failed (each is written to stderr).",
+            "Compactions that failed (each is logged: retention pass failed).",
             r.failures,
         )?;
         counter(

@@ -53,7 +53,7 @@ pub(crate) struct Shared {
     pub(super) unrecorded: AtomicU64,
     pub(super) local_faults: AtomicU64,
     pub(super) order_waits: AtomicU64,
-    /// When the last local fault was written to stderr (ms since the epoch), so a storm of them
+    /// When the last local fault was logged (ms since the epoch), so a storm of them
     /// is one line a second.
     local_fault_logged_ms: AtomicU64,
 }
@@ -86,7 +86,7 @@ impl Shared {
         s
     }
 
-    /// Counts an attempt not made for a fault of this host, and says why on stderr at most once
+    /// Counts an attempt not made for a fault of this host, and says why in the log at most once
     /// a second (with how many there were in all).
     pub(super) fn local_fault(&self, delivery: &herald_projector::Delivery, error: &str) {
         let total = self.local_faults.fetch_add(1, Ordering::Relaxed) + 1;
