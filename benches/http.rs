@@ -8,7 +8,9 @@
 //! Measured with 0 endpoints (the publish alone) and with 1 endpoint (publish, fan-out and the
 //! deliveries to an in-process receiver happening at the same time).
 //!
-//! Run: `cargo bench --bench http`. Prints a table; `--json FILE` also writes JSON.
+//! Run: `cargo bench --bench http`. Prints a table; `--json FILE` also writes JSON. With
+//! `HERALD_BENCH_LOG=json` (or `text`) the bench installs the subscriber `herald serve` installs,
+//! at `info`, writing to stderr: the cost of the logging on the publish path, as in production.
 
 mod common;
 
@@ -276,7 +278,25 @@ fn rows_for(name: &str, herald: &Load, raw: &Load, rows: &mut Vec<Row>) {
     }
 }
 
+/// Installs `herald serve`'s subscriber (its EnvFilter at `info`, text or JSON on stderr) when
+/// `HERALD_BENCH_LOG` asks for it.
+fn install_log_subscriber() {
+    let format = std::env::var("HERALD_BENCH_LOG").unwrap_or_default();
+    let builder = || {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::stderr)
+    };
+    match format.as_str() {
+        "json" => builder().json().init(),
+        "text" => builder().with_ansi(false).init(),
+        _ => return,
+    }
+    eprintln!("bench: the {format} subscriber at info is installed");
+}
+
 fn main() {
+    install_log_subscriber();
     let client = runtime(CLIENT_WORKERS, "bench-client");
     let side = runtime(1, "bench-receiver");
     let receiver = trivial_server(&side, StatusCode::NO_CONTENT, "");

@@ -19,8 +19,9 @@ use herald::offline::{
     OfflineError, Progress, ReplayFormat, ReplayOptions, ReplayRead, Subject, VacuumOptions, VerifyOptions,
 };
 use herald::projector::{DeliveryId, EndpointId, EventId};
-use herald_server::config::{herald_env, Config, Overrides};
+use herald_server::config::{herald_env, Config, LogFormat, LogSection, Overrides};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing_subscriber::EnvFilter;
 
 /// sled allocates and frees a copy of a tree node for every key it writes; mimalloc makes each
 /// of those writes about twice as cheap as glibc's malloc does (see docs/BENCHMARKS.md).
@@ -450,11 +451,32 @@ impl Progress for Bar {
     }
 }
 
+/// Installs the subscriber of `herald serve` (the libraries only emit events): lines on stderr,
+/// as text or JSON (`[log] format`), at `[log] level` unless `RUST_LOG` is set, which then
+/// overrides it (and takes per-module directives).
+fn init_logs(log: &LogSection) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => {
+            EnvFilter::try_new(&directives).map_err(|e| format!("RUST_LOG={directives:?}: {e}"))?
+        }
+        _ => EnvFilter::try_new(&log.level).map_err(|e| format!("[log] level {:?}: {e}", log.level))?,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+    installed.map_err(|e| format!("installing the log subscriber: {e}"))
+}
+
 fn serve(config: Config) -> ExitCode {
+    if let Err(e) = init_logs(&config.log) {
+        return usage(e);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("herald: cannot start the runtime: {e}");
+            tracing::error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -469,7 +491,7 @@ fn serve(config: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("herald: {e}");
+            tracing::error!("{e}");
             ExitCode::FAILURE
         }
     }

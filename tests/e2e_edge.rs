@@ -1,7 +1,10 @@
 //! The HTTP edge against slow clients, on the real binary: a client that trickles its request
 //! headers is disconnected after `[server] header_read_timeout`, so are 2,000 connections that
 //! never send a byte, a request whose body trickles gets a 408 in the API's shape after
-//! `[server] request_timeout`, and a normal client is answered promptly all along.
+//! `[server] request_timeout`, and a normal client is answered promptly all along. Under a
+//! `[server] max_connections` smaller than the idle crowd, the connections over the cap are
+//! answered 503 and closed at once, and the normal client is answered (503, then 200 once the
+//! silent ones are cut off) without ever waiting in the backlog.
 
 mod common;
 
@@ -81,6 +84,97 @@ fn slow_and_idle_clients_are_cut_off_and_a_normal_client_is_answered() {
     let still_open =
         idle.iter_mut().map(|s| closed_within(s, Duration::from_millis(1))).filter(|closed| !closed).count();
     assert_eq!(still_open, 0, "{still_open} connections that never sent a byte are still open");
+}
+
+/// The status of a `GET /healthz` on a fresh connection (0: closed without an answer, as a
+/// refusal is when more than `REFUSING_MAX` are being refused at once), and how long it took.
+fn status_of_healthz(server: &Server) -> (u16, Duration) {
+    let started = Instant::now();
+    let status = match call_raw(&server.url("/healthz"), "GET", None, None, &[]) {
+        Ok((status, _)) => status,
+        Err(_) => 0,
+    };
+    (status, started.elapsed())
+}
+
+#[test]
+fn over_the_connection_cap_idle_clients_are_refused_at_once_and_a_normal_client_is_answered() {
+    const CAP: usize = 256;
+    common::raise_own_open_files_limit(IDLE);
+    // Long enough that the silent connections still hold their places once all are open.
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(8);
+    let server = Server::start_with(&[
+        ("HERALD_SERVER_MAX_CONNECTIONS", &CAP.to_string()),
+        ("HERALD_SERVER_HEADER_READ_TIMEOUT", "8s"),
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    // A trickler (holds a place until the header timeout) and 2,000 silent connections.
+    let mut trickler = TcpStream::connect(addr).unwrap();
+    trickler.write_all(b"GET /healthz HTTP/1.1\r\nhost: her").unwrap();
+    let opening = Instant::now();
+    // Opened from 8 threads: a connect the backlog drops waits 1 s for its SYN to be sent again.
+    let mut idle: Vec<TcpStream> = std::thread::scope(|threads| {
+        let opening: Vec<_> = (0..8)
+            .map(|_| {
+                threads.spawn(|| {
+                    (0..IDLE / 8)
+                        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        opening.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    assert!(idle.len() > IDLE * 9 / 10, "only {} idle connections opened", idle.len());
+
+    let opened_in = opening.elapsed();
+    // The normal client never hangs: refused at once while the cap is full (a 503, or closed
+    // unanswered while the refusals in progress are at their bound), a 200 once the header
+    // timeout has freed the places.
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    let mut slowest = Duration::ZERO;
+    loop {
+        let (status, took) = status_of_healthz(&server);
+        slowest = slowest.max(took);
+        answers.push(status);
+        assert!(matches!(status, 200 | 503 | 0), "{status}");
+        if status == 200 || started.elapsed() > HEADER_TIMEOUT * 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let until_200 = started.elapsed();
+    println!(
+        "cap {CAP}, {} idle connections and a trickler: {} refusals (503) and {} closed unanswered, \
+         then 200 after {until_200:?} (header timeout {HEADER_TIMEOUT:?}, opened in {opened_in:?}); \
+         the slowest answer {slowest:?}",
+        idle.len(),
+        answers.iter().filter(|s| **s == 503).count(),
+        answers.iter().filter(|s| **s == 0).count()
+    );
+    assert_eq!(answers.last(), Some(&200), "never answered 200: {answers:?}");
+    // The places are full as long as the first silent ones hold theirs.
+    if opened_in < HEADER_TIMEOUT - Duration::from_secs(1) {
+        assert!(answers[0] != 200, "the cap was not full: {answers:?}");
+    }
+    assert!(
+        until_200 < HEADER_TIMEOUT + Duration::from_secs(2),
+        "a place came free only after {until_200:?}"
+    );
+    assert!(slowest < ANSWER_MAX, "an answer took {slowest:?}");
+    // Most of the silent ones were refused at once (those cut off while the rest opened left places).
+    let refused = server.metric("herald_connections_refused_total ");
+    assert!(refused >= (idle.len() / 2) as f64, "{refused} refused of {}", idle.len());
+    // Nothing is held open past the cap: every silent connection is closed (refused, or cut off
+    // by the header timeout, those accepted late a little later: in parallel, so the wait is short).
+    let still_open = idle
+        .iter_mut()
+        .map(|s| closed_within(s, HEADER_TIMEOUT + Duration::from_secs(1)))
+        .filter(|closed| !closed)
+        .count();
+    assert_eq!(still_open, 0, "{still_open} silent connections are still open");
+    assert!(closed_within(&mut trickler, Duration::from_secs(5)), "the trickling client is still connected");
 }
 
 #[test]

@@ -231,7 +231,7 @@ fn open_for_commands(dir: &Path) -> Result<(Arc<SledStore>, Log<Commands>), Offl
 
 /// Runs `command` as [`Actor::admin`], durably, then closes the log.
 fn execute(log: &Log<Commands>, command: Command) -> Result<(), OfflineError> {
-    let submitted = Submitted { actor: Actor::admin(), at_ms: now_ms(), command };
+    let submitted = Submitted { actor: Actor::admin(), at_ms: now_ms(), command, request: None };
     let outcome = log.submit(submitted);
     log.close();
     match outcome.map_err(OfflineError::Log)? {

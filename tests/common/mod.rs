@@ -39,6 +39,9 @@ pub struct Server {
     env: Vec<(String, String)>,
     /// The open-file limit (soft and hard) the server is started under, if any.
     open_files_max: Option<u64>,
+    /// Where herald's stderr goes when the test reads it (`start_logged`), in a scratch directory
+    /// of its own; otherwise it is inherited.
+    stderr_log: Option<(tempfile::TempDir, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -75,6 +78,22 @@ impl Server {
         server
     }
 
+    /// Like `start_with`, with herald's stderr (its log) written to a file that `log` reads.
+    pub fn start_logged(extra_env: &[(&str, &str)]) -> Server {
+        let mut server = Server::unstarted(extra_env, None);
+        let dir = tempfile::tempdir().expect("no temp dir");
+        let path = dir.path().join("herald.stderr");
+        server.stderr_log = Some((dir, path));
+        server.spawn();
+        server
+    }
+
+    /// What herald wrote to stderr so far (every start of it); only for a `start_logged` server.
+    pub fn log(&self) -> String {
+        let (_, path) = self.stderr_log.as_ref().expect("log() needs a server from start_logged");
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// Like `start_with`, but returns as soon as the process runs, before it answers: for a test
     /// of what herald does before it is up (its readiness notification). `wait_answering` waits.
     pub fn launch_with(extra_env: &[(&str, &str)]) -> Server {
@@ -107,6 +126,7 @@ impl Server {
             child: None,
             env,
             open_files_max,
+            stderr_log: None,
         }
     }
 
@@ -123,8 +143,18 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::null());
+        match &self.stderr_log {
+            Some((_, path)) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("cannot open the stderr file");
+                cmd.stderr(file)
+            }
+            None => cmd.stderr(Stdio::inherit()),
+        };
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -343,7 +373,8 @@ pub fn call_raw(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Result<(u16, String), String> {
-    call_raw_within(url, method, key, body, headers, WAIT_MAX)
+    let request = RawRequest { url, method, key, body, headers };
+    call_raw_headers(&request, WAIT_MAX).map(|(status, _, body)| (status, body))
 }
 
 /// [`call_raw`], waiting at most `read_timeout` for each read of the answer.
@@ -355,6 +386,30 @@ pub fn call_raw_within(
     headers: &[(&str, &str)],
     read_timeout: Duration,
 ) -> Result<(u16, String), String> {
+    let request = RawRequest { url, method, key, body, headers };
+    call_raw_headers(&request, read_timeout).map(|(status, _, body)| (status, body))
+}
+
+/// A response's headers: (name lower-cased, value), in order.
+pub type Headers = Vec<(String, String)>;
+
+/// The request of `call_raw_headers`: the arguments of `call_raw`.
+pub struct RawRequest<'a> {
+    pub url: &'a str,
+    pub method: &'a str,
+    /// The bearer key, if any.
+    pub key: Option<&'a str>,
+    pub body: Option<&'a str>,
+    /// More headers, as given.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+/// Like `call_raw_within`, with the response's headers too (names lower-cased, in order).
+pub fn call_raw_headers(
+    request: &RawRequest<'_>,
+    read_timeout: Duration,
+) -> Result<(u16, Headers, String), String> {
+    let RawRequest { url, method, key, body, headers } = *request;
     let rest = url.strip_prefix("http://").ok_or("only http")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let mut stream = TcpStream::connect(host).map_err(|e| e.to_string())?;
@@ -383,6 +438,7 @@ pub fn call_raw_within(
         .ok_or(format!("bad status {status_line:?}"))?;
     let mut len = None;
     let mut chunked = false;
+    let mut response_headers = Vec::new();
     loop {
         let mut line = String::new();
         reader.read_line(&mut line).map_err(|e| e.to_string())?;
@@ -398,6 +454,7 @@ pub fn call_raw_within(
             if k == "transfer-encoding" && v.trim().eq_ignore_ascii_case("chunked") {
                 chunked = true;
             }
+            response_headers.push((k, v.trim().to_owned()));
         }
     }
     let mut out = Vec::new();
@@ -419,7 +476,7 @@ pub fn call_raw_within(
     } else {
         reader.read_to_end(&mut out).map_err(|e| e.to_string())?;
     }
-    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+    Ok((status, response_headers, String::from_utf8_lossy(&out).into_owned()))
 }
 
 /// A request a receiver got.

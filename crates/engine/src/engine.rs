@@ -19,6 +19,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::commands::{Actor, Command, CommandError, Commands, Reply, Submitted};
 use crate::config::EngineConfig;
 use crate::dispatch::{DispatchStats, Dispatcher, Inbox, Shared, StopReport};
+use crate::request::RequestScope;
 use crate::sender::{HttpSender, Sender, SenderConfig};
 use crate::stats::{EngineStats, EngineStatsSnapshot};
 use crate::subscribe::{DeliveryChange, Subscription, SUBSCRIPTION_BUFFER};
@@ -89,10 +90,13 @@ fn prepare_store(store: &Arc<dyn Store>) -> Result<u32, EngineError> {
     // converted once.
     match compact::drop_legacy(store.clone()) {
         Ok(0) => {}
-        Ok(n) => eprintln!(
-            "herald: converted {n} index entries an earlier version stored one key each (now in chunks, or not kept)"
+        Ok(n) => tracing::info!(
+            entries = n,
+            "converted index entries an earlier version stored one key each (now in chunks, or not kept)"
         ),
-        Err(e) => return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}"))),
+        Err(e) => {
+            return Err(EngineError::Open(format!("converting index entries of an earlier version: {e}")))
+        }
     }
     herald_log::upgrade_format(store.as_ref()).map_err(|e| EngineError::Open(e.to_string()))?;
     Ok(rules)
@@ -103,7 +107,7 @@ fn started_anyway(result: Result<Reply, EngineError>, what: &str) -> Result<(), 
     match result {
         Ok(_) => Ok(()),
         Err(EngineError::Log(e)) => {
-            eprintln!("herald: {what} failed, going on without it until the next start: {e}");
+            tracing::warn!(error = %e, "{what} failed, going on without it until the next start");
             Ok(())
         }
         Err(e) => Err(e),
@@ -369,12 +373,18 @@ impl Engine {
             .spawn(move || {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
                     let Some(inner) = weak.upgrade() else { return };
-                    // The outcome is kept in the retention stats, for metrics; a failure has no caller
-                    // to go to, so it is also written to stderr, where a supervisor's log keeps it.
+                    // The outcome is kept in the retention stats, for metrics, and logged: a failure
+                    // has no caller to go to.
                     match (Engine { inner }).compact(retain) {
+                        Ok(report) => tracing::info!(
+                            records_dropped = report.records_dropped,
+                            deliveries_dropped = report.deliveries_dropped,
+                            events_dropped = report.events_dropped,
+                            "retention pass done"
+                        ),
                         // Stopping: the pass was cut off, nothing was written.
-                        Ok(_) | Err(EngineError::Log(LogError::Closed)) => {}
-                        Err(e) => eprintln!("herald: retention: compaction failed: {e}"),
+                        Err(EngineError::Log(LogError::Closed)) => {}
+                        Err(e) => tracing::error!(error = %e, "retention pass failed: compaction"),
                     }
                 }
             })
@@ -448,11 +458,17 @@ impl Engine {
         done: impl FnOnce(Result<Reply, EngineError>) + Send + 'static,
     ) {
         let at_ms = self.inner.clock.now_ms();
-        // A publish's latency is taken here, where it is answered: a caller that went away still
-        // has its publish measured (and counted, by the machine).
-        let publish =
-            matches!(command, Command::Publish { .. }).then(|| (Instant::now(), self.inner.stats.clone()));
-        self.inner.log.submit_with(Submitted { actor, at_ms, command }, move |out| {
+        // Inside a request (the server's edge set its scope): its id goes with the command, and a
+        // publish's latency is timed from its arrival, not from here.
+        let request = RequestScope::current();
+        // A publish's latency is taken where it is answered: a caller that went away still has
+        // its publish measured (and counted, by the machine).
+        let publish = matches!(command, Command::Publish { .. }).then(|| {
+            let arrived = request.map_or_else(Instant::now, |r| r.arrived);
+            (arrived, self.inner.stats.clone())
+        });
+        let submitted = Submitted { actor, at_ms, command, request: request.map(|r| r.id) };
+        self.inner.log.submit_with(submitted, move |out| {
             done(match out {
                 Ok(Ok(reply)) => {
                     if let Some((started, stats)) = publish {
@@ -757,7 +773,7 @@ impl Engine {
             .unwrap_or_default();
         let close_within = deadline.saturating_duration_since(Instant::now()).max(CLOSE_GRACE);
         if !self.inner.log.close_within(close_within) {
-            eprintln!("herald: the log writer did not stop within the shutdown timeout; left to finish");
+            tracing::warn!("the log writer did not stop within the shutdown timeout; left to finish");
         }
         report
     }

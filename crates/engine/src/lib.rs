@@ -52,6 +52,7 @@ mod dispatch;
 mod due;
 mod engine;
 mod history;
+pub mod request;
 mod schedule;
 pub mod sender;
 pub mod signing;
@@ -67,6 +68,7 @@ pub use crate::config::{DeliveryConfig, EngineConfig};
 pub use crate::dispatch::{DispatchStats, StopReport, INTERRUPTED_ERROR};
 pub use crate::engine::{Engine, EngineError, Parts, PublishedEvent, RetentionStats, COMPACT_PASS_RECORDS};
 pub use crate::history::DeliveryHistory;
+pub use crate::request::{RequestId, RequestScope};
 pub use crate::stats::{
     AttemptKind, EngineStats, EngineStatsSnapshot, Histogram, HistogramSnapshot, ATTEMPT_BUCKETS_US,
     PUBLISH_BUCKETS_US,

@@ -5,8 +5,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Upper bounds (microseconds) of the publish-latency buckets: from submission to the durable
-/// answer, which is a queue wait, a group-commit batch and its flush (+ fsync): 0.5-5 ms on a
+/// Upper bounds (microseconds) of the publish-latency buckets: from the request's arrival (its
+/// headers read; the submission for a command outside a request) to the durable answer, which is
+/// the body read and checked, a queue wait, a group-commit batch and its flush (+ fsync): 0.5-5 ms on a
 /// good SSD at rest, tens of ms under load or on a slow disk, seconds only when the disk stalls.
 pub const PUBLISH_BUCKETS_US: [u64; 12] =
     [500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000];
@@ -118,7 +119,8 @@ impl Default for EngineStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineStatsSnapshot {
     pub events_published: u64,
-    /// From the submission of a publish command to its durable answer.
+    /// From the arrival of a publish's HTTP request (its submission, outside a request) to its
+    /// durable answer.
     pub publish_durations: HistogramSnapshot,
     /// Recorded attempts, from the request's start to the receiver's answer (or the error), by
     /// outcome, in the order of [`AttemptKind::ALL`].

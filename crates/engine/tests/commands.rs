@@ -43,7 +43,7 @@ impl World {
     fn run_at(&mut self, actor: Actor, at_ms: u64, command: Command) -> Result<Reply, CommandError> {
         self.now_ms = self.now_ms.max(at_ms);
         let out: Result<Result<Reply, CommandError>, LogError> =
-            self.log.submit(Submitted { actor, at_ms, command });
+            self.log.submit(Submitted { actor, at_ms, command, request: None });
         out.unwrap()
     }
 

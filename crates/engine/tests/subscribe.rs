@@ -203,3 +203,23 @@ fn a_subscriber_that_falls_behind_is_told_how_many_it_missed_and_never_slows_the
     assert_eq!(engine.stats().events_published, publishes as u64);
     engine.shutdown();
 }
+
+/// Inside a request's scope (the server's edge sets it), a publish is timed from the request's
+/// arrival, not from its submission to the engine; outside one, from its submission.
+#[test]
+fn a_publish_in_a_request_is_timed_from_its_arrival() {
+    use herald_engine::{RequestId, RequestScope};
+    let (engine, _) = open(5);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let arrived = std::time::Instant::now() - Duration::from_millis(300);
+    let scope = RequestScope { id: RequestId::made(), arrived };
+    // The engine reads the scope wherever the command is submitted while the request's task runs.
+    runtime.block_on(scope.scope(async { engine.publish(org(), "call.ended", b"{}") })).unwrap();
+    let timed = engine.stats().publish_durations;
+    assert_eq!(timed.count(), 1);
+    assert!(timed.sum_us >= 300_000, "timed from the arrival: {} us", timed.sum_us);
+    engine.publish(org(), "call.ended", b"{}").unwrap();
+    let timed = engine.stats().publish_durations;
+    assert!(timed.sum_us - 300_000 < 250_000, "the second from its submission: {:?}", timed);
+    engine.shutdown();
+}

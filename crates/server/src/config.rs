@@ -23,9 +23,19 @@ pub use input::parse_duration;
 use input::{describe, Input};
 use keys::SECTIONS;
 pub use keys::{
-    Config, DeliverySection, EndpointHealthSection, RetriggerSection, SecretsSection, ServerSection,
-    StoreSection, DEFAULT_TOML,
+    Config, DeliverySection, EndpointHealthSection, LogSection, RetriggerSection, SecretsSection,
+    ServerSection, StoreSection, DEFAULT_TOML, LOG_LEVELS,
 };
+
+/// `[log] format`: how each log line of `herald serve` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object a line, with the fields of the event and of its spans.
+    Json,
+}
 
 /// The largest `[server] max_event_bytes` and `max_body_bytes`: half of a log record's largest
 /// body, which leaves room for the framing and fan-out written beside the payload.
@@ -393,6 +403,8 @@ mod tests {
         assert_eq!(c.retrigger.max_per_window, 10);
         assert_eq!(c.retrigger.window, Duration::from_secs(60));
         assert_eq!(c.secrets.rotation_overlap, Duration::from_secs(86_400));
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.level, "info");
         assert!(c.validate().is_ok());
     }
 
@@ -554,6 +566,8 @@ mod tests {
             ("HERALD_RETRIGGER_MAX_PER_WINDOW", "11"),
             ("HERALD_RETRIGGER_WINDOW", "12s"),
             ("HERALD_SECRETS_ROTATION_OVERLAP", "13d"),
+            ("HERALD_LOG_FORMAT", "json"),
+            ("HERALD_LOG_LEVEL", "Debug"),
         ];
         let names: Vec<String> = SECTIONS
             .iter()
@@ -594,6 +608,7 @@ mod tests {
             endpoint_health: EndpointHealthSection { failures: 9, window: Duration::from_secs(600) },
             retrigger: RetriggerSection { max_per_window: 11, window: Duration::from_secs(12) },
             secrets: SecretsSection { rotation_overlap: Duration::from_secs(13 * 86_400) },
+            log: LogSection { format: LogFormat::Json, level: "debug".into() },
         };
         assert_eq!(c, expected);
     }
@@ -655,6 +670,8 @@ mod tests {
             ("HERALD_RETRIGGER_MAX_PER_WINDOW", "0", "at least 1"),
             ("HERALD_RETRIGGER_WINDOW", "0ms", "longer than 0s"),
             ("HERALD_SECRETS_ROTATION_OVERLAP", "1.5h", "whole numbers"),
+            ("HERALD_LOG_FORMAT", "xml", "\"text\" or \"json\""),
+            ("HERALD_LOG_LEVEL", "loud", "must be one of error, warn"),
         ];
         for (var, value, why) in cases {
             let err = env_error(&[(var, value)]);

@@ -18,6 +18,7 @@ mod error;
 mod json;
 mod listener;
 mod metrics;
+pub mod request_id;
 mod routes;
 mod state;
 mod ui;
@@ -159,6 +160,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
                 .into_response()
         }))
+        // Outside the panic catcher and the time limit: every answer, theirs included, echoes
+        // the request's id.
+        .layer(request_id::RequestIdLayer)
         .with_state(state)
 }
 
@@ -234,10 +238,9 @@ pub fn bootstrap_admin(
         Some(k) => {
             check_given_key(&k)?;
             if !k.starts_with(KEY_PREFIX) || k.len() < GIVEN_KEY_ADVISED_LEN {
-                eprintln!(
-                    "herald: warning: HERALD_ADMIN_KEY is used as given; a key of the form \
-                     {}<random>, at least {GIVEN_KEY_ADVISED_LEN} characters, is harder to guess",
-                    KEY_PREFIX
+                tracing::warn!(
+                    "HERALD_ADMIN_KEY is used as given; a key of the form {KEY_PREFIX}<random>, at least \
+                     {GIVEN_KEY_ADVISED_LEN} characters, is harder to guess"
                 );
             }
             k
@@ -286,7 +289,7 @@ fn connections_max(
 /// herald serves either way, and systemd times the start out by itself if READY=1 never came.
 fn notify_service_manager(state: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
-        eprintln!("herald: warning: notifying the service manager (NOTIFY_SOCKET): {e}");
+        tracing::warn!(error = %e, "notifying the service manager (NOTIFY_SOCKET) failed");
     }
 }
 
@@ -307,6 +310,7 @@ pub async fn serve(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     if let Some(key) = bootstrap_admin(&engine, &data_dir, admin_key)? {
+        // To the terminal (stdout) only, never through the log: a log line is kept and shipped.
         println!(
             "herald: admin API key (shown once, also in {}): {key}",
             data_dir.join(ADMIN_KEY_FILE).display()
@@ -319,9 +323,12 @@ pub async fn serve(
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let listener = listener::CappedListener::new(listener, connections_max)
         .counting_into(state.metrics.connections_refused.clone());
-    println!(
-        "herald: listening on http://{local} (data in {}; at most {connections_max} connections, {open_files_max} open files)",
-        data_dir.display()
+    tracing::info!(
+        listen = %local,
+        data_dir = %data_dir.display(),
+        connections_max,
+        open_files_max,
+        "herald listening on http://{local}"
     );
     // Only now is herald ready: the store is open and converted (Engine::open), the admin key
     // exists and the listener is bound, so a unit ordered after herald.service can connect at once.
@@ -355,10 +362,20 @@ pub async fn serve(
         }
     };
     let report = tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?;
-    println!(
-        "herald: stopped ({} attempts finished during the stop, {} recorded as interrupted, {} left \
-         pending unrecorded)",
-        report.finished, report.interrupted, report.unrecorded
-    );
+    log_stopped(&report);
     result
+}
+
+/// The stop line.
+fn log_stopped(report: &herald_engine::StopReport) {
+    tracing::info!(
+        finished = report.finished,
+        interrupted = report.interrupted,
+        unrecorded = report.unrecorded,
+        "herald stopped ({} attempts finished during the stop, {} recorded as interrupted, {} left pending \
+         unrecorded)",
+        report.finished,
+        report.interrupted,
+        report.unrecorded
+    );
 }

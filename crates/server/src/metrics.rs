@@ -324,7 +324,7 @@ impl Scrape {
         counter(
             e,
             "herald_retention_failures",
-            "Compactions that failed (each is written to stderr).",
+            "Compactions that failed (each is logged: retention pass failed).",
             r.failures,
         )?;
         counter(
@@ -374,7 +374,7 @@ impl Scrape {
         for (kind, h) in &self.engine.attempt_durations {
             histogram(&mut m.encode_family(&[("outcome", kind.name())])?, h)?;
         }
-        let mut m = e.encode_descriptor("herald_publish_duration_seconds", "Publishes, from their submission to the engine to their durable answer (queue, group commit, flush).", None, MetricType::Histogram)?;
+        let mut m = e.encode_descriptor("herald_publish_duration_seconds", "Publishes, from the arrival of their HTTP request to their durable answer (body read, queue, group commit, flush).", None, MetricType::Histogram)?;
         histogram(&mut m, &self.engine.publish_durations)?;
         let flush = HistogramSnapshot {
             bounds_us: &FLUSH_BUCKETS_US,

@@ -1,7 +1,8 @@
 //! The dispatcher's report of one attempt, with the time of the next one decided here.
 
 use herald_projector::{
-    get_delivery, policy, AttemptOutcome, Delivery, DeliveryId, Event, TxRead, RESPONSE_EXCERPT_BYTES_MAX,
+    get_delivery, get_endpoint, policy, AttemptOutcome, Delivery, DeliveryId, EndpointStatus, Event, TxRead,
+    RESPONSE_EXCERPT_BYTES_MAX,
 };
 
 use super::{CommandError, Reply, Run};
@@ -23,14 +24,23 @@ impl Run<'_, '_> {
         let d = get_delivery(&t, delivery_id)?
             .ok_or_else(|| CommandError::NotFound { what: "delivery", id: delivery_id.to_string() })?;
         let attempt = d.attempt_count + 1;
+        let mut active_before = None;
         let retry_at_ms = match outcome {
             AttemptOutcome::Delivered { .. } => None,
             // Made again as soon as herald is back, at the same step of the schedule.
             AttemptOutcome::Interrupted { .. } => Some(finished_at_ms.max(started_at_ms)),
             AttemptOutcome::Failed { .. } => {
+                // Whether this failure makes the endpoint inactive is the fold's to decide; one
+                // read here (failures only) lets the machine see it happen and log it.
+                if let Some(endpoint_id) = d.endpoint_id {
+                    if get_endpoint(&t, endpoint_id)?.is_some_and(|e| e.status == EndpointStatus::Active) {
+                        active_before = Some((endpoint_id, delivery_id));
+                    }
+                }
                 scheduled_retry(&t, delivery_id, &d, finished_at_ms, retry_after_ms)?
             }
         };
+        self.active_before = active_before;
         response_excerpt.truncate(RESPONSE_EXCERPT_BYTES_MAX);
         self.events.push(Event::AttemptRecorded {
             delivery_id,

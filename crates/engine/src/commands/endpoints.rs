@@ -1,7 +1,8 @@
 //! The endpoint commands: create, update, delete, rotate its secret, enable it again.
 
 use herald_projector::{
-    get_endpoint, get_endpoint_settings, policy, DeliverySettings, Endpoint, EndpointId, Event, OrgId,
+    get_endpoint, get_endpoint_settings, policy, DeliverySettings, Endpoint, EndpointId, EndpointStatus,
+    Event, OrgId,
 };
 
 use super::delivery_settings::DeliverySettingsPatch;
@@ -135,7 +136,9 @@ impl Run<'_, '_> {
     }
 
     pub(super) fn enable_endpoint(&mut self, id: EndpointId) -> Result<Reply, CommandError> {
-        self.endpoint(id)?;
+        if self.endpoint(id)?.status == EndpointStatus::Inactive {
+            tracing::info!(endpoint_id = %id, "endpoint active again: enabled");
+        }
         self.events.push(Event::EndpointEnabled { id });
         Ok(Reply::Done)
     }

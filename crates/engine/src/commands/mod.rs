@@ -13,12 +13,13 @@ use bytes::Bytes;
 use herald_log::{Machine, Tx};
 use herald_projector::compact::Plan;
 use herald_projector::{
-    apply_unstaged_waking, encode, ApiKeyId, ApplyError, AttemptOutcome, CompactReport, DeliveryId, Due,
-    EndpointId, Event, EventId, OrgId, Policy, RecordActor, RecoveryFilter, RecoveryId, Scope, TxRead,
-    TxTables,
+    apply_unstaged_waking, encode, get_endpoint, ApiKeyId, ApplyError, AttemptOutcome, CompactReport,
+    DeliveryId, Due, EndpointId, EndpointStatus, Event, EventId, OrgId, Policy, RecordActor, RecoveryFilter,
+    RecoveryId, Scope, TxRead, TxTables,
 };
 use uuid::Uuid;
 
+use crate::request::RequestId;
 use crate::signing::Secret;
 use crate::stats::EngineStats;
 use crate::subscribe::{DeliveryChange, Watched};
@@ -314,6 +315,8 @@ pub struct DueHint {
     /// first attempt can send it without reading it back from the store. Shared by the
     /// deliveries of one event.
     pub payload: Option<Bytes>,
+    /// The request that published the event (with `payload`): its attempts' log lines name it.
+    pub request: Option<RequestId>,
 }
 
 /// An endpoint whose delivery settings a batch set, or that it deleted: the dispatcher reads its
@@ -366,6 +369,9 @@ pub struct Submitted {
     pub actor: Actor,
     pub at_ms: u64,
     pub command: Command,
+    /// The request it came from (a publish's, for the attempts of its deliveries), named by the
+    /// log lines it causes; `None` for an embedder's call or an offline tool.
+    pub request: Option<RequestId>,
 }
 
 impl Commands {
@@ -423,8 +429,8 @@ impl Commands {
     /// Runs one command: its function (one per command, in the module of its subject) checks it
     /// and stages its events, which [`Commands::stage`] then appends and folds.
     fn run(&mut self, s: Submitted, tx: &mut Tx<'_>) -> Result<Reply, CommandError> {
-        let Submitted { actor, at_ms, command } = s;
-        let mut run = Run { machine: self, tx, actor, at_ms, events: Vec::new() };
+        let Submitted { actor, at_ms, command, request } = s;
+        let mut run = Run { machine: self, tx, actor, at_ms, events: Vec::new(), active_before: None };
         let reply = match command {
             Command::CreateEndpoint { id, org_id, url, name, enabled_events, secret, settings } => {
                 run.create_endpoint(NewEndpoint { id, org_id, url, name, enabled_events, secret, settings })
@@ -471,8 +477,11 @@ impl Commands {
             Command::Recover { id, org_id, filter } => run.recover(id, org_id, filter),
             Command::ClaimPartition { node_id, epoch } => run.claim_partition(node_id, epoch),
         }?;
-        let events = run.events;
-        self.stage(tx, at_ms, actor.recorded(), events)?;
+        let (events, active_before) = (run.events, run.active_before);
+        self.stage(tx, at_ms, actor.recorded(), events, request)?;
+        if let Some((endpoint_id, delivery_id)) = active_before {
+            log_if_inactive(tx, endpoint_id, delivery_id, request)?;
+        }
         Ok(reply)
     }
 
@@ -485,6 +494,7 @@ impl Commands {
         at_ms: u64,
         actor: RecordActor,
         events: Vec<Event>,
+        request: Option<RequestId>,
     ) -> Result<(), CommandError> {
         let mut due = Vec::new();
         // Only a subscriber makes the fold report the deliveries it writes.
@@ -492,7 +502,8 @@ impl Commands {
         let watching = self.told.watching();
         // A command rejected part way (its savepoint rolled back) counts for nothing.
         let mark = self.told.mark();
-        let staged = self.stage_events(tx, at_ms, actor, events, (&mut due, &mut changes), watching);
+        let staged =
+            self.stage_events(tx, at_ms, (actor, request), events, (&mut due, &mut changes), watching);
         if staged.is_err() {
             self.told.rollback(mark);
         }
@@ -510,7 +521,7 @@ impl Commands {
         &mut self,
         tx: &mut Tx<'_>,
         at_ms: u64,
-        actor: RecordActor,
+        (actor, request): (RecordActor, Option<RequestId>),
         events: Vec<Event>,
         (due, changes): (&mut Vec<DueHint>, &mut Vec<DeliveryChange>),
         watching: bool,
@@ -552,20 +563,44 @@ impl Commands {
                 apply_unstaged_waking(&mut TxTables(tx), seq, at_ms, &event, &mut woken)?;
             }
             self.told.event(&event);
-            due_hints(due, at_ms, event);
+            due_hints(due, at_ms, event, request);
             // First of their key order now (one before them left pending): due again for the
             // dispatcher, which set them aside while they waited.
-            due.extend(woken.into_iter().map(|due| DueHint { due, payload: None }));
+            due.extend(woken.into_iter().map(|due| DueHint { due, payload: None, request: None }));
         }
         Ok(())
     }
 }
 
+/// Logs the endpoint of a failed attempt (of `delivery_id`, caused by `request`), active before
+/// it, if the attempt's fold made it inactive (the fold decides; this only looks). Logged as the
+/// batch is staged: should the batch fail to be written, the store's failure is logged too.
+fn log_if_inactive(
+    tx: &mut Tx<'_>,
+    endpoint_id: EndpointId,
+    delivery_id: DeliveryId,
+    request: Option<RequestId>,
+) -> Result<(), CommandError> {
+    if let Some(e) = get_endpoint(&TxRead(tx), endpoint_id)? {
+        if e.status == EndpointStatus::Inactive {
+            tracing::warn!(
+                endpoint_id = %endpoint_id,
+                delivery_id = %delivery_id,
+                request_id = request.map(tracing::field::display),
+                reason = e.inactive_reason.as_deref().unwrap_or(""),
+                "endpoint inactive: its deliveries wait until it is enabled again"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Adds to `due` the deliveries `event` (stamped `at_ms`) makes due.
-fn due_hints(due: &mut Vec<DueHint>, at_ms: u64, event: Event) {
+fn due_hints(due: &mut Vec<DueHint>, at_ms: u64, event: Event, request: Option<RequestId>) {
     let hint = |next_attempt_at_ms, delivery_id, payload| DueHint {
         due: Due { next_attempt_at_ms, delivery_id },
         payload,
+        request,
     };
     match event {
         Event::DeliveryCreated { id, next_attempt_at_ms, .. } => due.push(hint(next_attempt_at_ms, id, None)),
@@ -591,6 +626,9 @@ struct Run<'a, 'tx> {
     actor: Actor,
     at_ms: u64,
     events: Vec<Event>,
+    /// A failed attempt's endpoint, active before it, and the delivery: looked at once the attempt
+    /// is folded, to log it if it became inactive.
+    active_before: Option<(EndpointId, DeliveryId)>,
 }
 
 impl<'tx> Run<'_, 'tx> {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_projector::{
-    event_payload, get_endpoint, get_event, org_secret, CheckedTables, CompactError, CorruptValue, Delivery,
-    DeliverySettings,
+    event_payload, get_endpoint, get_event, org_secret, AttemptOutcome, CheckedTables, CompactError,
+    CorruptValue, Delivery, DeliveryId, DeliverySettings, EndpointId, EndpointStatus, EventId,
 };
 
 use super::inbox::{Finished, NotRecorded};
@@ -16,6 +16,7 @@ use super::shared::Shared;
 use super::throttle::pause_endpoint;
 use super::{Ctx, Id};
 use crate::commands::{Actor, Command, Commands, Reply, Submitted};
+use crate::request::RequestId;
 use crate::sender::{AttemptRequest, FailureKind, SendOutcome};
 use crate::signing::{sign, Secret};
 
@@ -24,14 +25,19 @@ use crate::signing::{sign, Secret};
 pub(super) async fn attempt(
     ctx: Ctx,
     delivery: Delivery,
-    payload: Option<Bytes>,
+    (payload, origin): (Option<Bytes>, Option<RequestId>),
     settings: Arc<DeliverySettings>,
     settled: Arc<AtomicBool>,
 ) {
     let started_at_ms = ctx.clock.now_ms();
     let id = *delivery.id.as_bytes();
+    // The endpoint's status when the request was made (read for its url and secrets anyway).
+    let mut was_inactive = false;
     let outcome = match request(&ctx, &delivery, started_at_ms, payload, &settings.headers) {
-        Ok(req) => ctx.sender.send(req).await,
+        Ok((req, status)) => {
+            was_inactive = status == Some(EndpointStatus::Inactive);
+            ctx.sender.send(req).await
+        }
         Err(RequestError::Invalid(error)) => SendOutcome::Failed { kind: FailureKind::InvalidHeader, error },
         Err(RequestError::StoreRead) => {
             // Nothing is known to be wrong with the delivery, the endpoint or the receiver: not
@@ -59,6 +65,7 @@ pub(super) async fn attempt(
     }
     ctx.shared.inbox.released(id);
     let (outcome, excerpt, retry_after_ms) = recorded_outcome(&ctx.shared, outcome);
+    let report = Logged::of(&outcome, &delivery, was_inactive, origin);
     let command = Command::RecordAttempt {
         delivery_id: delivery.id,
         started_at_ms,
@@ -67,7 +74,85 @@ pub(super) async fn attempt(
         response_excerpt: excerpt,
         retry_after_ms,
     };
-    record(&ctx, id, Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command });
+    let submitted = Submitted { actor: Actor::admin(), at_ms: finished_at_ms, command, request: origin };
+    record(&ctx, id, submitted, report);
+}
+
+/// What an attempt's record tells the log once it is durable; each line names the request that
+/// published the delivery (`request`), when the loop knows it.
+enum Logged {
+    Failed {
+        delivery_id: DeliveryId,
+        event_id: EventId,
+        endpoint_id: Option<EndpointId>,
+        attempt: u32,
+        status: Option<u16>,
+        error: String,
+        request: Option<RequestId>,
+    },
+    Reactivated {
+        delivery_id: DeliveryId,
+        endpoint_id: EndpointId,
+        request: Option<RequestId>,
+    },
+}
+
+impl Logged {
+    /// A failure (one line each), or a success to an endpoint that was inactive (the fold makes it
+    /// active again). Nothing for other successes.
+    fn of(
+        outcome: &AttemptOutcome,
+        delivery: &Delivery,
+        was_inactive: bool,
+        request: Option<RequestId>,
+    ) -> Option<Logged> {
+        match outcome {
+            AttemptOutcome::Failed { status, error } => Some(Logged::Failed {
+                delivery_id: delivery.id,
+                event_id: delivery.event_id,
+                endpoint_id: delivery.endpoint_id,
+                attempt: delivery.attempt_count + 1,
+                status: *status,
+                error: error.clone(),
+                request,
+            }),
+            AttemptOutcome::Delivered { .. } => match delivery.endpoint_id {
+                Some(endpoint_id) if was_inactive => {
+                    Some(Logged::Reactivated { delivery_id: delivery.id, endpoint_id, request })
+                }
+                _ => None,
+            },
+            AttemptOutcome::Interrupted { .. } => None,
+        }
+    }
+
+    /// One line: the failed attempt (with when the next one is made, if it is), or the endpoint
+    /// active again.
+    fn emit(&self, retry_at_ms: Option<u64>) {
+        match self {
+            Logged::Failed { delivery_id, event_id, endpoint_id, attempt, status, error, request } => {
+                let endpoint_id = endpoint_id.map(|e| e.to_string());
+                let next_attempt = retry_at_ms.map_or_else(|| "none".to_owned(), |ms| ms.to_string());
+                tracing::warn!(
+                    delivery_id = %delivery_id,
+                    event_id = %event_id,
+                    request_id = request.map(tracing::field::display),
+                    endpoint_id = endpoint_id.as_deref().unwrap_or("none"),
+                    attempt,
+                    status = status.map(u64::from),
+                    error = error.as_str(),
+                    next_attempt_at_ms = next_attempt.as_str(),
+                    "attempt failed"
+                );
+            }
+            Logged::Reactivated { delivery_id, endpoint_id, request } => tracing::info!(
+                endpoint_id = %endpoint_id,
+                delivery_id = %delivery_id,
+                request_id = request.map(tracing::field::display),
+                "endpoint active again: an attempt to it succeeded"
+            ),
+        }
+    }
 }
 
 /// An attempt that leaves nothing in the log: its slot is freed and the loop makes it again
@@ -83,39 +168,35 @@ fn not_made(ctx: &Ctx, id: Id, settled: &AtomicBool, why: NotRecorded) -> bool {
 
 /// What the sender's outcome is recorded as (with the response excerpt and the receiver's
 /// `Retry-After`), counted as delivered or failed.
-fn recorded_outcome(
-    shared: &Shared,
-    outcome: SendOutcome,
-) -> (herald_projector::AttemptOutcome, Vec<u8>, Option<u64>) {
+fn recorded_outcome(shared: &Shared, outcome: SendOutcome) -> (AttemptOutcome, Vec<u8>, Option<u64>) {
     match outcome {
         SendOutcome::Response { status, excerpt, retry_after_ms } if (200..300).contains(&status) => {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
-            (herald_projector::AttemptOutcome::Delivered { status }, excerpt, retry_after_ms)
+            (AttemptOutcome::Delivered { status }, excerpt, retry_after_ms)
         }
         SendOutcome::Response { status, excerpt, retry_after_ms } => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
             let error = format!("HTTP {status}");
-            (
-                herald_projector::AttemptOutcome::Failed { status: Some(status), error },
-                excerpt,
-                retry_after_ms,
-            )
+            (AttemptOutcome::Failed { status: Some(status), error }, excerpt, retry_after_ms)
         }
         SendOutcome::Failed { error, .. } => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
-            (herald_projector::AttemptOutcome::Failed { status: None, error }, Vec::new(), None)
+            (AttemptOutcome::Failed { status: None, error }, Vec::new(), None)
         }
     }
 }
 
 /// Submits the attempt's record; the loop hears of it once it is durable (or failed to be).
-fn record(ctx: &Ctx, id: Id, submitted: Submitted) {
+fn record(ctx: &Ctx, id: Id, submitted: Submitted, report: Option<Logged>) {
     let inbox = ctx.shared.inbox.clone();
     let done = move |out: herald_log::Outcome<Commands>| {
         let result = match out {
             Ok(Ok(Reply::Attempted { retry_at_ms })) => Ok(retry_at_ms),
             Ok(Ok(_)) | Ok(Err(_)) | Err(_) => Err(NotRecorded::Store),
         };
+        if let (Some(report), Ok(retry_at_ms)) = (&report, &result) {
+            report.emit(*retry_at_ms);
+        }
         inbox.finished(Finished { id, result });
     };
     if ctx.log.urgent_submit_would_block() {
@@ -157,14 +238,15 @@ fn read<T>(
 /// over with the delivery, or read from the store), to the endpoint's current url, signed with
 /// every secret valid now. The endpoint's `extra` headers come first, herald's own after them (an
 /// extra header never names one of herald's: validation refuses it). The sender adds `user-agent`.
+/// With it, the endpoint's status (none for a delivery to an organisation's webhook url).
 fn request(
     ctx: &Ctx,
     delivery: &Delivery,
     now_ms: u64,
     payload: Option<Bytes>,
     extra: &[(String, String)],
-) -> Result<AttemptRequest, RequestError> {
-    let (url, secrets) = match delivery.endpoint_id {
+) -> Result<(AttemptRequest, Option<EndpointStatus>), RequestError> {
+    let (url, secrets, status) = match delivery.endpoint_id {
         Some(id) => {
             let endpoint =
                 read(ctx, |t| get_endpoint(t, id))?.ok_or_else(|| format!("endpoint {id} is missing"))?;
@@ -174,12 +256,13 @@ fn request(
                 .map(Secret::parse)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("endpoint secret: {e}"))?;
-            (endpoint.url, secrets)
+            (endpoint.url, secrets, Some(endpoint.status))
         }
         None => {
             let secret = read(ctx, |t| org_secret(t, delivery.org_id))?
                 .ok_or_else(|| format!("organisation {} has no default secret", delivery.org_id))?;
-            (delivery.url.clone(), vec![Secret::parse(&secret).map_err(|e| format!("org secret: {e}"))?])
+            let secret = Secret::parse(&secret).map_err(|e| format!("org secret: {e}"))?;
+            (delivery.url.clone(), vec![secret], None)
         }
     };
     let payload = match payload {
@@ -209,5 +292,5 @@ fn request(
         ("herald-event-type".to_owned(), delivery.event_type.clone()),
         ("herald-attempt".to_owned(), (delivery.attempt_count + 1).to_string()),
     ]);
-    Ok(AttemptRequest { url, headers, body: payload })
+    Ok((AttemptRequest { url, headers, body: payload }, status))
 }

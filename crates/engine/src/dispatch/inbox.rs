@@ -145,6 +145,7 @@ mod tests {
         DueHint {
             due: Due { next_attempt_at_ms: 0, delivery_id: DeliveryId(uuid::Uuid::from_u128(n)) },
             payload,
+            request: None,
         }
     }
 

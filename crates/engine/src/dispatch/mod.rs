@@ -24,6 +24,7 @@
 mod attempt;
 mod inbox;
 mod order;
+mod origins;
 mod payloads;
 mod refill;
 mod shared;
@@ -50,6 +51,7 @@ pub use self::stop::{StopReport, INTERRUPTED_ERROR};
 
 use self::inbox::{Finished, NotRecorded};
 use self::order::Waiting;
+use self::origins::Origins;
 use self::payloads::Payloads;
 use self::slots::{Admission, Freed, Park, ReadBack, Slots};
 use self::throttle::{SettingsCache, Throttle};
@@ -121,6 +123,8 @@ pub(crate) struct Dispatcher {
     recheck: HashSet<Id>,
     /// Payloads handed over with new deliveries' hints, until their first attempt starts.
     payloads: Payloads,
+    /// The requests that published deliveries, for their log lines.
+    origins: Origins,
     /// Set aside behind an earlier pending delivery of their key, until a hint wakes them
     /// (`order`).
     waiting: Waiting,
@@ -152,6 +156,7 @@ impl Dispatcher {
             endpoint_refills: Vec::new(),
             recheck: HashSet::new(),
             payloads: Payloads::default(),
+            origins: Origins::default(),
             full_refill: true,
             tasks: JoinSet::new(),
             refills: 0,
@@ -196,7 +201,7 @@ impl Dispatcher {
         if inbox.overflowed {
             self.full_refill = true;
         }
-        for DueHint { due, payload } in inbox.hints {
+        for DueHint { due, payload, request } in inbox.hints {
             let id = *due.delivery_id.as_bytes();
             self.waiting.woken(&id);
             // The queue keeps the earliest; it remembers that it must refill. A parked one is
@@ -206,6 +211,9 @@ impl Dispatcher {
             }
             if let Some(payload) = payload {
                 self.payloads.hold(id, payload);
+            }
+            if let Some(request) = request {
+                self.origins.hold(id, request);
             }
         }
         let now = self.ctx.clock.now_ms();
@@ -276,6 +284,7 @@ impl Dispatcher {
             // is the truth on refill).
             _ => {
                 self.payloads.take(&id);
+                self.origins.forget(&id);
                 return;
             }
         };
@@ -318,9 +327,10 @@ impl Dispatcher {
         let d = delivery.clone();
         let settled = Arc::new(AtomicBool::new(false));
         let settled_by_task = settled.clone();
-        let abort = self
-            .tasks
-            .spawn(async move { attempt::attempt(ctx, d, payload, settings, settled_by_task).await });
+        let origin = self.origins.get(delivery.id.as_bytes());
+        let abort = self.tasks.spawn(async move {
+            attempt::attempt(ctx, d, (payload, origin), settings, settled_by_task).await
+        });
         self.in_flight.insert(
             *delivery.id.as_bytes(),
             InFlight { target: Some(target), answered: false, settled, abort, delivery, started_at_ms: now },
@@ -337,7 +347,8 @@ impl Dispatcher {
             Ok(Some(retry_at)) => {
                 self.queue.insert(f.id, retry_at);
             }
-            Ok(None) => {}
+            // No retry: its attempts are over (delivered, or no longer pending).
+            Ok(None) => self.origins.forget(&f.id),
             Err(not_recorded) => {
                 if matches!(not_recorded, NotRecorded::Store) {
                     self.ctx.shared.unrecorded.fetch_add(1, Ordering::Relaxed);

@@ -53,7 +53,7 @@ pub(crate) struct Shared {
     pub(super) unrecorded: AtomicU64,
     pub(super) local_faults: AtomicU64,
     pub(super) order_waits: AtomicU64,
-    /// When the last local fault was written to stderr (ms since the epoch), so a storm of them
+    /// When the last local fault was logged (ms since the epoch), so a storm of them
     /// is one line a second.
     local_fault_logged_ms: AtomicU64,
 }
@@ -86,7 +86,7 @@ impl Shared {
         s
     }
 
-    /// Counts an attempt not made for a fault of this host, and says why on stderr at most once
+    /// Counts an attempt not made for a fault of this host, and says why in the log at most once
     /// a second (with how many there were in all).
     pub(super) fn local_fault(&self, delivery: &herald_projector::Delivery, error: &str) {
         let total = self.local_faults.fetch_add(1, Ordering::Relaxed) + 1;
@@ -100,10 +100,11 @@ impl Shared {
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            eprintln!(
-                "herald: attempt of delivery {} not made, {error}; it stays pending and is made again shortly \
-                 ({total} attempts not made for faults of this host so far)",
-                delivery.id
+            tracing::warn!(
+                delivery_id = %delivery.id,
+                error,
+                attempts_not_made = total,
+                "attempt not made for a fault of this host; the delivery stays pending and is made again shortly"
             );
         }
     }

@@ -94,7 +94,7 @@ impl Dispatcher {
             // All in the urgent queue at once: they share the writer's batches and flushes. Never
             // blocking: with both queues full the record is refused (the delivery stays pending).
             self.ctx.log.try_submit_urgent_with(
-                Submitted { actor: Actor::admin(), at_ms: now, command },
+                Submitted { actor: Actor::admin(), at_ms: now, command, request: None },
                 move |out| {
                     let _ = recorded_tx.send(matches!(out, Ok(Ok(_))));
                 },

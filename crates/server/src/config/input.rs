@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use herald_engine::Durability;
 
+use super::LogFormat;
+
 /// Parses a duration: a whole number followed by a unit, `ms`, `s`, `m`, `h` or `d`
 /// (`"250ms"`, `"5s"`, `"5m"`, `"24h"`, `"30d"`, `"0s"`). The error names the input.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -160,12 +162,27 @@ impl<'a> Input<'a> {
     }
 
     pub(super) fn durability(self) -> Result<Durability, String> {
-        let text = self.text("\"sync\" or \"flush\"")?;
-        match text.trim() {
-            "sync" => Ok(Durability::Sync),
-            "flush" => Ok(Durability::Flush),
-            _ => Err(format!("expected \"sync\" or \"flush\", got {text:?}")),
+        self.one_of(&[("sync", Durability::Sync), ("flush", Durability::Flush)])
+    }
+
+    pub(super) fn log_format(self) -> Result<LogFormat, String> {
+        self.one_of(&[("text", LogFormat::Text), ("json", LogFormat::Json)])
+    }
+
+    /// One of the `choices`' names (surrounding blanks ignored): its value.
+    fn one_of<T: Copy>(self, choices: &[(&str, T)]) -> Result<T, String> {
+        let names: Vec<String> = choices.iter().map(|(name, _)| format!("{name:?}")).collect();
+        let expected = names.join(" or ");
+        let text = self.text(&expected)?;
+        match choices.iter().find(|(name, _)| *name == text.trim()) {
+            Some((_, value)) => Ok(*value),
+            None => Err(format!("expected {expected}, got {text:?}")),
         }
+    }
+
+    /// A level name, lower-cased (checked against the known ones by the key's check).
+    pub(super) fn log_level(self) -> Result<String, String> {
+        Ok(self.text("a level name")?.trim().to_ascii_lowercase())
     }
 
     pub(super) fn path(self) -> Result<PathBuf, String> {

@@ -9,7 +9,7 @@ use herald_engine::{Durability, Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_M
 
 use super::declare::{config_keys, toml_line};
 use super::input::Input;
-use super::BODY_BYTES_LIMIT;
+use super::{LogFormat, BODY_BYTES_LIMIT};
 
 config_keys! {
     header = r#"# herald's configuration. Durations are written "250ms", "5s", "5m", "24h" or "30d".
@@ -122,6 +122,26 @@ config_keys! {
         rotation_overlap: Duration = Duration::from_secs(24 * 3600),
             toml r#""24h"        # how long a rotated-out secret keeps signing"#, read duration;
     }
+
+    /// `[log]`: what `herald serve` logs to stderr, and how.
+    [log] LogSection {
+        /// `text` (the default: one readable line per event) or `json` (one JSON object a line).
+        format: LogFormat = LogFormat::Text,
+            toml r#""text"                 # or "json": one JSON object a line, on stderr"#, read log_format;
+        /// The least severe level logged: `error`, `warn`, `info` (the default), `debug`, `trace` or
+        /// `off`. `RUST_LOG`, when set, overrides it (and takes per-module directives).
+        level: String = "info".to_string(),
+            toml r#""info"                  # error, warn, info, debug, trace or off; RUST_LOG overrides it"#,
+            read log_level, check known_level;
+    }
+}
+
+/// The levels `[log] level` takes (`RUST_LOG` takes any `tracing-subscriber` directive).
+pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+
+/// One of [`LOG_LEVELS`].
+fn known_level(value: &str) -> Option<String> {
+    (!LOG_LEVELS.contains(&value)).then(|| format!("must be one of {}, got {value:?}", LOG_LEVELS.join(", ")))
 }
 
 /// A count that must not be 0.

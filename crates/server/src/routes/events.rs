@@ -75,6 +75,14 @@ pub async fn publish(
     let reply = state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))?;
     match reply {
         Reply::Published { id, created_at_ms, delivery_ids, replayed } => {
+            // Nothing per publish at info; at debug, the event and its request.
+            tracing::debug!(
+                request_id = crate::request_id::current().map(tracing::field::display),
+                event_id = %id,
+                deliveries = delivery_ids.len(),
+                replayed,
+                "event published"
+            );
             let event_type = match replayed {
                 true => state
                     .engine

@@ -96,9 +96,26 @@ pub async fn recover(
             .map_err(|e| ApiError::from_read(F, e))?;
         return Ok(Json(RecoverOut::new(&Recovered::of(&selection, None), true)).into_response());
     }
-    let command = Command::Recover { id: RecoveryId(Uuid::now_v7()), org_id, filter };
-    match state.engine.execute(who.actor(), command).await.map_err(|e| ApiError::from_engine(F, e))? {
-        Reply::Recovered(r) => Ok(Json(RecoverOut::new(&r, false)).into_response()),
+    let id = RecoveryId(Uuid::now_v7());
+    let request_id = crate::request_id::current().map(tracing::field::display);
+    tracing::info!(recovery_id = %id.0, org_id = %org_id, request_id, max = filter.max, "recovery started");
+    let command = Command::Recover { id, org_id, filter };
+    let reply = state.engine.execute(who.actor(), command).await.map_err(|e| {
+        tracing::warn!(recovery_id = %id.0, request_id, error = %e, "recovery failed: nothing queued");
+        ApiError::from_engine(F, e)
+    })?;
+    match reply {
+        Reply::Recovered(r) => {
+            tracing::info!(
+                recovery_id = %id.0,
+                request_id,
+                matched = r.matched,
+                queued = r.queued,
+                truncated = r.truncated,
+                "recovery done: its deliveries are queued, in one commit"
+            );
+            Ok(Json(RecoverOut::new(&r, false)).into_response())
+        }
         other => Err(ApiError::internal(F, format!("unexpected reply {other:?}"))),
     }
 }
