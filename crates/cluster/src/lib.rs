@@ -23,6 +23,10 @@
 //! - One stream message is one whole batch (`herald_log::encode_records`), published with the
 //!   expected last sequence = the last message the local replica applied; the batch is applied
 //!   locally (its message's sequence stored with it) only once JetStream acknowledged it.
+//!   A message holds at most `max_message_bytes` (8 MiB less 4 KiB): a batch ends before its
+//!   records could pass it, one command writes at most `command_bytes_max` (6 MiB; more is
+//!   refused whole by the engine), and a server whose `max_payload` is below
+//!   [`MAX_PAYLOAD_NEEDED`] (8 MiB) is refused at [`PartitionStream::open`], naming both.
 //! - A message written by another node where this one expected to write fences this node's log
 //!   for good: two writers never both append, whatever the clocks say.
 //! - A publish of unknown fate is settled by reading the stream, never guessed.
@@ -51,5 +55,8 @@ pub use crate::lease::{
     NODES_BUCKET, OWNERS_BUCKET,
 };
 pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
-pub use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
+pub use crate::stream::{
+    PartitionStream, StreamSettings, StreamWriteAhead, COMMAND_BYTES_MAX, HEADERS_BYTES_MAX,
+    MAX_PAYLOAD_NEEDED,
+};
 pub use crate::takeover::{keep_renewed, take_over, unix_ms, Owned, TakeOverError};

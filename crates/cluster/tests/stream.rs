@@ -134,14 +134,7 @@ fn stream_leader(rt: &tokio::runtime::Runtime, nats: &NatsCluster, name: &str) -
 
 /// Every record the stream holds, message by message.
 fn stream_records(rt: &tokio::runtime::Runtime, stream: &PartitionStream) -> Vec<Record> {
-    rt.block_on(async {
-        let last = stream.last_sequence().await.unwrap();
-        let mut out = Vec::new();
-        for seq in 1..=last {
-            out.extend(stream.records(seq).await.unwrap());
-        }
-        out
-    })
+    rt.block_on(herald_cluster::testing::messages(stream)).into_iter().flatten().collect()
 }
 
 fn records(store: &dyn Store) -> Vec<Record> {
