@@ -15,6 +15,8 @@
 //!   share, in its own rendezvous order; a live lease is never claimed.
 //! - `takeover.rs`: [`take_over`] (claim the lease, catch up, open the log, write the
 //!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
+//! - `partitions.rs`: [`Partitions`], the partitions a node serves and the NATS runtime their
+//!   logs write ahead on, closed in order when dropped: the logs, then the runtime.
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
 //!
 //! Invariants:
@@ -36,6 +38,8 @@
 //! - A replica is trusted only as a prefix of its stream: its position's message ends with its
 //!   last record; else it is discarded and rebuilt. Every record applied from the stream keeps
 //!   its seq and hash (checked) and is folded as the owner folded it.
+//! - A partition's log closes before the runtime its write-ahead blocks on ([`Partitions`]'
+//!   drop; [`StreamWriteAhead::stop`] cuts the publish in progress short).
 //! - The tests run real `nats-server` processes; without the binary they fail naming
 //!   `scripts/test`, never skip; every server they start is killed by PID when they end.
 
@@ -43,6 +47,7 @@ pub mod balance;
 mod error;
 mod lease;
 pub mod partition;
+mod partitions;
 mod replica;
 mod stream;
 mod takeover;
@@ -54,6 +59,7 @@ pub use crate::lease::{
     fair_share, lease_key, open_bucket, Heartbeat, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes,
     NODES_BUCKET, OWNERS_BUCKET,
 };
+pub use crate::partitions::Partitions;
 pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
 pub use crate::stream::{
     PartitionStream, StreamSettings, StreamWriteAhead, COMMAND_BYTES_MAX, HEADERS_BYTES_MAX,

@@ -204,6 +204,8 @@ pub struct StreamWriteAhead {
     stream: PartitionStream,
     runtime: tokio::runtime::Handle,
     last: AtomicU64,
+    /// Set by [`StreamWriteAhead::stop`]: a publish waiting on the runtime gives up at once.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl StreamWriteAhead {
@@ -211,7 +213,16 @@ impl StreamWriteAhead {
     /// `write_ahead_position` after catching up). `runtime` runs the publishes: the log's
     /// writer thread blocks on them, so it must not be one of the runtime's own threads.
     pub fn new(stream: PartitionStream, runtime: tokio::runtime::Handle, position: u64) -> StreamWriteAhead {
-        StreamWriteAhead { stream, runtime, last: AtomicU64::new(position) }
+        let (stop, _) = tokio::sync::watch::channel(false);
+        StreamWriteAhead { stream, runtime, last: AtomicU64::new(position), stop }
+    }
+
+    /// Makes the publish in progress, and every later one, give up at once with
+    /// [`WriteAheadError::Unavailable`]: for closing the partition's log before its runtime
+    /// goes. A publish cut off may still have been stored; this log is closing and applies
+    /// nothing more, and whoever opens the replica next catches up from the stream.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
     }
 }
 
@@ -234,7 +245,16 @@ impl WriteAhead for StreamWriteAhead {
             )));
         }
         let expected = self.last.load(Ordering::SeqCst);
-        let seq = self.runtime.block_on(self.stream.publish(expected, payload))?;
+        let mut stop = self.stop.subscribe();
+        let publish = self.stream.publish(expected, payload);
+        let seq = self.runtime.block_on(async move {
+            tokio::select! {
+                published = publish => published,
+                _ = stop.wait_for(|stopped| *stopped) => Err(WriteAheadError::Unavailable(
+                    "the partition's log is closing; the batch may or may not be in the stream".into(),
+                )),
+            }
+        })?;
         self.last.store(seq, Ordering::SeqCst);
         Ok(seq)
     }
