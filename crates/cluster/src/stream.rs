@@ -139,6 +139,34 @@ impl PartitionStream {
         }
     }
 
+    /// The messages from sequence `start` on, in order, as (sequence, payload), through an
+    /// ordered consumer (ephemeral, one copy, no acknowledgements; it recreates itself where it
+    /// sees a gap): the server pushes them in batches instead of one request per message. The
+    /// stream never ends by itself: the caller stops reading at the sequence it wants.
+    pub async fn messages_from(
+        &self,
+        start: u64,
+    ) -> Result<impl futures_util::Stream<Item = Result<(u64, Bytes), ClusterError>> + Unpin, ClusterError>
+    {
+        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+        use futures_util::StreamExt;
+        let config = pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+            ..Default::default()
+        };
+        let consumer = self
+            .stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| nats("creating a catch-up consumer")(&e))?;
+        let messages = consumer.messages().await.map_err(|e| nats("reading the stream")(&e))?;
+        Ok(messages.map(|message| {
+            let message = message.map_err(|e| nats("reading the stream")(&e))?;
+            let seq = message.info().map_err(|e| nats("reading a message's sequence")(&e))?.stream_sequence;
+            Ok((seq, message.message.payload))
+        }))
+    }
+
     /// The records of message `seq`, each checked (checksum, hash, chained to the one before
     /// in the message). A missing message is an error: the stream never drops one.
     pub async fn records(&self, seq: u64) -> Result<Vec<Record>, ClusterError> {
