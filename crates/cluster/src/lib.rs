@@ -37,7 +37,10 @@
 //!   published with the expected last sequence it caught up to.
 //! - A replica is trusted only as a prefix of its stream: its position's message ends with its
 //!   last record; else it is discarded and rebuilt. Every record applied from the stream keeps
-//!   its seq and hash (checked) and is folded as the owner folded it.
+//!   its seq and hash (checked) and is folded as the owner folded it; a `Compacted` record's
+//!   compaction is redone (planned again from the stored log): the replica drops, checkpoints
+//!   and cuts what the owner did. The stream never shrinks yet (purging what a compaction cut,
+//!   tied to the checkpoints, is future work).
 //! - A partition's log closes before the runtime its write-ahead blocks on ([`Partitions`]'
 //!   drop; [`StreamWriteAhead::stop`] cuts the publish in progress short).
 //! - The tests run real `nats-server` processes; without the binary they fail naming

@@ -2,6 +2,13 @@
 //! message after the replica's applied position through [`Follower`], which appends each
 //! record as it was (same seq, same hash) and folds it into the projection; a replica that is
 //! ahead of the stream, or does not continue it, is discarded and rebuilt from the stream.
+//!
+//! Retention: the owner's compaction reaches the stream only as its `Compacted` record (its
+//! drops, checkpoint and cut are projection writes, not records); the follower redoes it when
+//! it applies that record, deterministically, so the replica's records and projection stay
+//! the owner's byte for byte. The stream itself never shrinks yet: purging the messages a
+//! compaction cut (tied to the checkpoints, so a replica rebuilt from the stream still starts
+//! from one) is future work; until then a rebuild reads the whole history.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -11,7 +18,7 @@ use herald_log::{
     decode_records, keyspace, read_head, write_ahead_position, Durability, Log, LogConfig, LogError, Machine,
     Outcome, Record, Store, StoreError, Tx, WriteBatch,
 };
-use herald_projector::{apply, decode, Event, TxTables};
+use herald_projector::{apply, compact, decode, Event, TxTables};
 
 use crate::error::ClusterError;
 use crate::stream::PartitionStream;
@@ -36,6 +43,10 @@ impl Machine for Follower {
             }
             let event =
                 decode(&body).map_err(|e| diverged(format!("record {seq} does not decode: {e:?}")))?;
+            if let Event::Compacted { through_seq, cutoff_ms, .. } = event {
+                redo_compaction(tx, through_seq, cutoff_ms, &event)
+                    .map_err(|why| diverged(format!("record {seq}: {why}")))?;
+            }
             if tx.append_grouped(at_ms, body).hash != hash {
                 return Err(diverged(format!("record {seq} does not chain to the local record before it")));
             }
@@ -45,6 +56,33 @@ impl Machine for Follower {
         tx.set_write_ahead_position(stream_seq);
         Ok(())
     }
+}
+
+/// Redoes, in the follower's batch, the compaction the owner wrote as `compacted`: plans it
+/// again from the stored log (the records through `through_seq` and the checkpoint before,
+/// which the replica holds as the owner did: every message before this one is applied and
+/// stored first) and applies the plan to the same state the owner applied it to (the records
+/// before `compacted` in its batch are staged here too). Planning and applying are functions
+/// of that log and state, so the replica drops, checkpoints and cuts exactly what the owner
+/// did; a redo that does not give the recorded figures has diverged.
+fn redo_compaction(
+    tx: &mut Tx<'_>,
+    through_seq: u64,
+    cutoff_ms: u64,
+    compacted: &Event,
+) -> Result<(), String> {
+    let (anchor, _) = tx.anchor().map_err(|e| e.to_string())?;
+    let records = usize::try_from(through_seq.saturating_sub(anchor)).unwrap_or(usize::MAX);
+    let plan =
+        compact::plan(tx.store(), cutoff_ms, records).map_err(|e| format!("the compaction's plan: {e}"))?;
+    let plan = plan
+        .filter(|p| p.through_seq() == through_seq)
+        .ok_or_else(|| format!("the compaction through record {through_seq} plans otherwise here"))?;
+    let (redone, _) = compact::apply_plan(tx, plan).map_err(|e| format!("the compaction: {e}"))?;
+    if &redone != compacted {
+        return Err(format!("the compaction redone here is {redone:?}, the owner's {compacted:?}"));
+    }
+    Ok(())
 }
 
 /// What [`catch_up`] did.

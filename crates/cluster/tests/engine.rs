@@ -120,9 +120,18 @@ impl Sender for Silent {
 /// An engine writing ahead to `stream` from an empty replica (no lease: one writer here),
 /// whose attempts never end: the stream holds only what the test writes, until the stop.
 fn engine_on(rt: &tokio::runtime::Runtime, stream: &PartitionStream) -> (Engine, Arc<dyn Store>) {
+    engine_sending(rt, stream, Arc::new(Silent))
+}
+
+/// [`engine_on`] whose attempts go to `sender`.
+fn engine_sending(
+    rt: &tokio::runtime::Runtime,
+    stream: &PartitionStream,
+    sender: Arc<dyn Sender>,
+) -> (Engine, Arc<dyn Store>) {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let write_ahead = Arc::new(StreamWriteAhead::new(stream.clone(), rt.handle().clone(), 0));
-    let parts = Parts { store: store.clone(), clock: Arc::new(SystemClock), sender: Arc::new(Silent) };
+    let parts = Parts { store: store.clone(), clock: Arc::new(SystemClock), sender };
     let mut config = EngineConfig::default();
     config.delivery.shutdown_timeout = Duration::from_millis(400);
     config.delivery.max_in_flight_total = 8;
@@ -279,4 +288,66 @@ fn a_server_below_heralds_max_payload_is_refused_naming_both_numbers() {
     assert_eq!(refused, ClusterError::MaxPayload { server: 1024 * 1024, needed: MAX_PAYLOAD_NEEDED });
     let text = refused.to_string();
     assert!(text.contains("1048576") && text.contains("8388608"), "{text}");
+}
+
+/// The log's records after its anchor.
+fn records_from_anchor(store: &dyn Store) -> Vec<herald_log::Record> {
+    let anchor = herald_log::read_head(store).unwrap().anchor_seq;
+    read_records(store, anchor + 1, usize::MAX).unwrap()
+}
+
+/// Every key and value the store holds above the log's own keys: the projection, the
+/// checkpoint, and whatever else herald keeps beside the log.
+fn whole(store: &dyn Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    store
+        .scan(&[herald_log::keyspace::USER_FIRST], &[0xFF; 8], &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    out
+}
+
+#[test]
+fn after_a_retention_pass_on_the_owner_a_replica_holds_the_same_bytes() {
+    let (rt, _nats, js) = three_servers();
+    let stream = rt.block_on(PartitionStream::open(js, 13, StreamSettings::default())).unwrap();
+    let (engine, store) = engine_sending(&rt, &stream, Arc::new(NoSender));
+    let org = OrgId(Uuid::from_u128(4));
+    endpoints(&engine, org, 3, 50);
+    for n in 0..20 {
+        engine.execute_blocking(Actor::admin(), publish(org, 200 + n, 100)).unwrap();
+    }
+    assert!(engine.settle(Duration::from_secs(20)), "delivered");
+    // One replica follows up to here; the compaction reaches it later, on its own.
+    let early: Arc<dyn Store> = Arc::new(MemStore::new());
+    rt.block_on(catch_up(&early, &stream)).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let report = engine.compact(Duration::ZERO).unwrap();
+    assert!(report.deliveries_dropped >= 60 && report.events_dropped >= 20, "{report:?}");
+    // Writes after the pass, some of them to the kept state.
+    for n in 20..25 {
+        engine.execute_blocking(Actor::admin(), publish(org, 200 + n, 100)).unwrap();
+    }
+    assert!(engine.settle(Duration::from_secs(20)), "delivered");
+    engine.shutdown();
+    let owner = whole(store.as_ref());
+    assert!(herald_log::read_head(store.as_ref()).unwrap().anchor_seq > 0, "the owner's log was cut");
+    let fresh: Arc<dyn Store> = Arc::new(MemStore::new());
+    for replica in [early, fresh] {
+        let caught = rt.block_on(catch_up(&replica, &stream)).unwrap();
+        assert!(!caught.discarded);
+        assert_eq!(stored_projection(replica.as_ref()).unwrap(), stored_projection(store.as_ref()).unwrap());
+        // The records (read back: a follower batching several messages groups their stored
+        // records otherwise), the log's head and anchor, and every key above the log's own
+        // (projection, checkpoint) byte for byte.
+        assert_eq!(records_from_anchor(replica.as_ref()), records_from_anchor(store.as_ref()));
+        assert_eq!(
+            herald_log::read_head(replica.as_ref()).unwrap(),
+            herald_log::read_head(store.as_ref()).unwrap()
+        );
+        assert_eq!(whole(replica.as_ref()), owner, "the replica's projection and checkpoint are the owner's");
+        herald_log::verify(replica.as_ref(), &mut |_| {}).unwrap();
+    }
 }
