@@ -112,6 +112,16 @@ impl PartitionStream {
             ..Default::default()
         };
         let stream = js.get_or_create_stream(config).await.map_err(|e| nats("opening the stream")(&e))?;
+        // A stream made earlier keeps its own limit: one below these settings' would refuse a
+        // legal batch.
+        let made = stream.cached_info().config.max_message_size;
+        if made >= 0 && (made as u64) < settings.max_message_bytes as u64 {
+            return Err(ClusterError::Settings(format!(
+                "stream {} takes messages of at most {made} bytes; herald needs {}",
+                stream_name(partition),
+                settings.max_message_bytes
+            )));
+        }
         Ok(PartitionStream { js, stream, partition, settings })
     }
 

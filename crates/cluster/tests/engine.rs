@@ -274,7 +274,7 @@ fn batches_past_the_message_limit_are_cut_so_that_each_message_is_one_whole_batc
 }
 
 #[test]
-fn a_server_below_heralds_max_payload_is_refused_naming_both_numbers() {
+fn a_server_below_heralds_max_payload_or_an_older_smaller_stream_is_refused_naming_both_numbers() {
     let rt = runtime();
     let nats = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(40), NatsCluster::start_with_max_payload(1, None))
@@ -284,10 +284,18 @@ fn a_server_below_heralds_max_payload_is_refused_naming_both_numbers() {
     let js =
         rt.block_on(async { async_nats::jetstream::new(async_nats::connect(nats.addrs()).await.unwrap()) });
     let settings = StreamSettings { replicas: 1, ..StreamSettings::default() };
-    let refused = rt.block_on(PartitionStream::open(js, 0, settings)).err().expect("refused");
+    let refused = rt.block_on(PartitionStream::open(js.clone(), 0, settings)).err().expect("refused");
     assert_eq!(refused, ClusterError::MaxPayload { server: 1024 * 1024, needed: MAX_PAYLOAD_NEEDED });
     let text = refused.to_string();
     assert!(text.contains("1048576") && text.contains("8388608"), "{text}");
+    // A stream made earlier with a smaller message limit is refused too, naming both.
+    let small =
+        StreamSettings { replicas: 1, max_message_bytes: 64 * 1024, command_bytes_max: 8 * 1024, ..settings };
+    rt.block_on(PartitionStream::open(js.clone(), 1, small)).unwrap();
+    let refused =
+        rt.block_on(PartitionStream::open(js, 1, StreamSettings { max_message_bytes: 512 * 1024, ..small }));
+    let text = refused.err().expect("refused").to_string();
+    assert!(text.contains("65536") && text.contains("524288"), "{text}");
 }
 
 /// The log's records after its anchor.
