@@ -18,6 +18,14 @@ pub enum ClusterError {
         why: String,
     },
     Log(LogError),
+    /// The NATS server's `max_payload` (bytes, from its information at connect) is below what
+    /// herald's largest batch needs.
+    MaxPayload {
+        server: usize,
+        needed: usize,
+    },
+    /// The settings cannot work (what is wrong).
+    Settings(String),
 }
 
 impl std::fmt::Display for ClusterError {
@@ -31,6 +39,12 @@ impl std::fmt::Display for ClusterError {
                 write!(f, "stream message {stream_seq} does not continue the local log: {why}")
             }
             ClusterError::Log(e) => write!(f, "{e}"),
+            ClusterError::MaxPayload { server, needed } => write!(
+                f,
+                "the NATS server's max_payload is {server} bytes; herald needs at least {needed} \
+                 (set max_payload: {needed} in every nats-server's configuration)"
+            ),
+            ClusterError::Settings(why) => write!(f, "cluster settings: {why}"),
         }
     }
 }

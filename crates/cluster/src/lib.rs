@@ -15,6 +15,8 @@
 //!   share, in its own rendezvous order; a live lease is never claimed.
 //! - `takeover.rs`: [`take_over`] (claim the lease, catch up, open the log, write the
 //!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
+//! - `partitions.rs`: [`Partitions`], the partitions a node serves and the NATS runtime their
+//!   logs write ahead on, closed in order when dropped: the logs, then the runtime.
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
 //!
 //! Invariants:
@@ -23,6 +25,10 @@
 //! - One stream message is one whole batch (`herald_log::encode_records`), published with the
 //!   expected last sequence = the last message the local replica applied; the batch is applied
 //!   locally (its message's sequence stored with it) only once JetStream acknowledged it.
+//!   A message holds at most `max_message_bytes` (8 MiB less 4 KiB): a batch ends before its
+//!   records could pass it, one command writes at most `command_bytes_max` (6 MiB; more is
+//!   refused whole by the engine), and a server whose `max_payload` is below
+//!   [`MAX_PAYLOAD_NEEDED`] (8 MiB) is refused at [`PartitionStream::open`], naming both.
 //! - A message written by another node where this one expected to write fences this node's log
 //!   for good: two writers never both append, whatever the clocks say.
 //! - A publish of unknown fate is settled by reading the stream, never guessed.
@@ -31,7 +37,12 @@
 //!   published with the expected last sequence it caught up to.
 //! - A replica is trusted only as a prefix of its stream: its position's message ends with its
 //!   last record; else it is discarded and rebuilt. Every record applied from the stream keeps
-//!   its seq and hash (checked) and is folded as the owner folded it.
+//!   its seq and hash (checked) and is folded as the owner folded it; a `Compacted` record's
+//!   compaction is redone (planned again from the stored log): the replica drops, checkpoints
+//!   and cuts what the owner did. The stream never shrinks yet (purging what a compaction cut,
+//!   tied to the checkpoints, is future work).
+//! - A partition's log closes before the runtime its write-ahead blocks on ([`Partitions`]'
+//!   drop; [`StreamWriteAhead::stop`] cuts the publish in progress short).
 //! - The tests run real `nats-server` processes; without the binary they fail naming
 //!   `scripts/test`, never skip; every server they start is killed by PID when they end.
 
@@ -39,6 +50,7 @@ pub mod balance;
 mod error;
 mod lease;
 pub mod partition;
+mod partitions;
 mod replica;
 mod stream;
 mod takeover;
@@ -50,6 +62,10 @@ pub use crate::lease::{
     fair_share, lease_key, open_bucket, Heartbeat, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes,
     NODES_BUCKET, OWNERS_BUCKET,
 };
+pub use crate::partitions::Partitions;
 pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
-pub use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
+pub use crate::stream::{
+    PartitionStream, StreamSettings, StreamWriteAhead, COMMAND_BYTES_MAX, HEADERS_BYTES_MAX,
+    MAX_PAYLOAD_NEEDED,
+};
 pub use crate::takeover::{keep_renewed, take_over, unix_ms, Owned, TakeOverError};

@@ -2,15 +2,23 @@
 //! message after the replica's applied position through [`Follower`], which appends each
 //! record as it was (same seq, same hash) and folds it into the projection; a replica that is
 //! ahead of the stream, or does not continue it, is discarded and rebuilt from the stream.
+//!
+//! Retention: the owner's compaction reaches the stream only as its `Compacted` record (its
+//! drops, checkpoint and cut are projection writes, not records); the follower redoes it when
+//! it applies that record, deterministically, so the replica's records and projection stay
+//! the owner's byte for byte. The stream itself never shrinks yet: purging the messages a
+//! compaction cut (tied to the checkpoints, so a replica rebuilt from the stream still starts
+//! from one) is future work; until then a rebuild reads the whole history.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use herald_log::{
-    keyspace, read_head, write_ahead_position, Durability, Log, LogConfig, LogError, Machine, Record, Store,
-    StoreError, Tx, WriteBatch,
+    decode_records, keyspace, read_head, write_ahead_position, Durability, Log, LogConfig, LogError, Machine,
+    Outcome, Record, Store, StoreError, Tx, WriteBatch,
 };
-use herald_projector::{apply, decode, TxTables};
+use herald_projector::{apply, compact, decode, Event, TxTables};
 
 use crate::error::ClusterError;
 use crate::stream::PartitionStream;
@@ -35,6 +43,10 @@ impl Machine for Follower {
             }
             let event =
                 decode(&body).map_err(|e| diverged(format!("record {seq} does not decode: {e:?}")))?;
+            if let Event::Compacted { through_seq, cutoff_ms, .. } = event {
+                redo_compaction(tx, through_seq, cutoff_ms, &event)
+                    .map_err(|why| diverged(format!("record {seq}: {why}")))?;
+            }
             if tx.append_grouped(at_ms, body).hash != hash {
                 return Err(diverged(format!("record {seq} does not chain to the local record before it")));
             }
@@ -44,6 +56,33 @@ impl Machine for Follower {
         tx.set_write_ahead_position(stream_seq);
         Ok(())
     }
+}
+
+/// Redoes, in the follower's batch, the compaction the owner wrote as `compacted`: plans it
+/// again from the stored log (the records through `through_seq` and the checkpoint before,
+/// which the replica holds as the owner did: every message before this one is applied and
+/// stored first) and applies the plan to the same state the owner applied it to (the records
+/// before `compacted` in its batch are staged here too). Planning and applying are functions
+/// of that log and state, so the replica drops, checkpoints and cuts exactly what the owner
+/// did; a redo that does not give the recorded figures has diverged.
+fn redo_compaction(
+    tx: &mut Tx<'_>,
+    through_seq: u64,
+    cutoff_ms: u64,
+    compacted: &Event,
+) -> Result<(), String> {
+    let (anchor, _) = tx.anchor().map_err(|e| e.to_string())?;
+    let records = usize::try_from(through_seq.saturating_sub(anchor)).unwrap_or(usize::MAX);
+    let plan =
+        compact::plan(tx.store(), cutoff_ms, records).map_err(|e| format!("the compaction's plan: {e}"))?;
+    let plan = plan
+        .filter(|p| p.through_seq() == through_seq)
+        .ok_or_else(|| format!("the compaction through record {through_seq} plans otherwise here"))?;
+    let (redone, _) = compact::apply_plan(tx, plan).map_err(|e| format!("the compaction: {e}"))?;
+    if &redone != compacted {
+        return Err(format!("the compaction redone here is {redone:?}, the owner's {compacted:?}"));
+    }
+    Ok(())
 }
 
 /// What [`catch_up`] did.
@@ -66,28 +105,84 @@ pub async fn catch_up(store: &Arc<dyn Store>, stream: &PartitionStream) -> Resul
     if discarded {
         discard(store.as_ref())?;
     }
-    let mut position = write_ahead_position(store.as_ref())?;
+    let position = write_ahead_position(store.as_ref())?;
     let config = LogConfig { durability: Durability::Sync, ..LogConfig::default() };
     let log = Log::open(store.clone(), Follower, config)?;
-    let mut messages = 0;
-    let applied = async {
-        while position < last {
-            let seq = position + 1;
-            let records = stream.records(seq).await?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            log.submit_with((seq, records), move |out| {
-                let _ = tx.send(out);
-            });
-            rx.await.unwrap_or(Err(LogError::Closed))??;
-            position = seq;
-            messages += 1;
-        }
-        Ok::<_, ClusterError>(())
-    }
-    .await;
+    let applied = apply_messages(&log, stream, position, last).await;
     log.close();
-    applied?;
+    let (position, messages) = applied?;
     Ok(CaughtUp { position, messages, discarded })
+}
+
+/// Stream messages handed to the follower's writer and not yet answered, at most: it batches
+/// what it finds queued, so the replica applies many messages per store batch and flush.
+const CATCH_UP_IN_FLIGHT: usize = 256;
+
+/// Applies stream messages `position + 1 ..= last` through `log`, read by one ordered
+/// consumer and kept [`CATCH_UP_IN_FLIGHT`] ahead of the writer. A message that compacts
+/// waits until every message before it is applied (its redo plans from the stored log).
+/// Returns the position reached and the messages applied; stops at the first refusal.
+async fn apply_messages(
+    log: &Log<Follower>,
+    stream: &PartitionStream,
+    position: u64,
+    last: u64,
+) -> Result<(u64, u64), ClusterError> {
+    if position >= last {
+        return Ok((position, 0));
+    }
+    let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+    let mut applied = Applied { position, messages: 0, in_flight: 0, answers };
+    let mut messages = stream.messages_from(position + 1).await?;
+    for seq in position + 1..=last {
+        let (got, payload) = messages.next().await.unwrap_or_else(|| {
+            Err(ClusterError::Nats(format!("the stream's messages ended before message {seq}")))
+        })?;
+        if got != seq {
+            return Err(ClusterError::Diverged {
+                stream_seq: seq,
+                why: format!("message {got} came instead"),
+            });
+        }
+        let records = decode_records(&payload, 0)
+            .map_err(|record| ClusterError::CorruptMessage { stream_seq: seq, record })?;
+        let wait_for = if compacts(&records) { 0 } else { CATCH_UP_IN_FLIGHT - 1 };
+        applied.wait_until(wait_for).await?;
+        let tx = tx.clone();
+        log.submit_with((seq, records), move |out| {
+            let _ = tx.send((seq, out));
+        });
+        applied.in_flight += 1;
+    }
+    applied.wait_until(0).await?;
+    Ok((applied.position, applied.messages))
+}
+
+/// Where [`apply_messages`] stands: the messages answered, and those not yet.
+struct Applied {
+    position: u64,
+    messages: u64,
+    in_flight: usize,
+    answers: tokio::sync::mpsc::UnboundedReceiver<(u64, Outcome<Follower>)>,
+}
+
+impl Applied {
+    /// Takes answers until at most `in_flight` messages wait; the first refusal is the error.
+    async fn wait_until(&mut self, in_flight: usize) -> Result<(), ClusterError> {
+        while self.in_flight > in_flight {
+            let (seq, out) = self.answers.recv().await.unwrap_or((0, Err(LogError::Closed)));
+            out??;
+            self.in_flight -= 1;
+            self.position = seq;
+            self.messages += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a message holds a compaction (a `Compacted` record), which a replica redoes.
+fn compacts(records: &[Record]) -> bool {
+    records.iter().any(|r| matches!(decode(&r.body), Ok(Event::Compacted { .. })))
 }
 
 /// Whether the replica is a prefix of the stream: its position is not past the stream's end,

@@ -15,16 +15,33 @@ use herald_log::{decode_records, encode_records, Record, WriteAhead, WriteAheadE
 use crate::error::{nats, ClusterError};
 use crate::partition::{stream_name, subject};
 
+/// The `max_payload` herald needs of every nats-server: 8 MiB (their configuration's
+/// `max_payload: 8388608`; NATS's default is 1 MiB, and it advises against more than 8 MiB).
+/// One stream message holds one whole batch, and one command may append up to
+/// [`COMMAND_BYTES_MAX`]: a publish of a 256 KiB payload fanned out to 10,000 endpoints takes
+/// about 3 MiB (each delivery a record of about 270 bytes with a 50-byte url), a recover of
+/// 100,000 deliveries about 1.6 MiB, and one record's body may reach 1 MiB.
+pub const MAX_PAYLOAD_NEEDED: usize = 8 * 1024 * 1024;
+
+/// Room kept in a message for its headers (the expected last sequence and NATS's own).
+pub const HEADERS_BYTES_MAX: usize = 4 * 1024;
+
+/// The most one command may append, encoded, by default: 6 MiB, twice the largest publish
+/// with 50-byte urls (10,000 deliveries with urls of about 350 bytes still fit). A command
+/// past it is refused whole (`Tx::command_bytes_max`), and the batch cut leaves it room: a
+/// batch of many commands ends once its records reach the 2 MiB left.
+pub const COMMAND_BYTES_MAX: usize = 6 * 1024 * 1024;
+
 /// How a partition's stream is made and written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamSettings {
     /// Copies JetStream keeps of each message (3 survives the loss of any one server).
     pub replicas: usize,
-    /// The stream's largest message: at most the servers' `max_payload` (1 MiB by default)
-    /// less room for headers.
+    /// The stream's largest message (its `max_msg_size`): the servers' `max_payload` must be at
+    /// least this plus [`HEADERS_BYTES_MAX`] ([`StreamSettings::max_payload_needed`]).
     pub max_message_bytes: usize,
-    /// The most one command may append, encoded: a batch is cut before its records could
-    /// pass `max_message_bytes` (herald: the largest publish, payload and fan-out).
+    /// The most one command may append, encoded: a command whose records take more is refused,
+    /// and a batch is cut before its records could pass `max_message_bytes`.
     pub command_bytes_max: usize,
     /// How long one publish waits for its acknowledgement before it asks the stream whether it
     /// was stored.
@@ -38,11 +55,24 @@ impl Default for StreamSettings {
     fn default() -> Self {
         StreamSettings {
             replicas: 3,
-            max_message_bytes: 1024 * 1024 - 4 * 1024,
-            command_bytes_max: 320 * 1024,
+            max_message_bytes: MAX_PAYLOAD_NEEDED - HEADERS_BYTES_MAX,
+            command_bytes_max: COMMAND_BYTES_MAX,
             ack_wait: Duration::from_secs(2),
             publish_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl StreamSettings {
+    /// The `max_payload` the NATS servers need for these settings.
+    pub fn max_payload_needed(&self) -> usize {
+        self.max_message_bytes + HEADERS_BYTES_MAX
+    }
+
+    /// Encoded bytes of records at which the writer ends a batch: the largest message less
+    /// the most one command may add after it, less the encoding's 5-byte head.
+    fn batch_bytes_max(&self) -> usize {
+        self.max_message_bytes.saturating_sub(self.command_bytes_max + 5).max(1)
     }
 }
 
@@ -58,7 +88,21 @@ pub struct PartitionStream {
 impl PartitionStream {
     /// Opens partition `partition`'s stream, creating it (file storage, `replicas` copies, one
     /// subject) when it does not exist yet.
+    /// Refuses, naming both numbers, a server whose `max_payload` (in the information it sent
+    /// at connect) is below [`StreamSettings::max_payload_needed`], and settings where one
+    /// command could fill a message.
     pub async fn open(js: Context, partition: u32, settings: StreamSettings) -> Result<Self, ClusterError> {
+        let server = js.client().server_info().max_payload;
+        let needed = settings.max_payload_needed();
+        if server < needed {
+            return Err(ClusterError::MaxPayload { server, needed });
+        }
+        if settings.command_bytes_max + 5 >= settings.max_message_bytes {
+            return Err(ClusterError::Settings(format!(
+                "command_bytes_max ({}) leaves no room for a batch in a message of max_message_bytes ({})",
+                settings.command_bytes_max, settings.max_message_bytes
+            )));
+        }
         let config = Config {
             name: stream_name(partition),
             subjects: vec![subject(partition)],
@@ -68,6 +112,16 @@ impl PartitionStream {
             ..Default::default()
         };
         let stream = js.get_or_create_stream(config).await.map_err(|e| nats("opening the stream")(&e))?;
+        // A stream made earlier keeps its own limit: one below these settings' would refuse a
+        // legal batch.
+        let made = stream.cached_info().config.max_message_size;
+        if made >= 0 && (made as u64) < settings.max_message_bytes as u64 {
+            return Err(ClusterError::Settings(format!(
+                "stream {} takes messages of at most {made} bytes; herald needs {}",
+                stream_name(partition),
+                settings.max_message_bytes
+            )));
+        }
         Ok(PartitionStream { js, stream, partition, settings })
     }
 
@@ -93,6 +147,34 @@ impl PartitionStream {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(nats("reading a message")(&e)),
         }
+    }
+
+    /// The messages from sequence `start` on, in order, as (sequence, payload), through an
+    /// ordered consumer (ephemeral, one copy, no acknowledgements; it recreates itself where it
+    /// sees a gap): the server pushes them in batches instead of one request per message. The
+    /// stream never ends by itself: the caller stops reading at the sequence it wants.
+    pub async fn messages_from(
+        &self,
+        start: u64,
+    ) -> Result<impl futures_util::Stream<Item = Result<(u64, Bytes), ClusterError>> + Unpin, ClusterError>
+    {
+        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+        use futures_util::StreamExt;
+        let config = pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+            ..Default::default()
+        };
+        let consumer = self
+            .stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| nats("creating a catch-up consumer")(&e))?;
+        let messages = consumer.messages().await.map_err(|e| nats("reading the stream")(&e))?;
+        Ok(messages.map(|message| {
+            let message = message.map_err(|e| nats("reading the stream")(&e))?;
+            let seq = message.info().map_err(|e| nats("reading a message's sequence")(&e))?.stream_sequence;
+            Ok((seq, message.message.payload))
+        }))
     }
 
     /// The records of message `seq`, each checked (checksum, hash, chained to the one before
@@ -160,6 +242,8 @@ pub struct StreamWriteAhead {
     stream: PartitionStream,
     runtime: tokio::runtime::Handle,
     last: AtomicU64,
+    /// Set by [`StreamWriteAhead::stop`]: a publish waiting on the runtime gives up at once.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl StreamWriteAhead {
@@ -167,14 +251,26 @@ impl StreamWriteAhead {
     /// `write_ahead_position` after catching up). `runtime` runs the publishes: the log's
     /// writer thread blocks on them, so it must not be one of the runtime's own threads.
     pub fn new(stream: PartitionStream, runtime: tokio::runtime::Handle, position: u64) -> StreamWriteAhead {
-        StreamWriteAhead { stream, runtime, last: AtomicU64::new(position) }
+        let (stop, _) = tokio::sync::watch::channel(false);
+        StreamWriteAhead { stream, runtime, last: AtomicU64::new(position), stop }
+    }
+
+    /// Makes the publish in progress, and every later one, give up at once with
+    /// [`WriteAheadError::Unavailable`]: for closing the partition's log before its runtime
+    /// goes. A publish cut off may still have been stored; this log is closing and applies
+    /// nothing more, and whoever opens the replica next catches up from the stream.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
     }
 }
 
 impl WriteAhead for StreamWriteAhead {
     fn batch_bytes_max(&self) -> usize {
-        let settings = self.stream.settings;
-        settings.max_message_bytes.saturating_sub(settings.command_bytes_max + 5).max(1)
+        self.stream.settings.batch_bytes_max()
+    }
+
+    fn command_bytes_max(&self) -> usize {
+        self.stream.settings.command_bytes_max
     }
 
     fn append(&self, records: &[Record]) -> Result<u64, WriteAheadError> {
@@ -187,7 +283,16 @@ impl WriteAhead for StreamWriteAhead {
             )));
         }
         let expected = self.last.load(Ordering::SeqCst);
-        let seq = self.runtime.block_on(self.stream.publish(expected, payload))?;
+        let mut stop = self.stop.subscribe();
+        let publish = self.stream.publish(expected, payload);
+        let seq = self.runtime.block_on(async move {
+            tokio::select! {
+                published = publish => published,
+                _ = stop.wait_for(|stopped| *stopped) => Err(WriteAheadError::Unavailable(
+                    "the partition's log is closing; the batch may or may not be in the stream".into(),
+                )),
+            }
+        })?;
         self.last.store(seq, Ordering::SeqCst);
         Ok(seq)
     }

@@ -25,6 +25,17 @@ pub struct Owned<M: Machine> {
     pub log: Log<M>,
     pub held: Held,
     pub caught: CaughtUp,
+    /// The log's write-ahead, to stop its publishes when the log closes.
+    pub write_ahead: Arc<StreamWriteAhead>,
+}
+
+impl<M: Machine> Owned<M> {
+    /// Closes the log: stops its write-ahead's publishes (the batch in progress is refused),
+    /// then waits up to `within` for its writer. Call it while the NATS runtime still runs.
+    pub fn close(&self, within: Duration) -> bool {
+        self.write_ahead.stop();
+        self.log.close_within(within)
+    }
 }
 
 /// Why a take-over did not happen.
@@ -67,13 +78,13 @@ pub fn take_over<M: Machine>(
     let held = runtime.block_on(leases.claim(stream.partition(), now_ms)).map_err(TakeOverError::Lease)?;
     let caught = runtime.block_on(catch_up(&store, stream)).map_err(TakeOverError::Cluster)?;
     let write_ahead = Arc::new(StreamWriteAhead::new(stream.clone(), runtime.clone(), caught.position));
-    let log = open(store, write_ahead).map_err(TakeOverError::Log)?;
+    let log = open(store, write_ahead.clone()).map_err(TakeOverError::Log)?;
     let fence = Event::PartitionClaimed { node_id: held.lease.node_id.clone(), epoch: held.lease.epoch };
     if let Err(e) = claim(&log, fence) {
         log.close();
         return Err(TakeOverError::Log(e));
     }
-    Ok(Owned { log, held, caught })
+    Ok(Owned { log, held, caught, write_ahead })
 }
 
 /// Renews `held` every third of the lease on `runtime` until it is lost, then calls

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::stream::MAX_PAYLOAD_NEEDED;
+
 /// How long a cluster may take to elect its JetStream meta leader.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
@@ -57,11 +59,21 @@ pub fn free_port() -> u16 {
 }
 
 impl NatsCluster {
-    /// Starts `n` servers in one cluster (JetStream on, file storage in a temporary directory)
-    /// and waits until JetStream answers (its meta leader is elected).
+    /// Starts `n` servers in one cluster (JetStream on, file storage in a temporary directory,
+    /// `max_payload` [`MAX_PAYLOAD_NEEDED`], as herald needs) and waits until JetStream answers
+    /// (its meta leader is elected).
     pub async fn start(n: usize) -> NatsCluster {
+        NatsCluster::start_with_max_payload(n, Some(MAX_PAYLOAD_NEEDED)).await
+    }
+
+    /// [`NatsCluster::start`] with the servers' `max_payload` set to `max_payload` bytes in
+    /// their configuration file, or left at NATS's default (1 MiB) for `None`.
+    pub async fn start_with_max_payload(n: usize, max_payload: Option<usize>) -> NatsCluster {
         let binary = nats_server_binary();
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = dir.path().join("nats.conf");
+        let text = max_payload.map_or(String::new(), |bytes| format!("max_payload: {bytes}\n"));
+        std::fs::write(&config, text).expect("writing the servers' configuration");
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes =
@@ -70,6 +82,8 @@ impl NatsCluster {
         for i in 0..n {
             let store = dir.path().join(format!("n{i}"));
             let mut args = vec![
+                "-c".into(),
+                config.display().to_string(),
                 "-js".into(),
                 "-sd".into(),
                 store.display().to_string(),
@@ -209,6 +223,16 @@ async fn ready_through(url: &str, replicas: usize) -> Result<(), String> {
         })
         .await,
     )
+}
+
+/// Every message of `stream`, in order, each as its checked records (panics on an error).
+pub async fn messages(stream: &crate::PartitionStream) -> Vec<Vec<herald_log::Record>> {
+    let last = stream.last_sequence().await.expect("the stream's last sequence");
+    let mut out = Vec::with_capacity(usize::try_from(last).unwrap_or(0));
+    for seq in 1..=last {
+        out.push(stream.records(seq).await.expect("a message of whole records"));
+    }
+    out
 }
 
 impl Drop for NatsCluster {

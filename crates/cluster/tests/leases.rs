@@ -218,7 +218,8 @@ fn nodes_that_stop_beating_drop_out_after_the_ttl_and_the_fair_share_follows() {
             assert!(started.elapsed() >= Duration::from_millis(900), "c dropped before its TTL");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "c still alive: {live:?}");
+        // The servers expire a TTL on a timer of their own, late under load (parallel tests).
+        assert!(started.elapsed() < Duration::from_secs(10), "c still alive: {live:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(fair_share(16, 2), 8);

@@ -68,6 +68,15 @@ impl Node {
         Node { store, log, caught }
     }
 
+    /// A node that wrote commands `0..n` one at a time (a message each).
+    fn wrote(rt: &tokio::runtime::Runtime, stream: &PartitionStream, n: u32) -> Node {
+        let node = Node::start(rt, stream);
+        for i in 0..n {
+            node.publish(i).unwrap();
+        }
+        node
+    }
+
     fn publish(&self, n: u32) -> Result<Vec<u64>, LogError> {
         self.log.submit(events(n)).map(|r| r.unwrap())
     }
@@ -134,14 +143,7 @@ fn stream_leader(rt: &tokio::runtime::Runtime, nats: &NatsCluster, name: &str) -
 
 /// Every record the stream holds, message by message.
 fn stream_records(rt: &tokio::runtime::Runtime, stream: &PartitionStream) -> Vec<Record> {
-    rt.block_on(async {
-        let last = stream.last_sequence().await.unwrap();
-        let mut out = Vec::new();
-        for seq in 1..=last {
-            out.extend(stream.records(seq).await.unwrap());
-        }
-        out
-    })
+    rt.block_on(herald_cluster::testing::messages(stream)).into_iter().flatten().collect()
 }
 
 fn records(store: &dyn Store) -> Vec<Record> {
@@ -193,11 +195,8 @@ fn a_second_writer_fences_the_first_and_nothing_the_first_wrote_after_is_anywher
 #[test]
 fn a_replica_catches_up_to_the_owners_bytes_and_one_that_diverged_or_is_ahead_is_rebuilt() {
     let (rt, _nats, stream) = setup(3);
-    let owner = Node::start(&rt, &stream);
     // Single commands, then a burst that the writer groups into batches of several commands.
-    for n in 0..20 {
-        owner.publish(n).unwrap();
-    }
+    let owner = Node::wrote(&rt, &stream, 20);
     let (tx, rx) = crossbeam_channel::unbounded();
     for n in 20..120 {
         let tx = tx.clone();
@@ -340,4 +339,26 @@ fn ten_rounds_of_kill_9_of_the_streams_leader_lose_nothing_acknowledged() {
     assert_eq!((lost, duplicated), (0, 0));
     assert_eq!(in_stream, records(owner.store.as_ref()), "the stream is the owner's log");
     owner.log.close();
+}
+
+/// Catch-up's speed: a replica rebuilt from 1,500 stream messages (about 2,500 records, one
+/// command per message as an owner under a light load writes them). Prints records/s.
+#[test]
+fn a_replica_catches_up_on_thousands_of_messages_and_says_how_fast() {
+    let (rt, _nats, stream) = setup(8);
+    let owner = Node::wrote(&rt, &stream, 1_500);
+    owner.log.close();
+    let replica: Arc<dyn Store> = Arc::new(MemStore::new());
+    let started = Instant::now();
+    let caught = rt.block_on(catch_up(&replica, &stream)).unwrap();
+    let took = started.elapsed();
+    let records = records(replica.as_ref()).len();
+    eprintln!(
+        "catch-up: {} messages, {records} records in {took:?}: {:.0} records/s, {:.0} messages/s",
+        caught.messages,
+        records as f64 / took.as_secs_f64(),
+        caught.messages as f64 / took.as_secs_f64()
+    );
+    assert_eq!(caught.messages, 1_500);
+    assert_same(owner.store.as_ref(), replica.as_ref());
 }

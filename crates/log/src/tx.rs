@@ -71,6 +71,9 @@ pub struct Tx<'a> {
     /// pairs of it and whether they are all of it. A batch of publishes scans the same
     /// organisation's endpoints for each. Only scans of up to [`SCAN_CACHE_PAIRS_MAX`] are kept.
     scans: RefCell<ScanCache>,
+    /// With a write-ahead whose messages are bounded: the most one command's records may take,
+    /// encoded (see [`Tx::command_bytes_max`]).
+    pub(crate) command_bytes_max: Option<usize>,
 }
 
 /// Range (from, to) → its first stored pairs, and whether they are all of it.
@@ -93,7 +96,16 @@ impl<'a> Tx<'a> {
             error: RefCell::new(None),
             reads: RefCell::new(HashMap::new()),
             scans: RefCell::new(HashMap::new()),
+            command_bytes_max: None,
         }
+    }
+
+    /// With a write-ahead ([`WriteAhead::command_bytes_max`](crate::WriteAhead::command_bytes_max)):
+    /// the most one command's records may take, [`encoded_len`](crate::encoded_len) summed. A
+    /// machine refuses a command whose records take more (its savepoint is rolled back, nothing
+    /// of it written): a write-ahead message holds one whole batch. `None` without a bound.
+    pub fn command_bytes_max(&self) -> Option<usize> {
+        self.command_bytes_max
     }
 
     /// Stages a record with the next seq, chained to the one before; returns it. It is stored

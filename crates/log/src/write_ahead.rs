@@ -25,6 +25,14 @@ pub trait WriteAhead: Send + Sync + 'static {
     /// command may append.
     fn batch_bytes_max(&self) -> usize;
 
+    /// Encoded bytes of records one command may append at most: the machine sees it as
+    /// [`Tx::command_bytes_max`](crate::Tx::command_bytes_max) and refuses a command whose
+    /// records take more, so that with [`WriteAhead::batch_bytes_max`] every batch fits one
+    /// write-ahead message. Unbounded unless said.
+    fn command_bytes_max(&self) -> usize {
+        usize::MAX
+    }
+
     /// Stores one batch's `records` (at least one, consecutive and chained). Returns the
     /// write-ahead's position after them, stored with the batch (read it back with
     /// [`write_ahead_position`]).

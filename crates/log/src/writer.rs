@@ -255,6 +255,7 @@ impl<M: Machine> Writer<M> {
         }
         let store = self.store.clone();
         let mut tx = Tx::new(store.as_ref(), self.next_seq, self.last_hash);
+        tx.command_bytes_max = self.write_ahead.as_ref().map(|w| w.command_bytes_max());
         let answers = self.run_commands(batch, &mut tx);
         let commands = answers.len() as u64;
         // A read that failed reads as absent: the batch fails with that error, and `finish`

@@ -502,8 +502,10 @@ impl Commands {
         let watching = self.told.watching();
         // A command rejected part way (its savepoint rolled back) counts for nothing.
         let mark = self.told.mark();
-        let staged =
-            self.stage_events(tx, at_ms, (actor, request), events, (&mut due, &mut changes), watching);
+        let records_before = tx.records().len();
+        let staged = self
+            .stage_events(tx, at_ms, (actor, request), events, (&mut due, &mut changes), watching)
+            .and_then(|()| fits_one_message(tx, records_before));
         if staged.is_err() {
             self.told.rollback(mark);
         }
@@ -645,6 +647,26 @@ impl<'tx> Run<'_, 'tx> {
         }
         Ok(())
     }
+}
+
+/// With a write-ahead whose messages are bounded (cluster mode: a stream message holds one
+/// whole batch), a command whose records take more than [`Tx::command_bytes_max`] is refused
+/// whole: rolled back like any rejection, nothing of it written, the writer going on. Without
+/// one (a single node) this is one branch.
+fn fits_one_message(tx: &Tx<'_>, records_before: usize) -> Result<(), CommandError> {
+    let Some(max) = tx.command_bytes_max() else {
+        return Ok(());
+    };
+    let bytes: usize = tx.records()[records_before..].iter().map(herald_log::encoded_len).sum();
+    if bytes <= max {
+        return Ok(());
+    }
+    Err(CommandError::Conflict {
+        reason: format!(
+            "the command's records take {bytes} bytes, over the {max} bytes one command may write \
+             in cluster mode (one stream message holds one whole batch)"
+        ),
+    })
 }
 
 impl Machine for Commands {
