@@ -32,6 +32,13 @@ pub const HEADERS_BYTES_MAX: usize = 4 * 1024;
 /// batch of many commands ends once its records reach the 2 MiB left.
 pub const COMMAND_BYTES_MAX: usize = 6 * 1024 * 1024;
 
+/// How long catch-up keeps trying to create its consumer through a failover (a new meta leader
+/// is elected within seconds; this leaves room on a loaded machine).
+pub const CONSUMER_CREATE_WAIT: Duration = Duration::from_secs(30);
+
+/// The pause between two tries of creating the catch-up consumer.
+const CONSUMER_CREATE_RETRY: Duration = Duration::from_millis(250);
+
 /// How a partition's stream is made and written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamSettings {
@@ -164,17 +171,44 @@ impl PartitionStream {
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
             ..Default::default()
         };
-        let consumer = self
-            .stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| nats("creating a catch-up consumer")(&e))?;
+        let consumer = self.create_consumer_through_failover(config).await?;
         let messages = consumer.messages().await.map_err(|e| nats("reading the stream")(&e))?;
         Ok(messages.map(|message| {
             let message = message.map_err(|e| nats("reading the stream")(&e))?;
             let seq = message.info().map_err(|e| nats("reading a message's sequence")(&e))?.stream_sequence;
             Ok((seq, message.message.payload))
         }))
+    }
+
+    /// Creates an ordered consumer, trying again for up to [`CONSUMER_CREATE_WAIT`] while the
+    /// answer is a time-out, a failed request or a JetStream error: right after a server is
+    /// lost, the cluster may still be electing the leader that creates consumers (a publish
+    /// rides out the same failover through its own retries).
+    async fn create_consumer_through_failover(
+        &self,
+        config: async_nats::jetstream::consumer::pull::OrderedConfig,
+    ) -> Result<
+        async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::OrderedConfig>,
+        ClusterError,
+    > {
+        use async_nats::jetstream::stream::ConsumerErrorKind;
+        let deadline = tokio::time::Instant::now() + CONSUMER_CREATE_WAIT;
+        loop {
+            match self.stream.create_consumer(config.clone()).await {
+                Ok(consumer) => return Ok(consumer),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ConsumerErrorKind::TimedOut
+                            | ConsumerErrorKind::Request
+                            | ConsumerErrorKind::JetStream(_)
+                    ) && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(CONSUMER_CREATE_RETRY).await;
+                }
+                Err(e) => return Err(nats("creating a catch-up consumer")(&e)),
+            }
+        }
     }
 
     /// The records of message `seq`, each checked (checksum, hash, chained to the one before
