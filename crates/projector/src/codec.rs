@@ -40,6 +40,11 @@ pub(crate) fn write_bytes<T: Serialize>(value: &T, out: &mut Vec<u8>) {
     }
 }
 
+/// The value at the front of `bytes` and how many bytes it took (more may follow).
+pub(crate) fn prefix<T: DeserializeOwned>(bytes: &[u8]) -> Option<(T, usize)> {
+    bincode::serde::decode_from_slice::<T, _>(bytes, decode_config()).ok()
+}
+
 /// The value in `bytes`, or `None` when they are not one (or hold more).
 pub(crate) fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     match bincode::serde::decode_from_slice::<T, _>(bytes, decode_config()) {

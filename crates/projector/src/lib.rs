@@ -97,6 +97,7 @@ mod delivery_settings;
 // replay read stored keys with (`keys::KS_DELIVERY`). The rest is private and re-exported below.
 pub mod compact;
 mod event;
+mod event_row;
 mod fold;
 mod ids;
 mod index;

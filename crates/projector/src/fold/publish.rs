@@ -6,11 +6,20 @@ use uuid::Uuid;
 use super::{check_transition, same_org, ApplyError, Fold};
 use crate::codec;
 use crate::event::{NewDelivery, Trigger};
+use crate::event_row;
 use crate::ids::{DeliveryId, EndpointId, EventId, OrgId};
 use crate::keys;
 use crate::model::{Cause, Delivery, DeliveryStatus, EndpointStatus, EventRecord, IdempotencyHit};
-use crate::query;
+use crate::query::{self, CorruptValue};
 use crate::tables::Tables;
+
+/// What a delivery takes from its event.
+struct EventOf<'a> {
+    id: EventId,
+    org_id: OrgId,
+    event_type: &'a str,
+    call_id: Option<Uuid>,
+}
 
 impl<T: Tables> Fold<'_, T> {
     pub(super) fn org_secret_set(&mut self, org_id: OrgId, secret: &str) -> Result<(), ApplyError> {
@@ -53,9 +62,11 @@ impl<T: Tables> Fold<'_, T> {
             seq: self.seq,
             delivery_ids: Vec::new(),
         };
+        let event = EventOf { id, org_id, event_type, call_id };
         for d in deliveries {
             self.absent_delivery(d.id)?;
-            self.add_delivery(&mut record, d.id, org_id, d.endpoint_id, &d.url, d.next_attempt_at_ms)?;
+            self.add_delivery(&event, d.id, org_id, d.endpoint_id, &d.url, d.next_attempt_at_ms)?;
+            record.delivery_ids.push(d.id);
         }
         self.put_event(&record);
         Ok(())
@@ -72,9 +83,15 @@ impl<T: Tables> Fold<'_, T> {
         next_attempt_at_ms: u64,
     ) -> Result<(), ApplyError> {
         self.absent_delivery(id)?;
-        let mut event = query::get_event(self.t, event_id)?.ok_or(ApplyError::UnknownEvent(event_id))?;
-        let status = self.add_delivery(&mut event, id, org_id, endpoint_id, url, next_attempt_at_ms)?;
-        self.put_event(&event);
+        // The row grows by this id without its list being decoded (see `event_row`).
+        let key = keys::event(event_id);
+        let row = self.t.get(&key).ok_or(ApplyError::UnknownEvent(event_id))?;
+        let (head, grown) = event_row::append_delivery(&row, id)
+            .ok_or(ApplyError::Corrupt(CorruptValue { key: key.clone() }))?;
+        let event =
+            EventOf { id: head.id, org_id: head.org_id, event_type: &head.event_type, call_id: head.call_id };
+        let status = self.add_delivery(&event, id, org_id, endpoint_id, url, next_attempt_at_ms)?;
+        self.t.put(key, grown);
         // Not in the publish record that the event row names: its creation needs a ref.
         self.touched(id, status)
     }
@@ -94,7 +111,7 @@ impl<T: Tables> Fold<'_, T> {
     /// returns the status it starts in.
     fn add_delivery(
         &mut self,
-        event: &mut EventRecord,
+        event: &EventOf<'_>,
         id: DeliveryId,
         org_id: OrgId,
         endpoint_id: Option<EndpointId>,
@@ -122,7 +139,7 @@ impl<T: Tables> Fold<'_, T> {
             org_id,
             endpoint_id,
             call_id: event.call_id,
-            event_type: event.event_type.clone(),
+            event_type: event.event_type.to_string(),
             url: url.to_string(),
             status,
             attempt_count: 0,
@@ -139,7 +156,6 @@ impl<T: Tables> Fold<'_, T> {
             updated_at_ms: self.at_ms,
         };
         self.put_delivery(None, &delivery)?;
-        event.delivery_ids.push(id);
         Ok(status)
     }
 }
