@@ -10,6 +10,7 @@
 //!   systemd (`Type=notify`) it says READY=1 once listening and STOPPING=1 when the stop begins.
 
 mod auth;
+pub mod cluster;
 // A namespace of its own: the configuration of `herald serve` (its struct, the default TOML, the
 // environment and command-line overrides) reads best as `config::Config`, `config::DEFAULT_TOML`.
 pub mod config;
@@ -118,6 +119,14 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// The router over a shared state.
 pub fn router(state: Arc<AppState>) -> Router {
+    // Outside the panic catcher and the time limit: every answer, theirs included, echoes the
+    // request's id.
+    partition_router(state).layer(request_id::RequestIdLayer)
+}
+
+/// [`router`] without the request-id layer: in cluster mode each partition's router runs inside
+/// the cluster layer, itself inside the one request-id layer.
+pub(crate) fn partition_router(state: Arc<AppState>) -> Router {
     use routes::*;
     let body = DefaultBodyLimit::max(state.limits.body_bytes);
     let event_body = DefaultBodyLimit::max(state.limits.event_body_bytes);
@@ -160,9 +169,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
                 .into_response()
         }))
-        // Outside the panic catcher and the time limit: every answer, theirs included, echoes
-        // the request's id.
-        .layer(request_id::RequestIdLayer)
         .with_state(state)
 }
 
