@@ -13,12 +13,14 @@
 mod forward;
 mod front;
 mod merge;
+mod node;
 mod relabel;
 mod route;
 
 use herald_engine::{ApiKey, Engine, OrgId};
 
 pub use front::{cluster_router, Front};
+pub(crate) use node::serve_node;
 
 /// The error code of a 503 for a partition nobody serves now (or whose owner did not answer).
 pub const UNAVAILABLE: &str = "unavailable";
