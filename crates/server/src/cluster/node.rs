@@ -130,8 +130,7 @@ pub async fn serve_node(
     let placement = Arc::new(NodePlacement { node: node.clone(), retry_after_s });
     let bootstrap = tokio::spawn(bootstrap_admin_when_owned(placement.clone(), data_dir.clone(), admin_key));
     let front = Arc::new(Front::new(placement.clone(), &config));
-    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let listener = crate::bind(&config, connections_max, refused).await?;
+    let listener = crate::bind(&config, connections_max, front.connections_refused.clone()).await?;
     tracing::info!(
         listen = %listener.1,
         data_dir = %data_dir.display(),
