@@ -296,6 +296,37 @@ async fn an_admins_list_merges_every_partition_newest_first_with_a_working_curso
     let deliveries = call(&c.addrs[1], "GET", "/v1/webhook_deliveries?limit=5", ADMIN, None, &[]).await;
     assert_eq!(deliveries.status, StatusCode::OK);
     assert_eq!(deliveries.json(), json!({"data": [], "next_cursor": null}));
+    // One event per organisation (an admin naming it in the body): two deliveries each, listed
+    // in pages of 3 merged by (created_at, id), newest first, each once.
+    let mut made = Vec::new();
+    for p in 0..PARTITIONS {
+        let org = org_in(p, u128::from(p) * 1000).0.to_string();
+        let body = json!({"event_type": "a.b", "payload": {}, "org_id": org});
+        let published = call(&c.addrs[p as usize % 3], "POST", "/v1/events", ADMIN, Some(body), &[]).await;
+        assert_eq!(published.status, StatusCode::ACCEPTED, "{}", published.text());
+        let ids = published.json()["delivery_ids"].as_array().unwrap().clone();
+        made.extend(ids.iter().map(|d| d.as_str().unwrap().to_owned()));
+    }
+    let (mut listed, mut cursor) = (Vec::<(String, String)>::new(), String::new());
+    for _ in 0..10 {
+        let path = format!("/v1/webhook_deliveries?limit=3&cursor={cursor}");
+        let page = call(&c.addrs[0], "GET", &path, ADMIN, None, &[]).await.json();
+        let data = page["data"].as_array().unwrap();
+        listed.extend(
+            data.iter().map(|d| (d["created_at"].as_str().unwrap().into(), d["id"].as_str().unwrap().into())),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let mut newest_first = listed.clone();
+    newest_first.sort_by(|a, b| b.cmp(a));
+    assert_eq!(listed, newest_first, "newest first");
+    let mut ids: Vec<String> = listed.into_iter().map(|(_, id)| id).collect();
+    ids.sort();
+    made.sort();
+    assert_eq!(ids, made, "every delivery once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
