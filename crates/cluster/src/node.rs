@@ -23,7 +23,7 @@ use herald_log::{SledStore, Store};
 use herald_projector::OrgId;
 
 use crate::error::{nats, ClusterError};
-use crate::lease::{fair_share, open_bucket, Held, Lease, LeaseSettings, Leases, Nodes};
+use crate::lease::{fair_share, open_bucket, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes};
 use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
 use crate::takeover::unix_ms;
 
@@ -250,6 +250,10 @@ impl Node {
     /// connected, not necessarily owning anything yet. Blocking: call it from outside any
     /// tokio runtime (or through `spawn_blocking`); the node runs its own NATS runtime.
     pub fn start(config: NodeConfig) -> Result<Node, ClusterError> {
+        outside_runtime(|| Node::start_here(config))
+    }
+
+    fn start_here(config: NodeConfig) -> Result<Node, ClusterError> {
         if let Some(problem) = config.problem() {
             return Err(ClusterError::Settings(problem));
         }
@@ -375,6 +379,10 @@ impl Node {
 
     fn stop(&self, within: Duration) {
         let Some(running) = lock(&self.running).take() else { return };
+        outside_runtime(|| self.stop_running(running, within));
+    }
+
+    fn stop_running(&self, running: Running, within: Duration) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake();
         for thread in running.threads {
@@ -398,6 +406,24 @@ impl Drop for Node {
         self.stop(Duration::from_secs(5));
     }
 }
+
+/// Runs `f` here, or on a thread of its own when called from inside a tokio runtime: the node
+/// blocks on its own runtime, which a runtime's thread must not do.
+fn outside_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|scope| match scope.spawn(f).join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+/// The node is shared by the server's handlers.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Node>();
+};
 
 fn spawn_thread(name: &str, shared: Arc<Shared>, run: fn(Arc<Shared>)) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new().name(name.into()).spawn(move || run(shared)).expect("spawning a node thread")
@@ -593,19 +619,32 @@ impl Shared {
             let held = lock(&served.renewal.held).clone();
             self.release(&held);
             if partition == self.partitions {
-                self.control.resume(self);
+                self.control.resume();
             }
         }
     }
 
     /// Releases `held` (a hand-back), waiting up to a lease for NATS; a lease not released
-    /// passes by itself.
+    /// passes by itself. A renewal that was in flight when it was stopped changed the lease's
+    /// revision: the lease, still this node's at the same epoch, is released at the new one.
     fn release(&self, held: &Held) {
         let leases = self.leases.clone();
         let held = held.clone();
-        let within = self.lease;
-        let released =
-            self.runtime.block_on(async move { tokio::time::timeout(within, leases.release(&held)).await });
+        let released = self.runtime.block_on(async move {
+            tokio::time::timeout(self.lease, async {
+                match leases.release(&held).await {
+                    Err(LeaseError::Lost(Some(now)))
+                        if now.node_id == held.lease.node_id && now.epoch == held.lease.epoch =>
+                    {
+                        let current = leases.current(held.partition).await?;
+                        let Some((lease, revision)) = current else { return Ok(()) };
+                        leases.release(&Held { partition: held.partition, lease, revision }).await
+                    }
+                    other => other,
+                }
+            })
+            .await
+        });
         if !matches!(released, Ok(Ok(()))) {
             tracing::warn!(node = %self.node_id, "a lease was not released; it passes by itself");
         }

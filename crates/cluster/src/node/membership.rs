@@ -144,7 +144,7 @@ fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
         }
         Err(e) => {
             if control {
-                shared.control.resume(shared);
+                shared.control.resume();
             }
             Err(e)
         }
@@ -231,7 +231,7 @@ pub(super) fn stop_serving(shared: &Shared, partition: u32, hand_back: bool) {
         shared.release(&held);
     }
     if partition == shared.partitions {
-        shared.control.resume(shared);
+        shared.control.resume();
     }
 }
 
