@@ -274,6 +274,10 @@ impl Node {
             let nodes = Nodes::open(&js, config.replicas, config.lease * 3).await?;
             Ok::<_, ClusterError>((js, leases, nodes))
         })?;
+        // The first beat before the first look at the cluster, which counts this node live.
+        runtime
+            .block_on(nodes.beat(&config.node_id, &config.advertise, unix_ms()))
+            .map_err(|e| ClusterError::Nats(format!("the first heartbeat: {e}")))?;
         let control_store = open_store(&config, config.partitions)?;
         let shared = Arc::new(Shared {
             node_id: config.node_id.clone(),
@@ -389,7 +393,8 @@ impl Node {
             let _ = thread.join();
         }
         running.heartbeat.abort();
-        self.shared.hand_back_all(within);
+        let all: Vec<u32> = read(&self.shared.served).keys().copied().collect();
+        membership::stop_serving(&self.shared, &all, true, within);
         let shared = self.shared.clone();
         let left = running.runtime.block_on(async move {
             tokio::time::timeout(Duration::from_secs(2), shared.nodes.leave(&shared.node_id)).await
@@ -589,39 +594,6 @@ impl Shared {
         let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
         drop(served);
         membership::share_reached(self, &seen, held, now)
-    }
-
-    /// Stops serving every partition (the node stops): the engines' stops begun together and
-    /// waited for up to `within`, then each write-ahead stopped and each lease released.
-    fn hand_back_all(&self, within: Duration) {
-        let all: Vec<(u32, Served)> = std::mem::take(&mut *write(&self.served)).into_iter().collect();
-        if all.is_empty() {
-            return;
-        }
-        self.bump_changes();
-        for (_, served) in &all {
-            served.engine.begin_shutdown();
-        }
-        let engines: Vec<Engine> = all.iter().map(|(_, s)| s.engine.clone()).collect();
-        let (done, stopped) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            for engine in engines {
-                engine.shutdown();
-            }
-            let _ = done.send(());
-        });
-        if stopped.recv_timeout(within).is_err() {
-            tracing::warn!(node = %self.node_id, "engines not stopped within {within:?}; their write-aheads are cut");
-        }
-        for (partition, served) in all {
-            served.write_ahead.stop();
-            served.renewal.task.abort();
-            let held = lock(&served.renewal.held).clone();
-            self.release(&held);
-            if partition == self.partitions {
-                self.control.resume();
-            }
-        }
     }
 
     /// Releases `held` (a hand-back), waiting up to a lease for NATS; a lease not released

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use herald_engine::{Actor, Command, Engine};
 
@@ -46,10 +47,11 @@ fn step_down_refused(shared: &Shared) {
     let now = unix_ms();
     let refused: Vec<(u32, String)> =
         read(&shared.served).iter().filter_map(|(&p, s)| s.refusal(now).map(|why| (p, why))).collect();
-    for (partition, why) in refused {
-        tracing::warn!(node = %shared.node_id, partition = %shared.label(partition), %why, "stepping down");
-        stop_serving(shared, partition, false);
+    for (partition, why) in &refused {
+        tracing::warn!(node = %shared.node_id, partition = %shared.label(*partition), %why, "stepping down");
     }
+    let partitions: Vec<u32> = refused.into_iter().map(|(p, _)| p).collect();
+    stop_serving(shared, &partitions, false, stop_within(shared));
 }
 
 /// One look at the cluster and what the plan says to do about it.
@@ -64,12 +66,10 @@ fn turn(shared: &Arc<Shared>) {
     let view = plan_view(shared, &seen);
     *write(&shared.seen) = seen;
     let plan = balance::plan(&view);
-    for partition in plan.release {
-        if shared.stopping() {
-            return;
-        }
-        tracing::info!(node = %shared.node_id, partition = %shared.label(partition), "handing back");
-        stop_serving(shared, partition, true);
+    if !plan.release.is_empty() {
+        let names: Vec<String> = plan.release.iter().map(|&p| shared.label(p)).collect();
+        tracing::info!(node = %shared.node_id, partitions = ?names, "handing back");
+        stop_serving(shared, &plan.release, true, stop_within(shared));
     }
     for partition in plan.claim {
         if shared.stopping() {
@@ -212,27 +212,55 @@ fn renew(shared: &Arc<Shared>, held: Held) -> Renewal {
     Renewal { task, held: latest, until_ms, lost }
 }
 
-/// Stops serving `partition`: not `Local` from here on; then its engine is shut down (within
-/// its shutdown timeout) and its write-ahead stopped. A hand-back keeps the lease renewed
-/// until the engine is down, then releases it; a step-down (lease lost, fenced) stops the
-/// write-ahead first, since nothing it writes can go through.
-pub(super) fn stop_serving(shared: &Shared, partition: u32, hand_back: bool) {
-    let Some(served) = write(&shared.served).remove(&partition) else { return };
+/// Stops serving `partitions`, together: none is `Local` from here on; their engines' stops
+/// begin at once (each within its shutdown timeout) and are waited for up to `within`; then
+/// each write-ahead is stopped. A hand-back keeps the leases renewed until the engines are
+/// down, then releases them; a step-down (lease lost, fenced) stops renewing and writing
+/// ahead first, since nothing it writes can go through.
+pub(super) fn stop_serving(shared: &Shared, partitions: &[u32], hand_back: bool, within: Duration) {
+    let stopping: Vec<(u32, Served)> = {
+        let mut served = write(&shared.served);
+        partitions.iter().filter_map(|p| served.remove(p).map(|s| (*p, s))).collect()
+    };
+    if stopping.is_empty() {
+        return;
+    }
     shared.bump_changes();
-    if !hand_back {
-        served.renewal.task.abort();
+    for (_, served) in &stopping {
+        if !hand_back {
+            served.renewal.task.abort();
+            served.write_ahead.stop();
+        }
+        served.engine.begin_shutdown();
+    }
+    let engines: Vec<Engine> = stopping.iter().map(|(_, s)| s.engine.clone()).collect();
+    let (done, stopped) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        for engine in engines {
+            engine.shutdown();
+        }
+        let _ = done.send(());
+    });
+    if stopped.recv_timeout(within).is_err() {
+        tracing::warn!(node = %shared.node_id, "engines not stopped within {within:?}; their write-aheads are cut");
+    }
+    for (partition, served) in stopping {
         served.write_ahead.stop();
-    }
-    served.engine.shutdown();
-    served.write_ahead.stop();
-    if hand_back {
         served.renewal.task.abort();
-        let held = lock(&served.renewal.held).clone();
-        shared.release(&held);
+        if hand_back {
+            let held = lock(&served.renewal.held).clone();
+            shared.release(&held);
+        }
+        if partition == shared.partitions {
+            shared.control.resume();
+        }
     }
-    if partition == shared.partitions {
-        shared.control.resume();
-    }
+}
+
+/// How long the membership loop waits for the engines it stops: their shutdown timeout and a
+/// second more for their logs.
+fn stop_within(shared: &Shared) -> Duration {
+    shared.engine.delivery.shutdown_timeout + Duration::from_secs(1)
 }
 
 /// The readiness rule, on the last view (`held` = the partitions this node serves, each
