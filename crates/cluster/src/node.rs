@@ -23,7 +23,7 @@ use herald_log::{SledStore, Store};
 use herald_projector::OrgId;
 
 use crate::error::{nats, ClusterError};
-use crate::lease::{fair_share, open_bucket, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes};
+use crate::lease::{open_bucket, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes};
 use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
 use crate::takeover::unix_ms;
 
@@ -381,6 +381,14 @@ impl Node {
         }
     }
 
+    /// Test hook: ends [`Node::stall_for_tests`], as a stalled process resumed (SIGCONT): the
+    /// node steps down from what it no longer holds, beats again, and claims its share anew.
+    #[doc(hidden)]
+    pub fn resume_for_tests(&self) {
+        self.shared.stalled.store(false, Ordering::SeqCst);
+        self.shared.wake();
+    }
+
     fn stop(&self, within: Duration) {
         let Some(running) = lock(&self.running).take() else { return };
         outside_runtime(|| self.stop_running(running, within));
@@ -591,9 +599,8 @@ impl Shared {
                 return Err(format!("stepping down from partition {}: {why}", self.label(partition)));
             }
         }
-        let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
         drop(served);
-        membership::share_reached(self, &seen, held, now)
+        membership::share_reached(self, &seen, now)
     }
 
     /// Releases `held` (a hand-back), waiting up to a lease for NATS; a lease not released
@@ -620,10 +627,5 @@ impl Shared {
         if !matches!(released, Ok(Ok(()))) {
             tracing::warn!(node = %self.node_id, "a lease was not released; it passes by itself");
         }
-    }
-
-    /// The share this node aims at: `ceil((partitions + 1) / live nodes)`.
-    fn share(&self, live: usize) -> u32 {
-        fair_share(self.partitions + 1, live)
     }
 }

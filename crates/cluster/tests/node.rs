@@ -213,8 +213,26 @@ fn a_stalled_node_is_fenced_and_stops_serving_and_the_stream_stays_one_line() {
         other => panic!("a was not fenced: {other:?}"),
     }
     assert!(matches!(a.place(0), Place::Unowned | Place::Remote { .. }));
-    // b goes on writing: its log is the stream's, one line.
-    let Place::Local(engine) = b.place(0) else { panic!("b serves partition 0") };
+    // a resumes: it steps down from what it lost and takes its share back from b, the two
+    // never serving one partition at once.
+    let steps = a.changes();
+    let before = *steps.borrow();
+    a.resume_for_tests();
+    let started = Instant::now();
+    loop {
+        let (on_a, on_b) = (local(&a), local(&b));
+        assert!(on_a.iter().all(|p| !on_b.contains(p)), "both serve: a {on_a:?}, b {on_b:?}");
+        if on_a.len() == 1 && on_b.len() == 1 && a.readiness().is_ok() && b.readiness().is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "not spread again: {}", describe(&[&a, &b]));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(*steps.borrow() >= before + 2, "a stepped down, then took its share");
+    // The owner of partition 0 goes on writing: its log is the stream's, one line.
+    let Place::Local(engine) = (if local(&a) == [0] { a.place(0) } else { b.place(0) }) else {
+        panic!("partition 0 is served")
+    };
     engine.execute_blocking(Actor::admin(), policy(9)).unwrap();
     b.shutdown(Duration::from_secs(5));
     a.shutdown(Duration::from_secs(5));
@@ -237,7 +255,8 @@ fn a_stalled_node_is_fenced_and_stops_serving_and_the_stream_stays_one_line() {
             _ => None,
         })
         .collect();
-    assert_eq!(claims, [("a".to_string(), 1), ("b".to_string(), 2)]);
+    assert_eq!(claims[..2], [("a".to_string(), 1), ("b".to_string(), 2)]);
+    assert!(claims.windows(2).all(|w| w[1].1 == w[0].1 + 1), "one claim per epoch: {claims:?}");
     let policies: Vec<u32> = events
         .iter()
         .filter_map(|e| match e {

@@ -12,7 +12,7 @@ use herald_engine::{Actor, Command, Engine};
 
 use super::{lock, read, write, Renewal, Seen, Served, Shared};
 use crate::balance::{self, View};
-use crate::lease::Held;
+use crate::lease::{fair_share, Held, Lease};
 use crate::replica::catch_up;
 use crate::stream::StreamWriteAhead;
 use crate::takeover::{keep_renewed_with, unix_ms};
@@ -112,7 +112,7 @@ fn plan_view(shared: &Shared, seen: &Seen) -> View {
         .enumerate()
         .map(|(p, lease)| match lease {
             Some(l) if l.node_id == shared.node_id && !served.contains_key(&(p as u32)) => {
-                Some(crate::lease::Lease { lease_until_ms: 0, ..l.clone() })
+                Some(Lease { lease_until_ms: 0, ..l.clone() })
             }
             other => other.clone(),
         })
@@ -263,42 +263,167 @@ fn stop_within(shared: &Shared) -> Duration {
     shared.engine.delivery.shutdown_timeout + Duration::from_secs(1)
 }
 
-/// The readiness rule, on the last view (`held` = the partitions this node serves, each
+/// The readiness rule, on the last view (`served` = the partitions this node serves, each
 /// caught up at its take-over and not refused). With `share` = ceil((partitions + 1) / live
 /// nodes), the node is ready when it holds its share, or when it holds less but nothing is
 /// left for it to take: every partition has a live lease (none free or passed) and no other
 /// node holds more than its share (no hand-back due that this node would then take). True in
 /// any steady cluster, whatever the plan's spread (a fourth node may hold fewer than the
 /// others); false while a take-over by this node is due.
-pub(super) fn share_reached(shared: &Shared, seen: &Seen, held: u32, now: u64) -> Result<(), String> {
-    let share = shared.share(seen.live.len().max(1));
+pub(super) fn share_reached(shared: &Shared, seen: &Seen, now_ms: u64) -> Result<(), String> {
+    let served: Vec<u32> = read(&shared.served).keys().copied().collect();
+    let look = Look {
+        me: &shared.node_id,
+        live: seen.live.len(),
+        leases: &seen.leases,
+        now_ms,
+        margin_ms: shared.skew_margin.as_millis() as u64,
+    };
+    readiness_rule(&look, &served)
+}
+
+/// One look at the cluster, as the readiness rule reads it.
+struct Look<'a> {
+    me: &'a str,
+    live: usize,
+    /// Every partition's lease; the last is the control partition's.
+    leases: &'a [Option<Lease>],
+    now_ms: u64,
+    margin_ms: u64,
+}
+
+/// [`share_reached`]'s rule on `look`, for a node serving `served`.
+fn readiness_rule(look: &Look<'_>, served: &[u32]) -> Result<(), String> {
+    let total = u32::try_from(look.leases.len()).unwrap_or(u32::MAX);
+    let share = fair_share(total, look.live.max(1));
+    let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
     if held >= share {
         return Ok(());
     }
-    let margin = shared.skew_margin.as_millis() as u64;
     let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
-    for (partition, lease) in seen.leases.iter().enumerate() {
-        let partition = partition as u32;
-        let mine = read(&shared.served).contains_key(&partition);
+    for (partition, lease) in (0..total).zip(look.leases) {
         match lease {
+            Some(l) if served.contains(&partition) => *per_node.entry(l.node_id.as_str()).or_default() += 1,
             Some(l)
-                if mine
-                    || (l.node_id != shared.node_id && now <= l.lease_until_ms.saturating_add(margin)) =>
+                if l.node_id != look.me && look.now_ms <= l.lease_until_ms.saturating_add(look.margin_ms) =>
             {
-                *per_node.entry(l.node_id.as_str()).or_default() += 1;
+                *per_node.entry(l.node_id.as_str()).or_default() += 1
             }
             _ => {
-                return Err(format!(
-                    "owns {held} of its share {share}; partition {} has no owner yet",
-                    shared.label(partition)
-                ))
+                let name = if partition + 1 == total { "control".to_string() } else { partition.to_string() };
+                return Err(format!("owns {held} of its share {share}; partition {name} has no owner yet"));
             }
         }
     }
-    if let Some((node, n)) = per_node.iter().find(|(node, &n)| **node != shared.node_id && n > share) {
+    if let Some((node, n)) = per_node.iter().find(|(node, &n)| **node != look.me && n > share) {
         return Err(format!(
             "owns {held} of its share {share}; node {node} holds {n}, over its share (a hand-back is due)"
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::plan;
+
+    fn lease(node: &str, until: u64) -> Option<Lease> {
+        Some(Lease { node_id: node.into(), epoch: 1, lease_until_ms: until, advertise: String::new() })
+    }
+
+    /// Runs `balance::plan` for every node in turn (claims granted, hand-backs released) until
+    /// nothing changes: the steady state the nodes reach.
+    fn settle(nodes: &[&str], leases: &mut [Option<Lease>]) {
+        for _ in 0..100 {
+            let mut changed = false;
+            for node in nodes {
+                let view = View {
+                    node_id: node.to_string(),
+                    live: nodes.len(),
+                    leases: leases.to_vec(),
+                    now_ms: 1_000,
+                    skew_margin_ms: 100,
+                };
+                let plan = plan(&view);
+                for p in plan.release {
+                    leases[p as usize] = lease(node, 0);
+                    changed = true;
+                }
+                for p in plan.claim {
+                    leases[p as usize] = lease(node, 5_000);
+                    changed = true;
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+        panic!("no steady state: {leases:?}");
+    }
+
+    fn ready(node: &str, live: usize, leases: &[Option<Lease>]) -> Result<(), String> {
+        let served: Vec<u32> = (0..leases.len() as u32)
+            .filter(|&p| {
+                leases[p as usize].as_ref().is_some_and(|l| l.node_id == node && l.lease_until_ms > 1_000)
+            })
+            .collect();
+        let look = Look { me: node, live, leases, now_ms: 1_000, margin_ms: 100 };
+        readiness_rule(&look, &served)
+    }
+
+    #[test]
+    fn every_node_of_a_steady_cluster_of_one_to_four_nodes_is_ready_and_a_joining_one_is_not() {
+        let names = ["a", "b", "c", "d"];
+        let mut dues = 0;
+        for total in [2usize, 5, 17] {
+            let mut leases = vec![None; total];
+            for n in 1..=names.len() {
+                let nodes = &names[..n];
+                let joined = nodes[n - 1];
+                // Before the others hand back (or before it claims what is free), the new node
+                // has a take-over due: not ready.
+                let owns = |node: &str| {
+                    leases
+                        .iter()
+                        .flatten()
+                        .filter(|l: &&Lease| l.node_id == node && l.lease_until_ms > 1_000)
+                        .count()
+                };
+                let share = fair_share(total as u32, n) as usize;
+                let due = owns(joined) < share
+                    && (leases.iter().any(|l| l.is_none()) || nodes.iter().any(|o| owns(o) > share));
+                if due {
+                    let why = ready(joined, n, &leases).expect_err("a take-over is due");
+                    assert!(why.contains("of its share"), "{why}");
+                    dues += 1;
+                }
+                settle(nodes, &mut leases);
+                for node in nodes {
+                    assert_eq!(
+                        ready(node, n, &leases),
+                        Ok(()),
+                        "{node} of {n} nodes, {total} partitions: {leases:?}"
+                    );
+                }
+            }
+        }
+        assert!(dues >= 6, "joins with a take-over due: {dues}");
+    }
+
+    #[test]
+    fn a_partition_whose_lease_passed_is_due_and_named() {
+        let leases = vec![lease("a", 5_000), lease("b", 500), lease("b", 5_000)];
+        let look = Look { me: "a", live: 2, leases: &leases, now_ms: 1_000, margin_ms: 100 };
+        assert_eq!(
+            readiness_rule(&look, &[0]),
+            Err("owns 1 of its share 2; partition 1 has no owner yet".into())
+        );
+        let leases = vec![lease("a", 5_000), lease("b", 5_000), None];
+        let look = Look { leases: &leases, ..look };
+        assert_eq!(
+            readiness_rule(&look, &[0]),
+            Err("owns 1 of its share 2; partition control has no owner yet".into())
+        );
+    }
 }
