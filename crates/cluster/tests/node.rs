@@ -2,7 +2,8 @@
 //! alone serves every partition and the control partition; a second node joins and the
 //! partitions spread, never served by both at once; a key written through the control owner
 //! is found through the other node; a node that stops hands everything to the other; a node
-//! configured with another partition count is refused; a stalled node is fenced.
+//! configured with another partition count is refused; a stalled node is fenced, and once
+//! resumed takes its share back; sixteen partitions spread over three nodes and stay put.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -269,4 +270,44 @@ fn a_stalled_node_is_fenced_and_stops_serving_and_the_stream_stays_one_line() {
 
 fn policy(failures_max: u32) -> Command {
     Command::SetPolicy(Policy { failures_max, ..Policy::default() })
+}
+
+#[test]
+fn sixteen_partitions_spread_over_three_nodes_starting_together_and_stay_put() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |id: &str| NodeConfig { lease: Duration::from_secs(2), ..config(&nats, id, dir.path(), 16) };
+    let started = Instant::now();
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|id| Node::start(config(id)).unwrap()).collect();
+    let all: Vec<&Node> = nodes.iter().collect();
+    loop {
+        let served: Vec<Vec<u32>> = nodes.iter().map(local).collect();
+        let mut every: Vec<u32> = served.concat();
+        every.sort();
+        let before = every.len();
+        every.dedup();
+        assert_eq!(every.len(), before, "served twice: {served:?}");
+        if every.len() == 17 && nodes.iter().all(|n| n.readiness().is_ok()) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "{}", describe(&all));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("spread in {:?}: {}", started.elapsed(), describe(&all));
+    // Each holds 5 or 6 (its share is 6), and nothing moves once spread.
+    assert!(nodes.iter().all(|n| (5..=6).contains(&local(n).len())), "{}", describe(&all));
+    let changes: Vec<u64> = nodes.iter().map(|n| *n.changes().borrow()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        nodes.iter().map(|n| *n.changes().borrow()).collect::<Vec<_>>(),
+        changes,
+        "{}",
+        describe(&all)
+    );
+    let stopping = Instant::now();
+    for node in nodes {
+        node.shutdown(Duration::from_secs(5));
+    }
+    assert!(stopping.elapsed() < Duration::from_secs(10), "stopped in {:?}", stopping.elapsed());
 }
