@@ -17,6 +17,8 @@
 //!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
 //! - `partitions.rs`: [`Partitions`], the partitions a node serves and the NATS runtime their
 //!   logs write ahead on, closed in order when dropped: the logs, then the runtime.
+//! - [`offline`]: what the offline tools need: a partition named `N` or `control`, its
+//!   directory and stream, the stream read back with its chain checked, an empty stream to load.
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
 //!
 //! Invariants:
@@ -49,6 +51,7 @@
 pub mod balance;
 mod error;
 mod lease;
+pub mod offline;
 pub mod partition;
 mod partitions;
 mod replica;
