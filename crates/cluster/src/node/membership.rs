@@ -1,0 +1,429 @@
+//! The node's membership loop: every third of the lease (or at once when woken) it steps down
+//! from partitions it may no longer serve, reads the live nodes and every lease, and acts on
+//! [`balance::plan`]: hands extra partitions back, takes free ones over. Also the heartbeat
+//! and the readiness rule, which reads the same view.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_engine::{Actor, Command, Engine};
+
+use super::{lock, read, write, Renewal, Seen, Served, Shared};
+use crate::balance::{self, View};
+use crate::lease::{fair_share, Held, Lease};
+use crate::replica::catch_up;
+use crate::stream::StreamWriteAhead;
+use crate::takeover::{keep_renewed_with, unix_ms};
+
+/// Beats this node's heartbeat every third of the lease until aborted (a stalled node skips).
+pub(super) async fn heartbeat(shared: Arc<Shared>, advertise: String) {
+    loop {
+        if !shared.stalled.load(Ordering::SeqCst) {
+            let beat = shared.nodes.beat(&shared.node_id, &advertise, unix_ms());
+            if let Ok(Err(e)) = tokio::time::timeout(shared.lease, beat).await {
+                tracing::warn!(node = %shared.node_id, error = %e, "heartbeat not written");
+            }
+        }
+        tokio::time::sleep(shared.lease / 3).await;
+    }
+}
+
+/// The membership loop (its own thread: take-overs block on NATS and on the stores).
+pub(super) fn run(shared: Arc<Shared>) {
+    while !shared.stopping() {
+        if !shared.stalled.load(Ordering::SeqCst) {
+            step_down_refused(&shared);
+            turn(&shared);
+        }
+        shared.sleep(shared.lease / 3);
+    }
+}
+
+/// Stops serving, at once, every partition whose lease was lost or passed or whose engine
+/// was fenced.
+fn step_down_refused(shared: &Shared) {
+    let now = unix_ms();
+    let refused: Vec<(u32, String)> =
+        read(&shared.served).iter().filter_map(|(&p, s)| s.refusal(now).map(|why| (p, why))).collect();
+    for (partition, why) in &refused {
+        tracing::warn!(node = %shared.node_id, partition = %shared.label(*partition), %why, "stepping down");
+    }
+    let partitions: Vec<u32> = refused.into_iter().map(|(p, _)| p).collect();
+    stop_serving(shared, &partitions, false, stop_within(shared));
+}
+
+/// One look at the cluster and what the plan says to do about it.
+fn turn(shared: &Arc<Shared>) {
+    let seen = match read_cluster(shared) {
+        Ok(seen) => seen,
+        Err(e) => {
+            write(&shared.seen).error = Some(e);
+            return;
+        }
+    };
+    let view = plan_view(shared, &seen);
+    *write(&shared.seen) = seen;
+    let plan = balance::plan(&view);
+    if !plan.release.is_empty() {
+        let names: Vec<String> = plan.release.iter().map(|&p| shared.label(p)).collect();
+        tracing::info!(node = %shared.node_id, partitions = ?names, "handing back");
+        stop_serving(shared, &plan.release, true, stop_within(shared));
+    }
+    for partition in plan.claim {
+        if shared.stopping() {
+            return;
+        }
+        match take_over(shared, partition) {
+            Ok(()) => {
+                tracing::info!(node = %shared.node_id, partition = %shared.label(partition), "took over")
+            }
+            Err(e) => {
+                tracing::info!(node = %shared.node_id, partition = %shared.label(partition), error = %e, "not taken over")
+            }
+        }
+    }
+}
+
+/// Reads the live nodes and every lease (data partitions, then the control), within a lease.
+fn read_cluster(shared: &Shared) -> Result<Seen, String> {
+    let total = shared.partitions + 1;
+    let read = async {
+        let live = shared.nodes.live().await?;
+        let leases = shared.leases.all(total).await?;
+        Ok::<_, crate::ClusterError>((live, leases))
+    };
+    let (live, leases) = shared
+        .runtime
+        .block_on(async { tokio::time::timeout(shared.lease, read).await })
+        .map_err(|_| format!("no answer from NATS within {:?}", shared.lease))?
+        .map_err(|e| e.to_string())?;
+    Ok(Seen { read: true, live, leases, at_ms: unix_ms(), error: None })
+}
+
+/// The view `balance::plan` decides on: a lease of this node's that it does not serve (a
+/// restart, a failed take-over) reads as passed, so that the plan takes it (back) over.
+fn plan_view(shared: &Shared, seen: &Seen) -> View {
+    let served = read(&shared.served);
+    let leases = seen
+        .leases
+        .iter()
+        .enumerate()
+        .map(|(p, lease)| match lease {
+            Some(l) if l.node_id == shared.node_id && !served.contains_key(&(p as u32)) => {
+                Some(Lease { lease_until_ms: 0, ..l.clone() })
+            }
+            other => other.clone(),
+        })
+        .collect();
+    View {
+        node_id: shared.node_id.clone(),
+        live: seen.live.len().max(1),
+        leases,
+        now_ms: unix_ms(),
+        skew_margin_ms: shared.skew_margin.as_millis() as u64,
+    }
+}
+
+/// Takes `partition` over: the control partition's follower paused first (the engine opens
+/// the same store), resumed if the take-over fails.
+fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
+    let control = partition == shared.partitions;
+    if control {
+        shared.control.pause();
+    }
+    match open_partition(shared, partition) {
+        Ok(served) => {
+            write(&shared.served).insert(partition, served);
+            if control {
+                shared.control.changed_hands();
+            }
+            shared.bump_changes();
+            Ok(())
+        }
+        Err(e) => {
+            if control {
+                shared.control.resume();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Claims the lease (renewed from then on), catches the replica up, opens the engine writing
+/// ahead to the stream, and writes `ClaimPartition` (the fence) as its first command.
+fn open_partition(shared: &Arc<Shared>, partition: u32) -> Result<Served, String> {
+    let store = shared.store(partition)?;
+    let stream = shared.stream(partition)?;
+    let leases = shared.leases.clone();
+    let held = shared
+        .runtime
+        .block_on(async move { tokio::time::timeout(shared.lease, leases.claim(partition, unix_ms())).await })
+        .map_err(|_| "no answer from NATS to the lease claim".to_string())?
+        .map_err(|e| format!("lease: {e}"))?;
+    let renewal = renew(shared, held.clone());
+    let opened = (|| {
+        let caught =
+            shared.runtime.block_on(catch_up(&store, &stream)).map_err(|e| format!("catch-up: {e}"))?;
+        let write_ahead = Arc::new(StreamWriteAhead::new(stream, shared.runtime.clone(), caught.position));
+        let engine =
+            Engine::open_store_with_write_ahead(shared.engine_config(partition), store, write_ahead.clone())
+                .map_err(|e| e.to_string())?;
+        let claim = Command::ClaimPartition { node_id: held.lease.node_id.clone(), epoch: held.lease.epoch };
+        if let Err(e) = engine.execute_blocking(Actor::admin(), claim) {
+            write_ahead.stop();
+            engine.shutdown();
+            return Err(format!("the claim record: {e}"));
+        }
+        Ok((engine, write_ahead))
+    })();
+    match opened {
+        Ok((engine, write_ahead)) => Ok(Served { engine, write_ahead, renewal }),
+        Err(e) => {
+            renewal.task.abort();
+            let held = lock(&renewal.held).clone();
+            shared.release(&held);
+            Err(e)
+        }
+    }
+}
+
+/// Keeps `held` renewed: each renewal moves the end the node may serve until; a loss marks
+/// it lost and wakes the membership loop to step down.
+fn renew(shared: &Arc<Shared>, held: Held) -> Renewal {
+    let until_ms = Arc::new(AtomicU64::new(held.lease.lease_until_ms));
+    let lost = Arc::new(AtomicBool::new(false));
+    let latest = Arc::new(Mutex::new(held.clone()));
+    let (until, latest_in) = (until_ms.clone(), latest.clone());
+    let on_renewed = move |h: &Held| {
+        until.store(h.lease.lease_until_ms, Ordering::SeqCst);
+        *lock(&latest_in) = h.clone();
+    };
+    let lost_in = lost.clone();
+    let shared_in = Arc::downgrade(shared);
+    let on_lost = move |_| {
+        lost_in.store(true, Ordering::SeqCst);
+        if let Some(shared) = shared_in.upgrade() {
+            shared.wake();
+        }
+    };
+    let task = keep_renewed_with(&shared.runtime, shared.leases.clone(), held, on_renewed, on_lost);
+    Renewal { task, held: latest, until_ms, lost }
+}
+
+/// Stops serving `partitions`, together: none is `Local` from here on; their engines' stops
+/// begin at once (each within its shutdown timeout) and are waited for up to `within`; then
+/// each write-ahead is stopped. A hand-back keeps the leases renewed until the engines are
+/// down, then releases them; a step-down (lease lost, fenced) stops renewing and writing
+/// ahead first, since nothing it writes can go through.
+pub(super) fn stop_serving(shared: &Shared, partitions: &[u32], hand_back: bool, within: Duration) {
+    let stopping: Vec<(u32, Served)> = {
+        let mut served = write(&shared.served);
+        partitions.iter().filter_map(|p| served.remove(p).map(|s| (*p, s))).collect()
+    };
+    if stopping.is_empty() {
+        return;
+    }
+    shared.bump_changes();
+    for (_, served) in &stopping {
+        if !hand_back {
+            served.renewal.task.abort();
+            served.write_ahead.stop();
+        }
+        served.engine.begin_shutdown();
+    }
+    let engines: Vec<Engine> = stopping.iter().map(|(_, s)| s.engine.clone()).collect();
+    let (done, stopped) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        for engine in engines {
+            engine.shutdown();
+        }
+        let _ = done.send(());
+    });
+    if stopped.recv_timeout(within).is_err() {
+        tracing::warn!(node = %shared.node_id, "engines not stopped within {within:?}; their write-aheads are cut");
+    }
+    for (partition, served) in stopping {
+        served.write_ahead.stop();
+        served.renewal.task.abort();
+        if hand_back {
+            let held = lock(&served.renewal.held).clone();
+            shared.release(&held);
+        }
+        if partition == shared.partitions {
+            shared.control.resume();
+        }
+    }
+}
+
+/// How long the membership loop waits for the engines it stops: their shutdown timeout and a
+/// second more for their logs.
+fn stop_within(shared: &Shared) -> Duration {
+    shared.engine.delivery.shutdown_timeout + Duration::from_secs(1)
+}
+
+/// The readiness rule, on the last view (`served` = the partitions this node serves, each
+/// caught up at its take-over and not refused). With `share` = ceil((partitions + 1) / live
+/// nodes), the node is ready when it holds its share, or when it holds less but nothing is
+/// left for it to take: every partition has a live lease (none free or passed) and no other
+/// node holds more than its share (no hand-back due that this node would then take). True in
+/// any steady cluster, whatever the plan's spread (a fourth node may hold fewer than the
+/// others); false while a take-over by this node is due.
+pub(super) fn share_reached(shared: &Shared, seen: &Seen, now_ms: u64) -> Result<(), String> {
+    let served: Vec<u32> = read(&shared.served).keys().copied().collect();
+    let look = Look {
+        me: &shared.node_id,
+        live: seen.live.len(),
+        leases: &seen.leases,
+        now_ms,
+        margin_ms: shared.skew_margin.as_millis() as u64,
+    };
+    readiness_rule(&look, &served)
+}
+
+/// One look at the cluster, as the readiness rule reads it.
+struct Look<'a> {
+    me: &'a str,
+    live: usize,
+    /// Every partition's lease; the last is the control partition's.
+    leases: &'a [Option<Lease>],
+    now_ms: u64,
+    margin_ms: u64,
+}
+
+/// [`share_reached`]'s rule on `look`, for a node serving `served`.
+fn readiness_rule(look: &Look<'_>, served: &[u32]) -> Result<(), String> {
+    let total = u32::try_from(look.leases.len()).unwrap_or(u32::MAX);
+    let share = fair_share(total, look.live.max(1));
+    let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
+    if held >= share {
+        return Ok(());
+    }
+    let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+    for (partition, lease) in (0..total).zip(look.leases) {
+        match lease {
+            Some(l) if served.contains(&partition) => *per_node.entry(l.node_id.as_str()).or_default() += 1,
+            Some(l)
+                if l.node_id != look.me && look.now_ms <= l.lease_until_ms.saturating_add(look.margin_ms) =>
+            {
+                *per_node.entry(l.node_id.as_str()).or_default() += 1
+            }
+            _ => {
+                let name = if partition + 1 == total { "control".to_string() } else { partition.to_string() };
+                return Err(format!("owns {held} of its share {share}; partition {name} has no owner yet"));
+            }
+        }
+    }
+    if let Some((node, n)) = per_node.iter().find(|(node, &n)| **node != look.me && n > share) {
+        return Err(format!(
+            "owns {held} of its share {share}; node {node} holds {n}, over its share (a hand-back is due)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::plan;
+
+    fn lease(node: &str, until: u64) -> Option<Lease> {
+        Some(Lease { node_id: node.into(), epoch: 1, lease_until_ms: until, advertise: String::new() })
+    }
+
+    /// Runs `balance::plan` for every node in turn (claims granted, hand-backs released) until
+    /// nothing changes: the steady state the nodes reach.
+    fn settle(nodes: &[&str], leases: &mut [Option<Lease>]) {
+        for _ in 0..100 {
+            let mut changed = false;
+            for node in nodes {
+                let view = View {
+                    node_id: node.to_string(),
+                    live: nodes.len(),
+                    leases: leases.to_vec(),
+                    now_ms: 1_000,
+                    skew_margin_ms: 100,
+                };
+                let plan = plan(&view);
+                for p in plan.release {
+                    leases[p as usize] = lease(node, 0);
+                    changed = true;
+                }
+                for p in plan.claim {
+                    leases[p as usize] = lease(node, 5_000);
+                    changed = true;
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+        panic!("no steady state: {leases:?}");
+    }
+
+    fn ready(node: &str, live: usize, leases: &[Option<Lease>]) -> Result<(), String> {
+        let served: Vec<u32> = (0..leases.len() as u32)
+            .filter(|&p| {
+                leases[p as usize].as_ref().is_some_and(|l| l.node_id == node && l.lease_until_ms > 1_000)
+            })
+            .collect();
+        let look = Look { me: node, live, leases, now_ms: 1_000, margin_ms: 100 };
+        readiness_rule(&look, &served)
+    }
+
+    #[test]
+    fn every_node_of_a_steady_cluster_of_one_to_four_nodes_is_ready_and_a_joining_one_is_not() {
+        let names = ["a", "b", "c", "d"];
+        let mut dues = 0;
+        for total in [2usize, 5, 17] {
+            let mut leases = vec![None; total];
+            for n in 1..=names.len() {
+                let nodes = &names[..n];
+                let joined = nodes[n - 1];
+                // Before the others hand back (or before it claims what is free), the new node
+                // has a take-over due: not ready.
+                let owns = |node: &str| {
+                    leases
+                        .iter()
+                        .flatten()
+                        .filter(|l: &&Lease| l.node_id == node && l.lease_until_ms > 1_000)
+                        .count()
+                };
+                let share = fair_share(total as u32, n) as usize;
+                let due = owns(joined) < share
+                    && (leases.iter().any(|l| l.is_none()) || nodes.iter().any(|o| owns(o) > share));
+                if due {
+                    let why = ready(joined, n, &leases).expect_err("a take-over is due");
+                    assert!(why.contains("of its share"), "{why}");
+                    dues += 1;
+                }
+                settle(nodes, &mut leases);
+                for node in nodes {
+                    assert_eq!(
+                        ready(node, n, &leases),
+                        Ok(()),
+                        "{node} of {n} nodes, {total} partitions: {leases:?}"
+                    );
+                }
+            }
+        }
+        assert!(dues >= 6, "joins with a take-over due: {dues}");
+    }
+
+    #[test]
+    fn a_partition_whose_lease_passed_is_due_and_named() {
+        let leases = vec![lease("a", 5_000), lease("b", 500), lease("b", 5_000)];
+        let look = Look { me: "a", live: 2, leases: &leases, now_ms: 1_000, margin_ms: 100 };
+        assert_eq!(
+            readiness_rule(&look, &[0]),
+            Err("owns 1 of its share 2; partition 1 has no owner yet".into())
+        );
+        let leases = vec![lease("a", 5_000), lease("b", 5_000), None];
+        let look = Look { leases: &leases, ..look };
+        assert_eq!(
+            readiness_rule(&look, &[0]),
+            Err("owns 1 of its share 2; partition control has no owner yet".into())
+        );
+    }
+}
