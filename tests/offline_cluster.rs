@@ -3,7 +3,8 @@
 //! nats-servers) verifies, replays and exports as a single node's does, and its stream exports
 //! (`--from-nats`) the same NDJSON, a break in the stream's chain named; a single node's log
 //! splits into partitions (`export --partitions`) that each import and verify, and load into
-//! their streams (`import --to-nats`) from which a cluster node catches up.
+//! their streams (`import --to-nats`, the control partition too), on which a cluster node
+//! starts and serves every organisation and key.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -342,7 +343,7 @@ fn a_single_nodes_log_splits_into_partitions_that_each_import_and_verify() {
 }
 
 #[test]
-fn a_split_single_node_loads_into_its_streams_and_a_cluster_node_catches_up_from_them() {
+fn a_split_single_node_loads_into_its_streams_and_a_cluster_node_serves_it() {
     let src = tempfile::tempdir().unwrap();
     let (orgs, _) = single_node(src.path());
     let split = tempfile::tempdir().unwrap();
@@ -363,9 +364,11 @@ fn a_split_single_node_loads_into_its_streams_and_a_cluster_node_catches_up_from
     let (_nats, urls) = three_servers(&rt);
     let node = tempfile::tempdir().unwrap();
     let data = node.path().to_str().unwrap();
-    for n in 0..4u32 {
-        let file = std::fs::read(split.path().join(format!("p{n}.ndjson"))).unwrap();
-        let part = n.to_string();
+    let parts = (0..4u32).map(|n| n.to_string()).chain(["control".to_owned()]);
+    for part in parts {
+        let n = &part;
+        let name = if part == "control" { "control.ndjson".to_owned() } else { format!("p{part}.ndjson") };
+        let file = std::fs::read(split.path().join(name)).unwrap();
         let loaded =
             herald(&["import", "--data-dir", data, "--to-nats", &urls, "--partition", &part], Some(&file));
         assert!(loaded.status.success(), "p{n}: {}", String::from_utf8_lossy(&loaded.stderr));
@@ -378,23 +381,44 @@ fn a_split_single_node_loads_into_its_streams_and_a_cluster_node_catches_up_from
             herald(&["import", "--data-dir", data, "--to-nats", &urls, "--partition", &part], Some(&file));
         assert_eq!(err.status.code(), Some(2), "p{n}: {}", String::from_utf8_lossy(&err.stderr));
     }
-    // A cluster node taking an organisation's partition over catches up from the stream to
-    // the same replica, and its engine serves the organisation's deliveries.
-    let (org_id, deliveries) = &orgs[0];
-    let n = partition_of(org_id, 4);
-    let stream = open_stream(&rt, &urls, n);
+    // Another node catching a partition up from its stream gets the same replica.
+    let (org_id, _) = &orgs[0];
+    let stream = open_stream(&rt, &urls, partition_of(org_id, 4));
     let fresh: Arc<dyn Store> = Arc::new(herald::log::MemStore::new());
     rt.block_on(catch_up(&fresh, &stream)).unwrap();
-    let loaded = SledStore::open(&node.path().join(format!("cluster/p{n}")), 8 << 20).unwrap();
+    let dir = node.path().join(format!("cluster/p{}", partition_of(org_id, 4)));
+    let loaded = SledStore::open(&dir, 8 << 20).unwrap();
     assert_eq!(stored_projection(fresh.as_ref()).unwrap(), stored_projection(&loaded).unwrap());
     drop(loaded);
-    let caught = rt.block_on(stream.last_sequence()).unwrap();
-    let write_ahead = Arc::new(StreamWriteAhead::new(stream, rt.handle().clone(), caught));
-    let parts = Parts { store: fresh, clock: Arc::new(SystemClock), sender: Arc::new(Ok200) };
-    let engine = Engine::open_with_write_ahead(config(node.path()), parts, write_ahead).unwrap();
-    engine.execute_blocking(Actor::admin(), Cmd::ClaimPartition { node_id: "n1".into(), epoch: 1 }).unwrap();
-    for d in deliveries {
-        assert_eq!(engine.delivery(*d).unwrap().unwrap().status, DeliveryStatus::Delivered);
+    // A cluster node started on the loaded data takes every partition over and serves each
+    // organisation's deliveries from its partition, and the keys from the control partition.
+    let mut engine = config(node.path());
+    engine.delivery.shutdown_timeout = Duration::from_millis(300);
+    let started = herald_cluster::Node::start(herald_cluster::NodeConfig {
+        nats_url: urls.clone(),
+        node_id: "n1".into(),
+        advertise: "http://127.0.0.1:1".into(),
+        partitions: 4,
+        replicas: 3,
+        lease: Duration::from_millis(900),
+        data_dir: node.path().to_owned(),
+        engine,
+    })
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(why) = started.readiness() {
+        assert!(std::time::Instant::now() < deadline, "not ready: {why}");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    engine.shutdown();
+    for (org_id, deliveries) in &orgs {
+        let herald_cluster::Place::Local(engine) = started.place(started.partition_of(org_id)) else {
+            panic!("{org_id}'s partition is not served here")
+        };
+        for d in deliveries {
+            assert_eq!(engine.delivery(*d).unwrap().unwrap().status, DeliveryStatus::Delivered);
+        }
+    }
+    let admin = started.api_key_by_hash(&[1; 32]).unwrap().expect("the admin key");
+    assert_eq!(admin.id, ApiKeyId(Uuid::from_u128(0xA1)));
+    started.shutdown(Duration::from_secs(5));
 }

@@ -18,14 +18,11 @@ use futures_util::{Stream, StreamExt};
 use herald_log::{decode_records, CorruptKind, CorruptRecord, Hash, Record};
 
 use crate::error::{nats, ClusterError};
-use crate::partition::stream_name;
+use crate::partition::{stream_name, CONTROL_STREAM};
 use crate::stream::{PartitionStream, StreamSettings};
 
 /// The directory, inside a node's `[store] data_dir`, that holds its partitions' stores.
 pub const CLUSTER_DIR: &str = "cluster";
-
-/// The control partition's stream (every API key; followed by every node).
-pub const CONTROL_STREAM: &str = "HERALD_CONTROL";
 
 /// How long connecting to NATS may take before an offline tool gives up.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
@@ -234,14 +231,9 @@ pub async fn open_empty_stream(
     let settings = StreamSettings { replicas, ..StreamSettings::default() };
     let stream = match partition {
         PartitionId::Data(n) => PartitionStream::open(js.clone(), n, settings).await?,
-        // The control partition's stream is opened by the node's API (issue24/node), which
-        // names it HERALD_CONTROL: until it is merged, it cannot be loaded.
-        PartitionId::Control => {
-            return Err(ClusterError::Settings(
-                "loading the control partition's stream needs the node's control stream (not built yet)"
-                    .into(),
-            ))
-        }
+        // A node numbers the control partition after the data partitions; this tool needs no
+        // number: the stream and its subject are named.
+        PartitionId::Control => PartitionStream::open_control(js.clone(), u32::MAX, settings).await?,
     };
     let last = stream.last_sequence().await?;
     if last > 0 {
