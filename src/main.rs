@@ -103,11 +103,14 @@ enum Cmd {
         dir: DataDir,
         /// Write the log ahead to the partition's stream on these NATS servers (comma-separated
         /// nats://host:port); its replica goes in `<data dir>/cluster/p<N>` (or `cluster/control`).
-        #[arg(long, requires = "partition")]
+        #[arg(long, requires_all = ["partition", "partitions"])]
         to_nats: Option<String>,
         /// The partition (its number, or `control`) the export is of (`export --partitions`).
         #[arg(long, requires = "to_nats", value_parser = PartitionId::parse)]
         partition: Option<PartitionId>,
+        /// The cluster's partitions (its `partitions`; what `export --partitions` split by).
+        #[arg(long, requires = "to_nats")]
+        partitions: Option<u32>,
         /// Copies NATS keeps of the stream if this creates it (the cluster's `replicas`).
         #[arg(long, requires = "to_nats", default_value_t = 3)]
         replicas: usize,
@@ -274,7 +277,9 @@ fn main() -> ExitCode {
         Cmd::Export { dir, redact_secrets, from_nats, partitions, out } => {
             export(dir, redact_secrets, from_nats, partitions.zip(out))
         }
-        Cmd::Import { dir, to_nats, partition, replicas } => import(&dir, to_nats.zip(partition), replicas),
+        Cmd::Import { dir, to_nats, partition, partitions, replicas } => {
+            import(&dir, to_nats.zip(partition).zip(partitions), replicas)
+        }
         Cmd::Compact { dir, retain, vacuum } => compact(&dir, retain, vacuum),
         Cmd::Replay { dir, delivery, event, endpoint, recovery, format, scan } => {
             let subject = match recovery {
@@ -340,10 +345,10 @@ fn export(
 
 /// `herald import`: into an empty data directory, or (`--to-nats`) into a partition's empty
 /// stream and a cluster node's replica of it.
-fn import(dir: &DataDir, to_nats: Option<(String, PartitionId)>, replicas: usize) -> ExitCode {
+fn import(dir: &DataDir, to_nats: Option<((String, PartitionId), u32)>, replicas: usize) -> ExitCode {
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
-    let Some((nats_url, partition)) = to_nats else {
+    let Some(((nats_url, partition), partitions)) = to_nats else {
         return offline(dir, |data_dir, bar| {
             offline::import(&ImportOptions { data_dir }, &mut input, bar).map(|r| Some(r.to_string()))
         });
@@ -352,7 +357,7 @@ fn import(dir: &DataDir, to_nats: Option<(String, PartitionId)>, replicas: usize
         Ok(p) => p,
         Err(e) => return usage(e),
     };
-    let options = NatsImportOptions { nats_url, partition, replicas, data_dir };
+    let options = NatsImportOptions { nats_url, partition, partitions, replicas, data_dir };
     let mut bar = Bar::default();
     let outcome = offline::import_to_nats(&options, &mut input, &mut bar);
     drop(bar);

@@ -364,23 +364,49 @@ fn a_split_single_node_loads_into_its_streams_and_a_cluster_node_serves_it() {
     let (_nats, urls) = three_servers(&rt);
     let node = tempfile::tempdir().unwrap();
     let data = node.path().to_str().unwrap();
-    let parts = (0..4u32).map(|n| n.to_string()).chain(["control".to_owned()]);
-    for part in parts {
-        let n = &part;
+    let other = tempfile::tempdir().unwrap();
+    let load = |dir: &Path, part: &str, partitions: &str, file: &[u8]| {
+        let dir = dir.to_str().unwrap();
+        let args = [
+            "import",
+            "--data-dir",
+            dir,
+            "--to-nats",
+            &urls,
+            "--partition",
+            part,
+            "--partitions",
+            partitions,
+        ];
+        herald(&args, Some(file))
+    };
+    let file_of = |part: &str| {
         let name = if part == "control" { "control.ndjson".to_owned() } else { format!("p{part}.ndjson") };
-        let file = std::fs::read(split.path().join(name)).unwrap();
-        let loaded =
-            herald(&["import", "--data-dir", data, "--to-nats", &urls, "--partition", &part], Some(&file));
-        assert!(loaded.status.success(), "p{n}: {}", String::from_utf8_lossy(&loaded.stderr));
+        std::fs::read(split.path().join(name)).unwrap()
+    };
+    // The file of an organisation's partition loaded as another partition is refused before
+    // anything is written, naming the partition it belongs in.
+    let home = partition_of(&orgs[0].0, 4);
+    let (wrong, right) = (((home + 1) % 4).to_string(), home.to_string());
+    let refused = load(other.path(), &wrong, "4", &file_of(&right));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains(&format!("belongs in partition {home}")), "{err}");
+    for part in (0..4u32).map(|n| n.to_string()).chain(["control".to_owned()]) {
+        let file = file_of(&part);
+        let loaded = load(node.path(), &part, "4", &file);
+        assert!(loaded.status.success(), "{part}: {}", String::from_utf8_lossy(&loaded.stderr));
         // The stream holds the file's log, record for record, and so does the node's replica.
         let from_nats = ok(&["export", "--from-nats", &urls, "--partition", &part], None);
-        assert_eq!(from_nats.as_bytes(), &file[..], "p{n}");
+        assert_eq!(from_nats.as_bytes(), &file[..], "{part}");
         ok(&["verify", "--data-dir", data, "--partition", &part], None);
-        // A stream that holds a log already is refused.
-        let err =
-            herald(&["import", "--data-dir", data, "--to-nats", &urls, "--partition", &part], Some(&file));
-        assert_eq!(err.status.code(), Some(2), "p{n}: {}", String::from_utf8_lossy(&err.stderr));
+        // A stream that holds a log already is refused (from another node's directory too).
+        let again = load(other.path(), &part, "4", &file);
+        assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"), "{part}: {again:?}");
     }
+    // The cluster's partition count is stored: a load that says another is refused.
+    let err = load(other.path(), "0", "8", &file_of("0"));
+    let err = String::from_utf8_lossy(&err.stderr);
+    assert!(err.contains("the cluster has 4 partitions"), "{err}");
     // Another node catching a partition up from its stream gets the same replica.
     let (org_id, _) = &orgs[0];
     let stream = open_stream(&rt, &urls, partition_of(org_id, 4));

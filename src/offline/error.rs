@@ -243,6 +243,10 @@ pub enum LineProblem {
     NoHash,
     /// The export was made with `--redact-secrets`.
     Redacted,
+    /// `import --to-nats`: the record belongs in another partition (`home`).
+    OtherPartition {
+        home: PartitionId,
+    },
 }
 
 impl fmt::Display for LineProblem {
@@ -250,6 +254,9 @@ impl fmt::Display for LineProblem {
         use LineProblem as P;
         let text = match self {
             P::NotJson(e) => return write!(f, "not JSON: {e}"),
+            P::OtherPartition { home } => {
+                return write!(f, "this record belongs in {home}: is this the file of another partition?")
+            }
             P::SecondAnchor => "a second anchor",
             P::AnchorWithoutSeq => "an anchor without its seq",
             P::AnchorWithoutHash => "an anchor without its hash",

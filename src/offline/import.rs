@@ -11,7 +11,10 @@ use herald_projector::compact::restore_checkpoint;
 use herald_projector::{apply, decode, EventId, MemTables, Tables, TxTables};
 use serde_json::Value;
 
-use super::{from_b64, from_hex, last_seq, open_store, verify, LineProblem, OfflineError, Progress};
+use super::split::home;
+use super::{
+    from_b64, from_hex, last_seq, open_store, verify, LineProblem, OfflineError, PartitionId, Progress,
+};
 use super::{VerifyOptions, VerifyReport};
 
 /// Records submitted to the log at once.
@@ -188,6 +191,9 @@ pub(super) struct Import {
     expected: Vec<(u64, Vec<u8>)>,
     /// The body bytes of `batch`.
     bytes: usize,
+    /// The partition the export must be of, among how many (`import --to-nats`): a record
+    /// of another organisation's partition is refused.
+    placement: Option<(PartitionId, u32)>,
     records: u64,
 }
 
@@ -198,12 +204,19 @@ impl Import {
             store,
             write_ahead,
             bytes: 0,
+            placement: None,
             preamble: Preamble::default(),
             log: None,
             batch: Vec::new(),
             expected: Vec::new(),
             records: 0,
         }
+    }
+
+    /// Refuses a record that belongs in another partition than `partition` of `partitions`.
+    pub(super) fn of_partition(mut self, partition: PartitionId, partitions: u32) -> Import {
+        self.placement = Some((partition, partitions));
+        self
     }
 
     /// Takes line `line_no` of the export (not blank).
@@ -219,6 +232,13 @@ impl Import {
             return Err(bad(LineProblem::CheckpointAfterRecords));
         }
         let (record, expected) = parse_record(&v).map_err(bad)?;
+        if let Some((partition, partitions)) = self.placement {
+            let event = decode(&record.1).map_err(OfflineError::Undecodable)?;
+            match home(&event, partitions) {
+                Some(home) if home != partition => return Err(bad(LineProblem::OtherPartition { home })),
+                _ => {}
+            }
+        }
         self.bytes += record.1.len();
         self.batch.push(record);
         self.expected.push(expected);

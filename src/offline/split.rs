@@ -116,6 +116,23 @@ pub fn split(options: &SplitOptions, progress: &mut dyn Progress) -> Result<Spli
     Ok(SplitReport { records, files: outputs.finish()? })
 }
 
+/// The partition a record of `event` belongs in among `partitions`, where the event says so:
+/// its organisation's, or the control partition for an API key; `None` for the records every
+/// partition has (rules, policy) and those that name their object by its id alone.
+pub(super) fn home(event: &Event, partitions: u32) -> Option<PartitionId> {
+    let org = match event {
+        Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. } => return Some(PartitionId::Control),
+        Event::OrgSecretSet { org_id, .. }
+        | Event::EndpointCreated { org_id, .. }
+        | Event::EventPublished { org_id, .. }
+        | Event::EventPublishedWithDeliveries { org_id, .. }
+        | Event::DeliveryCreated { org_id, .. }
+        | Event::RecoveryRequested { org_id, .. } => org_id,
+        _ => return None,
+    };
+    Some(PartitionId::Data(partition_of(org, partitions)))
+}
+
 /// Where a record goes: every partition, or the one at an index (data partitions by number,
 /// the control partition last).
 enum Route {

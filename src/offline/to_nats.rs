@@ -21,6 +21,9 @@ pub struct NatsImportOptions {
     pub nats_url: String,
     /// The partition whose stream (which must hold no message) takes the log.
     pub partition: PartitionId,
+    /// The cluster's data partitions (`[cluster] partitions`, what `export --partitions` split
+    /// by): stored in `herald-meta` if the cluster has no count yet, else it must be that.
+    pub partitions: u32,
     /// Copies JetStream keeps of the stream if this creates it (`[cluster] replicas`).
     pub replicas: usize,
     /// A cluster node's data directory: the partition's replica goes in
@@ -42,11 +45,12 @@ pub fn import_to_nats(
     let runtime = client_runtime(options.partition)?;
     let stream = runtime.block_on(async {
         let js = connect(&options.nats_url).await?;
-        open_empty_stream(&js, options.partition, options.replicas).await
+        open_empty_stream(&js, options.partition, options.partitions, options.replicas).await
     });
     let stream = stream.map_err(stream_error)?;
     let write_ahead = Arc::new(StreamWriteAhead::new(stream, runtime.handle().clone(), 0));
-    let records = import_into(Import::new(store, Some(write_ahead)), input, progress)?;
+    let import = Import::new(store, Some(write_ahead)).of_partition(options.partition, options.partitions);
+    let records = import_into(import, input, progress)?;
     let verified = verify(&VerifyOptions::new(dir), progress)?;
     Ok(ImportReport { records, verified })
 }

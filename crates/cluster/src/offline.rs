@@ -7,7 +7,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::context::GetStreamErrorKind;
@@ -23,9 +22,6 @@ use crate::stream::{PartitionStream, StreamSettings};
 
 /// The directory, inside a node's `[store] data_dir`, that holds its partitions' stores.
 pub const CLUSTER_DIR: &str = "cluster";
-
-/// How long connecting to NATS may take before an offline tool gives up.
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// A partition as the offline tools name it: data partition `n`, or the control partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,20 +82,9 @@ impl fmt::Display for PartitionId {
 }
 
 /// A JetStream context on the NATS servers `urls` names (comma-separated `nats://host:port`,
-/// as `[cluster] nats_url` takes them).
+/// as `[cluster] nats_url` takes them), connected as a node connects.
 pub async fn connect(urls: &str) -> Result<Context, ClusterError> {
-    let addrs: Vec<async_nats::ServerAddr> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| u.parse().map_err(|e| ClusterError::Settings(format!("NATS url {u:?}: {e}"))))
-        .collect::<Result<_, _>>()?;
-    if addrs.is_empty() {
-        return Err(ClusterError::Settings("no NATS url given".into()));
-    }
-    let options = async_nats::ConnectOptions::new().connection_timeout(CONNECT_WAIT);
-    let client = options.connect(addrs).await.map_err(|e| nats(&format!("connecting to {urls}"))(&e))?;
-    Ok(async_nats::jetstream::new(client))
+    crate::node::connect(urls).await
 }
 
 /// The stream named `name`, or an error saying NATS has none by that name.
@@ -222,18 +207,28 @@ impl StreamReader {
 
 /// `partition`'s stream opened to load a log into, created (file storage, `replicas` copies)
 /// when missing, and refused unless it holds no message: a log is loaded only into a partition
-/// no node has written.
+/// no node has written. The cluster's partition count (bucket `herald-meta`) must be
+/// `partitions`, and is stored so when the cluster has none yet, as its first node does.
 pub async fn open_empty_stream(
     js: &Context,
     partition: PartitionId,
+    partitions: u32,
     replicas: usize,
 ) -> Result<PartitionStream, ClusterError> {
+    if let PartitionId::Data(n) = partition {
+        if n >= partitions {
+            return Err(ClusterError::Settings(format!(
+                "partition {n} is not one of the cluster's {partitions} (0 to {})",
+                partitions.saturating_sub(1)
+            )));
+        }
+    }
+    crate::node::check_partitions(js, partitions, replicas).await?;
     let settings = StreamSettings { replicas, ..StreamSettings::default() };
     let stream = match partition {
         PartitionId::Data(n) => PartitionStream::open(js.clone(), n, settings).await?,
-        // A node numbers the control partition after the data partitions; this tool needs no
-        // number: the stream and its subject are named.
-        PartitionId::Control => PartitionStream::open_control(js.clone(), u32::MAX, settings).await?,
+        // A node numbers the control partition after the data partitions.
+        PartitionId::Control => PartitionStream::open_control(js.clone(), partitions, settings).await?,
     };
     let last = stream.last_sequence().await?;
     if last > 0 {
