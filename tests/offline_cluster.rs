@@ -340,6 +340,13 @@ fn a_single_nodes_log_splits_into_partitions_that_each_import_and_verify() {
     let zero = args("0");
     let err = fails(&zero.iter().map(String::as_str).collect::<Vec<_>>(), 2);
     assert!(err.contains("--partitions 0"), "{err}");
+    // A compacted log is refused: its checkpoint holds every organisation's state in one piece.
+    std::thread::sleep(Duration::from_millis(1100));
+    ok(&["compact", "--data-dir", src.path().to_str().unwrap(), "--retain", "1s"], None);
+    let mut compacted = args("4");
+    *compacted.last_mut().unwrap() = out.path().join("compacted").display().to_string();
+    let err = fails(&compacted.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    assert!(err.contains("this log was compacted"), "{err}");
 }
 
 #[test]

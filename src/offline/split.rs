@@ -6,15 +6,17 @@
 //! again in that partition's own chain (seqs from 1). Each file loads with `import` (and
 //! `import --to-nats` into the partition's stream).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use herald_cluster::partition::partition_of;
-use herald_log::{Hash, Record};
-use herald_projector::{decode, Event, OrgId};
+use herald_log::{Hash, LogError, Record, Store};
+use herald_projector::{
+    decode, get_delivery, get_endpoint, get_event, get_recovery, CheckedTables, DeliveryId, EndpointId,
+    Event, EventId, OrgId, RecoveryId,
+};
 use uuid::Uuid;
 
 use super::export::write_record;
@@ -103,7 +105,7 @@ pub fn split(options: &SplitOptions, progress: &mut dyn Progress) -> Result<Spli
         return Err(SplitProblem::Compacted { anchor_seq: head.anchor_seq }.into());
     }
     let mut outputs = Outputs::create(&options.out_dir, n)?;
-    let mut router = Router { partitions: n, owners: HashMap::new() };
+    let router = Router { partitions: n, store: store.as_ref() };
     let mut records = 0u64;
     each_record(store.as_ref(), 0, progress, |r| {
         records += 1;
@@ -141,7 +143,7 @@ enum Route {
 }
 
 /// The kinds of object a later record names by id alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Endpoint,
     Event,
@@ -149,70 +151,66 @@ enum Kind {
     Recovery,
 }
 
-/// Which partition each object lives in, learnt from the record that made it (its
-/// organisation's). Holds one entry per endpoint, event, delivery and recovery of the log.
-struct Router {
+/// Which partition each record goes to: its organisation's, read from the record itself or,
+/// for a record that names its object by id alone, from the object's row in the stored
+/// projection (an uncompacted log's projection holds every object it ever made), so memory
+/// does not grow with the log.
+struct Router<'s> {
     partitions: u32,
-    owners: HashMap<(Kind, Uuid), u32>,
+    store: &'s dyn Store,
 }
 
-impl Router {
-    fn route(&mut self, r: &Record) -> Result<Route, OfflineError> {
+impl Router<'_> {
+    fn route(&self, r: &Record) -> Result<Route, OfflineError> {
         let event = decode(&r.body).map_err(|error| OfflineError::Decode { seq: r.seq, error })?;
         let refuse = |why: &str| SplitProblem::Record { seq: r.seq, why: why.into() };
-        let one = match event {
+        if let Some(home) = home(&event, self.partitions) {
+            return Ok(Route::One(self.index(home)));
+        }
+        let (kind, id) = match event {
             Event::PolicySet(_) | Event::RulesAdopted { .. } => return Ok(Route::Every),
-            Event::ApiKeyCreated { .. } | Event::ApiKeyRevoked { .. } => self.partitions,
-            Event::OrgSecretSet { org_id, .. } => self.org(org_id),
-            Event::EndpointCreated { id, org_id, .. } => self.made(Kind::Endpoint, id.0, org_id),
             Event::EndpointUpdated { id, .. }
             | Event::EndpointDeleted { id }
             | Event::EndpointSecretRotated { id, .. }
             | Event::EndpointEnabled { id }
-            | Event::EndpointDeliverySettingsSet { id, .. } => self.of(Kind::Endpoint, id.0, r.seq)?,
-            Event::EventPublished { id, org_id, .. } => self.made(Kind::Event, id.0, org_id),
-            Event::EventPublishedWithDeliveries { id, org_id, deliveries, .. } => {
-                for d in &deliveries {
-                    self.made(Kind::Delivery, d.id.0, org_id);
-                }
-                self.made(Kind::Event, id.0, org_id)
-            }
-            Event::DeliveryCreated { id, org_id, .. } => self.made(Kind::Delivery, id.0, org_id),
+            | Event::EndpointDeliverySettingsSet { id, .. } => (Kind::Endpoint, id.0),
             Event::AttemptRecorded { delivery_id, .. }
             | Event::RetriggerRequested { delivery_id, .. }
-            | Event::RedeliverRequested { delivery_id, .. } => {
-                self.of(Kind::Delivery, delivery_id.0, r.seq)?
-            }
-            Event::RecoveryRequested { id, org_id, .. } => self.made(Kind::Recovery, id.0, org_id),
-            Event::RecoveryDeliveries { recovery_id, .. } => self.of(Kind::Recovery, recovery_id.0, r.seq)?,
-            Event::OrderingKeySet { event_id, .. } => self.of(Kind::Event, event_id.0, r.seq)?,
+            | Event::RedeliverRequested { delivery_id, .. } => (Kind::Delivery, delivery_id.0),
+            Event::RecoveryDeliveries { recovery_id, .. } => (Kind::Recovery, recovery_id.0),
+            Event::OrderingKeySet { event_id, .. } => (Kind::Event, event_id.0),
             Event::Compacted { .. } => {
                 return Err(refuse("a compaction: a compacted log cannot be split").into())
             }
             Event::PartitionClaimed { .. } => {
                 return Err(refuse("a partition's claim: this is already a cluster partition's log").into())
             }
+            // Those that name their organisation or are keys: `home` placed them.
+            _ => return Err(refuse("a record this split does not know where to put").into()),
         };
-        Ok(Route::One(one))
+        let org = self
+            .org_of(kind, id)?
+            .ok_or_else(|| refuse(&format!("it names {kind:?} {id}, which the log never made")))?;
+        Ok(Route::One(partition_of(&org, self.partitions)))
     }
 
-    fn org(&self, org: OrgId) -> u32 {
-        partition_of(&org, self.partitions)
+    /// The index of `partition`'s file: data partitions by number, the control partition last.
+    fn index(&self, partition: PartitionId) -> u32 {
+        match partition {
+            PartitionId::Data(n) => n,
+            PartitionId::Control => self.partitions,
+        }
     }
 
-    /// Records that object `id` of `kind` lives in `org`'s partition, which it returns.
-    fn made(&mut self, kind: Kind, id: Uuid, org: OrgId) -> u32 {
-        let partition = self.org(org);
-        self.owners.insert((kind, id), partition);
-        partition
-    }
-
-    /// The partition of object `id` of `kind`, named by record `seq`.
-    fn of(&self, kind: Kind, id: Uuid, seq: u64) -> Result<u32, OfflineError> {
-        self.owners.get(&(kind, id)).copied().ok_or_else(|| {
-            SplitProblem::Record { seq, why: format!("it names {kind:?} {id}, which no record before made") }
-                .into()
-        })
+    /// The organisation of object `id` of `kind`, from its stored row.
+    fn org_of(&self, kind: Kind, id: Uuid) -> Result<Option<OrgId>, OfflineError> {
+        let read = CheckedTables::run(self.store, |t| match kind {
+            Kind::Endpoint => get_endpoint(t, EndpointId(id)).map(|o| o.map(|o| o.org_id)),
+            Kind::Event => get_event(t, EventId(id)).map(|o| o.map(|o| o.org_id)),
+            Kind::Delivery => get_delivery(t, DeliveryId(id)).map(|o| o.map(|o| o.org_id)),
+            Kind::Recovery => get_recovery(t, RecoveryId(id)).map(|o| o.map(|o| o.org_id)),
+        });
+        read.map_err(|e| OfflineError::Log(LogError::Store(e)))?.map_err(OfflineError::ProjectionCorrupt)
     }
 }
 
