@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use herald::engine::clock::SystemClock;
 use herald::engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
-use herald::log::{SledStore, Store, WriteAhead};
+use herald::log::{Record, SledStore, Store, WriteAhead};
 use herald::projector::{
     stored_projection, ApiKeyId, DeliveryId, DeliveryStatus, EndpointId, EventId, OrgId, RecoveryFilter,
     RecoveryId, Scope,
@@ -241,6 +241,15 @@ fn a_partition_of_a_node_verifies_replays_and_exports_as_a_single_node_and_from_
         "HERALD_P6: stream message 2: record {missing}: missing (next record found is {})",
         batches[2][0].seq
     );
+    assert!(err.contains(&want), "{err}\nwant: {want}");
+    // A message whose records continue the seqs but chain to another hash is refused too.
+    let forked = open_stream(&rt, &urls, 7);
+    let write_ahead = StreamWriteAhead::new(forked, rt.handle().clone(), 0);
+    write_ahead.append(&batches[0]).unwrap();
+    let next = &batches[1][0];
+    write_ahead.append(&[Record::seal(next.seq, next.at_ms, next.body.clone(), [9; 32])]).unwrap();
+    let err = fails(&["export", "--from-nats", &urls, "--partition", "7"], 1);
+    let want = format!("HERALD_P7: stream message 2: record {}: hash chain broken", next.seq);
     assert!(err.contains(&want), "{err}\nwant: {want}");
 }
 
