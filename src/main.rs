@@ -109,11 +109,11 @@ enum Cmd {
         #[arg(long, requires = "to_nats", value_parser = PartitionId::parse)]
         partition: Option<PartitionId>,
         /// The cluster's partitions (its `partitions`; what `export --partitions` split by).
-        #[arg(long, requires = "to_nats")]
+        #[arg(long, requires = "to_nats", value_parser = clap::value_parser!(u32).range(1..=1024))]
         partitions: Option<u32>,
-        /// Copies NATS keeps of the stream if this creates it (the cluster's `replicas`).
-        #[arg(long, requires = "to_nats", default_value_t = 3)]
-        replicas: usize,
+        /// Copies NATS keeps of the stream if this creates it (the cluster's `replicas`, 1 to 5).
+        #[arg(long, requires = "to_nats", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=5))]
+        replicas: u16,
     },
     /// Drop the history of deliveries delivered longer ago than the retention (on a stopped
     /// server's data; a running server with `[store] retain` compacts by itself). Pending,
@@ -278,7 +278,7 @@ fn main() -> ExitCode {
             export(dir, redact_secrets, from_nats, partitions.zip(out))
         }
         Cmd::Import { dir, to_nats, partition, partitions, replicas } => {
-            import(&dir, to_nats.zip(partition).zip(partitions), replicas)
+            import(&dir, to_nats.zip(partition).zip(partitions), usize::from(replicas))
         }
         Cmd::Compact { dir, retain, vacuum } => compact(&dir, retain, vacuum),
         Cmd::Replay { dir, delivery, event, endpoint, recovery, format, scan } => {
