@@ -16,7 +16,8 @@ use std::time::Duration;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use herald::offline::{
     self, CompactOptions, ExportOptions, ImportOptions, KeyCreateOptions, KeyRevokeOptions, KeysOptions,
-    OfflineError, Progress, ReplayFormat, ReplayOptions, ReplayRead, Subject, VacuumOptions, VerifyOptions,
+    NatsExportOptions, NatsImportOptions, OfflineError, PartitionId, Progress, ReplayFormat, ReplayOptions,
+    ReplayRead, SplitOptions, Subject, VacuumOptions, VerifyOptions,
 };
 use herald::projector::{DeliveryId, EndpointId, EventId};
 use herald_server::config::{herald_env, Config, LogFormat, LogSection, Overrides};
@@ -70,7 +71,7 @@ enum Cmd {
     /// directory, deleted afterwards). Exit 0 only if all agree.
     Verify {
         #[command(flatten)]
-        dir: DataDir,
+        dir: PartDir,
         /// The memory to keep under: bytes, or a size such as 512MiB or 1GiB (at least 32MiB).
         #[arg(long, value_parser = offline::parse_memory, default_value = "512MiB")]
         memory_max: u64,
@@ -78,14 +79,42 @@ enum Cmd {
     /// Write the log as NDJSON to stdout (one record a line, with its raw body for `import`).
     Export {
         #[command(flatten)]
-        dir: DataDir,
+        dir: PartDir,
         /// Leave out what holds signing secrets (each record's raw body, the checkpoint's values):
         /// for sharing with an auditor or support. Such an export cannot be imported.
         #[arg(long)]
         redact_secrets: bool,
+        /// Read the partition (`--partition`) straight from its JetStream stream on these NATS
+        /// servers (comma-separated nats://host:port), checking seqs and the hash chain.
+        #[arg(long, requires = "partition", conflicts_with_all = ["data_dir", "config", "partitions"])]
+        from_nats: Option<String>,
+        /// Split a single node's log into a cluster's partitions: one export file per partition
+        /// (`p<N>.ndjson`, `control.ndjson`) in `--out`, each loadable with `import --to-nats`.
+        #[arg(long, requires = "out", conflicts_with_all = ["partition", "redact_secrets"])]
+        partitions: Option<u32>,
+        /// The directory the files of `--partitions` go in.
+        #[arg(long, requires = "partitions")]
+        out: Option<PathBuf>,
     },
-    /// Build an empty data directory from an `export` read on stdin, then verify it.
-    Import(DataDir),
+    /// Build an empty data directory from an `export` read on stdin, then verify it; with
+    /// `--to-nats`, load it into a partition's empty stream and a cluster node's replica of it.
+    Import {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Write the log ahead to the partition's stream on these NATS servers (comma-separated
+        /// nats://host:port); its replica goes in `<data dir>/cluster/p<N>` (or `cluster/control`).
+        #[arg(long, requires_all = ["partition", "partitions"])]
+        to_nats: Option<String>,
+        /// The partition (its number, or `control`) the export is of (`export --partitions`).
+        #[arg(long, requires = "to_nats", value_parser = PartitionId::parse)]
+        partition: Option<PartitionId>,
+        /// The cluster's partitions (its `partitions`; what `export --partitions` split by).
+        #[arg(long, requires = "to_nats", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        partitions: Option<u32>,
+        /// Copies NATS keeps of the stream if this creates it (the cluster's `replicas`, 1 to 5).
+        #[arg(long, requires = "to_nats", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=5))]
+        replicas: u16,
+    },
     /// Drop the history of deliveries delivered longer ago than the retention (on a stopped
     /// server's data; a running server with `[store] retain` compacts by itself). Pending,
     /// exhausted and inactive deliveries are kept; the kept log still verifies.
@@ -104,7 +133,7 @@ enum Cmd {
     /// The whole story of a delivery, an event or an endpoint, in log order.
     Replay {
         #[command(flatten)]
-        dir: DataDir,
+        dir: PartDir,
         /// A delivery id.
         #[arg(long, group = "subject")]
         delivery: Option<String>,
@@ -199,6 +228,17 @@ struct DataDir {
     data_dir: Option<PathBuf>,
 }
 
+/// Where the data is and, on a cluster node's data directory, which partition's store.
+#[derive(clap::Args)]
+struct PartDir {
+    #[command(flatten)]
+    dir: DataDir,
+    /// On a cluster node's data directory: the partition whose store to work on, its number or
+    /// `control` (`<data dir>/cluster/p<N>`, `<data dir>/cluster/control`).
+    #[arg(long, value_parser = PartitionId::parse)]
+    partition: Option<PartitionId>,
+}
+
 impl DataDir {
     fn load(&self) -> Result<Config, String> {
         let overrides = Overrides { data_dir: self.data_dir.clone(), listen: None };
@@ -222,7 +262,7 @@ fn main() -> ExitCode {
                 Err(e) => usage(e),
             }
         }
-        Cmd::Verify { dir, memory_max } => offline(&dir, |data_dir, bar| {
+        Cmd::Verify { dir, memory_max } => offline_in(&dir.dir, dir.partition, |data_dir, bar| {
             return_freed_memory_at_once();
             let started = std::time::Instant::now();
             let report = offline::verify(&VerifyOptions { data_dir, memory_max_bytes: memory_max }, bar)?;
@@ -234,17 +274,12 @@ fn main() -> ExitCode {
                 report.chain.records
             )))
         }),
-        Cmd::Export { dir, redact_secrets } => offline(&dir, |data_dir, bar| {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let options = ExportOptions { data_dir, redact_secrets };
-            offline::export(&options, &mut out, bar).map(|r| Some(r.to_string()))
-        }),
-        Cmd::Import(dir) => offline(&dir, |data_dir, bar| {
-            let stdin = std::io::stdin();
-            let mut input = stdin.lock();
-            offline::import(&ImportOptions { data_dir }, &mut input, bar).map(|r| Some(r.to_string()))
-        }),
+        Cmd::Export { dir, redact_secrets, from_nats, partitions, out } => {
+            export(dir, redact_secrets, from_nats, partitions.zip(out))
+        }
+        Cmd::Import { dir, to_nats, partition, partitions, replicas } => {
+            import(&dir, to_nats.zip(partition).zip(partitions), usize::from(replicas))
+        }
         Cmd::Compact { dir, retain, vacuum } => compact(&dir, retain, vacuum),
         Cmd::Replay { dir, delivery, event, endpoint, recovery, format, scan } => {
             let subject = match recovery {
@@ -261,7 +296,7 @@ fn main() -> ExitCode {
                 Format::Text => ReplayFormat::Text,
                 Format::Ndjson => ReplayFormat::Ndjson,
             };
-            offline(&dir, |data_dir, bar| {
+            offline_in(&dir.dir, dir.partition, |data_dir, bar| {
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 let read = if scan { ReplayRead::Scan } else { ReplayRead::Index };
@@ -273,6 +308,60 @@ fn main() -> ExitCode {
         Cmd::Keys(command) => keys(command),
         Cmd::Config(ConfigCmd::Check { config }) => config_check(config),
     }
+}
+
+/// `herald export`: of a data directory (or one partition's store in it), of a partition's
+/// stream (`--from-nats`), or split into partitions (`--partitions N --out DIR`).
+fn export(
+    dir: PartDir,
+    redact_secrets: bool,
+    from_nats: Option<String>,
+    split: Option<(u32, PathBuf)>,
+) -> ExitCode {
+    let stdout = std::io::stdout();
+    if let (Some(nats_url), Some(partition)) = (from_nats, dir.partition) {
+        let options = NatsExportOptions { nats_url, partition, redact_secrets };
+        let mut bar = Bar::default();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let outcome = offline::export_from_nats(&options, &mut out, &mut bar);
+        drop(bar);
+        return report(outcome.map(|r| Some(r.to_string())));
+    }
+    offline_in(&dir.dir, dir.partition, |data_dir, bar| match split {
+        Some((partitions, out_dir)) => {
+            let report = offline::split(&SplitOptions { data_dir, partitions, out_dir }, bar)?;
+            for (partition, path, records) in &report.files {
+                println!("{}\t{}\t{records} records", partition.arg(), path.display());
+            }
+            Ok(Some(report.to_string()))
+        }
+        None => {
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let options = ExportOptions { data_dir, redact_secrets };
+            offline::export(&options, &mut out, bar).map(|r| Some(r.to_string()))
+        }
+    })
+}
+
+/// `herald import`: into an empty data directory, or (`--to-nats`) into a partition's empty
+/// stream and a cluster node's replica of it.
+fn import(dir: &DataDir, to_nats: Option<((String, PartitionId), u32)>, replicas: usize) -> ExitCode {
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let Some(((nats_url, partition), partitions)) = to_nats else {
+        return offline(dir, |data_dir, bar| {
+            offline::import(&ImportOptions { data_dir }, &mut input, bar).map(|r| Some(r.to_string()))
+        });
+    };
+    let data_dir = match dir.resolve() {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let options = NatsImportOptions { nats_url, partition, partitions, replicas, data_dir };
+    let mut bar = Bar::default();
+    let outcome = offline::import_to_nats(&options, &mut input, &mut bar);
+    drop(bar);
+    report(outcome.map(|r| Some(r.to_string())))
 }
 
 /// `herald keys`: the new key alone on stdout (never in a message line), what was done on stderr.
@@ -334,13 +423,28 @@ fn offline(
     dir: &DataDir,
     run: impl FnOnce(PathBuf, &mut Bar) -> Result<Option<String>, OfflineError>,
 ) -> ExitCode {
+    offline_in(dir, None, run)
+}
+
+/// [`offline`] on `partition`'s store when given (the data directory is a cluster node's).
+fn offline_in(
+    dir: &DataDir,
+    partition: Option<PartitionId>,
+    run: impl FnOnce(PathBuf, &mut Bar) -> Result<Option<String>, OfflineError>,
+) -> ExitCode {
     let data_dir = match dir.resolve() {
         Ok(p) => p,
         Err(e) => return usage(e),
     };
     let mut bar = Bar::default();
-    let outcome = run(data_dir, &mut bar);
+    let outcome = offline::partition_dir(&data_dir, partition).and_then(|dir| run(dir, &mut bar));
     drop(bar);
+    report(outcome)
+}
+
+/// Prints what an offline tool returned (its message on stderr, if any) or its error, and
+/// gives its exit code.
+fn report(outcome: Result<Option<String>, OfflineError>) -> ExitCode {
     match outcome {
         Ok(message) => {
             if let Some(m) = message {

@@ -2,12 +2,15 @@
 //! the `herald` binary prints for it.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use herald_log::{CorruptRecord, LogError, StoreError};
 use herald_projector::{ApplyError, CompactError, DecodeError, RebuildError};
 
-use super::{hex, KeyProblem, Subject};
+use herald_cluster::ClusterError;
+
+use super::partition::{PartitionId, CLUSTER_DIR};
+use super::{hex, KeyProblem, SplitProblem, Subject};
 
 /// Why an offline tool stopped. [`OfflineError::is_usage`] tells those that say the command line
 /// or the data directory cannot be used as given (the binary exits 2 for them) from a failure on
@@ -75,6 +78,18 @@ pub enum OfflineError {
     Command(String),
     /// `keys create`: no randomness for a new key.
     Random(String),
+    /// `--partition`: this node's data directory holds no store of the partition.
+    NoPartition { partition: PartitionId, dir: PathBuf },
+    /// A cluster node's data directory, and no `--partition` given: it holds one store per
+    /// partition (those found listed), none of its own.
+    ClusterNode { dir: PathBuf, partitions: Vec<PartitionId> },
+    /// A partition's stream could not be read or written, or is damaged (what NATS said, or the
+    /// stream message and record where its chain breaks).
+    Stream { stream: String, error: ClusterError },
+    /// `import --to-nats`: the export is of a compacted log, which a stream cannot hold.
+    CompactedToStream,
+    /// `export --partitions`: the log cannot be split as asked.
+    Split(SplitProblem),
 }
 
 impl OfflineError {
@@ -89,7 +104,10 @@ impl OfflineError {
                 | OfflineError::Key(_)
                 | OfflineError::NewerRules { .. }
                 | OfflineError::ProjectionBehind { .. }
-        )
+                | OfflineError::NoPartition { .. }
+                | OfflineError::ClusterNode { .. }
+                | OfflineError::CompactedToStream
+        ) || matches!(self, OfflineError::Split(p) if p.is_usage())
     }
 }
 
@@ -149,11 +167,36 @@ impl fmt::Display for OfflineError {
             ),
             E::Command(message) => write!(f, "the command failed: {message}"),
             E::Random(message) => write!(f, "{message}"),
+            E::NoPartition { partition, dir } => write!(
+                f,
+                "{partition} has no store in this node's data directory: {} does not exist",
+                dir.display()
+            ),
+            E::ClusterNode { dir, partitions } => cluster_node(f, dir, partitions),
+            E::Stream { stream, error } => write!(f, "{stream}: {error}"),
+            E::Split(problem) => write!(f, "{problem}"),
+            E::CompactedToStream => f.write_str(
+                "this export is of a compacted log (it opens with an anchor and a checkpoint); a partition's \
+                 stream holds a whole log from record 1",
+            ),
         }
     }
 }
 
 impl std::error::Error for OfflineError {}
+
+/// [`OfflineError::ClusterNode`]'s message.
+fn cluster_node(f: &mut fmt::Formatter<'_>, dir: &Path, partitions: &[PartitionId]) -> fmt::Result {
+    let found: Vec<String> = partitions.iter().map(PartitionId::arg).collect();
+    write!(
+        f,
+        "{} is a cluster node's data directory: each partition has its own store under {} (here: {}); \
+         verify, replay and export work on one of them: give --partition N or --partition control",
+        dir.display(),
+        dir.join(CLUSTER_DIR).display(),
+        if found.is_empty() { "none yet".to_owned() } else { found.join(", ") }
+    )
+}
 
 /// The first place where the stored projection and a rebuild of the log part, in key order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +243,10 @@ pub enum LineProblem {
     NoHash,
     /// The export was made with `--redact-secrets`.
     Redacted,
+    /// `import --to-nats`: the record belongs in another partition (`home`).
+    OtherPartition {
+        home: PartitionId,
+    },
 }
 
 impl fmt::Display for LineProblem {
@@ -207,6 +254,9 @@ impl fmt::Display for LineProblem {
         use LineProblem as P;
         let text = match self {
             P::NotJson(e) => return write!(f, "not JSON: {e}"),
+            P::OtherPartition { home } => {
+                return write!(f, "this record belongs in {home}: is this the file of another partition?")
+            }
             P::SecondAnchor => "a second anchor",
             P::AnchorWithoutSeq => "an anchor without its seq",
             P::AnchorWithoutHash => "an anchor without its hash",

@@ -48,7 +48,7 @@ pub fn export(
     let (store, head) = open_to_read(&options.data_dir, "exporting", progress)?;
     let redact = options.redact_secrets;
     if redact {
-        write_line(out, json!({ "redacted": REDACTED_NOTE }))?;
+        write_redacted_note(out)?;
     }
     // A compacted log starts from its anchor and checkpoint: they come first.
     if head.anchor_seq > 0 {
@@ -60,13 +60,7 @@ pub fn export(
     let mut records = 0u64;
     each_record(store.as_ref(), head.anchor_seq, progress, |r| {
         records += 1;
-        let mut line = export_line(r);
-        if redact {
-            if let Some(fields) = line.as_object_mut() {
-                fields.remove("body");
-            }
-        }
-        write_line(out, line)
+        write_record(out, r, redact)
     })?;
     out.flush().map_err(OfflineError::Write)?;
     progress.end();
@@ -83,6 +77,22 @@ fn write_checkpoint(store: &dyn Store, anchor_seq: u64, out: &mut dyn Write) -> 
         write_line(out, json!({"checkpoint_payload": {"event_id": hex(id), "payload": b64(payload)}}))?;
     }
     Ok(())
+}
+
+/// The first line of an export made with `redact_secrets`.
+pub(super) fn write_redacted_note(out: &mut dyn Write) -> Result<(), OfflineError> {
+    write_line(out, json!({ "redacted": REDACTED_NOTE }))
+}
+
+/// One record's line, without its raw body when `redact`.
+pub(super) fn write_record(out: &mut dyn Write, r: &Record, redact: bool) -> Result<(), OfflineError> {
+    let mut line = export_line(r);
+    if redact {
+        if let Some(fields) = line.as_object_mut() {
+            fields.remove("body");
+        }
+    }
+    write_line(out, line)
 }
 
 fn write_line(out: &mut dyn Write, line: Value) -> Result<(), OfflineError> {

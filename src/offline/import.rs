@@ -3,19 +3,25 @@
 
 use std::fmt;
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use herald_log::{Log, LogConfig, Machine, SledStore, Tx};
+use herald_log::{Log, LogConfig, Machine, SledStore, Tx, WriteAhead};
 use herald_projector::compact::restore_checkpoint;
 use herald_projector::{apply, decode, EventId, MemTables, Tables, TxTables};
 use serde_json::Value;
 
-use super::{from_b64, from_hex, last_seq, open_store, verify, LineProblem, OfflineError, Progress};
+use super::split::home;
+use super::{
+    from_b64, from_hex, last_seq, open_store, verify, LineProblem, OfflineError, PartitionId, Progress,
+};
 use super::{VerifyOptions, VerifyReport};
 
 /// Records submitted to the log at once.
 const BATCH_RECORDS: usize = 512;
+/// Body bytes submitted at once, at most (past one record): a batch written ahead to a
+/// partition's stream stays far below a message's limit.
+const BATCH_BYTES_MAX: usize = 1 << 20;
 
 /// Where [`import`] writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,12 +75,28 @@ pub fn import(
     progress: &mut dyn Progress,
 ) -> Result<ImportReport, OfflineError> {
     let dir = &options.data_dir;
+    let store = open_empty(dir)?;
+    let records = import_into(Import::new(store, None), input, progress)?;
+    let verified = verify(&VerifyOptions::new(dir.clone()), progress)?;
+    Ok(ImportReport { records, verified })
+}
+
+/// Opens (creating it if missing) a data directory that holds no log yet.
+pub(super) fn open_empty(dir: &Path) -> Result<Arc<SledStore>, OfflineError> {
     let store = open_store(dir)?;
     if last_seq(store.as_ref())? != 0 {
-        return Err(OfflineError::NotEmpty { dir: dir.clone() });
+        return Err(OfflineError::NotEmpty { dir: dir.to_owned() });
     }
+    Ok(store)
+}
+
+/// Reads an export from `input` into `import`; returns the records imported.
+pub(super) fn import_into(
+    mut import: Import,
+    input: &mut dyn BufRead,
+    progress: &mut dyn Progress,
+) -> Result<u64, OfflineError> {
     progress.begin("importing", 0);
-    let mut import = Import::new(store);
     let mut line = String::new();
     let mut line_no = 0u64;
     loop {
@@ -89,8 +111,7 @@ pub fn import(
     }
     let records = import.finish()?;
     progress.end();
-    let verified = verify(&VerifyOptions::new(dir.clone()), progress)?;
-    Ok(ImportReport { records, verified })
+    Ok(records)
 }
 
 /// A compacted export opens with its anchor and checkpoint, written before the first record.
@@ -129,9 +150,16 @@ impl Preamble {
         Ok(true)
     }
 
-    /// Writes the anchor and checkpoint (if the export had them) and opens the log to import into.
-    fn start(&self, store: &Arc<SledStore>) -> Result<Log<Importer>, OfflineError> {
+    /// Writes the anchor and checkpoint (if the export had them) and opens the log to import
+    /// into, writing ahead to `write_ahead` if given (which takes no checkpoint: a stream holds
+    /// a whole log).
+    fn start(
+        &self,
+        store: &Arc<SledStore>,
+        write_ahead: Option<Arc<dyn WriteAhead>>,
+    ) -> Result<Log<Importer>, OfflineError> {
         match self.anchor {
+            Some(_) if write_ahead.is_some() => return Err(OfflineError::CompactedToStream),
             Some((seq, hash)) => {
                 restore_checkpoint(store.as_ref(), seq, &self.checkpoint, &self.payloads)
                     .map_err(OfflineError::CheckpointRestore)?;
@@ -142,31 +170,53 @@ impl Preamble {
             }
             None => {}
         }
-        Log::open(store.clone(), Importer, LogConfig::default()).map_err(OfflineError::Log)
+        match write_ahead {
+            Some(write_ahead) => {
+                Log::open_write_ahead(store.clone(), Importer, LogConfig::default(), write_ahead)
+            }
+            None => Log::open(store.clone(), Importer, LogConfig::default()),
+        }
+        .map_err(OfflineError::Log)
     }
 }
 
 /// An import under way: the preamble until the first record, then the log and the records not
 /// yet submitted, each with the seq and hash the export says it had.
-struct Import {
+pub(super) struct Import {
     store: Arc<SledStore>,
+    write_ahead: Option<Arc<dyn WriteAhead>>,
     preamble: Preamble,
     log: Option<Log<Importer>>,
     batch: Vec<(u64, Vec<u8>)>,
     expected: Vec<(u64, Vec<u8>)>,
+    /// The body bytes of `batch`.
+    bytes: usize,
+    /// The partition the export must be of, among how many (`import --to-nats`): a record
+    /// of another organisation's partition is refused.
+    placement: Option<(PartitionId, u32)>,
     records: u64,
 }
 
 impl Import {
-    fn new(store: Arc<SledStore>) -> Import {
+    /// An import into `store`, its batches written ahead to `write_ahead` if given.
+    pub(super) fn new(store: Arc<SledStore>, write_ahead: Option<Arc<dyn WriteAhead>>) -> Import {
         Import {
             store,
+            write_ahead,
+            bytes: 0,
+            placement: None,
             preamble: Preamble::default(),
             log: None,
             batch: Vec::new(),
             expected: Vec::new(),
             records: 0,
         }
+    }
+
+    /// Refuses a record that belongs in another partition than `partition` of `partitions`.
+    pub(super) fn of_partition(mut self, partition: PartitionId, partitions: u32) -> Import {
+        self.placement = Some((partition, partitions));
+        self
     }
 
     /// Takes line `line_no` of the export (not blank).
@@ -177,15 +227,23 @@ impl Import {
             if self.preamble.take(&v).map_err(bad)? {
                 return Ok(());
             }
-            self.log = Some(self.preamble.start(&self.store)?);
+            self.log = Some(self.preamble.start(&self.store, self.write_ahead.clone())?);
         } else if v.get("anchor").is_some() || v.get("checkpoint").is_some() {
             return Err(bad(LineProblem::CheckpointAfterRecords));
         }
         let (record, expected) = parse_record(&v).map_err(bad)?;
+        if let Some((partition, partitions)) = self.placement {
+            let event = decode(&record.1).map_err(OfflineError::Undecodable)?;
+            match home(&event, partitions) {
+                Some(home) if home != partition => return Err(bad(LineProblem::OtherPartition { home })),
+                _ => {}
+            }
+        }
+        self.bytes += record.1.len();
         self.batch.push(record);
         self.expected.push(expected);
         self.records += 1;
-        if self.batch.len() >= BATCH_RECORDS {
+        if self.batch.len() >= BATCH_RECORDS || self.bytes >= BATCH_BYTES_MAX {
             self.flush()?;
             progress.advance(self.records);
         }
@@ -198,6 +256,7 @@ impl Import {
             return Ok(());
         }
         let Some(log) = &self.log else { return Ok(()) };
+        self.bytes = 0;
         let got = log.submit(std::mem::take(&mut self.batch)).map_err(OfflineError::Log)??;
         for ((seq, hash), (want_seq, want_hash)) in got.iter().zip(self.expected.drain(..)) {
             if *seq != want_seq || hash[..] != want_hash[..] {
@@ -213,7 +272,7 @@ impl Import {
         self.flush()?;
         let log = match self.log.take() {
             Some(log) => log,
-            None => self.preamble.start(&self.store)?,
+            None => self.preamble.start(&self.store, self.write_ahead.clone())?,
         };
         log.close();
         Ok(self.records)

@@ -24,12 +24,16 @@ use herald_log::{check_format, read_head, read_records, Head, LogError, Record, 
 mod compact;
 mod error;
 mod export;
+mod from_nats;
 mod import;
 mod keys;
+mod partition;
 mod replay;
 mod replay_index;
 mod resident;
+mod split;
 mod timeline;
+mod to_nats;
 mod verify;
 
 #[cfg(test)]
@@ -40,12 +44,16 @@ mod tests;
 pub use compact::{compact, vacuum, CompactOptions, CompactSummary, VacuumOptions, VacuumSummary};
 pub use error::{Difference, LineProblem, OfflineError};
 pub use export::{export, ExportOptions, ExportReport, REDACTED_NOTE};
+pub use from_nats::{export_from_nats, NatsExportOptions};
 pub use import::{import, ImportOptions, ImportReport};
 pub use keys::{
     create_key, key_hash, list_keys, parse_key_id, parse_org_id, parse_scopes, revoke_key, KeyCreateOptions,
     KeyCreated, KeyList, KeyOwner, KeyProblem, KeyRevokeOptions, KeyRevoked, KeysOptions, KEY_PREFIX,
 };
+pub use partition::{partition_dir, PartitionId};
 pub use replay::{replay, ReplayFormat, ReplayOptions, ReplayRead, ReplayReport, ScanReason, Subject};
+pub use split::{split, SplitOptions, SplitProblem, SplitReport, PARTITIONS_MAX};
+pub use to_nats::{import_to_nats, NatsImportOptions};
 pub use verify::{
     parse_memory, verify, VerifyOptions, VerifyReport, MEMORY_MAX_DEFAULT_BYTES, MEMORY_MAX_LEAST_BYTES,
 };

@@ -25,6 +25,8 @@
 //!   hands back and steps down as [`balance::plan`] and the leases say; [`Node::place`] answers
 //!   from memory; it follows the control partition (`HERALD_CONTROL`, lease key `p.control`,
 //!   numbered `partitions`) for API keys when another node owns it.
+//! - [`offline`]: what the offline tools need: a partition named `N` or `control`, its
+//!   directory and stream, the stream read back with its chain checked, an empty stream to load.
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
 //!
 //! Invariants:
@@ -62,6 +64,7 @@ pub mod balance;
 mod error;
 mod lease;
 mod node;
+pub mod offline;
 pub mod partition;
 mod partitions;
 mod replica;

@@ -193,7 +193,7 @@ impl NodeConfig {
 }
 
 /// Connects to `nats_url` (one or several URLs separated by commas).
-async fn connect(nats_url: &str) -> Result<Context, ClusterError> {
+pub(crate) async fn connect(nats_url: &str) -> Result<Context, ClusterError> {
     let mut addrs = Vec::new();
     for url in nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         let addr: async_nats::ServerAddr =
@@ -213,7 +213,11 @@ async fn connect(nats_url: &str) -> Result<Context, ClusterError> {
 
 /// Checks the cluster's partition count in [`META_BUCKET`], storing `partitions` when the
 /// cluster has none yet; another count is refused, naming both.
-async fn check_partitions(js: &Context, partitions: u32, replicas: usize) -> Result<(), ClusterError> {
+pub(crate) async fn check_partitions(
+    js: &Context,
+    partitions: u32,
+    replicas: usize,
+) -> Result<(), ClusterError> {
     let bucket = open_bucket(js, META_BUCKET, replicas, Duration::ZERO).await?;
     let read = || async {
         let value = bucket.get(PARTITIONS_KEY).await.map_err(|e| nats("reading the partition count")(&e))?;

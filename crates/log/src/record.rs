@@ -134,8 +134,9 @@ pub(crate) fn chain_hash(prev_hash: &Hash, seq: u64, checksum: &Hash) -> Hash {
 }
 
 impl Record {
-    /// Seals a new record after `prev_hash`.
-    pub(crate) fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
+    /// Seals a new record after `prev_hash` (public for `herald export --partitions`, which
+    /// writes one log as several: each kept record sealed again in its partition's chain).
+    pub fn seal(seq: u64, at_ms: u64, body: Vec<u8>, prev_hash: Hash) -> Record {
         let checksum = checksum(seq, at_ms, &body);
         let hash = chain_hash(&prev_hash, seq, &checksum);
         Record { seq, at_ms, body, checksum, prev_hash, hash }
