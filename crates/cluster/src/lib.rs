@@ -75,7 +75,9 @@ pub use crate::lease::{
     fair_share, lease_key, open_bucket, Heartbeat, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes,
     NODES_BUCKET, OWNERS_BUCKET,
 };
-pub use crate::node::{Node, NodeConfig, Place, CONTROL_FOLLOW_EVERY, META_BUCKET, PARTITIONS_KEY};
+pub use crate::node::{
+    heartbeat_ttl, Node, NodeConfig, Place, CONTROL_FOLLOW_EVERY, META_BUCKET, PARTITIONS_KEY,
+};
 pub use crate::partitions::Partitions;
 pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
 pub use crate::stream::{

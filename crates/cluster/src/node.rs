@@ -271,7 +271,7 @@ impl Node {
             let leases = Leases::open(&js, config.replicas, &config.node_id, &config.advertise, settings)
                 .await?
                 .with_control(config.partitions);
-            let nodes = Nodes::open(&js, config.replicas, config.lease * 3).await?;
+            let nodes = Nodes::open(&js, config.replicas, heartbeat_ttl(config.lease)).await?;
             Ok::<_, ClusterError>((js, leases, nodes))
         })?;
         // The first beat before the first look at the cluster, which counts this node live.
@@ -468,6 +468,16 @@ fn open_store(config: &NodeConfig, partition: u32) -> Result<Arc<dyn Store>, Clu
 /// `total` split over every partition (data and control), at least `floor`.
 fn share_of(total: u64, partitions: u32, floor: u64) -> u64 {
     (total / (u64::from(partitions) + 1)).max(floor)
+}
+
+/// How long a node counts as live after its last heartbeat (it beats every third of the lease):
+/// one lease. A node that died must stop counting by the time its leases pass (plus the skew
+/// margin), so that the survivors' fair share covers every partition then; with a longer TTL
+/// (3 leases) its partitions beyond the survivors' share waited for the TTL, not the lease.
+/// A node that misses beats for a while only makes the others' share larger meanwhile: they
+/// claim what is free, never a live lease.
+pub fn heartbeat_ttl(lease: Duration) -> Duration {
+    lease
 }
 
 /// A partition's name in messages: its number, or `control`.

@@ -311,3 +311,45 @@ fn sixteen_partitions_spread_over_three_nodes_starting_together_and_stay_put() {
     }
     assert!(stopping.elapsed() < Duration::from_secs(10), "stopped in {:?}", stopping.elapsed());
 }
+
+#[test]
+fn when_one_of_three_nodes_stalls_the_other_two_take_all_its_partitions_within_two_leases() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    // Its partitions pass after a lease (and the skew margin, a fifth of it); the stalled node
+    // stops counting as live after a lease too, so that the survivors' share covers them all
+    // (a heartbeat TTL of three leases made one wait three leases).
+    let lease = Duration::from_secs(2);
+    let config = |id: &str| NodeConfig { lease, ..config(&nats, id, dir.path(), PARTITIONS) };
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|id| Node::start(config(id)).unwrap()).collect();
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_until(
+        Duration::from_secs(40),
+        "spread",
+        || {
+            nodes.iter().map(|n| local(n).len()).sum::<usize>() == 5
+                && nodes.iter().all(|n| n.readiness().is_ok())
+        },
+        || describe(&all),
+    );
+    // The node with the most partitions stalls (as a process killed or stopped would).
+    let stalled = nodes.iter().max_by_key(|n| local(n).len()).unwrap();
+    let moved = local(stalled);
+    stalled.stall_for_tests();
+    let stalled_at = Instant::now();
+    let others: Vec<&Node> = nodes.iter().filter(|n| n.node_id() != stalled.node_id()).collect();
+    wait_until(
+        lease * 2 + Duration::from_millis(500),
+        "taken over",
+        || {
+            others.iter().map(|n| local(n).len()).sum::<usize>() == 5
+                && others.iter().all(|n| n.readiness().is_ok())
+        },
+        || describe(&all),
+    );
+    eprintln!("partitions {moved:?} taken over {:?} after the stall (lease {lease:?})", stalled_at.elapsed());
+    for node in nodes {
+        node.shutdown(Duration::from_secs(5));
+    }
+}
