@@ -146,7 +146,12 @@ struct Shared {
     stopping: AtomicBool,
     /// Test hook: renewals, heartbeats and the membership loop suspended (a stalled process).
     stalled: AtomicBool,
+    /// The partition being taken over now (lease claimed, catching up, opening), or `NONE`.
+    taking: AtomicU64,
 }
+
+/// [`Shared::taking`] when no take-over is in progress.
+const NONE: u64 = u64::MAX;
 
 /// A cluster node. Share it through an `Arc`; [`Node::shutdown`] (or the drop) stops it.
 pub struct Node {
@@ -300,6 +305,7 @@ impl Node {
             wake: (Mutex::new(false), Condvar::new()),
             stopping: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            taking: AtomicU64::new(NONE),
         });
         let heartbeat = runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone()));
         let threads = vec![
@@ -602,6 +608,11 @@ impl Shared {
         let now = unix_ms();
         if let Some(e) = seen.error.as_ref().filter(|_| now > seen.at_ms + self.lease.as_millis() as u64) {
             return Err(format!("cannot read the cluster's leases: {e}"));
+        }
+        let taking = self.taking.load(Ordering::SeqCst);
+        if taking != NONE {
+            let partition = u32::try_from(taking).unwrap_or(u32::MAX);
+            return Err(format!("taking partition {} over (catching up)", self.label(partition)));
         }
         let served = read(&self.served);
         for (&partition, s) in served.iter() {

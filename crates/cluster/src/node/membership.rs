@@ -133,7 +133,10 @@ fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
     if control {
         shared.control.pause();
     }
-    match open_partition(shared, partition) {
+    shared.taking.store(u64::from(partition), Ordering::SeqCst);
+    let opened = open_partition(shared, partition);
+    shared.taking.store(super::NONE, Ordering::SeqCst);
+    match opened {
         Ok(served) => {
             write(&shared.served).insert(partition, served);
             if control {
