@@ -356,3 +356,43 @@ fn when_one_of_three_nodes_stalls_the_other_two_take_all_its_partitions_within_t
         node.shutdown(Duration::from_secs(5));
     }
 }
+
+#[test]
+fn a_node_restarted_on_its_data_takes_its_partitions_back_at_once_and_keeps_its_keys() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), PARTITIONS)).unwrap();
+    wait_until(Duration::from_secs(30), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    let hash = create_key(&a, 7);
+    a.shutdown(Duration::from_secs(5));
+    let restarted = Instant::now();
+    let a = Node::start(config(&nats, "a", dir.path(), PARTITIONS)).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "a ready again",
+        || a.readiness().is_ok() && local(&a).len() == PARTITIONS as usize + 1,
+        || describe(&[&a]),
+    );
+    eprintln!("serving everything again {:?} after the restart", restarted.elapsed());
+    assert_eq!(a.api_key_by_hash(&hash).unwrap().unwrap().name, "k7");
+    a.shutdown(Duration::from_secs(5));
+    // Once more without the hand-back (its leases still live, as after a crash): it claims them
+    // again at once, its own, without waiting for them to pass (a lease of 3 s here).
+    let lease = Duration::from_secs(3);
+    let config = |id: &str| NodeConfig { lease, ..config(&nats, id, dir.path(), PARTITIONS) };
+    let a = Node::start(config("a")).unwrap();
+    wait_until(Duration::from_secs(20), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    a.crash_for_tests();
+    let restarted = Instant::now();
+    let a = Node::start(config("a")).unwrap();
+    wait_until(
+        lease,
+        "a ready after a crash",
+        || a.readiness().is_ok() && local(&a).len() == PARTITIONS as usize + 1,
+        || describe(&[&a]),
+    );
+    eprintln!("serving everything again {:?} after a restart without hand-back", restarted.elapsed());
+    assert_eq!(a.api_key_by_hash(&hash).unwrap().unwrap().name, "k7");
+    a.shutdown(Duration::from_secs(5));
+}
