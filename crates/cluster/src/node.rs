@@ -541,9 +541,9 @@ impl Shared {
             if served.refusal(now).is_none() {
                 return Place::Local(served.engine.clone());
             }
-            // Step down at once: the membership loop closes it.
+            // Not served from here on; the membership loop closes it now. The new owner, if
+            // the last look at the leases knows it, is where it is served.
             self.wake();
-            return Place::Unowned;
         }
         let seen = read(&self.seen);
         match seen.leases.get(partition as usize) {
