@@ -3,15 +3,20 @@
 //! partitions spread, never served by both at once; a key written through the control owner
 //! is found through the other node; a node that stops hands everything to the other; a node
 //! configured with another partition count is refused; a stalled node is fenced, and once
-//! resumed takes its share back; sixteen partitions spread over three nodes and stay put.
+//! resumed takes its share back; sixteen partitions spread over three nodes and stay put; a
+//! write answered `Fenced` ends `Local` at once; a restarted node serves its partitions again
+//! at once; a stalled one of three nodes is replaced within about a lease.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_cluster::testing::NatsCluster;
-use herald_cluster::{Node, NodeConfig, PartitionStream, Place, StreamSettings};
-use herald_engine::{decode, Actor, ApiKeyId, Command, EngineConfig, EngineError, Event, Policy, Scope};
-use herald_log::{LogError, WriteAheadError};
+use herald_cluster::{catch_up, Node, NodeConfig, PartitionStream, Place, StreamSettings, StreamWriteAhead};
+use herald_engine::{
+    decode, Actor, ApiKeyId, Command, Engine, EngineConfig, EngineError, Event, Policy, Scope,
+};
+use herald_log::{LogError, MemStore, Store, WriteAheadError};
 use uuid::Uuid;
 
 const PARTITIONS: u32 = 4;
@@ -394,5 +399,58 @@ fn a_node_restarted_on_its_data_takes_its_partitions_back_at_once_and_keeps_its_
     );
     eprintln!("serving everything again {:?} after a restart without hand-back", restarted.elapsed());
     assert_eq!(a.api_key_by_hash(&hash).unwrap().unwrap().name, "k7");
+    a.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn a_write_answered_fenced_ends_local_at_once_and_the_node_takes_the_partition_back() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), 1)).unwrap();
+    wait_until(Duration::from_secs(30), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    let Place::Local(engine) = a.place(0) else { panic!("a serves partition 0") };
+    // Another writer appends to the stream behind a's back (as a node that claimed it would).
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let js =
+        rt.block_on(async { async_nats::jetstream::new(async_nats::connect(nats.addrs()).await.unwrap()) });
+    let settings = StreamSettings { replicas: 3, ..StreamSettings::default() };
+    let stream = rt.block_on(PartitionStream::open(js, 0, settings)).unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let caught = rt.block_on(catch_up(&store, &stream)).unwrap();
+    let write_ahead = Arc::new(StreamWriteAhead::new(stream, rt.handle().clone(), caught.position));
+    let other = Engine::open_store_with_write_ahead(EngineConfig::default(), store, write_ahead).unwrap();
+    other.execute_blocking(Actor::admin(), policy(3)).unwrap();
+    other.shutdown();
+    // a's next write is fenced, and from that answer on a does not say Local.
+    match engine.execute_blocking(Actor::admin(), policy(4)) {
+        Err(EngineError::Log(LogError::WriteAhead(WriteAheadError::Fenced(_)))) => {}
+        other => panic!("a was not fenced: {other:?}"),
+    }
+    assert!(!matches!(a.place(0), Place::Local(_)), "fenced, yet Local");
+    // Its lease is still its own: it takes the partition back (catching the other's write up,
+    // a new epoch), and serves it again.
+    let fenced_at = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "a serving partition 0 again",
+        || matches!(a.place(0), Place::Local(_)) && a.readiness().is_ok(),
+        || describe(&[&a]),
+    );
+    eprintln!("served again {:?} after the fence", fenced_at.elapsed());
+    let Place::Local(engine) = a.place(0) else { panic!("a serves partition 0") };
+    let events: Vec<Event> =
+        engine.records(1, usize::MAX).unwrap().iter().map(|r| decode(&r.body).unwrap()).collect();
+    assert!(events.iter().any(|e| matches!(e, Event::PolicySet(p) if p.failures_max == 3)));
+    assert!(!events.iter().any(|e| matches!(e, Event::PolicySet(p) if p.failures_max == 4)));
+    let epochs: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::PartitionClaimed { node_id, epoch } if node_id == "a" => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, [1, 2]);
+    engine.execute_blocking(Actor::admin(), policy(5)).unwrap();
     a.shutdown(Duration::from_secs(5));
 }
