@@ -159,10 +159,11 @@ pub struct Node {
     running: Mutex<Option<Running>>,
 }
 
-/// What [`Node::shutdown`] stops: the threads, the heartbeat task, and the NATS runtime last.
+/// What [`Node::shutdown`] stops: the threads, the tasks (heartbeat, lease watch), and the
+/// NATS runtime last.
 struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
-    heartbeat: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -307,12 +308,15 @@ impl Node {
             stalled: AtomicBool::new(false),
             taking: AtomicU64::new(NONE),
         });
-        let heartbeat = runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone()));
+        let tasks = vec![
+            runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone())),
+            runtime.spawn(membership::watch_leases(shared.clone())),
+        ];
         let threads = vec![
             spawn_thread("herald-membership", shared.clone(), membership::run),
             spawn_thread("herald-control", shared.clone(), control::follow),
         ];
-        Ok(Node { shared, running: Mutex::new(Some(Running { threads, heartbeat, runtime })) })
+        Ok(Node { shared, running: Mutex::new(Some(Running { threads, tasks, runtime })) })
     }
 
     pub fn node_id(&self) -> &str {
@@ -414,9 +418,11 @@ impl Node {
         for thread in running.threads {
             let _ = thread.join();
         }
-        running.heartbeat.abort();
-        let all: Vec<u32> = read(&self.shared.served).keys().copied().collect();
-        membership::stop_serving(&self.shared, &all, hand_back, within);
+        for task in &running.tasks {
+            task.abort();
+        }
+        // Out of the live nodes first: the others' share then covers what it hands back, and
+        // each release wakes them (their lease watch) to take it over at once.
         let shared = self.shared.clone();
         let left = running.runtime.block_on(async move {
             if !hand_back {
@@ -427,6 +433,8 @@ impl Node {
         if !matches!(left, Ok(Ok(()))) {
             tracing::warn!(node = %self.shared.node_id, "could not leave the live nodes; its heartbeat ages out");
         }
+        let all: Vec<u32> = read(&self.shared.served).keys().copied().collect();
+        membership::stop_serving(&self.shared, &all, hand_back, within);
         running.runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }

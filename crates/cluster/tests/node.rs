@@ -138,11 +138,25 @@ fn a_second_node_takes_its_share_never_both_serving_one_partition_and_everything
         ["not read the cluster", "of its share 3", "taking partition"].iter().any(|why| early.contains(why)),
         "{early}"
     );
-    // While they move: never Local on both.
+    // While they move: never Local on both. (And how long a moving partition is Local on
+    // neither, a figure: a's engine stops, its lease is released, b takes it over.)
     let started = Instant::now();
+    let mut unserved_since: Vec<Option<Instant>> = vec![None; PARTITIONS as usize + 1];
+    let mut longest_unserved = Duration::ZERO;
     loop {
         let (on_a, on_b) = (local(&a), local(&b));
         assert!(on_a.iter().all(|p| !on_b.contains(p)), "both serve: a {on_a:?}, b {on_b:?}");
+        for (p, since) in unserved_since.iter_mut().enumerate() {
+            let served = on_a.contains(&(p as u32)) || on_b.contains(&(p as u32));
+            match (served, *since) {
+                (false, None) => *since = Some(Instant::now()),
+                (true, Some(at)) => {
+                    longest_unserved = longest_unserved.max(at.elapsed());
+                    *since = None;
+                }
+                _ => {}
+            }
+        }
         if a.readiness().is_ok()
             && b.readiness().is_ok()
             && on_a.len() + on_b.len() == PARTITIONS as usize + 1
@@ -154,6 +168,10 @@ fn a_second_node_takes_its_share_never_both_serving_one_partition_and_everything
     }
     let (on_a, on_b) = (local(&a), local(&b));
     assert!(on_a.len() >= 2 && on_b.len() >= 2, "spread: a {on_a:?}, b {on_b:?}");
+    eprintln!(
+        "spread in {:?}; a moving partition was served nowhere for {longest_unserved:?} at most (lease {LEASE:?})",
+        started.elapsed()
+    );
     for p in 0..=PARTITIONS {
         let (owner, other) = if on_a.contains(&p) { (&a, &b) } else { (&b, &a) };
         match other.place(p) {
