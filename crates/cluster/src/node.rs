@@ -362,8 +362,13 @@ impl Node {
         self.shared.refresh_control()
     }
 
-    /// Ok when this node serves its part: see `Shared::readiness` for the rule. Err names what
-    /// is missing.
+    /// Ok when this node serves its part: it has read the cluster (within the last lease), no
+    /// take-over of its is in progress, every partition it holds is served (lease renewed, not
+    /// fenced), its control replica has caught up once (unless it owns the control partition),
+    /// and it holds its share `ceil((partitions + 1) / live nodes)`, or less with nothing left
+    /// for it to take (every lease live, no node over its share): true in any steady cluster,
+    /// false while a take-over by this node is due. Err names what is missing ("owns 1 of its
+    /// share 3; partition 2 has no owner yet", "taking partition 4 over (catching up)", ...).
     pub fn readiness(&self) -> Result<(), String> {
         self.shared.readiness()
     }
@@ -639,7 +644,11 @@ impl Shared {
                 return Err(format!("stepping down from partition {}: {why}", self.label(partition)));
             }
         }
+        let control_here = served.contains_key(&self.partitions);
         drop(served);
+        if !control_here && !self.control.caught_up() {
+            return Err("its replica of the control partition (the API keys) has not caught up yet".into());
+        }
         membership::share_reached(self, &seen, now)
     }
 

@@ -43,6 +43,11 @@ impl ControlReplica {
         }
     }
 
+    /// Whether the replica has been caught up (or taken over) at least once since the start.
+    pub(super) fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+
     /// Stops following (a take-over of the control partition begins): waits for a catch-up in
     /// progress to end.
     pub(super) fn pause(&self) {
