@@ -217,6 +217,9 @@ pub(crate) async fn connect(nats_url: &str) -> Result<Context, ClusterError> {
     Ok(async_nats::jetstream::new(client))
 }
 
+/// How many times a partition count another node stored is read again, 100 ms apart.
+const META_READ_TRIES: usize = 50;
+
 /// Checks the cluster's partition count in [`META_BUCKET`], storing `partitions` when the
 /// cluster has none yet; another count is refused, naming both.
 pub(crate) async fn check_partitions(
@@ -235,22 +238,30 @@ pub(crate) async fn check_partitions(
             })
             .transpose()
     };
-    if read().await?.is_none() {
-        let created = bucket.create(PARTITIONS_KEY, partitions.to_string().into()).await;
-        if let Err(e) = created {
-            if e.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists {
-                return Err(nats("storing the partition count")(&e));
-            }
-        }
-    }
-    match read().await? {
-        Some(stored) if stored == partitions => Ok(()),
-        Some(stored) => Err(ClusterError::Settings(format!(
+    let same = |stored: u32| match stored == partitions {
+        true => Ok(()),
+        false => Err(ClusterError::Settings(format!(
             "the cluster has {stored} partitions (bucket {META_BUCKET}); this node is configured with \
              {partitions}: set partitions = {stored}"
         ))),
-        None => Err(ClusterError::Nats(format!("{META_BUCKET}: the partition count was not stored"))),
+    };
+    if let Some(stored) = read().await? {
+        return same(stored);
     }
+    match bucket.create(PARTITIONS_KEY, partitions.to_string().into()).await {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(nats("storing the partition count")(&e)),
+    }
+    // Another node stored it first. A read is a direct get, which a replica still catching up
+    // may answer with nothing for a moment (nodes of a new cluster starting together saw it).
+    for _ in 0..META_READ_TRIES {
+        if let Some(stored) = read().await? {
+            return same(stored);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(ClusterError::Nats(format!("{META_BUCKET}: the partition count another node stored is not readable")))
 }
 
 impl Node {
