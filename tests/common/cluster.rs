@@ -82,8 +82,9 @@ pub fn bounded(name: &str, limit: Duration, test: impl FnOnce(Pids) + Send + 'st
             panic!("{name}: not done within {limit:?}; every process it started was killed by PID");
         }
         _ => {
+            // A test that ended, even by a panic, has dropped its processes (killed and reaped
+            // by PID): none is left to kill, and a reaped PID may be another process's by now.
             if let Err(panic) = handle.join() {
-                pids.kill_all();
                 std::panic::resume_unwind(panic);
             }
         }
