@@ -25,6 +25,7 @@ use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{nats, ClusterError};
+use crate::partition::CONTROL_LEASE_KEY;
 
 /// The bucket of partition leases.
 pub const OWNERS_BUCKET: &str = "herald-owners";
@@ -151,6 +152,9 @@ pub struct Leases {
     node_id: String,
     advertise: String,
     settings: LeaseSettings,
+    /// The number the control partition takes in this node's numeric API (its key is
+    /// [`CONTROL_LEASE_KEY`]), if set.
+    control: Option<u32>,
 }
 
 impl Leases {
@@ -169,7 +173,23 @@ impl Leases {
             node_id: node_id.into(),
             advertise: advertise.into(),
             settings,
+            control: None,
         })
+    }
+
+    /// These leases with partition number `number` read as the control partition: its key is
+    /// [`CONTROL_LEASE_KEY`] (`p.control`), not `p.<number>`.
+    pub fn with_control(mut self, number: u32) -> Leases {
+        self.control = Some(number);
+        self
+    }
+
+    /// Partition `partition`'s key in the bucket.
+    pub fn key(&self, partition: u32) -> String {
+        match self.control {
+            Some(control) if control == partition => CONTROL_LEASE_KEY.into(),
+            _ => lease_key(partition),
+        }
     }
 
     pub fn settings(&self) -> LeaseSettings {
@@ -178,7 +198,7 @@ impl Leases {
 
     /// Partition `partition`'s lease and its revision, if it ever had one.
     pub async fn current(&self, partition: u32) -> Result<Option<(Lease, u64)>, ClusterError> {
-        let entry = self.bucket.entry(lease_key(partition)).await.map_err(|e| nats("reading a lease")(&e))?;
+        let entry = self.bucket.entry(self.key(partition)).await.map_err(|e| nats("reading a lease")(&e))?;
         let Some(entry) = entry.filter(|e| !e.value.is_empty()) else { return Ok(None) };
         let lease = serde_json::from_slice(&entry.value)
             .map_err(|e| ClusterError::Nats(format!("lease of partition {partition} unreadable: {e}")))?;
@@ -250,7 +270,7 @@ impl Leases {
         partition: u32,
         decide: impl Fn(Option<(Lease, u64)>) -> Result<Lease, LeaseError>,
     ) -> Result<Held, LeaseError> {
-        let subject = format!("$KV.{OWNERS_BUCKET}.{}", lease_key(partition));
+        let subject = format!("$KV.{OWNERS_BUCKET}.{}", self.key(partition));
         for _ in 0..LEASE_WRITE_TRIES {
             let mut stream = self.stream.clone();
             let last =
@@ -307,6 +327,12 @@ impl Nodes {
         let beat = Heartbeat { advertise: advertise.into(), at_ms: now_ms };
         self.bucket.put(node_id, encode(&beat)).await.map_err(|e| nats("writing a heartbeat")(&e))?;
         Ok(())
+    }
+
+    /// Takes `node_id` out of the live nodes at once (a node that stops), instead of after
+    /// the TTL.
+    pub async fn leave(&self, node_id: &str) -> Result<(), ClusterError> {
+        self.bucket.delete(node_id).await.map_err(|e| nats("removing a heartbeat")(&e))
     }
 
     /// The ids of the nodes alive now, sorted.

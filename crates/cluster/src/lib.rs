@@ -49,6 +49,7 @@
 pub mod balance;
 mod error;
 mod lease;
+mod node;
 pub mod partition;
 mod partitions;
 mod replica;
@@ -62,10 +63,11 @@ pub use crate::lease::{
     fair_share, lease_key, open_bucket, Heartbeat, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes,
     NODES_BUCKET, OWNERS_BUCKET,
 };
+pub use crate::node::{Node, NodeConfig, Place, CONTROL_FOLLOW_EVERY, META_BUCKET, PARTITIONS_KEY};
 pub use crate::partitions::Partitions;
 pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
 pub use crate::stream::{
     PartitionStream, StreamSettings, StreamWriteAhead, COMMAND_BYTES_MAX, HEADERS_BYTES_MAX,
     MAX_PAYLOAD_NEEDED,
 };
-pub use crate::takeover::{keep_renewed, take_over, unix_ms, Owned, TakeOverError};
+pub use crate::takeover::{keep_renewed, keep_renewed_with, take_over, unix_ms, Owned, TakeOverError};

@@ -12,6 +12,15 @@ pub fn partition_of(org: &OrgId, partitions: u32) -> u32 {
     (u64::from_be_bytes(first) % u64::from(partitions.max(1))) as u32
 }
 
+/// The control partition's stream (every API key; every node follows it).
+pub const CONTROL_STREAM: &str = "HERALD_CONTROL";
+
+/// The subject the control partition's batches are published on.
+pub const CONTROL_SUBJECT: &str = "herald.control";
+
+/// The control partition's key in the lease bucket.
+pub const CONTROL_LEASE_KEY: &str = "p.control";
+
 /// The JetStream stream that is partition `n`'s write-ahead.
 pub fn stream_name(n: u32) -> String {
     format!("HERALD_P{n}")

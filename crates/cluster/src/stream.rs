@@ -13,7 +13,7 @@ use bytes::Bytes;
 use herald_log::{decode_records, encode_records, Record, WriteAhead, WriteAheadError};
 
 use crate::error::{nats, ClusterError};
-use crate::partition::{stream_name, subject};
+use crate::partition::{stream_name, subject, CONTROL_STREAM, CONTROL_SUBJECT};
 
 /// The `max_payload` herald needs of every nats-server: 8 MiB (their configuration's
 /// `max_payload: 8388608`; NATS's default is 1 MiB, and it advises against more than 8 MiB).
@@ -89,6 +89,9 @@ pub struct PartitionStream {
     js: Context,
     stream: async_nats::jetstream::stream::Stream,
     partition: u32,
+    /// The stream's and its subject's names.
+    name: String,
+    subject: String,
     settings: StreamSettings,
 }
 
@@ -99,6 +102,26 @@ impl PartitionStream {
     /// at connect) is below [`StreamSettings::max_payload_needed`], and settings where one
     /// command could fill a message.
     pub async fn open(js: Context, partition: u32, settings: StreamSettings) -> Result<Self, ClusterError> {
+        PartitionStream::open_named(js, partition, stream_name(partition), subject(partition), settings).await
+    }
+
+    /// [`PartitionStream::open`] for the control partition, numbered `number` (its stream is
+    /// [`CONTROL_STREAM`], its subject [`CONTROL_SUBJECT`]).
+    pub async fn open_control(
+        js: Context,
+        number: u32,
+        settings: StreamSettings,
+    ) -> Result<Self, ClusterError> {
+        PartitionStream::open_named(js, number, CONTROL_STREAM.into(), CONTROL_SUBJECT.into(), settings).await
+    }
+
+    async fn open_named(
+        js: Context,
+        partition: u32,
+        name: String,
+        subject: String,
+        settings: StreamSettings,
+    ) -> Result<Self, ClusterError> {
         let server = js.client().server_info().max_payload;
         let needed = settings.max_payload_needed();
         if server < needed {
@@ -111,8 +134,8 @@ impl PartitionStream {
             )));
         }
         let config = Config {
-            name: stream_name(partition),
-            subjects: vec![subject(partition)],
+            name: name.clone(),
+            subjects: vec![subject.clone()],
             storage: StorageType::File,
             num_replicas: settings.replicas,
             max_message_size: i32::try_from(settings.max_message_bytes).unwrap_or(i32::MAX),
@@ -124,12 +147,11 @@ impl PartitionStream {
         let made = stream.cached_info().config.max_message_size;
         if made >= 0 && (made as u64) < settings.max_message_bytes as u64 {
             return Err(ClusterError::Settings(format!(
-                "stream {} takes messages of at most {made} bytes; herald needs {}",
-                stream_name(partition),
+                "stream {name} takes messages of at most {made} bytes; herald needs {}",
                 settings.max_message_bytes
             )));
         }
-        Ok(PartitionStream { js, stream, partition, settings })
+        Ok(PartitionStream { js, stream, partition, name, subject, settings })
     }
 
     pub fn partition(&self) -> u32 {
@@ -227,7 +249,7 @@ impl PartitionStream {
     /// fenced; none, it is published again, until `publish_timeout`.
     async fn publish(&self, expected_last: u64, payload: Bytes) -> Result<u64, WriteAheadError> {
         let deadline = Instant::now() + self.settings.publish_timeout;
-        let subject = subject(self.partition);
+        let subject = self.subject.clone();
         loop {
             let message =
                 PublishMessage::build().payload(payload.clone()).expected_last_sequence(expected_last);
@@ -250,7 +272,7 @@ impl PartitionStream {
                 Ok(Some(_)) => {
                     return Err(WriteAheadError::Fenced(format!(
                         "stream {} message {} was written by another node ({why})",
-                        stream_name(self.partition),
+                        self.name,
                         expected_last + 1
                     )))
                 }
@@ -258,8 +280,7 @@ impl PartitionStream {
                 Ok(None) | Err(_) => {
                     return Err(WriteAheadError::Unavailable(format!(
                         "stream {}: {why} (tried for {:?})",
-                        stream_name(self.partition),
-                        self.settings.publish_timeout
+                        self.name, self.settings.publish_timeout
                     )))
                 }
             }

@@ -94,7 +94,19 @@ pub fn take_over<M: Machine>(
 pub fn keep_renewed(
     runtime: &tokio::runtime::Handle,
     leases: Arc<Leases>,
+    held: Held,
+    on_lost: impl FnOnce(LeaseError) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    keep_renewed_with(runtime, leases, held, |_| {}, on_lost)
+}
+
+/// [`keep_renewed`], calling `on_renewed` with the lease after each renewal (its new end and
+/// revision: what a hand-back releases, and until when the holder may serve).
+pub fn keep_renewed_with(
+    runtime: &tokio::runtime::Handle,
+    leases: Arc<Leases>,
     mut held: Held,
+    on_renewed: impl Fn(&Held) + Send + 'static,
     on_lost: impl FnOnce(LeaseError) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let every = leases.settings().lease / 3;
@@ -102,7 +114,10 @@ pub fn keep_renewed(
         loop {
             tokio::time::sleep(every.max(Duration::from_millis(10))).await;
             match leases.renew(&held, unix_ms()).await {
-                Ok(renewed) => held = renewed,
+                Ok(renewed) => {
+                    held = renewed;
+                    on_renewed(&held);
+                }
                 Err(e @ LeaseError::Lost(_)) | Err(e @ LeaseError::HeldBy(_)) => return on_lost(e),
                 Err(e) if unix_ms() > held.lease.lease_until_ms => return on_lost(e),
                 Err(_) => {}

@@ -237,11 +237,21 @@ impl Engine {
         }
         let store = SledStore::open(&config.data_dir, config.cache_bytes)
             .map_err(|e| EngineError::Open(format!("{}: {e}", config.data_dir.display())))?;
+        let sender = Engine::http_sender(&config)?;
+        Engine::open_with(
+            config,
+            Parts { store: Arc::new(store), clock: Arc::new(SystemClock), sender: Arc::new(sender) },
+        )
+    }
+
+    /// The HTTP sender [`Engine::open`] delivers with, built from `config`'s delivery section
+    /// (timeout, private targets, extra CA file, `Retry-After` cap, idle connections per host).
+    pub fn http_sender(config: &EngineConfig) -> Result<HttpSender, EngineError> {
         let extra_ca_pem = match &config.delivery.extra_ca_file {
             Some(path) => Some(read_file(path)?),
             None => None,
         };
-        let sender = HttpSender::new(SenderConfig {
+        HttpSender::new(SenderConfig {
             timeout: config.delivery.timeout,
             allow_private_targets: config.delivery.allow_private_targets,
             extra_ca_pem,
@@ -250,11 +260,23 @@ impl Engine {
             pool_idle_per_host_max: config.delivery.max_in_flight_per_endpoint.max(1),
             ..SenderConfig::default()
         })
-        .map_err(|e| EngineError::Open(e.to_string()))?;
-        Engine::open_with(
-            config,
-            Parts { store: Arc::new(store), clock: Arc::new(SystemClock), sender: Arc::new(sender) },
-        )
+        .map_err(|e| EngineError::Open(e.to_string()))
+    }
+
+    /// [`Engine::open`] on a store already open (a cluster partition's), writing ahead to
+    /// `write_ahead`: the system clock and the HTTP sender `open` builds. `config.data_dir` and
+    /// `cache_bytes` are not used (the store is open).
+    pub fn open_store_with_write_ahead(
+        config: EngineConfig,
+        store: Arc<dyn Store>,
+        write_ahead: Arc<dyn herald_log::WriteAhead>,
+    ) -> Result<Engine, EngineError> {
+        if let Some(problem) = config.problem() {
+            return Err(EngineError::Open(problem));
+        }
+        let sender = Engine::http_sender(&config)?;
+        let parts = Parts { store, clock: Arc::new(SystemClock), sender: Arc::new(sender) };
+        Engine::open_with_write_ahead(config, parts, write_ahead)
     }
 
     /// Opens the engine on the given store, clock and sender.
@@ -666,6 +688,13 @@ impl Engine {
     /// which it tries by itself (see [`herald_log::RESUME_WAIT_MAX`]). Reads go on meanwhile.
     pub fn store_refusal(&self) -> Option<herald_log::StoreError> {
         self.inner.log.refusal()
+    }
+
+    /// Why the log's write-ahead fenced this engine off, once it has (cluster mode: another node
+    /// wrote the partition's stream where this one expected to): every write is refused with it
+    /// from then on, for good.
+    pub fn write_ahead_fenced(&self) -> Option<herald_log::WriteAheadError> {
+        self.inner.log.fenced()
     }
 
     /// Hits and misses of the read cache in front of the store.

@@ -1,12 +1,13 @@
 //! API keys: `sk_<random>`, stored only as a blake3 hash; scopes; the per-key token bucket.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::http::{header, HeaderMap, StatusCode};
 use base64::Engine as _;
-use herald_engine::{get_api_key_by_hash, Actor, ApiKey, ApiKeyId, OrgId, Scope};
+use herald_engine::{get_api_key_by_hash, Actor, ApiKey, ApiKeyId, Engine, OrgId, Scope};
 
 use crate::error::{ApiError, Family};
 use crate::state::AppState;
@@ -62,6 +63,16 @@ fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
+/// The key of a request's `Authorization: Bearer` header, if it has one.
+pub fn bearer_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
 /// Checks the bearer key, the caller's rate and the scope the route needs.
 pub fn authenticate(
     state: &AppState,
@@ -69,29 +80,12 @@ pub fn authenticate(
     family: Family,
     scope: Scope,
 ) -> Result<Principal, ApiError> {
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
+    let key = bearer_key(headers).ok_or_else(|| ApiError::unauthorized(family))?;
+    let stored = state
+        .keys
+        .find(Some(&state.engine), &key_hash(key))
+        .map_err(|e| e.into_api(family))?
         .ok_or_else(|| ApiError::unauthorized(family))?;
-    let hash = key_hash(key);
-    // The epoch is read before the projection (see `KeyCache`).
-    let epoch = state.engine.api_key_epoch();
-    let stored = match state.keys.get(epoch, &hash) {
-        Some(cached) => cached,
-        None => {
-            let read = state
-                .engine
-                .read(|t| get_api_key_by_hash(t, &hash))
-                .map_err(|e| ApiError::from_read(family, e))?
-                .ok_or_else(|| ApiError::unauthorized(family))?;
-            let cached = CachedKey::from(&read);
-            state.keys.insert(epoch, hash, cached.clone());
-            cached
-        }
-    };
     if stored.revoked {
         return Err(ApiError::unauthorized(family));
     }
@@ -149,9 +143,50 @@ impl From<&ApiKey> for CachedKey {
 /// A request reads the epoch first, then the cache or the projection. When it sees a newer epoch
 /// the cache is emptied; an entry read under an older epoch than the cache's is not kept. So once
 /// a revoke returns, every request reads the epoch it moved to and the revoked row.
+///
+/// Where keys are read: the engine the request runs on (one node), or a [`KeySource`] (cluster
+/// mode: every key lives in the control partition, which every node follows). Clones share
+/// their entries and their source (one cache for every partition a node serves).
+#[derive(Clone)]
 pub struct KeyCache {
     max: usize,
-    inner: Mutex<KeyCacheInner>,
+    inner: Arc<Mutex<KeyCacheInner>>,
+    source: Option<Arc<dyn KeySource>>,
+    /// Refreshes of the source done so far, and the lock that lets one run at a time.
+    refreshes: Arc<(AtomicU64, tokio::sync::Mutex<()>)>,
+}
+
+/// Where keys come from when not from the engine a request runs on: cluster mode's control
+/// partition (the owner's engine or this node's replica of it).
+pub trait KeySource: Send + Sync {
+    /// Moves whenever the keys may have changed (see [`KeyCache`]).
+    fn api_key_epoch(&self) -> u64;
+    /// The key of a blake3 hash, revoked ones included.
+    fn api_key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKey>, String>;
+    /// Catches the keys up now (a key just created through another node); blocking.
+    fn refresh_control(&self) -> Result<(), String>;
+}
+
+/// Why a key could not be read: the store, or the key source.
+#[derive(Debug)]
+pub enum KeyReadError {
+    Engine(herald_engine::EngineError),
+    Source(String),
+}
+
+impl KeyReadError {
+    /// A 503 in `family`'s shape: the key may well exist.
+    pub fn into_api(self, family: Family) -> ApiError {
+        match self {
+            KeyReadError::Engine(e) => ApiError::from_read(family, e),
+            KeyReadError::Source(e) => ApiError::new(
+                family,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("the API keys could not be read: {e}"),
+            ),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -170,7 +205,66 @@ impl Default for KeyCache {
 impl KeyCache {
     /// A cache of at most `max` keys (at least 2).
     pub fn new(max: usize) -> KeyCache {
-        KeyCache { max: max.max(2), inner: Mutex::new(KeyCacheInner::default()) }
+        KeyCache {
+            max: max.max(2),
+            inner: Arc::new(Mutex::new(KeyCacheInner::default())),
+            source: None,
+            refreshes: Arc::new((AtomicU64::new(0), tokio::sync::Mutex::new(()))),
+        }
+    }
+
+    /// A cache of at most `max` keys read from `source` rather than from the engine.
+    pub fn with_source(max: usize, source: Arc<dyn KeySource>) -> KeyCache {
+        KeyCache { source: Some(source), ..KeyCache::new(max) }
+    }
+
+    /// The key of `hash` (revoked ones included), from the cache or else from the source or
+    /// `engine`, read after the epoch (see the type's doc). `None`: no such key.
+    pub fn find(&self, engine: Option<&Engine>, hash: &[u8; 32]) -> Result<Option<CachedKey>, KeyReadError> {
+        let epoch = match (&self.source, engine) {
+            (Some(source), _) => source.api_key_epoch(),
+            (None, Some(engine)) => engine.api_key_epoch(),
+            (None, None) => return Err(KeyReadError::Source("no source of API keys".into())),
+        };
+        if let Some(cached) = self.get(epoch, hash) {
+            return Ok(Some(cached));
+        }
+        let read = match (&self.source, engine) {
+            (Some(source), _) => source.api_key_by_hash(hash).map_err(KeyReadError::Source)?,
+            (None, Some(engine)) => {
+                engine.read(|t| get_api_key_by_hash(t, hash)).map_err(KeyReadError::Engine)?
+            }
+            (None, None) => None,
+        };
+        Ok(read.map(|key| {
+            let cached = CachedKey::from(&key);
+            self.insert(epoch, *hash, cached.clone());
+            cached
+        }))
+    }
+
+    /// Whether a miss is worth a [`KeyCache::refresh`] (keys come from a followed source).
+    pub fn refreshable(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Catches the source up once (nothing without one). Callers that missed while one refresh
+    /// ran wait for it and do not start another: a flood of unknown keys costs one at a time.
+    pub async fn refresh(&self) {
+        let Some(source) = self.source.clone() else { return };
+        let (done, one_at_a_time) = &*self.refreshes;
+        let seen = done.load(Ordering::SeqCst);
+        let _one = one_at_a_time.lock().await;
+        if done.load(Ordering::SeqCst) != seen {
+            // Another caller's refresh ended while this one waited: it covers this miss.
+            return;
+        }
+        match tokio::task::spawn_blocking(move || source.refresh_control()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "catching the API keys up failed"),
+            Err(e) => tracing::warn!(error = %e, "catching the API keys up failed"),
+        }
+        done.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The key of `hash` cached under `epoch` (the engine's, read before this call), if any.
@@ -226,15 +320,21 @@ impl KeyCache {
 }
 
 /// Per-key token buckets: `rate` tokens a second, up to `burst`.
+/// Clones share their buckets (one set for every partition a cluster node serves).
+#[derive(Clone)]
 pub struct Buckets {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<ApiKeyId, (f64, Instant)>>,
+    buckets: Arc<Mutex<HashMap<ApiKeyId, (f64, Instant)>>>,
 }
 
 impl Buckets {
     pub fn new(rate_per_s: u64, burst: u64) -> Buckets {
-        Buckets { rate: rate_per_s as f64, burst: burst.max(1) as f64, buckets: Mutex::new(HashMap::new()) }
+        Buckets {
+            rate: rate_per_s as f64,
+            burst: burst.max(1) as f64,
+            buckets: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 
     /// Takes a token for `key`; `Some(seconds to wait)` when there is none.

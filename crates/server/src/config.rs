@@ -13,18 +13,20 @@ use std::time::Duration;
 
 use herald_engine::{CommandLimits, DeliveryConfig, EngineConfig, Policy};
 
+mod cluster;
 mod declare;
 mod error;
 mod input;
 mod keys;
 
+pub use cluster::Secret;
 pub use error::ConfigError;
 pub use input::parse_duration;
 use input::{describe, Input};
 use keys::SECTIONS;
 pub use keys::{
-    Config, DeliverySection, EndpointHealthSection, LogSection, RetriggerSection, SecretsSection,
-    ServerSection, StoreSection, DEFAULT_TOML, LOG_LEVELS,
+    ClusterSection, Config, DeliverySection, EndpointHealthSection, LogSection, RetriggerSection,
+    SecretsSection, ServerSection, StoreSection, DEFAULT_TOML, LOG_LEVELS,
 };
 
 /// `[log] format`: how each log line of `herald serve` is written.
@@ -273,7 +275,7 @@ impl Config {
 
     /// Every value out of range, blamed on the source that set it.
     fn check(&self, origins: &Origins, problems: &mut Problems) {
-        for (key, problem) in self.problems() {
+        for (key, problem) in self.problems().into_iter().chain(cluster::required(&self.cluster)) {
             problems.push(ConfigError::Invalid {
                 origin: origins.get(key).cloned(),
                 key: key.to_string(),
@@ -568,6 +570,13 @@ mod tests {
             ("HERALD_SECRETS_ROTATION_OVERLAP", "13d"),
             ("HERALD_LOG_FORMAT", "json"),
             ("HERALD_LOG_LEVEL", "Debug"),
+            ("HERALD_CLUSTER_NATS_URL", "nats://127.0.0.1:4222,nats://127.0.0.1:4223"),
+            ("HERALD_CLUSTER_NODE_ID", "n1"),
+            ("HERALD_CLUSTER_ADVERTISE", "http://127.0.0.1:8081"),
+            ("HERALD_CLUSTER_PARTITIONS", "8"),
+            ("HERALD_CLUSTER_REPLICAS", "1"),
+            ("HERALD_CLUSTER_LEASE", "2s"),
+            ("HERALD_CLUSTER_CLUSTER_SECRET", "0123456789abcdef"),
         ];
         let names: Vec<String> = SECTIONS
             .iter()
@@ -609,6 +618,15 @@ mod tests {
             retrigger: RetriggerSection { max_per_window: 11, window: Duration::from_secs(12) },
             secrets: SecretsSection { rotation_overlap: Duration::from_secs(13 * 86_400) },
             log: LogSection { format: LogFormat::Json, level: "debug".into() },
+            cluster: ClusterSection {
+                nats_url: "nats://127.0.0.1:4222,nats://127.0.0.1:4223".into(),
+                node_id: "n1".into(),
+                advertise: "http://127.0.0.1:8081".into(),
+                partitions: 8,
+                replicas: 1,
+                lease: Duration::from_secs(2),
+                cluster_secret: Secret::new("0123456789abcdef"),
+            },
         };
         assert_eq!(c, expected);
     }
@@ -678,6 +696,45 @@ mod tests {
             assert!(err.contains(&format!("environment variable {var} (")), "{err} should name {var}");
             assert!(err.contains(why), "{var}={value:?}: {err} should say {why}");
         }
+    }
+
+    #[test]
+    fn cluster_keys_are_checked_and_named_and_the_secret_never_shown() {
+        let secret = "a-secret-of-32-bytes-0123456789ab";
+        let on = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                ("HERALD_CLUSTER_NATS_URL", "nats://127.0.0.1:4222"),
+                ("HERALD_CLUSTER_NODE_ID", "n1"),
+                ("HERALD_CLUSTER_ADVERTISE", "http://127.0.0.1:8081"),
+                ("HERALD_CLUSTER_CLUSTER_SECRET", secret),
+            ];
+            pairs.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+            pairs.extend_from_slice(extra);
+            Config::load(None, env(&pairs), &Overrides::default())
+        };
+        let c = on(&[]).expect("a whole cluster section");
+        assert_eq!((c.cluster.partitions, c.cluster.replicas), (16, 3));
+        assert_eq!(c.cluster.lease, Duration::from_secs(5));
+        assert!(!format!("{c:?}").contains(secret), "Debug shows the secret");
+        let cases = [
+            ("HERALD_CLUSTER_NODE_ID", "", "cluster.node_id", "required"),
+            ("HERALD_CLUSTER_NODE_ID", "a b", "cluster.node_id", "[A-Za-z0-9_-]"),
+            ("HERALD_CLUSTER_ADVERTISE", "", "cluster.advertise", "required"),
+            ("HERALD_CLUSTER_ADVERTISE", "10.0.0.1:80", "cluster.advertise", "http://host:port"),
+            ("HERALD_CLUSTER_CLUSTER_SECRET", "", "cluster.cluster_secret", "required"),
+            ("HERALD_CLUSTER_CLUSTER_SECRET", "short", "cluster.cluster_secret", "at least 16 bytes"),
+            ("HERALD_CLUSTER_NATS_URL", "localhost:4222", "cluster.nats_url", "nats://host:port"),
+            ("HERALD_CLUSTER_PARTITIONS", "0", "cluster.partitions", "1 to 1024"),
+            ("HERALD_CLUSTER_REPLICAS", "6", "cluster.replicas", "1 to 5"),
+            ("HERALD_CLUSTER_LEASE", "100ms", "cluster.lease", "at least 300 ms"),
+        ];
+        for (var, value, key, why) in cases {
+            let err = on(&[(var, value)]).expect_err(var).to_string();
+            assert!(err.contains(key) && err.contains(why), "{var}={value:?}: {err}");
+            assert!(!err.contains(secret) && !err.contains("\"short\""), "{err} shows the secret");
+        }
+        // Off by default: no other cluster key is needed.
+        assert_eq!(Config::load(None, env(&[]), &Overrides::default()).unwrap().cluster, Default::default());
     }
 
     #[test]

@@ -62,12 +62,17 @@ pub async fn time_limit(State(state): State<Arc<AppState>>, request: Request, ne
     let limit = state.limits.request_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            family,
-            StatusCode::REQUEST_TIMEOUT,
-            "RequestTimeout",
-            format!("the request took longer than {} ms ([server] request_timeout)", limit.as_millis()),
-        )
-        .into_response(),
+        Err(_) => timed_out(family, limit),
     }
+}
+
+/// The 408 of a request that took longer than `limit`.
+pub fn timed_out(family: crate::error::Family, limit: Duration) -> Response {
+    ApiError::new(
+        family,
+        StatusCode::REQUEST_TIMEOUT,
+        "RequestTimeout",
+        format!("the request took longer than {} ms ([server] request_timeout)", limit.as_millis()),
+    )
+    .into_response()
 }

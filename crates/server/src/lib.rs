@@ -10,6 +10,7 @@
 //!   systemd (`Type=notify`) it says READY=1 once listening and STOPPING=1 when the stop begins.
 
 mod auth;
+pub mod cluster;
 // A namespace of its own: the configuration of `herald serve` (its struct, the default TOML, the
 // environment and command-line overrides) reads best as `config::Config`, `config::DEFAULT_TOML`.
 pub mod config;
@@ -118,6 +119,14 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// The router over a shared state.
 pub fn router(state: Arc<AppState>) -> Router {
+    // Outside the panic catcher and the time limit: every answer, theirs included, echoes the
+    // request's id.
+    partition_router(state).layer(request_id::RequestIdLayer)
+}
+
+/// [`router`] without the request-id layer: in cluster mode each partition's router runs inside
+/// the cluster layer, itself inside the one request-id layer.
+pub(crate) fn partition_router(state: Arc<AppState>) -> Router {
     use routes::*;
     let body = DefaultBodyLimit::max(state.limits.body_bytes);
     let event_body = DefaultBodyLimit::max(state.limits.event_body_bytes);
@@ -160,9 +169,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             error::ApiError::internal(error::Family::Named, "the server hit a bug answering this request")
                 .into_response()
         }))
-        // Outside the panic catcher and the time limit: every answer, theirs included, echoes
-        // the request's id.
-        .layer(request_id::RequestIdLayer)
         .with_state(state)
 }
 
@@ -294,12 +300,16 @@ fn notify_service_manager(state: &[NotifyState<'_>]) {
 }
 
 /// Runs the server until `stop` resolves, then stops gracefully: no new requests, the engine's
-/// stop (attempts in flight finished or recorded as interrupted), the log closed.
+/// stop (attempts in flight finished or recorded as interrupted), the log closed. With
+/// `[cluster] nats_url` set it runs as a cluster node instead (`cluster::serve_node`).
 pub async fn serve(
     config: Config,
     admin_key: Option<String>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    if !config.cluster.nats_url.is_empty() {
+        return cluster::serve_node(config, admin_key, stop).await;
+    }
     let engine_config = config.engine_config();
     // Before the store opens: sled and the dispatcher's connections need descriptors too.
     let (connections_max, open_files_max) = connections_max(&config, &engine_config)?;
@@ -310,48 +320,77 @@ pub async fn serve(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     if let Some(key) = bootstrap_admin(&engine, &data_dir, admin_key)? {
-        // To the terminal (stdout) only, never through the log: a log line is kept and shipped.
-        println!(
-            "herald: admin API key (shown once, also in {}): {key}",
-            data_dir.join(ADMIN_KEY_FILE).display()
-        );
+        print_admin_key(&data_dir, &key);
     }
     let state = Arc::new(AppState::new(engine.clone(), &config));
+    let listener = bind(&config, connections_max, state.metrics.connections_refused.clone()).await?;
+    tracing::info!(
+        listen = %listener.1,
+        data_dir = %data_dir.display(),
+        connections_max,
+        open_files_max,
+        "herald listening on http://{}", listener.1
+    );
+    // At the signal the engine's stop begins (no new attempt; those in flight get the shutdown
+    // timeout) while requests in progress get the same timeout to finish; then the engine stops
+    // within what is left of it.
+    let (ready, stopping_engine) = (state.clone(), engine.clone());
+    let on_stop = move || {
+        ready.ready.store(false, Ordering::SeqCst);
+        stopping_engine.begin_shutdown();
+    };
+    let result = serve_until(listener, router(state), &config, stop, on_stop).await;
+    let report = tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?;
+    log_stopped(&report);
+    result
+}
+
+/// The admin key made at the first start, to the terminal (stdout) only, never through the
+/// log: a log line is kept and shipped.
+fn print_admin_key(data_dir: &Path, key: &str) {
+    println!(
+        "herald: admin API key (shown once, also in {}): {key}",
+        data_dir.join(ADMIN_KEY_FILE).display()
+    );
+}
+
+/// The API listener, capped at `connections_max` (refusals counted into `refused`), and its
+/// address.
+async fn bind(
+    config: &Config,
+    connections_max: usize,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(listener::CappedListener, std::net::SocketAddr), String> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", config.server.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let listener = listener::CappedListener::new(listener, connections_max)
-        .counting_into(state.metrics.connections_refused.clone());
-    tracing::info!(
-        listen = %local,
-        data_dir = %data_dir.display(),
-        connections_max,
-        open_files_max,
-        "herald listening on http://{local}"
-    );
-    // Only now is herald ready: the store is open and converted (Engine::open), the admin key
-    // exists and the listener is bound, so a unit ordered after herald.service can connect at once.
-    // The kernel queues connections from here on; axum accepts them as soon as it runs below.
+    Ok((listener::CappedListener::new(listener, connections_max).counting_into(refused), local))
+}
+
+/// Serves `app` until `stop`, then stops taking requests (`on_stop` runs at the signal) and
+/// gives those in progress `[server] shutdown_timeout` to end. Says READY=1 to systemd first:
+/// herald is ready once its store is open and its listener bound (the kernel queues
+/// connections from here on; they are accepted as soon as the loop runs).
+async fn serve_until(
+    (listener, local): (listener::CappedListener, std::net::SocketAddr),
+    app: Router,
+    config: &Config,
+    stop: impl Future<Output = ()> + Send + 'static,
+    on_stop: impl FnOnce() + Send + 'static,
+) -> Result<(), String> {
     notify_service_manager(&[NotifyState::Ready, NotifyState::Status(&format!("listening on {local}"))]);
-    let ready = state.clone();
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         stop.await;
         notify_service_manager(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        ready.ready.store(false, Ordering::SeqCst);
+        on_stop();
         let _ = stopping_tx.send(());
     };
-    let mut server =
-        tokio::spawn(edge::serve(listener, router(state), config.server.header_read_timeout, shutdown));
-    // At the signal the engine's stop begins (no new attempt; those in flight get the shutdown
-    // timeout) while requests in progress get the same timeout to finish; then the engine stops
-    // within what is left of it.
-    let stopping_engine = engine.clone();
-    let result = tokio::select! {
+    let mut server = tokio::spawn(edge::serve(listener, app, config.server.header_read_timeout, shutdown));
+    tokio::select! {
         r = &mut server => r.map_err(|e| e.to_string()),
         _ = stopping => {
-            stopping_engine.begin_shutdown();
             match tokio::time::timeout(config.server.shutdown_timeout, &mut server).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => {
@@ -360,10 +399,7 @@ pub async fn serve(
                 }
             }
         }
-    };
-    let report = tokio::task::spawn_blocking(move || engine.shutdown()).await.map_err(|e| e.to_string())?;
-    log_stopped(&report);
-    result
+    }
 }
 
 /// The stop line.

@@ -47,18 +47,25 @@ impl AppState {
     pub fn new(engine: Engine, config: &crate::config::Config) -> AppState {
         AppState {
             engine,
-            limits: ServerLimits {
-                event_body_bytes: config.server.max_event_bytes,
-                body_bytes: config.server.max_body_bytes,
-                request_timeout: config.server.request_timeout,
-            },
-            buckets: Buckets::new(
-                u64::from(config.server.key_requests_per_s),
-                u64::from(config.server.key_burst),
-            ),
+            limits: limits_of(config),
+            buckets: buckets_of(config),
             keys: KeyCache::default(),
             metrics: Metrics::default(),
             ready: AtomicBool::new(true),
         }
     }
+}
+
+/// The limits of `config`.
+pub(crate) fn limits_of(config: &crate::config::Config) -> ServerLimits {
+    ServerLimits {
+        event_body_bytes: config.server.max_event_bytes,
+        body_bytes: config.server.max_body_bytes,
+        request_timeout: config.server.request_timeout,
+    }
+}
+
+/// The per-key buckets of `config` (clones share them).
+pub(crate) fn buckets_of(config: &crate::config::Config) -> Buckets {
+    Buckets::new(u64::from(config.server.key_requests_per_s), u64::from(config.server.key_burst))
 }

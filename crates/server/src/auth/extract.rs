@@ -100,7 +100,19 @@ impl<S: RequiredScope, F: ErrorShape> FromRequestParts<Arc<AppState>> for Auth<S
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let who = authenticate(state, &parts.headers, F::FAMILY, S::SCOPE)?;
+        let who = match authenticate(state, &parts.headers, F::FAMILY, S::SCOPE) {
+            // Keys followed from elsewhere (cluster mode): one just created through another
+            // node may not have arrived yet; catch up once before refusing.
+            Err(e)
+                if e.status == axum::http::StatusCode::UNAUTHORIZED
+                    && state.keys.refreshable()
+                    && super::bearer_key(&parts.headers).is_some() =>
+            {
+                state.keys.refresh().await;
+                authenticate(state, &parts.headers, F::FAMILY, S::SCOPE)?
+            }
+            other => other?,
+        };
         S::admits(&who, F::FAMILY)?;
         Ok(Auth { who, marker: PhantomData })
     }

@@ -51,7 +51,7 @@ pub(super) enum Input<'a> {
 
 impl<'a> Input<'a> {
     /// A string (TOML) or the variable's text.
-    fn text(self, what: &str) -> Result<&'a str, String> {
+    pub(super) fn text(self, what: &str) -> Result<&'a str, String> {
         match self {
             Input::Toml(toml::Value::String(s)) => Ok(s),
             Input::Toml(other) => Err(format!("expected {what}, found {}", describe(other))),

@@ -1,0 +1,618 @@
+//! The cluster node runtime: one herald node's place in the cluster. It connects to NATS,
+//! checks the cluster's partition count, beats its heartbeat, and runs the membership loop
+//! (read the live nodes and every lease, [`balance::plan`], take partitions over, hand extra
+//! ones back, step down from lost ones); it opens one [`Engine`] per partition it serves and
+//! follows the control partition (every API key) when another node owns it. The server asks
+//! it, per request, where a partition is served ([`Node::place`]): an in-memory answer.
+//!
+//! Its parts: this file (the API, start and stop), `membership.rs` (the loop, take-over,
+//! hand-back, step-down), `control.rs` (the control partition's follower and the key reads).
+
+mod control;
+mod membership;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use herald_engine::{ApiKey, Engine, EngineConfig};
+use herald_log::{SledStore, Store};
+use herald_projector::OrgId;
+
+use crate::error::{nats, ClusterError};
+use crate::lease::{fair_share, open_bucket, Held, Lease, LeaseSettings, Leases, Nodes};
+use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
+use crate::takeover::unix_ms;
+
+/// The bucket holding the cluster's fixed settings (key [`PARTITIONS_KEY`]).
+pub const META_BUCKET: &str = "herald-meta";
+/// The key of the partition count in [`META_BUCKET`] (decimal text).
+pub const PARTITIONS_KEY: &str = "partitions";
+/// How often a node that does not own the control partition catches its replica up.
+pub const CONTROL_FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// What a node is started with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// `nats://host:port`, or several separated by commas.
+    pub nats_url: String,
+    pub node_id: String,
+    /// Where other nodes forward requests for the partitions this one serves.
+    pub advertise: String,
+    /// Data partitions (the control partition is one more, numbered `partitions`).
+    pub partitions: u32,
+    /// Copies NATS keeps of each stream and bucket.
+    pub replicas: usize,
+    /// How long a lease lasts from its last renewal (renewed every third of it).
+    pub lease: Duration,
+    /// `<data_dir>/cluster/p<N>` and `<data_dir>/cluster/control` hold the partitions' stores.
+    pub data_dir: PathBuf,
+    /// The engine configuration each partition's engine is made from: its data directory,
+    /// caches and dispatcher threads are split per partition by the node.
+    pub engine: EngineConfig,
+}
+
+/// Where a partition is served, as this node knows it now.
+#[derive(Clone)]
+pub enum Place {
+    /// Here: this node holds the lease and serves the partition with this engine.
+    Local(Engine),
+    /// By another node, at its `advertise` address (its lease, as last read).
+    Remote { node_id: String, advertise: String },
+    /// By nobody that this node knows of (a take-over is due or in progress).
+    Unowned,
+}
+
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Local(_) => write!(f, "Local"),
+            Place::Remote { node_id, advertise } => write!(f, "Remote({node_id} at {advertise})"),
+            Place::Unowned => write!(f, "Unowned"),
+        }
+    }
+}
+
+/// One partition this node serves: its engine, its write-ahead, and its lease's renewal.
+struct Served {
+    engine: Engine,
+    write_ahead: Arc<StreamWriteAhead>,
+    renewal: Renewal,
+}
+
+/// A held lease kept renewed: the task, the lease as last written, until when it lets this
+/// node serve (unix ms, this host's clock), and whether it was lost.
+struct Renewal {
+    task: tokio::task::JoinHandle<()>,
+    held: Arc<Mutex<Held>>,
+    until_ms: Arc<AtomicU64>,
+    lost: Arc<AtomicBool>,
+}
+
+impl Served {
+    /// Why this partition must not be served here any more, if so: its lease lost or passed
+    /// unrenewed, or its engine fenced by another node's write.
+    fn refusal(&self, now_ms: u64) -> Option<String> {
+        if self.renewal.lost.load(Ordering::SeqCst) {
+            return Some("its lease was lost".into());
+        }
+        let until = self.renewal.until_ms.load(Ordering::SeqCst);
+        if now_ms >= until {
+            return Some(format!("its lease passed unrenewed {} ms ago", now_ms - until));
+        }
+        self.engine.write_ahead_fenced().map(|e| e.to_string())
+    }
+}
+
+/// What the membership loop last read of the cluster.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// Whether it has read the cluster at all yet.
+    read: bool,
+    /// Live node ids, sorted.
+    live: Vec<String>,
+    /// Every partition's lease (data partitions, then the control partition).
+    leases: Vec<Option<Lease>>,
+    /// When the last successful read was (unix ms).
+    at_ms: u64,
+    /// Why the last read failed, if it did.
+    error: Option<String>,
+}
+
+/// Everything the node's threads and tasks share.
+struct Shared {
+    node_id: String,
+    partitions: u32,
+    lease: Duration,
+    skew_margin: Duration,
+    data_dir: PathBuf,
+    engine: EngineConfig,
+    stream_settings: StreamSettings,
+    runtime: tokio::runtime::Handle,
+    js: Context,
+    leases: Arc<Leases>,
+    nodes: Nodes,
+    streams: Mutex<BTreeMap<u32, PartitionStream>>,
+    stores: Mutex<BTreeMap<u32, Arc<dyn Store>>>,
+    served: RwLock<BTreeMap<u32, Served>>,
+    seen: RwLock<Seen>,
+    control: control::ControlReplica,
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Wakes the membership loop before its next turn (a lease lost, a write fenced, a stop).
+    wake: (Mutex<bool>, Condvar),
+    stopping: AtomicBool,
+    /// Test hook: renewals, heartbeats and the membership loop suspended (a stalled process).
+    stalled: AtomicBool,
+}
+
+/// A cluster node. Share it through an `Arc`; [`Node::shutdown`] (or the drop) stops it.
+pub struct Node {
+    shared: Arc<Shared>,
+    running: Mutex<Option<Running>>,
+}
+
+/// What [`Node::shutdown`] stops: the threads, the heartbeat task, and the NATS runtime last.
+struct Running {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NodeConfig {
+    /// Why these settings cannot work, if they cannot.
+    fn problem(&self) -> Option<String> {
+        if self.node_id.is_empty() {
+            return Some("node_id is empty".into());
+        }
+        if self.partitions == 0 {
+            return Some("partitions must be at least 1".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Some(format!("replicas must be 1 to 5, not {}", self.replicas));
+        }
+        if self.lease < Duration::from_millis(300) {
+            return Some(format!("lease must be at least 300ms, not {:?}", self.lease));
+        }
+        None
+    }
+}
+
+/// Connects to `nats_url` (one or several URLs separated by commas).
+async fn connect(nats_url: &str) -> Result<Context, ClusterError> {
+    let mut addrs = Vec::new();
+    for url in nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let addr: async_nats::ServerAddr =
+            url.parse().map_err(|e| ClusterError::Settings(format!("nats_url {url:?}: {e}")))?;
+        addrs.push(addr);
+    }
+    if addrs.is_empty() {
+        return Err(ClusterError::Settings("nats_url is empty".into()));
+    }
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addrs)
+        .await
+        .map_err(|e| nats("connecting")(&e))?;
+    Ok(async_nats::jetstream::new(client))
+}
+
+/// Checks the cluster's partition count in [`META_BUCKET`], storing `partitions` when the
+/// cluster has none yet; another count is refused, naming both.
+async fn check_partitions(js: &Context, partitions: u32, replicas: usize) -> Result<(), ClusterError> {
+    let bucket = open_bucket(js, META_BUCKET, replicas, Duration::ZERO).await?;
+    let read = || async {
+        let value = bucket.get(PARTITIONS_KEY).await.map_err(|e| nats("reading the partition count")(&e))?;
+        value
+            .map(|v| {
+                std::str::from_utf8(&v).ok().and_then(|t| t.trim().parse::<u32>().ok()).ok_or_else(|| {
+                    ClusterError::Settings(format!("{META_BUCKET} holds an unreadable partition count"))
+                })
+            })
+            .transpose()
+    };
+    if read().await?.is_none() {
+        let created = bucket.create(PARTITIONS_KEY, partitions.to_string().into()).await;
+        if let Err(e) = created {
+            if e.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists {
+                return Err(nats("storing the partition count")(&e));
+            }
+        }
+    }
+    match read().await? {
+        Some(stored) if stored == partitions => Ok(()),
+        Some(stored) => Err(ClusterError::Settings(format!(
+            "the cluster has {stored} partitions (bucket {META_BUCKET}); this node is configured with \
+             {partitions}: set partitions = {stored}"
+        ))),
+        None => Err(ClusterError::Nats(format!("{META_BUCKET}: the partition count was not stored"))),
+    }
+}
+
+impl Node {
+    /// Connects, checks (or stores) the cluster's partition count in `herald-meta` (another
+    /// count is refused, naming both), opens the lease and node buckets, and starts the
+    /// heartbeat, the membership loop and the control partition's follower. Returns once
+    /// connected, not necessarily owning anything yet. Blocking: call it from outside any
+    /// tokio runtime (or through `spawn_blocking`); the node runs its own NATS runtime.
+    pub fn start(config: NodeConfig) -> Result<Node, ClusterError> {
+        if let Some(problem) = config.problem() {
+            return Err(ClusterError::Settings(problem));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("herald-nats")
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Settings(format!("starting the NATS runtime: {e}")))?;
+        let skew_margin = (config.lease / 5).max(Duration::from_millis(100));
+        let settings = LeaseSettings { lease: config.lease, skew_margin };
+        let (js, leases, nodes) = runtime.block_on(async {
+            let js = connect(&config.nats_url).await?;
+            check_partitions(&js, config.partitions, config.replicas).await?;
+            let leases = Leases::open(&js, config.replicas, &config.node_id, &config.advertise, settings)
+                .await?
+                .with_control(config.partitions);
+            let nodes = Nodes::open(&js, config.replicas, config.lease * 3).await?;
+            Ok::<_, ClusterError>((js, leases, nodes))
+        })?;
+        let control_store = open_store(&config, config.partitions)?;
+        let shared = Arc::new(Shared {
+            node_id: config.node_id.clone(),
+            partitions: config.partitions,
+            lease: config.lease,
+            skew_margin,
+            data_dir: config.data_dir.clone(),
+            engine: config.engine.clone(),
+            stream_settings: StreamSettings { replicas: config.replicas, ..StreamSettings::default() },
+            runtime: runtime.handle().clone(),
+            js,
+            leases: Arc::new(leases),
+            nodes,
+            streams: Mutex::new(BTreeMap::new()),
+            stores: Mutex::new(BTreeMap::from([(config.partitions, control_store.clone())])),
+            served: RwLock::new(BTreeMap::new()),
+            seen: RwLock::new(Seen::default()),
+            control: control::ControlReplica::new(control_store),
+            changes: tokio::sync::watch::channel(0).0,
+            wake: (Mutex::new(false), Condvar::new()),
+            stopping: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+        });
+        let heartbeat = runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone()));
+        let threads = vec![
+            spawn_thread("herald-membership", shared.clone(), membership::run),
+            spawn_thread("herald-control", shared.clone(), control::follow),
+        ];
+        Ok(Node { shared, running: Mutex::new(Some(Running { threads, heartbeat, runtime })) })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.shared.partitions
+    }
+
+    /// The control partition's number in this API: [`Node::partitions`].
+    pub fn control(&self) -> u32 {
+        self.shared.partitions
+    }
+
+    pub fn partition_of(&self, org: &OrgId) -> u32 {
+        crate::partition::partition_of(org, self.shared.partitions)
+    }
+
+    /// Where `partition` is served: `Local` only while this node holds its lease (renewed,
+    /// not lost) and its engine is not fenced; else the holder of the lease as last read
+    /// (at most a third of the lease old), or `Unowned`. No NATS round trip.
+    pub fn place(&self, partition: u32) -> Place {
+        self.shared.place(partition)
+    }
+
+    /// The epoch of the API keys: it changes whenever the keys may have changed (the owner's
+    /// engine wrote a key, this node's control replica advanced, or the control partition
+    /// changed hands here). A key cache drops what it holds when it moves.
+    pub fn api_key_epoch(&self) -> u64 {
+        self.shared.api_key_epoch()
+    }
+
+    /// An API key by the blake3 hash of its secret, from the control partition: the owner's
+    /// engine here, else this node's replica of it (an error until that has caught up once).
+    pub fn api_key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKey>, String> {
+        self.shared.api_key_by_hash(hash)
+    }
+
+    /// Catches the control replica up now (used on a key miss before answering 401). Nothing
+    /// to do when this node owns the control partition.
+    pub fn refresh_control(&self) -> Result<(), String> {
+        self.shared.refresh_control()
+    }
+
+    /// Ok when this node serves its part: see `Shared::readiness` for the rule. Err names what
+    /// is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.shared.readiness()
+    }
+
+    /// Bumped on every change of what this node serves (take-over, hand-back, step-down).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Hands every partition back (each engine shut down, its write-ahead stopped, then its
+    /// lease released), leaves the live nodes, and stops the NATS runtime last. Waits up to
+    /// `within` for the engines' stops; past it their write-aheads are cut short.
+    pub fn shutdown(self, within: Duration) {
+        self.stop(within);
+    }
+
+    /// Test hook: makes this node behave as a stalled process (SIGSTOP) would for the cluster:
+    /// no lease renewals, no heartbeats, no membership turns. Its engines stay open, so a
+    /// write through one after another node took the partition over is fenced.
+    #[doc(hidden)]
+    pub fn stall_for_tests(&self) {
+        self.shared.stalled.store(true, Ordering::SeqCst);
+        for served in read(&self.shared.served).values() {
+            served.renewal.task.abort();
+        }
+    }
+
+    fn stop(&self, within: Duration) {
+        let Some(running) = lock(&self.running).take() else { return };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.wake();
+        for thread in running.threads {
+            let _ = thread.join();
+        }
+        running.heartbeat.abort();
+        self.shared.hand_back_all(within);
+        let shared = self.shared.clone();
+        let left = running.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), shared.nodes.leave(&shared.node_id)).await
+        });
+        if !matches!(left, Ok(Ok(()))) {
+            tracing::warn!(node = %self.shared.node_id, "could not leave the live nodes; its heartbeat ages out");
+        }
+        running.runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+fn spawn_thread(name: &str, shared: Arc<Shared>, run: fn(Arc<Shared>)) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new().name(name.into()).spawn(move || run(shared)).expect("spawning a node thread")
+}
+
+/// The store directory of `partition` (the control partition's is `control`).
+fn store_dir(config_dir: &std::path::Path, partitions: u32, partition: u32) -> PathBuf {
+    let cluster = config_dir.join("cluster");
+    if partition == partitions {
+        cluster.join("control")
+    } else {
+        cluster.join(format!("p{partition}"))
+    }
+}
+
+/// Opens partition `partition`'s sled store with its share of the page cache.
+fn open_store(config: &NodeConfig, partition: u32) -> Result<Arc<dyn Store>, ClusterError> {
+    let dir = store_dir(&config.data_dir, config.partitions, partition);
+    let cache = share_of(config.engine.cache_bytes, config.partitions, 1 << 20);
+    let store = SledStore::open(&dir, cache).map_err(|e| {
+        ClusterError::Log(herald_log::LogError::Store(herald_log::StoreError::Io(format!(
+            "{}: {e}",
+            dir.display()
+        ))))
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// `total` split over every partition (data and control), at least `floor`.
+fn share_of(total: u64, partitions: u32, floor: u64) -> u64 {
+    (total / (u64::from(partitions) + 1)).max(floor)
+}
+
+/// A partition's name in messages: its number, or `control`.
+fn label(partitions: u32, partition: u32) -> String {
+    if partition == partitions {
+        "control".into()
+    } else {
+        partition.to_string()
+    }
+}
+
+impl Shared {
+    fn wake(&self) {
+        *lock(&self.wake.0) = true;
+        self.wake.1.notify_all();
+    }
+
+    /// Sleeps up to `every`, or until woken.
+    fn sleep(&self, every: Duration) {
+        let guard = lock(&self.wake.0);
+        let (mut woken, _) =
+            self.wake.1.wait_timeout_while(guard, every, |w| !*w).unwrap_or_else(|e| e.into_inner());
+        *woken = false;
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn bump_changes(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn label(&self, partition: u32) -> String {
+        label(self.partitions, partition)
+    }
+
+    fn place(&self, partition: u32) -> Place {
+        if partition > self.partitions {
+            return Place::Unowned;
+        }
+        let now = unix_ms();
+        if let Some(served) = read(&self.served).get(&partition) {
+            if served.refusal(now).is_none() {
+                return Place::Local(served.engine.clone());
+            }
+            // Step down at once: the membership loop closes it.
+            self.wake();
+            return Place::Unowned;
+        }
+        let seen = read(&self.seen);
+        match seen.leases.get(partition as usize) {
+            Some(Some(lease))
+                if lease.node_id != self.node_id
+                    && now <= lease.lease_until_ms.saturating_add(self.skew_margin.as_millis() as u64) =>
+            {
+                Place::Remote { node_id: lease.node_id.clone(), advertise: lease.advertise.clone() }
+            }
+            _ => Place::Unowned,
+        }
+    }
+
+    /// The engine configuration of `partition`: the template with its own data directory and
+    /// its share of the caches and dispatcher threads.
+    fn engine_config(&self, partition: u32) -> EngineConfig {
+        let mut config = self.engine.clone();
+        config.data_dir = store_dir(&self.data_dir, self.partitions, partition);
+        config.cache_bytes = share_of(self.engine.cache_bytes, self.partitions, 1 << 20);
+        let read_cache = share_of(self.engine.read_cache_bytes as u64, self.partitions, 256 << 10);
+        config.read_cache_bytes = usize::try_from(read_cache).unwrap_or(usize::MAX);
+        let threads = share_of(self.engine.delivery.worker_threads as u64, self.partitions, 1);
+        config.delivery.worker_threads = usize::try_from(threads).unwrap_or(1);
+        config
+    }
+
+    /// Partition `partition`'s store, opened once and kept for the node's life (an engine and
+    /// the follower take turns on it; it is never opened twice).
+    fn store(&self, partition: u32) -> Result<Arc<dyn Store>, String> {
+        let mut stores = lock(&self.stores);
+        if let Some(store) = stores.get(&partition) {
+            return Ok(store.clone());
+        }
+        let dir = store_dir(&self.data_dir, self.partitions, partition);
+        let cache = share_of(self.engine.cache_bytes, self.partitions, 1 << 20);
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&dir, cache).map_err(|e| format!("{}: {e}", dir.display()))?);
+        stores.insert(partition, store.clone());
+        Ok(store)
+    }
+
+    /// Partition `partition`'s stream, opened (made when missing) once.
+    fn stream(&self, partition: u32) -> Result<PartitionStream, String> {
+        if let Some(stream) = lock(&self.streams).get(&partition) {
+            return Ok(stream.clone());
+        }
+        let js = self.js.clone();
+        let settings = self.stream_settings;
+        let control = partition == self.partitions;
+        let stream = self
+            .runtime
+            .block_on(async move {
+                if control {
+                    PartitionStream::open_control(js, partition, settings).await
+                } else {
+                    PartitionStream::open(js, partition, settings).await
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        lock(&self.streams).insert(partition, stream.clone());
+        Ok(stream)
+    }
+
+    /// Whether this node serves its part (see `readiness.rs`'s rule in [`Shared::readiness`]).
+    fn readiness(&self) -> Result<(), String> {
+        let seen = read(&self.seen).clone();
+        if !seen.read {
+            return Err(match seen.error {
+                Some(e) => format!("has not read the cluster's leases yet: {e}"),
+                None => "has not read the cluster's leases yet".into(),
+            });
+        }
+        let now = unix_ms();
+        if let Some(e) = seen.error.as_ref().filter(|_| now > seen.at_ms + self.lease.as_millis() as u64) {
+            return Err(format!("cannot read the cluster's leases: {e}"));
+        }
+        let served = read(&self.served);
+        for (&partition, s) in served.iter() {
+            if let Some(why) = s.refusal(now) {
+                return Err(format!("stepping down from partition {}: {why}", self.label(partition)));
+            }
+        }
+        let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
+        drop(served);
+        membership::share_reached(self, &seen, held, now)
+    }
+
+    /// Stops serving every partition (the node stops): the engines' stops begun together and
+    /// waited for up to `within`, then each write-ahead stopped and each lease released.
+    fn hand_back_all(&self, within: Duration) {
+        let all: Vec<(u32, Served)> = std::mem::take(&mut *write(&self.served)).into_iter().collect();
+        if all.is_empty() {
+            return;
+        }
+        self.bump_changes();
+        for (_, served) in &all {
+            served.engine.begin_shutdown();
+        }
+        let engines: Vec<Engine> = all.iter().map(|(_, s)| s.engine.clone()).collect();
+        let (done, stopped) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            for engine in engines {
+                engine.shutdown();
+            }
+            let _ = done.send(());
+        });
+        if stopped.recv_timeout(within).is_err() {
+            tracing::warn!(node = %self.node_id, "engines not stopped within {within:?}; their write-aheads are cut");
+        }
+        for (partition, served) in all {
+            served.write_ahead.stop();
+            served.renewal.task.abort();
+            let held = lock(&served.renewal.held).clone();
+            self.release(&held);
+            if partition == self.partitions {
+                self.control.resume(self);
+            }
+        }
+    }
+
+    /// Releases `held` (a hand-back), waiting up to a lease for NATS; a lease not released
+    /// passes by itself.
+    fn release(&self, held: &Held) {
+        let leases = self.leases.clone();
+        let held = held.clone();
+        let within = self.lease;
+        let released =
+            self.runtime.block_on(async move { tokio::time::timeout(within, leases.release(&held)).await });
+        if !matches!(released, Ok(Ok(()))) {
+            tracing::warn!(node = %self.node_id, "a lease was not released; it passes by itself");
+        }
+    }
+
+    /// The share this node aims at: `ceil((partitions + 1) / live nodes)`.
+    fn share(&self, live: usize) -> u32 {
+        fair_share(self.partitions + 1, live)
+    }
+}

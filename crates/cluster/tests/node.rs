@@ -1,0 +1,239 @@
+//! The cluster node runtime against real NATS (three `nats-server -js` on 127.0.0.1): a node
+//! alone serves every partition and the control partition; a second node joins and the
+//! partitions spread, never served by both at once; a key written through the control owner
+//! is found through the other node; a node that stops hands everything to the other; a node
+//! configured with another partition count is refused; a stalled node is fenced.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use herald_cluster::testing::NatsCluster;
+use herald_cluster::{Node, NodeConfig, PartitionStream, Place, StreamSettings};
+use herald_engine::{decode, Actor, ApiKeyId, Command, EngineConfig, EngineError, Event, Policy, Scope};
+use herald_log::{LogError, WriteAheadError};
+use uuid::Uuid;
+
+const PARTITIONS: u32 = 4;
+const LEASE: Duration = Duration::from_millis(900);
+
+fn nats() -> NatsCluster {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(40), NatsCluster::start(3)).await.unwrap() })
+}
+
+fn config(nats: &NatsCluster, id: &str, dir: &Path, partitions: u32) -> NodeConfig {
+    let mut engine = EngineConfig::default();
+    engine.delivery.shutdown_timeout = Duration::from_millis(300);
+    NodeConfig {
+        nats_url: format!("{},{}", nats.url(0), nats.url(1)),
+        node_id: id.into(),
+        advertise: format!("http://{id}.example:8080"),
+        partitions,
+        replicas: 3,
+        lease: LEASE,
+        data_dir: dir.join(id),
+        engine,
+    }
+}
+
+/// Waits until `ok` holds, polling, or panics with `what` and the last `state` after `within`.
+fn wait_until(within: Duration, what: &str, mut ok: impl FnMut() -> bool, state: impl Fn() -> String) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < within, "not {what} within {within:?}: {}", state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn local(node: &Node) -> Vec<u32> {
+    (0..=node.partitions()).filter(|&p| matches!(node.place(p), Place::Local(_))).collect()
+}
+
+fn describe(nodes: &[&Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{}: local {:?}, readiness {:?}", n.node_id(), local(n), n.readiness()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn create_key(node: &Node, n: u128) -> [u8; 32] {
+    let Place::Local(engine) = node.place(node.control()) else { panic!("not the control owner") };
+    let key_hash = *blake3::hash(&n.to_be_bytes()).as_bytes();
+    let command = Command::CreateApiKey {
+        id: ApiKeyId(Uuid::from_u128(n)),
+        org_id: None,
+        scopes: vec![Scope::Admin],
+        name: format!("k{n}"),
+        key_hash,
+    };
+    engine.execute_blocking(Actor::admin(), command).unwrap();
+    key_hash
+}
+
+#[test]
+fn a_node_alone_serves_everything_and_another_partition_count_is_refused() {
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), PARTITIONS)).unwrap();
+    let changes = a.changes();
+    assert_eq!(a.control(), PARTITIONS);
+    wait_until(
+        Duration::from_secs(30),
+        "serving every partition",
+        || a.readiness().is_ok(),
+        || describe(&[&a]),
+    );
+    assert_eq!(local(&a), (0..=PARTITIONS).collect::<Vec<_>>(), "the control partition too");
+    assert!(*changes.borrow() > u64::from(PARTITIONS), "a change per take-over");
+    for p in 0..=PARTITIONS {
+        assert!(dir
+            .path()
+            .join("a/cluster")
+            .join(if p == PARTITIONS { "control".into() } else { format!("p{p}") })
+            .is_dir());
+    }
+    // Keys: the owner's engine answers, and its epoch moves with a new key.
+    let epoch = a.api_key_epoch();
+    let hash = create_key(&a, 1);
+    assert_ne!(a.api_key_epoch(), epoch);
+    assert_eq!(a.api_key_by_hash(&hash).unwrap().unwrap().name, "k1");
+    assert_eq!(a.api_key_by_hash(&[0; 32]).unwrap(), None);
+    a.refresh_control().unwrap();
+    // Another partition count is refused, naming both numbers.
+    let refused = Node::start(config(&nats, "b", dir.path(), 8)).err().expect("refused").to_string();
+    assert!(refused.contains(&PARTITIONS.to_string()) && refused.contains('8'), "{refused}");
+    let started = Instant::now();
+    a.shutdown(Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(8), "shut down in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_second_node_takes_its_share_never_both_serving_one_partition_and_everything_when_the_first_stops() {
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), PARTITIONS)).unwrap();
+    wait_until(Duration::from_secs(30), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    let hash_1 = create_key(&a, 1);
+    let b = Node::start(config(&nats, "b", dir.path(), PARTITIONS)).unwrap();
+    // While they move: never Local on both.
+    let started = Instant::now();
+    loop {
+        let (on_a, on_b) = (local(&a), local(&b));
+        assert!(on_a.iter().all(|p| !on_b.contains(p)), "both serve: a {on_a:?}, b {on_b:?}");
+        if a.readiness().is_ok()
+            && b.readiness().is_ok()
+            && on_a.len() + on_b.len() == PARTITIONS as usize + 1
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "not spread: {}", describe(&[&a, &b]));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (on_a, on_b) = (local(&a), local(&b));
+    assert!(on_a.len() >= 2 && on_b.len() >= 2, "spread: a {on_a:?}, b {on_b:?}");
+    for p in 0..=PARTITIONS {
+        let (owner, other) = if on_a.contains(&p) { (&a, &b) } else { (&b, &a) };
+        match other.place(p) {
+            Place::Remote { node_id, advertise } => {
+                assert_eq!(node_id, owner.node_id());
+                assert_eq!(advertise, format!("http://{}.example:8080", owner.node_id()));
+            }
+            other_place => panic!("partition {p} on {} reads {other_place:?}", other.node_id()),
+        }
+    }
+    // A key written through the control owner is found through the other node.
+    let (owner, follower) = if on_a.contains(&PARTITIONS) { (&a, &b) } else { (&b, &a) };
+    wait_until(
+        Duration::from_secs(5),
+        "the first key followed",
+        || matches!(follower.api_key_by_hash(&hash_1), Ok(Some(_))),
+        || format!("{:?}", follower.api_key_by_hash(&hash_1)),
+    );
+    let epoch = follower.api_key_epoch();
+    let hash_2 = create_key(owner, 2);
+    follower.refresh_control().unwrap();
+    assert_eq!(follower.api_key_by_hash(&hash_2).unwrap().unwrap().name, "k2");
+    assert_ne!(follower.api_key_epoch(), epoch, "the epoch moved");
+    // The node with the control stops: the other takes everything within lease + a few s.
+    let owner_is_a = on_a.contains(&PARTITIONS);
+    let (stays, goes) = if owner_is_a { (b, a) } else { (a, b) };
+    let before = *stays.changes().borrow();
+    let stopping = Instant::now();
+    goes.shutdown(Duration::from_secs(5));
+    wait_until(
+        LEASE + Duration::from_secs(8),
+        "everything taken over",
+        || local(&stays).len() == PARTITIONS as usize + 1 && stays.readiness().is_ok(),
+        || describe(&[&stays]),
+    );
+    eprintln!("took everything over {:?} after the other's stop began", stopping.elapsed());
+    assert!(*stays.changes().borrow() > before);
+    assert_eq!(
+        stays.api_key_by_hash(&hash_2).unwrap().unwrap().name,
+        "k2",
+        "the keys moved with the control"
+    );
+    stays.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn a_stalled_node_is_fenced_and_stops_serving_and_the_stream_stays_one_line() {
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), 1)).unwrap();
+    wait_until(Duration::from_secs(30), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    let Place::Local(stale) = a.place(0) else { panic!("a serves partition 0") };
+    a.stall_for_tests();
+    let b = Node::start(config(&nats, "b", dir.path(), 1)).unwrap();
+    wait_until(
+        LEASE * 3 + Duration::from_secs(10),
+        "b took everything",
+        || local(&b).len() == 2,
+        || describe(&[&a, &b]),
+    );
+    assert!(local(&a).is_empty(), "a's leases passed: it serves nothing ({})", describe(&[&a, &b]));
+    // A write through a's engine (a request from before the stall) is fenced.
+    match stale.execute_blocking(Actor::admin(), policy(7)) {
+        Err(EngineError::Log(LogError::WriteAhead(WriteAheadError::Fenced(_)))) => {}
+        other => panic!("a was not fenced: {other:?}"),
+    }
+    assert!(matches!(a.place(0), Place::Unowned | Place::Remote { .. }));
+    // b goes on writing: its log is the stream's, one line.
+    let Place::Local(engine) = b.place(0) else { panic!("b serves partition 0") };
+    engine.execute_blocking(Actor::admin(), policy(9)).unwrap();
+    b.shutdown(Duration::from_secs(5));
+    a.shutdown(Duration::from_secs(5));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let records: Vec<herald_log::Record> = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.addrs()).await.unwrap());
+        let settings = StreamSettings { replicas: 3, ..StreamSettings::default() };
+        let stream = PartitionStream::open(js, 0, settings).await.unwrap();
+        herald_cluster::testing::messages(&stream).await.into_iter().flatten().collect()
+    });
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "seqs one line");
+        assert_eq!(pair[1].prev_hash, pair[0].hash, "one hash chain");
+    }
+    let events: Vec<Event> = records.iter().map(|r| decode(&r.body).unwrap()).collect();
+    let claims: Vec<(String, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::PartitionClaimed { node_id, epoch } => Some((node_id.clone(), *epoch)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(claims, [("a".to_string(), 1), ("b".to_string(), 2)]);
+    let policies: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::PolicySet(p) => Some(p.failures_max),
+            _ => None,
+        })
+        .collect();
+    assert!(!policies.contains(&7) && policies.contains(&9), "nothing of a after the fence: {policies:?}");
+}
+
+fn policy(failures_max: u32) -> Command {
+    Command::SetPolicy(Policy { failures_max, ..Policy::default() })
+}
