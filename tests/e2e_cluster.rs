@@ -121,8 +121,12 @@ fn endpoints(node: &HeraldNode, key: &str, org: &str, ok: &Receiver, bad: &Recei
 /// Publishes through `node`: with a call id, twice with one Idempotency-Key, to the admin-made
 /// endpoint's type, and inline; returns the events and their deliveries.
 fn publishes(node: &HeraldNode, key: &str, ok: &Receiver) -> (Vec<String>, Vec<String>) {
-    let e1 =
-        publish(node, key, json!({"event_type": "call.ended", "payload": {"a": 1}, "call_id": "c-1"}), None);
+    let e1 = publish(
+        node,
+        key,
+        json!({"event_type": "call.ended", "payload": {"a": 1}, "call_id": uuid::Uuid::now_v7()}),
+        None,
+    );
     let first =
         publish(node, key, json!({"event_type": "call.started", "payload": {"b": 2}}), Some("idem-1"));
     let again =
@@ -139,15 +143,30 @@ fn publishes(node: &HeraldNode, key: &str, ok: &Receiver) -> (Vec<String>, Vec<S
     (events, deliveries)
 }
 
-/// Waits for the failing endpoint's three deliveries to fail, then recovers one (bulk
+/// Waits for the failing endpoint's four deliveries (one per event) to fail, then recovers one (bulk
 /// recover), retriggers one by seed 000 and one by seed 002 (admin), redelivers a delivered one,
 /// enables the failing endpoint; returns the failures and the recovery.
 fn fail_and_retrigger(node: &HeraldNode, key: &str, ep_ok: &str, ep_bad: &str) -> (Vec<String>, String) {
-    let failed = wait_for("the failing endpoint's deliveries to fail", Duration::from_secs(20), || {
-        let mut failed: Vec<Value> = deliveries_with(node, key, "exhausted");
-        failed.extend(deliveries_with(node, key, "inactive"));
-        (failed.len() == 3).then_some(failed)
-    });
+    let waited = Instant::now();
+    let failed = loop {
+        let (_, all) = node.call("GET", "/v1/webhook_deliveries?limit=250", Some(key), None);
+        let to_bad: Vec<Value> = all["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter(|d| d["endpoint_id"] == json!(ep_bad))
+            .cloned()
+            .collect();
+        if to_bad.len() == 4 && to_bad.iter().all(|d| d["status"] == "exhausted" || d["status"] == "inactive")
+        {
+            break to_bad;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the failing endpoint's deliveries never failed: {all}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
     let failures: Vec<String> = failed.iter().map(|d| s(&d["id"])).collect();
     let body = json!({"status": ["exhausted", "inactive"], "max": 1, "dry_run": false});
     let recovered = post(node, "/v1/webhook_deliveries/recover", key, Some(body), 200);
@@ -155,7 +174,7 @@ fn fail_and_retrigger(node: &HeraldNode, key: &str, ep_ok: &str, ep_bad: &str) -
     let recovery = s(&recovered["recovery_id"]);
     let queued = recovered["sample"].clone();
     let rest: Vec<&String> = failures.iter().filter(|f| !queued.to_string().contains(f.as_str())).collect();
-    assert_eq!(rest.len(), 2, "recovered {queued} of {failures:?}");
+    assert_eq!(rest.len(), 3, "recovered {queued} of {failures:?}");
     let path = format!("/api/webhooks/v1/failures/{}/retrigger", rest[0]);
     let retriggered = post(node, &path, key, None, 200);
     assert_eq!(retriggered, json!({"status": "success", "failure_id": rest[0]}));
@@ -200,9 +219,10 @@ fn reads(made: &[Made]) -> Vec<(String, String, u16)> {
         let k = m.key.as_str();
         add(k, "/v1/endpoints".into(), 200);
         add(k, "/v1/endpoints?limit=1".into(), 200);
-        for e in &m.endpoints {
-            add(k, format!("/v1/endpoints/{e}"), 200);
-            add(ADMIN_KEY, format!("/v1/endpoints/{e}"), 200);
+        // The third endpoint was deleted: a 404 through every node alike.
+        for (e, status) in m.endpoints.iter().zip([200, 200, 404]) {
+            add(k, format!("/v1/endpoints/{e}"), status);
+            add(ADMIN_KEY, format!("/v1/endpoints/{e}"), status);
         }
         for e in &m.events {
             add(k, format!("/v1/events/{e}"), 200);
@@ -540,6 +560,31 @@ fn t4_a_node_stopped_past_its_lease_never_appends_again_and_steps_down() {
     });
 }
 
+/// The partitions two nodes serve at once by their own `/metrics`: every node looked at twice
+/// in turn (A B C D, then A B C D again). A partition both looks at two nodes show was served
+/// by both through the round (or moved three times within it, which the balance never does).
+fn served_by_two(nodes: &[HeraldNode]) -> Vec<(String, String, String)> {
+    let first: Vec<Option<BTreeSet<String>>> = nodes.iter().map(HeraldNode::served).collect();
+    let second: Vec<Option<BTreeSet<String>>> = nodes.iter().map(HeraldNode::served).collect();
+    let steady: Vec<BTreeSet<String>> = first
+        .into_iter()
+        .zip(second)
+        .map(|pair| match pair {
+            (Some(a), Some(b)) => a.intersection(&b).cloned().collect(),
+            _ => BTreeSet::new(),
+        })
+        .collect();
+    let mut out = Vec::new();
+    for i in 0..nodes.len() {
+        for j in i + 1..nodes.len() {
+            for p in steady[i].intersection(&steady[j]) {
+                out.push((p.clone(), nodes[i].id.clone(), nodes[j].id.clone()));
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn t5_a_fourth_node_joins_and_partitions_spread_to_it() {
     bounded("t5", Duration::from_secs(240), |pids| {
@@ -549,10 +594,15 @@ fn t5_a_fourth_node_joins_and_partitions_spread_to_it() {
         let joined = l.cluster.add_node();
         let id = l.cluster.nodes[joined].id.clone();
         // Poll the leases until the new node holds its share and every node is ready; at every
-        // look, one holder per partition and epoch, and each epoch's holder never changes.
+        // look, one holder per partition and epoch, each epoch's holder never changes, and no
+        // partition is served by two nodes by their own /metrics.
         let mut holder_of: BTreeMap<(u32, u64), String> = BTreeMap::new();
         let deadline = Instant::now() + READY_WITHIN;
+        let mut looks = 0;
         loop {
+            let twice = served_by_two(&l.cluster.nodes);
+            assert!(twice.is_empty(), "served by two nodes at once (partition, nodes): {twice:?}");
+            looks += 1;
             let now = unix_ms();
             let leases = l.cluster.leases();
             for (p, lease) in &leases {
@@ -572,7 +622,7 @@ fn t5_a_fourth_node_joins_and_partitions_spread_to_it() {
             let spread = live.get(&id).is_some_and(|held| held.iter().any(|p| *p < PARTITIONS));
             let ready = l.cluster.nodes.iter().all(|n| n.ready().is_ok());
             if spread && ready {
-                println!("after {id} joined: {live:?}");
+                println!("after {id} joined ({looks} looks at every node's /metrics): {live:?}");
                 let share = (PARTITIONS + 1).div_ceil(4) as usize;
                 for (node, held) in &live {
                     assert!(held.len() <= share, "{node} holds {held:?}, over its share {share}");
@@ -582,8 +632,12 @@ fn t5_a_fourth_node_joins_and_partitions_spread_to_it() {
             assert!(Instant::now() < deadline, "{id} never got a partition: {live:?}\n{}", l.cluster.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
-        // The new node serves what it holds: reads and publishes through it.
+        // The new node serves what it holds, by its own /metrics too, and answers for it.
         let held = l.cluster.held_by(&id);
+        let served = l.cluster.nodes[joined].served().expect("the new node's /metrics");
+        let leased: BTreeSet<String> =
+            held.iter().map(|p| if *p == PARTITIONS { "control".into() } else { p.to_string() }).collect();
+        assert_eq!(served, leased, "{id} serves by its /metrics what it holds by the leases");
         for tenant in l.tenants.iter().filter(|t| held.contains(&t.partition)) {
             let (status, body) =
                 l.cluster.nodes[joined].call("GET", "/v1/endpoints", Some(&tenant.key), None);

@@ -10,7 +10,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use herald_cluster::partition::CONTROL_LEASE_KEY;
 use herald_cluster::testing::{free_port, NatsCluster};
 use herald_cluster::{lease_key, Lease, PartitionStream, StreamSettings, OWNERS_BUCKET};
 use herald_log::Record;
@@ -30,8 +31,6 @@ use crate::harness::{call_raw_within, Receiver, ADMIN_KEY, ORG_SCOPES, TEST_ENV}
 pub const SECRET: &str = "e2e-cluster-secret-0123456789abcdef";
 /// How long a request of the harness waits for its answer (a stopped node never answers).
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
-/// The key of the control partition's lease (cluster-interface.md).
-pub const CONTROL_LEASE_KEY: &str = "p.control";
 
 /// The PIDs a test started and has not stopped yet, for the time bound to kill.
 #[derive(Clone, Default)]
@@ -252,6 +251,20 @@ impl HeraldNode {
         }
     }
 
+    /// The partitions the node serves now, by its `/metrics` (each served partition's series
+    /// carry `partition="<N or control>"`); `None` when it does not answer.
+    pub fn served(&self) -> Option<BTreeSet<String>> {
+        let (status, text) = self.text("GET", "/metrics", None, None).ok()?;
+        if status != 200 {
+            return None;
+        }
+        let labels = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| {
+            let rest = &l[l.find("partition=\"")? + "partition=\"".len()..];
+            Some(rest[..rest.find('"')?].to_owned())
+        });
+        Some(labels.collect())
+    }
+
     /// The last `lines` lines herald wrote to stderr (every start of it).
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
@@ -272,6 +285,10 @@ impl HeraldNode {
 impl Drop for HeraldNode {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test shows what each node logged last.
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail(60));
+        }
     }
 }
 
