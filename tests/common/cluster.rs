@@ -372,14 +372,16 @@ impl Cluster {
         self.nodes.len() - 1
     }
 
-    /// Waits until every serving node's `/readyz` is 200 at once; panics after `within` with
-    /// each node's answer and log.
+    /// Waits until the cluster is settled: every serving node's `/readyz` is 200, and the leases
+    /// show every partition (the control one too) held by a serving node, none over its fair
+    /// share (a node over it is still to hand some back, and a partition handed back is unserved
+    /// for a moment); panics after `within` with each node's answer and log.
     pub fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
             let answers: Vec<(String, Result<(), String>)> =
                 self.nodes.iter().filter(|n| n.serving()).map(|n| (n.id.clone(), n.ready())).collect();
-            if answers.iter().all(|(_, r)| r.is_ok()) {
+            if answers.iter().all(|(_, r)| r.is_ok()) && self.balanced(answers.len()) {
                 return;
             }
             if Instant::now() > deadline {
@@ -391,6 +393,25 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether every partition (data and control) has a live lease held by a serving node, and
+    /// none of `serving` nodes holds more than `ceil((partitions + 1) / serving)`.
+    fn balanced(&self, serving: usize) -> bool {
+        let now = unix_ms();
+        let ids: HashSet<&str> = self.nodes.iter().filter(|n| n.serving()).map(|n| n.id.as_str()).collect();
+        let leases = self.leases();
+        let mut held: HashMap<&str, u32> = HashMap::new();
+        for p in 0..=self.partitions {
+            match leases.get(&p) {
+                Some(l) if l.lease_until_ms >= now && ids.contains(l.node_id.as_str()) => {
+                    *held.entry(l.node_id.as_str()).or_default() += 1;
+                }
+                _ => return false,
+            }
+        }
+        let share = (self.partitions + 1).div_ceil(serving.max(1) as u32);
+        held.values().all(|n| *n <= share)
     }
 
     /// Every node's log tail and the NATS servers', for a failing test's message.
