@@ -386,7 +386,7 @@ impl Loaded {
             counts.acknowledged, counts.lost, counts.undelivered, counts.duplicated
         );
         let unexpected: Vec<&String> =
-            refused.keys().filter(|k| k.as_str() != "transport" && !k.starts_with('5')).collect();
+            refused.keys().filter(|k| k.as_str() != cluster::TRANSPORT && !k.starts_with('5')).collect();
         assert!(unexpected.is_empty(), "{what}: publishes refused otherwise than by a 5xx: {unexpected:?}");
         assert!(
             counts.lost == 0 && counts.undelivered == 0,
@@ -488,6 +488,8 @@ fn t4_a_node_stopped_past_its_lease_never_appends_again_and_steps_down() {
         assert!(!lost.is_empty(), "{id} holds no data partition: {before:?}");
         l.cluster.nodes[victim].sigstop();
         let stopped = Instant::now();
+        // Requests already sent to it wait; no more are sent to it until it resumes.
+        load.pass_over(victim);
         // The others take its partitions over (each lease claimed again, a higher epoch) ...
         wait_for("the stopped node's partitions to be claimed by others", Duration::from_secs(40), || {
             let now = l.cluster.leases();
@@ -509,6 +511,7 @@ fn t4_a_node_stopped_past_its_lease_never_appends_again_and_steps_down() {
             .filter(|a| a.at > stopped && lost.contains(&l.tenants[a.tenant].partition))
             .collect();
         l.cluster.nodes[victim].sigcont();
+        load.resume(victim);
 
         // It steps down: its /readyz says it is not ready, and it never answers from its stale
         // copy of a partition it lost (an event written meanwhile is never a 404 through it).

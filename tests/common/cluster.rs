@@ -619,6 +619,9 @@ pub struct Acked {
     pub took: Duration,
 }
 
+/// A publish that got no answer (refused connection, time out): [`Refusals`]' key for it.
+pub const TRANSPORT: &str = "transport";
+
 /// What a load's publishes got besides 202, by answer ("503", "transport", "400 ...").
 pub type Refusals = BTreeMap<String, u64>;
 
@@ -627,6 +630,8 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<Acked>>>,
     refused: Arc<Mutex<Refusals>>,
+    /// Targets passed over, by index.
+    skip: Arc<Mutex<HashSet<usize>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -638,20 +643,32 @@ impl Load {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let refused = Arc::new(Mutex::new(BTreeMap::new()));
         let targets = Arc::new(targets);
+        let skip = Arc::new(Mutex::new(HashSet::new()));
         let threads = (0..threads)
             .map(|t| {
-                let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+                let (stop, acked, refused, skip) =
+                    (stop.clone(), acked.clone(), refused.clone(), skip.clone());
                 let (targets, tenants) = (targets.clone(), tenants.clone());
                 std::thread::spawn(move || {
-                    // Each publisher starts elsewhere along the tenants and the targets.
+                    // Each publisher starts elsewhere along the tenants and the targets; a target
+                    // that gave no answer (killed, stopped) is passed over for a second.
                     let mut n = t * 7919;
+                    let mut down_until = vec![Instant::now(); targets.len()];
                     while !stop.load(Ordering::SeqCst) {
                         n += 1;
                         let tenant = n % tenants.len();
-                        let target = &targets[(n / tenants.len() + t) % targets.len()];
-                        match publish_once(target, &tenants[tenant], tenant, n) {
+                        let first = (n / tenants.len() + t) % targets.len();
+                        let skipped = skip.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let target = (0..targets.len())
+                            .map(|k| (first + k) % targets.len())
+                            .find(|&k| down_until[k] <= Instant::now() && !skipped.contains(&k))
+                            .unwrap_or(first);
+                        match publish_once(&targets[target], &tenants[tenant], tenant, n) {
                             Ok(a) => acked.lock().unwrap_or_else(|e| e.into_inner()).push(a),
                             Err(why) => {
+                                if why == TRANSPORT {
+                                    down_until[target] = Instant::now() + Duration::from_secs(1);
+                                }
                                 *refused.lock().unwrap_or_else(|e| e.into_inner()).entry(why).or_default() +=
                                     1;
                                 std::thread::sleep(Duration::from_millis(10));
@@ -662,7 +679,17 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, acked, refused, threads }
+        Load { stop, acked, refused, skip, threads }
+    }
+
+    /// Publishes through target `i` no more (a node the test stopped) until [`Load::resume`].
+    pub fn pass_over(&self, i: usize) {
+        self.skip.lock().unwrap_or_else(|e| e.into_inner()).insert(i);
+    }
+
+    /// Publishes through target `i` again.
+    pub fn resume(&self, i: usize) {
+        self.skip.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
     }
 
     pub fn acked_count(&self) -> usize {
@@ -736,7 +763,7 @@ fn publish_once(target: &str, tenant: &Tenant, index: usize, n: usize) -> Result
         }
         Ok((status, _)) if status >= 500 => Err(status.to_string()),
         Ok((status, text)) => Err(format!("{status} {text}")),
-        Err(_) => Err("transport".to_owned()),
+        Err(_) => Err(TRANSPORT.to_owned()),
     }
 }
 
