@@ -471,12 +471,20 @@ fn t3_kill_9_of_a_nats_server_under_load() {
         let every: Vec<u32> = (0..PARTITIONS).collect();
         for round in 0..rounds {
             load.wait_more(30, &[], &l.tenants, Duration::from_secs(20));
+            l.cluster.wait_streams_current(Duration::from_secs(60));
             let server = (round % 3) as usize;
             let killed = Instant::now();
             l.cluster.kill_nats(server);
             // Publishes go on: every partition takes new ones with two of three servers.
             for &p in &every {
-                load.wait_more(1, &[p], &l.tenants, Duration::from_secs(20));
+                let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    load.wait_more(1, &[p], &l.tenants, Duration::from_secs(20));
+                }));
+                if let Err(e) = waited {
+                    let why = e.downcast_ref::<String>().cloned().unwrap_or_default();
+                    let (streams, leases) = (l.cluster.stream_states().1, l.cluster.leases());
+                    panic!("round {round}: partition {p} after nats-server n{server}'s kill: {why}\n{streams}\n{leases:?}");
+                }
                 let took = killed.elapsed();
                 println!(
                     "round {round}: nats-server n{server} killed; partition {p} acknowledging {took:?} after"
@@ -484,6 +492,9 @@ fn t3_kill_9_of_a_nats_server_under_load() {
             }
             load.wait_more(30, &[], &l.tenants, Duration::from_secs(20));
             l.cluster.restart_nats(server);
+            // The next round's kill takes one of three again: the server back must have caught
+            // every stream up first (else two of three copies are behind or gone).
+            l.cluster.wait_streams_current(Duration::from_secs(60));
         }
         l.cluster.wait_ready(READY_WITHIN);
         let counts = l.settle("t3 (nats-server kill -9)", load);

@@ -266,9 +266,12 @@ impl HeraldNode {
     }
 
     /// The last `lines` lines herald wrote to stderr (every start of it).
+    /// The lines of each request answered with an error (herald's request-id layer logs them)
+    /// are left out: under a load they would hide the rest.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+        let tail: Vec<&str> =
+            text.lines().rev().filter(|l| !l.contains("herald_server::request_id")).take(lines).collect();
         format!(
             "--- {} (stderr, last {lines} lines)\n{}",
             self.id,
@@ -302,6 +305,15 @@ pub fn cpu_seconds_of(pid: u32) -> f64 {
     // After the name: state is the 1st field, utime and stime the 12th and 13th.
     let ticks: u64 = fields.get(11..13).into_iter().flatten().filter_map(|f| f.parse::<u64>().ok()).sum();
     ticks as f64 / tick
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failing test shows what the NATS servers logged last (each node shows its own).
+        if std::thread::panicking() {
+            eprintln!("{}", self.nats.logs());
+        }
+    }
 }
 
 /// A NATS cluster and the herald nodes on it.
@@ -523,6 +535,58 @@ impl Cluster {
             }
         }
         StreamCheck { messages: messages.len() as u64, records, claims }
+    }
+
+    /// Each of herald's streams as JetStream tells it now (leader, peers, last sequence), or why
+    /// it could not; with whether every one has a leader and every replica current.
+    pub fn stream_states(&self) -> (bool, String) {
+        let mut names: Vec<String> =
+            (0..self.partitions).map(herald_cluster::partition::stream_name).collect();
+        names.extend(["HERALD_CONTROL", "KV_herald-owners", "KV_herald-nodes"].map(String::from));
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut all_current = true;
+            for name in names {
+                let asked = async {
+                    let info =
+                        self.js.get_stream(&name).await.map_err(|e| e.to_string())?.cached_info().clone();
+                    let cluster = info.cluster.unwrap_or_default();
+                    let current = cluster.leader.is_some() && cluster.replicas.iter().all(|p| p.current);
+                    let peers: Vec<String> = cluster
+                        .replicas
+                        .iter()
+                        .map(|p| format!("{}{}", p.name, if p.current { "" } else { " (not current)" }))
+                        .collect();
+                    let text = format!(
+                        "leader {:?}, replicas {peers:?}, last seq {}",
+                        cluster.leader, info.state.last_sequence
+                    );
+                    Ok::<_, String>((current, text))
+                };
+                let (current, state) = match tokio::time::timeout(Duration::from_secs(2), asked).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(e)) => (false, e),
+                    Err(_) => (false, "no answer within 2 s".into()),
+                };
+                all_current &= current;
+                out.push(format!("{name}: {state}"));
+            }
+            (all_current, out.join("\n"))
+        })
+    }
+
+    /// Waits until every herald stream has a leader and all its replicas current (a NATS
+    /// server started again has caught up); panics after `within` with their states.
+    pub fn wait_streams_current(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (current, states) = self.stream_states();
+            if current {
+                return;
+            }
+            assert!(Instant::now() < deadline, "streams not current within {within:?}:\n{states}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// `kill -9` of NATS server `i`.
@@ -761,7 +825,10 @@ fn publish_once(target: &str, tenant: &Tenant, index: usize, n: usize) -> Result
                 took: started.elapsed(),
             })
         }
-        Ok((status, _)) if status >= 500 => Err(status.to_string()),
+        Ok((status, text)) if status >= 500 => {
+            let why: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            Err(format!("{status} {}", why["error"].as_str().unwrap_or_default()))
+        }
         Ok((status, text)) => Err(format!("{status} {text}")),
         Err(_) => Err(TRANSPORT.to_owned()),
     }
