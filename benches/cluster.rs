@@ -51,15 +51,42 @@ struct Figures {
     cpu_us: Vec<(String, f64)>,
     /// The NATS servers' CPU per delivered event, µs (0 for single node).
     nats_cpu_us: f64,
+    /// Publishes answered 503 and tried again (a partition moving).
+    refused: u64,
     /// kill -9 to the first delivery of each moved partition, the slowest, ms.
     failover_ms: Option<f64>,
 }
 
+/// Publishes `body` for `key` through `url` until it is acknowledged: a 503 (a partition moving
+/// between nodes) is tried again after 20 ms, as a client does. Returns the time from the first
+/// try to the 202, the event id and the tries answered 503.
+fn publish_until_accepted(url: &str, key: &str, body: &str) -> (Duration, String, u64) {
+    let started = Instant::now();
+    let mut refused = 0;
+    loop {
+        let answer = call_raw_within(url, "POST", Some(key), Some(body), &[], Duration::from_secs(30));
+        match answer {
+            Ok((202, text)) => {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("a 202 answer is JSON");
+                return (started.elapsed(), v["id"].as_str().expect("an event id").to_owned(), refused);
+            }
+            Ok((503, _)) if started.elapsed() < Duration::from_secs(30) => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => panic!("publish through {url}: {other:?}"),
+        }
+    }
+}
+
+/// What the publishers got: each publish's latency, the events, the tries answered 503.
+type Published = (Vec<Duration>, Vec<String>, u64);
+
 /// Publishes `size.events` events over `targets` (base URLs) for `tenants`, round robin, from
-/// `size.publishers` threads; returns each publish's latency and the events acknowledged.
-fn publish_all(targets: &[String], tenants: &[Tenant], size: Size) -> (Vec<Duration>, Vec<String>) {
+/// `size.publishers` threads.
+fn publish_all(targets: &[String], tenants: &[Tenant], size: Size) -> Published {
     let next = Arc::new(AtomicUsize::new(0));
-    let out = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    let out = Arc::new(Mutex::new((Vec::new(), Vec::new(), 0)));
     std::thread::scope(|scope| {
         for _ in 0..size.publishers {
             let (next, out) = (next.clone(), out.clone());
@@ -71,22 +98,12 @@ fn publish_all(targets: &[String], tenants: &[Tenant], size: Size) -> (Vec<Durat
                 let tenant = &tenants[n % tenants.len()];
                 let target = &targets[(n / tenants.len()) % targets.len()];
                 let body = json!({"event_type": "bench.cluster", "payload": {"n": n}}).to_string();
-                let started = Instant::now();
-                let url = format!("{target}/v1/events");
-                let answer = call_raw_within(
-                    &url,
-                    "POST",
-                    Some(&tenant.key),
-                    Some(&body),
-                    &[],
-                    Duration::from_secs(30),
-                );
-                let took = started.elapsed();
-                let Ok((202, text)) = answer else { panic!("publish {n} through {target}: {answer:?}") };
-                let v: serde_json::Value = serde_json::from_str(&text).expect("a 202 answer is JSON");
+                let (took, event, refused) =
+                    publish_until_accepted(&format!("{target}/v1/events"), &tenant.key, &body);
                 let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
                 out.0.push(took);
-                out.1.push(v["id"].as_str().expect("an event id").to_owned());
+                out.1.push(event);
+                out.2 += refused;
             });
         }
     });
@@ -134,7 +151,7 @@ fn measure(
     let node_pids: Vec<u32> = nodes.iter().map(|n| n.1).collect();
     let (nodes_before, nats_before) = (cpu(&node_pids), cpu(nats_pids));
     let started = Instant::now();
-    let (mut latencies, events) = publish_all(targets, tenants, size);
+    let (mut latencies, events, refused) = publish_all(targets, tenants, size);
     let published = started.elapsed();
     let last = last_arrival(receiver, &events);
     let (nodes_after, nats_after) = (cpu(&node_pids), cpu(nats_pids));
@@ -151,6 +168,7 @@ fn measure(
         p99_ms: p99_ms(&mut latencies),
         cpu_us,
         nats_cpu_us: per_event(nats),
+        refused,
         failover_ms: None,
     }
 }
@@ -243,6 +261,7 @@ fn rows_of(label: &str, f: &Figures, base: &Figures, lease: Duration) -> Vec<Row
             share,
         ));
     }
+    rows.push(row(format!("{label}: publishes answered 503 and tried again"), f.refused as f64, "", "", 0.0));
     if f.nats_cpu_us > 0.0 {
         rows.push(row(
             format!("{label}: nats-servers' CPU per delivered event"),
