@@ -17,6 +17,14 @@
 //!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
 //! - `partitions.rs`: [`Partitions`], the partitions a node serves and the NATS runtime their
 //!   logs write ahead on, closed in order when dropped: the logs, then the runtime.
+//! - `node.rs` (+ `node/membership.rs`, `node/control.rs`): [`Node`], the cluster node
+//!   runtime: connects, checks the partition count in bucket `herald-meta` ([`META_BUCKET`]),
+//!   beats its heartbeat, and every third of the lease reads the live nodes and every lease
+//!   (the control partition counted as one more), then takes over (lease, catch-up, an engine
+//!   per partition on `<data_dir>/cluster/p<N>` or `cluster/control`, `ClaimPartition` first),
+//!   hands back and steps down as [`balance::plan`] and the leases say; [`Node::place`] answers
+//!   from memory; it follows the control partition (`HERALD_CONTROL`, lease key `p.control`,
+//!   numbered `partitions`) for API keys when another node owns it.
 //! - `testing` (feature `testing`): a real three-server NATS cluster for the tests.
 //!
 //! Invariants:
@@ -43,6 +51,10 @@
 //!   tied to the checkpoints, is future work).
 //! - A partition's log closes before the runtime its write-ahead blocks on ([`Partitions`]'
 //!   drop; [`StreamWriteAhead::stop`] cuts the publish in progress short).
+//! - A node serves a partition (`Place::Local`) only while its lease is renewed (by its own
+//!   clock), not lost, and its engine not fenced; it stops saying so before it closes the
+//!   engine, and a hand-back releases the lease only after the engine is down. A node never
+//!   opens a partition's store twice: the engine and the control follower take turns on it.
 //! - The tests run real `nats-server` processes; without the binary they fail naming
 //!   `scripts/test`, never skip; every server they start is killed by PID when they end.
 

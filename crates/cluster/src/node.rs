@@ -23,7 +23,7 @@ use herald_log::{SledStore, Store};
 use herald_projector::OrgId;
 
 use crate::error::{nats, ClusterError};
-use crate::lease::{fair_share, open_bucket, Held, Lease, LeaseSettings, Leases, Nodes};
+use crate::lease::{open_bucket, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes};
 use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
 use crate::takeover::unix_ms;
 
@@ -250,6 +250,10 @@ impl Node {
     /// connected, not necessarily owning anything yet. Blocking: call it from outside any
     /// tokio runtime (or through `spawn_blocking`); the node runs its own NATS runtime.
     pub fn start(config: NodeConfig) -> Result<Node, ClusterError> {
+        outside_runtime(|| Node::start_here(config))
+    }
+
+    fn start_here(config: NodeConfig) -> Result<Node, ClusterError> {
         if let Some(problem) = config.problem() {
             return Err(ClusterError::Settings(problem));
         }
@@ -270,6 +274,10 @@ impl Node {
             let nodes = Nodes::open(&js, config.replicas, config.lease * 3).await?;
             Ok::<_, ClusterError>((js, leases, nodes))
         })?;
+        // The first beat before the first look at the cluster, which counts this node live.
+        runtime
+            .block_on(nodes.beat(&config.node_id, &config.advertise, unix_ms()))
+            .map_err(|e| ClusterError::Nats(format!("the first heartbeat: {e}")))?;
         let control_store = open_store(&config, config.partitions)?;
         let shared = Arc::new(Shared {
             node_id: config.node_id.clone(),
@@ -373,15 +381,28 @@ impl Node {
         }
     }
 
+    /// Test hook: ends [`Node::stall_for_tests`], as a stalled process resumed (SIGCONT): the
+    /// node steps down from what it no longer holds, beats again, and claims its share anew.
+    #[doc(hidden)]
+    pub fn resume_for_tests(&self) {
+        self.shared.stalled.store(false, Ordering::SeqCst);
+        self.shared.wake();
+    }
+
     fn stop(&self, within: Duration) {
         let Some(running) = lock(&self.running).take() else { return };
+        outside_runtime(|| self.stop_running(running, within));
+    }
+
+    fn stop_running(&self, running: Running, within: Duration) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake();
         for thread in running.threads {
             let _ = thread.join();
         }
         running.heartbeat.abort();
-        self.shared.hand_back_all(within);
+        let all: Vec<u32> = read(&self.shared.served).keys().copied().collect();
+        membership::stop_serving(&self.shared, &all, true, within);
         let shared = self.shared.clone();
         let left = running.runtime.block_on(async move {
             tokio::time::timeout(Duration::from_secs(2), shared.nodes.leave(&shared.node_id)).await
@@ -398,6 +419,24 @@ impl Drop for Node {
         self.stop(Duration::from_secs(5));
     }
 }
+
+/// Runs `f` here, or on a thread of its own when called from inside a tokio runtime: the node
+/// blocks on its own runtime, which a runtime's thread must not do.
+fn outside_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|scope| match scope.spawn(f).join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+/// The node is shared by the server's handlers.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Node>();
+};
 
 fn spawn_thread(name: &str, shared: Arc<Shared>, run: fn(Arc<Shared>)) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new().name(name.into()).spawn(move || run(shared)).expect("spawning a node thread")
@@ -560,59 +599,33 @@ impl Shared {
                 return Err(format!("stepping down from partition {}: {why}", self.label(partition)));
             }
         }
-        let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
         drop(served);
-        membership::share_reached(self, &seen, held, now)
-    }
-
-    /// Stops serving every partition (the node stops): the engines' stops begun together and
-    /// waited for up to `within`, then each write-ahead stopped and each lease released.
-    fn hand_back_all(&self, within: Duration) {
-        let all: Vec<(u32, Served)> = std::mem::take(&mut *write(&self.served)).into_iter().collect();
-        if all.is_empty() {
-            return;
-        }
-        self.bump_changes();
-        for (_, served) in &all {
-            served.engine.begin_shutdown();
-        }
-        let engines: Vec<Engine> = all.iter().map(|(_, s)| s.engine.clone()).collect();
-        let (done, stopped) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            for engine in engines {
-                engine.shutdown();
-            }
-            let _ = done.send(());
-        });
-        if stopped.recv_timeout(within).is_err() {
-            tracing::warn!(node = %self.node_id, "engines not stopped within {within:?}; their write-aheads are cut");
-        }
-        for (partition, served) in all {
-            served.write_ahead.stop();
-            served.renewal.task.abort();
-            let held = lock(&served.renewal.held).clone();
-            self.release(&held);
-            if partition == self.partitions {
-                self.control.resume(self);
-            }
-        }
+        membership::share_reached(self, &seen, now)
     }
 
     /// Releases `held` (a hand-back), waiting up to a lease for NATS; a lease not released
-    /// passes by itself.
+    /// passes by itself. A renewal that was in flight when it was stopped changed the lease's
+    /// revision: the lease, still this node's at the same epoch, is released at the new one.
     fn release(&self, held: &Held) {
         let leases = self.leases.clone();
         let held = held.clone();
-        let within = self.lease;
-        let released =
-            self.runtime.block_on(async move { tokio::time::timeout(within, leases.release(&held)).await });
+        let released = self.runtime.block_on(async move {
+            tokio::time::timeout(self.lease, async {
+                match leases.release(&held).await {
+                    Err(LeaseError::Lost(Some(now)))
+                        if now.node_id == held.lease.node_id && now.epoch == held.lease.epoch =>
+                    {
+                        let current = leases.current(held.partition).await?;
+                        let Some((lease, revision)) = current else { return Ok(()) };
+                        leases.release(&Held { partition: held.partition, lease, revision }).await
+                    }
+                    other => other,
+                }
+            })
+            .await
+        });
         if !matches!(released, Ok(Ok(()))) {
             tracing::warn!(node = %self.node_id, "a lease was not released; it passes by itself");
         }
-    }
-
-    /// The share this node aims at: `ceil((partitions + 1) / live nodes)`.
-    fn share(&self, live: usize) -> u32 {
-        fair_share(self.partitions + 1, live)
     }
 }

@@ -102,6 +102,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics whose refused connections are counted in `refused` (shared with a listener).
+    pub fn counting_refusals_into(refused: std::sync::Arc<AtomicU64>) -> Metrics {
+        Metrics { connections_refused: refused, ..Metrics::default() }
+    }
+
     /// Counts a request by its route label (the matched path, or [`UNMATCHED`]), method and status.
     pub fn request(&self, route: &str, method: &str, status: u16) {
         self.request_labelled(route_label(route), method_label(method), route, method, status);

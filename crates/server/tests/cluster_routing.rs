@@ -9,17 +9,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use herald_engine::clock::SystemClock;
 use herald_engine::sender::{AttemptRequest, SendFuture, SendOutcome, Sender};
 use herald_engine::{get_api_key_by_hash, list_api_keys, ApiKey, Engine, EngineConfig, OrgId, Parts};
 use herald_log::MemStore;
 use herald_server::cluster::{cluster_router, Front, Place, Placement};
 use herald_server::config::{Config, Secret};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde_json::json;
+
+mod common;
+
+use common::{call, publish};
 
 const ADMIN: &str = "sk_cluster_routing_admin_0123456789";
 const PARTITIONS: u32 = 4;
@@ -172,44 +173,6 @@ async fn cluster() -> Cluster {
     Cluster { world, nodes, addrs: names.into_iter().map(|(_, a)| a).collect() }
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-async fn call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    key: &str,
-    body: Option<Value>,
-    extra: &[(&str, &str)],
-) -> Answer {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Body>();
-    let mut request = Request::builder().method(method).uri(format!("{addr}{path}"));
-    if !key.is_empty() {
-        request = request.header("authorization", format!("Bearer {key}"));
-    }
-    for (k, v) in extra {
-        request = request.header(*k, *v);
-    }
-    let body = body.map_or(Body::empty(), |b| Body::from(b.to_string()));
-    let answer = tokio::time::timeout(Duration::from_secs(20), client.request(request.body(body).unwrap()))
-        .await
-        .expect("answered in time")
-        .unwrap();
-    let (parts, body) = answer.into_parts();
-    let body = axum::body::to_bytes(Body::new(body), 1 << 24).await.unwrap().to_vec();
-    Answer { status: parts.status, headers: parts.headers, body }
-}
-
 /// An organisation whose partition is `p`.
 fn org_in(p: u32, skip: u128) -> OrgId {
     (skip..)
@@ -231,7 +194,7 @@ async fn org_key(c: &Cluster, via: usize, org: OrgId) -> String {
         &[],
     )
     .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&made.body));
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
     made.json()["key"].as_str().unwrap().to_owned()
 }
 
@@ -246,24 +209,14 @@ async fn any_node_answers_for_any_partition_and_keys_work_at_once_everywhere() {
     let made =
         call(&c.addrs[2], "POST", "/v1/endpoints", &key, Some(json!({"url": "https://example.com/h"})), &[])
             .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&made.body));
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
     assert!(c.nodes[2].refreshes.load(Ordering::SeqCst) > before, "a miss caught the keys up");
     let id = made.json()["id"].as_str().unwrap().to_owned();
     let stored = c.world.engines[1].endpoint(herald_engine::EndpointId(id.parse().unwrap())).unwrap();
     assert_eq!(stored.map(|e| e.org_id), Some(org), "written in the organisation's partition");
 
     // Published through node 0, read through each node: the same answer everywhere.
-    let published = call(
-        &c.addrs[0],
-        "POST",
-        "/v1/events",
-        &key,
-        Some(json!({"event_type": "a.b", "payload": {"n": 1}})),
-        &[],
-    )
-    .await;
-    assert_eq!(published.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&published.body));
-    let event = published.json()["id"].as_str().unwrap().to_owned();
+    let event = publish(&c.addrs[0], &key, "a.b").await;
     let mut seen = HashSet::new();
     for addr in &c.addrs {
         let got = call(addr, "GET", &format!("/v1/events/{event}"), &key, None, &[]).await;
@@ -277,7 +230,7 @@ async fn any_node_answers_for_any_partition_and_keys_work_at_once_everywhere() {
     // an unknown id is a 404 in the route's shape.
     for addr in &c.addrs {
         let got = call(addr, "GET", &format!("/v1/endpoints/{id}"), ADMIN, None, &[]).await;
-        assert_eq!(got.status, StatusCode::OK, "{}", String::from_utf8_lossy(&got.body));
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
         let missing =
             call(addr, "GET", &format!("/v1/endpoints/{}", uuid::Uuid::now_v7()), ADMIN, None, &[]).await;
         assert_eq!(
@@ -314,7 +267,7 @@ async fn an_admins_list_merges_every_partition_newest_first_with_a_working_curso
             let body = json!({"url": "https://example.com/h", "org_id": org.0.to_string()});
             let answer =
                 call(&c.addrs[(p as usize + 1) % 3], "POST", "/v1/endpoints", ADMIN, Some(body), &[]).await;
-            assert_eq!(answer.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&answer.body));
+            assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text());
             made.push(answer.json()["id"].as_str().unwrap().to_owned());
         }
     }
@@ -323,7 +276,7 @@ async fn an_admins_list_merges_every_partition_newest_first_with_a_working_curso
     for _ in 0..10 {
         let path = format!("/v1/endpoints?limit=3&cursor={cursor}");
         let page = call(&c.addrs[2], "GET", &path, ADMIN, None, &[]).await;
-        assert_eq!(page.status, StatusCode::OK, "{}", String::from_utf8_lossy(&page.body));
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text());
         let page = page.json();
         assert!(page["data"].as_array().unwrap().len() <= 3);
         listed.extend(page["data"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()));
@@ -343,6 +296,37 @@ async fn an_admins_list_merges_every_partition_newest_first_with_a_working_curso
     let deliveries = call(&c.addrs[1], "GET", "/v1/webhook_deliveries?limit=5", ADMIN, None, &[]).await;
     assert_eq!(deliveries.status, StatusCode::OK);
     assert_eq!(deliveries.json(), json!({"data": [], "next_cursor": null}));
+    // One event per organisation (an admin naming it in the body): two deliveries each, listed
+    // in pages of 3 merged by (created_at, id), newest first, each once.
+    let mut made = Vec::new();
+    for p in 0..PARTITIONS {
+        let org = org_in(p, u128::from(p) * 1000).0.to_string();
+        let body = json!({"event_type": "a.b", "payload": {}, "org_id": org});
+        let published = call(&c.addrs[p as usize % 3], "POST", "/v1/events", ADMIN, Some(body), &[]).await;
+        assert_eq!(published.status, StatusCode::ACCEPTED, "{}", published.text());
+        let ids = published.json()["delivery_ids"].as_array().unwrap().clone();
+        made.extend(ids.iter().map(|d| d.as_str().unwrap().to_owned()));
+    }
+    let (mut listed, mut cursor) = (Vec::<(String, String)>::new(), String::new());
+    for _ in 0..10 {
+        let path = format!("/v1/webhook_deliveries?limit=3&cursor={cursor}");
+        let page = call(&c.addrs[0], "GET", &path, ADMIN, None, &[]).await.json();
+        let data = page["data"].as_array().unwrap();
+        listed.extend(
+            data.iter().map(|d| (d["created_at"].as_str().unwrap().into(), d["id"].as_str().unwrap().into())),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let mut newest_first = listed.clone();
+    newest_first.sort_by(|a, b| b.cmp(a));
+    assert_eq!(listed, newest_first, "newest first");
+    let mut ids: Vec<String> = listed.into_iter().map(|(_, id)| id).collect();
+    ids.sort();
+    made.sort();
+    assert_eq!(ids, made, "every delivery once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -397,16 +381,16 @@ async fn forged_forwards_unowned_partitions_and_stale_views_are_refused_cleanly(
     );
     let audit = call(&c.addrs[0], "GET", "/v1/audit/log?partition=2", ADMIN, None, &[]).await;
     assert_eq!(audit.status, StatusCode::OK);
-    assert!(String::from_utf8_lossy(&audit.body).contains("EndpointCreated"));
+    assert!(audit.text().contains("EndpointCreated"));
     let control = call(&c.addrs[0], "GET", "/v1/audit/log", ADMIN, None, &[]).await;
-    assert!(String::from_utf8_lossy(&control.body).contains("ApiKeyCreated"));
-    assert!(!String::from_utf8_lossy(&control.body).contains("EndpointCreated"));
+    assert!(control.text().contains("ApiKeyCreated"));
+    assert!(!control.text().contains("EndpointCreated"));
     let bad = call(&c.addrs[0], "GET", "/v1/audit/log?partition=9", ADMIN, None, &[]).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert!(bad.json()["error"].as_str().unwrap().starts_with("partition"));
     // This node's metrics: each partition it serves, labelled.
     let metrics = call(&c.addrs[1], "GET", "/metrics", "", None, &[]).await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = metrics.text();
     assert!(text.contains("partition=\"1\"") && text.contains("partition=\"control\""), "{text}");
     assert!(!text.contains("partition=\"2\""));
 }

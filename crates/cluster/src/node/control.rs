@@ -48,10 +48,9 @@ impl ControlReplica {
     }
 
     /// Follows again (this node stopped serving the control partition, its engine is closed).
-    pub(super) fn resume(&self, shared: &Shared) {
+    pub(super) fn resume(&self) {
         *lock(&self.following) = true;
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let _ = shared;
     }
 
     /// Catches the replica up to the stream's end, if this node follows. Err when it does not
@@ -115,6 +114,6 @@ impl Shared {
         if matches!(self.place(self.partitions), Place::Local(_)) {
             return Ok(());
         }
-        self.control.catch_up(self)
+        super::outside_runtime(|| self.control.catch_up(self))
     }
 }

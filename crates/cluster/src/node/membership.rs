@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use herald_engine::{Actor, Command, Engine};
 
 use super::{lock, read, write, Renewal, Seen, Served, Shared};
 use crate::balance::{self, View};
-use crate::lease::Held;
+use crate::lease::{fair_share, Held, Lease};
 use crate::replica::catch_up;
 use crate::stream::StreamWriteAhead;
 use crate::takeover::{keep_renewed_with, unix_ms};
@@ -46,10 +47,11 @@ fn step_down_refused(shared: &Shared) {
     let now = unix_ms();
     let refused: Vec<(u32, String)> =
         read(&shared.served).iter().filter_map(|(&p, s)| s.refusal(now).map(|why| (p, why))).collect();
-    for (partition, why) in refused {
-        tracing::warn!(node = %shared.node_id, partition = %shared.label(partition), %why, "stepping down");
-        stop_serving(shared, partition, false);
+    for (partition, why) in &refused {
+        tracing::warn!(node = %shared.node_id, partition = %shared.label(*partition), %why, "stepping down");
     }
+    let partitions: Vec<u32> = refused.into_iter().map(|(p, _)| p).collect();
+    stop_serving(shared, &partitions, false, stop_within(shared));
 }
 
 /// One look at the cluster and what the plan says to do about it.
@@ -64,12 +66,10 @@ fn turn(shared: &Arc<Shared>) {
     let view = plan_view(shared, &seen);
     *write(&shared.seen) = seen;
     let plan = balance::plan(&view);
-    for partition in plan.release {
-        if shared.stopping() {
-            return;
-        }
-        tracing::info!(node = %shared.node_id, partition = %shared.label(partition), "handing back");
-        stop_serving(shared, partition, true);
+    if !plan.release.is_empty() {
+        let names: Vec<String> = plan.release.iter().map(|&p| shared.label(p)).collect();
+        tracing::info!(node = %shared.node_id, partitions = ?names, "handing back");
+        stop_serving(shared, &plan.release, true, stop_within(shared));
     }
     for partition in plan.claim {
         if shared.stopping() {
@@ -112,7 +112,7 @@ fn plan_view(shared: &Shared, seen: &Seen) -> View {
         .enumerate()
         .map(|(p, lease)| match lease {
             Some(l) if l.node_id == shared.node_id && !served.contains_key(&(p as u32)) => {
-                Some(crate::lease::Lease { lease_until_ms: 0, ..l.clone() })
+                Some(Lease { lease_until_ms: 0, ..l.clone() })
             }
             other => other.clone(),
         })
@@ -144,7 +144,7 @@ fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
         }
         Err(e) => {
             if control {
-                shared.control.resume(shared);
+                shared.control.resume();
             }
             Err(e)
         }
@@ -212,65 +212,218 @@ fn renew(shared: &Arc<Shared>, held: Held) -> Renewal {
     Renewal { task, held: latest, until_ms, lost }
 }
 
-/// Stops serving `partition`: not `Local` from here on; then its engine is shut down (within
-/// its shutdown timeout) and its write-ahead stopped. A hand-back keeps the lease renewed
-/// until the engine is down, then releases it; a step-down (lease lost, fenced) stops the
-/// write-ahead first, since nothing it writes can go through.
-pub(super) fn stop_serving(shared: &Shared, partition: u32, hand_back: bool) {
-    let Some(served) = write(&shared.served).remove(&partition) else { return };
+/// Stops serving `partitions`, together: none is `Local` from here on; their engines' stops
+/// begin at once (each within its shutdown timeout) and are waited for up to `within`; then
+/// each write-ahead is stopped. A hand-back keeps the leases renewed until the engines are
+/// down, then releases them; a step-down (lease lost, fenced) stops renewing and writing
+/// ahead first, since nothing it writes can go through.
+pub(super) fn stop_serving(shared: &Shared, partitions: &[u32], hand_back: bool, within: Duration) {
+    let stopping: Vec<(u32, Served)> = {
+        let mut served = write(&shared.served);
+        partitions.iter().filter_map(|p| served.remove(p).map(|s| (*p, s))).collect()
+    };
+    if stopping.is_empty() {
+        return;
+    }
     shared.bump_changes();
-    if !hand_back {
-        served.renewal.task.abort();
+    for (_, served) in &stopping {
+        if !hand_back {
+            served.renewal.task.abort();
+            served.write_ahead.stop();
+        }
+        served.engine.begin_shutdown();
+    }
+    let engines: Vec<Engine> = stopping.iter().map(|(_, s)| s.engine.clone()).collect();
+    let (done, stopped) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        for engine in engines {
+            engine.shutdown();
+        }
+        let _ = done.send(());
+    });
+    if stopped.recv_timeout(within).is_err() {
+        tracing::warn!(node = %shared.node_id, "engines not stopped within {within:?}; their write-aheads are cut");
+    }
+    for (partition, served) in stopping {
         served.write_ahead.stop();
-    }
-    served.engine.shutdown();
-    served.write_ahead.stop();
-    if hand_back {
         served.renewal.task.abort();
-        let held = lock(&served.renewal.held).clone();
-        shared.release(&held);
-    }
-    if partition == shared.partitions {
-        shared.control.resume(shared);
+        if hand_back {
+            let held = lock(&served.renewal.held).clone();
+            shared.release(&held);
+        }
+        if partition == shared.partitions {
+            shared.control.resume();
+        }
     }
 }
 
-/// The readiness rule, on the last view (`held` = the partitions this node serves, each
+/// How long the membership loop waits for the engines it stops: their shutdown timeout and a
+/// second more for their logs.
+fn stop_within(shared: &Shared) -> Duration {
+    shared.engine.delivery.shutdown_timeout + Duration::from_secs(1)
+}
+
+/// The readiness rule, on the last view (`served` = the partitions this node serves, each
 /// caught up at its take-over and not refused). With `share` = ceil((partitions + 1) / live
 /// nodes), the node is ready when it holds its share, or when it holds less but nothing is
 /// left for it to take: every partition has a live lease (none free or passed) and no other
 /// node holds more than its share (no hand-back due that this node would then take). True in
 /// any steady cluster, whatever the plan's spread (a fourth node may hold fewer than the
 /// others); false while a take-over by this node is due.
-pub(super) fn share_reached(shared: &Shared, seen: &Seen, held: u32, now: u64) -> Result<(), String> {
-    let share = shared.share(seen.live.len().max(1));
+pub(super) fn share_reached(shared: &Shared, seen: &Seen, now_ms: u64) -> Result<(), String> {
+    let served: Vec<u32> = read(&shared.served).keys().copied().collect();
+    let look = Look {
+        me: &shared.node_id,
+        live: seen.live.len(),
+        leases: &seen.leases,
+        now_ms,
+        margin_ms: shared.skew_margin.as_millis() as u64,
+    };
+    readiness_rule(&look, &served)
+}
+
+/// One look at the cluster, as the readiness rule reads it.
+struct Look<'a> {
+    me: &'a str,
+    live: usize,
+    /// Every partition's lease; the last is the control partition's.
+    leases: &'a [Option<Lease>],
+    now_ms: u64,
+    margin_ms: u64,
+}
+
+/// [`share_reached`]'s rule on `look`, for a node serving `served`.
+fn readiness_rule(look: &Look<'_>, served: &[u32]) -> Result<(), String> {
+    let total = u32::try_from(look.leases.len()).unwrap_or(u32::MAX);
+    let share = fair_share(total, look.live.max(1));
+    let held = u32::try_from(served.len()).unwrap_or(u32::MAX);
     if held >= share {
         return Ok(());
     }
-    let margin = shared.skew_margin.as_millis() as u64;
     let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
-    for (partition, lease) in seen.leases.iter().enumerate() {
-        let partition = partition as u32;
-        let mine = read(&shared.served).contains_key(&partition);
+    for (partition, lease) in (0..total).zip(look.leases) {
         match lease {
+            Some(l) if served.contains(&partition) => *per_node.entry(l.node_id.as_str()).or_default() += 1,
             Some(l)
-                if mine
-                    || (l.node_id != shared.node_id && now <= l.lease_until_ms.saturating_add(margin)) =>
+                if l.node_id != look.me && look.now_ms <= l.lease_until_ms.saturating_add(look.margin_ms) =>
             {
-                *per_node.entry(l.node_id.as_str()).or_default() += 1;
+                *per_node.entry(l.node_id.as_str()).or_default() += 1
             }
             _ => {
-                return Err(format!(
-                    "owns {held} of its share {share}; partition {} has no owner yet",
-                    shared.label(partition)
-                ))
+                let name = if partition + 1 == total { "control".to_string() } else { partition.to_string() };
+                return Err(format!("owns {held} of its share {share}; partition {name} has no owner yet"));
             }
         }
     }
-    if let Some((node, n)) = per_node.iter().find(|(node, &n)| **node != shared.node_id && n > share) {
+    if let Some((node, n)) = per_node.iter().find(|(node, &n)| **node != look.me && n > share) {
         return Err(format!(
             "owns {held} of its share {share}; node {node} holds {n}, over its share (a hand-back is due)"
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::plan;
+
+    fn lease(node: &str, until: u64) -> Option<Lease> {
+        Some(Lease { node_id: node.into(), epoch: 1, lease_until_ms: until, advertise: String::new() })
+    }
+
+    /// Runs `balance::plan` for every node in turn (claims granted, hand-backs released) until
+    /// nothing changes: the steady state the nodes reach.
+    fn settle(nodes: &[&str], leases: &mut [Option<Lease>]) {
+        for _ in 0..100 {
+            let mut changed = false;
+            for node in nodes {
+                let view = View {
+                    node_id: node.to_string(),
+                    live: nodes.len(),
+                    leases: leases.to_vec(),
+                    now_ms: 1_000,
+                    skew_margin_ms: 100,
+                };
+                let plan = plan(&view);
+                for p in plan.release {
+                    leases[p as usize] = lease(node, 0);
+                    changed = true;
+                }
+                for p in plan.claim {
+                    leases[p as usize] = lease(node, 5_000);
+                    changed = true;
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+        panic!("no steady state: {leases:?}");
+    }
+
+    fn ready(node: &str, live: usize, leases: &[Option<Lease>]) -> Result<(), String> {
+        let served: Vec<u32> = (0..leases.len() as u32)
+            .filter(|&p| {
+                leases[p as usize].as_ref().is_some_and(|l| l.node_id == node && l.lease_until_ms > 1_000)
+            })
+            .collect();
+        let look = Look { me: node, live, leases, now_ms: 1_000, margin_ms: 100 };
+        readiness_rule(&look, &served)
+    }
+
+    #[test]
+    fn every_node_of_a_steady_cluster_of_one_to_four_nodes_is_ready_and_a_joining_one_is_not() {
+        let names = ["a", "b", "c", "d"];
+        let mut dues = 0;
+        for total in [2usize, 5, 17] {
+            let mut leases = vec![None; total];
+            for n in 1..=names.len() {
+                let nodes = &names[..n];
+                let joined = nodes[n - 1];
+                // Before the others hand back (or before it claims what is free), the new node
+                // has a take-over due: not ready.
+                let owns = |node: &str| {
+                    leases
+                        .iter()
+                        .flatten()
+                        .filter(|l: &&Lease| l.node_id == node && l.lease_until_ms > 1_000)
+                        .count()
+                };
+                let share = fair_share(total as u32, n) as usize;
+                let due = owns(joined) < share
+                    && (leases.iter().any(|l| l.is_none()) || nodes.iter().any(|o| owns(o) > share));
+                if due {
+                    let why = ready(joined, n, &leases).expect_err("a take-over is due");
+                    assert!(why.contains("of its share"), "{why}");
+                    dues += 1;
+                }
+                settle(nodes, &mut leases);
+                for node in nodes {
+                    assert_eq!(
+                        ready(node, n, &leases),
+                        Ok(()),
+                        "{node} of {n} nodes, {total} partitions: {leases:?}"
+                    );
+                }
+            }
+        }
+        assert!(dues >= 6, "joins with a take-over due: {dues}");
+    }
+
+    #[test]
+    fn a_partition_whose_lease_passed_is_due_and_named() {
+        let leases = vec![lease("a", 5_000), lease("b", 500), lease("b", 5_000)];
+        let look = Look { me: "a", live: 2, leases: &leases, now_ms: 1_000, margin_ms: 100 };
+        assert_eq!(
+            readiness_rule(&look, &[0]),
+            Err("owns 1 of its share 2; partition 1 has no owner yet".into())
+        );
+        let leases = vec![lease("a", 5_000), lease("b", 5_000), None];
+        let look = Look { leases: &leases, ..look };
+        assert_eq!(
+            readiness_rule(&look, &[0]),
+            Err("owns 1 of its share 2; partition control has no owner yet".into())
+        );
+    }
 }

@@ -46,6 +46,8 @@ pub struct Front {
     changes: tokio::sync::watch::Receiver<u64>,
     /// False once a stop began: `/readyz` answers 503.
     pub ready: AtomicBool,
+    /// Connections the node's listener refused (one counter, shown once in `/metrics`).
+    pub connections_refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A local partition's state and router, and the generation of `Placement::changes` it was built at.
@@ -82,6 +84,7 @@ impl Front {
             client: forward::client(),
             routers: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(true),
+            connections_refused: Arc::default(),
         }
     }
 
@@ -100,7 +103,7 @@ impl Front {
             limits: self.limits.clone(),
             buckets: self.buckets.clone(),
             keys: self.keys.clone(),
-            metrics: Metrics::default(),
+            metrics: Metrics::counting_refusals_into(self.connections_refused.clone()),
             ready: AtomicBool::new(true),
         });
         let router = crate::partition_router(state.clone());

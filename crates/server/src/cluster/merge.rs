@@ -47,24 +47,47 @@ fn cursor_of(kind: ListKind, key: &SortKey) -> String {
     }
 }
 
+/// A partition's `next_cursor` as a place in its list.
+fn cursor_key(kind: ListKind, text: &str) -> Option<SortKey> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+    match kind {
+        ListKind::Endpoints => Some((0, bytes.try_into().ok()?)),
+        ListKind::Deliveries | ListKind::Failures => {
+            let (at, id) = (bytes.get(..8)?, bytes.get(8..)?);
+            Some((u64::from_be_bytes(at.try_into().ok()?), id.try_into().ok()?))
+        }
+    }
+}
+
 /// The merged page of `pages` (each a partition's 200 answer body), `limit` items at most, in
 /// the list's JSON shape; `Err` names what could not be read.
+///
+/// A partition whose page stopped early (a filtered page spends a bounded scan) has looked only
+/// down to its cursor: the merged page keeps nothing older than the newest such cursor (those
+/// come again on the next page), and its cursor is never older than it, so no partition's
+/// items are skipped nor listed twice.
 pub fn merge(kind: ListKind, pages: &[bytes::Bytes], limit: usize) -> Result<Vec<u8>, String> {
     let mut items: Vec<(SortKey, Box<RawValue>)> = Vec::new();
-    let mut more = false;
+    let mut floor: Option<SortKey> = None;
     for body in pages {
         let page: Page = serde_json::from_slice(body).map_err(|e| format!("a partition's page: {e}"))?;
-        more |= page.next_cursor.is_some();
+        if let Some(next) = page.next_cursor.as_deref() {
+            let key = cursor_key(kind, next).ok_or("a partition's next_cursor is not one of its list")?;
+            floor = floor.max(Some(key));
+        }
         for item in page.data {
             let key = sort_key(kind, &item).ok_or("a partition's item has no id or created_at")?;
             items.push((key, item));
         }
     }
+    items.retain(|(key, _)| floor.is_none_or(|floor| *key >= floor));
     items.sort_by_key(|(key, _)| std::cmp::Reverse(*key));
-    more |= items.len() > limit;
+    let cut = items.len() > limit;
     items.truncate(limit);
-    let next_cursor = match (more, items.last()) {
-        (true, Some((key, _))) => Some(cursor_of(kind, key)),
+    let next_cursor = match (cut, items.last(), floor) {
+        (true, Some((key, _)), _) => Some(cursor_of(kind, key)),
+        (_, _, Some(floor)) => Some(cursor_of(kind, &floor)),
         _ => None,
     };
     let list = match kind {
@@ -106,7 +129,8 @@ mod tests {
     #[test]
     fn pages_merge_newest_first_with_the_last_ones_cursor() {
         let a = page(&[endpoint(9), endpoint(5), endpoint(2)], None);
-        let b = page(&[endpoint(8), endpoint(7)], Some("c"));
+        let seven = encode_cursor(uuid::Uuid::from_u128(7).as_bytes());
+        let b = page(&[endpoint(8), endpoint(7)], Some(&seven));
         let merged: serde_json::Value =
             serde_json::from_slice(&merge(ListKind::Endpoints, &[a.clone(), b], 3).unwrap()).unwrap();
         let names: Vec<&str> =
@@ -131,6 +155,23 @@ mod tests {
         let mut cursor = parse_ts("2026-01-01T00:00:02.000Z").unwrap().to_be_bytes().to_vec();
         cursor.extend_from_slice(uuid::Uuid::from_u128(1).as_bytes());
         assert_eq!(merged["next_cursor"], encode_cursor(&cursor));
+        // A partition that stopped its scan early (no items, a cursor): nothing older than
+        // where it stopped is listed yet, and the cursor goes on from there.
+        let at = |t: &str| parse_ts(t).unwrap().to_be_bytes().to_vec();
+        let mut stopped = at("2026-01-01T00:00:05.000Z");
+        stopped.extend_from_slice(uuid::Uuid::from_u128(50).as_bytes());
+        let early =
+            bytes::Bytes::from(format!(r#"{{"data":[],"next_cursor":"{}"}}"#, encode_cursor(&stopped)));
+        let full = page(&[d(60, "2026-01-01T00:00:06.000Z"), d(2, "2026-01-01T00:00:02.000Z")], None);
+        let merged: serde_json::Value =
+            serde_json::from_slice(&merge(ListKind::Deliveries, &[early.clone(), full], 5).unwrap()).unwrap();
+        let ids: Vec<&str> =
+            merged["data"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [uuid::Uuid::from_u128(60).to_string()], "the older one waits for the next page");
+        assert_eq!(merged["next_cursor"], encode_cursor(&stopped));
+        let merged: serde_json::Value =
+            serde_json::from_slice(&merge(ListKind::Deliveries, &[early], 5).unwrap()).unwrap();
+        assert_eq!(merged["next_cursor"], encode_cursor(&stopped), "an empty page still goes on");
         // Failures keep their own list name.
         let f = bytes::Bytes::from(format!(
             r#"{{"webhook_failures":[{}],"next_cursor":null}}"#,

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_cluster::{Node, NodeConfig};
+use herald_cluster::{ClusterError, Node, NodeConfig};
 use herald_engine::{ApiKey, OrgId};
 
 use super::{cluster_router, Front, Place, Placement};
@@ -109,6 +109,29 @@ async fn bootstrap_admin_when_owned(node: Arc<NodePlacement>, data_dir: PathBuf,
     }
 }
 
+/// How long a node's start is tried again while NATS does not answer (nodes of a new cluster
+/// starting together race to create its buckets; a NATS server may be restarting).
+const START_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Starts the node off the async threads; a NATS error is tried again (with a growing wait, up
+/// to [`START_RETRY_FOR`]), settings that cannot work (another partition count) are not.
+async fn start_node(settings: NodeConfig) -> Result<Node, String> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let attempt = settings.clone();
+        match tokio::task::spawn_blocking(move || Node::start(attempt)).await.map_err(|e| e.to_string())? {
+            Ok(node) => return Ok(node),
+            Err(ClusterError::Nats(e)) if started.elapsed() + wait < START_RETRY_FOR => {
+                tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "starting the cluster node: NATS did not answer; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(format!("starting the cluster node: {e}")),
+        }
+    }
+}
+
 /// `herald serve` with `[cluster] nats_url` set: starts the node, serves every request through
 /// the cluster layer until `stop`, then hands the node's partitions back.
 pub async fn serve_node(
@@ -120,18 +143,12 @@ pub async fn serve_node(
     let (connections_max, open_files_max) = crate::connections_max(&config, &engine_config)?;
     let data_dir = config.store.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
-    let settings = node_config(&config);
-    let node = tokio::task::spawn_blocking(move || Node::start(settings))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("starting the cluster node: {e}"))?;
-    let node = Arc::new(node);
+    let node = Arc::new(start_node(node_config(&config)).await?);
     let retry_after_s = config.cluster.lease.as_secs().max(1);
     let placement = Arc::new(NodePlacement { node: node.clone(), retry_after_s });
     let bootstrap = tokio::spawn(bootstrap_admin_when_owned(placement.clone(), data_dir.clone(), admin_key));
     let front = Arc::new(Front::new(placement.clone(), &config));
-    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let listener = crate::bind(&config, connections_max, refused).await?;
+    let listener = crate::bind(&config, connections_max, front.connections_refused.clone()).await?;
     tracing::info!(
         listen = %listener.1,
         data_dir = %data_dir.display(),

@@ -118,7 +118,7 @@ pub fn target(
                 Ok(n) if n < layout.partitions => Target::One(n),
                 _ => Target::Invalid(
                     "partition",
-                    format!("must be control or 0 to {}, got {n:?}", layout.partitions - 1),
+                    format!("must be control or 0 to {}, got {n:?}", layout.partitions.saturating_sub(1)),
                 ),
             },
         },

@@ -144,30 +144,30 @@ config_keys! {
         /// The NATS servers, `nats://host:port`, comma-separated; empty (the default): cluster
         /// mode off, herald runs alone on its data directory.
         nats_url: String = String::new(),
-            toml r#"""                # "nats://127.0.0.1:4222,nats://127.0.0.1:4223": cluster mode on; "": off"#,
+            toml r#"""                   # "nats://127.0.0.1:4222,nats://127.0.0.1:4223": cluster mode on; "": off"#,
             read text_value, check nats_urls;
         /// This node's name in the cluster, `[A-Za-z0-9_-]{1,64}` (required in cluster mode).
         node_id: String = String::new(),
-            toml r#"""                 # this node's name, [A-Za-z0-9_-]{1,64}"#, read text_value,
+            toml r#"""                    # this node's name, [A-Za-z0-9_-]{1,64}"#, read text_value,
             check node_id_form;
         /// The `http://host:port` other nodes forward requests to (required in cluster mode).
         advertise: String = String::new(),
-            toml r#"""               # "http://10.0.0.1:8080": where the other nodes reach this one"#,
+            toml r#"""                  # "http://10.0.0.1:8080": where the other nodes reach this one"#,
             read text_value, check advertise_form;
         /// The data partitions (16), fixed when the cluster is created.
         partitions: u32 = 16,
-            toml "16             # fixed when the cluster is created; a node with another number refuses to start",
+            toml "16                 # fixed when the cluster is created; a node with another number refuses to start",
             read count, check partitions_in_range;
         /// Copies of each partition's stream (3), 1 to 5.
         replicas: u32 = 3, toml "3", read count, check replicas_in_range;
         /// How long a partition's lease lasts unrenewed (5 s), at least 300 ms.
         lease: Duration = Duration::from_secs(5),
-            toml r#""5s"                 # a dead node's partitions move after this (plus catching up)"#,
+            toml r#""5s"                    # a dead node's partitions move after this (plus catching up)"#,
             read duration, check lease_long_enough;
         /// The secret the nodes authenticate forwarded requests with (required in cluster mode,
         /// at least 16 bytes); never logged nor shown.
         cluster_secret: Secret = Secret::default(),
-            toml r#"""          # at least 16 bytes, the same on every node; never logged"#,
+            toml r#"""             # at least 16 bytes, the same on every node; never logged"#,
             read secret, check secret_long_enough;
     }
 }

@@ -68,7 +68,8 @@ pub const AUDIT_PAGE_MAX: usize = 10_000;
 
 #[utoipa::path(get, path = "/v1/audit/log", tag = "audit",
     params(("after" = Option<u64>, Query, description = "records with a greater seq"),
-        ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000")),
+        ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000"),
+        ("partition" = Option<String>, Query, description = "cluster mode: the partition whose log to read, 0 to partitions - 1 or control (the default); one node ignores it")),
     responses((status = 200, content_type = "application/x-ndjson", body = String,
         description = "one record a line: {seq, at, hash, prev_hash, actor, event: {type, ...}}; \
             actor is {kind: \"key\", key_id} (the API key whose request wrote the record), \
