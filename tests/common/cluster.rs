@@ -387,15 +387,25 @@ impl Cluster {
     /// Waits until the cluster is settled: every serving node's `/readyz` is 200, and the leases
     /// show every partition (the control one too) held by a serving node, none over its fair
     /// share (a node over it is still to hand some back, and a partition handed back is unserved
-    /// for a moment); panics after `within` with each node's answer and log.
+    /// for a moment), the same holders for a whole lease (each node routes by its own look at
+    /// the leases, taken every third of one); panics after `within` with each node's answer.
     pub fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
+        let mut steady: Option<(Vec<(String, u64)>, Instant)> = None;
         loop {
             let answers: Vec<(String, Result<(), String>)> =
                 self.nodes.iter().filter(|n| n.serving()).map(|n| (n.id.clone(), n.ready())).collect();
-            if answers.iter().all(|(_, r)| r.is_ok()) && self.balanced(answers.len()) {
-                return;
-            }
+            let holders = self.balanced(answers.len()).filter(|_| answers.iter().all(|(_, r)| r.is_ok()));
+            steady = match (holders, steady) {
+                (Some(now), Some((was, since))) if now == was => {
+                    if since.elapsed() >= self.lease {
+                        return;
+                    }
+                    Some((was, since))
+                }
+                (Some(now), _) => Some((now, Instant::now())),
+                (None, _) => None,
+            };
             if Instant::now() > deadline {
                 panic!(
                     "the cluster was not ready within {within:?}: {answers:?}\nleases: {:?}\n{}",
@@ -407,23 +417,22 @@ impl Cluster {
         }
     }
 
-    /// Whether every partition (data and control) has a live lease held by a serving node, and
-    /// none of `serving` nodes holds more than `ceil((partitions + 1) / serving)`.
-    fn balanced(&self, serving: usize) -> bool {
+    /// Each partition's (data and control) holder and epoch, when every one has a live lease
+    /// held by a serving node and none of `serving` nodes holds more than
+    /// `ceil((partitions + 1) / serving)`.
+    fn balanced(&self, serving: usize) -> Option<Vec<(String, u64)>> {
         let now = unix_ms();
         let ids: HashSet<&str> = self.nodes.iter().filter(|n| n.serving()).map(|n| n.id.as_str()).collect();
         let leases = self.leases();
         let mut held: HashMap<&str, u32> = HashMap::new();
+        let mut holders = Vec::new();
         for p in 0..=self.partitions {
-            match leases.get(&p) {
-                Some(l) if l.lease_until_ms >= now && ids.contains(l.node_id.as_str()) => {
-                    *held.entry(l.node_id.as_str()).or_default() += 1;
-                }
-                _ => return false,
-            }
+            let l = leases.get(&p).filter(|l| l.lease_until_ms >= now && ids.contains(l.node_id.as_str()))?;
+            *held.entry(l.node_id.as_str()).or_default() += 1;
+            holders.push((l.node_id.clone(), l.epoch));
         }
         let share = (self.partitions + 1).div_ceil(serving.max(1) as u32);
-        held.values().all(|n| *n <= share)
+        held.values().all(|n| *n <= share).then_some(holders)
     }
 
     /// Every node's log tail and the NATS servers', for a failing test's message.
