@@ -215,8 +215,8 @@ fn failover(c: &mut Cluster, tenants: Arc<Vec<Tenant>>, receiver: &Receiver) -> 
     let victim = c.nodes.len() - 1;
     let id = c.nodes[victim].id.clone();
     let moved: Vec<u32> = c.held_by(&id).into_iter().filter(|p| *p < c.partitions).collect();
-    let killed = Instant::now();
     c.nodes[victim].kill9();
+    let killed = Instant::now();
     let deadline = killed + Duration::from_secs(120);
     let firsts = loop {
         let firsts = first_deliveries_after(receiver, &load.acked(), &tenants, &moved, killed);

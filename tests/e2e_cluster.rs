@@ -429,8 +429,8 @@ fn t2_kill_9_of_a_herald_node_under_load() {
             let victim = (round % 3) as usize;
             let id = l.cluster.nodes[victim].id.clone();
             let moved: Vec<u32> = l.cluster.held_by(&id).into_iter().filter(|p| *p < PARTITIONS).collect();
-            let killed = Instant::now();
             l.cluster.nodes[victim].kill9();
+            let killed = Instant::now();
             // Each moved partition: an event published after the kill (so to its new owner)
             // reaches the receiver within lease + 5 s.
             let took =

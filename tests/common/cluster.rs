@@ -930,8 +930,13 @@ fn read_event(node: &HeraldNode, key: &str, event: &str, deadline: Instant) -> R
     }
 }
 
-/// The first arrival at `receiver` after `since` of an event of each of `partitions` that was
-/// acknowledged after `since` (so written by the partition's owner then), as a time after `since`.
+/// How long after a kill an acknowledgement surely came from a live node: the dead one's last
+/// answers may still be read from the socket just after it.
+const ACK_AFTER_KILL: Duration = Duration::from_millis(100);
+
+/// The first arrival at `receiver` after `since` (a kill) of an event of each of `partitions`
+/// acknowledged more than [`ACK_AFTER_KILL`] after it (so written by the partition's new owner),
+/// as a time after `since`.
 pub fn first_deliveries_after(
     receiver: &Receiver,
     acked: &[Acked],
@@ -941,14 +946,14 @@ pub fn first_deliveries_after(
 ) -> BTreeMap<u32, Duration> {
     let after: HashMap<&str, u32> = acked
         .iter()
-        .filter(|a| a.at > since)
+        .filter(|a| a.at > since + ACK_AFTER_KILL)
         .map(|a| (a.event.as_str(), tenants[a.tenant].partition))
         .filter(|(_, p)| partitions.contains(p))
         .collect();
     let mut out = BTreeMap::new();
-    for r in receiver.received() {
+    for r in receiver.received().iter().filter(|r| r.at >= since) {
         if let Some(&p) = after.get(r.header("webhook-id")) {
-            let took = r.at.saturating_duration_since(since);
+            let took = r.at.duration_since(since);
             out.entry(p).and_modify(|d: &mut Duration| *d = (*d).min(took)).or_insert(took);
         }
     }
