@@ -508,10 +508,14 @@ fn t4_a_node_stopped_past_its_lease_never_appends_again_and_steps_down() {
         let mut l = loaded(&pids);
         let load = l.load();
         load.wait_more(30, &[], &l.tenants, Duration::from_secs(20));
-        let victim = 1;
-        let id = l.cluster.nodes[victim].id.clone();
+        // The node holding the most data partitions (one may hold only the control partition).
         let before = l.cluster.leases();
-        let lost: Vec<u32> = l.cluster.held_by(&id).into_iter().filter(|p| *p < PARTITIONS).collect();
+        let data_of = |i: usize| -> Vec<u32> {
+            l.cluster.held_by(&l.cluster.nodes[i].id).into_iter().filter(|p| *p < PARTITIONS).collect()
+        };
+        let victim = (0..l.cluster.nodes.len()).max_by_key(|&i| data_of(i).len()).expect("nodes");
+        let id = l.cluster.nodes[victim].id.clone();
+        let lost = data_of(victim);
         assert!(!lost.is_empty(), "{id} holds no data partition: {before:?}");
         l.cluster.nodes[victim].sigstop();
         let stopped = Instant::now();
