@@ -206,11 +206,15 @@ async fn any_node_answers_for_any_partition_and_keys_work_at_once_everywhere() {
     let org = org_in(1, 0);
     let key = org_key(&c, 0, org).await;
     let before = c.nodes[2].refreshes.load(Ordering::SeqCst);
+    let owner_before = c.nodes[1].refreshes.load(Ordering::SeqCst);
     let made =
         call(&c.addrs[2], "POST", "/v1/endpoints", &key, Some(json!({"url": "https://example.com/h"})), &[])
             .await;
     assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
     assert!(c.nodes[2].refreshes.load(Ordering::SeqCst) > before, "a miss caught the keys up");
+    // The owner of partition 1 (node 1) had not seen the key either: its route's extractor
+    // caught up once too, and served the forwarded request.
+    assert!(c.nodes[1].refreshes.load(Ordering::SeqCst) > owner_before, "the owner caught up on its miss");
     let id = made.json()["id"].as_str().unwrap().to_owned();
     let stored = c.world.engines[1].endpoint(herald_engine::EndpointId(id.parse().unwrap())).unwrap();
     assert_eq!(stored.map(|e| e.org_id), Some(org), "written in the organisation's partition");
