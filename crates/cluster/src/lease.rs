@@ -218,6 +218,27 @@ impl Leases {
         &self.node_id
     }
 
+    /// Every lease written from now on, as (partition, lease): for a node to look at the
+    /// cluster again at once when a lease changes hands or is released, rather than at its
+    /// next turn. An entry that is not a lease of these partitions is left out.
+    pub async fn watch(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = (u32, Lease)> + Unpin, ClusterError> {
+        use futures_util::StreamExt;
+        let watch = self.bucket.watch_all().await.map_err(|e| nats("watching the leases")(&e))?;
+        let control = self.control;
+        Ok(watch.filter_map(move |entry| {
+            let read = entry.ok().and_then(|entry| {
+                let partition = match entry.key.strip_prefix("p.")? {
+                    "control" => control?,
+                    n => n.parse().ok()?,
+                };
+                Some((partition, serde_json::from_slice(&entry.value).ok()?))
+            });
+            std::future::ready(read)
+        }))
+    }
+
     fn lease(&self, epoch: u64, now_ms: u64) -> Lease {
         Lease {
             node_id: self.node_id.clone(),
@@ -314,12 +335,14 @@ pub struct Heartbeat {
 /// The live nodes: those whose heartbeat is younger than the bucket's TTL.
 pub struct Nodes {
     bucket: Bucket,
+    stream: Stream,
 }
 
 impl Nodes {
     /// Opens [`NODES_BUCKET`], whose entries live `ttl` after their last beat.
     pub async fn open(js: &Context, replicas: usize, ttl: Duration) -> Result<Nodes, ClusterError> {
-        Ok(Nodes { bucket: open_bucket(js, NODES_BUCKET, replicas, ttl).await? })
+        let (bucket, stream) = open_bucket_stream(js, NODES_BUCKET, replicas, ttl).await?;
+        Ok(Nodes { bucket, stream })
     }
 
     /// Announces `node_id` as alive (beat more often than the TTL).
@@ -330,15 +353,30 @@ impl Nodes {
     }
 
     /// Takes `node_id` out of the live nodes at once (a node that stops), instead of after
-    /// the TTL.
+    /// the TTL: its key's messages are purged from the bucket's stream.
     pub async fn leave(&self, node_id: &str) -> Result<(), ClusterError> {
-        self.bucket.delete(node_id).await.map_err(|e| nats("removing a heartbeat")(&e))
+        let subject = format!("$KV.{NODES_BUCKET}.{node_id}");
+        self.stream.purge().filter(subject).await.map_err(|e| nats("removing a heartbeat")(&e))?;
+        Ok(())
     }
 
-    /// The ids of the nodes alive now, sorted.
+    /// The ids of the nodes alive now, sorted: the keys that hold a message, read from the
+    /// bucket stream's state in one request. (The key-value client's key listing, a consumer
+    /// over the bucket, can wait seconds for its end when a heartbeat ages out meanwhile.)
     pub async fn live(&self) -> Result<Vec<String>, ClusterError> {
-        let keys = self.bucket.keys().await.map_err(|e| nats("listing nodes")(&e))?;
-        let mut ids: Vec<String> = keys.try_collect().await.map_err(|e| nats("listing nodes")(&e))?;
+        let prefix = format!("$KV.{NODES_BUCKET}.");
+        let subjects = self
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|e| nats("listing nodes")(&e))?;
+        let subjects: Vec<(String, usize)> =
+            subjects.try_collect().await.map_err(|e| nats("listing nodes")(&e))?;
+        let mut ids: Vec<String> = subjects
+            .into_iter()
+            .filter(|(_, messages)| *messages > 0)
+            .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_string))
+            .collect();
         ids.sort();
         Ok(ids)
     }

@@ -55,6 +55,8 @@
 //!   clock), not lost, and its engine not fenced; it stops saying so before it closes the
 //!   engine, and a hand-back releases the lease only after the engine is down. A node never
 //!   opens a partition's store twice: the engine and the control follower take turns on it.
+//! - A node counts as live for one lease after its last heartbeat ([`heartbeat_ttl`]): a dead
+//!   node's partitions are all within the survivors' share once its leases pass.
 //! - The tests run real `nats-server` processes; without the binary they fail naming
 //!   `scripts/test`, never skip; every server they start is killed by PID when they end.
 
@@ -75,7 +77,9 @@ pub use crate::lease::{
     fair_share, lease_key, open_bucket, Heartbeat, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes,
     NODES_BUCKET, OWNERS_BUCKET,
 };
-pub use crate::node::{Node, NodeConfig, Place, CONTROL_FOLLOW_EVERY, META_BUCKET, PARTITIONS_KEY};
+pub use crate::node::{
+    heartbeat_ttl, Node, NodeConfig, Place, CONTROL_FOLLOW_EVERY, META_BUCKET, PARTITIONS_KEY,
+};
 pub use crate::partitions::Partitions;
 pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
 pub use crate::stream::{

@@ -146,7 +146,12 @@ struct Shared {
     stopping: AtomicBool,
     /// Test hook: renewals, heartbeats and the membership loop suspended (a stalled process).
     stalled: AtomicBool,
+    /// The partition being taken over now (lease claimed, catching up, opening), or `NONE`.
+    taking: AtomicU64,
 }
+
+/// [`Shared::taking`] when no take-over is in progress.
+const NONE: u64 = u64::MAX;
 
 /// A cluster node. Share it through an `Arc`; [`Node::shutdown`] (or the drop) stops it.
 pub struct Node {
@@ -154,10 +159,11 @@ pub struct Node {
     running: Mutex<Option<Running>>,
 }
 
-/// What [`Node::shutdown`] stops: the threads, the heartbeat task, and the NATS runtime last.
+/// What [`Node::shutdown`] stops: the threads, the tasks (heartbeat, lease watch), and the
+/// NATS runtime last.
 struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
-    heartbeat: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -271,7 +277,7 @@ impl Node {
             let leases = Leases::open(&js, config.replicas, &config.node_id, &config.advertise, settings)
                 .await?
                 .with_control(config.partitions);
-            let nodes = Nodes::open(&js, config.replicas, config.lease * 3).await?;
+            let nodes = Nodes::open(&js, config.replicas, heartbeat_ttl(config.lease)).await?;
             Ok::<_, ClusterError>((js, leases, nodes))
         })?;
         // The first beat before the first look at the cluster, which counts this node live.
@@ -300,13 +306,17 @@ impl Node {
             wake: (Mutex::new(false), Condvar::new()),
             stopping: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            taking: AtomicU64::new(NONE),
         });
-        let heartbeat = runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone()));
+        let tasks = vec![
+            runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone())),
+            runtime.spawn(membership::watch_leases(shared.clone())),
+        ];
         let threads = vec![
             spawn_thread("herald-membership", shared.clone(), membership::run),
             spawn_thread("herald-control", shared.clone(), control::follow),
         ];
-        Ok(Node { shared, running: Mutex::new(Some(Running { threads, heartbeat, runtime })) })
+        Ok(Node { shared, running: Mutex::new(Some(Running { threads, tasks, runtime })) })
     }
 
     pub fn node_id(&self) -> &str {
@@ -352,8 +362,13 @@ impl Node {
         self.shared.refresh_control()
     }
 
-    /// Ok when this node serves its part: see `Shared::readiness` for the rule. Err names what
-    /// is missing.
+    /// Ok when this node serves its part: it has read the cluster (within the last lease), no
+    /// take-over of its is in progress, every partition it holds is served (lease renewed, not
+    /// fenced), its control replica has caught up once (unless it owns the control partition),
+    /// and it holds its share `ceil((partitions + 1) / live nodes)`, or less with nothing left
+    /// for it to take (every lease live, no node over its share): true in any steady cluster,
+    /// false while a take-over by this node is due. Err names what is missing ("owns 1 of its
+    /// share 3; partition 2 has no owner yet", "taking partition 4 over (catching up)", ...).
     pub fn readiness(&self) -> Result<(), String> {
         self.shared.readiness()
     }
@@ -389,27 +404,42 @@ impl Node {
         self.shared.wake();
     }
 
-    fn stop(&self, within: Duration) {
+    /// Test hook: stops as a crashed process would leave the cluster: engines closed (their
+    /// stores let go) but no lease released and no leave: its leases and heartbeat age out.
+    #[doc(hidden)]
+    pub fn crash_for_tests(self) {
         let Some(running) = lock(&self.running).take() else { return };
-        outside_runtime(|| self.stop_running(running, within));
+        outside_runtime(|| self.stop_running(running, Duration::from_secs(5), false));
     }
 
-    fn stop_running(&self, running: Running, within: Duration) {
+    fn stop(&self, within: Duration) {
+        let Some(running) = lock(&self.running).take() else { return };
+        outside_runtime(|| self.stop_running(running, within, true));
+    }
+
+    fn stop_running(&self, running: Running, within: Duration, hand_back: bool) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake();
         for thread in running.threads {
             let _ = thread.join();
         }
-        running.heartbeat.abort();
-        let all: Vec<u32> = read(&self.shared.served).keys().copied().collect();
-        membership::stop_serving(&self.shared, &all, true, within);
+        for task in &running.tasks {
+            task.abort();
+        }
+        // Out of the live nodes first: the others' share then covers what it hands back, and
+        // each release wakes them (their lease watch) to take it over at once.
         let shared = self.shared.clone();
         let left = running.runtime.block_on(async move {
+            if !hand_back {
+                return Ok(Ok(()));
+            }
             tokio::time::timeout(Duration::from_secs(2), shared.nodes.leave(&shared.node_id)).await
         });
         if !matches!(left, Ok(Ok(()))) {
             tracing::warn!(node = %self.shared.node_id, "could not leave the live nodes; its heartbeat ages out");
         }
+        let all: Vec<u32> = read(&self.shared.served).keys().copied().collect();
+        membership::stop_serving(&self.shared, &all, hand_back, within);
         running.runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
@@ -470,6 +500,16 @@ fn share_of(total: u64, partitions: u32, floor: u64) -> u64 {
     (total / (u64::from(partitions) + 1)).max(floor)
 }
 
+/// How long a node counts as live after its last heartbeat (it beats every third of the lease):
+/// one lease. A node that died must stop counting by the time its leases pass (plus the skew
+/// margin), so that the survivors' fair share covers every partition then; with a longer TTL
+/// (3 leases) its partitions beyond the survivors' share waited for the TTL, not the lease.
+/// A node that misses beats for a while only makes the others' share larger meanwhile: they
+/// claim what is free, never a live lease.
+pub fn heartbeat_ttl(lease: Duration) -> Duration {
+    lease
+}
+
 /// A partition's name in messages: its number, or `control`.
 fn label(partitions: u32, partition: u32) -> String {
     if partition == partitions {
@@ -514,9 +554,9 @@ impl Shared {
             if served.refusal(now).is_none() {
                 return Place::Local(served.engine.clone());
             }
-            // Step down at once: the membership loop closes it.
+            // Not served from here on; the membership loop closes it now. The new owner, if
+            // the last look at the leases knows it, is where it is served.
             self.wake();
-            return Place::Unowned;
         }
         let seen = read(&self.seen);
         match seen.leases.get(partition as usize) {
@@ -593,13 +633,22 @@ impl Shared {
         if let Some(e) = seen.error.as_ref().filter(|_| now > seen.at_ms + self.lease.as_millis() as u64) {
             return Err(format!("cannot read the cluster's leases: {e}"));
         }
+        let taking = self.taking.load(Ordering::SeqCst);
+        if taking != NONE {
+            let partition = u32::try_from(taking).unwrap_or(u32::MAX);
+            return Err(format!("taking partition {} over (catching up)", self.label(partition)));
+        }
         let served = read(&self.served);
         for (&partition, s) in served.iter() {
             if let Some(why) = s.refusal(now) {
                 return Err(format!("stepping down from partition {}: {why}", self.label(partition)));
             }
         }
+        let control_here = served.contains_key(&self.partitions);
         drop(served);
+        if !control_here && !self.control.caught_up() {
+            return Err("its replica of the control partition (the API keys) has not caught up yet".into());
+        }
         membership::share_reached(self, &seen, now)
     }
 

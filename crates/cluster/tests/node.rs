@@ -3,15 +3,20 @@
 //! partitions spread, never served by both at once; a key written through the control owner
 //! is found through the other node; a node that stops hands everything to the other; a node
 //! configured with another partition count is refused; a stalled node is fenced, and once
-//! resumed takes its share back; sixteen partitions spread over three nodes and stay put.
+//! resumed takes its share back; sixteen partitions spread over three nodes and stay put; a
+//! write answered `Fenced` ends `Local` at once; a restarted node serves its partitions again
+//! at once; a stalled one of three nodes is replaced within about a lease.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_cluster::testing::NatsCluster;
-use herald_cluster::{Node, NodeConfig, PartitionStream, Place, StreamSettings};
-use herald_engine::{decode, Actor, ApiKeyId, Command, EngineConfig, EngineError, Event, Policy, Scope};
-use herald_log::{LogError, WriteAheadError};
+use herald_cluster::{catch_up, Node, NodeConfig, PartitionStream, Place, StreamSettings, StreamWriteAhead};
+use herald_engine::{
+    decode, Actor, ApiKeyId, Command, Engine, EngineConfig, EngineError, Event, Policy, Scope,
+};
+use herald_log::{LogError, MemStore, Store, WriteAheadError};
 use uuid::Uuid;
 
 const PARTITIONS: u32 = 4;
@@ -129,12 +134,29 @@ fn a_second_node_takes_its_share_never_both_serving_one_partition_and_everything
     let b = Node::start(config(&nats, "b", dir.path(), PARTITIONS)).unwrap();
     // Not ready while its take-overs are due; the reason says what is missing.
     let early = b.readiness().expect_err("b serves nothing yet");
-    assert!(early.contains("not read the cluster") || early.contains("of its share 3"), "{early}");
-    // While they move: never Local on both.
+    assert!(
+        ["not read the cluster", "of its share 3", "taking partition"].iter().any(|why| early.contains(why)),
+        "{early}"
+    );
+    // While they move: never Local on both. (And how long a moving partition is Local on
+    // neither, a figure: a's engine stops, its lease is released, b takes it over.)
     let started = Instant::now();
+    let mut unserved_since: Vec<Option<Instant>> = vec![None; PARTITIONS as usize + 1];
+    let mut longest_unserved = Duration::ZERO;
     loop {
         let (on_a, on_b) = (local(&a), local(&b));
         assert!(on_a.iter().all(|p| !on_b.contains(p)), "both serve: a {on_a:?}, b {on_b:?}");
+        for (p, since) in unserved_since.iter_mut().enumerate() {
+            let served = on_a.contains(&(p as u32)) || on_b.contains(&(p as u32));
+            match (served, *since) {
+                (false, None) => *since = Some(Instant::now()),
+                (true, Some(at)) => {
+                    longest_unserved = longest_unserved.max(at.elapsed());
+                    *since = None;
+                }
+                _ => {}
+            }
+        }
         if a.readiness().is_ok()
             && b.readiness().is_ok()
             && on_a.len() + on_b.len() == PARTITIONS as usize + 1
@@ -146,6 +168,10 @@ fn a_second_node_takes_its_share_never_both_serving_one_partition_and_everything
     }
     let (on_a, on_b) = (local(&a), local(&b));
     assert!(on_a.len() >= 2 && on_b.len() >= 2, "spread: a {on_a:?}, b {on_b:?}");
+    eprintln!(
+        "spread in {:?}; a moving partition was served nowhere for {longest_unserved:?} at most (lease {LEASE:?})",
+        started.elapsed()
+    );
     for p in 0..=PARTITIONS {
         let (owner, other) = if on_a.contains(&p) { (&a, &b) } else { (&b, &a) };
         match other.place(p) {
@@ -310,4 +336,139 @@ fn sixteen_partitions_spread_over_three_nodes_starting_together_and_stay_put() {
         node.shutdown(Duration::from_secs(5));
     }
     assert!(stopping.elapsed() < Duration::from_secs(10), "stopped in {:?}", stopping.elapsed());
+}
+
+#[test]
+fn when_one_of_three_nodes_stalls_the_other_two_take_all_its_partitions_within_two_leases() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    // Its partitions pass after a lease (and the skew margin, a fifth of it); the stalled node
+    // stops counting as live after a lease too, so that the survivors' share covers them all
+    // (a heartbeat TTL of three leases made one wait three leases).
+    let lease = Duration::from_secs(2);
+    let config = |id: &str| NodeConfig { lease, ..config(&nats, id, dir.path(), PARTITIONS) };
+    let nodes: Vec<Node> = ["a", "b", "c"].iter().map(|id| Node::start(config(id)).unwrap()).collect();
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_until(
+        Duration::from_secs(40),
+        "spread",
+        || {
+            nodes.iter().map(|n| local(n).len()).sum::<usize>() == 5
+                && nodes.iter().all(|n| n.readiness().is_ok())
+        },
+        || describe(&all),
+    );
+    // The node with the most partitions stalls (as a process killed or stopped would).
+    let stalled = nodes.iter().max_by_key(|n| local(n).len()).unwrap();
+    let moved = local(stalled);
+    stalled.stall_for_tests();
+    let stalled_at = Instant::now();
+    let others: Vec<&Node> = nodes.iter().filter(|n| n.node_id() != stalled.node_id()).collect();
+    wait_until(
+        lease * 2 + Duration::from_millis(500),
+        "taken over",
+        || {
+            others.iter().map(|n| local(n).len()).sum::<usize>() == 5
+                && others.iter().all(|n| n.readiness().is_ok())
+        },
+        || describe(&all),
+    );
+    eprintln!("partitions {moved:?} taken over {:?} after the stall (lease {lease:?})", stalled_at.elapsed());
+    for node in nodes {
+        node.shutdown(Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_node_restarted_on_its_data_takes_its_partitions_back_at_once_and_keeps_its_keys() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), PARTITIONS)).unwrap();
+    wait_until(Duration::from_secs(30), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    let hash = create_key(&a, 7);
+    a.shutdown(Duration::from_secs(5));
+    let restarted = Instant::now();
+    let a = Node::start(config(&nats, "a", dir.path(), PARTITIONS)).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "a ready again",
+        || a.readiness().is_ok() && local(&a).len() == PARTITIONS as usize + 1,
+        || describe(&[&a]),
+    );
+    eprintln!("serving everything again {:?} after the restart", restarted.elapsed());
+    assert_eq!(a.api_key_by_hash(&hash).unwrap().unwrap().name, "k7");
+    a.shutdown(Duration::from_secs(5));
+    // Once more without the hand-back (its leases still live, as after a crash): it claims them
+    // again at once, its own, without waiting for them to pass (a lease of 3 s here).
+    let lease = Duration::from_secs(3);
+    let config = |id: &str| NodeConfig { lease, ..config(&nats, id, dir.path(), PARTITIONS) };
+    let a = Node::start(config("a")).unwrap();
+    wait_until(Duration::from_secs(20), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    a.crash_for_tests();
+    let restarted = Instant::now();
+    let a = Node::start(config("a")).unwrap();
+    wait_until(
+        lease,
+        "a ready after a crash",
+        || a.readiness().is_ok() && local(&a).len() == PARTITIONS as usize + 1,
+        || describe(&[&a]),
+    );
+    eprintln!("serving everything again {:?} after a restart without hand-back", restarted.elapsed());
+    assert_eq!(a.api_key_by_hash(&hash).unwrap().unwrap().name, "k7");
+    a.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn a_write_answered_fenced_ends_local_at_once_and_the_node_takes_the_partition_back() {
+    let _one = one_at_a_time();
+    let nats = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(config(&nats, "a", dir.path(), 1)).unwrap();
+    wait_until(Duration::from_secs(30), "a ready", || a.readiness().is_ok(), || describe(&[&a]));
+    let Place::Local(engine) = a.place(0) else { panic!("a serves partition 0") };
+    // Another writer appends to the stream behind a's back (as a node that claimed it would).
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let js =
+        rt.block_on(async { async_nats::jetstream::new(async_nats::connect(nats.addrs()).await.unwrap()) });
+    let settings = StreamSettings { replicas: 3, ..StreamSettings::default() };
+    let stream = rt.block_on(PartitionStream::open(js, 0, settings)).unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let caught = rt.block_on(catch_up(&store, &stream)).unwrap();
+    let write_ahead = Arc::new(StreamWriteAhead::new(stream, rt.handle().clone(), caught.position));
+    let other = Engine::open_store_with_write_ahead(EngineConfig::default(), store, write_ahead).unwrap();
+    other.execute_blocking(Actor::admin(), policy(3)).unwrap();
+    other.shutdown();
+    // a's next write is fenced, and from that answer on a does not say Local.
+    match engine.execute_blocking(Actor::admin(), policy(4)) {
+        Err(EngineError::Log(LogError::WriteAhead(WriteAheadError::Fenced(_)))) => {}
+        other => panic!("a was not fenced: {other:?}"),
+    }
+    assert!(!matches!(a.place(0), Place::Local(_)), "fenced, yet Local");
+    // Its lease is still its own: it takes the partition back (catching the other's write up,
+    // a new epoch), and serves it again.
+    let fenced_at = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "a serving partition 0 again",
+        || matches!(a.place(0), Place::Local(_)) && a.readiness().is_ok(),
+        || describe(&[&a]),
+    );
+    eprintln!("served again {:?} after the fence", fenced_at.elapsed());
+    let Place::Local(engine) = a.place(0) else { panic!("a serves partition 0") };
+    let events: Vec<Event> =
+        engine.records(1, usize::MAX).unwrap().iter().map(|r| decode(&r.body).unwrap()).collect();
+    assert!(events.iter().any(|e| matches!(e, Event::PolicySet(p) if p.failures_max == 3)));
+    assert!(!events.iter().any(|e| matches!(e, Event::PolicySet(p) if p.failures_max == 4)));
+    let epochs: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::PartitionClaimed { node_id, epoch } if node_id == "a" => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, [1, 2]);
+    engine.execute_blocking(Actor::admin(), policy(5)).unwrap();
+    a.shutdown(Duration::from_secs(5));
 }

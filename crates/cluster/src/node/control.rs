@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use herald_engine::{get_api_key_by_hash, ApiKey};
-use herald_log::Store;
+use herald_log::{write_ahead_position, Store};
 use herald_projector::CheckedTables;
 
 use super::{lock, Place, Shared, CONTROL_FOLLOW_EVERY};
@@ -23,7 +23,14 @@ pub(super) struct ControlReplica {
     caught_up: AtomicBool,
     /// Moves when the replica advanced or the partition changed hands here.
     epoch: AtomicU64,
+    /// Catch-ups begun and ended, one each (odd while one runs): a refresh that finds one
+    /// running takes the end of one begun after it asked.
+    rounds: AtomicU64,
 }
+
+/// How long [`Node::refresh_control`](super::Node::refresh_control) waits for a catch-up
+/// already running before it answers that the replica is busy.
+pub const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ControlReplica {
     pub(super) fn new(store: Arc<dyn Store>) -> ControlReplica {
@@ -32,7 +39,13 @@ impl ControlReplica {
             following: Mutex::new(true),
             caught_up: AtomicBool::new(false),
             epoch: AtomicU64::new(1),
+            rounds: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the replica has been caught up (or taken over) at least once since the start.
+    pub(super) fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
     }
 
     /// Stops following (a take-over of the control partition begins): waits for a catch-up in
@@ -57,11 +70,64 @@ impl ControlReplica {
     /// follow (a take-over or a step-down of the control partition in progress here) or the
     /// catch-up failed.
     fn catch_up(&self, shared: &Shared) -> Result<(), String> {
-        let following = lock(&self.following);
+        self.catch_up_locked(shared, lock(&self.following))
+    }
+
+    /// [`ControlReplica::catch_up`] on demand: a catch-up already running (the follower's, or
+    /// another request's) is waited for up to [`REFRESH_WAIT`], and the end of one begun after
+    /// the ask serves instead of a second one: it read the stream after this request's key
+    /// missed.
+    fn refresh(&self, shared: &Shared) -> Result<(), String> {
+        let asked = std::time::Instant::now();
+        let at_ask = self.rounds.load(Ordering::SeqCst);
+        // The end of the first catch-up begun after the ask: the first even count past it
+        // (odd while one runs).
+        let ended_after = if at_ask % 2 == 0 { at_ask + 2 } else { at_ask + 3 };
+        loop {
+            match self.following.try_lock() {
+                Ok(following) => return self.catch_up_locked(shared, following),
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    return self.catch_up_locked(shared, e.into_inner())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if self.rounds.load(Ordering::SeqCst) >= ended_after {
+                return Ok(());
+            }
+            if asked.elapsed() >= REFRESH_WAIT {
+                return Err(format!("the control replica is busy catching up (waited {REFRESH_WAIT:?})"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A catch-up while this node follows, counted in `rounds` (begun, ended).
+    fn catch_up_locked(
+        &self,
+        shared: &Shared,
+        following: std::sync::MutexGuard<'_, bool>,
+    ) -> Result<(), String> {
         if !*following {
             return Err("the control partition is changing hands on this node".into());
         }
+        self.rounds.fetch_add(1, Ordering::SeqCst);
+        let out = self.catch_up_following(shared);
+        self.rounds.fetch_add(1, Ordering::SeqCst);
+        drop(following);
+        out
+    }
+
+    fn catch_up_following(&self, shared: &Shared) -> Result<(), String> {
         let stream = shared.stream(shared.partitions)?;
+        // Nothing new (the usual case, four times a second): one request, no log opened. A
+        // replica checked against the stream once stays a prefix of it (messages never change).
+        if self.caught_up.load(Ordering::SeqCst) {
+            let last = shared.runtime.block_on(stream.last_sequence()).map_err(|e| e.to_string())?;
+            let position = write_ahead_position(self.store.as_ref()).map_err(|e| e.to_string())?;
+            if last == position {
+                return Ok(());
+            }
+        }
         let caught = shared
             .runtime
             .block_on(catch_up(&self.store, &stream))
@@ -70,7 +136,6 @@ impl ControlReplica {
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         self.caught_up.store(true, Ordering::SeqCst);
-        drop(following);
         Ok(())
     }
 }
@@ -114,6 +179,6 @@ impl Shared {
         if matches!(self.place(self.partitions), Place::Local(_)) {
             return Ok(());
         }
-        super::outside_runtime(|| self.control.catch_up(self))
+        super::outside_runtime(|| self.control.refresh(self))
     }
 }

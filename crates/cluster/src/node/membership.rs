@@ -30,6 +30,34 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, advertise: String) {
     }
 }
 
+/// Wakes the membership loop whenever a lease changes hands or is released (a renewal, the
+/// same holder and epoch, does not), so that a hand-back is taken up at once and `place`
+/// learns a new owner without waiting for the next turn. Runs until aborted.
+pub(super) async fn watch_leases(shared: Arc<Shared>) {
+    use futures_util::StreamExt;
+    loop {
+        if let Ok(mut changes) = shared.leases.watch().await {
+            while let Some((partition, lease)) = changes.next().await {
+                if moved(&shared, partition, &lease) {
+                    shared.wake();
+                }
+            }
+        }
+        tokio::time::sleep(shared.lease / 3).await;
+    }
+}
+
+/// Whether `lease` is news to the last look: released, or another holder or epoch.
+fn moved(shared: &Shared, partition: u32, lease: &Lease) -> bool {
+    if lease.lease_until_ms == 0 {
+        return true;
+    }
+    match read(&shared.seen).leases.get(partition as usize) {
+        Some(Some(known)) => known.node_id != lease.node_id || known.epoch != lease.epoch,
+        _ => true,
+    }
+}
+
 /// The membership loop (its own thread: take-overs block on NATS and on the stores).
 pub(super) fn run(shared: Arc<Shared>) {
     while !shared.stopping() {
@@ -133,7 +161,10 @@ fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
     if control {
         shared.control.pause();
     }
-    match open_partition(shared, partition) {
+    shared.taking.store(u64::from(partition), Ordering::SeqCst);
+    let opened = open_partition(shared, partition);
+    shared.taking.store(super::NONE, Ordering::SeqCst);
+    match opened {
         Ok(served) => {
             write(&shared.served).insert(partition, served);
             if control {
