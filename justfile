@@ -29,6 +29,7 @@ bench:
     cargo bench --bench retention -- --json target/bench/retention.json
     cargo bench --bench recover -- --json target/bench/recover.json
     cargo bench --bench audit -- --json target/bench/audit.json
+    cargo bench --bench cluster -- --json target/bench/cluster.json
     cargo bench --bench report -- target/bench docs/BENCHMARKS.md docs/benchmarks.json
 
 # Format the code.

@@ -20,6 +20,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("retention", "disk under retention"),
     ("recover", "bulk recover of 100,000 deliveries"),
     ("audit", "replay of one delivery and verify on 1,000,000 records"),
+    ("cluster", "cluster mode: 1, 2 and 3 nodes on NATS beside single node"),
 ];
 
 fn machine() -> String {

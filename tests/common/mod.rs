@@ -27,6 +27,16 @@ pub const ORG_SCOPES: &[&str] = &[
 
 /// The admin key every test server starts with.
 pub const ADMIN_KEY: &str = "sk_e2e_admin_key_0123456789abcdef";
+/// The settings every test server starts with: retries after 300 ms and 600 ms, private targets
+/// allowed (the receivers are on loopback), short timeouts, the admin key above.
+pub const TEST_ENV: &[(&str, &str)] = &[
+    ("HERALD_ADMIN_KEY", ADMIN_KEY),
+    ("HERALD_DELIVERY_RETRY_SCHEDULE", "300ms,600ms"),
+    ("HERALD_DELIVERY_ALLOW_PRIVATE_TARGETS", "true"),
+    ("HERALD_DELIVERY_TIMEOUT", "2s"),
+    ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "2s"),
+    ("HERALD_STORE_DURABILITY", "flush"),
+];
 /// No wait in these tests is longer than this.
 pub const WAIT_MAX: Duration = Duration::from_secs(20);
 
@@ -104,17 +114,8 @@ impl Server {
 
     fn unstarted(extra_env: &[(&str, &str)], open_files_max: Option<u64>) -> Server {
         let scratch = tempfile::tempdir().expect("no temp dir");
-        let mut env: Vec<(String, String)> = [
-            ("HERALD_ADMIN_KEY", ADMIN_KEY),
-            ("HERALD_DELIVERY_RETRY_SCHEDULE", "300ms,600ms"),
-            ("HERALD_DELIVERY_ALLOW_PRIVATE_TARGETS", "true"),
-            ("HERALD_DELIVERY_TIMEOUT", "2s"),
-            ("HERALD_SERVER_SHUTDOWN_TIMEOUT", "2s"),
-            ("HERALD_STORE_DURABILITY", "flush"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let mut env: Vec<(String, String)> =
+            TEST_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         for (k, v) in extra_env {
             env.retain(|(name, _)| name != k);
             env.push((k.to_string(), v.to_string()));
