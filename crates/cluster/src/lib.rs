@@ -11,8 +11,8 @@
 //!   [`Follower`] machine, discarding ([`discard`]) one that is ahead or diverged.
 //! - `lease.rs`: [`Leases`] (bucket `herald-owners`), [`Nodes`] heartbeats (bucket
 //!   `herald-nodes`, TTL), [`fair_share`].
-//! - [`balance`]: which partitions a node claims or hands back ([`balance::plan`]): its fair
-//!   share, in its own rendezvous order; a live lease is never claimed.
+//! - [`balance`]: which partitions a node claims or hands back ([`balance::plan`]): an even
+//!   spread (floor or one more each), in its own rendezvous order; a live lease is never claimed.
 //! - `takeover.rs`: [`take_over`] (claim the lease, catch up, open the log, write the
 //!   `PartitionClaimed` fence) and [`keep_renewed`] (renew every lease / 3, step down on loss).
 //! - `partitions.rs`: [`Partitions`], the partitions a node serves and the NATS runtime their
