@@ -360,10 +360,17 @@ impl Shared {
     /// Ok when this node may answer from the keys it has: it owns the control partition, or
     /// its replica is trusted (see the module's header).
     pub(super) fn keys_current(&self) -> Result<(), String> {
-        if matches!(self.place(self.partitions), Place::Local(_)) {
+        if self.control_here() {
             return Ok(());
         }
         self.control.trusted()
+    }
+
+    /// Whether this node serves the control partition now (as [`Shared::place`] says `Local`,
+    /// without its allocations: asked on every request).
+    fn control_here(&self) -> bool {
+        let served = super::read(&self.served);
+        served.get(&self.partitions).is_some_and(|s| s.refusal(unix_ms()).is_none())
     }
 
     /// On the control partition's owner, after a key changed: waits until every other live
