@@ -150,6 +150,9 @@ struct Shared {
     stalled: AtomicBool,
     /// The partition being taken over now (lease claimed, catching up, opening), or `NONE`.
     taking: AtomicU64,
+    /// Each partition's lease as `place_fresh` last read it, and when: reused for
+    /// [`FRESH_REUSE`], so that a burst of requests for an unowned partition reads it once.
+    fresh: Mutex<BTreeMap<u32, (std::time::Instant, Option<Lease>)>>,
 }
 
 /// [`Shared::taking`] when no take-over is in progress.
@@ -330,6 +333,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             taking: AtomicU64::new(NONE),
+            fresh: Mutex::new(BTreeMap::new()),
         });
         let tasks = vec![
             runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone())),
@@ -567,6 +571,8 @@ pub fn settle_within(lease: Duration) -> Duration {
 
 /// How long [`Node::place_fresh`] waits for NATS.
 pub const FRESH_READ_WITHIN: Duration = Duration::from_millis(500);
+/// How long a lease [`Node::place_fresh`] read serves its next callers for the same partition.
+pub const FRESH_REUSE: Duration = Duration::from_millis(50);
 
 /// A partition's name in messages: its number, or `control`.
 fn label(partitions: u32, partition: u32) -> String {
@@ -633,20 +639,36 @@ impl Shared {
         if !matches!(known, Place::Unowned) || partition > self.partitions {
             return known;
         }
+        let margin = self.skew_margin.as_millis() as u64;
+        match self.lease_fresh(partition) {
+            Some(lease) if lease.node_id == self.node_id => self.place(partition),
+            Some(lease) if unix_ms() <= lease.lease_until_ms.saturating_add(margin) => {
+                Place::Remote { node_id: lease.node_id, advertise: lease.advertise }
+            }
+            _ => Place::Unowned,
+        }
+    }
+
+    /// `partition`'s lease read from NATS (or by a caller less than [`FRESH_REUSE`] ago);
+    /// `None` when it has none or NATS did not answer within [`FRESH_READ_WITHIN`].
+    fn lease_fresh(&self, partition: u32) -> Option<Lease> {
+        if let Some((at, lease)) = lock(&self.fresh).get(&partition) {
+            if at.elapsed() < FRESH_REUSE {
+                return lease.clone();
+            }
+        }
         let leases = self.leases.clone();
         let read = outside_runtime(|| {
             self.runtime.block_on(async move {
                 tokio::time::timeout(FRESH_READ_WITHIN, leases.current(partition)).await
             })
         });
-        let margin = self.skew_margin.as_millis() as u64;
-        match read {
-            Ok(Ok(Some((lease, _)))) if lease.node_id == self.node_id => self.place(partition),
-            Ok(Ok(Some((lease, _)))) if unix_ms() <= lease.lease_until_ms.saturating_add(margin) => {
-                Place::Remote { node_id: lease.node_id, advertise: lease.advertise }
-            }
-            _ => Place::Unowned,
-        }
+        let lease = match read {
+            Ok(Ok(current)) => current.map(|(lease, _)| lease),
+            _ => None,
+        };
+        lock(&self.fresh).insert(partition, (std::time::Instant::now(), lease.clone()));
+        lease
     }
 
     /// The engine configuration of `partition`: the template with its own data directory and
