@@ -401,7 +401,8 @@ impl Node {
     /// On the control partition's owner, after a key was created or revoked here: returns once
     /// every other live node reports (in its heartbeat) that its replica applied the control
     /// partition up to this node's position, or after [`settle_within`] (a node that has not
-    /// by then answers from its replica no more). Ok at once on any other node. Blocking.
+    /// by then answers from its replica no more). On a follower it waits for the others to
+    /// reach its own replica's position. Blocking.
     pub fn settle_control(&self) -> Result<(), String> {
         self.shared.settle_control()
     }

@@ -95,7 +95,7 @@ fn a_key_change_answered_by_the_owner_is_answered_by_every_node_without_a_refres
     let nodes = three(&nats, dir.path());
     let (owner, others) = (&nodes[0], &nodes[1..]);
     for others_node in others {
-        assert_eq!(others_node.settle_control(), Ok(()), "nothing to wait for on a follower");
+        assert_eq!(others_node.settle_control(), Ok(()), "every node has what a follower has");
         assert_eq!(others_node.keys_current(), Ok(()));
     }
     let mut settles = Vec::new();

@@ -373,13 +373,12 @@ impl Shared {
         served.get(&self.partitions).is_some_and(|s| s.refusal(unix_ms()).is_none())
     }
 
-    /// On the control partition's owner, after a key changed: waits until every other live
-    /// node reports a control position at least this node's, up to [`Timing::settle`] (by
-    /// then a node that has not is trusted no more). Err names the nodes not heard from.
+    /// After a key changed through this node's engine: waits until every other live node
+    /// reports a control position at least this node's, up to [`Timing::settle`] (by then a
+    /// node that has not is trusted no more). It waits even if the control partition moved
+    /// meanwhile: the change is in this node's store either way. Err names the nodes not heard
+    /// from.
     pub(super) fn settle_control(&self) -> Result<(), String> {
-        if !matches!(self.place(self.partitions), Place::Local(_)) {
-            return Ok(());
-        }
         let Some(target) = self.control.applied() else {
             return Err("the control partition's position could not be read".into());
         };
