@@ -330,6 +330,10 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
 pub struct Heartbeat {
     pub advertise: String,
     pub at_ms: u64,
+    /// The last control stream message this node's replica of the control partition has
+    /// applied (its keys), when it reports one: the owner waits for it after a key changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_applied: Option<u64>,
 }
 
 /// The live nodes: those whose heartbeat is younger than the bucket's TTL.
@@ -347,9 +351,33 @@ impl Nodes {
 
     /// Announces `node_id` as alive (beat more often than the TTL).
     pub async fn beat(&self, node_id: &str, advertise: &str, now_ms: u64) -> Result<(), ClusterError> {
-        let beat = Heartbeat { advertise: advertise.into(), at_ms: now_ms };
+        self.beat_applied(node_id, advertise, now_ms, None).await
+    }
+
+    /// [`Nodes::beat`], reporting the control stream position this node's keys have applied.
+    pub async fn beat_applied(
+        &self,
+        node_id: &str,
+        advertise: &str,
+        now_ms: u64,
+        control_applied: Option<u64>,
+    ) -> Result<(), ClusterError> {
+        let beat = Heartbeat { advertise: advertise.into(), at_ms: now_ms, control_applied };
         self.bucket.put(node_id, encode(&beat)).await.map_err(|e| nats("writing a heartbeat")(&e))?;
         Ok(())
+    }
+
+    /// Every live node with the control position its last heartbeat reports (`None`: none
+    /// reported, or its heartbeat not readable). A reading may lag (a direct get): it never
+    /// reports more than the node had applied.
+    pub async fn applied(&self) -> Result<Vec<(String, Option<u64>)>, ClusterError> {
+        let mut out = Vec::new();
+        for id in self.live().await? {
+            let entry = self.bucket.get(&id).await.map_err(|e| nats("reading a heartbeat")(&e))?;
+            let beat = entry.and_then(|v| serde_json::from_slice::<Heartbeat>(&v).ok());
+            out.push((id, beat.and_then(|b| b.control_applied)));
+        }
+        Ok(out)
     }
 
     /// Takes `node_id` out of the live nodes at once (a node that stops), instead of after

@@ -125,6 +125,8 @@ struct Seen {
 /// Everything the node's threads and tasks share.
 struct Shared {
     node_id: String,
+    /// Where other nodes forward to (this node's heartbeat carries it).
+    advertise: String,
     partitions: u32,
     lease: Duration,
     skew_margin: Duration,
@@ -148,6 +150,9 @@ struct Shared {
     stalled: AtomicBool,
     /// The partition being taken over now (lease claimed, catching up, opening), or `NONE`.
     taking: AtomicU64,
+    /// Each partition's lease as `place_fresh` last read it, and when: reused for
+    /// [`FRESH_REUSE`], so that a burst of requests for an unowned partition reads it once.
+    fresh: Mutex<BTreeMap<u32, (std::time::Instant, Option<Lease>)>>,
 }
 
 /// [`Shared::taking`] when no take-over is in progress.
@@ -300,8 +305,14 @@ impl Node {
             .block_on(nodes.beat(&config.node_id, &config.advertise, unix_ms()))
             .map_err(|e| ClusterError::Nats(format!("the first heartbeat: {e}")))?;
         let control_store = open_store(&config, config.partitions)?;
+        let timing = control::Timing {
+            ttl: heartbeat_ttl(config.lease),
+            margin: skew_margin,
+            settle: settle_within(config.lease),
+        };
         let shared = Arc::new(Shared {
             node_id: config.node_id.clone(),
+            advertise: config.advertise.clone(),
             partitions: config.partitions,
             lease: config.lease,
             skew_margin,
@@ -316,16 +327,18 @@ impl Node {
             stores: Mutex::new(BTreeMap::from([(config.partitions, control_store.clone())])),
             served: RwLock::new(BTreeMap::new()),
             seen: RwLock::new(Seen::default()),
-            control: control::ControlReplica::new(control_store),
+            control: control::ControlReplica::new(control_store, timing),
             changes: tokio::sync::watch::channel(0).0,
             wake: (Mutex::new(false), Condvar::new()),
             stopping: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             taking: AtomicU64::new(NONE),
+            fresh: Mutex::new(BTreeMap::new()),
         });
         let tasks = vec![
             runtime.spawn(membership::heartbeat(shared.clone(), config.advertise.clone())),
             runtime.spawn(membership::watch_leases(shared.clone())),
+            runtime.spawn(control::watch_control(shared.clone())),
         ];
         let threads = vec![
             spawn_thread("herald-membership", shared.clone(), membership::run),
@@ -375,6 +388,31 @@ impl Node {
     /// to do when this node owns the control partition.
     pub fn refresh_control(&self) -> Result<(), String> {
         self.shared.refresh_control()
+    }
+
+    /// Ok when this node may authenticate from the API keys it has: it owns the control
+    /// partition, or its replica is trusted: in the live set without a break and caught up
+    /// since (the rule is in `node/control.rs`). Memory only; Err says why not (then
+    /// [`Node::refresh_control`] brings it back, NATS permitting).
+    pub fn keys_current(&self) -> Result<(), String> {
+        self.shared.keys_current()
+    }
+
+    /// On the control partition's owner, after a key was created or revoked here: returns once
+    /// every other live node reports (in its heartbeat) that its replica applied the control
+    /// partition up to this node's position, or after [`settle_within`] (a node that has not
+    /// by then answers from its replica no more). On a follower it waits for the others to
+    /// reach its own replica's position. Blocking.
+    pub fn settle_control(&self) -> Result<(), String> {
+        self.shared.settle_control()
+    }
+
+    /// [`Node::place`], but where that finds no live owner, the partition's lease read again
+    /// from NATS now (within [`FRESH_READ_WITHIN`]): a partition that just moved is routed to
+    /// its new owner without waiting for the membership loop's next look. Blocking; for the
+    /// rare request that would otherwise be answered 503.
+    pub fn place_fresh(&self, partition: u32) -> Place {
+        self.shared.place_fresh(partition)
     }
 
     /// Ok when this node serves its part: it has read the cluster (within the last lease), no
@@ -443,6 +481,7 @@ impl Node {
         }
         // Out of the live nodes first: the others' share then covers what it hands back, and
         // each release wakes them (their lease watch) to take it over at once.
+        self.shared.control.left();
         let shared = self.shared.clone();
         let left = running.runtime.block_on(async move {
             if !hand_back {
@@ -525,6 +564,17 @@ pub fn heartbeat_ttl(lease: Duration) -> Duration {
     lease
 }
 
+/// How long the control partition's owner waits for the live nodes after a key change: two
+/// leases (a node that stops reporting drops out of the live set within one).
+pub fn settle_within(lease: Duration) -> Duration {
+    lease * 2
+}
+
+/// How long [`Node::place_fresh`] waits for NATS.
+pub const FRESH_READ_WITHIN: Duration = Duration::from_millis(500);
+/// How long a lease [`Node::place_fresh`] read serves its next callers for the same partition.
+pub const FRESH_REUSE: Duration = Duration::from_millis(50);
+
 /// A partition's name in messages: its number, or `control`.
 fn label(partitions: u32, partition: u32) -> String {
     if partition == partitions {
@@ -583,6 +633,43 @@ impl Shared {
             }
             _ => Place::Unowned,
         }
+    }
+
+    fn place_fresh(&self, partition: u32) -> Place {
+        let known = self.place(partition);
+        if !matches!(known, Place::Unowned) || partition > self.partitions {
+            return known;
+        }
+        let margin = self.skew_margin.as_millis() as u64;
+        match self.lease_fresh(partition) {
+            Some(lease) if lease.node_id == self.node_id => self.place(partition),
+            Some(lease) if unix_ms() <= lease.lease_until_ms.saturating_add(margin) => {
+                Place::Remote { node_id: lease.node_id, advertise: lease.advertise }
+            }
+            _ => Place::Unowned,
+        }
+    }
+
+    /// `partition`'s lease read from NATS (or by a caller less than [`FRESH_REUSE`] ago);
+    /// `None` when it has none or NATS did not answer within [`FRESH_READ_WITHIN`].
+    fn lease_fresh(&self, partition: u32) -> Option<Lease> {
+        if let Some((at, lease)) = lock(&self.fresh).get(&partition) {
+            if at.elapsed() < FRESH_REUSE {
+                return lease.clone();
+            }
+        }
+        let leases = self.leases.clone();
+        let read = outside_runtime(|| {
+            self.runtime.block_on(async move {
+                tokio::time::timeout(FRESH_READ_WITHIN, leases.current(partition)).await
+            })
+        });
+        let lease = match read {
+            Ok(Ok(current)) => current.map(|(lease, _)| lease),
+            _ => None,
+        };
+        lock(&self.fresh).insert(partition, (std::time::Instant::now(), lease.clone()));
+        lease
     }
 
     /// The engine configuration of `partition`: the template with its own data directory and

@@ -165,6 +165,10 @@ pub trait KeySource: Send + Sync {
     fn api_key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<ApiKey>, String>;
     /// Catches the keys up now (a key just created through another node); blocking.
     fn refresh_control(&self) -> Result<(), String>;
+    /// Ok while the keys may be answered from (memory only): a followed copy known current.
+    fn keys_current(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Why a key could not be read: the store, or the key source.
@@ -222,7 +226,11 @@ impl KeyCache {
     /// `engine`, read after the epoch (see the type's doc). `None`: no such key.
     pub fn find(&self, engine: Option<&Engine>, hash: &[u8; 32]) -> Result<Option<CachedKey>, KeyReadError> {
         let epoch = match (&self.source, engine) {
-            (Some(source), _) => source.api_key_epoch(),
+            (Some(source), _) => {
+                // A followed copy not known current answers nothing, not even from the cache.
+                source.keys_current().map_err(KeyReadError::Source)?;
+                source.api_key_epoch()
+            }
             (None, Some(engine)) => engine.api_key_epoch(),
             (None, None) => return Err(KeyReadError::Source("no source of API keys".into())),
         };
@@ -241,6 +249,12 @@ impl KeyCache {
             self.insert(epoch, *hash, cached.clone());
             cached
         }))
+    }
+
+    /// Whether the keys come from a followed source not known current now: a
+    /// [`KeyCache::refresh`] is due before any key is answered.
+    pub fn stale(&self) -> bool {
+        self.source.as_ref().is_some_and(|s| s.keys_current().is_err())
     }
 
     /// Whether a miss is worth a [`KeyCache::refresh`] (keys come from a followed source).

@@ -5,7 +5,7 @@
 //! follower would be.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,11 +59,27 @@ struct FakeNode {
     epoch: AtomicU64,
     refreshes: AtomicU64,
     changes: tokio::sync::watch::Sender<u64>,
+    /// Whether `place_fresh` reads the world (the lease afresh) rather than this node's view,
+    /// and how many times it was asked.
+    fresh: AtomicBool,
+    fresh_reads: AtomicU64,
 }
 
 impl FakeNode {
     fn control_engine(&self) -> &Engine {
         &self.world.engines[PARTITIONS as usize]
+    }
+
+    /// Where `partition` is served when `owner` (`None`, or no such node: nobody) holds it.
+    fn place_of(&self, partition: u32, owner: Option<usize>) -> Place {
+        match owner.filter(|&n| n < self.world.nodes.len()) {
+            Some(n) if n == self.me => Place::Local(self.world.engines[partition as usize].clone()),
+            Some(n) => {
+                let (node_id, advertise) = self.world.nodes[n].clone();
+                Place::Remote { node_id, advertise }
+            }
+            None => Place::Unowned,
+        }
     }
 }
 
@@ -85,14 +101,16 @@ impl Placement for FakeNode {
             Some(&n) => Some(n),
             None => self.world.owners.lock().unwrap()[partition as usize],
         };
-        match owner {
-            Some(n) if n == self.me => Place::Local(self.world.engines[partition as usize].clone()),
-            Some(n) => {
-                let (node_id, advertise) = self.world.nodes[n].clone();
-                Place::Remote { node_id, advertise }
-            }
-            None => Place::Unowned,
+        self.place_of(partition, owner)
+    }
+
+    fn place_fresh(&self, partition: u32) -> Place {
+        if !self.fresh.load(Ordering::SeqCst) {
+            return self.place(partition);
         }
+        self.fresh_reads.fetch_add(1, Ordering::SeqCst);
+        let owner = self.world.owners.lock().unwrap()[partition as usize];
+        self.place_of(partition, owner)
     }
 
     fn api_key_epoch(&self) -> u64 {
@@ -164,6 +182,8 @@ async fn cluster() -> Cluster {
             epoch: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
             changes: tokio::sync::watch::channel(0).0,
+            fresh: AtomicBool::new(false),
+            fresh_reads: AtomicU64::new(0),
         });
         node.refresh_control().unwrap();
         let front = Arc::new(Front::new(node.clone(), &config));
@@ -397,4 +417,41 @@ async fn forged_forwards_unowned_partitions_and_stale_views_are_refused_cleanly(
     let text = metrics.text();
     assert!(text.contains("partition=\"1\"") && text.contains("partition=\"control\""), "{text}");
     assert!(!text.contains("partition=\"2\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_that_moved_is_routed_by_its_lease_read_afresh_and_only_then() {
+    let c = cluster().await;
+    let org = org_in(2, 0);
+    let key = org_key(&c, 1, org).await;
+    let body = json!({"url": "https://example.com/h"});
+    let reads = || c.nodes[0].fresh_reads.load(Ordering::SeqCst);
+    c.nodes[0].fresh.store(true, Ordering::SeqCst);
+    // Served where node 0's view says: no lease read afresh.
+    let served = call(&c.addrs[0], "POST", "/v1/endpoints", &key, Some(body.clone()), &[]).await;
+    assert_eq!(served.status, StatusCode::CREATED, "{}", served.text());
+    assert_eq!(reads(), 0, "the hot path reads no lease");
+
+    // Node 2 handed partition 2 to node 1; node 0 still believes node 2 has it. Node 2 answers
+    // that it does not serve it, node 0 reads the lease, and node 1 serves the request.
+    c.world.owners.lock().unwrap()[2] = Some(1);
+    c.nodes[0].stale.lock().unwrap().insert(2, 2);
+    let moved = call(&c.addrs[0], "POST", "/v1/endpoints", &key, Some(body.clone()), &[]).await;
+    assert_eq!(moved.status, StatusCode::CREATED, "{}", moved.text());
+    assert_eq!(reads(), 1);
+    assert!(!moved.headers.contains_key("x-herald-not-owner"), "the mark stays between nodes");
+    // Node 0 believes nobody has it (a take-over it has not read yet): read afresh, served.
+    c.nodes[0].stale.lock().unwrap().insert(2, usize::MAX);
+    let unowned_here = call(&c.addrs[0], "GET", "/v1/endpoints", &key, None, &[]).await;
+    assert_eq!(unowned_here.status, StatusCode::OK, "{}", unowned_here.text());
+    assert_eq!(unowned_here.json()["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(reads(), 2);
+    // When the lease read afresh says nobody either, the 503 stands, unmarked.
+    c.world.owners.lock().unwrap()[2] = None;
+    let refused = call(&c.addrs[0], "POST", "/v1/endpoints", &key, Some(body), &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json()["name"], "unavailable");
+    assert!(refused.json()["error"].as_str().unwrap().contains("not served by any node"));
+    assert!(!refused.headers.contains_key("x-herald-not-owner"));
+    assert_eq!(reads(), 3);
 }

@@ -18,10 +18,10 @@ use crate::stream::StreamWriteAhead;
 use crate::takeover::{keep_renewed_with, unix_ms};
 
 /// Beats this node's heartbeat every third of the lease until aborted (a stalled node skips).
-pub(super) async fn heartbeat(shared: Arc<Shared>, advertise: String) {
+pub(super) async fn heartbeat(shared: Arc<Shared>, _advertise: String) {
     loop {
         if !shared.stalled.load(Ordering::SeqCst) {
-            let beat = shared.nodes.beat(&shared.node_id, &advertise, unix_ms());
+            let beat = super::control::beat(&shared);
             if let Ok(Err(e)) = tokio::time::timeout(shared.lease, beat).await {
                 tracing::warn!(node = %shared.node_id, error = %e, "heartbeat not written");
             }

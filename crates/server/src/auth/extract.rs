@@ -100,6 +100,9 @@ impl<S: RequiredScope, F: ErrorShape> FromRequestParts<Arc<AppState>> for Auth<S
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        if state.keys.stale() {
+            state.keys.refresh().await;
+        }
         let who = match authenticate(state, &parts.headers, F::FAMILY, S::SCOPE) {
             // Keys followed from elsewhere (cluster mode): one just created through another
             // node may not have arrived yet; catch up once before refusing.

@@ -29,6 +29,10 @@ use crate::json::Health;
 use crate::metrics::Metrics;
 use crate::state::{AppState, ServerLimits};
 
+/// Marks a 503 for a partition this node does not serve (it served nothing): the forwarding
+/// node reads the lease afresh and tries the owner it names. Never sent to a client.
+const X_NOT_OWNER: header::HeaderName = header::HeaderName::from_static("x-herald-not-owner");
+
 /// A merged page read from one partition, at most (250 items of a few KiB).
 const PAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
@@ -67,6 +71,10 @@ impl KeySource for PlacementKeys {
 
     fn refresh_control(&self) -> Result<(), String> {
         self.0.refresh_control()
+    }
+
+    fn keys_current(&self) -> Result<(), String> {
+        self.0.keys_current()
     }
 }
 
@@ -115,6 +123,10 @@ impl Front {
     /// is looked for again once the keys are caught up (one created through another node).
     async fn caller(&self, headers: &axum::http::HeaderMap, family: Family) -> Result<CachedKey, ApiError> {
         let key = bearer_key(headers).ok_or_else(|| ApiError::unauthorized(family))?;
+        if self.keys.stale() {
+            // Out of the live nodes or not caught up lately: back in and caught up first.
+            self.keys.refresh().await;
+        }
         let hash = key_hash(key);
         let found = match self.keys.find(None, &hash).map_err(|e| e.into_api(family))? {
             Some(k) => Some(k),
@@ -132,6 +144,13 @@ impl Front {
         e.into_response()
     }
 
+    /// [`Front::unowned`] for a partition this node does not serve, marked [`X_NOT_OWNER`].
+    fn not_owner(&self, family: Family, why: String) -> Response {
+        let mut response = self.unowned(family, why);
+        response.headers_mut().insert(X_NOT_OWNER, header::HeaderValue::from_static("1"));
+        response
+    }
+
     fn partition_name(&self, p: u32) -> String {
         match p == self.placement.control() {
             true => "control".into(),
@@ -139,14 +158,60 @@ impl Front {
         }
     }
 
-    /// Serves the request on partition `p`: its router here, its owner, or a 503.
+    /// Serves the request on partition `p`: its router here, its owner, or a 503. Where this
+    /// node knows no owner, or the node it forwarded to no longer owns `p` (neither served
+    /// it), the lease is read afresh once and the request served where it says.
     async fn call(&self, p: u32, parts: &request::Parts, body: Bytes, family: Family) -> Response {
-        match self.placement.place(p) {
-            Place::Local(engine) => {
-                let (_, router) = self.local(p, engine);
-                let request = rebuilt(parts, Body::from(body));
-                serve_with(router, request).await
+        let place = self.placement.place(p);
+        let asked = match &place {
+            Place::Remote { node_id, .. } => Some(node_id.clone()),
+            _ => None,
+        };
+        let mut answer = self.call_at(p, place, parts, body.clone(), family).await;
+        if answer.headers().contains_key(X_NOT_OWNER) {
+            let placement = self.placement.clone();
+            let fresh = tokio::task::spawn_blocking(move || placement.place_fresh(p)).await;
+            let moved = match &fresh {
+                Ok(Place::Local(_)) => true,
+                Ok(Place::Remote { node_id, .. }) => asked.as_ref() != Some(node_id),
+                _ => false,
+            };
+            if let (true, Ok(place)) = (moved, fresh) {
+                answer = self.call_at(p, place, parts, body, family).await;
             }
+        }
+        answer.headers_mut().remove(X_NOT_OWNER);
+        answer
+    }
+
+    /// Partition `p`'s router here over `engine`, serving `request`. A key created or revoked
+    /// (a control partition write that succeeded) is answered once every live node has it.
+    async fn serve_local(&self, p: u32, engine: Engine, request: Request) -> Response {
+        let write = p == self.placement.control() && request.method() != axum::http::Method::GET;
+        let (_, router) = self.local(p, engine);
+        let answer = serve_with(router, request).await;
+        if write && answer.status().is_success() {
+            let placement = self.placement.clone();
+            match tokio::task::spawn_blocking(move || placement.settle_control()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "a key change not confirmed by every live node"),
+                Err(e) => tracing::warn!(error = %e, "waiting for the live nodes after a key change"),
+            }
+        }
+        answer
+    }
+
+    /// [`Front::call`] at `place`.
+    async fn call_at(
+        &self,
+        p: u32,
+        place: Place,
+        parts: &request::Parts,
+        body: Bytes,
+        family: Family,
+    ) -> Response {
+        match place {
+            Place::Local(engine) => self.serve_local(p, engine, rebuilt(parts, Body::from(body))).await,
             Place::Remote { node_id, advertise } => {
                 let out = Outgoing { method: &parts.method, uri: &parts.uri, headers: &parts.headers, body };
                 let timeout = self.limits.request_timeout;
@@ -155,7 +220,10 @@ impl Front {
             }
             Place::Unowned => {
                 let name = self.partition_name(p);
-                self.unowned(family, format!("partition {name} is not served by any node now; retry shortly"))
+                self.not_owner(
+                    family,
+                    format!("partition {name} is not served by any node now; retry shortly"),
+                )
             }
         }
     }
@@ -225,15 +293,18 @@ impl Front {
             }
         };
         match self.placement.place(p) {
-            Place::Local(engine) => serve_with(self.local(p, engine).1, rebuilt(&parts, body)).await,
+            Place::Local(engine) => self.serve_local(p, engine, rebuilt(&parts, body)).await,
             Place::Remote { node_id, advertise } => {
                 let name = self.partition_name(p);
                 let why = format!("partition {name} is served by node {node_id} ({advertise}), not this one");
-                self.unowned(family, why)
+                self.not_owner(family, why)
             }
             Place::Unowned => {
                 let name = self.partition_name(p);
-                self.unowned(family, format!("partition {name} is not served by any node now; retry shortly"))
+                self.not_owner(
+                    family,
+                    format!("partition {name} is not served by any node now; retry shortly"),
+                )
             }
         }
     }

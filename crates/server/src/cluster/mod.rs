@@ -51,6 +51,21 @@ pub trait Placement: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), String>;
     /// Bumped on every change of what this node serves.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Ok while this node may authenticate from the keys it has (memory only); else why not:
+    /// then [`Placement::refresh_control`] first.
+    fn keys_current(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// On the control partition's owner, after a key was created or revoked through it:
+    /// returns once every live node has the change (bounded; blocking). Err says who lagged.
+    fn settle_control(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// [`Placement::place`], with the lease read afresh where that says `Unowned` (blocking,
+    /// bounded): for a request that would otherwise be answered 503.
+    fn place_fresh(&self, partition: u32) -> Place {
+        self.place(partition)
+    }
     /// How long a client should wait before retrying an unowned partition, seconds.
     fn retry_after_s(&self) -> u64 {
         1

@@ -35,11 +35,7 @@ impl Placement for NodePlacement {
     }
 
     fn place(&self, partition: u32) -> Place {
-        match self.node.place(partition) {
-            herald_cluster::Place::Local(engine) => Place::Local(engine),
-            herald_cluster::Place::Remote { node_id, advertise } => Place::Remote { node_id, advertise },
-            herald_cluster::Place::Unowned => Place::Unowned,
-        }
+        place_of(self.node.place(partition))
     }
 
     fn api_key_epoch(&self) -> u64 {
@@ -58,6 +54,18 @@ impl Placement for NodePlacement {
         self.node.readiness()
     }
 
+    fn keys_current(&self) -> Result<(), String> {
+        self.node.keys_current()
+    }
+
+    fn settle_control(&self) -> Result<(), String> {
+        self.node.settle_control()
+    }
+
+    fn place_fresh(&self, partition: u32) -> Place {
+        place_of(self.node.place_fresh(partition))
+    }
+
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.node.changes()
     }
@@ -68,6 +76,14 @@ impl Placement for NodePlacement {
 
     fn control(&self) -> u32 {
         self.node.control()
+    }
+}
+
+fn place_of(place: herald_cluster::Place) -> Place {
+    match place {
+        herald_cluster::Place::Local(engine) => Place::Local(engine),
+        herald_cluster::Place::Remote { node_id, advertise } => Place::Remote { node_id, advertise },
+        herald_cluster::Place::Unowned => Place::Unowned,
     }
 }
 
