@@ -613,8 +613,8 @@ impl Shared {
         Ok(store)
     }
 
-    /// Partition `partition`'s stream, opened (made when missing) once. Gives up after twice
-    /// the stream's `ack_wait` without an answer (a stream whose leader was lost answers
+    /// Partition `partition`'s stream, opened (made when missing) once. Gives up after the
+    /// stream's `ack_wait` without an answer (a stream whose leader was lost answers
     /// nothing until the next is elected; the take-over waiting for it is tried again).
     fn stream(&self, partition: u32) -> Result<PartitionStream, String> {
         if let Some(stream) = lock(&self.streams).get(&partition) {
@@ -623,7 +623,7 @@ impl Shared {
         let js = self.js.clone();
         let settings = self.stream_settings;
         let control = partition == self.partitions;
-        let within = settings.ack_wait * 2;
+        let within = settings.ack_wait;
         let open = async move {
             if control {
                 PartitionStream::open_control(js, partition, settings).await

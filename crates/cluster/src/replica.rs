@@ -169,8 +169,11 @@ async fn apply_messages(
     }
     let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
     let mut applied = Applied { position, messages: 0, in_flight: 0, answers };
-    let mut messages =
-        answered(stall, "to the catch-up consumer", stream.messages_from(position + 1)).await?;
+    let mut messages = if last - position <= DIRECT_READ_MAX {
+        direct_reads(stream, position + 1, last)
+    } else {
+        answered(stall, "to the catch-up consumer", stream.messages_from(position + 1)).await?.boxed()
+    };
     for seq in position + 1..=last {
         let next = async {
             messages.next().await.unwrap_or_else(|| {
@@ -196,6 +199,33 @@ async fn apply_messages(
     }
     applied.wait_until(0).await?;
     Ok((applied.position, applied.messages))
+}
+
+/// Messages behind at most which a catch-up reads them one by one from the stream's leader
+/// rather than through a consumer: a take-over is usually a few hundred messages behind, and
+/// a consumer is made by the cluster's meta leader, which may still be being elected after a
+/// server's loss when the stream itself already answers.
+const DIRECT_READ_MAX: u64 = 512;
+
+/// Messages `first ..= last`, each read by its sequence, in order.
+fn direct_reads(
+    stream: &PartitionStream,
+    first: u64,
+    last: u64,
+) -> futures_util::stream::BoxStream<'static, Result<(u64, bytes::Bytes), ClusterError>> {
+    let stream = stream.clone();
+    futures_util::stream::iter(first..=last)
+        .then(move |seq| {
+            let stream = stream.clone();
+            async move {
+                let payload = stream.payload(seq).await?.ok_or_else(|| ClusterError::Diverged {
+                    stream_seq: seq,
+                    why: "the stream holds no such message".into(),
+                })?;
+                Ok((seq, payload))
+            }
+        })
+        .boxed()
 }
 
 /// Where [`apply_messages`] stands: the messages answered, and those not yet.
