@@ -84,7 +84,7 @@ pub use crate::node::{
     heartbeat_ttl, Node, NodeConfig, Place, CONTROL_FOLLOW_EVERY, META_BUCKET, PARTITIONS_KEY,
 };
 pub use crate::partitions::Partitions;
-pub use crate::replica::{catch_up, discard, CaughtUp, Follower};
+pub use crate::replica::{catch_up, catch_up_within, discard, CaughtUp, Follower};
 pub use crate::stream::{
     PartitionStream, StreamSettings, StreamWriteAhead, COMMAND_BYTES_MAX, HEADERS_BYTES_MAX,
     MAX_PAYLOAD_NEEDED,

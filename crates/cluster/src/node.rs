@@ -700,7 +700,9 @@ impl Shared {
         Ok(store)
     }
 
-    /// Partition `partition`'s stream, opened (made when missing) once.
+    /// Partition `partition`'s stream, opened (made when missing) once. Gives up after the
+    /// stream's `ack_wait` without an answer (a stream whose leader was lost answers
+    /// nothing until the next is elected; the take-over waiting for it is tried again).
     fn stream(&self, partition: u32) -> Result<PartitionStream, String> {
         if let Some(stream) = lock(&self.streams).get(&partition) {
             return Ok(stream.clone());
@@ -708,15 +710,18 @@ impl Shared {
         let js = self.js.clone();
         let settings = self.stream_settings;
         let control = partition == self.partitions;
+        let within = settings.ack_wait;
+        let open = async move {
+            if control {
+                PartitionStream::open_control(js, partition, settings).await
+            } else {
+                PartitionStream::open(js, partition, settings).await
+            }
+        };
         let stream = self
             .runtime
-            .block_on(async move {
-                if control {
-                    PartitionStream::open_control(js, partition, settings).await
-                } else {
-                    PartitionStream::open(js, partition, settings).await
-                }
-            })
+            .block_on(async move { tokio::time::timeout(within, open).await })
+            .map_err(|_| format!("no answer from NATS opening the stream within {within:?}"))?
             .map_err(|e| e.to_string())?;
         lock(&self.streams).insert(partition, stream.clone());
         Ok(stream)

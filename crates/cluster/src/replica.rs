@@ -12,6 +12,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use herald_log::{
@@ -100,18 +101,52 @@ pub struct CaughtUp {
 /// of the stream (else discards it), then applies every message after its position. Nothing
 /// else may write `store` meanwhile (no log open on it).
 pub async fn catch_up(store: &Arc<dyn Store>, stream: &PartitionStream) -> Result<CaughtUp, ClusterError> {
-    let last = stream.last_sequence().await?;
-    let discarded = !agrees(store.as_ref(), stream, last).await?;
+    catch_up_with(store, stream, None).await
+}
+
+/// [`catch_up`], giving up once NATS leaves one of its requests, or the next message, without
+/// an answer for `stall`: a stream without a leader (its server lost, an election under way) or
+/// a cluster without a meta leader (the catch-up consumer cannot be made) fails it within about
+/// `stall` instead of holding its caller. What was applied stays applied; the next catch-up
+/// goes on from there. A take-over uses it, so that it fails, lets its lease go and is tried
+/// again, rather than holding a lease it cannot serve.
+pub async fn catch_up_within(
+    store: &Arc<dyn Store>,
+    stream: &PartitionStream,
+    stall: Duration,
+) -> Result<CaughtUp, ClusterError> {
+    catch_up_with(store, stream, Some(stall)).await
+}
+
+async fn catch_up_with(
+    store: &Arc<dyn Store>,
+    stream: &PartitionStream,
+    stall: Option<Duration>,
+) -> Result<CaughtUp, ClusterError> {
+    let last = answered(stall, "to the stream's state", stream.last_sequence()).await?;
+    let discarded = !answered(stall, "to a message read", agrees(store.as_ref(), stream, last)).await?;
     if discarded {
         discard(store.as_ref())?;
     }
     let position = write_ahead_position(store.as_ref())?;
     let config = LogConfig { durability: Durability::Sync, ..LogConfig::default() };
     let log = Log::open(store.clone(), Follower, config)?;
-    let applied = apply_messages(&log, stream, position, last).await;
+    let applied = apply_messages(&log, stream, position, last, stall).await;
     log.close();
     let (position, messages) = applied?;
     Ok(CaughtUp { position, messages, discarded })
+}
+
+/// `work`'s answer, or an error once `stall` (if any) passes without one.
+async fn answered<T>(
+    stall: Option<Duration>,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, ClusterError>>,
+) -> Result<T, ClusterError> {
+    let Some(stall) = stall else { return work.await };
+    tokio::time::timeout(stall, work)
+        .await
+        .unwrap_or_else(|_| Err(ClusterError::Nats(format!("no answer {what} within {stall:?}"))))
 }
 
 /// Stream messages handed to the follower's writer and not yet answered, at most: it batches
@@ -127,17 +162,25 @@ async fn apply_messages(
     stream: &PartitionStream,
     position: u64,
     last: u64,
+    stall: Option<Duration>,
 ) -> Result<(u64, u64), ClusterError> {
     if position >= last {
         return Ok((position, 0));
     }
     let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
     let mut applied = Applied { position, messages: 0, in_flight: 0, answers };
-    let mut messages = stream.messages_from(position + 1).await?;
+    let mut messages = if last - position <= DIRECT_READ_MAX {
+        direct_reads(stream, position + 1, last)
+    } else {
+        answered(stall, "to the catch-up consumer", stream.messages_from(position + 1)).await?.boxed()
+    };
     for seq in position + 1..=last {
-        let (got, payload) = messages.next().await.unwrap_or_else(|| {
-            Err(ClusterError::Nats(format!("the stream's messages ended before message {seq}")))
-        })?;
+        let next = async {
+            messages.next().await.unwrap_or_else(|| {
+                Err(ClusterError::Nats(format!("the stream's messages ended before message {seq}")))
+            })
+        };
+        let (got, payload) = answered(stall, "with the next message", next).await?;
         if got != seq {
             return Err(ClusterError::Diverged {
                 stream_seq: seq,
@@ -156,6 +199,33 @@ async fn apply_messages(
     }
     applied.wait_until(0).await?;
     Ok((applied.position, applied.messages))
+}
+
+/// Messages behind at most which a catch-up reads them one by one from the stream's leader
+/// rather than through a consumer: a take-over is usually a few hundred messages behind, and
+/// a consumer is made by the cluster's meta leader, which may still be being elected after a
+/// server's loss when the stream itself already answers.
+const DIRECT_READ_MAX: u64 = 512;
+
+/// Messages `first ..= last`, each read by its sequence, in order.
+fn direct_reads(
+    stream: &PartitionStream,
+    first: u64,
+    last: u64,
+) -> futures_util::stream::BoxStream<'static, Result<(u64, bytes::Bytes), ClusterError>> {
+    let stream = stream.clone();
+    futures_util::stream::iter(first..=last)
+        .then(move |seq| {
+            let stream = stream.clone();
+            async move {
+                let payload = stream.payload(seq).await?.ok_or_else(|| ClusterError::Diverged {
+                    stream_seq: seq,
+                    why: "the stream holds no such message".into(),
+                })?;
+                Ok((seq, payload))
+            }
+        })
+        .boxed()
 }
 
 /// Where [`apply_messages`] stands: the messages answered, and those not yet.

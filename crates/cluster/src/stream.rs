@@ -162,10 +162,20 @@ impl PartitionStream {
         self.settings
     }
 
-    /// The stream's last sequence (0 when it holds no message).
+    /// The stream's last sequence (0 when it holds no message). Gives up after the settings'
+    /// `ack_wait` without an answer (a stream whose leader was lost answers nothing until the
+    /// next is elected, and the client's own request time-out is 10 s): its callers (a
+    /// catch-up, the control follower every 250 ms, which a take-over of the control partition
+    /// waits for) try again rather than wait out the election and then some.
     pub async fn last_sequence(&self) -> Result<u64, ClusterError> {
         let mut stream = self.stream.clone();
-        let info = stream.info().await.map_err(|e| nats("reading the stream's state")(&e))?;
+        let wait = self.settings.ack_wait;
+        let info = tokio::time::timeout(wait, stream.info())
+            .await
+            .map_err(|_| {
+                ClusterError::Nats(format!("reading the stream's state: no answer within {wait:?}"))
+            })?
+            .map_err(|e| nats("reading the stream's state")(&e))?;
         Ok(info.state.last_sequence)
     }
 

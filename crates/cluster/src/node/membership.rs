@@ -13,7 +13,7 @@ use herald_engine::{Actor, Command, Engine};
 use super::{lock, read, write, Renewal, Seen, Served, Shared};
 use crate::balance::{self, View};
 use crate::lease::{fair_share, Held, Lease};
-use crate::replica::catch_up;
+use crate::replica::catch_up_within;
 use crate::stream::StreamWriteAhead;
 use crate::takeover::{keep_renewed_with, unix_ms};
 
@@ -60,12 +60,25 @@ fn moved(shared: &Shared, partition: u32, lease: &Lease) -> bool {
 
 /// The membership loop (its own thread: take-overs block on NATS and on the stores).
 pub(super) fn run(shared: Arc<Shared>) {
+    let mut failed = Failed::default();
     while !shared.stopping() {
         if !shared.stalled.load(Ordering::SeqCst) {
             step_down_refused(&shared);
-            turn(&shared);
+            turn(&shared, &mut failed);
         }
         shared.sleep(shared.lease / 3);
+    }
+}
+
+/// The partitions whose last take-over failed, each with when it may be tried again: a
+/// failed take-over releases its lease, which wakes this loop at once; without the pause a
+/// stream that answers with an error at once would be claimed again and again.
+#[derive(Default)]
+struct Failed(BTreeMap<u32, std::time::Instant>);
+
+impl Failed {
+    fn due(&self, partition: u32) -> bool {
+        self.0.get(&partition).is_none_or(|at| std::time::Instant::now() >= *at)
     }
 }
 
@@ -83,7 +96,7 @@ fn step_down_refused(shared: &Shared) {
 }
 
 /// One look at the cluster and what the plan says to do about it.
-fn turn(shared: &Arc<Shared>) {
+fn turn(shared: &Arc<Shared>, failed: &mut Failed) {
     let seen = match read_cluster(shared) {
         Ok(seen) => seen,
         Err(e) => {
@@ -99,17 +112,12 @@ fn turn(shared: &Arc<Shared>) {
         tracing::info!(node = %shared.node_id, partitions = ?names, "handing back");
         stop_serving(shared, &plan.release, true, stop_within(shared));
     }
-    for partition in plan.claim {
-        if shared.stopping() {
-            return;
-        }
-        match take_over(shared, partition) {
-            Ok(()) => {
-                tracing::info!(node = %shared.node_id, partition = %shared.label(partition), "took over")
-            }
-            Err(e) => {
-                tracing::info!(node = %shared.node_id, partition = %shared.label(partition), error = %e, "not taken over")
-            }
+    let due: Vec<u32> = plan.claim.into_iter().filter(|&p| failed.due(p)).collect();
+    for (partition, ok) in take_over_all(shared, &due) {
+        if ok {
+            failed.0.remove(&partition);
+        } else {
+            failed.0.insert(partition, std::time::Instant::now() + shared.lease / 3);
         }
     }
 }
@@ -154,16 +162,79 @@ fn plan_view(shared: &Shared, seen: &Seen) -> View {
     }
 }
 
-/// Takes `partition` over: the control partition's follower paused first (the engine opens
-/// the same store), resumed if the take-over fails.
-fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
-    let control = partition == shared.partitions;
-    if control {
-        shared.control.pause();
-    }
-    shared.taking.store(u64::from(partition), Ordering::SeqCst);
-    let opened = open_partition(shared, partition);
+/// Takes `partitions` over: claims their leases one after another (each claim is a
+/// compare-and-set on the whole lease bucket: made together, they would only make each other
+/// try again), and takes each claimed one over on a thread of its own at once: a take-over
+/// whose stream cannot be read yet (its leader lost with a NATS server, an election under way)
+/// holds only itself, and each partition is served as soon as its own take-over is done.
+/// Claiming stops at the first claim NATS leaves unanswered for a lease (the others would wait
+/// as long); the control partition is claimed last, its follower paused first (the engine
+/// opens the same store; the pause waits for a catch-up in progress). Waits for every
+/// take-over; returns whether each succeeded (a claim refused counts as failed).
+fn take_over_all(shared: &Arc<Shared>, partitions: &[u32]) -> Vec<(u32, bool)> {
+    let Some(&first) = partitions.first() else { return Vec::new() };
+    let mut order = partitions.to_vec();
+    order.sort_by_key(|&p| p == shared.partitions);
+    shared.taking.store(u64::from(first), Ordering::SeqCst);
+    let done = std::thread::scope(|scope| {
+        let mut takes = Vec::new();
+        let mut done = Vec::new();
+        for partition in order {
+            if shared.stopping() {
+                break;
+            }
+            let control = partition == shared.partitions;
+            if control {
+                shared.control.pause();
+            }
+            match claim(shared, partition) {
+                Ok(held) => takes.push((partition, scope.spawn(move || take_over(shared, partition, held)))),
+                Err(answered) => {
+                    if control {
+                        shared.control.resume();
+                    }
+                    done.push((partition, false));
+                    if !answered {
+                        break;
+                    }
+                }
+            }
+        }
+        done.extend(takes.into_iter().map(|(p, take)| (p, take.join().unwrap_or(false))));
+        done
+    });
     shared.taking.store(super::NONE, Ordering::SeqCst);
+    done
+}
+
+/// Claims `partition`'s lease. Err(whether NATS answered) when not claimed (logged).
+fn claim(shared: &Shared, partition: u32) -> Result<Held, bool> {
+    let leases = shared.leases.clone();
+    let claim = shared.runtime.block_on(async move {
+        tokio::time::timeout(shared.lease, leases.claim(partition, unix_ms())).await
+    });
+    let label = shared.label(partition);
+    match claim {
+        Ok(Ok(held)) => Ok(held),
+        Ok(Err(e)) => {
+            tracing::info!(node = %shared.node_id, partition = %label, error = %e, "not taken over");
+            Err(true)
+        }
+        Err(_) => {
+            tracing::info!(node = %shared.node_id, partition = %label, "not taken over: no answer from NATS to the lease claim");
+            Err(false)
+        }
+    }
+}
+
+/// Takes `partition`, whose lease this node has just claimed (`held`), over; for the control
+/// partition, its follower (paused before the claim) is told the engine answers now, or
+/// resumed if the take-over fails. Logs the outcome; returns whether it succeeded.
+fn take_over(shared: &Arc<Shared>, partition: u32, held: Held) -> bool {
+    let control = partition == shared.partitions;
+    let started = std::time::Instant::now();
+    let opened = open_partition(shared, partition, held);
+    let (node, label, took) = (&shared.node_id, shared.label(partition), started.elapsed());
     match opened {
         Ok(served) => {
             write(&shared.served).insert(partition, served);
@@ -171,32 +242,38 @@ fn take_over(shared: &Arc<Shared>, partition: u32) -> Result<(), String> {
                 shared.control.changed_hands();
             }
             shared.bump_changes();
-            Ok(())
+            tracing::info!(node = %node, partition = %label, took = ?took, "took over");
+            true
         }
         Err(e) => {
             if control {
                 shared.control.resume();
             }
-            Err(e)
+            tracing::info!(node = %node, partition = %label, took = ?took, error = %e, "not taken over");
+            false
         }
     }
 }
 
-/// Claims the lease (renewed from then on), catches the replica up, opens the engine writing
-/// ahead to the stream, and writes `ClaimPartition` (the fence) as its first command.
-fn open_partition(shared: &Arc<Shared>, partition: u32) -> Result<Served, String> {
-    let store = shared.store(partition)?;
-    let stream = shared.stream(partition)?;
-    let leases = shared.leases.clone();
-    let held = shared
-        .runtime
-        .block_on(async move { tokio::time::timeout(shared.lease, leases.claim(partition, unix_ms())).await })
-        .map_err(|_| "no answer from NATS to the lease claim".to_string())?
-        .map_err(|e| format!("lease: {e}"))?;
+/// With the lease `held` (renewed from then on), catches the replica up, opens the engine
+/// writing ahead to the stream, and writes `ClaimPartition` (the fence) as its first command.
+/// Bounded: the catch-up gives up once NATS leaves a request or a message unanswered for the
+/// stream's `ack_wait` (a stream without a leader yet), the fence's publish after the
+/// stream's `publish_timeout`; a take-over that gives up stops renewing and releases the
+/// lease, so that it is not held unserved, and is tried again at a later turn.
+fn open_partition(shared: &Arc<Shared>, partition: u32, held: Held) -> Result<Served, String> {
     let renewal = renew(shared, held.clone());
+    let (label, started) = (shared.label(partition), std::time::Instant::now());
+    let stall = shared.stream_settings.ack_wait;
+    tracing::debug!(node = %shared.node_id, partition = %label, epoch = held.lease.epoch, "lease claimed; catching up");
     let opened = (|| {
-        let caught =
-            shared.runtime.block_on(catch_up(&store, &stream)).map_err(|e| format!("catch-up: {e}"))?;
+        let store = shared.store(partition)?;
+        let stream = shared.stream(partition)?;
+        let caught = shared
+            .runtime
+            .block_on(catch_up_within(&store, &stream, stall))
+            .map_err(|e| format!("catch-up: {e}"))?;
+        tracing::debug!(node = %shared.node_id, partition = %label, messages = caught.messages, took = ?started.elapsed(), "caught up; writing the claim");
         let write_ahead = Arc::new(StreamWriteAhead::new(stream, shared.runtime.clone(), caught.position));
         let engine =
             Engine::open_store_with_write_ahead(shared.engine_config(partition), store, write_ahead.clone())
