@@ -27,7 +27,7 @@ use herald_projector::CheckedTables;
 
 use super::{lock, Place, Shared, CONTROL_FOLLOW_EVERY};
 use crate::partition::CONTROL_SUBJECT;
-use crate::replica::catch_up;
+use crate::replica::catch_up_within;
 use crate::takeover::unix_ms;
 
 /// The times the trust rule works with (see the module's header).
@@ -250,7 +250,9 @@ impl ControlReplica {
         }
         let caught = shared
             .runtime
-            .block_on(catch_up(&self.store, &stream))
+            // Bounded like a take-over's: a stream without a leader (an election after a
+            // nats-server died) must not hold `pause()` for the client's 10 s or a consumer's 30 s.
+            .block_on(catch_up_within(&self.store, &stream, stream.settings().ack_wait))
             .map_err(|e| format!("catching the control partition up: {e}"))?;
         if caught.messages > 0 || caught.discarded {
             self.epoch.fetch_add(1, Ordering::SeqCst);
