@@ -468,8 +468,10 @@ fn t2_kill_9_of_a_herald_node_under_load() {
 /// campaign of up to 0.8 s), together; a lease passed meanwhile is claimed again; a take-over
 /// that met a stream without a leader yet gave up after the stream's `ack_wait` (2 s) and is
 /// tried again; a publish of unknown fate waits up to `ack_wait` for its ack and as long to
-/// read the stream. 10 s + 2 × 2 s, rounded up.
-const NATS_FAILOVER_WITHIN: Duration = Duration::from_secs(14);
+/// read the stream: 10 s + 2 × 2 s. Measured over 10 rounds on a loaded 2-core machine: most
+/// partitions back within 11 s, one at 16.3 s (two take-over tries met a stream still without a
+/// leader); the bound leaves that much again for a CI machine's load.
+const NATS_FAILOVER_WITHIN: Duration = Duration::from_secs(23);
 
 /// Each partition's first publish answered (acknowledged) after `since`: how long after it.
 fn first_acks_after(acked: &[cluster::Acked], tenants: &[Tenant], since: Instant) -> BTreeMap<u32, Duration> {
