@@ -12,7 +12,7 @@ mod control;
 mod membership;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use herald_projector::OrgId;
 
 use crate::error::{nats, ClusterError};
 use crate::lease::{open_bucket, Held, Lease, LeaseError, LeaseSettings, Leases, Nodes};
+use crate::partition::PartitionId;
 use crate::stream::{PartitionStream, StreamSettings, StreamWriteAhead};
 use crate::takeover::unix_ms;
 
@@ -304,7 +305,9 @@ impl Node {
         runtime
             .block_on(nodes.beat(&config.node_id, &config.advertise, unix_ms()))
             .map_err(|e| ClusterError::Nats(format!("the first heartbeat: {e}")))?;
-        let control_store = open_store(&config, config.partitions)?;
+        let control_store =
+            open_store(&config.data_dir, config.engine.cache_bytes, config.partitions, config.partitions)
+                .map_err(|e| ClusterError::Log(herald_log::LogError::Store(herald_log::StoreError::Io(e))))?;
         let timing = control::Timing {
             ttl: heartbeat_ttl(config.lease),
             margin: skew_margin,
@@ -526,26 +529,17 @@ fn spawn_thread(name: &str, shared: Arc<Shared>, run: fn(Arc<Shared>)) -> std::t
     std::thread::Builder::new().name(name.into()).spawn(move || run(shared)).expect("spawning a node thread")
 }
 
-/// The store directory of `partition` (the control partition's is `control`).
-fn store_dir(config_dir: &std::path::Path, partitions: u32, partition: u32) -> PathBuf {
-    let cluster = config_dir.join("cluster");
-    if partition == partitions {
-        cluster.join("control")
-    } else {
-        cluster.join(format!("p{partition}"))
-    }
-}
-
-/// Opens partition `partition`'s sled store with its share of the page cache.
-fn open_store(config: &NodeConfig, partition: u32) -> Result<Arc<dyn Store>, ClusterError> {
-    let dir = store_dir(&config.data_dir, config.partitions, partition);
-    let cache = share_of(config.engine.cache_bytes, config.partitions, 1 << 20);
-    let store = SledStore::open(&dir, cache).map_err(|e| {
-        ClusterError::Log(herald_log::LogError::Store(herald_log::StoreError::Io(format!(
-            "{}: {e}",
-            dir.display()
-        ))))
-    })?;
+/// Opens partition `partition`'s sled store (`<data_dir>/cluster/p<N>` or `cluster/control`)
+/// with its share of the page cache.
+fn open_store(
+    data_dir: &Path,
+    cache_bytes: u64,
+    partitions: u32,
+    partition: u32,
+) -> Result<Arc<dyn Store>, String> {
+    let dir = PartitionId::of(partition, partitions).dir(data_dir);
+    let cache = share_of(cache_bytes, partitions, 1 << 20);
+    let store = SledStore::open(&dir, cache).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(Arc::new(store))
 }
 
@@ -575,15 +569,6 @@ pub const FRESH_READ_WITHIN: Duration = Duration::from_millis(500);
 /// How long a lease [`Node::place_fresh`] read serves its next callers for the same partition.
 pub const FRESH_REUSE: Duration = Duration::from_millis(50);
 
-/// A partition's name in messages: its number, or `control`.
-fn label(partitions: u32, partition: u32) -> String {
-    if partition == partitions {
-        "control".into()
-    } else {
-        partition.to_string()
-    }
-}
-
 impl Shared {
     fn wake(&self) {
         *lock(&self.wake.0) = true;
@@ -606,8 +591,9 @@ impl Shared {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// A partition's name in messages: its number, or `control`.
     fn label(&self, partition: u32) -> String {
-        label(self.partitions, partition)
+        PartitionId::of(partition, self.partitions).arg()
     }
 
     fn place(&self, partition: u32) -> Place {
@@ -676,7 +662,7 @@ impl Shared {
     /// its share of the caches and dispatcher threads.
     fn engine_config(&self, partition: u32) -> EngineConfig {
         let mut config = self.engine.clone();
-        config.data_dir = store_dir(&self.data_dir, self.partitions, partition);
+        config.data_dir = PartitionId::of(partition, self.partitions).dir(&self.data_dir);
         config.cache_bytes = share_of(self.engine.cache_bytes, self.partitions, 1 << 20);
         let read_cache = share_of(self.engine.read_cache_bytes as u64, self.partitions, 256 << 10);
         config.read_cache_bytes = usize::try_from(read_cache).unwrap_or(usize::MAX);
@@ -692,10 +678,7 @@ impl Shared {
         if let Some(store) = stores.get(&partition) {
             return Ok(store.clone());
         }
-        let dir = store_dir(&self.data_dir, self.partitions, partition);
-        let cache = share_of(self.engine.cache_bytes, self.partitions, 1 << 20);
-        let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(&dir, cache).map_err(|e| format!("{}: {e}", dir.display()))?);
+        let store = open_store(&self.data_dir, self.engine.cache_bytes, self.partitions, partition)?;
         stores.insert(partition, store.clone());
         Ok(store)
     }

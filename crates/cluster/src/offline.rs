@@ -4,8 +4,6 @@
 //! ([`StreamReader`], for `herald export --from-nats`); and an empty stream opened to load a
 //! log into ([`open_empty_stream`], for `herald import --to-nats`).
 
-use std::fmt;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -17,69 +15,8 @@ use futures_util::{Stream, StreamExt};
 use herald_log::{decode_records, CorruptKind, CorruptRecord, Hash, Record};
 
 use crate::error::{nats, ClusterError};
-use crate::partition::{stream_name, CONTROL_STREAM};
+pub use crate::partition::{PartitionId, CLUSTER_DIR};
 use crate::stream::{PartitionStream, StreamSettings};
-
-/// The directory, inside a node's `[store] data_dir`, that holds its partitions' stores.
-pub const CLUSTER_DIR: &str = "cluster";
-
-/// A partition as the offline tools name it: data partition `n`, or the control partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PartitionId {
-    Data(u32),
-    Control,
-}
-
-impl PartitionId {
-    /// `control`, or a data partition's number.
-    pub fn parse(text: &str) -> Result<PartitionId, String> {
-        match text.trim() {
-            "control" => Ok(PartitionId::Control),
-            n => n.parse().map(PartitionId::Data).map_err(|_| {
-                format!("{text:?} is not a partition: give its number (0, 1, ...) or `control`")
-            }),
-        }
-    }
-
-    /// As `--partition` takes it: its number, or `control`.
-    pub fn arg(&self) -> String {
-        match self {
-            PartitionId::Data(n) => n.to_string(),
-            PartitionId::Control => "control".into(),
-        }
-    }
-
-    /// Its directory's name in `<data_dir>/cluster/`: `p<n>` or `control`.
-    pub fn dir_name(&self) -> String {
-        match self {
-            PartitionId::Data(n) => format!("p{n}"),
-            PartitionId::Control => "control".into(),
-        }
-    }
-
-    /// Its store in the node whose data directory is `data_dir`: `<data_dir>/cluster/p<n>` or
-    /// `<data_dir>/cluster/control`.
-    pub fn dir(&self, data_dir: &Path) -> PathBuf {
-        data_dir.join(CLUSTER_DIR).join(self.dir_name())
-    }
-
-    /// Its JetStream stream: `HERALD_P<n>` or `HERALD_CONTROL`.
-    pub fn stream_name(&self) -> String {
-        match self {
-            PartitionId::Data(n) => stream_name(*n),
-            PartitionId::Control => CONTROL_STREAM.into(),
-        }
-    }
-}
-
-impl fmt::Display for PartitionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PartitionId::Data(n) => write!(f, "partition {n}"),
-            PartitionId::Control => f.write_str("the control partition"),
-        }
-    }
-}
 
 /// A JetStream context on the NATS servers `urls` names (comma-separated `nats://host:port`,
 /// as `[cluster] nats_url` takes them), connected as a node connects.
@@ -238,22 +175,4 @@ pub async fn open_empty_stream(
         )));
     }
     Ok(stream)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_are_named_by_number_or_control() {
-        assert_eq!(PartitionId::parse("3"), Ok(PartitionId::Data(3)));
-        assert_eq!(PartitionId::parse("control"), Ok(PartitionId::Control));
-        assert!(PartitionId::parse("-1").unwrap_err().contains("control"));
-        assert!(PartitionId::parse("p3").is_err());
-        let dir = Path::new("/data");
-        assert_eq!(PartitionId::Data(3).dir(dir), Path::new("/data/cluster/p3"));
-        assert_eq!(PartitionId::Control.dir(dir), Path::new("/data/cluster/control"));
-        assert_eq!(PartitionId::Data(3).stream_name(), "HERALD_P3");
-        assert_eq!(PartitionId::Control.stream_name(), "HERALD_CONTROL");
-    }
 }

@@ -1,4 +1,8 @@
-//! Which partition an organisation lives in, and the names its stream and subject take.
+//! Which partition an organisation lives in, how a partition is named ([`PartitionId`]: `3` or
+//! `control`, its directory in a node's data directory), and the names its stream and subject take.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 use herald_projector::OrgId;
 
@@ -29,6 +33,76 @@ pub fn stream_name(n: u32) -> String {
 /// The subject partition `n`'s batches are published on.
 pub fn subject(n: u32) -> String {
     format!("herald.p.{n}")
+}
+
+/// The directory, inside a node's `[store] data_dir`, that holds its partitions' stores.
+pub const CLUSTER_DIR: &str = "cluster";
+
+/// A partition as the offline tools name it: data partition `n`, or the control partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PartitionId {
+    Data(u32),
+    Control,
+}
+
+impl PartitionId {
+    /// Partition `partition` in the numbering the node uses: `0..partitions` are data
+    /// partitions, `partitions` is the control partition.
+    pub fn of(partition: u32, partitions: u32) -> PartitionId {
+        match partition == partitions {
+            true => PartitionId::Control,
+            false => PartitionId::Data(partition),
+        }
+    }
+
+    /// `control`, or a data partition's number.
+    pub fn parse(text: &str) -> Result<PartitionId, String> {
+        match text.trim() {
+            "control" => Ok(PartitionId::Control),
+            n => n.parse().map(PartitionId::Data).map_err(|_| {
+                format!("{text:?} is not a partition: give its number (0, 1, ...) or `control`")
+            }),
+        }
+    }
+
+    /// As `--partition` takes it: its number, or `control`.
+    pub fn arg(&self) -> String {
+        match self {
+            PartitionId::Data(n) => n.to_string(),
+            PartitionId::Control => "control".into(),
+        }
+    }
+
+    /// Its directory's name in `<data_dir>/cluster/`: `p<n>` or `control`.
+    pub fn dir_name(&self) -> String {
+        match self {
+            PartitionId::Data(n) => format!("p{n}"),
+            PartitionId::Control => "control".into(),
+        }
+    }
+
+    /// Its store in the node whose data directory is `data_dir`: `<data_dir>/cluster/p<n>` or
+    /// `<data_dir>/cluster/control`.
+    pub fn dir(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join(CLUSTER_DIR).join(self.dir_name())
+    }
+
+    /// Its JetStream stream: `HERALD_P<n>` or `HERALD_CONTROL`.
+    pub fn stream_name(&self) -> String {
+        match self {
+            PartitionId::Data(n) => stream_name(*n),
+            PartitionId::Control => CONTROL_STREAM.into(),
+        }
+    }
+}
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PartitionId::Data(n) => write!(f, "partition {n}"),
+            PartitionId::Control => f.write_str("the control partition"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -66,5 +140,21 @@ mod tests {
     fn names() {
         assert_eq!(stream_name(7), "HERALD_P7");
         assert_eq!(subject(7), "herald.p.7");
+    }
+
+    #[test]
+    fn partitions_are_named_by_number_or_control() {
+        assert_eq!(PartitionId::parse("3"), Ok(PartitionId::Data(3)));
+        assert_eq!(PartitionId::parse("control"), Ok(PartitionId::Control));
+        assert!(PartitionId::parse("-1").unwrap_err().contains("control"));
+        assert!(PartitionId::parse("p3").is_err());
+        let dir = Path::new("/data");
+        assert_eq!(PartitionId::Data(3).dir(dir), Path::new("/data/cluster/p3"));
+        assert_eq!(PartitionId::Control.dir(dir), Path::new("/data/cluster/control"));
+        assert_eq!(PartitionId::Data(3).stream_name(), "HERALD_P3");
+        assert_eq!(PartitionId::Control.stream_name(), "HERALD_CONTROL");
+        assert_eq!(PartitionId::of(4, 4), PartitionId::Control);
+        assert_eq!(PartitionId::of(3, 4), PartitionId::Data(3));
+        assert_eq!(PartitionId::of(4, 4).arg(), "control");
     }
 }

@@ -418,7 +418,7 @@ fn readiness_rule(look: &Look<'_>, served: &[u32]) -> Result<(), String> {
                 *per_node.entry(l.node_id.as_str()).or_default() += 1
             }
             _ => {
-                let name = if partition + 1 == total { "control".to_string() } else { partition.to_string() };
+                let name = crate::partition::PartitionId::of(partition, total - 1).arg();
                 return Err(format!("owns {held} of its share {share}; partition {name} has no owner yet"));
             }
         }

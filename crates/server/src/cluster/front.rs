@@ -152,10 +152,7 @@ impl Front {
     }
 
     fn partition_name(&self, p: u32) -> String {
-        match p == self.placement.control() {
-            true => "control".into(),
-            false => p.to_string(),
-        }
+        herald_cluster::partition::PartitionId::of(p, self.placement.partitions()).arg()
     }
 
     /// Serves the request on partition `p`: its router here, its owner, or a 503. Where this
