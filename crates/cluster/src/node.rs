@@ -145,7 +145,7 @@ struct Shared {
     control: control::ControlReplica,
     changes: tokio::sync::watch::Sender<u64>,
     /// Wakes the membership loop before its next turn (a lease lost, a write fenced, a stop).
-    wake: (Mutex<bool>, Condvar),
+    wake: Wakeup,
     stopping: AtomicBool,
     /// Test hook: renewals, heartbeats and the membership loop suspended (a stalled process).
     stalled: AtomicBool,
@@ -332,7 +332,7 @@ impl Node {
             seen: RwLock::new(Seen::default()),
             control: control::ControlReplica::new(control_store, timing),
             changes: tokio::sync::watch::channel(0).0,
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Wakeup::default(),
             stopping: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             taking: AtomicU64::new(NONE),
@@ -543,6 +543,29 @@ fn open_store(
     Ok(Arc::new(store))
 }
 
+/// A sleep another thread can cut short (the membership loop, the control follower).
+#[derive(Default)]
+pub(crate) struct Wakeup {
+    woken: Mutex<bool>,
+    condvar: Condvar,
+}
+
+impl Wakeup {
+    /// Ends the sleep in progress at once, or the next one.
+    pub(crate) fn wake(&self) {
+        *lock(&self.woken) = true;
+        self.condvar.notify_all();
+    }
+
+    /// Sleeps up to `every`, or until woken.
+    pub(crate) fn sleep(&self, every: Duration) {
+        let guard = lock(&self.woken);
+        let (mut woken, _) =
+            self.condvar.wait_timeout_while(guard, every, |w| !*w).unwrap_or_else(|e| e.into_inner());
+        *woken = false;
+    }
+}
+
 /// `total` split over every partition (data and control), at least `floor`.
 fn share_of(total: u64, partitions: u32, floor: u64) -> u64 {
     (total / (u64::from(partitions) + 1)).max(floor)
@@ -571,16 +594,12 @@ pub const FRESH_REUSE: Duration = Duration::from_millis(50);
 
 impl Shared {
     fn wake(&self) {
-        *lock(&self.wake.0) = true;
-        self.wake.1.notify_all();
+        self.wake.wake();
     }
 
     /// Sleeps up to `every`, or until woken.
     fn sleep(&self, every: Duration) {
-        let guard = lock(&self.wake.0);
-        let (mut woken, _) =
-            self.wake.1.wait_timeout_while(guard, every, |w| !*w).unwrap_or_else(|e| e.into_inner());
-        *woken = false;
+        self.wake.sleep(every);
     }
 
     fn stopping(&self) -> bool {

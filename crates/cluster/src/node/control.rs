@@ -18,14 +18,14 @@
 //! catches up, else is answered 503.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_engine::{get_api_key_by_hash, ApiKey};
 use herald_log::{write_ahead_position, Store};
 use herald_projector::CheckedTables;
 
-use super::{lock, Place, Shared, CONTROL_FOLLOW_EVERY};
+use super::{lock, Place, Shared, Wakeup, CONTROL_FOLLOW_EVERY};
 use crate::partition::CONTROL_SUBJECT;
 use crate::replica::catch_up_within;
 use crate::takeover::unix_ms;
@@ -70,7 +70,7 @@ pub(super) struct ControlReplica {
     trusted_until_ms: AtomicU64,
     base: Instant,
     /// Wakes the follower before its next turn (a message on the control subject).
-    wake: (Mutex<bool>, Condvar),
+    wake: Wakeup,
 }
 
 /// How long [`Node::refresh_control`](super::Node::refresh_control) waits for a catch-up
@@ -89,7 +89,7 @@ impl ControlReplica {
             trust: Mutex::new(Trust::default()),
             trusted_until_ms: AtomicU64::new(0),
             base: Instant::now(),
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Wakeup::default(),
         }
     }
 
@@ -149,16 +149,12 @@ impl ControlReplica {
 
     /// Wakes the follower now.
     fn wake(&self) {
-        *lock(&self.wake.0) = true;
-        self.wake.1.notify_all();
+        self.wake.wake();
     }
 
     /// Sleeps up to `every`, or until woken.
     fn sleep(&self, every: Duration) {
-        let guard = lock(&self.wake.0);
-        let (mut woken, _) =
-            self.wake.1.wait_timeout_while(guard, every, |w| !*w).unwrap_or_else(|e| e.into_inner());
-        *woken = false;
+        self.wake.sleep(every);
     }
 
     /// Whether the replica has been caught up (or taken over) at least once since the start.
