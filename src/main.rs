@@ -270,8 +270,9 @@ fn main() -> ExitCode {
             let secs = started.elapsed().as_secs_f64();
             let rate = report.chain.records as f64 / secs.max(1e-3);
             Ok(Some(format!(
-                "verified {} records in {secs:.1} s ({rate:.0} records/s)",
-                report.chain.records
+                "verified {} records in {secs:.1} s ({rate:.0} records/s; {})",
+                report.chain.records,
+                bar.phase_times()
             )))
         }),
         Cmd::Export { dir, redact_secrets, from_nats, partitions, out } => {
@@ -522,10 +523,27 @@ fn parse_subject(
 /// The offline tools' progress: a bar on stderr when stdout and stderr are terminals, nothing
 /// otherwise.
 #[derive(Default)]
-struct Bar(Option<ProgressBar>);
+struct Bar {
+    shown: Option<ProgressBar>,
+    /// The phases ended so far, with the time each took.
+    phases: Vec<(String, Duration)>,
+    /// The phase under way and when it began.
+    current: Option<(String, std::time::Instant)>,
+}
+
+impl Bar {
+    /// The phases' times, for a summary line: `checking the chain 7.1 s, ...`.
+    fn phase_times(&self) -> String {
+        let times: Vec<String> =
+            self.phases.iter().map(|(what, took)| format!("{what} {:.1} s", took.as_secs_f64())).collect();
+        times.join(", ")
+    }
+}
 
 impl Progress for Bar {
     fn begin(&mut self, what: &str, len: u64) {
+        self.end();
+        self.current = Some((what.to_owned(), std::time::Instant::now()));
         let bar = ProgressBar::with_draw_target(
             Some(len),
             if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
@@ -539,18 +557,21 @@ impl Progress for Bar {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(what.to_owned());
-        self.0 = Some(bar);
+        self.shown = Some(bar);
     }
 
     fn advance(&mut self, position: u64) {
-        if let Some(bar) = &self.0 {
+        if let Some(bar) = &self.shown {
             bar.set_position(position);
         }
     }
 
     fn end(&mut self) {
-        if let Some(bar) = self.0.take() {
+        if let Some(bar) = self.shown.take() {
             bar.finish_and_clear();
+        }
+        if let Some((what, began)) = self.current.take() {
+            self.phases.push((what, began.elapsed()));
         }
     }
 }

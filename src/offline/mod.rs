@@ -31,6 +31,7 @@ mod partition;
 mod replay;
 mod replay_index;
 mod resident;
+mod scratch_store;
 mod split;
 mod timeline;
 mod to_nats;

@@ -1,15 +1,17 @@
 //! `verify`: every record's checksum and the hash chain in one pass, then the projection
-//! rebuilt from the log into scratch storage on disk and compared with the stored one, both read
-//! in key order a page at a time, all within a memory bound.
+//! rebuilt from the log into scratch storage on disk (a redb file, `scratch_store.rs`) and
+//! compared with the stored one, both read in key order a page at a time, all within a memory
+//! bound (above what opening the live store takes: see `resident.rs`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use herald_log::record::CHUNK_BYTES;
-use herald_log::{LogError, SledStore, StoreError};
+use herald_log::{LogError, StoreError};
 use herald_projector::{rebuild_into, rebuilt_pages, stored_pages, ProjectionPages, ScratchTables};
 
 use super::resident::ResidentBound;
+use super::scratch_store::ScratchStore;
 use super::{hex, last_seq, open_existing_cached, Difference, OfflineError, Progress};
 
 /// What `verify` keeps its memory under unless told otherwise.
@@ -69,11 +71,12 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-/// How a memory bound is shared out. sled's caches take a quarter of it between them, but sled
-/// keeps much more of what a pass reads (see `resident.rs`): the stores are reopened between
-/// pages once what the process holds has grown by three eighths of the bound. The pages read
-/// and the rebuild's buffered writes (a sixty-fourth: applying a batch to sled holds several
-/// copies of it for a moment) take the rest.
+/// How a memory bound is shared out. The live store's sled cache and the scratch store's redb
+/// cache take an eighth each. sled keeps much more of what a pass reads than its cache size
+/// (see `resident.rs`): the live store is reopened between pages once what the process holds has
+/// grown by three eighths of the bound. The rebuild's buffered writes take a sixty-fourth
+/// (applying a batch holds several copies of it for a moment) and its filter of written keys
+/// four times that; the pages read take the rest.
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     live_cache_bytes: u64,
@@ -216,8 +219,9 @@ impl ScratchDir {
         ScratchDir(dir)
     }
 
-    fn open(&self, cache_bytes: u64) -> Result<SledStore, OfflineError> {
-        SledStore::open(&self.0, cache_bytes).map_err(|e| self.error(e))
+    fn open(&self, cache_bytes: u64) -> Result<ScratchStore, OfflineError> {
+        std::fs::create_dir_all(&self.0).map_err(|e| self.error(StoreError::Io(e.to_string())))?;
+        ScratchStore::create(&self.0.join("scratch.redb"), cache_bytes).map_err(|e| self.error(e))
     }
 
     fn error(&self, error: StoreError) -> OfflineError {

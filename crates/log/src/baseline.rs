@@ -62,17 +62,41 @@ pub fn raw_sled_scan(dir: &Path) -> Result<(u64, Duration), sled::Error> {
 }
 
 /// Opens the sled database at `dir` (as an offline tool opens it) and reads each of `keys` with
-/// a `get`, touching each value; returns the time the open took and the time the reads took.
-pub fn raw_sled_gets(dir: &Path, keys: &[Vec<u8>]) -> Result<(Duration, Duration), sled::Error> {
+/// a `get`, touching each value.
+pub fn raw_sled_gets(dir: &Path, keys: &[Vec<u8>]) -> Result<RawGets, sled::Error> {
+    let resident_before = resident_bytes();
     let started = Instant::now();
     let db = sled::Config::new().path(dir).segment_size(SEGMENT_BYTES).open()?;
     let tree = db.open_tree(b"herald")?;
-    let opened = started.elapsed();
+    let open = started.elapsed();
     let started = Instant::now();
     let mut bytes = 0usize;
     for key in keys {
         bytes = bytes.wrapping_add(tree.get(key)?.map_or(0, |v| v.len()));
     }
     std::hint::black_box(bytes);
-    Ok((opened, started.elapsed()))
+    let gets = started.elapsed();
+    let resident_growth =
+        resident_bytes().zip(resident_before).map(|(after, before)| after.saturating_sub(before));
+    Ok(RawGets { open, gets, resident_growth })
+}
+
+/// What [`raw_sled_gets`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct RawGets {
+    /// Opening the database and its tree.
+    pub open: Duration,
+    /// The gets, after the open.
+    pub gets: Duration,
+    /// How much this process's resident memory grew from before the open to after the gets,
+    /// with the database still open (`None` where `/proc/self/status` cannot be read): what
+    /// holding the store open costs, as the first thing a process does.
+    pub resident_growth: Option<u64>,
+}
+
+/// This process's resident memory in bytes (`VmRSS` in `/proc/self/status`).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
 }

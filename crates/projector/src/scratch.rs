@@ -22,13 +22,23 @@ const AREA_REBUILT: u8 = 0x01;
 const AREA_CHUNKS: u8 = 0x02;
 /// What a buffered write costs beyond its key and value (the map's node, the two vectors).
 const PENDING_ENTRY_OVERHEAD_BYTES: usize = 96;
+/// The filter of keys written to the store takes this many bytes per byte of buffered writes.
+const FILTER_BYTES_PER_PENDING_BYTE: usize = 4;
+/// The least filter, for tiny buffers.
+const FILTER_BYTES_LEAST: usize = 64;
+/// Bits a key sets in the filter.
+const FILTER_HASHES: usize = 6;
 
-/// [`Tables`] in one area of a scratch store: writes are kept in memory until they take
-/// `pending_bytes_max`, then applied to the store in one batch; reads see both. A store error
-/// is kept (the read that met it reads as absent) and returned by [`ScratchTables::finish`].
+/// [`Tables`] in one area of a scratch store (empty when they start): writes are kept in memory
+/// until they take `pending_bytes_max`, then applied to the store in one batch; reads see both.
+/// A filter of the keys applied to the store (four bytes for each byte of buffered writes)
+/// answers most reads of a key never written without reading the store: a rebuild asks for
+/// every new row before it writes it. A store error is kept (the read that met it reads as
+/// absent) and returned by [`ScratchTables::finish`].
 pub struct ScratchTables<'s> {
     store: &'s dyn Store,
     area: u8,
+    written: KeyFilter,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pending_bytes: usize,
     pending_bytes_max: usize,
@@ -43,9 +53,11 @@ impl<'s> ScratchTables<'s> {
     }
 
     fn in_area(store: &'s dyn Store, area: u8, pending_bytes_max: usize) -> ScratchTables<'s> {
+        let filter_bytes = pending_bytes_max.saturating_mul(FILTER_BYTES_PER_PENDING_BYTE);
         ScratchTables {
             store,
             area,
+            written: KeyFilter::new(filter_bytes.max(FILTER_BYTES_LEAST)),
             pending: BTreeMap::new(),
             pending_bytes: 0,
             pending_bytes_max,
@@ -65,6 +77,7 @@ impl<'s> ScratchTables<'s> {
         }
         let mut batch = WriteBatch::default();
         for (key, value) in std::mem::take(&mut self.pending) {
+            self.written.insert(&key);
             match value {
                 Some(value) => batch.put(self.stored_key(&key), value),
                 None => batch.delete(self.stored_key(&key)),
@@ -120,6 +133,7 @@ impl ReadTables for ScratchTables<'_> {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         match self.pending.get(key) {
             Some(value) => value.clone(),
+            None if !self.written.may_hold(key) => None,
             None => self.kept(self.store.get(&self.stored_key(key))),
         }
     }
@@ -165,6 +179,38 @@ impl Tables for ScratchTables<'_> {
 
     fn delete(&mut self, key: &[u8]) {
         self.stage(key.to_vec(), None);
+    }
+}
+
+/// A Bloom filter of keys: `may_hold` is true of every key inserted, and of few others.
+struct KeyFilter {
+    words: Vec<u64>,
+}
+
+impl KeyFilter {
+    fn new(bytes: usize) -> KeyFilter {
+        KeyFilter { words: vec![0; bytes.div_ceil(8)] }
+    }
+
+    /// The bits of `key`: double hashing of one 64-bit hash.
+    fn bits(&self, key: &[u8]) -> [usize; FILTER_HASHES] {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let hash = hasher.finish();
+        let (h1, h2) = (hash & 0xFFFF_FFFF, (hash >> 32) | 1);
+        let bits = self.words.len() as u64 * 64;
+        std::array::from_fn(|i| (h1.wrapping_add((i as u64).wrapping_mul(h2)) % bits) as usize)
+    }
+
+    fn insert(&mut self, key: &[u8]) {
+        for bit in self.bits(key) {
+            self.words[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    fn may_hold(&self, key: &[u8]) -> bool {
+        self.bits(key).iter().all(|bit| self.words[bit / 64] & (1 << (bit % 64)) != 0)
     }
 }
 
@@ -302,7 +348,31 @@ mod tests {
     use super::*;
     use crate::tables::MemTables;
 
+    #[test]
+    fn a_large_key_filter_rejects_nearly_every_key_not_inserted() {
+        let mut filter = KeyFilter::new(64 << 10);
+        for n in 0u32..20_000 {
+            filter.insert(&n.to_be_bytes());
+        }
+        let false_positives = (20_000u32..120_000).filter(|n| filter.may_hold(&n.to_be_bytes())).count();
+        // 26 bits a key and 6 hashes: about 0.03 % in theory; 0.5 % would mean a broken hash.
+        assert!(false_positives < 500, "{false_positives} of 100,000 keys never inserted");
+    }
+
     proptest! {
+        /// A filter holds every key put in it, whatever its size; a large one few others.
+        #[test]
+        fn the_key_filter_holds_every_key_inserted(
+            keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 0..200),
+            bytes in 1usize..4096,
+        ) {
+            let mut filter = KeyFilter::new(bytes);
+            for key in &keys {
+                filter.insert(key);
+            }
+            prop_assert!(keys.iter().all(|k| filter.may_hold(k)));
+        }
+
         /// Scratch tables, flushed to their store every few writes, read exactly as tables in
         /// memory given the same writes: get, scan and scan_rev, at any point.
         #[test]
