@@ -4,11 +4,14 @@
 //!   refs): its wall time and peak resident memory, beside a raw sled open and `get`s of as many
 //!   keys as the story has records;
 //! - `herald verify` (default `--memory-max`, 512 MiB): its time, its rate in records/s as a
-//!   share of a raw sled scan of the record keyspace, and its peak resident memory.
+//!   share of a raw sled scan of the record keyspace, and its peak resident memory;
+//! - the same delivery's history over HTTP (`GET /v1/webhook_deliveries/{id}/history`) from a
+//!   running `herald serve` on the history: the median and the slowest of its requests, beside
+//!   the raw gets of the story's records.
 //!
 //! The history is written through the log and the projector directly (no HTTP): fold rules
-//! adopted first (so the projection keeps record refs), one endpoint, then per delivery a
-//! publish, a failed attempt and a delivered one (three records).
+//! adopted first (so the projection keeps record refs), an admin key, one endpoint, then per
+//! delivery a publish, a failed attempt and a delivered one (three records).
 //!
 //! Run: `cargo bench --bench audit` (1,000,000 records); `-- --records 10000000` for the large
 //! run; `--json FILE` also writes JSON; `--data DIR` builds the history in DIR and keeps it, or
@@ -18,6 +21,8 @@
 mod common;
 #[path = "../tests/common/peak.rs"]
 mod peak;
+#[path = "common/serve.rs"]
+mod serve;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,13 +31,17 @@ use std::time::{Duration, Instant};
 use common::{endpoint_created, report, write_history, Fate, Row};
 use herald_log::baseline::{raw_sled_gets, raw_sled_scan};
 use herald_log::{Durability, Log, LogConfig, SledStore, Store};
-use herald_projector::{DeliveryId, Event, Projector, RULES_CURRENT};
+use herald_projector::{ApiKeyId, DeliveryId, Event, Projector, Scope, RULES_CURRENT};
 use uuid::Uuid;
 
 const START_MS: u64 = 1_700_000_000_000;
 const RECORDS_DEFAULT: u64 = 1_000_000;
 /// Records of one delivery's story: its publish, a failed attempt, the delivered one.
 const RECORDS_PER_DELIVERY: u64 = 3;
+/// Records before the deliveries': the rules adopted, the admin key, the endpoint.
+const RECORDS_BEFORE: u64 = 3;
+/// Requests of the history route timed; the figures are their median and slowest.
+const HISTORY_REQUESTS: usize = 50;
 const PAYLOAD_BYTES: usize = 256;
 /// Replays timed; the figure is their median.
 const REPLAYS: usize = 5;
@@ -41,6 +50,9 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Beside a kept history: its deliveries and last seq, written once the build is complete.
 const BUILT_FILE: &str = "built";
+/// The kind of history this bench builds, first in [`BUILT_FILE`]: a history of another kind
+/// (an earlier version of this bench's) is refused, not measured.
+const HISTORY_KIND: &str = "audit-v2";
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -58,8 +70,10 @@ fn records_wanted() -> u64 {
 fn build_or_reuse(data: &Path, deliveries: u64) -> u64 {
     let built = data.with_file_name(BUILT_FILE);
     if let Ok(text) = std::fs::read_to_string(&built) {
-        match text.split_whitespace().map(str::parse::<u64>).collect::<Result<Vec<_>, _>>() {
-            Ok(v) if v.len() == 2 && v[0] == deliveries => {
+        let mut words = text.split_whitespace();
+        let kind = words.next();
+        match words.map(str::parse::<u64>).collect::<Result<Vec<_>, _>>() {
+            Ok(v) if kind == Some(HISTORY_KIND) && v.len() == 2 && v[0] == deliveries => {
                 eprintln!("reusing the history of {} records in {}", v[1], data.display());
                 return v[1];
             }
@@ -73,7 +87,7 @@ fn build_or_reuse(data: &Path, deliveries: u64) -> u64 {
     let started = Instant::now();
     let last = build(data, deliveries);
     eprintln!("built {last} records ({deliveries} deliveries) in {:.1} s", started.elapsed().as_secs_f64());
-    std::fs::write(&built, format!("{deliveries} {last}")).unwrap();
+    std::fs::write(&built, format!("{HISTORY_KIND} {deliveries} {last}")).unwrap();
     last
 }
 
@@ -83,8 +97,16 @@ fn build(dir: &Path, deliveries: u64) -> u64 {
     let config =
         LogConfig { batch_commands_max: 64, queue_commands_max: 1024, durability: Durability::Flush };
     let log = Log::open(store.clone(), Projector, config).unwrap();
+    let admin_key = Event::ApiKeyCreated {
+        id: ApiKeyId(Uuid::from_u128(1)),
+        org_id: None,
+        scopes: vec![Scope::Admin],
+        name: "bench".into(),
+        key_hash: herald_server::key_hash(serve::ADMIN_KEY),
+    };
     log.submit(vec![
         (START_MS, Event::RulesAdopted { version: RULES_CURRENT }),
+        (START_MS, admin_key),
         (START_MS, endpoint_created()),
     ])
     .unwrap()
@@ -124,6 +146,25 @@ fn replay(data: &Path, delivery: DeliveryId, out: &Path) -> (Duration, u64, usiz
     (times[REPLAYS / 2], peak_bytes, lines)
 }
 
+/// The median and slowest of [`HISTORY_REQUESTS`] requests of `delivery`'s history from a
+/// herald serving `data` (a new connection each, as a script would make them), and the records
+/// its answer holds.
+fn history_over_http(data: &Path, delivery: DeliveryId) -> (Duration, Duration, usize) {
+    let (herald, _) = serve::Herald::start(data);
+    let path = format!("/v1/webhook_deliveries/{}/history", delivery.0);
+    let (mut times, mut records) = (Vec::new(), 0);
+    for _ in 0..HISTORY_REQUESTS {
+        let started = Instant::now();
+        let (status, body) = serve::get(herald.port, &path, Some(serve::ADMIN_KEY)).expect("herald answered");
+        times.push(started.elapsed());
+        assert_eq!(status, 200, "the history route answered {status}: {body}");
+        records = body.matches("\"prev_hash\"").count();
+    }
+    herald.stop();
+    times.sort();
+    (times[HISTORY_REQUESTS / 2], times[HISTORY_REQUESTS - 1], records)
+}
+
 fn main() {
     let records = records_wanted();
     let deliveries = (records / RECORDS_PER_DELIVERY).max(1);
@@ -140,7 +181,7 @@ fn main() {
     // so that the resident memory the open adds is this process's first (in a run that reuses a
     // history; after a build in this process, freed memory is reused and it reads low).
     let target = deliveries / 2;
-    let first_seq = 2 + target * RECORDS_PER_DELIVERY + 1;
+    let first_seq = RECORDS_BEFORE + target * RECORDS_PER_DELIVERY + 1;
     let keys: Vec<Vec<u8>> =
         (first_seq..first_seq + RECORDS_PER_DELIVERY).map(herald_log::record::head_key).collect();
     let raw = raw_sled_gets(&data, &keys).unwrap();
@@ -164,6 +205,14 @@ fn main() {
     let verify = peak::run_measured(bin(), &args, &dir, CHILD_TIMEOUT);
     assert_eq!(verify.code, 0, "verify failed: {}", verify.stderr);
     let verify_rate = last as f64 / verify.elapsed.as_secs_f64();
+    eprintln!("verify took {:.1} s", verify.elapsed.as_secs_f64());
+
+    let (history_median, history_slowest, history_records) = history_over_http(&data, delivery_id(target));
+    eprintln!(
+        "history over HTTP: {history_records} records, median {:.2} ms, slowest {:.2} ms",
+        history_median.as_secs_f64() * 1e3,
+        history_slowest.as_secs_f64() * 1e3
+    );
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let rows = vec![
@@ -203,7 +252,26 @@ fn main() {
             target: "≤ 512 MB at 10,000,000 records".into(),
             met: Some(verify.peak_bytes as f64 <= 512e6),
         },
+        Row {
+            name: format!(
+                "history of one delivery over HTTP ({history_records} records), running server, {last} records: median of {HISTORY_REQUESTS}"
+            ),
+            value: ms(history_median),
+            unit: "ms",
+            limit_name: format!("raw sled {} gets", keys.len()),
+            limit: ms(raw.gets),
+            target: String::new(),
+            met: None,
+        },
+        Row {
+            name: format!("history of one delivery over HTTP, running server, {last} records: slowest"),
+            value: ms(history_slowest),
+            unit: "ms",
+            limit_name: format!("raw sled {} gets", keys.len()),
+            limit: ms(raw.gets),
+            target: String::new(),
+            met: None,
+        },
     ];
-    eprintln!("verify took {:.1} s", verify.elapsed.as_secs_f64());
     report(&rows);
 }

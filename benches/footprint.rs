@@ -11,14 +11,13 @@
 //! to profile a restart by hand). `HERALD_BENCH_FOOTPRINT_SCALE=0.1` shrinks them for a quick look. Run: `cargo bench --bench footprint` (`--json FILE` also writes JSON).
 
 mod common;
+#[path = "common/serve.rs"]
+mod serve;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{report, sled, write_history, Fate, Row};
+use serve::Herald;
 
 const START_MS: u64 = 1_800_000_000_000;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -29,77 +28,6 @@ fn scale() -> f64 {
 
 fn scaled(n: u64) -> u64 {
     ((n as f64 * scale()) as u64).max(1)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn get(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// A running `herald serve` on `dir`, stopped (SIGKILL) on drop.
-struct Herald {
-    child: Child,
-}
-
-impl Herald {
-    /// Starts herald and returns it with the time until `/readyz` answered 200.
-    fn start(dir: &Path) -> (Herald, Duration) {
-        let port = free_port();
-        let started = Instant::now();
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir)
-            .env("HERALD_ADMIN_KEY", "sk_bench_admin_key_0123456789")
-            .env("HERALD_STORE_DURABILITY", "flush")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start herald");
-        let herald = Herald { child };
-        let deadline = started + Duration::from_secs(120);
-        while get(port, "/readyz") != Some(200) {
-            assert!(Instant::now() < deadline, "herald was not ready in 120 s");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (herald, started.elapsed())
-    }
-
-    /// Resident memory now, MiB.
-    fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
-    }
-}
-
-impl Herald {
-    /// SIGTERM, and wait for the graceful stop.
-    fn stop(mut self) {
-        // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Herald {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn main() {
