@@ -532,7 +532,7 @@ struct Bar {
 }
 
 impl Bar {
-    /// The phases' times, for a summary line: `checking the chain 7.1 s, ...`.
+    /// The phases' times, for a summary line: `comparing with the stored projection 1.0 s, ...`.
     fn phase_times(&self) -> String {
         let times: Vec<String> =
             self.phases.iter().map(|(what, took)| format!("{what} {:.1} s", took.as_secs_f64())).collect();

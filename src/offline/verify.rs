@@ -1,14 +1,15 @@
-//! `verify`: every record's checksum and the hash chain in one pass, then the projection
-//! rebuilt from the log into scratch storage on disk (a redb file, `scratch_store.rs`) and
-//! compared with the stored one, both read in key order a page at a time, all within a memory
+//! `verify`: one pass over the log that checks every record's checksum and the hash chain and
+//! rebuilds the projection from them into scratch storage on disk (a redb file,
+//! `scratch_store.rs`), then the rebuild compared with the stored projection, both read in key order a page at a time, all within a memory
 //! bound (above what opening the live store takes: see `resident.rs`).
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use herald_log::record::CHUNK_BYTES;
 use herald_log::{LogError, StoreError};
-use herald_projector::{rebuild_into, rebuilt_pages, stored_pages, ProjectionPages, ScratchTables};
+use herald_projector::{rebuilt_pages, stored_pages, ProjectionPages, Refold, ScratchTables};
 
 use super::resident::ResidentBound;
 use super::scratch_store::ScratchStore;
@@ -83,7 +84,8 @@ struct Budget {
     scratch_cache_bytes: u64,
     /// Writes of the rebuild held in memory before they are applied to the scratch store.
     pending_bytes: usize,
-    /// Records read at once while folding (a record is rarely over a few KiB).
+    /// Records folded between two folds of their index entries into chunks (the entries are
+    /// held aside meanwhile).
     page_records: usize,
     /// Pairs read at once from each projection while comparing (each at most `CHUNK_BYTES`).
     page_pairs: usize,
@@ -135,31 +137,33 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     let store = open_existing_cached(&options.data_dir, budget.live_cache_bytes)?;
     let mut bound = ResidentBound::from_now(options.memory_max_bytes);
     let last = last_seq(store.as_ref())?;
-    progress.begin("checking the chain", last);
-    let chain = herald_log::verify_paged(
+    let scratch_dir = ScratchDir::create(&options.data_dir);
+    let scratch = scratch_dir.open(budget.scratch_cache_bytes)?;
+    let mut tables = ScratchTables::rebuilt(&scratch, budget.pending_bytes);
+    let mut refold =
+        Refold::start(store.as_ref(), &mut tables, budget.page_records).map_err(OfflineError::Rebuild)?;
+    // One pass over the log: each record checked (checksum, chain) and then folded.
+    progress.begin("checking the chain and rebuilding the projection", last);
+    let mut folding = Ok(());
+    let chain = herald_log::verify_paged_each(
         store.as_ref(),
         budget.page_keys,
-        &mut || bound.relieve(&[store.as_ref()]),
+        &mut || bound.relieve(&[store.as_ref(), &scratch]),
         &mut |seq| progress.advance(seq),
+        &mut |record| match refold.push(record) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                folding = Err(e);
+                ControlFlow::Break(())
+            }
+        },
     )
     .map_err(|e| match e {
         LogError::Corrupt(c) => OfflineError::Damaged(c),
         other => OfflineError::Unreadable(other),
     })?;
-    progress.end();
-    let scratch_dir = ScratchDir::create(&options.data_dir);
-    let scratch = scratch_dir.open(budget.scratch_cache_bytes)?;
-    progress.begin("rebuilding the projection", last);
-    let mut tables = ScratchTables::rebuilt(&scratch, budget.pending_bytes);
-    let mut relief = Ok(());
-    rebuild_into(store.as_ref(), &mut tables, budget.page_records, &mut |seq| {
-        progress.advance(seq);
-        if relief.is_ok() {
-            relief = bound.relieve(&[store.as_ref(), &scratch]);
-        }
-    })
-    .map_err(OfflineError::Rebuild)?;
-    relief.map_err(|e| OfflineError::Log(e.into()))?;
+    folding.map_err(OfflineError::Rebuild)?;
+    refold.finish().map_err(OfflineError::Rebuild)?;
     tables.finish().map_err(|e| scratch_dir.error(e))?;
     progress.end();
     progress.begin("comparing with the stored projection", 0);

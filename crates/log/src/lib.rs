@@ -47,9 +47,9 @@ mod writer;
 pub use crate::cache::{CacheStats, Cacheable, CachedStore, CACHE_ENTRY_OVERHEAD_BYTES};
 pub use crate::log::{
     check_format, read_head, read_record, read_record_linked, read_records, restore_anchor, upgrade_format,
-    verify, verify_paged, AfterFlush, AppendOnly, Head, Log, LogConfig, LogError, Machine, Outcome, Tail,
-    VerifyReport, WriterStats, FLUSH_BUCKETS_US, RESUME_WAIT_FIRST, RESUME_WAIT_MAX, STORE_FORMAT,
-    STORE_FORMAT_OLDEST,
+    verify, verify_paged, verify_paged_each, AfterFlush, AppendOnly, Head, Log, LogConfig, LogError, Machine,
+    Outcome, Tail, VerifyReport, WriterStats, FLUSH_BUCKETS_US, RESUME_WAIT_FIRST, RESUME_WAIT_MAX,
+    STORE_FORMAT, STORE_FORMAT_OLDEST,
 };
 pub use crate::record::{CorruptKind, CorruptRecord, Hash, Record};
 pub use crate::sled_store::{vacuum, SledStore, VacuumReport, SEGMENT_BYTES};

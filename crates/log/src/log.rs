@@ -505,11 +505,25 @@ pub fn verify_paged(
     between: &mut dyn FnMut() -> Result<(), StoreError>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<VerifyReport, LogError> {
+    verify_paged_each(store, page_keys, between, progress, &mut |_| ControlFlow::Continue(()))
+}
+
+/// [`verify_paged`] handing each record to `each` once it is checked (its checksum, and its
+/// link to the record before it or to the anchor), in log order: one pass for a reader that
+/// needs every record and the chain checked, as `herald verify` does. When `each` breaks, the
+/// check stops there and returns what it checked up to then (the caller knows why it broke).
+pub fn verify_paged_each(
+    store: &dyn Store,
+    page_keys: usize,
+    between: &mut dyn FnMut() -> Result<(), StoreError>,
+    progress: &mut dyn FnMut(u64),
+    each: &mut dyn FnMut(&Record) -> ControlFlow<()>,
+) -> Result<VerifyReport, LogError> {
     let (anchor_seq, anchor_hash) = read_anchor(store)?;
     let mut asm = Assembler::new(Some(anchor_seq + 1)).with_prev_hash(anchor_hash);
     let mut report =
         VerifyReport { records: 0, first_seq: anchor_seq + 1, last_seq: anchor_seq, last_hash: anchor_hash };
-    let mut bad = None;
+    let (mut bad, mut stopped) = (None, false);
     let mut got = Vec::new();
     let (mut from, end) = (head_key(0), record_keys_end());
     loop {
@@ -527,6 +541,10 @@ pub fn verify_paged(
                 if r.seq % 65_536 == 0 {
                     progress(r.seq);
                 }
+                if each(&r).is_break() {
+                    stopped = true;
+                    return ControlFlow::Break(());
+                }
             }
             keys += 1;
             if keys >= page_keys {
@@ -537,6 +555,9 @@ pub fn verify_paged(
         })?;
         if let Some(c) = bad {
             return Err(c.into());
+        }
+        if stopped {
+            return Ok(report);
         }
         // The next page starts just past the last key read: that key with a zero byte after it.
         let Some(mut next) = page_end else { break };

@@ -4,8 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_log::{
-    keyspace, record, verify, verify_paged, AppendOnly, CorruptKind, CorruptRecord, Durability, FailingStore,
-    Log, LogConfig, LogError, Machine, MemStore, SledStore, Store, StoreError, Tx, VolatileStore, WriteBatch,
+    keyspace, read_records, record, verify, verify_paged, verify_paged_each, AppendOnly, CorruptKind,
+    CorruptRecord, Durability, FailingStore, Log, LogConfig, LogError, Machine, MemStore, SledStore, Store,
+    StoreError, Tx, VolatileStore, WriteBatch,
 };
 
 fn config() -> LogConfig {
@@ -270,6 +271,39 @@ fn damaged(seqs: u64, f: impl FnOnce(&MemStore)) -> LogError {
         assert_eq!(paged, err, "{page_keys} keys a page");
     }
     err
+}
+
+#[test]
+fn verify_hands_each_checked_record_in_order_once_and_stops_where_told() {
+    let store = MemStore::new();
+    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
+    for i in 1..=6u64 {
+        let size = if i == 3 { 30_000 } else { 100 };
+        log.submit(vec![(i, vec![i as u8; size])]).unwrap().unwrap();
+    }
+    log.close();
+    let whole = verify(&store, &mut |_| {}).unwrap();
+    let every = read_records(&store, 1, 100).unwrap();
+    for page_keys in [1, 2, 100] {
+        let mut handed = Vec::new();
+        let report = verify_paged_each(&store, page_keys, &mut || Ok(()), &mut |_| {}, &mut |r| {
+            handed.push(r.clone());
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!((report, &handed), (whole.clone(), &every), "{page_keys} keys a page");
+    }
+    let mut handed = 0;
+    let stopped = verify_paged_each(&store, 1, &mut || Ok(()), &mut |_| {}, &mut |r| {
+        handed += 1;
+        if r.seq == 4 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((handed, stopped.records, stopped.last_seq), (4, 4, 4));
 }
 
 #[test]
@@ -723,7 +757,7 @@ fn read_record_by_key_matches_the_range_read_and_names_a_missing_chunk() {
     log.close();
     for seq in 1..=3 {
         let by_key = herald_log::read_record(&store, seq).unwrap().unwrap();
-        assert_eq!(by_key, herald_log::read_records(&store, seq, 1).unwrap()[0], "seq {seq}");
+        assert_eq!(by_key, read_records(&store, seq, 1).unwrap()[0], "seq {seq}");
     }
     assert_eq!(herald_log::read_record(&store, 2).unwrap().unwrap().body, big);
     assert_eq!(herald_log::read_record(&store, 4).unwrap(), None);

@@ -146,7 +146,7 @@ pub use order::{learn_order_floors, ordering_key, valid_ordering_key, waits_behi
 pub use pattern::event_type_matches;
 pub use persist::{
     catch_up, projection_lag, rebuild, rebuild_into, stored_projection, CheckedTables, Projector,
-    RebuildError, StoreTables, TxRead, TxTables,
+    RebuildError, Refold, StoreTables, TxRead, TxTables,
 };
 pub use policy::{Policy, FAILURES_MAX_LIMIT, RETRY_SCHEDULE_LEN_MAX};
 pub use query::{

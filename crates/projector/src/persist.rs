@@ -290,12 +290,65 @@ pub fn rebuild_into(
     page_records: usize,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
-    let anchor_seq = herald_log::read_head(store).map_err(RebuildError::Log)?.anchor_seq;
-    crate::compact::load_checkpoint_into(store, anchor_seq, tables, &mut |_, _| {}).map_err(|e| match e {
-        crate::compact::CompactError::Log(e) => RebuildError::Log(e),
-        other => RebuildError::Checkpoint(other.to_string()),
-    })?;
-    catch_up_paged(store, tables, page_records, progress)
+    let mut refold = Refold::start(store, tables, page_records)?;
+    loop {
+        let records = read_records(store, refold.next, refold.page_records).map_err(RebuildError::Log)?;
+        let Some(last) = records.last().map(|r| r.seq) else { return refold.finish() };
+        for rec in &records {
+            refold.push(rec)?;
+        }
+        progress(last);
+    }
+}
+
+/// A rebuild fed the kept records one at a time, in log order, by a reader of the log that
+/// checks them as it goes (`herald verify` checks the chain in the same pass): the checkpoint
+/// the kept log starts from is loaded first, each record is folded as it comes, and the index
+/// entries of every `page_records` records are folded into their chunks together. On an error
+/// the tables hold part of the rebuild, to be discarded.
+pub struct Refold<T: Tables> {
+    tables: Deferring<T>,
+    /// The seq of the record to fold next.
+    next: u64,
+    page_records: usize,
+    /// Records folded since the index entries were last folded.
+    in_page: usize,
+}
+
+impl<T: Tables> Refold<T> {
+    /// Loads into `tables` (empty) the checkpoint the kept log of `store` starts from (none
+    /// before a compaction).
+    pub fn start(store: &dyn Store, mut tables: T, page_records: usize) -> Result<Refold<T>, RebuildError> {
+        let anchor_seq = herald_log::read_head(store).map_err(RebuildError::Log)?.anchor_seq;
+        crate::compact::load_checkpoint_into(store, anchor_seq, &mut tables, &mut |_, _| {}).map_err(
+            |e| match e {
+                crate::compact::CompactError::Log(e) => RebuildError::Log(e),
+                other => RebuildError::Checkpoint(other.to_string()),
+            },
+        )?;
+        let next = applied_seq(&tables).map_err(RebuildError::Projection)? + 1;
+        Ok(Refold { tables: Deferring::new(tables), next, page_records: page_records.max(1), in_page: 0 })
+    }
+
+    /// Folds `rec`, which must be the record after the last one folded.
+    pub fn push(&mut self, rec: &Record) -> Result<(), RebuildError> {
+        let event = decode(&rec.body).map_err(|error| RebuildError::Decode { seq: rec.seq, error })?;
+        apply_unstaged(&mut self.tables, rec.seq, rec.at_ms, &event)
+            .map_err(|error| RebuildError::Apply { seq: rec.seq, error })?;
+        self.next = rec.seq + 1;
+        self.in_page += 1;
+        if self.in_page >= self.page_records {
+            self.tables.fold().map_err(RebuildError::Projection)?;
+            self.in_page = 0;
+        }
+        Ok(())
+    }
+
+    /// Folds the index entries still aside; returns the last seq folded.
+    pub fn finish(mut self) -> Result<u64, RebuildError> {
+        self.tables.fold().map_err(RebuildError::Projection)?;
+        Ok(self.next - 1)
+    }
 }
 
 /// Every pair of the projection stored in `store`, ascending: compare it with a rebuild's dump.
