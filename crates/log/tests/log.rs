@@ -273,8 +273,8 @@ fn damaged(seqs: u64, f: impl FnOnce(&MemStore)) -> LogError {
     err
 }
 
-#[test]
-fn verify_hands_each_checked_record_in_order_once_and_stops_where_told() {
+/// A log of six records, the third in several chunks.
+fn six_records_one_chunked() -> MemStore {
     let store = MemStore::new();
     let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
     for i in 1..=6u64 {
@@ -282,6 +282,12 @@ fn verify_hands_each_checked_record_in_order_once_and_stops_where_told() {
         log.submit(vec![(i, vec![i as u8; size])]).unwrap().unwrap();
     }
     log.close();
+    store
+}
+
+#[test]
+fn verify_hands_each_checked_record_in_order_once_and_stops_where_told() {
+    let store = six_records_one_chunked();
     let whole = verify(&store, &mut |_| {}).unwrap();
     let every = read_records(&store, 1, 100).unwrap();
     for page_keys in [1, 2, 100] {
@@ -308,13 +314,7 @@ fn verify_hands_each_checked_record_in_order_once_and_stops_where_told() {
 
 #[test]
 fn verify_in_pages_gives_the_same_report_and_stops_at_an_error_between_them() {
-    let store = MemStore::new();
-    let log = Log::open(Arc::new(store.clone()), AppendOnly, config()).unwrap();
-    for i in 1..=6u64 {
-        let size = if i == 3 { 30_000 } else { 100 };
-        log.submit(vec![(i, vec![i as u8; size])]).unwrap().unwrap();
-    }
-    log.close();
+    let store = six_records_one_chunked();
     let whole = verify(&store, &mut |_| {}).unwrap();
     let keys = store.with_map(|m| m.keys().filter(|k| k[0] == keyspace::RECORD).count());
     for page_keys in 1..=keys + 1 {
