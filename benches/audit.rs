@@ -1,8 +1,9 @@
 //! Audit at scale (issue 26): one delivery's story and a whole verify on a history of N records,
 //! each beside what raw sled does with the same data in the same run:
 //! - `herald replay --delivery ID` (the real binary, a child process; replay by the record
-//!   refs): its wall time and peak resident memory, beside a raw sled open and `get`s of as many
-//!   keys as the story has records;
+//!   refs): its wall time and peak resident memory, beside a raw sled open and `get`s of the
+//!   story's records (in a child process of its own: this bench run with `--raw-gets`), their
+//!   time and the resident memory the open adds;
 //! - `herald verify` (default `--memory-max`, 512 MiB): its time, its rate in records/s as a
 //!   share of a raw sled scan of the record keyspace, and its peak resident memory;
 //! - the same delivery's history over HTTP (`GET /v1/webhook_deliveries/{id}/history`) from a
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{endpoint_created, report, write_history, Fate, Row};
-use herald_log::baseline::{raw_sled_gets, raw_sled_scan};
+use herald_log::baseline::{raw_sled_gets, raw_sled_scan, RawGets};
 use herald_log::{Durability, Log, LogConfig, SledStore, Store};
 use herald_projector::{ApiKeyId, DeliveryId, Event, Projector, Scope, RULES_CURRENT};
 use uuid::Uuid;
@@ -165,7 +166,41 @@ fn history_over_http(data: &Path, delivery: DeliveryId) -> (Duration, Duration, 
     (times[HISTORY_REQUESTS / 2], times[HISTORY_REQUESTS - 1], records)
 }
 
+/// The keys of the story's records, from its first seq.
+fn story_keys(first_seq: u64) -> Vec<Vec<u8>> {
+    (first_seq..first_seq + RECORDS_PER_DELIVERY).map(herald_log::record::head_key).collect()
+}
+
+/// `--raw-gets DIR FIRST_SEQ`: this bench run as a child to open `DIR` with raw sled and get the
+/// story's records, printing what [`raw_sled_gets`] measured (nanoseconds, nanoseconds, bytes).
+fn raw_gets_child() -> bool {
+    let Some(dir) = arg("--raw-gets") else { return false };
+    let first_seq: u64 = arg("--first-seq").and_then(|v| v.parse().ok()).expect("--first-seq");
+    let raw = raw_sled_gets(Path::new(&dir), &story_keys(first_seq)).unwrap();
+    println!("{} {} {}", raw.open.as_nanos(), raw.gets.as_nanos(), raw.resident_growth.unwrap_or(0));
+    true
+}
+
+/// [`raw_sled_gets`] of the story from `first_seq`, in a child process (this bench again).
+fn raw_gets_in_a_child(data: &Path, first_seq: u64) -> RawGets {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--raw-gets", data.to_str().unwrap(), "--first-seq", &first_seq.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the raw gets failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let n: Vec<u64> = text.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    RawGets {
+        open: Duration::from_nanos(n[0]),
+        gets: Duration::from_nanos(n[1]),
+        resident_growth: Some(n[2]),
+    }
+}
+
 fn main() {
+    if raw_gets_child() {
+        return;
+    }
     let records = records_wanted();
     let deliveries = (records / RECORDS_PER_DELIVERY).max(1);
     let temp = tempfile::tempdir().unwrap();
@@ -177,20 +212,16 @@ fn main() {
     let data = dir.join("data");
     let last = build_or_reuse(&data, deliveries);
 
-    // A delivery in the middle of the history, its story's records read by a raw get each: first,
-    // so that the resident memory the open adds is this process's first (in a run that reuses a
-    // history; after a build in this process, freed memory is reused and it reads low).
+    // A delivery in the middle of the history, its story's records read by a raw get each, in a
+    // process of their own: the resident memory the open adds is then that process's first.
     let target = deliveries / 2;
     let first_seq = RECORDS_BEFORE + target * RECORDS_PER_DELIVERY + 1;
-    let keys: Vec<Vec<u8>> =
-        (first_seq..first_seq + RECORDS_PER_DELIVERY).map(herald_log::record::head_key).collect();
-    let raw = raw_sled_gets(&data, &keys).unwrap();
+    let raw = raw_gets_in_a_child(&data, first_seq);
     let raw_open_resident = raw.resident_growth.unwrap_or(0);
     eprintln!(
-        "raw sled open {:.1} ms (resident {:.1} MiB) + {} gets {:.3} ms",
+        "raw sled open {:.1} ms (resident {:.1} MiB) + {RECORDS_PER_DELIVERY} gets {:.3} ms",
         raw.open.as_secs_f64() * 1e3,
         raw_open_resident as f64 / MIB,
-        keys.len(),
         raw.gets.as_secs_f64() * 1e3
     );
 
@@ -215,15 +246,17 @@ fn main() {
     );
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // The targets are set at 10,000,000 records: a smaller history is not judged by them.
+    let at_scale = last >= 10_000_000;
     let rows = vec![
         Row {
             name: format!("replay of one delivery ({told} lines), {last} records: time"),
             value: ms(replay_took),
             unit: "ms",
-            limit_name: format!("raw sled open + {} gets", keys.len()),
+            limit_name: format!("raw sled open + {RECORDS_PER_DELIVERY} gets"),
             limit: ms(raw.open + raw.gets),
             target: "≤ 50 ms at 10,000,000 records".into(),
-            met: Some(ms(replay_took) <= 50.0),
+            met: at_scale.then_some(ms(replay_took) <= 50.0),
         },
         Row {
             name: format!("replay of one delivery, {last} records: peak memory"),
@@ -232,7 +265,7 @@ fn main() {
             limit_name: "raw sled open: resident memory it adds".into(),
             limit: raw_open_resident as f64 / MIB,
             target: "≤ 64 MB at 10,000,000 records".into(),
-            met: Some(replay_peak as f64 <= 64e6),
+            met: at_scale.then_some(replay_peak as f64 <= 64e6),
         },
         Row {
             name: format!("verify, {last} records: rate"),
@@ -250,7 +283,7 @@ fn main() {
             limit_name: "raw sled open: resident memory it adds".into(),
             limit: raw_open_resident as f64 / MIB,
             target: "≤ 512 MB at 10,000,000 records".into(),
-            met: Some(verify.peak_bytes as f64 <= 512e6),
+            met: at_scale.then_some(verify.peak_bytes as f64 <= 512e6),
         },
         Row {
             name: format!(
@@ -258,7 +291,7 @@ fn main() {
             ),
             value: ms(history_median),
             unit: "ms",
-            limit_name: format!("raw sled {} gets", keys.len()),
+            limit_name: format!("raw sled {RECORDS_PER_DELIVERY} gets"),
             limit: ms(raw.gets),
             target: String::new(),
             met: None,
@@ -267,7 +300,7 @@ fn main() {
             name: format!("history of one delivery over HTTP, running server, {last} records: slowest"),
             value: ms(history_slowest),
             unit: "ms",
-            limit_name: format!("raw sled {} gets", keys.len()),
+            limit_name: format!("raw sled {RECORDS_PER_DELIVERY} gets"),
             limit: ms(raw.gets),
             target: String::new(),
             met: None,
