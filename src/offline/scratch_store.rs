@@ -3,8 +3,7 @@
 //! deleted after; what it needs is cheap inserts of sorted batches and a memory bound that
 //! holds by itself. sled 0.34 gave neither: each insert split and copied nodes (most of a
 //! rebuild's time), and it kept every page a pass touched, so `verify` had to reopen it to stay
-//! under `--memory-max`. redb keeps its cache within the size it is given and opens without
-//! reading the file.
+//! under `--memory-max`. redb keeps its cache within the size it is given.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
