@@ -1,7 +1,8 @@
 //! `verify`: one pass over the log that checks every record's checksum and the hash chain and
 //! rebuilds the projection from them into scratch storage on disk (a redb file,
-//! `scratch_store.rs`), then the rebuild compared with the stored projection, both read in key order a page at a time, all within a memory
-//! bound (above what opening the live store takes: see `resident.rs`).
+//! `scratch_store.rs`), then the rebuild compared with the stored projection, both read in key
+//! order a page at a time, all within a memory bound (above what opening the live store takes:
+//! see `resident.rs`).
 
 use std::fmt;
 use std::ops::ControlFlow;
