@@ -54,10 +54,7 @@ impl ResidentBound {
     /// no scan of them is open.
     pub(crate) fn relieve(&mut self, stores: &[&dyn Store]) -> Result<(), StoreError> {
         let Some(resident) = resident_bytes() else { return Ok(()) };
-        if resident <= self.reopen_above || resident < self.after_last.saturating_add(self.least_growth) {
-            return Ok(());
-        }
-        if self.relieving * RELIEF_TIME_SHARE_DIVISOR > self.since.elapsed() {
+        if !self.due(resident, self.since.elapsed()) {
             return Ok(());
         }
         let started = Instant::now();
@@ -69,6 +66,14 @@ impl ResidentBound {
         self.relieving += started.elapsed();
         Ok(())
     }
+
+    /// Whether a relief is due with `resident` bytes held, `elapsed` after the bound was set:
+    /// above the bound, grown since the last relief, and reliefs within their share of the time.
+    fn due(&self, resident: u64, elapsed: Duration) -> bool {
+        resident > self.reopen_above
+            && resident >= self.after_last.saturating_add(self.least_growth)
+            && self.relieving * RELIEF_TIME_SHARE_DIVISOR <= elapsed
+    }
 }
 
 /// This process's resident memory in bytes (Linux: `VmRSS` in `/proc/self/status`), or `None`
@@ -78,4 +83,35 @@ pub(crate) fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(relieving: Duration) -> ResidentBound {
+        ResidentBound {
+            reopen_above: 1_000,
+            least_growth: 100,
+            after_last: 950,
+            since: Instant::now(),
+            relieving,
+        }
+    }
+
+    #[test]
+    fn a_relief_is_due_above_the_bound_once_memory_has_grown_since_the_last() {
+        let b = bound(Duration::ZERO);
+        let s = Duration::from_secs(1);
+        assert!(!b.due(1_000, s), "at the bound, not above it");
+        assert!(!b.due(1_049, s), "above it, but grown less than least_growth since the last relief");
+        assert!(b.due(1_050, s));
+    }
+
+    #[test]
+    fn reliefs_take_at_most_a_quarter_of_the_time() {
+        let b = bound(Duration::from_secs(10));
+        assert!(!b.due(5_000, Duration::from_secs(39)), "10 s of reliefs in 39 s is over a quarter");
+        assert!(b.due(5_000, Duration::from_secs(40)));
+    }
 }
