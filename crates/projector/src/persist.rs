@@ -241,28 +241,23 @@ pub fn catch_up(
     tables: &mut impl Tables,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
-    catch_up_paged(store, tables, REBUILD_READ_RECORDS, progress)
+    fold_pages(store, Refold::after(tables, REBUILD_READ_RECORDS)?, progress)
 }
 
-/// [`catch_up`] reading `page_records` records at a time (what it holds in memory at once).
-fn catch_up_paged(
+/// Folds the records after `refold`'s into it, read a page of its `page_records` at a time; `progress` is
+/// called after each page with the seq reached, the tables whole at that seq.
+fn fold_pages<T: Tables>(
     store: &dyn Store,
-    tables: &mut impl Tables,
-    page_records: usize,
+    mut refold: Refold<T>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
-    let mut next = applied_seq(tables).map_err(RebuildError::Projection)? + 1;
-    let mut scratch = Deferring::new(tables);
     loop {
-        let records = read_records(store, next, page_records.max(1)).map_err(RebuildError::Log)?;
-        let Some(last) = records.last().map(|r| r.seq) else { return Ok(next - 1) };
+        let records = read_records(store, refold.next, refold.page_records).map_err(RebuildError::Log)?;
+        let Some(last) = records.last().map(|r| r.seq) else { return refold.finish() };
         for rec in &records {
-            let event = decode(&rec.body).map_err(|error| RebuildError::Decode { seq: rec.seq, error })?;
-            apply_unstaged(&mut scratch, rec.seq, rec.at_ms, &event)
-                .map_err(|error| RebuildError::Apply { seq: rec.seq, error })?;
+            refold.push(rec)?;
         }
-        scratch.fold().map_err(RebuildError::Projection)?;
-        next = last + 1;
+        refold.fold_aside()?;
         progress(last);
     }
 }
@@ -290,15 +285,7 @@ pub fn rebuild_into(
     page_records: usize,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, RebuildError> {
-    let mut refold = Refold::start(store, tables, page_records)?;
-    loop {
-        let records = read_records(store, refold.next, refold.page_records).map_err(RebuildError::Log)?;
-        let Some(last) = records.last().map(|r| r.seq) else { return refold.finish() };
-        for rec in &records {
-            refold.push(rec)?;
-        }
-        progress(last);
-    }
+    fold_pages(store, Refold::start(store, tables, page_records)?, progress)
 }
 
 /// A rebuild fed the kept records one at a time, in log order, by a reader of the log that
@@ -326,6 +313,11 @@ impl<T: Tables> Refold<T> {
                 other => RebuildError::Checkpoint(other.to_string()),
             },
         )?;
+        Refold::after(tables, page_records)
+    }
+
+    /// Folds into `tables` the records after the seq they have applied.
+    fn after(tables: T, page_records: usize) -> Result<Refold<T>, RebuildError> {
         let next = applied_seq(&tables).map_err(RebuildError::Projection)? + 1;
         Ok(Refold { tables: Deferring::new(tables), next, page_records: page_records.max(1), in_page: 0 })
     }
@@ -338,15 +330,24 @@ impl<T: Tables> Refold<T> {
         self.next = rec.seq + 1;
         self.in_page += 1;
         if self.in_page >= self.page_records {
-            self.tables.fold().map_err(RebuildError::Projection)?;
-            self.in_page = 0;
+            self.fold_aside()?;
         }
         Ok(())
     }
 
+    /// Folds the index entries held aside into their chunks: the tables are then whole at the
+    /// last record folded.
+    fn fold_aside(&mut self) -> Result<(), RebuildError> {
+        if self.in_page == 0 {
+            return Ok(());
+        }
+        self.in_page = 0;
+        self.tables.fold().map_err(RebuildError::Projection)
+    }
+
     /// Folds the index entries still aside; returns the last seq folded.
     pub fn finish(mut self) -> Result<u64, RebuildError> {
-        self.tables.fold().map_err(RebuildError::Projection)?;
+        self.fold_aside()?;
         Ok(self.next - 1)
     }
 }
