@@ -49,19 +49,17 @@ impl ResidentBound {
         }
     }
 
-    /// Flushes and reopens `stores` when resident memory is above the bound (and has grown
-    /// since the last relief), unless reliefs have taken their share of the time. Call it when
-    /// no scan of them is open.
-    pub(crate) fn relieve(&mut self, stores: &[&dyn Store]) -> Result<(), StoreError> {
+    /// Flushes and reopens `store` (a sled store: the only kind that needs it) when resident
+    /// memory is above the bound (and has grown since the last relief), unless reliefs have
+    /// taken their share of the time. Call it when no scan of it is open.
+    pub(crate) fn relieve(&mut self, store: &dyn Store) -> Result<(), StoreError> {
         let Some(resident) = resident_bytes() else { return Ok(()) };
         if !self.due(resident, self.since.elapsed()) {
             return Ok(());
         }
         let started = Instant::now();
-        for store in stores {
-            store.flush(Durability::Flush)?;
-            store.reopen()?;
-        }
+        store.flush(Durability::Flush)?;
+        store.reopen()?;
         self.after_last = resident_bytes().unwrap_or(0);
         self.relieving += started.elapsed();
         Ok(())

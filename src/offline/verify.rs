@@ -149,7 +149,7 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     let chain = herald_log::verify_paged_each(
         store.as_ref(),
         budget.page_keys,
-        &mut || bound.relieve(&[store.as_ref(), &scratch]),
+        &mut || bound.relieve(store.as_ref()),
         &mut |seq| progress.advance(seq),
         &mut |record| match refold.push(record) {
             Ok(()) => ControlFlow::Continue(()),
@@ -171,7 +171,7 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     let stored = stored_pages(store.as_ref(), &scratch, budget.pending_bytes, budget.page_pairs)
         .map_err(|e| OfflineError::Log(e.into()))?;
     let mut relieve = |pairs: u64| match pairs % budget.page_pairs as u64 {
-        0 => bound.relieve(&[store.as_ref(), &scratch]).map_err(|e| OfflineError::Log(e.into())),
+        0 => bound.relieve(store.as_ref()).map_err(|e| OfflineError::Log(e.into())),
         _ => Ok(()),
     };
     let pairs =
