@@ -2,14 +2,17 @@
 //! rebuilds the projection from them into scratch storage on disk (a redb file,
 //! `scratch_store.rs`), then the rebuild compared with the stored projection, both read in key
 //! order a page at a time, all within a memory bound (above what opening the live store takes:
-//! see `resident.rs`).
+//! see `resident.rs`). Each phase keeps both cores busy: a second thread applies the rebuild's
+//! batches to the scratch store while the fold goes on, then reads the stored projection a
+//! page ahead of the comparison.
 
 use std::fmt;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use herald_log::record::CHUNK_BYTES;
-use herald_log::{LogError, StoreError};
+use herald_log::{LogError, Pair, Store, StoreError};
 use herald_projector::{rebuilt_pages, stored_pages, ProjectionPages, Refold, ScratchTables};
 
 use super::resident::ResidentBound;
@@ -76,9 +79,11 @@ impl fmt::Display for VerifyReport {
 /// How a memory bound is shared out. The live store's sled cache and the scratch store's redb
 /// cache take an eighth each. sled keeps much more of what a pass reads than its cache size
 /// (see `resident.rs`): the live store is reopened between pages once what the process holds has
-/// grown by three eighths of the bound. The rebuild's buffered writes take a sixty-fourth
-/// (applying a batch holds several copies of it for a moment) and its filter of written keys
-/// four times that; the pages read take the rest.
+/// grown by three eighths of the bound. The rebuild's buffered writes take a sixty-fourth, up
+/// to three times over (those buffered, those in flight to the scratch store's writer thread,
+/// the batch it builds of them), and its filter of written keys four times that; the pages read
+/// take the rest (the stored projection's up to three at once: one read ahead, one sent, one
+/// compared).
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     live_cache_bytes: u64,
@@ -140,16 +145,44 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     let last = last_seq(store.as_ref())?;
     let scratch_dir = ScratchDir::create(&options.data_dir);
     let scratch = scratch_dir.open(budget.scratch_cache_bytes)?;
-    let mut tables = ScratchTables::rebuilt(&scratch, budget.pending_bytes);
-    let mut refold =
-        Refold::start(store.as_ref(), &mut tables, budget.page_records).map_err(OfflineError::Rebuild)?;
-    // One pass over the log: each record checked (checksum, chain) and then folded.
+    // One pass over the log: each record checked (checksum, chain) and then folded, while a
+    // second thread applies the rebuild's batches to the scratch store.
     progress.begin("checking the chain and rebuilding the projection", last);
+    let chain = std::thread::scope(|scope| {
+        let tables = ScratchTables::rebuilt(&scratch, budget.pending_bytes).writing_beside(scope);
+        check_and_rebuild(store.as_ref(), tables, &budget, &mut bound, &scratch_dir, progress)
+    })?;
+    progress.end();
+    progress.begin("comparing with the stored projection", 0);
+    let stored = stored_pages(store.as_ref(), &scratch, budget.pending_bytes, budget.page_pairs)
+        .map_err(|e| OfflineError::Log(e.into()))?;
+    // The stored projection is read a page ahead on a second thread, which also relieves the
+    // live store between its pages (when no scan of it is open).
+    let pairs = std::thread::scope(|scope| {
+        let (pages, ahead) = mpsc::sync_channel(1);
+        let live = store.as_ref();
+        scope.spawn(move || read_ahead(stored, budget.page_pairs, &mut || bound.relieve(live), pages));
+        compare(ahead, rebuilt_pages(&scratch, budget.page_pairs), &scratch_dir, progress)
+    })?;
+    progress.end();
+    Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX) })
+}
+
+/// Checks each record of `store`'s log (checksum, chain) and folds it into `tables`.
+fn check_and_rebuild(
+    store: &dyn Store,
+    mut tables: ScratchTables<'_>,
+    budget: &Budget,
+    bound: &mut ResidentBound,
+    scratch_dir: &ScratchDir,
+    progress: &mut dyn Progress,
+) -> Result<herald_log::VerifyReport, OfflineError> {
+    let mut refold = Refold::start(store, &mut tables, budget.page_records).map_err(OfflineError::Rebuild)?;
     let mut folding = Ok(());
     let chain = herald_log::verify_paged_each(
-        store.as_ref(),
+        store,
         budget.page_keys,
-        &mut || bound.relieve(store.as_ref()),
+        &mut || bound.relieve(store),
         &mut |seq| progress.advance(seq),
         &mut |record| match refold.push(record) {
             Ok(()) => ControlFlow::Continue(()),
@@ -166,42 +199,86 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     folding.map_err(OfflineError::Rebuild)?;
     refold.finish().map_err(OfflineError::Rebuild)?;
     tables.finish().map_err(|e| scratch_dir.error(e))?;
-    progress.end();
-    progress.begin("comparing with the stored projection", 0);
-    let stored = stored_pages(store.as_ref(), &scratch, budget.pending_bytes, budget.page_pairs)
-        .map_err(|e| OfflineError::Log(e.into()))?;
-    let mut relieve = |pairs: u64| match pairs % budget.page_pairs as u64 {
-        0 => bound.relieve(store.as_ref()).map_err(|e| OfflineError::Log(e.into())),
-        _ => Ok(()),
-    };
-    let pairs =
-        compare(stored, rebuilt_pages(&scratch, budget.page_pairs), &scratch_dir, &mut relieve, progress)?;
-    progress.end();
-    Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX) })
+    Ok(chain)
 }
 
-/// Walks both projections in key order and names the first key where they part. Returns the
-/// stored pairs.
-fn compare(
+/// A page of the stored projection read ahead, or why it could not be.
+type StoredPage = Result<Vec<Pair>, StoreError>;
+
+/// Sends `stored` a page at a time to `pages`, relieving the live store after each full one,
+/// then an empty page after the last; stops at an error (sent) or when the receiver is gone.
+fn read_ahead(
     mut stored: ProjectionPages<'_>,
+    page_pairs: usize,
+    relieve: &mut dyn FnMut() -> Result<(), StoreError>,
+    pages: mpsc::SyncSender<StoredPage>,
+) {
+    loop {
+        let mut page = Vec::with_capacity(page_pairs.min(1024));
+        // Whether pairs may follow this page.
+        let more = loop {
+            match stored.next_pair() {
+                Ok(Some(pair)) => page.push(pair),
+                Ok(None) => break Ok(false),
+                Err(e) => break Err(e),
+            }
+            if page.len() >= page_pairs {
+                break relieve().map(|()| true);
+            }
+        };
+        let more = match more {
+            Ok(more) => more,
+            Err(e) => {
+                let _ = pages.send(Err(e));
+                return;
+            }
+        };
+        let empty = page.is_empty();
+        if pages.send(Ok(page)).is_err() || empty {
+            return;
+        }
+        if !more {
+            let _ = pages.send(Ok(Vec::new()));
+            return;
+        }
+    }
+}
+
+/// Walks both projections in key order (the stored one as pages from [`read_ahead`]) and names
+/// the first key where they part. Returns the stored pairs.
+fn compare(
+    ahead: mpsc::Receiver<StoredPage>,
     mut rebuilt: ProjectionPages<'_>,
     scratch: &ScratchDir,
-    between_pages: &mut dyn FnMut(u64) -> Result<(), OfflineError>,
     progress: &mut dyn Progress,
 ) -> Result<u64, OfflineError> {
+    let unreadable = |e: StoreError| OfflineError::Log(e.into());
+    let stopped = || unreadable(StoreError::Io("the reader of the stored projection stopped".to_string()));
+    let mut page = Vec::new().into_iter();
+    let mut more = true;
+    let mut pairs = 0u64;
     loop {
-        let a = stored.next_pair().map_err(|e| OfflineError::Log(e.into()))?;
+        let a = match page.next() {
+            Some(pair) => Some(pair),
+            None if more => {
+                let next = ahead.recv().map_err(|_| stopped())?.map_err(unreadable)?;
+                more = !next.is_empty();
+                page = next.into_iter();
+                page.next()
+            }
+            None => None,
+        };
         let b = rebuilt.next_pair().map_err(|e| scratch.error(e))?;
         let difference = match (a, b) {
-            (None, None) => return Ok(stored.pairs()),
+            (None, None) => return Ok(pairs),
             (Some((k, _)), None) => Difference::ExtraKey(k),
             (None, Some((k, _))) => Difference::MissingKey(k),
             (Some((ka, _)), Some((kb, _))) if ka != kb => Difference::OtherKey { stored: ka, rebuilt: kb },
             (Some((key, va)), Some((_, vb))) if va != vb => Difference::Value { key },
             _ => {
-                between_pages(stored.pairs())?;
-                if stored.pairs() % PROGRESS_PAIRS == 0 {
-                    progress.advance(stored.pairs());
+                pairs += 1;
+                if pairs % PROGRESS_PAIRS == 0 {
+                    progress.advance(pairs);
                 }
                 continue;
             }
@@ -247,6 +324,77 @@ fn remove_left_over(data_dir: &Path) {
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with(SCRATCH_DIR_PREFIX) {
             let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_log::{MemStore, WriteBatch};
+
+    use super::*;
+
+    /// A scratch store whose rebuilt area holds `n` pairs.
+    fn rebuilt_of(n: u32) -> (MemStore, Vec<Pair>) {
+        let store = MemStore::new();
+        let mut batch = WriteBatch::default();
+        let pairs: Vec<Pair> = (0..n).map(|i| (i.to_be_bytes().to_vec(), vec![i as u8])).collect();
+        for (k, v) in &pairs {
+            batch.put([&[1u8], k.as_slice()].concat(), v.clone());
+        }
+        store.apply(&batch).expect("apply");
+        (store, pairs)
+    }
+
+    #[test]
+    fn reading_ahead_sends_every_pair_in_pages_then_an_empty_one_and_relieves_after_each_full_page() {
+        for n in [0, 1, 3, 4, 5, 8, 9] {
+            let (store, pairs) = rebuilt_of(n);
+            let (tx, rx) = mpsc::sync_channel(16);
+            let mut reliefs = 0;
+            let mut relieve = || {
+                reliefs += 1;
+                Ok(())
+            };
+            read_ahead(rebuilt_pages(&store, 4), 4, &mut relieve, tx);
+            let pages: Vec<Vec<Pair>> = rx.iter().map(|p| p.expect("page")).collect();
+            assert_eq!(pages.last(), Some(&Vec::new()), "{n} pairs: the last page is empty");
+            assert!(pages.iter().all(|p| p.len() <= 4), "{n} pairs: no page above 4");
+            assert_eq!(pages.concat(), pairs, "{n} pairs");
+            assert_eq!(reliefs, n / 4, "{n} pairs: one relief a full page");
+        }
+    }
+
+    #[test]
+    fn a_failed_relief_is_sent_as_the_error_and_ends_the_pages() {
+        let (store, _) = rebuilt_of(9);
+        let (tx, rx) = mpsc::sync_channel(16);
+        let mut relieve = || Err(StoreError::Io("reopen failed".to_string()));
+        read_ahead(rebuilt_pages(&store, 4), 4, &mut relieve, tx);
+        let pages: Vec<StoredPage> = rx.iter().collect();
+        assert!(matches!(pages.as_slice(), [Err(StoreError::Io(m))] if m == "reopen failed"), "{pages:?}");
+    }
+
+    #[test]
+    fn comparing_pages_read_ahead_counts_every_pair_or_names_where_they_part() {
+        let dir =
+            ScratchDir(std::env::temp_dir().join(format!("herald-compare-test-{}", std::process::id())));
+        for (stored_n, rebuilt_n) in [(0, 0), (9, 9), (8, 8), (9, 8), (8, 9)] {
+            let (stored, _) = rebuilt_of(stored_n);
+            let (rebuilt, _) = rebuilt_of(rebuilt_n);
+            let (tx, rx) = mpsc::sync_channel(16);
+            read_ahead(rebuilt_pages(&stored, 4), 4, &mut || Ok(()), tx);
+            let compared = compare(rx, rebuilt_pages(&rebuilt, 3), &dir, &mut super::super::Silent);
+            match (stored_n, rebuilt_n) {
+                (s, r) if s == r => assert_eq!(compared.expect("equal"), u64::from(s)),
+                (_, 8) => {
+                    assert!(matches!(compared, Err(OfflineError::ProjectionDiffers(Difference::ExtraKey(_)))))
+                }
+                _ => assert!(matches!(
+                    compared,
+                    Err(OfflineError::ProjectionDiffers(Difference::MissingKey(_)))
+                )),
+            }
         }
     }
 }

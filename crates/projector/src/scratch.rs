@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
+use std::sync::{mpsc, Arc};
 
 use herald_log::{merge_staged, scan_vec, Pair, Store, StoreError, WriteBatch};
 
@@ -29,20 +30,37 @@ const FILTER_BYTES_LEAST: usize = 64;
 /// Bits a key sets in the filter.
 const FILTER_HASHES: usize = 6;
 
+/// Buffered writes, by key: a put or (`None`) a delete.
+type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// [`Tables`] in one area of a scratch store (empty when they start): writes are kept in memory
 /// until they take `pending_bytes_max`, then applied to the store in one batch; reads see both.
 /// A filter of the keys applied to the store (four bytes for each byte of buffered writes)
 /// answers most reads of a key never written without reading the store: a rebuild asks for
 /// every new row before it writes it. A store error is kept (the read that met it reads as
 /// absent) and returned by [`ScratchTables::finish`].
+///
+/// [`ScratchTables::writing_beside`] hands each batch to a thread of its own, so that the fold
+/// goes on while the store applies it: reads see the batch in flight over the store until the
+/// next batch is handed over, which waits for it first.
 pub struct ScratchTables<'s> {
     store: &'s dyn Store,
     area: u8,
     written: KeyFilter,
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pending: Overlay,
     pending_bytes: usize,
     pending_bytes_max: usize,
+    /// The batch the writer thread is applying (empty when none is).
+    in_flight: Arc<Overlay>,
+    writer: Option<Writer>,
     error: RefCell<Option<StoreError>>,
+}
+
+/// The ends of the channels to a writer thread: batches to apply, one at a time, and whether
+/// each was.
+struct Writer {
+    batches: mpsc::SyncSender<Arc<Overlay>>,
+    applied: mpsc::Receiver<Result<(), StoreError>>,
 }
 
 impl<'s> ScratchTables<'s> {
@@ -61,13 +79,38 @@ impl<'s> ScratchTables<'s> {
             pending: BTreeMap::new(),
             pending_bytes: 0,
             pending_bytes_max,
+            in_flight: Arc::default(),
+            writer: None,
             error: RefCell::new(None),
         }
+    }
+
+    /// These tables with their batches applied by a thread of `scope` while the caller goes on.
+    /// Memory then holds up to three copies of `pending_bytes_max` of writes: those buffered,
+    /// those in flight and the batch the thread builds of them.
+    pub fn writing_beside<'scope>(mut self, scope: &'scope std::thread::Scope<'scope, '_>) -> Self
+    where
+        's: 'scope,
+    {
+        let (batches, inbox) = mpsc::sync_channel::<Arc<Overlay>>(1);
+        let (done, applied) = mpsc::sync_channel(1);
+        let (store, area) = (self.store, self.area);
+        scope.spawn(move || {
+            for overlay in inbox {
+                let pairs = overlay.iter().map(|(k, v)| (k.clone(), v.clone()));
+                if done.send(store.apply(&batch_of(area, pairs))).is_err() {
+                    break;
+                }
+            }
+        });
+        self.writer = Some(Writer { batches, applied });
+        self
     }
 
     /// Applies the writes still in memory; the first store error any read or write met.
     pub fn finish(mut self) -> Result<(), StoreError> {
         self.flush();
+        self.settle();
         self.error.into_inner().map_or(Ok(()), Err)
     }
 
@@ -75,16 +118,35 @@ impl<'s> ScratchTables<'s> {
         if self.pending.is_empty() {
             return;
         }
-        let mut batch = WriteBatch::default();
-        for (key, value) in std::mem::take(&mut self.pending) {
-            self.written.insert(&key);
-            match value {
-                Some(value) => batch.put(self.stored_key(&key), value),
-                None => batch.delete(self.stored_key(&key)),
-            }
-        }
+        self.settle();
+        let overlay = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let applied = self.store.apply(&batch);
+        for key in overlay.keys() {
+            self.written.insert(key);
+        }
+        let Some(writer) = &self.writer else {
+            let applied = self.store.apply(&batch_of(self.area, overlay.into_iter()));
+            self.kept(applied);
+            return;
+        };
+        let overlay = Arc::new(overlay);
+        let sent = writer.batches.send(Arc::clone(&overlay));
+        match sent {
+            Ok(()) => self.in_flight = overlay,
+            Err(_) => self.kept(Err::<(), _>(writer_gone())),
+        }
+    }
+
+    /// Waits for the batch in flight, if one is, to be applied.
+    fn settle(&mut self) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        self.in_flight = Arc::default();
+        let applied = match &self.writer {
+            Some(writer) => writer.applied.recv().unwrap_or_else(|_| Err(writer_gone())),
+            None => Ok(()),
+        };
         self.kept(applied);
     }
 
@@ -107,8 +169,27 @@ impl<'s> ScratchTables<'s> {
         })
     }
 
+    /// The buffered writes of `from..to` in key order: those in memory, and those in flight
+    /// that a newer one of the same key does not hide.
     fn staged(&self, from: &[u8], to: &[u8]) -> Vec<(&Vec<u8>, &Option<Vec<u8>>)> {
-        self.pending.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to))).collect()
+        let range = (Bound::Included(from), Bound::Excluded(to));
+        let mut newer = self.pending.range::<[u8], _>(range).peekable();
+        let mut older = self.in_flight.range::<[u8], _>(range).peekable();
+        let mut out = Vec::new();
+        loop {
+            let next = match (newer.peek(), older.peek()) {
+                (None, None) => return out,
+                (Some(_), None) => newer.next(),
+                (None, Some(_)) => older.next(),
+                (Some((n, _)), Some((o, _))) if n < o => newer.next(),
+                (Some((n, _)), Some((o, _))) if o < n => older.next(),
+                _ => {
+                    older.next();
+                    newer.next()
+                }
+            };
+            out.extend(next);
+        }
     }
 
     /// Up to `limit` stored pairs of `from..to`, descending, the area's byte stripped.
@@ -131,7 +212,7 @@ impl<'s> ScratchTables<'s> {
 
 impl ReadTables for ScratchTables<'_> {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        match self.pending.get(key) {
+        match self.pending.get(key).or_else(|| self.in_flight.get(key)) {
             Some(value) => value.clone(),
             None if !self.written.may_hold(key) => None,
             None => self.kept(self.store.get(&self.stored_key(key))),
@@ -180,6 +261,23 @@ impl Tables for ScratchTables<'_> {
     fn delete(&mut self, key: &[u8]) {
         self.stage(key.to_vec(), None);
     }
+}
+
+/// A batch of `pairs` under the prefix byte of `area`.
+fn batch_of(area: u8, pairs: impl Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>) -> WriteBatch {
+    let mut batch = WriteBatch::default();
+    for (key, value) in pairs {
+        let key = [&[area], key.as_slice()].concat();
+        match value {
+            Some(value) => batch.put(key, value),
+            None => batch.delete(key),
+        }
+    }
+    batch
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Io("the scratch store's writer thread stopped before applying a batch".to_string())
 }
 
 /// A Bloom filter of keys: `may_hold` is true of every key inserted, and of few others.
@@ -373,37 +471,65 @@ mod tests {
             prop_assert!(keys.iter().all(|k| filter.may_hold(k)));
         }
 
-        /// Scratch tables, flushed to their store every few writes, read exactly as tables in
-        /// memory given the same writes: get, scan and scan_rev, at any point.
+        /// Scratch tables, flushed to their store every few writes (applied at once, or by a
+        /// writer thread while the writes go on), read exactly as tables in memory given the
+        /// same writes: get, scan and scan_rev, at any point.
         #[test]
         fn scratch_tables_read_as_tables_in_memory(
             ops in proptest::collection::vec((0u8..40, proptest::option::of(any::<u8>())), 0..80),
             pending_bytes_max in 0usize..600,
             reads in proptest::collection::vec((0u8..41, 0u8..41, 0usize..12), 1..8),
+            beside in any::<bool>(),
         ) {
             let store = herald_log::MemStore::new();
             // Another area of the same store, which reads must never see.
             let mut other = ScratchTables::in_area(&store, AREA_CHUNKS, 0);
             other.put(vec![5], vec![55]);
-            let mut scratch = ScratchTables::rebuilt(&store, pending_bytes_max);
-            let mut mem = MemTables::new();
-            for (i, (k, v)) in ops.iter().enumerate() {
-                match v {
-                    Some(v) => { scratch.put(vec![*k], vec![*v]); mem.put(vec![*k], vec![*v]); }
-                    None => { scratch.delete(&[*k]); mem.delete(&[*k]); }
-                }
-                let (from, to, limit) = reads[i % reads.len()];
-                prop_assert_eq!(scratch.scan(&[from], &[to], limit), mem.scan(&[from], &[to], limit));
-                prop_assert_eq!(scratch.scan_rev(&[from], &[to], limit), mem.scan_rev(&[from], &[to], limit));
-                prop_assert_eq!(scratch.get(&[*k]), mem.get(&[*k]));
-            }
-            scratch.finish().expect("flushed");
+            std::thread::scope(|scope| {
+                let scratch = ScratchTables::rebuilt(&store, pending_bytes_max);
+                let scratch = if beside { scratch.writing_beside(scope) } else { scratch };
+                reads_as_in_memory(scratch, &ops, &reads)
+            })?;
             let mut pages = rebuilt_pages(&store, 4);
             let mut read = Vec::new();
             while let Some(pair) = pages.next_pair().expect("page") {
                 read.push(pair);
             }
+            let mut mem = MemTables::new();
+            for (k, v) in &ops {
+                match v {
+                    Some(v) => mem.put(vec![*k], vec![*v]),
+                    None => mem.delete(&[*k]),
+                }
+            }
             prop_assert_eq!(read, mem.dump());
         }
+    }
+
+    /// Writes `ops` to `scratch` and to tables in memory, reading both back after each write.
+    fn reads_as_in_memory(
+        mut scratch: ScratchTables<'_>,
+        ops: &[(u8, Option<u8>)],
+        reads: &[(u8, u8, usize)],
+    ) -> Result<(), TestCaseError> {
+        let mut mem = MemTables::new();
+        for (i, (k, v)) in ops.iter().enumerate() {
+            match v {
+                Some(v) => {
+                    scratch.put(vec![*k], vec![*v]);
+                    mem.put(vec![*k], vec![*v]);
+                }
+                None => {
+                    scratch.delete(&[*k]);
+                    mem.delete(&[*k]);
+                }
+            }
+            let (from, to, limit) = reads[i % reads.len()];
+            prop_assert_eq!(scratch.scan(&[from], &[to], limit), mem.scan(&[from], &[to], limit));
+            prop_assert_eq!(scratch.scan_rev(&[from], &[to], limit), mem.scan_rev(&[from], &[to], limit));
+            prop_assert_eq!(scratch.get(&[*k]), mem.get(&[*k]));
+        }
+        scratch.finish().expect("flushed");
+        Ok(())
     }
 }
