@@ -269,8 +269,15 @@ fn main() -> ExitCode {
             println!("{report}");
             let secs = started.elapsed().as_secs_f64();
             let rate = report.chain.records as f64 / secs.max(1e-3);
+            let reopens = match report.reopens {
+                (0, _) => String::new(),
+                (n, took) => format!(
+                    "; {n} reopens of the store to hold the memory bound took {:.1} s",
+                    took.as_secs_f64()
+                ),
+            };
             Ok(Some(format!(
-                "verified {} records in {secs:.1} s ({rate:.0} records/s; {})",
+                "verified {} records in {secs:.1} s ({rate:.0} records/s; {}{reopens})",
                 report.chain.records,
                 bar.phase_times()
             )))

@@ -445,3 +445,26 @@ fn retention_drops_old_delivered_history_keeps_the_rest_and_the_log_still_verifi
     let after = herald(&["verify", "--data-dir", path], None);
     assert_eq!(text(&after), text(&verified), "the same chain and projection after a vacuum");
 }
+
+#[test]
+fn the_offline_tools_refuse_a_store_a_running_herald_holds_and_name_the_routes_that_answer_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = write_story(dir.path());
+    // This process holds the store open, as a running server does.
+    let held = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let data = dir.path().to_str().unwrap();
+    for args in [
+        vec!["replay", "--data-dir", data, "--delivery", &s.delivery.to_string()],
+        vec!["verify", "--data-dir", data],
+    ] {
+        let out = herald(&args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&format!("{data} is in use by another herald process")), "{args:?}: {err}");
+        assert!(err.contains("GET /v1/webhook_deliveries/{id}/history"), "{args:?}: {err}");
+        assert!(text(&out).is_empty(), "{args:?} wrote to stdout");
+    }
+    drop(held);
+    let out = herald(&["replay", "--data-dir", data, "--delivery", &s.delivery.to_string()], None);
+    assert!(out.status.success(), "once the store is free: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -21,6 +21,8 @@ pub enum OfflineError {
     NoData { dir: PathBuf },
     /// The store cannot be opened, or its format is not one this herald knows.
     Open(LogError),
+    /// A running herald holds the store: the offline tools read a stopped server's data.
+    InUse { dir: PathBuf },
     /// `import` needs an empty store, and this one holds a log.
     NotEmpty { dir: PathBuf },
     /// The log or the store under it failed.
@@ -100,6 +102,7 @@ impl OfflineError {
             self,
             OfflineError::NoData { .. }
                 | OfflineError::Open(_)
+                | OfflineError::InUse { .. }
                 | OfflineError::NotEmpty { .. }
                 | OfflineError::Key(_)
                 | OfflineError::NewerRules { .. }
@@ -117,6 +120,11 @@ impl From<KeyProblem> for OfflineError {
     }
 }
 
+/// What [`OfflineError::InUse`] says after the directory.
+const IN_USE: &str = "is in use by another herald process (it holds the store's lock), and the offline \
+    tools read a stopped server's data: stop it first, or ask the running server over its API (a \
+    delivery's records: GET /v1/webhook_deliveries/{id}/history; the log: GET /v1/audit/log)";
+
 impl fmt::Display for OfflineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use OfflineError as E;
@@ -126,6 +134,7 @@ impl fmt::Display for OfflineError {
                 write!(f, "{} already holds a log; import needs an empty one", dir.display())
             }
             E::Open(e) | E::Log(e) => write!(f, "{e}"),
+            E::InUse { dir } => write!(f, "{} {IN_USE}", dir.display()),
             E::Damaged(c) => write!(f, "the log is damaged; first bad seq {}: {c}", c.seq),
             E::Unreadable(e) => write!(f, "the log could not be read: {e}"),
             E::Rebuild(e) => write!(f, "{e}"),

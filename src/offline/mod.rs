@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use herald_log::{check_format, read_head, read_records, Head, LogError, Record, SledStore, Store};
+use herald_log::{
+    check_format, read_head, read_records, Head, LogError, Record, SledStore, Store, StoreError,
+};
 
 mod compact;
 mod error;
@@ -90,7 +92,10 @@ fn open_store(dir: &Path) -> Result<Arc<SledStore>, OfflineError> {
 
 /// [`open_store`] with a page cache of `cache_bytes`.
 fn open_store_cached(dir: &Path, cache_bytes: u64) -> Result<Arc<SledStore>, OfflineError> {
-    let store = SledStore::open(dir, cache_bytes).map_err(|e| OfflineError::Open(LogError::from(e)))?;
+    let store = SledStore::open(dir, cache_bytes).map_err(|e| match e {
+        StoreError::InUse(_) => OfflineError::InUse { dir: dir.to_owned() },
+        e => OfflineError::Open(LogError::from(e)),
+    })?;
     check_format(&store).map_err(OfflineError::Open)?;
     Ok(Arc::new(store))
 }

@@ -34,6 +34,8 @@ pub(crate) struct ResidentBound {
     since: Instant,
     /// The time reliefs have taken so far.
     relieving: Duration,
+    /// The reliefs so far.
+    reliefs: u32,
 }
 
 impl ResidentBound {
@@ -46,7 +48,13 @@ impl ResidentBound {
             after_last: now,
             since: Instant::now(),
             relieving: Duration::ZERO,
+            reliefs: 0,
         }
+    }
+
+    /// The reliefs so far, and the time they took.
+    pub(crate) fn spent(&self) -> (u32, Duration) {
+        (self.reliefs, self.relieving)
     }
 
     /// Flushes and reopens `store` (a sled store: the only kind that needs it) when resident
@@ -62,6 +70,7 @@ impl ResidentBound {
         store.reopen()?;
         self.after_last = resident_bytes().unwrap_or(0);
         self.relieving += started.elapsed();
+        self.reliefs += 1;
         Ok(())
     }
 
@@ -94,6 +103,7 @@ mod tests {
             after_last: 950,
             since: Instant::now(),
             relieving,
+            reliefs: 0,
         }
     }
 

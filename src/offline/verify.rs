@@ -52,6 +52,8 @@ pub struct VerifyReport {
     pub chain: herald_log::VerifyReport,
     /// The pairs of the projection.
     pub pairs: usize,
+    /// How often the live store was reopened to hold the memory bound, and the time that took.
+    pub reopens: (u32, std::time::Duration),
 }
 
 impl fmt::Display for VerifyReport {
@@ -160,12 +162,12 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     // live store between its pages (when no scan of it is open).
     let pairs = std::thread::scope(|scope| {
         let (pages, ahead) = mpsc::sync_channel(1);
-        let live = store.as_ref();
+        let (live, bound) = (store.as_ref(), &mut bound);
         scope.spawn(move || read_ahead(stored, budget.page_pairs, &mut || bound.relieve(live), pages));
         compare(ahead, rebuilt_pages(&scratch, budget.page_pairs), &scratch_dir, progress)
     })?;
     progress.end();
-    Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX) })
+    Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX), reopens: bound.spent() })
 }
 
 /// Checks each record of `store`'s log (checksum, chain) and folds it into `tables`.

@@ -131,10 +131,7 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<Open, StoreError> {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(sled::Error::Io(e)) if is_lock_error(&e) => {
-                return Err(StoreError::Io(format!(
-                    "{} is in use by another herald process (sled's lock is held): {e}",
-                    dir.display()
-                )));
+                return Err(StoreError::InUse(dir.display().to_string()));
             }
             Err(e) => return Err(io(e)),
         }

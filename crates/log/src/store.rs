@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 pub enum StoreError {
     /// The store's IO failed (disk full, permission, a sled error), with its message.
     Io(String),
+    /// Another process has the store open (holds its lock): the directory, as shown.
+    InUse(String),
     /// A `FailingStore` (feature `testing`) refused the operation on purpose.
     Injected { op: u64 },
     /// A stored value is damaged: the machine could not finish a batch over it (see
@@ -24,6 +26,9 @@ impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::Io(msg) => write!(f, "store IO error: {msg}"),
+            StoreError::InUse(dir) => {
+                write!(f, "{dir} is in use by another herald process (it holds the store's lock)")
+            }
             StoreError::Injected { op } => write!(f, "injected store failure at operation {op}"),
             StoreError::Corrupt(what) => write!(f, "damaged stored value: {what}"),
         }
