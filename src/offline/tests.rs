@@ -598,3 +598,51 @@ fn a_redacted_export_holds_no_secret_and_is_refused_by_import() {
     let error = import(&options, &mut redacted.as_bytes(), &mut Silent).unwrap_err();
     assert!(matches!(error, OfflineError::Line { line: 1, problem: LineProblem::Redacted }), "{error:?}");
 }
+
+/// Appends bodies as they are, folding nothing: a record the projection cannot read.
+struct RawAppender;
+
+impl herald_log::Machine for RawAppender {
+    type Command = Vec<Vec<u8>>;
+    type Reply = ();
+    type Rejection = ();
+
+    fn execute(&mut self, bodies: Vec<Vec<u8>>, tx: &mut herald_log::Tx<'_>) -> Result<(), ()> {
+        for body in bodies {
+            tx.append(T0 + DAY_MS, body);
+        }
+        Ok(())
+    }
+}
+
+/// The story, then records 7 on as `bodies` (sealed and chained, not folded).
+fn story_then(bodies: Vec<Vec<u8>>) -> TempDir {
+    let dir = write_story();
+    let store = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+    let log = Log::open(store.clone(), RawAppender, LogConfig::default()).unwrap();
+    log.submit(bodies).unwrap().unwrap();
+    log.close();
+    drop(log);
+    store.flush(Durability::Sync).unwrap();
+    dir
+}
+
+#[test]
+fn verify_names_a_record_the_rebuild_cannot_fold_before_damage_the_reader_found_later() {
+    let undecodable = b"not an event".to_vec();
+    let dir = story_then(vec![undecodable.clone(), undecodable.clone(), undecodable]);
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(matches!(&error, OfflineError::Rebuild(e) if e.to_string().contains("7")), "{error:?}");
+    // Record 8 damaged too (not the last, which opening the log checks): the fold's failure at 7
+    // comes first, as the log's order has it, though the reader may be past 8 by then.
+    damage(dir.path(), |store, batch| {
+        let key = herald_log::record::head_key(8);
+        let mut value = store.get(&key).unwrap().unwrap();
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        batch.put(key, value);
+    });
+    let error = verify_dir(dir.path()).unwrap_err();
+    assert!(matches!(&error, OfflineError::Rebuild(e) if e.to_string().contains("7")), "{error:?}");
+    assert_eq!(scratch_dirs(dir.path()), 0, "the scratch store is deleted after a failed rebuild");
+}

@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use herald_log::record::CHUNK_BYTES;
-use herald_log::{LogError, Pair, Store, StoreError};
-use herald_projector::{rebuilt_pages, stored_pages, ProjectionPages, Refold, ScratchTables};
+use herald_log::{LogError, Pair, Record, Store, StoreError};
+use herald_projector::{
+    rebuilt_pages, stored_pages, ProjectionPages, RebuildError, Refold, ScratchTables, Tables,
+};
 
 use super::resident::ResidentBound;
 use super::scratch_store::ScratchStore;
@@ -83,9 +85,10 @@ impl fmt::Display for VerifyReport {
 /// (see `resident.rs`): the live store is reopened between pages once what the process holds has
 /// grown by three eighths of the bound. The rebuild's buffered writes take a sixty-fourth, up
 /// to three times over (those buffered, those in flight to the scratch store's writer thread,
-/// the batch it builds of them), and its filter of written keys four times that; the pages read
-/// take the rest (the stored projection's up to three at once: one read ahead, one sent, one
-/// compared).
+/// the batch it builds of them) and the scratch store's own copy while it applies one, and its
+/// filter of written keys four times that; the records read ahead of the fold a sixteenth; the
+/// pages read take the rest (of the stored projection up to four at once: the reader's own,
+/// the one it fills, one sent, one compared; one of the rebuilt projection).
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     live_cache_bytes: u64,
@@ -99,6 +102,9 @@ struct Budget {
     page_pairs: usize,
     /// Stored keys of records read at once while checking the chain (each at most `CHUNK_BYTES`).
     page_keys: usize,
+    /// Batches of records (each at most [`BATCH_BYTES`] of bodies, and one record) the reader of
+    /// the log may be ahead of the fold: a sixteenth of the bound, a second or so of folding.
+    batches_ahead: usize,
 }
 
 impl Budget {
@@ -112,6 +118,7 @@ impl Budget {
             page_records: share(16, 16 * 1024, 64, 4096) as usize,
             page_pairs: share(32, CHUNK_BYTES as u64, 64, 4096) as usize,
             page_keys: share(16, CHUNK_BYTES as u64, 64, 4096) as usize,
+            batches_ahead: share(16, BATCH_BYTES as u64, 2, 64) as usize,
         }
     }
 }
@@ -170,7 +177,9 @@ pub fn verify(options: &VerifyOptions, progress: &mut dyn Progress) -> Result<Ve
     Ok(VerifyReport { chain, pairs: usize::try_from(pairs).unwrap_or(usize::MAX), reopens: bound.spent() })
 }
 
-/// Checks each record of `store`'s log (checksum, chain) and folds it into `tables`.
+/// Checks each record of `store`'s log (checksum, chain) on a thread of its own, which also
+/// relieves the live store between its pages, and folds the records into `tables` here as they
+/// come, a batch at a time: the fold goes on through a reopen with the batches read ahead.
 fn check_and_rebuild(
     store: &dyn Store,
     mut tables: ScratchTables<'_>,
@@ -180,35 +189,92 @@ fn check_and_rebuild(
     progress: &mut dyn Progress,
 ) -> Result<herald_log::VerifyReport, OfflineError> {
     let mut refold = Refold::start(store, &mut tables, budget.page_records).map_err(OfflineError::Rebuild)?;
-    let mut folding = Ok(());
-    let chain = herald_log::verify_paged_each(
-        store,
-        budget.page_keys,
-        &mut || bound.relieve(store),
-        &mut |seq| progress.advance(seq),
-        &mut |record| match refold.push(record) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                folding = Err(e);
-                ControlFlow::Break(())
-            }
-        },
-    )
-    .map_err(|e| match e {
+    let (batches, inbox) = mpsc::sync_channel(budget.batches_ahead);
+    let page_keys = budget.page_keys;
+    let (chain, folded) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || read_log(store, page_keys, bound, batches));
+        let folded = fold_batches(&mut refold, inbox, progress);
+        (reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), folded)
+    });
+    let folded = folded.and_then(|()| refold.finish().map(drop));
+    let written = tables.finish().map_err(|e| scratch_dir.error(e));
+    // A fold that failed stopped the reader: its record came before any the reader found bad.
+    // A scratch write that failed (a full disk) comes first: the fold read on without it.
+    if let Err(e) = folded {
+        written?;
+        return Err(OfflineError::Rebuild(e));
+    }
+    let chain = chain.map_err(|e| match e {
         LogError::Corrupt(c) => OfflineError::Damaged(c),
         other => OfflineError::Unreadable(other),
     })?;
-    folding.map_err(OfflineError::Rebuild)?;
-    refold.finish().map_err(OfflineError::Rebuild)?;
-    tables.finish().map_err(|e| scratch_dir.error(e))?;
+    written?;
     Ok(chain)
+}
+
+/// Records handed from the reader of the log to the fold at once: at most this many, or the
+/// first that take [`BATCH_BYTES`] of bodies.
+const BATCH_RECORDS: usize = 1024;
+const BATCH_BYTES: usize = 512 * 1024;
+
+/// Reads and checks the log, sending its records to `batches` (each checked one, up to an
+/// error); stops early when the receiver is gone (the fold failed). Relieves the live store between pages, when no scan is open.
+fn read_log(
+    store: &dyn Store,
+    page_keys: usize,
+    bound: &mut ResidentBound,
+    batches: mpsc::SyncSender<Vec<Record>>,
+) -> Result<herald_log::VerifyReport, LogError> {
+    let (mut batch, mut bytes) = (Vec::new(), 0);
+    let report = herald_log::verify_paged_each(
+        store,
+        page_keys,
+        &mut || bound.relieve(store),
+        &mut |_| {},
+        &mut |record| {
+            bytes += record.body.len();
+            batch.push(record.clone());
+            if batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
+                return ControlFlow::Continue(());
+            }
+            bytes = 0;
+            match batches.send(std::mem::take(&mut batch)) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        },
+    );
+    // The records checked before an error too: a fold that fails on one of them is told first.
+    if !batch.is_empty() {
+        let _ = batches.send(batch);
+    }
+    report
+}
+
+/// Folds each batch from `inbox` until the reader is done, telling `progress` the last seq of
+/// each. Returning (on an error too) drops `inbox`, which stops the reader.
+fn fold_batches<T: Tables>(
+    refold: &mut Refold<T>,
+    inbox: mpsc::Receiver<Vec<Record>>,
+    progress: &mut dyn Progress,
+) -> Result<(), RebuildError> {
+    for batch in inbox {
+        for record in &batch {
+            refold.push(record)?;
+        }
+        if let Some(last) = batch.last() {
+            progress.advance(last.seq);
+        }
+    }
+    Ok(())
 }
 
 /// A page of the stored projection read ahead, or why it could not be.
 type StoredPage = Result<Vec<Pair>, StoreError>;
 
-/// Sends `stored` a page at a time to `pages`, relieving the live store after each full one,
-/// then an empty page after the last; stops at an error (sent) or when the receiver is gone.
+/// Sends `stored` a page at a time to `pages`, relieving the live store after each full one
+/// is sent (so the comparison goes on meanwhile), then an empty page after the last; stops at
+/// an error (sent) or when the receiver is gone.
 fn read_ahead(
     mut stored: ProjectionPages<'_>,
     page_pairs: usize,
@@ -217,32 +283,31 @@ fn read_ahead(
 ) {
     loop {
         let mut page = Vec::with_capacity(page_pairs.min(1024));
-        // Whether pairs may follow this page.
-        let more = loop {
+        let read = loop {
             match stored.next_pair() {
                 Ok(Some(pair)) => page.push(pair),
-                Ok(None) => break Ok(false),
+                Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             }
             if page.len() >= page_pairs {
-                break relieve().map(|()| true);
+                break Ok(());
             }
         };
-        let more = match more {
-            Ok(more) => more,
-            Err(e) => {
-                let _ = pages.send(Err(e));
-                return;
-            }
-        };
-        let empty = page.is_empty();
+        if let Err(e) = read {
+            let _ = pages.send(Err(e));
+            return;
+        }
+        let (empty, full) = (page.is_empty(), page.len() >= page_pairs);
         if pages.send(Ok(page)).is_err() || empty {
             return;
         }
-        if !more {
-            let _ = pages.send(Ok(Vec::new()));
-            return;
+        let next = if full { relieve().map(|()| None) } else { Ok(Some(Vec::new())) };
+        match next {
+            Ok(None) => continue,
+            Ok(Some(end)) => drop(pages.send(Ok(end))),
+            Err(e) => drop(pages.send(Err(e))),
         }
+        return;
     }
 }
 
@@ -336,6 +401,11 @@ mod tests {
 
     use super::*;
 
+    /// A scratch directory (never created) for `compare` to name in its errors.
+    fn scratch_dir(test: &str) -> ScratchDir {
+        ScratchDir(std::env::temp_dir().join(format!("herald-compare-{test}-{}", std::process::id())))
+    }
+
     /// A scratch store whose rebuilt area holds `n` pairs.
     fn rebuilt_of(n: u32) -> (MemStore, Vec<Pair>) {
         let store = MemStore::new();
@@ -368,19 +438,64 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_relief_is_sent_as_the_error_and_ends_the_pages() {
-        let (store, _) = rebuilt_of(9);
+    fn a_failed_relief_is_sent_as_the_error_after_the_page_before_it_and_ends_the_pages() {
+        let (store, pairs) = rebuilt_of(9);
         let (tx, rx) = mpsc::sync_channel(16);
         let mut relieve = || Err(StoreError::Io("reopen failed".to_string()));
         read_ahead(rebuilt_pages(&store, 4), 4, &mut relieve, tx);
         let pages: Vec<StoredPage> = rx.iter().collect();
-        assert!(matches!(pages.as_slice(), [Err(StoreError::Io(m))] if m == "reopen failed"), "{pages:?}");
+        assert!(
+            matches!(pages.as_slice(), [Ok(p), Err(StoreError::Io(m))] if *p == pairs[..4] && m == "reopen failed"),
+            "{pages:?}"
+        );
+    }
+
+    #[test]
+    fn a_comparison_that_parts_early_stops_a_reader_blocked_on_a_full_channel() {
+        let dir = scratch_dir("early");
+        let (stored, _) = rebuilt_of(40);
+        let (rebuilt, _) = rebuilt_of(40);
+        let key = 2u32.to_be_bytes().to_vec();
+        rebuilt
+            .apply(&{
+                let mut b = WriteBatch::default();
+                b.put([&[1u8], key.as_slice()].concat(), vec![99]);
+                b
+            })
+            .expect("apply");
+        let compared = std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let stored = rebuilt_pages(&stored, 3);
+            let reader = scope.spawn(move || read_ahead(stored, 3, &mut || Ok(()), tx));
+            let compared = compare(rx, rebuilt_pages(&rebuilt, 3), &dir, &mut super::super::Silent);
+            reader.join().expect("the reader ends once the comparison has dropped its channel");
+            compared
+        });
+        assert!(
+            matches!(&compared, Err(OfflineError::ProjectionDiffers(Difference::Value { key: k })) if *k == key),
+            "{compared:?}"
+        );
+    }
+
+    #[test]
+    fn an_error_after_good_pages_is_the_comparisons_error() {
+        let dir = scratch_dir("error");
+        let (rebuilt, pairs) = rebuilt_of(8);
+        let (tx, rx) = mpsc::sync_channel(4);
+        tx.send(Ok(pairs[..4].to_vec())).expect("send");
+        tx.send(Err(StoreError::Io("read failed".to_string()))).expect("send");
+        let compared = compare(rx, rebuilt_pages(&rebuilt, 3), &dir, &mut super::super::Silent);
+        assert!(compared.unwrap_err().to_string().contains("read failed"));
+        let (tx, rx) = mpsc::sync_channel(4);
+        tx.send(Ok(pairs[..4].to_vec())).expect("send");
+        drop(tx);
+        let compared = compare(rx, rebuilt_pages(&rebuilt, 3), &dir, &mut super::super::Silent);
+        assert!(compared.unwrap_err().to_string().contains("reader of the stored projection stopped"));
     }
 
     #[test]
     fn comparing_pages_read_ahead_counts_every_pair_or_names_where_they_part() {
-        let dir =
-            ScratchDir(std::env::temp_dir().join(format!("herald-compare-test-{}", std::process::id())));
+        let dir = scratch_dir("test");
         for (stored_n, rebuilt_n) in [(0, 0), (9, 9), (8, 8), (9, 8), (8, 9)] {
             let (stored, _) = rebuilt_of(stored_n);
             let (rebuilt, _) = rebuilt_of(rebuilt_n);

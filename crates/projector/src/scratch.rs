@@ -85,10 +85,14 @@ impl<'s> ScratchTables<'s> {
         }
     }
 
-    /// These tables with their batches applied by a thread of `scope` while the caller goes on.
-    /// Memory then holds up to three copies of `pending_bytes_max` of writes: those buffered,
-    /// those in flight and the batch the thread builds of them.
-    pub fn writing_beside<'scope>(mut self, scope: &'scope std::thread::Scope<'scope, '_>) -> Self
+    /// These tables with their batches applied by a thread of `scope` while the caller goes on
+    /// (they cannot leave the scope, whose end waits for the thread). Memory then holds up to
+    /// three copies of `pending_bytes_max` of writes (those buffered, those in flight, the batch
+    /// the thread builds of them) and the store's own while it applies one.
+    pub fn writing_beside<'scope>(
+        mut self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) -> ScratchTables<'scope>
     where
         's: 'scope,
     {
@@ -504,6 +508,73 @@ mod tests {
             }
             prop_assert_eq!(read, mem.dump());
         }
+    }
+
+    /// A store whose `apply` waits for a token from the test before it applies a batch.
+    struct Gated {
+        inner: herald_log::MemStore,
+        tokens: std::sync::Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl Store for Gated {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn scan(&self, from: &[u8], to: &[u8], visit: herald_log::Visit<'_>) -> Result<(), StoreError> {
+            self.inner.scan(from, to, visit)
+        }
+        fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Pair>, StoreError> {
+            self.inner.last(from, to)
+        }
+        fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+            self.tokens.lock().unwrap().recv().expect("a token");
+            self.inner.apply(batch)
+        }
+        fn flush(&self, durability: herald_log::Durability) -> Result<(), StoreError> {
+            self.inner.flush(durability)
+        }
+    }
+
+    #[test]
+    fn reads_see_a_batch_the_writer_has_not_applied_yet_and_newer_writes_over_it() {
+        let (token, tokens) = mpsc::channel();
+        let store = Gated { inner: herald_log::MemStore::new(), tokens: std::sync::Mutex::new(tokens) };
+        let stored = |key: u8| store.inner.get(&[AREA_REBUILT, key]).unwrap();
+        let both = vec![(vec![1], vec![10]), (vec![3], vec![30])];
+        let newer = vec![(vec![3], vec![31])];
+        std::thread::scope(|scope| {
+            // Owned here: a failed assertion drops it, and the gate then fails instead of hanging.
+            let token = token;
+            let mut scratch = ScratchTables::rebuilt(&store, 1 << 20).writing_beside(scope);
+            scratch.put(vec![1], vec![10]);
+            scratch.put(vec![3], vec![30]);
+            scratch.flush();
+            // The batch is in flight, held at the gate: only the tables have it.
+            assert_eq!((stored(1), stored(3)), (None, None));
+            assert_eq!((scratch.get(&[1]), scratch.get(&[3])), (Some(vec![10]), Some(vec![30])));
+            let descending: Vec<Pair> = both.iter().rev().cloned().collect();
+            assert_eq!((scratch.scan(&[0], &[9], 9), scratch.scan_rev(&[0], &[9], 9)), (both, descending));
+            // Newer writes, buffered, over the batch in flight.
+            scratch.delete(&[1]);
+            scratch.put(vec![3], vec![31]);
+            assert_eq!((scratch.get(&[1]), scratch.get(&[3])), (None, Some(vec![31])));
+            assert_eq!(
+                (scratch.scan(&[0], &[9], 9), scratch.scan_rev(&[0], &[9], 9)),
+                (newer.clone(), newer.clone())
+            );
+            token.send(()).unwrap();
+            scratch.flush();
+            // The first batch applied, the second (a delete and a put) in flight over it.
+            assert_eq!((stored(1), stored(3)), (Some(vec![10]), Some(vec![30])));
+            assert_eq!((scratch.get(&[1]), scratch.get(&[3])), (None, Some(vec![31])));
+            assert_eq!(
+                (scratch.scan(&[0], &[9], 9), scratch.scan_rev(&[0], &[9], 1)),
+                (newer.clone(), newer)
+            );
+            token.send(()).unwrap();
+            scratch.finish().expect("applied");
+        });
+        assert_eq!((stored(1), stored(3)), (None, Some(vec![31])));
     }
 
     /// Writes `ops` to `scratch` and to tables in memory, reading both back after each write.
