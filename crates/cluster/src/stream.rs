@@ -256,10 +256,18 @@ impl PartitionStream {
     /// Publishes `payload` as the message after `expected_last`; returns its sequence. A
     /// publish whose fate is unknown (no acknowledgement, a leader failing over) is resolved by
     /// reading the message after `expected_last`: ours, it was stored; another's, this writer is
-    /// fenced; none, it is published again, until `publish_timeout`.
-    async fn publish(&self, expected_last: u64, payload: Bytes) -> Result<u64, WriteAheadError> {
+    /// fenced; none, it is published again, until `publish_timeout`. `refused` is this writer's
+    /// batch refused last as unavailable: found there, it was stored after all, and this replica
+    /// is behind the stream.
+    async fn publish(
+        &self,
+        expected_last: u64,
+        payload: Bytes,
+        refused: Option<Bytes>,
+    ) -> Result<u64, WriteAheadError> {
         let deadline = Instant::now() + self.settings.publish_timeout;
         let subject = self.subject.clone();
+        let mut unanswered = false;
         loop {
             let message =
                 PublishMessage::build().payload(payload.clone()).expected_last_sequence(expected_last);
@@ -274,11 +282,23 @@ impl PartitionStream {
                     format!("the stream has moved past message {expected_last}")
                 }
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no acknowledgement within {:?}", self.settings.ack_wait),
+                Err(_) => {
+                    unanswered = true;
+                    format!("no acknowledgement within {:?}", self.settings.ack_wait)
+                }
             };
             let stored = tokio::time::timeout(self.settings.ack_wait, self.payload(expected_last + 1)).await;
             match stored.unwrap_or_else(|_| Err(ClusterError::Nats("no answer".into()))) {
                 Ok(Some(stored)) if stored == payload => return Ok(expected_last + 1),
+                Ok(Some(stored)) if refused.as_ref() == Some(&stored) => {
+                    return Err(WriteAheadError::Fenced(format!(
+                        "stream {} message {} is this writer's own earlier batch, refused to its callers \
+                         as unavailable when its publish went unanswered: this replica is behind the \
+                         stream and must catch up",
+                        self.name,
+                        expected_last + 1
+                    )))
+                }
                 Ok(Some(_)) => {
                     return Err(WriteAheadError::Fenced(format!(
                         "stream {} message {} was written by another node ({why})",
@@ -288,10 +308,14 @@ impl PartitionStream {
                 }
                 Ok(None) | Err(_) if Instant::now() < deadline => {}
                 Ok(None) | Err(_) => {
+                    let fate = match unanswered {
+                        true => "; an attempt went unanswered, so the batch may be in the stream after all",
+                        false => "",
+                    };
                     return Err(WriteAheadError::Unavailable(format!(
-                        "stream {}: {why} (tried for {:?})",
+                        "stream {}: {why} (tried for {:?}{fate})",
                         self.name, self.settings.publish_timeout
-                    )))
+                    )));
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -307,6 +331,9 @@ pub struct StreamWriteAhead {
     stream: PartitionStream,
     runtime: tokio::runtime::Handle,
     last: AtomicU64,
+    /// The payload of the last batch refused as unavailable, which may be in the stream after
+    /// all (cleared by a batch stored): the next publish tells it from another node's.
+    refused: std::sync::Mutex<Option<Bytes>>,
     /// Set by [`StreamWriteAhead::stop`]: a publish waiting on the runtime gives up at once.
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -317,7 +344,13 @@ impl StreamWriteAhead {
     /// writer thread blocks on them, so it must not be one of the runtime's own threads.
     pub fn new(stream: PartitionStream, runtime: tokio::runtime::Handle, position: u64) -> StreamWriteAhead {
         let (stop, _) = tokio::sync::watch::channel(false);
-        StreamWriteAhead { stream, runtime, last: AtomicU64::new(position), stop }
+        StreamWriteAhead {
+            stream,
+            runtime,
+            last: AtomicU64::new(position),
+            refused: Default::default(),
+            stop,
+        }
     }
 
     /// Makes the publish in progress, and every later one, give up at once with
@@ -349,16 +382,65 @@ impl WriteAhead for StreamWriteAhead {
         }
         let expected = self.last.load(Ordering::SeqCst);
         let mut stop = self.stop.subscribe();
-        let publish = self.stream.publish(expected, payload);
-        let seq = self.runtime.block_on(async move {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let publish = self.stream.publish(expected, payload.clone(), refused);
+        let published = self.runtime.block_on(async move {
             tokio::select! {
                 published = publish => published,
                 _ = stop.wait_for(|stopped| *stopped) => Err(WriteAheadError::Unavailable(
                     "the partition's log is closing; the batch may or may not be in the stream".into(),
                 )),
             }
-        })?;
+        });
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        *refused = match &published {
+            Err(WriteAheadError::Unavailable(_)) => Some(payload),
+            _ => None,
+        };
+        let seq = published?;
         self.last.store(seq, Ordering::SeqCst);
         Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::NatsCluster;
+
+    /// A stream of one NATS server and one replica.
+    async fn stream_alone(nats: &NatsCluster) -> PartitionStream {
+        let client = async_nats::connect(nats.addrs()).await.expect("connect");
+        let settings = StreamSettings {
+            replicas: 1,
+            max_message_bytes: 64 * 1024,
+            command_bytes_max: 8 * 1024,
+            ack_wait: Duration::from_secs(1),
+            publish_timeout: Duration::from_secs(5),
+        };
+        PartitionStream::open(async_nats::jetstream::new(client), 3, settings).await.expect("open")
+    }
+
+    #[test]
+    fn a_refused_batch_found_stored_fences_its_writer_as_behind_and_another_nodes_as_fenced() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let nats = tokio::time::timeout(Duration::from_secs(40), NatsCluster::start(1)).await.unwrap();
+            let stream = stream_alone(&nats).await;
+            let refused = Bytes::from_static(b"a batch refused as unavailable, stored after all");
+            assert_eq!(stream.publish(0, refused.clone(), None).await, Ok(1));
+            // The writer, still at message 0, tries its next batch.
+            let next = Bytes::from_static(b"the next batch");
+            let own = stream.publish(0, next.clone(), Some(refused)).await;
+            assert!(
+                matches!(&own, Err(WriteAheadError::Fenced(why)) if why.contains("this writer's own earlier batch")),
+                "{own:?}"
+            );
+            let other = stream.publish(0, next, Some(Bytes::from_static(b"another"))).await;
+            assert!(
+                matches!(&other, Err(WriteAheadError::Fenced(why)) if why.contains("written by another node")),
+                "{other:?}"
+            );
+        });
     }
 }

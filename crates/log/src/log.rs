@@ -98,7 +98,7 @@ impl std::fmt::Display for LogError {
                 "cannot cut the log through seq {through_seq}: only stored records after the anchor \
                  ({anchor_seq}) and before {next_seq} can be dropped"
             ),
-            LogError::WriteAhead(e) => write!(f, "{e}; nothing of the batch was written"),
+            LogError::WriteAhead(e) => write!(f, "{e}; nothing of the batch was applied here"),
         }
     }
 }

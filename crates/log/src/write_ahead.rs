@@ -42,8 +42,9 @@ pub trait WriteAhead: Send + Sync + 'static {
 /// Why a write-ahead did not store a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteAheadError {
-    /// Not stored, as far as this writer knows (unreachable, no quorum, timed out): the batch
-    /// is refused; later batches are tried.
+    /// Not known to be stored (unreachable, no quorum, timed out; the message says when an
+    /// attempt went unanswered, so that the batch may be stored after all): the batch is
+    /// refused; later batches are tried.
     Unavailable(String),
     /// Another writer has written: this one must not write again. The batch is refused and the
     /// log refuses every later command with this error.

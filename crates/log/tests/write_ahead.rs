@@ -103,7 +103,7 @@ fn a_batch_the_write_ahead_refused_is_not_applied_and_the_next_one_takes_its_seq
     let log = Log::open_write_ahead(store.clone(), AppendOnly, config(), wa.clone()).unwrap();
     let err = log.submit(bodies(2)).unwrap_err();
     assert_eq!(err, LogError::WriteAhead(WriteAheadError::Unavailable("no quorum".into())));
-    assert!(err.to_string().contains("nothing of the batch was written"), "{err}");
+    assert!(err.to_string().contains("nothing of the batch was applied here"), "{err}");
     assert_eq!(log.committed_seq(), 0);
     assert_eq!(herald_log::read_head(store.as_ref()).unwrap().next_seq, 1, "nothing applied");
     assert_eq!(log.fenced(), None);
