@@ -233,7 +233,7 @@ fn read_log(
         &mut |_| {},
         &mut |record| {
             bytes += record.body.len();
-            batch.push(record.clone());
+            batch.push(record);
             if batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
                 return ControlFlow::Continue(());
             }

@@ -508,7 +508,7 @@ pub fn verify_paged(
     verify_paged_each(store, page_keys, between, progress, &mut |_| ControlFlow::Continue(()))
 }
 
-/// [`verify_paged`] handing each record to `each` once it is checked (its checksum, and its
+/// [`verify_paged`] handing each record (its own, to keep) to `each` once it is checked (its checksum, and its
 /// link to the record before it or to the anchor), in log order: one pass for a reader that
 /// needs every record and the chain checked, as `herald verify` does. When `each` breaks, the
 /// check stops there and returns what it checked up to then (the caller knows why it broke).
@@ -517,7 +517,7 @@ pub fn verify_paged_each(
     page_keys: usize,
     between: &mut dyn FnMut() -> Result<(), StoreError>,
     progress: &mut dyn FnMut(u64),
-    each: &mut dyn FnMut(&Record) -> ControlFlow<()>,
+    each: &mut dyn FnMut(Record) -> ControlFlow<()>,
 ) -> Result<VerifyReport, LogError> {
     let (anchor_seq, anchor_hash) = read_anchor(store)?;
     let mut asm = Assembler::new(Some(anchor_seq + 1)).with_prev_hash(anchor_hash);
@@ -541,7 +541,7 @@ pub fn verify_paged_each(
                 if r.seq % 65_536 == 0 {
                     progress(r.seq);
                 }
-                if each(&r).is_break() {
+                if each(r).is_break() {
                     stopped = true;
                     return ControlFlow::Break(());
                 }

@@ -293,7 +293,7 @@ fn verify_hands_each_checked_record_in_order_once_and_stops_where_told() {
     for page_keys in [1, 2, 100] {
         let mut handed = Vec::new();
         let report = verify_paged_each(&store, page_keys, &mut || Ok(()), &mut |_| {}, &mut |r| {
-            handed.push(r.clone());
+            handed.push(r);
             std::ops::ControlFlow::Continue(())
         })
         .unwrap();
