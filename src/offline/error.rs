@@ -120,10 +120,10 @@ impl From<KeyProblem> for OfflineError {
     }
 }
 
-/// What [`OfflineError::InUse`] says after the directory.
-const IN_USE: &str = "is in use by another herald process (it holds the store's lock), and the offline \
-    tools read a stopped server's data: stop it first, or ask the running server over its API (a \
-    delivery's records: GET /v1/webhook_deliveries/{id}/history; the log: GET /v1/audit/log)";
+/// What [`OfflineError::InUse`] adds to the store's own message.
+const IN_USE: &str = ", and the offline tools read a stopped server's data: stop it first, or ask the \
+    running server over its API (a delivery's records: GET /v1/webhook_deliveries/{id}/history; the \
+    log: GET /v1/audit/log)";
 
 impl fmt::Display for OfflineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -134,7 +134,7 @@ impl fmt::Display for OfflineError {
                 write!(f, "{} already holds a log; import needs an empty one", dir.display())
             }
             E::Open(e) | E::Log(e) => write!(f, "{e}"),
-            E::InUse { dir } => write!(f, "{} {IN_USE}", dir.display()),
+            E::InUse { dir } => write!(f, "{}{IN_USE}", StoreError::InUse(dir.display().to_string())),
             E::Damaged(c) => write!(f, "the log is damaged; first bad seq {}: {c}", c.seq),
             E::Unreadable(e) => write!(f, "the log could not be read: {e}"),
             E::Rebuild(e) => write!(f, "{e}"),
